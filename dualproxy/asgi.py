@@ -1,0 +1,275 @@
+"""The async face: an ASGI application that forwards with `httpx.AsyncClient`.
+
+Translation and I/O only; every decision is the core's. Two tasks per request:
+the exchange (upload, response head, download) and a watcher on `receive()`
+for `http.disconnect`, because uvicorn's `send()` stays silent after the client
+has gone. Whichever finishes first decides: a vanished client cancels the
+exchange at once, which closes the upstream connection and frees its pool slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+import httpx
+
+from .config import ProxyConfig
+from .core import (
+    BodyCounter,
+    IncomingRequest,
+    ResponseHead,
+    UpstreamPlan,
+    build_request,
+    client_options,
+    disable_cookies,
+    enter_body_phase,
+    plan_request,
+    plan_response,
+    response_header_list,
+)
+from .errors import (
+    ClientDisconnected,
+    NotProxied,
+    ProxyError,
+    UpstreamBroken,
+    describe,
+    map_stream_errors,
+    map_upstream_errors,
+)
+from .logs import AccessLog
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+logger = logging.getLogger("dualproxy")
+
+
+def incoming_from_scope(scope: Scope) -> IncomingRequest:
+    """The neutral request for an ASGI HTTP scope, from the raw path (never `path`)."""
+    raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+    query: bytes = scope.get("query_string", b"")
+    target = raw_path + b"?" + query if query else raw_path
+    root = scope.get("root_path", "").encode("utf-8")
+    # Starlette's Mount keeps the full path and sets root_path to the prefix;
+    # uvicorn's --root-path does not put the prefix in raw_path. Only a prefix
+    # the raw path really starts with is a mount.
+    mount = root.rstrip(b"/") if root and raw_path.startswith(root) else b""
+    client = scope.get("client")
+    return IncomingRequest(
+        method=scope["method"],
+        target=target,
+        headers=scope["headers"],
+        peer=client[0] if client else None,
+        scheme=scope.get("scheme", "http"),
+        mount=mount,
+        http_version=scope.get("http_version", "1.1"),
+    )
+
+
+async def send_problem(send: Send, exc: ProxyError, record: Any = None) -> None:
+    body = exc.body()
+    await send({"type": "http.response.start", "status": exc.status, "headers": exc.headers()})
+    if record is not None:
+        record.responded = True
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class AsyncProxy:
+    """ASGI reverse proxy. `AsyncProxy("http://upstream:8080/base", mount="/api")`.
+
+    Pass `config=` to share one ProxyConfig with a SyncProxy, and `client=` to
+    use your own `httpx.AsyncClient` (its cookie jar is disabled; you close it).
+    Outside the mount it answers 404, or calls `fallback` when one is given.
+    """
+
+    def __init__(
+        self,
+        upstream: str | None = None,
+        *,
+        config: ProxyConfig | None = None,
+        client: httpx.AsyncClient | None = None,
+        fallback: ASGIApp | None = None,
+        access_log: bool = True,
+        **options: Any,
+    ) -> None:
+        if config is None:
+            if upstream is None:
+                raise TypeError("AsyncProxy needs an upstream URL or a config")
+            config = ProxyConfig.build(upstream, **options)
+        elif upstream is not None or options:
+            raise TypeError("pass either config= or upstream/options, not both")
+        self.config = config
+        self.fallback = fallback
+        self._client = client
+        self._owns_client = client is None
+        if client is not None:
+            disable_cookies(client)
+        self._log = AccessLog(enabled=access_log)
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The upstream client, created on first use inside the running loop."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(**client_options(self.config))
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the client if this proxy created it."""
+        if self._client is not None and self._owns_client:
+            await self._client.aclose()
+            self._client = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self.handle_http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif self.fallback is not None:
+            await self.fallback(scope, receive, send)
+        else:
+            # WebSocket is not proxied (yet): refuse the handshake (403).
+            await send({"type": "websocket.close", "code": 1008})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                _ = self.client
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        incoming = incoming_from_scope(scope)
+        record = self._log.start(incoming)
+        try:
+            plan = plan_request(self.config, incoming)
+            for request_hook in self.config.request_hooks:
+                plan = await _maybe_await(request_hook(plan)) or plan
+        except NotProxied as exc:
+            if self.fallback is not None:
+                await self.fallback(scope, receive, send)
+                return
+            await send_problem(send, exc)
+            self._log.problem(record, exc)
+            return
+        except ProxyError as exc:
+            await send_problem(send, exc)
+            self._log.problem(record, exc)
+            return
+
+        body_done = asyncio.Event()
+        if not plan.has_body:
+            body_done.set()
+        exchange = asyncio.ensure_future(self._exchange(plan, receive, send, body_done, record))
+        watcher = asyncio.ensure_future(_wait_disconnect(receive, body_done))
+        try:
+            await asyncio.wait((exchange, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # The watcher also wakes when the response completes (uvicorn reports
+            # a disconnect then): only a client gone before that cancels.
+            if not exchange.done() and not record.responded:
+                exchange.cancel()
+                record.client_gone = True
+            watcher.cancel()
+            # Wait for the exchange's own cleanup (closing the upstream response).
+            await asyncio.gather(exchange, watcher, return_exceptions=True)
+            self._log.finish(record)
+
+    async def _exchange(
+        self,
+        plan: UpstreamPlan,
+        receive: Receive,
+        send: Send,
+        body_done: asyncio.Event,
+        record: Any,
+    ) -> None:
+        config = self.config
+        content = _request_body(receive, BodyCounter(plan, config), body_done, record)
+        request = build_request(config, plan, content if plan.has_body else None)
+        try:
+            with map_upstream_errors():
+                response = await self.client.send(request, stream=True)
+        except ProxyError as exc:
+            await send_problem(send, exc, record)
+            self._log.problem(record, exc)
+            return
+        except ClientDisconnected:
+            record.client_gone = True
+            return
+        record.upstream_status(response.status_code)
+        try:
+            enter_body_phase(request, config)
+            try:
+                head = plan_response(config, plan, response.status_code,
+                                     response_header_list(response))
+                for response_hook in config.response_hooks:
+                    head = await _maybe_await(response_hook(plan, head)) or head
+            except ProxyError as exc:
+                await send_problem(send, exc, record)
+                self._log.problem(record, exc)
+                return
+            await self._relay(response, head, send, record)
+        except UpstreamBroken as exc:
+            # Returning without the final body message makes the server drop the
+            # connection: no last chunk, no short body passed off as complete.
+            record.broken = describe(exc)
+        finally:
+            await response.aclose()
+
+    async def _relay(
+        self, response: httpx.Response, head: ResponseHead, send: Send, record: Any
+    ) -> None:
+        await send({"type": "http.response.start", "status": head.status,
+                    "headers": head.headers})
+        record.status = head.status
+        if head.has_body:
+            with map_stream_errors():
+                async for chunk in response.aiter_raw():
+                    record.bytes_out += len(chunk)
+                    await send({"type": "http.response.body", "body": chunk,
+                                "more_body": True})
+        record.responded = True
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _request_body(
+    receive: Receive, counter: BodyCounter, body_done: asyncio.Event, record: Any
+) -> AsyncIterator[bytes]:
+    """Stream the client's body upstream as it arrives, counting it on the way."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("client went away during the upload")
+        chunk = message.get("body", b"")
+        if chunk:
+            counter.feed(len(chunk))
+            record.bytes_in += len(chunk)
+            yield chunk
+        if not message.get("more_body", False):
+            break
+    counter.finish()
+    body_done.set()
+
+
+async def _wait_disconnect(receive: Receive, body_done: asyncio.Event) -> None:
+    """Return when the client disconnects; only reads once the body is consumed."""
+    await body_done.wait()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,81 @@
+"""WSGI on an ASGI server: a2wsgi, plus the two things it does not carry.
+
+a2wsgi's `WSGIMiddleware` runs the WSGI app in a thread pool. It keeps the ASGI
+scope in `environ["asgi.scope"]` (the WSGI face reads the raw path and exact
+headers from it) but reports a client that disconnects mid-upload as a clean
+end of input, and never tells the app that the client went away during the
+download. This wrapper raises ClientDisconnected into the reading thread for
+the first, and sets the `dualproxy.client_gone` event for the second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, cast
+
+from a2wsgi import WSGIMiddleware
+
+from .asgi import ASGIApp, Message, Receive, Scope, Send
+from .errors import ClientDisconnected, UpstreamBroken
+from .wsgi import CLIENT_GONE_KEY, Environ, StartResponse, WSGIApp
+
+
+class WSGIBridge:
+    """An ASGI app serving a WSGI app through a2wsgi with disconnects reported."""
+
+    def __init__(self, app: WSGIApp, *, threads: int = 32) -> None:
+        self.app = app
+        self._inner = cast(ASGIApp, WSGIMiddleware(self._wsgi, workers=threads))  # type: ignore[arg-type]
+
+    def _wsgi(self, environ: Environ, start_response: StartResponse) -> Any:
+        scope = environ.get("asgi.scope")
+        if isinstance(scope, dict) and CLIENT_GONE_KEY in scope:
+            environ[CLIENT_GONE_KEY] = scope[CLIENT_GONE_KEY]
+        return self.app(environ, start_response)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._inner(scope, receive, send)
+            return
+        gone = threading.Event()
+        scope = dict(scope)
+        scope[CLIENT_GONE_KEY] = gone
+        has_body = any(n in (b"content-length", b"transfer-encoding")
+                       for n, _ in scope["headers"])
+        state = {"body_done": not has_body}
+        watcher: asyncio.Future[None] | None = None
+
+        async def guarded_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+                raise ClientDisconnected("client went away")
+            if not message.get("more_body", False):
+                state["body_done"] = True
+            return message
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    gone.set()
+                    return
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal watcher
+            if message["type"] == "http.response.start" and state["body_done"]:
+                # Only once the body is consumed: two readers of receive() would
+                # steal each other's messages.
+                watcher = asyncio.ensure_future(watch())
+            await send(message)
+
+        try:
+            await self._inner(scope, guarded_receive, guarded_send)
+        except (UpstreamBroken, ClientDisconnected):
+            # Returning without completing the response makes the server drop
+            # the connection: the client never sees a cut body as complete.
+            pass
+        finally:
+            if watcher is not None:
+                watcher.cancel()

@@ -1,0 +1,236 @@
+"""`dualproxy serve` and `dualproxy demo`: the four face x server pairings.
+
+asgi on uvicorn, wsgi on gunicorn (gthread), wsgi on uvicorn through a2wsgi,
+asgi on gunicorn with uvicorn workers. Whatever is started has the server's own
+forwarding-header handling switched off (the core decides about X-Forwarded-*)
+and header limits raised above the core's, so every pairing answers alike.
+Worker processes rebuild the app from the options in an environment variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .config import DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, ProxyConfig
+
+ENV_OPTIONS = "DUALPROXY_SERVE_OPTIONS"
+DEFAULT_SERVER = {"asgi": "uvicorn", "wsgi": "gunicorn"}
+
+
+def _bind(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError("expected HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dualproxy",
+        description="A streaming reverse proxy with a WSGI and an ASGI face.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="proxy to an upstream",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--upstream", required=True,
+                       help="upstream base URL, e.g. http://127.0.0.1:9000/base")
+    serve.add_argument("--mount", default="",
+                       help="path prefix to proxy; other paths answer 404")
+    serve.add_argument("--bind", default="127.0.0.1:8000", type=_bind,
+                       help="HOST:PORT to listen on")
+    serve.add_argument("--adapter", choices=("asgi", "wsgi"), default="asgi",
+                       help="which face serves the requests")
+    serve.add_argument("--server", choices=("uvicorn", "gunicorn"), default=None,
+                       help="HTTP server (default: uvicorn for asgi, gunicorn for wsgi)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes")
+    serve.add_argument("--threads", type=int, default=32,
+                       help="threads per worker for the wsgi face (gthread / a2wsgi)")
+    serve.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT,
+                       help="seconds to connect and to wait for the response head (then 504)")
+    serve.add_argument("--idle-timeout", type=_positive, default=DEFAULT_IDLE_TIMEOUT,
+                       help="seconds allowed between two body chunks once streaming")
+    serve.add_argument("--max-body-size", type=int, default=None,
+                       help="largest request body in bytes (then 413); default unlimited")
+    serve.add_argument("--preserve-host", action="store_true",
+                       help="send the client's Host upstream instead of the upstream's")
+    serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
+                       help="peer whose X-Forwarded-*/Forwarded are kept (repeatable)")
+    serve.add_argument("--max-connections", type=int, default=100,
+                       help="upstream connections per worker")
+    serve.add_argument("--pool-timeout", type=_positive, default=5.0,
+                       help="seconds to wait for a free upstream connection (then 503)")
+    serve.add_argument("--log-level", default="info",
+                       choices=("debug", "info", "warning", "error", "critical"),
+                       help="log level")
+    serve.add_argument("--no-access-log", action="store_true",
+                       help="do not log a line per request")
+
+    demo = sub.add_parser("demo", help="start a built-in upstream and a proxy in front of it",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--bind", default="127.0.0.1:8000", type=_bind,
+                      help="HOST:PORT for the proxy")
+    demo.add_argument("--adapter", choices=("asgi", "wsgi"), default="asgi",
+                      help="which face serves the requests")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The JSON-able options a worker process needs to rebuild the app."""
+    return {
+        "upstream": args.upstream,
+        "mount": args.mount,
+        "adapter": args.adapter,
+        "threads": args.threads,
+        "timeout": args.timeout,
+        "idle_timeout": args.idle_timeout,
+        "max_body_size": args.max_body_size,
+        "preserve_host": args.preserve_host,
+        "trusted_proxies": args.trusted_proxy,
+        "max_connections": args.max_connections,
+        "pool_timeout": args.pool_timeout,
+        "log_level": args.log_level,
+        "access_log": not args.no_access_log,
+    }
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+    )
+
+
+def build_app(options: dict[str, Any]) -> Any:
+    """The ASGI or WSGI app for the options (the same in every worker)."""
+    config = ProxyConfig.build(
+        options["upstream"],
+        mount=options["mount"],
+        timeout=options["timeout"],
+        idle_timeout=options["idle_timeout"],
+        max_body_size=options["max_body_size"],
+        preserve_host=options["preserve_host"],
+        trusted_proxies=options["trusted_proxies"],
+        max_connections=options["max_connections"],
+        max_keepalive_connections=options["max_connections"],
+        pool_timeout=options["pool_timeout"],
+    )
+    if options["adapter"] == "asgi":
+        from .asgi import AsyncProxy
+
+        return AsyncProxy(config=config, access_log=options["access_log"])
+    from .wsgi import SyncProxy
+
+    return SyncProxy(config=config, access_log=options["access_log"])
+
+
+def app_from_env() -> Any:
+    """Factory for worker processes: the ASGI app described by ENV_OPTIONS."""
+    options = json.loads(os.environ[ENV_OPTIONS])
+    setup_logging(options["log_level"])
+    app = build_app(options)
+    if options["adapter"] == "wsgi":
+        from .bridge import WSGIBridge
+
+        return WSGIBridge(app, threads=options["threads"])
+    return app
+
+
+def serve_uvicorn(options: dict[str, Any], host: str, port: int, workers: int) -> None:
+    import uvicorn
+
+    common: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "proxy_headers": False,  # see DESIGN: never let the server rewrite the peer
+        "access_log": False,     # dualproxy writes its own access line
+        "log_level": options["log_level"],
+        "lifespan": "on",
+        "timeout_graceful_shutdown": 5,
+    }
+    os.environ[ENV_OPTIONS] = json.dumps(options)
+    if workers > 1:
+        uvicorn.run("dualproxy.cli:app_from_env", factory=True, workers=workers, **common)
+    else:
+        uvicorn.run(app_from_env(), **common)
+
+
+def serve_gunicorn(options: dict[str, Any], host: str, port: int, workers: int) -> None:
+    from gunicorn.app.base import BaseApplication
+
+    os.environ[ENV_OPTIONS] = json.dumps(options)
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    settings: dict[str, Any] = {
+        "bind": [bind],
+        "workers": workers,
+        "loglevel": options["log_level"],
+        "accesslog": None,
+        "graceful_timeout": 5,
+        # gunicorn would trust X-Forwarded-Proto from 127.0.0.1 for wsgi.url_scheme.
+        "forwarded_allow_ips": "",
+        "secure_scheme_headers": {},
+        # Above the core's own limits, so the core answers 414/431 on every server.
+        "limit_request_line": 8190,
+        "limit_request_fields": 32768,
+        "limit_request_field_size": 1 << 20,
+    }
+    if options["adapter"] == "wsgi":
+        settings.update(worker_class="gthread", threads=options["threads"],
+                        timeout=60, keepalive=5)
+    else:
+        settings.update(worker_class="dualproxy.workers.UvicornWorker", timeout=60)
+
+    class Application(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in settings.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            if options["adapter"] == "wsgi":
+                setup_logging(options["log_level"])
+                return build_app(options)
+            return app_from_env()
+
+    Application().run()
+
+
+def serve(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    try:
+        ProxyConfig.build(options["upstream"], mount=options["mount"],
+                          trusted_proxies=options["trusted_proxies"])
+    except ValueError as exc:
+        print(f"dualproxy: {exc}", file=sys.stderr)
+        return 2
+    host, port = args.bind
+    server = args.server or DEFAULT_SERVER[args.adapter]
+    if server == "uvicorn":
+        serve_uvicorn(options, host, port, args.workers)
+    else:
+        serve_gunicorn(options, host, port, args.workers)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The shared core: one neutral request in, one upstream plan out.
+
+No I/O and no framework imports. A face describes what its server received as
+an `IncomingRequest`; `plan_request` decides everything about the upstream call
+(target, headers, framing, timeouts) and `plan_response` everything about the
+head sent back. The faces only move bytes. Building the `httpx.Request` is also
+here because it is pure and the same for both faces.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+from collections.abc import AsyncIterable, Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import httpx
+
+from .config import ProxyConfig
+from .errors import BadRequest, BodyTooLarge, IncompleteBody
+from .headers import Header, check_request_headers, request_headers, response_headers
+from .target import upstream_target
+
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+@dataclass(frozen=True)
+class IncomingRequest:
+    """What the front server received, in neutral form.
+
+    `target` is the raw request-target (path and query as sent, still encoded);
+    `headers` are lower-cased names with raw values, in arrival order; `mount`
+    is the prefix the host application already routed on (ASGI `root_path`,
+    WSGI `SCRIPT_NAME`), used when the config names none.
+    """
+
+    method: str
+    target: bytes
+    headers: tuple[Header, ...] | list[Header]
+    peer: str | None
+    scheme: str = "http"
+    mount: bytes = b""
+    http_version: str = "1.1"
+
+
+@dataclass(frozen=True)
+class UpstreamPlan:
+    """Everything about the upstream request except its body bytes."""
+
+    method: str
+    target: bytes
+    headers: list[Header]
+    content_length: int | None   # declared length, or None
+    has_body: bool               # False: no body and no framing header at all
+    mount: bytes                 # the mount that matched, for rewriting the way back
+    incoming: IncomingRequest
+
+
+@dataclass(frozen=True)
+class ResponseHead:
+    """The status and headers to send to the client."""
+
+    status: int
+    headers: list[Header]
+    has_body: bool
+
+    @property
+    def status_line(self) -> str:
+        """WSGI's `"200 OK"` form."""
+        try:
+            phrase = HTTPStatus(self.status).phrase
+        except ValueError:
+            phrase = "Unknown"
+        return f"{self.status} {phrase}"
+
+
+def request_mount(config: ProxyConfig, incoming: IncomingRequest) -> bytes:
+    return config.mount.encode("latin-1") if config.mount else incoming.mount
+
+
+def plan_request(config: ProxyConfig, incoming: IncomingRequest) -> UpstreamPlan:
+    """Decide the upstream request. Raises a ProxyError (400/404/413/414/431)."""
+    check_request_headers(incoming.headers, config)
+    mount = request_mount(config, incoming)
+    target = upstream_target(incoming.target, mount, config.upstream_base,
+                             config.max_target_bytes)
+    content_length, chunked = _request_framing(incoming.headers)
+    limit = config.max_body_size
+    if content_length is not None and limit is not None and content_length > limit:
+        raise BodyTooLarge(f"request body larger than {limit} bytes")
+    headers = request_headers(incoming.headers, config, peer=incoming.peer,
+                              scheme=incoming.scheme)
+    # RFC 9112 6.1/6.2: a length is forwarded as sent; anything else streams
+    # chunked; no framing header at all when the client sent no body.
+    if content_length is not None:
+        headers.append((b"content-length", str(content_length).encode()))
+    elif chunked:
+        headers.append((b"transfer-encoding", b"chunked"))
+    return UpstreamPlan(
+        method=incoming.method,
+        target=target,
+        headers=headers,
+        content_length=content_length,
+        has_body=chunked or content_length is not None,
+        mount=mount,
+        incoming=incoming,
+    )
+
+
+def _request_framing(headers: Iterable[Header]) -> tuple[int | None, bool]:
+    """(content_length, chunked) of the client's request, strictly parsed.
+
+    Both framing headers together, a transfer-coding other than a final
+    `chunked`, or a length that is not plain digits are smuggling material
+    (RFC 9112 6.3): refuse them rather than guess.
+    """
+    lengths: set[bytes] = set()
+    codings: list[bytes] = []
+    for name, value in headers:
+        if name == b"content-length":
+            lengths.update(v.strip() for v in value.split(b","))
+        elif name == b"transfer-encoding":
+            codings.extend(c.strip().lower() for c in value.split(b","))
+    if codings:
+        if lengths:
+            raise BadRequest("both Content-Length and Transfer-Encoding")
+        if codings != [b"chunked"]:
+            raise BadRequest("unsupported Transfer-Encoding")
+        return None, True
+    if not lengths:
+        return None, False
+    if len(lengths) != 1:
+        raise BadRequest("conflicting Content-Length values")
+    (value,) = lengths
+    if not value.isdigit() or len(value) > 18:
+        raise BadRequest("invalid Content-Length")
+    return int(value), False
+
+
+def plan_response(
+    config: ProxyConfig, plan: UpstreamPlan, status: int, headers: list[Header]
+) -> ResponseHead:
+    """Decide the head sent to the client. Raises BadGateway on ambiguous framing."""
+    out = response_headers(headers, config, mount=plan.mount)
+    has_body = plan.method != "HEAD" and status not in _NO_BODY_STATUSES and status >= 200
+    if status in _NO_BODY_STATUSES:
+        # RFC 9110 8.6 forbids Content-Length on 204 and makes it optional on 304;
+        # uvicorn would also wait for that many body bytes that never come.
+        out = [(n, v) for n, v in out if n != b"content-length"]
+    return ResponseHead(status=status, headers=out, has_body=has_body)
+
+
+class BodyCounter:
+    """Counts request body bytes as they stream: 413 past the limit, 400 if short."""
+
+    __slots__ = ("expected", "limit", "received")
+
+    def __init__(self, plan: UpstreamPlan, config: ProxyConfig) -> None:
+        self.expected = plan.content_length
+        self.limit = config.max_body_size
+        self.received = 0
+
+    def feed(self, size: int) -> None:
+        self.received += size
+        if self.limit is not None and self.received > self.limit:
+            raise BodyTooLarge(f"request body larger than {self.limit} bytes")
+        if self.expected is not None and self.received > self.expected:
+            raise IncompleteBody("request body longer than its Content-Length")
+
+    def remaining(self) -> int | None:
+        return None if self.expected is None else self.expected - self.received
+
+    def finish(self) -> None:
+        if self.expected is not None and self.received != self.expected:
+            raise IncompleteBody("request body shorter than its Content-Length")
+
+
+def timeouts(config: ProxyConfig) -> dict[str, float]:
+    """httpcore's per-request timeout dict.
+
+    `read` starts as `timeout` (the wait for the response head) and is switched
+    to `idle_timeout` by `enter_body_phase` once the head is in: httpcore looks
+    the value up on every read, so a quiet SSE stream outlives `timeout`.
+    """
+    return {
+        "connect": config.timeout,
+        "read": config.timeout,
+        "write": config.idle_timeout,
+        "pool": config.pool_timeout,
+    }
+
+
+def enter_body_phase(request: httpx.Request, config: ProxyConfig) -> None:
+    timeout = request.extensions.get("timeout")
+    if isinstance(timeout, dict):
+        timeout["read"] = config.idle_timeout
+
+
+def build_request(
+    config: ProxyConfig,
+    plan: UpstreamPlan,
+    content: Iterable[bytes] | AsyncIterable[bytes] | None,
+) -> httpx.Request:
+    """The httpx request for a plan, with exactly the plan's headers and target.
+
+    httpx would add Host, Content-Length or Transfer-Encoding of its own, and
+    would re-normalise the path (folding dot segments); so the headers are
+    replaced after construction and the raw target rides in httpcore's `target`
+    extension, which is sent as-is on the request line.
+    """
+    request = httpx.Request(
+        plan.method,
+        config.upstream_origin,
+        content=content if plan.has_body else None,
+        extensions={"target": plan.target, "timeout": timeouts(config)},
+    )
+    request.headers = httpx.Headers(plan.headers)
+    return request
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    """A jar that keeps nothing: one user's Set-Cookie must never ride on another's request."""
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        return None
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+
+def client_options(config: ProxyConfig) -> dict[str, Any]:
+    """Keyword arguments for the httpx client a proxy creates for itself."""
+    return {
+        "follow_redirects": False,  # redirects are relayed, never followed
+        "trust_env": False,         # no HTTP(S)_PROXY or netrc from the environment
+        "cookies": _NoCookies(),
+        "timeout": httpx.Timeout(config.timeout, read=config.timeout,
+                                 write=config.idle_timeout, pool=config.pool_timeout),
+        "limits": httpx.Limits(max_connections=config.max_connections,
+                               max_keepalive_connections=config.max_keepalive_connections),
+    }
+
+
+def disable_cookies(client: httpx.Client | httpx.AsyncClient) -> None:
+    """Make a user-supplied client jar-less too (see `_NoCookies`)."""
+    client.cookies = httpx.Cookies(_NoCookies())
+
+
+def response_header_list(response: httpx.Response) -> list[Header]:
+    """The upstream's raw headers with lower-cased names, duplicates and order kept."""
+    return [(name.lower(), value) for name, value in response.headers.raw]

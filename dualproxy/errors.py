@@ -1,0 +1,135 @@
+"""Every failure the proxy can answer, and the one map from httpx errors to them.
+
+Each `ProxyError` knows the HTTP status it becomes (h11's `error_status_hint`
+idea) and renders itself as a small RFC 9457 `application/problem+json` body.
+Both faces call `map_upstream_errors()` around the upstream call, so a refused
+upstream is a 502 and a slow one a 504 whatever face the request came in on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http import HTTPStatus
+
+import httpx
+
+PROBLEM_CONTENT_TYPE = b"application/problem+json"
+
+
+class ProxyError(Exception):
+    """A failure that becomes an HTTP answer with `status` and a problem body."""
+
+    status = 500
+
+    def __init__(self, detail: str, *, status: int | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if status is not None:
+            self.status = status
+
+    @property
+    def title(self) -> str:
+        return HTTPStatus(self.status).phrase
+
+    def body(self) -> bytes:
+        """The RFC 9457 problem document for this error."""
+        doc = {"type": "about:blank", "title": self.title, "status": self.status,
+               "detail": self.detail}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"content-type", PROBLEM_CONTENT_TYPE),
+            (b"content-length", str(len(self.body())).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+
+
+class BadRequest(ProxyError):
+    status = 400
+
+
+class NotProxied(ProxyError):
+    """The path is outside the mount: 404 standalone, fall-through inside an app."""
+
+    status = 404
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+
+
+class TargetTooLong(ProxyError):
+    status = 414
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+
+
+class BadGateway(ProxyError):
+    status = 502
+
+
+class ServiceUnavailable(ProxyError):
+    status = 503
+
+
+class GatewayTimeout(ProxyError):
+    status = 504
+
+
+class ClientDisconnected(Exception):
+    """The client went away; there is nobody left to answer."""
+
+
+class IncompleteBody(BadRequest):
+    """The client's body ended before its declared length (or was malformed)."""
+
+
+class UpstreamBroken(Exception):
+    """The upstream failed after the response head was sent: abort the client connection."""
+
+
+@contextmanager
+def map_upstream_errors() -> Iterator[None]:
+    """Turn httpx failures before the response head into the matching ProxyError.
+
+    Order matters: PoolTimeout and ConnectTimeout are TimeoutExceptions too, and a
+    connect *error* (refused, unreachable, DNS) must stay a 502, never a 504.
+    """
+    try:
+        yield
+    except httpx.PoolTimeout as exc:
+        raise ServiceUnavailable("no upstream connection became free in time") from exc
+    except httpx.ConnectTimeout as exc:
+        raise GatewayTimeout("connecting to the upstream timed out") from exc
+    except httpx.WriteTimeout as exc:
+        raise GatewayTimeout("the upstream stopped reading the request body") from exc
+    except httpx.TimeoutException as exc:
+        raise GatewayTimeout("the upstream did not answer in time") from exc
+    except httpx.ConnectError as exc:
+        raise BadGateway("the upstream refused or could not be reached") from exc
+    except httpx.LocalProtocolError as exc:
+        raise BadRequest("the request cannot be forwarded as sent") from exc
+    except (httpx.TransportError, OSError) as exc:
+        raise BadGateway(f"the upstream failed: {describe(exc)}") from exc
+
+
+@contextmanager
+def map_stream_errors() -> Iterator[None]:
+    """Turn httpx failures while relaying the response body into UpstreamBroken."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise UpstreamBroken("the upstream went idle mid-body") from exc
+    except (httpx.TransportError, OSError) as exc:
+        raise UpstreamBroken(f"the upstream failed mid-body: {describe(exc)}") from exc
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line cause for logs and problem details, never a traceback."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

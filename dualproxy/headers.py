@@ -1,0 +1,246 @@
+"""The header policy, both directions.
+
+Everything that decides which header crosses the proxy lives here: hop-by-hop
+stripping (RFC 9110 7.6.1), the forwarding headers (X-Forwarded-*, RFC 7239
+`Forwarded`), Host, and the rewriting of redirects and cookies on the way back.
+Names are handled lower-cased, values as raw bytes, and order and duplicates
+are kept: several `Set-Cookie` stay several.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+from .config import ProxyConfig
+from .errors import BadGateway, BadRequest, HeadersTooLarge
+
+Header = tuple[bytes, bytes]
+
+# RFC 9110 7.6.1 plus the non-standard ones every proxy strips; `proxy` is httpoxy
+# (CVE-2016-5385). `te` is special-cased below: `TE: trailers` may pass.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"http2-settings", b"proxy",
+})
+# Never copied from the client: the proxy sets framing and Host itself, and the
+# front server has already answered `Expect: 100-continue` (as nginx does).
+_REQUEST_OWNED = frozenset({b"host", b"content-length", b"expect"})
+# Forwarding headers: believed only from a trusted peer.
+FORWARDING = frozenset({
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
+    b"x-forwarded-prefix", b"forwarded", b"x-real-ip",
+})
+# Every supported server writes its own Date and Server; passing the upstream's
+# would send both fields twice, which RFC 9110 forbids for singletons.
+_RESPONSE_OWNED = frozenset({b"date", b"server"})
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_BAD_VALUE = re.compile(rb"[\x00\r\n]")
+
+
+def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
+    """Every header name listed in any `Connection` line (they are hop-by-hop too)."""
+    names: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token:
+                    names.add(token)
+    return names
+
+
+def is_hop_by_hop(name: bytes, named: set[bytes]) -> bool:
+    return name in HOP_BY_HOP or name in named
+
+
+def check_request_headers(headers: Sequence[Header], config: ProxyConfig) -> None:
+    """Bound the head's size the same on every server, and refuse CR/LF/NUL."""
+    if len(headers) > config.max_header_count:
+        raise HeadersTooLarge(f"more than {config.max_header_count} request headers")
+    total = 0
+    for name, value in headers:
+        total += len(name) + len(value) + 4
+        if not _TOKEN.match(name) or _BAD_VALUE.search(value):
+            raise BadRequest("malformed request header")
+    if total > config.max_header_bytes:
+        raise HeadersTooLarge(f"request headers larger than {config.max_header_bytes} bytes")
+
+
+def _forwarded_node(peer: str) -> bytes:
+    # RFC 7239 6: IPv6 addresses are bracketed and the value quoted.
+    if ":" in peer:
+        return f'"[{peer}]"'.encode()
+    return peer.encode()
+
+
+def _quote_if_needed(value: bytes) -> bytes:
+    if _TOKEN.match(value):
+        return value
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def request_headers(
+    headers: Sequence[Header],
+    config: ProxyConfig,
+    *,
+    peer: str | None,
+    scheme: str,
+    te_trailers: bool | None = None,
+) -> list[Header]:
+    """The header list to send upstream, minus framing (the caller adds that).
+
+    Host comes first: the upstream's authority, or the client's with
+    preserve_host. Forwarding headers are regenerated from the real peer and the
+    client's own are kept (appended to) only when that peer is trusted.
+    """
+    named = connection_tokens(headers)
+    trusted = config.is_trusted(peer)
+    client_host: bytes | None = None
+    inbound_xff: list[bytes] = []
+    inbound_fwd: list[bytes] = []
+    inbound_proto: bytes | None = None
+    inbound_xhost: bytes | None = None
+    wants_trailers = False
+    out: list[Header] = []
+    remove = config.remove_request_headers
+    for name, value in headers:
+        if name == b"host":
+            if client_host is None:
+                client_host = value
+            continue
+        if name == b"te":
+            # RFC 9110 10.1.4: only the `trailers` token may be forwarded.
+            wants_trailers = wants_trailers or b"trailers" in value.lower()
+            continue
+        if name in HOP_BY_HOP or name in named or name in _REQUEST_OWNED or name in remove:
+            continue
+        if name in FORWARDING:
+            if trusted:
+                if name == b"x-forwarded-for":
+                    inbound_xff.append(value)
+                elif name == b"forwarded":
+                    inbound_fwd.append(value)
+                elif name == b"x-forwarded-proto" and inbound_proto is None:
+                    inbound_proto = value
+                elif name == b"x-forwarded-host" and inbound_xhost is None:
+                    inbound_xhost = value
+                else:
+                    out.append((name, value))
+            continue
+        out.append((name, value))
+
+    if te_trailers is not None:
+        wants_trailers = te_trailers
+    host = client_host if (config.preserve_host and client_host) else config.upstream_authority
+    result: list[Header] = [(b"host", host)]
+    result.extend(out)
+    if wants_trailers:
+        result.append((b"te", b"trailers"))
+
+    proto = scheme.encode()
+    fwd_host = client_host or config.upstream_authority
+    xff = b", ".join([*inbound_xff, peer.encode()]) if peer else b", ".join(inbound_xff)
+    if xff:
+        result.append((b"x-forwarded-for", xff))
+    result.append((b"x-forwarded-proto", inbound_proto or proto))
+    result.append((b"x-forwarded-host", inbound_xhost or fwd_host))
+    node = b"for=" + _forwarded_node(peer) if peer else b"for=unknown"
+    element = node + b";host=" + _quote_if_needed(fwd_host) + b";proto=" + proto
+    result.append((b"forwarded", b", ".join([*inbound_fwd, element])))
+    result.extend(config.add_request_headers)
+    return result
+
+
+def _rewrite_url(value: bytes, config: ProxyConfig, mount: bytes) -> bytes:
+    """nginx `proxy_redirect default`: the upstream base URL becomes the mount.
+
+    Absolute URLs on the upstream's origin and base, and absolute paths under a
+    non-empty base, are rewritten; anything else (other hosts) passes untouched.
+    """
+    base = config.upstream_base
+    prefixes = [config.upstream_origin.encode() + base]
+    if base:
+        prefixes.append(base)
+    for prefix in prefixes:
+        if value.startswith(prefix):
+            rest = value[len(prefix):]
+            if rest and rest[:1] not in (b"/", b"?", b"#"):
+                continue  # `/basement` is not under `/base`
+            path = mount + rest
+            return path if path.startswith(b"/") else b"/" + path
+    return value
+
+
+def _rewrite_refresh(value: bytes, config: ProxyConfig, mount: bytes) -> bytes:
+    head, sep, url = value.partition(b"url=")
+    if not sep:
+        head, sep, url = value.partition(b"URL=")
+    if not sep:
+        return value
+    return head + sep + _rewrite_url(url.strip(), config, mount)
+
+
+def _rewrite_set_cookie(value: bytes, config: ProxyConfig, mount: bytes) -> bytes:
+    parts = value.split(b";")
+    changed = False
+    for i, part in enumerate(parts[1:], start=1):
+        key, eq, attr = part.strip().partition(b"=")
+        lkey = key.lower()
+        if lkey == b"path" and eq and config.rewrite_cookie_path:
+            base = config.upstream_base
+            if attr == base or attr.startswith(base + b"/") or not base:
+                new = mount + attr[len(base):] if base else mount + attr
+                parts[i] = b" Path=" + (new if new.startswith(b"/") else b"/" + new)
+                changed = True
+        elif lkey == b"domain" and eq and config.cookie_domain is not None:
+            if config.cookie_domain:
+                parts[i] = b" Domain=" + config.cookie_domain.encode()
+            else:
+                parts[i] = b""
+            changed = True
+    if not changed:
+        return value
+    return b";".join(p for p in parts if p)
+
+
+def response_headers(
+    headers: Sequence[Header],
+    config: ProxyConfig,
+    *,
+    mount: bytes,
+) -> list[Header]:
+    """The header list to send to the client, framing included when it is a length.
+
+    Transfer-Encoding is hop-by-hop: the front server re-frames the stream
+    itself. An upstream head with both Content-Length and Transfer-Encoding, or
+    with conflicting lengths, is a smuggling vector (RFC 9112 6.3): 502.
+    """
+    named = connection_tokens(headers)
+    lengths = {value.strip() for name, value in headers if name == b"content-length"}
+    has_te = any(name == b"transfer-encoding" for name, _ in headers)
+    if len(lengths) > 1 or (lengths and has_te):
+        raise BadGateway("the upstream sent ambiguous response framing")
+    out: list[Header] = []
+    remove = config.remove_response_headers
+    rewrite = config.rewrite_redirects
+    cookies = config.rewrite_cookie_path or config.cookie_domain is not None
+    seen_length = False
+    for name, value in headers:
+        if name in HOP_BY_HOP or name in named or name in _RESPONSE_OWNED or name in remove:
+            continue
+        if name == b"content-length":
+            if seen_length:
+                continue
+            seen_length = True
+        elif rewrite and (name == b"location" or name == b"content-location"):
+            value = _rewrite_url(value, config, mount)
+        elif rewrite and name == b"refresh":
+            value = _rewrite_refresh(value, config, mount)
+        elif cookies and name == b"set-cookie":
+            value = _rewrite_set_cookie(value, config, mount)
+        out.append((name, value))
+    out.extend(config.add_response_headers)
+    return out

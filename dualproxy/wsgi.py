@@ -1,0 +1,309 @@
+"""The sync face: a WSGI application that forwards with `httpx.Client`.
+
+Translation and I/O only; every decision is the core's. No event loop and no
+thread of its own: the request body is read from `wsgi.input` in chunks as
+httpx sends it, and the response is an iterable whose `close()` (which servers
+call when the client goes away) closes the upstream response at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import httpx
+
+from .config import ProxyConfig
+from .core import (
+    BodyCounter,
+    IncomingRequest,
+    UpstreamPlan,
+    build_request,
+    client_options,
+    disable_cookies,
+    enter_body_phase,
+    plan_request,
+    plan_response,
+    response_header_list,
+)
+from .errors import (
+    ClientDisconnected,
+    IncompleteBody,
+    NotProxied,
+    ProxyError,
+    UpstreamBroken,
+    describe,
+    map_stream_errors,
+    map_upstream_errors,
+)
+from .logs import AccessLog, RequestRecord
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+Environ = dict[str, Any]
+
+
+class StartResponse(Protocol):
+    def __call__(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = ...
+    ) -> Callable[[bytes], object]: ...
+
+
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+# Set by dualproxy's a2wsgi bridge: a threading.Event raised when the ASGI
+# server reports the client gone (WSGI itself has no way to say so).
+CLIENT_GONE_KEY = "dualproxy.client_gone"
+
+
+def _environ_headers(environ: Environ) -> list[tuple[bytes, bytes]]:
+    scope = environ.get("asgi.scope")
+    if isinstance(scope, dict) and "headers" in scope:
+        # Under a2wsgi the ASGI scope still has the exact header list.
+        return list(scope["headers"])
+    headers: list[tuple[bytes, bytes]] = []
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = key[5:].lower().replace("_", "-")
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            if not value:
+                continue
+            name = key.lower().replace("_", "-")
+        else:
+            continue
+        headers.append((name.encode("latin-1"), value.encode("latin-1")))
+    return headers
+
+
+def _environ_target(environ: Environ) -> bytes:
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw:
+        return str(raw).encode("latin-1")
+    scope = environ.get("asgi.scope")
+    if isinstance(scope, dict) and scope.get("raw_path"):
+        query = scope.get("query_string", b"")
+        return bytes(scope["raw_path"]) + (b"?" + query if query else b"")
+    # Last resort for servers that keep no raw target: re-encode the decoded path.
+    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    target = quote(path.encode("latin-1"), safe="/;=:@!$&'()*+,~-._").encode("ascii")
+    query = environ.get("QUERY_STRING", "")
+    return target + (b"?" + query.encode("latin-1") if query else b"")
+
+
+def incoming_from_environ(environ: Environ) -> IncomingRequest:
+    """The neutral request for a WSGI environ, from the raw target where the server keeps one."""
+    target = _environ_target(environ)
+    script = environ.get("SCRIPT_NAME", "").encode("latin-1").rstrip(b"/")
+    path = target.split(b"?", 1)[0]
+    mount = script if script and path.startswith(script) else b""
+    protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
+    return IncomingRequest(
+        method=environ["REQUEST_METHOD"],
+        target=target,
+        headers=_environ_headers(environ),
+        peer=environ.get("REMOTE_ADDR") or None,
+        scheme=environ.get("wsgi.url_scheme", "http"),
+        mount=mount,
+        http_version=protocol.partition("/")[2] or "1.1",
+    )
+
+
+def _str_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
+
+
+def problem_response(start_response: StartResponse, exc: ProxyError) -> list[bytes]:
+    start_response(f"{exc.status} {exc.title}", _str_headers(exc.headers()))
+    return [exc.body()]
+
+
+class SyncProxy:
+    """WSGI reverse proxy. `SyncProxy("http://upstream:8080/base", mount="/api")`.
+
+    Takes the same arguments as AsyncProxy (or the same `config=`), and an
+    optional `httpx.Client` (its cookie jar is disabled; you close it). Outside
+    the mount it answers 404, or calls `fallback` when one is given.
+    """
+
+    def __init__(
+        self,
+        upstream: str | None = None,
+        *,
+        config: ProxyConfig | None = None,
+        client: httpx.Client | None = None,
+        fallback: WSGIApp | None = None,
+        access_log: bool = True,
+        **options: Any,
+    ) -> None:
+        if config is None:
+            if upstream is None:
+                raise TypeError("SyncProxy needs an upstream URL or a config")
+            config = ProxyConfig.build(upstream, **options)
+        elif upstream is not None or options:
+            raise TypeError("pass either config= or upstream/options, not both")
+        self.config = config
+        self.fallback = fallback
+        self._client = client
+        self._owns_client = client is None
+        self._lock = threading.Lock()
+        if client is not None:
+            disable_cookies(client)
+        self._log = AccessLog(enabled=access_log)
+
+    @property
+    def client(self) -> httpx.Client:
+        """The upstream client, created on first use (after a pre-fork server has forked)."""
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = httpx.Client(**client_options(self.config))
+                client = self._client
+        return client
+
+    def close(self) -> None:
+        """Close the client if this proxy created it."""
+        if self._client is not None and self._owns_client:
+            self._client.close()
+            self._client = None
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        incoming = incoming_from_environ(environ)
+        record = self._log.start(incoming)
+        try:
+            plan = plan_request(self.config, incoming)
+            for request_hook in self.config.request_hooks:
+                plan = request_hook(plan) or plan  # type: ignore[assignment]
+        except NotProxied as exc:
+            if self.fallback is not None:
+                return self.fallback(environ, start_response)
+            return self._problem(start_response, exc, record)
+        except ProxyError as exc:
+            return self._problem(start_response, exc, record)
+
+        content = (
+            _request_body(environ["wsgi.input"], BodyCounter(plan, self.config),
+                          self.config.chunk_size, record)
+            if plan.has_body else None
+        )
+        request = build_request(self.config, plan, content)
+        try:
+            with map_upstream_errors():
+                response = self.client.send(request, stream=True)
+        except ProxyError as exc:
+            return self._problem(start_response, exc, record)
+        except ClientDisconnected:
+            # Nobody is left to read an answer, but WSGI still wants one.
+            record.client_gone = True
+            self._log.finish(record)
+            return problem_response(start_response, IncompleteBody("the client went away"))
+        record.upstream_status(response.status_code)
+        try:
+            enter_body_phase(request, self.config)
+            head = plan_response(self.config, plan, response.status_code,
+                                 response_header_list(response))
+            for response_hook in self.config.response_hooks:
+                head = response_hook(plan, head) or head  # type: ignore[assignment]
+        except ProxyError as exc:
+            response.close()
+            return self._problem(start_response, exc, record)
+        except BaseException:
+            response.close()
+            raise
+        start_response(head.status_line, _str_headers(head.headers))
+        record.status = head.status
+        gone = environ.get(CLIENT_GONE_KEY)
+        return ResponseBody(response, plan, record, self._log, head.has_body, gone)
+
+    def _problem(
+        self, start_response: StartResponse, exc: ProxyError, record: RequestRecord
+    ) -> list[bytes]:
+        self._log.problem(record, exc)
+        self._log.finish(record)
+        return problem_response(start_response, exc)
+
+
+class ResponseBody:
+    """The WSGI response iterable: raw upstream chunks, closed with the response.
+
+    An upstream failure mid-body raises UpstreamBroken out of the iteration,
+    which makes every WSGI server drop the client connection instead of ending
+    the response cleanly.
+    """
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        plan: UpstreamPlan,
+        record: RequestRecord,
+        log: AccessLog,
+        has_body: bool,
+        gone: threading.Event | None,
+    ) -> None:
+        self.response = response
+        self.plan = plan
+        self.record = record
+        self.log = log
+        self.has_body = has_body
+        self.gone = gone
+        self._closed = False
+        if not has_body:
+            record.responded = True
+
+    def __iter__(self) -> Iterator[bytes]:
+        if not self.has_body:
+            return
+        record = self.record
+        gone = self.gone
+        try:
+            with map_stream_errors():
+                for chunk in self.response.iter_raw():
+                    if gone is not None and gone.is_set():
+                        record.client_gone = True
+                        return
+                    record.bytes_out += len(chunk)
+                    yield chunk
+        except UpstreamBroken as exc:
+            record.broken = describe(exc)
+            raise
+        record.responded = True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.record.responded and not self.record.broken and self.has_body:
+            self.record.client_gone = True
+        self.response.close()
+        self.log.finish(self.record)
+
+
+def _request_body(
+    stream: Any, counter: BodyCounter, chunk_size: int, record: RequestRecord
+) -> Iterator[bytes]:
+    """Read `wsgi.input` in chunks as httpx asks for them.
+
+    gunicorn's `read(n)` blocks until n bytes or the end, so n stays modest and
+    never exceeds what Content-Length still promises. A read that fails (client
+    reset, malformed chunking) or ends short aborts the upload: the upstream
+    never sees a cut body completed.
+    """
+    while True:
+        remaining = counter.remaining()
+        size = chunk_size if remaining is None else min(chunk_size, remaining)
+        if size <= 0:
+            break
+        try:
+            chunk = stream.read(size)
+        except ClientDisconnected:
+            raise
+        except Exception as exc:
+            raise IncompleteBody(f"reading the request body failed: {describe(exc)}") from exc
+        if not chunk:
+            break
+        counter.feed(len(chunk))
+        record.bytes_in += len(chunk)
+        yield chunk
+    counter.finish()
