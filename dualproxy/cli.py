@@ -111,6 +111,9 @@ def setup_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
     )
+    # httpx logs every request at INFO; dualproxy's access line already says it all.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def build_app(options: dict[str, Any]) -> Any:

@@ -1,0 +1,51 @@
+"""The test matrix and the other sessions.
+
+`nox` runs the default sessions: the suite for every face x server pairing,
+ruff, and mypy --strict. One cell alone:
+`nox -s "tests(wsgi-gunicorn)"`.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "types"]
+nox.options.reuse_existing_virtualenvs = True
+
+PAIRINGS = [("asgi", "uvicorn"), ("wsgi", "gunicorn"), ("wsgi", "uvicorn"), ("asgi", "gunicorn")]
+
+
+def tests_impl(session: nox.Session, adapter: str, server: str) -> None:
+    session.install("-e", ".[dev]")
+    session.run(
+        "pytest", *session.posargs,
+        env={"DUALPROXY_PAIRINGS": f"{adapter}-{server}"},
+    )
+
+
+@nox.session
+@nox.parametrize(("adapter", "server"), PAIRINGS, ids=[f"{a}-{s}" for a, s in PAIRINGS])
+def tests(session: nox.Session, adapter: str, server: str) -> None:
+    """The whole suite against one face x server pairing."""
+    tests_impl(session, adapter, server)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the package, tests, examples and this file."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", "dualproxy", "tests", "noxfile.py")
+
+
+@nox.session
+def types(session: nox.Session) -> None:
+    """mypy --strict on the package."""
+    session.install("-e", ".[dev]")
+    session.run("mypy", "--strict", "dualproxy")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Run `dualproxy demo` (Ctrl-C to stop)."""
+    session.install("-e", ".[all]")
+    session.run("dualproxy", "demo", *session.posargs)

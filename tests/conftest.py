@@ -1,0 +1,178 @@
+"""One suite, every face x server pairing, real processes on loopback.
+
+`pairing` is a session-scoped parameter over the four pairings (select some with
+`--pairing asgi-uvicorn` or DUALPROXY_PAIRINGS=asgi-uvicorn,wsgi-gunicorn).
+`proxy` is a `dualproxy serve` process of the current pairing in front of the
+recording `upstream`; `make_proxy(*flags)` starts (and caches) one with other
+flags. Servers of a finished pairing are stopped before the next one starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+if TYPE_CHECKING:
+    from tests.upstream import Upstream
+
+PAIRINGS = ("asgi-uvicorn", "wsgi-gunicorn", "wsgi-uvicorn", "asgi-gunicorn")
+ROOT = Path(__file__).resolve().parent.parent
+
+# Flags every test proxy gets unless a test overrides them: short enough that a
+# hung upstream fails a test in seconds, long enough for a loaded CI machine.
+DEFAULT_FLAGS = ("--timeout", "5", "--idle-timeout", "10", "--log-level", "info")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--pairing", action="append", default=[], choices=PAIRINGS,
+                     help="run the behaviour tests for this pairing only (repeatable)")
+
+
+def selected_pairings(config: pytest.Config) -> list[str]:
+    chosen: list[str] = list(config.getoption("--pairing"))
+    env = os.environ.get("DUALPROXY_PAIRINGS", "")
+    chosen += [p.strip() for p in env.split(",") if p.strip()]
+    unknown = set(chosen) - set(PAIRINGS)
+    if unknown:
+        raise pytest.UsageError(f"unknown pairing(s): {sorted(unknown)}")
+    return [p for p in PAIRINGS if p in chosen] or list(PAIRINGS)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "pairing" in metafunc.fixturenames:
+        metafunc.parametrize("pairing", selected_pairings(metafunc.config), scope="session")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ProxyProcess:
+    """A `dualproxy serve` child process, started the way a user starts it."""
+
+    def __init__(self, pairing: str, upstream: str, flags: tuple[str, ...]) -> None:
+        self.pairing = pairing
+        self.adapter, self.server = pairing.split("-")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.flags = flags
+        self.log_path = Path(tempfile.mkstemp(prefix=f"dualproxy-{pairing}-", suffix=".log")[1])
+        args = [sys.executable, "-m", "dualproxy", "serve", "--upstream", upstream,
+                "--adapter", self.adapter, "--server", self.server,
+                "--bind", f"127.0.0.1:{self.port}", *DEFAULT_FLAGS, *flags]
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=ROOT, start_new_session=True)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.pairing} proxy exited:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.pairing} proxy did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        """An httpx client aimed at the proxy (tests that need the wire use rawhttp)."""
+        return httpx.Client(base_url=self.url, timeout=30.0, **kwargs)  # type: ignore[arg-type]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[Upstream]:
+    from tests.upstream import Upstream
+
+    server = Upstream().start()
+    yield server
+    server.stop()
+
+
+class ProxyPool:
+    """Caches proxy processes by (pairing, flags); one pairing's servers at a time."""
+
+    def __init__(self) -> None:
+        self.running: dict[tuple[str, str, tuple[str, ...]], ProxyProcess] = {}
+
+    def get(self, pairing: str, upstream: str, flags: tuple[str, ...]) -> ProxyProcess:
+        key = (pairing, upstream, flags)
+        proc = self.running.get(key)
+        if proc is not None and proc.alive():
+            return proc
+        for other_key in [k for k in self.running if k[0] != pairing]:
+            self.running.pop(other_key).stop()
+        proc = ProxyProcess(pairing, upstream, flags)
+        self.running[key] = proc
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.running.values():
+            proc.stop()
+        self.running.clear()
+
+
+@pytest.fixture(scope="session")
+def proxy_pool() -> Iterator[ProxyPool]:
+    pool = ProxyPool()
+    yield pool
+    pool.stop_all()
+
+
+MakeProxy = Callable[..., ProxyProcess]
+
+
+@pytest.fixture
+def make_proxy(pairing: str, upstream: Upstream, proxy_pool: ProxyPool) -> MakeProxy:
+    """`make_proxy("--mount", "/api", upstream_path="/base")`: a proxy with these flags."""
+
+    def make(*flags: str, upstream_path: str = "", upstream_url: str | None = None
+             ) -> ProxyProcess:
+        url = upstream_url if upstream_url is not None else upstream.url + upstream_path
+        return proxy_pool.get(pairing, url, tuple(flags))
+
+    return make
+
+
+@pytest.fixture
+def proxy(make_proxy: MakeProxy) -> ProxyProcess:
+    """The pairing's proxy with default flags, in front of the recording upstream."""
+    return make_proxy()
+
+
+@pytest.fixture
+def rid() -> str:
+    """A unique request id; send it as `x-req-id` to find the upstream's record."""
+    return uuid.uuid4().hex
