@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from .config import ProxyConfig
-from .errors import BadRequest, BodyTooLarge, IncompleteBody
+from .errors import BadRequest, BodyTooLarge, IncompleteBody, ProxyError
 from .headers import Header, check_request_headers, request_headers, response_headers
 from .target import upstream_target
 
@@ -174,6 +174,27 @@ class BodyCounter:
     def finish(self) -> None:
         if self.expected is not None and self.received != self.expected:
             raise IncompleteBody("request body shorter than its Content-Length")
+
+
+# The most unread request body a face reads and drops before an early error answer.
+DISCARD_BODY_LIMIT = 1 << 20
+
+
+def discard_budget(counter: BodyCounter, exc: ProxyError) -> int:
+    """Unread request-body bytes to read and drop before answering `exc`.
+
+    An upstream failure (502/503/504) answered before the upload ran is no fault
+    of the client: swallowing the rest of a modest body keeps its keep-alive
+    connection in step, as uvicorn does by itself (gunicorn drains 64 KiB, then
+    silently drops a connection it announced as keep-alive). Client errors
+    (400/413) and bodies past the limit are left unread: the server closes.
+    """
+    if exc.status not in (502, 503, 504):
+        return 0
+    remaining = counter.remaining()
+    if remaining is None:  # chunked: up to the terminating chunk, within the limit
+        return DISCARD_BODY_LIMIT
+    return remaining if remaining <= DISCARD_BODY_LIMIT else 0
 
 
 def timeouts(config: ProxyConfig) -> dict[str, float]:

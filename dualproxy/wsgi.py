@@ -24,6 +24,7 @@ from .core import (
     build_request,
     client_options,
     disable_cookies,
+    discard_budget,
     enter_body_phase,
     plan_request,
     plan_response,
@@ -183,16 +184,19 @@ class SyncProxy:
         except ProxyError as exc:
             return self._problem(start_response, exc, record)
 
+        counter = BodyCounter(plan, self.config) if plan.has_body else None
         content = (
-            _request_body(environ["wsgi.input"], BodyCounter(plan, self.config),
-                          self.config.chunk_size, record)
-            if plan.has_body else None
+            _request_body(environ["wsgi.input"], counter, self.config.chunk_size, record)
+            if counter is not None else None
         )
         request = build_request(self.config, plan, content)
         try:
             with map_upstream_errors():
                 response = self.client.send(request, stream=True)
         except ProxyError as exc:
+            if counter is not None:
+                _discard(environ["wsgi.input"], discard_budget(counter, exc),
+                         self.config.chunk_size)
             return self._problem(start_response, exc, record)
         except ClientDisconnected:
             # Nobody is left to read an answer, but WSGI still wants one.
@@ -278,6 +282,18 @@ class ResponseBody:
             self.record.client_gone = True
         self.response.close()
         self.log.finish(self.record)
+
+
+def _discard(stream: Any, budget: int, chunk_size: int) -> None:
+    """Read and drop up to `budget` bytes of the unread request body."""
+    while budget > 0:
+        try:
+            chunk = stream.read(min(chunk_size, budget))
+        except Exception:  # the client broke off: nothing left to keep in step
+            return
+        if not chunk:
+            return
+        budget -= len(chunk)
 
 
 def _request_body(
