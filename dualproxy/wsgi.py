@@ -8,6 +8,7 @@ call when the client goes away) closes the upstream response at once.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
@@ -219,7 +220,9 @@ class SyncProxy:
         start_response(head.status_line, _str_headers(head.headers))
         record.status = head.status
         gone = environ.get(CLIENT_GONE_KEY)
-        return ResponseBody(response, plan, record, self._log, head.has_body, gone)
+        body = ResponseBody(response, plan, record, self._log, head.has_body, gone)
+        body.client_socket = environ.get("gunicorn.socket")
+        return body
 
     def _problem(
         self, start_response: StartResponse, exc: ProxyError, record: RequestRecord
@@ -253,6 +256,7 @@ class ResponseBody:
         self.has_body = has_body
         self.gone = gone
         self._closed = False
+        self.client_socket: socket.socket | None = None
         if not has_body:
             record.responded = True
 
@@ -271,6 +275,16 @@ class ResponseBody:
                     yield chunk
         except UpstreamBroken as exc:
             record.broken = describe(exc)
+            sock = self.client_socket
+            if sock is not None:
+                # gunicorn logs a traceback for an exception raised here. Shutting
+                # the client socket aborts the response just as surely (no last
+                # chunk, short body) and gunicorn ignores the EPIPE that follows.
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return
             raise
         record.responded = True
 

@@ -370,3 +370,17 @@ def test_one_exception_map(exc: Exception, expected: type[Exception]) -> None:
     doc = json.loads(info.value.body())  # type: ignore[attr-defined]
     assert doc["status"] == info.value.status  # type: ignore[attr-defined]
     assert set(doc) == {"type", "title", "status", "detail"}
+
+
+def test_discard_budget_only_for_upstream_failures_and_modest_bodies() -> None:
+    from dualproxy.core import DISCARD_BODY_LIMIT, discard_budget
+
+    plan = plan_request(ROOT, incoming(b"/x", [(b"content-length", b"1000")], "POST"))
+    counter = BodyCounter(plan, ROOT)
+    counter.feed(400)
+    assert discard_budget(counter, BadGateway("x")) == 600
+    assert discard_budget(counter, BodyTooLarge("x")) == 0
+    big = plan_request(ROOT, incoming(b"/x", [(b"content-length", b"%d" % (2 << 20))], "POST"))
+    assert discard_budget(BodyCounter(big, ROOT), GatewayTimeout("x")) == 0
+    chunked = plan_request(ROOT, incoming(b"/x", [(b"transfer-encoding", b"chunked")], "POST"))
+    assert discard_budget(BodyCounter(chunked, ROOT), ServiceUnavailable("x")) == DISCARD_BODY_LIMIT
