@@ -34,7 +34,7 @@ def tests(session: nox.Session, adapter: str, server: str) -> None:
 def lint(session: nox.Session) -> None:
     """ruff over the package, tests, examples and this file."""
     session.install("ruff>=0.5")
-    session.run("ruff", "check", "dualproxy", "tests", "noxfile.py")
+    session.run("ruff", "check", "dualproxy", "tests", "examples", "noxfile.py")
 
 
 @nox.session

@@ -1,0 +1,86 @@
+"""FastAPI glue: a router form with dependencies in front, and a lifespan helper.
+
+Mounting needs no glue: `app.mount("/api", AsyncProxy(upstream))` works as is
+(Starlette keeps the full path and sets `root_path` to the mount, which the
+ASGI face strips from the raw path). Use `proxy_router` when FastAPI
+dependencies (auth, rate limits) must run before the proxy, and
+`proxy_lifespan` to open and close the clients with the app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, params
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from .asgi import AsyncProxy
+
+# Standard methods plus WebDAV's; routes need an explicit list.
+PROXY_METHODS = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
+    "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "REPORT",
+    "SEARCH", "MKCALENDAR", "ACL", "MERGE", "MKACTIVITY", "CHECKOUT", "VERSION-CONTROL",
+]
+
+
+class ProxiedResponse(Response):
+    """A Response that hands the raw ASGI exchange to the proxy: it streams both ways."""
+
+    def __init__(self, proxy: AsyncProxy, prefix: str) -> None:
+        self.proxy = proxy
+        self.prefix = prefix
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The core strips root_path from the raw path: make it end at the prefix.
+        inner = dict(scope)
+        inner["root_path"] = scope.get("root_path", "").rstrip("/") + self.prefix
+        await self.proxy.handle_http(inner, receive, send)
+
+
+def proxy_router(
+    upstream: str,
+    prefix: str,
+    *,
+    dependencies: Sequence[params.Depends] | None = None,
+    proxy: AsyncProxy | None = None,
+    **options: Any,
+) -> APIRouter:
+    """An APIRouter forwarding everything under `prefix`, after `dependencies` ran.
+
+    `app.include_router(proxy_router("http://backend:9000", "/api",
+    dependencies=[Depends(require_token)]))`.
+    """
+    prefix = "/" + prefix.strip("/")
+    bound = proxy if proxy is not None else AsyncProxy(upstream, **options)
+    router = APIRouter(dependencies=list(dependencies or ()))
+
+    async def forward(request: Request) -> Response:
+        return ProxiedResponse(bound, prefix)
+
+    for path in (prefix, prefix + "/{path:path}"):
+        router.add_api_route(path, forward, methods=PROXY_METHODS, include_in_schema=False)
+    return router
+
+
+def proxy_lifespan(
+    *proxies: AsyncProxy,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """`FastAPI(lifespan=proxy_lifespan(p1, p2))`: clients open at startup, close at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for proxy in proxies:
+            _ = proxy.client
+        try:
+            yield
+        finally:
+            for proxy in proxies:
+                await proxy.aclose()
+
+    return lifespan

@@ -1,0 +1,48 @@
+"""A FastAPI app with its own routes, an authenticated proxied `/api`, and a legacy
+Flask app mounted through a2wsgi: the migration path, one route at a time.
+
+    DUALPROXY_UPSTREAM=http://127.0.0.1:9000 \\
+        uvicorn examples.fastapi_app.app:app --no-proxy-headers
+"""
+
+from __future__ import annotations
+
+import os
+
+from a2wsgi import WSGIMiddleware
+from fastapi import Depends, FastAPI, Header, HTTPException
+
+from dualproxy import AsyncProxy
+from dualproxy.fastapi import proxy_lifespan, proxy_router
+from examples.flask_app.app import app as legacy_flask_app
+
+UPSTREAM = os.environ.get("DUALPROXY_UPSTREAM", "http://127.0.0.1:9000")
+TOKEN = os.environ.get("EXAMPLE_TOKEN", "secret-token")
+
+
+async def require_token(authorization: str | None = Header(default=None)) -> None:
+    """Bearer-token auth that runs before anything reaches the upstream."""
+    if authorization != f"Bearer {TOKEN}":
+        raise HTTPException(status_code=401, detail="missing or wrong bearer token")
+
+
+api_proxy = AsyncProxy(UPSTREAM)
+app = FastAPI(title="dualproxy FastAPI example", lifespan=proxy_lifespan(api_proxy))
+
+
+@app.get("/")
+async def index() -> dict[str, str]:
+    return {"app": "fastapi", "api": "/api (bearer token)", "legacy": "/legacy"}
+
+
+@app.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+# /api/... is streamed to the upstream after require_token has passed.
+app.include_router(proxy_router(UPSTREAM, "/api", dependencies=[Depends(require_token)],
+                                proxy=api_proxy))
+
+# The legacy Flask app (with its own proxied /upload area) keeps running under /legacy.
+app.mount("/legacy", WSGIMiddleware(legacy_flask_app, workers=32))  # type: ignore[arg-type]
