@@ -24,9 +24,9 @@ from .core import (
     ResponseHead,
     UpstreamPlan,
     build_request,
-    client_options,
     disable_cookies,
     enter_body_phase,
+    make_async_client,
     plan_request,
     plan_response,
     response_header_list,
@@ -121,7 +121,7 @@ class AsyncProxy:
     def client(self) -> httpx.AsyncClient:
         """The upstream client, created on first use inside the running loop."""
         if self._client is None:
-            self._client = httpx.AsyncClient(**client_options(self.config))
+            self._client = make_async_client(self.config)
         return self._client
 
     async def aclose(self) -> None:

@@ -263,6 +263,26 @@ def client_options(config: ProxyConfig) -> dict[str, Any]:
     }
 
 
+def make_async_client(config: ProxyConfig) -> httpx.AsyncClient:
+    """The client AsyncProxy creates: dualproxy's fast HTTP/1.1 transport under httpx."""
+    from .transport import AsyncUpstreamTransport
+
+    transport = AsyncUpstreamTransport(
+        max_connections=config.max_connections,
+        max_keepalive_connections=config.max_keepalive_connections)
+    return httpx.AsyncClient(transport=transport, **client_options(config))
+
+
+def make_sync_client(config: ProxyConfig) -> httpx.Client:
+    """The client SyncProxy creates: dualproxy's fast HTTP/1.1 transport under httpx."""
+    from .transport import UpstreamTransport
+
+    transport = UpstreamTransport(
+        max_connections=config.max_connections,
+        max_keepalive_connections=config.max_keepalive_connections)
+    return httpx.Client(transport=transport, **client_options(config))
+
+
 def disable_cookies(client: httpx.Client | httpx.AsyncClient) -> None:
     """Make a user-supplied client jar-less too (see `_NoCookies`)."""
     client.cookies = httpx.Cookies(_NoCookies())

@@ -23,10 +23,10 @@ from .core import (
     IncomingRequest,
     UpstreamPlan,
     build_request,
-    client_options,
     disable_cookies,
     discard_budget,
     enter_body_phase,
+    make_sync_client,
     plan_request,
     plan_response,
     response_header_list,
@@ -161,7 +161,7 @@ class SyncProxy:
         if client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = httpx.Client(**client_options(self.config))
+                    self._client = make_sync_client(self.config)
                 client = self._client
         return client
 

@@ -1,0 +1,637 @@
+"""Fast HTTP/1.1 transports under httpx: one async (asyncio), one sync (sockets).
+
+httpx's default transports (httpcore + h11 + anyio) cost a proxy most of its
+CPU per request. These speak HTTP/1.1 with the small codec in `h1`, keep a
+connection pool per origin, and keep every rule the suite checks:
+
+- the request line carries `extensions["target"]` as-is and the headers are
+  sent exactly as given (the core already wrote Host and framing);
+- timeouts come from `extensions["timeout"]`, read again before every wait, so
+  the core can switch from the head timeout to the idle timeout mid-response;
+- an exception from the request body iterator propagates unchanged and the
+  connection is closed with the body unfinished;
+- an upstream that answers before reading the whole upload gets its answer
+  relayed (sending stops);
+- a connection is reused only after a cleanly framed, fully read response with
+  no stray bytes; otherwise it is closed (no response-queue poisoning);
+- a request that failed on a *reused* connection before any response byte is
+  retried once on a fresh one, only when it has no body and an idempotent
+  method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from typing import Any, cast
+
+import httpx
+
+from . import h1
+
+READ_SIZE = 262144
+HIGH_WATER = 1 << 20        # pause reading the upstream above this many buffered bytes
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+Key = tuple[str, str, int]
+
+
+def _timeout(request: httpx.Request, kind: str) -> float | None:
+    timeouts = request.extensions.get("timeout")
+    if isinstance(timeouts, dict):
+        value = timeouts.get(kind)
+        return None if value is None else float(value)
+    return None
+
+
+def _origin(request: httpx.Request) -> Key:
+    url = request.url
+    scheme = url.scheme
+    port = url.port or (443 if scheme == "https" else 80)
+    return scheme, url.host, port
+
+
+def _target(request: httpx.Request) -> bytes:
+    target = request.extensions.get("target")
+    return target if isinstance(target, bytes) else request.url.raw_path
+
+
+def _response(head: h1.Head, stream: Any, request: httpx.Request) -> httpx.Response:
+    return httpx.Response(
+        head.status, headers=head.headers, stream=stream, request=request,
+        extensions={"http_version": head.version, "reason_phrase": head.reason},
+    )
+
+
+class _Retry(Exception):
+    """A reused connection died before answering: try once more on a fresh one."""
+
+
+class _Slots:
+    """Counts connections per pool; waiters queue for a free slot (PoolTimeout after)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
+# -- async ----------------------------------------------------------------------------
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    # A timeout is an exception on the waiter, never a task cancellation, so a
+    # real cancellation (client gone) stays distinguishable.
+    if not waiter.done():
+        waiter.set_exception(httpx.ReadTimeout("timed out waiting for the upstream"))
+
+
+class _AsyncConn(asyncio.Protocol):
+    """One upstream connection: a buffer fed by the event loop and one waiter."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.eof = False
+        self.error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._paused = False
+        self.reused = False
+        self.close_after = False
+
+    # protocol callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; same interface.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > HIGH_WATER and self.transport is not None and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.error = exc
+        self._wake()
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._drain = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # driver side
+    @property
+    def closed(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def usable(self) -> bool:
+        return not self.closed and not self.eof and not self.buf
+
+    def consumed(self) -> None:
+        if self._paused and len(self.buf) < HIGH_WATER // 4 and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    async def wait_data(self, timeout: float | None) -> None:
+        """Wait until more bytes (or EOF) arrive; ReadTimeout after `timeout`."""
+        if self.eof:
+            return
+        self.consumed()
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        handle = (loop.call_later(timeout, _expire, waiter)
+                  if timeout is not None else None)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if handle is not None:
+                handle.cancel()
+
+    async def write(self, data: bytes, timeout: float | None) -> None:
+        if self.closed:
+            raise httpx.WriteError("upstream connection closed")
+        assert self.transport is not None
+        self.transport.write(data)
+        drain = self._drain
+        if drain is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(drain), timeout)
+            except asyncio.TimeoutError:
+                raise httpx.WriteTimeout("upstream stopped reading the request") from None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class AsyncUpstreamTransport(httpx.AsyncBaseTransport):
+    """The async transport dualproxy's AsyncProxy uses by default."""
+
+    def __init__(self, *, max_connections: int = 100, max_keepalive_connections: int = 100,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self._slots = _Slots(max_connections)
+        self._max_idle = max_keepalive_connections
+        self._idle: dict[Key, collections.deque[_AsyncConn]] = {}
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._ssl = ssl_context
+
+    async def _acquire(self, timeout: float | None) -> None:
+        slots = self._slots
+        if slots.used < slots.limit and not self._waiters:
+            slots.used += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            raise httpx.PoolTimeout("no upstream connection became free") from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # the slot was handed to us as we were cancelled
+            raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # hand the slot over
+                return
+        self._slots.used -= 1
+
+    async def _connect(self, key: Key, request: httpx.Request) -> _AsyncConn:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.usable():
+                conn.reused = True
+                return conn
+            conn.close()
+        scheme, host, port = key
+        loop = asyncio.get_running_loop()
+        context = None
+        if scheme == "https":
+            context = self._ssl or ssl.create_default_context()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(_AsyncConn, host, port, ssl=context,
+                                       server_hostname=host if context else None),
+                _timeout(request, "connect"))
+        except asyncio.TimeoutError:
+            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
+        except OSError as exc:
+            raise httpx.ConnectError(f"{host}:{port}: {exc}") from exc
+        return conn
+
+    def _checkin(self, key: Key, conn: _AsyncConn, reusable: bool) -> None:
+        idle = self._idle.setdefault(key, collections.deque())
+        if reusable and conn.usable() and len(idle) < self._max_idle:
+            conn.reused = False
+            idle.append(conn)
+        else:
+            conn.close()
+        self._release()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        key = _origin(request)
+        await self._acquire(_timeout(request, "pool"))
+        try:
+            conn = await self._connect(key, request)
+        except BaseException:
+            self._release()
+            raise
+        try:
+            head = await self._exchange(conn, request)
+        except _Retry:
+            conn.close()
+            try:
+                conn = await self._connect(key, request)
+                head = await self._exchange(conn, request, retry=False)
+            except BaseException:
+                conn.close()
+                self._release()
+                raise
+        except BaseException:
+            conn.close()
+            self._release()
+            raise
+        decoder = h1.BodyDecoder(head)
+        if decoder.done:
+            self._checkin(key, conn, head.reusable)
+            return _response(head, _Empty(), request)
+        return _response(head, _AsyncBody(self, key, conn, head, decoder, request), request)
+
+    async def _exchange(self, conn: _AsyncConn, request: httpx.Request,
+                        retry: bool = True) -> h1.Head:
+        method = request.method.encode()
+        headers = request.headers.raw
+        framing, _ = h1.request_framing(headers)
+        write_timeout = _timeout(request, "write")
+        head_bytes = h1.build_request_head(method, _target(request), headers)
+        stream = request.stream
+        try:
+            await conn.write(head_bytes, write_timeout)
+        except httpx.WriteError:
+            if retry and conn.reused and framing == h1.NONE and method in _IDEMPOTENT:
+                raise _Retry() from None
+            raise
+        if framing != h1.NONE:
+            assert isinstance(stream, AsyncIterable)
+            await self._send_body(conn, stream, framing == h1.CHUNKED, write_timeout)
+        while True:
+            head = h1.parse_head(conn.buf, method)
+            if head is None:
+                if conn.eof:
+                    if (retry and conn.reused and not conn.buf and framing == h1.NONE
+                            and method in _IDEMPOTENT):
+                        raise _Retry()
+                    raise httpx.RemoteProtocolError("upstream closed without a response")
+                await conn.wait_data(_timeout(request, "read"))
+                continue
+            if 100 <= head.status < 200 and head.status != 101:
+                continue  # interim responses (100 Continue, 103 Early Hints)
+            return head
+
+    async def _send_body(self, conn: _AsyncConn, stream: AsyncIterable[bytes],
+                         chunked: bool, timeout: float | None) -> None:
+        async for piece in stream:
+            if conn.buf or conn.eof:
+                # The upstream answered (or left) before the upload ended: stop
+                # sending; the connection can never be reused now.
+                conn.close_after = True
+                return
+            if not piece:
+                continue
+            data = b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece
+            try:
+                await conn.write(data, timeout)
+            except httpx.WriteError:
+                conn.close_after = True
+                return  # try to read an early answer; none → protocol error later
+        if chunked and not conn.eof:
+            await conn.write(b"0\r\n\r\n", timeout)
+
+
+class _Empty(httpx.AsyncByteStream, httpx.SyncByteStream):
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(())
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        empty: tuple[bytes, ...] = ()
+        for piece in empty:
+            yield piece
+
+
+class _AsyncBody(httpx.AsyncByteStream):
+    def __init__(self, pool: AsyncUpstreamTransport, key: Key, conn: _AsyncConn,
+                 head: h1.Head, decoder: h1.BodyDecoder, request: httpx.Request) -> None:
+        self._pool = pool
+        self._key = key
+        self._conn: _AsyncConn | None = conn
+        self._head = head
+        self._decoder = decoder
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        decoder = self._decoder
+        if conn is None:
+            return
+        while not decoder.done:
+            data = decoder.feed(conn.buf, conn.eof)
+            if data:
+                yield data
+            elif not decoder.done:
+                if conn.eof:
+                    raise httpx.RemoteProtocolError("upstream closed mid-body")
+                await conn.wait_data(_timeout(self._request, "read"))
+        # Finished cleanly: back to the pool now, before the caller's aclose.
+        self._finish()
+
+    def _finish(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            reusable = self._decoder.done and self._head.reusable and not conn.close_after
+            self._pool._checkin(self._key, conn, reusable)
+
+    async def aclose(self) -> None:
+        conn = self._conn
+        if conn is not None and not self._decoder.done:
+            conn.close()  # abandoned mid-body: never reuse
+        self._finish()
+
+
+# -- sync -------------------------------------------------------------------------------
+
+
+class _SyncConn:
+    """One upstream socket with its read buffer."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.eof = False
+        self.reused = False
+        self.close_after = False
+
+    def usable(self) -> bool:
+        if self.eof or self.buf:
+            return False
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable  # readable while idle means EOF or stray bytes
+
+    def read_more(self, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except TimeoutError:
+            raise httpx.ReadTimeout("timed out waiting for the upstream") from None
+        except OSError as exc:
+            if isinstance(exc, ConnectionResetError) and not self.buf:
+                self.eof = True
+                return
+            raise httpx.ReadError(str(exc)) from exc
+        if data:
+            self.buf += data
+        else:
+            self.eof = True
+
+    def answered(self) -> bool:
+        """Has the upstream sent something (an early answer) while we upload?"""
+        if self.buf:
+            return True
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def write(self, data: bytes, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise httpx.WriteTimeout("upstream stopped reading the request") from None
+        except OSError as exc:
+            raise httpx.WriteError(str(exc)) from exc
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class UpstreamTransport(httpx.BaseTransport):
+    """The sync transport dualproxy's SyncProxy uses by default (thread-safe)."""
+
+    def __init__(self, *, max_connections: int = 100, max_keepalive_connections: int = 100,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self._limit = max_connections
+        self._used = 0
+        self._max_idle = max_keepalive_connections
+        self._idle: dict[Key, list[_SyncConn]] = {}
+        self._cond = threading.Condition()
+        self._ssl = ssl_context
+
+    def _acquire(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._used >= self._limit:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise httpx.PoolTimeout("no upstream connection became free")
+                self._cond.wait(remaining)
+            self._used += 1
+
+    def _release(self) -> None:
+        with self._cond:
+            self._used -= 1
+            self._cond.notify()
+
+    def _connect(self, key: Key, request: httpx.Request) -> _SyncConn:
+        with self._cond:
+            idle = self._idle.get(key)
+            conn = idle.pop() if idle else None
+        while conn is not None:
+            if conn.usable():
+                conn.reused = True
+                return conn
+            conn.close()
+            with self._cond:
+                idle = self._idle.get(key)
+                conn = idle.pop() if idle else None
+        scheme, host, port = key
+        timeout = _timeout(request, "connect")
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except TimeoutError:
+            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
+        except OSError as exc:
+            raise httpx.ConnectError(f"{host}:{port}: {exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if scheme == "https":
+            context = self._ssl or ssl.create_default_context()
+            try:
+                sock = context.wrap_socket(sock, server_hostname=host)
+            except OSError as exc:
+                sock.close()
+                raise httpx.ConnectError(f"TLS with {host}:{port} failed: {exc}") from exc
+        return _SyncConn(sock)
+
+    def _checkin(self, key: Key, conn: _SyncConn, reusable: bool) -> None:
+        keep = reusable and not conn.close_after and not conn.buf and not conn.eof
+        with self._cond:
+            idle = self._idle.setdefault(key, [])
+            if keep and len(idle) < self._max_idle:
+                conn.reused = False
+                idle.append(conn)
+                conn = None  # type: ignore[assignment]
+            self._used -= 1
+            self._cond.notify()
+        if conn is not None:
+            conn.close()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        key = _origin(request)
+        self._acquire(_timeout(request, "pool"))
+        conn: _SyncConn | None = None
+        try:
+            conn = self._connect(key, request)
+            try:
+                head = self._exchange(conn, request)
+            except _Retry:
+                conn.close()
+                conn = self._connect(key, request)
+                head = self._exchange(conn, request, retry=False)
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            self._release()
+            raise
+        decoder = h1.BodyDecoder(head)
+        if decoder.done:
+            self._checkin(key, conn, head.reusable)
+            return _response(head, _Empty(), request)
+        return _response(head, _SyncBody(self, key, conn, head, decoder, request), request)
+
+    def _exchange(self, conn: _SyncConn, request: httpx.Request, retry: bool = True) -> h1.Head:
+        method = request.method.encode()
+        headers = request.headers.raw
+        framing, _ = h1.request_framing(headers)
+        write_timeout = _timeout(request, "write")
+        head_bytes = h1.build_request_head(method, _target(request), headers)
+        try:
+            conn.write(head_bytes, write_timeout)
+        except httpx.WriteError:
+            if retry and conn.reused and framing == h1.NONE and method in _IDEMPOTENT:
+                raise _Retry() from None
+            raise
+        if framing != h1.NONE:
+            stream = request.stream
+            assert isinstance(stream, Iterable)
+            self._send_body(conn, stream, framing == h1.CHUNKED, write_timeout)
+        while True:
+            head = h1.parse_head(conn.buf, method)
+            if head is None:
+                if conn.eof:
+                    if (retry and conn.reused and not conn.buf and framing == h1.NONE
+                            and method in _IDEMPOTENT):
+                        raise _Retry()
+                    raise httpx.RemoteProtocolError("upstream closed without a response")
+                conn.read_more(_timeout(request, "read"))
+                continue
+            if 100 <= head.status < 200 and head.status != 101:
+                continue
+            return head
+
+    def _send_body(self, conn: _SyncConn, stream: Iterable[bytes], chunked: bool,
+                   timeout: float | None) -> None:
+        for piece in stream:
+            if conn.answered():
+                conn.close_after = True  # early answer: stop uploading, never reuse
+                return
+            if not piece:
+                continue
+            data = b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece
+            try:
+                conn.write(data, timeout)
+            except httpx.WriteError:
+                conn.close_after = True
+                return  # try to read an early answer; none → protocol error below
+        if chunked:
+            conn.write(b"0\r\n\r\n", timeout)
+
+
+class _SyncBody(httpx.SyncByteStream):
+    def __init__(self, pool: UpstreamTransport, key: Key, conn: _SyncConn, head: h1.Head,
+                 decoder: h1.BodyDecoder, request: httpx.Request) -> None:
+        self._pool = pool
+        self._key = key
+        self._conn: _SyncConn | None = conn
+        self._head = head
+        self._decoder = decoder
+        self._request = request
+
+    def __iter__(self) -> Iterator[bytes]:
+        conn = self._conn
+        decoder = self._decoder
+        if conn is None:
+            return
+        while not decoder.done:
+            data = decoder.feed(conn.buf, conn.eof)
+            if data:
+                yield data
+            elif not decoder.done:
+                if conn.eof:
+                    raise httpx.RemoteProtocolError("upstream closed mid-body")
+                conn.read_more(_timeout(self._request, "read"))
+        self._finish()
+
+    def _finish(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool._checkin(self._key, conn, self._decoder.done and self._head.reusable)
+
+    def close(self) -> None:
+        conn = self._conn
+        if conn is not None and not self._decoder.done:
+            conn.close()
+            conn.eof = True
+        self._finish()
