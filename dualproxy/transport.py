@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import select
 import socket
 import ssl
@@ -182,12 +183,37 @@ class _AsyncConn(asyncio.Protocol):
             raise httpx.WriteError("upstream connection closed")
         assert self.transport is not None
         self.transport.write(data)
+        if self.transport.is_closing():
+            # The write failed (an upstream that answered early and reset us).
+            # The event loop drops the socket without reading what is still in
+            # the kernel's queue: that is the answer, so salvage it first.
+            self._salvage()
+            raise httpx.WriteError("upstream connection closed")
         drain = self._drain
         if drain is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(drain), timeout)
             except asyncio.TimeoutError:
                 raise httpx.WriteTimeout("upstream stopped reading the request") from None
+
+    def _salvage(self) -> None:
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is None:
+            return
+        try:
+            dup = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:
+            return
+        with dup:
+            dup.setblocking(False)
+            while True:
+                try:
+                    data = dup.recv(READ_SIZE)
+                except OSError:
+                    break
+                if not data:
+                    break
+                self.buf += data
 
     def close(self) -> None:
         if self.transport is not None:

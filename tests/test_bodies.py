@@ -223,18 +223,9 @@ def test_upload_streams_before_it_ends(proxy: ProxyProcess, upstream: Upstream, 
     assert echo_of(resp)["body_sha256"] == sha256(body)
 
 
-ASYNC_EARLY_ANSWER_LOST = (
-    "httpcore's async stream (anyio) pauses reading while it writes the request body; "
-    "when the upstream answers early and closes, the write error force-closes the socket "
-    "and the unread answer is lost (502 instead of the upstream's status)"
-)
-
-
-def test_early_upstream_answer_during_upload(proxy: ProxyProcess, upstream: Upstream, rid: str,
-                                             request: pytest.FixtureRequest) -> None:
+def test_early_upstream_answer_during_upload(proxy: ProxyProcess, upstream: Upstream,
+                                             rid: str) -> None:
     """An upstream that answers (401) before reading a large upload has its answer relayed."""
-    if proxy.adapter == "asgi":
-        request.applymarker(pytest.mark.xfail(reason=ASYNC_EARLY_ANSWER_LOST, strict=False))
     body = random_body(4 * MiB, seed=14)
     head = head_bytes("POST", "/early", [("x-req-id", rid), ("Content-Length", str(len(body))),
                                          ("x-upstream", "status code=401 early=1")])
