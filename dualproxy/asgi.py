@@ -40,7 +40,7 @@ from .errors import (
     map_stream_errors,
     map_upstream_errors,
 )
-from .logs import AccessLog
+from .logs import AccessLog, RequestRecord
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -112,6 +112,7 @@ class AsyncProxy:
         self.config = config
         self.fallback = fallback
         self._client = client
+        self._transport: httpx.AsyncBaseTransport | None = None
         self._owns_client = client is None
         if client is not None:
             disable_cookies(client)
@@ -121,14 +122,20 @@ class AsyncProxy:
     def client(self) -> httpx.AsyncClient:
         """The upstream client, created on first use inside the running loop."""
         if self._client is None:
-            self._client = make_async_client(self.config)
+            self._client, self._transport = make_async_client(self.config)
         return self._client
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        client = self.client
+        if self._transport is not None:
+            return await self._transport.handle_async_request(request)
+        return await client.send(request, stream=True)
 
     async def aclose(self) -> None:
         """Close the client if this proxy created it."""
         if self._client is not None and self._owns_client:
             await self._client.aclose()
-            self._client = None
+            self._client = self._transport = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -175,19 +182,23 @@ class AsyncProxy:
         body_done = asyncio.Event()
         if not plan.has_body:
             body_done.set()
-        exchange = asyncio.ensure_future(self._exchange(plan, receive, send, body_done, record))
-        watcher = asyncio.ensure_future(_wait_disconnect(receive, body_done))
+        # One extra task per request: a watcher that cancels this one if the
+        # client leaves before the response is complete. It only cancels while
+        # this task is suspended inside the exchange (record.responded guards
+        # the rest), so the cancellation is always ours to absorb here.
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, body_done, task, record))
         try:
-            await asyncio.wait((exchange, watcher), return_when=asyncio.FIRST_COMPLETED)
+            await self._exchange(plan, receive, send, body_done, record)
+        except asyncio.CancelledError:
+            if not record.client_gone:
+                raise
+            uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+            if uncancel is not None:
+                uncancel()
         finally:
-            # The watcher also wakes when the response completes (uvicorn reports
-            # a disconnect then): only a client gone before that cancels.
-            if not exchange.done() and not record.responded:
-                exchange.cancel()
-                record.client_gone = True
             watcher.cancel()
-            # Wait for the exchange's own cleanup (closing the upstream response).
-            await asyncio.gather(exchange, watcher, return_exceptions=True)
             self._log.finish(record)
 
     async def _exchange(
@@ -203,7 +214,7 @@ class AsyncProxy:
         request = build_request(config, plan, content if plan.has_body else None)
         try:
             with map_upstream_errors():
-                response = await self.client.send(request, stream=True)
+                response = await self._send(request)
         except ProxyError as exc:
             await send_problem(send, exc, record)
             self._log.problem(record, exc)
@@ -266,10 +277,20 @@ async def _request_body(
     body_done.set()
 
 
-async def _wait_disconnect(receive: Receive, body_done: asyncio.Event) -> None:
-    """Return when the client disconnects; only reads once the body is consumed."""
+async def _watch_disconnect(
+    receive: Receive, body_done: asyncio.Event, task: asyncio.Task[Any], record: RequestRecord
+) -> None:
+    """Cancel `task` when the client disconnects before the response is complete.
+
+    It reads `receive()` only once the request body is consumed (two readers
+    would steal each other's messages). uvicorn also reports a disconnect once
+    the response is complete; `record.responded` tells the two apart.
+    """
     await body_done.wait()
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
+            if not record.responded:
+                record.client_gone = True
+                task.cancel()
             return

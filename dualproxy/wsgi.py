@@ -148,6 +148,7 @@ class SyncProxy:
         self.config = config
         self.fallback = fallback
         self._client = client
+        self._transport: httpx.BaseTransport | None = None
         self._owns_client = client is None
         self._lock = threading.Lock()
         if client is not None:
@@ -161,15 +162,21 @@ class SyncProxy:
         if client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = make_sync_client(self.config)
+                    self._client, self._transport = make_sync_client(self.config)
                 client = self._client
         return client
+
+    def _send(self, request: httpx.Request) -> httpx.Response:
+        client = self.client
+        if self._transport is not None:
+            return self._transport.handle_request(request)
+        return client.send(request, stream=True)
 
     def close(self) -> None:
         """Close the client if this proxy created it."""
         if self._client is not None and self._owns_client:
             self._client.close()
-            self._client = None
+            self._client = self._transport = None
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         incoming = incoming_from_environ(environ)
@@ -193,7 +200,7 @@ class SyncProxy:
         request = build_request(self.config, plan, content)
         try:
             with map_upstream_errors():
-                response = self.client.send(request, stream=True)
+                response = self._send(request)
         except ProxyError as exc:
             if counter is not None:
                 _discard(environ["wsgi.input"], discard_budget(counter, exc),
