@@ -70,6 +70,10 @@ def parse_head(buf: bytearray, method: bytes) -> Head | None:
     block = bytes(buf[:end])
     del buf[:end + 4]
     lines = block.split(b"\r\n")
+    # One scan of the whole head: after splitting on CRLF, any CR, LF or other
+    # control byte left is a bare line ending or an injection attempt.
+    if _BAD_VALUE.search(block.replace(b"\r\n", b"")):
+        raise protocol_error("control character in response head")
     match = _STATUS_LINE.match(lines[0])
     if match is None:
         raise protocol_error("malformed status line")
@@ -84,8 +88,6 @@ def parse_head(buf: bytearray, method: bytes) -> Head | None:
         if not sep or not _TOKEN.match(name):
             raise protocol_error("malformed header line")
         value = value.strip(b" \t")
-        if _BAD_VALUE.search(value):
-            raise protocol_error("control character in header value")
         headers.append((name, value))
         lname = name.lower()
         if lname == b"content-length":

@@ -338,7 +338,7 @@ class AsyncUpstreamTransport(httpx.AsyncBaseTransport):
             assert isinstance(stream, AsyncIterable)
             await self._send_body(conn, stream, framing == h1.CHUNKED, write_timeout)
         while True:
-            head = h1.parse_head(conn.buf, method)
+            head = h1.parse_head(conn.buf, method) if conn.buf else None
             if head is None:
                 if conn.eof:
                     if (retry and conn.reused and not conn.buf and framing == h1.NONE
@@ -594,7 +594,7 @@ class UpstreamTransport(httpx.BaseTransport):
             assert isinstance(stream, Iterable)
             self._send_body(conn, stream, framing == h1.CHUNKED, write_timeout)
         while True:
-            head = h1.parse_head(conn.buf, method)
+            head = h1.parse_head(conn.buf, method) if conn.buf else None
             if head is None:
                 if conn.eof:
                     if (retry and conn.reused and not conn.buf and framing == h1.NONE
