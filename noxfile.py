@@ -49,3 +49,16 @@ def demo(session: nox.Session) -> None:
     """Run `dualproxy demo` (Ctrl-C to stop)."""
     session.install("-e", ".[all]")
     session.run("dualproxy", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Side-by-side benchmark against the baseline contestants (not in CI).
+
+    `nox -s bench -- --quick` for a short run. Uses wrk and nginx when installed
+    (`apt-get install wrk nginx-light`), else built-in stand-ins.
+    """
+    session.install("-e", ".[all]", "fastapi-proxy-lib==0.3.0", "matplotlib")
+    session.run("python", "bench/run.py", *session.posargs)
+    session.run("python", "-c", "import shutil, pathlib; pathlib.Path('docs').mkdir(exist_ok=True);"
+                " shutil.copy('bench/results/latest.png', 'docs/bench.png')")

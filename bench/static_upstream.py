@@ -1,0 +1,38 @@
+"""Fallback benchmark upstream when nginx is not installed: static files and a sink.
+
+Serves BENCH_WWW's files by name (streamed in 1 MiB blocks) and answers 200 to
+anything sent to /sink after reading the whole body.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+WWW = Path(os.environ.get("BENCH_WWW", "."))
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/sink":
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+        return
+    path = WWW / scope["path"].lstrip("/")
+    if not path.is_file():
+        await send({"type": "http.response.start", "status": 404,
+                    "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    size = path.stat().st_size
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(size).encode())]})
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            await send({"type": "http.response.body", "body": block, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
