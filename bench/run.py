@@ -207,8 +207,9 @@ def load_small(url: str, seconds: int) -> dict[str, float]:
         out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}s", "--latency", url],
                              capture_output=True, text=True, timeout=seconds + 30).stdout
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-        p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-        p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+        # Anchored: the thread-stats line also ends in a percentage.
+        p50 = _ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+        p99 = _ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
         bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
         errors = int(bad.group(1)) if bad else 0
         return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "errors": errors}
