@@ -62,3 +62,13 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/run.py", *session.posargs)
     session.run("python", "-c", "import shutil, pathlib; pathlib.Path('docs').mkdir(exist_ok=True);"
                 " shutil.copy('bench/results/latest.png', 'docs/bench.png')")
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """100k mixed requests through both faces; errors, RSS drift, fds (not in CI).
+
+    `nox -s soak -- --requests 5000` for a short run.
+    """
+    session.install("-e", ".[all]")
+    session.run("python", "bench/soak.py", *session.posargs)
