@@ -332,3 +332,25 @@ def test_access_log_line_and_quiet_expected_failures(make_proxy: MakeProxy, rid:
     assert len(warnings) == 1, log
     assert "ConnectError" in warnings[0]
     assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("command", ["wsgi-on-uvicorn", "asgi-on-gunicorn"])
+def test_examples_under_the_other_servers(upstream: Upstream, rid: str, command: str) -> None:
+    """The README's plain server commands for the two cross pairings."""
+    if command == "wsgi-on-uvicorn":
+        app = uvicorn("examples.flask_app.asgi:app", upstream)
+        prefix = "/upload"
+    else:
+        app = gunicorn("examples.fastapi_app.app:app", upstream,
+                       "-k", "dualproxy.workers.UvicornWorker")
+        prefix = "/api"
+    try:
+        response = httpx.get(app.url + prefix + "/a%2Fb?q", headers={**AUTH, "x-req-id": rid},
+                             timeout=30)
+        assert response.status_code == 200
+        record = upstream.wait_record(rid)
+        assert record.target == b"/a%2Fb?q"
+        assert record.header("x-forwarded-for") == "127.0.0.1"
+        upload_download(app.url + prefix, upstream, rid, AUTH)
+    finally:
+        app.stop()
