@@ -38,6 +38,8 @@ _RESPONSE_OWNED = frozenset({b"date", b"server"})
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]")
+# RFC 9112 3.2 / RFC 3986 3.2.2: uri-host [ ":" port ], reg-name or IP literal.
+_HOST = re.compile(rb"(\[[0-9A-Za-z:.]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(:[0-9]*)?\Z")
 
 
 def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
@@ -61,10 +63,17 @@ def check_request_headers(headers: Sequence[Header], config: ProxyConfig) -> Non
     if len(headers) > config.max_header_count:
         raise HeadersTooLarge(f"more than {config.max_header_count} request headers")
     total = 0
+    hosts = 0
     for name, value in headers:
         total += len(name) + len(value) + 4
         if not _TOKEN.match(name) or _BAD_VALUE.search(value):
             raise BadRequest("malformed request header")
+        if name == b"host":
+            # RFC 9112 3.2: more than one Host, or an invalid one, is a 400 (gunicorn
+            # says so itself, uvicorn does not: decide it here for every server).
+            hosts += 1
+            if hosts > 1 or not _HOST.match(value):
+                raise BadRequest("more than one Host header, or an invalid one")
     if total > config.max_header_bytes:
         raise HeadersTooLarge(f"request headers larger than {config.max_header_bytes} bytes")
 
@@ -113,7 +122,9 @@ def request_headers(
             continue
         if name == b"te":
             # RFC 9110 10.1.4: only the `trailers` token may be forwarded.
-            wants_trailers = wants_trailers or b"trailers" in value.lower()
+            wants_trailers = wants_trailers or any(
+                token.split(b";", 1)[0].strip().lower() == b"trailers"
+                for token in value.split(b","))
             continue
         if name in HOP_BY_HOP or name in named or name in _REQUEST_OWNED or name in remove:
             continue
