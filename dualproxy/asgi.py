@@ -58,8 +58,8 @@ def incoming_from_scope(scope: Scope) -> IncomingRequest:
     target = raw_path + b"?" + query if query else raw_path
     root = scope.get("root_path", "").encode("utf-8")
     # Starlette's Mount keeps the full path and sets root_path to the prefix;
-    # uvicorn's --root-path does not put the prefix in raw_path. Only a prefix
-    # the raw path really starts with is a mount.
+    # uvicorn's --root-path puts the prefix in raw_path too (0.54; some older
+    # releases did not). Only a prefix the raw path really starts with is a mount.
     mount = root.rstrip(b"/") if root and raw_path.startswith(root) else b""
     client = scope.get("client")
     return IncomingRequest(

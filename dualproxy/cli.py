@@ -41,49 +41,66 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dualproxy",
         description="A streaming reverse proxy with a WSGI and an ASGI face.",
+        epilog="Run `dualproxy serve --help` or `dualproxy demo --help` for their flags.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="proxy to an upstream",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    serve.add_argument("--upstream", required=True,
-                       help="upstream base URL, e.g. http://127.0.0.1:9000/base")
-    serve.add_argument("--mount", default="",
-                       help="path prefix to proxy; other paths answer 404")
-    serve.add_argument("--bind", default="127.0.0.1:8000", type=_bind,
-                       help="HOST:PORT to listen on")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,demo}")
+    serve = sub.add_parser(
+        "serve", help="proxy to an upstream",
+        description="Serve the proxy: every request under --mount is streamed to --upstream.",
+        epilog="example: dualproxy serve --upstream http://127.0.0.1:9000/base --mount /api")
+    serve.add_argument("--upstream", required=True, metavar="URL",
+                       help="upstream base URL, e.g. http://127.0.0.1:9000/base; its path is "
+                            "the base every proxied path is appended to (required)")
+    serve.add_argument("--mount", default="", metavar="PREFIX",
+                       help="only paths under this prefix are proxied, other paths answer 404 "
+                            "(default: everything)")
+    serve.add_argument("--bind", default="127.0.0.1:8000", type=_bind, metavar="HOST:PORT",
+                       help="address to listen on (default: 127.0.0.1:8000)")
     serve.add_argument("--adapter", choices=("asgi", "wsgi"), default="asgi",
-                       help="which face serves the requests")
+                       help="which face serves the requests (default: asgi)")
     serve.add_argument("--server", choices=("uvicorn", "gunicorn"), default=None,
                        help="HTTP server (default: uvicorn for asgi, gunicorn for wsgi)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes")
-    serve.add_argument("--threads", type=int, default=32,
-                       help="threads per worker for the wsgi face (gthread / a2wsgi)")
-    serve.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT,
-                       help="seconds to connect and to wait for the response head (then 504)")
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="worker processes (default: 1)")
+    serve.add_argument("--threads", type=int, default=32, metavar="N",
+                       help="threads per worker for the wsgi face, i.e. concurrent requests "
+                            "(default: 32)")
+    serve.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                       help="seconds to connect and to wait for the response head, then 504 "
+                            f"(default: {DEFAULT_TIMEOUT:g})")
     serve.add_argument("--idle-timeout", type=_positive, default=DEFAULT_IDLE_TIMEOUT,
-                       help="seconds allowed between two body chunks once streaming")
-    serve.add_argument("--max-body-size", type=int, default=None,
-                       help="largest request body in bytes (then 413); default unlimited")
+                       metavar="SECONDS",
+                       help="seconds allowed between two body chunks once streaming, then the "
+                            f"client connection is aborted (default: {DEFAULT_IDLE_TIMEOUT:g})")
+    serve.add_argument("--max-body-size", type=int, default=None, metavar="BYTES",
+                       help="largest request body, counted on the stream, then 413 "
+                            "(default: unlimited)")
     serve.add_argument("--preserve-host", action="store_true",
-                       help="send the client's Host upstream instead of the upstream's")
+                       help="send the client's Host upstream instead of the upstream's "
+                            "authority (default: off)")
     serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
-                       help="peer whose X-Forwarded-*/Forwarded are kept (repeatable)")
-    serve.add_argument("--max-connections", type=int, default=100,
-                       help="upstream connections per worker")
-    serve.add_argument("--pool-timeout", type=_positive, default=5.0,
-                       help="seconds to wait for a free upstream connection (then 503)")
+                       help="peer whose X-Forwarded-*/Forwarded headers are kept and appended "
+                            "to; repeatable (default: none, they are dropped)")
+    serve.add_argument("--max-connections", type=int, default=100, metavar="N",
+                       help="upstream connections per worker (default: 100)")
+    serve.add_argument("--pool-timeout", type=_positive, default=5.0, metavar="SECONDS",
+                       help="seconds to wait for a free upstream connection, then 503 "
+                            "(default: 5)")
     serve.add_argument("--log-level", default="info",
                        choices=("debug", "info", "warning", "error", "critical"),
-                       help="log level")
+                       help="log level for dualproxy and the server (default: info)")
     serve.add_argument("--no-access-log", action="store_true",
-                       help="do not log a line per request")
+                       help="do not write the one-line-per-request access log "
+                            "(default: it is written)")
 
-    demo = sub.add_parser("demo", help="start a built-in upstream and a proxy in front of it",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--bind", default="127.0.0.1:8000", type=_bind,
-                      help="HOST:PORT for the proxy")
+    demo = sub.add_parser(
+        "demo", help="start a built-in upstream and a proxy in front of it",
+        description="Start a small built-in upstream (streamed download, upload sink, SSE "
+                    "clock) and the proxy in front of it, print what to try; Ctrl-C stops both.")
+    demo.add_argument("--bind", default="127.0.0.1:8000", type=_bind, metavar="HOST:PORT",
+                      help="address for the proxy (default: 127.0.0.1:8000)")
     demo.add_argument("--adapter", choices=("asgi", "wsgi"), default="asgi",
-                      help="which face serves the requests")
+                      help="which face serves the requests (default: asgi)")
     return parser
 
 

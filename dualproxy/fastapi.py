@@ -28,23 +28,40 @@ PROXY_METHODS = [
 ]
 
 
-class ProxiedResponse(Response):
-    """A Response that hands the raw ASGI exchange to the proxy: it streams both ways."""
+_PATH_PARAM = "dualproxy_path"
 
-    def __init__(self, proxy: AsyncProxy, prefix: str) -> None:
+
+class ProxiedResponse(Response):
+    """A Response that hands the raw ASGI exchange to the proxy: it streams both ways.
+
+    `mount` is the decoded path prefix the route matched (root_path included);
+    the proxy strips it from the raw path.
+    """
+
+    def __init__(self, proxy: AsyncProxy, mount: str) -> None:
         self.proxy = proxy
-        self.prefix = prefix
+        self.mount = mount
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The core strips root_path from the raw path: make it end at the prefix.
         inner = dict(scope)
-        inner["root_path"] = scope.get("root_path", "").rstrip("/") + self.prefix
+        inner["root_path"] = self.mount
         await self.proxy.handle_http(inner, receive, send)
 
 
+def route_mount(scope: Scope, rest: str | None) -> str:
+    """The full path up to the forwarded `rest`: whatever prefixes the router was
+    included with (`include_router(prefix=...)`, a Mount, uvicorn's --root-path)."""
+    root: str = scope.get("root_path", "")
+    path: str = scope["path"]
+    if root and not path.startswith(root):
+        path = root.rstrip("/") + path  # servers that keep root_path out of path
+    return (path[:len(path) - len(rest)] if rest else path).rstrip("/")
+
+
 def proxy_router(
-    upstream: str,
+    upstream: str | None,
     prefix: str,
     *,
     dependencies: Sequence[params.Depends] | None = None,
@@ -54,16 +71,24 @@ def proxy_router(
     """An APIRouter forwarding everything under `prefix`, after `dependencies` ran.
 
     `app.include_router(proxy_router("http://backend:9000", "/api",
-    dependencies=[Depends(require_token)]))`.
+    dependencies=[Depends(require_token)]))`. Pass `proxy=` (and `None` as the
+    upstream) to share an AsyncProxy, e.g. one that `proxy_lifespan` manages.
+    The forwarded path is what follows the matched prefix, wherever the router
+    is included (`include_router(..., prefix="/v1")`, a mount, `--root-path`).
     """
     prefix = "/" + prefix.strip("/")
-    bound = proxy if proxy is not None else AsyncProxy(upstream, **options)
+    if proxy is None:
+        if upstream is None:
+            raise TypeError("proxy_router needs an upstream URL or proxy=")
+        proxy = AsyncProxy(upstream, **options)
+    bound = proxy
     router = APIRouter(dependencies=list(dependencies or ()))
 
     async def forward(request: Request) -> Response:
-        return ProxiedResponse(bound, prefix)
+        return ProxiedResponse(bound, route_mount(request.scope,
+                                                  request.path_params.get(_PATH_PARAM)))
 
-    for path in (prefix, prefix + "/{path:path}"):
+    for path in (prefix, prefix.rstrip("/") + "/{" + _PATH_PARAM + ":path}"):
         router.add_api_route(path, forward, methods=PROXY_METHODS, include_in_schema=False)
     return router
 

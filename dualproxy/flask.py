@@ -16,9 +16,11 @@ import atexit
 from collections.abc import Iterable
 from typing import Any, cast
 
-from flask import Blueprint, Flask, Response, request
+from flask import Blueprint, Flask, Response, abort, request
+from flask.blueprints import BlueprintSetupState
+from werkzeug.routing import PathConverter
 
-from .wsgi import ExcInfo, SyncProxy, WSGIApp
+from .wsgi import ExcInfo, SyncProxy, WSGIApp, incoming_from_environ
 
 # Standard methods plus WebDAV's; Flask routes need an explicit list.
 PROXY_METHODS = [
@@ -35,16 +37,43 @@ class _PassthroughResponse(Response):
     default_mimetype = None
 
 
+class _AnyPath(PathConverter):
+    """Werkzeug's `path` converter, but also matching a rest that starts with `/`.
+
+    `/upload//x` is forwarded as `//x` below the upstream base, as the other
+    forms do, instead of Flask answering 404 or redirecting to `/upload/x`.
+    """
+
+    regex = ".*?"
+    part_isolating = False  # werkzeug would infer True from a regex without "/"
+
+
+_CONVERTER = "dualproxy_path"
+_PATH_ARG = "dualproxy_path"
+
+
+def _register_converter(state: BlueprintSetupState) -> None:
+    state.app.url_map.converters.setdefault(_CONVERTER, _AnyPath)
+
+
 def _mount(prefix: str) -> str:
     prefix = "/" + prefix.strip("/")
     return "" if prefix == "/" else prefix
 
 
-def _proxy_view(proxy: SyncProxy, prefix: str) -> Response:
+def _proxy_view(proxy: SyncProxy, rest: str | None) -> Response:
     """Run the proxy on the current request's environ and stream its answer back."""
     environ = dict(request.environ)
+    # The prefix is what the rule matched before the forwarded rest: this holds
+    # whatever url_prefix the blueprint was registered with (or nested under).
+    path = request.path
+    prefix = (path[:len(path) - len(rest)] if rest else path).rstrip("/")
     # The core strips SCRIPT_NAME from the raw target: make it end at the prefix.
     environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "").rstrip("/") + prefix
+    if environ["SCRIPT_NAME"] and not incoming_from_environ(environ).mount:
+        # Werkzeug matched a normalised path (`//upload/x`) that the raw target
+        # is not under: outside the mount, as for the other forms.
+        abort(404)
     captured: dict[str, Any] = {}
 
     def start_response(status: str, headers: list[tuple[str, str]],
@@ -62,22 +91,32 @@ def _proxy_view(proxy: SyncProxy, prefix: str) -> Response:
     return response
 
 
-def proxy_blueprint(name: str, upstream: str, url_prefix: str, *,
+def proxy_blueprint(name: str, upstream: str | None, url_prefix: str, *,
                     proxy: SyncProxy | None = None, **options: Any) -> Blueprint:
-    """A blueprint that forwards everything under `url_prefix` to `upstream`."""
+    """A blueprint that forwards everything under `url_prefix` to `upstream`.
+
+    `app.register_blueprint(proxy_blueprint("storage", "http://storage:9000", "/upload"))`.
+    What follows the matched prefix is forwarded, whatever `url_prefix` the
+    blueprint is finally registered (or nested) under. Pass `proxy=` (and `None`
+    as the upstream) to share a SyncProxy.
+    """
     prefix = _mount(url_prefix)
     if proxy is None:
+        if upstream is None:
+            raise TypeError("proxy_blueprint needs an upstream URL or proxy=")
         proxy = SyncProxy(upstream, **options)
         atexit.register(proxy.close)
     bound = proxy
     blueprint = Blueprint(name, __name__, url_prefix=prefix or None)
+    blueprint.record_once(_register_converter)
 
-    def forward(path: str = "") -> Response:
-        return _proxy_view(bound, prefix)
+    def forward(**view_args: str) -> Response:
+        return _proxy_view(bound, view_args.get(_PATH_ARG))
 
     blueprint.add_url_rule("/", "forward_root", forward, methods=PROXY_METHODS,
-                           strict_slashes=False)
-    blueprint.add_url_rule("/<path:path>", "forward", forward, methods=PROXY_METHODS)
+                           strict_slashes=False, merge_slashes=False)
+    blueprint.add_url_rule(f"/<{_CONVERTER}:{_PATH_ARG}>", "forward", forward,
+                           methods=PROXY_METHODS, merge_slashes=False)
     return blueprint
 
 
@@ -98,7 +137,7 @@ class FlaskProxy:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        blueprint = proxy_blueprint(self.name, "", self.prefix, proxy=self.proxy)
+        blueprint = proxy_blueprint(self.name, None, self.prefix, proxy=self.proxy)
         app.register_blueprint(blueprint)
         app.extensions[self.name] = self
 

@@ -1,4 +1,4 @@
-"""Small apps for the integration tests: the mount and middleware forms.
+"""Small apps for the integration tests: the mount, router and middleware forms.
 
 The upstream comes from DUALPROXY_UPSTREAM, as in the examples.
 """
@@ -6,20 +6,40 @@ The upstream comes from DUALPROXY_UPSTREAM, as in the examples.
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from flask import Flask
 
 from dualproxy import AsyncProxy
-from dualproxy.fastapi import proxy_lifespan
-from dualproxy.flask import wrap_wsgi_app
+from dualproxy.fastapi import proxy_lifespan, proxy_router
+from dualproxy.flask import proxy_blueprint, wrap_wsgi_app
 
 UPSTREAM = os.environ.get("DUALPROXY_UPSTREAM", "http://127.0.0.1:9")
 
 # FastAPI, mount form: Starlette sets root_path=/mnt and keeps the full path.
 mounted_proxy = AsyncProxy(UPSTREAM + "/base")
-fastapi_mount = FastAPI(lifespan=proxy_lifespan(mounted_proxy))
+# Router form, included under a further prefix: /v1/r/x goes to /routed/x.
+routed_proxy = AsyncProxy(UPSTREAM + "/routed")
+
+
+@asynccontextmanager
+async def observed_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """proxy_lifespan, telling the test (on stdout) what it did to the clients."""
+    async with proxy_lifespan(mounted_proxy, routed_proxy)(app):
+        clients = [mounted_proxy.client, routed_proxy.client]
+        opened = mounted_proxy._client is not None and routed_proxy._client is not None
+        print(f"lifespan: clients open at startup: {opened}", flush=True)
+        yield
+    closed = all(client.is_closed for client in clients)
+    gone = mounted_proxy._client is None and routed_proxy._client is None
+    print(f"lifespan: clients closed at shutdown: {closed and gone}", flush=True)
+
+
+fastapi_mount = FastAPI(lifespan=observed_lifespan)
 fastapi_mount.mount("/mnt", mounted_proxy)
+fastapi_mount.include_router(proxy_router("", "/r", proxy=routed_proxy), prefix="/v1")
 
 
 @fastapi_mount.get("/own")
@@ -27,7 +47,8 @@ async def own() -> dict[str, str]:
     return {"served_by": "fastapi"}
 
 
-# Flask, WSGI-middleware form: /files is proxied, everything else reaches Flask.
+# Flask, WSGI-middleware form: /files is proxied, everything else reaches Flask,
+# including a blueprint registered (and nested) under prefixes of its own choosing.
 flask_middleware = Flask(__name__)
 
 
@@ -36,4 +57,6 @@ def flask_own() -> str:
     return "served by flask"
 
 
+store = proxy_blueprint("store", UPSTREAM + "/bp", "/ignored")
+flask_middleware.register_blueprint(store, url_prefix="/tenant/store")
 wrap_wsgi_app(flask_middleware, UPSTREAM, "/files")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 
-from a2wsgi import WSGIMiddleware
 from fastapi import Depends, FastAPI, Header, HTTPException
 
 from dualproxy import AsyncProxy
+from dualproxy.bridge import WSGIBridge
 from dualproxy.fastapi import proxy_lifespan, proxy_router
 from examples.flask_app.app import app as legacy_flask_app
 
@@ -41,8 +41,10 @@ async def health() -> dict[str, str]:
 
 
 # /api/... is streamed to the upstream after require_token has passed.
-app.include_router(proxy_router(UPSTREAM, "/api", dependencies=[Depends(require_token)],
+app.include_router(proxy_router(None, "/api", dependencies=[Depends(require_token)],
                                 proxy=api_proxy))
 
-# The legacy Flask app (with its own proxied /upload area) keeps running under /legacy.
-app.mount("/legacy", WSGIMiddleware(legacy_flask_app, workers=32))  # type: ignore[arg-type]
+# The legacy Flask app (with its own proxied /upload area) keeps running under /legacy,
+# through a2wsgi. WSGIBridge is a2wsgi's WSGIMiddleware plus what a2wsgi does not carry
+# to a streaming WSGI app: a client that disconnects mid-upload or mid-download.
+app.mount("/legacy", WSGIBridge(legacy_flask_app, threads=32))  # type: ignore[arg-type]

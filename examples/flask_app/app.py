@@ -23,6 +23,10 @@ TOKEN = os.environ.get("EXAMPLE_TOKEN", "secret-token")
 app = Flask(__name__)
 app.secret_key = os.environ.get("EXAMPLE_SECRET_KEY", "change-me")
 
+# The upload area: streamed both ways to the storage service, never buffered by Flask.
+storage = FlaskProxy(upstream=UPSTREAM, prefix="/upload")
+storage.init_app(app)
+
 PAGE = """<!doctype html><title>{{ title }}</title>
 <h1>{{ title }}</h1>
 <p>{{ body }}</p>
@@ -33,7 +37,7 @@ PAGE = """<!doctype html><title>{{ title }}</title>
 @app.before_request
 def require_login_for_uploads() -> Response | None:
     """Uploads need a logged-in session or the bearer token; Flask decides, not the proxy."""
-    if not request.path.startswith("/upload"):
+    if request.blueprint != storage.name:  # only the proxied area is guarded here
         return None
     if session.get("user") or request.headers.get("Authorization") == f"Bearer {TOKEN}":
         return None
@@ -69,7 +73,3 @@ def login() -> BaseResponse | str:
     return render_template_string(
         PAGE + '<form method="post"><input name="user"><button>login</button></form>',
         title="Login", body="")
-
-
-# The upload area: streamed both ways, never buffered by Flask.
-storage = FlaskProxy(app, upstream=UPSTREAM, prefix="/upload")
