@@ -4,18 +4,22 @@
 
 Starts a fast upstream (nginx if installed, else a static ASGI app on uvicorn),
 then each contestant as one proxy process in front of it, one after another:
-small-GET throughput and latency (wrk, or a built-in load generator), 100 MiB
-download and upload speed (curl, or httpx), a chunked upload, and the peak RSS
-of the proxy's process tree. For dualproxy also the RSS while streaming 1 GiB
-each way, and 2 workers against 1. Prints a table, the ratios the project's
-targets are stated in, and writes JSON and a bar chart. Not part of CI: the
+small-GET throughput and latency (wrk, or bench/loadgen.py), 100 MiB download
+and upload speed (curl, or httpx; median of 3), a chunked upload, checked to
+arrive whole at the upstream, the idle RSS and the peak RSS of the proxy's
+process tree. For dualproxy also the RSS while streaming
+1 GiB each way, and 2 workers against 1. Prints a table, every dualproxy figure
+as a ratio to the seed pattern and to the best peer of the same face, PASS/FAIL
+for the project's targets, and writes JSON and a bar chart. Not part of CI: the
 figures drift on a shared machine; compare only within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import math
 import os
 import re
 import shutil
@@ -26,13 +30,23 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/ first, not the root
+    sys.path.insert(0, str(ROOT))
 PY = sys.executable
 MiB = 1024 * 1024
+GiB = 1024 * MiB
+TRANSFER_TIMEOUT = 300  # seconds per curl transfer
+RSS_BUDGET_MB = 32
+
+# -- processes ------------------------------------------------------------------------------
+
+_LIVE: set[subprocess.Popen[bytes]] = set()
 
 
 def free_port() -> int:
@@ -41,11 +55,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_http(url: str, timeout: float = 30.0) -> bool:
+def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> bool:
+    """True once url answers below 500; False on timeout or if proc exits first."""
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
         try:
             if httpx.get(url, timeout=2).status_code < 500:
                 return True
@@ -57,87 +74,175 @@ def wait_http(url: str, timeout: float = 30.0) -> bool:
 
 def start(args: list[str], env: dict[str, str] | None = None,
           log: Path | None = None) -> subprocess.Popen[bytes]:
-    out = log.open("wb") if log else subprocess.DEVNULL
-    return subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out,
+    """Start args in a new process group (so stop() reaches every child)."""
+    out: Any = log.open("wb") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)
+    if log:
+        out.close()
+    _LIVE.add(proc)
+    return proc
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
+    """SIGTERM the process group, SIGKILL it after 10 s."""
+    _LIVE.discard(proc)
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # stragglers of the group (a worker that outlived its master)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
-# -- the upstream -----------------------------------------------------------------------
+def stop_all() -> None:
+    for proc in list(_LIVE):
+        stop(proc)
 
 
-def make_files(directory: Path, big: int) -> None:
-    block = os.urandom(MiB)
-    (directory / "small").write_bytes(b"ok")
-    (directory / "16k").write_bytes(block[:16384])
-    for name, size in (("big", big), ("big1g", 1024 * MiB)):
-        path = directory / name
-        if not path.exists() or path.stat().st_size != size:
-            with path.open("wb") as fh:
-                for _ in range(size // MiB):
-                    fh.write(block)
+def _on_signal(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
+# -- the upstream -----------------------------------------------------------------------------
+
+
+def make_file(path: Path, size: int, block: bytes) -> None:
+    """A file of `size` bytes made by repeating one random 1 MiB block (fast)."""
+    if path.exists() and path.stat().st_size == size:
+        return
+    with path.open("wb") as fh:
+        for _ in range(size // len(block)):
+            fh.write(block)
+        fh.write(block[: size % len(block)])
+
+
+# The sink: with `return 200` nginx answers as soon as the head arrives and discards the
+# body afterwards, so a proxy could answer the client before forwarding the upload. Through
+# proxy_pass with request buffering on (the default) nginx reads the whole body first (into
+# client_body_temp_path, on /dev/shm when there is one), then asks the inner server for the
+# answer. X-Received-Length ($request_length: head + body as received) lets the bench check
+# that the whole body arrived, chunked included.
 NGINX_CONF = """
-user root;
+{user}
 worker_processes 1;
 daemon off;
 pid {dir}/nginx.pid;
-error_log {dir}/error.log;
+error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
-  client_body_temp_path {dir}/body;
+  client_body_temp_path {body_dir};
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  keepalive_requests 1000000;
+  default_type application/octet-stream;
+  upstream sink_answer {{ server 127.0.0.1:{inner_port}; keepalive 4; }}
   server {{
     listen 127.0.0.1:{port};
     root {dir}/www;
     client_max_body_size 0;
-    keepalive_requests 1000000;
-    location = /sink {{ return 200 "ok"; }}
+    location = /sink {{
+      client_body_buffer_size 1m;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      proxy_set_header Transfer-Encoding "";
+      proxy_pass http://sink_answer/ok;
+      add_header X-Received-Length $request_length always;
+    }}
+  }}
+  server {{
+    listen 127.0.0.1:{inner_port};
+    location = /ok {{ return 200 "ok"; }}
   }}
 }}
 """
 
 
 class Upstream:
-    def __init__(self, workdir: Path, big: int) -> None:
+    """nginx (one worker) or the fallback static ASGI app, serving `www` and /sink."""
+
+    def __init__(self, workdir: Path, sizes: dict[str, int]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        www = workdir / "www"
-        www.mkdir(parents=True, exist_ok=True)
-        make_files(www, big)
-        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
-                                          else None)
+        self.www = workdir / "www"
+        self.www.mkdir(parents=True, exist_ok=True)
+        block = os.urandom(MiB)
+        for name, size in sizes.items():
+            make_file(self.www / name, size, block)
+        self.sizes = sizes
+        self.body_dir: Path | None = None
+        nginx = TOOLS.get("nginx")
         if nginx:
+            self.kind = "nginx (1 worker)"
+            shm = Path("/dev/shm")
+            self.body_dir = Path(tempfile.mkdtemp(prefix="dualproxy-bench-body-",
+                                                  dir=shm if shm.is_dir() else workdir))
             conf = workdir / "nginx.conf"
-            conf.write_text(NGINX_CONF.format(dir=workdir, port=self.port))
-            self.kind = "nginx"
+            conf.write_text(NGINX_CONF.format(
+                dir=workdir, port=self.port, inner_port=free_port(), body_dir=self.body_dir,
+                # as root nginx would run its worker as nobody, who cannot read the temp dir
+                user="user root;" if os.geteuid() == 0 else ""))
             self.proc = start([nginx, "-c", str(conf)], log=workdir / "nginx.out")
         else:
-            self.kind = "uvicorn static app"
+            self.kind = "uvicorn static app (no nginx)"
             self.proc = start([PY, "-m", "uvicorn", "bench.static_upstream:app", "--port",
                                str(self.port), "--log-level", "warning", "--no-access-log"],
-                              env={"BENCH_WWW": str(www)}, log=workdir / "upstream.out")
-        if not wait_http(self.url + "/small"):
-            raise RuntimeError(f"upstream ({self.kind}) did not start")
+                              env={"BENCH_WWW": str(self.www)}, log=workdir / "upstream.out")
+        if not wait_http(self.url + "/small", proc=self.proc):
+            self.stop()
+            log = (workdir / ("nginx.out" if nginx else "upstream.out")).read_text()[-2000:]
+            raise RuntimeError(f"upstream ({self.kind}) did not start:\n{log}")
+        self.sink_check = check_sink(self.port)
+
+    def path(self, name: str) -> Path:
+        return self.www / name
 
     def stop(self) -> None:
         stop(self.proc)
+        if self.body_dir is not None:
+            shutil.rmtree(self.body_dir, ignore_errors=True)
 
 
-# -- measurements ------------------------------------------------------------------------
+def check_sink(port: int, size: int = 4 * MiB) -> str:
+    """'ok' if /sink answers only after the whole body, with its length in X-Received-Length."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"POST /sink HTTP/1.1\r\nHost: bench\r\nContent-Length: {size}\r\n\r\n"
+                     .encode() + bytes(MiB))
+        sock.settimeout(0.5)
+        try:
+            early = sock.recv(65536)
+        except TimeoutError:
+            early = b""
+        if early:
+            return "answers before the body is read"
+        sock.settimeout(10)
+        sock.sendall(bytes(size - MiB))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            head += chunk
+    match = re.search(rb"(?i)\r\nx-received-length: *(\d+)", head)
+    if not head.startswith(b"HTTP/1.1 200") or not match or int(match.group(1)) < size:
+        return f"bad answer {head[:200]!r}"
+    return "ok"
+
+
+# -- measurements ---------------------------------------------------------------------------
 
 
 def tree_pids(root: int) -> list[int]:
@@ -158,16 +263,19 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
-def tree_rss_mb(root: int) -> float:
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
+def _status_kb(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def tree_rss_mb(root: int, pids: list[int] | None = None) -> float:
+    """Sum of VmRSS over the process tree, in MiB."""
+    return sum(_status_kb(pid, "VmRSS:") for pid in (pids or tree_pids(root))) / 1024
 
 
 class RssSampler:
@@ -180,9 +288,12 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        pids, refreshed = tree_pids(self.root), time.monotonic()
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss_mb(self.root))
-            time.sleep(0.05)
+            if time.monotonic() - refreshed > 1:
+                pids, refreshed = tree_pids(self.root), time.monotonic()
+            self.peak = max(self.peak, tree_rss_mb(self.root, pids))
+            self._stop.wait(0.05)
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -193,247 +304,433 @@ class RssSampler:
         self._thread.join()
 
 
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
 def _ms(text: str) -> float:
-    match = re.match(r"([\d.]+)(us|ms|s)", text)
-    return float(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    return float(match.group(1)) * _UNITS[match.group(2)] if match else math.nan
+
+
+# The external tools, when installed; --stand-ins empties this to use the Python stand-ins.
+TOOLS: dict[str, str | None] = {
+    "wrk": shutil.which("wrk"), "curl": shutil.which("curl"),
+    "nginx": shutil.which("nginx") or next(  # /usr/sbin is not on every user's PATH
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)}
+
+
+def loadgen_name() -> str:
+    return "wrk -t1 -c32 --latency" if TOOLS.get("wrk") else \
+        "bench/loadgen.py (no wrk: 32 keep-alive connections over several processes)"
+
+
+def transfer_name() -> str:
+    return "curl" if TOOLS.get("curl") else "httpx (no curl)"
 
 
 def load_small(url: str, seconds: int) -> dict[str, float]:
-    """Small GETs at 32 connections: req/s, p50, p99 (ms)."""
-    if shutil.which("wrk"):
-        out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}s", "--latency", url],
-                             capture_output=True, text=True, timeout=seconds + 30).stdout
-        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-        # Anchored: the thread-stats line also ends in a percentage.
-        p50 = _ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-        p99 = _ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-        bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        errors = int(bad.group(1)) if bad else 0
-        return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "errors": errors}
-    from bench.loadgen import run_load
+    """Small GETs at 32 connections: req/s, p50, p99 (ms), errors."""
+    if not TOOLS.get("wrk"):
+        from bench.loadgen import run_load
 
-    return run_load(url, connections=32, seconds=seconds)
+        return run_load(url, connections=32, seconds=seconds)
+    out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}s", "--latency", url],
+                         capture_output=True, text=True, timeout=seconds + 30).stdout
+
+    def grab(pattern: str) -> str:
+        match = re.search(pattern, out, re.M)
+        if not match:
+            raise RuntimeError(f"unexpected wrk output: {out[-300:]!r}")
+        return match.group(1)
+
+    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), "
+                              r"timeout (\d+)", out)
+    if socket_errors:
+        errors += sum(int(n) for n in socket_errors.groups())
+    # Anchored: the thread-stats lines also contain percentages.
+    return {"rps": float(grab(r"Requests/sec:\s+([\d.]+)")),
+            "p50_ms": _ms(grab(r"^\s*50%\s+(\S+)")), "p99_ms": _ms(grab(r"^\s*99%\s+(\S+)")),
+            "errors": float(errors)}
 
 
-def curl_speed(args: list[str], kind: str) -> tuple[float, bool]:
-    """MB/s (10^6 bytes) of one curl transfer, and whether it answered 200."""
-    fmt = "%{speed_" + kind + "} %{http_code}"
-    if shutil.which("curl"):
-        out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", fmt, *args],
-                             capture_output=True, text=True, timeout=600).stdout.split()
-        return float(out[0]) / 1e6, out[1] == "200"
-    return _httpx_speed(args, kind)
+@dataclass
+class Transfer:
+    mbs: float  # 10^6 bytes per second
+    ok: bool
+    detail: str = ""
+    samples: list[float] = field(default_factory=list)
 
 
-def _httpx_speed(args: list[str], kind: str) -> tuple[float, bool]:
-    import httpx
+def median_of(n: int, fn: Callable[[], Transfer]) -> Transfer:
+    """Run a transfer n times: the median speed; ok only if every run was ok."""
+    runs = [fn() for _ in range(n)]
+    speeds = sorted(t.mbs for t in runs)
+    bad = next((t for t in runs if not t.ok), None)
+    return Transfer(speeds[len(speeds) // 2], bad is None, bad.detail if bad else "",
+                    [t.mbs for t in runs])
 
-    url = args[-1]
-    started = time.perf_counter()
-    if kind == "download":
-        size = 0
-        with httpx.stream("GET", url, timeout=600) as response:
-            for chunk in response.iter_raw():
-                size += len(chunk)
-            ok = response.status_code == 200
+
+def download(url: str, size: int) -> Transfer:
+    if TOOLS.get("curl"):
+        out = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "--max-time", str(TRANSFER_TIMEOUT),
+             "-w", "%{http_code} %{size_download} %{speed_download}", url],
+            capture_output=True, text=True, timeout=TRANSFER_TIMEOUT + 30).stdout.split()
+        code, got, speed = out[0], int(out[1]), float(out[2])
     else:
-        path = Path(args[args.index("--data-binary") + 1].lstrip("@")) if "--data-binary" in args \
-            else Path(args[args.index("-T") + 1])
-        size = path.stat().st_size
+        import httpx
 
-        def chunks() -> Any:
+        started, got = time.perf_counter(), 0
+        with httpx.stream("GET", url, timeout=TRANSFER_TIMEOUT) as response:
+            for chunk in response.iter_raw():
+                got += len(chunk)
+            code = str(response.status_code)
+        speed = got / (time.perf_counter() - started)
+    ok = code == "200" and got == size
+    return Transfer(speed / 1e6, ok, "" if ok else f"status {code}, {got} of {size} bytes")
+
+
+def upload(url: str, path: Path, chunked: bool) -> Transfer:
+    """POST path to the sink, with Content-Length or chunked; ok if all of it arrived."""
+    size = path.stat().st_size
+    if TOOLS.get("curl"):
+        with tempfile.NamedTemporaryFile(prefix="bench-head-") as head:
+            # -T streams from the file; `Expect:` off so no contestant waits out curl's 1 s
+            # 100-continue timer (that would measure the timer, not the transfer).
+            args = ["curl", "-s", "-o", "/dev/null", "-D", head.name, "--max-time",
+                    str(TRANSFER_TIMEOUT), "-X", "POST", "-T", str(path), "-H", "Expect:",
+                    "-w", "%{http_code} %{speed_upload}", url]
+            if chunked:
+                args[-1:-1] = ["-H", "Transfer-Encoding: chunked"]
+            out = subprocess.run(args, capture_output=True, text=True,
+                                 timeout=TRANSFER_TIMEOUT + 30).stdout.split()
+            headers = Path(head.name).read_text(errors="replace")
+        code, speed = out[0], float(out[1])
+    else:
+        import httpx
+
+        def blocks() -> Any:
             with path.open("rb") as fh:
                 while block := fh.read(MiB):
                     yield block
 
-        ok = httpx.post(url, content=chunks(), timeout=600).status_code == 200
-    return size / (time.perf_counter() - started) / 1e6, ok
+        started = time.perf_counter()
+        response = httpx.post(url, content=blocks(), timeout=TRANSFER_TIMEOUT,
+                              headers={} if chunked else {"content-length": str(size)})
+        speed = size / (time.perf_counter() - started)
+        code = str(response.status_code)
+        headers = "".join(f"{k}: {v}\r\n" for k, v in response.headers.items())
+    match = re.search(r"(?im)^x-received-length: *(\d+)", headers)
+    received = int(match.group(1)) if match else -1
+    ok = code == "200" and received >= size
+    detail = "" if ok else (f"status {code}" if code != "200" else
+                            f"upstream received {max(received, 0)} of {size} bytes")
+    return Transfer(speed / 1e6, ok, detail)
 
 
-# -- contestants ---------------------------------------------------------------------------
+# -- contestants ------------------------------------------------------------------------------
 
 
 @dataclass
 class Contestant:
+    key: str
     name: str
-    face: str
-    args: list[str]
+    face: str  # asgi, wsgi, or "-" for the direct reference row
+    args: Callable[[int], list[str]]  # port -> command line
     dualproxy: bool = False
     workers: int = 1
+    direct: bool = False
 
 
-def contestants(upstream: str, port: int) -> list[Contestant]:
-    bind = f"127.0.0.1:{port}"
-    dp = [PY, "-m", "dualproxy", "serve", "--upstream", upstream, "--bind", bind,
-          "--no-access-log", "--log-level", "warning"]
-    gunicorn = [PY, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", "32",
-                "-b", bind, "--log-level", "warning"]
-    uvicorn = [PY, "-m", "uvicorn", "--port", str(port), "--no-access-log",
-               "--log-level", "warning"]
+def contestants(upstream: str) -> list[Contestant]:
+    def dp(*extra: str) -> Callable[[int], list[str]]:
+        return lambda port: [PY, "-m", "dualproxy", "serve", "--upstream", upstream, "--bind",
+                             f"127.0.0.1:{port}", "--no-access-log", "--log-level", "warning",
+                             *extra]
+
+    def gunicorn(app: str) -> Callable[[int], list[str]]:
+        return lambda port: [PY, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", "32",
+                             "-b", f"127.0.0.1:{port}", "--log-level", "warning", app]
+
+    def uvicorn(app: str) -> Callable[[int], list[str]]:
+        return lambda port: [PY, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port),
+                             "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+                             "--log-level", "warning", app]
+
     return [
-        Contestant("dualproxy asgi (uvicorn)", "asgi", dp, dualproxy=True),
-        Contestant("dualproxy wsgi (gunicorn)", "wsgi", [*dp, "--adapter", "wsgi"],
+        Contestant("direct", "no proxy (straight to the upstream)", "-", lambda port: [],
+                   direct=True),
+        Contestant("dp-asgi", "dualproxy asgi (uvicorn)", "asgi", dp(), dualproxy=True),
+        Contestant("dp-wsgi", "dualproxy wsgi (gunicorn)", "wsgi", dp("--adapter", "wsgi"),
                    dualproxy=True),
-        Contestant("seed pattern (FastAPI+httpx)", "asgi",
-                   [*uvicorn, "bench.contestants.seed_asgi:app"]),
-        Contestant("fastapi-proxy-lib", "asgi",
-                   [*uvicorn, "bench.contestants.fastapi_proxy_lib_app:app"]),
-        Contestant("seed sync twin (Flask+httpx)", "wsgi",
-                   [*gunicorn, "bench.contestants.seed_wsgi:app"]),
-        Contestant("werkzeug ProxyMiddleware", "wsgi",
-                   [*gunicorn, "bench.contestants.werkzeug_proxy:app"]),
-        Contestant("dualproxy asgi, 2 workers", "asgi", [*dp, "--workers", "2"],
+        Contestant("seed", "seed pattern (FastAPI + httpx)", "asgi",
+                   uvicorn("bench.contestants.seed_asgi:app")),
+        Contestant("fpl", "fastapi-proxy-lib", "asgi",
+                   uvicorn("bench.contestants.fastapi_proxy_lib_app:app")),
+        Contestant("twin", "seed sync twin (Flask + httpx)", "wsgi",
+                   gunicorn("bench.contestants.seed_wsgi:app")),
+        Contestant("werkzeug", "werkzeug ProxyMiddleware", "wsgi",
+                   gunicorn("bench.contestants.werkzeug_proxy:app")),
+        Contestant("dp-asgi-2w", "dualproxy asgi, 2 workers", "asgi", dp("--workers", "2"),
                    dualproxy=True, workers=2),
-        Contestant("dualproxy wsgi, 2 workers", "wsgi",
-                   [*dp, "--adapter", "wsgi", "--workers", "2"], dualproxy=True, workers=2),
+        Contestant("dp-wsgi-2w", "dualproxy wsgi, 2 workers", "wsgi",
+                   dp("--adapter", "wsgi", "--workers", "2"), dualproxy=True, workers=2),
     ]
 
 
 @dataclass
 class Result:
+    key: str
     name: str
     face: str
     workers: int
-    status: str = "ok"
-    rps: float = 0.0
-    p50_ms: float = 0.0
-    p99_ms: float = 0.0
-    errors: int = 0
-    down_mbs: float = 0.0
-    up_mbs: float = 0.0
-    chunked_up: str = "-"
-    idle_rss_mb: float = 0.0
-    peak_rss_mb: float = 0.0
-    gib_peak_over_idle_mb: float | None = None
-    small_peak_over_idle_mb: float | None = None
-    notes: list[str] = field(default_factory=list)
+    dualproxy: bool
+    status: str = "ok"  # ok, or why the contestant failed as a whole
+    rps: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    load_errors: int | None = None
+    down_mbs: float | None = None
+    up_mbs: float | None = None
+    chunked_up: str | None = None  # ok / failed (why)
+    down_samples: list[float] = field(default_factory=list)  # MB/s of each repeat
+    up_samples: list[float] = field(default_factory=list)
+    idle_rss_mb: float | None = None
+    peak_rss_mb: float | None = None
+    big_peak_over_idle_mb: float | None = None  # dualproxy: the 100 MiB transfers
+    gib_peak_over_idle_mb: float | None = None  # dualproxy: 1 GiB each way
+    failures: dict[str, str] = field(default_factory=dict)  # step -> why
 
 
-def run_contestant(c: Contestant, upstream: Upstream, work: Path, opts: argparse.Namespace,
-                   port: int) -> Result:
-    result = Result(c.name, c.face, c.workers)
-    env = {"BENCH_UPSTREAM": upstream.url}
-    proc = start(c.args, env=env, log=work / f"{re.sub(r'[^a-z0-9]+', '-', c.name.lower())}.log")
-    base = f"http://127.0.0.1:{port}"
+def step(result: Result, name: str, fn: Callable[[], Any]) -> Any:
+    """Run one measurement; a failure is recorded for that figure, the run goes on."""
     try:
-        if not wait_http(base + "/small"):
-            result.status = "failed to start"
+        return fn()
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        result.failures[name] = f"{type(exc).__name__}: {exc}"[:200]
+        return None
+
+
+def run_contestant(c: Contestant, upstream: Upstream, work: Path,
+                   opts: argparse.Namespace) -> Result:
+    result = Result(c.key, c.name, c.face, c.workers, c.dualproxy)
+    proc = None
+    if c.direct:
+        base = upstream.url
+    else:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = start(c.args(port), env={"BENCH_UPSTREAM": upstream.url},
+                     log=work / f"{c.key}.log")
+    try:
+        if proc is not None:
+            if not wait_http(base + "/small", timeout=60, proc=proc):
+                log = (work / f"{c.key}.log").read_text(errors="replace").strip()
+                last = log.splitlines()[-1] if log else "no output"
+                result.status = f"failed to start: {last}"[:160]
+                return result
+            deadline = time.monotonic() + 30  # every worker up before measuring
+            while len(tree_pids(proc.pid)) < c.workers + (c.workers > 1) and \
+                    time.monotonic() < deadline:
+                time.sleep(0.2)
+        small = step(result, "warm-up", lambda: load_small(base + "/small", 2))
+        if small is not None and small["rps"] == 0:
+            result.status = "failed: no successful small GET"
             return result
-        subprocess.run(["curl", "-s", "-o", "/dev/null", base + "/small"], timeout=10)
-        load_small(base + "/small", 1)  # warm-up
-        small = load_small(base + "/small", opts.seconds)
-        result.rps, result.p50_ms, result.p99_ms = small["rps"], small["p50_ms"], small["p99_ms"]
-        result.errors = int(small["errors"])
+        small = step(result, "small GETs", lambda: load_small(base + "/small", opts.seconds))
+        if small:
+            result.rps, result.p50_ms, result.p99_ms = (
+                None if math.isnan(small[k]) else small[k] for k in ("rps", "p50_ms", "p99_ms"))
+            result.load_errors = int(small["errors"])
         if c.workers > 1:
             return result
-        result.idle_rss_mb = tree_rss_mb(proc.pid)
-        big_file = upstream_file(work, "big")
-        with RssSampler(proc.pid) as rss:
-            result.down_mbs, ok_down = curl_speed([base + "/big"], "download")
-            result.up_mbs, ok_up = curl_speed(["--data-binary", f"@{big_file}", base + "/sink"],
-                                              "upload")
-            _, ok_chunked = curl_speed(["-T", str(big_file), "-H",
-                                        "Transfer-Encoding: chunked", base + "/sink"], "upload")
-        result.peak_rss_mb = rss.peak
-        result.chunked_up = "ok" if ok_chunked else "FAILED"
-        if not (ok_down and ok_up):
-            result.notes.append("a 100 MiB transfer did not answer 200")
-        if c.dualproxy and not opts.quick:
-            result.small_peak_over_idle_mb = rss.peak - result.idle_rss_mb
-            with RssSampler(proc.pid) as rss_gib:
-                curl_speed([base + "/big1g"], "download")
-                curl_speed(["-T", str(upstream_file(work, "big1g")), "-H",
-                            "Transfer-Encoding: chunked", base + "/sink"], "upload")
-            result.gib_peak_over_idle_mb = rss_gib.peak - result.idle_rss_mb
-    except Exception as exc:  # a broken contestant is a row, not a crash
-        result.status = f"failed: {type(exc).__name__}: {exc}"[:120]
+        big = upstream.path("big")
+        if proc is not None:
+            time.sleep(0.5)
+            result.idle_rss_mb = tree_rss_mb(proc.pid)
+        sampler = RssSampler(proc.pid if proc is not None else os.getpid())
+        with sampler:
+            n, size = opts.repeat, big.stat().st_size
+            down = step(result, "download",
+                        lambda: median_of(n, lambda: download(base + "/big", size)))
+            up = step(result, "upload",
+                      lambda: median_of(n, lambda: upload(base + "/sink", big, chunked=False)))
+            chunked = step(result, "chunked upload",
+                           lambda: upload(base + "/sink", big, chunked=True))
+        for name, t in (("download", down), ("upload", up)):
+            if t is not None:
+                attr = "down" if name == "download" else "up"
+                setattr(result, f"{attr}_mbs", t.mbs)
+                setattr(result, f"{attr}_samples", t.samples)
+                if not t.ok:
+                    result.failures[name] = t.detail
+        if chunked is not None:
+            result.chunked_up = "ok" if chunked.ok else f"failed ({chunked.detail})"
+        elif "chunked upload" in result.failures:
+            result.chunked_up = "failed (error)"
+        if proc is None:
+            return result
+        result.peak_rss_mb = sampler.peak
+        if c.dualproxy:
+            result.big_peak_over_idle_mb = sampler.peak - (result.idle_rss_mb or 0)
+        if c.dualproxy and opts.gib_check:
+            gib = upstream.path("big1g")
+            with RssSampler(proc.pid) as gib_rss:
+                checks = [step(result, "1 GiB download",
+                               lambda: download(base + "/big1g", GiB)),
+                          step(result, "1 GiB upload", lambda: upload(base + "/sink", gib, False)),
+                          step(result, "1 GiB chunked upload",
+                               lambda: upload(base + "/sink", gib, True))]
+            for name, t in zip(("1 GiB download", "1 GiB upload", "1 GiB chunked upload"),
+                               checks, strict=True):
+                if t is not None and not t.ok:
+                    result.failures[name] = t.detail
+            if all(t is not None and t.ok for t in checks):
+                result.gib_peak_over_idle_mb = gib_rss.peak - (result.idle_rss_mb or 0)
+        if proc.poll() is not None:
+            result.status = f"failed: exited with {proc.returncode} during the run"
     finally:
-        stop(proc)
+        if proc is not None:
+            stop(proc)
     return result
 
 
-def upstream_file(work: Path, name: str) -> Path:
-    return work / "www" / name
+# -- report -----------------------------------------------------------------------------------
 
 
-# -- report ----------------------------------------------------------------------------------
+def fmt(value: float | None, spec: str = ",.0f") -> str:
+    return "—" if value is None or math.isnan(value) else format(value, spec)
 
 
-def ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
+def cell(r: Result, attr: str, step_name: str, spec: str = ",.0f") -> str:
+    if step_name in r.failures:
+        return "failed"
+    return fmt(getattr(r, attr), spec)
 
 
-def report(results: list[Result], upstream_kind: str) -> tuple[str, list[tuple[str, bool]]]:
-    by = {r.name: r for r in results}
-    lines = [f"upstream: {upstream_kind}; small GETs: wrk -t1 -c32; 100 MiB transfers: curl",
-             "",
-             "| contestant | small GET req/s | p50 ms | p99 ms | 100 MiB down MB/s | "
-             "up MB/s | chunked up | idle RSS MB | peak RSS MB |",
+def main_table(results: list[Result], size_label: str) -> list[str]:
+    lines = [f"| contestant | small GET req/s | p50 ms | p99 ms | {size_label} down MB/s | up MB/s "
+             "| chunked up | idle RSS MB | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        name = f"**{r.name}**" if r.dualproxy else r.name
         if r.status != "ok":
-            lines.append(f"| {r.name} | {r.status} | | | | | | | |")
+            lines.append(f"| {name} | {r.status} | | | | | | | |")
             continue
-        if r.workers > 1:
-            lines.append(f"| {r.name} | {r.rps:,.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} "
-                         "| | | | | |")
-            continue
-        lines.append(f"| {r.name} | {r.rps:,.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
-                     f"{r.down_mbs:,.0f} | {r.up_mbs:,.0f} | {r.chunked_up} | "
-                     f"{r.idle_rss_mb:.0f} | {r.peak_rss_mb:.0f} |")
-    checks: list[tuple[str, bool]] = []
+        chunked = r.chunked_up or "—"
+        lines.append(
+            f"| {name} | {cell(r, 'rps', 'small GETs')} | {cell(r, 'p50_ms', 'small GETs', '.1f')}"
+            f" | {cell(r, 'p99_ms', 'small GETs', '.1f')} | {cell(r, 'down_mbs', 'download')}"
+            f" | {cell(r, 'up_mbs', 'upload')} | {chunked} | {fmt(r.idle_rss_mb)}"
+            f" | {fmt(r.peak_rss_mb)} |")
+    return lines
 
-    def get(name: str) -> Result | None:
-        r = by.get(name)
-        return r if r is not None and r.status == "ok" else None
 
-    asgi, wsgi = get("dualproxy asgi (uvicorn)"), get("dualproxy wsgi (gunicorn)")
-    seed, twin = get("seed pattern (FastAPI+httpx)"), get("seed sync twin (Flask+httpx)")
-    fpl, wz = get("fastapi-proxy-lib"), get("werkzeug ProxyMiddleware")
+# figure, attribute, higher is better
+FIGURES = [("small GET req/s", "rps", True), ("p50 latency ms", "p50_ms", False),
+           ("p99 latency ms", "p99_ms", False), ("{size} download MB/s", "down_mbs", True),
+           ("{size} upload MB/s", "up_mbs", True), ("peak RSS MB", "peak_rss_mb", False)]
+PEERS = {"asgi": ("seed", "fpl"), "wsgi": ("twin", "werkzeug")}
+SHORT = {"seed": "seed", "fpl": "fastapi-proxy-lib", "twin": "sync twin", "werkzeug": "werkzeug"}
+
+
+def value(r: Result | None, attr: str) -> float | None:
+    if r is None or r.status != "ok":
+        return None
+    v = getattr(r, attr)
+    step_of = {"rps": "small GETs", "p50_ms": "small GETs", "p99_ms": "small GETs",
+               "down_mbs": "download", "up_mbs": "upload"}
+    if v is None or math.isnan(v) or step_of.get(attr) in r.failures:
+        return None
+    return float(v)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def ratios(by: dict[str, Result], size_label: str) -> tuple[list[str], dict[str, Any]]:
+    """Each dualproxy figure / the seed pattern's, and / the best same-face peer's."""
+    lines = ["dualproxy / reference (above 1 is better for req/s and MB/s, below 1 for "
+             "latency and RSS):", "",
+             "| figure | asgi | ÷ seed pattern | ÷ best asgi peer | wsgi | ÷ seed pattern "
+             "| ÷ best wsgi peer |", "|---|---|---|---|---|---|---|"]
+    doc: dict[str, Any] = {}
+    seed = by.get("seed")
+    for label, attr, higher in FIGURES:
+        row = [label.format(size=size_label)]
+        for face in ("asgi", "wsgi"):
+            mine = value(by.get(f"dp-{face}"), attr)
+            peers = [(value(by.get(k), attr), SHORT[k]) for k in PEERS[face] if k in by]
+            peers = [(v, n) for v, n in peers if v is not None]
+            best = (max if higher else min)(peers, key=lambda p: p[0]) if peers else None
+            vs_seed = ratio(mine, value(seed, attr))
+            vs_best = ratio(mine, best[0]) if best else None
+            spec = ",.0f" if attr in ("rps", "down_mbs", "up_mbs", "peak_rss_mb") else ".1f"
+            row += [fmt(mine, spec), fmt(vs_seed, ".2f") + ("×" if vs_seed else ""),
+                    (fmt(vs_best, ".2f") + f"× ({best[1]})") if best and vs_best else "—"]
+            doc.setdefault(face, {})[attr] = {"value": mine, "vs_seed": vs_seed,
+                                              "vs_best_peer": vs_best,
+                                              "best_peer": best[1] if best else None}
+        lines.append("| " + " | ".join(row) + " |")
     lines.append("")
-    if asgi and seed:
-        best = max((p for p in (seed, fpl) if p), key=lambda p: p.rps)
-        lines.append(f"asgi: {ratio(asgi.rps, seed.rps):.1f}x the seed pattern's req/s, "
-                     f"{ratio(asgi.rps, best.rps):.1f}x the best async peer ({best.name}); "
-                     f"p99 {asgi.p99_ms:.1f} ms")
-        checks.append(("asgi >= 10x seed req/s", asgi.rps >= 10 * seed.rps))
-        checks.append(("asgi p99 <= 25 ms", asgi.p99_ms <= 25))
-        for face in (asgi, wsgi):
-            if face:
-                checks.append((f"{face.face} 100 MiB down >= 2x seed",
-                               face.down_mbs >= 2 * seed.down_mbs))
-                checks.append((f"{face.face} 100 MiB up >= 2x seed",
-                               face.up_mbs >= 2 * seed.up_mbs))
-                lines.append(f"{face.face}: download {ratio(face.down_mbs, seed.down_mbs):.1f}x, "
-                             f"upload {ratio(face.up_mbs, seed.up_mbs):.1f}x the seed pattern's")
-    if wsgi and twin:
-        checks.append(("wsgi >= 2x sync twin req/s", wsgi.rps >= 2 * twin.rps))
-        line = f"wsgi: {ratio(wsgi.rps, twin.rps):.1f}x the sync twin's req/s"
-        if wz:
-            checks.append(("wsgi >= 1.2x werkzeug req/s", wsgi.rps >= 1.2 * wz.rps))
-            line += f", {ratio(wsgi.rps, wz.rps):.1f}x werkzeug ProxyMiddleware's"
-        lines.append(line)
-    for face in (asgi, wsgi):
-        if face and face.gib_peak_over_idle_mb is not None:
-            lines.append(f"{face.face}: RSS over idle while streaming 100 MiB "
-                         f"{face.small_peak_over_idle_mb:.1f} MB, 1 GiB each way "
-                         f"{face.gib_peak_over_idle_mb:.1f} MB")
-            checks.append((f"{face.face} 1 GiB streaming RSS within 32 MB of idle",
-                           face.gib_peak_over_idle_mb <= 32))
-    for one, two in ((asgi, get("dualproxy asgi, 2 workers")),
-                     (wsgi, get("dualproxy wsgi, 2 workers"))):
-        if one and two:
-            lines.append(f"{one.face}: 2 workers give {ratio(two.rps, one.rps):.2f}x one worker")
-            checks.append((f"{one.face} 2 workers >= 1.6x one", two.rps >= 1.6 * one.rps))
-    lines.append("")
-    lines += [f"{'PASS' if ok else 'FAIL'}  {name}" for name, ok in checks]
-    return "\n".join(lines), checks
+    for face in ("asgi", "wsgi"):
+        one, two = value(by.get(f"dp-{face}"), "rps"), value(by.get(f"dp-{face}-2w"), "rps")
+        scale = ratio(two, one)
+        doc.setdefault(face, {})["scaling_2w_over_1w"] = scale
+        lines.append(f"{face}: 2 workers / 1 worker small-GET req/s = {fmt(scale, '.2f')}")
+    for face in ("asgi", "wsgi"):
+        r = by.get(f"dp-{face}")
+        if r is not None and r.idle_rss_mb is not None:
+            lines.append(f"{face}: RSS over idle ({r.idle_rss_mb:.0f} MB) while streaming "
+                         f"{size_label}: {fmt(r.big_peak_over_idle_mb, '.1f')} MB, 1 GiB each way: "
+                         f"{fmt(r.gib_peak_over_idle_mb, '.1f')} MB")
+    return lines, doc
 
 
-def chart(results: list[Result], path: Path) -> None:
+def targets(by: dict[str, Result], quick: bool) -> list[tuple[str, str]]:
+    """(target, PASS/FAIL/n/a: why)."""
+    out: list[tuple[str, str]] = []
+
+    def check(name: str, a: float | None, b: float | None, factor: float) -> None:
+        if a is None or b is None:
+            out.append((name, "n/a (a figure is missing)"))
+        else:
+            out.append((name, f"{'PASS' if a >= factor * b else 'FAIL'} "
+                              f"({a:,.1f} vs {factor:g} × {b:,.1f})"))
+
+    def rps(key: str) -> float | None:
+        return value(by.get(key), "rps")
+
+    check("asgi >= 10x seed pattern req/s", rps("dp-asgi"), rps("seed"), 10)
+    p99 = value(by.get("dp-asgi"), "p99_ms")
+    out.append(("asgi p99 <= 25 ms", "n/a (missing)" if p99 is None else
+                f"{'PASS' if p99 <= 25 else 'FAIL'} ({p99:.1f} ms)"))
+    check("wsgi >= 2x sync twin req/s", rps("dp-wsgi"), rps("twin"), 2)
+    check("wsgi >= 1.2x werkzeug req/s", rps("dp-wsgi"), rps("werkzeug"), 1.2)
+    for face in ("asgi", "wsgi"):
+        for label, attr in (("down", "down_mbs"), ("up", "up_mbs")):
+            check(f"{face} 100 MiB {label} >= 2x seed pattern MB/s",
+                  value(by.get(f"dp-{face}"), attr), value(by.get("seed"), attr), 2)
+    for face in ("asgi", "wsgi"):
+        r = by.get(f"dp-{face}")
+        name = f"{face} 1 GiB streaming RSS within {RSS_BUDGET_MB} MB of idle"
+        if r is None or r.gib_peak_over_idle_mb is None:
+            out.append((name, "n/a (not run with --quick)" if quick else "n/a (missing)"))
+        else:
+            out.append((name, f"{'PASS' if r.gib_peak_over_idle_mb <= RSS_BUDGET_MB else 'FAIL'}"
+                              f" (+{r.gib_peak_over_idle_mb:.1f} MB; 100 MiB: "
+                              f"+{fmt(r.big_peak_over_idle_mb, '.1f')} MB)"))
+    for face in ("asgi", "wsgi"):
+        check(f"{face} 2 workers >= 1.6x one worker", rps(f"dp-{face}-2w"), rps(f"dp-{face}"),
+              1.6)
+    return out
+
+
+def chart(results: list[Result], path: Path, subtitle: str, size_label: str) -> bool:
     try:
         import matplotlib
 
@@ -441,69 +738,153 @@ def chart(results: list[Result], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no chart")
-        return
-    rows = [r for r in results if r.status == "ok"]
+        return False
+    # The direct row (tens of thousands of req/s) would flatten every proxy's bar: table only.
+    rows = [r for r in results if r.status == "ok" and r.face != "-"]
+    panels = [("rps", "small GET req/s (32 connections)", rows),
+              ("down_mbs", f"{size_label} download MB/s", [r for r in rows if r.workers == 1]),
+              ("up_mbs", f"{size_label} upload MB/s (Content-Length)",
+               [r for r in rows if r.workers == 1])]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 6), gridspec_kw={"wspace": 0.08})
     names = [r.name for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5.5))
-    for ax, key, title in ((axes[0], "rps", "small GET req/s (32 conns)"),
-                           (axes[1], "down_mbs", "100 MiB download MB/s"),
-                           (axes[2], "up_mbs", "100 MiB upload MB/s")):
-        values = [getattr(r, key) for r in rows]
-        colors = ["#2a7ab9" if r.name.startswith("dualproxy") else "#aaaaaa" for r in rows]
-        ax.barh(names, values, color=colors)
+    for ax, (attr, title, subset) in zip(axes, panels, strict=True):
+        ys = [names.index(r.name) for r in subset]
+        vals = [value(r, attr) or 0.0 for r in subset]
+        colors = ["#1f6fb5" if r.dualproxy else "#8a8a8a" for r in subset]
+        ax.barh(ys, vals, color=colors)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names if attr == "rps" else [""] * len(names))
+        ax.set_ylim(len(names) - 0.5, -0.5)
         ax.set_title(title)
-        ax.invert_yaxis()
-        for i, v in enumerate(values):
-            ax.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
-    for ax in axes[1:]:
-        ax.set_yticklabels([])
-    fig.suptitle("dualproxy vs. the usual alternatives (one run, shared 2-core machine)")
-    fig.tight_layout()
+        top = max(vals, default=1) or 1
+        ax.set_xlim(0, top * 1.22)
+        for y, v, r in zip(ys, vals, subset, strict=True):
+            failed = {"rps": "small GETs", "down_mbs": "download", "up_mbs": "upload"}[attr]
+            label = "failed" if failed in r.failures else f"{v:,.0f}"
+            ax.text(v + top * 0.01, y, label, va="center", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle("dualproxy (blue) and the usual alternatives, one run on a shared 2-core "
+                 f"machine\n{subtitle}", fontsize=11)
+    fig.subplots_adjust(left=0.15, right=0.99, top=0.86, bottom=0.06)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# -- main -------------------------------------------------------------------------------------
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="dualproxy and the usual alternatives side by side (not part of CI)")
     parser.add_argument("--quick", action="store_true",
-                        help="3 s loads and 16 MiB transfers, no 1 GiB check")
-    parser.add_argument("--only", action="append", default=[],
-                        help="run contestants whose name contains this (repeatable)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--seconds", type=int, default=None)
+                        help="3 s loads and 16 MiB transfers, no 1 GiB memory check")
+    parser.add_argument("--only", nargs="+", action="extend", default=[], metavar="NAME",
+                        help="only contestants with this key (direct, dp-asgi, dp-wsgi, seed, "
+                             "fpl, twin, werkzeug, dp-asgi-2w, dp-wsgi-2w) or name part")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
+                        help="where latest.json and latest.png go")
+    parser.add_argument("--seconds", type=int, default=None, help="small-GET load duration")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each download/upload; the median is reported")
+    parser.add_argument("--stand-ins", action="store_true",
+                        help="use the Python upstream, load generator and httpx even if "
+                             "nginx, wrk and curl are installed (to test them)")
+    parser.add_argument("--no-docs", action="store_true",
+                        help="do not copy the chart to docs/bench.png after a full run")
     opts = parser.parse_args()
+    if opts.stand_ins:
+        TOOLS.clear()
     opts.seconds = opts.seconds or (3 if opts.quick else 8)
+    opts.gib_check = not opts.quick
     big = 16 * MiB if opts.quick else 100 * MiB
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+
+    atexit.register(stop_all)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+
+    every = contestants("UPSTREAM")
+    keys = {c.key for c in every}  # a key selects itself; other words match name parts
+    chosen = [c for c in every
+              if not opts.only or any(o == c.key if o in keys else o.lower() in c.name.lower()
+                                      for o in opts.only)]
+    if not chosen:
+        parser.error(f"--only matches no contestant; keys: {', '.join(sorted(keys))}")
     work = Path(tempfile.mkdtemp(prefix="dualproxy-bench-"))
-    print(f"work dir {work}", flush=True)
-    upstream = Upstream(work, big)
+    sizes = {"small": 2, "16k": 16 * 1024, "big": big}
+    if opts.gib_check and any(c.dualproxy and c.workers == 1 for c in chosen):
+        sizes["big1g"] = GiB
+    print(f"work dir {work}; creating files {', '.join(sizes)}", flush=True)
     results: list[Result] = []
+    upstream: Upstream | None = None
+    interrupted = False
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    load_before = os.getloadavg()
     try:
-        port = free_port()
-        for c in contestants(upstream.url, port):
-            if opts.only and not any(o.lower() in c.name.lower() for o in opts.only):
+        upstream = Upstream(work, sizes)
+        print(f"upstream: {upstream.kind} at {upstream.url}; sink check: {upstream.sink_check}")
+        print(f"small GETs: {loadgen_name()} -d{opts.seconds}s; transfers: {transfer_name()}, "
+              f"{big // MiB} MiB, median of {opts.repeat}", flush=True)
+        for c in contestants(upstream.url):
+            if c.key not in {x.key for x in chosen}:
                 continue
             print(f"-- {c.name}", flush=True)
-            result = run_contestant(c, upstream, work, opts, port)
-            print(f"   {result.status}: {result.rps:,.0f} req/s p99 {result.p99_ms:.1f} ms, "
-                  f"down {result.down_mbs:,.0f} MB/s, up {result.up_mbs:,.0f} MB/s, "
-                  f"peak RSS {result.peak_rss_mb:.0f} MB", flush=True)
+            t0 = time.monotonic()
+            result = run_contestant(c, upstream, work, opts)
             results.append(result)
+            print(f"   {result.status}: {fmt(result.rps)} req/s, p99 "
+                  f"{fmt(result.p99_ms, '.1f')} ms, down {fmt(result.down_mbs)} MB/s, up "
+                  f"{fmt(result.up_mbs)} MB/s, chunked {result.chunked_up or '—'}, peak RSS "
+                  f"{fmt(result.peak_rss_mb)} MB ({time.monotonic() - t0:.0f} s)", flush=True)
+            for name, why in result.failures.items():
+                print(f"   ! {name}: {why}", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: stopping every process, reporting what was measured", flush=True)
     finally:
-        upstream.stop()
-    text, checks = report(results, upstream.kind)
+        stop_all()
+        if upstream is not None:
+            upstream.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    if upstream is None:
+        return 1
+
+    by = {r.key: r for r in results}
+    big_label = f"{big // MiB} MiB"
+    header = [f"upstream: {upstream.kind} (sink check: {upstream.sink_check}); small GETs: "
+              f"{loadgen_name()} -d{opts.seconds}s; transfers: {transfer_name()}, {big_label}, "
+              f"median of {opts.repeat}"
+              + (" (--quick)" if opts.quick else ""),
+              f"load average before: {load_before[0]:.2f}, after: {os.getloadavg()[0]:.2f} "
+              f"({os.cpu_count()} CPUs)", ""]
+    ratio_lines, ratio_doc = ratios(by, big_label)
+    checks = targets(by, opts.quick)
+    text = "\n".join([*header, *main_table(results, big_label), "", *ratio_lines, "",
+                      *[f"{verdict.split(' ')[0]:<5} {name}  {verdict.partition(' ')[2]}"
+                        for name, verdict in checks]])
     print()
     print(text)
-    doc = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "upstream": upstream.kind,
-           "quick": opts.quick, "results": [asdict(r) for r in results],
-           "checks": [{"target": n, "met": ok} for n, ok in checks], "report": text}
-    (out / "latest.json").write_text(json.dumps(doc, indent=2))
-    chart(results, out / "latest.png")
-    print(f"\nwrote {out / 'latest.json'} and {out / 'latest.png'}")
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    doc = {"started": started, "quick": opts.quick, "interrupted": interrupted,
+           "upstream": upstream.kind, "sink_check": upstream.sink_check, "loadgen": loadgen_name(),
+           "transfer_tool": transfer_name(), "transfer_bytes": big, "seconds": opts.seconds,
+           "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after":
+           os.getloadavg(), "results": [asdict(r) for r in results], "ratios": ratio_doc,
+           "targets": [{"target": n, "verdict": v} for n, v in checks], "report": text}
+    json_path, png_path = out / "latest.json", out / "latest.png"
+    json_path.write_text(json.dumps(doc, indent=2, allow_nan=False, default=str))
+    tool = loadgen_name().split(" (")[0]
+    drawn = chart(results, png_path, f"{started}, {upstream.kind}, {tool}, {big_label} transfers",
+                  big_label)
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if drawn else ""))
+    full = not (opts.quick or opts.only or interrupted or opts.no_docs)
+    if drawn and full:
+        (ROOT / "docs").mkdir(exist_ok=True)
+        shutil.copy(png_path, ROOT / "docs" / "bench.png")
+        print(f"copied the chart to {ROOT / 'docs' / 'bench.png'}")
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Fallback benchmark upstream when nginx is not installed: static files and a sink.
 
 Serves BENCH_WWW's files by name (streamed in 1 MiB blocks) and answers 200 to
-anything sent to /sink after reading the whole body.
+anything sent to /sink only after reading the whole body, with the number of
+bytes it received in X-Received-Length (as the nginx sink does).
 """
 
 from __future__ import annotations
@@ -17,14 +18,19 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
     if scope["path"] == "/sink":
-        while (await receive()).get("more_body"):
-            pass
+        received = 0
+        while True:
+            message = await receive()
+            received += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", b"2")]})
+                    "headers": [(b"content-length", b"2"),
+                                (b"x-received-length", str(received).encode())]})
         await send({"type": "http.response.body", "body": b"ok"})
         return
     path = WWW / scope["path"].lstrip("/")
-    if not path.is_file():
+    if "/" in scope["path"].lstrip("/") or not path.is_file():
         await send({"type": "http.response.start", "status": 404,
                     "headers": [(b"content-length", b"0")]})
         await send({"type": "http.response.body", "body": b""})
