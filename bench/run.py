@@ -691,7 +691,8 @@ def ratios(by: dict[str, Result], size_label: str) -> tuple[list[str], dict[str,
     return lines, doc
 
 
-def targets(by: dict[str, Result], quick: bool) -> list[tuple[str, str]]:
+def targets(by: dict[str, Result], quick: bool,
+            size_label: str = "100 MiB") -> list[tuple[str, str]]:
     """(target, PASS/FAIL/n/a: why)."""
     out: list[tuple[str, str]] = []
 
@@ -713,7 +714,7 @@ def targets(by: dict[str, Result], quick: bool) -> list[tuple[str, str]]:
     check("wsgi >= 1.2x werkzeug req/s", rps("dp-wsgi"), rps("werkzeug"), 1.2)
     for face in ("asgi", "wsgi"):
         for label, attr in (("down", "down_mbs"), ("up", "up_mbs")):
-            check(f"{face} 100 MiB {label} >= 2x seed pattern MB/s",
+            check(f"{face} {size_label} {label} >= 2x seed pattern MB/s",
                   value(by.get(f"dp-{face}"), attr), value(by.get("seed"), attr), 2)
     for face in ("asgi", "wsgi"):
         r = by.get(f"dp-{face}")
@@ -722,7 +723,7 @@ def targets(by: dict[str, Result], quick: bool) -> list[tuple[str, str]]:
             out.append((name, "n/a (not run with --quick)" if quick else "n/a (missing)"))
         else:
             out.append((name, f"{'PASS' if r.gib_peak_over_idle_mb <= RSS_BUDGET_MB else 'FAIL'}"
-                              f" (+{r.gib_peak_over_idle_mb:.1f} MB; 100 MiB: "
+                              f" (+{r.gib_peak_over_idle_mb:.1f} MB; {size_label}: "
                               f"+{fmt(r.big_peak_over_idle_mb, '.1f')} MB)"))
     for face in ("asgi", "wsgi"):
         check(f"{face} 2 workers >= 1.6x one worker", rps(f"dp-{face}-2w"), rps(f"dp-{face}"),
@@ -861,7 +862,7 @@ def main() -> int:
               f"load average before: {load_before[0]:.2f}, after: {os.getloadavg()[0]:.2f} "
               f"({os.cpu_count()} CPUs)", ""]
     ratio_lines, ratio_doc = ratios(by, big_label)
-    checks = targets(by, opts.quick)
+    checks = targets(by, opts.quick, big_label)
     text = "\n".join([*header, *main_table(results, big_label), "", *ratio_lines, "",
                       *[f"{verdict.split(' ')[0]:<5} {name}  {verdict.partition(' ')[2]}"
                         for name, verdict in checks]])

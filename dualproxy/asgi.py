@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import httpx
@@ -179,16 +179,15 @@ class AsyncProxy:
             self._log.problem(record, exc)
             return
 
-        body_done = asyncio.Event()
-        if not plan.has_body:
-            body_done.set()
+        body_done = asyncio.Event() if plan.has_body else None
         # One extra task per request: a watcher that cancels this one if the
         # client leaves before the response is complete. It only cancels while
         # this task is suspended inside the exchange (record.responded guards
         # the rest), so the cancellation is always ours to absorb here.
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.ensure_future(_watch_disconnect(receive, body_done, task, record))
+        watcher = task.get_loop().create_task(
+            _watch_disconnect(receive, body_done, task, record))
         try:
             await self._exchange(plan, receive, send, body_done, record)
         except asyncio.CancelledError:
@@ -206,12 +205,13 @@ class AsyncProxy:
         plan: UpstreamPlan,
         receive: Receive,
         send: Send,
-        body_done: asyncio.Event,
+        body_done: asyncio.Event | None,
         record: Any,
     ) -> None:
         config = self.config
-        content = _request_body(receive, BodyCounter(plan, config), body_done, record)
-        request = build_request(config, plan, content if plan.has_body else None)
+        content = (_request_body(receive, BodyCounter(plan, config), body_done, record)
+                   if body_done is not None else None)
+        request = build_request(config, plan, content)
         try:
             with map_upstream_errors():
                 response = await self._send(request)
@@ -249,8 +249,13 @@ class AsyncProxy:
                     "headers": head.headers})
         record.status = head.status
         if head.has_body:
+            raw = response.stream
+            # Our own transport's stream is raw already: skip httpx's wrappers.
+            stream: AsyncIterable[bytes] = (
+                raw if self._transport is not None and isinstance(raw, httpx.AsyncByteStream)
+                else response.aiter_raw())
             with map_stream_errors():
-                async for chunk in response.aiter_raw():
+                async for chunk in stream:
                     record.bytes_out += len(chunk)
                     await send({"type": "http.response.body", "body": chunk,
                                 "more_body": True})
@@ -278,7 +283,8 @@ async def _request_body(
 
 
 async def _watch_disconnect(
-    receive: Receive, body_done: asyncio.Event, task: asyncio.Task[Any], record: RequestRecord
+    receive: Receive, body_done: asyncio.Event | None, task: asyncio.Task[Any],
+    record: RequestRecord,
 ) -> None:
     """Cancel `task` when the client disconnects before the response is complete.
 
@@ -286,7 +292,8 @@ async def _watch_disconnect(
     would steal each other's messages). uvicorn also reports a disconnect once
     the response is complete; `record.responded` tells the two apart.
     """
-    await body_done.wait()
+    if body_done is not None:
+        await body_done.wait()
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

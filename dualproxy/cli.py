@@ -10,10 +10,14 @@ Worker processes rebuild the app from the options in an environment variable.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -156,6 +160,40 @@ def build_app(options: dict[str, Any]) -> Any:
     return SyncProxy(config=config, access_log=options["access_log"])
 
 
+def freeze_heap() -> None:
+    """Exempt everything loaded so far from the cyclic garbage collector.
+
+    A full collection otherwise walks every object of the loaded modules
+    (uvicorn, httpx, ...), pausing the process for 15-30 ms several times a
+    second under load: the proxy's worst latencies. Called once the app is built.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def trim_heap_periodically(interval: float = 1.0) -> None:
+    """Hand memory freed by the wsgi face's threads back to the OS (glibc only).
+
+    glibc gives each thread a malloc arena of its own and does not return the
+    pages of body buffers freed in the middle of those arenas: under the wsgi
+    face's thread pool the RSS crept up ~30% over 50k mixed requests with no
+    live object behind it (`nox -s soak`). malloc_trim(0) returns them; it runs
+    outside the GIL and takes well under a millisecond, once every `interval`.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return  # not glibc (musl, macOS): nothing to trim
+    trim.argtypes = [ctypes.c_size_t]
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval)
+            trim(0)
+
+    threading.Thread(target=loop, name="dualproxy-heap-trim", daemon=True).start()
+
+
 def app_from_env() -> Any:
     """Factory for worker processes: the ASGI app described by ENV_OPTIONS."""
     options = json.loads(os.environ[ENV_OPTIONS])
@@ -164,7 +202,9 @@ def app_from_env() -> Any:
     if options["adapter"] == "wsgi":
         from .bridge import WSGIBridge
 
-        return WSGIBridge(app, threads=options["threads"])
+        app = WSGIBridge(app, threads=options["threads"])
+        trim_heap_periodically()
+    freeze_heap()
     return app
 
 
@@ -220,7 +260,10 @@ def serve_gunicorn(options: dict[str, Any], host: str, port: int, workers: int) 
         def load(self) -> Any:
             if options["adapter"] == "wsgi":
                 setup_logging(options["log_level"])
-                return build_app(options)
+                app = build_app(options)
+                freeze_heap()
+                trim_heap_periodically()  # in the worker: threads do not survive fork
+                return app
             return app_from_env()
 
     Application().run()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import http.cookiejar
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from .config import ProxyConfig
-from .errors import BadRequest, BodyTooLarge, IncompleteBody, ProxyError
+from .errors import BadGateway, BadRequest, BodyTooLarge, IncompleteBody, ProxyError
 from .headers import Header, check_request_headers, request_headers, response_headers
 from .target import upstream_target
 
@@ -82,7 +82,12 @@ def request_mount(config: ProxyConfig, incoming: IncomingRequest) -> bytes:
 
 def plan_request(config: ProxyConfig, incoming: IncomingRequest) -> UpstreamPlan:
     """Decide the upstream request. Raises a ProxyError (400/404/413/414/431)."""
-    check_request_headers(incoming.headers, config)
+    if incoming.http_version == "0.9":
+        # A request line without a version (httptools takes `GET /x` followed by
+        # a bare LF, header lines and all): never forwarded as an HTTP/1.1 request.
+        raise BadRequest("HTTP/0.9 requests are not proxied")
+    check_request_headers(incoming.headers, config,
+                          require_host=incoming.http_version == "1.1")
     mount = request_mount(config, incoming)
     target = upstream_target(incoming.target, mount, config.upstream_base,
                              config.max_target_bytes)
@@ -143,6 +148,11 @@ def plan_response(
     config: ProxyConfig, plan: UpstreamPlan, status: int, headers: list[Header]
 ) -> ResponseHead:
     """Decide the head sent to the client. Raises BadGateway on ambiguous framing."""
+    if status < 200:
+        # Interim answers are skipped below the core; one that gets here is a 101:
+        # the upstream switched protocols unasked (Upgrade never crosses the
+        # proxy), and relaying it would leave the client on a dead connection.
+        raise BadGateway(f"the upstream answered {status} to a request that asked no upgrade")
     out = response_headers(headers, config, mount=plan.mount)
     has_body = plan.method != "HEAD" and status not in _NO_BODY_STATUSES and status >= 200
     if status in _NO_BODY_STATUSES:
@@ -232,19 +242,56 @@ def build_request(
 ) -> httpx.Request:
     """The httpx request for a plan, with exactly the plan's headers and target.
 
-    httpx would add Host, Content-Length or Transfer-Encoding of its own, and
-    would re-normalise the path (folding dot segments); so the headers are
-    replaced after construction and the raw target rides in httpcore's `target`
-    extension, which is sent as-is on the request line.
+    httpx would add Host, Content-Length or Transfer-Encoding of its own for
+    `content=`, and would re-normalise the path (folding dot segments); so the
+    body is passed as `stream=` (httpx then adds no header at all) and the raw
+    target rides in httpcore's `target` extension, sent as-is on the request line.
     """
-    request = httpx.Request(
+    return httpx.Request(
         plan.method,
         _origin_url(config.upstream_origin),
-        content=content if plan.has_body else None,
+        headers=plan.headers,
+        stream=_BodyStream(content) if content is not None and plan.has_body else _NO_BODY,
         extensions={"target": plan.target, "timeout": timeouts(config)},
     )
-    request.headers = httpx.Headers(plan.headers)
-    return request
+
+
+class _BodyStream(httpx.AsyncByteStream, httpx.SyncByteStream):
+    """The request body as an httpx stream (either kind), iterated once."""
+
+    __slots__ = ("_content",)
+
+    def __init__(self, content: Iterable[bytes] | AsyncIterable[bytes]) -> None:
+        self._content = content
+
+    def __iter__(self) -> Iterator[bytes]:
+        if not isinstance(self._content, Iterable):
+            raise RuntimeError("an async request body sent through a sync client")
+        return iter(self._content)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        if not isinstance(self._content, AsyncIterable):
+            raise RuntimeError("a sync request body sent through an async client")
+        return aiter(self._content)
+
+
+class _NoBody(httpx.AsyncByteStream, httpx.SyncByteStream):
+    """No request body at all (stateless, shared)."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(())
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _nothing()
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    empty: tuple[bytes, ...] = ()
+    for piece in empty:
+        yield piece
+
+
+_NO_BODY = _NoBody()
 
 
 class _NoCookies(http.cookiejar.CookieJar):

@@ -22,6 +22,10 @@ class ProxyError(Exception):
     """A failure that becomes an HTTP answer with `status` and a problem body."""
 
     status = 500
+    # Refusals of the client's request close its connection after the answer
+    # (as nginx does for 400/413/414): bytes the front server and the core might
+    # frame differently are never taken for a next request.
+    close_connection = False
 
     def __init__(self, detail: str, *, status: int | None = None) -> None:
         super().__init__(detail)
@@ -40,15 +44,19 @@ class ProxyError(Exception):
         return json.dumps(doc, separators=(",", ":")).encode()
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return [
+        headers = [
             (b"content-type", PROBLEM_CONTENT_TYPE),
             (b"content-length", str(len(self.body())).encode()),
             (b"cache-control", b"no-store"),
         ]
+        if self.close_connection:
+            headers.append((b"connection", b"close"))
+        return headers
 
 
 class BadRequest(ProxyError):
     status = 400
+    close_connection = True
 
 
 class NotProxied(ProxyError):
@@ -59,14 +67,17 @@ class NotProxied(ProxyError):
 
 class BodyTooLarge(ProxyError):
     status = 413
+    close_connection = True
 
 
 class TargetTooLong(ProxyError):
     status = 414
+    close_connection = True
 
 
 class HeadersTooLarge(ProxyError):
     status = 431
+    close_connection = True
 
 
 class BadGateway(ProxyError):

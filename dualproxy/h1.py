@@ -15,9 +15,16 @@ from dataclasses import dataclass
 import httpx
 
 MAX_HEAD = 65536
+MAX_PIECE = 262144  # the most body bytes one feed() returns: big bodies flow in pieces
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) (\d{3})(?: ([^\r\n]*))?\Z")
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN_CHARS = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+# One header line: `token ":" OWS value OWS CR`, anchored after the previous
+# LF; findall over the block takes every line at once (no Python loop per
+# byte). A line it cannot take (obs-fold, a bare CR or LF, no colon, a bad
+# name) leaves the match count short of the line count: a protocol error.
+_FIELD = re.compile(rb"\n(" + _TOKEN_CHARS + rb"):[ \t]*((?:[^\r\n]*[^ \t\r\n])?)[ \t]*\r(?=\n)")
+# Control bytes other than HTAB (CR and LF are policed by _FIELD).
+_BAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 
 LENGTH, CHUNKED, CLOSE, NONE = "length", "chunked", "close", "none"
@@ -49,15 +56,19 @@ def build_request_head(method: bytes, target: bytes, headers: list[tuple[bytes, 
     return b"".join(parts)
 
 
-def request_framing(headers: list[tuple[bytes, bytes]]) -> tuple[str, int]:
-    """How the request body is framed, from the headers the core wrote."""
+def request_framing(headers: list[tuple[bytes, bytes]]) -> tuple[str, int, bool]:
+    """How the request body is framed, from the headers the core wrote, and
+    whether the request allows keeping the connection (no `Connection: close`)."""
+    framing, length, keep = NONE, 0, True
     for name, value in headers:
         lname = name.lower()
         if lname == b"transfer-encoding" and value.lower().endswith(b"chunked"):
-            return CHUNKED, 0
-        if lname == b"content-length":
-            return LENGTH, int(value)
-    return NONE, 0
+            framing = CHUNKED
+        elif lname == b"content-length" and framing == NONE:
+            framing, length = LENGTH, int(value)
+        elif lname == b"connection" and b"close" in value.lower():
+            keep = False
+    return framing, length, keep
 
 
 def parse_head(buf: bytearray, method: bytes) -> Head | None:
@@ -67,40 +78,39 @@ def parse_head(buf: bytearray, method: bytes) -> Head | None:
         if len(buf) > MAX_HEAD:
             raise protocol_error("response head too large")
         return None
-    block = bytes(buf[:end])
+    block = bytes(buf[:end + 2])  # status line and header lines, each ending in CRLF
     del buf[:end + 4]
-    lines = block.split(b"\r\n")
-    # One scan of the whole head: after splitting on CRLF, any CR, LF or other
-    # control byte left is a bare line ending or an injection attempt.
-    if _BAD_VALUE.search(block.replace(b"\r\n", b"")):
+    if _BAD_BYTE.search(block):
         raise protocol_error("control character in response head")
-    match = _STATUS_LINE.match(lines[0])
+    eol = block.find(b"\r\n")
+    match = _STATUS_LINE.match(block, 0, eol)
     if match is None:
         raise protocol_error("malformed status line")
+    headers: list[tuple[bytes, bytes]] = _FIELD.findall(block, eol + 1)
+    if len(headers) != block.count(b"\n") - 1:
+        raise protocol_error("malformed header line")
     minor, code, reason = match.groups()
     status = int(code)
-    headers: list[tuple[bytes, bytes]] = []
     lengths: set[bytes] = set()
     codings: list[bytes] = []
     connection = b""
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name):
-            raise protocol_error("malformed header line")
-        value = value.strip(b" \t")
-        headers.append((name, value))
-        lname = name.lower()
-        if lname == b"content-length":
-            lengths.update(v.strip() for v in value.split(b","))
-        elif lname == b"transfer-encoding":
-            codings += [c.strip().lower() for c in value.split(b",")]
-        elif lname == b"connection":
-            connection += b"," + value.lower()
-    tokens = {t.strip() for t in connection.split(b",")}
+    for name, value in headers:
+        size = len(name)
+        if size == 14 or size == 17 or size == 10:  # the only names that matter here
+            lname = name.lower()
+            if lname == b"content-length":
+                lengths.update(v.strip() for v in value.split(b","))
+            elif lname == b"transfer-encoding":
+                codings += [c.strip().lower() for c in value.split(b",")]
+            elif lname == b"connection":
+                connection += b"," + value.lower()
+    tokens = {t.strip() for t in connection.split(b",")} if connection else set()
     version = b"HTTP/1." + minor
     reusable = (b"close" not in tokens) if minor == b"1" else (b"keep-alive" in tokens)
     if status < 200 or status in (204, 304) or method == b"HEAD":
         framing, length = NONE, 0
+        if status == 101:
+            reusable = False  # the connection now speaks another protocol
     elif codings:
         if codings[-1] != b"chunked":
             framing, length, reusable = CLOSE, 0, False
@@ -123,9 +133,10 @@ def parse_head(buf: bytearray, method: bytes) -> Head | None:
 class BodyDecoder:
     """Turns buffered bytes into body data for one response, consuming `buf`.
 
-    `feed(buf)` returns the body bytes available now; `done` says the body
-    ended as framed. Chunked encoding is decoded (sizes strictly hex), never
-    any content coding.
+    `feed(buf)` returns the body bytes available now (at most about MAX_PIECE,
+    so call it again before waiting for more); `done` says the body ended as
+    framed. Chunked encoding is decoded (sizes strictly hex), never any
+    content coding.
     """
 
     __slots__ = ("framing", "remaining", "done", "_state")
@@ -140,35 +151,45 @@ class BodyDecoder:
         if self.done:
             return b""
         if self.framing == LENGTH:
-            n = min(self.remaining, len(buf))
-            data = bytes(buf[:n])
-            del buf[:n]
+            n = min(self.remaining, len(buf), MAX_PIECE)
+            if n == len(buf):
+                data = bytes(buf)
+                buf.clear()
+            else:
+                data = bytes(buf[:n])
+                del buf[:n]
             self.remaining -= n
             if self.remaining == 0:
                 self.done = True
-            elif eof:
+            elif eof and not buf:
                 raise protocol_error("upstream closed before the end of the body")
             return data
         if self.framing == CLOSE:
-            data = bytes(buf)
-            buf.clear()
-            if eof:
+            if len(buf) <= MAX_PIECE:
+                data = bytes(buf)
+                buf.clear()
+            else:
+                data = bytes(buf[:MAX_PIECE])
+                del buf[:MAX_PIECE]
+            if eof and not buf:
                 self.done = True
             return data
         out = self._chunked(buf)
-        if not self.done and eof:
+        if not self.done and eof and not out:
             raise protocol_error("upstream closed inside a chunked body")
         return out
 
     def _chunked(self, buf: bytearray) -> bytes:
         pieces: list[bytes] = []
+        budget = MAX_PIECE
         while True:
             if self._state == "data":
-                n = min(self.remaining, len(buf))
+                n = min(self.remaining, len(buf), budget)
                 if n:
                     pieces.append(bytes(buf[:n]))
                     del buf[:n]
                     self.remaining -= n
+                    budget -= n
                 if self.remaining:
                     break
                 self._state = "crlf"

@@ -58,8 +58,12 @@ def is_hop_by_hop(name: bytes, named: set[bytes]) -> bool:
     return name in HOP_BY_HOP or name in named
 
 
-def check_request_headers(headers: Sequence[Header], config: ProxyConfig) -> None:
-    """Bound the head's size the same on every server, and refuse CR/LF/NUL."""
+def check_request_headers(headers: Sequence[Header], config: ProxyConfig, *,
+                          require_host: bool = False) -> None:
+    """Bound the head's size the same on every server, and refuse CR/LF/NUL.
+
+    `require_host`: the request is HTTP/1.1, which must carry exactly one Host.
+    """
     if len(headers) > config.max_header_count:
         raise HeadersTooLarge(f"more than {config.max_header_count} request headers")
     total = 0
@@ -74,6 +78,9 @@ def check_request_headers(headers: Sequence[Header], config: ProxyConfig) -> Non
             hosts += 1
             if hosts > 1 or not _HOST.match(value):
                 raise BadRequest("more than one Host header, or an invalid one")
+    if require_host and not hosts:
+        # RFC 9112 3.2: an HTTP/1.1 request without Host is a 400 (as nginx and Go answer).
+        raise BadRequest("HTTP/1.1 request without a Host header")
     if total > config.max_header_bytes:
         raise HeadersTooLarge(f"request headers larger than {config.max_header_bytes} bytes")
 
@@ -227,13 +234,22 @@ def response_headers(
 
     Transfer-Encoding is hop-by-hop: the front server re-frames the stream
     itself. An upstream head with both Content-Length and Transfer-Encoding, or
-    with conflicting lengths, is a smuggling vector (RFC 9112 6.3): 502.
+    with conflicting lengths, is a smuggling vector (RFC 9112 6.3): 502. Equal
+    lengths (`5, 5` or two lines) become one (RFC 9110 8.6). A transfer coding
+    other than chunked would reach the client still coded, unlabelled: 502.
     """
     named = connection_tokens(headers)
-    lengths = {value.strip() for name, value in headers if name == b"content-length"}
-    has_te = any(name == b"transfer-encoding" for name, _ in headers)
-    if len(lengths) > 1 or (lengths and has_te):
+    lengths = {part.strip() for name, value in headers if name == b"content-length"
+               for part in value.split(b",")}
+    codings = [part.strip().lower() for name, value in headers
+               if name == b"transfer-encoding" for part in value.split(b",") if part.strip()]
+    if len(lengths) > 1 or (lengths and codings):
         raise BadGateway("the upstream sent ambiguous response framing")
+    length = next(iter(lengths), None)
+    if length is not None and (not length.isdigit() or len(length) > 18):
+        raise BadGateway("the upstream sent an invalid Content-Length")
+    if codings and codings != [b"chunked"]:
+        raise BadGateway("the upstream sent a transfer coding the proxy cannot relay")
     out: list[Header] = []
     remove = config.remove_response_headers
     rewrite = config.rewrite_redirects
@@ -243,9 +259,10 @@ def response_headers(
         if name in HOP_BY_HOP or name in named or name in _RESPONSE_OWNED or name in remove:
             continue
         if name == b"content-length":
-            if seen_length:
+            if seen_length or length is None:
                 continue
             seen_length = True
+            value = length
         elif rewrite and (name == b"location" or name == b"content-location"):
             value = _rewrite_url(value, config, mount)
         elif rewrite and name == b"refresh":

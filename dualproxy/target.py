@@ -36,6 +36,9 @@ def origin_form(raw: bytes, max_bytes: int) -> bytes:
         raise TargetTooLong(f"request target longer than {max_bytes} bytes")
     if not _VALID_TARGET.match(raw):
         raise BadRequest("request target contains control, space or non-ASCII bytes")
+    # A fragment is never part of a request-target (RFC 9112 3.2): uvicorn drops it
+    # before the app sees it, gunicorn's RAW_URI keeps it; drop it here for every server.
+    raw = raw.partition(b"#")[0]
     if raw.startswith(b"/"):
         return raw
     match = _ABSOLUTE_FORM.match(raw)

@@ -13,7 +13,10 @@ connection pool per origin, and keep every rule the suite checks:
 - an upstream that answers before reading the whole upload gets its answer
   relayed (sending stops);
 - a connection is reused only after a cleanly framed, fully read response with
-  no stray bytes; otherwise it is closed (no response-queue poisoning);
+  no stray bytes, and never after `Connection: close` (either side), a 101, a
+  cut upload or a head with both framing headers; otherwise it is closed (no
+  response-queue poisoning); a request body that over- or under-runs its
+  Content-Length is a LocalProtocolError, never a completed upload;
 - a request that failed on a *reused* connection before any response byte is
   retried once on a fresh one, only when it has no body and an idempotent
   method.
@@ -27,6 +30,8 @@ import os
 import select
 import socket
 import ssl
+import struct
+import sys
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
@@ -37,6 +42,7 @@ import httpx
 from . import h1
 
 READ_SIZE = 262144
+SMALL_READ = 65536          # below malloc's mmap threshold: no mmap/munmap per small read
 HIGH_WATER = 1 << 20        # pause reading the upstream above this many buffered bytes
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 Key = tuple[str, str, int]
@@ -48,6 +54,10 @@ def _timeout(request: httpx.Request, kind: str) -> float | None:
         value = timeouts.get(kind)
         return None if value is None else float(value)
     return None
+
+
+def _limit(value: int | None) -> int:
+    return sys.maxsize if value is None else value  # None: no limit (httpx.Limits)
 
 
 def _origin(request: httpx.Request) -> Key:
@@ -67,6 +77,27 @@ def _response(head: h1.Head, stream: Any, request: httpx.Request) -> httpx.Respo
         head.status, headers=head.headers, stream=stream, request=request,
         extensions={"http_version": head.version, "reason_phrase": head.reason},
     )
+
+
+def _overrun() -> httpx.LocalProtocolError:
+    return httpx.LocalProtocolError("request body longer than its Content-Length")
+
+
+def _frame(piece: bytes, chunked: bool, left: int) -> tuple[bytes, int]:
+    """Wire bytes for one non-empty upload piece and the Content-Length still owed.
+
+    A piece that overruns the declared length raises before a byte of it is sent.
+    """
+    if chunked:
+        return b"%x\r\n%b\r\n" % (len(piece), piece), left
+    left -= len(piece)
+    if left < 0:
+        raise _overrun()
+    return piece, left
+
+
+def _underrun() -> httpx.LocalProtocolError:
+    return httpx.LocalProtocolError("request body shorter than its Content-Length")
 
 
 class _Retry(Exception):
@@ -197,9 +228,10 @@ class _AsyncConn(asyncio.Protocol):
                 raise httpx.WriteTimeout("upstream stopped reading the request") from None
 
     def _salvage(self) -> None:
-        sock = self.transport.get_extra_info("socket") if self.transport else None
-        if sock is None:
-            return
+        transport = self.transport
+        sock = transport.get_extra_info("socket") if transport else None
+        if sock is None or transport is None or transport.get_extra_info("sslcontext"):
+            return  # with TLS the kernel's bytes are records, not the answer
         try:
             dup = socket.socket(fileno=os.dup(sock.fileno()))
         except OSError:
@@ -223,10 +255,11 @@ class _AsyncConn(asyncio.Protocol):
 class AsyncUpstreamTransport(httpx.AsyncBaseTransport):
     """The async transport dualproxy's AsyncProxy uses by default."""
 
-    def __init__(self, *, max_connections: int = 100, max_keepalive_connections: int = 100,
+    def __init__(self, *, max_connections: int | None = 100,
+                 max_keepalive_connections: int | None = 100,
                  ssl_context: ssl.SSLContext | None = None) -> None:
-        self._slots = _Slots(max_connections)
-        self._max_idle = max_keepalive_connections
+        self._slots = _Slots(_limit(max_connections))
+        self._max_idle = _limit(max_keepalive_connections)
         self._idle: dict[Key, collections.deque[_AsyncConn]] = {}
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._ssl = ssl_context
@@ -270,7 +303,7 @@ class AsyncUpstreamTransport(httpx.AsyncBaseTransport):
         loop = asyncio.get_running_loop()
         context = None
         if scheme == "https":
-            context = self._ssl or ssl.create_default_context()
+            context = self._ssl = self._ssl or ssl.create_default_context()
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(_AsyncConn, host, port, ssl=context,
@@ -282,10 +315,18 @@ class AsyncUpstreamTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(f"{host}:{port}: {exc}") from exc
         return conn
 
+    async def aclose(self) -> None:
+        """Close the idle connections (those in use close with their responses)."""
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+
     def _checkin(self, key: Key, conn: _AsyncConn, reusable: bool) -> None:
         idle = self._idle.setdefault(key, collections.deque())
         if reusable and conn.usable() and len(idle) < self._max_idle:
             conn.reused = False
+            conn.buf = bytearray()  # an emptied bytearray keeps its capacity: drop it
             idle.append(conn)
         else:
             conn.close()
@@ -316,7 +357,7 @@ class AsyncUpstreamTransport(httpx.AsyncBaseTransport):
             raise
         decoder = h1.BodyDecoder(head)
         if decoder.done:
-            self._checkin(key, conn, head.reusable)
+            self._checkin(key, conn, head.reusable and not conn.close_after)
             return _response(head, _Empty(), request)
         return _response(head, _AsyncBody(self, key, conn, head, decoder, request), request)
 
@@ -324,7 +365,9 @@ class AsyncUpstreamTransport(httpx.AsyncBaseTransport):
                         retry: bool = True) -> h1.Head:
         method = request.method.encode()
         headers = request.headers.raw
-        framing, _ = h1.request_framing(headers)
+        framing, length, keep = h1.request_framing(headers)
+        if not keep:
+            conn.close_after = True
         write_timeout = _timeout(request, "write")
         head_bytes = h1.build_request_head(method, _target(request), headers)
         stream = request.stream
@@ -336,7 +379,7 @@ class AsyncUpstreamTransport(httpx.AsyncBaseTransport):
             raise
         if framing != h1.NONE:
             assert isinstance(stream, AsyncIterable)
-            await self._send_body(conn, stream, framing == h1.CHUNKED, write_timeout)
+            await self._send_body(conn, stream, framing == h1.CHUNKED, length, write_timeout)
         while True:
             head = h1.parse_head(conn.buf, method) if conn.buf else None
             if head is None:
@@ -352,7 +395,8 @@ class AsyncUpstreamTransport(httpx.AsyncBaseTransport):
             return head
 
     async def _send_body(self, conn: _AsyncConn, stream: AsyncIterable[bytes],
-                         chunked: bool, timeout: float | None) -> None:
+                         chunked: bool, length: int, timeout: float | None) -> None:
+        left = length
         async for piece in stream:
             if conn.buf or conn.eof:
                 # The upstream answered (or left) before the upload ended: stop
@@ -361,14 +405,17 @@ class AsyncUpstreamTransport(httpx.AsyncBaseTransport):
                 return
             if not piece:
                 continue
-            data = b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece
+            data, left = _frame(piece, chunked, left)
             try:
                 await conn.write(data, timeout)
             except httpx.WriteError:
                 conn.close_after = True
                 return  # try to read an early answer; none → protocol error later
-        if chunked and not conn.eof:
-            await conn.write(b"0\r\n\r\n", timeout)
+        if chunked:
+            if not conn.eof:
+                await conn.write(b"0\r\n\r\n", timeout)
+        elif left:
+            raise _underrun()
 
 
 class _Empty(httpx.AsyncByteStream, httpx.SyncByteStream):
@@ -423,8 +470,27 @@ class _AsyncBody(httpx.AsyncByteStream):
 # -- sync -------------------------------------------------------------------------------
 
 
+def _timeval(timeout: float | None) -> bytes:
+    # struct timeval; zero means "no timeout" to the kernel, so a zero timeout
+    # becomes the shortest one instead.
+    if timeout is None:
+        return struct.pack("ll", 0, 0)
+    usec = max(int(timeout * 1e6), 1)
+    return struct.pack("ll", usec // 1000000, usec % 1000000)
+
+
 class _SyncConn:
-    """One upstream socket with its read buffer."""
+    """One upstream socket with its read buffer.
+
+    A plain TCP socket stays in blocking mode with the kernel's SO_RCVTIMEO /
+    SO_SNDTIMEO set only when the value changes: Python's own socket timeouts
+    cost an ioctl per settimeout() and a poll() before every send and recv,
+    and each extra call releases the GIL, which 32 gthread workers fight over.
+    TLS sockets keep Python's timeouts (the kernel's would surface mid-record).
+    """
+
+    __slots__ = ("sock", "buf", "eof", "reused", "close_after", "tls", "_rcv", "_snd",
+                 "_read_size")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -432,21 +498,49 @@ class _SyncConn:
         self.eof = False
         self.reused = False
         self.close_after = False
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self._rcv: float | None = -1.0
+        self._snd: float | None = -1.0
+        self._read_size = SMALL_READ
+        if not self.tls:
+            sock.settimeout(None)
+
+    def _recv_timeout(self, timeout: float | None) -> None:
+        if self.tls:
+            self.sock.settimeout(timeout)
+        elif timeout != self._rcv:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+            self._rcv = timeout
+
+    def _send_timeout(self, timeout: float | None) -> None:
+        if self.tls:
+            self.sock.settimeout(timeout)
+        elif timeout != self._snd:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
+            self._snd = timeout
+
+    def readable(self) -> bool:
+        """Bytes or EOF waiting right now? (poll, not select: any fd number works)"""
+        sock = self.sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        poller = select.poll()
+        try:
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
 
     def usable(self) -> bool:
-        if self.eof or self.buf:
-            return False
-        try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-        except (OSError, ValueError):
-            return False
-        return not readable  # readable while idle means EOF or stray bytes
+        # readable while idle means EOF or stray bytes: never reuse that
+        return not (self.eof or self.buf or self.readable())
 
     def read_more(self, timeout: float | None) -> None:
-        self.sock.settimeout(timeout)
+        self._recv_timeout(timeout)
+        size = self._read_size
         try:
-            data = self.sock.recv(READ_SIZE)
-        except TimeoutError:
+            data = self.sock.recv(size)
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
             raise httpx.ReadTimeout("timed out waiting for the upstream") from None
         except OSError as exc:
             if isinstance(exc, ConnectionResetError) and not self.buf:
@@ -455,24 +549,20 @@ class _SyncConn:
             raise httpx.ReadError(str(exc)) from exc
         if data:
             self.buf += data
+            # A full read means a big body is flowing: read more at a time.
+            self._read_size = READ_SIZE if len(data) == size else SMALL_READ
         else:
             self.eof = True
 
     def answered(self) -> bool:
         """Has the upstream sent something (an early answer) while we upload?"""
-        if self.buf:
-            return True
-        try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
+        return bool(self.buf) or self.readable()
 
     def write(self, data: bytes, timeout: float | None) -> None:
-        self.sock.settimeout(timeout)
+        self._send_timeout(timeout)
         try:
             self.sock.sendall(data)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO expired
             raise httpx.WriteTimeout("upstream stopped reading the request") from None
         except OSError as exc:
             raise httpx.WriteError(str(exc)) from exc
@@ -487,11 +577,12 @@ class _SyncConn:
 class UpstreamTransport(httpx.BaseTransport):
     """The sync transport dualproxy's SyncProxy uses by default (thread-safe)."""
 
-    def __init__(self, *, max_connections: int = 100, max_keepalive_connections: int = 100,
+    def __init__(self, *, max_connections: int | None = 100,
+                 max_keepalive_connections: int | None = 100,
                  ssl_context: ssl.SSLContext | None = None) -> None:
-        self._limit = max_connections
+        self._limit = _limit(max_connections)
         self._used = 0
-        self._max_idle = max_keepalive_connections
+        self._max_idle = _limit(max_keepalive_connections)
         self._idle: dict[Key, list[_SyncConn]] = {}
         self._cond = threading.Condition()
         self._ssl = ssl_context
@@ -533,7 +624,8 @@ class UpstreamTransport(httpx.BaseTransport):
             raise httpx.ConnectError(f"{host}:{port}: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if scheme == "https":
-            context = self._ssl or ssl.create_default_context()
+            with self._cond:
+                context = self._ssl = self._ssl or ssl.create_default_context()
             try:
                 sock = context.wrap_socket(sock, server_hostname=host)
             except OSError as exc:
@@ -541,12 +633,21 @@ class UpstreamTransport(httpx.BaseTransport):
                 raise httpx.ConnectError(f"TLS with {host}:{port} failed: {exc}") from exc
         return _SyncConn(sock)
 
+    def close(self) -> None:
+        """Close the idle connections (those in use close with their responses)."""
+        with self._cond:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+
     def _checkin(self, key: Key, conn: _SyncConn, reusable: bool) -> None:
         keep = reusable and not conn.close_after and not conn.buf and not conn.eof
         with self._cond:
             idle = self._idle.setdefault(key, [])
             if keep and len(idle) < self._max_idle:
                 conn.reused = False
+                conn.buf = bytearray()  # an emptied bytearray keeps its capacity: drop it
                 idle.append(conn)
                 conn = None  # type: ignore[assignment]
             self._used -= 1
@@ -573,14 +674,16 @@ class UpstreamTransport(httpx.BaseTransport):
             raise
         decoder = h1.BodyDecoder(head)
         if decoder.done:
-            self._checkin(key, conn, head.reusable)
+            self._checkin(key, conn, head.reusable and not conn.close_after)
             return _response(head, _Empty(), request)
         return _response(head, _SyncBody(self, key, conn, head, decoder, request), request)
 
     def _exchange(self, conn: _SyncConn, request: httpx.Request, retry: bool = True) -> h1.Head:
         method = request.method.encode()
         headers = request.headers.raw
-        framing, _ = h1.request_framing(headers)
+        framing, length, keep = h1.request_framing(headers)
+        if not keep:
+            conn.close_after = True
         write_timeout = _timeout(request, "write")
         head_bytes = h1.build_request_head(method, _target(request), headers)
         try:
@@ -592,7 +695,7 @@ class UpstreamTransport(httpx.BaseTransport):
         if framing != h1.NONE:
             stream = request.stream
             assert isinstance(stream, Iterable)
-            self._send_body(conn, stream, framing == h1.CHUNKED, write_timeout)
+            self._send_body(conn, stream, framing == h1.CHUNKED, length, write_timeout)
         while True:
             head = h1.parse_head(conn.buf, method) if conn.buf else None
             if head is None:
@@ -608,14 +711,15 @@ class UpstreamTransport(httpx.BaseTransport):
             return head
 
     def _send_body(self, conn: _SyncConn, stream: Iterable[bytes], chunked: bool,
-                   timeout: float | None) -> None:
+                   length: int, timeout: float | None) -> None:
+        left = length
         for piece in stream:
             if conn.answered():
                 conn.close_after = True  # early answer: stop uploading, never reuse
                 return
             if not piece:
                 continue
-            data = b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece
+            data, left = _frame(piece, chunked, left)
             try:
                 conn.write(data, timeout)
             except httpx.WriteError:
@@ -623,6 +727,8 @@ class UpstreamTransport(httpx.BaseTransport):
                 return  # try to read an early answer; none → protocol error below
         if chunked:
             conn.write(b"0\r\n\r\n", timeout)
+        elif left:
+            raise _underrun()
 
 
 class _SyncBody(httpx.SyncByteStream):

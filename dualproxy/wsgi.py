@@ -116,8 +116,15 @@ def _str_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]
     return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
 
 
-def problem_response(start_response: StartResponse, exc: ProxyError) -> list[bytes]:
-    start_response(f"{exc.status} {exc.title}", _str_headers(exc.headers()))
+def problem_response(start_response: StartResponse, exc: ProxyError,
+                     environ: Environ | None = None) -> list[bytes]:
+    headers = exc.headers()
+    if environ is None or "asgi.scope" not in environ:
+        # PEP 3333 forbids hop-by-hop headers in a WSGI response (wsgiref and
+        # waitress refuse them); only the ASGI server under the bridge is told
+        # to close. gunicorn closes or drains by its own framing anyway.
+        headers = [(name, value) for name, value in headers if name != b"connection"]
+    start_response(f"{exc.status} {exc.title}", _str_headers(headers))
     return [exc.body()]
 
 
@@ -188,9 +195,9 @@ class SyncProxy:
         except NotProxied as exc:
             if self.fallback is not None:
                 return self.fallback(environ, start_response)
-            return self._problem(start_response, exc, record)
+            return self._problem(start_response, exc, record, environ)
         except ProxyError as exc:
-            return self._problem(start_response, exc, record)
+            return self._problem(start_response, exc, record, environ)
 
         counter = BodyCounter(plan, self.config) if plan.has_body else None
         content = (
@@ -205,12 +212,13 @@ class SyncProxy:
             if counter is not None:
                 _discard(environ["wsgi.input"], discard_budget(counter, exc),
                          self.config.chunk_size)
-            return self._problem(start_response, exc, record)
+            return self._problem(start_response, exc, record, environ)
         except ClientDisconnected:
             # Nobody is left to read an answer, but WSGI still wants one.
             record.client_gone = True
             self._log.finish(record)
-            return problem_response(start_response, IncompleteBody("the client went away"))
+            return problem_response(start_response, IncompleteBody("the client went away"),
+                                    environ)
         record.upstream_status(response.status_code)
         try:
             enter_body_phase(request, self.config)
@@ -220,7 +228,7 @@ class SyncProxy:
                 head = response_hook(plan, head) or head  # type: ignore[assignment]
         except ProxyError as exc:
             response.close()
-            return self._problem(start_response, exc, record)
+            return self._problem(start_response, exc, record, environ)
         except BaseException:
             response.close()
             raise
@@ -229,14 +237,16 @@ class SyncProxy:
         gone = environ.get(CLIENT_GONE_KEY)
         body = ResponseBody(response, plan, record, self._log, head.has_body, gone)
         body.client_socket = environ.get("gunicorn.socket")
+        body.raw_stream = self._transport is not None
         return body
 
     def _problem(
-        self, start_response: StartResponse, exc: ProxyError, record: RequestRecord
+        self, start_response: StartResponse, exc: ProxyError, record: RequestRecord,
+        environ: Environ,
     ) -> list[bytes]:
         self._log.problem(record, exc)
         self._log.finish(record)
-        return problem_response(start_response, exc)
+        return problem_response(start_response, exc, environ)
 
 
 class ResponseBody:
@@ -264,6 +274,8 @@ class ResponseBody:
         self.gone = gone
         self._closed = False
         self.client_socket: socket.socket | None = None
+        # Our own transport's stream is raw already: skip httpx's iter_raw wrappers.
+        self.raw_stream = False
         if not has_body:
             record.responded = True
 
@@ -272,9 +284,13 @@ class ResponseBody:
             return
         record = self.record
         gone = self.gone
+        stream = self.response.stream
+        chunks: Iterable[bytes] = (
+            stream if self.raw_stream and isinstance(stream, httpx.SyncByteStream)
+            else self.response.iter_raw())
         try:
             with map_stream_errors():
-                for chunk in self.response.iter_raw():
+                for chunk in chunks:
                     if gone is not None and gone.is_set():
                         record.client_gone = True
                         return

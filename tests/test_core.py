@@ -6,7 +6,9 @@ prove the same on the wire for every pairing.
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -42,9 +44,11 @@ ROOT = ProxyConfig.build("http://up.example:8080")
 
 def incoming(target: bytes = b"/api/x", headers: list[tuple[bytes, bytes]] | None = None,
              method: str = "GET", peer: str | None = "10.0.0.7") -> IncomingRequest:
-    return IncomingRequest(method=method, target=target,
-                           headers=headers if headers is not None else [(b"host", b"front")],
-                           peer=peer, scheme="https")
+    headers = list(headers) if headers is not None else []
+    if not any(name == b"host" for name, _ in headers):
+        headers.insert(0, (b"host", b"front"))  # HTTP/1.1 requires one (400 without)
+    return IncomingRequest(method=method, target=target, headers=headers, peer=peer,
+                           scheme="https")
 
 
 # -- target ------------------------------------------------------------------
@@ -58,6 +62,8 @@ def incoming(target: bytes = b"/api/x", headers: list[tuple[bytes, bytes]] | Non
     (b"/api/a/../b", b"/base/a/../b"),
     (b"/api//evil/x", b"/base//evil/x"),
     (b"http://evil.example/api/x?q", b"/base/x?q"),
+    (b"/api/x?a#frag", b"/base/x?a"),
+    (b"/api#/../../x", b"/base"),
 ])
 def test_target_is_byte_exact_below_the_base(raw: bytes, expected: bytes) -> None:
     assert upstream_target(raw, b"/api", CONFIG.upstream_base, 8000) == expected
@@ -300,6 +306,15 @@ def test_smuggling_framing_is_refused(headers: list[tuple[bytes, bytes]]) -> Non
         plan_request(CONFIG, incoming(headers=headers, method="POST"))
 
 
+def test_host_is_required_on_http11_only() -> None:
+    no_host = [(b"x-a", b"1")]
+    with pytest.raises(BadRequest):
+        plan_request(CONFIG, IncomingRequest("GET", b"/api/x", no_host, "10.0.0.7"))
+    plan = plan_request(CONFIG, IncomingRequest("GET", b"/api/x", no_host, "10.0.0.7",
+                                                http_version="1.0"))
+    assert plan.headers[0] == (b"host", b"up.example:8080")
+
+
 def test_header_limits_are_431() -> None:
     with pytest.raises(HeadersTooLarge):
         plan_request(CONFIG, incoming(headers=[(b"x-a", b"1")] * 101))
@@ -341,6 +356,32 @@ def test_build_request_sends_exactly_the_plan() -> None:
     assert request.extensions["target"] == b"/base/a%2F../b?x&y="
     assert request.headers.raw == plan.headers
     assert "user-agent" not in request.headers and "content-length" not in request.headers
+
+
+def test_build_request_streams_the_body_as_given_without_framing_headers() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"ab"
+        yield b"c"
+
+    async def read_async(request: httpx.Request) -> list[bytes]:
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        return [piece async for piece in request.stream]
+
+    chunked = [(b"transfer-encoding", b"chunked")]
+    plan = plan_request(CONFIG, incoming(b"/api/up", chunked, method="POST"))
+    request = build_request(CONFIG, plan, chunks())
+    assert asyncio.run(read_async(request)) == [b"ab", b"c"]
+    assert request.headers.raw == plan.headers  # nothing added, nothing merged
+    length = [(b"content-length", b"3")]
+    plan = plan_request(CONFIG, incoming(b"/api/up", length, method="PUT"))
+    request = build_request(CONFIG, plan, iter([b"ab", b"c"]))
+    assert isinstance(request.stream, httpx.SyncByteStream)
+    assert list(request.stream) == [b"ab", b"c"]
+    assert [n for n, _ in request.headers.raw].count(b"content-length") == 1
+    plan = plan_request(CONFIG, incoming(b"/api/none", method="DELETE"))
+    empty = build_request(CONFIG, plan, None)
+    assert list(empty.stream) == [] and asyncio.run(read_async(empty)) == []
+    assert "content-length" not in empty.headers and "transfer-encoding" not in empty.headers
 
 
 def test_build_request_through_a_transport_keeps_the_raw_target() -> None:

@@ -138,6 +138,25 @@ def test_several_or_invalid_hosts_are_refused(proxy: ProxyProcess, upstream: Ups
     assert upstream.find(rid) is None
 
 
+def test_http11_without_host_is_refused(proxy: ProxyProcess, upstream: Upstream,
+                                        rid: str) -> None:
+    """RFC 9112 3.2: 400 (as nginx and Go answer); neither uvicorn nor gunicorn checks it."""
+    response = exchange(proxy.port, f"GET /h HTTP/1.1\r\nx-req-id: {rid}\r\n\r\n".encode())
+    assert response.status == 400
+    assert response.header("content-type") == "application/problem+json"
+    time.sleep(0.2)
+    assert upstream.find(rid) is None
+
+
+def test_http10_without_host_gets_the_upstream_authority(proxy: ProxyProcess,
+                                                         upstream: Upstream, rid: str) -> None:
+    response = exchange(proxy.port, f"GET /h HTTP/1.0\r\nx-req-id: {rid}\r\n\r\n".encode())
+    record = upstream.wait_record(rid)
+    assert response.status == 200
+    assert record.header_all("host") == [authority(upstream)]
+    assert record.header_names() == ["host", "x-req-id", *FORWARDING]
+
+
 def test_preserve_host_forwards_the_clients(make_proxy: MakeProxy, upstream: Upstream,
                                             rid: str) -> None:
     proxy = make_proxy("--preserve-host")

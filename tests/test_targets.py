@@ -35,6 +35,14 @@ def assert_echoed(response: RawResponse, record: Record) -> None:
     assert echo["target"].encode("latin-1") == record.target
 
 
+def forwarded(proxy: ProxyProcess, upstream: Upstream, target: str, rid: str) -> Record:
+    """Send `target` through `proxy`; the upstream's record, once the client got its echo."""
+    response = send(proxy, target, rid)
+    record = upstream.wait_record(rid)
+    assert_echoed(response, record)
+    return record
+
+
 def assert_problem(response: RawResponse, status: int) -> None:
     assert response.status == status
     assert response.header("content-type") == "application/problem+json"
@@ -69,16 +77,12 @@ def assert_stayed_on_upstream(record: Record, upstream: Upstream) -> None:
 ])
 def test_targets_are_forwarded_byte_exact(proxy: ProxyProcess, upstream: Upstream, rid: str,
                                           target: str) -> None:
-    response = send(proxy, target, rid)
-    record = upstream.wait_record(rid)
-    assert_echoed(response, record)
+    record = forwarded(proxy, upstream, target, rid)
     assert record.target == target.encode()
 
 
 def test_bare_question_mark(proxy: ProxyProcess, upstream: Upstream, rid: str) -> None:
-    response = send(proxy, "/x?", rid)
-    record = upstream.wait_record(rid)
-    assert_echoed(response, record)
+    record = forwarded(proxy, upstream, "/x?", rid)
     if proxy.adapter == "asgi" or proxy.server == "uvicorn":
         # The one loss a server imposes: the path and the (empty) query are otherwise intact.
         assert record.target == b"/x"
@@ -86,6 +90,44 @@ def test_bare_question_mark(proxy: ProxyProcess, upstream: Upstream, rid: str) -
                      "say whether a `?` was sent (uvicorn, and the a2wsgi environ built from "
                      "it), so `/x?` reaches the upstream as `/x`")
     assert record.target == b"/x?"
+
+
+@pytest.mark.parametrize(("target", "expected"), [
+    ("/x#frag", b"/x"),
+    ("/x?a=1#frag", b"/x?a=1"),
+    ("/x?a#b?c", b"/x?a"),
+    ("/a%23b?c=%23#d", b"/a%23b?c=%23"),
+])
+def test_fragment_is_not_forwarded(proxy: ProxyProcess, upstream: Upstream, rid: str,
+                                   target: str, expected: bytes) -> None:
+    """RFC 9112 3.2: a request-target has no fragment (uvicorn drops it, gunicorn keeps it)."""
+    record = forwarded(proxy, upstream, target, rid)
+    assert record.target == expected
+
+
+@pytest.mark.parametrize(("target", "expected"), [
+    ("/x", b"/base/x"),
+    ("/", b"/base/"),
+    ("/a%2Fb/./c?q=/../..", b"/base/a%2Fb/./c?q=/../.."),
+    ("/a/../b", b"/base/a/../b"),
+    ("/..", 400),
+    ("/../x", 400),
+    ("/%2e%2E/x", 400),
+    ("/a/..%2f..%2fx", 400),
+    ("/a/..\\..\\x", 400),
+])
+def test_upstream_base_without_a_mount(make_proxy: MakeProxy, upstream: Upstream, rid: str,
+                                       target: str, expected: bytes | int) -> None:
+    """An upstream URL with a path and no mount: everything maps below the base, never above."""
+    response = send(make_proxy(upstream_path="/base"), target, rid)
+    if isinstance(expected, int):
+        assert_problem(response, expected)
+        assert_not_forwarded(upstream, rid)
+        return
+    record = upstream.wait_record(rid)
+    assert_echoed(response, record)
+    assert record.target == expected
+    assert_stayed_on_upstream(record, upstream)
 
 
 # --- methods -----------------------------------------------------------------------------
@@ -146,9 +188,7 @@ def mounted(make_proxy: MakeProxy) -> ProxyProcess:
 ])
 def test_mount_maps_onto_the_base(mounted: ProxyProcess, upstream: Upstream, rid: str,
                                   target: str, expected: bytes) -> None:
-    response = send(mounted, target, rid)
-    record = upstream.wait_record(rid)
-    assert_echoed(response, record)
+    record = forwarded(mounted, upstream, target, rid)
     assert record.target == expected
     assert record.header_all("host") == [authority(upstream)]
 
@@ -229,9 +269,7 @@ def test_absolute_form_without_a_path(proxy: ProxyProcess, upstream: Upstream,
                                     "//evil.example:80/x?y", "///evil.example/x"])
 def test_host_looking_paths_stay_paths(proxy: ProxyProcess, upstream: Upstream, rid: str,
                                        target: str) -> None:
-    response = send(proxy, target, rid)
-    record = upstream.wait_record(rid)
-    assert_echoed(response, record)
+    record = forwarded(proxy, upstream, target, rid)
     assert record.target == target.encode()
     assert_stayed_on_upstream(record, upstream)
 
