@@ -5,7 +5,8 @@ scope in `environ["asgi.scope"]` (the WSGI face reads the raw path and exact
 headers from it) but reports a client that disconnects mid-upload as a clean
 end of input, and never tells the app that the client went away during the
 download. This wrapper raises ClientDisconnected into the reading thread for
-the first, and sets the `dualproxy.client_gone` event for the second.
+the first, and sets the `dualproxy.client_gone` event for the second (watched
+from the end of the request body on, so a wait for the upstream's head ends too).
 """
 
 from __future__ import annotations
@@ -43,17 +44,7 @@ class WSGIBridge:
         scope[CLIENT_GONE_KEY] = gone
         has_body = any(n in (b"content-length", b"transfer-encoding")
                        for n, _ in scope["headers"])
-        state = {"body_done": not has_body}
         watcher: asyncio.Future[None] | None = None
-
-        async def guarded_receive() -> Message:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                gone.set()
-                raise ClientDisconnected("client went away")
-            if not message.get("more_body", False):
-                state["body_done"] = True
-            return message
 
         async def watch() -> None:
             while True:
@@ -62,16 +53,28 @@ class WSGIBridge:
                     gone.set()
                     return
 
-        async def guarded_send(message: Message) -> None:
+        async def guarded_receive() -> Message:
             nonlocal watcher
-            if message["type"] == "http.response.start" and state["body_done"]:
-                # Only once the body is consumed: two readers of receive() would
-                # steal each other's messages.
+            if watcher is not None:
+                # The body is over and the watcher owns receive() (two readers would
+                # steal each other's messages): answer as the server would.
+                if gone.is_set():
+                    raise ClientDisconnected("client went away")
+                return {"type": "http.request", "body": b"", "more_body": False}
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+                raise ClientDisconnected("client went away")
+            if not message.get("more_body", False):
+                # From here on only a disconnect can come: watch for it while the
+                # WSGI side waits for the upstream's head and streams the answer.
                 watcher = asyncio.ensure_future(watch())
-            await send(message)
+            return message
 
+        if not has_body:
+            watcher = asyncio.ensure_future(watch())
         try:
-            await self._inner(scope, guarded_receive, guarded_send)
+            await self._inner(scope, guarded_receive, send)
         except (UpstreamBroken, ClientDisconnected):
             # Returning without completing the response makes the server drop
             # the connection: the client never sees a cut body as complete.

@@ -19,7 +19,10 @@ connection pool per origin, and keep every rule the suite checks:
   Content-Length is a LocalProtocolError, never a completed upload;
 - a request that failed on a *reused* connection before any response byte is
   retried once on a fresh one, only when it has no body and an idempotent
-  method.
+  method;
+- the sync transport, given a `ClientWatch` in `extensions["dualproxy.client"]`,
+  gives up waiting for the head as soon as the client is gone
+  (ClientDisconnected): WSGI itself has no disconnect signal.
 """
 
 from __future__ import annotations
@@ -40,10 +43,17 @@ from typing import Any, cast
 import httpx
 
 from . import h1
+from .errors import ClientDisconnected
 
 READ_SIZE = 262144
 SMALL_READ = 65536          # below malloc's mmap threshold: no mmap/munmap per small read
 HIGH_WATER = 1 << 20        # pause reading the upstream above this many buffered bytes
+CLIENT_WATCH = "dualproxy.client"  # request extension holding a ClientWatch
+# Linux reports a peer's FIN as POLLRDHUP without reading (pipelined bytes do
+# not raise it); elsewhere only a reset (POLLHUP/POLLERR) is seen.
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0)
+_GONE_EVENTS = _POLLRDHUP | select.POLLHUP | select.POLLERR
+_EVENT_SLICE = 0.05  # how often an event-only watch is looked at while waiting
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 Key = tuple[str, str, int]
 
@@ -443,16 +453,22 @@ class _AsyncBody(httpx.AsyncByteStream):
         decoder = self._decoder
         if conn is None:
             return
-        while not decoder.done:
+        while True:
             data = decoder.feed(conn.buf, conn.eof)
+            if decoder.done:
+                # Finished cleanly: back to the pool before the last piece goes out,
+                # so the client's next request (sent the moment it has this piece)
+                # finds the connection idle.
+                self._finish()
+                if data:
+                    yield data
+                return
             if data:
                 yield data
-            elif not decoder.done:
-                if conn.eof:
-                    raise httpx.RemoteProtocolError("upstream closed mid-body")
+            elif conn.eof:
+                raise httpx.RemoteProtocolError("upstream closed mid-body")
+            else:
                 await conn.wait_data(_timeout(self._request, "read"))
-        # Finished cleanly: back to the pool now, before the caller's aclose.
-        self._finish()
 
     def _finish(self) -> None:
         conn, self._conn = self._conn, None
@@ -574,6 +590,49 @@ class _SyncConn:
             pass
 
 
+class ClientWatch:
+    """Tells the sync transport, while it waits for the upstream's head, that the client left.
+
+    `sock`: the client's socket (gunicorn puts it in the environ); its FIN or
+    reset ends the wait, as nginx ends a request whose client closed. `gone`: an
+    event a server bridge sets on disconnect (looked at every 50 ms while waiting).
+    """
+
+    __slots__ = ("sock", "gone")
+
+    def __init__(self, sock: socket.socket | None = None,
+                 gone: threading.Event | None = None) -> None:
+        self.sock = sock
+        self.gone = gone
+
+    def wait(self, conn: _SyncConn, timeout: float | None) -> None:
+        """Return once `conn` has bytes (or EOF) to read; raise if the client left first."""
+        if conn.tls and cast(ssl.SSLSocket, conn.sock).pending():
+            return
+        poller = select.poll()
+        try:
+            upstream_fd = conn.sock.fileno()
+            poller.register(upstream_fd, select.POLLIN)
+            if self.sock is not None and self.sock.fileno() >= 0:
+                poller.register(self.sock, _GONE_EVENTS)
+        except (OSError, ValueError):
+            return  # a closed socket: let the read itself report it
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.gone is not None and self.gone.is_set():
+                raise ClientDisconnected("the client went away before the response head")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise httpx.ReadTimeout("timed out waiting for the upstream")
+            if self.gone is not None:
+                left = _EVENT_SLICE if left is None else min(left, _EVENT_SLICE)
+            events = poller.poll(None if left is None else max(int(left * 1000), 1))
+            for fd, _ in events:
+                if fd == upstream_fd:
+                    return
+                raise ClientDisconnected("the client went away before the response head")
+
+
 class UpstreamTransport(httpx.BaseTransport):
     """The sync transport dualproxy's SyncProxy uses by default (thread-safe)."""
 
@@ -686,6 +745,7 @@ class UpstreamTransport(httpx.BaseTransport):
             conn.close_after = True
         write_timeout = _timeout(request, "write")
         head_bytes = h1.build_request_head(method, _target(request), headers)
+        watch = request.extensions.get(CLIENT_WATCH)
         try:
             conn.write(head_bytes, write_timeout)
         except httpx.WriteError:
@@ -704,7 +764,10 @@ class UpstreamTransport(httpx.BaseTransport):
                             and method in _IDEMPOTENT):
                         raise _Retry()
                     raise httpx.RemoteProtocolError("upstream closed without a response")
-                conn.read_more(_timeout(request, "read"))
+                read_timeout = _timeout(request, "read")
+                if watch is not None:
+                    watch.wait(conn, read_timeout)
+                conn.read_more(read_timeout)
                 continue
             if 100 <= head.status < 200 and head.status != 101:
                 continue
@@ -746,15 +809,19 @@ class _SyncBody(httpx.SyncByteStream):
         decoder = self._decoder
         if conn is None:
             return
-        while not decoder.done:
+        while True:
             data = decoder.feed(conn.buf, conn.eof)
+            if decoder.done:
+                self._finish()  # back to the pool before the last piece (see _AsyncBody)
+                if data:
+                    yield data
+                return
             if data:
                 yield data
-            elif not decoder.done:
-                if conn.eof:
-                    raise httpx.RemoteProtocolError("upstream closed mid-body")
+            elif conn.eof:
+                raise httpx.RemoteProtocolError("upstream closed mid-body")
+            else:
                 conn.read_more(_timeout(self._request, "read"))
-        self._finish()
 
     def _finish(self) -> None:
         conn, self._conn = self._conn, None

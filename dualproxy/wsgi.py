@@ -42,6 +42,7 @@ from .errors import (
     map_upstream_errors,
 )
 from .logs import AccessLog, RequestRecord
+from .transport import CLIENT_WATCH, ClientWatch
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 Environ = dict[str, Any]
@@ -205,6 +206,12 @@ class SyncProxy:
             if counter is not None else None
         )
         request = build_request(self.config, plan, content)
+        client_sock = environ.get("gunicorn.socket")
+        if not isinstance(client_sock, socket.socket):
+            client_sock = None
+        gone = environ.get(CLIENT_GONE_KEY)
+        if client_sock is not None or gone is not None:
+            request.extensions[CLIENT_WATCH] = ClientWatch(client_sock, gone)
         try:
             with map_upstream_errors():
                 response = self._send(request)
@@ -234,9 +241,8 @@ class SyncProxy:
             raise
         start_response(head.status_line, _str_headers(head.headers))
         record.status = head.status
-        gone = environ.get(CLIENT_GONE_KEY)
         body = ResponseBody(response, plan, record, self._log, head.has_body, gone)
-        body.client_socket = environ.get("gunicorn.socket")
+        body.client_socket = client_sock
         body.raw_stream = self._transport is not None
         return body
 

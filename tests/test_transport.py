@@ -28,7 +28,7 @@ import pytest
 import uvloop
 
 from dualproxy.errors import BodyTooLarge, ClientDisconnected
-from dualproxy.transport import AsyncUpstreamTransport, UpstreamTransport
+from dualproxy.transport import CLIENT_WATCH, AsyncUpstreamTransport, ClientWatch, UpstreamTransport
 from tests.rawhttp import Reader
 
 KINDS = ("sync", "asyncio", "uvloop")
@@ -1144,3 +1144,80 @@ def test_https_upstream_certificate_is_verified(
     up = serve(answer(response()), tls=tls_server_context[0])
     with pytest.raises(httpx.ConnectError):
         driver.fetch(f"https://localhost:{up.port}/")
+
+
+# ------------------------------------------------------------- sync: the client leaves first
+
+
+def _fetch_watched(up: Upstream, watch: ClientWatch, timeout: float = WAIT) -> httpx.Response:
+    transport = UpstreamTransport()
+    request = httpx.Request("GET", up.url, headers=[(b"Host", b"u")],
+                            extensions={"timeout": {"connect": timeout, "read": timeout,
+                                                    "write": timeout, "pool": timeout},
+                                        CLIENT_WATCH: watch})
+    try:
+        response = transport.handle_request(request)
+        response.read()
+        return response
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize("how", ["close", "shutdown-write", "reset"])
+def test_client_socket_gone_ends_the_wait_for_the_head(serve: Any, how: str) -> None:
+    up = serve(hang)
+    client, server_side = socket.socketpair()
+    with client, server_side:
+        def leave() -> None:
+            time.sleep(0.2)
+            if how == "close":
+                client.close()
+            elif how == "shutdown-write":
+                client.shutdown(socket.SHUT_WR)  # a FIN, as nginx sees a client that left
+            else:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+        threading.Thread(target=leave, daemon=True).start()
+        started = time.monotonic()
+        with pytest.raises(ClientDisconnected):
+            _fetch_watched(up, ClientWatch(sock=server_side))
+        assert time.monotonic() - started < WAIT
+    up.finished(0)  # the upstream request was closed, not left hanging
+
+
+def test_gone_event_ends_the_wait_for_the_head(serve: Any) -> None:
+    up = serve(hang)
+    gone = threading.Event()
+    threading.Timer(0.2, gone.set).start()
+    with pytest.raises(ClientDisconnected):
+        _fetch_watched(up, ClientWatch(gone=gone))
+    up.finished(0)
+
+
+def test_pipelined_client_bytes_do_not_end_the_wait(serve: Any) -> None:
+    """Bytes of a next request are not a disconnect: the answer still comes through."""
+    up = serve(pause_then_head(0.3))
+    client, server_side = socket.socketpair()
+    with client, server_side:
+        client.sendall(b"GET /next HTTP/1.1\r\nHost: p\r\n\r\n")
+        response = _fetch_watched(up, ClientWatch(sock=server_side))
+        assert (response.status_code, response.content) == (200, b"ok")
+        assert server_side.recv(100).startswith(b"GET /next")  # left for the server
+
+
+def test_watched_wait_still_times_out(serve: Any) -> None:
+    up = serve(hang)
+    client, server_side = socket.socketpair()
+    with client, server_side:
+        with pytest.raises(httpx.ReadTimeout):
+            _fetch_watched(up, ClientWatch(sock=server_side, gone=threading.Event()),
+                           timeout=0.3)
+
+
+def pause_then_head(pause: float) -> Script:
+    def script(peer: Peer) -> None:
+        peer.read_request()
+        time.sleep(pause)
+        peer.send(response())
+
+    return script
