@@ -350,6 +350,42 @@ def test_response_plan_drops_length_on_204_and_304() -> None:
     assert head.has_body and head.status_line == "200 OK"
 
 
+@pytest.mark.parametrize(("upstream", "expected"), [
+    ([(b"content-length", b"5, 5")], [(b"content-length", b"5")]),
+    ([(b"content-length", b"5"), (b"content-length", b" 5")], [(b"content-length", b"5")]),
+    ([(b"content-length", b"5, 6")], BadGateway),
+    ([(b"content-length", b"5"), (b"content-length", b"6")], BadGateway),
+    ([(b"content-length", b"+5")], BadGateway),
+    ([(b"content-length", b"0x10")], BadGateway),
+    ([(b"content-length", b"5"), (b"transfer-encoding", b"chunked")], BadGateway),
+    ([(b"transfer-encoding", b"gzip, chunked")], BadGateway),
+    ([(b"transfer-encoding", b"chunked")], []),
+], ids=["equal-list", "equal-lines", "differing-list", "differing-lines", "plus", "hex",
+        "both", "gzip-chunked", "chunked"])
+def test_response_framing_rules(upstream: list[tuple[bytes, bytes]],
+                                expected: list[tuple[bytes, bytes]] | type[Exception]) -> None:
+    """RFC 9112 6.3 / RFC 9110 8.6: one length or chunked alone; anything else is a 502."""
+    if isinstance(expected, list):
+        assert response_headers(upstream, CONFIG, mount=b"/api") == expected
+    else:
+        with pytest.raises(expected):
+            response_headers(upstream, CONFIG, mount=b"/api")
+
+
+@pytest.mark.parametrize("status", [100, 101, 103])
+def test_interim_status_reaching_the_core_is_502(status: int) -> None:
+    """Interim answers are skipped below the core; one that arrives (an unasked 101) is a 502."""
+    plan = plan_request(ROOT, incoming(b"/x"))
+    with pytest.raises(BadGateway):
+        plan_response(ROOT, plan, status, [(b"upgrade", b"h2c")])
+
+
+def test_http09_request_is_refused() -> None:
+    with pytest.raises(BadRequest):
+        plan_request(CONFIG, IncomingRequest("GET", b"/api/x", [], "10.0.0.7",
+                                             http_version="0.9"))
+
+
 def test_build_request_sends_exactly_the_plan() -> None:
     plan = plan_request(CONFIG, incoming(b"/api/a%2F../b?x&y=", method="POST"))
     request = build_request(CONFIG, plan, None)
