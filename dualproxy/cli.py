@@ -227,6 +227,13 @@ def serve_uvicorn(options: dict[str, Any], host: str, port: int, workers: int) -
         uvicorn.run(app_from_env(), **common)
 
 
+def gunicorn_settings() -> dict[str, Any]:
+    """The setting names this gunicorn knows."""
+    from gunicorn.config import KNOWN_SETTINGS
+
+    return {setting.name: setting for setting in KNOWN_SETTINGS}
+
+
 def serve_gunicorn(options: dict[str, Any], host: str, port: int, workers: int) -> None:
     from gunicorn.app.base import BaseApplication
 
@@ -246,6 +253,11 @@ def serve_gunicorn(options: dict[str, Any], host: str, port: int, workers: int) 
         "limit_request_fields": 32768,
         "limit_request_field_size": 1 << 20,
     }
+    if "control_socket_disable" in gunicorn_settings():
+        # gunicorn >= 25.1 opens a control socket at one per-user path
+        # ($XDG_RUNTIME_DIR/gunicorn.ctl): two proxies on one machine would take
+        # it from each other. `dualproxy serve` offers no gunicornc management.
+        settings["control_socket_disable"] = True
     if options["adapter"] == "wsgi":
         settings.update(worker_class="gthread", threads=options["threads"],
                         timeout=60, keepalive=5)
