@@ -8,7 +8,9 @@ call when the client goes away) closes the upstream response at once.
 
 from __future__ import annotations
 
+import io
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
@@ -201,8 +203,9 @@ class SyncProxy:
             return self._problem(start_response, exc, record, environ)
 
         counter = BodyCounter(plan, self.config) if plan.has_body else None
+        body_input = _body_input(environ) if counter is not None else None
         content = (
-            _request_body(environ["wsgi.input"], counter, self.config.chunk_size, record)
+            _request_body(body_input, counter, self.config.chunk_size, record)
             if counter is not None else None
         )
         request = build_request(self.config, plan, content)
@@ -217,8 +220,7 @@ class SyncProxy:
                 response = self._send(request)
         except ProxyError as exc:
             if counter is not None:
-                _discard(environ["wsgi.input"], discard_budget(counter, exc),
-                         self.config.chunk_size)
+                _discard(body_input, discard_budget(counter, exc), self.config.chunk_size)
             return self._problem(start_response, exc, record, environ)
         except ClientDisconnected:
             # Nobody is left to read an answer, but WSGI still wants one.
@@ -327,6 +329,98 @@ class ResponseBody:
         self.log.finish(self.record)
 
 
+# Largest read from the client socket when gunicorn's input is read directly.
+# Such a read returns whatever has arrived (it never waits for a full piece),
+# so a big bound costs a slow upload nothing and saves a fast one iterations.
+DIRECT_READ = 262144
+
+
+class GunicornLengthInput:
+    """gunicorn's `wsgi.input` for a Content-Length body, read straight off the socket.
+
+    gunicorn's own `read(n)` blocks until n bytes, and its unreader re-copies
+    the read-ahead it keeps (up to 1 MiB, in a BytesIO) on every call: a fast
+    upload spends most of its CPU copying. This reads what gunicorn already
+    buffered first, then recv()s the socket itself, and keeps gunicorn's
+    bookkeeping exact: the reader's remaining length drops by every byte taken
+    (so gunicorn sees the body consumed and the next request on a keep-alive
+    connection starts where it should), bytes past the body stay in gunicorn's
+    buffer, and a failed read marks the body failed (the connection closes).
+    """
+
+    __slots__ = ("body", "reader", "unreader", "sock")
+
+    def __init__(self, body: Any, reader: Any, unreader: Any, sock: socket.socket) -> None:
+        self.body = body
+        self.reader = reader
+        self.unreader = unreader
+        self.sock = sock
+
+    @classmethod
+    def recognise(cls, stream: Any) -> GunicornLengthInput | None:
+        """The direct reader when `stream` is exactly gunicorn's known shape, else None."""
+        body_mod = sys.modules.get("gunicorn.http.body")
+        unreader_mod = sys.modules.get("gunicorn.http.unreader")
+        if body_mod is None or unreader_mod is None:
+            return None
+        if type(stream) is not getattr(body_mod, "Body", None):
+            return None
+        reader = getattr(stream, "reader", None)
+        if type(reader) is not getattr(body_mod, "LengthReader", None):
+            return None
+        unreader = getattr(reader, "unreader", None)
+        if type(unreader) is not getattr(unreader_mod, "SocketUnreader", None):
+            return None
+        sock = getattr(unreader, "sock", None)
+        if not (isinstance(sock, socket.socket) and isinstance(getattr(reader, "length", None), int)
+                and isinstance(getattr(stream, "buf", None), io.BytesIO)
+                and isinstance(getattr(unreader, "buf", None), io.BytesIO)
+                and isinstance(getattr(stream, "failed", None), bool)):
+            return None
+        return cls(stream, reader, unreader, sock)
+
+    def read(self, size: int) -> bytes:
+        """Up to `size` bytes of the body, as soon as any are there; b"" at its end."""
+        body = self.body
+        if body.buf.tell():
+            # Bytes gunicorn's Body already took from its reader (a read that
+            # asked for more than the caller wanted): they come first.
+            data = body.buf.getvalue()
+            body.buf = io.BytesIO()
+            body.buf.write(data[size:])
+            return data[:size]
+        reader = self.reader
+        size = min(size, reader.length)
+        if size <= 0:
+            return b""
+        unreader = self.unreader
+        unreader.buf.seek(0, io.SEEK_END)
+        if unreader.buf.tell():
+            # Read-ahead from the head (or pipelined bytes after the body):
+            # take the body's share, leave the rest where gunicorn expects it.
+            data = unreader.buf.getvalue()
+            unreader.buf = io.BytesIO()
+            unreader.buf.write(data[size:])
+            data = data[:size]
+        else:
+            try:
+                data = self.sock.recv(size)
+            except BaseException:
+                body.failed = True
+                raise
+            if not data:
+                body.failed = True  # the client left mid-body: never reuse
+                return b""
+        reader.length -= len(data)
+        return data
+
+
+def _body_input(environ: Environ) -> Any:
+    """Where to read the request body: gunicorn's socket directly when safe, else wsgi.input."""
+    stream = environ["wsgi.input"]
+    return GunicornLengthInput.recognise(stream) or stream
+
+
 def _discard(stream: Any, budget: int, chunk_size: int) -> None:
     """Read and drop up to `budget` bytes of the unread request body."""
     while budget > 0:
@@ -349,6 +443,8 @@ def _request_body(
     reset, malformed chunking) or ends short aborts the upload: the upstream
     never sees a cut body completed.
     """
+    if isinstance(stream, GunicornLengthInput):
+        chunk_size = max(chunk_size, DIRECT_READ)  # its reads never wait for a full piece
     while True:
         remaining = counter.remaining()
         size = chunk_size if remaining is None else min(chunk_size, remaining)
