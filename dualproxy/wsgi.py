@@ -382,13 +382,16 @@ class GunicornLengthInput:
     def read(self, size: int) -> bytes:
         """Up to `size` bytes of the body, as soon as any are there; b"" at its end."""
         body = self.body
+        data: bytes
+        body.buf.seek(0, io.SEEK_END)
         if body.buf.tell():
             # Bytes gunicorn's Body already took from its reader (a read that
             # asked for more than the caller wanted): they come first.
             data = body.buf.getvalue()
             body.buf = io.BytesIO()
             body.buf.write(data[size:])
-            return data[:size]
+            data = data[:size]
+            return data
         reader = self.reader
         size = min(size, reader.length)
         if size <= 0:
