@@ -179,6 +179,31 @@ class BodyDecoder:
             raise protocol_error("upstream closed inside a chunked body")
         return out
 
+    @property
+    def whole_reads(self) -> bool:
+        """True while this body can take whole reads with `take` (no chunk framing)."""
+        return not self.done and self.framing in (LENGTH, CLOSE)
+
+    def take(self, piece: bytes) -> tuple[bytes, bytes]:
+        """One read of a Content-Length or close-delimited body, uncopied when it fits.
+
+        Returns the body's part of `piece` (`piece` itself when all of it is
+        body) and what follows the body (stray bytes: the caller must never
+        reuse the connection then). The end of a close-delimited body is EOF,
+        which `feed` reports.
+        """
+        if self.framing == CLOSE:
+            return piece, b""
+        n = self.remaining
+        if len(piece) < n:
+            self.remaining = n - len(piece)
+            return piece, b""
+        self.remaining = 0
+        self.done = True
+        if len(piece) == n:
+            return piece, b""
+        return piece[:n], piece[n:]
+
     def _chunked(self, buf: bytearray) -> bytes:
         pieces: list[bytes] = []
         budget = MAX_PIECE

@@ -145,6 +145,11 @@ class _AsyncConn(asyncio.Protocol):
         self._paused = False
         self.reused = False
         self.close_after = False
+        # While a Content-Length or close-delimited body streams, whole reads
+        # queue here as the event loop delivered them and go on to the client
+        # uncopied; `buf` (always older bytes than the queue) is drained first.
+        self.queue: collections.deque[bytes] | None = None
+        self.queued = 0
 
     # protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -158,8 +163,14 @@ class _AsyncConn(asyncio.Protocol):
                 pass
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if len(self.buf) > HIGH_WATER and self.transport is not None and not self._paused:
+        queue = self.queue
+        if queue is not None and not self.buf:
+            queue.append(data)
+            self.queued += len(data)
+        else:
+            self.buf += data
+        if (len(self.buf) + self.queued > HIGH_WATER and self.transport is not None
+                and not self._paused):
             self._paused = True
             self.transport.pause_reading()
         self._wake()
@@ -196,10 +207,11 @@ class _AsyncConn(asyncio.Protocol):
         return self.transport is None or self.transport.is_closing()
 
     def usable(self) -> bool:
-        return not self.closed and not self.eof and not self.buf
+        return not self.closed and not self.eof and not self.buf and not self.queue
 
     def consumed(self) -> None:
-        if self._paused and len(self.buf) < HIGH_WATER // 4 and self.transport is not None:
+        if (self._paused and len(self.buf) + self.queued < HIGH_WATER // 4
+                and self.transport is not None):
             self._paused = False
             self.transport.resume_reading()
 
@@ -337,6 +349,7 @@ class AsyncUpstreamTransport(httpx.AsyncBaseTransport):
         if reusable and conn.usable() and len(idle) < self._max_idle:
             conn.reused = False
             conn.buf = bytearray()  # an emptied bytearray keeps its capacity: drop it
+            conn.queue = None
             idle.append(conn)
         else:
             conn.close()
@@ -453,8 +466,18 @@ class _AsyncBody(httpx.AsyncByteStream):
         decoder = self._decoder
         if conn is None:
             return
+        if decoder.whole_reads:
+            conn.queue = collections.deque()
         while True:
-            data = decoder.feed(conn.buf, conn.eof)
+            queue = conn.queue
+            if queue and not conn.buf:
+                piece = queue.popleft()
+                conn.queued -= len(piece)
+                data, stray = decoder.take(piece)
+                if stray:
+                    conn.buf += stray  # bytes past the body: the connection is not reused
+            else:
+                data = decoder.feed(conn.buf, conn.eof)
             if decoder.done:
                 # Finished cleanly: back to the pool before the last piece goes out,
                 # so the client's next request (sent the moment it has this piece)

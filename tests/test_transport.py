@@ -638,6 +638,43 @@ def test_bytes_beyond_the_body_discard_the_connection(
     assert len(up.peers) == 3
 
 
+@pytest.mark.parametrize("framing", [b"Content-Length: 10", b"Connection: close"])
+def test_body_in_separate_reads(driver: Driver, serve: Any, framing: bytes) -> None:
+    """A body that arrives read by read (the async transport passes whole reads on)."""
+
+    def script(peer: Peer) -> None:
+        peer.read_request()
+        peer.send(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n\r\n")
+        for piece in (b"hel", b"lo", b"world"):
+            time.sleep(0.05)
+            peer.send(piece)
+        if b"close" in framing:
+            return
+        peer.wait_eof()
+
+    up = serve(script)
+    assert driver.fetch(up.url)[1] == b"helloworld"
+
+
+def test_stray_bytes_after_a_body_in_separate_reads(driver: Driver, serve: Any) -> None:
+    def script(peer: Peer) -> None:
+        if peer.index:
+            answer(response(b"second"))(peer)
+            return
+        peer.read_request()
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        time.sleep(0.05)
+        peer.send(b"hello")
+        time.sleep(0.05)
+        peer.send(b"world" + response(b"smuggl"))
+        answer(response(b"wrong"))(peer)
+
+    up = serve(script)
+    assert driver.fetch(up.url)[1] == b"helloworld"
+    assert driver.fetch(up.url)[1] == b"second"
+    assert len(up.peers) == 2
+
+
 def test_bytes_on_an_idle_connection_discard_it(driver: Driver, serve: Any) -> None:
     stray_sent = threading.Event()
 
