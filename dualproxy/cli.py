@@ -194,10 +194,40 @@ def trim_heap_periodically(interval: float = 1.0) -> None:
     threading.Thread(target=loop, name="dualproxy-heap-trim", daemon=True).start()
 
 
+# How much request body uvicorn may buffer before it stops reading the client.
+UVICORN_BODY_HIGH_WATER = 262144
+
+
+def tune_uvicorn() -> None:
+    """Let uvicorn read a request body in bigger steps than its 64 KiB.
+
+    uvicorn pauses reading the client whenever more than HIGH_WATER_LIMIT
+    (64 KiB) of body waits for the app's next receive(), and resumes at that
+    receive: a fast upload goes pause, resume, pause, with an epoll change and
+    a small message each time. Its protocols read the constant from their own
+    module at every body callback, so raising it there takes effect; memory
+    stays bounded per connection. Only for a uvicorn already loaded (the
+    server running this process), never imported for gunicorn's threads.
+    """
+    if "uvicorn" not in sys.modules:
+        return
+    import importlib
+
+    for name in ("uvicorn.protocols.http.httptools_impl", "uvicorn.protocols.http.h11_impl"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # that parser's package is not installed
+            continue
+        limit = getattr(module, "HIGH_WATER_LIMIT", None)
+        if isinstance(limit, int):
+            vars(module)["HIGH_WATER_LIMIT"] = max(limit, UVICORN_BODY_HIGH_WATER)
+
+
 def app_from_env() -> Any:
     """Factory for worker processes: the ASGI app described by ENV_OPTIONS."""
     options = json.loads(os.environ[ENV_OPTIONS])
     setup_logging(options["log_level"])
+    tune_uvicorn()
     app = build_app(options)
     if options["adapter"] == "wsgi":
         from .bridge import WSGIBridge
