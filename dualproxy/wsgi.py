@@ -381,41 +381,42 @@ class GunicornLengthInput:
 
     def read(self, size: int) -> bytes:
         """Up to `size` bytes of the body, as soon as any are there; b"" at its end."""
-        body = self.body
-        data: bytes
-        body.buf.seek(0, io.SEEK_END)
-        if body.buf.tell():
-            # Bytes gunicorn's Body already took from its reader (a read that
-            # asked for more than the caller wanted): they come first.
-            data = body.buf.getvalue()
-            body.buf = io.BytesIO()
-            body.buf.write(data[size:])
-            data = data[:size]
+        # Bytes gunicorn's Body already took from its reader (a read that asked
+        # for more than the caller wanted) come first; they are counted already.
+        data = _take_buffered(self.body, size)
+        if data:
             return data
         reader = self.reader
         size = min(size, reader.length)
         if size <= 0:
             return b""
-        unreader = self.unreader
-        unreader.buf.seek(0, io.SEEK_END)
-        if unreader.buf.tell():
-            # Read-ahead from the head (or pipelined bytes after the body):
-            # take the body's share, leave the rest where gunicorn expects it.
-            data = unreader.buf.getvalue()
-            unreader.buf = io.BytesIO()
-            unreader.buf.write(data[size:])
-            data = data[:size]
-        else:
+        # Then read-ahead from the head: the body's share of it (pipelined bytes
+        # past the body stay where gunicorn expects them), then the socket.
+        data = _take_buffered(self.unreader, size)
+        if not data:
             try:
                 data = self.sock.recv(size)
             except BaseException:
-                body.failed = True
+                self.body.failed = True
                 raise
             if not data:
-                body.failed = True  # the client left mid-body: never reuse
+                self.body.failed = True  # the client left mid-body: never reuse
                 return b""
         reader.length -= len(data)
         return data
+
+
+def _take_buffered(owner: Any, size: int) -> bytes:
+    """Up to `size` bytes from the front of `owner.buf`, a gunicorn BytesIO that is
+    appended at its end; the rest stays there, as gunicorn's own reads leave it."""
+    buf = owner.buf
+    buf.seek(0, io.SEEK_END)
+    if not buf.tell():
+        return b""
+    data: bytes = buf.getvalue()
+    owner.buf = rest = io.BytesIO()
+    rest.write(data[size:])
+    return data[:size]
 
 
 def _body_input(environ: Environ) -> Any:

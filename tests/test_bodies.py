@@ -642,3 +642,23 @@ def test_keep_alive_many_requests(proxy: ProxyProcess, upstream: Upstream, rid: 
             rec = upstream.wait_record(req_id, complete=True)
             assert rec.complete and rec.body_length == len(body)
         assert not reader.eof
+
+
+def test_pipelined_requests_after_length_bodies(proxy: ProxyProcess, upstream: Upstream,
+                                                rid: str) -> None:
+    """Three requests in one write (two Content-Length uploads, then a GET): each body
+    ends exactly at its length and the next request starts right after it."""
+    bodies = [random_body(n, seed=n) for n in (5_000, 200_000)]
+    raw = b"".join(request_bytes("POST", f"/pipe/{i}", [("x-req-id", f"{rid}-{i}")], body)
+                   for i, body in enumerate(bodies))
+    raw += request_bytes("GET", "/pipe/2", [("x-req-id", f"{rid}-2")])
+    with connect(proxy.port) as sock:
+        sock.sendall(raw)
+        reader = Reader(sock)
+        for i, body in enumerate([*bodies, b""]):
+            resp = read_response(reader)
+            assert resp.status == 200 and resp.complete, (i, resp.status, resp.body[:200])
+            echo = echo_of(resp)
+            assert echo["target"] == f"/pipe/{i}"
+            assert echo["body_sha256"] == sha256(body)
+            assert upstream.wait_record(f"{rid}-{i}", complete=True).body_length == len(body)
