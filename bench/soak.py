@@ -1,6 +1,7 @@
 """Soak: many mixed requests through both faces, then check that nothing leaked.
 
     python bench/soak.py [--requests 100000] [--concurrency 16] [--face asgi-uvicorn]
+    python bench/soak.py --face wsgi-uvicorn --face asgi-gunicorn   # the cross pairings
 
 dualproxy asgi on uvicorn and wsgi on gunicorn, each in front of the suite's
 recording upstream (tests/upstream.py, in a process of its own), driven by
@@ -49,6 +50,11 @@ KiB, MiB = 1 << 10, 1 << 20
 FACES = {
     "asgi-uvicorn": ["--adapter", "asgi", "--server", "uvicorn"],
     "wsgi-gunicorn": ["--adapter", "wsgi", "--server", "gunicorn"],
+}
+# The cross pairings, on request (`--face wsgi-uvicorn`); the default soaks one per face.
+CROSS = {
+    "wsgi-uvicorn": ["--adapter", "wsgi", "--server", "uvicorn"],
+    "asgi-gunicorn": ["--adapter", "asgi", "--server", "gunicorn"],
 }
 # Weights per 1000 requests. Faults are named "fault: ..." and counted apart.
 MIX = [
@@ -167,7 +173,7 @@ def free_port() -> int:
 
 def start_proxy(face: str, upstream: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "dualproxy", "serve", "--upstream", upstream,
-            "--bind", f"127.0.0.1:{port}", *FACES[face], "--timeout", "10",
+            "--bind", f"127.0.0.1:{port}", *(FACES | CROSS)[face], "--timeout", "10",
             "--idle-timeout", "30", "--no-access-log", "--log-level", "warning"]
     with log.open("wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -570,8 +576,9 @@ def main() -> int:
                         help="total requests, split between the faces (default 100000)")
     parser.add_argument("--concurrency", type=int, default=16,
                         help="concurrent client connections (default 16)")
-    parser.add_argument("--face", action="append", choices=sorted(FACES),
-                        help="soak only this face (repeatable; default both)")
+    parser.add_argument("--face", action="append", choices=sorted(FACES | CROSS),
+                        help="soak this pairing (repeatable; default asgi-uvicorn and "
+                             "wsgi-gunicorn)")
     parser.add_argument("--warmup", type=int, default=None, metavar="N",
                         help="warm-up requests per round (default max(2000, requests/20))")
     parser.add_argument("--seed", type=int, default=1)
