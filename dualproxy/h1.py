@@ -130,6 +130,17 @@ def parse_head(buf: bytearray, method: bytes) -> Head | None:
     return Head(status, reason or b"", version, headers, framing, length, reusable)
 
 
+def _pop_front(buf: bytearray, n: int) -> bytes:
+    """The first `n` bytes of `buf`, removed from it (all of it without a slice copy)."""
+    if n == len(buf):
+        data = bytes(buf)
+        buf.clear()
+    else:
+        data = bytes(buf[:n])
+        del buf[:n]
+    return data
+
+
 class BodyDecoder:
     """Turns buffered bytes into body data for one response, consuming `buf`.
 
@@ -152,12 +163,7 @@ class BodyDecoder:
             return b""
         if self.framing == LENGTH:
             n = min(self.remaining, len(buf), MAX_PIECE)
-            if n == len(buf):
-                data = bytes(buf)
-                buf.clear()
-            else:
-                data = bytes(buf[:n])
-                del buf[:n]
+            data = _pop_front(buf, n)
             self.remaining -= n
             if self.remaining == 0:
                 self.done = True
@@ -165,12 +171,7 @@ class BodyDecoder:
                 raise protocol_error("upstream closed before the end of the body")
             return data
         if self.framing == CLOSE:
-            if len(buf) <= MAX_PIECE:
-                data = bytes(buf)
-                buf.clear()
-            else:
-                data = bytes(buf[:MAX_PIECE])
-                del buf[:MAX_PIECE]
+            data = _pop_front(buf, min(len(buf), MAX_PIECE))
             if eof and not buf:
                 self.done = True
             return data
@@ -211,8 +212,7 @@ class BodyDecoder:
             if self._state == "data":
                 n = min(self.remaining, len(buf), budget)
                 if n:
-                    pieces.append(bytes(buf[:n]))
-                    del buf[:n]
+                    pieces.append(_pop_front(buf, n))
                     self.remaining -= n
                     budget -= n
                 if self.remaining:

@@ -561,7 +561,7 @@ class _SyncConn:
     def readable(self) -> bool:
         """Bytes or EOF waiting right now? (poll, not select: any fd number works)"""
         sock = self.sock
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        if self.tls and cast(ssl.SSLSocket, sock).pending():
             return True
         poller = select.poll()
         try:

@@ -202,12 +202,13 @@ class SyncProxy:
         except ProxyError as exc:
             return self._problem(start_response, exc, record, environ)
 
-        counter = BodyCounter(plan, self.config) if plan.has_body else None
-        body_input = _body_input(environ) if counter is not None else None
-        content = (
-            _request_body(body_input, counter, self.config.chunk_size, record)
-            if counter is not None else None
-        )
+        counter: BodyCounter | None = None
+        body_input: Any = None
+        content: Iterator[bytes] | None = None
+        if plan.has_body:
+            counter = BodyCounter(plan, self.config)
+            body_input = _body_input(environ)
+            content = _request_body(body_input, counter, self.config.chunk_size, record)
         request = build_request(self.config, plan, content)
         client_sock = environ.get("gunicorn.socket")
         if not isinstance(client_sock, socket.socket):
