@@ -84,12 +84,23 @@ class ProxyProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.pairing} proxy exited:\n{self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
+            if self._answers():
+                return
+            time.sleep(0.05)
         raise RuntimeError(f"{self.pairing} proxy did not start:\n{self.log()}")
+
+    def _answers(self) -> bool:
+        """Does an HTTP answer come back? An open port is not enough: gunicorn's arbiter
+        listens before its worker has imported the app. The probe's target (encoded NUL)
+        is refused by the core, so it never reaches an upstream."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.settimeout(5)
+                sock.sendall(b"GET /%00dualproxy-ready HTTP/1.1\r\nHost: ready\r\n"
+                             b"Connection: close\r\n\r\n")
+                return sock.recv(16).startswith(b"HTTP/1.")
+        except OSError:
+            return False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

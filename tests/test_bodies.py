@@ -358,8 +358,8 @@ def tree_rss(pid: int) -> int:
 
 
 def warm_rss(proxy: ProxyProcess, rid: str) -> int:
-    """The proxy tree's RSS once it has served a download: a gunicorn worker may still be
-    importing the app when the port first accepts, which is growth no test should count."""
+    """The proxy tree's RSS once it has served a download: the first request's one-time
+    set-up (the upstream client, its pool, first buffers) is growth no test should count."""
     response = exchange(proxy.port, request_bytes("GET", "/warm", [
         ("x-req-id", f"{rid}-warm"), ("x-upstream", f"download size={MiB}")]))
     assert response.status == 200 and response.complete
