@@ -1,26 +1,35 @@
 """`dualproxy demo`: a built-in upstream and the proxy in front of it.
 
 The upstream is a small ASGI app (run by uvicorn in a child process) with a
-streamed download, an upload sink that reports the SHA-256 it received, and an
-SSE clock, so the three things people doubt about a proxy can be tried at once.
+streamed download, an upload sink that reports the SHA-256 it received, an SSE
+clock, a WebSocket chat (every message goes back to every open socket: an echo
+with one), and a page at `/` that tries all four from a browser, so the things
+people doubt about a proxy can be seen at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
+import html
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from importlib import resources
 from typing import Any
 
-from .asgi import Receive, Scope, Send
+from .asgi import Message, Receive, Scope, Send
 
 _BLOCK = bytes(range(256)) * 256  # 64 KiB
+DOWNLOAD_SIZE = 100 * 1024 * 1024  # the printed curl command's download
+_SHOWN_HEADERS = (b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                  b"forwarded")
+_chat_room: set[Send] = set()  # the open WebSockets of this upstream process
 
 
 def _query(scope: Scope) -> dict[str, str]:
@@ -28,24 +37,43 @@ def _query(scope: Scope) -> dict[str, str]:
     return dict(p.partition("=")[::2] for p in pairs if p)
 
 
+def download_blocks(size: int) -> Any:
+    """The bytes of /download?size=N, block by block (the same every time)."""
+    while size > 0:
+        block = _BLOCK[:size]
+        size -= len(block)
+        yield block
+
+
+@functools.lru_cache(maxsize=8)
+def download_sha256(size: int) -> str:
+    """The SHA-256 of /download?size=N, to compare with what arrived."""
+    digest = hashlib.sha256()
+    for block in download_blocks(size):
+        digest.update(block)
+    return digest.hexdigest()
+
+
 async def upstream_app(scope: Scope, receive: Receive, send: Send) -> None:
-    """The demo upstream: /download?size=N, /upload (POST/PUT), /events, / (index)."""
-    if scope["type"] != "http":
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+    """The demo upstream: / (the page), /download?size=N, /upload, /events[?count=N], /ws."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["type"] == "websocket":
+        await _chat(receive, send)
         return
     path = scope["path"]
     if path == "/download":
-        size = int(_query(scope).get("size", str(100 * 1024 * 1024)))
+        size = int(_query(scope).get("size", str(DOWNLOAD_SIZE)))
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"application/octet-stream"),
-            (b"content-length", str(size).encode())]})
+            (b"content-length", str(size).encode()),
+            (b"x-content-sha256", download_sha256(size).encode())]})
         if size <= 0:
             await send({"type": "http.response.body", "body": b""})
-        while size > 0:
-            block = _BLOCK[:size]
+        for block in download_blocks(size):
             size -= len(block)
             await send({"type": "http.response.body", "body": block, "more_body": size > 0})
         return
@@ -61,17 +89,72 @@ async def upstream_app(scope: Scope, receive: Receive, send: Send) -> None:
         await _respond(send, 200, b"application/json", body + b"\n")
         return
     if path == "/events":
-        count = int(_query(scope).get("count", "5"))
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
-        for i in range(count):
+        await _clock(scope, receive, send)
+        return
+    if path == "/":
+        await _respond(send, 200, b"text/html; charset=utf-8", _page(scope))
+        return
+    text = b"dualproxy demo upstream: try /, /download?size=N, /upload, /events, /ws\n"
+    await _respond(send, 404, b"text/plain", text)
+
+
+def _page(scope: Scope) -> bytes:
+    """The demo page, with the request headers that show the proxy was on the way."""
+    page = resources.files("dualproxy").joinpath("demo_page.html").read_text("utf-8")
+    seen = [f"{name.decode()}: {value.decode('latin-1')}"
+            for name, value in scope["headers"] if name in _SHOWN_HEADERS]
+    return page.replace("{{headers}}", html.escape("\n".join(seen))).encode()
+
+
+async def _clock(scope: Scope, receive: Receive, send: Send) -> None:
+    """One SSE event a second, `count` of them or until the client leaves."""
+    count = _query(scope).get("count")
+    limit = int(count) if count else None
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+
+    async def client_gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    gone = asyncio.ensure_future(client_gone())
+    try:
+        i = 0
+        while limit is None or i < limit:
             event = f"id: {i}\ndata: {time.strftime('%H:%M:%S')} tick {i}\n\n".encode()
             await send({"type": "http.response.body", "body": event, "more_body": True})
-            await asyncio.sleep(1)
+            i += 1
+            done, _ = await asyncio.wait({gone}, timeout=1)
+            if done:
+                return
         await send({"type": "http.response.body", "body": b""})
+    finally:
+        gone.cancel()
+
+
+async def _chat(receive: Receive, send: Send) -> None:
+    """A chat room: each message (text or binary) goes to every open socket."""
+    if (await receive())["type"] != "websocket.connect":
         return
-    text = b"dualproxy demo upstream: try /download?size=N, /upload, /events\n"
-    await _respond(send, 200 if path == "/" else 404, b"text/plain", text)
+    await send({"type": "websocket.accept"})
+    _chat_room.add(send)
+    try:
+        while True:
+            message = await receive()
+            if message["type"] != "websocket.receive":
+                return
+            out: Message = {"type": "websocket.send"}
+            if message.get("text") is not None:
+                out["text"] = message["text"]
+            else:
+                out["bytes"] = message.get("bytes") or b""
+            for peer in list(_chat_room):
+                try:
+                    await peer(out)
+                except Exception:  # a peer that left; its own loop ends it
+                    _chat_room.discard(peer)
+    finally:
+        _chat_room.discard(send)
 
 
 async def _respond(send: Send, status: int, ctype: bytes, body: bytes) -> None:
@@ -114,14 +197,18 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"""
 dualproxy demo: upstream on http://127.0.0.1:{port}, proxy ({args.adapter}) on {url}
 
-Try, in another terminal:
-  # a streamed 100 MiB download, hashed on arrival
-  curl -s {url}/download?size=104857600 | sha256sum
+Open {url}/ in a browser: an upload, a download, a live clock and a WebSocket chat,
+all through the proxy. Or try, in another terminal:
+  # a streamed {DOWNLOAD_SIZE >> 20} MiB download, hashed on arrival; sha256sum should print
+  #   {download_sha256(DOWNLOAD_SIZE)}  -
+  curl -s {url}/download?size={DOWNLOAD_SIZE} | sha256sum
   # a 50 MiB streamed upload; the upstream answers with the hash it received
   head -c 52428800 /dev/urandom > /tmp/dp.bin && sha256sum /tmp/dp.bin && \\
     curl -s -T /tmp/dp.bin -H 'Transfer-Encoding: chunked' {url}/upload
-  # a Server-Sent Events stream, one event a second, relayed as it happens
+  # a Server-Sent Events clock, one event a second until you stop it, relayed as it happens
   curl -sN {url}/events
+  # the WebSocket chat: type a line, it comes back (and reaches every open page)
+  python -m websockets ws://{host}:{proxy_port}/ws
 
 Ctrl-C stops both.
 """, flush=True)
