@@ -342,6 +342,22 @@ def test_fastapi_example_mounts_the_legacy_flask_app(fastapi_example: App, upstr
     assert upstream.find(rid + "-401") is None
 
 
+def nav_links(page: str) -> list[str]:
+    return re.findall(r'<a href="([^"]*)"', page.split("<nav>", 1)[1].split("</nav>", 1)[0])
+
+
+@pytest.mark.parametrize("mount", ["", "/legacy"])
+def test_example_flask_pages_link_inside_their_mount(flask_example: App, fastapi_example: App,
+                                                     mount: str) -> None:
+    """On gunicorn at / and mounted in FastAPI at /legacy, every nav link stays in the app."""
+    base = (fastapi_example if mount else flask_example).url
+    links = nav_links(httpx.get(base + mount + "/about").text)
+    assert links == [f"{mount}/", f"{mount}/about", f"{mount}/contact", f"{mount}/login"]
+    for link in links:
+        response = httpx.get(base + link)
+        assert response.status_code == 200 and nav_links(response.text) == links, link
+
+
 def test_fastapi_example_legacy_flask_app_streams(fastapi_example: App, upstream: Upstream,
                                                   rid: str) -> None:
     base = fastapi_example.url + "/legacy/upload"

@@ -30,8 +30,10 @@ storage.init_app(app)
 PAGE = """<!doctype html><title>{{ title }}</title>
 <h1>{{ title }}</h1>
 <p>{{ body }}</p>
-<nav><a href="/">home</a> <a href="/about">about</a> <a href="/contact">contact</a>
-<a href="/login">login</a></nav>"""
+<nav><a href="{{ url_for('index') }}">home</a> <a href="{{ url_for('about') }}">about</a>
+<a href="{{ url_for('contact') }}">contact</a> <a href="{{ url_for('login') }}">login</a></nav>"""
+# url_for, not "/about": mounted under a prefix (the FastAPI example's /legacy, a2wsgi's
+# SCRIPT_NAME) the links stay inside it.
 
 
 @app.before_request
