@@ -44,10 +44,11 @@ CHROMIUM_FLAGS = (
 
 
 def find_chromium() -> str | None:
-    """DUALPROXY_CHROMIUM, else Debian's chromium, else a Chrome on PATH."""
-    names = [os.environ.get("DUALPROXY_CHROMIUM", ""), "/usr/bin/chromium", "chromium",
-             "chromium-browser", "google-chrome"]
-    return next((found for name in names if name and (found := shutil.which(name))), None)
+    """DUALPROXY_CHROMIUM if set, else Debian's chromium, else a Chrome on PATH."""
+    chosen = os.environ.get("DUALPROXY_CHROMIUM")
+    names = [chosen] if chosen else ["/usr/bin/chromium", "chromium", "chromium-browser",
+                                     "google-chrome"]
+    return next((found for name in names if (found := shutil.which(name))), None)
 
 
 class Page:
@@ -149,6 +150,8 @@ class Browser:
 def browser() -> Iterator[Browser]:
     executable = find_chromium()
     if executable is None:
+        if os.environ.get("DUALPROXY_REQUIRE_BROWSER"):
+            pytest.fail("DUALPROXY_REQUIRE_BROWSER is set and no Chromium was found")
         pytest.skip("no Chromium found (apt-get install chromium, or set DUALPROXY_CHROMIUM): "
                     "the demo page was not tested in a browser")
     chromium = Browser(executable)
