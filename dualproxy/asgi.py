@@ -141,13 +141,14 @@ class AsyncProxy:
         kind = scope["type"]
         if kind == "http":
             await self.handle_http(scope, receive, send)
+        elif kind == "websocket":
+            from .websocket.relay_async import proxy_websocket
+
+            await proxy_websocket(self, scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif self.fallback is not None:
             await self.fallback(scope, receive, send)
-        else:
-            # WebSocket is not proxied (yet): refuse the handshake (403).
-            await send({"type": "websocket.close", "code": 1008})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

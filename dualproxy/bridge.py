@@ -19,15 +19,25 @@ from a2wsgi import WSGIMiddleware
 
 from .asgi import ASGIApp, Message, Receive, Scope, Send
 from .errors import ClientDisconnected, UpstreamBroken
-from .wsgi import CLIENT_GONE_KEY, Environ, StartResponse, WSGIApp
+from .wsgi import CLIENT_GONE_KEY, Environ, StartResponse, SyncProxy, WSGIApp
 
 
 class WSGIBridge:
-    """An ASGI app serving a WSGI app through a2wsgi with disconnects reported."""
+    """An ASGI app serving a WSGI app through a2wsgi with disconnects reported.
 
-    def __init__(self, app: WSGIApp, *, threads: int = 32) -> None:
+    WSGI cannot hold a WebSocket on an ASGI server: `websocket` scopes go to
+    `websocket` (by default, for a SyncProxy, an AsyncProxy on the same config).
+    """
+
+    def __init__(self, app: WSGIApp, *, threads: int = 32,
+                 websocket: ASGIApp | None = None) -> None:
         self.app = app
         self._inner = cast(ASGIApp, WSGIMiddleware(self._wsgi, workers=threads))  # type: ignore[arg-type]
+        if websocket is None and isinstance(app, SyncProxy):
+            from .asgi import AsyncProxy
+
+            websocket = AsyncProxy(config=app.config, access_log=app._log.enabled)
+        self.websocket = websocket
 
     def _wsgi(self, environ: Environ, start_response: StartResponse) -> Any:
         scope = environ.get("asgi.scope")
@@ -36,6 +46,9 @@ class WSGIBridge:
         return self.app(environ, start_response)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and self.websocket is not None:
+            await self.websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self._inner(scope, receive, send)
             return

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .config import DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, ProxyConfig
+from .config import DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_WS_MAX_SIZE, ProxyConfig
 
 ENV_OPTIONS = "DUALPROXY_SERVE_OPTIONS"
 DEFAULT_SERVER = {"asgi": "uvicorn", "wsgi": "gunicorn"}
@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECONDS",
                        help="seconds allowed between two body chunks once streaming, then the "
                             f"client connection is aborted (default: {DEFAULT_IDLE_TIMEOUT:g})")
+    serve.add_argument("--ws-max-size", type=int, default=DEFAULT_WS_MAX_SIZE, metavar="BYTES",
+                       help="largest WebSocket message either way, then the socket is closed "
+                            f"with 1009 (default: {DEFAULT_WS_MAX_SIZE})")
+    serve.add_argument("--ws-idle-timeout", type=_positive, default=None, metavar="SECONDS",
+                       help="close an open WebSocket (1001) after this long without a message "
+                            "either way; --timeout bounds only its handshake (default: no "
+                            "limit, pings every 20 s detect a dead peer)")
     serve.add_argument("--max-body-size", type=int, default=None, metavar="BYTES",
                        help="largest request body, counted on the stream, then 413 "
                             "(default: unlimited)")
@@ -118,6 +125,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "timeout": args.timeout,
         "idle_timeout": args.idle_timeout,
         "max_body_size": args.max_body_size,
+        "ws_max_size": args.ws_max_size,
+        "ws_idle_timeout": args.ws_idle_timeout,
         "preserve_host": args.preserve_host,
         "trusted_proxies": args.trusted_proxy,
         "max_connections": args.max_connections,
@@ -145,6 +154,8 @@ def build_app(options: dict[str, Any]) -> Any:
         timeout=options["timeout"],
         idle_timeout=options["idle_timeout"],
         max_body_size=options["max_body_size"],
+        ws_max_size=options["ws_max_size"],
+        ws_idle_timeout=options["ws_idle_timeout"],
         preserve_host=options["preserve_host"],
         trusted_proxies=options["trusted_proxies"],
         max_connections=options["max_connections"],
@@ -228,6 +239,9 @@ def app_from_env() -> Any:
     options = json.loads(os.environ[ENV_OPTIONS])
     setup_logging(options["log_level"])
     tune_uvicorn()
+    from .websocket import quiet_uvicorn_refusals
+
+    quiet_uvicorn_refusals()
     app = build_app(options)
     if options["adapter"] == "wsgi":
         from .bridge import WSGIBridge
@@ -241,6 +255,8 @@ def app_from_env() -> Any:
 def serve_uvicorn(options: dict[str, Any], host: str, port: int, workers: int) -> None:
     import uvicorn
 
+    from .websocket import uvicorn_ws_settings
+
     common: dict[str, Any] = {
         "host": host,
         "port": port,
@@ -249,6 +265,7 @@ def serve_uvicorn(options: dict[str, Any], host: str, port: int, workers: int) -
         "log_level": options["log_level"],
         "lifespan": "on",
         "timeout_graceful_shutdown": 5,
+        **uvicorn_ws_settings(options["ws_max_size"]),
     }
     os.environ[ENV_OPTIONS] = json.dumps(options)
     if workers > 1:

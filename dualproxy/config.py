@@ -19,6 +19,7 @@ IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_WS_MAX_SIZE = 16 * 1024 * 1024
 
 
 def _normalize_mount(mount: str) -> str:
@@ -82,6 +83,10 @@ class ProxyConfig:
     max_header_bytes: int = 32768
     max_target_bytes: int = 8000
     chunk_size: int = 65536
+    # WebSocket: the largest message either way (then close 1009), and the silence
+    # allowed on an open socket (None: no limit; pings keep a dead peer detected).
+    ws_max_size: int = DEFAULT_WS_MAX_SIZE
+    ws_idle_timeout: float | None = None
     request_hooks: tuple[RequestHook, ...] = ()
     response_hooks: tuple[ResponseHook, ...] = ()
     # Derived fields, filled in by __post_init__.
@@ -98,6 +103,9 @@ class ProxyConfig:
             raise ValueError("upstream URL must not carry a query or fragment")
         if self.timeout <= 0 or self.idle_timeout <= 0 or self.pool_timeout <= 0:
             raise ValueError("timeouts must be positive")
+        if self.ws_max_size <= 0 or (self.ws_idle_timeout is not None
+                                     and self.ws_idle_timeout <= 0):
+            raise ValueError("ws_max_size and ws_idle_timeout must be positive")
         if self.max_body_size is not None and self.max_body_size < 0:
             raise ValueError("max_body_size must be >= 0")
         default_port = 443 if parts.scheme == "https" else 80

@@ -1,0 +1,311 @@
+"""The ASGI face's WebSocket path: the upstream handshake with `websockets`, then the relay.
+
+Translation and I/O only: what the handshake carries is `handshake`'s decision.
+Nothing is accepted before the upstream answered: its refusal reaches the client
+as that HTTP answer (the ASGI `websocket.http.response` extension), an upstream
+that cannot be reached or is too slow as a 502/504 problem. After the 101, two
+tasks relay messages, one per direction; every send is awaited, so a slow
+reader on either side slows the other (uvicorn pauses reading per message and
+`websockets` reads at most `MAX_QUEUE` frames ahead). Whichever side ends ends
+the other: a close frame is relayed with its code and reason, a vanished peer
+closes the other side at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import EXTERNAL_CLOSE_CODES
+from websockets.http11 import Request
+
+from ..config import ProxyConfig
+from ..core import ResponseHead, UpstreamPlan, plan_response
+from ..errors import BadGateway, GatewayTimeout, NotProxied, ProxyError, describe
+from ..headers import Header
+from .handshake import WebSocketPlan, accept_head, library_request_headers, plan_handshake
+from .handshake import upgrade_plan as make_upgrade_plan
+
+if TYPE_CHECKING:
+    from ..asgi import AsyncProxy, Receive, Scope, Send
+    from ..logs import RequestRecord
+
+# Frames `websockets` reads ahead of the relay before it stops reading the upstream.
+MAX_QUEUE = 4
+# How long a closing handshake may take before the TCP connection is dropped.
+CLOSE_TIMEOUT = 5.0
+# The close code a client gets when its upstream vanished (RFC 6455 7.4.1 registry).
+BAD_GATEWAY = 1014
+_HTTP_SCHEME = {"ws": "http", "wss": "https"}
+_HTTP_RESPONSE = "websocket.http.response"
+
+
+async def proxy_websocket(proxy: AsyncProxy, scope: Scope, receive: Receive, send: Send
+                          ) -> None:
+    """Serve one ASGI `websocket` scope through `proxy` (fallback outside the mount)."""
+    from ..asgi import _maybe_await, incoming_from_scope
+
+    config = proxy.config
+    http_scope = {**scope, "method": "GET",
+                  "scheme": _HTTP_SCHEME.get(scope.get("scheme", "ws"), "http")}
+    incoming = incoming_from_scope(http_scope)
+    record = proxy._log.start(incoming)
+    try:
+        try:
+            plan = plan_handshake(config, incoming)
+            for request_hook in config.request_hooks:
+                plan = await _maybe_await(request_hook(plan)) or plan
+            ws = make_upgrade_plan(config, plan, tunnel=False)
+        except NotProxied as exc:
+            if proxy.fallback is not None:
+                await proxy.fallback(scope, receive, send)
+                return
+            await _refuse_problem(scope, receive, send, exc, proxy, record)
+            return
+        except ProxyError as exc:
+            await _refuse_problem(scope, receive, send, exc, proxy, record)
+            return
+        if (await receive())["type"] != "websocket.connect":
+            record.client_gone = True
+            return
+        await _open_and_relay(proxy, ws, scope, receive, send, record)
+    finally:
+        proxy._log.finish(record)
+
+
+async def _open_and_relay(proxy: AsyncProxy, ws: WebSocketPlan, scope: Scope,
+                          receive: Receive, send: Send, record: RequestRecord) -> None:
+    config = proxy.config
+    try:
+        upstream = await open_upstream(config, ws)
+    except InvalidStatus as exc:
+        refusal = exc.response
+        record.upstream_status(refusal.status_code)
+        try:
+            head = plan_response(config, ws.plan, refusal.status_code,
+                                 _lower(refusal.headers.raw_items()))
+            head = await _response_hooks(config, ws.plan, head)
+        except ProxyError as problem:
+            await _refuse_problem(scope, None, send, problem, proxy, record)
+            return
+        record.bytes_out = len(refusal.body)
+        await _refuse(scope, send, head.status, head.headers, bytes(refusal.body))
+        return
+    except ProxyError as exc:
+        await _refuse_problem(scope, None, send, exc, proxy, record)
+        return
+    try:
+        record.upstream_status(101)
+        try:
+            assert upstream.response is not None  # set by the handshake
+            head = accept_head(config, ws, 101, _lower(upstream.response.headers.raw_items()))
+            head = await _response_hooks(config, ws.plan, head)
+        except ProxyError as exc:
+            await _refuse_problem(scope, None, send, exc, proxy, record)
+            return
+        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol,
+                    "headers": head.headers})
+        record.responded = True
+        await Session(upstream, receive, send, record).run(config.ws_idle_timeout)
+    except BaseException:
+        upstream.transport.abort()  # never leave the upstream socket open behind us
+        raise
+
+
+async def _response_hooks(config: ProxyConfig, plan: UpstreamPlan, head: ResponseHead
+                          ) -> ResponseHead:
+    from ..asgi import _maybe_await
+
+    for response_hook in config.response_hooks:
+        head = await _maybe_await(response_hook(plan, head)) or head
+    return head
+
+
+def _lower(items: Any) -> list[Header]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in items]
+
+
+class _PlannedConnection(ClientConnection):
+    """A `websockets` client connection that sends the plan's handshake.
+
+    The library writes its own key, version and offered extensions; the
+    target (byte-exact: its URI parsing would drop `;params` and an empty `?`)
+    and every other header come from the plan.
+    """
+
+    plan: ClassVar[WebSocketPlan]
+
+    async def handshake(self, additional_headers: Any = None,
+                        user_agent_header: str | None = None) -> None:
+        generate = self.protocol.connect
+        plan = self.plan
+
+        def planned() -> Request:
+            generated = _lower(generate().headers.raw_items())
+            headers = library_request_headers(plan, generated)
+            return Request(plan.target.decode("ascii"), Headers(
+                (name.decode("latin-1"), value.decode("latin-1")) for name, value in headers))
+
+        self.protocol.connect = planned  # type: ignore[method-assign]
+        await super().handshake(None, None)
+
+
+class _NoRedirects(connect):
+    """`websockets.connect` without its redirect following: a proxy relays redirects."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
+async def open_upstream(config: ProxyConfig, ws: WebSocketPlan) -> ClientConnection:
+    """The upstream connection after its 101. InvalidStatus for any other answer;
+    BadGateway when it cannot be reached or speaks no WebSocket; GatewayTimeout past
+    `config.timeout` (which bounds connecting and the handshake, nothing after)."""
+    connection_class = type("PlannedConnection", (_PlannedConnection,), {"plan": ws})
+    try:
+        return await _NoRedirects(
+            ws.url,
+            subprotocols=ws.subprotocols or None,  # type: ignore[arg-type]
+            additional_headers=None,
+            user_agent_header=None,  # no header the client did not send
+            proxy=None,              # never an HTTP(S)_PROXY from the environment
+            open_timeout=config.timeout,
+            close_timeout=CLOSE_TIMEOUT,
+            max_size=config.ws_max_size,
+            max_queue=MAX_QUEUE,
+            create_connection=connection_class,
+        )
+    except InvalidStatus:
+        raise
+    except TimeoutError as exc:
+        raise GatewayTimeout("the upstream did not complete the WebSocket handshake in time"
+                             ) from exc
+    except (OSError, InvalidHandshake) as exc:
+        raise BadGateway(f"the upstream WebSocket handshake failed: {describe(exc)}") from exc
+
+
+async def _refuse(scope: Scope, send: Send, status: int, headers: list[Header],
+                  body: bytes) -> None:
+    """Answer the handshake with an HTTP response, or 403 where the server cannot."""
+    if _HTTP_RESPONSE in (scope.get("extensions") or {}):
+        await send({"type": "websocket.http.response.start", "status": status,
+                    "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008})
+
+
+async def _refuse_problem(scope: Scope, receive: Receive | None, send: Send, exc: ProxyError,
+                          proxy: AsyncProxy, record: RequestRecord) -> None:
+    if receive is not None and (await receive())["type"] != "websocket.connect":
+        return
+    proxy._log.problem(record, exc)
+    await _refuse(scope, send, exc.status, exc.headers(), exc.body())
+
+
+def _sendable(code: int | None, reason: str, fallback: int) -> tuple[int, str]:
+    """A close code that may go on the wire: 1005 (none given) is 1000; 1006 and the
+    other reserved ones (no close frame at all) become `fallback`."""
+    if code == 1005 or code is None:
+        return 1000, ""
+    if code in EXTERNAL_CLOSE_CODES or 3000 <= code < 5000:
+        return code, reason
+    return fallback, ""
+
+
+class Session:
+    """One open WebSocket: relays both ways until either side ends."""
+
+    def __init__(self, upstream: ClientConnection, receive: Receive, send: Send,
+                 record: RequestRecord) -> None:
+        self.upstream = upstream
+        self.receive = receive
+        self.send = send
+        self.record = record
+        self.last_activity = time.monotonic()
+
+    async def run(self, idle_timeout: float | None) -> None:
+        tasks = {asyncio.ensure_future(self.client_to_upstream()),
+                 asyncio.ensure_future(self.upstream_to_client())}
+        try:
+            while True:
+                wait = None if idle_timeout is None else (
+                    self.last_activity + idle_timeout - time.monotonic())
+                done, _ = await asyncio.wait(tasks, timeout=wait,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if done:
+                    for task in done:
+                        task.result()
+                    return
+                if idle_timeout is not None and (
+                        time.monotonic() - self.last_activity >= idle_timeout):
+                    await self.close_both(1001, "idle timeout")
+                    return
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close_both(self, code: int, reason: str) -> None:
+        try:
+            await self.send({"type": "websocket.close", "code": code, "reason": reason})
+        except (OSError, RuntimeError):
+            pass
+        await self.upstream.close(code, reason)
+
+    async def client_to_upstream(self) -> None:
+        upstream, record = self.upstream, self.record
+        while True:
+            message = await self.receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                text = message.get("text")
+                data: str | bytes = text if text is not None else message.get("bytes") or b""
+                record.bytes_in += len(data)
+                self.last_activity = time.monotonic()
+                try:
+                    await upstream.send(data)
+                except ConnectionClosed:
+                    return await self._wait_forever()  # the other task relays the close
+            elif kind == "websocket.disconnect":
+                code, reason = _sendable(message.get("code"), message.get("reason") or "",
+                                         1001)
+                await upstream.close(code, reason)
+                return
+
+    async def upstream_to_client(self) -> None:
+        record = self.record
+        while True:
+            try:
+                data = await self.upstream.recv()
+            except ConnectionClosed as exc:
+                frame = exc.rcvd if exc.rcvd is not None else exc.sent
+                code, reason = _sendable(frame.code if frame else 1006,
+                                         frame.reason if frame else "", BAD_GATEWAY)
+                if frame is None:
+                    reason = "the upstream went away"
+                await self._send_or_leave({"type": "websocket.close", "code": code,
+                                           "reason": reason})
+                return
+            record.bytes_out += len(data)
+            self.last_activity = time.monotonic()
+            if isinstance(data, str):
+                await self._send_or_leave({"type": "websocket.send", "text": data})
+            else:
+                await self._send_or_leave({"type": "websocket.send", "bytes": data})
+
+    async def _send_or_leave(self, message: dict[str, Any]) -> None:
+        try:
+            await self.send(message)
+        except (OSError, RuntimeError):
+            # The client is gone (uvicorn raises ClientDisconnected, an OSError):
+            # the other task gets its disconnect and closes the upstream.
+            await self._wait_forever()
+
+    @staticmethod
+    async def _wait_forever() -> None:
+        await asyncio.Event().wait()
