@@ -8,7 +8,8 @@ small-GET throughput and latency (wrk, or bench/loadgen.py), 100 MiB download
 and upload speed (curl, or httpx; median of 3), a chunked upload, checked to
 arrive whole at the upstream, the idle RSS and the peak RSS of the proxy's
 process tree. For dualproxy also the RSS while streaming
-1 GiB each way, and 2 workers against 1. Prints a table, every dualproxy figure
+1 GiB each way, and 2 workers against 1. Then the WebSocket rows (bench/wsbench.py:
+messages/s and p99 over 32 sockets, MB/s of 1 MiB messages; `--ws-only`, `--no-ws`). Prints a table, every dualproxy figure
 as a ratio to the seed pattern and to the best peer of the same face, PASS/FAIL
 for the project's targets, and writes JSON and a bar chart. Not part of CI: the
 figures drift on a shared machine; compare only within one run.
@@ -773,6 +774,42 @@ def chart(results: list[Result], path: Path, subtitle: str, size_label: str) -> 
     return True
 
 
+# -- WebSocket rows (bench/wsbench.py) ----------------------------------------------------------
+
+
+def ws_section(opts: argparse.Namespace) -> tuple[list[str], list[tuple[str, str]], Any]:
+    """Run the WebSocket rows: (table lines, targets, JSON)."""
+    from bench import wsbench
+
+    def chosen(key: str) -> bool:
+        return not opts.only or key in opts.only
+
+    def ready(port: int, proc: subprocess.Popen[bytes]) -> bool:
+        return wait_http(f"http://127.0.0.1:{port}/", proc=proc)
+
+    results = wsbench.run_rows(chosen, opts.seconds, opts.quick, start, stop, free_port, ready)
+    return wsbench.table(results, opts.seconds), wsbench.targets(results), \
+        wsbench.as_json(results)
+
+
+def ws_only(opts: argparse.Namespace) -> int:
+    """`--ws-only`: the WebSocket rows alone, printed and written to latest-ws.json."""
+    try:
+        lines, checks, doc = ws_section(opts)
+    finally:
+        stop_all()
+    text = "\n".join([*lines, "", *[f"{verdict.split(' ')[0]:<5} {name}  "
+                                    f"{verdict.partition(' ')[2]}" for name, verdict in checks]])
+    print()
+    print(text)
+    path = Path(opts.out) / "latest-ws.json"
+    path.write_text(json.dumps({"quick": opts.quick, "seconds": opts.seconds, "cpus":
+                                os.cpu_count(), "websocket": doc, "report": text},
+                               indent=2, default=str))
+    print(f"\nwrote {path}")
+    return 0
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -792,6 +829,9 @@ def main() -> int:
     parser.add_argument("--stand-ins", action="store_true",
                         help="use the Python upstream, load generator and httpx even if "
                              "nginx, wrk and curl are installed (to test them)")
+    parser.add_argument("--ws-only", action="store_true",
+                        help="only the WebSocket rows (bench/wsbench.py)")
+    parser.add_argument("--no-ws", action="store_true", help="no WebSocket rows")
     parser.add_argument("--no-docs", action="store_true",
                         help="do not copy the chart to docs/bench.png after a full run")
     opts = parser.parse_args()
@@ -806,6 +846,8 @@ def main() -> int:
     atexit.register(stop_all)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
+    if opts.ws_only:
+        return ws_only(opts)
 
     every = contestants("UPSTREAM")
     keys = {c.key for c in every}  # a key selects itself; other words match name parts
@@ -820,6 +862,9 @@ def main() -> int:
         sizes["big1g"] = GiB
     print(f"work dir {work}; creating files {', '.join(sizes)}", flush=True)
     results: list[Result] = []
+    ws_lines: list[str] = []
+    ws_checks: list[tuple[str, str]] = []
+    ws_doc: Any = []
     upstream: Upstream | None = None
     interrupted = False
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -842,6 +887,8 @@ def main() -> int:
                   f"{fmt(result.peak_rss_mb)} MB ({time.monotonic() - t0:.0f} s)", flush=True)
             for name, why in result.failures.items():
                 print(f"   ! {name}: {why}", flush=True)
+        if not opts.no_ws:
+            ws_lines, ws_checks, ws_doc = ws_section(opts)
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: stopping every process, reporting what was measured", flush=True)
@@ -864,8 +911,9 @@ def main() -> int:
     ratio_lines, ratio_doc = ratios(by, big_label)
     checks = targets(by, opts.quick, big_label)
     text = "\n".join([*header, *main_table(results, big_label), "", *ratio_lines, "",
+                      *ws_lines, "",
                       *[f"{verdict.split(' ')[0]:<5} {name}  {verdict.partition(' ')[2]}"
-                        for name, verdict in checks]])
+                        for name, verdict in [*checks, *ws_checks]]])
     print()
     print(text)
     doc = {"started": started, "quick": opts.quick, "interrupted": interrupted,
@@ -873,7 +921,8 @@ def main() -> int:
            "transfer_tool": transfer_name(), "transfer_bytes": big, "seconds": opts.seconds,
            "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after":
            os.getloadavg(), "results": [asdict(r) for r in results], "ratios": ratio_doc,
-           "targets": [{"target": n, "verdict": v} for n, v in checks], "report": text}
+           "targets": [{"target": n, "verdict": v} for n, v in [*checks, *ws_checks]],
+           "websocket": ws_doc, "report": text}
     json_path, png_path = out / "latest.json", out / "latest.png"
     json_path.write_text(json.dumps(doc, indent=2, allow_nan=False, default=str))
     tool = loadgen_name().split(" (")[0]

@@ -1,0 +1,291 @@
+"""The WebSocket rows of the bench: an echo upstream, a small load generator, the rows.
+
+    python -m bench.wsbench echo --port P        # the echo upstream alone
+    python -m bench.wsbench load ws://HOST:P/    # both measurements against one URL
+
+The upstream is the `websockets` library's own asyncio server echoing every message
+(not ours, so the proxies are measured against a common reference). The load generator
+is an asyncio client on the same library, bounded in sockets, messages and time:
+32 sockets each sending a small text message and waiting for its echo, back to back,
+for N seconds (messages/s and round-trip p50/p99), then one socket echoing 1 MiB binary
+messages with up to 4 in flight (MB/s of payload one way; every byte crosses the proxy
+twice). Compression is off on the client so neither side measures zlib. Both sides run
+on uvloop when it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MiB = 1024 * 1024
+SOCKETS = 32
+SMALL = 32  # bytes of each small message
+RECV_TIMEOUT = 10.0  # seconds for one echo before the socket counts as broken
+
+
+async def echo_server(port: int) -> None:
+    from websockets.asyncio.server import ServerConnection, serve
+
+    async def echo(ws: ServerConnection) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    async with serve(echo, "127.0.0.1", port, max_size=None, compression=None):
+        await asyncio.Event().wait()
+
+
+async def small_messages(url: str, seconds: float, sockets: int = SOCKETS) -> dict[str, float]:
+    """Echo round trips of small text messages on `sockets` sockets for `seconds`."""
+    from websockets.asyncio.client import connect
+
+    rtts: list[float] = []
+    errors = 0
+
+    async def one(n: int, deadline: float) -> None:
+        nonlocal errors
+        try:
+            async with connect(url, compression=None, max_size=None, open_timeout=10,
+                               close_timeout=2) as ws:
+                payload = f"{n:04d}".ljust(SMALL, "x")
+                while time.perf_counter() < deadline:
+                    started = time.perf_counter()
+                    await ws.send(payload)
+                    echo = await asyncio.wait_for(ws.recv(), RECV_TIMEOUT)
+                    rtts.append(time.perf_counter() - started)
+                    if echo != payload:
+                        errors += 1
+        except Exception:
+            errors += 1
+
+    started = time.perf_counter()
+    deadline = started + seconds
+    await asyncio.gather(*(one(n, deadline) for n in range(sockets)))
+    elapsed = time.perf_counter() - started
+    rtts.sort()
+
+    def pct(p: float) -> float:
+        return rtts[min(len(rtts) - 1, int(len(rtts) * p))] * 1e3 if rtts else math.nan
+
+    return {"msgs_per_s": len(rtts) / elapsed, "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+            "errors": float(errors)}
+
+
+async def big_messages(url: str, count: int, size: int = MiB, window: int = 4) -> dict[str, float]:
+    """`count` binary messages of `size` bytes echoed on one socket, `window` in flight."""
+    from websockets.asyncio.client import connect
+
+    payload = os.urandom(size)
+    async with connect(url, compression=None, max_size=None, open_timeout=10,
+                       close_timeout=2) as ws:
+        credit = asyncio.Semaphore(window)
+
+        async def sender() -> None:
+            for _ in range(count):
+                await credit.acquire()
+                await ws.send(payload)
+
+        started = time.perf_counter()
+        task = asyncio.ensure_future(sender())
+        bad = 0
+        try:
+            for _ in range(count):
+                echo = await asyncio.wait_for(ws.recv(), RECV_TIMEOUT * 3)
+                bad += echo != payload
+                credit.release()
+        finally:
+            task.cancel()
+        elapsed = time.perf_counter() - started
+    return {"mbs": count * size / elapsed / 1e6, "errors": float(bad)}
+
+
+# -- the rows ------------------------------------------------------------------------------
+
+
+@dataclass
+class WsResult:
+    key: str
+    name: str
+    status: str = "ok"
+    msgs_per_s: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    errors: int | None = None
+    big_mbs: float | None = None
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def ws_contestants(echo_port: int) -> list[tuple[str, str, Callable[[int], list[str]]]]:
+    """(key, name, port -> command line); the direct row has no command."""
+    import sys
+
+    upstream = f"http://127.0.0.1:{echo_port}"
+
+    def dp(*extra: str) -> Callable[[int], list[str]]:
+        return lambda port: [sys.executable, "-m", "dualproxy", "serve", "--upstream", upstream,
+                             "--bind", f"127.0.0.1:{port}", "--no-access-log",
+                             "--log-level", "warning", *extra]
+
+    def fpl(port: int) -> list[str]:
+        return [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port),
+                "--no-access-log", "--log-level", "warning",
+                "bench.contestants.fastapi_proxy_lib_ws_app:app"]
+
+    return [
+        ("direct", "no proxy (straight to the echo upstream)", lambda port: []),
+        ("dp-asgi", "dualproxy asgi (uvicorn)", dp()),
+        # One thread per open socket on the WSGI face: 32 sockets need more than 32 threads.
+        ("dp-wsgi", "dualproxy wsgi (gunicorn gthread, 48 threads)",
+         dp("--adapter", "wsgi", "--threads", "48")),
+        ("fpl", "fastapi-proxy-lib 0.3.0 reverse_ws_app", fpl),
+    ]
+
+
+def run_rows(chosen: Callable[[str], bool], seconds: float, quick: bool,
+             start: Callable[..., Any], stop: Callable[[Any], None],
+             free_port: Callable[[], int], wait_port: Callable[[int, Any], bool],
+             ) -> list[WsResult]:
+    """Start the echo upstream, then each chosen contestant in front of it, and measure."""
+    import sys
+
+    echo_port = free_port()
+    echo = start([sys.executable, "-m", "bench.wsbench", "echo", "--port", str(echo_port)])
+    results: list[WsResult] = []
+    try:
+        if not wait_port(echo_port, echo):
+            raise RuntimeError("the WebSocket echo upstream did not start")
+        for key, name, args in ws_contestants(echo_port):
+            if not chosen(key):
+                continue
+            print(f"-- WebSocket: {name}", flush=True)
+            result = WsResult(key, name)
+            results.append(result)
+            port, proc = echo_port, None
+            if key != "direct":
+                port = free_port()
+                proc = start(args(port), env={"BENCH_WS_UPSTREAM": f"ws://127.0.0.1:{echo_port}"})
+                if not wait_port(port, proc):
+                    result.status = "did not start"
+                    stop(proc)
+                    continue
+            try:
+                measure(result, f"ws://127.0.0.1:{port}/", seconds, quick)
+            finally:
+                if proc is not None:
+                    stop(proc)
+            print(f"   {fmt(result.msgs_per_s)} msg/s, p99 {fmt(result.p99_ms, '.1f')} ms, "
+                  f"1 MiB messages {fmt(result.big_mbs)} MB/s", flush=True)
+            for step, why in result.failures.items():
+                print(f"   ! {step}: {why}", flush=True)
+    finally:
+        stop(echo)
+    return results
+
+
+def run_async(coro: Any) -> Any:
+    """Run on uvloop when installed (the client must not be the bottleneck), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def measure(result: WsResult, url: str, seconds: float, quick: bool) -> None:
+    try:
+        small = run_async(asyncio.wait_for(small_messages(url, seconds), seconds + 60))
+        result.msgs_per_s, result.p50_ms, result.p99_ms = (
+            small["msgs_per_s"], small["p50_ms"], small["p99_ms"])
+        result.errors = int(small["errors"])
+    except Exception as exc:
+        result.failures["small messages"] = f"{type(exc).__name__}: {exc}"[:200]
+    try:
+        big = run_async(asyncio.wait_for(big_messages(url, 16 if quick else 64), 120))
+        result.big_mbs = big["mbs"]
+        result.errors = (result.errors or 0) + int(big["errors"])
+    except Exception as exc:
+        result.failures["1 MiB messages"] = f"{type(exc).__name__}: {exc}"[:200]
+
+
+def fmt(value: float | None, spec: str = ",.0f") -> str:
+    return "—" if value is None or math.isnan(value) else format(value, spec)
+
+
+def table(results: list[WsResult], seconds: float) -> list[str]:
+    lines = [f"WebSocket: {SOCKETS} sockets echoing {SMALL}-byte text messages back to back for "
+             f"{seconds:g} s; 1 MiB binary messages on one socket, 4 in flight",
+             "", "| contestant | msg/s | p50 ms | p99 ms | 1 MiB msgs MB/s | errors |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        name = f"**{r.name}**" if r.key.startswith("dp-") else r.name
+        if r.status != "ok":
+            lines.append(f"| {name} | {r.status} | | | | |")
+            continue
+        small = "small messages" in r.failures
+        lines.append(f"| {name} | {'failed' if small else fmt(r.msgs_per_s)} "
+                     f"| {fmt(r.p50_ms, '.1f')} | {fmt(r.p99_ms, '.1f')} "
+                     f"| {'failed' if '1 MiB messages' in r.failures else fmt(r.big_mbs)} "
+                     f"| {fmt(None if r.errors is None else float(r.errors))} |")
+    return lines
+
+
+def targets(results: list[WsResult]) -> list[tuple[str, str]]:
+    """(target, PASS/FAIL/n/a: why) for the WebSocket rows."""
+    by = {r.key: r for r in results if r.status == "ok"}
+
+    def get(key: str, attr: str) -> float | None:
+        r = by.get(key)
+        v = getattr(r, attr) if r is not None and not r.errors else None
+        return None if v is None or math.isnan(v) else float(v)
+
+    out = []
+    for name, a, b, factor in (
+            ("asgi WS >= 1.5x fastapi-proxy-lib msg/s", get("dp-asgi", "msgs_per_s"),
+             get("fpl", "msgs_per_s"), 1.5),
+            ("wsgi WS tunnel >= 0.8x direct msg/s", get("dp-wsgi", "msgs_per_s"),
+             get("direct", "msgs_per_s"), 0.8),
+            ("wsgi WS tunnel >= 0.8x direct 1 MiB MB/s", get("dp-wsgi", "big_mbs"),
+             get("direct", "big_mbs"), 0.8)):
+        if a is None or b is None:
+            out.append((name, "n/a (a figure is missing or had errors)"))
+        else:
+            out.append((name, f"{'PASS' if a >= factor * b else 'FAIL'} "
+                              f"({a:,.1f} vs {factor:g} × {b:,.1f})"))
+    return out
+
+
+def as_json(results: list[WsResult]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in results]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    echo = sub.add_parser("echo", help="run the echo upstream")
+    echo.add_argument("--port", type=int, required=True)
+    load = sub.add_parser("load", help="measure one URL")
+    load.add_argument("url")
+    load.add_argument("--seconds", type=float, default=5)
+    load.add_argument("--quick", action="store_true")
+    opts = parser.parse_args()
+    if opts.command == "echo":
+        try:
+            run_async(echo_server(opts.port))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    result = WsResult("url", opts.url)
+    measure(result, opts.url, opts.seconds, opts.quick)
+    print(json.dumps(asdict(result), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
