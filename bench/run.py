@@ -9,10 +9,11 @@ and upload speed (curl, or httpx; median of 3), a chunked upload, checked to
 arrive whole at the upstream, the idle RSS and the peak RSS of the proxy's
 process tree. For dualproxy also the RSS while streaming
 1 GiB each way, and 2 workers against 1. Then the WebSocket rows (bench/wsbench.py:
-messages/s and p99 over 32 sockets, MB/s of 1 MiB messages; `--ws-only`, `--no-ws`). Prints a table, every dualproxy figure
-as a ratio to the seed pattern and to the best peer of the same face, PASS/FAIL
-for the project's targets, and writes JSON and a bar chart. Not part of CI: the
-figures drift on a shared machine; compare only within one run.
+messages/s and p99 over 32 sockets, MB/s of 1 MiB messages; `--ws-only`, `--no-ws`).
+Prints a table, every dualproxy figure as a ratio to the seed pattern and to the
+best peer of the same face, PASS/FAIL for the project's targets, and writes JSON
+and a bar chart. Not part of CI: the figures drift on a shared machine; compare
+only within one run.
 """
 
 from __future__ import annotations
