@@ -102,7 +102,9 @@ class Page:
         self.call("DOM.setFileInputFiles", nodeId=node, files=[str(path)])
 
     def screenshot(self, path: Path) -> None:
-        data = self.call("Page.captureScreenshot", format="png")["data"]
+        height = self.js("document.querySelector('main').getBoundingClientRect().bottom")
+        clip = {"x": 0, "y": 0, "width": 1280, "height": round(height), "scale": 1}
+        data = self.call("Page.captureScreenshot", format="png", clip=clip)["data"]
         path.write_bytes(base64.b64decode(data))
 
 
