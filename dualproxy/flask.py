@@ -8,6 +8,9 @@
 
 Every form streams: the view hands the raw WSGI environ to `SyncProxy` and
 returns its iterable untouched (`direct_passthrough`), never `get_data()`.
+Every form proxies WebSockets under its prefix too (gunicorn's gthread worker
+or werkzeug's server; see `dualproxy.websocket.tunnel`); with the first two,
+a `before_request` hook that answers refuses the handshake.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from flask import Blueprint, Flask, Response, abort, request
 from flask.blueprints import BlueprintSetupState
 from werkzeug.routing import PathConverter
 
+from .websocket.tunnel import Tunnel
 from .wsgi import ExcInfo, SyncProxy, WSGIApp, incoming_from_environ
 
 # Standard methods plus WebDAV's; Flask routes need an explicit list.
@@ -46,6 +50,18 @@ class _AnyPath(PathConverter):
 
     regex = ".*?"
     part_isolating = False  # werkzeug would infer True from a regex without "/"
+
+
+class _TunnelResponse(Response):
+    """An accepted WebSocket handshake: the tunnel runs when the server iterates it,
+    after Flask's dispatch (a hook's exception handling never sees it end)."""
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        super().__init__(status=101)
+        self.tunnel = tunnel
+
+    def __call__(self, environ: Any, start_response: Any) -> Iterable[bytes]:
+        return self.tunnel
 
 
 _CONVERTER = "dualproxy_path"
@@ -83,6 +99,8 @@ def _proxy_view(proxy: SyncProxy, rest: str | None) -> Response:
         return lambda data: None
 
     body: Iterable[bytes] = proxy(environ, start_response)
+    if isinstance(body, Tunnel):
+        return _TunnelResponse(body)
     response = _PassthroughResponse(body, status=captured["status"],
                                     headers=captured["headers"], direct_passthrough=True)
     close = getattr(body, "close", None)
@@ -113,10 +131,12 @@ def proxy_blueprint(name: str, upstream: str | None, url_prefix: str, *,
     def forward(**view_args: str) -> Response:
         return _proxy_view(bound, view_args.get(_PATH_ARG))
 
-    blueprint.add_url_rule("/", "forward_root", forward, methods=PROXY_METHODS,
-                           strict_slashes=False, merge_slashes=False)
-    blueprint.add_url_rule(f"/<{_CONVERTER}:{_PATH_ARG}>", "forward", forward,
-                           methods=PROXY_METHODS, merge_slashes=False)
+    # Werkzeug routes a WebSocket handshake only to rules marked `websocket`.
+    for websocket, methods in ((False, PROXY_METHODS), (True, ["GET"])):
+        blueprint.add_url_rule("/", "forward_root", forward, methods=methods,
+                               strict_slashes=False, merge_slashes=False, websocket=websocket)
+        blueprint.add_url_rule(f"/<{_CONVERTER}:{_PATH_ARG}>", "forward", forward,
+                               methods=methods, merge_slashes=False, websocket=websocket)
     return blueprint
 
 

@@ -45,6 +45,8 @@ from .errors import (
 )
 from .logs import AccessLog, RequestRecord
 from .transport import CLIENT_WATCH, ClientWatch
+from .websocket.handshake import is_websocket_request, plan_handshake
+from .websocket.tunnel import answer_handshake
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 Environ = dict[str, Any]
@@ -191,8 +193,9 @@ class SyncProxy:
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         incoming = incoming_from_environ(environ)
         record = self._log.start(incoming)
+        websocket = is_websocket_request(incoming.headers)
         try:
-            plan = plan_request(self.config, incoming)
+            plan = (plan_handshake if websocket else plan_request)(self.config, incoming)
             for request_hook in self.config.request_hooks:
                 plan = request_hook(plan) or plan  # type: ignore[assignment]
         except NotProxied as exc:
@@ -201,6 +204,12 @@ class SyncProxy:
             return self._problem(start_response, exc, record, environ)
         except ProxyError as exc:
             return self._problem(start_response, exc, record, environ)
+        if websocket:
+            try:
+                return answer_handshake(self.config, plan, environ, start_response, record,
+                                        self._log)
+            except ProxyError as exc:
+                return self._problem(start_response, exc, record, environ)
 
         counter: BodyCounter | None = None
         body_input: Any = None

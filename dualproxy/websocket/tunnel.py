@@ -1,0 +1,374 @@
+"""The WSGI face's WebSocket: a byte tunnel on the client socket, as nginx does.
+
+WSGI has no WebSocket, but gunicorn's threaded worker (`gunicorn.socket`) and
+werkzeug's dev server (`werkzeug.socket`) hand the app the client socket. The
+handshake goes upstream over a fresh TCP connection (the plan from
+`handshake`, the client's key, version, protocols and extensions passed whole,
+so both ends agree on one handshake). The upstream's refusal travels back as an
+ordinary WSGI response; its 101 is written to the client socket by hand, then
+raw bytes flow both ways until one side closes. Any other WSGI server has no
+socket to take over: 501.
+
+One thread per open socket: the tunnel runs while the server iterates the
+response (`Tunnel`), so it holds one of the worker's `--threads` until it ends.
+When it ends, it raises `TunnelClosed`, which both servers take as "the client
+connection is gone": they write no response and close the socket.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import select
+import socket
+import ssl
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit
+
+import httpx
+
+from ..config import ProxyConfig
+from ..core import ResponseHead, UpstreamPlan, plan_response
+from ..errors import ProxyError, map_stream_errors, map_upstream_errors
+from ..h1 import BodyDecoder, Head, build_request_head, parse_head
+from ..logs import AccessLog, RequestRecord
+from .handshake import WebSocketPlan, accept_head, chosen_subprotocol, upgrade_plan
+
+if TYPE_CHECKING:
+    from ..wsgi import Environ, StartResponse
+
+# The servers that hand a WSGI app its client socket.
+SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
+READ_SIZE = 65536   # one read per direction in flight: the tunnel's whole buffer
+LINGER = 5.0        # after one side's FIN, how long the other direction may go on
+
+
+class NoSocketTakeover(ProxyError):
+    """This WSGI server gives the app no client socket to tunnel a WebSocket on."""
+
+    status = 501
+
+
+class TunnelClosed(ConnectionError):
+    """The tunnel ended; the client connection is no longer HTTP.
+
+    Raised out of the response iterable: werkzeug treats a ConnectionError as a
+    dropped client, and gunicorn an ENOTCONN as a quiet close. Neither writes a
+    response nor reuses the socket.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(errno.ENOTCONN, "WebSocket tunnel closed")
+
+
+def client_socket(environ: Environ) -> socket.socket | None:
+    """The client socket the server lets the app take over, if any."""
+    for key in SOCKET_KEYS:
+        sock = environ.get(key)
+        if isinstance(sock, socket.socket):
+            return sock
+    return None
+
+
+def parse_upstream_head(buf: bytearray) -> Head | None:
+    """The upstream's answer head (the one place the HTTP/1.1 head parser is called)."""
+    return parse_head(buf, b"GET")
+
+
+def answer_handshake(config: ProxyConfig, plan: UpstreamPlan, environ: Environ,
+                     start_response: StartResponse, record: RequestRecord,
+                     log: AccessLog) -> Iterable[bytes]:
+    """The WSGI answer to a planned handshake: the upstream's refusal or a `Tunnel`.
+
+    Raises ProxyError (501 without a client socket, 502/504 for the upstream)
+    before anything is sent to the client.
+    """
+    client = client_socket(environ)
+    if client is None:
+        raise NoSocketTakeover(
+            "this WSGI server cannot hand over the client connection, so it cannot carry a "
+            "WebSocket; run the WSGI face under gunicorn (gthread), werkzeug or uvicorn")
+    ws = upgrade_plan(config, plan, tunnel=True)
+    with map_upstream_errors():
+        upstream, head, buf = open_upstream(ws, config.timeout)
+    record.upstream_status(head.status)
+    headers = [(name.lower(), value) for name, value in head.headers]
+    try:
+        if head.status == 101:
+            accept = accept_head(config, ws, head.status, headers)
+            chosen_subprotocol(ws, headers)
+            return Tunnel(client, upstream, accept, bytes(buf), _server_buffered(environ),
+                          config.ws_idle_timeout, record, log)
+        answer = plan_response(config, plan, head.status, headers)
+    except BaseException:
+        upstream.close()
+        raise
+    start_response(answer.status_line, _str_headers(answer.headers))
+    record.status = answer.status
+    return Refusal(upstream, head, buf, answer.has_body, config.ws_idle_timeout, record, log)
+
+
+def open_upstream(ws: WebSocketPlan, timeout: float) -> tuple[socket.socket, Head, bytearray]:
+    """Connect, send the handshake, read the answer head, all within `timeout`.
+
+    Raises httpx errors (map_upstream_errors turns them into 502/504). Returns
+    the socket, the head and whatever the upstream sent after it.
+    """
+    deadline = time.monotonic() + timeout
+    parts = urlsplit(ws.url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "wss" else 80)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except TimeoutError:
+        raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
+    except OSError as exc:
+        raise httpx.ConnectError(f"{host}:{port}: {exc}") from exc
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if parts.scheme == "wss":
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        sock.sendall(build_request_head(b"GET", ws.target, ws.headers))
+        buf = bytearray()
+        while (head := parse_upstream_head(buf)) is None:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            data = sock.recv(READ_SIZE)
+            if not data:
+                raise httpx.RemoteProtocolError("the upstream closed before answering")
+            buf += data
+    except TimeoutError:
+        sock.close()
+        raise httpx.ReadTimeout("the upstream did not answer the handshake in time") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock, head, buf
+
+
+def _str_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
+
+
+def _server_buffered(environ: Environ) -> bytes:
+    """Bytes the server read past the handshake head (a client that did not wait for the 101).
+
+    gunicorn keeps them in its parser's unreader; werkzeug in its buffered rfile.
+    """
+    stream = environ.get("wsgi.input")
+    unreader: Any = getattr(getattr(stream, "reader", None), "unreader", None)
+    if isinstance(getattr(unreader, "buf", None), io.BytesIO):
+        data: bytes = unreader.buf.getvalue()
+        unreader.buf = io.BytesIO()
+        return data
+    sock = getattr(getattr(stream, "raw", None), "_sock", None)
+    if not isinstance(stream, io.BufferedReader) or not isinstance(sock, socket.socket):
+        return b""
+    # peek() reads the socket only when the buffer is empty: never block there.
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        size = len(stream.peek(READ_SIZE))
+    except OSError:
+        size = 0
+    finally:
+        sock.settimeout(timeout)
+    return stream.read(size) if size else b""
+
+
+class Refusal:
+    """The WSGI body of an upstream's non-101 answer, decoded as framed, then closed."""
+
+    def __init__(self, sock: socket.socket, head: Head, buf: bytearray, has_body: bool,
+                 idle: float, record: RequestRecord, log: AccessLog) -> None:
+        self.sock, self.head, self.buf, self.has_body = sock, head, buf, has_body
+        self.idle, self.record, self.log = idle, record, log
+
+    def __iter__(self) -> Iterator[bytes]:
+        decoder = BodyDecoder(self.head)
+        eof = False
+        with map_stream_errors():
+            while self.has_body and not decoder.done:
+                piece = decoder.feed(self.buf, eof)
+                if piece:
+                    self.record.bytes_out += len(piece)
+                    yield piece
+                elif not decoder.done:
+                    self.sock.settimeout(self.idle)
+                    data = self.sock.recv(READ_SIZE)
+                    eof = not data
+                    self.buf += data
+        self.record.responded = True
+
+    def close(self) -> None:
+        self.sock.close()
+        self.log.finish(self.record)
+
+
+class Tunnel:
+    """The response iterable of an accepted handshake: write the 101, relay, raise.
+
+    Never yields: iterating it runs the tunnel on the client socket and ends
+    with TunnelClosed. A server that closes it unrun only closes the upstream.
+    """
+
+    def __init__(self, client: socket.socket, upstream: socket.socket, accept: ResponseHead,
+                 upstream_early: bytes, client_early: bytes, idle: float | None,
+                 record: RequestRecord, log: AccessLog) -> None:
+        self.client, self.upstream, self.accept = client, upstream, accept
+        self.upstream_early, self.client_early = upstream_early, client_early
+        self.idle, self.record, self.log = idle, record, log
+        self._done = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.run()
+
+    def run(self) -> NoReturn:
+        record = self.record
+        record.status = 101
+        try:
+            head = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+            head += [name + b": " + value + b"\r\n" for name, value in self.accept.headers]
+            head.append(b"\r\n")
+            self.client.settimeout(LINGER)
+            self.client.sendall(b"".join(head))
+            record.responded = True
+            sent, received = relay(self.client, self.upstream, to_client=self.upstream_early,
+                                   to_upstream=self.client_early, idle=self.idle)
+            record.bytes_in, record.bytes_out = sent, received
+        except OSError:
+            record.client_gone = True
+        finally:
+            self.close()
+        raise TunnelClosed()
+
+    def close(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.upstream.close()
+        try:
+            # Shut, not closed: the server still owns the socket and closes it.
+            self.client.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.log.finish(self.record)
+
+
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_FAILED = select.POLLERR | select.POLLNVAL
+
+
+class _Direction:
+    """Bytes read from `src`, waiting to be written to `dst` (one read at most)."""
+
+    __slots__ = ("src", "dst", "pending", "eof", "shut", "moved")
+
+    def __init__(self, src: socket.socket, dst: socket.socket, early: bytes) -> None:
+        self.src, self.dst = src, dst
+        self.pending = memoryview(early)
+        self.eof = self.shut = False
+        self.moved = 0
+
+    def wants_read(self) -> bool:
+        return not self.eof and not self.pending
+
+    def readable_now(self) -> bool:
+        """TLS may hold decrypted bytes that poll() cannot see."""
+        src = self.src
+        return self.wants_read() and isinstance(src, ssl.SSLSocket) and src.pending() > 0
+
+    def read(self) -> bool:
+        try:
+            data = self.src.recv(READ_SIZE)
+        except _WOULD_BLOCK:
+            return False
+        if data:
+            self.pending = memoryview(data)
+        else:
+            self.eof = True
+        return True
+
+    def write(self) -> bool:
+        """Send what is pending; once the source ended and all is sent, pass the FIN on."""
+        moved = False
+        if self.pending:
+            try:
+                n = self.dst.send(self.pending)
+            except _WOULD_BLOCK:
+                return False
+            self.pending = self.pending[n:]
+            self.moved += n
+            moved = n > 0
+        if self.eof and not self.pending and not self.shut:
+            self.shut = True
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        return moved
+
+    @property
+    def finished(self) -> bool:
+        return self.shut
+
+
+def relay(client: socket.socket, upstream: socket.socket, *, to_client: bytes = b"",
+          to_upstream: bytes = b"", idle: float | None = None) -> tuple[int, int]:
+    """Move bytes both ways until both sides closed; (client->upstream, upstream->client).
+
+    Each direction holds at most one read: while it is unsent, its source is not
+    read, so a slow reader stalls the writer through TCP flow control. A FIN is
+    passed on (half-close) and the other direction gets LINGER seconds more; a
+    reset or error on either side ends both at once. `idle` bounds silence.
+    Raises OSError on a failed socket; both sockets are left for the caller to close.
+    """
+    up = _Direction(client, upstream, to_upstream)
+    down = _Direction(upstream, client, to_client)
+    directions = (up, down)
+    for sock in (client, upstream):
+        sock.setblocking(False)
+    poller = select.poll()
+    fds = {client.fileno(): client, upstream.fileno(): upstream}
+    quiet_since = time.monotonic()
+    linger_until: float | None = None
+    while True:
+        moved = False
+        for d in directions:
+            moved = d.write() or moved
+        if up.finished and down.finished:
+            break
+        now = time.monotonic()
+        if moved:
+            quiet_since = now
+        if linger_until is None and (up.finished or down.finished):
+            linger_until = now + LINGER
+        deadlines = [t for t in (linger_until, None if idle is None else quiet_since + idle)
+                     if t is not None]
+        wait = min(deadlines) - now if deadlines else None
+        if wait is not None and wait <= 0:
+            break
+        events: dict[socket.socket, int] = {}
+        for d in directions:
+            if d.wants_read():
+                events[d.src] = events.get(d.src, 0) | select.POLLIN
+            if d.pending:
+                events[d.dst] = events.get(d.dst, 0) | select.POLLOUT
+        if any(d.readable_now() for d in directions):
+            wait = 0
+        for fd, sock in fds.items():
+            if sock in events:
+                poller.register(fd, events[sock])
+            else:
+                try:
+                    poller.unregister(fd)
+                except KeyError:
+                    pass
+        ready = poller.poll(None if wait is None else max(int(wait * 1000), 0))
+        if any(ev & _FAILED for _, ev in ready):
+            raise ConnectionResetError(errno.ECONNRESET, "a tunnelled socket failed")
+        ready_socks = {fds[fd] for fd, _ in ready}
+        for d in directions:
+            if d.wants_read() and (d.src in ready_socks or d.readable_now()) and d.read():
+                quiet_since = time.monotonic()
+    return up.moved, down.moved
