@@ -107,7 +107,7 @@ def answer_handshake(config: ProxyConfig, plan: UpstreamPlan, environ: Environ,
         raise
     start_response(answer.status_line, _str_headers(answer.headers))
     record.status = answer.status
-    return Refusal(upstream, head, buf, answer.has_body, config.ws_idle_timeout, record, log)
+    return Refusal(upstream, head, buf, answer.has_body, config.idle_timeout, record, log)
 
 
 def open_upstream(ws: WebSocketPlan, timeout: float) -> tuple[socket.socket, Head, bytearray]:
