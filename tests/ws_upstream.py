@@ -80,6 +80,7 @@ class WsUpstream:
         self.records: dict[str, WsRecord] = {}
         self._loop = asyncio.new_event_loop()
         self._server: Server | None = None
+        self._thread: threading.Thread | None = None
         self.port = 0
 
     @property
@@ -102,7 +103,8 @@ class WsUpstream:
             ready.set()
             self._loop.run_forever()
 
-        threading.Thread(target=run, name="ws-upstream", daemon=True).start()
+        self._thread = threading.Thread(target=run, name="ws-upstream", daemon=True)
+        self._thread.start()
         if not ready.wait(10):
             raise RuntimeError("the WebSocket upstream did not start")
         return self
@@ -115,6 +117,9 @@ class WsUpstream:
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+        self._loop.close()
 
     def record(self, rid: str, timeout: float = 5.0) -> WsRecord:
         deadline = time.monotonic() + timeout
