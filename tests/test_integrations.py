@@ -520,6 +520,8 @@ def test_demo_runs_and_its_commands_work(adapter: str) -> None:
             expected.update(block)
         expected.update(block[:size % len(block)])
         assert digest.hexdigest() == expected.hexdigest()
+        printed = re.search(r"^\s+#\s+([0-9a-f]{64})  -$", banner, re.MULTILINE)
+        assert printed and printed.group(1) == expected.hexdigest(), banner
 
         # 2. the chunked upload; the upstream answers with the hash it received
         upload_bytes = int(upload_size.group(1))
@@ -534,15 +536,16 @@ def test_demo_runs_and_its_commands_work(adapter: str) -> None:
         answer = httpx.put(upload.group(1), content=chunks(), timeout=60).json()
         assert answer == {"received_bytes": upload_bytes, "sha256": sent.hexdigest()}
 
-        # 3. the SSE stream: events arrive one by one, while the stream is still open
+        # 3. the SSE clock: events arrive one by one, and go on past five (until stopped)
         with httpx.stream("GET", events.group(1), timeout=30) as stream:
             assert stream.headers["content-type"] == "text/event-stream"
             seen = ""
             for text in stream.iter_text():
                 seen += text
-                if seen.count("data: ") >= 2:
+                if seen.count("data: ") >= 7:
                     break
             assert re.search(r"id: 0\ndata: \S+ tick 0\n\n", seen), seen
+            assert re.search(r"id: 6\ndata: \S+ tick 6\n\n", seen), seen
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
         try:
