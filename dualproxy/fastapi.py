@@ -4,7 +4,10 @@ Mounting needs no glue: `app.mount("/api", AsyncProxy(upstream))` works as is
 (Starlette keeps the full path and sets `root_path` to the mount, which the
 ASGI face strips from the raw path). Use `proxy_router` when FastAPI
 dependencies (auth, rate limits) must run before the proxy, and
-`proxy_lifespan` to open and close the clients with the app.
+`proxy_lifespan` to open and close the clients with the app. Both forms proxy
+WebSockets too; a router's dependencies run before the upgrade (declare them on
+`HTTPConnection`, not `Request`, to serve both), and one that raises
+`HTTPException` refuses the handshake with that status.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from fastapi import APIRouter, FastAPI, params
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from .asgi import AsyncProxy
 
@@ -71,7 +75,8 @@ def proxy_router(
     """An APIRouter forwarding everything under `prefix`, after `dependencies` ran.
 
     `app.include_router(proxy_router("http://backend:9000", "/api",
-    dependencies=[Depends(require_token)]))`. Pass `proxy=` (and `None` as the
+    dependencies=[Depends(require_token)]))`; WebSocket handshakes under the
+    prefix are proxied after the same dependencies. Pass `proxy=` (and `None` as the
     upstream) to share an AsyncProxy, e.g. one that `proxy_lifespan` manages.
     The forwarded path is what follows the matched prefix, wherever the router
     is included (`include_router(..., prefix="/v1")`, a mount, `--root-path`).
@@ -88,8 +93,19 @@ def proxy_router(
         return ProxiedResponse(bound, route_mount(request.scope,
                                                   request.path_params.get(_PATH_PARAM)))
 
+    async def forward_websocket(websocket: WebSocket) -> None:
+        # The dependencies ran before this point: one that raised refused the
+        # handshake with its status. The raw receive/send go to the proxy, which
+        # keeps the handshake's state itself (Starlette's WebSocket wrapper would
+        # turn a vanished client into an exception the relay does not expect).
+        inner = dict(websocket.scope)
+        inner["root_path"] = route_mount(websocket.scope,
+                                         websocket.path_params.get(_PATH_PARAM))
+        await bound(inner, websocket._receive, websocket._send)
+
     for path in (prefix, prefix.rstrip("/") + "/{" + _PATH_PARAM + ":path}"):
         router.add_api_route(path, forward, methods=PROXY_METHODS, include_in_schema=False)
+        router.add_api_websocket_route(path, forward_websocket)
     return router
 
 
