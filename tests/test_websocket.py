@@ -227,6 +227,20 @@ def test_quiet_socket_outlives_timeout(make_proxy: MakeProxy, ws_upstream: WsUps
         assert ws.recv(timeout=5) == "still here"
 
 
+def test_idle_limit_closes_a_silent_socket(make_proxy: MakeProxy,
+                                           ws_upstream: WsUpstream, rid: str) -> None:
+    idle = make_proxy("--ws-idle-timeout", "1", upstream_url=ws_upstream.url)
+    with open_ws(idle, rid=rid) as ws:
+        ws.send("once")
+        assert ws.recv(timeout=5) == "once"
+        started = time.monotonic()
+        frame = close_frame(ws, timeout=10)
+        assert 0.5 < time.monotonic() - started < 5
+    assert frame is not None and frame.code == 1001
+    record = ws_upstream.wait_closed(rid)
+    assert record.closed_at is not None and record.close_code == 1001
+
+
 def test_message_over_the_max_closes_1009(make_proxy: MakeProxy,
                                           ws_upstream: WsUpstream) -> None:
     strict = make_proxy(*STRICT, upstream_url=ws_upstream.url)  # --ws-max-size 65536

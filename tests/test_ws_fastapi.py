@@ -1,4 +1,5 @@
-"""WebSocket through the FastAPI glue (`app.mount`, `proxy_router` with a dependency).
+"""WebSocket through the FastAPI glue (`app.mount`, `proxy_router` with a dependency)
+and through an AsyncProxy's `fallback` (the app behind serves what is outside its mount).
 
 Glue, not a pairing: the app runs under uvicorn, as its users run it.
 """
@@ -19,7 +20,7 @@ from tests.ws_upstream import WsUpstream
 
 @pytest.fixture(scope="module")
 def glue(ws_upstream: WsUpstream) -> Iterator[App]:  # noqa: F811
-    app = uvicorn("tests.ws_fastapi_app:app", ws_upstream)  # type: ignore[arg-type]
+    app = uvicorn("tests.ws_fastapi_app:outer", ws_upstream)  # type: ignore[arg-type]
     yield app
     app.stop()
 
@@ -47,3 +48,11 @@ def test_router_runs_dependencies_before_the_upgrade(glue: App, ws_upstream: WsU
     assert b"token required" in bytes(info.value.response.body)
     assert rid + "-refused" not in ws_upstream.records  # never reached the upstream
     assert httpx.get(f"{glue.url}/own", timeout=10).json() == {"served_by": "fastapi"}
+
+
+def test_fallback_serves_websockets_outside_the_mount(glue: App, ws_upstream: WsUpstream,  # noqa: F811
+                                                     rid: str) -> None:
+    echo(glue, "/p/x?y", rid)
+    assert ws_upstream.record(rid).target == "/outer/x?y"
+    with connect(f"ws://127.0.0.1:{glue.port}/own-ws", open_timeout=10) as ws:
+        assert ws.recv(timeout=5) == "served by fastapi"

@@ -2,13 +2,14 @@
 
 /mnt is `app.mount` of an AsyncProxy; /v1/r is `proxy_router` behind a token
 dependency, declared on HTTPConnection so it serves HTTP and WebSocket alike.
+`outer` is an AsyncProxy mounted at /p that falls back to `app` elsewhere.
 """
 
 from __future__ import annotations
 
 import os
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, WebSocket
 from starlette.requests import HTTPConnection
 
 from dualproxy import AsyncProxy
@@ -31,3 +32,13 @@ app.include_router(proxy_router(UPSTREAM + "/routed", "/r",
 @app.get("/own")
 async def own() -> dict[str, str]:
     return {"served_by": "fastapi"}
+
+
+@app.websocket("/own-ws")
+async def own_ws(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.send_text("served by fastapi")
+    await websocket.close()
+
+
+outer = AsyncProxy(UPSTREAM + "/outer", mount="/p", fallback=app)
