@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import httpx
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import ROOT, MakeProxy, free_port
+from tests.conftest import ROOT, MakeProxy, free_port, stop_group
 
 MB = 1024 * 1024
 CHROMIUM_FLAGS = (
@@ -137,13 +136,7 @@ class Browser:
             httpx.get(f"{self.devtools}/json/close/{target['id']}", timeout=10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
         self.log.close()
         shutil.rmtree(self.profile, ignore_errors=True)
 
@@ -181,8 +174,7 @@ def demo_upstream() -> Iterator[str]:
             raise RuntimeError("the demo upstream did not start")
         time.sleep(0.1)
     yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=10)
+    stop_group(proc)
 
 
 def pattern_sha256(size: int) -> str:

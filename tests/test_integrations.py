@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, MakeProxy, free_port
+from tests.conftest import ROOT, MakeProxy, free_port, stop_group
 from tests.rawhttp import RawResponse, exchange, request_bytes, wait_until
 from tests.upstream import Upstream, pattern_sha256
 
@@ -58,13 +58,7 @@ class App:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, timeout=15)
         self._log.close()
         return self.proc.returncode
 
