@@ -110,6 +110,18 @@ def test_burst_of_2000_messages_in_order(ws_proxy: ProxyProcess) -> None:
         assert [ws.recv(timeout=10) for _ in range(2000)] == [f"m{i}" for i in range(2000)]
 
 
+def test_slow_client_slows_the_upstream(ws_proxy: ProxyProcess, ws_upstream: WsUpstream,
+                                        rid: str) -> None:
+    # Incompressible 1 MiB messages, no compression: only buffers sit in between.
+    with open_ws(ws_proxy, rid=rid, script=f"big size={MiB} count=128",
+                 compression=None) as ws:
+        record = ws_upstream.record(rid)
+        time.sleep(2)  # the client reads nothing: the proxy must stop reading the upstream
+        assert record.messages_out < 100  # socket and relay buffers: tens of MiB, not all
+        sizes = [len(ws.recv(timeout=20)) for _ in range(128)]
+    assert sizes == [MiB] * 128 and record.messages_out == 128
+
+
 def test_48_concurrent_sockets(ws_proxy: ProxyProcess) -> None:
     opened = threading.Barrier(48, timeout=30)
 

@@ -13,7 +13,7 @@ every message back as it came (text as text, binary as binary):
   close code=N reason=TEXT    close right after the handshake
   vanish [after=N]            drop TCP without a close frame after N messages (default 0)
   send count=N                send text messages "0".."N-1", then echo
-  big size=N                  send one binary message of N bytes, then echo
+  big size=N [count=M]        send M (default 1) binary messages of N random bytes, then echo
   fragments                   send the text "fragmented" in three frames, then echo
   proto name=X                choose subprotocol X (when offered)
   stall seconds=S             answer the handshake only after S seconds
@@ -25,6 +25,7 @@ Runs on its own asyncio loop in a daemon thread.
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import threading
 import time
@@ -49,6 +50,7 @@ class WsRecord:
     subprotocol: str | None = None
     first_frame_masked: bool | None = None
     messages_in: int = 0
+    messages_out: int = 0               # scripted messages the upstream has sent so far
     close_code: int | None = None       # None: no close frame came (the peer vanished)
     close_reason: str | None = None
     closed_at: float | None = None      # when the TCP connection was gone
@@ -188,7 +190,11 @@ class WsUpstream:
             for i in range(int(args.get("count", "1"))):
                 await connection.send(str(i))
         elif action == "big":
-            await connection.send(b"\x5a" * int(args.get("size", "1")))
+            block = os.urandom(int(args.get("size", "1")))
+            for _ in range(int(args.get("count", "1"))):
+                await connection.send(block)
+                if record is not None:
+                    record.messages_out += 1
         elif action == "fragments":
             await connection.send(iter(["frag", "men", "ted"]))
         vanish_after = int(args["after"]) if action == "vanish" else -1

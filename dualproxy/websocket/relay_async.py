@@ -172,6 +172,10 @@ async def open_upstream(config: ProxyConfig, ws: WebSocketPlan) -> ClientConnect
             subprotocols=ws.subprotocols or None,  # type: ignore[arg-type]
             additional_headers=None,
             user_agent_header=None,  # no header the client did not send
+            # Extensions are per hop: the front server negotiates the client's. The
+            # upstream hop stays uncompressed: upstreams sit on the machine or LAN,
+            # and deflating there would cost the proxy a second (de)compression.
+            compression=None,
             proxy=None,              # never an HTTP(S)_PROXY from the environment
             open_timeout=config.timeout,
             close_timeout=CLOSE_TIMEOUT,
