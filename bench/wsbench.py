@@ -134,8 +134,10 @@ def ws_contestants(echo_port: int) -> list[tuple[str, str, Callable[[int], list[
                              "--log-level", "warning", *extra]
 
     def fpl(port: int) -> list[str]:
+        # The server settings `dualproxy serve` gives uvicorn: only the app differs.
         return [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port),
-                "--no-access-log", "--log-level", "warning",
+                "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio",
+                "--ws-max-size", str(16 * MiB), "--no-access-log", "--log-level", "warning",
                 "bench.contestants.fastapi_proxy_lib_ws_app:app"]
 
     return [
