@@ -1,4 +1,4 @@
-"""The WSGI face's WebSocket tunnel (dualproxy.websocket.tunnel), on real sockets.
+"""The WSGI face's WebSocket tunnel (websocket.tunnel, .splice, .framing), on real sockets.
 
 `relay` is tested on TCP pairs over loopback: bytes read before the tunnel
 opened go first, a FIN is passed on while the other direction goes on, a reset
@@ -28,8 +28,9 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 from werkzeug.serving import make_server as werkzeug_server
 
-from dualproxy.websocket import tunnel
-from dualproxy.websocket.tunnel import relay
+from dualproxy.websocket import splice
+from dualproxy.websocket.framing import FrameScanner
+from dualproxy.websocket.splice import relay
 from dualproxy.wsgi import SyncProxy
 from tests.conftest import ROOT, free_port
 from tests.ws_upstream import WsUpstream
@@ -151,7 +152,7 @@ def test_half_close_passes_the_fin_and_the_other_way_goes_on(
 
 def test_a_half_open_tunnel_ends_after_the_linger(
         relayed: Callable[..., Relayed], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tunnel, "LINGER", 0.3)
+    monkeypatch.setattr(splice, "LINGER", 0.3)
     r = relayed()
     r.client.shutdown(socket.SHUT_WR)
     assert at_eof(r.upstream)
@@ -173,7 +174,7 @@ def test_a_reset_upstream_closes_the_client_at_once(relayed: Callable[..., Relay
 
 def test_a_vanished_client_closes_the_upstream(
         relayed: Callable[..., Relayed], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tunnel, "LINGER", 0.5)
+    monkeypatch.setattr(splice, "LINGER", 0.5)
     r = relayed()
     r.client.close()
     assert at_eof(r.upstream, timeout=0.4)  # the FIN is passed on at once
@@ -181,16 +182,74 @@ def test_a_vanished_client_closes_the_upstream(
     r.join()
 
 
-def test_quiet_tunnels_end_at_the_idle_limit(relayed: Callable[..., Relayed]) -> None:
+def frame(payload: bytes, opcode: int = 0x2, *, fin: bool = True, masked: bool = False) -> bytes:
+    """One WebSocket frame (RFC 6455 5.2), for the tests that need real ones."""
+    first = bytes([(0x80 if fin else 0) | opcode])
+    size = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        length = bytes([mask_bit | size])
+    elif size < 65536:
+        length = bytes([mask_bit | 126]) + size.to_bytes(2, "big")
+    else:
+        length = bytes([mask_bit | 127]) + size.to_bytes(8, "big")
+    if not masked:
+        return first + length + payload
+    key = b"\x01\x02\x03\x04"
+    return first + length + key + bytes(b ^ key[n % 4] for n, b in enumerate(payload))
+
+
+def read_close(sock: socket.socket) -> tuple[bool, int]:
+    """(masked, code) of the close frame `sock` receives next, checked to be followed by EOF."""
+    head = recv_exactly(sock, 2)
+    assert head[0] == 0x88, head
+    masked, size = bool(head[1] & 0x80), head[1] & 0x7F
+    key = recv_exactly(sock, 4) if masked else b"\0\0\0\0"
+    payload = bytes(b ^ key[n % 4] for n, b in enumerate(recv_exactly(sock, size)))
+    assert at_eof(sock)
+    return masked, int.from_bytes(payload[:2], "big")
+
+
+def test_a_quiet_tunnel_ends_at_the_idle_limit_with_1001(
+        relayed: Callable[..., Relayed]) -> None:
     r = relayed(idle=0.5)
+    ping = frame(b"p", masked=True)
     for _ in range(4):  # traffic every 0.25 s keeps it open past the limit
         time.sleep(0.25)
-        r.client.sendall(b"p")
-        assert recv_exactly(r.upstream, 1) == b"p"
+        r.client.sendall(ping)
+        assert recv_exactly(r.upstream, len(ping)) == ping
     started = time.monotonic()
-    assert at_eof(r.client) and at_eof(r.upstream)
-    assert r.join() == (4, 0)
-    assert r.ended_at is not None and 0.2 < r.ended_at - started < 2
+    assert read_close(r.client) == (False, 1001)    # to the client: unmasked
+    assert read_close(r.upstream) == (True, 1001)   # to the upstream: masked, as a client's
+    assert r.join() == (4 * len(ping), 0)
+    assert r.ended_at is not None and 0.2 < r.ended_at - started < 3
+
+
+def test_a_message_over_the_limit_ends_both_with_1009(relayed: Callable[..., Relayed]) -> None:
+    r = relayed(max_size=1000)
+    whole = frame(b"a" * 1000, 0x1, masked=True)
+    r.client.sendall(whole)
+    assert recv_exactly(r.upstream, len(whole)) == whole
+    # Fragments add up: the third makes the message 1200 bytes and is never relayed.
+    first, second = frame(b"b" * 400, 0x1, fin=False), frame(b"c" * 400, 0x0, fin=False)
+    r.upstream.sendall(first + frame(b"", 0x9) + second + frame(b"d" * 400, 0x0))
+    expected = first + frame(b"", 0x9) + second
+    assert recv_exactly(r.client, len(expected)) == expected
+    assert read_close(r.client) == (False, 1009)
+    assert read_close(r.upstream) == (True, 1009)
+    r.join()
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
+def test_frame_scanner_follows_frames_split_anywhere(size: int) -> None:
+    stream = frame(b"x" * size, masked=True) + frame(b"", 0xA) + frame(b"y" * 3, 0x1)
+    for cut in sorted({1, 2, 3, 5, 9, 13, len(stream) // 2, len(stream) - 1}):
+        scanner = FrameScanner(None)
+        assert scanner.scan(stream[:cut]) is None
+        assert scanner.scan(stream[cut:]) is None
+        assert scanner.at_boundary and scanner.message == 0
+    scanner = FrameScanner(size - 1 if size else None)
+    assert scanner.scan(stream) == (0 if size else None)
 
 
 def test_a_slow_reader_stalls_the_writer(relayed: Callable[..., Relayed]) -> None:

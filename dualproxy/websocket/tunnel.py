@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import io
-import select
 import socket
 import ssl
 import time
@@ -35,14 +34,14 @@ from ..errors import ProxyError, map_stream_errors, map_upstream_errors
 from ..h1 import BodyDecoder, Head, build_request_head, parse_head
 from ..logs import AccessLog, RequestRecord
 from .handshake import WebSocketPlan, accept_head, chosen_subprotocol, upgrade_plan
+from .splice import READ_SIZE, relay
 
 if TYPE_CHECKING:
     from ..wsgi import Environ, StartResponse
 
 # The servers that hand a WSGI app its client socket.
 SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
-READ_SIZE = 65536   # one read per direction in flight: the tunnel's whole buffer
-LINGER = 5.0        # after one side's FIN, how long the other direction may go on
+HEAD_TIMEOUT = 5.0  # for writing the 101 head to the client
 
 
 class NoSocketTakeover(ProxyError):
@@ -99,8 +98,10 @@ def answer_handshake(config: ProxyConfig, plan: UpstreamPlan, environ: Environ,
         if head.status == 101:
             accept = accept_head(config, ws, head.status, headers)
             chosen_subprotocol(ws, headers)
-            return Tunnel(client, upstream, accept, bytes(buf), _server_buffered(environ),
-                          config.ws_idle_timeout, record, log)
+            tunnel = Tunnel(client, upstream, accept, record, log)
+            tunnel.limits(config.ws_idle_timeout, config.ws_max_size)
+            tunnel.early(bytes(buf), _server_buffered(environ))
+            return tunnel
         answer = plan_response(config, plan, head.status, headers)
     except BaseException:
         upstream.close()
@@ -213,12 +214,21 @@ class Tunnel:
     """
 
     def __init__(self, client: socket.socket, upstream: socket.socket, accept: ResponseHead,
-                 upstream_early: bytes, client_early: bytes, idle: float | None,
                  record: RequestRecord, log: AccessLog) -> None:
         self.client, self.upstream, self.accept = client, upstream, accept
-        self.upstream_early, self.client_early = upstream_early, client_early
-        self.idle, self.record, self.log = idle, record, log
+        self.record, self.log = record, log
+        self.idle: float | None = None
+        self.max_size: int | None = None
+        self.upstream_early = self.client_early = b""
         self._done = False
+
+    def limits(self, idle: float | None, max_size: int | None) -> None:
+        """Silence allowed (then 1001) and the largest message (then 1009), wire sizes."""
+        self.idle, self.max_size = idle, max_size
+
+    def early(self, from_upstream: bytes, from_client: bytes) -> None:
+        """Bytes either side sent right behind its handshake head: relayed first."""
+        self.upstream_early, self.client_early = from_upstream, from_client
 
     def __iter__(self) -> Iterator[bytes]:
         self.run()
@@ -230,11 +240,12 @@ class Tunnel:
             head = [b"HTTP/1.1 101 Switching Protocols\r\n"]
             head += [name + b": " + value + b"\r\n" for name, value in self.accept.headers]
             head.append(b"\r\n")
-            self.client.settimeout(LINGER)
+            self.client.settimeout(HEAD_TIMEOUT)
             self.client.sendall(b"".join(head))
             record.responded = True
             sent, received = relay(self.client, self.upstream, to_client=self.upstream_early,
-                                   to_upstream=self.client_early, idle=self.idle)
+                                   to_upstream=self.client_early, idle=self.idle,
+                                   max_size=self.max_size)
             record.bytes_in, record.bytes_out = sent, received
         except OSError:
             record.client_gone = True
@@ -253,122 +264,3 @@ class Tunnel:
         except OSError:
             pass
         self.log.finish(self.record)
-
-
-_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-_FAILED = select.POLLERR | select.POLLNVAL
-
-
-class _Direction:
-    """Bytes read from `src`, waiting to be written to `dst` (one read at most)."""
-
-    __slots__ = ("src", "dst", "pending", "eof", "shut", "moved")
-
-    def __init__(self, src: socket.socket, dst: socket.socket, early: bytes) -> None:
-        self.src, self.dst = src, dst
-        self.pending = memoryview(early)
-        self.eof = self.shut = False
-        self.moved = 0
-
-    def wants_read(self) -> bool:
-        return not self.eof and not self.pending
-
-    def readable_now(self) -> bool:
-        """TLS may hold decrypted bytes that poll() cannot see."""
-        src = self.src
-        return self.wants_read() and isinstance(src, ssl.SSLSocket) and src.pending() > 0
-
-    def read(self) -> bool:
-        try:
-            data = self.src.recv(READ_SIZE)
-        except _WOULD_BLOCK:
-            return False
-        if data:
-            self.pending = memoryview(data)
-        else:
-            self.eof = True
-        return True
-
-    def write(self) -> bool:
-        """Send what is pending; once the source ended and all is sent, pass the FIN on."""
-        moved = False
-        if self.pending:
-            try:
-                n = self.dst.send(self.pending)
-            except _WOULD_BLOCK:
-                return False
-            self.pending = self.pending[n:]
-            self.moved += n
-            moved = n > 0
-        if self.eof and not self.pending and not self.shut:
-            self.shut = True
-            try:
-                self.dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-        return moved
-
-    @property
-    def finished(self) -> bool:
-        return self.shut
-
-
-def relay(client: socket.socket, upstream: socket.socket, *, to_client: bytes = b"",
-          to_upstream: bytes = b"", idle: float | None = None) -> tuple[int, int]:
-    """Move bytes both ways until both sides closed; (client->upstream, upstream->client).
-
-    Each direction holds at most one read: while it is unsent, its source is not
-    read, so a slow reader stalls the writer through TCP flow control. A FIN is
-    passed on (half-close) and the other direction gets LINGER seconds more; a
-    reset or error on either side ends both at once. `idle` bounds silence.
-    Raises OSError on a failed socket; both sockets are left for the caller to close.
-    """
-    up = _Direction(client, upstream, to_upstream)
-    down = _Direction(upstream, client, to_client)
-    directions = (up, down)
-    for sock in (client, upstream):
-        sock.setblocking(False)
-    poller = select.poll()
-    fds = {client.fileno(): client, upstream.fileno(): upstream}
-    quiet_since = time.monotonic()
-    linger_until: float | None = None
-    while True:
-        moved = False
-        for d in directions:
-            moved = d.write() or moved
-        if up.finished and down.finished:
-            break
-        now = time.monotonic()
-        if moved:
-            quiet_since = now
-        if linger_until is None and (up.finished or down.finished):
-            linger_until = now + LINGER
-        deadlines = [t for t in (linger_until, None if idle is None else quiet_since + idle)
-                     if t is not None]
-        wait = min(deadlines) - now if deadlines else None
-        if wait is not None and wait <= 0:
-            break
-        events: dict[socket.socket, int] = {}
-        for d in directions:
-            if d.wants_read():
-                events[d.src] = events.get(d.src, 0) | select.POLLIN
-            if d.pending:
-                events[d.dst] = events.get(d.dst, 0) | select.POLLOUT
-        if any(d.readable_now() for d in directions):
-            wait = 0
-        for fd, sock in fds.items():
-            if sock in events:
-                poller.register(fd, events[sock])
-            else:
-                try:
-                    poller.unregister(fd)
-                except KeyError:
-                    pass
-        ready = poller.poll(None if wait is None else max(int(wait * 1000), 0))
-        if any(ev & _FAILED for _, ev in ready):
-            raise ConnectionResetError(errno.ECONNRESET, "a tunnelled socket failed")
-        ready_socks = {fds[fd] for fd, _ in ready}
-        for d in directions:
-            if d.wants_read() and (d.src in ready_socks or d.readable_now()) and d.read():
-                quiet_since = time.monotonic()
-    return up.moved, down.moved
