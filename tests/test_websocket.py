@@ -253,15 +253,18 @@ def test_idle_limit_closes_a_silent_socket(make_proxy: MakeProxy,
     assert record.closed_at is not None and record.close_code == 1001
 
 
-def test_message_over_the_max_closes_1009(make_proxy: MakeProxy,
-                                          ws_upstream: WsUpstream) -> None:
+def test_message_over_the_max_closes_1009(make_proxy: MakeProxy, ws_upstream: WsUpstream,
+                                          rid: str) -> None:
     strict = make_proxy(*STRICT, upstream_url=ws_upstream.url)  # --ws-max-size 65536
-    with open_ws(strict) as ws:
+    with open_ws(strict, rid=rid) as ws:
         ws.send(b"a" * 60000)
         assert ws.recv(timeout=5) == b"a" * 60000
         ws.send(b"a" * 100000)
         frame = close_frame(ws)
     assert frame is not None and frame.code == 1009
+    record = ws_upstream.wait_closed(rid)
+    assert record.messages_in == 1  # the oversized message stopped at the proxy
+    assert record.close_code == 1009
     with open_ws(strict, script="big size=100000") as ws:
         frame = close_frame(ws)
     assert frame is not None and frame.code == 1009

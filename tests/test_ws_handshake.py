@@ -156,3 +156,13 @@ def test_response_side() -> None:
     refusal = plan_response(CONFIG, per_hop.plan, 403,
                             [(b"content-length", b"6"), (b"x-why", b"no")])
     assert refusal.status == 403 and refusal.has_body
+
+
+def test_an_asgi_server_checked_handshake_is_not_checked_again() -> None:
+    # Over HTTP/2 (RFC 8441) the server validated an extended CONNECT: no Upgrade, no key.
+    h2 = IncomingRequest(method="GET", target=b"/ws/x", http_version="2",
+                         headers=[(b"sec-websocket-version", b"13")], peer="10.0.0.7")
+    with pytest.raises(BadRequest):
+        plan_handshake(CONFIG, h2)
+    ws = upgrade_plan(CONFIG, plan_handshake(CONFIG, h2, server_checked=True), tunnel=False)
+    assert ws.target == b"/base/x" and ws.headers[0] == (b"host", b"up.example:9000")

@@ -104,12 +104,16 @@ def offered_subprotocols(headers: Iterable[Header]) -> list[str]:
     return offered
 
 
-def plan_handshake(config: ProxyConfig, incoming: IncomingRequest) -> UpstreamPlan:
+def plan_handshake(config: ProxyConfig, incoming: IncomingRequest, *,
+                   server_checked: bool = False) -> UpstreamPlan:
     """The core's HTTP plan for a valid handshake (404 outside the mount, 400 ...).
 
-    The faces run their request hooks on it, then call `upgrade_plan`.
+    `server_checked`: an ASGI server has validated the handshake already (over
+    HTTP/2, RFC 8441, it has no Upgrade or key headers to check). The faces run
+    their request hooks on the plan, then call `upgrade_plan`.
     """
-    check_handshake(incoming)
+    if not server_checked:
+        check_handshake(incoming)
     return plan_request(config, incoming)
 
 

@@ -56,7 +56,7 @@ async def proxy_websocket(proxy: AsyncProxy, scope: Scope, receive: Receive, sen
     record = proxy._log.start(incoming)
     try:
         try:
-            plan = plan_handshake(config, incoming)
+            plan = plan_handshake(config, incoming, server_checked=True)
             for request_hook in config.request_hooks:
                 plan = await _maybe_await(request_hook(plan)) or plan
             ws = make_upgrade_plan(config, plan, tunnel=False)
