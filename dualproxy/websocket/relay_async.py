@@ -105,6 +105,7 @@ async def _open_and_relay(proxy: AsyncProxy, ws: WebSocketPlan, scope: Scope,
             head = accept_head(config, ws, 101, _lower(upstream.response.headers.raw_items()))
             head = await _response_hooks(config, ws.plan, head)
         except ProxyError as exc:
+            upstream.transport.abort()
             await _refuse_problem(scope, None, send, exc, proxy, record)
             return
         await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol,
