@@ -32,7 +32,7 @@ from dualproxy.websocket import splice
 from dualproxy.websocket.framing import FrameScanner
 from dualproxy.websocket.splice import relay
 from dualproxy.wsgi import SyncProxy
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, MakeProxy, free_port
 from tests.ws_upstream import WsUpstream
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -479,3 +479,34 @@ def test_flask_before_request_hook_refuses_the_handshake(
     assert caught.value.response.status_code == 401
     with pytest.raises(LookupError):
         upstream.records[rid]
+
+
+# -- every pairing -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ws_upstream() -> Iterator[WsUpstream]:
+    server = WsUpstream().start()
+    yield server
+    server.stop()
+
+
+UVICORN_DROPS_EARLY_FRAME = (
+    "uvicorn 0.54 (--ws websockets and websockets-sansio alike) drops a frame that arrives in "
+    "the same read as the handshake; an ASGI app never sees it")
+
+
+@pytest.mark.pairings
+def test_a_frame_sent_right_behind_the_handshake_is_relayed(
+        make_proxy: MakeProxy, ws_upstream: WsUpstream, pairing: str,
+        request: pytest.FixtureRequest) -> None:
+    """A client that does not wait for the 101 (RFC 6455 says it should) loses nothing:
+    on the WSGI face that frame sits in the server's read buffer, not on the socket."""
+    if pairing != "wsgi-gunicorn":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=UVICORN_DROPS_EARLY_FRAME))
+    proxy = make_proxy(upstream_url=ws_upstream.url)
+    hello = frame(b"early bird", 0x1, masked=True)
+    head, rest = raw_exchange(f"127.0.0.1:{proxy.port}", HANDSHAKE.replace(
+        b"Host: front", f"Host: 127.0.0.1:{proxy.port}".encode()) + hello)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert rest.startswith(frame(b"early bird", 0x1)), rest
