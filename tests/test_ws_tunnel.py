@@ -353,8 +353,8 @@ def test_werkzeug_tunnel_forwards_the_bytes_after_the_101() -> None:
     proxy = SyncProxy(upstream.url, access_log=False)
     server = werkzeug_server("127.0.0.1", 0, proxy, threaded=True)
     for address in serve_in_thread(server):
-        # `then` reaches the upstream; the upstream closes after its answer.
-        head, rest = raw_exchange(address, HANDSHAKE, then=b"\x88\x80abcd")
+        # Bytes pipelined behind the handshake (in werkzeug's rfile buffer) go first.
+        head, rest = raw_exchange(address, HANDSHAKE + b"\x81\x80wxyz", then=b"\x88\x80abcd")
     upstream.close()
     lines = head.split(b"\r\n")
     assert lines[0] == b"HTTP/1.1 101 Switching Protocols"
@@ -364,7 +364,7 @@ def test_werkzeug_tunnel_forwards_the_bytes_after_the_101() -> None:
     sent = upstream.heads[0].split(b"\r\n")
     assert sent[0] == b"GET /ws/a%2Fb?x=1&y= HTTP/1.1"
     assert b"sec-websocket-key: " + KEY in sent and b"upgrade: websocket" in sent
-    assert upstream.received == b"\x88\x80abcd"
+    assert upstream.received == b"\x81\x80wxyz\x88\x80abcd"
 
 
 def test_werkzeug_relays_the_upstream_refusal() -> None:
