@@ -656,6 +656,18 @@ class ClientWatch:
                 raise ClientDisconnected("the client went away before the response head")
 
 
+def connect_tcp(host: str, port: int, timeout: float | None) -> socket.socket:
+    """A blocking TCP connection with Nagle off; httpx's ConnectTimeout/ConnectError on failure."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except TimeoutError:
+        raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
+    except OSError as exc:
+        raise httpx.ConnectError(f"{host}:{port}: {exc}") from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 class UpstreamTransport(httpx.BaseTransport):
     """The sync transport dualproxy's SyncProxy uses by default (thread-safe)."""
 
@@ -697,14 +709,7 @@ class UpstreamTransport(httpx.BaseTransport):
                 idle = self._idle.get(key)
                 conn = idle.pop() if idle else None
         scheme, host, port = key
-        timeout = _timeout(request, "connect")
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except TimeoutError:
-            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
-        except OSError as exc:
-            raise httpx.ConnectError(f"{host}:{port}: {exc}") from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = connect_tcp(host, port, _timeout(request, "connect"))
         if scheme == "https":
             with self._cond:
                 context = self._ssl = self._ssl or ssl.create_default_context()

@@ -33,6 +33,7 @@ from ..core import ResponseHead, UpstreamPlan, plan_response
 from ..errors import ProxyError, map_stream_errors, map_upstream_errors
 from ..h1 import BodyDecoder, Head, build_request_head, parse_head
 from ..logs import AccessLog, RequestRecord
+from ..transport import connect_tcp
 from .handshake import WebSocketPlan, accept_head, chosen_subprotocol, upgrade_plan
 from .splice import READ_SIZE, relay
 
@@ -120,14 +121,8 @@ def open_upstream(ws: WebSocketPlan, timeout: float) -> tuple[socket.socket, Hea
     deadline = time.monotonic() + timeout
     parts = urlsplit(ws.url)
     host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "wss" else 80)
+    sock = connect_tcp(host, port, timeout)
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except TimeoutError:
-        raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
-    except OSError as exc:
-        raise httpx.ConnectError(f"{host}:{port}: {exc}") from exc
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if parts.scheme == "wss":
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
         sock.sendall(build_request_head(b"GET", ws.target, ws.headers))
