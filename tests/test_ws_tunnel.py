@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -277,6 +278,60 @@ def test_a_slow_reader_stalls_the_writer(relayed: Callable[..., Relayed]) -> Non
     got = recv_exactly(r.client, total, timeout=10)
     writer.join(10)
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (openssl is on every CI image here)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    return cert, key
+
+
+def test_a_tls_client_side_relays_and_ends_the_tunnel(tls_files: tuple[str, str]) -> None:
+    """A TLS client socket (gunicorn --certfile): 1 MiB both ways through TLS records,
+    and the end of either side ends the tunnel."""
+    cert, key = tls_files
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=cert)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        raw = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+    result: list[object] = []
+    handshake = threading.Thread(target=lambda: result.append(
+        server_ctx.wrap_socket(accepted, server_side=True)))
+    handshake.start()
+    client = client_ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+    handshake.join(5)
+    client_side = result[0]
+    assert isinstance(client_side, ssl.SSLSocket)
+    upstream_side, upstream = tcp_pair()
+    done: list[object] = []
+    def run_relay() -> None:
+        try:
+            done.append(relay(client_side, upstream_side))
+        except BaseException as exc:
+            done.append(exc)
+            raise
+
+    relay_thread = threading.Thread(target=run_relay, daemon=True)
+    relay_thread.start()
+    payload = os.urandom(1 << 20)
+    client.sendall(payload)
+    assert recv_exactly(upstream, len(payload)) == payload
+    upstream.sendall(payload[::-1])
+    assert recv_exactly(client, len(payload)) == payload[::-1]
+    client.close()
+    assert at_eof(upstream)  # the client's end reached the upstream ...
+    upstream.close()         # ... whose close ends the tunnel, not a TLS half-close
+    relay_thread.join(5)
+    assert done == [(len(payload), len(payload))]
+    for sock in (client_side, upstream_side):
+        sock.close()
 
 
 # -- on real WSGI servers ------------------------------------------------------------------

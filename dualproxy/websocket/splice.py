@@ -77,10 +77,7 @@ class _Direction:
             moved = n > 0
         if self.eof and not self.pending and not self.shut:
             self.shut = True
-            try:
-                self.dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            _half_close(self.dst)
         return moved
 
     @property
@@ -100,9 +97,20 @@ class _Direction:
             scanner = self.scanner
             if scanner.at_boundary and scanner.clean_cut:
                 dst.sendall(close_frame(code, reason, masked=self.to_server))
-            dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        _half_close(dst)
+
+
+def _half_close(sock: socket.socket) -> None:
+    """Pass a FIN on. Not on TLS: Python's SSLSocket.shutdown() drops the TLS layer,
+    so later reads would return raw records; a TLS side ends the tunnel instead."""
+    if isinstance(sock, ssl.SSLSocket):
+        return
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
 
 
 def _drain(socks: list[socket.socket], seconds: float) -> None:
@@ -124,10 +132,11 @@ def relay(client: socket.socket, upstream: socket.socket, *, to_client: bytes = 
     """Move bytes both ways until both sides closed; (client->upstream, upstream->client).
 
     `to_client`/`to_upstream`: bytes read before the tunnel opened, sent first.
-    A FIN is passed on (half-close) and the other direction gets LINGER seconds
-    more; a reset or error on either side ends both at once (OSError). A message
-    over `max_size` ends both with close 1009, `idle` seconds of silence with
-    1001. Both sockets are left for the caller to close.
+    A FIN is passed on (half-close; a TLS side is closed instead) and the other
+    direction gets LINGER seconds more; a reset or error on either side ends
+    both at once (OSError). A message over `max_size` ends both with close
+    1009, `idle` seconds of silence with 1001. Both sockets are left for the
+    caller to close.
     """
     up = _Direction(client, upstream, to_upstream, max_size, to_server=True)
     down = _Direction(upstream, client, to_client, max_size, to_server=False)
@@ -142,7 +151,8 @@ def relay(client: socket.socket, upstream: socket.socket, *, to_client: bytes = 
         moved = False
         for d in directions:
             moved = d.write() or moved
-        if up.finished and down.finished:
+        if up.finished and down.finished or any(
+                d.finished and isinstance(d.dst, ssl.SSLSocket) for d in directions):
             break
         if any(d.refused and not d.pending for d in directions):
             return _goodbye(directions, MESSAGE_TOO_BIG, "message too big")
