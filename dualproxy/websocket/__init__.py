@@ -1,8 +1,13 @@
-"""WebSocket proxying: the pure handshake plan both faces share, and the async relay.
+"""WebSocket proxying for both faces.
 
-`handshake` is pure (the core's rules for an upgrade); `relay_async` opens the
-upstream socket with the `websockets` asyncio client for the ASGI face (and
-the a2wsgi bridge). Nothing here is imported until a WebSocket arrives.
+- `handshake` (pure): the core's rules for an upgrade, used by both faces.
+- `relay_async`: the ASGI face (and the a2wsgi bridge) opens the upstream with
+  the `websockets` asyncio client and relays messages, extensions per hop.
+- `tunnel`, `splice`, `framing` (pure): the WSGI face takes over the client
+  socket after the upstream's 101 and relays raw bytes, as nginx does.
+
+Nothing here is imported until a WebSocket arrives; this module holds only
+the uvicorn settings `dualproxy serve` starts its servers with.
 """
 
 from __future__ import annotations
