@@ -332,7 +332,9 @@ def serve(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     try:
         ProxyConfig.build(options["upstream"], mount=options["mount"],
-                          trusted_proxies=options["trusted_proxies"])
+                          trusted_proxies=options["trusted_proxies"],
+                          ws_max_size=options["ws_max_size"],
+                          ws_idle_timeout=options["ws_idle_timeout"])
     except ValueError as exc:
         print(f"dualproxy: {exc}", file=sys.stderr)
         return 2
