@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ws-idle-timeout", type=_positive, default=None, metavar="SECONDS",
                        help="close an open WebSocket (1001) after this long without a message "
                             "either way; --timeout bounds only its handshake (default: no "
-                            "limit, pings every 20 s detect a dead peer)")
+                            "limit)")
     serve.add_argument("--max-body-size", type=int, default=None, metavar="BYTES",
                        help="largest request body, counted on the stream, then 413 "
                             "(default: unlimited)")
