@@ -51,6 +51,9 @@ class FrameScanner:
 
     def scan(self, data: bytes | memoryview) -> int | None:
         i, end = 0, len(data)
+        if self.need >= end:  # all payload of the current frame: the common big-message read
+            self.need -= end
+            return None
         while i < end:
             if self.need:
                 step = min(self.need, end - i)

@@ -140,64 +140,71 @@ def relay(client: socket.socket, upstream: socket.socket, *, to_client: bytes = 
     """
     up = _Direction(client, upstream, to_upstream, max_size, to_server=True)
     down = _Direction(upstream, client, to_client, max_size, to_server=False)
-    directions = (up, down)
-    for sock in (client, upstream):
-        sock.setblocking(False)
+    client.setblocking(False)
+    upstream.setblocking(False)
+    cfd, ufd = client.fileno(), upstream.fileno()
+    tls = isinstance(client, ssl.SSLSocket) or isinstance(upstream, ssl.SSLSocket)
     poller = select.poll()
-    fds = {client.fileno(): client, upstream.fileno(): upstream}
+    masks = {cfd: 0, ufd: 0}
     quiet_since = time.monotonic()
     linger_until: float | None = None
     while True:
-        moved = False
-        for d in directions:
-            moved = d.write() or moved
-        if up.finished and down.finished or any(
-                d.finished and isinstance(d.dst, ssl.SSLSocket) for d in directions):
-            break
-        if any(d.refused and not d.pending for d in directions):
-            return _goodbye(directions, MESSAGE_TOO_BIG, "message too big")
-        now = time.monotonic()
-        if moved:
-            quiet_since = now
-        if idle is not None and now - quiet_since >= idle:
-            return _goodbye(directions, GOING_AWAY, "idle timeout")
-        if linger_until is None and (up.finished or down.finished):
-            linger_until = now + LINGER
-        deadlines = [t for t in (linger_until, None if idle is None else quiet_since + idle)
-                     if t is not None]
-        wait = min(deadlines) - now if deadlines else None
-        if linger_until is not None and now >= linger_until:
-            break
-        events: dict[socket.socket, int] = {}
-        for d in directions:
-            if d.wants_read():
-                events[d.src] = events.get(d.src, 0) | select.POLLIN
-            if d.pending:
-                events[d.dst] = events.get(d.dst, 0) | select.POLLOUT
-        if any(d.readable_now() for d in directions):
-            wait = 0
-        for fd, sock in fds.items():
-            if sock in events:
-                poller.register(fd, events[sock])
-            else:
-                try:
+        moved = up.write() | down.write()
+        if up.shut or down.shut:
+            if up.shut and down.shut or tls and (
+                    up.shut and isinstance(upstream, ssl.SSLSocket)
+                    or down.shut and isinstance(client, ssl.SSLSocket)):
+                break
+            if linger_until is None:
+                linger_until = time.monotonic() + LINGER
+            elif time.monotonic() >= linger_until:
+                break
+        if up.refused and not up.pending or down.refused and not down.pending:
+            return _goodbye(up, down, MESSAGE_TOO_BIG, "message too big")
+        wait: float | None = None
+        if idle is not None:
+            now = time.monotonic()
+            if moved:
+                quiet_since = now
+            elif now - quiet_since >= idle:
+                return _goodbye(up, down, GOING_AWAY, "idle timeout")
+            wait = quiet_since + idle - now
+        if linger_until is not None:
+            left = linger_until - time.monotonic()
+            wait = left if wait is None else min(wait, left)
+        for fd, mask in ((cfd, (select.POLLIN if up.wants_read() else 0)
+                          | (select.POLLOUT if down.pending else 0)),
+                         (ufd, (select.POLLIN if down.wants_read() else 0)
+                          | (select.POLLOUT if up.pending else 0))):
+            if mask != masks[fd]:
+                if mask:
+                    poller.register(fd, mask)
+                else:
                     poller.unregister(fd)
-                except KeyError:
-                    pass
-        ready = poller.poll(None if wait is None else max(int(wait * 1000), 1))
-        if any(ev & _FAILED for _, ev in ready):
-            raise ConnectionResetError(errno.ECONNRESET, "a tunnelled socket failed")
-        ready_socks = {fds[fd] for fd, _ in ready}
-        for d in directions:
-            if d.wants_read() and (d.src in ready_socks or d.readable_now()) and d.read():
-                quiet_since = time.monotonic()
+                masks[fd] = mask
+        if tls and (up.readable_now() or down.readable_now()):
+            wait = 0
+        ready = poller.poll(None if wait is None else max(int(wait * 1000), 0))
+        client_ready = upstream_ready = False
+        for fd, events in ready:
+            if events & _FAILED:
+                raise ConnectionResetError(errno.ECONNRESET, "a tunnelled socket failed")
+            if fd == cfd:
+                client_ready = True
+            else:
+                upstream_ready = True
+        read = False
+        if up.wants_read() and (client_ready or tls and up.readable_now()):
+            read = up.read()
+        if down.wants_read() and (upstream_ready or tls and down.readable_now()):
+            read = down.read() or read
+        if read and idle is not None:
+            quiet_since = time.monotonic()
     return up.moved, down.moved
 
 
-def _goodbye(directions: tuple[_Direction, _Direction], code: int,
-             reason: str) -> tuple[int, int]:
-    for d in directions:
-        d.say_goodbye(code, reason)
-    _drain([d.src for d in directions], GOODBYE)
-    up, down = directions
+def _goodbye(up: _Direction, down: _Direction, code: int, reason: str) -> tuple[int, int]:
+    up.say_goodbye(code, reason)
+    down.say_goodbye(code, reason)
+    _drain([up.src, down.src], GOODBYE)
     return up.moved, down.moved
