@@ -788,18 +788,22 @@ def ws_section(opts: argparse.Namespace) -> tuple[list[str], list[tuple[str, str
     def ready(port: int, proc: subprocess.Popen[bytes]) -> bool:
         return wait_http(f"http://127.0.0.1:{port}/", proc=proc)
 
-    results = wsbench.run_rows(chosen, opts.seconds, opts.quick, start, stop, free_port, ready)
+    results = wsbench.run_rows(chosen, opts.seconds, opts.quick, start, stop, free_port, ready,
+                               TOOLS.get("nginx"))
     return wsbench.table(results, opts.seconds), wsbench.targets(results), \
         wsbench.as_json(results)
 
 
 def ws_only(opts: argparse.Namespace) -> int:
     """`--ws-only`: the WebSocket rows alone, printed and written to latest-ws.json."""
+    load_before = os.getloadavg()
     try:
         lines, checks, doc = ws_section(opts)
     finally:
         stop_all()
-    text = "\n".join([*lines, "", *[f"{verdict.split(' ')[0]:<5} {name}  "
+    load = (f"load average before: {load_before[0]:.2f}, after: {os.getloadavg()[0]:.2f} "
+            f"({os.cpu_count()} CPUs)" + (" (--quick)" if opts.quick else ""))
+    text = "\n".join([load, "", *lines, "", *[f"{verdict.split(' ')[0]:<5} {name}  "
                                     f"{verdict.partition(' ')[2]}" for name, verdict in checks]])
     print()
     print(text)

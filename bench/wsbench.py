@@ -122,9 +122,38 @@ class WsResult:
     failures: dict[str, str] = field(default_factory=dict)
 
 
-def ws_contestants(echo_port: int) -> list[tuple[str, str, Callable[[int], list[str]]]]:
+# nginx as a WebSocket proxy (one worker, as nginx's HTTP rows): the yardstick for what a
+# third process in the path costs on this machine.
+NGINX_WS_CONF = """
+{user}
+worker_processes 1;
+daemon off;
+pid {dir}/nginx-ws.pid;
+error_log {dir}/nginx-ws.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir};
+  uwsgi_temp_path {dir}; scgi_temp_path {dir};
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://127.0.0.1:{echo_port};
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection "upgrade";
+      proxy_read_timeout 1h;
+    }}
+  }}
+}}
+"""
+
+
+def ws_contestants(echo_port: int, nginx: str | None = None
+                   ) -> list[tuple[str, str, Callable[[int], list[str]]]]:
     """(key, name, port -> command line); the direct row has no command."""
     import sys
+    import tempfile
 
     upstream = f"http://127.0.0.1:{echo_port}"
 
@@ -140,8 +169,18 @@ def ws_contestants(echo_port: int) -> list[tuple[str, str, Callable[[int], list[
                 "--ws-max-size", str(16 * MiB), "--no-access-log", "--log-level", "warning",
                 "bench.contestants.fastapi_proxy_lib_ws_app:app"]
 
+    def nginx_ws(port: int) -> list[str]:
+        assert nginx is not None
+        workdir = tempfile.mkdtemp(prefix="dualproxy-bench-nginx-ws-")
+        conf = os.path.join(workdir, "nginx.conf")
+        with open(conf, "w") as fh:
+            fh.write(NGINX_WS_CONF.format(dir=workdir, port=port, echo_port=echo_port,
+                                          user="user root;" if os.geteuid() == 0 else ""))
+        return [nginx, "-c", conf]
+
     return [
         ("direct", "no proxy (straight to the echo upstream)", lambda port: []),
+        *([("nginx", "nginx proxy_pass (1 worker)", nginx_ws)] if nginx else []),
         ("dp-asgi", "dualproxy asgi (uvicorn)", dp()),
         # One thread per open socket on the WSGI face: 32 sockets need more than 32 threads.
         ("dp-wsgi", "dualproxy wsgi (gunicorn gthread, 48 threads)",
@@ -153,7 +192,7 @@ def ws_contestants(echo_port: int) -> list[tuple[str, str, Callable[[int], list[
 def run_rows(chosen: Callable[[str], bool], seconds: float, quick: bool,
              start: Callable[..., Any], stop: Callable[[Any], None],
              free_port: Callable[[], int], wait_port: Callable[[int, Any], bool],
-             ) -> list[WsResult]:
+             nginx: str | None = None) -> list[WsResult]:
     """Start the echo upstream, then each chosen contestant in front of it, and measure."""
     import sys
 
@@ -163,7 +202,7 @@ def run_rows(chosen: Callable[[str], bool], seconds: float, quick: bool,
     try:
         if not wait_port(echo_port, echo):
             raise RuntimeError("the WebSocket echo upstream did not start")
-        for key, name, args in ws_contestants(echo_port):
+        for key, name, args in ws_contestants(echo_port, nginx):
             if not chosen(key):
                 continue
             print(f"-- WebSocket: {name}", flush=True)
@@ -260,6 +299,10 @@ def targets(results: list[WsResult]) -> list[tuple[str, str]]:
         else:
             out.append((name, f"{'PASS' if a >= factor * b else 'FAIL'} "
                               f"({a:,.1f} vs {factor:g} × {b:,.1f})"))
+    for attr, label in (("msgs_per_s", "msg/s"), ("big_mbs", "1 MiB MB/s")):
+        a, b = get("dp-wsgi", attr), get("nginx", attr)
+        if a is not None and b is not None:  # what a third process costs here, for scale
+            out.append((f"wsgi WS tunnel / nginx proxy_pass {label}", f"info ({a / b:.2f}×)"))
     return out
 
 
