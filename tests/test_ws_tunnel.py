@@ -565,3 +565,29 @@ def test_a_frame_sent_right_behind_the_handshake_is_relayed(
         b"Host: front", f"Host: 127.0.0.1:{proxy.port}".encode()) + hello)
     assert head.startswith(b"HTTP/1.1 101 "), head
     assert rest.startswith(frame(b"early bird", 0x1)), rest
+
+
+def test_gunicorn_sync_worker_answers_501(tmp_path: Any) -> None:
+    """gunicorn's sync worker has a socket but kills a worker busy past its timeout: 501."""
+    port = free_port()
+    env = {**os.environ, "WS_TUNNEL_UPSTREAM": "http://127.0.0.1:9"}
+    with (tmp_path / "gunicorn.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-k", "sync", "-b", f"127.0.0.1:{port}",
+             "--no-control-socket", "tests.test_ws_tunnel:flask_app()"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline
+            try:
+                head, body = raw_exchange(f"127.0.0.1:{port}",
+                                          HANDSHAKE.replace(b"GET /ws", b"GET /mw/ws"))
+                break
+            except (OSError, AssertionError):
+                time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert head.startswith(b"HTTP/1.1 501 "), head
+    assert "gthread" in json.loads(body)["detail"]

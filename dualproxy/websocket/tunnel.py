@@ -64,11 +64,15 @@ class TunnelClosed(ConnectionError):
 
 
 def client_socket(environ: Environ) -> socket.socket | None:
-    """The client socket the server lets the app take over, if any."""
+    """The client socket the server lets the app take over, if any.
+
+    Not under gunicorn's sync worker (`wsgi.multithread` false): its timeout
+    watchdog would kill the worker in the middle of any socket open longer.
+    """
     for key in SOCKET_KEYS:
         sock = environ.get(key)
         if isinstance(sock, socket.socket):
-            return sock
+            return sock if key != "gunicorn.socket" or environ.get("wsgi.multithread") else None
     return None
 
 
@@ -89,7 +93,8 @@ def answer_handshake(config: ProxyConfig, plan: UpstreamPlan, environ: Environ,
     if client is None:
         raise NoSocketTakeover(
             "this WSGI server cannot hand over the client connection, so it cannot carry a "
-            "WebSocket; run the WSGI face under gunicorn (gthread), werkzeug or uvicorn")
+            "WebSocket; run the WSGI face under gunicorn's gthread worker, werkzeug's server "
+            "or uvicorn")
     ws = upgrade_plan(config, plan, tunnel=True)
     with map_upstream_errors():
         upstream, head, buf = open_upstream(ws, config.timeout)
