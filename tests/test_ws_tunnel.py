@@ -31,7 +31,7 @@ from werkzeug.serving import make_server as werkzeug_server
 
 from dualproxy.websocket import splice
 from dualproxy.websocket.framing import FrameScanner
-from dualproxy.websocket.splice import relay
+from dualproxy.websocket.splice import SpliceResult, relay
 from dualproxy.wsgi import SyncProxy
 from tests.conftest import ROOT, MakeProxy, free_port
 from tests.ws_upstream import WsUpstream
@@ -84,14 +84,12 @@ class Relayed:
     def __init__(self, buffer: int | None = None, **kwargs: Any) -> None:
         self.client, client_side = tcp_pair(buffer)
         upstream_side, self.upstream = tcp_pair(buffer)
-        self.result: tuple[int, int] | BaseException | None = None
+        self.result: SpliceResult | None = None
         self.ended_at: float | None = None
 
         def run() -> None:
             try:
                 self.result = relay(client_side, upstream_side, **kwargs)
-            except OSError as exc:
-                self.result = exc
             finally:
                 self.ended_at = time.monotonic()
                 client_side.close()
@@ -100,7 +98,7 @@ class Relayed:
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
 
-    def join(self, timeout: float = 5.0) -> tuple[int, int] | BaseException | None:
+    def join(self, timeout: float = 5.0) -> SpliceResult | None:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "the relay did not end"
         return self.result
@@ -132,7 +130,7 @@ def test_bytes_read_before_the_tunnel_go_first(relayed: Callable[..., Relayed]) 
     assert recv_exactly(r.upstream, 18) == b"client-early+after"
     r.upstream.close()
     r.client.close()
-    assert r.join() == (18, 17)
+    assert r.join() == SpliceResult(18, 17)
 
 
 def test_half_close_passes_the_fin_and_the_other_way_goes_on(
@@ -147,7 +145,7 @@ def test_half_close_passes_the_fin_and_the_other_way_goes_on(
     started = time.monotonic()
     r.upstream.close()
     assert at_eof(r.client)
-    assert r.join() == (3, 11)
+    assert r.join() == SpliceResult(3, 11)
     assert r.ended_at is not None and r.ended_at - started < 2
 
 
@@ -159,7 +157,7 @@ def test_a_half_open_tunnel_ends_after_the_linger(
     assert at_eof(r.upstream)
     # The upstream never closes: the tunnel gives up on it after LINGER.
     assert at_eof(r.client)
-    assert r.join() == (0, 0)
+    assert r.join() == SpliceResult(0, 0)
 
 
 def test_a_reset_upstream_closes_the_client_at_once(relayed: Callable[..., Relayed]) -> None:
@@ -170,7 +168,9 @@ def test_a_reset_upstream_closes_the_client_at_once(relayed: Callable[..., Relay
     r.upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     r.upstream.close()
     assert at_eof(r.client)
-    r.join()
+    result = r.join()
+    assert result is not None and result[:2] == (0, 1)
+    assert result.failure is not None and "ConnectionResetError" in result.failure
 
 
 def test_a_vanished_client_closes_the_upstream(
@@ -180,7 +180,8 @@ def test_a_vanished_client_closes_the_upstream(
     r.client.close()
     assert at_eof(r.upstream, timeout=0.4)  # the FIN is passed on at once
     r.upstream.sendall(b"ping")  # an upstream that does not close is cut after LINGER
-    r.join()
+    result = r.join()
+    assert result is not None and result.to_client in (0, 4)  # the client may be gone first
 
 
 def frame(payload: bytes, opcode: int = 0x2, *, fin: bool = True, masked: bool = False) -> bytes:
@@ -222,7 +223,7 @@ def test_a_quiet_tunnel_ends_at_the_idle_limit_with_1001(
     started = time.monotonic()
     assert read_close(r.client) == (False, 1001)    # to the client: unmasked
     assert read_close(r.upstream) == (True, 1001)   # to the upstream: masked, as a client's
-    assert r.join() == (4 * len(ping), 0)
+    assert r.join() == SpliceResult(4 * len(ping), 0)
     assert r.ended_at is not None and 0.2 < r.ended_at - started < 3
 
 
@@ -329,7 +330,7 @@ def test_a_tls_client_side_relays_and_ends_the_tunnel(tls_files: tuple[str, str]
     assert at_eof(upstream)  # the client's end reached the upstream ...
     upstream.close()         # ... whose close ends the tunnel, not a TLS half-close
     relay_thread.join(5)
-    assert done == [(len(payload), len(payload))]
+    assert done == [SpliceResult(len(payload), len(payload))]
     for sock in (client_side, upstream_side):
         sock.close()
 

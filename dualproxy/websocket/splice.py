@@ -14,7 +14,9 @@ import select
 import socket
 import ssl
 import time
+from typing import NamedTuple
 
+from ..errors import describe
 from .framing import GOING_AWAY, MESSAGE_TOO_BIG, FrameScanner, close_frame
 
 READ_SIZE = 65536
@@ -22,6 +24,14 @@ LINGER = 5.0        # after one side's FIN, how long the other direction may go 
 GOODBYE = 1.0       # how long a side gets to answer the tunnel's close frame
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _FAILED = select.POLLERR | select.POLLNVAL
+
+
+class SpliceResult(NamedTuple):
+    """Bytes relayed each way, and the socket error that ended both at once, if one did."""
+
+    to_upstream: int
+    to_client: int
+    failure: str | None = None
 
 
 class _Direction:
@@ -128,13 +138,13 @@ def _drain(socks: list[socket.socket], seconds: float) -> None:
 
 def relay(client: socket.socket, upstream: socket.socket, *, to_client: bytes = b"",
           to_upstream: bytes = b"", idle: float | None = None,
-          max_size: int | None = None) -> tuple[int, int]:
+          max_size: int | None = None) -> SpliceResult:
     """Move bytes both ways until both sides closed; (client->upstream, upstream->client).
 
     `to_client`/`to_upstream`: bytes read before the tunnel opened, sent first.
     A FIN is passed on (half-close; a TLS side is closed instead) and the other
     direction gets LINGER seconds more; a reset or error on either side ends
-    both at once (OSError). A message over `max_size` ends both with close
+    both at once (`failure`). A message over `max_size` ends both with close
     1009, `idle` seconds of silence with 1001. Both sockets are left for the
     caller to close.
     """
@@ -148,63 +158,66 @@ def relay(client: socket.socket, upstream: socket.socket, *, to_client: bytes = 
     masks = {cfd: 0, ufd: 0}
     quiet_since = time.monotonic()
     linger_until: float | None = None
-    while True:
-        moved = up.write() | down.write()
-        if up.shut or down.shut:
-            if up.shut and down.shut or tls and (
-                    up.shut and isinstance(upstream, ssl.SSLSocket)
-                    or down.shut and isinstance(client, ssl.SSLSocket)):
-                break
-            if linger_until is None:
-                linger_until = time.monotonic() + LINGER
-            elif time.monotonic() >= linger_until:
-                break
-        if up.refused and not up.pending or down.refused and not down.pending:
-            return _goodbye(up, down, MESSAGE_TOO_BIG, "message too big")
-        wait: float | None = None
-        if idle is not None:
-            now = time.monotonic()
-            if moved:
-                quiet_since = now
-            elif now - quiet_since >= idle:
-                return _goodbye(up, down, GOING_AWAY, "idle timeout")
-            wait = quiet_since + idle - now
-        if linger_until is not None:
-            left = linger_until - time.monotonic()
-            wait = left if wait is None else min(wait, left)
-        for fd, mask in ((cfd, (select.POLLIN if up.wants_read() else 0)
-                          | (select.POLLOUT if down.pending else 0)),
-                         (ufd, (select.POLLIN if down.wants_read() else 0)
-                          | (select.POLLOUT if up.pending else 0))):
-            if mask != masks[fd]:
-                if mask:
-                    poller.register(fd, mask)
+    try:
+        while True:
+            moved = up.write() | down.write()
+            if up.shut or down.shut:
+                if up.shut and down.shut or tls and (
+                        up.shut and isinstance(upstream, ssl.SSLSocket)
+                        or down.shut and isinstance(client, ssl.SSLSocket)):
+                    break
+                if linger_until is None:
+                    linger_until = time.monotonic() + LINGER
+                elif time.monotonic() >= linger_until:
+                    break
+            if up.refused and not up.pending or down.refused and not down.pending:
+                return _goodbye(up, down, MESSAGE_TOO_BIG, "message too big")
+            wait: float | None = None
+            if idle is not None:
+                now = time.monotonic()
+                if moved:
+                    quiet_since = now
+                elif now - quiet_since >= idle:
+                    return _goodbye(up, down, GOING_AWAY, "idle timeout")
+                wait = quiet_since + idle - now
+            if linger_until is not None:
+                left = linger_until - time.monotonic()
+                wait = left if wait is None else min(wait, left)
+            for fd, mask in ((cfd, (select.POLLIN if up.wants_read() else 0)
+                              | (select.POLLOUT if down.pending else 0)),
+                             (ufd, (select.POLLIN if down.wants_read() else 0)
+                              | (select.POLLOUT if up.pending else 0))):
+                if mask != masks[fd]:
+                    if mask:
+                        poller.register(fd, mask)
+                    else:
+                        poller.unregister(fd)
+                    masks[fd] = mask
+            if tls and (up.readable_now() or down.readable_now()):
+                wait = 0
+            ready = poller.poll(None if wait is None else max(int(wait * 1000), 0))
+            client_ready = upstream_ready = False
+            for fd, events in ready:
+                if events & _FAILED:
+                    raise ConnectionResetError(errno.ECONNRESET, "a tunnelled socket failed")
+                if fd == cfd:
+                    client_ready = True
                 else:
-                    poller.unregister(fd)
-                masks[fd] = mask
-        if tls and (up.readable_now() or down.readable_now()):
-            wait = 0
-        ready = poller.poll(None if wait is None else max(int(wait * 1000), 0))
-        client_ready = upstream_ready = False
-        for fd, events in ready:
-            if events & _FAILED:
-                raise ConnectionResetError(errno.ECONNRESET, "a tunnelled socket failed")
-            if fd == cfd:
-                client_ready = True
-            else:
-                upstream_ready = True
-        read = False
-        if up.wants_read() and (client_ready or tls and up.readable_now()):
-            read = up.read()
-        if down.wants_read() and (upstream_ready or tls and down.readable_now()):
-            read = down.read() or read
-        if read and idle is not None:
-            quiet_since = time.monotonic()
-    return up.moved, down.moved
+                    upstream_ready = True
+            read = False
+            if up.wants_read() and (client_ready or tls and up.readable_now()):
+                read = up.read()
+            if down.wants_read() and (upstream_ready or tls and down.readable_now()):
+                read = down.read() or read
+            if read and idle is not None:
+                quiet_since = time.monotonic()
+    except OSError as exc:
+        return SpliceResult(up.moved, down.moved, describe(exc))
+    return SpliceResult(up.moved, down.moved)
 
 
-def _goodbye(up: _Direction, down: _Direction, code: int, reason: str) -> tuple[int, int]:
+def _goodbye(up: _Direction, down: _Direction, code: int, reason: str) -> SpliceResult:
     up.say_goodbye(code, reason)
     down.say_goodbye(code, reason)
     _drain([up.src, down.src], GOODBYE)
-    return up.moved, down.moved
+    return SpliceResult(up.moved, down.moved)

@@ -243,11 +243,13 @@ class Tunnel:
             self.client.settimeout(HEAD_TIMEOUT)
             self.client.sendall(b"".join(head))
             record.responded = True
-            sent, received = relay(self.client, self.upstream, to_client=self.upstream_early,
-                                   to_upstream=self.client_early, idle=self.idle,
-                                   max_size=self.max_size)
-            record.bytes_in, record.bytes_out = sent, received
-        except OSError:
+            result = relay(self.client, self.upstream, to_client=self.upstream_early,
+                           to_upstream=self.client_early, idle=self.idle,
+                           max_size=self.max_size)
+            record.bytes_in, record.bytes_out = result.to_upstream, result.to_client
+            # A peer that vanished is a WebSocket's ordinary end, not a proxy failure.
+            record.client_gone = result.failure is not None
+        except OSError:  # writing the 101: the client is gone already
             record.client_gone = True
         finally:
             self.close()
