@@ -10,7 +10,6 @@ exchange at once, which closes the upstream connection and frees its pool slot.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
@@ -40,6 +39,7 @@ from .errors import (
     map_stream_errors,
     map_upstream_errors,
 )
+from .hooks import arun_request_hooks, arun_response_hooks
 from .logs import AccessLog, RequestRecord
 
 Scope = MutableMapping[str, Any]
@@ -79,10 +79,6 @@ async def send_problem(send: Send, exc: ProxyError, record: Any = None) -> None:
     if record is not None:
         record.responded = True
     await send({"type": "http.response.body", "body": body})
-
-
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
 
 
 class AsyncProxy:
@@ -165,8 +161,7 @@ class AsyncProxy:
         record = self._log.start(incoming)
         try:
             plan = plan_request(self.config, incoming)
-            for request_hook in self.config.request_hooks:
-                plan = await _maybe_await(request_hook(plan)) or plan
+            plan = await arun_request_hooks(self.config.request_hooks, plan)
         except NotProxied as exc:
             if self.fallback is not None:
                 await self.fallback(scope, receive, send)
@@ -228,8 +223,7 @@ class AsyncProxy:
             try:
                 head = plan_response(config, plan, response.status_code,
                                      response_header_list(response))
-                for response_hook in config.response_hooks:
-                    head = await _maybe_await(response_hook(plan, head)) or head
+                head = await arun_response_hooks(config.response_hooks, plan, head)
             except ProxyError as exc:
                 await send_problem(send, exc, record)
                 self._log.problem(record, exc)

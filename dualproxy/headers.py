@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from .config import ProxyConfig
+from .config import BAD_FIELD_VALUE, FIELD_NAME, ProxyConfig
 from .errors import BadGateway, BadRequest, HeadersTooLarge
 
 Header = tuple[bytes, bytes]
@@ -36,8 +36,8 @@ FORWARDING = frozenset({
 # would send both fields twice, which RFC 9110 forbids for singletons.
 _RESPONSE_OWNED = frozenset({b"date", b"server"})
 
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-_BAD_VALUE = re.compile(rb"[\x00\r\n]")
+_TOKEN = FIELD_NAME
+_BAD_VALUE = BAD_FIELD_VALUE
 # RFC 9112 3.2 / RFC 3986 3.2.2: uri-host [ ":" port ], reg-name or IP literal.
 _HOST = re.compile(rb"(\[[0-9A-Za-z:.]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(:[0-9]*)?\Z")
 

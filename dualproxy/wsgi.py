@@ -43,6 +43,7 @@ from .errors import (
     map_stream_errors,
     map_upstream_errors,
 )
+from .hooks import require_sync_hooks, run_request_hooks, run_response_hooks
 from .logs import AccessLog, RequestRecord
 from .transport import CLIENT_WATCH, ClientWatch
 
@@ -155,6 +156,7 @@ class SyncProxy:
             config = ProxyConfig.build(upstream, **options)
         elif upstream is not None or options:
             raise TypeError("pass either config= or upstream/options, not both")
+        require_sync_hooks((*config.request_hooks, *config.response_hooks))
         self.config = config
         self.fallback = fallback
         self._client = client
@@ -193,8 +195,7 @@ class SyncProxy:
         record = self._log.start(incoming)
         try:
             plan = plan_request(self.config, incoming)
-            for request_hook in self.config.request_hooks:
-                plan = request_hook(plan) or plan  # type: ignore[assignment]
+            plan = run_request_hooks(self.config.request_hooks, plan)
         except NotProxied as exc:
             if self.fallback is not None:
                 return self.fallback(environ, start_response)
@@ -234,15 +235,17 @@ class SyncProxy:
             enter_body_phase(request, self.config)
             head = plan_response(self.config, plan, response.status_code,
                                  response_header_list(response))
-            for response_hook in self.config.response_hooks:
-                head = response_hook(plan, head) or head  # type: ignore[assignment]
+            head = run_response_hooks(self.config.response_hooks, plan, head)
+            # Inside the try: a server that refuses the head (a header value it
+            # rejects) must not leave the upstream response, and its pool slot, open.
+            start_response(head.status_line, _str_headers(head.headers))
         except ProxyError as exc:
             response.close()
             return self._problem(start_response, exc, record, environ)
         except BaseException:
             response.close()
+            self._log.finish(record)
             raise
-        start_response(head.status_line, _str_headers(head.headers))
         record.status = head.status
         body = ResponseBody(response, plan, record, self._log, head.has_body, gone)
         body.client_socket = client_sock
