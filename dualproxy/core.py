@@ -25,6 +25,17 @@ from .target import upstream_target
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 
+# The methods the framework glue routes to the proxy (Flask and FastAPI routes need
+# an explicit list): RFC 9110's (CONNECT aside: no tunnels) and PATCH, then WebDAV
+# and its extensions (RFC 4918, 3253, 3648, 3744, 4791, 5323, 5842).
+PROXY_METHODS: tuple[str, ...] = (
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
+    "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "REPORT",
+    "SEARCH", "MKCALENDAR", "ACL", "BIND", "UNBIND", "REBIND", "VERSION-CONTROL",
+    "CHECKOUT", "CHECKIN", "UNCHECKOUT", "MERGE", "LABEL", "UPDATE", "BASELINE-CONTROL",
+    "MKWORKSPACE", "MKACTIVITY", "ORDERPATCH",
+)
+
 
 @dataclass(frozen=True)
 class IncomingRequest:

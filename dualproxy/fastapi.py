@@ -19,14 +19,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .asgi import AsyncProxy
-
-# Standard methods plus WebDAV's; routes need an explicit list.
-PROXY_METHODS = [
-    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
-    "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "REPORT",
-    "SEARCH", "MKCALENDAR", "ACL", "MERGE", "MKACTIVITY", "CHECKOUT", "VERSION-CONTROL",
-]
-
+from .core import PROXY_METHODS
 
 _PATH_PARAM = "dualproxy_path"
 
@@ -89,7 +82,8 @@ def proxy_router(
                                                   request.path_params.get(_PATH_PARAM)))
 
     for path in (prefix, prefix.rstrip("/") + "/{" + _PATH_PARAM + ":path}"):
-        router.add_api_route(path, forward, methods=PROXY_METHODS, include_in_schema=False)
+        router.add_api_route(path, forward, methods=list(PROXY_METHODS),
+                             include_in_schema=False)
     return router
 
 

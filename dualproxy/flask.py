@@ -20,16 +20,8 @@ from flask import Blueprint, Flask, Response, abort, request
 from flask.blueprints import BlueprintSetupState
 from werkzeug.routing import PathConverter
 
+from .core import PROXY_METHODS
 from .wsgi import ExcInfo, SyncProxy, WSGIApp, incoming_from_environ
-
-# Standard methods plus WebDAV's; Flask routes need an explicit list.
-PROXY_METHODS = [
-    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
-    "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "REPORT",
-    "SEARCH", "MKCALENDAR", "ACL", "BIND", "UNBIND", "REBIND", "VERSION-CONTROL",
-    "CHECKOUT", "CHECKIN", "UNCHECKOUT", "MERGE", "LABEL", "UPDATE", "BASELINE-CONTROL",
-    "MKWORKSPACE", "MKACTIVITY", "ORDERPATCH",
-]
 
 
 class _PassthroughResponse(Response):
@@ -113,10 +105,10 @@ def proxy_blueprint(name: str, upstream: str | None, url_prefix: str, *,
     def forward(**view_args: str) -> Response:
         return _proxy_view(bound, view_args.get(_PATH_ARG))
 
-    blueprint.add_url_rule("/", "forward_root", forward, methods=PROXY_METHODS,
+    blueprint.add_url_rule("/", "forward_root", forward, methods=list(PROXY_METHODS),
                            strict_slashes=False, merge_slashes=False)
     blueprint.add_url_rule(f"/<{_CONVERTER}:{_PATH_ARG}>", "forward", forward,
-                           methods=PROXY_METHODS, merge_slashes=False)
+                           methods=list(PROXY_METHODS), merge_slashes=False)
     return blueprint
 
 

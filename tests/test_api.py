@@ -192,3 +192,38 @@ def test_a_hook_refusing_with_any_status_answers_it_on_both_faces(upstream: Upst
         assert response.status_code == 499
         assert response.headers["content-type"] == "application/problem+json"
         assert response.json()["title"] == "Client Error"
+
+
+# --- the framework glue routes one method list --------------------------------------------
+
+
+def test_flask_and_fastapi_glue_route_the_same_methods(upstream: Upstream, rid: str) -> None:
+    from fastapi import FastAPI
+    from flask import Flask
+
+    from dualproxy.core import PROXY_METHODS
+    from dualproxy.fastapi import proxy_router
+    from dualproxy.flask import proxy_blueprint
+
+    flask_app = Flask(__name__)
+    flask_app.register_blueprint(proxy_blueprint("methods", upstream.url, "/api",
+                                                 access_log=False))
+    flask_client = flask_app.test_client()
+    flask_statuses = [flask_client.open("/api/m", method=m, headers={"x-req-id": rid}).status_code
+                      for m in PROXY_METHODS]
+
+    async def fastapi_statuses() -> list[int]:
+        proxy = AsyncProxy(upstream.url, access_log=False)
+        app = FastAPI()
+        app.include_router(proxy_router(None, "/api", proxy=proxy))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://front") as client:
+            statuses = [(await client.request(m, "/api/m", headers={"x-req-id": rid})).status_code
+                        for m in PROXY_METHODS]
+        await proxy.aclose()
+        return statuses
+
+    every_ok = dict.fromkeys(PROXY_METHODS, 200)
+    assert dict(zip(PROXY_METHODS, flask_statuses, strict=True)) == every_ok
+    assert dict(zip(PROXY_METHODS, asyncio.run(fastapi_statuses()), strict=True)) == every_ok
+    assert [r.method for r in upstream.find_all(rid)] == [*PROXY_METHODS, *PROXY_METHODS]
