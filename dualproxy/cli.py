@@ -14,39 +14,81 @@ import ctypes
 import gc
 import json
 import logging
+import math
 import os
+import re
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
+from . import __version__
 from .config import DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, ProxyConfig
 
 ENV_OPTIONS = "DUALPROXY_SERVE_OPTIONS"
 DEFAULT_SERVER = {"asgi": "uvicorn", "wsgi": "gunicorn"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors on one line: `dualproxy serve: error: ...` and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _bind(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError("expected HOST:PORT")
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    if not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1-65535, got {port}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def _positive(value: str) -> float:
-    number = float(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if not 0 < number < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
     return number
 
 
+def _count(value: str) -> int:
+    if not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+# Size suffixes are powers of 1024, as nginx's `client_max_body_size 1k`; the
+# KiB spelling is accepted for the same value. No decimal KB/MB to confuse them.
+_SIZE = re.compile(r"(\d+)\s*(?:([KMG])(?:iB)?)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _size(value: str) -> int:
+    match = _SIZE.fullmatch(value.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"expected bytes >= 0, optionally with K, M or G (1K = 1024), got {value!r}")
+    return int(match[1]) * _SIZE_UNITS[(match[2] or "").lower()]
+
+
+def _mount(value: str) -> str:
+    if not value.startswith("/"):
+        raise argparse.ArgumentTypeError(f"must start with '/', got {value!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dualproxy",
         description="A streaming reverse proxy with a WSGI and an ASGI face.",
         epilog="Run `dualproxy serve --help` or `dualproxy demo --help` for their flags.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,demo}")
     serve = sub.add_parser(
         "serve", help="proxy to an upstream",
@@ -55,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", required=True, metavar="URL",
                        help="upstream base URL, e.g. http://127.0.0.1:9000/base; its path is "
                             "the base every proxied path is appended to (required)")
-    serve.add_argument("--mount", default="", metavar="PREFIX",
+    serve.add_argument("--mount", default="/", type=_mount, metavar="PREFIX",
                        help="only paths under this prefix are proxied, other paths answer 404 "
                             "(default: everything)")
     serve.add_argument("--bind", default="127.0.0.1:8000", type=_bind, metavar="HOST:PORT",
@@ -64,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which face serves the requests (default: asgi)")
     serve.add_argument("--server", choices=("uvicorn", "gunicorn"), default=None,
                        help="HTTP server (default: uvicorn for asgi, gunicorn for wsgi)")
-    serve.add_argument("--workers", type=int, default=1, metavar="N",
+    serve.add_argument("--workers", type=_count, default=1, metavar="N",
                        help="worker processes (default: 1)")
-    serve.add_argument("--threads", type=int, default=32, metavar="N",
+    serve.add_argument("--threads", type=_count, default=32, metavar="N",
                        help="threads per worker for the wsgi face, i.e. concurrent requests "
                             "(default: 32)")
     serve.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -76,16 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECONDS",
                        help="seconds allowed between two body chunks once streaming, then the "
                             f"client connection is aborted (default: {DEFAULT_IDLE_TIMEOUT:g})")
-    serve.add_argument("--max-body-size", type=int, default=None, metavar="BYTES",
-                       help="largest request body, counted on the stream, then 413 "
-                            "(default: unlimited)")
+    serve.add_argument("--max-body-size", type=_size, default=None, metavar="BYTES",
+                       help="largest request body, counted on the stream, then 413; K, M and "
+                            "G suffixes are powers of 1024, as in nginx (default: unlimited)")
     serve.add_argument("--preserve-host", action="store_true",
                        help="send the client's Host upstream instead of the upstream's "
                             "authority (default: off)")
     serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
                        help="peer whose X-Forwarded-*/Forwarded headers are kept and appended "
                             "to; repeatable (default: none, they are dropped)")
-    serve.add_argument("--max-connections", type=int, default=100, metavar="N",
+    serve.add_argument("--max-connections", type=_count, default=100, metavar="N",
                        help="upstream connections per worker (default: 100)")
     serve.add_argument("--pool-timeout", type=_positive, default=5.0, metavar="SECONDS",
                        help="seconds to wait for a free upstream connection, then 503 "
@@ -137,9 +179,9 @@ def setup_logging(level: str) -> None:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def build_app(options: dict[str, Any]) -> Any:
-    """The ASGI or WSGI app for the options (the same in every worker)."""
-    config = ProxyConfig.build(
+def config_from_options(options: dict[str, Any]) -> ProxyConfig:
+    """The ProxyConfig for `dualproxy serve`'s options (ValueError when one is invalid)."""
+    return ProxyConfig.build(
         options["upstream"],
         mount=options["mount"],
         timeout=options["timeout"],
@@ -151,6 +193,11 @@ def build_app(options: dict[str, Any]) -> Any:
         max_keepalive_connections=options["max_connections"],
         pool_timeout=options["pool_timeout"],
     )
+
+
+def build_app(options: dict[str, Any]) -> Any:
+    """The ASGI or WSGI app for the options (the same in every worker)."""
+    config = config_from_options(options)
     if options["adapter"] == "asgi":
         from .asgi import AsyncProxy
 
@@ -313,12 +360,6 @@ def serve_gunicorn(options: dict[str, Any], host: str, port: int, workers: int) 
 
 def serve(args: argparse.Namespace) -> int:
     options = options_from_args(args)
-    try:
-        ProxyConfig.build(options["upstream"], mount=options["mount"],
-                          trusted_proxies=options["trusted_proxies"])
-    except ValueError as exc:
-        print(f"dualproxy: {exc}", file=sys.stderr)
-        return 2
     host, port = args.bind
     server = args.server or DEFAULT_SERVER[args.adapter]
     if server == "uvicorn":
@@ -329,8 +370,13 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "serve":
+        try:
+            config_from_options(options_from_args(args))
+        except ValueError as exc:  # the upstream URL, a trusted-proxy CIDR
+            parser.exit(2, f"dualproxy serve: error: {exc} (see dualproxy serve --help)\n")
         return serve(args)
     from .demo import run_demo
 
