@@ -10,21 +10,20 @@ Worker processes rebuild the app from the options in an environment variable.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import logging
 import math
 import os
 import re
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import __version__
 from .config import DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, ProxyConfig
+from .servers.gunicorn import serve_gunicorn
+from .servers.heap import freeze_heap, trim_heap_periodically
+from .servers.uvicorn import serve_uvicorn, tune_uvicorn
 
 ENV_OPTIONS = "DUALPROXY_SERVE_OPTIONS"
 DEFAULT_SERVER = {"asgi": "uvicorn", "wsgi": "gunicorn"}
@@ -156,6 +155,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "upstream": args.upstream,
         "mount": args.mount,
         "adapter": args.adapter,
+        "server": args.server or DEFAULT_SERVER[args.adapter],
         "threads": args.threads,
         "timeout": args.timeout,
         "idle_timeout": args.idle_timeout,
@@ -207,166 +207,53 @@ def build_app(options: dict[str, Any]) -> Any:
     return SyncProxy(config=config, access_log=options["access_log"])
 
 
-def freeze_heap() -> None:
-    """Exempt everything loaded so far from the cyclic garbage collector.
-
-    A full collection otherwise walks every object of the loaded modules
-    (uvicorn, httpx, ...), pausing the process for 15-30 ms several times a
-    second under load: the proxy's worst latencies. Called once the app is built.
-    """
-    gc.collect()
-    gc.freeze()
-
-
-def trim_heap_periodically(interval: float = 1.0) -> None:
-    """Hand memory freed by the wsgi face's threads back to the OS (glibc only).
-
-    glibc gives each thread a malloc arena of its own and does not return the
-    pages of body buffers freed in the middle of those arenas: under the wsgi
-    face's thread pool the RSS crept up ~30% over 50k mixed requests with no
-    live object behind it (`nox -s soak`). malloc_trim(0) returns them; it runs
-    outside the GIL and takes well under a millisecond, once every `interval`.
-    """
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return  # not glibc (musl, macOS): nothing to trim
-    trim.argtypes = [ctypes.c_size_t]
-
-    def loop() -> None:
-        while True:
-            time.sleep(interval)
-            trim(0)
-
-    threading.Thread(target=loop, name="dualproxy-heap-trim", daemon=True).start()
-
-
-# How much request body uvicorn may buffer before it stops reading the client.
-UVICORN_BODY_HIGH_WATER = 262144
-
-
-def tune_uvicorn() -> None:
-    """Let uvicorn read a request body in bigger steps than its 64 KiB.
-
-    uvicorn pauses reading the client whenever more than HIGH_WATER_LIMIT
-    (64 KiB) of body waits for the app's next receive(), and resumes at that
-    receive: a fast upload goes pause, resume, pause, with an epoll change and
-    a small message each time. Its protocols read the constant from their own
-    module at every body callback, so raising it there takes effect; memory
-    stays bounded per connection. Only for a uvicorn already loaded (the
-    server running this process), never imported for gunicorn's threads.
-    """
-    if "uvicorn" not in sys.modules:
-        return
-    import importlib
-
-    for name in ("uvicorn.protocols.http.httptools_impl", "uvicorn.protocols.http.h11_impl"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:  # that parser's package is not installed
-            continue
-        limit = getattr(module, "HIGH_WATER_LIMIT", None)
-        if isinstance(limit, int):
-            vars(module)["HIGH_WATER_LIMIT"] = max(limit, UVICORN_BODY_HIGH_WATER)
-
-
-def app_from_env() -> Any:
-    """Factory for worker processes: the ASGI app described by ENV_OPTIONS."""
-    options = json.loads(os.environ[ENV_OPTIONS])
+def load_app(options: dict[str, Any]) -> Any:
+    """The app one worker process serves, set up for the server running it."""
     setup_logging(options["log_level"])
-    tune_uvicorn()
+    tune_uvicorn()  # a no-op unless uvicorn runs this process
     app = build_app(options)
     if options["adapter"] == "wsgi":
-        from .bridge import WSGIBridge
+        if options["server"] == "uvicorn":
+            from .bridge import WSGIBridge
 
-        app = WSGIBridge(app, threads=options["threads"])
-        trim_heap_periodically()
+            app = WSGIBridge(app, threads=options["threads"])
+        trim_heap_periodically()  # in the worker: threads do not survive fork
     freeze_heap()
     return app
 
 
-def serve_uvicorn(options: dict[str, Any], host: str, port: int, workers: int) -> None:
-    import uvicorn
-
-    common: dict[str, Any] = {
-        "host": host,
-        "port": port,
-        "proxy_headers": False,  # see DESIGN: never let the server rewrite the peer
-        "access_log": False,     # dualproxy writes its own access line
-        "log_level": options["log_level"],
-        "lifespan": "on",
-        "timeout_graceful_shutdown": 5,
-    }
-    os.environ[ENV_OPTIONS] = json.dumps(options)
-    if workers > 1:
-        uvicorn.run("dualproxy.cli:app_from_env", factory=True, workers=workers, **common)
-    else:
-        uvicorn.run(app_from_env(), **common)
-
-
-def gunicorn_settings() -> dict[str, Any]:
-    """The setting names this gunicorn knows."""
-    from gunicorn.config import KNOWN_SETTINGS
-
-    return {setting.name: setting for setting in KNOWN_SETTINGS}
-
-
-def serve_gunicorn(options: dict[str, Any], host: str, port: int, workers: int) -> None:
-    from gunicorn.app.base import BaseApplication
-
-    os.environ[ENV_OPTIONS] = json.dumps(options)
-    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    settings: dict[str, Any] = {
-        "bind": [bind],
-        "workers": workers,
-        "loglevel": options["log_level"],
-        "accesslog": None,
-        "graceful_timeout": 5,
-        # gunicorn would trust X-Forwarded-Proto from 127.0.0.1 for wsgi.url_scheme.
-        "forwarded_allow_ips": "",
-        "secure_scheme_headers": {},
-        # Above the core's own limits, so the core answers 414/431 on every server.
-        "limit_request_line": 8190,
-        "limit_request_fields": 32768,
-        "limit_request_field_size": 1 << 20,
-    }
-    if "control_socket_disable" in gunicorn_settings():
-        # gunicorn >= 25.1 opens a control socket at one per-user path
-        # ($XDG_RUNTIME_DIR/gunicorn.ctl): two proxies on one machine would take
-        # it from each other. `dualproxy serve` offers no gunicornc management.
-        settings["control_socket_disable"] = True
-    if options["adapter"] == "wsgi":
-        settings.update(worker_class="gthread", threads=options["threads"],
-                        timeout=60, keepalive=5)
-    else:
-        settings.update(worker_class="dualproxy.workers.UvicornWorker", timeout=60)
-
-    class Application(BaseApplication):  # type: ignore[misc]
-        def load_config(self) -> None:
-            for key, value in settings.items():
-                self.cfg.set(key, value)
-
-        def load(self) -> Any:
-            if options["adapter"] == "wsgi":
-                setup_logging(options["log_level"])
-                app = build_app(options)
-                freeze_heap()
-                trim_heap_periodically()  # in the worker: threads do not survive fork
-                return app
-            return app_from_env()
-
-    Application().run()
+def app_from_env() -> Any:
+    """Factory for uvicorn's worker processes: the app described by ENV_OPTIONS."""
+    return load_app(json.loads(os.environ[ENV_OPTIONS]))
 
 
 def serve(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     host, port = args.bind
-    server = args.server or DEFAULT_SERVER[args.adapter]
-    if server == "uvicorn":
-        serve_uvicorn(options, host, port, args.workers)
+    os.environ[ENV_OPTIONS] = json.dumps(options)
+    if options["server"] == "uvicorn":
+        serve_uvicorn(lambda: load_app(options), f"{__name__}:app_from_env", host=host,
+                      port=port, workers=args.workers, log_level=options["log_level"])
     else:
-        serve_gunicorn(options, host, port, args.workers)
+        serve_gunicorn(lambda: load_app(options), adapter=options["adapter"], host=host,
+                       port=port, workers=args.workers, threads=options["threads"],
+                       log_level=options["log_level"])
     return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Start the demo upstream, print what to try, serve the proxy until Ctrl-C."""
+    from .demo import demo_upstream, instructions
+
+    host, proxy_port = args.bind
+    try:
+        with demo_upstream() as port:
+            print(instructions(port, f"http://{host}:{proxy_port}", args.adapter), flush=True)
+            return serve(build_parser().parse_args([
+                "serve", "--upstream", f"http://127.0.0.1:{port}",
+                "--bind", f"{host}:{proxy_port}", "--adapter", args.adapter]))
+    except KeyboardInterrupt:
+        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -378,9 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:  # the upstream URL, a trusted-proxy CIDR
             parser.exit(2, f"dualproxy serve: error: {exc} (see dualproxy serve --help)\n")
         return serve(args)
-    from .demo import run_demo
-
-    return run_demo(args)
+    return demo(args)
 
 
 if __name__ == "__main__":

@@ -328,30 +328,6 @@ def client_options(config: ProxyConfig) -> dict[str, Any]:
     }
 
 
-def make_async_client(config: ProxyConfig) -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]:
-    """The client AsyncProxy creates, and its transport: dualproxy's fast HTTP/1.1 one.
-
-    The face sends through the transport directly: the client's send() adds
-    cookie extraction, auth and redirect machinery a proxy never uses.
-    """
-    from .transport import AsyncUpstreamTransport
-
-    transport = AsyncUpstreamTransport(
-        max_connections=config.max_connections,
-        max_keepalive_connections=config.max_keepalive_connections)
-    return httpx.AsyncClient(transport=transport, **client_options(config)), transport
-
-
-def make_sync_client(config: ProxyConfig) -> tuple[httpx.Client, httpx.BaseTransport]:
-    """The client SyncProxy creates, and its transport (see make_async_client)."""
-    from .transport import UpstreamTransport
-
-    transport = UpstreamTransport(
-        max_connections=config.max_connections,
-        max_keepalive_connections=config.max_keepalive_connections)
-    return httpx.Client(transport=transport, **client_options(config)), transport
-
-
 def disable_cookies(client: httpx.Client | httpx.AsyncClient) -> None:
     """Make a user-supplied client jar-less too (see `_NoCookies`)."""
     client.cookies = httpx.Cookies(_NoCookies())

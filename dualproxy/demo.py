@@ -7,7 +7,6 @@ SSE clock, so the three things people doubt about a proxy can be tried at once.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import json
@@ -16,9 +15,10 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from .asgi import Receive, Scope, Send
+from .types import Receive, Scope, Send
 
 _BLOCK = bytes(range(256)) * 256  # 64 KiB
 
@@ -97,10 +97,9 @@ def _wait_port(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"demo upstream did not start on port {port}")
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """Start the upstream child, print what to try, serve the proxy until Ctrl-C."""
-    from .cli import build_parser, serve
-
+@contextmanager
+def demo_upstream() -> Iterator[int]:
+    """The demo upstream in a uvicorn child process, on a free port; stopped on exit."""
     port = _free_port()
     child = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "dualproxy.demo:upstream_app",
@@ -109,10 +108,19 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     try:
         _wait_port(port)
-        host, proxy_port = args.bind
-        url = f"http://{host}:{proxy_port}"
-        print(f"""
-dualproxy demo: upstream on http://127.0.0.1:{port}, proxy ({args.adapter}) on {url}
+        yield port
+    finally:
+        child.terminate()
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+def instructions(port: int, url: str, adapter: str) -> str:
+    """What the demo prints: where things run and three curl commands to try."""
+    return f"""
+dualproxy demo: upstream on http://127.0.0.1:{port}, proxy ({adapter}) on {url}
 
 Try, in another terminal:
   # a streamed 100 MiB download, hashed on arrival
@@ -124,15 +132,4 @@ Try, in another terminal:
   curl -sN {url}/events
 
 Ctrl-C stops both.
-""", flush=True)
-        serve_args: list[Any] = ["serve", "--upstream", f"http://127.0.0.1:{port}",
-                                 "--bind", f"{host}:{proxy_port}", "--adapter", args.adapter]
-        return serve(build_parser().parse_args(serve_args))
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        child.terminate()
-        try:
-            child.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            child.kill()
+"""

@@ -21,7 +21,8 @@ from flask.blueprints import BlueprintSetupState
 from werkzeug.routing import PathConverter
 
 from .core import PROXY_METHODS
-from .wsgi import ExcInfo, SyncProxy, WSGIApp, incoming_from_environ
+from .types import ExcInfo, WSGIApp
+from .wsgi import SyncProxy, incoming_from_environ
 
 
 class _PassthroughResponse(Response):
