@@ -232,7 +232,7 @@ def serve(args: argparse.Namespace) -> int:
     host, port = args.bind
     os.environ[ENV_OPTIONS] = json.dumps(options)
     if options["server"] == "uvicorn":
-        serve_uvicorn(lambda: load_app(options), f"{__name__}:app_from_env", host=host,
+        serve_uvicorn(lambda: load_app(options), "dualproxy.cli:app_from_env", host=host,
                       port=port, workers=args.workers, log_level=options["log_level"])
     else:
         serve_gunicorn(lambda: load_app(options), adapter=options["adapter"], host=host,

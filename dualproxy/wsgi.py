@@ -30,8 +30,7 @@ from .errors import (
 from .face import ProxyFace, make_sync_client
 from .hooks import require_sync_hooks, run_request_hooks, run_response_hooks
 from .logs import AccessLog, RequestRecord
-from .servers.gunicorn_body import DIRECT_READ, GunicornLengthInput
-from .servers.gunicorn_body import body_input as body_input_for
+from .servers.gunicorn_body import DIRECT_READ, GunicornLengthInput, request_body_input
 from .transport import CLIENT_WATCH, ClientWatch
 from .types import Environ, StartResponse, WSGIApp
 
@@ -153,7 +152,7 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         content: Iterator[bytes] | None = None
         if plan.has_body:
             counter = BodyCounter(plan, self.config)
-            body_input = body_input_for(environ)
+            body_input = request_body_input(environ)
             content = _request_body(body_input, counter, self.config.chunk_size, record)
         request = self.upstream_request(plan, content)
         client_sock = environ.get("gunicorn.socket")

@@ -76,3 +76,13 @@ def test_a_large_suffixed_limit_lets_bodies_through(make_proxy: MakeProxy) -> No
     response = httpx.post(proxy.url + "/big", content=b"y" * 70000, timeout=30)
     assert response.status_code == 200
     assert response.json()["body_length"] == 70000
+
+
+def test_several_workers_serve(make_proxy: MakeProxy) -> None:
+    """`--workers 2`: uvicorn's workers build the app from the import string, gunicorn's
+    from the options they inherit; either way every request is answered."""
+    proxy = make_proxy("--workers", "2")
+    with proxy.client() as client:
+        statuses = [client.get(f"/w{i}", headers={"connection": "close"}).status_code
+                    for i in range(20)]
+    assert statuses == [200] * 20

@@ -104,7 +104,7 @@ def _take_buffered(owner: Any, size: int) -> bytes:
     return data[:size]
 
 
-def body_input(environ: Environ) -> Any:
+def request_body_input(environ: Environ) -> Any:
     """Where to read the request body: gunicorn's socket directly when safe, else wsgi.input."""
     stream = environ["wsgi.input"]
     return GunicornLengthInput.recognise(stream) or stream
