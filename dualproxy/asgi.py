@@ -10,27 +10,12 @@ exchange at once, which closes the upstream connection and frees its pool slot.
 from __future__ import annotations
 
 import asyncio
-import inspect
-import logging
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import httpx
 
-from .config import ProxyConfig
-from .core import (
-    BodyCounter,
-    IncomingRequest,
-    ResponseHead,
-    UpstreamPlan,
-    build_request,
-    disable_cookies,
-    enter_body_phase,
-    make_async_client,
-    plan_request,
-    plan_response,
-    response_header_list,
-)
+from .core import BodyCounter, IncomingRequest, ResponseHead, UpstreamPlan
 from .errors import (
     ClientDisconnected,
     NotProxied,
@@ -40,19 +25,18 @@ from .errors import (
     map_stream_errors,
     map_upstream_errors,
 )
-from .logs import AccessLog, RequestRecord
+from .face import ProxyFace, make_async_client
+from .hooks import arun_request_hooks, arun_response_hooks
+from .logs import RequestRecord
+from .types import ASGIApp, Receive, Scope, Send
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-logger = logging.getLogger("dualproxy")
+# A `websocket` scope's scheme, as the HTTP request its handshake was.
+_HTTP_SCHEME = {"ws": "http", "wss": "https"}
 
 
 def incoming_from_scope(scope: Scope) -> IncomingRequest:
-    """The neutral request for an ASGI HTTP scope, from the raw path (never `path`)."""
+    """The neutral request for an ASGI HTTP scope, or a `websocket` scope's handshake
+    (a GET), from the raw path (never `path`)."""
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
     query: bytes = scope.get("query_string", b"")
     target = raw_path + b"?" + query if query else raw_path
@@ -62,12 +46,13 @@ def incoming_from_scope(scope: Scope) -> IncomingRequest:
     # releases did not). Only a prefix the raw path really starts with is a mount.
     mount = root.rstrip(b"/") if root and raw_path.startswith(root) else b""
     client = scope.get("client")
+    scheme: str = scope.get("scheme", "http")
     return IncomingRequest(
-        method=scope["method"],
+        method=scope.get("method", "GET"),
         target=target,
         headers=scope["headers"],
         peer=client[0] if client else None,
-        scheme=scope.get("scheme", "http"),
+        scheme=_HTTP_SCHEME.get(scheme, scheme),
         mount=mount,
         http_version=scope.get("http_version", "1.1"),
     )
@@ -81,11 +66,7 @@ async def send_problem(send: Send, exc: ProxyError, record: Any = None) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
-class AsyncProxy:
+class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]):
     """ASGI reverse proxy. `AsyncProxy("http://upstream:8080/base", mount="/api")`.
 
     Pass `config=` to share one ProxyConfig with a SyncProxy, and `client=` to
@@ -93,37 +74,8 @@ class AsyncProxy:
     Outside the mount it answers 404, or calls `fallback` when one is given.
     """
 
-    def __init__(
-        self,
-        upstream: str | None = None,
-        *,
-        config: ProxyConfig | None = None,
-        client: httpx.AsyncClient | None = None,
-        fallback: ASGIApp | None = None,
-        access_log: bool = True,
-        **options: Any,
-    ) -> None:
-        if config is None:
-            if upstream is None:
-                raise TypeError("AsyncProxy needs an upstream URL or a config")
-            config = ProxyConfig.build(upstream, **options)
-        elif upstream is not None or options:
-            raise TypeError("pass either config= or upstream/options, not both")
-        self.config = config
-        self.fallback = fallback
-        self._client = client
-        self._transport: httpx.AsyncBaseTransport | None = None
-        self._owns_client = client is None
-        if client is not None:
-            disable_cookies(client)
-        self._log = AccessLog(enabled=access_log)
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        """The upstream client, created on first use inside the running loop."""
-        if self._client is None:
-            self._client, self._transport = make_async_client(self.config)
-        return self._client
+    def _new_client(self) -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]:
+        return make_async_client(self.config)
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
         client = self.client
@@ -133,9 +85,9 @@ class AsyncProxy:
 
     async def aclose(self) -> None:
         """Close the client if this proxy created it."""
-        if self._client is not None and self._owns_client:
-            await self._client.aclose()
-            self._client = self._transport = None
+        client = self._detach_client()
+        if client is not None:
+            await client.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -144,7 +96,7 @@ class AsyncProxy:
         elif kind == "websocket":
             from .websocket.relay_async import proxy_websocket
 
-            await proxy_websocket(self, scope, receive, send)
+            await proxy_websocket(self, incoming_from_scope(scope), scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif self.fallback is not None:
@@ -163,21 +115,19 @@ class AsyncProxy:
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         incoming = incoming_from_scope(scope)
-        record = self._log.start(incoming)
+        record = self.begin(incoming)
         try:
-            plan = plan_request(self.config, incoming)
-            for request_hook in self.config.request_hooks:
-                plan = await _maybe_await(request_hook(plan)) or plan
+            plan = await arun_request_hooks(self.config.request_hooks, self.plan(incoming))
         except NotProxied as exc:
             if self.fallback is not None:
                 await self.fallback(scope, receive, send)
                 return
-            await send_problem(send, exc)
-            self._log.problem(record, exc)
+            await self._problem(send, exc, record)
+            self.finish(record)
             return
         except ProxyError as exc:
-            await send_problem(send, exc)
-            self._log.problem(record, exc)
+            await self._problem(send, exc, record)
+            self.finish(record)
             return
 
         body_done = asyncio.Event() if plan.has_body else None
@@ -199,7 +149,7 @@ class AsyncProxy:
                 uncancel()
         finally:
             watcher.cancel()
-            self._log.finish(record)
+            self.finish(record)
 
     async def _exchange(
         self,
@@ -209,31 +159,25 @@ class AsyncProxy:
         body_done: asyncio.Event | None,
         record: Any,
     ) -> None:
-        config = self.config
-        content = (_request_body(receive, BodyCounter(plan, config), body_done, record)
+        content = (_request_body(receive, BodyCounter(plan, self.config), body_done, record)
                    if body_done is not None else None)
-        request = build_request(config, plan, content)
+        request = self.upstream_request(plan, content)
         try:
             with map_upstream_errors():
                 response = await self._send(request)
         except ProxyError as exc:
-            await send_problem(send, exc, record)
-            self._log.problem(record, exc)
+            await self._problem(send, exc, record)
             return
         except ClientDisconnected:
             record.client_gone = True
             return
-        record.upstream_status(response.status_code)
         try:
-            enter_body_phase(request, config)
             try:
-                head = plan_response(config, plan, response.status_code,
-                                     response_header_list(response))
-                for response_hook in config.response_hooks:
-                    head = await _maybe_await(response_hook(plan, head)) or head
+                head = await arun_response_hooks(
+                    self.config.response_hooks, plan,
+                    self.response_head(record, plan, request, response))
             except ProxyError as exc:
-                await send_problem(send, exc, record)
-                self._log.problem(record, exc)
+                await self._problem(send, exc, record)
                 return
             await self._relay(response, head, send, record)
         except UpstreamBroken as exc:
@@ -242,6 +186,10 @@ class AsyncProxy:
             record.broken = describe(exc)
         finally:
             await response.aclose()
+
+    async def _problem(self, send: Send, exc: ProxyError, record: RequestRecord) -> None:
+        self.refuse(record, exc)
+        await send_problem(send, exc, record)
 
     async def _relay(
         self, response: httpx.Response, head: ResponseHead, send: Send, record: Any

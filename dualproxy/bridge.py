@@ -17,9 +17,9 @@ from typing import Any, cast
 
 from a2wsgi import WSGIMiddleware
 
-from .asgi import ASGIApp, Message, Receive, Scope, Send
 from .errors import ClientDisconnected, UpstreamBroken
-from .wsgi import CLIENT_GONE_KEY, Environ, StartResponse, SyncProxy, WSGIApp
+from .types import ASGIApp, Environ, Message, Receive, Scope, Send, StartResponse, WSGIApp
+from .wsgi import CLIENT_GONE_KEY, SyncProxy
 
 
 class WSGIBridge:

@@ -7,6 +7,7 @@ per-request code can trust it without re-checking.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -20,6 +21,11 @@ IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_WS_MAX_SIZE = 16 * 1024 * 1024
+
+# RFC 9110 5.1 / 5.5: a field name is a token; CR, LF and NUL never appear in a
+# value (a server would refuse the head, or split it in two).
+FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]")
 
 
 def _normalize_mount(mount: str) -> str:
@@ -42,6 +48,13 @@ def _parse_networks(values: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
+def _field_bytes(text: str, what: str) -> bytes:
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {text!r} is not latin-1 text") from None
+
+
 def _header_pairs(
     headers: Mapping[str, str] | Sequence[tuple[str, str]] | None,
 ) -> tuple[tuple[bytes, bytes], ...]:
@@ -49,9 +62,25 @@ def _header_pairs(
         return ()
     items = headers.items() if isinstance(headers, Mapping) else headers
     return tuple(
-        (name.strip().lower().encode("latin-1"), value.encode("latin-1"))
+        (_field_bytes(name.strip().lower(), "header name"), _field_bytes(value, "header value"))
         for name, value in items
     )
+
+
+def _header_names(names: Iterable[str]) -> frozenset[bytes]:
+    return frozenset(_field_bytes(name.strip().lower(), "header name") for name in names)
+
+
+def _check_fields(pairs: Iterable[tuple[bytes, bytes]], names: Iterable[bytes],
+                  option: str) -> None:
+    """Refuse at construction a header a server would refuse in every response."""
+    for name, value in pairs:
+        if not FIELD_NAME.match(name) or BAD_FIELD_VALUE.search(value):
+            raise ValueError(f"{option}: invalid header {name!r}: {value!r} "
+                             "(names are tokens; values carry no CR, LF or NUL)")
+    for name in names:
+        if not FIELD_NAME.match(name):
+            raise ValueError(f"{option}: invalid header name {name!r}")
 
 
 @dataclass(frozen=True)
@@ -108,6 +137,10 @@ class ProxyConfig:
             raise ValueError("ws_max_size and ws_idle_timeout must be positive")
         if self.max_body_size is not None and self.max_body_size < 0:
             raise ValueError("max_body_size must be >= 0")
+        _check_fields(self.add_request_headers, self.remove_request_headers,
+                      "request headers")
+        _check_fields(self.add_response_headers, self.remove_response_headers,
+                      "response headers")
         default_port = 443 if parts.scheme == "https" else 80
         host = parts.hostname
         if ":" in host:  # IPv6 literal
@@ -140,13 +173,9 @@ class ProxyConfig:
             upstream=upstream,
             trusted_proxies=_parse_networks(trusted_proxies),
             add_request_headers=_header_pairs(add_request_headers),
-            remove_request_headers=frozenset(
-                n.strip().lower().encode("latin-1") for n in remove_request_headers
-            ),
+            remove_request_headers=_header_names(remove_request_headers),
             add_response_headers=_header_pairs(add_response_headers),
-            remove_response_headers=frozenset(
-                n.strip().lower().encode("latin-1") for n in remove_response_headers
-            ),
+            remove_response_headers=_header_names(remove_response_headers),
             request_hooks=tuple(request_hooks),
             response_hooks=tuple(response_hooks),
             **options,

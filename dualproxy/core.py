@@ -25,6 +25,17 @@ from .target import upstream_target
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 
+# The methods the framework glue routes to the proxy (Flask and FastAPI routes need
+# an explicit list): RFC 9110's (CONNECT aside: no tunnels) and PATCH, then WebDAV
+# and its extensions (RFC 4918, 3253, 3648, 3744, 4791, 5323, 5842).
+PROXY_METHODS: tuple[str, ...] = (
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
+    "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "REPORT",
+    "SEARCH", "MKCALENDAR", "ACL", "BIND", "UNBIND", "REBIND", "VERSION-CONTROL",
+    "CHECKOUT", "CHECKIN", "UNCHECKOUT", "MERGE", "LABEL", "UPDATE", "BASELINE-CONTROL",
+    "MKWORKSPACE", "MKACTIVITY", "ORDERPATCH",
+)
+
 
 @dataclass(frozen=True)
 class IncomingRequest:
@@ -315,30 +326,6 @@ def client_options(config: ProxyConfig) -> dict[str, Any]:
         "limits": httpx.Limits(max_connections=config.max_connections,
                                max_keepalive_connections=config.max_keepalive_connections),
     }
-
-
-def make_async_client(config: ProxyConfig) -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]:
-    """The client AsyncProxy creates, and its transport: dualproxy's fast HTTP/1.1 one.
-
-    The face sends through the transport directly: the client's send() adds
-    cookie extraction, auth and redirect machinery a proxy never uses.
-    """
-    from .transport import AsyncUpstreamTransport
-
-    transport = AsyncUpstreamTransport(
-        max_connections=config.max_connections,
-        max_keepalive_connections=config.max_keepalive_connections)
-    return httpx.AsyncClient(transport=transport, **client_options(config)), transport
-
-
-def make_sync_client(config: ProxyConfig) -> tuple[httpx.Client, httpx.BaseTransport]:
-    """The client SyncProxy creates, and its transport (see make_async_client)."""
-    from .transport import UpstreamTransport
-
-    transport = UpstreamTransport(
-        max_connections=config.max_connections,
-        max_keepalive_connections=config.max_keepalive_connections)
-    return httpx.Client(transport=transport, **client_options(config)), transport
 
 
 def disable_cookies(client: httpx.Client | httpx.AsyncClient) -> None:

@@ -9,7 +9,6 @@ people doubt about a proxy can be seen at once.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import functools
 import hashlib
@@ -20,10 +19,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
-from .asgi import Message, Receive, Scope, Send
+from .types import Message, Receive, Scope, Send
 
 _BLOCK = bytes(range(256)) * 256  # 64 KiB
 DOWNLOAD_SIZE = 100 * 1024 * 1024  # the printed curl command's download
@@ -180,10 +181,9 @@ def _wait_port(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"demo upstream did not start on port {port}")
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """Start the upstream child, print what to try, serve the proxy until Ctrl-C."""
-    from .cli import build_parser, serve
-
+@contextmanager
+def demo_upstream() -> Iterator[int]:
+    """The demo upstream in a uvicorn child process, on a free port; stopped on exit."""
     port = _free_port()
     child = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "dualproxy.demo:upstream_app",
@@ -192,10 +192,20 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     try:
         _wait_port(port)
-        host, proxy_port = args.bind
-        url = f"http://{host}:{proxy_port}"
-        print(f"""
-dualproxy demo: upstream on http://127.0.0.1:{port}, proxy ({args.adapter}) on {url}
+        yield port
+    finally:
+        child.terminate()
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+def instructions(port: int, url: str, adapter: str) -> str:
+    """What the demo prints: where things run, the page, and commands to try."""
+    ws_url = "ws" + url.removeprefix("http")
+    return f"""
+dualproxy demo: upstream on http://127.0.0.1:{port}, proxy ({adapter}) on {url}
 
 Open {url}/ in a browser: an upload, a download, a live clock and a WebSocket chat,
 all through the proxy. Or try, in another terminal:
@@ -208,18 +218,7 @@ all through the proxy. Or try, in another terminal:
   # a Server-Sent Events clock, one event a second until you stop it, relayed as it happens
   curl -sN {url}/events
   # the WebSocket chat: type a line, it comes back (and reaches every open page)
-  python -m websockets ws://{host}:{proxy_port}/ws
+  python -m websockets {ws_url}/ws
 
 Ctrl-C stops both.
-""", flush=True)
-        serve_args: list[Any] = ["serve", "--upstream", f"http://127.0.0.1:{port}",
-                                 "--bind", f"{host}:{proxy_port}", "--adapter", args.adapter]
-        return serve(build_parser().parse_args(serve_args))
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        child.terminate()
-        try:
-            child.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            child.kill()
+"""

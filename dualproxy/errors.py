@@ -31,11 +31,18 @@ class ProxyError(Exception):
         super().__init__(detail)
         self.detail = detail
         if status is not None:
+            if isinstance(status, bool) or not isinstance(status, int) \
+                    or not 400 <= status <= 599:
+                raise ValueError(f"a ProxyError status is 400-599, got {status!r}")
             self.status = status
 
     @property
     def title(self) -> str:
-        return HTTPStatus(self.status).phrase
+        """The reason phrase: the registered one, else a generic one (nginx's 499 has none)."""
+        try:
+            return HTTPStatus(self.status).phrase
+        except ValueError:
+            return "Client Error" if self.status < 500 else "Server Error"
 
     def body(self) -> bytes:
         """The RFC 9457 problem document for this error."""

@@ -23,14 +23,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from .asgi import AsyncProxy
-
-# Standard methods plus WebDAV's; routes need an explicit list.
-PROXY_METHODS = [
-    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
-    "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "REPORT",
-    "SEARCH", "MKCALENDAR", "ACL", "MERGE", "MKACTIVITY", "CHECKOUT", "VERSION-CONTROL",
-]
-
+from .core import PROXY_METHODS
 
 _PATH_PARAM = "dualproxy_path"
 
@@ -104,7 +97,8 @@ def proxy_router(
         await bound(inner, websocket._receive, websocket._send)
 
     for path in (prefix, prefix.rstrip("/") + "/{" + _PATH_PARAM + ":path}"):
-        router.add_api_route(path, forward, methods=PROXY_METHODS, include_in_schema=False)
+        router.add_api_route(path, forward, methods=list(PROXY_METHODS),
+                             include_in_schema=False)
         router.add_api_websocket_route(path, forward_websocket)
     return router
 

@@ -23,17 +23,10 @@ from flask import Blueprint, Flask, Response, abort, request
 from flask.blueprints import BlueprintSetupState
 from werkzeug.routing import PathConverter
 
+from .core import PROXY_METHODS
+from .types import ExcInfo, WSGIApp
 from .websocket.tunnel import Tunnel
-from .wsgi import ExcInfo, SyncProxy, WSGIApp, incoming_from_environ
-
-# Standard methods plus WebDAV's; Flask routes need an explicit list.
-PROXY_METHODS = [
-    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
-    "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "REPORT",
-    "SEARCH", "MKCALENDAR", "ACL", "BIND", "UNBIND", "REBIND", "VERSION-CONTROL",
-    "CHECKOUT", "CHECKIN", "UNCHECKOUT", "MERGE", "LABEL", "UPDATE", "BASELINE-CONTROL",
-    "MKWORKSPACE", "MKACTIVITY", "ORDERPATCH",
-]
+from .wsgi import SyncProxy, incoming_from_environ
 
 
 class _PassthroughResponse(Response):
@@ -132,7 +125,7 @@ def proxy_blueprint(name: str, upstream: str | None, url_prefix: str, *,
         return _proxy_view(bound, view_args.get(_PATH_ARG))
 
     # Werkzeug routes a WebSocket handshake only to rules marked `websocket`.
-    for websocket, methods in ((False, PROXY_METHODS), (True, ["GET"])):
+    for websocket, methods in ((False, list(PROXY_METHODS)), (True, ["GET"])):
         blueprint.add_url_rule("/", "forward_root", forward, methods=methods,
                                strict_slashes=False, merge_slashes=False, websocket=websocket)
         blueprint.add_url_rule(f"/<{_CONVERTER}:{_PATH_ARG}>", "forward", forward,

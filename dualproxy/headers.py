@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from .config import ProxyConfig
+from .config import BAD_FIELD_VALUE, FIELD_NAME, ProxyConfig
 from .errors import BadGateway, BadRequest, HeadersTooLarge
 
 Header = tuple[bytes, bytes]
@@ -36,8 +36,8 @@ FORWARDING = frozenset({
 # would send both fields twice, which RFC 9110 forbids for singletons.
 _RESPONSE_OWNED = frozenset({b"date", b"server"})
 
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-_BAD_VALUE = re.compile(rb"[\x00\r\n]")
+_TOKEN = FIELD_NAME
+_BAD_VALUE = BAD_FIELD_VALUE
 # RFC 9112 3.2 / RFC 3986 3.2.2: uri-host [ ":" port ], reg-name or IP literal.
 _HOST = re.compile(rb"(\[[0-9A-Za-z:.]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(:[0-9]*)?\Z")
 
@@ -175,12 +175,13 @@ def request_headers(
 def _rewrite_url(value: bytes, config: ProxyConfig, mount: bytes) -> bytes:
     """nginx `proxy_redirect default`: the upstream base URL becomes the mount.
 
-    Absolute URLs on the upstream's origin and base, and absolute paths under a
-    non-empty base, are rewritten; anything else (other hosts) passes untouched.
+    Absolute URLs on the upstream's origin and base, and absolute paths under the
+    base (every absolute path when the base is the root), are rewritten; anything
+    else (other hosts, `//host/x` network paths, relative refs) passes untouched.
     """
     base = config.upstream_base
     prefixes = [config.upstream_origin.encode() + base]
-    if base:
+    if value[:1] == b"/" and value[:2] != b"//":
         prefixes.append(base)
     for prefix in prefixes:
         if value.startswith(prefix):

@@ -1,35 +1,7 @@
-"""The uvicorn worker class dualproxy runs under gunicorn.
-
-uvicorn trusts X-Forwarded-For from 127.0.0.1 by default (`proxy_headers`),
-and so does the stock uvicorn worker: behind dualproxy that would let any
-local client choose the peer address the proxy reports upstream. The core
-decides about forwarding headers itself, so the server must not. WebSocket:
-the same implementation and message limit as `dualproxy serve` on uvicorn.
-"""
+"""Kept so `gunicorn -k dualproxy.workers.UvicornWorker` goes on working; see servers.worker."""
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Any
+from .servers.worker import UvicornWorker
 
-from uvicorn_worker import UvicornWorker as _StockWorker
-
-from .cli import ENV_OPTIONS
-from .config import DEFAULT_WS_MAX_SIZE
-from .websocket import uvicorn_ws_settings
-
-
-class UvicornWorker(_StockWorker):  # type: ignore[misc]
-    CONFIG_KWARGS: dict[str, Any] = {
-        "loop": "auto",
-        "http": "auto",
-        "proxy_headers": False,
-        "lifespan": "on",
-    }
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        options = json.loads(os.environ.get(ENV_OPTIONS, "{}"))
-        max_size = options.get("ws_max_size", DEFAULT_WS_MAX_SIZE)
-        self.CONFIG_KWARGS = {**type(self).CONFIG_KWARGS, **uvicorn_ws_settings(max_size)}
-        super().__init__(*args, **kwargs)
+__all__ = ["UvicornWorker"]

@@ -8,31 +8,15 @@ call when the client goes away) closes the upstream response at once.
 
 from __future__ import annotations
 
-import io
 import socket
-import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from types import TracebackType
-from typing import Any, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Any
 from urllib.parse import quote
 
 import httpx
 
-from .config import ProxyConfig
-from .core import (
-    BodyCounter,
-    IncomingRequest,
-    UpstreamPlan,
-    build_request,
-    disable_cookies,
-    discard_budget,
-    enter_body_phase,
-    make_sync_client,
-    plan_request,
-    plan_response,
-    response_header_list,
-)
+from .core import BodyCounter, IncomingRequest, UpstreamPlan, discard_budget
 from .errors import (
     ClientDisconnected,
     IncompleteBody,
@@ -43,22 +27,14 @@ from .errors import (
     map_stream_errors,
     map_upstream_errors,
 )
+from .face import ProxyFace, make_sync_client
+from .hooks import require_sync_hooks, run_request_hooks, run_response_hooks
 from .logs import AccessLog, RequestRecord
+from .servers.gunicorn_body import DIRECT_READ, GunicornLengthInput, request_body_input
 from .transport import CLIENT_WATCH, ClientWatch
+from .types import Environ, StartResponse, WSGIApp
 from .websocket.handshake import is_websocket_request, plan_handshake
 from .websocket.tunnel import answer_handshake
-
-ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
-Environ = dict[str, Any]
-
-
-class StartResponse(Protocol):
-    def __call__(
-        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = ...
-    ) -> Callable[[bytes], object]: ...
-
-
-WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 # Set by dualproxy's a2wsgi bridge: a threading.Event raised when the ASGI
 # server reports the client gone (WSGI itself has no way to say so).
@@ -133,50 +109,21 @@ def problem_response(start_response: StartResponse, exc: ProxyError,
     return [exc.body()]
 
 
-class SyncProxy:
+class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
     """WSGI reverse proxy. `SyncProxy("http://upstream:8080/base", mount="/api")`.
 
-    Takes the same arguments as AsyncProxy (or the same `config=`), and an
-    optional `httpx.Client` (its cookie jar is disabled; you close it). Outside
-    the mount it answers 404, or calls `fallback` when one is given.
+    Takes the same arguments as AsyncProxy (or the same `config=`, whose hooks
+    must then be plain `def` functions), and an optional `httpx.Client` (its
+    cookie jar is disabled; you close it). Outside the mount it answers 404, or
+    calls `fallback` when one is given.
     """
 
-    def __init__(
-        self,
-        upstream: str | None = None,
-        *,
-        config: ProxyConfig | None = None,
-        client: httpx.Client | None = None,
-        fallback: WSGIApp | None = None,
-        access_log: bool = True,
-        **options: Any,
-    ) -> None:
-        if config is None:
-            if upstream is None:
-                raise TypeError("SyncProxy needs an upstream URL or a config")
-            config = ProxyConfig.build(upstream, **options)
-        elif upstream is not None or options:
-            raise TypeError("pass either config= or upstream/options, not both")
-        self.config = config
-        self.fallback = fallback
-        self._client = client
-        self._transport: httpx.BaseTransport | None = None
-        self._owns_client = client is None
-        self._lock = threading.Lock()
-        if client is not None:
-            disable_cookies(client)
-        self._log = AccessLog(enabled=access_log)
+    def __init__(self, upstream: str | None = None, **kwargs: Any) -> None:
+        super().__init__(upstream, **kwargs)
+        require_sync_hooks((*self.config.request_hooks, *self.config.response_hooks))
 
-    @property
-    def client(self) -> httpx.Client:
-        """The upstream client, created on first use (after a pre-fork server has forked)."""
-        client = self._client
-        if client is None:
-            with self._lock:
-                if self._client is None:
-                    self._client, self._transport = make_sync_client(self.config)
-                client = self._client
-        return client
+    def _new_client(self) -> tuple[httpx.Client, httpx.BaseTransport]:
+        return make_sync_client(self.config)
 
     def _send(self, request: httpx.Request) -> httpx.Response:
         client = self.client
@@ -186,18 +133,18 @@ class SyncProxy:
 
     def close(self) -> None:
         """Close the client if this proxy created it."""
-        if self._client is not None and self._owns_client:
-            self._client.close()
-            self._client = self._transport = None
+        client = self._detach_client()
+        if client is not None:
+            client.close()
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         incoming = incoming_from_environ(environ)
-        record = self._log.start(incoming)
+        record = self.begin(incoming)
         websocket = is_websocket_request(incoming.headers)
         try:
-            plan = (plan_handshake if websocket else plan_request)(self.config, incoming)
-            for request_hook in self.config.request_hooks:
-                plan = request_hook(plan) or plan  # type: ignore[assignment]
+            planned = (plan_handshake(self.config, incoming) if websocket
+                       else self.plan(incoming))
+            plan = run_request_hooks(self.config.request_hooks, planned)
         except NotProxied as exc:
             if self.fallback is not None:
                 return self.fallback(environ, start_response)
@@ -216,9 +163,9 @@ class SyncProxy:
         content: Iterator[bytes] | None = None
         if plan.has_body:
             counter = BodyCounter(plan, self.config)
-            body_input = _body_input(environ)
+            body_input = request_body_input(environ)
             content = _request_body(body_input, counter, self.config.chunk_size, record)
-        request = build_request(self.config, plan, content)
+        request = self.upstream_request(plan, content)
         client_sock = environ.get("gunicorn.socket")
         if not isinstance(client_sock, socket.socket):
             client_sock = None
@@ -235,23 +182,22 @@ class SyncProxy:
         except ClientDisconnected:
             # Nobody is left to read an answer, but WSGI still wants one.
             record.client_gone = True
-            self._log.finish(record)
+            self.finish(record)
             return problem_response(start_response, IncompleteBody("the client went away"),
                                     environ)
-        record.upstream_status(response.status_code)
         try:
-            enter_body_phase(request, self.config)
-            head = plan_response(self.config, plan, response.status_code,
-                                 response_header_list(response))
-            for response_hook in self.config.response_hooks:
-                head = response_hook(plan, head) or head  # type: ignore[assignment]
+            head = run_response_hooks(self.config.response_hooks, plan,
+                                      self.response_head(record, plan, request, response))
+            # Inside the try: a server that refuses the head (a header value it
+            # rejects) must not leave the upstream response, and its pool slot, open.
+            start_response(head.status_line, _str_headers(head.headers))
         except ProxyError as exc:
             response.close()
             return self._problem(start_response, exc, record, environ)
         except BaseException:
             response.close()
+            self.finish(record)
             raise
-        start_response(head.status_line, _str_headers(head.headers))
         record.status = head.status
         body = ResponseBody(response, plan, record, self._log, head.has_body, gone)
         body.client_socket = client_sock
@@ -262,8 +208,8 @@ class SyncProxy:
         self, start_response: StartResponse, exc: ProxyError, record: RequestRecord,
         environ: Environ,
     ) -> list[bytes]:
-        self._log.problem(record, exc)
-        self._log.finish(record)
+        self.refuse(record, exc)
+        self.finish(record)
         return problem_response(start_response, exc, environ)
 
 
@@ -337,102 +283,6 @@ class ResponseBody:
             self.record.client_gone = True
         self.response.close()
         self.log.finish(self.record)
-
-
-# Largest read from the client socket when gunicorn's input is read directly.
-# Such a read returns whatever has arrived (it never waits for a full piece),
-# so a big bound costs a slow upload nothing and saves a fast one iterations.
-DIRECT_READ = 262144
-
-
-class GunicornLengthInput:
-    """gunicorn's `wsgi.input` for a Content-Length body, read straight off the socket.
-
-    gunicorn's own `read(n)` blocks until n bytes, and its unreader re-copies
-    the read-ahead it keeps (up to 1 MiB, in a BytesIO) on every call: a fast
-    upload spends most of its CPU copying. This reads what gunicorn already
-    buffered first, then recv()s the socket itself, and keeps gunicorn's
-    bookkeeping exact: the reader's remaining length drops by every byte taken
-    (so gunicorn sees the body consumed and the next request on a keep-alive
-    connection starts where it should), bytes past the body stay in gunicorn's
-    buffer, and a failed read marks the body failed (the connection closes).
-    """
-
-    __slots__ = ("body", "reader", "unreader", "sock")
-
-    def __init__(self, body: Any, reader: Any, unreader: Any, sock: socket.socket) -> None:
-        self.body = body
-        self.reader = reader
-        self.unreader = unreader
-        self.sock = sock
-
-    @classmethod
-    def recognise(cls, stream: Any) -> GunicornLengthInput | None:
-        """The direct reader when `stream` is exactly gunicorn's known shape, else None."""
-        body_mod = sys.modules.get("gunicorn.http.body")
-        unreader_mod = sys.modules.get("gunicorn.http.unreader")
-        if body_mod is None or unreader_mod is None:
-            return None
-        if type(stream) is not getattr(body_mod, "Body", None):
-            return None
-        reader = getattr(stream, "reader", None)
-        if type(reader) is not getattr(body_mod, "LengthReader", None):
-            return None
-        unreader = getattr(reader, "unreader", None)
-        if type(unreader) is not getattr(unreader_mod, "SocketUnreader", None):
-            return None
-        sock = getattr(unreader, "sock", None)
-        if not (isinstance(sock, socket.socket) and isinstance(getattr(reader, "length", None), int)
-                and isinstance(getattr(stream, "buf", None), io.BytesIO)
-                and isinstance(getattr(unreader, "buf", None), io.BytesIO)
-                and isinstance(getattr(stream, "failed", None), bool)):
-            return None
-        return cls(stream, reader, unreader, sock)
-
-    def read(self, size: int) -> bytes:
-        """Up to `size` bytes of the body, as soon as any are there; b"" at its end."""
-        # Bytes gunicorn's Body already took from its reader (a read that asked
-        # for more than the caller wanted) come first; they are counted already.
-        data = _take_buffered(self.body, size)
-        if data:
-            return data
-        reader = self.reader
-        size = min(size, reader.length)
-        if size <= 0:
-            return b""
-        # Then read-ahead from the head: the body's share of it (pipelined bytes
-        # past the body stay where gunicorn expects them), then the socket.
-        data = _take_buffered(self.unreader, size)
-        if not data:
-            try:
-                data = self.sock.recv(size)
-            except BaseException:
-                self.body.failed = True
-                raise
-            if not data:
-                self.body.failed = True  # the client left mid-body: never reuse
-                return b""
-        reader.length -= len(data)
-        return data
-
-
-def _take_buffered(owner: Any, size: int) -> bytes:
-    """Up to `size` bytes from the front of `owner.buf`, a gunicorn BytesIO that is
-    appended at its end; the rest stays there, as gunicorn's own reads leave it."""
-    buf = owner.buf
-    buf.seek(0, io.SEEK_END)
-    if not buf.tell():
-        return b""
-    data: bytes = buf.getvalue()
-    owner.buf = rest = io.BytesIO()
-    rest.write(data[size:])
-    return data[:size]
-
-
-def _body_input(environ: Environ) -> Any:
-    """Where to read the request body: gunicorn's socket directly when safe, else wsgi.input."""
-    stream = environ["wsgi.input"]
-    return GunicornLengthInput.recognise(stream) or stream
 
 
 def _discard(stream: Any, budget: int, chunk_size: int) -> None:

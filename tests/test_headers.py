@@ -334,6 +334,30 @@ def test_foreign_redirects_are_untouched(mounted: ProxyProcess, upstream: Upstre
     assert response.header_all("location") == [location]
 
 
+@pytest.fixture
+def mounted_at_root(make_proxy: MakeProxy) -> ProxyProcess:
+    """`--mount /api` in front of an upstream URL with no path: its base is the root."""
+    return make_proxy("--mount", "/api")
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), [
+    ("Location", "/sub/", "/api/sub/"),        # python -m http.server's directory redirect
+    ("Location", "/", "/api/"),
+    ("Location", "/a/b?q=1#f", "/api/a/b?q=1#f"),
+    ("Content-Location", "/doc?x=1", "/api/doc?x=1"),
+    ("Refresh", "0; url=/later", "0; url=/api/later"),
+    ("Location", "//elsewhere.example/x", "//elsewhere.example/x"),  # another host
+    ("Location", "sub/", "sub/"),              # relative: the client resolves it on /api
+    ("Location", "https://elsewhere.example/x", "https://elsewhere.example/x"),
+])
+def test_path_only_redirects_under_a_root_base_are_rewritten(
+        mounted_at_root: ProxyProcess, rid: str, name: str, value: str, expected: str) -> None:
+    response = upstream_answers(mounted_at_root, rid, [[name, value]], target="/api/sub",
+                                status=301)
+    assert response.status == 301
+    assert response.header_all(name.lower()) == [expected]
+
+
 @pytest.mark.parametrize(("method", "code"), [("GET", 302), ("POST", 307), ("PUT", 308)])
 def test_redirects_are_relayed_not_followed(proxy: ProxyProcess, upstream: Upstream, rid: str,
                                             method: str, code: int) -> None:

@@ -628,7 +628,7 @@ def test_examples_under_the_other_servers(upstream: Upstream, rid: str, command:
         prefix = "/upload"
     else:
         app = gunicorn("examples.fastapi_app.app:app", upstream,
-                       "-k", "dualproxy.workers.UvicornWorker")
+                       "-k", "dualproxy.servers.worker.UvicornWorker")
         prefix = "/api"
     try:
         response = httpx.get(app.url + prefix + "/a%2Fb?q", headers={**AUTH, "x-req-id": rid},

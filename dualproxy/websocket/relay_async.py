@@ -24,14 +24,16 @@ from websockets.frames import EXTERNAL_CLOSE_CODES
 from websockets.http11 import Request
 
 from ..config import ProxyConfig
-from ..core import ResponseHead, UpstreamPlan, plan_response
+from ..core import IncomingRequest, plan_response
 from ..errors import BadGateway, GatewayTimeout, NotProxied, ProxyError, describe
 from ..headers import Header
+from ..hooks import arun_request_hooks, arun_response_hooks
+from ..types import Receive, Scope, Send
 from .handshake import WebSocketPlan, accept_head, library_request_headers, plan_handshake
 from .handshake import upgrade_plan as make_upgrade_plan
 
 if TYPE_CHECKING:
-    from ..asgi import AsyncProxy, Receive, Scope, Send
+    from ..asgi import AsyncProxy
     from ..logs import RequestRecord
 
 # Frames `websockets` reads ahead of the relay before it stops reading the upstream.
@@ -40,25 +42,19 @@ MAX_QUEUE = 4
 CLOSE_TIMEOUT = 5.0
 # The close code a client gets when its upstream vanished (RFC 6455 7.4.1 registry).
 BAD_GATEWAY = 1014
-_HTTP_SCHEME = {"ws": "http", "wss": "https"}
 _HTTP_RESPONSE = "websocket.http.response"
 
 
-async def proxy_websocket(proxy: AsyncProxy, scope: Scope, receive: Receive, send: Send
-                          ) -> None:
-    """Serve one ASGI `websocket` scope through `proxy` (fallback outside the mount)."""
-    from ..asgi import _maybe_await, incoming_from_scope
-
+async def proxy_websocket(proxy: AsyncProxy, incoming: IncomingRequest, scope: Scope,
+                          receive: Receive, send: Send) -> None:
+    """Serve one ASGI `websocket` scope (its handshake: `incoming`) through `proxy`
+    (fallback outside the mount)."""
     config = proxy.config
-    http_scope = {**scope, "method": "GET",
-                  "scheme": _HTTP_SCHEME.get(scope.get("scheme", "ws"), "http")}
-    incoming = incoming_from_scope(http_scope)
-    record = proxy._log.start(incoming)
+    record = proxy.begin(incoming)
     try:
         try:
-            plan = plan_handshake(config, incoming, server_checked=True)
-            for request_hook in config.request_hooks:
-                plan = await _maybe_await(request_hook(plan)) or plan
+            plan = await arun_request_hooks(
+                config.request_hooks, plan_handshake(config, incoming, server_checked=True))
             ws = make_upgrade_plan(config, plan, tunnel=False)
         except NotProxied as exc:
             if proxy.fallback is not None:
@@ -74,7 +70,7 @@ async def proxy_websocket(proxy: AsyncProxy, scope: Scope, receive: Receive, sen
             return
         await _open_and_relay(proxy, ws, scope, receive, send, record)
     finally:
-        proxy._log.finish(record)
+        proxy.finish(record)
 
 
 async def _open_and_relay(proxy: AsyncProxy, ws: WebSocketPlan, scope: Scope,
@@ -88,7 +84,7 @@ async def _open_and_relay(proxy: AsyncProxy, ws: WebSocketPlan, scope: Scope,
         try:
             head = plan_response(config, ws.plan, refusal.status_code,
                                  _lower(refusal.headers.raw_items()))
-            head = await _response_hooks(config, ws.plan, head)
+            head = await arun_response_hooks(config.response_hooks, ws.plan, head)
         except ProxyError as problem:
             await _refuse_problem(scope, None, send, problem, proxy, record)
             return
@@ -103,7 +99,7 @@ async def _open_and_relay(proxy: AsyncProxy, ws: WebSocketPlan, scope: Scope,
         try:
             assert upstream.response is not None  # set by the handshake
             head = accept_head(config, ws, 101, _lower(upstream.response.headers.raw_items()))
-            head = await _response_hooks(config, ws.plan, head)
+            head = await arun_response_hooks(config.response_hooks, ws.plan, head)
         except ProxyError as exc:
             upstream.transport.abort()
             await _refuse_problem(scope, None, send, exc, proxy, record)
@@ -115,15 +111,6 @@ async def _open_and_relay(proxy: AsyncProxy, ws: WebSocketPlan, scope: Scope,
     except BaseException:
         upstream.transport.abort()  # never leave the upstream socket open behind us
         raise
-
-
-async def _response_hooks(config: ProxyConfig, plan: UpstreamPlan, head: ResponseHead
-                          ) -> ResponseHead:
-    from ..asgi import _maybe_await
-
-    for response_hook in config.response_hooks:
-        head = await _maybe_await(response_hook(plan, head)) or head
-    return head
 
 
 def _lower(items: Any) -> list[Header]:
@@ -208,7 +195,7 @@ async def _refuse_problem(scope: Scope, receive: Receive | None, send: Send, exc
                           proxy: AsyncProxy, record: RequestRecord) -> None:
     if receive is not None and (await receive())["type"] != "websocket.connect":
         return
-    proxy._log.problem(record, exc)
+    proxy.refuse(record, exc)
     await _refuse(scope, send, exc.status, exc.headers(), exc.body())
 
 

@@ -23,7 +23,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import httpx
@@ -34,11 +34,9 @@ from ..errors import ProxyError, map_stream_errors, map_upstream_errors
 from ..h1 import BodyDecoder, Head, build_request_head, parse_head
 from ..logs import AccessLog, RequestRecord
 from ..transport import connect_tcp
+from ..types import Environ, StartResponse
 from .handshake import WebSocketPlan, accept_head, chosen_subprotocol, upgrade_plan
 from .splice import READ_SIZE, relay
-
-if TYPE_CHECKING:
-    from ..wsgi import Environ, StartResponse
 
 # The servers that hand a WSGI app its client socket.
 SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")

@@ -1,0 +1,147 @@
+"""The face skeleton: what the ASGI and the WSGI face do alike, written once.
+
+httpx's `BaseClient` idea: `ProxyFace` holds the configuration, the client's
+life cycle and every step of a request that does no I/O; `AsyncProxy` and
+`SyncProxy` add only translation (scope or environ in, messages or an iterable
+out) and the waiting. One request goes, on both faces, in this order:
+
+1. the face describes what its server received (an `IncomingRequest`);
+2. `begin` opens the access-log record, `plan` asks the core for the upstream
+   plan, then the face runs the request hooks (sync or async loop, hooks.py);
+3. `upstream_request` builds the httpx request; the face sends it inside
+   `map_upstream_errors` (one exception-to-status map, errors.py);
+4. `response_head` records the upstream status, switches to the idle timeout
+   and asks the core for the head; the face runs the response hooks;
+5. the face relays the body inside `map_stream_errors`; `refuse` and `finish`
+   write the log lines.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Generic, TypeVar
+
+import httpx
+
+from .config import ProxyConfig
+from .core import (
+    IncomingRequest,
+    ResponseHead,
+    UpstreamPlan,
+    build_request,
+    client_options,
+    disable_cookies,
+    enter_body_phase,
+    plan_request,
+    plan_response,
+    response_header_list,
+)
+from .errors import ProxyError
+from .logs import AccessLog, RequestRecord
+
+ClientT = TypeVar("ClientT", httpx.Client, httpx.AsyncClient)
+TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
+AppT = TypeVar("AppT")
+
+
+class ProxyFace(Generic[ClientT, TransportT, AppT]):
+    """Configuration, client and the I/O-free steps of a request, for both faces."""
+
+    def __init__(
+        self,
+        upstream: str | None = None,
+        *,
+        config: ProxyConfig | None = None,
+        client: ClientT | None = None,
+        fallback: AppT | None = None,
+        access_log: bool = True,
+        **options: Any,
+    ) -> None:
+        name = type(self).__name__
+        if config is None:
+            if upstream is None:
+                raise TypeError(f"{name} needs an upstream URL or a config")
+            config = ProxyConfig.build(upstream, **options)
+        elif upstream is not None or options:
+            raise TypeError(f"{name}: pass either config= or upstream/options, not both")
+        self.config = config
+        self.fallback = fallback
+        self._client: ClientT | None = client
+        self._transport: TransportT | None = None
+        self._owns_client = client is None
+        self._lock = threading.Lock()
+        if client is not None:
+            disable_cookies(client)
+        self._log = AccessLog(enabled=access_log)
+
+    def _new_client(self) -> tuple[ClientT, TransportT]:
+        raise NotImplementedError
+
+    @property
+    def client(self) -> ClientT:
+        """The upstream client, created on first use (after a pre-fork server has forked,
+        inside the running loop for the async face)."""
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client, self._transport = self._new_client()
+                client = self._client
+        return client
+
+    def _detach_client(self) -> ClientT | None:
+        """The client to close, when this proxy created it; the next request makes another."""
+        client = self._client if self._owns_client else None
+        if client is not None:
+            self._client = self._transport = None
+        return client
+
+    # -- the steps of one request, in order ---------------------------------------------
+
+    def begin(self, incoming: IncomingRequest) -> RequestRecord:
+        return self._log.start(incoming)
+
+    def plan(self, incoming: IncomingRequest) -> UpstreamPlan:
+        """The core's upstream plan (ProxyError: refuse; NotProxied: outside the mount)."""
+        return plan_request(self.config, incoming)
+
+    def upstream_request(self, plan: UpstreamPlan, content: Any) -> httpx.Request:
+        return build_request(self.config, plan, content)
+
+    def response_head(self, record: RequestRecord, plan: UpstreamPlan,
+                      request: httpx.Request, response: httpx.Response) -> ResponseHead:
+        """The head for the client, before the response hooks (ProxyError: refuse)."""
+        record.upstream_status(response.status_code)
+        enter_body_phase(request, self.config)
+        return plan_response(self.config, plan, response.status_code,
+                             response_header_list(response))
+
+    def refuse(self, record: RequestRecord, exc: ProxyError) -> None:
+        self._log.problem(record, exc)
+
+    def finish(self, record: RequestRecord) -> None:
+        self._log.finish(record)
+
+
+def make_async_client(config: ProxyConfig) -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]:
+    """The client AsyncProxy creates, and its transport: dualproxy's fast HTTP/1.1 one.
+
+    The face sends through the transport directly: the client's send() adds
+    cookie extraction, auth and redirect machinery a proxy never uses.
+    """
+    from .transport import AsyncUpstreamTransport
+
+    transport = AsyncUpstreamTransport(
+        max_connections=config.max_connections,
+        max_keepalive_connections=config.max_keepalive_connections)
+    return httpx.AsyncClient(transport=transport, **client_options(config)), transport
+
+
+def make_sync_client(config: ProxyConfig) -> tuple[httpx.Client, httpx.BaseTransport]:
+    """The client SyncProxy creates, and its transport (see make_async_client)."""
+    from .transport import UpstreamTransport
+
+    transport = UpstreamTransport(
+        max_connections=config.max_connections,
+        max_keepalive_connections=config.max_keepalive_connections)
+    return httpx.Client(transport=transport, **client_options(config)), transport

@@ -1,0 +1,42 @@
+"""Everything that knows gunicorn's or uvicorn's internals or settings.
+
+The faces and the core run on any ASGI or WSGI server; what is here is what
+`dualproxy serve` sets up and the speed-ups that lean on one server's private
+internals. Each such speed-up runs only on the versions the suite tests
+(`TESTED`, the same ranges as the `servers` extra in pyproject.toml) and
+otherwise falls back to the portable path.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from importlib import metadata
+
+# The JSON options `dualproxy serve` leaves its worker processes (uvicorn's app
+# factory rebuilds the app from them; the uvicorn worker class reads its settings).
+ENV_OPTIONS = "DUALPROXY_SERVE_OPTIONS"
+
+# Distribution -> (lowest tested version, first untested version).
+TESTED: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "gunicorn": ((27, 0), (28, 0)),
+    "uvicorn": ((0, 54), (0, 55)),
+}
+
+
+@functools.cache
+def installed_version(dist: str) -> tuple[int, ...] | None:
+    """The installed release of `dist` as numbers (`27.0.1` -> (27, 0, 1)), or None."""
+    try:
+        text = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+    match = re.match(r"\d+(?:\.\d+)*", text)
+    return tuple(int(part) for part in match[0].split(".")) if match else None
+
+
+def is_tested(dist: str) -> bool:
+    """True when the installed `dist` is in the range the suite tests its internals on."""
+    version = installed_version(dist)
+    low, high = TESTED[dist]
+    return version is not None and low <= version < high

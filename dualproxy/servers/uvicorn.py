@@ -1,0 +1,86 @@
+"""uvicorn as `dualproxy serve` runs it: its body read-ahead tuning, its WebSocket settings."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Any
+
+from . import is_tested
+
+# How much request body uvicorn may buffer before it stops reading the client.
+UVICORN_BODY_HIGH_WATER = 262144
+# uvicorn 0.54's sans-IO implementation on `websockets` (its "auto" choice when
+# websockets is installed): it offers `websocket.http.response`, so an upstream's
+# refusal reaches the client as that HTTP answer, and applies backpressure both
+# ways (it pauses reading per message and awaits a writable transport).
+UVICORN_WS_IMPL = "websockets-sansio"
+
+
+def uvicorn_ws_settings(max_size: int) -> dict[str, Any]:
+    """uvicorn Config keywords for the client side of a proxied WebSocket."""
+    return {"ws": UVICORN_WS_IMPL, "ws_max_size": max_size}
+
+
+class _RefusalIsNoError(logging.Filter):
+    """uvicorn 0.54's websockets-sansio logs "ASGI callable returned without
+    completing handshake" at ERROR after an app refused a handshake with
+    `websocket.http.response` (it never marks that path complete; the client got
+    its answer). Every upstream refusal would log it: drop that one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.ERROR
+                    and record.msg == "ASGI callable returned without completing handshake.")
+
+
+def quiet_uvicorn_refusals() -> None:
+    logging.getLogger("uvicorn.error").addFilter(_RefusalIsNoError())
+
+
+def tune_uvicorn() -> None:
+    """Let uvicorn read a request body in bigger steps than its 64 KiB.
+
+    uvicorn pauses reading the client whenever more than HIGH_WATER_LIMIT
+    (64 KiB) of body waits for the app's next receive(), and resumes at that
+    receive: a fast upload goes pause, resume, pause, with an epoll change and
+    a small message each time. Its protocols read the constant from their own
+    module at every body callback, so raising it there takes effect; memory
+    stays bounded per connection. Only for a uvicorn already loaded (the
+    server running this process) of a tested release: the constant is private.
+    """
+    if "uvicorn" not in sys.modules or not is_tested("uvicorn"):
+        return
+    for name in ("uvicorn.protocols.http.httptools_impl", "uvicorn.protocols.http.h11_impl"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # that parser's package is not installed
+            continue
+        limit = getattr(module, "HIGH_WATER_LIMIT", None)
+        if isinstance(limit, int):
+            vars(module)["HIGH_WATER_LIMIT"] = max(limit, UVICORN_BODY_HIGH_WATER)
+
+
+def serve_uvicorn(app: Any, factory: str, *, host: str, port: int, workers: int,
+                  log_level: str, ws_max_size: int) -> None:
+    """Run uvicorn: `app()` in this process, or `workers` processes importing `factory`.
+
+    `app` is a callable building the ASGI app (called only for one worker);
+    `factory` is its import string, for worker processes to build their own.
+    """
+    import uvicorn
+
+    common: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "proxy_headers": False,  # see DESIGN: never let the server rewrite the peer
+        "access_log": False,     # dualproxy writes its own access line
+        "log_level": log_level,
+        "lifespan": "on",
+        "timeout_graceful_shutdown": 5,
+        **uvicorn_ws_settings(ws_max_size),
+    }
+    if workers > 1:
+        uvicorn.run(factory, factory=True, workers=workers, **common)
+    else:
+        uvicorn.run(app(), **common)

@@ -1,0 +1,229 @@
+"""The Python API's promises: config validation, hooks on both faces, errors a hook raises,
+and the WSGI face's pool slot when the server refuses a head.
+
+Not pairing-parametrized: these are about what `SyncProxy`/`AsyncProxy` accept and do
+when called directly. The faces forward to the suite's real recording upstream; the
+in-process httpx transports are fine here because no test relies on streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from dualproxy import AsyncProxy, ProxyConfig, SyncProxy
+from dualproxy.core import ResponseHead, UpstreamPlan
+from dualproxy.errors import ProxyError
+from tests.upstream import Upstream
+
+# --- ProxyError statuses ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "title"), [
+    (499, "Client Error"), (420, "Client Error"), (599, "Server Error"),
+    (418, "I'm a Teapot"), (451, "Unavailable For Legal Reasons"), (503, "Service Unavailable"),
+])
+def test_any_error_status_has_a_title_and_a_problem_body(status: int, title: str) -> None:
+    exc = ProxyError("refused by a hook", status=status)
+    assert exc.title == title
+    assert json.loads(exc.body()) == {"type": "about:blank", "title": title, "status": status,
+                                      "detail": "refused by a hook"}
+
+
+@pytest.mark.parametrize("status", [200, 302, 399, 600, 99, True])
+def test_error_status_outside_400_599_is_refused(status: int) -> None:
+    with pytest.raises(ValueError, match="400-599"):
+        ProxyError("x", status=status)
+
+
+# --- header options are validated once ----------------------------------------------------
+
+
+@pytest.mark.parametrize("option", [
+    {"add_response_headers": {"x-bad": "a\r\nInjected: 1"}},
+    {"add_response_headers": {"x-bad": "nul\x00"}},
+    {"add_response_headers": [("bad name", "v")]},
+    {"add_request_headers": {"x-bad": "line\nbreak"}},
+    {"add_request_headers": {"x-snow": "\u2603"}},
+    {"remove_request_headers": ["x:colon"]},
+    {"remove_response_headers": ["with space"]},
+])
+def test_invalid_header_options_fail_at_construction(option: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="header"):
+        ProxyConfig.build("http://127.0.0.1:9", **option)
+
+
+def test_valid_header_options_are_kept() -> None:
+    config = ProxyConfig.build("http://127.0.0.1:9", add_response_headers={"X-Ok": "a b\tc"},
+                               remove_request_headers=[" Cookie "])
+    assert config.add_response_headers == ((b"x-ok", b"a b\tc"),)
+    assert config.remove_request_headers == frozenset({b"cookie"})
+
+
+# --- the WSGI face when start_response raises ---------------------------------------------
+
+
+def _collect(proxy: SyncProxy, path: str) -> tuple[str, bytes]:
+    seen: dict[str, str] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        seen["status"] = status
+        return lambda data: None
+
+    body = proxy({"REQUEST_METHOD": "GET", "RAW_URI": path, "SCRIPT_NAME": "",
+                  "PATH_INFO": path, "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_HOST": "front",
+                  "REMOTE_ADDR": "127.0.0.1", "wsgi.url_scheme": "http",
+                  "wsgi.input": None}, start_response)
+    try:
+        data = b"".join(body)
+    finally:
+        getattr(body, "close", lambda: None)()
+    return seen["status"], data
+
+
+def test_a_refused_head_gives_the_pool_slot_back(upstream: Upstream) -> None:
+    proxy = SyncProxy(upstream.url, max_connections=1, pool_timeout=1.0, access_log=False)
+
+    def refusing(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        raise ValueError("the server refuses this head")
+
+    try:
+        for _ in range(3):
+            with pytest.raises(ValueError, match="refuses"):
+                proxy({"REQUEST_METHOD": "GET", "RAW_URI": "/x", "HTTP_HOST": "front",
+                       "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http",
+                       "wsgi.input": None}, refusing)
+        status, _ = _collect(proxy, "/after")
+        assert status == "200 OK"  # not 503: the one connection came back to the pool
+    finally:
+        proxy.close()
+
+
+# --- hooks --------------------------------------------------------------------------------
+
+
+def tag_request(plan: UpstreamPlan) -> UpstreamPlan:
+    return UpstreamPlan(plan.method, plan.target, [*plan.headers, (b"x-hooked", b"sync")],
+                        plan.content_length, plan.has_body, plan.mount, plan.incoming)
+
+
+def tag_response(plan: UpstreamPlan, head: ResponseHead) -> ResponseHead:
+    return ResponseHead(head.status, [*head.headers, (b"x-hooked", b"sync")], head.has_body)
+
+
+async def async_tag_response(plan: UpstreamPlan, head: ResponseHead) -> ResponseHead:
+    await asyncio.sleep(0)
+    return ResponseHead(head.status, [*head.headers, (b"x-hooked", b"async")], head.has_body)
+
+
+def refuse_499(plan: UpstreamPlan) -> None:
+    raise ProxyError("the client gave up", status=499)
+
+
+class AsyncCallable:
+    async def __call__(self, plan: UpstreamPlan) -> None:
+        return None
+
+
+def _get_both(config: ProxyConfig, path: str) -> list[httpx.Response]:
+    """The same GET through a SyncProxy and an AsyncProxy sharing `config`."""
+    sync = SyncProxy(config=config, access_log=False)
+    with httpx.Client(transport=httpx.WSGITransport(app=sync), base_url="http://front") as c:
+        sync_response = c.get(path)
+    sync.close()
+
+    async def run() -> httpx.Response:
+        proxy = AsyncProxy(config=config, access_log=False)
+        transport = httpx.ASGITransport(app=proxy)
+        async with httpx.AsyncClient(transport=transport, base_url="http://front") as client:
+            response = await client.get(path)
+        await proxy.aclose()
+        return response
+
+    return [sync_response, asyncio.run(run())]
+
+
+def test_sync_hooks_in_a_shared_config_run_on_both_faces(upstream: Upstream, rid: str) -> None:
+    config = ProxyConfig.build(upstream.url, request_hooks=[tag_request],
+                               response_hooks=[tag_response])
+    for response in _get_both(config, f"/hooked?{rid}"):
+        assert response.status_code == 200
+        assert response.headers.get_list("x-hooked") == ["sync"]
+        assert response.json()["headers"].count(["x-hooked", "sync"]) == 1
+
+
+@pytest.mark.parametrize("hooks", [
+    {"response_hooks": [async_tag_response]},
+    {"request_hooks": [AsyncCallable()]},
+])
+def test_async_hooks_are_refused_by_the_sync_face_at_construction(hooks: dict[str, Any]) -> None:
+    config = ProxyConfig.build("http://127.0.0.1:9", **hooks)
+    with pytest.raises(TypeError, match="async hooks"):
+        SyncProxy(config=config)
+    AsyncProxy(config=config)  # the async face runs them
+
+
+def test_async_hooks_run_on_the_async_face(upstream: Upstream) -> None:
+    async def run() -> httpx.Response:
+        proxy = AsyncProxy(upstream.url, response_hooks=[async_tag_response], access_log=False)
+        transport = httpx.ASGITransport(app=proxy)
+        async with httpx.AsyncClient(transport=transport, base_url="http://front") as client:
+            response = await client.get("/async-hook")
+        await proxy.aclose()
+        return response
+
+    assert asyncio.run(run()).headers.get_list("x-hooked") == ["async"]
+
+
+def test_a_hook_returning_something_else_is_a_clear_type_error() -> None:
+    config = ProxyConfig.build("http://127.0.0.1:9", request_hooks=[lambda plan: "oops"])
+    proxy = SyncProxy(config=config, access_log=False)
+    with pytest.raises(TypeError, match="returned str, expected UpstreamPlan or None"):
+        _collect(proxy, "/x")
+
+
+def test_a_hook_refusing_with_any_status_answers_it_on_both_faces(upstream: Upstream) -> None:
+    config = ProxyConfig.build(upstream.url, request_hooks=[refuse_499])
+    for response in _get_both(config, "/refused"):
+        assert response.status_code == 499
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["title"] == "Client Error"
+
+
+# --- the framework glue routes one method list --------------------------------------------
+
+
+def test_flask_and_fastapi_glue_route_the_same_methods(upstream: Upstream, rid: str) -> None:
+    from fastapi import FastAPI
+    from flask import Flask
+
+    from dualproxy.core import PROXY_METHODS
+    from dualproxy.fastapi import proxy_router
+    from dualproxy.flask import proxy_blueprint
+
+    flask_app = Flask(__name__)
+    flask_app.register_blueprint(proxy_blueprint("methods", upstream.url, "/api",
+                                                 access_log=False))
+    flask_client = flask_app.test_client()
+    flask_statuses = [flask_client.open("/api/m", method=m, headers={"x-req-id": rid}).status_code
+                      for m in PROXY_METHODS]
+
+    async def fastapi_statuses() -> list[int]:
+        proxy = AsyncProxy(upstream.url, access_log=False)
+        app = FastAPI()
+        app.include_router(proxy_router(None, "/api", proxy=proxy))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://front") as client:
+            statuses = [(await client.request(m, "/api/m", headers={"x-req-id": rid})).status_code
+                        for m in PROXY_METHODS]
+        await proxy.aclose()
+        return statuses
+
+    every_ok = dict.fromkeys(PROXY_METHODS, 200)
+    assert dict(zip(PROXY_METHODS, flask_statuses, strict=True)) == every_ok
+    assert dict(zip(PROXY_METHODS, asyncio.run(fastapi_statuses()), strict=True)) == every_ok
+    assert [r.method for r in upstream.find_all(rid)] == [*PROXY_METHODS, *PROXY_METHODS]

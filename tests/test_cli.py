@@ -1,0 +1,93 @@
+"""`dualproxy` on the command line: flags are checked before anything starts.
+
+Each bad flag is run through the real CLI (a subprocess, as a user types it): exit
+status 2, one line on stderr naming the flag, no traceback, nothing listening.
+Sizes take K/M/G suffixes (powers of 1024, as nginx's): checked on every pairing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from dualproxy import __version__
+from tests.conftest import ROOT, MakeProxy
+
+UPSTREAM = "http://127.0.0.1:9"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dualproxy", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(("flags", "names"), [
+    (["--workers", "0"], "--workers"),
+    (["--workers", "-3"], "--workers"),
+    (["--workers", "two"], "--workers"),
+    (["--adapter", "wsgi", "--workers", "0"], "--workers"),
+    (["--threads", "0"], "--threads"),
+    (["--max-connections", "0"], "--max-connections"),
+    (["--max-body-size", "-1"], "--max-body-size"),
+    (["--max-body-size", "1.5G"], "--max-body-size"),
+    (["--max-body-size", "1KB"], "--max-body-size"),
+    (["--ws-max-size", "0"], "--ws-max-size"),
+    (["--ws-max-size", "-1"], "--ws-max-size"),
+    (["--ws-max-size", "1.5M"], "--ws-max-size"),
+    (["--ws-idle-timeout", "0"], "--ws-idle-timeout"),
+    (["--ws-idle-timeout", "nan"], "--ws-idle-timeout"),
+    (["--bind", ":99999"], "--bind"),
+    (["--bind", "127.0.0.1:0"], "--bind"),
+    (["--bind", "127.0.0.1"], "--bind"),
+    (["--mount", "api"], "--mount"),
+    (["--timeout", "0"], "--timeout"),
+    (["--idle-timeout", "-1"], "--idle-timeout"),
+    (["--pool-timeout", "nan"], "--pool-timeout"),
+    (["--timeout", "inf"], "--timeout"),
+    (["--trusted-proxy", "not-a-cidr"], "not-a-cidr"),
+    (["--upstream", "ftp://x"], "ftp://x"),
+])
+def test_bad_flags_are_one_line_usage_errors(flags: list[str], names: str) -> None:
+    args = ["serve", "--upstream", UPSTREAM, "--bind", "127.0.0.1:1", *flags]
+    result = run_cli(*args)
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("dualproxy serve: error: ") and names in lines[0], lines
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"dualproxy {__version__}")
+
+
+@pytest.mark.parametrize(("flag", "limit"), [("1K", 1024), ("2k", 2048), ("1KiB", 1024)])
+def test_size_suffixes_are_powers_of_1024(make_proxy: MakeProxy, flag: str, limit: int) -> None:
+    proxy = make_proxy("--max-body-size", flag)
+    with proxy.client() as client:
+        assert client.post("/size", content=b"x" * limit).status_code == 200
+        over = client.post("/size", content=b"x" * (limit + 1),
+                           headers={"connection": "close"})
+    assert over.status_code == 413
+    assert over.headers["content-type"] == "application/problem+json"
+
+
+def test_a_large_suffixed_limit_lets_bodies_through(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy("--max-body-size", "1G")
+    response = httpx.post(proxy.url + "/big", content=b"y" * 70000, timeout=30)
+    assert response.status_code == 200
+    assert response.json()["body_length"] == 70000
+
+
+def test_several_workers_serve(make_proxy: MakeProxy) -> None:
+    """`--workers 2`: uvicorn's workers build the app from the import string, gunicorn's
+    from the options they inherit; either way every request is answered."""
+    proxy = make_proxy("--workers", "2")
+    with proxy.client() as client:
+        statuses = [client.get(f"/w{i}", headers={"connection": "close"}).status_code
+                    for i in range(20)]
+    assert statuses == [200] * 20

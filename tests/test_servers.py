@@ -1,0 +1,195 @@
+"""The house rules: server internals are gated on tested versions, and arrows point down.
+
+Unit tests, no pairing: the speed-ups that lean on gunicorn's or uvicorn's private
+internals run only on the releases declared in pyproject.toml's `servers` extra and
+fall back otherwise; and no module imports from a layer above its own.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dualproxy import servers
+from dualproxy.servers import gunicorn_body, uvicorn
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "dualproxy"
+
+
+def _declared_range(dist: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    text = (ROOT / "pyproject.toml").read_text()
+    extra = re.search(r"^servers = \[(.*?)\n\]", text, re.S | re.M)
+    assert extra is not None
+    spec = re.search(rf'"{dist}(?:\[[a-z]+\])?>=([\d.]+),<([\d.]+)"', extra[1])
+    assert spec is not None, f"{dist} has no >=,< range in the servers extra"
+    low, high = (tuple(int(p) for p in v.split(".")) for v in spec.groups())
+    return low, high
+
+
+@pytest.mark.parametrize("dist", sorted(servers.TESTED))
+def test_gates_and_the_servers_extra_declare_the_same_ranges(dist: str) -> None:
+    assert servers.TESTED[dist] == _declared_range(dist)
+
+
+@pytest.mark.parametrize("dist", sorted(servers.TESTED))
+def test_the_suite_runs_on_tested_releases(dist: str) -> None:
+    assert servers.is_tested(dist), (dist, servers.installed_version(dist))
+
+
+@pytest.fixture
+def untested(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretend every server is a release the suite never ran on."""
+    monkeypatch.setattr(servers, "installed_version", lambda dist: (999,))
+
+
+def test_uvicorn_tuning_runs_on_tested_releases_only(monkeypatch: pytest.MonkeyPatch,
+                                                     untested: None) -> None:
+    import uvicorn.protocols.http.h11_impl as h11_impl
+
+    monkeypatch.setattr(h11_impl, "HIGH_WATER_LIMIT", 65536)
+    uvicorn.tune_uvicorn()
+    assert vars(h11_impl)["HIGH_WATER_LIMIT"] == 65536  # untouched on an untested release
+    monkeypatch.undo()
+    monkeypatch.setattr(h11_impl, "HIGH_WATER_LIMIT", 65536)
+    uvicorn.tune_uvicorn()
+    assert vars(h11_impl)["HIGH_WATER_LIMIT"] == uvicorn.UVICORN_BODY_HIGH_WATER
+
+
+@pytest.fixture
+def gunicorn_body_of() -> Iterator[Callable[[bytes], Any]]:
+    """gunicorn's own wsgi.input for a Content-Length body, over a socket pair."""
+    from gunicorn.http.body import Body, LengthReader
+    from gunicorn.http.unreader import SocketUnreader
+
+    sockets: list[socket.socket] = []
+
+    def make(data: bytes) -> Any:
+        ours, theirs = socket.socketpair()
+        sockets.extend((ours, theirs))
+        theirs.sendall(data)
+        theirs.close()
+        return Body(LengthReader(SocketUnreader(ours), len(data)))
+
+    yield make
+    for sock in sockets:
+        sock.close()
+
+
+def test_gunicorn_direct_upload_path_on_tested_releases_only(
+        gunicorn_body_of: Callable[[bytes], Any], untested: None) -> None:
+    body = gunicorn_body_of(b"hello")
+    assert gunicorn_body.GunicornLengthInput.recognise(body) is None  # wsgi.input is read
+    assert body.read(5) == b"hello"
+
+
+def test_gunicorn_direct_upload_path_reads_the_body(
+        gunicorn_body_of: Callable[[bytes], Any]) -> None:
+    direct = gunicorn_body.GunicornLengthInput.recognise(gunicorn_body_of(b"hello world"))
+    assert direct is not None
+    pieces = [direct.read(4) for _ in range(4)]
+    assert pieces == [b"hell", b"o wo", b"rld", b""]
+
+
+# --- arrows point down ---------------------------------------------------------------------
+
+# Lower numbers are lower layers; a module may import its own layer and those below.
+LAYERS = {
+    0: {"types", "config", "errors", "target", "headers", "core", "hooks", "logs"},
+    1: {"servers", "transport", "h1", "http1"},
+    2: {"face", "asgi", "wsgi", "websocket"},
+    3: {"flask", "fastapi", "bridge", "workers"},
+    4: {"cli", "demo", "__main__", "__init__"},
+}
+LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
+
+
+def _top(module: Path) -> str:
+    parts = module.relative_to(PACKAGE).with_suffix("").parts
+    return parts[0]
+
+
+def _nodes(tree: ast.AST, runtime_only: bool) -> Iterator[ast.AST]:
+    """Every node, less the `if TYPE_CHECKING:` blocks when `runtime_only`."""
+    for node in ast.iter_child_nodes(tree):
+        if runtime_only and isinstance(node, ast.If) and ast.unparse(node.test).endswith(
+                "TYPE_CHECKING"):
+            continue
+        yield node
+        yield from _nodes(node, runtime_only)
+
+
+def _imported(module: Path, runtime_only: bool = False) -> set[str]:
+    """The dualproxy top-level modules `module` imports (relative or absolute)."""
+    tree = ast.parse(module.read_text())
+    depth = len(module.relative_to(PACKAGE).parts)  # 1 at the top, 2 in a subpackage
+    names: set[str] = set()
+    for node in _nodes(tree, runtime_only):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                if node.level < depth:
+                    names.add(_top(module))  # the module's own subpackage
+                    continue
+                targets = [node.module] if node.module else [a.name for a in node.names]
+            elif node.module and node.module.startswith("dualproxy."):
+                targets = [node.module.removeprefix("dualproxy.")]
+            else:
+                continue
+            names.update(t.split(".")[0] for t in targets if t)
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[1] for a in node.names
+                         if a.name.startswith("dualproxy."))
+    return names
+
+
+def test_every_module_has_a_layer() -> None:
+    missing = {_top(m) for m in PACKAGE.rglob("*.py")} - set(LAYER_OF)
+    assert not missing
+
+
+@pytest.mark.parametrize("module", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.name))
+def test_imports_point_down(module: Path) -> None:
+    own = LAYER_OF[_top(module)]
+    upward = {name for name in _imported(module) if LAYER_OF.get(name, 0) > own}
+    assert not upward, f"{module.relative_to(ROOT)} imports from a higher layer: {upward}"
+
+
+def test_the_core_imports_no_face_server_or_transport() -> None:
+    for name in LAYERS[0]:
+        imported = _imported(PACKAGE / f"{name}.py")
+        assert imported <= LAYERS[0], (name, imported - LAYERS[0])
+
+
+def test_no_import_cycles() -> None:
+    """No two modules import each other, even lazily (`cli` and `demo` used to)."""
+    graph: dict[str, set[str]] = {_top(m): set() for m in PACKAGE.rglob("*.py")
+                                  if _top(m) != "__init__"}
+    for module in PACKAGE.rglob("*.py"):
+        if _top(module) in graph:
+            graph[_top(module)] |= _imported(module, runtime_only=True) - {_top(module)}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for name in graph.get(start, ()):
+            if name == goal or (name not in seen and reaches(name, goal, seen | {name})):
+                return True
+        return False
+
+    cycles = sorted(name for name in graph if reaches(name, name, {name}))
+    assert not cycles
+
+
+def test_servers_stay_unimported_until_used() -> None:
+    """Importing the faces loads no server package (gunicorn, uvicorn) by itself."""
+    code = ("import sys, dualproxy.asgi, dualproxy.wsgi;"
+            "print(sorted(m for m in ('gunicorn', 'uvicorn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, check=True, cwd=ROOT).stdout.strip()
+    assert out == "[]"
