@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
@@ -33,7 +34,7 @@ from dualproxy.websocket import splice
 from dualproxy.websocket.framing import FrameScanner
 from dualproxy.websocket.splice import SpliceResult, relay
 from dualproxy.wsgi import SyncProxy
-from tests.conftest import ROOT, MakeProxy, free_port
+from tests.conftest import ROOT, MakeProxy, ProxyProcess, free_port
 from tests.ws_upstream import WsUpstream
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -592,3 +593,23 @@ def test_gunicorn_sync_worker_answers_501(tmp_path: Any) -> None:
         proc.wait(10)
     assert head.startswith(b"HTTP/1.1 501 "), head
     assert "gthread" in json.loads(body)["detail"]
+
+
+def test_gthread_holds_one_thread_per_open_socket(ws_upstream: WsUpstream) -> None:
+    """The documented limit: with --threads 2 two open sockets take both threads, a third
+    handshake and a plain request wait in gunicorn's queue, and run once one socket closes."""
+    proxy = ProxyProcess("wsgi-gunicorn", ws_upstream.url, ("--threads", "2"))
+    base = f"ws://127.0.0.1:{proxy.port}"
+    try:
+        with connect(f"{base}/a") as first, connect(f"{base}/b"):
+            with pytest.raises(TimeoutError), connect(f"{base}/c", open_timeout=1):
+                pass
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.get(f"{proxy.url}/plain", timeout=1)
+            first.close()
+            # The freed thread first runs the queued (abandoned) two, then this one.
+            with connect(f"{base}/d", open_timeout=10) as third:
+                third.send("served")
+                assert third.recv(timeout=5) == "served"
+    finally:
+        proxy.stop()
