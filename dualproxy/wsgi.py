@@ -193,7 +193,8 @@ class SyncProxy:
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         incoming = incoming_from_environ(environ)
         record = self._log.start(incoming)
-        websocket = is_websocket_request(incoming.headers)
+        # The environ lookup spares plain requests the header scan.
+        websocket = "HTTP_UPGRADE" in environ and is_websocket_request(incoming.headers)
         try:
             plan = (plan_handshake if websocket else plan_request)(self.config, incoming)
             for request_hook in self.config.request_hooks:
