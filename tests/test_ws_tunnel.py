@@ -161,6 +161,25 @@ def test_a_half_open_tunnel_ends_after_the_linger(
     assert r.join() == SpliceResult(0, 0)
 
 
+def test_an_end_stuck_behind_a_reader_that_stopped_still_ends_the_tunnel(
+        relayed: Callable[..., Relayed], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upstream ends while the client reads nothing: its last bytes cannot be flushed,
+    so the tunnel gives up after LINGER instead of waiting on TCP's retransmissions."""
+    monkeypatch.setattr(splice, "LINGER", 0.5)
+    r = relayed(buffer=32768)
+    # More than the client side's kernel buffers hold, less than the whole path:
+    # the tunnel's read stays unsent and the upstream's FIN reaches the proxy.
+    size = 200 * 1024
+    r.upstream.settimeout(5)
+    r.upstream.sendall(b"z" * size)
+    started = time.monotonic()
+    r.upstream.close()
+    r.join()
+    assert r.ended_at is not None and r.ended_at - started < 3
+    delivered = len(recv_exactly(r.client, size, timeout=2))
+    assert delivered < size  # the stuck read was dropped with the tunnel
+
+
 def test_a_reset_upstream_closes_the_client_at_once(relayed: Callable[..., Relayed]) -> None:
     r = relayed()
     r.upstream.sendall(b"x")
