@@ -166,18 +166,15 @@ def test_an_end_stuck_behind_a_reader_that_stopped_still_ends_the_tunnel(
     """The upstream ends while the client reads nothing: its last bytes cannot be flushed,
     so the tunnel gives up after LINGER instead of waiting on TCP's retransmissions."""
     monkeypatch.setattr(splice, "LINGER", 0.5)
-    r = relayed(buffer=32768)
-    # More than the client side's kernel buffers hold, less than the whole path:
-    # the tunnel's read stays unsent and the upstream's FIN reaches the proxy.
-    size = 200 * 1024
-    r.upstream.settimeout(5)
-    r.upstream.sendall(b"z" * size)
+    size = 8 << 20  # far more than the client side's kernel buffers take
+    r = relayed(buffer=32768, to_client=b"z" * size)
+    time.sleep(0.2)  # the relay has filled the client's buffers and waits to write
     started = time.monotonic()
-    r.upstream.close()
+    r.upstream.close()  # nothing queued behind it: the FIN reaches the proxy at once
     r.join()
     assert r.ended_at is not None and r.ended_at - started < 3
     delivered = len(recv_exactly(r.client, size, timeout=2))
-    assert delivered < size  # the stuck read was dropped with the tunnel
+    assert delivered < size  # the unsent rest was dropped with the tunnel
 
 
 def test_a_reset_upstream_closes_the_client_at_once(relayed: Callable[..., Relayed]) -> None:
