@@ -99,10 +99,6 @@ class _Direction:
             _half_close(self.dst)
         return moved
 
-    @property
-    def finished(self) -> bool:
-        return self.shut
-
     def say_goodbye(self, code: int, reason: str) -> None:
         """Flush, then close frame to `dst` if it can go between two frames, then FIN."""
         if self.shut:
