@@ -9,7 +9,8 @@ is an asyncio client on the same library, bounded in sockets, messages and time:
 32 sockets each sending a small text message and waiting for its echo, back to back,
 for N seconds (messages/s and round-trip p50/p99), then one socket echoing 1 MiB binary
 messages with up to 4 in flight (MB/s of payload one way; every byte crosses the proxy
-twice). Compression is off on the client so neither side measures zlib. Both sides run
+twice). Every contestant runs at once and is measured in turn, three rounds over: the
+medians are reported. Compression is off on the client so neither side measures zlib. Both sides run
 on uvloop when it is installed.
 """
 
@@ -29,6 +30,7 @@ MiB = 1024 * 1024
 SOCKETS = 32
 SMALL = 32  # bytes of each small message
 RECV_TIMEOUT = 10.0  # seconds for one echo before the socket counts as broken
+ROUNDS = 3  # every contestant is measured once per round; the medians are reported
 
 
 async def echo_server(port: int) -> None:
@@ -192,42 +194,46 @@ def ws_contestants(echo_port: int, nginx: str | None = None
 def run_rows(chosen: Callable[[str], bool], seconds: float, quick: bool,
              start: Callable[..., Any], stop: Callable[[Any], None],
              free_port: Callable[[], int], wait_port: Callable[[int, Any], bool],
-             nginx: str | None = None) -> list[WsResult]:
-    """Start the echo upstream, then each chosen contestant in front of it, and measure."""
+             nginx: str | None = None, rounds: int = ROUNDS) -> list[WsResult]:
+    """Start the echo upstream and every chosen contestant in front of it, then measure
+    them in turn, `rounds` times over (interleaved, so a change in the machine's load
+    reaches every row alike), and keep each figure's median."""
     import sys
 
     echo_port = free_port()
-    echo = start([sys.executable, "-m", "bench.wsbench", "echo", "--port", str(echo_port)])
-    results: list[WsResult] = []
+    procs = [start([sys.executable, "-m", "bench.wsbench", "echo", "--port", str(echo_port)])]
+    results: list[tuple[WsResult, str]] = []
     try:
-        if not wait_port(echo_port, echo):
+        if not wait_port(echo_port, procs[0]):
             raise RuntimeError("the WebSocket echo upstream did not start")
         for key, name, args in ws_contestants(echo_port, nginx):
             if not chosen(key):
                 continue
-            print(f"-- WebSocket: {name}", flush=True)
-            result = WsResult(key, name)
-            results.append(result)
-            port, proc = echo_port, None
+            result, port = WsResult(key, name), echo_port
             if key != "direct":
                 port = free_port()
-                proc = start(args(port), env={"BENCH_WS_UPSTREAM": f"ws://127.0.0.1:{echo_port}"})
-                if not wait_port(port, proc):
+                procs.append(start(args(port),
+                                   env={"BENCH_WS_UPSTREAM": f"ws://127.0.0.1:{echo_port}"}))
+                if not wait_port(port, procs[-1]):
                     result.status = "did not start"
-                    stop(proc)
-                    continue
-            try:
-                measure(result, f"ws://127.0.0.1:{port}/", seconds, quick)
-            finally:
-                if proc is not None:
-                    stop(proc)
-            print(f"   {fmt(result.msgs_per_s)} msg/s, p99 {fmt(result.p99_ms, '.1f')} ms, "
-                  f"1 MiB messages {fmt(result.big_mbs)} MB/s", flush=True)
+            results.append((result, f"ws://127.0.0.1:{port}/"))
+        samples: dict[str, list[dict[str, float]]] = {r.key: [] for r, _ in results}
+        for n in range(rounds):
+            for result, url in results:
+                if result.status == "ok":
+                    print(f"-- WebSocket, round {n + 1} of {rounds}: {result.name}", flush=True)
+                    samples[result.key].append(measure(result, url, seconds, quick))
+        for result, _ in results:
+            summarize(result, samples[result.key])
+            print(f"   {result.name}: {fmt(result.msgs_per_s)} msg/s, p99 "
+                  f"{fmt(result.p99_ms, '.1f')} ms, 1 MiB messages {fmt(result.big_mbs)} MB/s "
+                  f"(medians of {len(samples[result.key])})", flush=True)
             for step, why in result.failures.items():
                 print(f"   ! {step}: {why}", flush=True)
     finally:
-        stop(echo)
-    return results
+        for proc in procs:
+            stop(proc)
+    return [r for r, _ in results]
 
 
 def run_async(coro: Any) -> Any:
@@ -239,20 +245,30 @@ def run_async(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
-def measure(result: WsResult, url: str, seconds: float, quick: bool) -> None:
+def measure(result: WsResult, url: str, seconds: float, quick: bool) -> dict[str, float]:
+    """One round of both loads against url; a failed step is recorded on the result."""
+    sample: dict[str, float] = {"errors": 0.0}
     try:
-        small = run_async(asyncio.wait_for(small_messages(url, seconds), seconds + 60))
-        result.msgs_per_s, result.p50_ms, result.p99_ms = (
-            small["msgs_per_s"], small["p50_ms"], small["p99_ms"])
-        result.errors = int(small["errors"])
+        sample.update(run_async(asyncio.wait_for(small_messages(url, seconds), seconds + 60)))
     except Exception as exc:
         result.failures["small messages"] = f"{type(exc).__name__}: {exc}"[:200]
     try:
         big = run_async(asyncio.wait_for(big_messages(url, 16 if quick else 64), 120))
-        result.big_mbs = big["mbs"]
-        result.errors = (result.errors or 0) + int(big["errors"])
+        sample["big_mbs"] = big["mbs"]
+        sample["errors"] += big["errors"]
     except Exception as exc:
         result.failures["1 MiB messages"] = f"{type(exc).__name__}: {exc}"[:200]
+    return sample
+
+
+def summarize(result: WsResult, samples: list[dict[str, float]]) -> None:
+    """Each figure's median over the rounds; errors summed."""
+    for attr in ("msgs_per_s", "p50_ms", "p99_ms", "big_mbs"):
+        values = sorted(s[attr] for s in samples if attr in s)
+        if values:
+            setattr(result, attr, values[len(values) // 2])
+    if samples:
+        result.errors = int(sum(s["errors"] for s in samples))
 
 
 def fmt(value: float | None, spec: str = ",.0f") -> str:
@@ -261,7 +277,8 @@ def fmt(value: float | None, spec: str = ",.0f") -> str:
 
 def table(results: list[WsResult], seconds: float) -> list[str]:
     lines = [f"WebSocket: {SOCKETS} sockets echoing {SMALL}-byte text messages back to back for "
-             f"{seconds:g} s; 1 MiB binary messages on one socket, 4 in flight",
+             f"{seconds:g} s; 1 MiB binary messages on one socket, 4 in flight; medians of "
+             f"{ROUNDS} interleaved rounds",
              "", "| contestant | msg/s | p50 ms | p99 ms | 1 MiB msgs MB/s | errors |",
              "|---|---|---|---|---|---|"]
     for r in results:
@@ -327,7 +344,7 @@ def main() -> int:
             pass
         return 0
     result = WsResult("url", opts.url)
-    measure(result, opts.url, opts.seconds, opts.quick)
+    summarize(result, [measure(result, opts.url, opts.seconds, opts.quick)])
     print(json.dumps(asdict(result), indent=2))
     return 0
 

@@ -140,7 +140,8 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         incoming = incoming_from_environ(environ)
         record = self.begin(incoming)
-        websocket = is_websocket_request(incoming.headers)
+        # The environ lookup spares plain requests the header scan.
+        websocket = "HTTP_UPGRADE" in environ and is_websocket_request(incoming.headers)
         try:
             planned = (plan_handshake(self.config, incoming) if websocket
                        else self.plan(incoming))

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
@@ -33,7 +34,7 @@ from dualproxy.websocket import splice
 from dualproxy.websocket.framing import FrameScanner
 from dualproxy.websocket.splice import SpliceResult, relay
 from dualproxy.wsgi import SyncProxy
-from tests.conftest import ROOT, MakeProxy, free_port
+from tests.conftest import ROOT, MakeProxy, ProxyProcess, free_port
 from tests.ws_upstream import WsUpstream
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -158,6 +159,22 @@ def test_a_half_open_tunnel_ends_after_the_linger(
     # The upstream never closes: the tunnel gives up on it after LINGER.
     assert at_eof(r.client)
     assert r.join() == SpliceResult(0, 0)
+
+
+def test_an_end_stuck_behind_a_reader_that_stopped_still_ends_the_tunnel(
+        relayed: Callable[..., Relayed], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upstream ends while the client reads nothing: its last bytes cannot be flushed,
+    so the tunnel gives up after LINGER instead of waiting on TCP's retransmissions."""
+    monkeypatch.setattr(splice, "LINGER", 0.5)
+    size = 8 << 20  # far more than the client side's kernel buffers take
+    r = relayed(buffer=32768, to_client=b"z" * size)
+    time.sleep(0.2)  # the relay has filled the client's buffers and waits to write
+    started = time.monotonic()
+    r.upstream.close()  # nothing queued behind it: the FIN reaches the proxy at once
+    r.join()
+    assert r.ended_at is not None and r.ended_at - started < 3
+    delivered = len(recv_exactly(r.client, size, timeout=2))
+    assert delivered < size  # the unsent rest was dropped with the tunnel
 
 
 def test_a_reset_upstream_closes_the_client_at_once(relayed: Callable[..., Relayed]) -> None:
@@ -592,3 +609,23 @@ def test_gunicorn_sync_worker_answers_501(tmp_path: Any) -> None:
         proc.wait(10)
     assert head.startswith(b"HTTP/1.1 501 "), head
     assert "gthread" in json.loads(body)["detail"]
+
+
+def test_gthread_holds_one_thread_per_open_socket(ws_upstream: WsUpstream) -> None:
+    """The documented limit: with --threads 2 two open sockets take both threads, a third
+    handshake and a plain request wait in gunicorn's queue, and run once one socket closes."""
+    proxy = ProxyProcess("wsgi-gunicorn", ws_upstream.url, ("--threads", "2"))
+    base = f"ws://127.0.0.1:{proxy.port}"
+    try:
+        with connect(f"{base}/a") as first, connect(f"{base}/b"):
+            with pytest.raises(TimeoutError), connect(f"{base}/c", open_timeout=1):
+                pass
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.get(f"{proxy.url}/plain", timeout=1)
+            first.close()
+            # The freed thread first runs the queued (abandoned) two, then this one.
+            with connect(f"{base}/d", open_timeout=10) as third:
+                third.send("served")
+                assert third.recv(timeout=5) == "served"
+    finally:
+        proxy.stop()

@@ -24,6 +24,8 @@ LINGER = 5.0        # after one side's FIN, how long the other direction may go 
 GOODBYE = 1.0       # how long a side gets to answer the tunnel's close frame
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _FAILED = select.POLLERR | select.POLLNVAL
+# Linux reports a peer's FIN without a read; it ends a tunnel whose reader stopped.
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0)
 
 
 class SpliceResult(NamedTuple):
@@ -37,8 +39,8 @@ class SpliceResult(NamedTuple):
 class _Direction:
     """Bytes read from `src`, waiting to be written to `dst` (one read at most)."""
 
-    __slots__ = ("src", "dst", "pending", "eof", "shut", "moved", "scanner", "refused",
-                 "to_server")
+    __slots__ = ("src", "dst", "pending", "eof", "fin", "shut", "moved", "scanner",
+                 "refused", "to_server")
 
     def __init__(self, src: socket.socket, dst: socket.socket, early: bytes,
                  max_size: int | None, *, to_server: bool) -> None:
@@ -46,6 +48,7 @@ class _Direction:
         self.scanner = FrameScanner(max_size)
         self.pending = memoryview(b"")
         self.eof = self.shut = self.refused = False
+        self.fin = False  # the source's FIN arrived (maybe still behind unread bytes)
         self.moved = 0
         self._take(early)
 
@@ -57,6 +60,12 @@ class _Direction:
 
     def wants_read(self) -> bool:
         return not (self.eof or self.refused or self.pending)
+
+    def read_events(self) -> int:
+        """What to poll the source for: data, or (while not reading) just its FIN."""
+        if self.wants_read():
+            return select.POLLIN
+        return 0 if self.eof or self.fin else _POLLRDHUP
 
     def readable_now(self) -> bool:
         """TLS may hold decrypted bytes that poll() cannot see."""
@@ -89,10 +98,6 @@ class _Direction:
             self.shut = True
             _half_close(self.dst)
         return moved
-
-    @property
-    def finished(self) -> bool:
-        return self.shut
 
     def say_goodbye(self, code: int, reason: str) -> None:
         """Flush, then close frame to `dst` if it can go between two frames, then FIN."""
@@ -161,7 +166,9 @@ def relay(client: socket.socket, upstream: socket.socket, *, to_client: bytes = 
     try:
         while True:
             moved = up.write() | down.write()
-            if up.shut or down.shut:
+            # Linger from the first EOF, flushed or not: a peer that stopped reading
+            # must not keep the other side's end waiting on TCP's retransmissions.
+            if up.fin or down.fin or up.eof or down.eof:
                 if up.shut and down.shut or tls and (
                         up.shut and isinstance(upstream, ssl.SSLSocket)
                         or down.shut and isinstance(client, ssl.SSLSocket)):
@@ -183,10 +190,8 @@ def relay(client: socket.socket, upstream: socket.socket, *, to_client: bytes = 
             if linger_until is not None:
                 left = linger_until - time.monotonic()
                 wait = left if wait is None else min(wait, left)
-            for fd, mask in ((cfd, (select.POLLIN if up.wants_read() else 0)
-                              | (select.POLLOUT if down.pending else 0)),
-                             (ufd, (select.POLLIN if down.wants_read() else 0)
-                              | (select.POLLOUT if up.pending else 0))):
+            for fd, mask in ((cfd, up.read_events() | (select.POLLOUT if down.pending else 0)),
+                             (ufd, down.read_events() | (select.POLLOUT if up.pending else 0))):
                 if mask != masks[fd]:
                     if mask:
                         poller.register(fd, mask)
@@ -202,8 +207,10 @@ def relay(client: socket.socket, upstream: socket.socket, *, to_client: bytes = 
                     raise ConnectionResetError(errno.ECONNRESET, "a tunnelled socket failed")
                 if fd == cfd:
                     client_ready = True
+                    up.fin = up.fin or bool(events & _POLLRDHUP)
                 else:
                     upstream_ready = True
+                    down.fin = down.fin or bool(events & _POLLRDHUP)
             read = False
             if up.wants_read() and (client_ready or tls and up.readable_now()):
                 read = up.read()
