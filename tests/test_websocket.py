@@ -122,7 +122,10 @@ def test_slow_client_slows_the_upstream(ws_proxy: ProxyProcess, ws_upstream: WsU
     assert sizes == [MiB] * 128 and record.messages_out == 128
 
 
-def test_48_concurrent_sockets(ws_proxy: ProxyProcess) -> None:
+def test_48_concurrent_sockets(make_proxy: MakeProxy, ws_upstream: WsUpstream) -> None:
+    # gunicorn's gthread worker holds one thread per open socket (its default 32
+    # would queue the last 16 handshakes); the other pairings ignore --threads here.
+    ws_proxy = make_proxy("--threads", "64", upstream_url=ws_upstream.url)
     opened = threading.Barrier(48, timeout=30)
 
     def session(n: int) -> list[str]:
