@@ -43,8 +43,8 @@ from .errors import (
     map_stream_errors,
     map_upstream_errors,
 )
+from .http1 import CLIENT_WATCH, ClientWatch
 from .logs import AccessLog, RequestRecord
-from .transport import CLIENT_WATCH, ClientWatch
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 Environ = dict[str, Any]
