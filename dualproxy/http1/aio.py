@@ -19,7 +19,7 @@ from typing import cast
 import httpx
 
 from .connection import NEED_DATA, ClientConnection, Data, Response
-from .pool import RETRY_ON, Empty, IdlePool, Key, limit, origin, request_line, timeout, to_httpx
+from .pool import RETRY_ON, Key, Pool, PooledBody, origin, request_line, timeout
 
 READ_SIZE = 262144
 HIGH_WATER = 1 << 20  # pause reading the upstream above this many unread bytes
@@ -155,17 +155,11 @@ class _AsyncConn(asyncio.Protocol):
             self.transport.abort()
 
 
-class AsyncUpstreamTransport(httpx.AsyncBaseTransport):
+class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
     """The async transport dualproxy's AsyncProxy uses by default."""
 
-    def __init__(self, *, max_connections: int | None = 100,
-                 max_keepalive_connections: int | None = 100,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
-        self._limit = limit(max_connections)
-        self._used = 0
-        self._idle: IdlePool[_AsyncConn] = IdlePool(max_keepalive_connections)
+    def _init_waiting(self) -> None:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._ssl = ssl_context
 
     async def _acquire(self, seconds: float | None) -> None:
         if self._used < self._limit and not self._waiters:
@@ -232,10 +226,7 @@ class AsyncUpstreamTransport(httpx.AsyncBaseTransport):
         except BaseException:
             self._release()
             raise
-        if conn.codec.done:
-            self._checkin(key, conn)
-            return to_httpx(head, Empty(), request)
-        return to_httpx(head, _AsyncBody(self, key, conn, request), request)
+        return self._respond(key, conn, head, request, _AsyncBody)
 
     async def _send(self, key: Key, request: httpx.Request) -> tuple[_AsyncConn, Response]:
         conn = await self._connect(key, request, fresh=False)
@@ -279,14 +270,7 @@ class AsyncUpstreamTransport(httpx.AsyncBaseTransport):
                 return event
 
 
-class _AsyncBody(httpx.AsyncByteStream):
-    def __init__(self, pool: AsyncUpstreamTransport, key: Key, conn: _AsyncConn,
-                 request: httpx.Request) -> None:
-        self._pool = pool
-        self._key = key
-        self._conn: _AsyncConn | None = conn
-        self._request = request
-
+class _AsyncBody(PooledBody[_AsyncConn], httpx.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         conn = self._conn
         if conn is None:
@@ -309,13 +293,5 @@ class _AsyncBody(httpx.AsyncByteStream):
                 self._finish()
                 return
 
-    def _finish(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            self._pool._checkin(self._key, conn)
-
     async def aclose(self) -> None:
-        conn = self._conn
-        if conn is not None and not conn.codec.done:
-            conn.close()  # abandoned mid-body: never reuse
-        self._finish()
+        self._abandon()

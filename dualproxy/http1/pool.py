@@ -22,16 +22,27 @@ The rules every driver keeps (the suite checks them on the wire):
 
 from __future__ import annotations
 
+import ssl
 import sys
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import httpx
 
-from .connection import Response
+from .connection import ClientConnection, Response
 
 Key = tuple[str, str, int]
-C = TypeVar("C")
+
+
+class Conn(Protocol):
+    """What the shared parts need of a driver's connection."""
+
+    codec: ClientConnection
+
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Conn)
 # Failures after which `may_retry` is asked (timeouts are never retried).
 RETRY_ON = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
@@ -113,3 +124,51 @@ class IdlePool(Generic[C]):
         conns = [conn for idle in self._idle.values() for conn in idle]
         self._idle.clear()
         return conns
+
+
+class Pool(Generic[C]):
+    """The limits and idle connections of a transport (each driver adds its waiting)."""
+
+    def __init__(self, *, max_connections: int | None = 100,
+                 max_keepalive_connections: int | None = 100,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self._limit = limit(max_connections)
+        self._used = 0
+        self._idle: IdlePool[C] = IdlePool(max_keepalive_connections)
+        self._ssl = ssl_context
+        self._init_waiting()
+
+    def _init_waiting(self) -> None:
+        """Set up how requests wait for a free slot (a driver's own primitives)."""
+
+    def _checkin(self, key: Key, conn: C) -> None:
+        raise NotImplementedError
+
+    def _respond(self, key: Key, conn: C, head: Response, request: httpx.Request,
+                 body: type[PooledBody[C]]) -> httpx.Response:
+        """The httpx response for a final head; a bodiless one frees its connection now."""
+        if conn.codec.done:
+            self._checkin(key, conn)
+            return to_httpx(head, Empty(), request)
+        return to_httpx(head, body(self, key, conn, request), request)
+
+
+class PooledBody(Generic[C]):
+    """A response body that gives its connection back when it ends or is closed."""
+
+    def __init__(self, pool: Pool[C], key: Key, conn: C, request: httpx.Request) -> None:
+        self._pool = pool
+        self._key = key
+        self._conn: C | None = conn
+        self._request = request
+
+    def _finish(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool._checkin(self._key, conn)
+
+    def _abandon(self) -> None:
+        conn = self._conn
+        if conn is not None and not conn.codec.done:
+            conn.close()  # abandoned mid-body: never reuse
+        self._finish()

@@ -21,7 +21,7 @@ import httpx
 
 from ..errors import ClientDisconnected
 from .connection import NEED_DATA, ClientConnection, Data, EndOfMessage, Response
-from .pool import RETRY_ON, Empty, IdlePool, Key, limit, origin, request_line, timeout, to_httpx
+from .pool import RETRY_ON, Key, Pool, PooledBody, origin, request_line, timeout
 
 READ_SIZE = 262144
 SMALL_READ = 65536          # below malloc's mmap threshold: no mmap/munmap per small read
@@ -175,17 +175,11 @@ class ClientWatch:
                 raise ClientDisconnected("the client went away before the response head")
 
 
-class UpstreamTransport(httpx.BaseTransport):
+class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
     """The sync transport dualproxy's SyncProxy uses by default (thread-safe)."""
 
-    def __init__(self, *, max_connections: int | None = 100,
-                 max_keepalive_connections: int | None = 100,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
-        self._limit = limit(max_connections)
-        self._used = 0
-        self._idle: IdlePool[_SyncConn] = IdlePool(max_keepalive_connections)
+    def _init_waiting(self) -> None:
         self._cond = threading.Condition()
-        self._ssl = ssl_context
 
     def _acquire(self, seconds: float | None) -> None:
         deadline = None if seconds is None else time.monotonic() + seconds
@@ -252,10 +246,7 @@ class UpstreamTransport(httpx.BaseTransport):
         except BaseException:
             self._release()
             raise
-        if conn.codec.done:
-            self._checkin(key, conn)
-            return to_httpx(head, Empty(), request)
-        return to_httpx(head, _SyncBody(self, key, conn, request), request)
+        return self._respond(key, conn, head, request, _SyncBody)
 
     def _send(self, key: Key, request: httpx.Request) -> tuple[_SyncConn, Response]:
         for fresh in (False, True):
@@ -304,14 +295,7 @@ class UpstreamTransport(httpx.BaseTransport):
             conn.write(data, request)
 
 
-class _SyncBody(httpx.SyncByteStream):
-    def __init__(self, pool: UpstreamTransport, key: Key, conn: _SyncConn,
-                 request: httpx.Request) -> None:
-        self._pool = pool
-        self._key = key
-        self._conn: _SyncConn | None = conn
-        self._request = request
-
+class _SyncBody(PooledBody[_SyncConn], httpx.SyncByteStream):
     def __iter__(self) -> Iterator[bytes]:
         conn = self._conn
         if conn is None:
@@ -331,13 +315,5 @@ class _SyncBody(httpx.SyncByteStream):
             event = codec.next_event()
         self._finish()
 
-    def _finish(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            self._pool._checkin(conn=conn, key=self._key)
-
     def close(self) -> None:
-        conn = self._conn
-        if conn is not None and not conn.codec.done:
-            conn.close()  # abandoned mid-body: never reuse
-        self._finish()
+        self._abandon()
