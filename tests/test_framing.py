@@ -30,14 +30,15 @@ CHUNKED_HELLO = b"5\r\nhello\r\n0\r\n\r\n"
 # name -> (framing header lines, body bytes on the wire, the body it frames or None: refused)
 VARIANTS: dict[str, tuple[list[bytes], bytes, bytes | None]] = {
     "chunked": ([b"Transfer-Encoding: chunked"], CHUNKED_HELLO, HELLO),
-    "chunked-trailing-comma": ([b"Transfer-Encoding: chunked,"], CHUNKED_HELLO, HELLO),
-    "chunked-comma-space": ([b"Transfer-Encoding: chunked, "], CHUNKED_HELLO, HELLO),
-    "chunked-leading-comma": ([b"Transfer-Encoding: ,chunked"], CHUNKED_HELLO, HELLO),
+    # An empty list item: llhttp reads close-delimited, h11 (and nginx, Go) refuse: 502.
+    "chunked-trailing-comma": ([b"Transfer-Encoding: chunked,"], CHUNKED_HELLO, None),
+    "chunked-comma-space": ([b"Transfer-Encoding: chunked, "], CHUNKED_HELLO, None),
+    "chunked-leading-comma": ([b"Transfer-Encoding: ,chunked"], CHUNKED_HELLO, None),
     "chunked-leading-space": ([b"Transfer-Encoding:  chunked"], CHUNKED_HELLO, HELLO),
     "chunked-capitalised": ([b"Transfer-Encoding: Chunked"], CHUNKED_HELLO, HELLO),
     "chunked-upper": ([b"Transfer-Encoding: CHUNKED"], CHUNKED_HELLO, HELLO),
     "chunked-and-empty-line": ([b"Transfer-Encoding: chunked", b"Transfer-Encoding: "],
-                               CHUNKED_HELLO, HELLO),
+                               CHUNKED_HELLO, None),
     "length": ([b"Content-Length: 5"], HELLO, HELLO),
     "length-list-equal": ([b"Content-Length: 5, 5"], HELLO, HELLO),
     "length-lines-equal": ([b"Content-Length: 5", b"Content-Length: 5"], HELLO, HELLO),

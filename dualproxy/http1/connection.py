@@ -42,7 +42,11 @@ _TOKEN_CHARS = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 # CR or LF, no colon, a bad name) leaves the count short: a protocol error.
 _FIELD = re.compile(rb"\n(" + _TOKEN_CHARS + rb"):[ \t]*((?:[^\r\n]*[^ \t\r\n])?)[ \t]*\r(?=\n)")
 _BAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # CR/LF: policed by _FIELD
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+_HEX = re.compile(rb"0*[0-9A-Fa-f]{1,16}\Z")  # leading zeros do not count (h11, llhttp)
+# One trailer line (the CRLF taken off): a header field line, nothing else.
+_TRAILER = re.compile(_TOKEN_CHARS + rb":[^\x00-\x08\x0a-\x1f\x7f]*\Z")
+# A bare LF or CR: refused at once rather than waited on (no CRLF CRLF would come).
+_BARE_EOL = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")
 
 # states of the response side
 _HEAD, _BODY, _DONE, _ERROR = 0, 1, 2, 3
@@ -283,6 +287,8 @@ class ClientConnection:
         if end < 0:
             if len(buf) > MAX_HEAD:
                 raise RemoteProtocolError("response head too large")
+            if _BARE_EOL.search(buf):
+                raise RemoteProtocolError("bare CR or LF in response head")
             if self.eof:
                 raise RemoteProtocolError("upstream closed without a response")
             return NEED_DATA
@@ -405,6 +411,8 @@ class ClientConnection:
                     if len(buf) > MAX_HEAD:
                         raise RemoteProtocolError("trailers too large")
                     break
+                if end and not _TRAILER.match(buf, 0, end):
+                    raise RemoteProtocolError("malformed trailer line")
                 del buf[:end + 2]
                 if end == 0:
                     # the last piece is handed out with the state already DONE,

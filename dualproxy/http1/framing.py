@@ -4,11 +4,13 @@ The core (the client's request, the upstream's response head) and the codec
 (the bytes on the upstream connection) both call `parse_framing`, so a message
 is never read one way and relayed another. Pure: no httpx, no I/O.
 
-- `Transfer-Encoding` and `Connection` are lists: items split on commas,
-  whitespace trimmed, empty items dropped (RFC 9110 5.6.1), so `chunked,` is
-  chunked. Transfer codings must end up exactly `[chunked]`: anything else
-  (gzip, identity, a repeated chunked, an empty field) is refused, since the
-  proxy could not relay it unlabelled.
+- `Transfer-Encoding` and `Connection` are lists: items split on commas and
+  whitespace trimmed. Connection drops empty items (RFC 9110 5.6.1). Transfer
+  codings must be exactly `[chunked]`: anything else (gzip, identity, a
+  repeated chunked, an empty field or an empty item as in `chunked,`) is
+  refused. The proxy could not relay a coding unlabelled, and the parsers
+  around it disagree on empty items (llhttp reads `chunked,` as close-delimited,
+  h11, nginx and Go refuse it): such a message is ambiguous.
 - `Content-Length` is one length; a list of equal lengths (`5, 5`, or two equal
   lines) is that length (RFC 9110 8.6); anything else is refused.
 - Both headers together is a smuggling vector (RFC 9112 6.3): refused.
@@ -54,7 +56,12 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
             continue
         lname = name.lower()
         if lname == b"transfer-encoding":
-            codings = (codings or []) + list_items(value)
+            items = [item.strip(b" \t").lower() for item in value.split(b",")]
+            if b"" in items:
+                # RFC 9110 5.6.1 would drop it, but llhttp then reads the body
+                # close-delimited, h11, nginx and Go refuse it: ambiguous.
+                raise FramingError("empty item in Transfer-Encoding")
+            codings = (codings or []) + items
         elif lname == b"content-length":
             for item in value.split(b","):
                 item = item.strip(b" \t")
