@@ -301,3 +301,33 @@ def test_framing_variant_through_the_proxy(proxy: ProxyProcess, upstream: Upstre
         if expected is None:
             assert upstream.wait_record(f"{rid}-{i}").conn_id != bad_conn, (
                 "a connection with refused framing went back to the pool")
+
+
+_TE = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(("stream", "body"), [
+    (_TE + b"00000000000000005\r\nhello\r\n0\r\n\r\n", HELLO),   # leading zeros do not count
+    (_TE + b"5;a=b\r\nhello\r\n0\r\nX-T: 1\r\n\r\n", HELLO),     # extension, trailer
+    (b"HTTP/1.1 103 Early\r\nContent-Length: 3\r\n\r\n" + raw_response("length"), HELLO),
+    (_TE + b"5 ;a\r\nhello\r\n0\r\n\r\n", None),               # whitespace before ';'
+    (_TE + b"5\r\nhello\r\n0\r\nbad line\r\n\r\n", None),       # trailer not a field
+    (_TE + b"5\r\nhello\r\n0\r\nContent-Length: 5\r\n\r\n", None),  # framing trailer
+    (b"HTTP/1.1 150 Odd\r\nContent-Length: 3\r\n\r\nabc" + raw_response("length"), None),
+    (b"HTTP/1.1 200 OK\nContent-Length: 0\n", None),         # bare LF: refused, not awaited
+    (b"HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n", None),
+], ids=["zeros", "ext-trailer", "103-length-ignored", "bws-size", "bad-trailer",
+        "framing-trailer", "150-with-body", "bare-lf", "status-below-100"])
+def test_codec_strictness_matches_the_references(stream: bytes, body: bytes | None) -> None:
+    conn = ClientConnection()
+    conn.send_request(b"GET", b"/", [(b"Host", b"u")])
+    conn.receive_data(stream)
+    events = []
+    try:
+        while (event := conn.next_event()) is not NEED_DATA and not isinstance(event, EndOfMessage):
+            events.append(event)
+    except RemoteProtocolError:
+        assert body is None and not conn.reusable
+        return
+    assert body is not None, f"read a message both h11 and llhttp refuse: {events}"
+    assert b"".join(e.data for e in events if isinstance(e, Data)) == body

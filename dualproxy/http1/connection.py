@@ -42,12 +42,17 @@ _TOKEN_CHARS = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 # CR or LF, no colon, a bad name) leaves the count short: a protocol error.
 _FIELD = re.compile(rb"\n(" + _TOKEN_CHARS + rb"):[ \t]*((?:[^\r\n]*[^ \t\r\n])?)[ \t]*\r(?=\n)")
 _BAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # CR/LF: policed by _FIELD
-_HEX = re.compile(rb"0*[0-9A-Fa-f]{1,16}\Z")  # leading zeros do not count (h11, llhttp)
+# chunk-size [";" extensions]: leading zeros do not count, no whitespace before
+# the ";" (RFC 9112 7.1.1 allows BWS there, but h11 and llhttp both refuse it).
+_CHUNK_SIZE = re.compile(rb"0*([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?\Z")
 # One trailer line (the CRLF taken off): a header field line, nothing else.
 _TRAILER = re.compile(_TOKEN_CHARS + rb":[^\x00-\x08\x0a-\x1f\x7f]*\Z")
+# Framing fields are never trailers (RFC 9110 6.5.1); both references refuse them.
+_FRAMING_TRAILER = re.compile(rb"(?i)(?:content-length|transfer-encoding)[ \t]*:")
 # A bare LF or CR: refused at once rather than waited on (no CRLF CRLF would come).
 _BARE_EOL = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")
 
+_KNOWN_INTERIM = frozenset({100, 102, 103})
 # states of the response side
 _HEAD, _BODY, _DONE, _ERROR = 0, 1, 2, 3
 
@@ -312,10 +317,17 @@ class ClientConnection:
         except FramingError as exc:
             raise RemoteProtocolError(str(exc)) from None
         event = Response(status, reason or b"", b"HTTP/1." + minor, headers)
+        if not keeps_alive(framing, int(minor)):
+            self._keep = False  # an interim head that says close counts too
         if event.interim:
+            if (status not in _KNOWN_INTERIM and self._method != b"HEAD"
+                    and (framing.chunked or framing.length)):
+                # RFC 9110 8.6, RFC 9112 6.1: never sent on a 1xx; llhttp then reads
+                # a body (not after 100, 102, 103 nor for HEAD), h11 does not: ambiguous.
+                raise RemoteProtocolError("an interim response announces a body")
             return event
         self._in, self._left = response_body(framing, status, self._method)
-        if status == 101 or self._in == CLOSE or not keeps_alive(framing, int(minor)):
+        if status == 101 or self._in == CLOSE:
             self._keep = False  # 101: the connection now speaks another protocol
         if self._in == NONE or (self._in == LENGTH and not self._left):
             self._state, self._eom = _DONE, True
@@ -397,12 +409,10 @@ class ClientConnection:
                     break
                 line = bytes(buf[:end])
                 del buf[:end + 2]
-                if _BAD_BYTE.search(line) or b"\n" in line:
-                    raise RemoteProtocolError("control character in chunk size line")
-                size_field = line.split(b";", 1)[0].strip(b" \t")
-                if not _HEX.match(size_field):
-                    raise RemoteProtocolError("invalid chunk size")
-                self._left = int(size_field, 16)
+                match = _CHUNK_SIZE.match(line)
+                if match is None or _BAD_BYTE.search(line):
+                    raise RemoteProtocolError("invalid chunk size line")
+                self._left = int(match.group(1), 16)
                 self._chunk = "data" if self._left else "trailers"
                 continue
             if self._chunk == "trailers":
@@ -411,7 +421,7 @@ class ClientConnection:
                     if len(buf) > MAX_HEAD:
                         raise RemoteProtocolError("trailers too large")
                     break
-                if end and not _TRAILER.match(buf, 0, end):
+                if end and (not _TRAILER.match(buf, 0, end) or _FRAMING_TRAILER.match(buf)):
                     raise RemoteProtocolError("malformed trailer line")
                 del buf[:end + 2]
                 if end == 0:
