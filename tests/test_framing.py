@@ -313,11 +313,14 @@ _TE = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
     (_TE + b"5 ;a\r\nhello\r\n0\r\n\r\n", None),               # whitespace before ';'
     (_TE + b"5\r\nhello\r\n0\r\nbad line\r\n\r\n", None),       # trailer not a field
     (_TE + b"5\r\nhello\r\n0\r\nContent-Length: 5\r\n\r\n", None),  # framing trailer
+    (_TE + b"5\r\nhello\r\n0\r\nTransfer-Encoding: identity\r\n\r\n", None),
+    (_TE + b"5\r\nhello\r\n0\r\nTransfer-Encoding: Chunked\r\n\r\n", HELLO),
     (b"HTTP/1.1 150 Odd\r\nContent-Length: 3\r\n\r\nabc" + raw_response("length"), None),
     (b"HTTP/1.1 200 OK\nContent-Length: 0\n", None),         # bare LF: refused, not awaited
     (b"HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n", None),
 ], ids=["zeros", "ext-trailer", "103-length-ignored", "bws-size", "bad-trailer",
-        "framing-trailer", "150-with-body", "bare-lf", "status-below-100"])
+        "length-trailer", "coding-trailer", "chunked-trailer", "150-with-body", "bare-lf",
+        "status-below-100"])
 def test_codec_strictness_matches_the_references(stream: bytes, body: bytes | None) -> None:
     conn = ClientConnection()
     conn.send_request(b"GET", b"/", [(b"Host", b"u")])

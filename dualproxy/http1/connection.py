@@ -47,8 +47,9 @@ _BAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # CR/LF: policed b
 _CHUNK_SIZE = re.compile(rb"0*([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?\Z")
 # One trailer line (the CRLF taken off): a header field line, nothing else.
 _TRAILER = re.compile(_TOKEN_CHARS + rb":[^\x00-\x08\x0a-\x1f\x7f]*\Z")
-# Framing fields are never trailers (RFC 9110 6.5.1); both references refuse them.
-_FRAMING_TRAILER = re.compile(rb"(?i)(?:content-length|transfer-encoding)[ \t]*:")
+# Framing fields are never trailers (RFC 9110 6.5.1): llhttp refuses a
+# Content-Length there, h11 any Transfer-Encoding but a plain `chunked`.
+_FRAMING_TRAILER = re.compile(rb"(?i)(content-length|transfer-encoding):(.*)")
 # A bare LF or CR: refused at once rather than waited on (no CRLF CRLF would come).
 _BARE_EOL = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")
 
@@ -117,6 +118,15 @@ class _NeedData:
 NEED_DATA = _NeedData()
 _END = EndOfMessage()
 Event = Response | Data | EndOfMessage | _NeedData
+
+
+def _check_trailer(line: bytes) -> None:
+    if not _TRAILER.match(line):
+        raise RemoteProtocolError("malformed trailer line")
+    framing = _FRAMING_TRAILER.match(line)
+    if framing is not None and (framing.group(1).lower() == b"content-length"
+                                or framing.group(2).strip(b" \t").lower() != b"chunked"):
+        raise RemoteProtocolError("a framing field among the trailers")
 
 
 class ClientConnection:
@@ -421,8 +431,8 @@ class ClientConnection:
                     if len(buf) > MAX_HEAD:
                         raise RemoteProtocolError("trailers too large")
                     break
-                if end and (not _TRAILER.match(buf, 0, end) or _FRAMING_TRAILER.match(buf)):
-                    raise RemoteProtocolError("malformed trailer line")
+                if end:
+                    _check_trailer(bytes(buf[:end]))
                 del buf[:end + 2]
                 if end == 0:
                     # the last piece is handed out with the state already DONE,
