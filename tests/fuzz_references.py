@@ -54,14 +54,18 @@ class Outcome:
 
 def canonical_headers(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
     """Header fields as the parsers' common denominator: names lowercased (h11
-    lowercases) and equal Content-Length values merged into one field (h11
-    keeps one field for `5, 5` or two equal lines). Anything else stays as
-    parsed, in order."""
+    lowercases), trailing whitespace off values (llhttp keeps it, yet it is not
+    part of the value: RFC 9112 5), Transfer-Encoding lowercased (h11 does),
+    equal Content-Length values merged into one field (h11 keeps one field for
+    `5, 5` or two equal lines). Anything else stays as parsed, in order."""
     out: list[tuple[bytes, bytes]] = []
     seen_length = False
     for name, value in headers:
         lname = name.lower()
-        if lname == b"content-length":
+        value = value.rstrip(b" \t")
+        if lname == b"transfer-encoding":
+            value = value.lower()
+        elif lname == b"content-length":
             if seen_length:
                 continue
             seen_length = True

@@ -245,6 +245,11 @@ _TE = _OK + b"Transfer-Encoding: chunked\r\n\r\n"
 # rejects the empty one and would not reuse after the other.
 @example(found(_TE + b"1\r\nx\r\n0\r\nTransfer-Encoding: \r\n\r\n"))
 @example(found(_TE + b"1\r\nx\r\n0\r\nTransfer-Encoding: identity\r\n\r\n"))
+# A trailer that says close: llhttp would not reuse the connection.
+@example(found(_TE + b"1\r\nx\r\n0\r\nConnection: close\r\n\r\n"))
+# Content-Length values equal as numbers, not as strings: both references reject.
+@example(found(_OK + b"Content-Length: 00\r\nContent-Length: 0\r\n\r\n"))
+@example(found(_OK + b"Content-Length: 0, 00\r\n\r\n"))
 # An empty Transfer-Encoding beside a Content-Length (issue 9), here on a 204.
 @example(found(b"HTTP/1.1 204 \r\ncontent-length: 0\r\ntransfer-encoding:  \r\n\r\n", eof=True))
 def test_response_parser_agrees_with_h11_and_llhttp(exchange: Exchange) -> None:
