@@ -160,8 +160,13 @@ def response(draw: st.DrawFn, *, final: bool) -> bytes:
     fields = draw(st.lists(header_field(), max_size=4))
     spot = draw(st.integers(0, len(fields)))
     if framing == "length":
+        length = b"%d" % len(body)
         fields.insert(spot, draw(framing_names.filter(lambda n: n.lower() == b"content-length"))
-                      + b": " + b"%d" % len(body))
+                      + b": " + length)
+        if draw(_one_in(8)):  # the same length again, maybe spelled otherwise
+            again = draw(st.sampled_from([length, b"0" + length, length + b", " + length,
+                                          length + b",0" + length, b"+" + length]))
+            fields.insert(draw(st.integers(0, len(fields))), b"Content-Length: " + again)
         payload = body
     elif framing == "chunked":
         name = draw(framing_names.filter(lambda n: n.lower() == b"transfer-encoding"))
