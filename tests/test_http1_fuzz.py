@@ -257,16 +257,40 @@ def test_response_parser_agrees_with_h11_and_llhttp(exchange: Exchange) -> None:
         event(label)
 
 
+def _both(stream: bytes, eof: bool, cuts: tuple[int, ...] = ()) -> dict[str, Outcome]:
+    pieces = Exchange(b"GET", stream, cuts, eof).pieces
+    llhttp = run_llhttp(b"GET", pieces, eof)
+    assert llhttp is not None
+    return {"h11": run_h11(b"GET", pieces, eof), "llhttp": llhttp}
+
+
 def test_references_are_live() -> None:
     """The comparison has teeth: both references read a plain message, and the
     harness notices a reading that differs from theirs."""
     stream = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
     exchange = Exchange(b"GET", stream, (7, 30), False)
-    refs = {"h11": run_h11(b"GET", exchange.pieces, False)}
-    refs["llhttp"] = run_llhttp(b"GET", exchange.pieces, False)  # type: ignore[assignment]
+    refs = _both(stream, False, exchange.cuts)
     assert {o.message for o in refs.values()} == {(200, ((b"content-length", b"5"),), b"hello")}
     assert all(o.reusable for o in refs.values())
     mine = run_dualproxy(b"GET", exchange.pieces, False)
     assert divergences(exchange, mine, refs) == []
     wrong = Outcome(Kind.COMPLETE, 200, ((b"content-length", b"5"),), b"hell", True)
     assert divergences(exchange, wrong, refs) == ["dualproxy read a message no reference read"]
+    reused = Outcome(Kind.COMPLETE, *mine.message, True)
+    closing = _both(stream.replace(b"OK\r\n", b"OK\r\nConnection: close\r\n"), False)
+    assert divergences(exchange, reused, closing) == [
+        "dualproxy read a message no reference read",  # the Connection field differs
+        "dualproxy reuses the connection, h11 would not",
+        "dualproxy reuses the connection, llhttp would not",
+    ]
+
+
+def test_references_see_eof() -> None:
+    """A close-delimited body ends at EOF for both references (llhttp's through
+    llhttp_finish), and waits without it; EOF inside a length is a rejection."""
+    stream = b"HTTP/1.1 200 OK\r\n\r\nhello"
+    assert {(o.kind, o.body, o.reusable) for o in _both(stream, True).values()} == {
+        (Kind.COMPLETE, b"hello", False)}
+    assert {o.kind for o in _both(stream, False).values()} == {Kind.PENDING}
+    short = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nhello"
+    assert {o.kind for o in _both(short, True).values()} == {Kind.REJECTED}
