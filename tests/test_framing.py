@@ -55,6 +55,7 @@ VARIANTS: dict[str, tuple[list[bytes], bytes, bytes | None]] = {
                            CHUNKED_HELLO, None),
     "length-list-differs": ([b"Content-Length: 5, 6"], HELLO + b"!", None),
     "length-lines-differ": ([b"Content-Length: 5", b"Content-Length: 6"], HELLO + b"!", None),
+    "length-lines-differ-in-zeros": ([b"Content-Length: 05", b"Content-Length: 5"], HELLO, None),
     "length-trailing-comma": ([b"Content-Length: 5,"], HELLO, None),
     "length-empty": ([b"Content-Length: "], HELLO, None),
     "length-sign": ([b"Content-Length: +5"], HELLO, None),
@@ -317,10 +318,11 @@ _TE = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
     (_TE + b"5\r\nhello\r\n0\r\nTransfer-Encoding: Chunked\r\n\r\n", HELLO),
     (b"HTTP/1.1 150 Odd\r\nContent-Length: 3\r\n\r\nabc" + raw_response("length"), None),
     (b"HTTP/1.1 200 OK\nContent-Length: 0\n", None),         # bare LF: refused, not awaited
+    (_TE + b"5\r\nhello\r\n0\r\n\n", None),                  # bare LF after the last chunk
     (b"HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n", None),
 ], ids=["zeros", "ext-trailer", "103-length-ignored", "bws-size", "bad-trailer",
         "length-trailer", "coding-trailer", "chunked-trailer", "150-with-body", "bare-lf",
-        "status-below-100"])
+        "bare-lf-trailers", "status-below-100"])
 def test_codec_strictness_matches_the_references(stream: bytes, body: bytes | None) -> None:
     conn = ClientConnection()
     conn.send_request(b"GET", b"/", [(b"Host", b"u")])

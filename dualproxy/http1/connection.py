@@ -414,8 +414,8 @@ class ClientConnection:
             if self._chunk == "size":
                 end = buf.find(b"\r\n")
                 if end < 0:
-                    if len(buf) > 4096:
-                        raise RemoteProtocolError("chunk size line too long")
+                    if len(buf) > 4096 or _BARE_EOL.search(buf):
+                        raise RemoteProtocolError("chunk size line too long or not ended by CRLF")
                     break
                 line = bytes(buf[:end])
                 del buf[:end + 2]
@@ -428,8 +428,8 @@ class ClientConnection:
             if self._chunk == "trailers":
                 end = buf.find(b"\r\n")
                 if end < 0:
-                    if len(buf) > MAX_HEAD:
-                        raise RemoteProtocolError("trailers too large")
+                    if len(buf) > MAX_HEAD or _BARE_EOL.search(buf):
+                        raise RemoteProtocolError("trailers too large or not ended by CRLF")
                     break
                 if end:
                     _check_trailer(bytes(buf[:end]))

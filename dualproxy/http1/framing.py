@@ -48,7 +48,7 @@ def list_items(value: bytes) -> list[bytes]:
 def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
     """Read the framing headers (names in any case). Raises FramingError."""
     codings: list[bytes] | None = None
-    length: int | None = None
+    length: bytes | None = None
     tokens: list[bytes] = []
     for name, value in headers:
         size = len(name)
@@ -67,9 +67,9 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
                 item = item.strip(b" \t")
                 if not item.isdigit() or len(item) > _MAX_DIGITS:
                     raise FramingError("invalid Content-Length")
-                if length is not None and int(item) != length:
+                if length is not None and item != length:  # `05` and `5` differ too (h11)
                     raise FramingError("conflicting Content-Length values")
-                length = int(item)
+                length = item
         elif lname == b"connection":
             tokens += list_items(value)
     if codings is not None:
@@ -77,7 +77,8 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
             raise FramingError("both Transfer-Encoding and Content-Length")
         if codings != [b"chunked"]:
             raise FramingError("unsupported transfer coding")
-    return Framing(codings is not None, length, frozenset(tokens))
+    return Framing(codings is not None, None if length is None else int(length),
+                   frozenset(tokens))
 
 
 def request_body(framing: Framing) -> tuple[str, int]:
