@@ -200,7 +200,7 @@ def check(exchange: Exchange) -> list[str]:
 # --------------------------------------------------------------------------------- tests
 
 FUZZ_SETTINGS = settings(
-    max_examples=LONG_RUN or 600,
+    max_examples=LONG_RUN or 1500,
     derandomize=not LONG_RUN,
     database=None,
     deadline=None,
