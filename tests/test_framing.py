@@ -336,3 +336,11 @@ def test_codec_strictness_matches_the_references(stream: bytes, body: bytes | No
         return
     assert body is not None, f"read a message both h11 and llhttp refuse: {events}"
     assert b"".join(e.data for e in events if isinstance(e, Data)) == body
+
+
+def test_a_connection_trailer_forbids_reuse() -> None:
+    conn = ClientConnection()
+    conn.send_request(b"GET", b"/", [(b"Host", b"u")])
+    conn.receive_data(_TE + b"5\r\nhello\r\n0\r\nConnection: close, keep-alive\r\n\r\n")
+    head, body = read_all(conn)
+    assert body == HELLO and not conn.reusable  # llhttp closes after it

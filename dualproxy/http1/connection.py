@@ -48,8 +48,9 @@ _CHUNK_SIZE = re.compile(rb"0*([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?\Z")
 # One trailer line (the CRLF taken off): a header field line, nothing else.
 _TRAILER = re.compile(_TOKEN_CHARS + rb":[^\x00-\x08\x0a-\x1f\x7f]*\Z")
 # Framing fields are never trailers (RFC 9110 6.5.1): llhttp refuses a
-# Content-Length there, h11 any Transfer-Encoding but a plain `chunked`.
-_FRAMING_TRAILER = re.compile(rb"(?i)(content-length|transfer-encoding):(.*)")
+# Content-Length there, h11 any Transfer-Encoding but a plain `chunked`;
+# llhttp closes after a Connection trailer.
+_FRAMING_TRAILER = re.compile(rb"(?i)(content-length|transfer-encoding|connection):(.*)")
 # A bare LF or CR: refused at once rather than waited on (no CRLF CRLF would come).
 _BARE_EOL = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")
 
@@ -120,13 +121,20 @@ _END = EndOfMessage()
 Event = Response | Data | EndOfMessage | _NeedData
 
 
-def _check_trailer(line: bytes) -> None:
+def _trailer_keeps_alive(line: bytes) -> bool:
+    """Check one trailer line; False when it is a `Connection` field (as llhttp,
+    which then closes: never reuse after one)."""
     if not _TRAILER.match(line):
         raise RemoteProtocolError("malformed trailer line")
-    framing = _FRAMING_TRAILER.match(line)
-    if framing is not None and (framing.group(1).lower() == b"content-length"
-                                or framing.group(2).strip(b" \t").lower() != b"chunked"):
+    field = _FRAMING_TRAILER.match(line)
+    if field is None:
+        return True
+    name = field.group(1).lower()
+    if name == b"connection":
+        return False
+    if name == b"content-length" or field.group(2).strip(b" \t").lower() != b"chunked":
         raise RemoteProtocolError("a framing field among the trailers")
+    return True
 
 
 class ClientConnection:
@@ -431,8 +439,8 @@ class ClientConnection:
                     if len(buf) > MAX_HEAD or _BARE_EOL.search(buf):
                         raise RemoteProtocolError("trailers too large or not ended by CRLF")
                     break
-                if end:
-                    _check_trailer(bytes(buf[:end]))
+                if end and not _trailer_keeps_alive(bytes(buf[:end])):
+                    self._keep = False
                 del buf[:end + 2]
                 if end == 0:
                     # the last piece is handed out with the state already DONE,
