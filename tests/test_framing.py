@@ -338,9 +338,12 @@ def test_codec_strictness_matches_the_references(stream: bytes, body: bytes | No
     assert b"".join(e.data for e in events if isinstance(e, Data)) == body
 
 
-def test_a_connection_trailer_forbids_reuse() -> None:
+@pytest.mark.parametrize(("trailer", "reusable"), [
+    (b"X-Checksum: 1", True), (b"Connection: close, keep-alive", False),
+    (b"Transfer-Encoding: chunked\t", False)])
+def test_framing_trailers_forbid_reuse(trailer: bytes, reusable: bool) -> None:
     conn = ClientConnection()
     conn.send_request(b"GET", b"/", [(b"Host", b"u")])
-    conn.receive_data(_TE + b"5\r\nhello\r\n0\r\nConnection: close, keep-alive\r\n\r\n")
+    conn.receive_data(_TE + b"5\r\nhello\r\n0\r\n" + trailer + b"\r\n\r\n")
     head, body = read_all(conn)
-    assert body == HELLO and not conn.reusable  # llhttp closes after it
+    assert body == HELLO and conn.reusable is reusable  # llhttp may close after them

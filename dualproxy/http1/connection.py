@@ -49,7 +49,7 @@ _CHUNK_SIZE = re.compile(rb"0*([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?\Z")
 _TRAILER = re.compile(_TOKEN_CHARS + rb":[^\x00-\x08\x0a-\x1f\x7f]*\Z")
 # Framing fields are never trailers (RFC 9110 6.5.1): llhttp refuses a
 # Content-Length there, h11 any Transfer-Encoding but a plain `chunked`;
-# llhttp closes after a Connection trailer.
+# llhttp may close after a Connection or Transfer-Encoding trailer.
 _FRAMING_TRAILER = re.compile(rb"(?i)(content-length|transfer-encoding|connection):(.*)")
 # A bare LF or CR: refused at once rather than waited on (no CRLF CRLF would come).
 _BARE_EOL = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")
@@ -122,19 +122,18 @@ Event = Response | Data | EndOfMessage | _NeedData
 
 
 def _trailer_keeps_alive(line: bytes) -> bool:
-    """Check one trailer line; False when it is a `Connection` field (as llhttp,
-    which then closes: never reuse after one)."""
+    """Check one trailer line; False when it is a Connection or Transfer-Encoding
+    field, which makes llhttp close: never reuse after one."""
     if not _TRAILER.match(line):
         raise RemoteProtocolError("malformed trailer line")
     field = _FRAMING_TRAILER.match(line)
     if field is None:
         return True
     name = field.group(1).lower()
-    if name == b"connection":
-        return False
-    if name == b"content-length" or field.group(2).strip(b" \t").lower() != b"chunked":
+    if name == b"content-length" or (name == b"transfer-encoding"
+                                     and field.group(2).strip(b" \t").lower() != b"chunked"):
         raise RemoteProtocolError("a framing field among the trailers")
-    return True
+    return False
 
 
 class ClientConnection:
