@@ -19,7 +19,7 @@ from dualproxy.config import ProxyConfig
 from dualproxy.core import IncomingRequest, plan_request, plan_response
 from dualproxy.errors import BadGateway, BadRequest
 from dualproxy.http1 import NEED_DATA, ClientConnection, Data, EndOfMessage, Response
-from dualproxy.http1.connection import LocalProtocolError, RemoteProtocolError
+from dualproxy.http1.errors import LocalProtocolError, RemoteProtocolError
 from dualproxy.http1.framing import FramingError, parse_framing
 from tests.conftest import ProxyProcess
 from tests.rawhttp import exchange, request_bytes

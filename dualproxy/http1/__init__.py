@@ -10,15 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .connection import (
-    NEED_DATA,
-    ClientConnection,
-    Data,
-    EndOfMessage,
-    LocalProtocolError,
-    RemoteProtocolError,
-    Response,
-)
+from .connection import NEED_DATA, ClientConnection, Data, EndOfMessage, Response
+from .errors import LocalProtocolError, RemoteProtocolError
 from .framing import FramingError, parse_framing
 
 if TYPE_CHECKING:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import re
 from collections import deque
 
-import httpx
-
+from .chunked import BAD_BYTE, BARE_EOL, MAX_HEAD, MAX_PIECE, TOKEN_CHARS, ChunkedDecoder
+from .errors import LocalProtocolError, RemoteProtocolError
 from .framing import (
     CHUNKED,
     CLOSE,
@@ -32,39 +32,16 @@ from .framing import (
     response_body,
 )
 
-MAX_HEAD = 65536
-MAX_PIECE = 262144  # the most buffered body bytes one Data event carries
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) (\d{3})(?: ([^\r\n]*))?\Z")
-_TOKEN_CHARS = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 # One header line: `token ":" OWS value OWS CR`, anchored after the previous
 # LF; findall takes every line at once. A line it cannot take (obs-fold, a bare
 # CR or LF, no colon, a bad name) leaves the count short: a protocol error.
-_FIELD = re.compile(rb"\n(" + _TOKEN_CHARS + rb"):[ \t]*((?:[^\r\n]*[^ \t\r\n])?)[ \t]*\r(?=\n)")
-_BAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # CR/LF: policed by _FIELD
-# chunk-size [";" extensions]: leading zeros do not count, no whitespace before
-# the ";" (RFC 9112 7.1.1 allows BWS there, but h11 and llhttp both refuse it).
-_CHUNK_SIZE = re.compile(rb"0*([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?\Z")
-# One trailer line (the CRLF taken off): a header field line, nothing else.
-_TRAILER = re.compile(_TOKEN_CHARS + rb":[^\x00-\x08\x0a-\x1f\x7f]*\Z")
-# Framing fields are never trailers (RFC 9110 6.5.1): llhttp refuses a
-# Content-Length there, h11 any Transfer-Encoding but a plain `chunked`;
-# llhttp may close after a Connection or Transfer-Encoding trailer.
-_FRAMING_TRAILER = re.compile(rb"(?i)(content-length|transfer-encoding|connection):(.*)")
-# A bare LF or CR: refused at once rather than waited on (no CRLF CRLF would come).
-_BARE_EOL = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")
+_FIELD = re.compile(rb"\n(" + TOKEN_CHARS + rb"):[ \t]*((?:[^\r\n]*[^ \t\r\n])?)[ \t]*\r(?=\n)")
 
 _KNOWN_INTERIM = frozenset({100, 102, 103})
 # states of the response side
 _HEAD, _BODY, _DONE, _ERROR = 0, 1, 2, 3
-
-
-class RemoteProtocolError(httpx.RemoteProtocolError):
-    """The upstream sent something that is not HTTP/1.1 as this codec accepts it."""
-
-
-class LocalProtocolError(httpx.LocalProtocolError):
-    """The request cannot be sent as given (its body does not match its framing)."""
 
 
 class Response:
@@ -121,21 +98,6 @@ _END = EndOfMessage()
 Event = Response | Data | EndOfMessage | _NeedData
 
 
-def _trailer_keeps_alive(line: bytes) -> bool:
-    """Check one trailer line; False when it is a Connection or Transfer-Encoding
-    field, which makes llhttp close: never reuse after one."""
-    if not _TRAILER.match(line):
-        raise RemoteProtocolError("malformed trailer line")
-    field = _FRAMING_TRAILER.match(line)
-    if field is None:
-        return True
-    name = field.group(1).lower()
-    if name == b"content-length" or (name == b"transfer-encoding"
-                                     and field.group(2).strip(b" \t").lower() != b"chunked"):
-        raise RemoteProtocolError("a framing field among the trailers")
-    return False
-
-
 class ClientConnection:
     """The client side of one upstream connection, one request at a time."""
 
@@ -160,7 +122,7 @@ class ClientConnection:
         self._state = _HEAD
         self._in = NONE
         self._left = 0
-        self._chunk = "size"
+        self._chunked: ChunkedDecoder | None = None
         self._eom = False        # EndOfMessage still to hand out
         self._written_nothing = False
         self._body_started = False
@@ -309,14 +271,14 @@ class ClientConnection:
         if end < 0:
             if len(buf) > MAX_HEAD:
                 raise RemoteProtocolError("response head too large")
-            if _BARE_EOL.search(buf):
+            if BARE_EOL.search(buf):
                 raise RemoteProtocolError("bare CR or LF in response head")
             if self.eof:
                 raise RemoteProtocolError("upstream closed without a response")
             return NEED_DATA
         block = bytes(buf[:end + 2])  # status line and header lines, each ending in CRLF
         del buf[:end + 4]
-        if _BAD_BYTE.search(block):
+        if BAD_BYTE.search(block):
             raise RemoteProtocolError("control character in response head")
         eol = block.find(b"\r\n")
         match = _STATUS_LINE.match(block, 0, eol)
@@ -346,6 +308,8 @@ class ClientConnection:
         self._in, self._left = response_body(framing, status, self._method)
         if status == 101 or self._in == CLOSE:
             self._keep = False  # 101: the connection now speaks another protocol
+        if self._in == CHUNKED:
+            self._chunked = ChunkedDecoder()
         if self._in == NONE or (self._in == LENGTH and not self._left):
             self._state, self._eom = _DONE, True
         else:
@@ -353,17 +317,23 @@ class ClientConnection:
         return event
 
     def _body_event(self) -> Event:
-        if self._in == CHUNKED:
+        decoder = self._chunked
+        if decoder is not None:
             try:
-                data = self._chunked()
+                data = decoder.decode(self._buf)
             except RemoteProtocolError:
                 self._state = _ERROR
                 raise
+            if decoder.done:
+                # the last piece goes out with the state already DONE, so a
+                # driver can check the connection in before passing it on
+                self._state = _DONE
+                self._keep = self._keep and decoder.keep_alive
+                if not data:
+                    return _END
+                self._eom = True
             if data:
                 return Data(data)
-            if self._state == _DONE:
-                self._eom = False
-                return _END
             if self.eof:
                 raise self._fail("upstream closed inside a chunked body")
             return NEED_DATA
@@ -395,55 +365,3 @@ class ClientConnection:
             if not self._left:
                 self._state, self._eom = _DONE, True
         return Data(data)
-
-    def _chunked(self) -> bytes:
-        buf = self._buf
-        pieces: list[bytes] = []
-        budget = MAX_PIECE
-        while True:
-            if self._chunk == "data":
-                n = min(self._left, len(buf), budget)
-                if n:
-                    pieces.append(bytes(buf[:n]))
-                    del buf[:n]
-                    self._left -= n
-                    budget -= n
-                if self._left:
-                    break
-                self._chunk = "crlf"
-            if self._chunk == "crlf":
-                if len(buf) < 2:
-                    break
-                if buf[:2] != b"\r\n":
-                    raise RemoteProtocolError("missing CRLF after chunk data")
-                del buf[:2]
-                self._chunk = "size"
-            if self._chunk == "size":
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > 4096 or _BARE_EOL.search(buf):
-                        raise RemoteProtocolError("chunk size line too long or not ended by CRLF")
-                    break
-                line = bytes(buf[:end])
-                del buf[:end + 2]
-                match = _CHUNK_SIZE.match(line)
-                if match is None or _BAD_BYTE.search(line):
-                    raise RemoteProtocolError("invalid chunk size line")
-                self._left = int(match.group(1), 16)
-                self._chunk = "data" if self._left else "trailers"
-                continue
-            if self._chunk == "trailers":
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > MAX_HEAD or _BARE_EOL.search(buf):
-                        raise RemoteProtocolError("trailers too large or not ended by CRLF")
-                    break
-                if end and not _trailer_keeps_alive(bytes(buf[:end])):
-                    self._keep = False
-                del buf[:end + 2]
-                if end == 0:
-                    # the last piece is handed out with the state already DONE,
-                    # so a driver can check the connection in before passing it on
-                    self._state, self._eom = _DONE, True
-                    break
-        return b"".join(pieces)
