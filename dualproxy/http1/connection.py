@@ -327,7 +327,7 @@ class ClientConnection:
             if decoder.done:
                 # the last piece goes out with the state already DONE, so a
                 # driver can check the connection in before passing it on
-                self._state = _DONE
+                self._body_done()
                 self._keep = self._keep and decoder.keep_alive
                 if not data:
                     return _END
@@ -363,5 +363,11 @@ class ClientConnection:
         if self._in == LENGTH:
             self._left -= len(data)
             if not self._left:
-                self._state, self._eom = _DONE, True
+                self._body_done()
+                self._eom = True
         return Data(data)
+
+    def _body_done(self) -> None:
+        self._state = _DONE
+        if not self._buf:
+            self._buf = bytearray()  # an emptied bytearray keeps its capacity: drop it
