@@ -40,8 +40,14 @@ class Framing(NamedTuple):
     connection: frozenset[bytes]  # Connection tokens, lower-cased
 
 
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
 def list_items(value: bytes) -> list[bytes]:
     """A list field's items: split on commas, trimmed, lower-cased, empty ones dropped."""
+    if b"," not in value:  # the common case, without the split
+        item = value.strip(b" \t").lower()
+        return [item] if item else []
     return [item for item in (part.strip(b" \t").lower() for part in value.split(b",")) if item]
 
 
@@ -49,21 +55,14 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
     """Read the framing headers (names in any case). Raises FramingError."""
     codings: list[bytes] | None = None
     length: bytes | None = None
-    tokens: list[bytes] = []
+    tokens: list[bytes] | None = None
     for name, value in headers:
         size = len(name)
         if size != 17 and size != 14 and size != 10:  # the hot loop skips the rest
             continue
         lname = name.lower()
-        if lname == b"transfer-encoding":
-            items = [item.strip(b" \t").lower() for item in value.split(b",")]
-            if b"" in items:
-                # RFC 9110 5.6.1 would drop it, but llhttp then reads the body
-                # close-delimited, h11, nginx and Go refuse it: ambiguous.
-                raise FramingError("empty item in Transfer-Encoding")
-            codings = (codings or []) + items
-        elif lname == b"content-length":
-            for item in value.split(b","):
+        if lname == b"content-length":
+            for item in value.split(b",") if b"," in value else (value,):
                 item = item.strip(b" \t")
                 if not item.isdigit() or len(item) > _MAX_DIGITS:
                     raise FramingError("invalid Content-Length")
@@ -71,14 +70,21 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
                     raise FramingError("conflicting Content-Length values")
                 length = item
         elif lname == b"connection":
-            tokens += list_items(value)
+            tokens = list_items(value) if tokens is None else tokens + list_items(value)
+        elif lname == b"transfer-encoding":
+            items = [item.strip(b" \t").lower() for item in value.split(b",")]
+            if b"" in items:
+                # RFC 9110 5.6.1 would drop it, but llhttp then reads the body
+                # close-delimited, h11, nginx and Go refuse it: ambiguous.
+                raise FramingError("empty item in Transfer-Encoding")
+            codings = items if codings is None else codings + items
     if codings is not None:
         if length is not None:
             raise FramingError("both Transfer-Encoding and Content-Length")
         if codings != [b"chunked"]:
             raise FramingError("unsupported transfer coding")
     return Framing(codings is not None, None if length is None else int(length),
-                   frozenset(tokens))
+                   frozenset(tokens) if tokens else _NO_TOKENS)
 
 
 def request_body(framing: Framing) -> tuple[str, int]:
