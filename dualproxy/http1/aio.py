@@ -221,30 +221,23 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         key = origin(request)
         await self._acquire(timeout(request, "pool"))
+        conn: _AsyncConn | None = None
         try:
-            conn, head = await self._send(key, request)
+            conn = await self._connect(key, request, fresh=False)
+            try:
+                head = await self._exchange(conn, request)
+            except RETRY_ON:
+                conn.close()
+                if not conn.codec.may_retry():
+                    raise
+                conn = await self._connect(key, request, fresh=True)
+                head = await self._exchange(conn, request)
         except BaseException:
+            if conn is not None:
+                conn.close()
             self._release()
             raise
         return self._respond(key, conn, head, request, _AsyncBody)
-
-    async def _send(self, key: Key, request: httpx.Request) -> tuple[_AsyncConn, Response]:
-        conn = await self._connect(key, request, fresh=False)
-        try:
-            return conn, await self._exchange(conn, request)
-        except RETRY_ON:
-            conn.close()
-            if not conn.codec.may_retry():
-                raise
-        except BaseException:
-            conn.close()
-            raise
-        conn = await self._connect(key, request, fresh=True)
-        try:
-            return conn, await self._exchange(conn, request)
-        except BaseException:
-            conn.close()
-            raise
 
     async def _exchange(self, conn: _AsyncConn, request: httpx.Request) -> Response:
         codec = conn.codec

@@ -47,7 +47,7 @@ _HEAD, _BODY, _DONE, _ERROR = 0, 1, 2, 3
 class Response:
     """A response head: interim (1xx but 101) ones come first, then the final one."""
 
-    __slots__ = ("status", "reason", "http_version", "headers")
+    __slots__ = ("status", "reason", "http_version", "headers", "interim")
 
     def __init__(self, status: int, reason: bytes, http_version: bytes,
                  headers: list[tuple[bytes, bytes]]) -> None:
@@ -55,11 +55,8 @@ class Response:
         self.reason = reason
         self.http_version = http_version
         self.headers = headers
-
-    @property
-    def interim(self) -> bool:
-        """A 1xx head other than 101: the final head follows on the same request."""
-        return self.status < 200 and self.status != 101
+        # a 1xx head other than 101: the final head follows on the same request
+        self.interim = status < 200 and status != 101
 
     def __repr__(self) -> str:
         return f"Response(status={self.status}, headers={self.headers!r})"
