@@ -40,6 +40,7 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) (\d{3})(?: ([^\r\n]*))?\Z")
 _FIELD = re.compile(rb"\n(" + TOKEN_CHARS + rb"):[ \t]*((?:[^\r\n]*[^ \t\r\n])?)[ \t]*\r(?=\n)")
 
 _KNOWN_INTERIM = frozenset({100, 102, 103})
+_KEEP_CAPACITY = 65536  # a pooled connection's receive buffer may keep this much
 # states of the response side
 _HEAD, _BODY, _DONE, _ERROR = 0, 1, 2, 3
 
@@ -366,5 +367,5 @@ class ClientConnection:
 
     def _body_done(self) -> None:
         self._state = _DONE
-        if not self._buf:
+        if not self._buf and self._buf.__sizeof__() > _KEEP_CAPACITY:
             self._buf = bytearray()  # an emptied bytearray keeps its capacity: drop it

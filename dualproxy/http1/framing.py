@@ -41,6 +41,8 @@ class Framing(NamedTuple):
 
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
+_UNFRAMED = Framing(False, None, _NO_TOKENS)
+_new = tuple.__new__
 
 
 def list_items(value: bytes) -> list[bytes]:
@@ -83,8 +85,11 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
             raise FramingError("both Transfer-Encoding and Content-Length")
         if codings != [b"chunked"]:
             raise FramingError("unsupported transfer coding")
-    return Framing(codings is not None, None if length is None else int(length),
-                   frozenset(tokens) if tokens else _NO_TOKENS)
+    if codings is None and length is None and tokens is None:
+        return _UNFRAMED  # most requests: no body, no Connection header
+    # tuple.__new__: a NamedTuple's own constructor costs a Python call (hot path)
+    return _new(Framing, (codings is not None, None if length is None else int(length),
+                          frozenset(tokens) if tokens else _NO_TOKENS))
 
 
 def request_body(framing: Framing) -> tuple[str, int]:
