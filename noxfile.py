@@ -73,3 +73,17 @@ def soak(session: nox.Session) -> None:
     """
     session.install("-e", ".[all]")
     session.run("python", "bench/soak.py", *session.posargs)
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """A long differential fuzz of the HTTP/1.1 response parser against h11 and
+    llhttp (not in CI; the suite runs a short fixed sample).
+
+    `nox -s fuzz -- 200000` for another example count (the default, 60000, takes
+    about ten minutes on two cores). Prints hypothesis' statistics.
+    """
+    session.install("-e", ".[dev]")
+    examples = session.posargs[0] if session.posargs else "60000"
+    session.run("pytest", "tests/test_http1_fuzz.py", "-q", "-p", "no:cacheprovider",
+                "--hypothesis-show-statistics", env={"DUALPROXY_FUZZ_EXAMPLES": examples})

@@ -1,6 +1,7 @@
 """Side-by-side benchmark: dualproxy and the usual alternatives, one run, one machine.
 
     python bench/run.py [--quick] [--only NAME ...] [--out bench/results]
+                        [--baseline-tree /path/to/other/checkout]
 
 Starts a fast upstream (nginx if installed, else a static ASGI app on uvicorn),
 then each contestant as one proxy process in front of it, one after another:
@@ -13,7 +14,9 @@ messages/s and p99 over 32 sockets, MB/s of 1 MiB messages; `--ws-only`, `--no-w
 Prints a table, every dualproxy figure as a ratio to the seed pattern and to the
 best peer of the same face, PASS/FAIL for the project's targets, and writes JSON
 and a bar chart. Not part of CI: the figures drift on a shared machine; compare
-only within one run.
+only within one run. That is why `--baseline-tree DIR` adds `dp-asgi-before` and
+`dp-wsgi-before`: dualproxy from another checkout (say, main before a change), run
+with that tree on PYTHONPATH in the same run, and a before/after table.
 """
 
 from __future__ import annotations
@@ -75,10 +78,10 @@ def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | N
 
 
 def start(args: list[str], env: dict[str, str] | None = None,
-          log: Path | None = None) -> subprocess.Popen[bytes]:
+          log: Path | None = None, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
     """Start args in a new process group (so stop() reaches every child)."""
     out: Any = log.open("wb") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out,
+    proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, **(env or {})}, stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)
     if log:
         out.close()
@@ -443,9 +446,10 @@ class Contestant:
     dualproxy: bool = False
     workers: int = 1
     direct: bool = False
+    tree: Path | None = None  # run from this checkout (its dualproxy on PYTHONPATH)
 
 
-def contestants(upstream: str) -> list[Contestant]:
+def contestants(upstream: str, baseline: Path | None = None) -> list[Contestant]:
     def dp(*extra: str) -> Callable[[int], list[str]]:
         return lambda port: [PY, "-m", "dualproxy", "serve", "--upstream", upstream, "--bind",
                              f"127.0.0.1:{port}", "--no-access-log", "--log-level", "warning",
@@ -466,6 +470,10 @@ def contestants(upstream: str) -> list[Contestant]:
         Contestant("dp-asgi", "dualproxy asgi (uvicorn)", "asgi", dp(), dualproxy=True),
         Contestant("dp-wsgi", "dualproxy wsgi (gunicorn)", "wsgi", dp("--adapter", "wsgi"),
                    dualproxy=True),
+        *([Contestant("dp-asgi-before", f"dualproxy asgi (uvicorn), {baseline.name}", "asgi",
+                      dp(), tree=baseline),
+           Contestant("dp-wsgi-before", f"dualproxy wsgi (gunicorn), {baseline.name}", "wsgi",
+                      dp("--adapter", "wsgi"), tree=baseline)] if baseline else []),
         Contestant("seed", "seed pattern (FastAPI + httpx)", "asgi",
                    uvicorn("bench.contestants.seed_asgi:app")),
         Contestant("fpl", "fastapi-proxy-lib", "asgi",
@@ -525,8 +533,10 @@ def run_contestant(c: Contestant, upstream: Upstream, work: Path,
     else:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        proc = start(c.args(port), env={"BENCH_UPSTREAM": upstream.url},
-                     log=work / f"{c.key}.log")
+        env = {"BENCH_UPSTREAM": upstream.url}
+        if c.tree is not None:  # that checkout's dualproxy; no bytecode written into it
+            env.update(PYTHONPATH=str(c.tree), PYTHONDONTWRITEBYTECODE="1")
+        proc = start(c.args(port), env=env, log=work / f"{c.key}.log", cwd=c.tree or ROOT)
     try:
         if proc is not None:
             if not wait_http(base + "/small", timeout=60, proc=proc):
@@ -693,6 +703,25 @@ def ratios(by: dict[str, Result], size_label: str) -> tuple[list[str], dict[str,
     return lines, doc
 
 
+def before_after(by: dict[str, Result], size_label: str) -> list[str]:
+    """dualproxy now against the --baseline-tree checkout, same run, same upstream."""
+    lines = ["dualproxy after / before (--baseline-tree; above 1 is better for req/s and MB/s, "
+             "below 1 for latency and RSS):", "",
+             "| figure | asgi before | asgi after | after ÷ before | wsgi before | wsgi after "
+             "| after ÷ before |", "|---|---|---|---|---|---|---|"]
+    for label, attr, _ in FIGURES:
+        row = [label.format(size=size_label)]
+        for face in ("asgi", "wsgi"):
+            before = value(by.get(f"dp-{face}-before"), attr)
+            after = value(by.get(f"dp-{face}"), attr)
+            spec = ",.0f" if attr in ("rps", "down_mbs", "up_mbs", "peak_rss_mb") else ".1f"
+            change = ratio(after, before)
+            row += [fmt(before, spec), fmt(after, spec),
+                    fmt(change, ".2f") + ("×" if change else "")]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def targets(by: dict[str, Result], quick: bool,
             size_label: str = "100 MiB") -> list[tuple[str, str]]:
     """(target, PASS/FAIL/n/a: why)."""
@@ -825,7 +854,8 @@ def main() -> int:
                         help="3 s loads and 16 MiB transfers, no 1 GiB memory check")
     parser.add_argument("--only", nargs="+", action="extend", default=[], metavar="NAME",
                         help="only contestants with this key (direct, dp-asgi, dp-wsgi, seed, "
-                             "fpl, twin, werkzeug, dp-asgi-2w, dp-wsgi-2w) or name part")
+                             "fpl, twin, werkzeug, dp-asgi-2w, dp-wsgi-2w, and with "
+                             "--baseline-tree dp-asgi-before, dp-wsgi-before) or name part")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
                         help="where latest.json and latest.png go")
     parser.add_argument("--seconds", type=int, default=None, help="small-GET load duration")
@@ -837,6 +867,9 @@ def main() -> int:
     parser.add_argument("--ws-only", action="store_true",
                         help="only the WebSocket rows (bench/wsbench.py)")
     parser.add_argument("--no-ws", action="store_true", help="no WebSocket rows")
+    parser.add_argument("--baseline-tree", type=Path, default=None, metavar="DIR",
+                        help="also run dualproxy from this checkout (dp-asgi-before, "
+                             "dp-wsgi-before) and print after/before ratios")
     parser.add_argument("--no-docs", action="store_true",
                         help="do not copy the chart to docs/bench.png after a full run")
     opts = parser.parse_args()
@@ -854,7 +887,10 @@ def main() -> int:
     if opts.ws_only:
         return ws_only(opts)
 
-    every = contestants("UPSTREAM")
+    baseline = opts.baseline_tree.resolve() if opts.baseline_tree else None
+    if baseline is not None and not (baseline / "dualproxy" / "__init__.py").is_file():
+        parser.error(f"--baseline-tree {baseline}: no dualproxy package there")
+    every = contestants("UPSTREAM", baseline)
     keys = {c.key for c in every}  # a key selects itself; other words match name parts
     chosen = [c for c in every
               if not opts.only or any(o == c.key if o in keys else o.lower() in c.name.lower()
@@ -879,7 +915,7 @@ def main() -> int:
         print(f"upstream: {upstream.kind} at {upstream.url}; sink check: {upstream.sink_check}")
         print(f"small GETs: {loadgen_name()} -d{opts.seconds}s; transfers: {transfer_name()}, "
               f"{big // MiB} MiB, median of {opts.repeat}", flush=True)
-        for c in contestants(upstream.url):
+        for c in contestants(upstream.url, baseline):
             if c.key not in {x.key for x in chosen}:
                 continue
             print(f"-- {c.name}", flush=True)
@@ -915,6 +951,8 @@ def main() -> int:
               f"({os.cpu_count()} CPUs)", ""]
     ratio_lines, ratio_doc = ratios(by, big_label)
     checks = targets(by, opts.quick, big_label)
+    if baseline is not None:
+        ratio_lines += ["", *before_after(by, big_label)]
     text = "\n".join([*header, *main_table(results, big_label), "", *ratio_lines, "",
                       *ws_lines, "",
                       *[f"{verdict.split(' ')[0]:<5} {name}  {verdict.partition(' ')[2]}"

@@ -20,6 +20,7 @@ import httpx
 
 from .config import ProxyConfig
 from .errors import BadGateway, BadRequest, BodyTooLarge, IncompleteBody, ProxyError
+from .framing import FramingError, parse_framing
 from .headers import Header, check_request_headers, request_headers, response_headers
 from .target import upstream_target
 
@@ -126,33 +127,16 @@ def plan_request(config: ProxyConfig, incoming: IncomingRequest) -> UpstreamPlan
 
 
 def _request_framing(headers: Iterable[Header]) -> tuple[int | None, bool]:
-    """(content_length, chunked) of the client's request, strictly parsed.
+    """(content_length, chunked) of the client's request, by the one framing rule.
 
-    Both framing headers together, a transfer-coding other than a final
-    `chunked`, or a length that is not plain digits are smuggling material
-    (RFC 9112 6.3): refuse them rather than guess.
+    Both framing headers, a transfer coding other than `chunked` or a bad length
+    is smuggling material (RFC 9112 6.3): refused rather than guessed.
     """
-    lengths: set[bytes] = set()
-    codings: list[bytes] = []
-    for name, value in headers:
-        if name == b"content-length":
-            lengths.update(v.strip() for v in value.split(b","))
-        elif name == b"transfer-encoding":
-            codings.extend(c.strip().lower() for c in value.split(b","))
-    if codings:
-        if lengths:
-            raise BadRequest("both Content-Length and Transfer-Encoding")
-        if codings != [b"chunked"]:
-            raise BadRequest("unsupported Transfer-Encoding")
-        return None, True
-    if not lengths:
-        return None, False
-    if len(lengths) != 1:
-        raise BadRequest("conflicting Content-Length values")
-    (value,) = lengths
-    if not value.isdigit() or len(value) > 18:
-        raise BadRequest("invalid Content-Length")
-    return int(value), False
+    try:
+        framing = parse_framing(headers)
+    except FramingError as exc:
+        raise BadRequest(f"the request's framing is refused: {exc}") from None
+    return framing.length, framing.chunked
 
 
 def plan_response(

@@ -129,7 +129,7 @@ def make_async_client(config: ProxyConfig) -> tuple[httpx.AsyncClient, httpx.Asy
     The face sends through the transport directly: the client's send() adds
     cookie extraction, auth and redirect machinery a proxy never uses.
     """
-    from .transport import AsyncUpstreamTransport
+    from .http1 import AsyncUpstreamTransport
 
     transport = AsyncUpstreamTransport(
         max_connections=config.max_connections,
@@ -139,7 +139,7 @@ def make_async_client(config: ProxyConfig) -> tuple[httpx.AsyncClient, httpx.Asy
 
 def make_sync_client(config: ProxyConfig) -> tuple[httpx.Client, httpx.BaseTransport]:
     """The client SyncProxy creates, and its transport (see make_async_client)."""
-    from .transport import UpstreamTransport
+    from .http1 import UpstreamTransport
 
     transport = UpstreamTransport(
         max_connections=config.max_connections,

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from .config import BAD_FIELD_VALUE, FIELD_NAME, ProxyConfig
 from .errors import BadGateway, BadRequest, HeadersTooLarge
+from .framing import FramingError, list_items, parse_framing
 
 Header = tuple[bytes, bytes]
 
@@ -47,10 +48,7 @@ def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
     names: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
-            for token in value.split(b","):
-                token = token.strip().lower()
-                if token:
-                    names.add(token)
+            names.update(list_items(value))
     return names
 
 
@@ -234,23 +232,16 @@ def response_headers(
     """The header list to send to the client, framing included when it is a length.
 
     Transfer-Encoding is hop-by-hop: the front server re-frames the stream
-    itself. An upstream head with both Content-Length and Transfer-Encoding, or
-    with conflicting lengths, is a smuggling vector (RFC 9112 6.3): 502. Equal
-    lengths (`5, 5` or two lines) become one (RFC 9110 8.6). A transfer coding
-    other than chunked would reach the client still coded, unlabelled: 502.
+    itself. Framing is judged by `framing`, the rule the codec reads the
+    body by: anything it refuses (both headers, conflicting lengths, a coding
+    other than chunked) is a 502. Equal lengths (`5, 5`) become one.
     """
     named = connection_tokens(headers)
-    lengths = {part.strip() for name, value in headers if name == b"content-length"
-               for part in value.split(b",")}
-    codings = [part.strip().lower() for name, value in headers
-               if name == b"transfer-encoding" for part in value.split(b",") if part.strip()]
-    if len(lengths) > 1 or (lengths and codings):
-        raise BadGateway("the upstream sent ambiguous response framing")
-    length = next(iter(lengths), None)
-    if length is not None and (not length.isdigit() or len(length) > 18):
-        raise BadGateway("the upstream sent an invalid Content-Length")
-    if codings and codings != [b"chunked"]:
-        raise BadGateway("the upstream sent a transfer coding the proxy cannot relay")
+    try:
+        framing = parse_framing(headers)
+    except FramingError as exc:
+        raise BadGateway(f"the upstream sent framing the proxy cannot relay: {exc}") from None
+    length = None if framing.length is None else str(framing.length).encode()
     out: list[Header] = []
     remove = config.remove_response_headers
     rewrite = config.rewrite_redirects

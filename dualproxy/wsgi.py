@@ -29,9 +29,9 @@ from .errors import (
 )
 from .face import ProxyFace, make_sync_client
 from .hooks import require_sync_hooks, run_request_hooks, run_response_hooks
+from .http1 import CLIENT_WATCH, ClientWatch
 from .logs import AccessLog, RequestRecord
 from .servers.gunicorn_body import DIRECT_READ, GunicornLengthInput, request_body_input
-from .transport import CLIENT_WATCH, ClientWatch
 from .types import Environ, StartResponse, WSGIApp
 from .websocket.handshake import is_websocket_request, plan_handshake
 from .websocket.tunnel import answer_handshake

@@ -28,7 +28,7 @@ import pytest
 import uvloop
 
 from dualproxy.errors import BodyTooLarge, ClientDisconnected
-from dualproxy.transport import CLIENT_WATCH, AsyncUpstreamTransport, ClientWatch, UpstreamTransport
+from dualproxy.http1 import CLIENT_WATCH, AsyncUpstreamTransport, ClientWatch, UpstreamTransport
 from tests.rawhttp import Reader
 
 KINDS = ("sync", "asyncio", "uvloop")
@@ -593,9 +593,7 @@ FRAMINGS = {
     "http10": (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", b"ok", False),
     "connection-close": (response(b"bye", b"Connection: close"), b"bye", False),
     "close-delimited": (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", b"until the end", False),
-    "both-framing-headers": (b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n"
-                             b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-                             b"hello", False),
+    "chunked-capitalised": (CHUNKED.replace(b"chunked", b" Chunked"), b"hello0123456789", True),
 }
 
 
@@ -609,12 +607,22 @@ def test_response_framing_and_reuse(driver: Driver, serve: Any, name: str) -> No
     assert len(up.peers) == (1 if reused else 3)
 
 
-def test_both_framing_headers_are_passed_through(driver: Driver, serve: Any) -> None:
-    up = serve(answer(FRAMINGS["both-framing-headers"][0]))
-    resp = driver.send(driver.request(up.url))
-    names = [name.lower() for name, _ in resp.headers]
-    assert b"content-length" in names and b"transfer-encoding" in names
-    resp.close()
+@pytest.mark.parametrize("framing", [
+    b"Content-Length: 5\r\nTransfer-Encoding: chunked",
+    b"Transfer-Encoding:\r\nContent-Length: 5",
+    b"Transfer-Encoding: gzip, chunked",
+    b"Transfer-Encoding: chunked, chunked",
+    b"Transfer-Encoding: chunked,",
+], ids=["both", "empty-coding-and-length", "gzip", "chunked-twice", "empty-item"])
+def test_ambiguous_framing_is_a_protocol_error_and_never_reused(
+        driver: Driver, serve: Any, framing: bytes) -> None:
+    raw = b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    up = serve(lambda peer: answer(response(b"next") if peer.index else raw)(peer))
+    with pytest.raises(httpx.RemoteProtocolError):
+        driver.fetch(up.url)
+    assert up.finished(0).eof  # closed, not pooled
+    assert driver.fetch(up.url)[1] == b"next"
+    assert len(up.peers) == 2
 
 
 def test_request_connection_close_is_not_reused(driver: Driver, serve: Any) -> None:
@@ -976,6 +984,23 @@ def test_no_limits(make_driver: Callable[..., Driver], serve: Any) -> None:
         resp.close()
     assert driver.fetch(up.url)[1] == b"body"
     assert len(up.peers) == 3
+
+
+def test_connections_back_after_close_are_closed(driver: Driver, serve: Any) -> None:
+    """close()/aclose() closes the idle connections and every one that comes back later."""
+    up = serve(answer(response(b"idle"), response(b"busy")))
+    idle_up = serve(answer(response(b"idle")))
+    assert driver.fetch(idle_up.url)[1] == b"idle"  # pooled, idle at close time
+    held = driver.send(driver.request(up.url))      # checked out at close time
+    if driver.sync is not None:
+        driver.sync.close()
+    else:
+        assert driver.async_ is not None
+        driver.run(driver.async_.aclose())
+    assert idle_up.finished(0).eof
+    assert held.read() == b"idle"
+    held.close()
+    assert up.finished(0).eof, "a connection checked in after close() was kept open"
 
 
 # ---------------------------------------------------------------------------- retry once

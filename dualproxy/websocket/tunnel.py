@@ -31,9 +31,8 @@ import httpx
 from ..config import ProxyConfig
 from ..core import ResponseHead, UpstreamPlan, plan_response
 from ..errors import ProxyError, map_stream_errors, map_upstream_errors
-from ..h1 import BodyDecoder, Head, build_request_head, parse_head
+from ..http1 import ClientConnection, Data, EndOfMessage, Response, connect_tcp
 from ..logs import AccessLog, RequestRecord
-from ..transport import connect_tcp
 from ..types import Environ, StartResponse
 from .handshake import WebSocketPlan, accept_head, chosen_subprotocol, upgrade_plan
 from .splice import READ_SIZE, relay
@@ -74,11 +73,6 @@ def client_socket(environ: Environ) -> socket.socket | None:
     return None
 
 
-def parse_upstream_head(buf: bytearray) -> Head | None:
-    """The upstream's answer head (the one place the HTTP/1.1 head parser is called)."""
-    return parse_head(buf, b"GET")
-
-
 def answer_handshake(config: ProxyConfig, plan: UpstreamPlan, environ: Environ,
                      start_response: StartResponse, record: RequestRecord,
                      log: AccessLog) -> Iterable[bytes]:
@@ -95,7 +89,7 @@ def answer_handshake(config: ProxyConfig, plan: UpstreamPlan, environ: Environ,
             "or uvicorn")
     ws = upgrade_plan(config, plan, tunnel=True)
     with map_upstream_errors():
-        upstream, head, buf = open_upstream(ws, config.timeout)
+        upstream, conn, head = open_upstream(ws, config.timeout)
     record.upstream_status(head.status)
     headers = [(name.lower(), value) for name, value in head.headers]
     try:
@@ -104,7 +98,7 @@ def answer_handshake(config: ProxyConfig, plan: UpstreamPlan, environ: Environ,
             chosen_subprotocol(ws, headers)
             tunnel = Tunnel(client, upstream, accept, record, log)
             tunnel.limits(config.ws_idle_timeout, config.ws_max_size)
-            tunnel.early(bytes(buf), _server_buffered(environ))
+            tunnel.early(conn.take_trailing(), _server_buffered(environ))
             return tunnel
         answer = plan_response(config, plan, head.status, headers)
     except BaseException:
@@ -112,37 +106,43 @@ def answer_handshake(config: ProxyConfig, plan: UpstreamPlan, environ: Environ,
         raise
     start_response(answer.status_line, _str_headers(answer.headers))
     record.status = answer.status
-    return Refusal(upstream, head, buf, answer.has_body, config.idle_timeout, record, log)
+    return Refusal(upstream, conn, answer.has_body, config.idle_timeout, record, log)
 
 
-def open_upstream(ws: WebSocketPlan, timeout: float) -> tuple[socket.socket, Head, bytearray]:
+def open_upstream(ws: WebSocketPlan, timeout: float
+                  ) -> tuple[socket.socket, ClientConnection, Response]:
     """Connect, send the handshake, read the answer head, all within `timeout`.
 
     Raises httpx errors (map_upstream_errors turns them into 502/504). Returns
-    the socket, the head and whatever the upstream sent after it.
+    the socket, its connection state (holding what the upstream sent after the
+    head) and the final head.
     """
     deadline = time.monotonic() + timeout
     parts = urlsplit(ws.url)
     host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "wss" else 80)
     sock = connect_tcp(host, port, timeout)
+    conn = ClientConnection()
     try:
         if parts.scheme == "wss":
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-        sock.sendall(build_request_head(b"GET", ws.target, ws.headers))
-        buf = bytearray()
-        while (head := parse_upstream_head(buf)) is None:
+        sock.sendall(conn.send_request(b"GET", ws.target, ws.headers))
+        while True:
+            event = conn.next_event()
+            if isinstance(event, Response):
+                if not event.interim:
+                    return sock, conn, event
+                continue
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             data = sock.recv(READ_SIZE)
             if not data:
                 raise httpx.RemoteProtocolError("the upstream closed before answering")
-            buf += data
+            conn.receive_data(data)
     except TimeoutError:
         sock.close()
         raise httpx.ReadTimeout("the upstream did not answer the handshake in time") from None
     except BaseException:
         sock.close()
         raise
-    return sock, head, buf
 
 
 def _str_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
@@ -178,25 +178,24 @@ def _server_buffered(environ: Environ) -> bytes:
 class Refusal:
     """The WSGI body of an upstream's non-101 answer, decoded as framed, then closed."""
 
-    def __init__(self, sock: socket.socket, head: Head, buf: bytearray, has_body: bool,
+    def __init__(self, sock: socket.socket, conn: ClientConnection, has_body: bool,
                  idle: float, record: RequestRecord, log: AccessLog) -> None:
-        self.sock, self.head, self.buf, self.has_body = sock, head, buf, has_body
+        self.sock, self.conn, self.has_body = sock, conn, has_body
         self.idle, self.record, self.log = idle, record, log
 
     def __iter__(self) -> Iterator[bytes]:
-        decoder = BodyDecoder(self.head)
-        eof = False
+        conn = self.conn
         with map_stream_errors():
-            while self.has_body and not decoder.done:
-                piece = decoder.feed(self.buf, eof)
-                if piece:
-                    self.record.bytes_out += len(piece)
-                    yield piece
-                elif not decoder.done:
+            while self.has_body:
+                event = conn.next_event()
+                if isinstance(event, Data):
+                    self.record.bytes_out += len(event.data)
+                    yield event.data
+                elif isinstance(event, EndOfMessage):
+                    break
+                else:
                     self.sock.settimeout(self.idle)
-                    data = self.sock.recv(READ_SIZE)
-                    eof = not data
-                    self.buf += data
+                    conn.receive_data(self.sock.recv(READ_SIZE))
         self.record.responded = True
 
     def close(self) -> None:

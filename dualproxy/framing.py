@@ -1,0 +1,119 @@
+"""How an HTTP/1.1 message body is framed (RFC 9112 section 6): the one rule.
+
+The core (the client's request, the upstream's response head) and the codec
+(the bytes on the upstream connection) both call `parse_framing`, so a message
+is never read one way and relayed another. Pure: no httpx, no I/O.
+
+- `Transfer-Encoding` and `Connection` are lists: items split on commas and
+  whitespace trimmed. Connection drops empty items (RFC 9110 5.6.1). Transfer
+  codings must be exactly `[chunked]`: anything else (gzip, identity, a
+  repeated chunked, an empty field or an empty item as in `chunked,`) is
+  refused. The proxy could not relay a coding unlabelled, and the parsers
+  around it disagree on empty items (llhttp reads `chunked,` as close-delimited,
+  h11, nginx and Go refuse it): such a message is ambiguous.
+- `Content-Length` is one length; a list of equal lengths (`5, 5`, or two equal
+  lines) is that length (RFC 9110 8.6); anything else is refused.
+- Both headers together is a smuggling vector (RFC 9112 6.3): refused.
+
+Refused means `FramingError`: the core answers 400 (request) or 502 (response)
+and the codec raises a protocol error, so such a connection is never reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
+
+NONE, LENGTH, CHUNKED, CLOSE = "none", "length", "chunked", "close"
+_MAX_DIGITS = 18  # a length that fits an int64, as h11 and llhttp bound it
+
+
+class FramingError(ValueError):
+    """The framing headers are ambiguous or unsupported: never guess."""
+
+
+class Framing(NamedTuple):
+    """The framing headers of one message, validated."""
+
+    chunked: bool              # Transfer-Encoding: chunked
+    length: int | None         # Content-Length, or None
+    connection: frozenset[bytes]  # Connection tokens, lower-cased
+
+
+_NO_TOKENS: frozenset[bytes] = frozenset()
+_UNFRAMED = Framing(False, None, _NO_TOKENS)
+_new = tuple.__new__
+
+
+def list_items(value: bytes) -> list[bytes]:
+    """A list field's items: split on commas, trimmed, lower-cased, empty ones dropped."""
+    if b"," not in value:  # the common case, without the split
+        item = value.strip(b" \t").lower()
+        return [item] if item else []
+    return [item for item in (part.strip(b" \t").lower() for part in value.split(b",")) if item]
+
+
+def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
+    """Read the framing headers (names in any case). Raises FramingError."""
+    codings: list[bytes] | None = None
+    length: bytes | None = None
+    tokens: list[bytes] | None = None
+    for name, value in headers:
+        size = len(name)
+        if size != 17 and size != 14 and size != 10:  # the hot loop skips the rest
+            continue
+        lname = name.lower()
+        if lname == b"content-length":
+            for item in value.split(b",") if b"," in value else (value,):
+                item = item.strip(b" \t")
+                if not item.isdigit() or len(item) > _MAX_DIGITS:
+                    raise FramingError("invalid Content-Length")
+                if length is not None and item != length:  # `05` and `5` differ too (h11)
+                    raise FramingError("conflicting Content-Length values")
+                length = item
+        elif lname == b"connection":
+            tokens = list_items(value) if tokens is None else tokens + list_items(value)
+        elif lname == b"transfer-encoding":
+            items = [item.strip(b" \t").lower() for item in value.split(b",")]
+            if b"" in items:
+                # RFC 9110 5.6.1 would drop it, but llhttp then reads the body
+                # close-delimited, h11, nginx and Go refuse it: ambiguous.
+                raise FramingError("empty item in Transfer-Encoding")
+            codings = items if codings is None else codings + items
+    if codings is not None:
+        if length is not None:
+            raise FramingError("both Transfer-Encoding and Content-Length")
+        if codings != [b"chunked"]:
+            raise FramingError("unsupported transfer coding")
+    if codings is None and length is None and tokens is None:
+        return _UNFRAMED  # most requests: no body, no Connection header
+    # tuple.__new__: a NamedTuple's own constructor costs a Python call (hot path)
+    return _new(Framing, (codings is not None, None if length is None else int(length),
+                          frozenset(tokens) if tokens else _NO_TOKENS))
+
+
+def request_body(framing: Framing) -> tuple[str, int]:
+    """(kind, length) of a request body: chunked, a length, or none (RFC 9112 6.3)."""
+    if framing.chunked:
+        return CHUNKED, 0
+    if framing.length is not None:
+        return LENGTH, framing.length
+    return NONE, 0
+
+
+def response_body(framing: Framing, status: int, method: bytes) -> tuple[str, int]:
+    """(kind, length) of a response body; without a length it runs to the close."""
+    if status < 200 or status == 204 or status == 304 or method == b"HEAD":
+        return NONE, 0
+    if framing.chunked:
+        return CHUNKED, 0
+    if framing.length is not None:
+        return LENGTH, framing.length
+    return CLOSE, 0
+
+
+def keeps_alive(framing: Framing, minor_version: int) -> bool:
+    """May the connection carry another message after this one (RFC 9112 9.3)?"""
+    if minor_version >= 1:
+        return b"close" not in framing.connection
+    return b"keep-alive" in framing.connection

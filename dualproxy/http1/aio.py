@@ -1,0 +1,290 @@
+"""The async driver: an asyncio Protocol per upstream connection, a pool, the httpx transport.
+
+It only moves bytes between the event loop and a `ClientConnection` and waits;
+the codec decides (see `pool` for the rules kept). Bytes the event loop
+delivers go straight into the codec, so whole reads of a Content-Length or
+close-delimited body reach the client uncopied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import cast
+
+import httpx
+
+from .connection import NEED_DATA, ClientConnection, Data, Response
+from .pool import RETRY_ON, Key, Pool, PooledBody, origin, request_line, timeout
+
+READ_SIZE = 262144
+HIGH_WATER = 1 << 20  # pause reading the upstream above this many unread bytes
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    # A timeout is an exception on the waiter, never a task cancellation, so a
+    # real cancellation (client gone) stays distinguishable.
+    if not waiter.done():
+        waiter.set_exception(httpx.ReadTimeout("timed out waiting for the upstream"))
+
+
+class _AsyncConn(asyncio.Protocol):
+    """One upstream connection: its codec, fed by the event loop, and one waiter."""
+
+    def __init__(self) -> None:
+        self.codec = ClientConnection()
+        self.transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._paused = False
+
+    # protocol callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; same interface.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        codec = self.codec
+        codec.receive_data(data)
+        if codec.pending > HIGH_WATER and self.transport is not None and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.codec.receive_data(b"")
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.codec.receive_data(b"")
+        self._wake()
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._drain = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # driver side
+    @property
+    def closed(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    async def wait_data(self, request: httpx.Request) -> None:
+        """Wait until more bytes (or EOF) arrive; ReadTimeout after the read timeout."""
+        if self.codec.eof:
+            return
+        if self._paused and self.codec.pending < HIGH_WATER // 4 and self.transport:
+            self._paused = False
+            self.transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        seconds = timeout(request, "read")
+        handle = loop.call_later(seconds, _expire, waiter) if seconds is not None else None
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if handle is not None:
+                handle.cancel()
+
+    async def write(self, data: bytes, request: httpx.Request) -> None:
+        """Write and wait for the kernel to take it; an upstream that left is told to
+        the codec (which stops the upload), not raised: its answer may be in."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.codec.write_failed(nothing_written=True)
+            return
+        transport.write(data)
+        if transport.is_closing():
+            # The write failed (an upstream that answered early and reset us).
+            # The event loop drops the socket without reading what is still in
+            # the kernel's queue: that is the answer, so salvage it first.
+            self._salvage(transport)
+            self.codec.write_failed()
+            return
+        drain = self._drain
+        if drain is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(drain), timeout(request, "write"))
+            except asyncio.TimeoutError:
+                raise httpx.WriteTimeout("upstream stopped reading the request") from None
+
+    def _salvage(self, transport: asyncio.Transport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is None or transport.get_extra_info("sslcontext"):
+            return  # with TLS the kernel's bytes are records, not the answer
+        try:
+            dup = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:
+            return
+        with dup:
+            dup.setblocking(False)
+            while True:
+                try:
+                    data = dup.recv(READ_SIZE)
+                except OSError:
+                    break
+                if not data:
+                    break
+                self.codec.receive_data(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
+    """The async transport dualproxy's AsyncProxy uses by default."""
+
+    def _init_waiting(self) -> None:
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def _acquire(self, seconds: float | None) -> None:
+        if self._used < self._limit and not self._waiters:
+            self._used += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, seconds)
+        except asyncio.TimeoutError:
+            raise httpx.PoolTimeout("no upstream connection became free") from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # the slot was handed to us as we were cancelled
+            raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # hand the slot over
+                return
+        self._used -= 1
+
+    async def _connect(self, key: Key, request: httpx.Request, fresh: bool) -> _AsyncConn:
+        while not fresh and (idle := self._idle.take(key)) is not None:
+            if not idle.closed and idle.codec.reusable:
+                return idle
+            idle.close()
+        scheme, host, port = key
+        loop = asyncio.get_running_loop()
+        context = None
+        if scheme == "https":
+            context = self._ssl = self._ssl or ssl.create_default_context()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(_AsyncConn, host, port, ssl=context,
+                                       server_hostname=host if context else None),
+                timeout(request, "connect"))
+        except asyncio.TimeoutError:
+            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
+        except OSError as exc:
+            raise httpx.ConnectError(f"{host}:{port}: {exc}") from exc
+        return conn
+
+    async def aclose(self) -> None:
+        """Close the idle connections; those in use close when they come back."""
+        for conn in self._idle.drain():
+            conn.close()
+
+    def _checkin(self, key: Key, conn: _AsyncConn) -> None:
+        if conn.closed or not conn.codec.reusable or not self._idle.put(key, conn):
+            conn.close()
+        self._release()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        key = origin(request)
+        await self._acquire(timeout(request, "pool"))
+        conn: _AsyncConn | None = None
+        try:
+            conn = await self._connect(key, request, fresh=False)
+            try:
+                head = await self._exchange(conn, request)
+            except RETRY_ON:
+                conn.close()
+                if not conn.codec.may_retry():
+                    raise
+                conn = await self._connect(key, request, fresh=True)
+                head = await self._exchange(conn, request)
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            self._release()
+            raise
+        return self._respond(key, conn, head, request, _AsyncBody)
+
+    async def _exchange(self, conn: _AsyncConn, request: httpx.Request) -> Response:
+        codec = conn.codec
+        await conn.write(codec.send_request(*request_line(request)), request)
+        if codec.expects_body:
+            stream = request.stream
+            assert isinstance(stream, AsyncIterable)
+            async for piece in stream:
+                data = codec.send_body(piece)
+                if data:
+                    await conn.write(data, request)
+                elif codec.upload_stopped:
+                    break
+            else:
+                data = codec.end_body()
+                if data:
+                    await conn.write(data, request)
+        while True:
+            event = codec.next_event()
+            if event is NEED_DATA:
+                await conn.wait_data(request)
+            elif isinstance(event, Response) and not event.interim:
+                return event
+
+
+class _AsyncBody(PooledBody[_AsyncConn], httpx.AsyncByteStream):
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        if conn is None:
+            return
+        codec = conn.codec
+        while True:
+            event = codec.next_event()
+            if event.__class__ is Data:
+                if codec.done:
+                    # Back to the pool before the last piece goes out, so the
+                    # client's next request (sent the moment it has this piece)
+                    # finds the connection idle.
+                    self._finish()
+                    yield event.data
+                    return
+                yield event.data
+            elif event is NEED_DATA:
+                await conn.wait_data(self._request)
+            else:
+                self._finish()
+                return
+
+    async def aclose(self) -> None:
+        self._abandon()

@@ -1,0 +1,174 @@
+"""What both drivers share that is not the protocol: request options, the idle pool.
+
+The rules every driver keeps (the suite checks them on the wire):
+
+- the request line carries `extensions["target"]` as-is and the headers are
+  sent exactly as given (the core already wrote Host and framing);
+- timeouts come from `extensions["timeout"]`, read again before every wait, so
+  the core can switch from the head timeout to the idle timeout mid-response;
+- an exception from the request body iterator propagates unchanged and the
+  connection is closed with the body unfinished;
+- an upstream that answers before reading the whole upload gets its answer
+  relayed (sending stops);
+- a connection is reused only when the codec says `reusable` (a cleanly framed,
+  fully read response with no stray bytes, no `Connection: close` either side,
+  no 101, no cut upload, no ambiguous framing); otherwise it is closed; a
+  request body that over- or under-runs its Content-Length is a
+  LocalProtocolError, never a completed upload;
+- a failed request is sent again, once and on a fresh connection, only when the
+  codec's `may_retry` allows it;
+- once the transport is closed, connections that come back are closed too.
+"""
+
+from __future__ import annotations
+
+import ssl
+import sys
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Generic, Protocol, TypeVar
+
+import httpx
+
+from .connection import ClientConnection, Response
+
+Key = tuple[str, str, int]
+
+
+class Conn(Protocol):
+    """What the shared parts need of a driver's connection."""
+
+    codec: ClientConnection
+
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Conn)
+# Failures after which `may_retry` is asked (timeouts are never retried).
+RETRY_ON = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+def timeout(request: httpx.Request, kind: str) -> float | None:
+    timeouts = request.extensions.get("timeout")
+    if isinstance(timeouts, dict):
+        value = timeouts.get(kind)
+        return None if value is None else float(value)
+    return None
+
+
+def limit(value: int | None) -> int:
+    return sys.maxsize if value is None else value  # None: no limit (httpx.Limits)
+
+
+def origin(request: httpx.Request) -> Key:
+    url = request.url
+    scheme = url.scheme
+    port = url.port or (443 if scheme == "https" else 80)
+    return scheme, url.host, port
+
+
+def request_line(request: httpx.Request) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
+    """(method, target, headers) as `ClientConnection.send_request` takes them."""
+    target = request.extensions.get("target")
+    if not isinstance(target, bytes):
+        target = request.url.raw_path
+    return request.method.encode(), target, request.headers.raw
+
+
+def to_httpx(head: Response, stream: Any, request: httpx.Request) -> httpx.Response:
+    return httpx.Response(
+        head.status, headers=head.headers, stream=stream, request=request,
+        extensions={"http_version": head.http_version, "reason_phrase": head.reason},
+    )
+
+
+class Empty(httpx.AsyncByteStream, httpx.SyncByteStream):
+    """The body of a bodiless response (its connection is already back in the pool)."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(())
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        empty: tuple[bytes, ...] = ()
+        for piece in empty:
+            yield piece
+
+
+class IdlePool(Generic[C]):
+    """Idle connections per origin, newest last; closed for good by `drain`.
+
+    Not locked: the sync driver holds its lock around every call.
+    """
+
+    def __init__(self, max_idle: int | None) -> None:
+        self.max_idle = limit(max_idle)
+        self.closed = False
+        self._idle: dict[Key, list[C]] = {}
+
+    def take(self, key: Key) -> C | None:
+        idle = self._idle.get(key)
+        return idle.pop() if idle else None
+
+    def put(self, key: Key, conn: C) -> bool:
+        """Keep `conn` for reuse; False when it must be closed instead."""
+        if self.closed:
+            return False
+        idle = self._idle.setdefault(key, [])
+        if len(idle) >= self.max_idle:
+            return False
+        idle.append(conn)
+        return True
+
+    def drain(self) -> list[C]:
+        """Every idle connection, to close; from now on `put` keeps nothing."""
+        self.closed = True
+        conns = [conn for idle in self._idle.values() for conn in idle]
+        self._idle.clear()
+        return conns
+
+
+class Pool(Generic[C]):
+    """The limits and idle connections of a transport (each driver adds its waiting)."""
+
+    def __init__(self, *, max_connections: int | None = 100,
+                 max_keepalive_connections: int | None = 100,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self._limit = limit(max_connections)
+        self._used = 0
+        self._idle: IdlePool[C] = IdlePool(max_keepalive_connections)
+        self._ssl = ssl_context
+        self._init_waiting()
+
+    def _init_waiting(self) -> None:
+        """Set up how requests wait for a free slot (a driver's own primitives)."""
+
+    def _checkin(self, key: Key, conn: C) -> None:
+        raise NotImplementedError
+
+    def _respond(self, key: Key, conn: C, head: Response, request: httpx.Request,
+                 body: type[PooledBody[C]]) -> httpx.Response:
+        """The httpx response for a final head; a bodiless one frees its connection now."""
+        if conn.codec.done:
+            self._checkin(key, conn)
+            return to_httpx(head, Empty(), request)
+        return to_httpx(head, body(self, key, conn, request), request)
+
+
+class PooledBody(Generic[C]):
+    """A response body that gives its connection back when it ends or is closed."""
+
+    def __init__(self, pool: Pool[C], key: Key, conn: C, request: httpx.Request) -> None:
+        self._pool = pool
+        self._key = key
+        self._conn: C | None = conn
+        self._request = request
+
+    def _finish(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool._checkin(self._key, conn)
+
+    def _abandon(self) -> None:
+        conn = self._conn
+        if conn is not None and not conn.codec.done:
+            conn.close()  # abandoned mid-body: never reuse
+        self._finish()
