@@ -236,11 +236,11 @@ def response_headers(
     body by: anything it refuses (both headers, conflicting lengths, a coding
     other than chunked) is a 502. Equal lengths (`5, 5`) become one.
     """
-    named = connection_tokens(headers)
     try:
         framing = parse_framing(headers)
     except FramingError as exc:
         raise BadGateway(f"the upstream sent framing the proxy cannot relay: {exc}") from None
+    named = framing.connection  # the same tokens connection_tokens() finds
     length = None if framing.length is None else str(framing.length).encode()
     out: list[Header] = []
     remove = config.remove_response_headers

@@ -144,6 +144,18 @@ class _SyncConn:
             pass
 
 
+def connect_tcp(host: str, port: int, seconds: float | None) -> socket.socket:
+    """A blocking TCP connection with Nagle off; httpx's ConnectTimeout/ConnectError on failure."""
+    try:
+        sock = socket.create_connection((host, port), timeout=seconds)
+    except TimeoutError:
+        raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
+    except OSError as exc:
+        raise httpx.ConnectError(f"{host}:{port}: {exc}") from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 class ClientWatch:
     """Tells the sync transport, while it waits for the upstream's head, that the client left.
 
