@@ -42,18 +42,6 @@ def _timeval(seconds: float | None) -> bytes:
     return struct.pack("ll", usec // 1000000, usec % 1000000)
 
 
-
-def connect_tcp(host: str, port: int, seconds: float | None) -> socket.socket:
-    """A blocking TCP connection with Nagle off; httpx's ConnectTimeout/ConnectError on failure."""
-    try:
-        sock = socket.create_connection((host, port), timeout=seconds)
-    except TimeoutError:
-        raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
-    except OSError as exc:
-        raise httpx.ConnectError(f"{host}:{port}: {exc}") from exc
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
 class _SyncConn:
     """One upstream socket and its codec.
 
