@@ -56,8 +56,10 @@ def bench(session: nox.Session) -> None:
     """Side-by-side benchmark against the baseline contestants (not in CI).
 
     `nox -s bench -- --quick` for a short run, `-- --only dp-asgi seed` for some
-    contestants. Uses wrk and nginx when installed (`apt-get install wrk nginx-light`),
-    else built-in stand-ins. Writes bench/results/latest.{json,png}; a full run also
+    contestants, `-- --ws-only` / `-- --no-ws` for the WebSocket rows alone or none,
+    `-- --baseline-tree DIR` to run dualproxy from another checkout in the same run
+    (dp-asgi-before, dp-wsgi-before). Uses wrk and nginx when installed
+    (`apt-get install wrk nginx-light`), else built-in stand-ins. Writes bench/results/latest.{json,png}; a full run also
     copies the chart to docs/bench.png for the README. The peers (fastapi-proxy-lib,
     werkzeug via Flask) and matplotlib are bench-only dependencies, never the package's.
     """

@@ -156,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", help="start a built-in upstream and a proxy in front of it",
-        description="Start a small built-in upstream (streamed download, upload sink, SSE "
-                    "clock) and the proxy in front of it, print what to try; Ctrl-C stops both.")
+        description="Start a small built-in upstream (a page at /, a streamed download, an "
+                    "upload sink, an SSE clock, a WebSocket chat) and the proxy in front of it, "
+                    "print what to try; Ctrl-C stops both.")
     demo.add_argument("--bind", default="127.0.0.1:8000", type=_bind, metavar="HOST:PORT",
                       help="address for the proxy (default: 127.0.0.1:8000)")
     demo.add_argument("--adapter", choices=("asgi", "wsgi"), default="asgi",
