@@ -60,8 +60,9 @@ def bench(session: nox.Session) -> None:
     `-- --baseline-tree DIR` to run dualproxy from another checkout in the same run
     (dp-asgi-before, dp-wsgi-before). Uses wrk and nginx when installed
     (`apt-get install wrk nginx-light`), else built-in stand-ins. Writes
-    bench/results/latest.{json,png}; a full run also copies the chart to docs/bench.png for the README. The peers (fastapi-proxy-lib,
-    werkzeug via Flask) and matplotlib are bench-only dependencies, never the package's.
+    bench/results/latest.{json,png}; a full run also copies the chart to
+    docs/bench.png for the README. The peers (fastapi-proxy-lib, werkzeug via
+    Flask) and matplotlib are bench-only dependencies, never the package's.
     """
     session.install("-e", ".[all]", "fastapi-proxy-lib==0.3.0", "matplotlib")
     session.run("python", "bench/run.py", *session.posargs)
