@@ -40,6 +40,10 @@ class Framing(NamedTuple):
     connection: frozenset[bytes]  # Connection tokens, lower-cased
 
 
+# The httpx response extension under which dualproxy's transport hands over the
+# Framing its codec read the head by, so the core does not parse it again.
+FRAMING = "dualproxy.framing"
+
 _NO_TOKENS: frozenset[bytes] = frozenset()
 _UNFRAMED = Framing(False, None, _NO_TOKENS)
 _ONE_TOKEN = {token: frozenset((token,)) for token in (b"keep-alive", b"close", b"upgrade")}
