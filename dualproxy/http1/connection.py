@@ -276,6 +276,8 @@ class ClientConnection:
 
     def _head_event(self) -> Event:
         buf = self._buf
+        if not buf and not self.eof:
+            return NEED_DATA  # asked right after the request went out: nothing to scan yet
         end = buf.find(b"\r\n\r\n")
         if end < 0:
             if len(buf) > MAX_HEAD:
