@@ -117,7 +117,10 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         incoming = incoming_from_scope(scope)
         record = self.begin(incoming)
         try:
-            plan = await arun_request_hooks(self.config.request_hooks, self.plan(incoming))
+            plan = self.plan(incoming)
+            hooks = self.config.request_hooks
+            if hooks:  # no coroutine to create and await when there is no hook
+                plan = await arun_request_hooks(hooks, plan)
         except NotProxied as exc:
             if self.fallback is not None:
                 await self.fallback(scope, receive, send)
@@ -173,9 +176,10 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
             return
         try:
             try:
-                head = await arun_response_hooks(
-                    self.config.response_hooks, plan,
-                    self.response_head(record, plan, request, response))
+                head = self.response_head(record, plan, request, response)
+                hooks = self.config.response_hooks
+                if hooks:
+                    head = await arun_response_hooks(hooks, plan, head)
             except ProxyError as exc:
                 await self._problem(send, exc, record)
                 return

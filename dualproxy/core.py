@@ -20,7 +20,7 @@ import httpx
 
 from .config import ProxyConfig
 from .errors import BadGateway, BadRequest, BodyTooLarge, IncompleteBody, ProxyError
-from .framing import FramingError, parse_framing
+from .framing import Framing, FramingError, parse_framing
 from .headers import Header, check_request_headers, request_headers, response_headers
 from .target import upstream_target
 
@@ -140,15 +140,20 @@ def _request_framing(headers: Iterable[Header]) -> tuple[int | None, bool]:
 
 
 def plan_response(
-    config: ProxyConfig, plan: UpstreamPlan, status: int, headers: list[Header]
+    config: ProxyConfig, plan: UpstreamPlan, status: int, headers: list[Header],
+    framing: Framing | None = None,
 ) -> ResponseHead:
-    """Decide the head sent to the client. Raises BadGateway on ambiguous framing."""
+    """Decide the head sent to the client. Raises BadGateway on ambiguous framing.
+
+    `framing`: `parse_framing(headers)` when the caller has it already (dualproxy's
+    transport read the head by it), else it is parsed here.
+    """
     if status < 200:
         # Interim answers are skipped below the core; one that gets here is a 101:
         # the upstream switched protocols unasked (Upgrade never crosses the
         # proxy), and relaying it would leave the client on a dead connection.
         raise BadGateway(f"the upstream answered {status} to a request that asked no upgrade")
-    out = response_headers(headers, config, mount=plan.mount)
+    out = response_headers(headers, config, mount=plan.mount, framing=framing)
     has_body = plan.method != "HEAD" and status not in _NO_BODY_STATUSES and status >= 200
     if status in _NO_BODY_STATUSES:
         # RFC 9110 8.6 forbids Content-Length on 204 and makes it optional on 304;

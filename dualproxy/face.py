@@ -37,6 +37,7 @@ from .core import (
     response_header_list,
 )
 from .errors import ProxyError
+from .framing import FRAMING, Framing
 from .logs import AccessLog, RequestRecord
 
 ClientT = TypeVar("ClientT", httpx.Client, httpx.AsyncClient)
@@ -113,8 +114,10 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         """The head for the client, before the response hooks (ProxyError: refuse)."""
         record.upstream_status(response.status_code)
         enter_body_phase(request, self.config)
+        framing = response.extensions.get(FRAMING)  # dualproxy's transport read it already
         return plan_response(self.config, plan, response.status_code,
-                             response_header_list(response))
+                             response_header_list(response),
+                             framing if isinstance(framing, Framing) else None)
 
     def refuse(self, record: RequestRecord, exc: ProxyError) -> None:
         self._log.problem(record, exc)

@@ -40,8 +40,13 @@ class Framing(NamedTuple):
     connection: frozenset[bytes]  # Connection tokens, lower-cased
 
 
+# The httpx response extension under which dualproxy's transport hands over the
+# Framing its codec read the head by, so the core does not parse it again.
+FRAMING = "dualproxy.framing"
+
 _NO_TOKENS: frozenset[bytes] = frozenset()
 _UNFRAMED = Framing(False, None, _NO_TOKENS)
+_ONE_TOKEN = {token: frozenset((token,)) for token in (b"keep-alive", b"close", b"upgrade")}
 _new = tuple.__new__
 
 
@@ -64,6 +69,10 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
             continue
         lname = name.lower()
         if lname == b"content-length":
+            if (value.isdigit() and len(value) <= _MAX_DIGITS
+                    and (length is None or value == length)):
+                length = value  # the common case: one plain length, nothing to split
+                continue
             for item in value.split(b",") if b"," in value else (value,):
                 item = item.strip(b" \t")
                 if not item.isdigit() or len(item) > _MAX_DIGITS:
@@ -72,7 +81,11 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
                     raise FramingError("conflicting Content-Length values")
                 length = item
         elif lname == b"connection":
-            tokens = list_items(value) if tokens is None else tokens + list_items(value)
+            if tokens is None and b"," not in value:  # the common case: one token, inline
+                item = value.strip(b" \t").lower()
+                tokens = [item] if item else []
+            else:
+                tokens = list_items(value) if tokens is None else tokens + list_items(value)
         elif lname == b"transfer-encoding":
             items = [item.strip(b" \t").lower() for item in value.split(b",")]
             if b"" in items:
@@ -88,8 +101,13 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
     if codings is None and length is None and tokens is None:
         return _UNFRAMED  # most requests: no body, no Connection header
     # tuple.__new__: a NamedTuple's own constructor costs a Python call (hot path)
-    return _new(Framing, (codings is not None, None if length is None else int(length),
-                          frozenset(tokens) if tokens else _NO_TOKENS))
+    if not tokens:
+        named = _NO_TOKENS
+    elif len(tokens) == 1 and tokens[0] in _ONE_TOKEN:
+        named = _ONE_TOKEN[tokens[0]]  # shared: frozensets are immutable
+    else:
+        named = frozenset(tokens)
+    return _new(Framing, (codings is not None, None if length is None else int(length), named))
 
 
 def request_body(framing: Framing) -> tuple[str, int]:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from .config import BAD_FIELD_VALUE, FIELD_NAME, ProxyConfig
 from .errors import BadGateway, BadRequest, HeadersTooLarge
-from .framing import FramingError, list_items, parse_framing
+from .framing import Framing, FramingError, list_items, parse_framing
 
 Header = tuple[bytes, bytes]
 
@@ -228,6 +228,7 @@ def response_headers(
     config: ProxyConfig,
     *,
     mount: bytes,
+    framing: Framing | None = None,
 ) -> list[Header]:
     """The header list to send to the client, framing included when it is a length.
 
@@ -236,10 +237,12 @@ def response_headers(
     body by: anything it refuses (both headers, conflicting lengths, a coding
     other than chunked) is a 502. Equal lengths (`5, 5`) become one.
     """
-    try:
-        framing = parse_framing(headers)
-    except FramingError as exc:
-        raise BadGateway(f"the upstream sent framing the proxy cannot relay: {exc}") from None
+    if framing is None:  # given: parse_framing(headers) already ran (see plan_response)
+        try:
+            framing = parse_framing(headers)
+        except FramingError as exc:
+            raise BadGateway(
+                f"the upstream sent framing the proxy cannot relay: {exc}") from None
     named = framing.connection  # the same tokens connection_tokens() finds
     length = None if framing.length is None else str(framing.length).encode()
     out: list[Header] = []

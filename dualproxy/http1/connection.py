@@ -23,6 +23,7 @@ from ..framing import (
     CLOSE,
     LENGTH,
     NONE,
+    Framing,
     FramingError,
     keeps_alive,
     parse_framing,
@@ -48,14 +49,15 @@ _HEAD, _BODY, _DONE, _ERROR = 0, 1, 2, 3
 class Response:
     """A response head: interim (1xx but 101) ones come first, then the final one."""
 
-    __slots__ = ("status", "reason", "http_version", "headers", "interim")
+    __slots__ = ("status", "reason", "http_version", "headers", "interim", "framing")
 
     def __init__(self, status: int, reason: bytes, http_version: bytes,
-                 headers: list[tuple[bytes, bytes]]) -> None:
+                 headers: list[tuple[bytes, bytes]], framing: Framing | None = None) -> None:
         self.status = status
         self.reason = reason
         self.http_version = http_version
         self.headers = headers
+        self.framing = framing  # how the codec frames the body (parse_framing of headers)
         # a 1xx head other than 101: the final head follows on the same request
         self.interim = status < 200 and status != 101
 
@@ -274,6 +276,8 @@ class ClientConnection:
 
     def _head_event(self) -> Event:
         buf = self._buf
+        if not buf and not self.eof:
+            return NEED_DATA  # asked right after the request went out: nothing to scan yet
         end = buf.find(b"\r\n\r\n")
         if end < 0:
             if len(buf) > MAX_HEAD:
@@ -302,7 +306,7 @@ class ClientConnection:
             framing = parse_framing(headers)
         except FramingError as exc:
             raise RemoteProtocolError(str(exc)) from None
-        event = Response(status, reason or b"", b"HTTP/1." + minor, headers)
+        event = Response(status, reason or b"", b"HTTP/1." + minor, headers, framing)
         if not keeps_alive(framing, int(minor)):
             self._keep = False  # an interim head that says close counts too
         if event.interim:

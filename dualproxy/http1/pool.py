@@ -29,6 +29,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import httpx
 
+from ..framing import FRAMING
 from .connection import ClientConnection, Response
 
 Key = tuple[str, str, int]
@@ -77,7 +78,8 @@ def request_line(request: httpx.Request) -> tuple[bytes, bytes, list[tuple[bytes
 def to_httpx(head: Response, stream: Any, request: httpx.Request) -> httpx.Response:
     return httpx.Response(
         head.status, headers=head.headers, stream=stream, request=request,
-        extensions={"http_version": head.http_version, "reason_phrase": head.reason},
+        extensions={"http_version": head.http_version, "reason_phrase": head.reason,
+                    FRAMING: head.framing},
     )
 
 
