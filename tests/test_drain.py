@@ -88,6 +88,9 @@ def test_stream_longer_than_grace_is_cut(drain_proxy: ProxyProcess) -> None:
     cut_after = time.monotonic() - signalled
     assert 2.0 < cut_after < 8.0, cut_after
     assert exit_code(drain_proxy) == 0, drain_proxy.log()
+    # The cut stream is never logged as complete (gunicorn's killed worker logs nothing).
+    lines = [line for line in drain_proxy.log().splitlines() if "dualproxy.access: GET /t " in line]
+    assert not [line for line in lines if line.endswith(" ok")], lines
 
 
 def test_new_connection_after_sigterm_is_refused(drain_proxy: ProxyProcess) -> None:
