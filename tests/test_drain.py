@@ -55,6 +55,14 @@ def test_download_in_flight_completes(drain_proxy: ProxyProcess) -> None:
     assert exit_code(drain_proxy) == 0, drain_proxy.log()
 
 
+def test_download_in_flight_completes_with_workers(pairing: str, upstream: Upstream) -> None:
+    proxy = ProxyProcess(pairing, upstream.url, ("--graceful-timeout", "3", "--workers", "2"))
+    try:
+        test_download_in_flight_completes(proxy)
+    finally:
+        proxy.stop()
+
+
 def test_upload_in_flight_completes(drain_proxy: ProxyProcess) -> None:
     block = b"u" * (1 << 20)
 
