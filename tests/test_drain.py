@@ -31,15 +31,16 @@ def drain_proxy(pairing: str, upstream: Upstream) -> Iterator[ProxyProcess]:
     proc.stop()
 
 
-def terminate(proxy: ProxyProcess) -> None:
-    os.kill(proxy.proc.pid, signal.SIGTERM)
+def terminate(proxy: ProxyProcess, signum: int = signal.SIGTERM) -> None:
+    os.kill(proxy.proc.pid, signum)
 
 
 def exit_code(proxy: ProxyProcess, timeout: float = 15) -> int:
     return proxy.proc.wait(timeout=timeout)
 
 
-def test_download_in_flight_completes(drain_proxy: ProxyProcess) -> None:
+def test_download_in_flight_completes(drain_proxy: ProxyProcess,
+                                      signum: int = signal.SIGTERM) -> None:
     digest = hashlib.sha256()
     got = 0
     with drain_proxy.client() as client, client.stream(
@@ -47,7 +48,7 @@ def test_download_in_flight_completes(drain_proxy: ProxyProcess) -> None:
         assert resp.status_code == 200
         for chunk in resp.iter_raw(1 << 20):
             if got == 0:
-                terminate(drain_proxy)
+                terminate(drain_proxy, signum)
             digest.update(chunk)
             got += len(chunk)
             time.sleep(0.005)  # slow enough to be in flight when SIGTERM lands
@@ -61,6 +62,10 @@ def test_download_in_flight_completes_with_workers(pairing: str, upstream: Upstr
         test_download_in_flight_completes(proxy)
     finally:
         proxy.stop()
+
+
+def test_one_sigint_drains_too(drain_proxy: ProxyProcess) -> None:
+    test_download_in_flight_completes(drain_proxy, signal.SIGINT)
 
 
 def test_upload_in_flight_completes(drain_proxy: ProxyProcess) -> None:
