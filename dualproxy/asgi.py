@@ -146,6 +146,7 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
             await self._exchange(plan, receive, send, body_done, record)
         except asyncio.CancelledError:
             if not record.client_gone:
+                record.shutdown = True  # only the server's stop cancels us otherwise
                 raise
             uncancel = getattr(task, "uncancel", None)  # Python 3.11+
             if uncancel is not None:

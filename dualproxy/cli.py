@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pool-timeout", type=_positive, default=5.0, metavar="SECONDS",
                        help="seconds to wait for a free upstream connection, then 503 "
                             "(default: 5)")
+    serve.add_argument("--graceful-timeout", type=_positive, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM (or a first SIGINT) stop accepting and let in-flight "
+                            "requests finish for this long, then cut what is left (default: 30)")
     serve.add_argument("--log-level", default="info",
                        choices=("debug", "info", "warning", "error", "critical"),
                        help="log level for dualproxy and the server (default: info)")
@@ -183,6 +186,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "trusted_proxies": args.trusted_proxy,
         "max_connections": args.max_connections,
         "pool_timeout": args.pool_timeout,
+        "graceful_timeout": args.graceful_timeout,
         "log_level": args.log_level,
         "access_log": not args.no_access_log,
     }
@@ -256,11 +260,13 @@ def serve(args: argparse.Namespace) -> int:
     if options["server"] == "uvicorn":
         serve_uvicorn(lambda: load_app(options), "dualproxy.cli:app_from_env", host=host,
                       port=port, workers=args.workers, log_level=options["log_level"],
-                      ws_max_size=options["ws_max_size"])
+                      ws_max_size=options["ws_max_size"],
+                      graceful_timeout=options["graceful_timeout"])
     else:
         serve_gunicorn(lambda: load_app(options), adapter=options["adapter"], host=host,
                        port=port, workers=args.workers, threads=options["threads"],
-                       log_level=options["log_level"])
+                       log_level=options["log_level"],
+                       graceful_timeout=options["graceful_timeout"])
     return 0
 
 

@@ -22,7 +22,7 @@ class RequestRecord:
     """What one request did: sizes each way, status, timings, how it ended."""
 
     __slots__ = ("method", "target", "started", "upstream_at", "status", "bytes_in",
-                 "bytes_out", "client_gone", "broken", "responded", "problem")
+                 "bytes_out", "client_gone", "broken", "responded", "problem", "shutdown")
 
     def __init__(self, incoming: IncomingRequest) -> None:
         self.method = incoming.method
@@ -36,6 +36,7 @@ class RequestRecord:
         self.broken: str | None = None
         self.responded = False
         self.problem: str | None = None
+        self.shutdown = False  # cut by the server's stop after the graceful timeout
 
     def upstream_status(self, status: int) -> None:
         self.upstream_at = time.perf_counter()
@@ -73,7 +74,8 @@ class AccessLog:
             f"{(record.upstream_at - record.started) * 1000:.1f}"
             if record.upstream_at is not None else "-"
         )
-        outcome = ("client-gone" if record.client_gone
+        outcome = ("shutdown-cut" if record.shutdown
+                   else "client-gone" if record.client_gone
                    else "upstream-broken" if record.broken else "ok")
         access_logger.info(
             "%s %s %d in=%d out=%d upstream_ms=%s total_ms=%.1f %s",

@@ -47,6 +47,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     (["--idle-timeout", "-1"], "--idle-timeout"),
     (["--pool-timeout", "nan"], "--pool-timeout"),
     (["--timeout", "inf"], "--timeout"),
+    (["--graceful-timeout", "0"], "--graceful-timeout"),
+    (["--graceful-timeout", "-1"], "--graceful-timeout"),
+    (["--graceful-timeout", "soon"], "--graceful-timeout"),
     (["--trusted-proxy", "not-a-cidr"], "not-a-cidr"),
     (["--upstream", "ftp://x"], "ftp://x"),
 ])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,8 @@ def gunicorn_settings() -> dict[str, Any]:
 
 
 def serve_gunicorn(load: Callable[[], Any], *, adapter: str, host: str, port: int,
-                   workers: int, threads: int, log_level: str) -> None:
+                   workers: int, threads: int, log_level: str,
+                   graceful_timeout: float) -> None:
     """Run gunicorn; each worker process calls `load()` for its app after the fork."""
     from gunicorn.app.base import BaseApplication
 
@@ -27,7 +29,7 @@ def serve_gunicorn(load: Callable[[], Any], *, adapter: str, host: str, port: in
         "workers": workers,
         "loglevel": log_level,
         "accesslog": None,
-        "graceful_timeout": 5,
+        "graceful_timeout": math.ceil(graceful_timeout),  # gunicorn takes whole seconds
         # gunicorn would trust X-Forwarded-Proto from 127.0.0.1 for wsgi.url_scheme.
         "forwarded_allow_ips": "",
         "secure_scheme_headers": {},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -62,7 +63,7 @@ def tune_uvicorn() -> None:
 
 
 def serve_uvicorn(app: Any, factory: str, *, host: str, port: int, workers: int,
-                  log_level: str, ws_max_size: int) -> None:
+                  log_level: str, ws_max_size: int, graceful_timeout: float) -> None:
     """Run uvicorn: `app()` in this process, or `workers` processes importing `factory`.
 
     `app` is a callable building the ASGI app (called only for one worker);
@@ -77,9 +78,13 @@ def serve_uvicorn(app: Any, factory: str, *, host: str, port: int, workers: int,
         "access_log": False,     # dualproxy writes its own access line
         "log_level": log_level,
         "lifespan": "on",
-        "timeout_graceful_shutdown": 5,
+        "timeout_graceful_shutdown": graceful_timeout,
         **uvicorn_ws_settings(ws_max_size),
     }
+    # uvicorn re-raises a captured SIGTERM/SIGINT once drained, under the handlers it
+    # found: with these no-ops a drained stop exits 0 instead of dying by the signal.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     if workers > 1:
         uvicorn.run(factory, factory=True, workers=workers, **common)
     else:

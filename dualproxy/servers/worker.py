@@ -32,4 +32,6 @@ class UvicornWorker(_StockWorker):  # type: ignore[misc]
         options = json.loads(os.environ.get(ENV_OPTIONS, "{}"))
         max_size = options.get("ws_max_size", DEFAULT_WS_MAX_SIZE)
         self.CONFIG_KWARGS = {**type(self).CONFIG_KWARGS, **uvicorn_ws_settings(max_size)}
+        if "graceful_timeout" in options:  # uvicorn's own drain, inside gunicorn's
+            self.CONFIG_KWARGS["timeout_graceful_shutdown"] = options["graceful_timeout"]
         super().__init__(*args, **kwargs)

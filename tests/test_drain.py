@@ -1,0 +1,136 @@
+"""Graceful drain: SIGTERM stops accepting, lets in-flight transfers finish within
+`--graceful-timeout`, cuts what is left, and the process exits 0.
+
+Each test starts its own `dualproxy serve` (it is killed here), on every pairing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import ProxyProcess
+from tests.upstream import Upstream, pattern_sha256
+
+DOWNLOAD = 200 << 20
+UPLOAD = 64 << 20
+
+
+@pytest.fixture
+def drain_proxy(pairing: str, upstream: Upstream) -> Iterator[ProxyProcess]:
+    proc = ProxyProcess(pairing, upstream.url, ("--graceful-timeout", "3"))
+    yield proc
+    proc.stop()
+
+
+def terminate(proxy: ProxyProcess, signum: int = signal.SIGTERM) -> None:
+    os.kill(proxy.proc.pid, signum)
+
+
+def exit_code(proxy: ProxyProcess, timeout: float = 15) -> int:
+    return proxy.proc.wait(timeout=timeout)
+
+
+def test_download_in_flight_completes(drain_proxy: ProxyProcess,
+                                      signum: int = signal.SIGTERM) -> None:
+    digest = hashlib.sha256()
+    got = 0
+    with drain_proxy.client() as client, client.stream(
+            "GET", "/d", headers={"x-upstream": f"download size={DOWNLOAD}"}) as resp:
+        assert resp.status_code == 200
+        for chunk in resp.iter_raw(1 << 20):
+            if got == 0:
+                terminate(drain_proxy, signum)
+            digest.update(chunk)
+            got += len(chunk)
+            time.sleep(0.005)  # slow enough to be in flight when SIGTERM lands
+    assert (got, digest.hexdigest()) == (DOWNLOAD, pattern_sha256(DOWNLOAD))
+    assert exit_code(drain_proxy) == 0, drain_proxy.log()
+
+
+def test_download_in_flight_completes_with_workers(pairing: str, upstream: Upstream) -> None:
+    proxy = ProxyProcess(pairing, upstream.url, ("--graceful-timeout", "3", "--workers", "2"))
+    try:
+        test_download_in_flight_completes(proxy)
+    finally:
+        proxy.stop()
+
+
+def test_one_sigint_drains_too(drain_proxy: ProxyProcess) -> None:
+    test_download_in_flight_completes(drain_proxy, signal.SIGINT)
+
+
+def test_upload_in_flight_completes(drain_proxy: ProxyProcess) -> None:
+    block = b"u" * (1 << 20)
+
+    def body() -> Iterator[bytes]:
+        for i in range(UPLOAD // len(block)):
+            if i == 1:
+                terminate(drain_proxy)
+            time.sleep(0.005)
+            yield block
+
+    with drain_proxy.client() as client:
+        resp = client.post("/u", content=body())
+    assert resp.status_code == 200, resp.text
+    echo = resp.json()
+    expected = hashlib.sha256(block * (UPLOAD // len(block))).hexdigest()
+    assert (echo["body_length"], echo["body_sha256"]) == (UPLOAD, expected)
+    assert exit_code(drain_proxy) == 0, drain_proxy.log()
+
+
+def test_stream_longer_than_grace_is_cut(drain_proxy: ProxyProcess) -> None:
+    started = time.monotonic()
+    with drain_proxy.client() as client, client.stream(
+            "GET", "/t", headers={"x-upstream": "trickle size=200 interval=0.25"}) as resp:
+        assert resp.status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            for _ in resp.iter_raw():
+                if started and time.monotonic() - started > 0.5:
+                    terminate(drain_proxy)
+                    signalled = time.monotonic()
+                    started = 0.0
+    cut_after = time.monotonic() - signalled
+    assert 2.0 < cut_after < 8.0, cut_after
+    assert exit_code(drain_proxy) == 0, drain_proxy.log()
+    # The cut stream is never logged as complete (gunicorn's killed worker logs nothing).
+    lines = [line for line in drain_proxy.log().splitlines() if "dualproxy.access: GET /t " in line]
+    assert not [line for line in lines if line.endswith(" ok")], lines
+
+
+def test_new_connection_after_sigterm_is_refused(drain_proxy: ProxyProcess) -> None:
+    done = threading.Event()
+
+    def hold() -> None:  # an in-flight stream keeps the process draining
+        try:
+            with drain_proxy.client() as client, client.stream(
+                    "GET", "/t", headers={"x-upstream": "trickle size=40 interval=0.25"}
+            ) as resp:
+                for _ in resp.iter_raw():
+                    pass
+        except httpx.HTTPError:
+            pass
+        done.set()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    time.sleep(0.5)
+    terminate(drain_proxy)
+    time.sleep(1.0)
+    assert drain_proxy.alive()
+    with pytest.raises(OSError):
+        with socket.create_connection(("127.0.0.1", drain_proxy.port), timeout=2) as sock:
+            sock.settimeout(2)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            if not sock.recv(16):
+                raise ConnectionResetError("closed without an answer")
+    assert exit_code(drain_proxy) == 0, drain_proxy.log()
+    holder.join(10)
