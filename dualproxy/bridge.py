@@ -36,7 +36,8 @@ class WSGIBridge:
         if websocket is None and isinstance(app, SyncProxy):
             from .asgi import AsyncProxy
 
-            websocket = AsyncProxy(config=app.config, access_log=app._log.enabled)
+            websocket = AsyncProxy(config=app.config, access_log=app._log.enabled,
+                                   access_log_format=app._log.format)
         self.websocket = websocket
 
     def _wsgi(self, environ: Environ, start_response: StartResponse) -> Any:

@@ -56,6 +56,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         client: ClientT | None = None,
         fallback: AppT | None = None,
         access_log: bool = True,
+        access_log_format: str = "text",
         **options: Any,
     ) -> None:
         name = type(self).__name__
@@ -73,7 +74,8 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         self._lock = threading.Lock()
         if client is not None:
             disable_cookies(client)
-        self._log = AccessLog(enabled=access_log)
+        self._log = AccessLog(enabled=access_log, format=access_log_format,
+                              upstream=config.upstream, route=config.mount or "/")
 
     def _new_client(self) -> tuple[ClientT, TransportT]:
         raise NotImplementedError

@@ -3,16 +3,20 @@
 Logger `dualproxy.access` gets the line at INFO; expected failures (a refused
 upstream, a vanished client) are logged once on `dualproxy` with their cause,
 never as tracebacks. Both faces feed the same `RequestRecord`, so the lines
-read the same whatever the face.
+read the same whatever the face. The `json` format makes the message one JSON
+object (`dualproxy serve` then writes it alone on its line).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 from .core import IncomingRequest
-from .errors import ProxyError
+from .errors import NotProxied, ProxyError
+
+FORMATS = ("text", "json")
 
 access_logger = logging.getLogger("dualproxy.access")
 error_logger = logging.getLogger("dualproxy")
@@ -22,7 +26,8 @@ class RequestRecord:
     """What one request did: sizes each way, status, timings, how it ended."""
 
     __slots__ = ("method", "target", "started", "upstream_at", "status", "bytes_in",
-                 "bytes_out", "client_gone", "broken", "responded", "problem", "shutdown")
+                 "bytes_out", "client_gone", "broken", "responded", "problem", "shutdown",
+                 "routed")
 
     def __init__(self, incoming: IncomingRequest) -> None:
         self.method = incoming.method
@@ -37,6 +42,7 @@ class RequestRecord:
         self.responded = False
         self.problem: str | None = None
         self.shutdown = False  # cut by the server's stop after the graceful timeout
+        self.routed = True  # False: outside the mount, no upstream was chosen
 
     def upstream_status(self, status: int) -> None:
         self.upstream_at = time.perf_counter()
@@ -44,10 +50,19 @@ class RequestRecord:
 
 
 class AccessLog:
-    """Creates records and writes their lines; `enabled=False` keeps only error lines."""
+    """Creates records and writes their lines; `enabled=False` keeps only error lines.
 
-    def __init__(self, *, enabled: bool = True) -> None:
+    `upstream` and `route` (the mount) name where a routed request went, for json.
+    """
+
+    def __init__(self, *, enabled: bool = True, format: str = "text",
+                 upstream: str = "", route: str = "/") -> None:
+        if format not in FORMATS:
+            raise ValueError(f"access log format must be one of {FORMATS}, got {format!r}")
         self.enabled = enabled
+        self.format = format
+        self.upstream = upstream
+        self.route = route
 
     def start(self, incoming: IncomingRequest) -> RequestRecord:
         return RequestRecord(incoming)
@@ -55,6 +70,7 @@ class AccessLog:
     def problem(self, record: RequestRecord, exc: ProxyError) -> None:
         record.status = exc.status
         record.problem = exc.detail
+        record.routed = not isinstance(exc, NotProxied)
         if exc.status >= 500:
             cause = exc.__cause__
             suffix = f" ({type(cause).__name__})" if cause is not None else ""
@@ -69,17 +85,27 @@ class AccessLog:
                                  record.broken)
         if not self.enabled or not access_logger.isEnabledFor(logging.INFO):
             return
-        now = time.perf_counter()
-        upstream_ms = (
-            f"{(record.upstream_at - record.started) * 1000:.1f}"
-            if record.upstream_at is not None else "-"
-        )
+        total_ms = (time.perf_counter() - record.started) * 1000
+        up = record.upstream_at
+        upstream_ms = None if up is None else round((up - record.started) * 1000, 1)
         outcome = ("shutdown-cut" if record.shutdown
                    else "client-gone" if record.client_gone
                    else "upstream-broken" if record.broken else "ok")
-        access_logger.info(
-            "%s %s %d in=%d out=%d upstream_ms=%s total_ms=%.1f %s",
-            record.method, record.target.decode("latin-1"), record.status,
-            record.bytes_in, record.bytes_out, upstream_ms,
-            (now - record.started) * 1000, outcome,
-        )
+        target = record.target.decode("latin-1")
+        if self.format == "json":
+            now = time.time()
+            message = json.dumps({
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+                        + f".{int(now % 1 * 1000):03d}Z",
+                "method": record.method, "target": target, "status": record.status,
+                "bytes_in": record.bytes_in, "bytes_out": record.bytes_out,
+                "upstream_ms": upstream_ms, "total_ms": round(total_ms, 1), "outcome": outcome,
+                "upstream": self.upstream if record.routed else None,
+                "route": self.route if record.routed else None,
+            })
+        else:  # one preformatted string: no %-args for logging to keep and apply
+            message = (f"{record.method} {target} {record.status} in={record.bytes_in} "
+                       f"out={record.bytes_out} upstream_ms="
+                       f"{'-' if upstream_ms is None else upstream_ms} "
+                       f"total_ms={total_ms:.1f} {outcome}")
+        access_logger.info(message)
