@@ -75,7 +75,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         if client is not None:
             disable_cookies(client)
         self._log = AccessLog(enabled=access_log, format=access_log_format,
-                              upstream=config.upstream, route=config.mount or "/")
+                              upstream=str(config.upstreams[0]), route=config.mount or "/")
 
     def _new_client(self) -> tuple[ClientT, TransportT]:
         raise NotImplementedError
