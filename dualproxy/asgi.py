@@ -29,6 +29,7 @@ from .face import ProxyFace, make_async_client
 from .hooks import arun_request_hooks, arun_response_hooks
 from .logs import RequestRecord
 from .types import ASGIApp, Receive, Scope, Send
+from .upstreams import Upstream
 
 # A `websocket` scope's scheme, as the HTTP request its handshake was.
 _HTTP_SCHEME = {"ws": "http", "wss": "https"}
@@ -82,6 +83,15 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         if self._transport is not None:
             return await self._transport.handle_async_request(request)
         return await client.send(request, stream=True)
+
+    def _start_health(self) -> Any:
+        from .health import HealthTask
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # the client was made outside a loop: no task to start
+            return None
+        return HealthTask(self.config, self.balancer, self._send)
 
     async def aclose(self) -> None:
         """Close the client if this proxy created it."""
@@ -165,10 +175,19 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
     ) -> None:
         content = (_request_body(receive, BodyCounter(plan, self.config), body_done, record)
                    if body_done is not None else None)
-        request = self.upstream_request(plan, content)
+        tried: list[Upstream] = []
         try:
             with map_upstream_errors():
-                response = await self._send(request)
+                upstream: Upstream | None = self.choose(record)
+                while True:
+                    request = self.upstream_request(plan, content, upstream)
+                    try:
+                        response = await self._send(request)
+                        break
+                    except Exception as exc:
+                        upstream = self.retry(record, plan, tried, exc)
+                        if upstream is None:
+                            raise
         except ProxyError as exc:
             await self._problem(send, exc, record)
             return

@@ -21,7 +21,13 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import __version__
-from .config import DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_WS_MAX_SIZE, ProxyConfig
+from .config import (
+    BALANCE_POLICIES,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    DEFAULT_WS_MAX_SIZE,
+    ProxyConfig,
+)
 from .logs import FORMATS, access_logger
 from .servers import ENV_OPTIONS
 from .servers.gunicorn import serve_gunicorn
@@ -84,6 +90,12 @@ def _positive_size(value: str) -> int:
     return size
 
 
+def _whole(value: str) -> int:
+    if not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value!r}")
+    return int(value)
+
+
 def _mount(value: str) -> str:
     if not value.startswith("/"):
         raise argparse.ArgumentTypeError(f"must start with '/', got {value!r}")
@@ -102,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="proxy to an upstream",
         description="Serve the proxy: every request under --mount is streamed to --upstream.",
         epilog="example: dualproxy serve --upstream http://127.0.0.1:9000/base --mount /api")
-    serve.add_argument("--upstream", required=True, metavar="URL",
+    serve.add_argument("--upstream", required=True, action="append", metavar="URL",
                        help="upstream base URL, e.g. http://127.0.0.1:9000/base; its path is "
-                            "the base every proxied path is appended to (required)")
+                            "the base every proxied path is appended to (required); repeat it "
+                            "for a balanced pool (one base path for all)")
     serve.add_argument("--mount", default="/", type=_mount, metavar="PREFIX",
                        help="only paths under this prefix are proxied, other paths answer 404 "
                             "(default: everything)")
@@ -161,6 +174,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-log-format", choices=FORMATS, default="text",
                        help="access log lines as text, or json: one JSON object a line "
                             "(default: text)")
+    # --- gateway: pool ---
+    serve.add_argument("--balance", choices=BALANCE_POLICIES, default="least-conn",
+                       help="how a pool of upstreams is balanced: fewest requests in flight "
+                            "(ties in turn), strictly in turn, or the better of two random "
+                            "picks (default: least-conn)")
+    serve.add_argument("--max-fails", type=_whole, default=1, metavar="N",
+                       help="failures (connect, timeout, broken before the head) within "
+                            "--fail-timeout that mark an upstream down for --fail-timeout; "
+                            "0: never (default: 1)")
+    serve.add_argument("--fail-timeout", type=_positive, default=10.0, metavar="SECONDS",
+                       help="the window for --max-fails and how long a failed upstream is "
+                            "skipped (default: 10)")
+    serve.add_argument("--retries", type=_whole, default=2, metavar="N",
+                       help="tries on other upstreams after a failure, only for requests never "
+                            "sent or idempotent and bodiless ones (default: 2)")
+    serve.add_argument("--health-path", type=_mount, default=None, metavar="PATH",
+                       help="actively check each upstream with a GET of its base + PATH; "
+                            "2xx/3xx is up (default: passive checks only)")
+    serve.add_argument("--health-interval", type=_positive, default=5.0, metavar="SECONDS",
+                       help="seconds between two active checks (default: 5)")
 
     demo = sub.add_parser(
         "demo", help="start a built-in upstream and a proxy in front of it",
@@ -195,6 +228,13 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "log_level": args.log_level,
         "access_log": not args.no_access_log,
         "access_log_format": args.access_log_format,
+        # --- gateway: pool ---
+        "balance": args.balance,
+        "max_fails": args.max_fails,
+        "fail_timeout": args.fail_timeout,
+        "retries": args.retries,
+        "health_path": args.health_path,
+        "health_interval": args.health_interval,
     }
 
 
@@ -250,6 +290,13 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         max_connections=options["max_connections"],
         max_keepalive_connections=options["max_connections"],
         pool_timeout=options["pool_timeout"],
+        # --- gateway: pool ---
+        balance=options["balance"],
+        max_fails=options["max_fails"],
+        fail_timeout=options["fail_timeout"],
+        retries=options["retries"],
+        health_path=options["health_path"],
+        health_interval=options["health_interval"],
     )
 
 

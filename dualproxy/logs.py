@@ -15,6 +15,7 @@ import time
 
 from .core import IncomingRequest
 from .errors import NotProxied, ProxyError
+from .upstreams import Upstream
 
 FORMATS = ("text", "json")
 
@@ -27,7 +28,7 @@ class RequestRecord:
 
     __slots__ = ("method", "target", "started", "upstream_at", "status", "bytes_in",
                  "bytes_out", "client_gone", "broken", "responded", "problem", "shutdown",
-                 "routed")
+                 "routed", "upstream")
 
     def __init__(self, incoming: IncomingRequest) -> None:
         self.method = incoming.method
@@ -43,6 +44,7 @@ class RequestRecord:
         self.problem: str | None = None
         self.shutdown = False  # cut by the server's stop after the graceful timeout
         self.routed = True  # False: outside the mount, no upstream was chosen
+        self.upstream: Upstream | None = None  # the one chosen (the last one tried)
 
     def upstream_status(self, status: int) -> None:
         self.upstream_at = time.perf_counter()
@@ -52,7 +54,8 @@ class RequestRecord:
 class AccessLog:
     """Creates records and writes their lines; `enabled=False` keeps only error lines.
 
-    `upstream` and `route` (the mount) name where a routed request went, for json.
+    `route` (the mount) and the chosen upstream (`upstream` until one is chosen)
+    name where a routed request went, for json.
     """
 
     def __init__(self, *, enabled: bool = True, format: str = "text",
@@ -100,7 +103,8 @@ class AccessLog:
                 "method": record.method, "target": target, "status": record.status,
                 "bytes_in": record.bytes_in, "bytes_out": record.bytes_out,
                 "upstream_ms": upstream_ms, "total_ms": round(total_ms, 1), "outcome": outcome,
-                "upstream": self.upstream if record.routed else None,
+                "upstream": (None if not record.routed else self.upstream
+                             if record.upstream is None else str(record.upstream)),
                 "route": self.route if record.routed else None,
             })
         else:  # one preformatted string: no %-args for logging to keep and apply

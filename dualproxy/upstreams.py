@@ -18,6 +18,9 @@ from urllib.parse import urlsplit
 
 # httpx request extension carrying the chosen `Upstream` to dualproxy's transport.
 UPSTREAM = "dualproxy.upstream"
+# Attribute dualproxy's transport sets on the httpx exception of a failed request:
+# True when not one byte of it went upstream (so resending it is always safe).
+NOTHING_SENT = "dualproxy_nothing_sent"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,16 @@ from typing import cast
 import httpx
 
 from .connection import NEED_DATA, ClientConnection, Data, Response
-from .pool import RETRY_ON, Key, Pool, PooledBody, origin, request_line, timeout
+from .pool import (
+    RETRY_ON,
+    Key,
+    Pool,
+    PooledBody,
+    origin,
+    request_line,
+    tell_unsent,
+    timeout,
+)
 
 READ_SIZE = 262144
 HIGH_WATER = 1 << 20  # pause reading the upstream above this many unread bytes
@@ -232,9 +241,10 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
                     raise
                 conn = await self._connect(key, request, fresh=True)
                 head = await self._exchange(conn, request)
-        except BaseException:
+        except BaseException as exc:
             if conn is not None:
                 conn.close()
+            tell_unsent(exc, conn)
             self._release()
             raise
         return self._respond(key, conn, head, request, _AsyncBody)

@@ -16,7 +16,8 @@ The rules every driver keeps (the suite checks them on the wire):
   request body that over- or under-runs its Content-Length is a
   LocalProtocolError, never a completed upload;
 - a failed request is sent again, once and on a fresh connection, only when the
-  codec's `may_retry` allows it;
+  codec's `may_retry` allows it; when it fails for good and not one byte of it
+  went out, its exception says so (`tell_unsent`), for the face's retry elsewhere;
 - once the transport is closed, connections that come back are closed too.
 """
 
@@ -30,6 +31,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import httpx
 
 from ..framing import FRAMING
+from ..upstreams import NOTHING_SENT
 from .connection import ClientConnection, Response
 
 Key = tuple[str, str, int]
@@ -46,6 +48,13 @@ class Conn(Protocol):
 C = TypeVar("C", bound=Conn)
 # Failures after which `may_retry` is asked (timeouts are never retried).
 RETRY_ON = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+def tell_unsent(exc: BaseException, conn: Conn | None) -> None:
+    """Mark a failed request's exception when not one byte of it went out, so the
+    face may send it to another upstream (core.may_retry)."""
+    if conn is not None and conn.codec.nothing_sent:
+        setattr(exc, NOTHING_SENT, True)
 
 
 def timeout(request: httpx.Request, kind: str) -> float | None:

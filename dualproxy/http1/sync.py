@@ -21,7 +21,16 @@ import httpx
 
 from ..errors import ClientDisconnected
 from .connection import NEED_DATA, ClientConnection, Data, EndOfMessage, Response
-from .pool import RETRY_ON, Key, Pool, PooledBody, origin, request_line, timeout
+from .pool import (
+    RETRY_ON,
+    Key,
+    Pool,
+    PooledBody,
+    origin,
+    request_line,
+    tell_unsent,
+    timeout,
+)
 
 READ_SIZE = 262144
 SMALL_READ = 65536          # below malloc's mmap threshold: no mmap/munmap per small read
@@ -259,12 +268,14 @@ class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
             conn = self._connect(key, request, fresh)
             try:
                 return conn, self._exchange(conn, request)
-            except RETRY_ON:
+            except RETRY_ON as exc:
                 conn.close()
                 if fresh or not conn.codec.may_retry():
+                    tell_unsent(exc, conn)
                     raise
-            except BaseException:
+            except BaseException as exc:
                 conn.close()
+                tell_unsent(exc, conn)
                 raise
         raise AssertionError("unreachable")
 

@@ -1,0 +1,375 @@
+"""Several upstreams (DESIGN "Several upstreams, ..."): balancing, health, retries.
+
+Unit tests of the pure balancer and the retry decision (an injected clock, no
+sleeps), then behaviour tests on every pairing: a second recording upstream,
+closed ports for dead upstreams, and a tiny raw-socket upstream that reads
+part of an upload and then resets.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from dualproxy.balancer import Balancer, probe_passed
+from dualproxy.config import ProxyConfig
+from dualproxy.core import IncomingRequest, may_retry, plan_request
+from dualproxy.upstreams import NOTHING_SENT, parse_upstream
+from tests.conftest import MakeProxy, ProxyProcess, free_port
+from tests.upstream import Upstream
+
+A, B, C = (parse_upstream(f"http://10.0.0.{i}:9000") for i in (1, 2, 3))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def balancer(policy: str = "least-conn", ups: tuple[object, ...] = (A, B, C),
+             **kwargs: object) -> tuple[Balancer, Clock]:
+    clock = Clock()
+    return Balancer(ups, policy=policy, clock=clock, **kwargs), clock  # type: ignore[arg-type]
+
+
+def take(bal: Balancer, n: int) -> list[object]:
+    """n sequential requests: each chosen and released at once."""
+    chosen = []
+    for _ in range(n):
+        up = bal.choose()
+        assert up is not None
+        chosen.append(up)
+        bal.release(up)
+    return chosen
+
+
+# -- the pure balancer ----------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["round-robin", "least-conn"])
+def test_sequential_requests_alternate(policy: str) -> None:
+    bal, _ = balancer(policy)
+    assert take(bal, 6) == [A, B, C, A, B, C]
+
+
+def test_least_conn_prefers_the_fewest_in_flight() -> None:
+    bal, _ = balancer()
+    first, second = bal.choose(), bal.choose()
+    assert (first, second) == (A, B)
+    assert bal.choose() == C
+    bal.release(B)
+    assert bal.choose() == B  # the only one with nothing in flight
+    assert [bal.inflight(u) for u in (A, B, C)] == [1, 1, 1]
+
+
+def test_round_robin_ignores_in_flight_counts() -> None:
+    bal, _ = balancer("round-robin")
+    assert [bal.choose() for _ in range(4)] == [A, B, C, A]
+    assert bal.inflight(A) == 2
+
+
+def test_random_takes_the_better_of_two() -> None:
+    bal, _ = balancer("random", ups=(A, B), rng=random.Random(1))
+    busy = bal.choose()
+    assert busy is not None
+    other = B if busy == A else A
+    # Two choices out of two: always the one with nothing in flight.
+    assert take(bal, 5) == [other] * 5
+
+
+def test_choose_skips_the_tried_and_none_when_all_are() -> None:
+    bal, _ = balancer()
+    assert bal.choose(tried=[A]) == B
+    assert bal.choose(tried=[A, B, C]) is None
+
+
+def test_failures_mark_down_for_fail_timeout() -> None:
+    bal, clock = balancer(max_fails=2, fail_timeout=10.0)
+    bal.failed(A)
+    assert bal.available(A)
+    clock.now += 11  # the first failure left the window
+    bal.failed(A)
+    assert bal.available(A)
+    clock.now += 1
+    bal.failed(A)
+    assert not bal.available(A)
+    assert take(bal, 4) == [B, C, B, C]
+    clock.now += 10
+    assert bal.available(A)
+
+
+def test_success_clears_the_failure_count() -> None:
+    bal, _ = balancer(max_fails=2)
+    bal.failed(A)
+    bal.succeeded(A)
+    bal.failed(A)
+    assert bal.available(A)
+
+
+def test_all_down_is_none_and_max_fails_zero_never_marks() -> None:
+    bal, _ = balancer(ups=(A, B))
+    bal.failed(A)
+    bal.failed(B)
+    assert bal.choose() is None
+    never, _ = balancer(max_fails=0)
+    for _ in range(5):
+        never.failed(A)
+    assert never.available(A)
+
+
+def test_a_pool_of_one_is_never_marked_down() -> None:
+    bal, _ = balancer(ups=(A,))
+    bal.failed(A)
+    assert bal.choose() == A
+
+
+def test_probes_mark_down_and_bring_back() -> None:
+    bal, _ = balancer(ups=(A, B))
+    assert bal.probed(A, None) is False
+    assert take(bal, 3) == [B, B, B]
+    bal.failed(B)  # passive mark too: nothing is left
+    assert bal.choose() is None
+    assert bal.probed(B, 204) is True  # a passing probe ends the passive mark
+    assert bal.probed(A, 302) is True
+    assert set(take(bal, 2)) == {A, B}
+    assert [probe_passed(s) for s in (None, 199, 200, 399, 400, 503)] == [
+        False, False, True, True, False, False]
+
+
+# -- the retry decision -----------------------------------------------------------------
+
+def plan(method: str, body: bool) -> object:
+    config = ProxyConfig("http://10.0.0.1:9000")
+    headers = [(b"host", b"x")] + ([(b"content-length", b"3")] if body else [])
+    return plan_request(config, IncomingRequest(method, b"/", headers, "127.0.0.1"))
+
+
+def unsent(exc: Exception) -> Exception:
+    setattr(exc, NOTHING_SENT, True)
+    return exc
+
+
+@pytest.mark.parametrize(("method", "body", "exc", "expected"), [
+    ("POST", True, httpx.ConnectError("refused"), True),        # never sent
+    ("POST", True, httpx.ConnectTimeout("slow"), True),
+    ("POST", True, unsent(httpx.RemoteProtocolError("closed")), True),  # reused, closed
+    ("POST", True, httpx.RemoteProtocolError("closed"), False),  # a body went out
+    ("POST", False, httpx.ReadError("reset"), False),            # not idempotent
+    ("PUT", True, httpx.ReadTimeout("slow"), False),             # idempotent, but a body
+    ("GET", False, httpx.ReadTimeout("slow"), True),
+    ("DELETE", False, httpx.RemoteProtocolError("closed"), True),
+    ("GET", False, httpx.PoolTimeout("busy"), False),            # ours, not the upstream's
+    ("GET", False, httpx.LocalProtocolError("bad body"), False),
+])
+def test_may_retry(method: str, body: bool, exc: Exception, expected: bool) -> None:
+    assert may_retry(plan(method, body), exc) is expected  # type: ignore[arg-type]
+
+
+# -- on every pairing ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def second() -> Iterator[Upstream]:
+    server = Upstream().start()
+    yield server
+    server.stop()
+
+
+def owner(rid: str, *servers: Upstream) -> list[int]:
+    """Which of `servers` saw request `rid`, once per sighting."""
+    return [i for i, server in enumerate(servers) for _ in server.find_all(rid)]
+
+
+def get(proxy: ProxyProcess, rid: str, action: str = "echo", **kwargs: object) -> httpx.Response:
+    with proxy.client() as client:
+        return client.get("/p", headers={"x-req-id": rid, "x-upstream": action},
+                          **kwargs)  # type: ignore[arg-type]
+
+
+def test_round_robin_alternates_with_each_upstreams_host(
+        make_proxy: MakeProxy, upstream: Upstream, second: Upstream) -> None:
+    proxy = make_proxy("--upstream", second.url, "--balance", "round-robin",
+                       "--access-log-format", "json")
+    rids = [f"rr-{i}-{time.monotonic_ns()}" for i in range(6)]
+    for rid in rids:
+        assert get(proxy, rid).status_code == 200
+    owners = [owner(rid, upstream, second) for rid in rids]
+    assert all(len(o) == 1 for o in owners), owners
+    flat = [o[0] for o in owners]
+    assert all(a != b for a, b in zip(flat, flat[1:], strict=False)), flat
+    servers = (upstream, second)
+    for rid, who in zip(rids, flat, strict=True):
+        record = servers[who].find(rid)
+        assert record is not None
+        assert record.header("host") == f"127.0.0.1:{servers[who].port}"
+    # The access record names the upstream that served each request.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [json.loads(line) for line in proxy.log().splitlines()
+                 if line.startswith("{") and '"target": "/p"' in line]
+        if len(lines) >= 6:
+            break
+        time.sleep(0.05)
+    served = {servers[who].url for who in flat}
+    assert {line["upstream"] for line in lines[-6:]} == served
+
+
+def test_least_conn_spreads_concurrent_requests(
+        make_proxy: MakeProxy, upstream: Upstream, second: Upstream) -> None:
+    proxy = make_proxy("--upstream", second.url)
+    rids = [f"lc-{i}-{time.monotonic_ns()}" for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda r: get(proxy, r, "sleep seconds=0.3").status_code,
+                                 rids))
+    assert statuses == [200] * 8
+    owners = [owner(rid, upstream, second) for rid in rids]
+    assert all(len(o) == 1 for o in owners), owners
+    counts = [sum(o == [i] for o in owners) for i in (0, 1)]
+    assert min(counts) >= 2, counts
+
+
+def test_dead_upstream_gets_and_unsent_posts_served_once(
+        make_proxy: MakeProxy, upstream: Upstream) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    # --max-fails 0: the dead one stays in the rotation, so every other request retries.
+    proxy = make_proxy("--upstream", dead, "--balance", "round-robin", "--max-fails", "0",
+                       upstream_url=upstream.url)
+    with proxy.client() as client:
+        for i in range(4):
+            rid = f"dead-get-{i}-{time.monotonic_ns()}"
+            resp = client.get("/x", headers={"x-req-id": rid})
+            assert resp.status_code == 200
+            assert len(upstream.find_all(rid)) == 1
+            rid = f"dead-post-{i}-{time.monotonic_ns()}"
+            resp = client.post("/x", headers={"x-req-id": rid}, content=b"b" * 5000)
+            assert resp.status_code == 200
+            record = upstream.wait_record(rid)
+            assert len(upstream.find_all(rid)) == 1
+            assert record.body_length == 5000
+    log = proxy.log()
+    assert "failed (ConnectError" in log and "retrying on http://127.0.0.1:" in log
+    assert dead not in log.split("retrying on", 1)[1].split("\n", 1)[0]
+    assert "Traceback" not in log
+
+
+class Resetter:
+    """A raw upstream: reads a request head and part of its body, then resets (RST)."""
+
+    def __init__(self, keep: int = 16384) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.keep = keep
+        self.heads: list[bytes] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                try:
+                    while b"\r\n\r\n" not in data or len(data) < self.keep:
+                        piece = conn.recv(65536)
+                        if not piece:
+                            break
+                        data += piece
+                except OSError:
+                    pass
+                self.heads.append(data.split(b"\r\n\r\n", 1)[0])
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+    def saw(self, rid: str) -> bool:
+        return any(rid.encode() in head for head in self.heads)
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def resetter() -> Iterator[Resetter]:
+    server = Resetter()
+    yield server
+    server.stop()
+
+
+def test_a_cut_upload_is_never_resent(make_proxy: MakeProxy, upstream: Upstream,
+                                      resetter: Resetter) -> None:
+    proxy = make_proxy("--upstream", resetter.url, "--balance", "round-robin",
+                       "--max-fails", "0", upstream_url=upstream.url)
+    cut = 0
+    with proxy.client() as client:
+        for i in range(4):
+            rid = f"cut-{i}-{time.monotonic_ns()}"
+            try:
+                resp = client.post("/x", headers={"x-req-id": rid}, content=b"u" * 200_000)
+                status = resp.status_code
+            except httpx.TransportError:  # the proxy may close while we still upload
+                status = 0
+            if resetter.saw(rid):
+                cut += 1
+                assert status in (0, 502)
+                if status:
+                    assert resp.headers["content-type"].startswith("application/problem+json")
+                assert upstream.find_all(rid) == [], "a cut upload was resent"
+            else:
+                assert status == 200 and len(upstream.find_all(rid)) == 1
+    assert cut >= 1
+
+
+def test_all_upstreams_down_is_502_naming_no_address(make_proxy: MakeProxy) -> None:
+    ports = [free_port(), free_port()]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    proxy = make_proxy("--upstream", urls[1], upstream_url=urls[0])
+    details = []
+    for i in range(3):
+        resp = get(proxy, f"down-{i}")
+        assert resp.status_code == 502
+        assert resp.headers["content-type"].startswith("application/problem+json")
+        assert "127.0.0.1" not in resp.text
+        assert all(str(port) not in resp.text for port in ports)
+        details.append(resp.json()["detail"])
+    # Both failed on the first request: marked down, the next ones try nothing.
+    assert details[1:] == ["no upstream is available"] * 2
+    assert proxy.alive()
+
+
+def test_active_health_brings_an_upstream_back(make_proxy: MakeProxy,
+                                               upstream: Upstream) -> None:
+    port = free_port()
+    # --fail-timeout 60: only a passing probe can end the passive mark in time.
+    proxy = make_proxy("--upstream", f"http://127.0.0.1:{port}", "--health-path", "/healthz",
+                       "--health-interval", "0.5", "--fail-timeout", "60",
+                       upstream_url=upstream.url)
+    for i in range(3):
+        assert get(proxy, f"before-{i}-{time.monotonic_ns()}").status_code == 200
+    late = Upstream(port=port).start()
+    try:
+        deadline = time.monotonic() + 15
+        served = False
+        while time.monotonic() < deadline and not served:
+            rid = f"back-{time.monotonic_ns()}"
+            assert get(proxy, rid).status_code == 200
+            served = late.find(rid) is not None
+            time.sleep(0.1)
+        assert served, proxy.log()[-2000:]
+        probes = [r for r in late.records if r.target == b"/healthz"]
+        assert probes and probes[0].header("host") == f"127.0.0.1:{port}"
+        assert f"upstream http://127.0.0.1:{port} is up again" in proxy.log()
+    finally:
+        late.stop()
