@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -67,7 +68,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
 
     def __init__(
         self,
-        upstream: str | None = None,
+        upstream: str | Sequence[str] | None = None,
         *,
         config: ProxyConfig | None = None,
         client: ClientT | None = None,
@@ -79,7 +80,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         name = type(self).__name__
         if config is None:
             if upstream is None:
-                raise TypeError(f"{name} needs an upstream URL or a config")
+                raise TypeError(f"{name} needs an upstream URL (or a list) or a config")
             config = ProxyConfig.build(upstream, **options)
         elif upstream is not None or options:
             raise TypeError(f"{name}: pass either config= or upstream/options, not both")

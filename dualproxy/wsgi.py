@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -119,7 +119,7 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
     calls `fallback` when one is given.
     """
 
-    def __init__(self, upstream: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, upstream: str | Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(upstream, **kwargs)
         require_sync_hooks((*self.config.request_hooks, *self.config.response_hooks))
 

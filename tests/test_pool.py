@@ -8,6 +8,7 @@ part of an upload and then resets.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import socket
@@ -24,6 +25,7 @@ from dualproxy.config import ProxyConfig
 from dualproxy.core import IncomingRequest, may_retry, plan_request
 from dualproxy.upstreams import NOTHING_SENT, parse_upstream
 from tests.conftest import MakeProxy, ProxyProcess, free_port
+from tests.test_cli import UPSTREAM, run_cli
 from tests.upstream import Upstream
 
 A, B, C = (parse_upstream(f"http://10.0.0.{i}:9000") for i in (1, 2, 3))
@@ -373,3 +375,67 @@ def test_active_health_brings_an_upstream_back(make_proxy: MakeProxy,
         assert f"upstream http://127.0.0.1:{port} is up again" in proxy.log()
     finally:
         late.stop()
+
+
+def test_redirects_from_any_upstream_of_the_pool_are_rewritten(
+        make_proxy: MakeProxy, upstream: Upstream, second: Upstream) -> None:
+    proxy = make_proxy("--upstream", second.url, "--mount", "/api")
+    with proxy.client() as client:
+        for target in (upstream, second):
+            for i in range(2):  # least-conn alternates: each upstream answers once
+                resp = client.get("/api/x", headers={
+                    "x-req-id": f"redir-{i}-{time.monotonic_ns()}",
+                    "x-upstream": f"status code=302 location={target.url}/moved?q=1"})
+                assert resp.status_code == 302
+                assert resp.headers["location"] == "/api/moved?q=1"
+
+
+# -- the Python API and the CLI -----------------------------------------------------------
+
+def test_python_api_takes_a_list_on_both_faces(upstream: Upstream) -> None:
+    from dualproxy import AsyncProxy, SyncProxy
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    sync = SyncProxy([dead, upstream.url], balance="round-robin", retries=1,
+                     access_log=False)
+    assert [u.url for u in sync.config.upstreams] == [dead, upstream.url]
+    with httpx.Client(transport=httpx.WSGITransport(app=sync), base_url="http://front") as c:
+        statuses = [c.get("/", headers={"x-req-id": f"api-sync-{i}"}).status_code
+                    for i in range(4)]
+    sync.close()
+    assert statuses == [200] * 4
+    assert all(len(upstream.find_all(f"api-sync-{i}")) == 1 for i in range(4))
+
+    async def run() -> list[int]:
+        proxy = AsyncProxy([dead, upstream.url], balance="random", retries=1,
+                           access_log=False)
+        transport = httpx.ASGITransport(app=proxy)
+        async with httpx.AsyncClient(transport=transport, base_url="http://front") as client:
+            got = [(await client.get("/", headers={"x-req-id": f"api-async-{i}"})).status_code
+                   for i in range(4)]
+        await proxy.aclose()
+        return got
+
+    assert asyncio.run(run()) == [200] * 4
+    assert all(len(upstream.find_all(f"api-async-{i}")) == 1 for i in range(4))
+    with pytest.raises(ValueError, match="balance must be one of"):
+        SyncProxy([upstream.url], balance="fastest")
+
+
+@pytest.mark.parametrize(("flags", "names"), [
+    (["--balance", "fastest"], "--balance"),
+    (["--max-fails", "-1"], "--max-fails"),
+    (["--max-fails", "one"], "--max-fails"),
+    (["--retries", "-1"], "--retries"),
+    (["--fail-timeout", "0"], "--fail-timeout"),
+    (["--health-interval", "nan"], "--health-interval"),
+    (["--health-path", "healthz"], "--health-path"),
+    (["--upstream", UPSTREAM], "given twice"),
+    (["--upstream", "http://127.0.0.1:9/other"], "share one base path"),
+])
+def test_bad_pool_flags_are_one_line_usage_errors(flags: list[str], names: str) -> None:
+    result = run_cli("serve", "--upstream", UPSTREAM, "--bind", "127.0.0.1:1", *flags)
+    assert result.returncode == 2, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("dualproxy serve: error: ") and names in lines[0], lines
