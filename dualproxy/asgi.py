@@ -10,8 +10,8 @@ exchange at once, which closes the upstream connection and frees its pool slot.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
 
@@ -30,6 +30,8 @@ from .hooks import arun_request_hooks, arun_response_hooks
 from .logs import RequestRecord
 from .types import ASGIApp, Receive, Scope, Send
 from .upstreams import Upstream
+
+T = TypeVar("T")
 
 # A `websocket` scope's scheme, as the HTTP request its handshake was.
 _HTTP_SCHEME = {"ws": "http", "wss": "https"}
@@ -175,19 +177,14 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
     ) -> None:
         content = (_request_body(receive, BodyCounter(plan, self.config), body_done, record)
                    if body_done is not None else None)
-        tried: list[Upstream] = []
+
+        async def send_to(upstream: Upstream) -> tuple[httpx.Request, httpx.Response]:
+            request = self.upstream_request(plan, content, upstream)
+            return request, await self._send(request)
+
         try:
             with map_upstream_errors():
-                upstream: Upstream | None = self.choose(record)
-                while True:
-                    request = self.upstream_request(plan, content, upstream)
-                    try:
-                        response = await self._send(request)
-                        break
-                    except Exception as exc:
-                        upstream = self.retry(record, plan, tried, exc)
-                        if upstream is None:
-                            raise
+                request, response = await self.attempts(record, plan, send_to)
         except ProxyError as exc:
             await self._problem(send, exc, record)
             return
@@ -210,6 +207,20 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
             record.broken = describe(exc)
         finally:
             await response.aclose()
+
+    async def attempts(self, record: RequestRecord, plan: UpstreamPlan,
+                       attempt: Callable[[Upstream], Awaitable[T]]) -> T:
+        """`attempt` on an upstream of the pool, then on others while `retry` allows."""
+        tried: list[Upstream] = []
+        upstream = self.choose(record)
+        while True:
+            try:
+                return await attempt(upstream)
+            except Exception as exc:
+                after = self.retry(record, plan, tried, exc)
+                if after is None:
+                    raise
+                upstream = after
 
     async def _problem(self, send: Send, exc: ProxyError, record: RequestRecord) -> None:
         self.refuse(record, exc)

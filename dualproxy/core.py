@@ -244,7 +244,8 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 # body (LocalProtocolError), never an upstream's 4xx/5xx answer.
 UPSTREAM_FAILURES: tuple[type[Exception], ...] = (
     httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout,
-    httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+    httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError,
+    OSError, TimeoutError)  # the WebSocket handshake's client raises these
 
 
 def upstream_failed(exc: BaseException) -> bool:

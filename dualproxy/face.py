@@ -44,7 +44,7 @@ from .core import (
     response_header_list,
     upstream_failed,
 )
-from .errors import BadGateway, ProxyError, describe
+from .errors import BadGateway, GatewayTimeout, ProxyError, describe
 from .framing import FRAMING, Framing
 from .logs import AccessLog, RequestRecord
 from .upstreams import Upstream
@@ -155,6 +155,8 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         head: the upstream to try next, or None (then `exc` stands)."""
         failed = record.upstream
         assert failed is not None
+        if isinstance(exc, (BadGateway, GatewayTimeout)) and exc.__cause__ is not None:
+            exc = exc.__cause__  # a WebSocket handshake's failure, mapped already
         if upstream_failed(exc):
             self.balancer.failed(failed)
         tried.append(failed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -36,6 +36,8 @@ from .types import Environ, StartResponse, WSGIApp
 from .upstreams import Upstream
 from .websocket.handshake import is_websocket_request, plan_handshake
 from .websocket.tunnel import answer_handshake
+
+T = TypeVar("T")
 
 # Set by dualproxy's a2wsgi bridge: a threading.Event raised when the ASGI
 # server reports the client gone (WSGI itself has no way to say so).
@@ -160,8 +162,8 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
             return self._problem(start_response, exc, record, environ)
         if websocket:
             try:
-                return answer_handshake(self.config, plan, environ, start_response, record,
-                                        self._log)
+                return self.attempts(record, plan, lambda upstream: answer_handshake(
+                    self.config, plan, environ, start_response, record, self, upstream))
             except ProxyError as exc:
                 return self._problem(start_response, exc, record, environ)
 
@@ -178,21 +180,16 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         gone = environ.get(CLIENT_GONE_KEY)
         watch = (ClientWatch(client_sock, gone)
                  if client_sock is not None or gone is not None else None)
-        tried: list[Upstream] = []
+
+        def send_to(upstream: Upstream) -> tuple[httpx.Request, httpx.Response]:
+            request = self.upstream_request(plan, content, upstream)
+            if watch is not None:
+                request.extensions[CLIENT_WATCH] = watch
+            return request, self._send(request)
+
         try:
             with map_upstream_errors():
-                upstream: Upstream | None = self.choose(record)
-                while True:
-                    request = self.upstream_request(plan, content, upstream)
-                    if watch is not None:
-                        request.extensions[CLIENT_WATCH] = watch
-                    try:
-                        response = self._send(request)
-                        break
-                    except Exception as exc:
-                        upstream = self.retry(record, plan, tried, exc)
-                        if upstream is None:
-                            raise
+                request, response = self.attempts(record, plan, send_to)
         except ProxyError as exc:
             if counter is not None:
                 _discard(body_input, discard_budget(counter, exc), self.config.chunk_size)
@@ -221,6 +218,20 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         body.client_socket = client_sock
         body.raw_stream = self._transport is not None
         return body
+
+    def attempts(self, record: RequestRecord, plan: UpstreamPlan,
+                 attempt: Callable[[Upstream], T]) -> T:
+        """`attempt` on an upstream of the pool, then on others while `retry` allows."""
+        tried: list[Upstream] = []
+        upstream = self.choose(record)
+        while True:
+            try:
+                return attempt(upstream)
+            except Exception as exc:
+                after = self.retry(record, plan, tried, exc)
+                if after is None:
+                    raise
+                upstream = after
 
     def _problem(
         self, start_response: StartResponse, exc: ProxyError, record: RequestRecord,

@@ -439,3 +439,26 @@ def test_bad_pool_flags_are_one_line_usage_errors(flags: list[str], names: str) 
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("dualproxy serve: error: ") and names in lines[0], lines
+
+
+def test_websocket_handshake_retried_on_another_upstream(make_proxy: MakeProxy) -> None:
+    from tests.test_websocket import open_ws
+    from tests.ws_upstream import WsUpstream
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    ws_upstream = WsUpstream().start()
+    try:
+        proxy = make_proxy("--upstream", ws_upstream.url, "--balance", "round-robin",
+                           "--max-fails", "0", upstream_url=dead)
+        for i in range(4):
+            rid = f"ws-pool-{i}-{time.monotonic_ns()}"
+            with open_ws(proxy, rid=rid) as ws:
+                ws.send(f"hello {i}")
+                assert ws.recv(timeout=5) == f"hello {i}"
+            record = ws_upstream.record(rid)
+            assert record.header("host") == [ws_upstream.url.removeprefix("http://")]
+        log = proxy.log()
+        assert "failed (ConnectionRefusedError" in log or "failed (ConnectError" in log, log
+        assert "retrying on " + ws_upstream.url in log
+    finally:
+        ws_upstream.stop()

@@ -29,6 +29,7 @@ from ..errors import BadGateway, GatewayTimeout, NotProxied, ProxyError, describ
 from ..headers import Header
 from ..hooks import arun_request_hooks, arun_response_hooks
 from ..types import Receive, Scope, Send
+from ..upstreams import Upstream
 from .handshake import WebSocketPlan, accept_head, library_request_headers, plan_handshake
 from .handshake import upgrade_plan as make_upgrade_plan
 
@@ -55,7 +56,7 @@ async def proxy_websocket(proxy: AsyncProxy, incoming: IncomingRequest, scope: S
         try:
             plan = await arun_request_hooks(
                 config.request_hooks, plan_handshake(config, incoming, server_checked=True))
-            ws = make_upgrade_plan(config, plan, tunnel=False)
+            ws = make_upgrade_plan(config, plan, tunnel=False)  # 400: bad subprotocols
         except NotProxied as exc:
             if proxy.fallback is not None:
                 await proxy.fallback(scope, receive, send)
@@ -76,8 +77,15 @@ async def proxy_websocket(proxy: AsyncProxy, incoming: IncomingRequest, scope: S
 async def _open_and_relay(proxy: AsyncProxy, ws: WebSocketPlan, scope: Scope,
                           receive: Receive, send: Send, record: RequestRecord) -> None:
     config = proxy.config
+
+    async def open_to(chosen: Upstream) -> ClientConnection:
+        nonlocal ws  # the plan of the attempt that answered
+        ws = make_upgrade_plan(config, ws.plan, tunnel=False, upstream=chosen)
+        return await open_upstream(config, ws)
+
     try:
-        upstream = await open_upstream(config, ws)
+        # Only the handshake is retried on another upstream, never after its answer.
+        upstream = await proxy.attempts(record, ws.plan, open_to)
     except InvalidStatus as exc:
         refusal = exc.response
         record.upstream_status(refusal.status_code)

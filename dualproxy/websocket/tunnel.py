@@ -23,7 +23,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -32,14 +32,21 @@ from ..config import ProxyConfig
 from ..core import ResponseHead, UpstreamPlan, plan_response
 from ..errors import ProxyError, map_stream_errors, map_upstream_errors
 from ..http1 import ClientConnection, Data, EndOfMessage, Response, connect_tcp
-from ..logs import AccessLog, RequestRecord
+from ..logs import RequestRecord
 from ..types import Environ, StartResponse
+from ..upstreams import Upstream
 from .handshake import WebSocketPlan, accept_head, chosen_subprotocol, upgrade_plan
 from .splice import READ_SIZE, relay
 
 # The servers that hand a WSGI app its client socket.
 SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
 HEAD_TIMEOUT = 5.0  # for writing the 101 head to the client
+
+
+class Finisher(Protocol):
+    """What ends a request's record: the face (or its access log)."""
+
+    def finish(self, record: RequestRecord) -> None: ...
 
 
 class NoSocketTakeover(ProxyError):
@@ -75,8 +82,10 @@ def client_socket(environ: Environ) -> socket.socket | None:
 
 def answer_handshake(config: ProxyConfig, plan: UpstreamPlan, environ: Environ,
                      start_response: StartResponse, record: RequestRecord,
-                     log: AccessLog) -> Iterable[bytes]:
-    """The WSGI answer to a planned handshake: the upstream's refusal or a `Tunnel`.
+                     log: Finisher, chosen: Upstream | None = None) -> Iterable[bytes]:
+    """The WSGI answer to a planned handshake to `chosen` (default: the pool's
+    first): the upstream's refusal or a `Tunnel`. `log.finish(record)` ends the
+    record (the face's: it also ends the upstream's in-flight count).
 
     Raises ProxyError (501 without a client socket, 502/504 for the upstream)
     before anything is sent to the client.
@@ -87,7 +96,7 @@ def answer_handshake(config: ProxyConfig, plan: UpstreamPlan, environ: Environ,
             "this WSGI server cannot hand over the client connection, so it cannot carry a "
             "WebSocket; run the WSGI face under gunicorn's gthread worker, werkzeug's server "
             "or uvicorn")
-    ws = upgrade_plan(config, plan, tunnel=True)
+    ws = upgrade_plan(config, plan, tunnel=True, upstream=chosen)
     with map_upstream_errors():
         upstream, conn, head = open_upstream(ws, config.timeout)
     record.upstream_status(head.status)
@@ -179,7 +188,7 @@ class Refusal:
     """The WSGI body of an upstream's non-101 answer, decoded as framed, then closed."""
 
     def __init__(self, sock: socket.socket, conn: ClientConnection, has_body: bool,
-                 idle: float, record: RequestRecord, log: AccessLog) -> None:
+                 idle: float, record: RequestRecord, log: Finisher) -> None:
         self.sock, self.conn, self.has_body = sock, conn, has_body
         self.idle, self.record, self.log = idle, record, log
 
@@ -211,7 +220,7 @@ class Tunnel:
     """
 
     def __init__(self, client: socket.socket, upstream: socket.socket, accept: ResponseHead,
-                 record: RequestRecord, log: AccessLog) -> None:
+                 record: RequestRecord, log: Finisher) -> None:
         self.client, self.upstream, self.accept = client, upstream, accept
         self.record, self.log = record, log
         self.idle: float | None = None
