@@ -19,16 +19,7 @@ from typing import cast
 import httpx
 
 from .connection import NEED_DATA, ClientConnection, Data, Response
-from .pool import (
-    RETRY_ON,
-    Key,
-    Pool,
-    PooledBody,
-    origin,
-    request_line,
-    tell_unsent,
-    timeout,
-)
+from .pool import RETRY_ON, Key, Pool, PooledBody, origin, request_line, tell_unsent, timeout
 
 READ_SIZE = 262144
 HIGH_WATER = 1 << 20  # pause reading the upstream above this many unread bytes

@@ -21,16 +21,7 @@ import httpx
 
 from ..errors import ClientDisconnected
 from .connection import NEED_DATA, ClientConnection, Data, EndOfMessage, Response
-from .pool import (
-    RETRY_ON,
-    Key,
-    Pool,
-    PooledBody,
-    origin,
-    request_line,
-    tell_unsent,
-    timeout,
-)
+from .pool import RETRY_ON, Key, Pool, PooledBody, origin, request_line, tell_unsent, timeout
 
 READ_SIZE = 262144
 SMALL_READ = 65536          # below malloc's mmap threshold: no mmap/munmap per small read
