@@ -94,7 +94,10 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         if client is not None:
             disable_cookies(client)
         self._log = AccessLog(enabled=access_log, format=access_log_format,
-                              upstream=str(config.upstreams[0]), route=config.mount or "/")
+                              # a pool's record names the upstream chosen, if any
+                              upstream=str(config.upstreams[0])
+                              if len(config.upstreams) == 1 else "",
+                              route=config.mount or "/")
         self.balancer = Balancer(config.upstreams, policy=config.balance,
                                  max_fails=config.max_fails, fail_timeout=config.fail_timeout)
 

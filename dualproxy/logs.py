@@ -54,8 +54,8 @@ class RequestRecord:
 class AccessLog:
     """Creates records and writes their lines; `enabled=False` keeps only error lines.
 
-    `route` (the mount) and the chosen upstream (`upstream` until one is chosen)
-    name where a routed request went, for json.
+    `route` (the mount) and the chosen upstream (until one is chosen: `upstream`,
+    empty for a pool) name where a routed request went, for json.
     """
 
     def __init__(self, *, enabled: bool = True, format: str = "text",
@@ -103,7 +103,7 @@ class AccessLog:
                 "method": record.method, "target": target, "status": record.status,
                 "bytes_in": record.bytes_in, "bytes_out": record.bytes_out,
                 "upstream_ms": upstream_ms, "total_ms": round(total_ms, 1), "outcome": outcome,
-                "upstream": (None if not record.routed else self.upstream
+                "upstream": (None if not record.routed else self.upstream or None
                              if record.upstream is None else str(record.upstream)),
                 "route": self.route if record.routed else None,
             })
