@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -90,6 +91,17 @@ def _mount(value: str) -> str:
     return value
 
 
+def _readable(value: str) -> str:
+    try:
+        with open(value, "rb"):
+            pass
+    except IsADirectoryError:
+        return value  # a CA directory (--upstream-ca); a misused one fails when loaded
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {value}: {exc.strerror}") from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dualproxy",
@@ -161,6 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-log-format", choices=FORMATS, default="text",
                        help="access log lines as text, or json: one JSON object a line "
                             "(default: text)")
+    # --- gateway: tls ---
+    tls = serve.add_argument_group("TLS")
+    tls.add_argument("--upstream-ca", type=_readable, default=None, metavar="FILE",
+                     help="verify https upstreams against this CA bundle (PEM file or "
+                          "hashed directory) instead of the system CAs (default: system CAs)")
+    tls.add_argument("--upstream-cert", type=_readable, default=None, metavar="FILE",
+                     help="client certificate for mutual TLS with https upstreams (PEM; may "
+                          "hold the key too) (default: none)")
+    tls.add_argument("--upstream-key", type=_readable, default=None, metavar="FILE",
+                     help="the key of --upstream-cert, when not in its file (default: none)")
+    tls.add_argument("--upstream-insecure", action="store_true",
+                     help="do not verify https upstreams' certificates at all; logs a WARNING "
+                          "at start (default: verified)")
+    tls.add_argument("--certfile", type=_readable, default=None, metavar="FILE",
+                     help="serve HTTPS with this certificate chain (PEM); needs --keyfile "
+                          "(default: plain HTTP)")
+    tls.add_argument("--keyfile", type=_readable, default=None, metavar="FILE",
+                     help="the private key of --certfile (PEM) (default: none)")
 
     demo = sub.add_parser(
         "demo", help="start a built-in upstream and a proxy in front of it",
@@ -195,6 +225,13 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "log_level": args.log_level,
         "access_log": not args.no_access_log,
         "access_log_format": args.access_log_format,
+        # --- gateway: tls ---
+        "upstream_ca": args.upstream_ca,
+        "upstream_cert": args.upstream_cert,
+        "upstream_key": args.upstream_key,
+        "upstream_insecure": args.upstream_insecure,
+        "certfile": args.certfile,
+        "keyfile": args.keyfile,
     }
 
 
@@ -250,7 +287,45 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         max_connections=options["max_connections"],
         max_keepalive_connections=options["max_connections"],
         pool_timeout=options["pool_timeout"],
+        # --- gateway: tls ---
+        **tls_options(options),
     )
+
+
+# --- gateway: tls ---
+def tls_options(options: dict[str, Any]) -> dict[str, Any]:
+    """ProxyConfig's `verify` and `cert` from the --upstream-* flags (httpx's meanings)."""
+    cert, key = options.get("upstream_cert"), options.get("upstream_key")
+    if key is not None and cert is None:
+        raise ValueError("--upstream-key needs --upstream-cert")
+    if options.get("upstream_insecure") and options.get("upstream_ca"):
+        raise ValueError("--upstream-ca and --upstream-insecure contradict each other")
+    verify = False if options.get("upstream_insecure") else options.get("upstream_ca") or True
+    return {"verify": verify, "cert": (cert, key) if key is not None else cert}
+
+
+def check_tls(options: dict[str, Any], config: ProxyConfig) -> None:
+    """Load every TLS file now, so a bad one is a usage error naming it (ValueError)."""
+    from .http1.tls import upstream_context
+
+    upstream_context(config)
+    certfile, keyfile = options.get("certfile"), options.get("keyfile")
+    if (certfile is None) != (keyfile is None):
+        raise ValueError("--certfile and --keyfile go together")
+    if certfile is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                certfile, keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load --certfile {certfile} with --keyfile {keyfile}: "
+                             f"{getattr(exc, 'reason', None) or exc}") from None
+
+
+def warn_insecure(options: dict[str, Any]) -> None:
+    if options.get("upstream_insecure"):
+        logging.getLogger("dualproxy").warning(
+            "--upstream-insecure: TLS certificates of https upstreams are NOT verified; "
+            "anyone on the path can impersonate them")
 
 
 def build_app(options: dict[str, Any]) -> Any:
@@ -270,6 +345,7 @@ def build_app(options: dict[str, Any]) -> Any:
 def load_app(options: dict[str, Any]) -> Any:
     """The app one worker process serves, set up for the server running it."""
     setup_logging(options["log_level"], options["access_log_format"])
+    warn_insecure(options)
     tune_uvicorn()  # a no-op unless uvicorn runs this process
     quiet_uvicorn_refusals()
     app = build_app(options)
@@ -296,12 +372,14 @@ def serve(args: argparse.Namespace) -> int:
         serve_uvicorn(lambda: load_app(options), "dualproxy.cli:app_from_env", host=host,
                       port=port, workers=args.workers, log_level=options["log_level"],
                       ws_max_size=options["ws_max_size"],
-                      graceful_timeout=options["graceful_timeout"])
+                      graceful_timeout=options["graceful_timeout"],
+                      certfile=options["certfile"], keyfile=options["keyfile"])
     else:
         serve_gunicorn(lambda: load_app(options), adapter=options["adapter"], host=host,
                        port=port, workers=args.workers, threads=options["threads"],
                        log_level=options["log_level"],
-                       graceful_timeout=options["graceful_timeout"])
+                       graceful_timeout=options["graceful_timeout"],
+                       certfile=options["certfile"], keyfile=options["keyfile"])
     return 0
 
 
@@ -325,7 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         try:
-            config_from_options(options_from_args(args))
+            options = options_from_args(args)
+            check_tls(options, config_from_options(options))
         except ValueError as exc:  # the upstream URL, a trusted-proxy CIDR
             parser.exit(2, f"dualproxy serve: error: {exc} (see dualproxy serve --help)\n")
         return serve(args)

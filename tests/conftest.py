@@ -10,19 +10,23 @@ flags. Servers of a finished pairing are stopped before the next one starts.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+import trustme
 
 if TYPE_CHECKING:
     from tests.upstream import Upstream
@@ -79,7 +83,8 @@ class ProxyProcess:
         self.pairing = pairing
         self.adapter, self.server = pairing.split("-")
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = "--certfile" in flags  # serving HTTPS (front TLS)
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
         self.flags = flags
         self.log_path = Path(tempfile.mkstemp(prefix=f"dualproxy-{pairing}-", suffix=".log")[1])
         args = [sys.executable, "-m", "dualproxy", "serve", "--upstream", upstream,
@@ -105,7 +110,13 @@ class ProxyProcess:
         listens before its worker has imported the app. The probe's target (encoded NUL)
         is refused by the core, so it never reaches an upstream."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
+                sock = raw
+                if self.tls:  # the probe only asks whether it answers: no verification
+                    unverified = ssl.create_default_context()
+                    unverified.check_hostname = False
+                    unverified.verify_mode = ssl.CERT_NONE
+                    sock = unverified.wrap_socket(raw, server_hostname="127.0.0.1")
                 sock.settimeout(5)
                 sock.sendall(b"GET /%00dualproxy-ready HTTP/1.1\r\nHost: ready\r\n"
                              b"Connection: close\r\n\r\n")
@@ -192,3 +203,84 @@ def proxy(make_proxy: MakeProxy) -> ProxyProcess:
 def rid() -> str:
     """A unique request id; send it as `x-req-id` to find the upstream's record."""
     return uuid.uuid4().hex
+
+
+# ------------------------------------------------------------------------- TLS
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A private CA made by the tests, and PEM files it signed (paths as str)."""
+
+    ca: trustme.CA
+    ca_pem: str             # the CA certificate: --upstream-ca / verify=
+    server_pem: str         # server certificate chain + key, for 127.0.0.1 and localhost
+    server_key: str         # the same server's key alone (--keyfile)
+    server_cert: str        # the same server's certificate chain alone (--certfile)
+    client_cert: str        # a client certificate (mutual TLS) ...
+    client_key: str         # ... and its key
+    other_ca_pem: str       # another CA, which signed none of them
+
+    def server_context(self, *, require_client_cert: bool = False) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.server_pem)
+        if require_client_cert:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(self.ca_pem)
+        return context
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("client@dualproxy.test")
+    folder = tmp_path_factory.mktemp("tls")
+
+    def write(name: str, *blobs: trustme.Blob) -> str:
+        path = folder / name
+        path.write_bytes(b"".join(blob.bytes() for blob in blobs))
+        return str(path)
+
+    return TLSFiles(
+        ca=ca,
+        ca_pem=write("ca.pem", ca.cert_pem),
+        server_pem=write("server.pem", server.private_key_pem, *server.cert_chain_pems),
+        server_key=write("server.key", server.private_key_pem),
+        server_cert=write("server.crt", *server.cert_chain_pems),
+        client_cert=write("client.crt", *client.cert_chain_pems),
+        client_key=write("client.key", client.private_key_pem),
+        other_ca_pem=write("other-ca.pem", trustme.CA().cert_pem),
+    )
+
+
+@pytest.fixture(scope="session")
+def https_upstream(tls_files: TLSFiles) -> Iterator[Upstream]:
+    """The recording upstream serving HTTPS with a certificate of the tests' private CA."""
+    from tests.upstream import Upstream
+
+    server = Upstream(ssl=tls_files.server_context()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mtls_upstream(tls_files: TLSFiles) -> Iterator[Upstream]:
+    """The recording upstream over HTTPS, refusing clients without a certificate of the CA."""
+    from tests.upstream import Upstream
+
+    server = Upstream(ssl=tls_files.server_context(require_client_cert=True)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def unix_upstream() -> Iterator[Upstream]:
+    """The recording upstream on a unix socket (a short path: sun_path holds 108 bytes)."""
+    from tests.upstream import Upstream
+
+    folder = tempfile.mkdtemp(prefix="dp-")
+    server = Upstream(unix=os.path.join(folder, "up.sock")).start()
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
