@@ -110,13 +110,17 @@ class ProxyProcess:
         listens before its worker has imported the app. The probe's target (encoded NUL)
         is refused by the core, so it never reaches an upstream."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
-                sock = raw
-                if self.tls:  # the probe only asks whether it answers: no verification
-                    unverified = ssl.create_default_context()
-                    unverified.check_hostname = False
-                    unverified.verify_mode = ssl.CERT_NONE
-                    sock = unverified.wrap_socket(raw, server_hostname="127.0.0.1")
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=1)
+            if self.tls:  # the probe only asks whether it answers: no verification
+                unverified = ssl.create_default_context()
+                unverified.check_hostname = False
+                unverified.verify_mode = ssl.CERT_NONE
+                try:
+                    sock = unverified.wrap_socket(sock, server_hostname="127.0.0.1")
+                except OSError:
+                    sock.close()
+                    raise
+            with sock:
                 sock.settimeout(5)
                 sock.sendall(b"GET /%00dualproxy-ready HTTP/1.1\r\nHost: ready\r\n"
                              b"Connection: close\r\n\r\n")
@@ -221,6 +225,10 @@ class TLSFiles:
     client_key: str         # ... and its key
     other_ca_pem: str       # another CA, which signed none of them
 
+    def client_context(self) -> ssl.SSLContext:
+        """Trusting the CA: for a client of the proxy serving HTTPS."""
+        return ssl.create_default_context(cafile=self.ca_pem)
+
     def server_context(self, *, require_client_cert: bool = False) -> ssl.SSLContext:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.server_pem)
@@ -284,3 +292,27 @@ def unix_upstream() -> Iterator[Upstream]:
     yield server
     server.stop()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def transfer_hashed(proxy: ProxyProcess, upstream: Upstream, size: int,
+                    **client_options: object) -> None:
+    """An upload and a download of `size` bytes through `proxy`, hashed at both ends."""
+    import hashlib
+
+    from tests.upstream import pattern_bytes, pattern_sha256
+
+    body = pattern_bytes(size)
+    up_id, down_id = uuid.uuid4().hex, uuid.uuid4().hex
+    with proxy.client(**client_options) as client:
+        resp = client.post("/upload", content=body, headers={"x-req-id": up_id})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["body_sha256"] == pattern_sha256(size)
+        rec = upstream.wait_record(up_id, complete=True)
+        assert rec.complete and rec.body_length == size
+        digest = hashlib.sha256()
+        with client.stream("GET", "/download", headers={
+                "x-req-id": down_id, "x-upstream": f"download size={size}"}) as down:
+            assert down.status_code == 200
+            for piece in down.iter_raw():
+                digest.update(piece)
+        assert digest.hexdigest() == pattern_sha256(size)

@@ -1,0 +1,186 @@
+"""TLS both sides, on every pairing: https upstreams (private CA, refused without it,
+--upstream-insecure, mutual TLS), wss upstreams, and the proxy serving HTTPS.
+
+The CA and every certificate are made by the tests (trustme, `tls_files` in
+conftest); the upstreams are the suite's recording ones served with TLS.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from websockets.sync.client import connect
+
+from tests.conftest import MakeProxy, TLSFiles, transfer_hashed
+from tests.test_cli import UPSTREAM, run_cli
+from tests.upstream import Upstream
+from tests.ws_upstream import WsUpstream
+
+pytestmark = pytest.mark.pairings
+
+MiB = 1 << 20
+
+
+def trusting(tls_files: TLSFiles) -> tuple[str, ...]:
+    return ("--upstream-ca", tls_files.ca_pem)
+
+
+def problem(resp_text: str) -> dict[str, object]:
+    doc: dict[str, object] = json.loads(resp_text)
+    return doc
+
+
+# ------------------------------------------------------------------ https upstreams
+
+
+def test_https_upstream_with_private_ca(make_proxy: MakeProxy, https_upstream: Upstream,
+                                        tls_files: TLSFiles, rid: str) -> None:
+    proxy = make_proxy(*trusting(tls_files), upstream_url=https_upstream.url)
+    with proxy.client() as client:
+        resp = client.get("/a?b=1", headers={"x-req-id": rid})
+    assert resp.status_code == 200, resp.text
+    rec = https_upstream.wait_record(rid)
+    assert rec.target == b"/a?b=1"
+    assert rec.header("host") == f"127.0.0.1:{https_upstream.port}"
+    transfer_hashed(proxy, https_upstream, 5 * MiB)
+
+
+def test_tls_connections_are_reused(make_proxy: MakeProxy, https_upstream: Upstream,
+                                    tls_files: TLSFiles) -> None:
+    proxy = make_proxy(*trusting(tls_files), upstream_url=https_upstream.url)
+    with proxy.client() as client:
+        assert client.get("/warm").status_code == 200
+        before = https_upstream.total_connections()
+        for i in range(20):
+            assert client.get(f"/again/{i}").status_code == 200
+    # Sequential requests ride the pooled TLS connection: no new handshake each.
+    assert https_upstream.total_connections() - before <= 1
+
+
+@pytest.mark.parametrize("ca", ["system", "other"])
+def test_unverified_upstream_is_a_502_problem(make_proxy: MakeProxy, https_upstream: Upstream,
+                                              tls_files: TLSFiles, ca: str, rid: str) -> None:
+    flags = () if ca == "system" else ("--upstream-ca", tls_files.other_ca_pem)
+    proxy = make_proxy(*flags, upstream_url=https_upstream.url)
+    with proxy.client() as client:
+        resp = client.get("/x", headers={"x-req-id": rid})
+    assert resp.status_code == 502
+    assert resp.headers["content-type"] == "application/problem+json"
+    detail = str(problem(resp.text)["detail"])
+    assert detail.startswith("TLS verification of the upstream failed"), detail
+    assert https_upstream.find(rid) is None
+    assert "Traceback" not in proxy.log()
+
+
+def test_insecure_skips_verification_and_warns(make_proxy: MakeProxy,
+                                               https_upstream: Upstream, rid: str) -> None:
+    proxy = make_proxy("--upstream-insecure", upstream_url=https_upstream.url)
+    with proxy.client() as client:
+        resp = client.get("/x", headers={"x-req-id": rid})
+    assert resp.status_code == 200, resp.text
+    assert https_upstream.wait_record(rid).method == "GET"
+    warnings = [line for line in proxy.log().splitlines()
+                if " WARNING " in line and "--upstream-insecure" in line]
+    assert warnings and "NOT verified" in warnings[0], proxy.log()
+
+
+def test_mutual_tls(make_proxy: MakeProxy, mtls_upstream: Upstream, tls_files: TLSFiles,
+                    rid: str) -> None:
+    without = make_proxy(*trusting(tls_files), upstream_url=mtls_upstream.url)
+    with without.client() as client:
+        refused = client.get("/x", headers={"x-req-id": rid + "-no"})
+    assert refused.status_code == 502
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert mtls_upstream.find(rid + "-no") is None
+
+    proxy = make_proxy(*trusting(tls_files), "--upstream-cert", tls_files.client_cert,
+                       "--upstream-key", tls_files.client_key, upstream_url=mtls_upstream.url)
+    with proxy.client() as client:
+        resp = client.get("/x", headers={"x-req-id": rid})
+    assert resp.status_code == 200, resp.text
+    assert mtls_upstream.wait_record(rid).method == "GET"
+
+
+# ------------------------------------------------------------------ the proxy serving HTTPS
+
+
+def test_proxy_serves_https(make_proxy: MakeProxy, upstream: Upstream, tls_files: TLSFiles,
+                            rid: str) -> None:
+    proxy = make_proxy("--certfile", tls_files.server_cert, "--keyfile", tls_files.server_key)
+    assert proxy.url.startswith("https://")
+    with proxy.client(verify=tls_files.client_context()) as client:
+        resp = client.get("/front", headers={"x-req-id": rid})
+    assert resp.status_code == 200, resp.text
+    rec = upstream.wait_record(rid)
+    assert rec.header("x-forwarded-proto") == "https"
+    assert str(rec.header("forwarded")).endswith(";proto=https")
+    transfer_hashed(proxy, upstream, 2 * MiB, verify=tls_files.client_context())
+
+
+# ------------------------------------------------------------------ WebSocket over TLS
+
+
+@pytest.fixture(scope="session")
+def wss_upstream(tls_files: TLSFiles) -> Iterator[WsUpstream]:
+    server = WsUpstream(ssl=tls_files.server_context()).start()
+    yield server
+    server.stop()
+
+
+def test_websocket_to_a_wss_upstream(make_proxy: MakeProxy, wss_upstream: WsUpstream,
+                                     tls_files: TLSFiles, rid: str) -> None:
+    proxy = make_proxy(*trusting(tls_files), upstream_url=wss_upstream.url)
+    with connect(f"ws://127.0.0.1:{proxy.port}/echo", additional_headers={"x-req-id": rid},
+                 open_timeout=10, close_timeout=5) as ws:
+        ws.send("over tls")
+        assert ws.recv(timeout=5) == "over tls"
+        ws.send(b"\x00\x01" * 40000)
+        assert ws.recv(timeout=5) == b"\x00\x01" * 40000
+    assert wss_upstream.record(rid).target == "/echo"
+
+
+def test_websocket_unverified_wss_is_refused(make_proxy: MakeProxy, wss_upstream: WsUpstream,
+                                             rid: str) -> None:
+    proxy = make_proxy(upstream_url=wss_upstream.url)
+    with pytest.raises(Exception) as info:
+        connect(f"ws://127.0.0.1:{proxy.port}/echo", additional_headers={"x-req-id": rid},
+                open_timeout=10).close()
+    response = getattr(info.value, "response", None)
+    assert response is not None and response.status_code == 502, info.value
+    assert rid not in wss_upstream.records
+
+
+# ------------------------------------------------------------------ usage errors
+
+
+@pytest.mark.parametrize(("flags", "names"), [
+    (["--upstream-ca", "/nonexistent/ca.pem"], "/nonexistent/ca.pem"),
+    (["--upstream-cert", "/nonexistent/c.pem"], "/nonexistent/c.pem"),
+    (["--certfile", "/nonexistent/s.pem", "--keyfile", "/nonexistent/s.pem"],
+     "/nonexistent/s.pem"),
+    (["--upstream-key", "{key}"], "--upstream-key needs --upstream-cert"),
+    (["--upstream-cert", "{cert}"], "https upstream"),
+    (["--upstream-ca", "{ca}", "--upstream-insecure"], "--upstream-insecure"),
+    (["--certfile", "{cert}"], "--certfile and --keyfile"),
+    (["--keyfile", "{key}"], "--certfile and --keyfile"),
+    (["--certfile", "{ca}", "--keyfile", "{ca}"], "--certfile"),
+])
+def test_tls_flag_usage_errors(flags: list[str], names: str, tls_files: TLSFiles) -> None:
+    files = {"ca": tls_files.ca_pem, "cert": tls_files.client_cert,
+             "key": tls_files.client_key}
+    flags = [flag.format(**files) for flag in flags]
+    result = run_cli("serve", "--upstream", UPSTREAM, "--bind", "127.0.0.1:1", *flags)
+    assert result.returncode == 2, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("dualproxy serve: error: ") and names in lines[0], lines
+
+
+def test_bad_ca_bundle_names_the_file(tls_files: TLSFiles) -> None:
+    result = run_cli("serve", "--upstream", "https://127.0.0.1:9", "--bind", "127.0.0.1:1",
+                     "--upstream-ca", tls_files.client_key)
+    assert result.returncode == 2, result
+    assert len(result.stderr.splitlines()) == 1
+    assert tls_files.client_key in result.stderr
