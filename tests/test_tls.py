@@ -7,9 +7,11 @@ conftest); the upstreams are the suite's recording ones served with TLS.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from websockets.sync.client import connect
 
@@ -184,3 +186,32 @@ def test_bad_ca_bundle_names_the_file(tls_files: TLSFiles) -> None:
     assert result.returncode == 2, result
     assert len(result.stderr.splitlines()) == 1
     assert tls_files.client_key in result.stderr
+
+
+# ------------------------------------------------------------------ the Python API
+
+
+def test_python_api_takes_httpx_names(https_upstream: Upstream, mtls_upstream: Upstream,
+                                      tls_files: TLSFiles, rid: str) -> None:
+    from dualproxy import AsyncProxy, SyncProxy
+
+    sync = SyncProxy(mtls_upstream.url, verify=tls_files.ca_pem,
+                     cert=(tls_files.client_cert, tls_files.client_key))
+    with httpx.Client(transport=httpx.WSGITransport(app=sync), base_url="http://front") as c:
+        assert c.get("/api", headers={"x-req-id": rid}).status_code == 200
+    sync.close()
+    assert mtls_upstream.wait_record(rid).header("x-forwarded-proto") == "http"
+
+    async def through(proxy: AsyncProxy) -> httpx.Response:
+        transport = httpx.ASGITransport(app=proxy)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://front") as c:
+                return await c.get("/api")
+        finally:
+            await proxy.aclose()
+
+    trusted = AsyncProxy(https_upstream.url, verify=tls_files.client_context())
+    assert asyncio.run(through(trusted)).status_code == 200
+    untrusted = asyncio.run(through(AsyncProxy(https_upstream.url)))
+    assert untrusted.status_code == 502
+    assert "TLS verification" in untrusted.json()["detail"]
