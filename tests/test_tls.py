@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from websockets.sync.client import connect
 
+from dualproxy import AsyncProxy, SyncProxy
 from tests.conftest import MakeProxy, TLSFiles, transfer_hashed
 from tests.test_cli import UPSTREAM, run_cli
 from tests.upstream import Upstream
@@ -143,6 +145,19 @@ def test_websocket_to_a_wss_upstream(make_proxy: MakeProxy, wss_upstream: WsUpst
     assert wss_upstream.record(rid).target == "/echo"
 
 
+def test_wss_on_both_sides(make_proxy: MakeProxy, wss_upstream: WsUpstream,
+                           tls_files: TLSFiles, rid: str) -> None:
+    proxy = make_proxy(*trusting(tls_files), "--certfile", tls_files.server_cert,
+                       "--keyfile", tls_files.server_key, upstream_url=wss_upstream.url)
+    with connect(f"wss://127.0.0.1:{proxy.port}/echo", additional_headers={"x-req-id": rid},
+                 ssl=tls_files.client_context(), open_timeout=10, close_timeout=5) as ws:
+        for message in ("tls twice", b"\x07" * 300_000):
+            ws.send(message)
+            assert ws.recv(timeout=5) == message
+    record = wss_upstream.record(rid)
+    assert record.header("x-forwarded-proto") == ["https"]
+
+
 def test_websocket_unverified_wss_is_refused(make_proxy: MakeProxy, wss_upstream: WsUpstream,
                                              rid: str) -> None:
     proxy = make_proxy(upstream_url=wss_upstream.url)
@@ -191,27 +206,51 @@ def test_bad_ca_bundle_names_the_file(tls_files: TLSFiles) -> None:
 # ------------------------------------------------------------------ the Python API
 
 
-def test_python_api_takes_httpx_names(https_upstream: Upstream, mtls_upstream: Upstream,
-                                      tls_files: TLSFiles, rid: str) -> None:
-    from dualproxy import AsyncProxy, SyncProxy
+def wsgi_get(proxy: SyncProxy, path: str, **headers: str) -> httpx.Response:
+    """GET through a SyncProxy in this process, then close it."""
+    try:
+        with httpx.Client(transport=httpx.WSGITransport(app=proxy), base_url="http://f") as c:
+            return c.get(path, headers=headers)
+    finally:
+        proxy.close()
 
-    sync = SyncProxy(mtls_upstream.url, verify=tls_files.ca_pem,
-                     cert=(tls_files.client_cert, tls_files.client_key))
-    with httpx.Client(transport=httpx.WSGITransport(app=sync), base_url="http://front") as c:
-        assert c.get("/api", headers={"x-req-id": rid}).status_code == 200
-    sync.close()
-    assert mtls_upstream.wait_record(rid).header("x-forwarded-proto") == "http"
 
-    async def through(proxy: AsyncProxy) -> httpx.Response:
+def asgi_get(proxy: AsyncProxy, path: str) -> httpx.Response:
+    """GET through an AsyncProxy in this process, then close it."""
+
+    async def run() -> httpx.Response:
         transport = httpx.ASGITransport(app=proxy)
         try:
-            async with httpx.AsyncClient(transport=transport, base_url="http://front") as c:
-                return await c.get("/api")
+            async with httpx.AsyncClient(transport=transport, base_url="http://f") as c:
+                return await c.get(path)
         finally:
             await proxy.aclose()
 
+    return asyncio.run(run())
+
+
+def test_python_api_takes_httpx_names(https_upstream: Upstream, mtls_upstream: Upstream,
+                                      tls_files: TLSFiles, rid: str) -> None:
+    sync = SyncProxy(mtls_upstream.url, verify=tls_files.ca_pem,
+                     cert=(tls_files.client_cert, tls_files.client_key))
+    assert wsgi_get(sync, "/api", **{"x-req-id": rid}).status_code == 200
+    assert mtls_upstream.wait_record(rid).header("x-forwarded-proto") == "http"
+
     trusted = AsyncProxy(https_upstream.url, verify=tls_files.client_context())
-    assert asyncio.run(through(trusted)).status_code == 200
-    untrusted = asyncio.run(through(AsyncProxy(https_upstream.url)))
+    assert asgi_get(trusted, "/api").status_code == 200
+    untrusted = asgi_get(AsyncProxy(https_upstream.url), "/api")
     assert untrusted.status_code == 502
     assert "TLS verification" in untrusted.json()["detail"]
+
+
+def test_certificate_for_another_name_is_refused(tls_files: TLSFiles) -> None:
+    """The name checked is the upstream URL's host: a valid certificate of the trusted CA
+    for another name is refused by both faces."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_files.ca.issue_cert("other.example").configure_cert(context)
+    with Upstream(ssl=context) as elsewhere:
+        for resp in (wsgi_get(SyncProxy(elsewhere.url, verify=tls_files.ca_pem), "/x"),
+                     asgi_get(AsyncProxy(elsewhere.url, verify=tls_files.ca_pem), "/x")):
+            assert resp.status_code == 502
+            assert "mismatch" in resp.json()["detail"], resp.text
+        assert elsewhere.records == []
