@@ -91,6 +91,19 @@ def _mount(value: str) -> str:
     return value
 
 
+# --- gateway: tls ---
+TLS_FILE_FLAGS = (
+    ("--upstream-ca", "verify https upstreams against this CA bundle (PEM file or hashed "
+                      "directory) instead of the system CAs (default: system CAs)"),
+    ("--upstream-cert", "client certificate for mutual TLS with https upstreams (PEM; may "
+                        "hold the key too) (default: none)"),
+    ("--upstream-key", "the key of --upstream-cert, when not in its file (default: none)"),
+    ("--certfile", "serve HTTPS with this certificate chain (PEM); needs --keyfile "
+                   "(default: plain HTTP)"),
+    ("--keyfile", "the private key of --certfile (PEM) (default: none)"),
+)
+
+
 def _readable(value: str) -> str:
     try:
         with open(value, "rb"):
@@ -175,22 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: text)")
     # --- gateway: tls ---
     tls = serve.add_argument_group("TLS")
-    tls.add_argument("--upstream-ca", type=_readable, default=None, metavar="FILE",
-                     help="verify https upstreams against this CA bundle (PEM file or "
-                          "hashed directory) instead of the system CAs (default: system CAs)")
-    tls.add_argument("--upstream-cert", type=_readable, default=None, metavar="FILE",
-                     help="client certificate for mutual TLS with https upstreams (PEM; may "
-                          "hold the key too) (default: none)")
-    tls.add_argument("--upstream-key", type=_readable, default=None, metavar="FILE",
-                     help="the key of --upstream-cert, when not in its file (default: none)")
+    for flag, text in TLS_FILE_FLAGS:
+        tls.add_argument(flag, type=_readable, default=None, metavar="FILE", help=text)
     tls.add_argument("--upstream-insecure", action="store_true",
                      help="do not verify https upstreams' certificates at all; logs a WARNING "
                           "at start (default: verified)")
-    tls.add_argument("--certfile", type=_readable, default=None, metavar="FILE",
-                     help="serve HTTPS with this certificate chain (PEM); needs --keyfile "
-                          "(default: plain HTTP)")
-    tls.add_argument("--keyfile", type=_readable, default=None, metavar="FILE",
-                     help="the private key of --certfile (PEM) (default: none)")
 
     demo = sub.add_parser(
         "demo", help="start a built-in upstream and a proxy in front of it",

@@ -283,15 +283,20 @@ def mtls_upstream(tls_files: TLSFiles) -> Iterator[Upstream]:
 
 
 @pytest.fixture(scope="session")
-def unix_upstream() -> Iterator[Upstream]:
-    """The recording upstream on a unix socket (a short path: sun_path holds 108 bytes)."""
+def socket_dir() -> Iterator[str]:
+    """A folder for unix sockets, with a short path (sun_path holds 108 bytes)."""
+    folder = tempfile.mkdtemp(prefix="dp-")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def unix_upstream(socket_dir: str) -> Iterator[Upstream]:
+    """The recording upstream on a unix socket."""
     from tests.upstream import Upstream
 
-    folder = tempfile.mkdtemp(prefix="dp-")
-    server = Upstream(unix=os.path.join(folder, "up.sock")).start()
-    yield server
-    server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
+    with Upstream(unix=os.path.join(socket_dir, "up.sock")) as server:
+        yield server
 
 
 def transfer_hashed(proxy: ProxyProcess, upstream: Upstream, size: int,
@@ -316,3 +321,13 @@ def transfer_hashed(proxy: ProxyProcess, upstream: Upstream, size: int,
             for piece in down.iter_raw():
                 digest.update(piece)
         assert digest.hexdigest() == pattern_sha256(size)
+
+
+def assert_reused(proxy: ProxyProcess, upstream: Upstream, requests: int = 20) -> None:
+    """Sequential requests through `proxy` ride one pooled upstream connection."""
+    with proxy.client() as client:
+        assert client.get("/warm").status_code == 200
+        before = upstream.total_connections()
+        for i in range(requests):
+            assert client.get(f"/again/{i}").status_code == 200
+    assert upstream.total_connections() - before <= 1

@@ -17,7 +17,7 @@ import pytest
 from websockets.sync.client import connect
 
 from dualproxy import AsyncProxy, SyncProxy
-from tests.conftest import MakeProxy, TLSFiles, transfer_hashed
+from tests.conftest import MakeProxy, TLSFiles, assert_reused, transfer_hashed
 from tests.test_cli import UPSTREAM, run_cli
 from tests.upstream import Upstream
 from tests.ws_upstream import WsUpstream
@@ -54,13 +54,7 @@ def test_https_upstream_with_private_ca(make_proxy: MakeProxy, https_upstream: U
 def test_tls_connections_are_reused(make_proxy: MakeProxy, https_upstream: Upstream,
                                     tls_files: TLSFiles) -> None:
     proxy = make_proxy(*trusting(tls_files), upstream_url=https_upstream.url)
-    with proxy.client() as client:
-        assert client.get("/warm").status_code == 200
-        before = https_upstream.total_connections()
-        for i in range(20):
-            assert client.get(f"/again/{i}").status_code == 200
-    # Sequential requests ride the pooled TLS connection: no new handshake each.
-    assert https_upstream.total_connections() - before <= 1
+    assert_reused(proxy, https_upstream)  # no new TLS handshake per request
 
 
 @pytest.mark.parametrize("ca", ["system", "other"])

@@ -18,7 +18,7 @@ from websockets.sync.client import connect
 from dualproxy.config import ProxyConfig
 from dualproxy.core import IncomingRequest, build_request, plan_request
 from dualproxy.face import make_async_client, make_sync_client
-from tests.conftest import MakeProxy, transfer_hashed
+from tests.conftest import MakeProxy, assert_reused, transfer_hashed
 from tests.upstream import Upstream
 from tests.ws_upstream import WsUpstream
 
@@ -54,12 +54,7 @@ def test_preserve_host_sends_the_clients(make_proxy: MakeProxy, unix_upstream: U
 
 def test_unix_connections_are_reused(make_proxy: MakeProxy, unix_upstream: Upstream) -> None:
     proxy = make_proxy(upstream_url=unix_upstream.url)
-    with proxy.client() as client:
-        assert client.get("/warm").status_code == 200
-        before = unix_upstream.total_connections()
-        for i in range(20):
-            assert client.get(f"/again/{i}").status_code == 200
-    assert unix_upstream.total_connections() - before <= 1
+    assert_reused(proxy, unix_upstream)
 
 
 def test_missing_socket_is_a_502_problem(make_proxy: MakeProxy) -> None:
@@ -74,9 +69,8 @@ def test_missing_socket_is_a_502_problem(make_proxy: MakeProxy) -> None:
 
 
 @pytest.fixture(scope="session")
-def ws_unix_upstream() -> Iterator[WsUpstream]:
-    folder = tempfile.mkdtemp(prefix="dp-ws-")
-    server = WsUpstream(unix=os.path.join(folder, "ws.sock")).start()
+def ws_unix_upstream(socket_dir: str) -> Iterator[WsUpstream]:
+    server = WsUpstream(unix=os.path.join(socket_dir, "ws.sock")).start()
     yield server
     server.stop()
 
@@ -97,10 +91,9 @@ def test_websocket_to_a_unix_upstream(make_proxy: MakeProxy, ws_unix_upstream: W
 
 
 @pytest.fixture
-def two_sockets() -> Iterator[tuple[Upstream, Upstream]]:
-    folder = tempfile.mkdtemp(prefix="dp-two-")
-    with Upstream(unix=os.path.join(folder, "a.sock")) as a, \
-            Upstream(unix=os.path.join(folder, "b.sock")) as b:
+def two_sockets(socket_dir: str) -> Iterator[tuple[Upstream, Upstream]]:
+    with Upstream(unix=os.path.join(socket_dir, "a.sock")) as a, \
+            Upstream(unix=os.path.join(socket_dir, "b.sock")) as b:
         yield a, b
 
 

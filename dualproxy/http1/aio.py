@@ -17,18 +17,9 @@ from typing import cast
 
 import httpx
 
+from .connect import Key, address, connect_failed
 from .connection import NEED_DATA, ClientConnection, Data, Response
-from .pool import (
-    RETRY_ON,
-    Key,
-    Pool,
-    PooledBody,
-    address,
-    connect_failed,
-    origin,
-    request_line,
-    timeout,
-)
+from .pool import RETRY_ON, Pool, PooledBody, origin, request_line, timeout
 
 READ_SIZE = 262144
 HIGH_WATER = 1 << 20  # pause reading the upstream above this many unread bytes

@@ -29,15 +29,11 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import httpx
 
-from ..errors import UpstreamTLSError
 from ..framing import FRAMING
 from ..upstreams import UPSTREAM, Upstream
+from .connect import Key, upstream_key
 from .connection import ClientConnection, Response
-from .tls import client_context, verification_failure
-
-# Where a connection goes: (scheme, host, port), or ("unix", socket path, 0).
-# Connections are pooled per key: two sockets or two hosts never share one.
-Key = tuple[str, str, int]
+from .tls import client_context
 
 
 class Conn(Protocol):
@@ -65,12 +61,6 @@ def limit(value: int | None) -> int:
     return sys.maxsize if value is None else value  # None: no limit (httpx.Limits)
 
 
-def upstream_key(upstream: Upstream) -> Key:
-    if upstream.socket_path is not None:
-        return "unix", upstream.socket_path, 0
-    return upstream.scheme, upstream.host, upstream.port
-
-
 def origin(request: httpx.Request) -> Key:
     """The pool key of a request: its chosen `Upstream`'s (core.build_request), else its URL's."""
     upstream = request.extensions.get(UPSTREAM)
@@ -80,20 +70,6 @@ def origin(request: httpx.Request) -> Key:
     scheme = url.scheme
     port = url.port or (443 if scheme == "https" else 80)
     return scheme, url.host, port
-
-
-def address(key: Key) -> str:
-    scheme, host, port = key
-    return f"unix:{host}" if scheme == "unix" else f"{host}:{port}"
-
-
-def connect_failed(key: Key, exc: OSError) -> httpx.ConnectError:
-    """The httpx error for a failed connect or TLS handshake (a refused certificate
-    is UpstreamTLSError: the faces say so in their 502)."""
-    reason = verification_failure(exc)
-    if reason is not None:
-        return UpstreamTLSError(f"{address(key)}: {reason}")
-    return httpx.ConnectError(f"{address(key)}: {exc}")
 
 
 def request_line(request: httpx.Request) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:

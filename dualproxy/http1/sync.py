@@ -20,18 +20,9 @@ from typing import cast
 import httpx
 
 from ..errors import ClientDisconnected
+from .connect import Key, address, connect_failed
 from .connection import NEED_DATA, ClientConnection, Data, EndOfMessage, Response
-from .pool import (
-    RETRY_ON,
-    Key,
-    Pool,
-    PooledBody,
-    address,
-    connect_failed,
-    origin,
-    request_line,
-    timeout,
-)
+from .pool import RETRY_ON, Pool, PooledBody, origin, request_line, timeout
 
 READ_SIZE = 262144
 SMALL_READ = 65536          # below malloc's mmap threshold: no mmap/munmap per small read

@@ -30,7 +30,7 @@ from ..config import ProxyConfig
 from ..core import ResponseHead, UpstreamPlan, plan_response
 from ..errors import ProxyError, map_stream_errors, map_upstream_errors
 from ..http1 import ClientConnection, Data, EndOfMessage, Response, connect_upstream
-from ..http1.pool import upstream_key
+from ..http1.connect import upstream_key
 from ..http1.tls import upstream_context
 from ..logs import AccessLog, RequestRecord
 from ..types import Environ, StartResponse
