@@ -74,6 +74,12 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         self._lock = threading.Lock()
         if client is not None:
             disable_cookies(client)
+        else:
+            from .http1.tls import upstream_context
+
+            # Load the CA bundle and client certificate now: a bad file is a
+            # ValueError naming it here, not an error at the first request.
+            upstream_context(config)
         self._log = AccessLog(enabled=access_log, format=access_log_format,
                               upstream=str(config.upstreams[0]), route=config.mount or "/")
 

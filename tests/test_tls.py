@@ -248,3 +248,12 @@ def test_certificate_for_another_name_is_refused(tls_files: TLSFiles) -> None:
             assert resp.status_code == 502
             assert "mismatch" in resp.json()["detail"], resp.text
         assert elsewhere.records == []
+
+
+@pytest.mark.parametrize("face", [SyncProxy, AsyncProxy])
+def test_api_refuses_bad_tls_files_when_built(face: type[SyncProxy] | type[AsyncProxy],
+                                              tls_files: TLSFiles) -> None:
+    with pytest.raises(ValueError, match="/nonexistent/ca.pem"):
+        face("https://127.0.0.1:9", verify="/nonexistent/ca.pem")
+    with pytest.raises(ValueError, match="client certificate"):
+        face("https://127.0.0.1:9", cert=tls_files.ca_pem)  # a certificate without its key
