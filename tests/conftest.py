@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-import trustme
 
 if TYPE_CHECKING:
+    import trustme
+
     from tests.upstream import Upstream
 
 PAIRINGS = ("asgi-uvicorn", "wsgi-gunicorn", "wsgi-uvicorn", "asgi-gunicorn")
@@ -240,6 +241,8 @@ class TLSFiles:
 
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    import trustme
+
     ca = trustme.CA()
     server = ca.issue_cert("127.0.0.1", "localhost")
     client = ca.issue_cert("client@dualproxy.test")
