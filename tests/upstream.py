@@ -269,7 +269,9 @@ class _Conn(asyncio.Protocol):
         self.eof = True
         self.gone.set()
         self._wake()
-        return True  # keep the write side open: a half-closed client still gets its answer
+        # Keep the write side open: a half-closed client still gets its answer
+        # (TLS has no half-close: asyncio closes there whatever is returned).
+        return self.upstream.ssl is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = self.lost = True
