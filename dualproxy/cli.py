@@ -90,6 +90,15 @@ def _mount(value: str) -> str:
     return value
 
 
+# The TOML types a config-file value may have, by its flag's validator (configfile.py;
+# a flag with no validator takes a string, one with a validator not listed a string
+# or a number).
+TOML_TYPES: dict[Any, tuple[type, ...]] = {
+    _positive: (int, float), _count: (int,), _size: (int, str), _positive_size: (int, str),
+    _bind: (str,), _mount: (str,),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dualproxy",
@@ -102,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="proxy to an upstream",
         description="Serve the proxy: every request under --mount is streamed to --upstream.",
         epilog="example: dualproxy serve --upstream http://127.0.0.1:9000/base --mount /api")
-    serve.add_argument("--upstream", required=True, metavar="URL",
+    serve.add_argument("--upstream", default=None, metavar="URL",
                        help="upstream base URL, e.g. http://127.0.0.1:9000/base; its path is "
-                            "the base every proxied path is appended to (required)")
+                            "the base every proxied path is appended to (required, unless "
+                            "--config gives the routes)")
     serve.add_argument("--mount", default="/", type=_mount, metavar="PREFIX",
                        help="only paths under this prefix are proxied, other paths answer 404 "
                             "(default: everything)")
@@ -161,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-log-format", choices=FORMATS, default="text",
                        help="access log lines as text, or json: one JSON object a line "
                             "(default: text)")
+    # --- gateway: routes ---
+    serve.add_argument("--config", default=None, metavar="FILE.toml",
+                       help="several routes from a TOML file: server options at the top, "
+                            "one [[route]] table a route (mount, upstream and the route "
+                            "options); server flags given here win over the file's, route "
+                            "flags are refused (default: one route from the flags)")
 
     demo = sub.add_parser(
         "demo", help="start a built-in upstream and a proxy in front of it",
@@ -254,17 +270,22 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
 
 
 def build_app(options: dict[str, Any]) -> Any:
-    """The ASGI or WSGI app for the options (the same in every worker)."""
-    config = config_from_options(options)
+    """The ASGI or WSGI app for the options (the same in every worker): one proxy, or a
+    router over one proxy a route when `options["routes"]` lists several (--config)."""
+    log = {"access_log": options["access_log"],
+           "access_log_format": options["access_log_format"]}
+    configs = [config_from_options(route) for route in options.get("routes") or [options]]
     if options["adapter"] == "asgi":
         from .asgi import AsyncProxy
+        from .router import AsyncRouter
 
-        return AsyncProxy(config=config, access_log=options["access_log"],
-                          access_log_format=options["access_log_format"])
+        proxies = [AsyncProxy(config=config, **log) for config in configs]
+        return proxies[0] if len(proxies) == 1 else AsyncRouter(proxies)
+    from .router import SyncRouter
     from .wsgi import SyncProxy
 
-    return SyncProxy(config=config, access_log=options["access_log"],
-                     access_log_format=options["access_log_format"])
+    sync_proxies = [SyncProxy(config=config, **log) for config in configs]
+    return sync_proxies[0] if len(sync_proxies) == 1 else SyncRouter(sync_proxies)
 
 
 def load_app(options: dict[str, Any]) -> Any:
@@ -288,8 +309,11 @@ def app_from_env() -> Any:
     return load_app(json.loads(os.environ[ENV_OPTIONS]))
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, routes: list[dict[str, Any]] | None = None) -> int:
     options = options_from_args(args)
+    if routes:  # --config: the server's WebSocket limit is the largest route's
+        options["routes"] = routes
+        options["ws_max_size"] = max(route["ws_max_size"] for route in routes)
     host, port = args.bind
     os.environ[ENV_OPTIONS] = json.dumps(options)
     if options["server"] == "uvicorn":
@@ -323,7 +347,22 @@ def demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "serve" and args.config is not None:
+        from .configfile import ConfigError, FlagConflict, load
+
+        try:
+            serve_args, routes = load(args.config, list(sys.argv[1:] if argv is None else argv),
+                                      build_parser, options_from_args, config_from_options,
+                                      TOML_TYPES)
+        except FlagConflict as exc:
+            parser.exit(2, f"dualproxy serve: error: {exc} (see dualproxy serve --help)\n")
+        except ConfigError as exc:
+            parser.exit(2, f"dualproxy: error: {exc}\n")
+        return serve(serve_args, routes)
     if args.command == "serve":
+        if args.upstream is None:
+            parser.exit(2, "dualproxy serve: error: --upstream URL is required, or --config "
+                           "FILE.toml for several routes (see dualproxy serve --help)\n")
         try:
             config_from_options(options_from_args(args))
         except ValueError as exc:  # the upstream URL, a trusted-proxy CIDR
