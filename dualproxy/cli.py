@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: dualproxy serve --upstream http://127.0.0.1:9000/base --mount /api")
     serve.add_argument("--upstream", default=None, metavar="URL",
                        help="upstream base URL, e.g. http://127.0.0.1:9000/base; its path is "
-                            "the base every proxied path is appended to (required, unless "
-                            "--config gives the routes)")
+                            "the base every proxied path is appended to (required), unless "
+                            "--config gives the routes")
     serve.add_argument("--mount", default="/", type=_mount, metavar="PREFIX",
                        help="only paths under this prefix are proxied, other paths answer 404 "
                             "(default: everything)")
@@ -344,16 +344,24 @@ def demo(args: argparse.Namespace) -> int:
         return 0
 
 
+def load_config_file(path: str, argv: Sequence[str]) -> tuple[argparse.Namespace,
+                                                               list[dict[str, Any]]]:
+    """`serve`'s arguments (the file's server options under argv's) and the routes'
+    options, all checked (configfile.ConfigError, FlagConflict when one is bad)."""
+    from .configfile import load
+
+    return load(path, argv, build_parser, options_from_args, config_from_options, TOML_TYPES)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve" and args.config is not None:
-        from .configfile import ConfigError, FlagConflict, load
+        from .configfile import ConfigError, FlagConflict
 
         try:
-            serve_args, routes = load(args.config, list(sys.argv[1:] if argv is None else argv),
-                                      build_parser, options_from_args, config_from_options,
-                                      TOML_TYPES)
+            serve_args, routes = load_config_file(args.config,
+                                                  list(sys.argv[1:] if argv is None else argv))
         except FlagConflict as exc:
             parser.exit(2, f"dualproxy serve: error: {exc} (see dualproxy serve --help)\n")
         except ConfigError as exc:

@@ -115,7 +115,7 @@ class _Loader:
         else:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-        return self.error(f"unknown key '{key}' in {where}{hint}",
+        return self.error(f"unknown key '{key}' {where}{hint}",
                           self.text.key_line(key, route))
 
     def value(self, key: str, value: Any, where: str, route: int | None) -> Any:
@@ -139,10 +139,10 @@ class _Loader:
         try:
             result = action.type(str(value)) if callable(action.type) else str(value)
         except (argparse.ArgumentTypeError, ValueError) as exc:
-            raise self.error(f"bad value for '{key}' in {where}: {exc}", line) from None
+            raise self.error(f"bad value for '{key}' {where}: {exc}", line) from None
         if action.choices is not None and result not in action.choices:
             choices = ", ".join(map(repr, action.choices))
-            raise self.error(f"bad value for '{key}' in {where}: {value!r} is not one of "
+            raise self.error(f"bad value for '{key}' {where}: {value!r} is not one of "
                              f"{choices}", line)
         return result
 
@@ -152,7 +152,7 @@ class _Loader:
             wanted = ("a number" if float in kinds and int in kinds and len(kinds) == 2
                       else " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds))
             got = _TYPE_NAMES.get(type(value), type(value).__name__)
-            raise self.error(f"'{key}' in {where} must be {wanted}, got {got} ({value!r})", line)
+            raise self.error(f"'{key}' {where} must be {wanted}, got {got} ({value!r})", line)
         if isinstance(value, list):
             for item in value:
                 self._expect(key, item, (str,), where, line)
@@ -201,9 +201,9 @@ def load(
         if key == "route":
             continue
         if key not in loader.server_keys:
-            raise loader.unknown(key, "the top of the file", None)
+            raise loader.unknown(key, "at the top of the file", None)
         action = loader.actions[_dest(key)]
-        converted = loader.value(key, value, "the top of the file", None)
+        converted = loader.value(key, value, "at the top of the file", None)
         flag = action.option_strings[0]
         if action.nargs == 0:
             file_argv += [flag] if converted != action.default else []
@@ -239,19 +239,20 @@ def _route(loader: _Loader, args: argparse.Namespace, number: int, table: Any,
     if not isinstance(table, dict):
         raise loader.error(f"route #{number} must be a table ([[route]])", header)
     mount = table.get("mount", "/")
-    where = f"[[route]] #{number} (mount {mount!r})"
+    name = f"[[route]] #{number} (mount {mount!r})"
+    where = f"in {name}"
     for key in table:
         if key not in loader.route_keys:
             raise loader.unknown(key, where, number)
     if "upstream" not in table:
-        raise loader.error(f"{where} has no 'upstream'", header)
+        raise loader.error(f"{name} has no 'upstream'", header)
     route_args = argparse.Namespace(**vars(args))
     for key, value in table.items():
         if key == "upstream":  # one URL or a list: one pool (whatever --upstream takes)
             items = [value] if isinstance(value, str) else value
             loader._expect(key, items, (list,), where, loader.text.key_line(key, number))
             if not items:
-                raise loader.error(f"'upstream' in {where} is an empty list",
+                raise loader.error(f"'upstream' {where} is an empty list",
                                    loader.text.key_line(key, number))
             value = items[0] if len(items) == 1 else items
         setattr(route_args, _dest(key),
@@ -264,7 +265,7 @@ def _route(loader: _Loader, args: argparse.Namespace, number: int, table: Any,
     except ValueError as exc:
         named = [k for k, v in table.items() if _blames(k, v, str(exc))]
         line = loader.text.key_line(named[0], number) if named else None
-        raise loader.error(f"{where}: {exc}", line or header) from None
+        raise loader.error(f"{name}: {exc}", line or header) from None
     return route, str(config.mount)
 
 
