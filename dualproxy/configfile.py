@@ -122,10 +122,17 @@ class _Loader:
         """The flag's value for a key's TOML value, checked as the command line checks it."""
         action = self.actions[_dest(key)]
         line = self.text.key_line(key, route)
+        append = isinstance(action, argparse._AppendAction)
+        if key == "upstream":  # one URL, or a list: one pool (ProxyConfig checks them)
+            items = [value] if isinstance(value, str) else value
+            self._expect(key, items, (list,), where, line)
+            if not items:
+                raise self.error(f"'upstream' {where} is an empty list", line)
+            return items if append or len(items) > 1 else items[0]
         if action.nargs == 0:  # a store_true flag
             self._expect(key, value, (bool,), where, line)
             return action.const if value != (key in _INVERTED) else action.default
-        if isinstance(action, argparse._AppendAction):
+        if append:
             items = [value] if isinstance(value, str) else value
             self._expect(key, items, (list,), where, line)
             return [self._convert(key, action, item, where, line) for item in items]
@@ -228,6 +235,8 @@ def load(
                 loader.text.key_line("mount", number) or loader.text.route_line(number))
         mounts[mount] = number
         routes.append(route)
+    # The first route's upstream stands for --upstream (unused: the routes list wins).
+    args.upstream = loader.value("upstream", tables[0]["upstream"], "", 1)
     return args, routes
 
 
@@ -248,18 +257,9 @@ def _route(loader: _Loader, args: argparse.Namespace, number: int, table: Any,
         raise loader.error(f"{name} has no 'upstream'", header)
     route_args = argparse.Namespace(**vars(args))
     for key, value in table.items():
-        if key == "upstream":  # one URL or a list: one pool (whatever --upstream takes)
-            items = [value] if isinstance(value, str) else value
-            loader._expect(key, items, (list,), where, loader.text.key_line(key, number))
-            if not items:
-                raise loader.error(f"'upstream' {where} is an empty list",
-                                   loader.text.key_line(key, number))
-            value = items[0] if len(items) == 1 else items
-        setattr(route_args, _dest(key),
-                value if key == "upstream" else loader.value(key, value, where, number))
+        setattr(route_args, _dest(key), loader.value(key, value, where, number))
     options = to_options(route_args)
     route = {k: v for k, v in options.items() if k not in SERVER_KEYS}
-    route["upstream"] = route_args.upstream
     try:
         config = check_route(route)
     except ValueError as exc:
