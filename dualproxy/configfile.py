@@ -94,6 +94,8 @@ class _Text:
 
 
 class _Loader:
+    """The known keys (from the `serve` flags) and the checks of one file's values."""
+
     def __init__(self, path: str, text: str, serve: argparse.ArgumentParser,
                  toml_types: Mapping[Any, tuple[type, ...]]) -> None:
         self.path = path
@@ -113,8 +115,10 @@ class _Loader:
         elif not route and key in self.route_keys:
             hint = " (a route option: put it inside a [[route]] table)"
         else:
-            close = difflib.get_close_matches(key, known, n=1)
+            close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
+            if "-" in key:
+                hint += " (keys are snake_case)"
         return self.error(f"unknown key '{key}' {where}{hint}",
                           self.text.key_line(key, route))
 
@@ -123,20 +127,19 @@ class _Loader:
         action = self.actions[_dest(key)]
         line = self.text.key_line(key, route)
         append = isinstance(action, argparse._AppendAction)
-        if key == "upstream":  # one URL, or a list: one pool (ProxyConfig checks them)
-            items = [value] if isinstance(value, str) else value
-            self._expect(key, items, (list,), where, line)
-            if not items:
-                raise self.error(f"'upstream' {where} is an empty list", line)
-            return items if append or len(items) > 1 else items[0]
         if action.nargs == 0:  # a store_true flag
             self._expect(key, value, (bool,), where, line)
             return action.const if value != (key in _INVERTED) else action.default
-        if append:
-            items = [value] if isinstance(value, str) else value
-            self._expect(key, items, (list,), where, line)
+        if not append and key != "upstream":
+            return self._convert(key, action, value, where, line)
+        items = [value] if isinstance(value, str) else value  # a repeatable flag: a list
+        self._expect(key, items, (list,), where, line)
+        if key != "upstream":
             return [self._convert(key, action, item, where, line) for item in items]
-        return self._convert(key, action, value, where, line)
+        # One URL, or several: one pool (ProxyConfig checks them), whatever --upstream takes.
+        if not items:
+            raise self.error(f"'upstream' {where} is an empty list", line)
+        return items if append or len(items) > 1 else items[0]
 
     def _convert(self, key: str, action: argparse.Action, value: Any, where: str,
                  line: int | None) -> Any:

@@ -20,6 +20,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from dualproxy import AsyncProxy, AsyncRouter, SyncProxy, SyncRouter
 from dualproxy.cli import load_config_file
 from dualproxy.routes import RouteTable
 from tests.conftest import ROOT, ProxyPool, ProxyProcess
@@ -186,6 +187,8 @@ ROUTE = '[[route]]\nmount = "/a"\nupstream = "http://127.0.0.1:9"\n'
 @pytest.mark.parametrize(("text", "line", "message"), [
     (ROUTE + '[[route]]\nmount = "/b"\nupstreams = "http://127.0.0.1:9"\n', 6,
      "unknown key 'upstreams' in [[route]] #2 (mount '/b'); did you mean 'upstream'?"),
+    (ROUTE + "idle-timeout = 5\n", 4, "unknown key 'idle-timeout' in [[route]] #1 (mount '/a'); "
+     "did you mean 'idle_timeout'? (keys are snake_case)"),
     (ROUTE + "timeout = \"5\"\n", 4,
      "'timeout' in [[route]] #1 (mount '/a') must be a number, got a string ('5')"),
     (ROUTE + "preserve_host = 1\n", 4, "'preserve_host' in [[route]] #1 (mount '/a') must be "
@@ -274,5 +277,10 @@ def test_the_longest_mount_wins_on_segment_boundaries() -> None:
 def test_a_mount_given_twice_is_refused() -> None:
     with pytest.raises(ValueError, match="mount '/api' is given twice"):
         RouteTable(["/api", "/x", "/api"])
+    with pytest.raises(ValueError, match=r"mount '/a' is given twice \(routes 1 and 2\)"):
+        AsyncRouter([AsyncProxy("http://127.0.0.1:9", mount="/a"),
+                     AsyncProxy("http://127.0.0.1:9", mount="/a/")])
+    with pytest.raises(ValueError, match="mount '/' is given twice"):
+        SyncRouter([SyncProxy("http://127.0.0.1:9"), SyncProxy("http://127.0.0.1:8", mount="/")])
     with pytest.raises(ValueError, match="at least one route"):
         RouteTable([])
