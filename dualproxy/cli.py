@@ -350,7 +350,13 @@ def load_config_file(path: str, argv: Sequence[str]) -> tuple[argparse.Namespace
     options, all checked (configfile.ConfigError, FlagConflict when one is bad)."""
     from .configfile import load
 
-    return load(path, argv, build_parser, options_from_args, config_from_options, TOML_TYPES)
+    return load(path, argv, build_parser, options_from_args, check_route, TOML_TYPES)
+
+
+def check_route(route: dict[str, Any]) -> ProxyConfig:
+    """One route's ProxyConfig from its options, everything about it checked now
+    (ValueError naming the problem): the --config file's routes go through it."""
+    return config_from_options(route)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

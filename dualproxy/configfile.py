@@ -273,9 +273,10 @@ def _route(loader: _Loader, args: argparse.Namespace, number: int, table: Any,
 
 
 def _blames(key: str, value: Any, message: str) -> bool:
-    """Does ProxyConfig's message name this key, or quote one of its values?"""
+    """Does ProxyConfig's message name this key (or its flag), or quote one of its values?"""
     values = value if isinstance(value, list) else [value]
-    return (re.search(rf"\b{re.escape(key)}\b", message) is not None
+    names = "|".join(re.escape(name) for name in (key, key.replace("_", "-")))
+    return (re.search(rf"(?<!\w)(?:{names})(?![\w-])", message) is not None
             or any(isinstance(v, str) and repr(v) in message for v in values))
 
 
