@@ -88,9 +88,12 @@ class ProxyProcess:
         self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
         self.flags = flags
         self.log_path = Path(tempfile.mkstemp(prefix=f"dualproxy-{pairing}-", suffix=".log")[1])
-        args = [sys.executable, "-m", "dualproxy", "serve", "--upstream", upstream,
+        # No upstream: a `--config FILE` proxy, whose file holds the routes and their
+        # options (route flags are refused next to it).
+        route = ["--upstream", upstream, *DEFAULT_FLAGS] if upstream else ["--log-level", "info"]
+        args = [sys.executable, "-m", "dualproxy", "serve", *route,
                 "--adapter", self.adapter, "--server", self.server,
-                "--bind", f"127.0.0.1:{self.port}", *DEFAULT_FLAGS, *flags]
+                "--bind", f"127.0.0.1:{self.port}", *flags]
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
                                      cwd=ROOT, start_new_session=True)
