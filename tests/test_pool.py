@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -462,3 +463,23 @@ def test_websocket_handshake_retried_on_another_upstream(make_proxy: MakeProxy) 
         assert "retrying on " + ws_upstream.url in log
     finally:
         ws_upstream.stop()
+
+
+def test_pool_keys_in_a_config_file(tmp_path: Path) -> None:
+    from dualproxy.cli import check_route, load_config_file
+
+    path = tmp_path / "pool.toml"
+    path.write_text('[[route]]\nmount = "/a"\nupstream = ["http://127.0.0.1:9", '
+                    '"http://127.0.0.1:8"]\nbalance = "round-robin"\nmax_fails = 3\n'
+                    'fail_timeout = 2.5\nretries = 0\nhealth_path = "/healthz"\n'
+                    'health_interval = 1\n')
+    _, routes = load_config_file(str(path), ["serve", "--config", str(path)])
+    config = check_route(routes[0])
+    assert (config.balance, config.max_fails, config.fail_timeout, config.retries,
+            config.health_path, config.health_interval) == (
+                "round-robin", 3, 2.5, 0, "/healthz", 1.0)
+    assert len(config.upstreams) == 2
+    path.write_text('[[route]]\nupstream = "http://127.0.0.1:9"\nretries = -1\n')
+    result = run_cli("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert f"{path}:3: bad value for 'retries'" in result.stderr
