@@ -483,3 +483,22 @@ def test_pool_keys_in_a_config_file(tmp_path: Path) -> None:
     result = run_cli("serve", "--config", str(path))
     assert result.returncode == 2
     assert f"{path}:3: bad value for 'retries'" in result.stderr
+
+
+def test_a_pool_of_a_unix_socket_and_tcp_with_each_ones_host(
+        make_proxy: MakeProxy, upstream: Upstream, unix_upstream: Upstream) -> None:
+    proxy = make_proxy("--upstream", unix_upstream.url, "--balance", "round-robin",
+                       "--health-path", "/healthz", "--health-interval", "0.5")
+    rids = [f"mixed-{i}-{time.monotonic_ns()}" for i in range(4)]
+    with proxy.client() as client:
+        assert [client.get("/m", headers={"x-req-id": rid}).status_code
+                for rid in rids] == [200] * 4
+    hosts = sorted(r.header("host") or "" for server in (upstream, unix_upstream)
+                   for rid in rids for r in server.find_all(rid))
+    assert hosts == sorted(["localhost"] * 2 + [f"127.0.0.1:{upstream.port}"] * 2)
+    # Probes reach the unix socket through the proxy's own transport.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(
+            r.target == b"/healthz" for r in unix_upstream.records):
+        time.sleep(0.1)
+    assert any(r.target == b"/healthz" for r in unix_upstream.records)
