@@ -26,7 +26,7 @@ from dualproxy.config import ProxyConfig
 from dualproxy.core import IncomingRequest, may_retry, plan_request
 from dualproxy.upstreams import NOTHING_SENT, parse_upstream
 from tests.conftest import MakeProxy, ProxyProcess, free_port
-from tests.test_cli import UPSTREAM, run_cli
+from tests.test_cli import run_cli
 from tests.upstream import Upstream
 
 A, B, C = (parse_upstream(f"http://10.0.0.{i}:9000") for i in (1, 2, 3))
@@ -421,25 +421,6 @@ def test_python_api_takes_a_list_on_both_faces(upstream: Upstream) -> None:
     assert all(len(upstream.find_all(f"api-async-{i}")) == 1 for i in range(4))
     with pytest.raises(ValueError, match="balance must be one of"):
         SyncProxy([upstream.url], balance="fastest")
-
-
-@pytest.mark.parametrize(("flags", "names"), [
-    (["--balance", "fastest"], "--balance"),
-    (["--max-fails", "-1"], "--max-fails"),
-    (["--max-fails", "one"], "--max-fails"),
-    (["--retries", "-1"], "--retries"),
-    (["--fail-timeout", "0"], "--fail-timeout"),
-    (["--health-interval", "nan"], "--health-interval"),
-    (["--health-path", "healthz"], "--health-path"),
-    (["--upstream", UPSTREAM], "given twice"),
-    (["--upstream", "http://127.0.0.1:9/other"], "share one base path"),
-])
-def test_bad_pool_flags_are_one_line_usage_errors(flags: list[str], names: str) -> None:
-    result = run_cli("serve", "--upstream", UPSTREAM, "--bind", "127.0.0.1:1", *flags)
-    assert result.returncode == 2, result
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("dualproxy serve: error: ") and names in lines[0], lines
 
 
 def test_websocket_handshake_retried_on_another_upstream(make_proxy: MakeProxy) -> None:
