@@ -88,21 +88,21 @@ class Balancer:
         now = self._clock()
         ups = self.upstreams
         count = len(ups)
-        start = self._next
-        # Candidates in round-robin order from the cursor.
-        order = [ups[(start + i) % count] for i in range(count)]
-        candidates = [u for u in order if u not in tried
-                      and not self._state[u].probe_down and now >= self._state[u].down_until]
+        state = self._state
+        # The available ones not tried yet, in round-robin order from the cursor.
+        candidates = [u for u in (ups[(self._next + i) % count] for i in range(count))
+                      if not state[u].probe_down and now >= state[u].down_until
+                      and u not in tried]
         if not candidates:
             return None
-        if self.policy == "round-robin":
-            chosen = candidates[0]
-        elif self.policy == "random":
-            a, b = (self._rng.sample(candidates, 2) if len(candidates) > 1
-                    else (candidates[0], candidates[0]))
-            chosen = a if self._state[a].inflight <= self._state[b].inflight else b
-        else:  # least-conn; min() keeps the first of a tie: round-robin order
-            chosen = min(candidates, key=lambda u: self._state[u].inflight)
+        chosen = candidates[0]
+        if self.policy == "least-conn":  # the first of a tie: round-robin order
+            for upstream in candidates:
+                if state[upstream].inflight < state[chosen].inflight:
+                    chosen = upstream
+        elif self.policy == "random" and len(candidates) > 1:
+            a, b = self._rng.sample(candidates, 2)
+            chosen = a if state[a].inflight <= state[b].inflight else b
         self._next = (ups.index(chosen) + 1) % count
         return chosen
 
