@@ -63,6 +63,8 @@ class Balancer:
         self._state = {u: _State() for u in self.upstreams}
         self._next = 0  # round-robin cursor
         self._lock = threading.Lock()
+        # The face's active health prober feeding `probed`, when one runs (one a balancer).
+        self.prober: object | None = None
 
     def available(self, upstream: Upstream) -> bool:
         state = self._state[upstream]

@@ -122,8 +122,10 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
                     self._client, self._transport = self._new_client()
                     started = True
                 client = self._client
-            if started and self.config.health_path is not None:
-                self._health = self._start_health()
+            # One prober per balancer (a WSGI face and its WebSocket twin share one).
+            if started and self.config.health_path is not None \
+                    and self.balancer.prober is None:
+                self._health = self.balancer.prober = self._start_health()
         return client
 
     def _start_health(self) -> Any:
@@ -135,6 +137,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         health, self._health = self._health, None
         if health is not None:
             health.stop()
+            self.balancer.prober = None
         client = self._client if self._owns_client else None
         if client is not None:
             self._client = self._transport = None

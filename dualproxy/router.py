@@ -104,6 +104,9 @@ class SyncRouter(_Router[SyncProxy]):
 
 
 def async_twin(proxy: SyncProxy) -> AsyncProxy:
-    """An AsyncProxy on the same config and access log settings as `proxy`."""
-    return AsyncProxy(config=proxy.config, access_log=proxy._log.enabled,
+    """An AsyncProxy on the same config and access log settings as `proxy`, sharing its
+    balancer: one pool's in-flight counts and health marks per process."""
+    twin = AsyncProxy(config=proxy.config, access_log=proxy._log.enabled,
                       access_log_format=proxy._log.format)
+    twin.balancer = proxy.balancer
+    return twin
