@@ -264,6 +264,20 @@ def test_dead_upstream_gets_and_unsent_posts_served_once(
     assert "Traceback" not in log
 
 
+def test_a_failed_upstream_is_skipped_for_fail_timeout(make_proxy: MakeProxy,
+                                                       upstream: Upstream) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    proxy = make_proxy("--upstream", upstream.url, "--balance", "round-robin",
+                       upstream_url=dead)
+    with proxy.client() as client:
+        for i in range(6):
+            rid = f"skip-{i}-{time.monotonic_ns()}"
+            assert client.get("/s", headers={"x-req-id": rid}).status_code == 200
+            assert len(upstream.find_all(rid)) == 1
+    # Marked down by its first failure (--max-fails 1): tried once, then skipped.
+    assert proxy.log().count("retrying on") == 1
+
+
 class Resetter:
     """A raw upstream: reads a request head and part of its body, then resets (RST)."""
 
