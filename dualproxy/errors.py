@@ -108,7 +108,15 @@ class IncompleteBody(BadRequest):
 
 
 class UpstreamTLSError(httpx.ConnectError):
-    """The upstream's TLS certificate did not verify (raised by the drivers at connect)."""
+    """The upstream's TLS certificate did not verify (raised by the drivers at connect).
+
+    `reason` is what the client's 502 says; the message (with the upstream's
+    address) is for the log only, as for every other upstream failure.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class UpstreamBroken(Exception):
@@ -133,7 +141,7 @@ def map_upstream_errors() -> Iterator[None]:
     except httpx.TimeoutException as exc:
         raise GatewayTimeout("the upstream did not answer in time") from exc
     except UpstreamTLSError as exc:
-        raise BadGateway(f"TLS verification of the upstream failed: {exc}") from exc
+        raise BadGateway(f"TLS verification of the upstream failed: {exc.reason}") from exc
     except httpx.ConnectError as exc:
         raise BadGateway("the upstream refused or could not be reached") from exc
     except httpx.LocalProtocolError as exc:

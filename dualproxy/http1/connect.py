@@ -31,5 +31,5 @@ def connect_failed(key: Key, exc: OSError) -> httpx.ConnectError:
     is UpstreamTLSError: the faces say so in their 502)."""
     reason = verification_failure(exc)
     if reason is not None:
-        return UpstreamTLSError(f"{address(key)}: {reason}")
+        return UpstreamTLSError(f"{address(key)}: {reason}", reason=reason)
     return httpx.ConnectError(f"{address(key)}: {exc}")
