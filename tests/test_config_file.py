@@ -268,6 +268,8 @@ def test_the_example_config_is_valid() -> None:
     assert [route["mount"] for route in routes] == ["/api", "/files"]
     assert routes[0]["upstream"] == ["http://127.0.0.1:9001/v1", "http://127.0.0.1:9002/v1"]
     assert routes[0]["max_body_size"] == 1 << 20 and routes[1]["idle_timeout"] == 600
+    assert (routes[0]["balance"], routes[0]["retries"], routes[0]["health_path"]) == (
+        "least-conn", 1, "/health")
     assert args.bind == ("127.0.0.1", 8000) and args.access_log_format == "json"
     assert args.workers == 3  # the command line wins over the file's 2
     json.dumps(routes)  # what the worker processes rebuild the routes from
