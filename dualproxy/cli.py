@@ -10,6 +10,7 @@ Worker processes rebuild the app from the options in an environment variable.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from .logs import FORMATS, access_logger
 from .servers import ENV_OPTIONS
 from .servers.gunicorn import serve_gunicorn
 from .servers.heap import freeze_heap, trim_heap_periodically
+from .servers.metrics import start_metrics_listener
 from .servers.uvicorn import quiet_uvicorn_refusals, serve_uvicorn, tune_uvicorn
 
 DEFAULT_SERVER = {"asgi": "uvicorn", "wsgi": "gunicorn"}
@@ -161,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-log-format", choices=FORMATS, default="text",
                        help="access log lines as text, or json: one JSON object a line "
                             "(default: text)")
+    serve.add_argument("--metrics-bind", type=_bind, default=None, metavar="HOST:PORT",
+                       help="serve Prometheus metrics at /metrics (and 200 ok at /healthz) on "
+                            "this address, a listener of its own; needs the `metrics` extra "
+                            "(default: no metrics)")
 
     demo = sub.add_parser(
         "demo", help="start a built-in upstream and a proxy in front of it",
@@ -195,6 +201,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "log_level": args.log_level,
         "access_log": not args.no_access_log,
         "access_log_format": args.access_log_format,
+        "metrics": args.metrics_bind is not None,
     }
 
 
@@ -260,11 +267,13 @@ def build_app(options: dict[str, Any]) -> Any:
         from .asgi import AsyncProxy
 
         return AsyncProxy(config=config, access_log=options["access_log"],
-                          access_log_format=options["access_log_format"])
+                          access_log_format=options["access_log_format"],
+                          metrics=options["metrics"])
     from .wsgi import SyncProxy
 
     return SyncProxy(config=config, access_log=options["access_log"],
-                     access_log_format=options["access_log_format"])
+                     access_log_format=options["access_log_format"],
+                     metrics=options["metrics"])
 
 
 def load_app(options: dict[str, Any]) -> Any:
@@ -292,16 +301,29 @@ def serve(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     host, port = args.bind
     os.environ[ENV_OPTIONS] = json.dumps(options)
-    if options["server"] == "uvicorn":
-        serve_uvicorn(lambda: load_app(options), "dualproxy.cli:app_from_env", host=host,
-                      port=port, workers=args.workers, log_level=options["log_level"],
-                      ws_max_size=options["ws_max_size"],
-                      graceful_timeout=options["graceful_timeout"])
-    else:
-        serve_gunicorn(lambda: load_app(options), adapter=options["adapter"], host=host,
-                       port=port, workers=args.workers, threads=options["threads"],
-                       log_level=options["log_level"],
-                       graceful_timeout=options["graceful_timeout"])
+    # Several processes share the metrics through files (servers/metrics.py): always
+    # under gunicorn (its arbiter serves them), and under uvicorn's --workers N.
+    multiprocess = options["server"] == "gunicorn" or args.workers > 1
+    try:
+        listener = start_metrics_listener(args.metrics_bind, multiprocess=multiprocess)
+    except OSError as exc:
+        print(f"dualproxy serve: error: --metrics-bind: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if options["server"] == "uvicorn":
+            serve_uvicorn(lambda: load_app(options), "dualproxy.cli:app_from_env", host=host,
+                          port=port, workers=args.workers, log_level=options["log_level"],
+                          ws_max_size=options["ws_max_size"],
+                          graceful_timeout=options["graceful_timeout"])
+        else:
+            serve_gunicorn(lambda: load_app(options), adapter=options["adapter"], host=host,
+                           port=port, workers=args.workers, threads=options["threads"],
+                           log_level=options["log_level"],
+                           graceful_timeout=options["graceful_timeout"],
+                           child_exit=listener.child_exit if listener else None)
+    finally:
+        if listener is not None:
+            listener.close()
     return 0
 
 
@@ -320,6 +342,17 @@ def demo(args: argparse.Namespace) -> int:
         return 0
 
 
+def _check_metrics_bind(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--metrics-bind is a listener of its own, and needs prometheus_client."""
+    problem = None
+    if args.metrics_bind == args.bind:
+        problem = "--metrics-bind must differ from --bind (metrics never share the proxied port)"
+    elif importlib.util.find_spec("prometheus_client") is None:
+        problem = "--metrics-bind needs prometheus_client: pip install 'dualproxy[metrics]'"
+    if problem is not None:
+        parser.exit(2, f"dualproxy serve: error: {problem}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -328,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config_from_options(options_from_args(args))
         except ValueError as exc:  # the upstream URL, a trusted-proxy CIDR
             parser.exit(2, f"dualproxy serve: error: {exc} (see dualproxy serve --help)\n")
+        if args.metrics_bind is not None:
+            _check_metrics_bind(parser, args)
         return serve(args)
     return demo(args)
 

@@ -19,7 +19,7 @@ out) and the waiting. One request goes, on both faces, in this order:
 from __future__ import annotations
 
 import threading
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import httpx
 
@@ -40,6 +40,11 @@ from .errors import ProxyError
 from .framing import FRAMING, Framing
 from .logs import AccessLog, RequestRecord
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from .metrics import ProxyMetrics
+
 ClientT = TypeVar("ClientT", httpx.Client, httpx.AsyncClient)
 TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
 AppT = TypeVar("AppT")
@@ -57,6 +62,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         fallback: AppT | None = None,
         access_log: bool = True,
         access_log_format: str = "text",
+        metrics: bool | CollectorRegistry = False,
         **options: Any,
     ) -> None:
         name = type(self).__name__
@@ -76,6 +82,16 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
             disable_cookies(client)
         self._log = AccessLog(enabled=access_log, format=access_log_format,
                               upstream=config.upstream, route=config.mount or "/")
+        self.metrics: ProxyMetrics | None = None
+        if metrics is not False:
+            self._start_metrics(None if metrics is True else metrics)
+
+    def _start_metrics(self, registry: CollectorRegistry | None) -> None:
+        """Count every request on `registry` (prometheus_client's default: None)."""
+        from .metrics import ProxyMetrics
+
+        self.metrics = self._log.observer = ProxyMetrics.on(registry)
+        self.metrics.upstream_up.labels(self.config.upstream).set(1)
 
     def _new_client(self) -> tuple[ClientT, TransportT]:
         raise NotImplementedError
@@ -89,6 +105,9 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
             with self._lock:
                 if self._client is None:
                     self._client, self._transport = self._new_client()
+                    in_use = getattr(self._transport, "in_use", None)  # http1.pool.Pool
+                    if self.metrics is not None and in_use is not None:
+                        self.metrics.watch_pool(self.config.upstream, in_use)
                 client = self._client
         return client
 
@@ -104,6 +123,13 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
     def begin(self, incoming: IncomingRequest) -> RequestRecord:
         return self._log.start(incoming)
 
+    def pass_on(self, record: RequestRecord) -> None:
+        """The request goes to the fallback app instead (outside the mount)."""
+        self._log.pass_on(record)
+
+    def session_opened(self, record: RequestRecord) -> None:
+        self._log.session_opened(record)
+
     def plan(self, incoming: IncomingRequest) -> UpstreamPlan:
         """The core's upstream plan (ProxyError: refuse; NotProxied: outside the mount)."""
         return plan_request(self.config, incoming)
@@ -115,6 +141,8 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
                       request: httpx.Request, response: httpx.Response) -> ResponseHead:
         """The head for the client, before the response hooks (ProxyError: refuse)."""
         record.upstream_status(response.status_code)
+        if self.metrics is not None:
+            self.metrics.sample_pools()
         enter_body_phase(request, self.config)
         framing = response.extensions.get(FRAMING)  # dualproxy's transport read it already
         return plan_response(self.config, plan, response.status_code,

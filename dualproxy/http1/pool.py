@@ -140,6 +140,10 @@ class Pool(Generic[C]):
         self._ssl = ssl_context
         self._init_waiting()
 
+    def in_use(self) -> int:
+        """Connections taken for a request now (the metrics' pool gauge samples it)."""
+        return self._used
+
     def _init_waiting(self) -> None:
         """Set up how requests wait for a free slot (a driver's own primitives)."""
 

@@ -19,8 +19,12 @@ def gunicorn_settings() -> dict[str, Any]:
 
 def serve_gunicorn(load: Callable[[], Any], *, adapter: str, host: str, port: int,
                    workers: int, threads: int, log_level: str,
-                   graceful_timeout: float) -> None:
-    """Run gunicorn; each worker process calls `load()` for its app after the fork."""
+                   graceful_timeout: float,
+                   child_exit: Callable[[Any, Any], None] | None = None) -> None:
+    """Run gunicorn; each worker process calls `load()` for its app after the fork.
+
+    `child_exit(arbiter, worker)` runs in the arbiter after a worker exited.
+    """
     from gunicorn.app.base import BaseApplication
 
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -43,6 +47,8 @@ def serve_gunicorn(load: Callable[[], Any], *, adapter: str, host: str, port: in
         # ($XDG_RUNTIME_DIR/gunicorn.ctl): two proxies on one machine would take
         # it from each other. `dualproxy serve` offers no gunicornc management.
         settings["control_socket_disable"] = True
+    if child_exit is not None:
+        settings["child_exit"] = child_exit
     if adapter == "wsgi":
         settings.update(worker_class="gthread", threads=threads, timeout=60, keepalive=5)
     else:

@@ -240,6 +240,7 @@ class Tunnel:
             self.client.settimeout(HEAD_TIMEOUT)
             self.client.sendall(b"".join(head))
             record.responded = True
+            self.log.session_opened(record)
             result = relay(self.client, self.upstream, to_client=self.upstream_early,
                            to_upstream=self.client_early, idle=self.idle,
                            max_size=self.max_size)
