@@ -37,7 +37,8 @@ class WSGIBridge:
             from .asgi import AsyncProxy
 
             websocket = AsyncProxy(config=app.config, access_log=app._log.enabled,
-                                   access_log_format=app._log.format)
+                                   access_log_format=app._log.format,
+                                   metrics=app.metrics.registry if app.metrics else False)
         self.websocket = websocket
 
     def _wsgi(self, environ: Environ, start_response: StartResponse) -> Any:

@@ -69,6 +69,7 @@ class ProxyMetrics:
     """The metric objects on one registry and their per-request updates."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         def counter(name: str, doc: str, *labels: str) -> Counter:
             return Counter(f"dualproxy_{name}", doc, labels, registry=registry)
 
