@@ -8,11 +8,14 @@ every request of the mix has been counted.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -157,6 +160,33 @@ def test_two_workers_are_summed_and_metrics_stay_off_the_proxied_port(
 
 def _serving_pids(proxy: ProxyProcess, rid: str) -> set[str]:
     return set(re.findall(rf"\[(\d+)\] dualproxy\.access: GET /w/{rid} 200", proxy.log()))
+
+
+def test_a_killed_worker_leaves_the_in_flight_sum(make_proxy: MakeProxy, rid: str) -> None:
+    """gunicorn's child_exit, or the scrape's check of uvicorn's workers, drops its share."""
+    proxy, metrics = with_metrics(make_proxy, "--workers", "2")
+    metrics.settled()
+    with ThreadPoolExecutor(1) as pool:
+        hanging = pool.submit(httpx.get, proxy.url + f"/hang/{rid}", timeout=30,
+                              headers={"x-upstream": "hang seconds=30"})
+        assert wait_until(lambda: value(metrics.scrape(), IN_FLIGHT) == 1)
+        workers = subprocess.run(["pgrep", "-P", str(proxy.proc.pid)], capture_output=True,
+                                 text=True, timeout=10).stdout.split()
+        assert workers
+        for pid in workers:
+            os.kill(int(pid), signal.SIGKILL)
+        with pytest.raises(httpx.TransportError):
+            hanging.result(timeout=30)
+    assert wait_until(lambda: value(metrics.scrape(), IN_FLIGHT) == 0)
+    assert wait_until(lambda: _answers(proxy), timeout=20)  # the server replaced them
+    assert value(metrics.settled(), IN_FLIGHT) == 0
+
+
+def _answers(proxy: ProxyProcess) -> bool:
+    try:
+        return httpx.get(proxy.url + "/again", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 @pytest.fixture(scope="session")
