@@ -100,7 +100,7 @@ class ProxyMetrics:
                                  "(sampled as responses start and end)", "livesum",
                                  "upstream")
         self._routes: dict[str | None, _Route] = {}
-        self._pools: dict[str, tuple[Any, Callable[[], int]]] = {}
+        self._pools: dict[str, tuple[Any, Callable[[], int], list[int]]] = {}
 
     @classmethod
     def on(cls, registry: CollectorRegistry | None = None) -> ProxyMetrics:
@@ -114,11 +114,14 @@ class ProxyMetrics:
     def watch_pool(self, upstream: str, in_use: Callable[[], int]) -> None:
         """Sample `in_use()` into the upstream's pool gauge as requests come and go
         (the latest transport for that upstream: a closed proxy makes a new one)."""
-        self._pools[upstream] = (self.pool_in_use.labels(upstream), in_use)
+        self._pools[upstream] = (self.pool_in_use.labels(upstream), in_use, [-1])
 
     def sample_pools(self) -> None:
-        for child, in_use in self._pools.values():
-            child.set(in_use())
+        for child, in_use, last in self._pools.values():
+            now = in_use()
+            if now != last[0]:  # a write less per request (a locked file write per worker)
+                last[0] = now
+                child.set(now)
 
     # -- the RequestObserver the access log calls --------------------------------------
 
