@@ -81,7 +81,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         if client is not None:
             disable_cookies(client)
         self._log = AccessLog(enabled=access_log, format=access_log_format,
-                              upstream=config.upstream, route=config.mount or "/")
+                              upstream=str(config.upstreams[0]), route=config.mount or "/")
         self.metrics: ProxyMetrics | None = None
         if metrics is not False:
             self._start_metrics(None if metrics is True else metrics)
@@ -91,7 +91,8 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         from .metrics import ProxyMetrics
 
         self.metrics = self._log.observer = ProxyMetrics.on(registry)
-        self.metrics.upstream_up.labels(self.config.upstream).set(1)
+        for upstream in self.config.upstreams:  # up until health checks say otherwise
+            self.metrics.upstream_up.labels(str(upstream)).set(1)
 
     def _new_client(self) -> tuple[ClientT, TransportT]:
         raise NotImplementedError
@@ -107,7 +108,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
                     self._client, self._transport = self._new_client()
                     in_use = getattr(self._transport, "in_use", None)  # http1.pool.Pool
                     if self.metrics is not None and in_use is not None:
-                        self.metrics.watch_pool(self.config.upstream, in_use)
+                        self.metrics.watch_pool(self._log.upstream, in_use)
                 client = self._client
         return client
 

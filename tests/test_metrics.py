@@ -261,7 +261,7 @@ def test_api_counts_on_a_private_registry(upstream: Upstream, rid: str) -> None:
     assert get("dualproxy_request_bytes_total", route="/api") == 10
     assert get("dualproxy_upstream_head_seconds_count", route="/api") == 2
     assert get("dualproxy_requests_in_flight") == 0
-    assert get("dualproxy_upstream_up", upstream=other.config.upstream) == 1
+    assert get("dualproxy_upstream_up", upstream=str(other.config.upstreams[0])) == 1
     assert other.metrics is sync.metrics
 
 
