@@ -19,6 +19,7 @@ them in every worker process.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,7 @@ _METHODS = frozenset(PROXY_METHODS)
 # Seconds to the upstream's response head; up to the default --timeout and beyond.
 HEAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
+_made_lock = threading.Lock()
 _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, ProxyMetrics] = (
     weakref.WeakKeyDictionary())
 
@@ -70,6 +72,7 @@ class ProxyMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+
         def counter(name: str, doc: str, *labels: str) -> Counter:
             return Counter(f"dualproxy_{name}", doc, labels, registry=registry)
 
@@ -106,9 +109,10 @@ class ProxyMetrics:
     def on(cls, registry: CollectorRegistry | None = None) -> ProxyMetrics:
         """The metrics on `registry` (default: prometheus_client's), made once."""
         registry = REGISTRY if registry is None else registry
-        metrics = _by_registry.get(registry)
-        if metrics is None:
-            metrics = _by_registry[registry] = cls(registry)
+        with _made_lock:  # two at once would register the same names twice
+            metrics = _by_registry.get(registry)
+            if metrics is None:
+                metrics = _by_registry[registry] = cls(registry)
         return metrics
 
     def watch_pool(self, upstream: str, in_use: Callable[[], int]) -> None:
