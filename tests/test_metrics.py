@@ -225,6 +225,15 @@ def test_bad_metrics_bind_exits_2(bind: str) -> None:
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
 
 
+def test_metrics_bind_without_prometheus_client_exits_2() -> None:
+    code = ("import sys; sys.modules['prometheus_client'] = None; from dualproxy.cli import main;"
+            "sys.exit(main(['serve', '--upstream', 'http://127.0.0.1:9', '--metrics-bind',"
+            "'127.0.0.1:9100']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 2 and "dualproxy[metrics]" in done.stderr
+
+
 def test_metrics_port_taken_exits_1() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
