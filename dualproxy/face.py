@@ -142,8 +142,6 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
                       request: httpx.Request, response: httpx.Response) -> ResponseHead:
         """The head for the client, before the response hooks (ProxyError: refuse)."""
         record.upstream_status(response.status_code)
-        if self.metrics is not None:
-            self.metrics.sample_pools()
         enter_body_phase(request, self.config)
         framing = response.extensions.get(FRAMING)  # dualproxy's transport read it already
         return plan_response(self.config, plan, response.status_code,

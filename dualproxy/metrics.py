@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, values
 
 from .core import PROXY_METHODS
 from .errors import UPSTREAM_CAUSES
@@ -100,8 +100,8 @@ class ProxyMetrics:
         self.upstream_up = gauge("upstream_up", "1 when the upstream is taken for "
                                  "healthy (the lowest over workers)", "livemin", "upstream")
         self.pool_in_use = gauge("pool_connections_in_use", "Upstream connections in use "
-                                 "(sampled as responses start and end)", "livesum",
-                                 "upstream")
+                                 "(worker processes: as their last request ended)",
+                                 "livesum", "upstream")
         self._routes: dict[str | None, _Route] = {}
         self._pools: dict[str, tuple[Any, Callable[[], int], list[int]]] = {}
 
@@ -116,9 +116,15 @@ class ProxyMetrics:
         return metrics
 
     def watch_pool(self, upstream: str, in_use: Callable[[], int]) -> None:
-        """Sample `in_use()` into the upstream's pool gauge as requests come and go
-        (the latest transport for that upstream: a closed proxy makes a new one)."""
-        self._pools[upstream] = (self.pool_in_use.labels(upstream), in_use, [-1])
+        """Report `in_use()` as the upstream's pool gauge (the latest transport for that
+        upstream: a closed proxy makes a new one). In one process it is read at scrape
+        time; worker processes cannot be asked then, so each samples it as requests end."""
+        child = self.pool_in_use.labels(upstream)
+        if values.ValueClass is values.MutexValue:  # not multiprocess mode
+            child.set_function(in_use)
+            self._pools.pop(upstream, None)
+        else:
+            self._pools[upstream] = (child, in_use, [-1])
 
     def sample_pools(self) -> None:
         for child, in_use, last in self._pools.values():

@@ -8,6 +8,7 @@ every request of the mix has been counted.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
@@ -272,6 +273,24 @@ def test_api_counts_on_a_private_registry(upstream: Upstream, rid: str) -> None:
     assert get("dualproxy_requests_in_flight") == 0
     assert get("dualproxy_upstream_up", upstream=str(other.config.upstreams[0])) == 1
     assert other.metrics is sync.metrics
+
+
+def test_api_pool_gauge_counts_a_response_in_progress(upstream: Upstream, rid: str) -> None:
+    registry = CollectorRegistry()
+    proxy = SyncProxy(upstream.url, metrics=registry)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": f"/pool/{rid}", "SERVER_PROTOCOL": "HTTP/1.1",
+               "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(), "REMOTE_ADDR": "127.0.0.1",
+               "HTTP_HOST": "app", "HTTP_X_UPSTREAM": "download size=100000"}
+    body = proxy(environ, lambda status, headers, exc_info=None: lambda data: None)
+    label = {"upstream": str(proxy.config.upstreams[0])}
+    try:  # the head is in, the body not read: its connection is taken
+        assert registry.get_sample_value("dualproxy_pool_connections_in_use", label) == 1
+        assert registry.get_sample_value("dualproxy_requests_in_flight") == 1
+    finally:
+        body.close()  # type: ignore[attr-defined]
+    assert registry.get_sample_value("dualproxy_pool_connections_in_use", label) == 0
+    assert registry.get_sample_value("dualproxy_requests_in_flight") == 0
+    proxy.close()
 
 
 def test_metrics_off_imports_no_prometheus_client(upstream: Upstream) -> None:
