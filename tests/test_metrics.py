@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -33,7 +34,7 @@ from dualproxy.errors import (
     UpstreamBroken,
     upstream_cause,
 )
-from tests.conftest import MakeProxy, ProxyProcess, free_port
+from tests.conftest import MakeProxy, ProxyPool, ProxyProcess, free_port
 from tests.rawhttp import wait_until
 from tests.upstream import Upstream
 from tests.ws_upstream import WsUpstream
@@ -188,6 +189,34 @@ def _answers(proxy: ProxyProcess) -> bool:
         return httpx.get(proxy.url + "/again", timeout=5).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_config_file_routes_count_by_mount(pairing: str, proxy_pool: ProxyPool,
+                                           upstream: Upstream, tmp_path: Path,
+                                           rid: str) -> None:
+    """`metrics_bind` as a config-file server key; each route's mount is its `route`."""
+    port = free_port()
+    path = tmp_path / "routes.toml"
+    path.write_text(f"""metrics_bind = "127.0.0.1:{port}"
+
+[[route]]
+mount = "/a"
+upstream = "{upstream.url}"
+
+[[route]]
+mount = "/b"
+upstream = "{upstream.url}"
+""")
+    proxy = proxy_pool.get(pairing, "", ("--config", str(path)))
+    metrics = Scraper(port)
+    before = metrics.settled()
+    for target in ("/a/1", "/a/2", "/b/1"):
+        assert httpx.get(proxy.url + f"{target}/{rid}").status_code == 200
+    after = metrics.settled()
+    name = "dualproxy_requests_total"
+    for route, count in (("/a", 2), ("/b", 1)):
+        labels = {"route": route, "method": "GET", "status_class": "2xx"}
+        assert value(after, name, **labels) - value(before, name, **labels) == count, route
 
 
 @pytest.fixture(scope="session")
