@@ -21,7 +21,6 @@ from .errors import (
     NotProxied,
     ProxyError,
     UpstreamBroken,
-    describe,
     map_stream_errors,
     map_upstream_errors,
 )
@@ -135,6 +134,7 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                 plan = await arun_request_hooks(hooks, plan)
         except NotProxied as exc:
             if self.fallback is not None:
+                self.pass_on(record)
                 await self.fallback(scope, receive, send)
                 return
             await self._problem(send, exc, record)
@@ -204,7 +204,7 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         except UpstreamBroken as exc:
             # Returning without the final body message makes the server drop the
             # connection: no last chunk, no short body passed off as complete.
-            record.broken = describe(exc)
+            record.upstream_broke(exc)
         finally:
             await response.aclose()
 

@@ -10,6 +10,7 @@ Worker processes rebuild the app from the options in an environment variable.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from .logs import FORMATS, access_logger
 from .servers import ENV_OPTIONS
 from .servers.gunicorn import serve_gunicorn
 from .servers.heap import freeze_heap, trim_heap_periodically
+from .servers.metrics import start_metrics_listener
 from .servers.uvicorn import quiet_uvicorn_refusals, serve_uvicorn, tune_uvicorn
 
 DEFAULT_SERVER = {"asgi": "uvicorn", "wsgi": "gunicorn"}
@@ -242,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "one [[route]] table a route (mount, upstream and the route "
                             "options); server flags given here win over the file's, route "
                             "flags are refused (default: one route from the flags)")
+    # --- operations: metrics ---
+    serve.add_argument("--metrics-bind", type=_bind, default=None, metavar="HOST:PORT",
+                       help="serve Prometheus metrics at /metrics (and 200 ok at /healthz) on "
+                            "this address, a listener of its own; needs the `metrics` extra "
+                            "(default: no metrics)")
 
     demo = sub.add_parser(
         "demo", help="start a built-in upstream and a proxy in front of it",
@@ -290,6 +297,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "upstream_insecure": args.upstream_insecure,
         "certfile": args.certfile,
         "keyfile": args.keyfile,
+        # --- operations: metrics ---
+        "metrics": args.metrics_bind is not None,
     }
 
 
@@ -399,7 +408,8 @@ def build_app(options: dict[str, Any]) -> Any:
     """The ASGI or WSGI app for the options (the same in every worker): one proxy, or a
     router over one proxy a route when `options["routes"]` lists several (--config)."""
     log = {"access_log": options["access_log"],
-           "access_log_format": options["access_log_format"]}
+           "access_log_format": options["access_log_format"],
+           "metrics": options["metrics"]}
     configs = [config_from_options(route) for route in options.get("routes") or [options]]
     if options["adapter"] == "asgi":
         from .asgi import AsyncProxy
@@ -443,18 +453,31 @@ def serve(args: argparse.Namespace, routes: list[dict[str, Any]] | None = None) 
         options["ws_max_size"] = max(route["ws_max_size"] for route in routes)
     host, port = args.bind
     os.environ[ENV_OPTIONS] = json.dumps(options)
-    if options["server"] == "uvicorn":
-        serve_uvicorn(lambda: load_app(options), "dualproxy.cli:app_from_env", host=host,
-                      port=port, workers=args.workers, log_level=options["log_level"],
-                      ws_max_size=options["ws_max_size"],
-                      graceful_timeout=options["graceful_timeout"],
-                      certfile=options["certfile"], keyfile=options["keyfile"])
-    else:
-        serve_gunicorn(lambda: load_app(options), adapter=options["adapter"], host=host,
-                       port=port, workers=args.workers, threads=options["threads"],
-                       log_level=options["log_level"],
-                       graceful_timeout=options["graceful_timeout"],
-                       certfile=options["certfile"], keyfile=options["keyfile"])
+    # Several processes share the metrics through files (servers/metrics.py): always
+    # under gunicorn (its arbiter serves them), and under uvicorn's --workers N.
+    multiprocess = options["server"] == "gunicorn" or args.workers > 1
+    try:
+        listener = start_metrics_listener(args.metrics_bind, multiprocess=multiprocess)
+    except OSError as exc:
+        print(f"dualproxy serve: error: --metrics-bind: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if options["server"] == "uvicorn":
+            serve_uvicorn(lambda: load_app(options), "dualproxy.cli:app_from_env", host=host,
+                          port=port, workers=args.workers, log_level=options["log_level"],
+                          ws_max_size=options["ws_max_size"],
+                          graceful_timeout=options["graceful_timeout"],
+                          certfile=options["certfile"], keyfile=options["keyfile"])
+        else:
+            serve_gunicorn(lambda: load_app(options), adapter=options["adapter"], host=host,
+                           port=port, workers=args.workers, threads=options["threads"],
+                           log_level=options["log_level"],
+                           graceful_timeout=options["graceful_timeout"],
+                           certfile=options["certfile"], keyfile=options["keyfile"],
+                           child_exit=listener.child_exit if listener else None)
+    finally:
+        if listener is not None:
+            listener.close()
     return 0
 
 
@@ -471,6 +494,17 @@ def demo(args: argparse.Namespace) -> int:
                 "--bind", f"{host}:{proxy_port}", "--adapter", args.adapter]))
     except KeyboardInterrupt:
         return 0
+
+
+def _check_metrics_bind(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--metrics-bind is a listener of its own, and needs prometheus_client."""
+    problem = None
+    if args.metrics_bind == args.bind:
+        problem = "--metrics-bind must differ from --bind (metrics never share the proxied port)"
+    elif importlib.util.find_spec("prometheus_client") is None:
+        problem = "--metrics-bind needs prometheus_client: pip install 'dualproxy[metrics]'"
+    if problem is not None:
+        parser.exit(2, f"dualproxy serve: error: {problem}\n")
 
 
 def load_config_file(path: str, argv: Sequence[str]) -> tuple[argparse.Namespace,
@@ -509,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_tls(options_from_args(serve_args))
         except ValueError as exc:
             parser.exit(2, f"dualproxy serve: error: {exc}\n")
+        if serve_args.metrics_bind is not None:
+            _check_metrics_bind(parser, serve_args)
         return serve(serve_args, routes)
     if args.command == "serve":
         if args.upstream is None:
@@ -519,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_tls(options, config_from_options(options))
         except ValueError as exc:  # the upstream URL, a trusted-proxy CIDR
             parser.exit(2, f"dualproxy serve: error: {exc} (see dualproxy serve --help)\n")
+        if args.metrics_bind is not None:
+            _check_metrics_bind(parser, args)
         return serve(args)
     return demo(args)
 

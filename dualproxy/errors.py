@@ -161,6 +161,28 @@ def map_stream_errors() -> Iterator[None]:
         raise UpstreamBroken(f"the upstream failed mid-body: {describe(exc)}") from exc
 
 
+# Why the upstream side of a request failed, for the metrics' `cause` label.
+UPSTREAM_CAUSES = ("refused", "timeout", "cut_body", "client_gone", "other")
+
+
+def upstream_cause(exc: BaseException) -> str | None:
+    """The cause of an upstream failure (`UPSTREAM_CAUSES`), None when `exc` is none.
+
+    A refusal of the client's request (400, 413, a hook's 403) is not the
+    upstream's; 502, 503 and 504 are, and an UpstreamBroken (mid-body) too.
+    """
+    cause = exc.__cause__
+    if isinstance(exc, UpstreamBroken):
+        return "timeout" if isinstance(cause, httpx.TimeoutException) else "cut_body"
+    if not isinstance(exc, ProxyError) or exc.status not in (502, 503, 504):
+        return None
+    if exc.status == 504 or isinstance(cause, httpx.TimeoutException):
+        return "timeout"  # PoolTimeout (503) too: no connection came free in time
+    if isinstance(cause, (httpx.ConnectError, ConnectionRefusedError)):
+        return "refused"
+    return "other"
+
+
 def describe(exc: BaseException) -> str:
     """A one-line cause for logs and problem details, never a traceback."""
     text = str(exc).strip().splitlines()

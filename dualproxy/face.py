@@ -21,10 +21,11 @@ out) and the waiting. One request goes, on both faces, in this order:
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import httpx
 
@@ -51,6 +52,11 @@ from .upstreams import Upstream
 
 error_logger = logging.getLogger("dualproxy")
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from .metrics import ProxyMetrics
+
 ClientT = TypeVar("ClientT", httpx.Client, httpx.AsyncClient)
 TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
 AppT = TypeVar("AppT")
@@ -75,6 +81,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         fallback: AppT | None = None,
         access_log: bool = True,
         access_log_format: str = "text",
+        metrics: bool | CollectorRegistry = False,
         **options: Any,
     ) -> None:
         name = type(self).__name__
@@ -106,6 +113,21 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
                               route=config.mount or "/")
         self.balancer = Balancer(config.upstreams, policy=config.balance,
                                  max_fails=config.max_fails, fail_timeout=config.fail_timeout)
+        self.metrics: ProxyMetrics | None = None
+        if metrics is not False:
+            self._start_metrics(None if metrics is True else metrics)
+
+    def _start_metrics(self, registry: CollectorRegistry | None) -> None:
+        """Count every request on `registry` (prometheus_client's default: None)."""
+        from .metrics import ProxyMetrics
+
+        self.metrics = metrics = self._log.observer = ProxyMetrics.on(registry)
+        balancer = self.balancer
+        # Per upstream, from the balancer (a request holds one upstream connection while
+        # it is in flight): pool use, and health as the balancer sees it.
+        for upstream in self.config.upstreams:
+            metrics.watch_pool(str(upstream), functools.partial(balancer.inflight, upstream))
+            metrics.watch_health(str(upstream), functools.partial(balancer.available, upstream))
 
     def _new_client(self) -> tuple[ClientT, TransportT]:
         raise NotImplementedError
@@ -147,6 +169,13 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
 
     def begin(self, incoming: IncomingRequest) -> RequestRecord:
         return self._log.start(incoming)
+
+    def pass_on(self, record: RequestRecord) -> None:
+        """The request goes to the fallback app instead (outside the mount)."""
+        self._log.pass_on(record)
+
+    def session_opened(self, record: RequestRecord) -> None:
+        self._log.session_opened(record)
 
     def plan(self, incoming: IncomingRequest) -> UpstreamPlan:
         """The core's upstream plan (ProxyError: refuse; NotProxied: outside the mount)."""

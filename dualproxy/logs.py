@@ -4,7 +4,8 @@ Logger `dualproxy.access` gets the line at INFO; expected failures (a refused
 upstream, a vanished client) are logged once on `dualproxy` with their cause,
 never as tracebacks. Both faces feed the same `RequestRecord`, so the lines
 read the same whatever the face. The `json` format makes the message one JSON
-object (`dualproxy serve` then writes it alone on its line).
+object (`dualproxy serve` then writes it alone on its line). An optional
+`RequestObserver` (the Prometheus metrics, metrics.py) sees the same records.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Protocol
 
 from .core import IncomingRequest
-from .errors import NotProxied, ProxyError
+from .errors import NotProxied, ProxyError, describe, upstream_cause
 from .upstreams import Upstream
 
 FORMATS = ("text", "json")
@@ -28,7 +30,7 @@ class RequestRecord:
 
     __slots__ = ("method", "target", "started", "upstream_at", "status", "bytes_in",
                  "bytes_out", "client_gone", "broken", "responded", "problem", "shutdown",
-                 "routed", "upstream")
+                 "routed", "upstream", "cause", "websocket")
 
     def __init__(self, incoming: IncomingRequest) -> None:
         self.method = incoming.method
@@ -45,10 +47,37 @@ class RequestRecord:
         self.shutdown = False  # cut by the server's stop after the graceful timeout
         self.routed = True  # False: outside the mount, no upstream was chosen
         self.upstream: Upstream | None = None  # the one chosen (the last one tried)
+        self.cause: str | None = None  # why the upstream side failed (errors.UPSTREAM_CAUSES)
+        self.websocket = False  # an accepted WebSocket session, open until finish
 
     def upstream_status(self, status: int) -> None:
         self.upstream_at = time.perf_counter()
         self.status = status
+
+    def upstream_broke(self, exc: BaseException) -> None:
+        """The upstream failed after the head was sent: the client connection is aborted."""
+        self.broken = describe(exc)
+        self.cause = upstream_cause(exc)
+
+    def ending(self) -> tuple[str, str | None]:
+        """How the request ended: the access log's outcome and the metrics' error cause."""
+        if self.shutdown:
+            return "shutdown-cut", "other"
+        if self.client_gone:
+            return "client-gone", "client_gone"
+        return ("upstream-broken" if self.broken else "ok"), self.cause
+
+
+class RequestObserver(Protocol):
+    """What sees every record besides the log line (metrics.ProxyMetrics)."""
+
+    def started(self) -> None: ...
+
+    def passed_on(self) -> None: ...
+
+    def session_opened(self) -> None: ...
+
+    def finished(self, record: RequestRecord, route: str | None) -> None: ...
 
 
 class AccessLog:
@@ -66,14 +95,29 @@ class AccessLog:
         self.format = format
         self.upstream = upstream
         self.route = route
+        self.observer: RequestObserver | None = None
 
     def start(self, incoming: IncomingRequest) -> RequestRecord:
+        if self.observer is not None:
+            self.observer.started()
         return RequestRecord(incoming)
+
+    def pass_on(self, record: RequestRecord) -> None:
+        """The request went to the fallback app: not the proxy's to log or count."""
+        if self.observer is not None:
+            self.observer.passed_on()
+
+    def session_opened(self, record: RequestRecord) -> None:
+        """A WebSocket was accepted: an open session until its record finishes."""
+        record.websocket = True
+        if self.observer is not None:
+            self.observer.session_opened()
 
     def problem(self, record: RequestRecord, exc: ProxyError) -> None:
         record.status = exc.status
         record.problem = exc.detail
         record.routed = not isinstance(exc, NotProxied)
+        record.cause = upstream_cause(exc)
         if exc.status >= 500:
             cause = exc.__cause__
             suffix = f" ({type(cause).__name__})" if cause is not None else ""
@@ -86,14 +130,14 @@ class AccessLog:
             error_logger.warning("%s %s: aborted the client connection: %s",
                                  record.method, record.target.decode("latin-1"),
                                  record.broken)
+        if self.observer is not None:
+            self.observer.finished(record, self.route if record.routed else None)
         if not self.enabled or not access_logger.isEnabledFor(logging.INFO):
             return
         total_ms = (time.perf_counter() - record.started) * 1000
         up = record.upstream_at
         upstream_ms = None if up is None else round((up - record.started) * 1000, 1)
-        outcome = ("shutdown-cut" if record.shutdown
-                   else "client-gone" if record.client_gone
-                   else "upstream-broken" if record.broken else "ok")
+        outcome = record.ending()[0]
         target = record.target.decode("latin-1")
         if self.format == "json":
             now = time.time()

@@ -104,9 +104,11 @@ class SyncRouter(_Router[SyncProxy]):
 
 
 def async_twin(proxy: SyncProxy) -> AsyncProxy:
-    """An AsyncProxy on the same config and access log settings as `proxy`, sharing its
-    balancer: one pool's in-flight counts and health marks per process."""
+    """An AsyncProxy on the same config, access log settings and metrics as `proxy`,
+    sharing its balancer: one pool's in-flight counts and health marks per process."""
     twin = AsyncProxy(config=proxy.config, access_log=proxy._log.enabled,
                       access_log_format=proxy._log.format)
     twin.balancer = proxy.balancer
+    if proxy.metrics is not None:  # after the balancer: the gauges read the shared one
+        twin._start_metrics(proxy.metrics.registry)
     return twin

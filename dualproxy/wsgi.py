@@ -156,6 +156,7 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
             plan = run_request_hooks(self.config.request_hooks, planned)
         except NotProxied as exc:
             if self.fallback is not None:
+                self.pass_on(record)
                 return self.fallback(environ, start_response)
             return self._problem(start_response, exc, record, environ)
         except ProxyError as exc:
@@ -290,7 +291,7 @@ class ResponseBody:
                     record.bytes_out += len(chunk)
                     yield chunk
         except UpstreamBroken as exc:
-            record.broken = describe(exc)
+            record.upstream_broke(exc)
             sock = self.client_socket
             if sock is not None:
                 # gunicorn logs a traceback for an exception raised here. Shutting

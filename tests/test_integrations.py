@@ -274,6 +274,24 @@ def test_flask_blueprint_adds_no_content_type(flask_example: App, upstream: Upst
     assert "content-type" not in response.headers
 
 
+@pytest.mark.parametrize("example", ["flask_example", "fastapi_example"])
+def test_examples_show_the_proxy_metrics(example: str, request: pytest.FixtureRequest,
+                                         rid: str) -> None:
+    from tests.test_metrics import parse, value
+
+    app: App = request.getfixturevalue(example)
+    path = "/upload/m" if example == "flask_example" else "/api/m"
+    labels = {"route": "/", "method": "GET", "status_class": "2xx"}
+
+    def count() -> float:
+        return value(parse(httpx.get(app.url + "/metrics").text),
+                     "dualproxy_requests_total", **labels)
+
+    before = count()
+    assert httpx.get(app.url + path, headers={**AUTH, "x-req-id": rid}).status_code == 200
+    assert wait_until(lambda: count() == before + 1)
+
+
 # -- the FastAPI example on uvicorn ---------------------------------------------
 
 
@@ -569,7 +587,7 @@ def test_help_explains_every_flag_with_its_default(command: list[str]) -> None:
     entries = re.split(r"\n  (?=-)", text.split("options:", 1)[1])[1:]
     flags = [entry.split()[0] for entry in entries]
     assert "-h," in flags
-    expected = {"serve": 33, "demo": 2}[command[0]]
+    expected = {"serve": 34, "demo": 2}[command[0]]
     assert len(flags) == expected + 1, flags
     for entry in entries:
         if not entry.startswith("-h"):

@@ -154,6 +154,10 @@ class Pool(Generic[C]):
         self._ssl = ssl_context
         self._init_waiting()
 
+    def in_use(self) -> int:
+        """Connections taken for a request now (the metrics' pool gauge samples it)."""
+        return self._used
+
     def _context(self, key: Key) -> ssl.SSLContext | None:
         """The TLS context for `key` (https only): the transport's, else the default."""
         if key[0] != "https":

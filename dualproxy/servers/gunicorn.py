@@ -20,11 +20,13 @@ def gunicorn_settings() -> dict[str, Any]:
 def serve_gunicorn(load: Callable[[], Any], *, adapter: str, host: str, port: int,
                    workers: int, threads: int, log_level: str,
                    graceful_timeout: float, certfile: str | None = None,
-                   keyfile: str | None = None) -> None:
+                   keyfile: str | None = None,
+                   child_exit: Callable[[Any, Any], None] | None = None) -> None:
     """Run gunicorn; each worker process calls `load()` for its app after the fork.
 
     `certfile`/`keyfile`: serve HTTPS, in gthread workers (wsgi.url_scheme https)
-    and uvicorn workers (scope scheme https) alike.
+    and uvicorn workers (scope scheme https) alike. `child_exit(arbiter, worker)`
+    runs in the arbiter after a worker exited.
     """
     from gunicorn.app.base import BaseApplication
 
@@ -50,6 +52,8 @@ def serve_gunicorn(load: Callable[[], Any], *, adapter: str, host: str, port: in
         settings["control_socket_disable"] = True
     if certfile is not None:
         settings.update(certfile=certfile, keyfile=keyfile)
+    if child_exit is not None:
+        settings["child_exit"] = child_exit
     if adapter == "wsgi":
         settings.update(worker_class="gthread", threads=threads, timeout=60, keepalive=5)
     else:

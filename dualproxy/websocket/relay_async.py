@@ -116,6 +116,7 @@ async def _open_and_relay(proxy: AsyncProxy, ws: WebSocketPlan, scope: Scope,
         await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol,
                     "headers": head.headers})
         record.responded = True
+        proxy.session_opened(record)
         await Session(upstream, receive, send, record).run(config.ws_idle_timeout)
     except BaseException:
         upstream.transport.abort()  # never leave the upstream socket open behind us

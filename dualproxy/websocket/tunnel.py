@@ -44,7 +44,9 @@ HEAD_TIMEOUT = 5.0  # for writing the 101 head to the client
 
 
 class Finisher(Protocol):
-    """What ends a request's record: the face (or its access log)."""
+    """What opens a session and ends a request's record: the face (or its access log)."""
+
+    def session_opened(self, record: RequestRecord) -> None: ...
 
     def finish(self, record: RequestRecord) -> None: ...
 
@@ -247,6 +249,7 @@ class Tunnel:
             self.client.settimeout(HEAD_TIMEOUT)
             self.client.sendall(b"".join(head))
             record.responded = True
+            self.log.session_opened(record)
             result = relay(self.client, self.upstream, to_client=self.upstream_early,
                            to_upstream=self.client_early, idle=self.idle,
                            max_size=self.max_size)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dualproxy import AsyncProxy
 from dualproxy.bridge import WSGIBridge
@@ -26,7 +27,7 @@ async def require_token(authorization: str | None = Header(default=None)) -> Non
         raise HTTPException(status_code=401, detail="missing or wrong bearer token")
 
 
-api_proxy = AsyncProxy(UPSTREAM)
+api_proxy = AsyncProxy(UPSTREAM, metrics=True)  # dualproxy_* on the default registry
 app = FastAPI(title="dualproxy FastAPI example", lifespan=proxy_lifespan(api_proxy))
 
 
@@ -38,6 +39,12 @@ async def index() -> dict[str, str]:
 @app.get("/health")
 async def health() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@app.get("/metrics")
+async def metrics() -> Response:
+    """Prometheus metrics: the proxies' `dualproxy_*` (this app's and the legacy app's)."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 # /api/... is streamed to the upstream after require_token has passed.

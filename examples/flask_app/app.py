@@ -2,7 +2,8 @@
 
 Pages, a form and a login live in Flask as they always did; everything under
 `/upload/` is streamed to the service at DUALPROXY_UPSTREAM by dualproxy, after
-Flask's own `before_request` auth check. Run it with gunicorn:
+Flask's own `before_request` auth check; `/metrics` shows the proxy's Prometheus
+metrics among the process's own. Run it with gunicorn:
 
     DUALPROXY_UPSTREAM=http://127.0.0.1:9000 \\
         gunicorn -c examples/flask_app/gunicorn.conf.py examples.flask_app.app:app
@@ -13,6 +14,8 @@ from __future__ import annotations
 import os
 
 from flask import Flask, Response, redirect, render_template_string, request, session, url_for
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from werkzeug.wrappers.response import Response as BaseResponse
 
 from dualproxy.flask import FlaskProxy
@@ -23,8 +26,9 @@ TOKEN = os.environ.get("EXAMPLE_TOKEN", "secret-token")
 app = Flask(__name__)
 app.secret_key = os.environ.get("EXAMPLE_SECRET_KEY", "change-me")
 
-# The upload area: streamed both ways to the storage service, never buffered by Flask.
-storage = FlaskProxy(upstream=UPSTREAM, prefix="/upload")
+# The upload area: streamed both ways to the storage service, never buffered by Flask;
+# counted in the `dualproxy_*` metrics of prometheus_client's default registry.
+storage = FlaskProxy(upstream=UPSTREAM, prefix="/upload", metrics=True)
 storage.init_app(app)
 
 PAGE = """<!doctype html><title>{{ title }}</title>
@@ -75,3 +79,14 @@ def login() -> BaseResponse | str:
     return render_template_string(
         PAGE + '<form method="post"><input name="user"><button>login</button></form>',
         title="Login", body="")
+
+
+@app.get("/metrics")
+def metrics() -> Response:
+    """Prometheus metrics. With several gunicorn workers, PROMETHEUS_MULTIPROC_DIR (an
+    empty directory, set before gunicorn starts) lets any worker answer for all of them."""
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

@@ -16,3 +16,11 @@ keepalive = 5
 forwarded_allow_ips = ""
 secure_scheme_headers: dict[str, str] = {}
 accesslog = None
+
+
+def child_exit(server: object, worker: object) -> None:
+    """A dead worker's live gauges (requests in flight) leave the metrics sum."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined,no-untyped-call]
