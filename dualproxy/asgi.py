@@ -16,10 +16,12 @@ from typing import Any
 import httpx
 
 from .core import BodyCounter, IncomingRequest, ResponseHead, UpstreamPlan
+from .drain import DRAIN
 from .errors import (
     ClientDisconnected,
     NotProxied,
     ProxyError,
+    ServiceUnavailable,
     UpstreamBroken,
     describe,
     map_stream_errors,
@@ -142,16 +144,24 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         assert task is not None
         watcher = task.get_loop().create_task(
             _watch_disconnect(receive, body_done, task, record))
+        cut = DrainCut(task, record) if DRAIN.armed else None
+        if cut is not None:
+            DRAIN.enter(cut)
         try:
             await self._exchange(plan, receive, send, body_done, record)
         except asyncio.CancelledError:
-            if not record.client_gone:
-                record.shutdown = True  # only the server's stop cancels us otherwise
+            if not record.client_gone and not record.shutdown:
+                record.shutdown = True  # the server's own stop cancelled us
                 raise
             uncancel = getattr(task, "uncancel", None)  # Python 3.11+
             if uncancel is not None:
                 uncancel()
+            if record.shutdown and not record.status:  # cut before the upstream answered
+                await self._problem(send, ServiceUnavailable("the proxy is shutting down"),
+                                    record)
         finally:
+            if cut is not None:
+                DRAIN.leave(cut)
             watcher.cancel()
             self.finish(record)
 
@@ -215,6 +225,27 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                                 "more_body": True})
         record.responded = True
         await send({"type": "http.response.body", "body": b""})
+
+
+class DrainCut:
+    """Ends one ASGI exchange at the graceful timeout (drain.py): the timer thread asks
+    the loop to cancel the request's task, which absorbs it as `shutdown-cut`."""
+
+    __slots__ = ("task", "record")
+
+    def __init__(self, task: asyncio.Task[Any], record: RequestRecord) -> None:
+        self.task, self.record = task, record
+
+    def cut(self) -> None:
+        try:
+            self.task.get_loop().call_soon_threadsafe(self._cancel)
+        except RuntimeError:  # the loop is closed: nothing is left to end
+            pass
+
+    def _cancel(self) -> None:
+        if not self.record.responded and not self.task.done():
+            self.record.shutdown = True
+            self.task.cancel()
 
 
 async def _request_body(

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .config import DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_WS_MAX_SIZE, ProxyConfig
+from .drain import DRAIN
 from .logs import FORMATS, access_logger
 from .servers import ENV_OPTIONS
 from .servers.gunicorn import serve_gunicorn
@@ -270,6 +271,7 @@ def build_app(options: dict[str, Any]) -> Any:
 def load_app(options: dict[str, Any]) -> Any:
     """The app one worker process serves, set up for the server running it."""
     setup_logging(options["log_level"], options["access_log_format"])
+    DRAIN.arm(options["graceful_timeout"])  # the server's stop starts its clock
     tune_uvicorn()  # a no-op unless uvicorn runs this process
     quiet_uvicorn_refusals()
     app = build_app(options)

@@ -17,6 +17,7 @@ from urllib.parse import quote
 import httpx
 
 from .core import BodyCounter, IncomingRequest, UpstreamPlan, discard_budget
+from .drain import DRAIN
 from .errors import (
     ClientDisconnected,
     IncompleteBody,
@@ -238,10 +239,14 @@ class ResponseBody:
         self.has_body = has_body
         self.gone = gone
         self._closed = False
+        # Popped by whichever ends it first: close(), or the drain timer's cut().
+        self._unlogged = [True]
         self.client_socket: socket.socket | None = None
         # Our own transport's stream is raw already: skip httpx's iter_raw wrappers.
         self.raw_stream = False
-        if not has_body:
+        if has_body:
+            DRAIN.enter(self)
+        else:
             record.responded = True
 
     def __iter__(self) -> Iterator[bytes]:
@@ -258,6 +263,10 @@ class ResponseBody:
                 for chunk in chunks:
                     if gone is not None and gone.is_set():
                         record.client_gone = True
+                        return
+                    if record.shutdown:  # cut(): the client socket is shut already
+                        if self.client_socket is None:  # a2wsgi: leave the body unfinished
+                            raise ClientDisconnected("cut at the graceful timeout")
                         return
                     record.bytes_out += len(chunk)
                     yield chunk
@@ -280,9 +289,34 @@ class ResponseBody:
         if self._closed:
             return
         self._closed = True
+        DRAIN.leave(self)
         if not self.record.responded and not self.record.broken and self.has_body:
             self.record.client_gone = True
         self.response.close()
+        self._finish()
+
+    def cut(self) -> None:
+        """The graceful timeout (drain.py, its timer thread): abort the body, log it now.
+
+        The serving thread may be blocked on the upstream past gunicorn's kill, so
+        the line is written here; the thread stops at its next chunk."""
+        record = self.record
+        if record.responded:
+            return
+        record.shutdown = True
+        sock = self.client_socket
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._finish()
+
+    def _finish(self) -> None:
+        try:
+            self._unlogged.pop()  # atomic: one of the two threads gets it
+        except IndexError:
+            return
         self.log.finish(self.record)
 
 

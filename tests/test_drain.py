@@ -16,9 +16,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import ProxyProcess
+from tests.test_websocket import open_ws
 from tests.upstream import Upstream, pattern_sha256
+from tests.ws_upstream import WsUpstream
 
 DOWNLOAD = 200 << 20
 UPLOAD = 64 << 20
@@ -29,6 +32,18 @@ def drain_proxy(pairing: str, upstream: Upstream) -> Iterator[ProxyProcess]:
     proc = ProxyProcess(pairing, upstream.url, ("--graceful-timeout", "3"))
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def ws_upstream() -> Iterator[WsUpstream]:
+    server = WsUpstream().start()
+    yield server
+    server.stop()
+
+
+def no_traceback(proxy: ProxyProcess) -> None:
+    log = proxy.log()
+    assert "Traceback" not in log and "Exception in ASGI" not in log, log
 
 
 def terminate(proxy: ProxyProcess, signum: int = signal.SIGTERM) -> None:
@@ -134,3 +149,30 @@ def test_new_connection_after_sigterm_is_refused(drain_proxy: ProxyProcess) -> N
                 raise ConnectionResetError("closed without an answer")
     assert exit_code(drain_proxy) == 0, drain_proxy.log()
     holder.join(10)
+
+
+def test_websocket_open_at_the_timeout_closes_1001(pairing: str, ws_upstream: WsUpstream,
+                                                  rid: str) -> None:
+    proxy = ProxyProcess(pairing, ws_upstream.url, ("--graceful-timeout", "2"))
+    try:
+        with open_ws(proxy, rid=rid) as ws:
+            ws.send("before")
+            assert ws.recv(timeout=5) == "before"
+            terminate(proxy)
+            signalled = time.monotonic()
+            time.sleep(0.5)
+            ws.send("draining")  # still relayed until the graceful timeout
+            assert ws.recv(timeout=5) == "draining"
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    ws.recv(timeout=10)
+            closed_after = time.monotonic() - signalled
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1001, info.value
+        assert 1.5 < closed_after < 4.0, closed_after
+        assert ws_upstream.wait_closed(rid, timeout=5).close_code == 1001
+        assert exit_code(proxy) == 0, proxy.log()
+        lines = [line for line in proxy.log().splitlines() if "dualproxy.access: GET /echo " in line]
+        assert [line.rsplit(" ", 1)[1] for line in lines] == ["shutdown-cut"], lines
+        no_traceback(proxy)
+    finally:
+        proxy.stop()

@@ -104,7 +104,7 @@ def test_gunicorn_direct_upload_path_reads_the_body(
 # Lower numbers are lower layers; a module may import its own layer and those below.
 LAYERS = {
     0: {"types", "config", "errors", "target", "framing", "headers", "core", "hooks", "logs"},
-    1: {"servers", "http1"},
+    1: {"servers", "http1", "drain"},
     2: {"face", "asgi", "wsgi", "websocket"},
     3: {"flask", "fastapi", "bridge", "workers"},
     4: {"cli", "demo", "__main__", "__init__"},

@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import Any
 
+from ..drain import SLACK
 from . import is_tested
 
 # How much request body uvicorn may buffer before it stops reading the client.
@@ -22,6 +23,20 @@ UVICORN_WS_IMPL = "websockets-sansio"
 def uvicorn_ws_settings(max_size: int) -> dict[str, Any]:
     """uvicorn Config keywords for the client side of a proxied WebSocket."""
     return {"ws": UVICORN_WS_IMPL, "ws_max_size": max_size}
+
+
+def uvicorn_stop_settings(graceful_timeout: float) -> dict[str, Any]:
+    """uvicorn Config keywords for a graceful stop that dualproxy's drain clock ends.
+
+    The protocols start the clock (servers/uvicorn_protocols.py) and keep open
+    WebSockets for the app to close 1001; uvicorn's own timeout comes SLACK
+    later, so it finds nothing left to cancel. Untested uvicorn: its own stop.
+    """
+    settings: dict[str, Any] = {"timeout_graceful_shutdown": graceful_timeout + SLACK}
+    if is_tested("uvicorn"):
+        module = "dualproxy.servers.uvicorn_protocols"
+        settings.update(http=f"{module}:HTTPProtocol", ws=f"{module}:WebSocketProtocol")
+    return settings
 
 
 class _RefusalIsNoError(logging.Filter):
@@ -78,8 +93,8 @@ def serve_uvicorn(app: Any, factory: str, *, host: str, port: int, workers: int,
         "access_log": False,     # dualproxy writes its own access line
         "log_level": log_level,
         "lifespan": "on",
-        "timeout_graceful_shutdown": graceful_timeout,
         **uvicorn_ws_settings(ws_max_size),
+        **uvicorn_stop_settings(graceful_timeout),
     }
     # uvicorn re-raises a captured SIGTERM/SIGINT once drained, under the handlers it
     # found: with these no-ops a drained stop exits 0 instead of dying by the signal.

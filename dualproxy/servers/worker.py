@@ -17,7 +17,7 @@ from uvicorn_worker import UvicornWorker as _StockWorker
 
 from ..config import DEFAULT_WS_MAX_SIZE
 from . import ENV_OPTIONS
-from .uvicorn import uvicorn_ws_settings
+from .uvicorn import uvicorn_stop_settings, uvicorn_ws_settings
 
 
 class UvicornWorker(_StockWorker):  # type: ignore[misc]
@@ -33,5 +33,5 @@ class UvicornWorker(_StockWorker):  # type: ignore[misc]
         max_size = options.get("ws_max_size", DEFAULT_WS_MAX_SIZE)
         self.CONFIG_KWARGS = {**type(self).CONFIG_KWARGS, **uvicorn_ws_settings(max_size)}
         if "graceful_timeout" in options:  # uvicorn's own drain, inside gunicorn's
-            self.CONFIG_KWARGS["timeout_graceful_shutdown"] = options["graceful_timeout"]
+            self.CONFIG_KWARGS.update(uvicorn_stop_settings(options["graceful_timeout"]))
         super().__init__(*args, **kwargs)

@@ -1,0 +1,31 @@
+"""uvicorn's protocols with the stop handed to dualproxy's drain clock (drain.py).
+
+uvicorn starts a graceful stop by calling `shutdown()` on every connection:
+that is where the clock starts, in every uvicorn-run process (one server,
+`--workers N`, gunicorn's uvicorn worker). Its WebSocket protocol would close
+an open socket right there with 1012; dualproxy's contract keeps it open until
+the graceful timeout and then closes it 1001 (the ASGI face's session does),
+like any other exchange still in flight. Loaded by import string from
+`uvicorn_http_settings`, only on the uvicorn releases the suite tests.
+"""
+
+from __future__ import annotations
+
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from ..drain import DRAIN
+
+
+class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    def shutdown(self) -> None:
+        DRAIN.begin()
+        super().shutdown()
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    def shutdown(self) -> None:
+        DRAIN.begin()
+        if DRAIN.armed and self.handshake_complete and not self.close_sent:
+            return  # open: the app closes it with 1001 at the deadline
+        super().shutdown()
