@@ -24,7 +24,7 @@ from tests.upstream import Upstream, pattern_sha256
 from tests.ws_upstream import WsUpstream
 
 DOWNLOAD = 200 << 20
-UPLOAD = 64 << 20
+UPLOAD = 200 << 20
 
 
 @pytest.fixture
@@ -42,8 +42,16 @@ def ws_upstream() -> Iterator[WsUpstream]:
 
 
 def no_traceback(proxy: ProxyProcess) -> None:
+    """Nothing but the access line tells of a cut: no traceback, no server ERROR line."""
     log = proxy.log()
-    assert "Traceback" not in log and "Exception in ASGI" not in log, log
+    for sign in ("Traceback", "ERROR", "Error while closing socket"):
+        assert sign not in log, log
+
+
+def outcomes(proxy: ProxyProcess, request: str) -> list[str]:
+    """The outcome word of each access line for `request` ("GET /t")."""
+    return [line.rsplit(" ", 1)[1] for line in proxy.log().splitlines()
+            if f"dualproxy.access: {request} " in line]
 
 
 def terminate(proxy: ProxyProcess, signum: int = signal.SIGTERM) -> None:
@@ -69,6 +77,7 @@ def test_download_in_flight_completes(drain_proxy: ProxyProcess,
             time.sleep(0.005)  # slow enough to be in flight when SIGTERM lands
     assert (got, digest.hexdigest()) == (DOWNLOAD, pattern_sha256(DOWNLOAD))
     assert exit_code(drain_proxy) == 0, drain_proxy.log()
+    no_traceback(drain_proxy)
 
 
 def test_download_in_flight_completes_with_workers(pairing: str, upstream: Upstream) -> None:
@@ -100,6 +109,7 @@ def test_upload_in_flight_completes(drain_proxy: ProxyProcess) -> None:
     expected = hashlib.sha256(block * (UPLOAD // len(block))).hexdigest()
     assert (echo["body_length"], echo["body_sha256"]) == (UPLOAD, expected)
     assert exit_code(drain_proxy) == 0, drain_proxy.log()
+    no_traceback(drain_proxy)
 
 
 def test_stream_longer_than_grace_is_cut(drain_proxy: ProxyProcess) -> None:
@@ -114,11 +124,12 @@ def test_stream_longer_than_grace_is_cut(drain_proxy: ProxyProcess) -> None:
                     signalled = time.monotonic()
                     started = 0.0
     cut_after = time.monotonic() - signalled
-    assert 2.0 < cut_after < 8.0, cut_after
+    assert 2.5 < cut_after < 5.0, cut_after  # --graceful-timeout 3
     assert exit_code(drain_proxy) == 0, drain_proxy.log()
-    # The cut stream is never logged as complete (gunicorn's killed worker logs nothing).
-    lines = [line for line in drain_proxy.log().splitlines() if "dualproxy.access: GET /t " in line]
-    assert not [line for line in lines if line.endswith(" ok")], lines
+    # The proxy itself ends the stream at the timeout and says so, once, on every server.
+    assert outcomes(drain_proxy, "GET /t") == ["shutdown-cut"], drain_proxy.log()
+    assert "Cancel 1 running task" not in drain_proxy.log()  # not uvicorn's cancellation
+    no_traceback(drain_proxy)
 
 
 def test_new_connection_after_sigterm_is_refused(drain_proxy: ProxyProcess) -> None:
@@ -171,8 +182,7 @@ def test_websocket_open_at_the_timeout_closes_1001(pairing: str, ws_upstream: Ws
         assert 1.5 < closed_after < 4.0, closed_after
         assert ws_upstream.wait_closed(rid, timeout=5).close_code == 1001
         assert exit_code(proxy) == 0, proxy.log()
-        lines = [line for line in proxy.log().splitlines() if "dualproxy.access: GET /echo " in line]
-        assert [line.rsplit(" ", 1)[1] for line in lines] == ["shutdown-cut"], lines
+        assert outcomes(proxy, "GET /echo") == ["shutdown-cut"], proxy.log()
         no_traceback(proxy)
     finally:
         proxy.stop()

@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import Any
 
-from ..drain import SLACK
+from ..drain import DRAIN, SLACK
 from . import is_tested
 
 # How much request body uvicorn may buffer before it stops reading the client.
@@ -43,11 +43,16 @@ class _RefusalIsNoError(logging.Filter):
     """uvicorn 0.54's websockets-sansio logs "ASGI callable returned without
     completing handshake" at ERROR after an app refused a handshake with
     `websocket.http.response` (it never marks that path complete; the client got
-    its answer). Every upstream refusal would log it: drop that one line."""
+    its answer). Every upstream refusal would log it: drop that one line. Past
+    the graceful timeout, "returned without completing response" is the proxy's
+    own cut (drain.py), already logged `shutdown-cut`: dropped too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno == logging.ERROR
-                    and record.msg == "ASGI callable returned without completing handshake.")
+        if record.levelno != logging.ERROR:
+            return True
+        return not (record.msg == "ASGI callable returned without completing handshake."
+                    or DRAIN.expired
+                    and record.msg == "ASGI callable returned without completing response.")
 
 
 def quiet_uvicorn_refusals() -> None:

@@ -35,3 +35,11 @@ class UvicornWorker(_StockWorker):  # type: ignore[misc]
         if "graceful_timeout" in options:  # uvicorn's own drain, inside gunicorn's
             self.CONFIG_KWARGS.update(uvicorn_stop_settings(options["graceful_timeout"]))
         super().__init__(*args, **kwargs)
+
+    def run(self) -> None:
+        # uvloop closes a listening socket's fd itself, then calls close() on the object
+        # it was given: gunicorn's wrapper would close that fd again and log "Error while
+        # closing socket [Errno 9] Bad file descriptor" at every stop. The plain socket
+        # inside it knows it is closed.
+        self.sockets = [getattr(sock, "sock", sock) for sock in self.sockets]
+        super().run()
