@@ -41,5 +41,6 @@ class UvicornWorker(_StockWorker):  # type: ignore[misc]
         # it was given: gunicorn's wrapper would close that fd again and log "Error while
         # closing socket [Errno 9] Bad file descriptor" at every stop. The plain socket
         # inside it knows it is closed.
-        self.sockets = [getattr(sock, "sock", sock) for sock in self.sockets]
+        listeners: list[Any] = self.sockets
+        self.sockets = [getattr(sock, "sock", sock) for sock in listeners]
         super().run()
