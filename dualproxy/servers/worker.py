@@ -21,6 +21,7 @@ from .uvicorn import uvicorn_stop_settings, uvicorn_ws_settings
 
 
 class UvicornWorker(_StockWorker):  # type: ignore[misc]
+    sockets: list[Any]  # gunicorn's listeners (set by its Worker.__init__)
     CONFIG_KWARGS: dict[str, Any] = {
         "loop": "auto",
         "http": "auto",
@@ -41,6 +42,5 @@ class UvicornWorker(_StockWorker):  # type: ignore[misc]
         # it was given: gunicorn's wrapper would close that fd again and log "Error while
         # closing socket [Errno 9] Bad file descriptor" at every stop. The plain socket
         # inside it knows it is closed.
-        listeners: list[Any] = self.sockets
-        self.sockets = [getattr(sock, "sock", sock) for sock in listeners]
+        self.sockets = [getattr(sock, "sock", sock) for sock in self.sockets]
         super().run()
