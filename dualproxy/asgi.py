@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from .core import BodyCounter, IncomingRequest, ResponseHead, UpstreamPlan
-from .drain import DRAIN
+from .drain import DRAIN, absorb_cancel
 from .errors import (
     ClientDisconnected,
     NotProxied,
@@ -106,7 +106,12 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
-            message = await receive()
+            try:
+                message = await receive()
+            except asyncio.CancelledError:  # a forced stop skips lifespan.shutdown
+                if absorb_cancel():
+                    return
+                raise
             if message["type"] == "lifespan.startup":
                 _ = self.client
                 await send({"type": "lifespan.startup.complete"})
@@ -152,10 +157,12 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         except asyncio.CancelledError:
             if not record.client_gone and not record.shutdown:
                 record.shutdown = True  # the server's own stop cancelled us
-                raise
-            uncancel = getattr(task, "uncancel", None)  # Python 3.11+
-            if uncancel is not None:
-                uncancel()
+                if not absorb_cancel():
+                    raise
+            else:
+                uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+                if uncancel is not None:
+                    uncancel()
             if record.shutdown and not record.status:  # cut before the upstream answered
                 await self._problem(send, ServiceUnavailable("the proxy is shutting down"),
                                     record)

@@ -6,8 +6,9 @@ signal, a gunicorn reload). In-flight exchanges register themselves (`enter`,
 `leave`: one dict operation each, and nothing at all when unarmed, as for the
 faces used as a library). At the deadline a timer thread calls `cut()` on each
 one still registered: streams are aborted and logged `shutdown-cut`,
-WebSockets closed 1001. The servers are given `SLACK` more than the deadline,
-so it is the proxy, not the server's kill, that ends what is left.
+WebSockets closed 1001; a forced stop (`end_now`) does the same at once. The
+servers are given `SLACK` more than the deadline, so it is the proxy, not the
+server's kill, that ends what is left.
 
 A tunnel blocked in poll() cannot be called: it polls `wake_fd()`, a pipe that
 becomes readable at the deadline and stays so.
@@ -15,6 +16,7 @@ becomes readable at the deadline and stays so.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -58,6 +60,13 @@ class Drain:
         timer.daemon = True
         timer.start()
 
+    def end_now(self) -> None:
+        """A forced stop (a second SIGINT): the deadline is now. Safe in a signal handler."""
+        if self.timeout is None or self.expired:
+            return
+        self.deadline = time.monotonic()
+        threading.Thread(target=self._expire, daemon=True).start()
+
     def enter(self, exchange: Cuttable) -> None:
         if self.timeout is not None:
             self._inflight[id(exchange)] = exchange
@@ -75,6 +84,8 @@ class Drain:
         return self._pipe[0]
 
     def _expire(self) -> None:
+        if self.expired:  # end_now() came first
+            return
         self.expired = True
         if self._pipe is not None and self._pid == os.getpid():
             os.write(self._pipe[1], b"x")
@@ -90,3 +101,17 @@ class Drain:
 
 
 DRAIN = Drain()
+
+
+def absorb_cancel() -> bool:
+    """For an `except CancelledError`: True (the cancellation undone) when the drain
+    has expired. What the server's stop cancels then was ended and logged by the
+    proxy already (or is the lifespan of a forced stop); uvicorn would log the
+    CancelledError as a traceback."""
+    if not DRAIN.expired:
+        return False
+    task = asyncio.current_task()
+    uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+    if uncancel is not None:
+        uncancel()
+    return True

@@ -186,3 +186,33 @@ def test_websocket_open_at_the_timeout_closes_1001(pairing: str, ws_upstream: Ws
         no_traceback(proxy)
     finally:
         proxy.stop()
+
+
+def test_second_sigint_exits_at_once(pairing: str, upstream: Upstream) -> None:
+    proxy = ProxyProcess(pairing, upstream.url, ("--graceful-timeout", "30"))
+    try:
+        def hold() -> None:  # a download far longer than this test
+            try:
+                with proxy.client() as client, client.stream(
+                        "GET", "/t", headers={"x-upstream": "trickle size=400 interval=0.25"}
+                ) as resp:
+                    for _ in resp.iter_raw():
+                        pass
+            except httpx.HTTPError:
+                pass
+
+        threading.Thread(target=hold, daemon=True).start()
+        time.sleep(0.5)
+        terminate(proxy, signal.SIGINT)
+        time.sleep(1.0)
+        assert proxy.alive()  # the first SIGINT drains
+        terminate(proxy, signal.SIGINT)
+        second = time.monotonic()
+        # Every pairing exits 0 within a second: the proxy cuts what is left at once
+        # (gunicorn's quick stop would otherwise kill its workers 2 s later).
+        assert exit_code(proxy, timeout=10) == 0, proxy.log()
+        assert time.monotonic() - second < 2.0, proxy.log()
+        assert outcomes(proxy, "GET /t") == ["shutdown-cut"], proxy.log()
+        no_traceback(proxy)
+    finally:
+        proxy.stop()

@@ -20,3 +20,8 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         DRAIN.begin()
         super().handle_exit(sig, frame)
+
+    def handle_quit(self, sig: int, frame: FrameType | None) -> None:
+        """gunicorn's quick stop (a second SIGINT): end what is left now, logged."""
+        DRAIN.end_now()
+        super().handle_quit(sig, frame)

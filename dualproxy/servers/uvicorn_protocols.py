@@ -6,10 +6,15 @@ that is where the clock starts, in every uvicorn-run process (one server,
 an open socket right there with 1012; dualproxy's contract keeps it open until
 the graceful timeout and then closes it 1001 (the ASGI face's session does),
 like any other exchange still in flight. Loaded by import string from
-`uvicorn_http_settings`, only on the uvicorn releases the suite tests.
+`uvicorn_stop_settings`, only on the uvicorn releases the suite tests.
 """
 
 from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -17,15 +22,29 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from ..drain import DRAIN
 
 
+def start_clock() -> None:
+    """Start the drain clock; the next SIGINT (uvicorn's force quit) ends what is left
+    first, so it is logged, not cancelled. uvicorn puts its own handler back after."""
+    if DRAIN.deadline is None and threading.current_thread() is threading.main_thread():
+        forced: Any = signal.getsignal(signal.SIGINT)
+        if callable(forced):
+            def force(signum: int, frame: FrameType | None) -> None:
+                DRAIN.end_now()
+                forced(signum, frame)
+
+            signal.signal(signal.SIGINT, force)
+    DRAIN.begin()
+
+
 class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     def shutdown(self) -> None:
-        DRAIN.begin()
+        start_clock()
         super().shutdown()
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     def shutdown(self) -> None:
-        DRAIN.begin()
+        start_clock()
         if DRAIN.armed and self.handshake_complete and not self.close_sent:
             return  # open: the app closes it with 1001 at the deadline
         super().shutdown()
