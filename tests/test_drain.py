@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import threading
@@ -213,6 +214,43 @@ def test_second_sigint_exits_at_once(pairing: str, upstream: Upstream) -> None:
         assert exit_code(proxy, timeout=10) == 0, proxy.log()
         assert time.monotonic() - second < 2.0, proxy.log()
         assert outcomes(proxy, "GET /t") == ["shutdown-cut"], proxy.log()
+        no_traceback(proxy)
+    finally:
+        proxy.stop()
+
+
+def serving_pids(proxy: ProxyProcess, first: int, last: int) -> set[str]:
+    """The worker pids whose access lines answered GET /hup/<first..last-1>."""
+    found = re.findall(r"\[(\d+)\] dualproxy\.access: GET /hup/(\d+) ", proxy.log())
+    return {pid for pid, i in found if first <= int(i) < last}
+
+
+def test_hup_reload_serves_every_request(pairing: str, upstream: Upstream) -> None:
+    """gunicorn's HUP reload and uvicorn's (with --workers: its supervisor starts each
+    new worker before it stops the old one) keep answering a keep-alive client."""
+    proxy = ProxyProcess(pairing, upstream.url, ("--graceful-timeout", "3", "--workers", "2"))
+    try:
+        failures: list[str] = []
+        before: set[str] = set()
+        with proxy.client() as client:
+            deadline = time.monotonic() + 20
+            for i in range(3000):
+                if i == 50:
+                    before = serving_pids(proxy, 0, 50)
+                    os.kill(proxy.proc.pid, signal.SIGHUP)
+                try:
+                    resp = client.get(f"/hup/{i}")
+                    if resp.status_code != 200:
+                        failures.append(f"{i}: {resp.status_code}")
+                except httpx.HTTPError as exc:
+                    failures.append(f"{i}: {exc!r}")
+                time.sleep(0.005)
+                if i >= 100 and i % 25 == 0 and before and serving_pids(
+                        proxy, i - 25, i).isdisjoint(before) or time.monotonic() > deadline:
+                    break
+        assert before and serving_pids(proxy, i - 25, i).isdisjoint(before), proxy.log()
+        assert not failures, (failures, proxy.log())
+        assert proxy.alive()
         no_traceback(proxy)
     finally:
         proxy.stop()
