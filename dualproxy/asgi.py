@@ -21,7 +21,7 @@ from .errors import (
     ClientDisconnected,
     NotProxied,
     ProxyError,
-    ServiceUnavailable,
+    ShuttingDown,
     UpstreamBroken,
     describe,
     map_stream_errors,
@@ -164,8 +164,7 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                 if uncancel is not None:
                     uncancel()
             if record.shutdown and not record.status:  # cut before the upstream answered
-                await self._problem(send, ServiceUnavailable("the proxy is shutting down"),
-                                    record)
+                await self._problem(send, ShuttingDown(), record)
         finally:
             if cut is not None:
                 DRAIN.leave(cut)

@@ -14,7 +14,7 @@ import logging
 import time
 
 from .core import IncomingRequest
-from .errors import NotProxied, ProxyError
+from .errors import NotProxied, ProxyError, ShuttingDown
 
 FORMATS = ("text", "json")
 
@@ -71,6 +71,7 @@ class AccessLog:
         record.status = exc.status
         record.problem = exc.detail
         record.routed = not isinstance(exc, NotProxied)
+        record.shutdown = record.shutdown or isinstance(exc, ShuttingDown)
         if exc.status >= 500:
             cause = exc.__cause__
             suffix = f" ({type(cause).__name__})" if cause is not None else ""

@@ -172,8 +172,9 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         if not isinstance(client_sock, socket.socket):
             client_sock = None
         gone = environ.get(CLIENT_GONE_KEY)
-        if client_sock is not None or gone is not None:
-            request.extensions[CLIENT_WATCH] = ClientWatch(client_sock, gone)
+        stop_fd = DRAIN.wake_fd() if DRAIN.armed else None
+        if client_sock is not None or gone is not None or stop_fd is not None:
+            request.extensions[CLIENT_WATCH] = ClientWatch(client_sock, gone, stop_fd)
         try:
             with map_upstream_errors():
                 response = self._send(request)

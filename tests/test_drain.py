@@ -133,6 +133,21 @@ def test_stream_longer_than_grace_is_cut(drain_proxy: ProxyProcess) -> None:
     no_traceback(drain_proxy)
 
 
+def test_request_waiting_for_its_upstream_gets_503_at_the_timeout(
+        drain_proxy: ProxyProcess) -> None:
+    started = time.monotonic()
+    timer = threading.Timer(0.5, terminate, (drain_proxy,))
+    timer.start()
+    with drain_proxy.client() as client:
+        resp = client.get("/slow", headers={"x-upstream": "sleep seconds=20"}, timeout=15)
+    answered_after = time.monotonic() - started - 0.5
+    assert resp.status_code == 503, resp.text
+    assert resp.headers["content-type"] == "application/problem+json"
+    assert 2.5 < answered_after < 5.0, answered_after  # --graceful-timeout 3
+    assert exit_code(drain_proxy) == 0, drain_proxy.log()
+    assert outcomes(drain_proxy, "GET /slow") == ["shutdown-cut"], drain_proxy.log()
+    no_traceback(drain_proxy)
+
 def test_new_connection_after_sigterm_is_refused(drain_proxy: ProxyProcess) -> None:
     done = threading.Event()
 
