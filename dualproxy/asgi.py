@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from .core import BodyCounter, IncomingRequest, ResponseHead, UpstreamPlan
-from .drain import DRAIN, absorb_cancel
+from .drain import DRAIN, absorb_cancel, call_in_loop
 from .errors import (
     ClientDisconnected,
     NotProxied,
@@ -243,10 +243,7 @@ class DrainCut:
         self.task, self.record = task, record
 
     def cut(self) -> None:
-        try:
-            self.task.get_loop().call_soon_threadsafe(self._cancel)
-        except RuntimeError:  # the loop is closed: nothing is left to end
-            pass
+        call_in_loop(self.task.get_loop(), self._cancel)
 
     def _cancel(self) -> None:
         if not self.record.responded and not self.task.done():

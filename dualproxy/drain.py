@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 # What the servers get beyond the deadline: time to send close frames and log.
@@ -101,6 +102,14 @@ class Drain:
 
 
 DRAIN = Drain()
+
+
+def call_in_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """For a `cut()` on an event loop's exchange: run `callback` in that loop."""
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:  # the loop is closed: nothing is left to end
+        pass
 
 
 def absorb_cancel() -> bool:

@@ -273,15 +273,10 @@ class ResponseBody:
                     yield chunk
         except UpstreamBroken as exc:
             record.broken = describe(exc)
-            sock = self.client_socket
-            if sock is not None:
-                # gunicorn logs a traceback for an exception raised here. Shutting
-                # the client socket aborts the response just as surely (no last
-                # chunk, short body) and gunicorn ignores the EPIPE that follows.
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            # gunicorn logs a traceback for an exception raised here. Shutting
+            # the client socket aborts the response just as surely (no last
+            # chunk, short body) and gunicorn ignores the EPIPE that follows.
+            if self._shut_client():
                 return
             raise
         record.responded = True
@@ -305,13 +300,19 @@ class ResponseBody:
         if record.responded:
             return
         record.shutdown = True
-        sock = self.client_socket
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._shut_client()
         self._finish()
+
+    def _shut_client(self) -> bool:
+        """Shut the client socket where the server gave one (gunicorn); False if none."""
+        sock = self.client_socket
+        if sock is None:
+            return False
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return True
 
     def _finish(self) -> None:
         try:

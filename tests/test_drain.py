@@ -148,22 +148,25 @@ def test_request_waiting_for_its_upstream_gets_503_at_the_timeout(
     assert outcomes(drain_proxy, "GET /slow") == ["shutdown-cut"], drain_proxy.log()
     no_traceback(drain_proxy)
 
-def test_new_connection_after_sigterm_is_refused(drain_proxy: ProxyProcess) -> None:
-    done = threading.Event()
-
-    def hold() -> None:  # an in-flight stream keeps the process draining
+def hold_stream(proxy: ProxyProcess, size: int) -> threading.Thread:
+    """A thread reading GET /t, a stream of `size` bytes at 4 a second, to its end or cut."""
+    def hold() -> None:
         try:
-            with drain_proxy.client() as client, client.stream(
-                    "GET", "/t", headers={"x-upstream": "trickle size=40 interval=0.25"}
+            with proxy.client() as client, client.stream(
+                    "GET", "/t", headers={"x-upstream": f"trickle size={size} interval=0.25"}
             ) as resp:
                 for _ in resp.iter_raw():
                     pass
         except httpx.HTTPError:
             pass
-        done.set()
 
     holder = threading.Thread(target=hold, daemon=True)
     holder.start()
+    return holder
+
+
+def test_new_connection_after_sigterm_is_refused(drain_proxy: ProxyProcess) -> None:
+    holder = hold_stream(drain_proxy, 40)  # an in-flight stream keeps the process draining
     time.sleep(0.5)
     terminate(drain_proxy)
     time.sleep(1.0)
@@ -207,17 +210,7 @@ def test_websocket_open_at_the_timeout_closes_1001(pairing: str, ws_upstream: Ws
 def test_second_sigint_exits_at_once(pairing: str, upstream: Upstream) -> None:
     proxy = ProxyProcess(pairing, upstream.url, ("--graceful-timeout", "30"))
     try:
-        def hold() -> None:  # a download far longer than this test
-            try:
-                with proxy.client() as client, client.stream(
-                        "GET", "/t", headers={"x-upstream": "trickle size=400 interval=0.25"}
-                ) as resp:
-                    for _ in resp.iter_raw():
-                        pass
-            except httpx.HTTPError:
-                pass
-
-        threading.Thread(target=hold, daemon=True).start()
+        hold_stream(proxy, 400)  # a download far longer than this test
         time.sleep(0.5)
         terminate(proxy, signal.SIGINT)
         time.sleep(1.0)

@@ -25,7 +25,7 @@ from websockets.http11 import Request
 
 from ..config import ProxyConfig
 from ..core import IncomingRequest, plan_response
-from ..drain import DRAIN
+from ..drain import DRAIN, call_in_loop
 from ..errors import BadGateway, GatewayTimeout, NotProxied, ProxyError, describe
 from ..headers import Header
 from ..hooks import arun_request_hooks, arun_response_hooks
@@ -226,10 +226,7 @@ class Session:
 
     def cut(self) -> None:
         """The graceful timeout (drain.py, its timer thread): close both sides 1001."""
-        try:
-            self._stop.get_loop().call_soon_threadsafe(self._stopped)
-        except RuntimeError:  # the loop is closed: nothing is left to close
-            pass
+        call_in_loop(self._stop.get_loop(), self._stopped)
 
     def _stopped(self) -> None:
         if not self._stop.done():
