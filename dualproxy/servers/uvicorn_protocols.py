@@ -36,10 +36,37 @@ def start_clock() -> None:
     DRAIN.begin()
 
 
+# How long an idle keep-alive connection stays open once the stop began.
+IDLE_GRACE = 1.0
+
+
 class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    """uvicorn's HTTP protocol (httptools), with the stop starting the drain clock.
+
+    uvicorn closes an idle keep-alive connection the moment a stop begins; a
+    client sending its next request right then gets a reset (seen across a
+    `--workers` HUP restart). As gunicorn 27 does, the connection stays open
+    IDLE_GRACE seconds instead: a request that comes is answered with
+    `Connection: close`, a connection that stays quiet is closed.
+    """
+
+    draining = False
+
     def shutdown(self) -> None:
         start_clock()
-        super().shutdown()
+        idle = self.cycle is None or self.cycle.response_complete
+        if not idle or not hasattr(self, "on_headers_complete"):  # busy, or h11's protocol
+            super().shutdown()
+            return
+        self.draining = True
+        self._unset_keepalive_if_required()
+        self.timeout_keep_alive_task = self.loop.call_later(
+            IDLE_GRACE, self.timeout_keep_alive_handler)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if self.draining and self.cycle is not None:
+            self.cycle.keep_alive = False
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
