@@ -80,6 +80,8 @@ class WSGIBridge:
                 if gone.is_set():
                     raise ClientDisconnected("client went away")
                 return {"type": "http.request", "body": b"", "more_body": False}
+            if gone.is_set():  # the drain cut the upload (wsgi.UploadCut)
+                raise ClientDisconnected("the upload was cut")
             message = await receive()
             if message["type"] == "http.disconnect":
                 gone.set()

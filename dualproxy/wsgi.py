@@ -23,6 +23,7 @@ from .errors import (
     IncompleteBody,
     NotProxied,
     ProxyError,
+    ShuttingDown,
     UpstreamBroken,
     describe,
     map_stream_errors,
@@ -175,19 +176,29 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         stop_fd = DRAIN.wake_fd() if DRAIN.armed else None
         if client_sock is not None or gone is not None or stop_fd is not None:
             request.extensions[CLIENT_WATCH] = ClientWatch(client_sock, gone, stop_fd)
+        upload = UploadCut(record, client_sock, gone) if plan.has_body and DRAIN.armed else None
+        if upload is not None:
+            DRAIN.enter(upload)
         try:
             with map_upstream_errors():
                 response = self._send(request)
         except ProxyError as exc:
+            # record.shutdown: the upload was cut at the graceful timeout.
+            problem = ShuttingDown() if record.shutdown else exc
             if counter is not None:
-                _discard(body_input, discard_budget(counter, exc), self.config.chunk_size)
-            return self._problem(start_response, exc, record, environ)
+                _discard(body_input, discard_budget(counter, problem), self.config.chunk_size)
+            return self._problem(start_response, problem, record, environ)
         except ClientDisconnected:
+            if record.shutdown:
+                return self._problem(start_response, ShuttingDown(), record, environ)
             # Nobody is left to read an answer, but WSGI still wants one.
             record.client_gone = True
             self.finish(record)
             return problem_response(start_response, IncompleteBody("the client went away"),
                                     environ)
+        finally:
+            if upload is not None:
+                DRAIN.leave(upload)
         try:
             head = run_response_hooks(self.config.response_hooks, plan,
                                       self.response_head(record, plan, request, response))
@@ -214,6 +225,30 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         self.refuse(record, exc)
         self.finish(record)
         return problem_response(start_response, exc, environ)
+
+
+class UploadCut:
+    """Ends an upload still running at the graceful timeout (drain.py, its timer thread).
+
+    The body read stops (gunicorn: the socket's read side is shut, so a blocked
+    read ends; the a2wsgi bridge: its `gone` event), and the face answers 503.
+    """
+
+    __slots__ = ("record", "sock", "gone")
+
+    def __init__(self, record: RequestRecord, sock: socket.socket | None,
+                 gone: threading.Event | None) -> None:
+        self.record, self.sock, self.gone = record, sock, gone
+
+    def cut(self) -> None:
+        self.record.shutdown = True
+        if self.gone is not None:
+            self.gone.set()
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
 
 
 class ResponseBody:

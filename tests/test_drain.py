@@ -133,6 +133,33 @@ def test_stream_longer_than_grace_is_cut(drain_proxy: ProxyProcess) -> None:
     no_traceback(drain_proxy)
 
 
+def test_upload_longer_than_grace_is_cut(drain_proxy: ProxyProcess) -> None:
+    block = b"u" * 65536
+    signalled = 0.0
+
+    def body() -> Iterator[bytes]:
+        nonlocal signalled
+        for i in range(400):  # 100 s at 4 blocks a second
+            if i == 2:
+                terminate(drain_proxy)
+                signalled = time.monotonic()
+            time.sleep(0.25)
+            yield block
+
+    with drain_proxy.client() as client:
+        try:
+            resp = client.post("/u", content=body(), timeout=15)
+            answer = str(resp.status_code)
+        except httpx.HTTPError as exc:
+            answer = type(exc).__name__
+    ended_after = time.monotonic() - signalled
+    # The client may still be sending when the 503 comes and the connection closes.
+    assert answer in ("503", "WriteError", "RemoteProtocolError", "ReadError"), answer
+    assert 2.5 < ended_after < 5.0, ended_after  # --graceful-timeout 3
+    assert exit_code(drain_proxy) == 0, drain_proxy.log()
+    assert outcomes(drain_proxy, "POST /u") == ["shutdown-cut"], drain_proxy.log()
+    no_traceback(drain_proxy)
+
 def test_request_waiting_for_its_upstream_gets_503_at_the_timeout(
         drain_proxy: ProxyProcess) -> None:
     started = time.monotonic()
