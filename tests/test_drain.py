@@ -208,9 +208,11 @@ def test_new_connection_after_sigterm_is_refused(drain_proxy: ProxyProcess) -> N
     holder.join(10)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_websocket_open_at_the_timeout_closes_1001(pairing: str, ws_upstream: WsUpstream,
-                                                  rid: str) -> None:
-    proxy = ProxyProcess(pairing, ws_upstream.url, ("--graceful-timeout", "2"))
+                                                  rid: str, workers: str) -> None:
+    proxy = ProxyProcess(pairing, ws_upstream.url,
+                         ("--graceful-timeout", "2", "--workers", workers))
     try:
         with open_ws(proxy, rid=rid) as ws:
             ws.send("before")
