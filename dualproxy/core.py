@@ -30,6 +30,7 @@ from .errors import (
 from .framing import Framing, FramingError, parse_framing
 from .headers import Header, check_request_headers, request_headers, response_headers
 from .target import upstream_target
+from .upstreams import UPSTREAM, Upstream
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -246,20 +247,27 @@ def build_request(
     config: ProxyConfig,
     plan: UpstreamPlan,
     content: Iterable[bytes] | AsyncIterable[bytes] | None,
+    upstream: Upstream | None = None,
 ) -> httpx.Request:
     """The httpx request for a plan, with exactly the plan's headers and target.
+
+    `upstream`: the one chosen from the route's pool (default: the first); it
+    rides in the `UPSTREAM` extension for dualproxy's transport (unix socket
+    path, TLS server name).
 
     httpx would add Host, Content-Length or Transfer-Encoding of its own for
     `content=`, and would re-normalise the path (folding dot segments); so the
     body is passed as `stream=` (httpx then adds no header at all) and the raw
     target rides in httpcore's `target` extension, sent as-is on the request line.
     """
+    if upstream is None:
+        upstream = config.upstreams[0]
     return httpx.Request(
         plan.method,
-        _origin_url(config.upstream_origin),
+        _origin_url(upstream.origin),
         headers=plan.headers,
         stream=_BodyStream(content) if content is not None and plan.has_body else _NO_BODY,
-        extensions={"target": plan.target, "timeout": timeouts(config)},
+        extensions={"target": plan.target, "timeout": timeouts(config), UPSTREAM: upstream},
     )
 
 

@@ -74,8 +74,14 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         self._lock = threading.Lock()
         if client is not None:
             disable_cookies(client)
+        else:
+            from .http1.tls import upstream_context
+
+            # Load the CA bundle and client certificate now: a bad file is a
+            # ValueError naming it here, not an error at the first request.
+            upstream_context(config)
         self._log = AccessLog(enabled=access_log, format=access_log_format,
-                              upstream=config.upstream, route=config.mount or "/")
+                              upstream=str(config.upstreams[0]), route=config.mount or "/")
 
     def _new_client(self) -> tuple[ClientT, TransportT]:
         raise NotImplementedError
@@ -135,18 +141,22 @@ def make_async_client(config: ProxyConfig) -> tuple[httpx.AsyncClient, httpx.Asy
     cookie extraction, auth and redirect machinery a proxy never uses.
     """
     from .http1 import AsyncUpstreamTransport
+    from .http1.tls import upstream_context
 
     transport = AsyncUpstreamTransport(
         max_connections=config.max_connections,
-        max_keepalive_connections=config.max_keepalive_connections)
+        max_keepalive_connections=config.max_keepalive_connections,
+        ssl_context=upstream_context(config))
     return httpx.AsyncClient(transport=transport, **client_options(config)), transport
 
 
 def make_sync_client(config: ProxyConfig) -> tuple[httpx.Client, httpx.BaseTransport]:
     """The client SyncProxy creates, and its transport (see make_async_client)."""
     from .http1 import UpstreamTransport
+    from .http1.tls import upstream_context
 
     transport = UpstreamTransport(
         max_connections=config.max_connections,
-        max_keepalive_connections=config.max_keepalive_connections)
+        max_keepalive_connections=config.max_keepalive_connections,
+        ssl_context=upstream_context(config))
     return httpx.Client(transport=transport, **client_options(config)), transport

@@ -30,9 +30,10 @@ from typing import Any, Generic, Protocol, TypeVar
 import httpx
 
 from ..framing import FRAMING
+from ..upstreams import UPSTREAM, Upstream
+from .connect import Key, upstream_key
 from .connection import ClientConnection, Response
-
-Key = tuple[str, str, int]
+from .tls import client_context
 
 
 class Conn(Protocol):
@@ -61,6 +62,10 @@ def limit(value: int | None) -> int:
 
 
 def origin(request: httpx.Request) -> Key:
+    """The pool key of a request: its chosen `Upstream`'s (core.build_request), else its URL's."""
+    upstream = request.extensions.get(UPSTREAM)
+    if isinstance(upstream, Upstream):
+        return upstream_key(upstream)
     url = request.url
     scheme = url.scheme
     port = url.port or (443 if scheme == "https" else 80)
@@ -134,11 +139,20 @@ class Pool(Generic[C]):
     def __init__(self, *, max_connections: int | None = 100,
                  max_keepalive_connections: int | None = 100,
                  ssl_context: ssl.SSLContext | None = None) -> None:
+        """`ssl_context`: for https upstreams (default: `tls.client_context()`)."""
         self._limit = limit(max_connections)
         self._used = 0
         self._idle: IdlePool[C] = IdlePool(max_keepalive_connections)
         self._ssl = ssl_context
         self._init_waiting()
+
+    def _context(self, key: Key) -> ssl.SSLContext | None:
+        """The TLS context for `key` (https only): the transport's, else the default."""
+        if key[0] != "https":
+            return None
+        if self._ssl is None:
+            self._ssl = client_context()
+        return self._ssl
 
     def _init_waiting(self) -> None:
         """Set up how requests wait for a free slot (a driver's own primitives)."""

@@ -31,7 +31,7 @@ HANDSHAKE_HEADERS = frozenset({
 })
 # Upgrade and Connection are hop-by-hop for HTTP; a tunnel restores them.
 UPGRADE_HEADERS: tuple[Header, ...] = ((b"upgrade", b"websocket"), (b"connection", b"Upgrade"))
-_SCHEMES = {"http": "ws", "https": "wss"}
+_SCHEMES = {"http": "ws", "https": "wss", "unix": "ws"}
 _TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789"
                          b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 

@@ -29,7 +29,9 @@ from ..drain import DRAIN, call_in_loop
 from ..errors import BadGateway, GatewayTimeout, NotProxied, ProxyError, describe
 from ..headers import Header
 from ..hooks import arun_request_hooks, arun_response_hooks
+from ..http1.tls import upstream_context, verification_failure
 from ..types import Receive, Scope, Send
+from ..upstreams import Upstream
 from .handshake import WebSocketPlan, accept_head, library_request_headers, plan_handshake
 from .handshake import upgrade_plan as make_upgrade_plan
 
@@ -152,14 +154,30 @@ class _NoRedirects(connect):
         return exc
 
 
-async def open_upstream(config: ProxyConfig, ws: WebSocketPlan) -> ClientConnection:
+def _where(config: ProxyConfig, upstream: Upstream) -> tuple[str, dict[str, Any]]:
+    """The URI `websockets` connects to and how: TLS with the route's context and the
+    URL's host as server name for https, the socket path for unix."""
+    if upstream.socket_path is not None:
+        return "ws://localhost/", {"unix": True, "path": upstream.socket_path}
+    if upstream.tls:
+        return (f"wss://{upstream.origin.partition('://')[2]}/",
+                {"ssl": upstream_context(config, upstream), "server_hostname": upstream.host})
+    return f"ws://{upstream.origin.partition('://')[2]}/", {}
+
+
+async def open_upstream(config: ProxyConfig, ws: WebSocketPlan,
+                        upstream: Upstream | None = None) -> ClientConnection:
     """The upstream connection after its 101. InvalidStatus for any other answer;
-    BadGateway when it cannot be reached or speaks no WebSocket; GatewayTimeout past
-    `config.timeout` (which bounds connecting and the handshake, nothing after)."""
+    BadGateway when it cannot be reached or speaks no WebSocket (or its certificate
+    does not verify); GatewayTimeout past `config.timeout` (which bounds connecting
+    and the handshake, nothing after). `upstream`: the one chosen from the pool
+    (default: the first); the plan's target and headers are sent whatever the URI."""
     connection_class = type("PlannedConnection", (_PlannedConnection,), {"plan": ws})
+    uri, how = _where(config, upstream or config.upstreams[0])
     try:
         return await _NoRedirects(
-            ws.url,
+            uri,
+            **how,
             subprotocols=ws.subprotocols or None,  # type: ignore[arg-type]
             additional_headers=None,
             user_agent_header=None,  # no header the client did not send
@@ -180,6 +198,9 @@ async def open_upstream(config: ProxyConfig, ws: WebSocketPlan) -> ClientConnect
         raise GatewayTimeout("the upstream did not complete the WebSocket handshake in time"
                              ) from exc
     except (OSError, InvalidHandshake) as exc:
+        reason = verification_failure(exc)
+        if reason is not None:
+            raise BadGateway(f"TLS verification of the upstream failed: {reason}") from exc
         raise BadGateway(f"the upstream WebSocket handshake failed: {describe(exc)}") from exc
 
 
