@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 import httpx
 
 from .core import BodyCounter, IncomingRequest, ResponseHead, UpstreamPlan
+from .drain import DRAIN, absorb_cancel, call_in_loop
 from .errors import (
     ClientDisconnected,
     NotProxied,
     ProxyError,
+    ShuttingDown,
     UpstreamBroken,
     map_stream_errors,
     map_upstream_errors,
@@ -115,7 +117,12 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
-            message = await receive()
+            try:
+                message = await receive()
+            except asyncio.CancelledError:  # a forced stop skips lifespan.shutdown
+                if absorb_cancel():
+                    return
+                raise
             if message["type"] == "lifespan.startup":
                 _ = self.client
                 await send({"type": "lifespan.startup.complete"})
@@ -154,16 +161,25 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         assert task is not None
         watcher = task.get_loop().create_task(
             _watch_disconnect(receive, body_done, task, record))
+        cut = DrainCut(task, record) if DRAIN.armed else None
+        if cut is not None:
+            DRAIN.enter(cut)
         try:
             await self._exchange(plan, receive, send, body_done, record)
         except asyncio.CancelledError:
-            if not record.client_gone:
-                record.shutdown = True  # only the server's stop cancels us otherwise
-                raise
-            uncancel = getattr(task, "uncancel", None)  # Python 3.11+
-            if uncancel is not None:
-                uncancel()
+            if not record.client_gone and not record.shutdown:
+                record.shutdown = True  # the server's own stop cancelled us
+                if not absorb_cancel():
+                    raise
+            else:
+                uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+                if uncancel is not None:
+                    uncancel()
+            if record.shutdown and not record.status:  # cut before the upstream answered
+                await self._problem(send, ShuttingDown(), record)
         finally:
+            if cut is not None:
+                DRAIN.leave(cut)
             watcher.cancel()
             self.finish(record)
 
@@ -245,6 +261,24 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                                 "more_body": True})
         record.responded = True
         await send({"type": "http.response.body", "body": b""})
+
+
+class DrainCut:
+    """Ends one ASGI exchange at the graceful timeout (drain.py): the timer thread asks
+    the loop to cancel the request's task, which absorbs it as `shutdown-cut`."""
+
+    __slots__ = ("task", "record")
+
+    def __init__(self, task: asyncio.Task[Any], record: RequestRecord) -> None:
+        self.task, self.record = task, record
+
+    def cut(self) -> None:
+        call_in_loop(self.task.get_loop(), self._cancel)
+
+    def _cancel(self) -> None:
+        if not self.record.responded and not self.task.done():
+            self.record.shutdown = True
+            self.task.cancel()
 
 
 async def _request_body(

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from a2wsgi import WSGIMiddleware
 
+from .drain import absorb_cancel
 from .errors import ClientDisconnected, UpstreamBroken
 from .router import SyncRouter, async_twin
 from .types import ASGIApp, Environ, Message, Receive, Scope, Send, StartResponse, WSGIApp
@@ -52,7 +53,11 @@ class WSGIBridge:
             await self.websocket(scope, receive, send)
             return
         if scope["type"] != "http":
-            await self._inner(scope, receive, send)
+            try:
+                await self._inner(scope, receive, send)
+            except asyncio.CancelledError:  # a forced stop skips lifespan.shutdown
+                if not absorb_cancel():
+                    raise
             return
         gone = threading.Event()
         scope = dict(scope)
@@ -76,6 +81,8 @@ class WSGIBridge:
                 if gone.is_set():
                     raise ClientDisconnected("client went away")
                 return {"type": "http.request", "body": b"", "more_body": False}
+            if gone.is_set():  # the drain cut the upload (wsgi.UploadCut)
+                raise ClientDisconnected("the upload was cut")
             message = await receive()
             if message["type"] == "http.disconnect":
                 gone.set()
@@ -94,6 +101,10 @@ class WSGIBridge:
             # Returning without completing the response makes the server drop
             # the connection: the client never sees a cut body as complete.
             pass
+        except asyncio.CancelledError:
+            gone.set()  # the WSGI thread stops at its next chunk
+            if not absorb_cancel():  # past the drain the cut was logged already
+                raise
         finally:
             if watcher is not None:
                 watcher.cancel()

@@ -30,6 +30,7 @@ from .config import (
     DEFAULT_WS_MAX_SIZE,
     ProxyConfig,
 )
+from .drain import DRAIN
 from .logs import FORMATS, access_logger
 from .servers import ENV_OPTIONS
 from .servers.gunicorn import serve_gunicorn
@@ -427,6 +428,7 @@ def build_app(options: dict[str, Any]) -> Any:
 def load_app(options: dict[str, Any]) -> Any:
     """The app one worker process serves, set up for the server running it."""
     setup_logging(options["log_level"], options["access_log_format"])
+    DRAIN.arm(options["graceful_timeout"])  # the server's stop starts its clock
     warn_insecure(options)
     tune_uvicorn()  # a no-op unless uvicorn runs this process
     quiet_uvicorn_refusals()

@@ -19,7 +19,14 @@ from typing import Any
 import httpx
 
 from .config import ProxyConfig
-from .errors import BadGateway, BadRequest, BodyTooLarge, IncompleteBody, ProxyError
+from .errors import (
+    BadGateway,
+    BadRequest,
+    BodyTooLarge,
+    IncompleteBody,
+    ProxyError,
+    ShuttingDown,
+)
 from .framing import Framing, FramingError, parse_framing
 from .headers import Header, check_request_headers, request_headers, response_headers
 from .target import upstream_target
@@ -201,8 +208,8 @@ def discard_budget(counter: BodyCounter, exc: ProxyError) -> int:
     silently drops a connection it announced as keep-alive). Client errors
     (400/413) and bodies past the limit are left unread: the server closes.
     """
-    if exc.status not in (502, 503, 504):
-        return 0
+    if exc.status not in (502, 503, 504) or isinstance(exc, ShuttingDown):
+        return 0  # a client error, or a stop that will not wait for the rest
     remaining = counter.remaining()
     if remaining is None:  # chunked: up to the terminating chunk, within the limit
         return DISCARD_BODY_LIMIT

@@ -95,6 +95,14 @@ class ServiceUnavailable(ProxyError):
     status = 503
 
 
+class ShuttingDown(ServiceUnavailable):
+    """The graceful timeout came before the upstream's answer (the access line says
+    `shutdown-cut`)."""
+
+    def __init__(self) -> None:
+        super().__init__("the proxy is shutting down")
+
+
 class GatewayTimeout(ProxyError):
     status = 504
 

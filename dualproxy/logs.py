@@ -16,7 +16,7 @@ import time
 from typing import Protocol
 
 from .core import IncomingRequest
-from .errors import NotProxied, ProxyError, describe, upstream_cause
+from .errors import NotProxied, ProxyError, ShuttingDown, describe, upstream_cause
 from .upstreams import Upstream
 
 FORMATS = ("text", "json")
@@ -118,6 +118,7 @@ class AccessLog:
         record.problem = exc.detail
         record.routed = not isinstance(exc, NotProxied)
         record.cause = upstream_cause(exc)
+        record.shutdown = record.shutdown or isinstance(exc, ShuttingDown)
         if exc.status >= 500:
             cause = exc.__cause__
             suffix = f" ({type(cause).__name__})" if cause is not None else ""

@@ -17,11 +17,13 @@ from urllib.parse import quote
 import httpx
 
 from .core import BodyCounter, IncomingRequest, UpstreamPlan, discard_budget
+from .drain import DRAIN
 from .errors import (
     ClientDisconnected,
     IncompleteBody,
     NotProxied,
     ProxyError,
+    ShuttingDown,
     UpstreamBroken,
     describe,
     map_stream_errors,
@@ -179,8 +181,13 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         if not isinstance(client_sock, socket.socket):
             client_sock = None
         gone = environ.get(CLIENT_GONE_KEY)
-        watch = (ClientWatch(client_sock, gone)
-                 if client_sock is not None or gone is not None else None)
+        stop_fd = DRAIN.wake_fd() if DRAIN.armed else None
+        watch = (ClientWatch(client_sock, gone, stop_fd)
+                 if client_sock is not None or gone is not None or stop_fd is not None
+                 else None)
+        upload = UploadCut(record, client_sock, gone) if plan.has_body and DRAIN.armed else None
+        if upload is not None:
+            DRAIN.enter(upload)
 
         def send_to(upstream: Upstream) -> tuple[httpx.Request, httpx.Response]:
             request = self.upstream_request(plan, content, upstream)
@@ -192,15 +199,22 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
             with map_upstream_errors():
                 request, response = self.attempts(record, plan, send_to)
         except ProxyError as exc:
+            # record.shutdown: the upload was cut at the graceful timeout.
+            problem = ShuttingDown() if record.shutdown else exc
             if counter is not None:
-                _discard(body_input, discard_budget(counter, exc), self.config.chunk_size)
-            return self._problem(start_response, exc, record, environ)
+                _discard(body_input, discard_budget(counter, problem), self.config.chunk_size)
+            return self._problem(start_response, problem, record, environ)
         except ClientDisconnected:
+            if record.shutdown:
+                return self._problem(start_response, ShuttingDown(), record, environ)
             # Nobody is left to read an answer, but WSGI still wants one.
             record.client_gone = True
             self.finish(record)
             return problem_response(start_response, IncompleteBody("the client went away"),
                                     environ)
+        finally:
+            if upload is not None:
+                DRAIN.leave(upload)
         try:
             head = run_response_hooks(self.config.response_hooks, plan,
                                       self.response_head(record, plan, request, response))
@@ -243,6 +257,30 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         return problem_response(start_response, exc, environ)
 
 
+class UploadCut:
+    """Ends an upload still running at the graceful timeout (drain.py, its timer thread).
+
+    The body read stops (gunicorn: the socket's read side is shut, so a blocked
+    read ends; the a2wsgi bridge: its `gone` event), and the face answers 503.
+    """
+
+    __slots__ = ("record", "sock", "gone")
+
+    def __init__(self, record: RequestRecord, sock: socket.socket | None,
+                 gone: threading.Event | None) -> None:
+        self.record, self.sock, self.gone = record, sock, gone
+
+    def cut(self) -> None:
+        self.record.shutdown = True
+        if self.gone is not None:
+            self.gone.set()
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
+
 class ResponseBody:
     """The WSGI response iterable: raw upstream chunks, closed with the response.
 
@@ -267,10 +305,14 @@ class ResponseBody:
         self.has_body = has_body
         self.gone = gone
         self._closed = False
+        # Popped by whichever ends it first: close(), or the drain timer's cut().
+        self._unlogged = [True]
         self.client_socket: socket.socket | None = None
         # Our own transport's stream is raw already: skip httpx's iter_raw wrappers.
         self.raw_stream = False
-        if not has_body:
+        if has_body:
+            DRAIN.enter(self)
+        else:
             record.responded = True
 
     def __iter__(self) -> Iterator[bytes]:
@@ -288,19 +330,18 @@ class ResponseBody:
                     if gone is not None and gone.is_set():
                         record.client_gone = True
                         return
+                    if record.shutdown:  # cut(): the client socket is shut already
+                        if self.client_socket is None:  # a2wsgi: leave the body unfinished
+                            raise ClientDisconnected("cut at the graceful timeout")
+                        return
                     record.bytes_out += len(chunk)
                     yield chunk
         except UpstreamBroken as exc:
             record.upstream_broke(exc)
-            sock = self.client_socket
-            if sock is not None:
-                # gunicorn logs a traceback for an exception raised here. Shutting
-                # the client socket aborts the response just as surely (no last
-                # chunk, short body) and gunicorn ignores the EPIPE that follows.
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            # gunicorn logs a traceback for an exception raised here. Shutting
+            # the client socket aborts the response just as surely (no last
+            # chunk, short body) and gunicorn ignores the EPIPE that follows.
+            if self._shut_client():
                 return
             raise
         record.responded = True
@@ -309,9 +350,40 @@ class ResponseBody:
         if self._closed:
             return
         self._closed = True
+        DRAIN.leave(self)
         if not self.record.responded and not self.record.broken and self.has_body:
             self.record.client_gone = True
         self.response.close()
+        self._finish()
+
+    def cut(self) -> None:
+        """The graceful timeout (drain.py, its timer thread): abort the body, log it now.
+
+        The serving thread may be blocked on the upstream past gunicorn's kill, so
+        the line is written here; the thread stops at its next chunk."""
+        record = self.record
+        if record.responded:
+            return
+        record.shutdown = True
+        self._shut_client()
+        self._finish()
+
+    def _shut_client(self) -> bool:
+        """Shut the client socket where the server gave one (gunicorn); False if none."""
+        sock = self.client_socket
+        if sock is None:
+            return False
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return True
+
+    def _finish(self) -> None:
+        try:
+            self._unlogged.pop()  # atomic: one of the two threads gets it
+        except IndexError:
+            return
         self.finish(self.record)
 
 

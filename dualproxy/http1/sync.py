@@ -19,7 +19,7 @@ from typing import cast
 
 import httpx
 
-from ..errors import ClientDisconnected
+from ..errors import ClientDisconnected, ShuttingDown
 from .connect import Key, address, connect_failed
 from .connection import NEED_DATA, ClientConnection, Data, EndOfMessage, Response
 from .pool import RETRY_ON, Pool, PooledBody, origin, request_line, tell_unsent, timeout
@@ -170,14 +170,16 @@ class ClientWatch:
     `sock`: the client's socket (gunicorn puts it in the environ); its FIN or
     reset ends the wait, as nginx ends a request whose client closed. `gone`: an
     event a server bridge sets on disconnect (looked at every 50 ms while waiting).
+    `stop_fd`: readable once the graceful timeout passed (drain.py): ShuttingDown.
     """
 
-    __slots__ = ("sock", "gone")
+    __slots__ = ("sock", "gone", "stop_fd")
 
     def __init__(self, sock: socket.socket | None = None,
-                 gone: threading.Event | None = None) -> None:
+                 gone: threading.Event | None = None, stop_fd: int | None = None) -> None:
         self.sock = sock
         self.gone = gone
+        self.stop_fd = stop_fd
 
     def wait(self, conn: _SyncConn, seconds: float | None) -> None:
         """Return once `conn` has bytes (or EOF) to read; raise if the client left first."""
@@ -189,6 +191,8 @@ class ClientWatch:
             poller.register(upstream_fd, select.POLLIN)
             if self.sock is not None and self.sock.fileno() >= 0:
                 poller.register(self.sock, _GONE_EVENTS)
+            if self.stop_fd is not None:
+                poller.register(self.stop_fd, select.POLLIN)
         except (OSError, ValueError):
             return  # a closed socket: let the read itself report it
         deadline = None if seconds is None else time.monotonic() + seconds
@@ -204,6 +208,8 @@ class ClientWatch:
             for fd, _ in events:
                 if fd == upstream_fd:
                     return
+                if fd == self.stop_fd:
+                    raise ShuttingDown()
                 raise ClientDisconnected("the client went away before the response head")
 
 

@@ -6,8 +6,12 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-# The worker class for the asgi face (see servers/worker.py).
+from ..drain import SLACK
+
+# The worker classes: uvicorn's for the asgi face (servers/worker.py), gunicorn's
+# threaded one starting the drain clock for wsgi (servers/gthread.py).
 UVICORN_WORKER = "dualproxy.servers.worker.UvicornWorker"
+THREAD_WORKER = "dualproxy.servers.gthread.ThreadWorker"
 
 
 def gunicorn_settings() -> dict[str, Any]:
@@ -29,6 +33,7 @@ def serve_gunicorn(load: Callable[[], Any], *, adapter: str, host: str, port: in
     runs in the arbiter after a worker exited.
     """
     from gunicorn.app.base import BaseApplication
+    from gunicorn.arbiter import Arbiter
 
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     settings: dict[str, Any] = {
@@ -36,7 +41,8 @@ def serve_gunicorn(load: Callable[[], Any], *, adapter: str, host: str, port: in
         "workers": workers,
         "loglevel": log_level,
         "accesslog": None,
-        "graceful_timeout": math.ceil(graceful_timeout),  # gunicorn takes whole seconds
+        # Whole seconds, and SLACK beyond the drain clock's deadline (drain.py).
+        "graceful_timeout": math.ceil(graceful_timeout + SLACK),
         # gunicorn would trust X-Forwarded-Proto from 127.0.0.1 for wsgi.url_scheme.
         "forwarded_allow_ips": "",
         "secure_scheme_headers": {},
@@ -55,9 +61,15 @@ def serve_gunicorn(load: Callable[[], Any], *, adapter: str, host: str, port: in
     if child_exit is not None:
         settings["child_exit"] = child_exit
     if adapter == "wsgi":
-        settings.update(worker_class="gthread", threads=threads, timeout=60, keepalive=5)
+        settings.update(worker_class=THREAD_WORKER, threads=threads, timeout=60, keepalive=5)
     else:
         settings.update(worker_class=UVICORN_WORKER, timeout=60)
+
+    class DrainingArbiter(Arbiter):  # type: ignore[misc]
+        def handle_int(self) -> None:
+            """One SIGINT drains like SIGTERM (gunicorn's own stops at once); a second
+            one during the drain is gunicorn's quick stop (Arbiter.stop watches for it)."""
+            raise StopIteration
 
     class Application(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -66,5 +78,8 @@ def serve_gunicorn(load: Callable[[], Any], *, adapter: str, host: str, port: in
 
         def load(self) -> Any:
             return load()
+
+        def run(self) -> None:
+            DrainingArbiter(self).run()
 
     Application().run()

@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import Any
 
+from ..drain import DRAIN, SLACK
 from . import is_tested
 
 # How much request body uvicorn may buffer before it stops reading the client.
@@ -24,15 +25,34 @@ def uvicorn_ws_settings(max_size: int) -> dict[str, Any]:
     return {"ws": UVICORN_WS_IMPL, "ws_max_size": max_size}
 
 
+def uvicorn_stop_settings(graceful_timeout: float) -> dict[str, Any]:
+    """uvicorn Config keywords for a graceful stop that dualproxy's drain clock ends.
+
+    The protocols start the clock (servers/uvicorn_protocols.py) and keep open
+    WebSockets for the app to close 1001; uvicorn's own timeout comes SLACK
+    later, so it finds nothing left to cancel. Untested uvicorn: its own stop.
+    """
+    settings: dict[str, Any] = {"timeout_graceful_shutdown": graceful_timeout + SLACK}
+    if is_tested("uvicorn"):
+        module = "dualproxy.servers.uvicorn_protocols"
+        settings.update(http=f"{module}:HTTPProtocol", ws=f"{module}:WebSocketProtocol")
+    return settings
+
+
 class _RefusalIsNoError(logging.Filter):
     """uvicorn 0.54's websockets-sansio logs "ASGI callable returned without
     completing handshake" at ERROR after an app refused a handshake with
     `websocket.http.response` (it never marks that path complete; the client got
-    its answer). Every upstream refusal would log it: drop that one line."""
+    its answer). Every upstream refusal would log it: drop that one line. Past
+    the graceful timeout, "returned without completing response" is the proxy's
+    own cut (drain.py), already logged `shutdown-cut`: dropped too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno == logging.ERROR
-                    and record.msg == "ASGI callable returned without completing handshake.")
+        if record.levelno != logging.ERROR:
+            return True
+        return not (record.msg == "ASGI callable returned without completing handshake."
+                    or DRAIN.expired
+                    and record.msg == "ASGI callable returned without completing response.")
 
 
 def quiet_uvicorn_refusals() -> None:
@@ -80,8 +100,8 @@ def serve_uvicorn(app: Any, factory: str, *, host: str, port: int, workers: int,
         "access_log": False,     # dualproxy writes its own access line
         "log_level": log_level,
         "lifespan": "on",
-        "timeout_graceful_shutdown": graceful_timeout,
         **uvicorn_ws_settings(ws_max_size),
+        **uvicorn_stop_settings(graceful_timeout),
     }
     if certfile is not None:
         common.update(ssl_certfile=certfile, ssl_keyfile=keyfile)

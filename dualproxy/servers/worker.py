@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+from types import FrameType
 from typing import Any
 
 from uvicorn_worker import UvicornWorker as _StockWorker
 
 from ..config import DEFAULT_WS_MAX_SIZE
+from ..drain import DRAIN
 from . import ENV_OPTIONS
-from .uvicorn import uvicorn_ws_settings
+from .uvicorn import uvicorn_stop_settings, uvicorn_ws_settings
 
 
 class UvicornWorker(_StockWorker):  # type: ignore[misc]
+    sockets: list[Any]  # gunicorn's listeners (set by its Worker.__init__)
     CONFIG_KWARGS: dict[str, Any] = {
         "loop": "auto",
         "http": "auto",
@@ -33,5 +37,21 @@ class UvicornWorker(_StockWorker):  # type: ignore[misc]
         max_size = options.get("ws_max_size", DEFAULT_WS_MAX_SIZE)
         self.CONFIG_KWARGS = {**type(self).CONFIG_KWARGS, **uvicorn_ws_settings(max_size)}
         if "graceful_timeout" in options:  # uvicorn's own drain, inside gunicorn's
-            self.CONFIG_KWARGS["timeout_graceful_shutdown"] = options["graceful_timeout"]
+            self.CONFIG_KWARGS.update(uvicorn_stop_settings(options["graceful_timeout"]))
         super().__init__(*args, **kwargs)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """gunicorn's quick stop sends SIGQUIT, which this worker routes here and the
+        stock one only notes: end what is left now (logged), so uvicorn's stop,
+        waiting for connections, finishes instead of being killed 2 s later."""
+        if sig == signal.SIGQUIT:
+            DRAIN.end_now()
+        super().handle_exit(sig, frame)
+
+    def run(self) -> None:
+        # uvloop closes a listening socket's fd itself, then calls close() on the object
+        # it was given: gunicorn's wrapper would close that fd again and log "Error while
+        # closing socket [Errno 9] Bad file descriptor" at every stop. The plain socket
+        # inside it knows it is closed.
+        self.sockets = [getattr(sock, "sock", sock) for sock in self.sockets]
+        super().run()

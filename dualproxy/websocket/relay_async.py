@@ -25,6 +25,7 @@ from websockets.http11 import Request
 
 from ..config import ProxyConfig
 from ..core import IncomingRequest, plan_response
+from ..drain import DRAIN, call_in_loop
 from ..errors import BadGateway, GatewayTimeout, NotProxied, ProxyError, describe
 from ..headers import Header
 from ..hooks import arun_request_hooks, arun_response_hooks
@@ -44,6 +45,8 @@ MAX_QUEUE = 4
 CLOSE_TIMEOUT = 5.0
 # The close code a client gets when its upstream vanished (RFC 6455 7.4.1 registry).
 BAD_GATEWAY = 1014
+# Both sides of a socket still open at the graceful timeout get it (drain.py).
+GOING_AWAY = 1001
 _HTTP_RESPONSE = "websocket.http.response"
 
 
@@ -248,28 +251,44 @@ class Session:
         self.send = send
         self.record = record
         self.last_activity = time.monotonic()
+        self._stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def cut(self) -> None:
+        """The graceful timeout (drain.py, its timer thread): close both sides 1001."""
+        call_in_loop(self._stop.get_loop(), self._stopped)
+
+    def _stopped(self) -> None:
+        if not self._stop.done():
+            self._stop.set_result(None)
 
     async def run(self, idle_timeout: float | None) -> None:
-        tasks = {asyncio.ensure_future(self.client_to_upstream()),
-                 asyncio.ensure_future(self.upstream_to_client())}
+        relays = {asyncio.ensure_future(self.client_to_upstream()),
+                  asyncio.ensure_future(self.upstream_to_client())}
+        tasks: set[asyncio.Future[None]] = {*relays, self._stop}
+        DRAIN.enter(self)
         try:
             while True:
                 wait = None if idle_timeout is None else (
                     self.last_activity + idle_timeout - time.monotonic())
                 done, _ = await asyncio.wait(tasks, timeout=wait,
                                              return_when=asyncio.FIRST_COMPLETED)
+                if self._stop in done:
+                    self.record.shutdown = True
+                    await self.close_both(GOING_AWAY, "server shutting down")
+                    return
                 if done:
                     for task in done:
                         task.result()
                     return
                 if idle_timeout is not None and (
                         time.monotonic() - self.last_activity >= idle_timeout):
-                    await self.close_both(1001, "idle timeout")
+                    await self.close_both(GOING_AWAY, "idle timeout")
                     return
         finally:
-            for task in tasks:
+            DRAIN.leave(self)
+            for task in relays:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*relays, return_exceptions=True)
 
     async def close_both(self, code: int, reason: str) -> None:
         try:

@@ -4,7 +4,8 @@ One thread, one poll() over both sockets, one read in flight per direction:
 while a read is unsent its source is not read again, so a slow reader stalls
 the writer through TCP flow control and memory stays at two reads. Frames are
 followed, never decoded (`framing`), so the tunnel can refuse an oversized
-message (1009) and end an idle socket (1001) with a close frame to each side.
+message (1009), end an idle socket (1001) and one still open at the graceful
+timeout (1001, when `stop_fd` becomes readable) with a close frame to each side.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ _POLLRDHUP = getattr(select, "POLLRDHUP", 0)
 
 
 class SpliceResult(NamedTuple):
-    """Bytes relayed each way, and the socket error that ended both at once, if one did."""
+    """Bytes relayed each way, the socket error that ended both at once if one did,
+    and whether `stop_fd` ended it."""
 
     to_upstream: int
     to_client: int
     failure: str | None = None
+    stopped: bool = False
 
 
 class _Direction:
@@ -143,15 +146,15 @@ def _drain(socks: list[socket.socket], seconds: float) -> None:
 
 def relay(client: socket.socket, upstream: socket.socket, *, to_client: bytes = b"",
           to_upstream: bytes = b"", idle: float | None = None,
-          max_size: int | None = None) -> SpliceResult:
+          max_size: int | None = None, stop_fd: int | None = None) -> SpliceResult:
     """Move bytes both ways until both sides closed; (client->upstream, upstream->client).
 
     `to_client`/`to_upstream`: bytes read before the tunnel opened, sent first.
     A FIN is passed on (half-close; a TLS side is closed instead) and the other
     direction gets LINGER seconds more; a reset or error on either side ends
     both at once (`failure`). A message over `max_size` ends both with close
-    1009, `idle` seconds of silence with 1001. Both sockets are left for the
-    caller to close.
+    1009, `idle` seconds of silence with 1001, and so does `stop_fd` becoming
+    readable (the drain deadline). Both sockets are left for the caller to close.
     """
     up = _Direction(client, upstream, to_upstream, max_size, to_server=True)
     down = _Direction(upstream, client, to_client, max_size, to_server=False)
@@ -161,6 +164,8 @@ def relay(client: socket.socket, upstream: socket.socket, *, to_client: bytes = 
     tls = isinstance(client, ssl.SSLSocket) or isinstance(upstream, ssl.SSLSocket)
     poller = select.poll()
     masks = {cfd: 0, ufd: 0}
+    if stop_fd is not None:
+        poller.register(stop_fd, select.POLLIN)
     quiet_since = time.monotonic()
     linger_until: float | None = None
     try:
@@ -203,6 +208,8 @@ def relay(client: socket.socket, upstream: socket.socket, *, to_client: bytes = 
             ready = poller.poll(None if wait is None else max(int(wait * 1000), 0))
             client_ready = upstream_ready = False
             for fd, events in ready:
+                if fd == stop_fd:
+                    return _goodbye(up, down, GOING_AWAY, "server shutting down", stopped=True)
                 if events & _FAILED:
                     raise ConnectionResetError(errno.ECONNRESET, "a tunnelled socket failed")
                 if fd == cfd:
@@ -223,8 +230,9 @@ def relay(client: socket.socket, upstream: socket.socket, *, to_client: bytes = 
     return SpliceResult(up.moved, down.moved)
 
 
-def _goodbye(up: _Direction, down: _Direction, code: int, reason: str) -> SpliceResult:
+def _goodbye(up: _Direction, down: _Direction, code: int, reason: str,
+             stopped: bool = False) -> SpliceResult:
     up.say_goodbye(code, reason)
     down.say_goodbye(code, reason)
     _drain([up.src, down.src], GOODBYE)
-    return SpliceResult(up.moved, down.moved)
+    return SpliceResult(up.moved, down.moved, stopped=stopped)

@@ -28,6 +28,7 @@ import httpx
 
 from ..config import ProxyConfig
 from ..core import ResponseHead, UpstreamPlan, plan_response
+from ..drain import DRAIN
 from ..errors import ProxyError, map_stream_errors, map_upstream_errors
 from ..http1 import ClientConnection, Data, EndOfMessage, Response, connect_upstream
 from ..http1.connect import upstream_key
@@ -252,8 +253,10 @@ class Tunnel:
             self.log.session_opened(record)
             result = relay(self.client, self.upstream, to_client=self.upstream_early,
                            to_upstream=self.client_early, idle=self.idle,
-                           max_size=self.max_size)
+                           max_size=self.max_size,
+                           stop_fd=DRAIN.wake_fd() if DRAIN.armed else None)
             record.bytes_in, record.bytes_out = result.to_upstream, result.to_client
+            record.shutdown = result.stopped
             # A peer that vanished is a WebSocket's ordinary end, not a proxy failure.
             record.client_gone = result.failure is not None
         except OSError:  # writing the 101: the client is gone already
