@@ -8,9 +8,11 @@ then each contestant as one proxy process in front of it, one after another:
 small-GET throughput and latency (wrk, or bench/loadgen.py), 100 MiB download
 and upload speed (curl, or httpx; median of 3), a chunked upload, checked to
 arrive whole at the upstream, the idle RSS and the peak RSS of the proxy's
-process tree. For dualproxy also the RSS while streaming
-1 GiB each way, and 2 workers against 1. Then the WebSocket rows (bench/wsbench.py:
-messages/s and p99 over 32 sockets, MB/s of 1 MiB messages; `--ws-only`, `--no-ws`).
+process tree. For dualproxy also the RSS while streaming 1 GiB each way, 2 workers
+against 1, and small GETs with the access log on against off (`dp-asgi-log`,
+`dp-wsgi-log`; every other dualproxy row runs with `--no-access-log`). Then the
+WebSocket rows (bench/wsbench.py: messages/s and p99 over 32 sockets, MB/s of
+1 MiB messages; `--ws-only`, `--no-ws`).
 Prints a table, every dualproxy figure as a ratio to the seed pattern and to the
 best peer of the same face, PASS/FAIL for the project's targets, and writes JSON
 and a bar chart. Not part of CI: the figures drift on a shared machine; compare
@@ -447,13 +449,15 @@ class Contestant:
     workers: int = 1
     direct: bool = False
     tree: Path | None = None  # run from this checkout (its dualproxy on PYTHONPATH)
+    small_only: bool = False  # only the small-GET load (the access-log rows)
 
 
 def contestants(upstream: str, baseline: Path | None = None) -> list[Contestant]:
-    def dp(*extra: str) -> Callable[[int], list[str]]:
+    def dp(*extra: str, access_log: bool = False) -> Callable[[int], list[str]]:
+        logs = ["--log-level", "info"] if access_log else ["--no-access-log", "--log-level",
+                                                            "warning"]
         return lambda port: [PY, "-m", "dualproxy", "serve", "--upstream", upstream, "--bind",
-                             f"127.0.0.1:{port}", "--no-access-log", "--log-level", "warning",
-                             *extra]
+                             f"127.0.0.1:{port}", *logs, *extra]
 
     def gunicorn(app: str) -> Callable[[int], list[str]]:
         return lambda port: [PY, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", "32",
@@ -468,8 +472,12 @@ def contestants(upstream: str, baseline: Path | None = None) -> list[Contestant]
         Contestant("direct", "no proxy (straight to the upstream)", "-", lambda port: [],
                    direct=True),
         Contestant("dp-asgi", "dualproxy asgi (uvicorn)", "asgi", dp(), dualproxy=True),
+        Contestant("dp-asgi-log", "dualproxy asgi (uvicorn), access log on", "asgi",
+                   dp(access_log=True), dualproxy=True, small_only=True),
         Contestant("dp-wsgi", "dualproxy wsgi (gunicorn)", "wsgi", dp("--adapter", "wsgi"),
                    dualproxy=True),
+        Contestant("dp-wsgi-log", "dualproxy wsgi (gunicorn), access log on", "wsgi",
+                   dp("--adapter", "wsgi", access_log=True), dualproxy=True, small_only=True),
         *([Contestant("dp-asgi-before", f"dualproxy asgi (uvicorn), {baseline.name}", "asgi",
                       dp(), tree=baseline),
            Contestant("dp-wsgi-before", f"dualproxy wsgi (gunicorn), {baseline.name}", "wsgi",
@@ -557,7 +565,7 @@ def run_contestant(c: Contestant, upstream: Upstream, work: Path,
             result.rps, result.p50_ms, result.p99_ms = (
                 None if math.isnan(small[k]) else small[k] for k in ("rps", "p50_ms", "p99_ms"))
             result.load_errors = int(small["errors"])
-        if c.workers > 1:
+        if c.workers > 1 or c.small_only:
             return result
         big = upstream.path("big")
         if proc is not None:
@@ -690,6 +698,10 @@ def ratios(by: dict[str, Result], size_label: str) -> tuple[list[str], dict[str,
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for face in ("asgi", "wsgi"):
+        on = ratio(value(by.get(f"dp-{face}-log"), "rps"), value(by.get(f"dp-{face}"), "rps"))
+        doc.setdefault(face, {})["access_log_on_over_off"] = on
+        lines.append(f"{face}: access log on / off small-GET req/s = {fmt(on, '.2f')}")
+    for face in ("asgi", "wsgi"):
         one, two = value(by.get(f"dp-{face}"), "rps"), value(by.get(f"dp-{face}-2w"), "rps")
         scale = ratio(two, one)
         doc.setdefault(face, {})["scaling_2w_over_1w"] = scale
@@ -759,6 +771,9 @@ def targets(by: dict[str, Result], quick: bool,
     for face in ("asgi", "wsgi"):
         check(f"{face} 2 workers >= 1.6x one worker", rps(f"dp-{face}-2w"), rps(f"dp-{face}"),
               1.6)
+    for face in ("asgi", "wsgi"):
+        check(f"{face} access log on >= 0.90x off req/s", rps(f"dp-{face}-log"),
+              rps(f"dp-{face}"), 0.9)
     return out
 
 
@@ -773,10 +788,10 @@ def chart(results: list[Result], path: Path, subtitle: str, size_label: str) -> 
         return False
     # The direct row (tens of thousands of req/s) would flatten every proxy's bar: table only.
     rows = [r for r in results if r.status == "ok" and r.face != "-"]
+    transfers = [r for r in rows if r.workers == 1 and not r.key.endswith("-log")]
     panels = [("rps", "small GET req/s (32 connections)", rows),
-              ("down_mbs", f"{size_label} download MB/s", [r for r in rows if r.workers == 1]),
-              ("up_mbs", f"{size_label} upload MB/s (Content-Length)",
-               [r for r in rows if r.workers == 1])]
+              ("down_mbs", f"{size_label} download MB/s", transfers),
+              ("up_mbs", f"{size_label} upload MB/s (Content-Length)", transfers)]
     fig, axes = plt.subplots(1, 3, figsize=(17, 6), gridspec_kw={"wspace": 0.08})
     names = [r.name for r in rows]
     for ax, (attr, title, subset) in zip(axes, panels, strict=True):
@@ -853,8 +868,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="3 s loads and 16 MiB transfers, no 1 GiB memory check")
     parser.add_argument("--only", nargs="+", action="extend", default=[], metavar="NAME",
-                        help="only contestants with this key (direct, dp-asgi, dp-wsgi, seed, "
-                             "fpl, twin, werkzeug, dp-asgi-2w, dp-wsgi-2w, and with "
+                        help="only contestants with this key (direct, dp-asgi, dp-asgi-log, "
+                             "dp-wsgi, dp-wsgi-log, seed, fpl, twin, werkzeug, dp-asgi-2w, "
+                             "dp-wsgi-2w, and with "
                              "--baseline-tree dp-asgi-before, dp-wsgi-before) or name part")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
                         help="where latest.json and latest.png go")
