@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,18 @@ def _status_kb(pid: int, key: str) -> int:
     return 0
 
 
+def tree_cpu_s(root: int) -> float:
+    """User and system CPU seconds of the process tree's live processes."""
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def tree_rss_mb(root: int, pids: list[int] | None = None) -> float:
     """Sum of VmRSS over the process tree, in MiB."""
     return sum(_status_kb(pid, "VmRSS:") for pid in (pids or tree_pids(root))) / 1024
@@ -449,7 +462,7 @@ class Contestant:
     workers: int = 1
     direct: bool = False
     tree: Path | None = None  # run from this checkout (its dualproxy on PYTHONPATH)
-    small_only: bool = False  # only the small-GET load (the access-log rows)
+    paired: Callable[[int], list[str]] | None = None  # the same with the access log off
 
 
 def contestants(upstream: str, baseline: Path | None = None) -> list[Contestant]:
@@ -473,11 +486,12 @@ def contestants(upstream: str, baseline: Path | None = None) -> list[Contestant]
                    direct=True),
         Contestant("dp-asgi", "dualproxy asgi (uvicorn)", "asgi", dp(), dualproxy=True),
         Contestant("dp-asgi-log", "dualproxy asgi (uvicorn), access log on", "asgi",
-                   dp(access_log=True), dualproxy=True, small_only=True),
+                   dp(access_log=True), dualproxy=True, paired=dp()),
         Contestant("dp-wsgi", "dualproxy wsgi (gunicorn)", "wsgi", dp("--adapter", "wsgi"),
                    dualproxy=True),
         Contestant("dp-wsgi-log", "dualproxy wsgi (gunicorn), access log on", "wsgi",
-                   dp("--adapter", "wsgi", access_log=True), dualproxy=True, small_only=True),
+                   dp("--adapter", "wsgi", access_log=True), dualproxy=True,
+                   paired=dp("--adapter", "wsgi")),
         *([Contestant("dp-asgi-before", f"dualproxy asgi (uvicorn), {baseline.name}", "asgi",
                       dp(), tree=baseline),
            Contestant("dp-wsgi-before", f"dualproxy wsgi (gunicorn), {baseline.name}", "wsgi",
@@ -509,6 +523,9 @@ class Result:
     p50_ms: float | None = None
     p99_ms: float | None = None
     load_errors: int | None = None
+    off_rps: float | None = None  # access-log rows: the same proxy with it off, same rounds
+    off_cpu_us_per_req: float | None = None
+    cpu_us_per_req: float | None = None  # the proxy's CPU per small GET (steadier than req/s)
     down_mbs: float | None = None
     up_mbs: float | None = None
     chunked_up: str | None = None  # ok / failed (why)
@@ -560,12 +577,16 @@ def run_contestant(c: Contestant, upstream: Upstream, work: Path,
         if small is not None and small["rps"] == 0:
             result.status = "failed: no successful small GET"
             return result
+        cpu_before = tree_cpu_s(proc.pid) if proc is not None else 0.0
         small = step(result, "small GETs", lambda: load_small(base + "/small", opts.seconds))
+        if small and proc is not None and small["rps"] > 0:
+            result.cpu_us_per_req = ((tree_cpu_s(proc.pid) - cpu_before) * 1e6
+                                     / (small["rps"] * opts.seconds))
         if small:
             result.rps, result.p50_ms, result.p99_ms = (
                 None if math.isnan(small[k]) else small[k] for k in ("rps", "p50_ms", "p99_ms"))
             result.load_errors = int(small["errors"])
-        if c.workers > 1 or c.small_only:
+        if c.workers > 1:
             return result
         big = upstream.path("big")
         if proc is not None:
@@ -614,6 +635,44 @@ def run_contestant(c: Contestant, upstream: Upstream, work: Path,
             result.status = f"failed: exited with {proc.returncode} during the run"
     finally:
         if proc is not None:
+            stop(proc)
+    return result
+
+
+def run_log_pair(c: Contestant, upstream: Upstream, work: Path,
+                 opts: argparse.Namespace) -> Result:
+    """The access log's cost: the proxy with it on and off, both running, small GETs in
+    alternating rounds (on, off, off, on, ...) so the machine's drift hits both alike."""
+    assert c.paired is not None
+    result = Result(c.key, c.name, c.face, c.workers, c.dualproxy)
+    ports = {"on": free_port(), "off": free_port()}
+    procs = {"on": start(c.args(ports["on"]), log=work / f"{c.key}.log"),
+             "off": start(c.paired(ports["off"]), log=work / f"{c.key}-off.log")}
+    requests = dict.fromkeys(procs, 0.0)
+    cpu = dict.fromkeys(procs, 0.0)
+    try:
+        for side, proc in procs.items():
+            url = f"http://127.0.0.1:{ports[side]}/small"
+            if not wait_http(url, timeout=60, proc=proc):
+                result.status = f"failed to start ({side})"
+                return result
+            step(result, "warm-up", partial(load_small, url, 2))
+        rounds, each = 4, max(1, opts.seconds // 2)
+        for n in range(rounds):
+            for side in (("on", "off") if n % 2 == 0 else ("off", "on")):
+                before = tree_cpu_s(procs[side].pid)
+                got = step(result, "small GETs", partial(
+                    load_small, f"http://127.0.0.1:{ports[side]}/small", each))
+                if got:
+                    requests[side] += got["rps"] * each
+                    cpu[side] += tree_cpu_s(procs[side].pid) - before
+        seconds = rounds * each
+        result.rps, result.off_rps = requests["on"] / seconds, requests["off"] / seconds
+        if requests["on"] and requests["off"]:
+            result.cpu_us_per_req = cpu["on"] * 1e6 / requests["on"]
+            result.off_cpu_us_per_req = cpu["off"] * 1e6 / requests["off"]
+    finally:
+        for proc in procs.values():
             stop(proc)
     return result
 
@@ -698,9 +757,15 @@ def ratios(by: dict[str, Result], size_label: str) -> tuple[list[str], dict[str,
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for face in ("asgi", "wsgi"):
-        on = ratio(value(by.get(f"dp-{face}-log"), "rps"), value(by.get(f"dp-{face}"), "rps"))
-        doc.setdefault(face, {})["access_log_on_over_off"] = on
-        lines.append(f"{face}: access log on / off small-GET req/s = {fmt(on, '.2f')}")
+        r = by.get(f"dp-{face}-log")
+        on = ratio(value(r, "rps"), r.off_rps) if r is not None else None
+        cpu_on, cpu_off = (r.cpu_us_per_req, r.off_cpu_us_per_req) if r else (None, None)
+        cpu = ratio(cpu_off, cpu_on)
+        doc.setdefault(face, {}).update(access_log_on_over_off=on,
+                                        access_log_cpu_off_over_on=cpu)
+        lines.append(f"{face}: access log on / off small-GET req/s = {fmt(on, '.2f')}; CPU per "
+                     f"request off / on = {fmt(cpu, '.2f')} ({fmt(cpu_off, '.0f')} vs "
+                     f"{fmt(cpu_on, '.0f')} µs)")
     for face in ("asgi", "wsgi"):
         one, two = value(by.get(f"dp-{face}"), "rps"), value(by.get(f"dp-{face}-2w"), "rps")
         scale = ratio(two, one)
@@ -772,8 +837,9 @@ def targets(by: dict[str, Result], quick: bool,
         check(f"{face} 2 workers >= 1.6x one worker", rps(f"dp-{face}-2w"), rps(f"dp-{face}"),
               1.6)
     for face in ("asgi", "wsgi"):
+        paired = by.get(f"dp-{face}-log")
         check(f"{face} access log on >= 0.90x off req/s", rps(f"dp-{face}-log"),
-              rps(f"dp-{face}"), 0.9)
+              paired.off_rps if paired is not None else None, 0.9)
     return out
 
 
@@ -936,7 +1002,7 @@ def main() -> int:
                 continue
             print(f"-- {c.name}", flush=True)
             t0 = time.monotonic()
-            result = run_contestant(c, upstream, work, opts)
+            result = (run_log_pair if c.paired else run_contestant)(c, upstream, work, opts)
             results.append(result)
             print(f"   {result.status}: {fmt(result.rps)} req/s, p99 "
                   f"{fmt(result.p99_ms, '.1f')} ms, down {fmt(result.down_mbs)} MB/s, up "
