@@ -9,10 +9,11 @@ small-GET throughput and latency (wrk, or bench/loadgen.py), 100 MiB download
 and upload speed (curl, or httpx; median of 3), a chunked upload, checked to
 arrive whole at the upstream, the idle RSS and the peak RSS of the proxy's
 process tree. For dualproxy also the RSS while streaming 1 GiB each way, 2 workers
-against 1, and small GETs with the access log on against off (`dp-asgi-log`,
-`dp-wsgi-log`; every other dualproxy row runs with `--no-access-log`). Then the
-WebSocket rows (bench/wsbench.py: messages/s and p99 over 32 sockets, MB/s of
-1 MiB messages; `--ws-only`, `--no-ws`).
+against 1, a pool of 2 upstreams (nginx on a second port) against 1 on small GETs,
+and small GETs with the access log on against off (`dp-asgi-log`, `dp-wsgi-log`;
+every other dualproxy row runs with `--no-access-log`). Then the WebSocket rows
+(bench/wsbench.py: messages/s and p99 over 32 sockets, MB/s of 1 MiB messages;
+`--ws-only`, `--no-ws`).
 Prints a table, every dualproxy figure as a ratio to the seed pattern and to the
 best peer of the same face, PASS/FAIL for the project's targets, and writes JSON
 and a bar chart. Not part of CI: the figures drift on a shared machine; compare
@@ -158,6 +159,7 @@ http {{
   upstream sink_answer {{ server 127.0.0.1:{inner_port}; keepalive 4; }}
   server {{
     listen 127.0.0.1:{port};
+    listen 127.0.0.1:{port2};  # the second upstream of the pool rows (the same nginx)
     root {dir}/www;
     client_max_body_size 0;
     location = /sink {{
@@ -185,6 +187,10 @@ class Upstream:
     def __init__(self, workdir: Path, sizes: dict[str, int]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # The pool rows' second upstream: nginx's second port; without nginx the same
+        # static app by another name (a pool refuses one upstream given twice).
+        self.port2 = free_port()
+        self.url2 = f"http://127.0.0.1:{self.port2}"
         self.www = workdir / "www"
         self.www.mkdir(parents=True, exist_ok=True)
         block = os.urandom(MiB)
@@ -200,12 +206,14 @@ class Upstream:
                                                   dir=shm if shm.is_dir() else workdir))
             conf = workdir / "nginx.conf"
             conf.write_text(NGINX_CONF.format(
-                dir=workdir, port=self.port, inner_port=free_port(), body_dir=self.body_dir,
+                dir=workdir, port=self.port, port2=self.port2, inner_port=free_port(),
+                body_dir=self.body_dir,
                 # as root nginx would run its worker as nobody, who cannot read the temp dir
                 user="user root;" if os.geteuid() == 0 else ""))
             self.proc = start([nginx, "-c", str(conf)], log=workdir / "nginx.out")
         else:
             self.kind = "uvicorn static app (no nginx)"
+            self.url2 = f"http://localhost:{self.port}"
             self.proc = start([PY, "-m", "uvicorn", "bench.static_upstream:app", "--port",
                                str(self.port), "--log-level", "warning", "--no-access-log"],
                               env={"BENCH_WWW": str(self.www)}, log=workdir / "upstream.out")
@@ -462,10 +470,12 @@ class Contestant:
     workers: int = 1
     direct: bool = False
     tree: Path | None = None  # run from this checkout (its dualproxy on PYTHONPATH)
+    small_only: bool = False  # small GETs only (a row compared on req/s alone)
     paired: Callable[[int], list[str]] | None = None  # the same with the access log off
 
 
-def contestants(upstream: str, baseline: Path | None = None) -> list[Contestant]:
+def contestants(upstream: str, baseline: Path | None = None,
+                second: str = "SECOND") -> list[Contestant]:
     def dp(*extra: str, access_log: bool = False) -> Callable[[int], list[str]]:
         logs = ["--log-level", "info"] if access_log else ["--no-access-log", "--log-level",
                                                             "warning"]
@@ -504,6 +514,11 @@ def contestants(upstream: str, baseline: Path | None = None) -> list[Contestant]
                    gunicorn("bench.contestants.seed_wsgi:app")),
         Contestant("werkzeug", "werkzeug ProxyMiddleware", "wsgi",
                    gunicorn("bench.contestants.werkzeug_proxy:app")),
+        Contestant("dp-asgi-pool", "dualproxy asgi, a pool of 2 upstreams", "asgi",
+                   dp("--upstream", second), dualproxy=True, small_only=True),
+        Contestant("dp-wsgi-pool", "dualproxy wsgi, a pool of 2 upstreams", "wsgi",
+                   dp("--adapter", "wsgi", "--upstream", second), dualproxy=True,
+                   small_only=True),
         Contestant("dp-asgi-2w", "dualproxy asgi, 2 workers", "asgi", dp("--workers", "2"),
                    dualproxy=True, workers=2),
         Contestant("dp-wsgi-2w", "dualproxy wsgi, 2 workers", "wsgi",
@@ -586,7 +601,7 @@ def run_contestant(c: Contestant, upstream: Upstream, work: Path,
             result.rps, result.p50_ms, result.p99_ms = (
                 None if math.isnan(small[k]) else small[k] for k in ("rps", "p50_ms", "p99_ms"))
             result.load_errors = int(small["errors"])
-        if c.workers > 1:
+        if c.workers > 1 or c.small_only:
             return result
         big = upstream.path("big")
         if proc is not None:
@@ -834,6 +849,9 @@ def targets(by: dict[str, Result], quick: bool,
                               f" (+{r.gib_peak_over_idle_mb:.1f} MB; {size_label}: "
                               f"+{fmt(r.big_peak_over_idle_mb, '.1f')} MB)"))
     for face in ("asgi", "wsgi"):
+        check(f"{face} a pool of 2 upstreams >= 0.9x one upstream req/s",
+              rps(f"dp-{face}-pool"), rps(f"dp-{face}"), 0.9)
+    for face in ("asgi", "wsgi"):
         check(f"{face} 2 workers >= 1.6x one worker", rps(f"dp-{face}-2w"), rps(f"dp-{face}"),
               1.6)
     for face in ("asgi", "wsgi"):
@@ -854,7 +872,7 @@ def chart(results: list[Result], path: Path, subtitle: str, size_label: str) -> 
         return False
     # The direct row (tens of thousands of req/s) would flatten every proxy's bar: table only.
     rows = [r for r in results if r.status == "ok" and r.face != "-"]
-    transfers = [r for r in rows if r.workers == 1 and not r.key.endswith("-log")]
+    transfers = [r for r in rows if r.workers == 1 and not r.key.endswith(("-log", "-pool"))]
     panels = [("rps", "small GET req/s (32 connections)", rows),
               ("down_mbs", f"{size_label} download MB/s", transfers),
               ("up_mbs", f"{size_label} upload MB/s (Content-Length)", transfers)]
@@ -935,7 +953,8 @@ def main() -> int:
                         help="3 s loads and 16 MiB transfers, no 1 GiB memory check")
     parser.add_argument("--only", nargs="+", action="extend", default=[], metavar="NAME",
                         help="only contestants with this key (direct, dp-asgi, dp-asgi-log, "
-                             "dp-wsgi, dp-wsgi-log, seed, fpl, twin, werkzeug, dp-asgi-2w, "
+                             "dp-wsgi, dp-wsgi-log, seed, fpl, twin, werkzeug, dp-asgi-pool, "
+                             "dp-wsgi-pool, dp-asgi-2w, "
                              "dp-wsgi-2w, and with "
                              "--baseline-tree dp-asgi-before, dp-wsgi-before) or name part")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
@@ -981,7 +1000,8 @@ def main() -> int:
         parser.error(f"--only matches no contestant; keys: {', '.join(sorted(keys))}")
     work = Path(tempfile.mkdtemp(prefix="dualproxy-bench-"))
     sizes = {"small": 2, "16k": 16 * 1024, "big": big}
-    if opts.gib_check and any(c.dualproxy and c.workers == 1 for c in chosen):
+    if opts.gib_check and any(c.dualproxy and c.workers == 1 and not c.small_only
+                              for c in chosen):
         sizes["big1g"] = GiB
     print(f"work dir {work}; creating files {', '.join(sizes)}", flush=True)
     results: list[Result] = []
@@ -997,7 +1017,7 @@ def main() -> int:
         print(f"upstream: {upstream.kind} at {upstream.url}; sink check: {upstream.sink_check}")
         print(f"small GETs: {loadgen_name()} -d{opts.seconds}s; transfers: {transfer_name()}, "
               f"{big // MiB} MiB, median of {opts.repeat}", flush=True)
-        for c in contestants(upstream.url, baseline):
+        for c in contestants(upstream.url, baseline, upstream.url2):
             if c.key not in {x.key for x in chosen}:
                 continue
             print(f"-- {c.name}", flush=True)

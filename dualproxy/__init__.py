@@ -22,12 +22,14 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .asgi import AsyncProxy
+    from .router import AsyncRouter, SyncRouter
     from .wsgi import SyncProxy
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncProxy",
+    "AsyncRouter",
     "BadGateway",
     "BadRequest",
     "BodyTooLarge",
@@ -38,6 +40,7 @@ __all__ = [
     "ResponseHead",
     "ServiceUnavailable",
     "SyncProxy",
+    "SyncRouter",
     "UpstreamPlan",
     "__version__",
 ]
@@ -53,4 +56,8 @@ def __getattr__(name: str) -> Any:
         from .wsgi import SyncProxy
 
         return SyncProxy
+    if name in ("AsyncRouter", "SyncRouter"):
+        from . import router
+
+        return getattr(router, name)
     raise AttributeError(name)

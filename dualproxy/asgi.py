@@ -10,8 +10,8 @@ exchange at once, which closes the upstream connection and frees its pool slot.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
 
@@ -29,6 +29,9 @@ from .face import ProxyFace, make_async_client
 from .hooks import arun_request_hooks, arun_response_hooks
 from .logs import RequestRecord
 from .types import ASGIApp, Receive, Scope, Send
+from .upstreams import Upstream
+
+T = TypeVar("T")
 
 # A `websocket` scope's scheme, as the HTTP request its handshake was.
 _HTTP_SCHEME = {"ws": "http", "wss": "https"}
@@ -82,6 +85,15 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         if self._transport is not None:
             return await self._transport.handle_async_request(request)
         return await client.send(request, stream=True)
+
+    def _start_health(self) -> Any:
+        from .health import HealthTask
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # the client was made outside a loop: no task to start
+            return None
+        return HealthTask(self.config, self.balancer, self._send)
 
     async def aclose(self) -> None:
         """Close the client if this proxy created it."""
@@ -165,10 +177,14 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
     ) -> None:
         content = (_request_body(receive, BodyCounter(plan, self.config), body_done, record)
                    if body_done is not None else None)
-        request = self.upstream_request(plan, content)
+
+        async def send_to(upstream: Upstream) -> tuple[httpx.Request, httpx.Response]:
+            request = self.upstream_request(plan, content, upstream)
+            return request, await self._send(request)
+
         try:
             with map_upstream_errors():
-                response = await self._send(request)
+                request, response = await self.attempts(record, plan, send_to)
         except ProxyError as exc:
             await self._problem(send, exc, record)
             return
@@ -191,6 +207,20 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
             record.broken = describe(exc)
         finally:
             await response.aclose()
+
+    async def attempts(self, record: RequestRecord, plan: UpstreamPlan,
+                       attempt: Callable[[Upstream], Awaitable[T]]) -> T:
+        """`attempt` on an upstream of the pool, then on others while `retry` allows."""
+        tried: list[Upstream] = []
+        upstream = self.choose(record)
+        while True:
+            try:
+                return await attempt(upstream)
+            except Exception as exc:
+                after = self.retry(record, plan, tried, exc)
+                if after is None:
+                    raise
+                upstream = after
 
     async def _problem(self, send: Send, exc: ProxyError, record: RequestRecord) -> None:
         self.refuse(record, exc)

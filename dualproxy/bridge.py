@@ -18,6 +18,7 @@ from typing import Any, cast
 from a2wsgi import WSGIMiddleware
 
 from .errors import ClientDisconnected, UpstreamBroken
+from .router import SyncRouter, async_twin
 from .types import ASGIApp, Environ, Message, Receive, Scope, Send, StartResponse, WSGIApp
 from .wsgi import CLIENT_GONE_KEY, SyncProxy
 
@@ -26,7 +27,8 @@ class WSGIBridge:
     """An ASGI app serving a WSGI app through a2wsgi with disconnects reported.
 
     WSGI cannot hold a WebSocket on an ASGI server: `websocket` scopes go to
-    `websocket` (by default, for a SyncProxy, an AsyncProxy on the same config).
+    `websocket` (by default, for a SyncProxy, an AsyncProxy on the same config; for a
+    SyncRouter, an AsyncRouter on the same routes).
     """
 
     def __init__(self, app: WSGIApp, *, threads: int = 32,
@@ -34,10 +36,9 @@ class WSGIBridge:
         self.app = app
         self._inner = cast(ASGIApp, WSGIMiddleware(self._wsgi, workers=threads))  # type: ignore[arg-type]
         if websocket is None and isinstance(app, SyncProxy):
-            from .asgi import AsyncProxy
-
-            websocket = AsyncProxy(config=app.config, access_log=app._log.enabled,
-                                   access_log_format=app._log.format)
+            websocket = async_twin(app)
+        elif websocket is None and isinstance(app, SyncRouter):
+            websocket = app.asgi_twin()
         self.websocket = websocket
 
     def _wsgi(self, environ: Environ, start_response: StartResponse) -> Any:

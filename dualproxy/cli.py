@@ -15,12 +15,19 @@ import logging
 import math
 import os
 import re
+import ssl
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import __version__
-from .config import DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_WS_MAX_SIZE, ProxyConfig
+from .config import (
+    BALANCE_POLICIES,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    DEFAULT_WS_MAX_SIZE,
+    ProxyConfig,
+)
 from .logs import FORMATS, LINE_FORMAT, AccessLineHandler, LineFormatter, access_logger
 from .servers import ENV_OPTIONS
 from .servers.gunicorn import serve_gunicorn
@@ -83,10 +90,49 @@ def _positive_size(value: str) -> int:
     return size
 
 
+def _whole(value: str) -> int:
+    if not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value!r}")
+    return int(value)
+
+
 def _mount(value: str) -> str:
     if not value.startswith("/"):
         raise argparse.ArgumentTypeError(f"must start with '/', got {value!r}")
     return value
+
+
+# --- gateway: tls ---
+TLS_FILE_FLAGS = (
+    ("--upstream-ca", "verify https upstreams against this CA bundle (PEM file or hashed "
+                      "directory) instead of the system CAs (default: system CAs)"),
+    ("--upstream-cert", "client certificate for mutual TLS with https upstreams (PEM; may "
+                        "hold the key too) (default: none)"),
+    ("--upstream-key", "the key of --upstream-cert, when not in its file (default: none)"),
+    ("--certfile", "serve HTTPS with this certificate chain (PEM); needs --keyfile "
+                   "(default: plain HTTP)"),
+    ("--keyfile", "the private key of --certfile (PEM) (default: none)"),
+)
+
+
+def _readable(value: str) -> str:
+    try:
+        with open(value, "rb"):
+            pass
+    except IsADirectoryError:
+        return value  # a CA directory (--upstream-ca); a misused one fails when loaded
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {value}: {exc.strerror}") from None
+    return value
+
+
+# The TOML types a config-file value may have, by its flag's validator (configfile.py;
+# a flag with no validator takes a string, one with a validator not listed a string
+# or a number).
+TOML_TYPES: dict[Any, tuple[type, ...]] = {
+    _positive: (int, float), _count: (int,), _size: (int, str), _positive_size: (int, str),
+    _bind: (str,), _mount: (str,), _whole: (int,),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,9 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="proxy to an upstream",
         description="Serve the proxy: every request under --mount is streamed to --upstream.",
         epilog="example: dualproxy serve --upstream http://127.0.0.1:9000/base --mount /api")
-    serve.add_argument("--upstream", required=True, metavar="URL",
+    serve.add_argument("--upstream", default=None, action="append", metavar="URL",
                        help="upstream base URL, e.g. http://127.0.0.1:9000/base; its path is "
-                            "the base every proxied path is appended to (required)")
+                            "the base every proxied path is appended to; repeat it for a "
+                            "balanced pool, one base path for all (required), unless --config "
+                            "gives the routes")
     serve.add_argument("--mount", default="/", type=_mount, metavar="PREFIX",
                        help="only paths under this prefix are proxied, other paths answer 404 "
                             "(default: everything)")
@@ -160,6 +208,39 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-log-format", choices=FORMATS, default="text",
                        help="access log lines as text, or json: one JSON object a line "
                             "(default: text)")
+    # --- gateway: pool ---
+    serve.add_argument("--balance", choices=BALANCE_POLICIES, default="least-conn",
+                       help="how a pool of upstreams is balanced: fewest requests in flight "
+                            "(ties in turn), strictly in turn, or the better of two random "
+                            "picks (default: least-conn)")
+    serve.add_argument("--max-fails", type=_whole, default=1, metavar="N",
+                       help="failures (connect, timeout, broken before the head) within "
+                            "--fail-timeout that mark an upstream down for --fail-timeout; "
+                            "0: never (default: 1)")
+    serve.add_argument("--fail-timeout", type=_positive, default=10.0, metavar="SECONDS",
+                       help="the window for --max-fails and how long a failed upstream is "
+                            "skipped (default: 10)")
+    serve.add_argument("--retries", type=_whole, default=2, metavar="N",
+                       help="tries on other upstreams after a failure, only for requests never "
+                            "sent or idempotent and bodiless ones (default: 2)")
+    serve.add_argument("--health-path", type=_mount, default=None, metavar="PATH",
+                       help="actively check each upstream with a GET of its base + PATH; "
+                            "2xx/3xx is up (default: passive checks only)")
+    serve.add_argument("--health-interval", type=_positive, default=5.0, metavar="SECONDS",
+                       help="seconds between two active checks (default: 5)")
+    # --- gateway: tls ---
+    tls = serve.add_argument_group("TLS")
+    for flag, text in TLS_FILE_FLAGS:
+        tls.add_argument(flag, type=_readable, default=None, metavar="FILE", help=text)
+    tls.add_argument("--upstream-insecure", action="store_true",
+                     help="do not verify https upstreams' certificates at all; logs a WARNING "
+                          "at start (default: verified)")
+    # --- gateway: routes ---
+    serve.add_argument("--config", default=None, metavar="FILE.toml",
+                       help="several routes from a TOML file: server options at the top, "
+                            "one [[route]] table a route (mount, upstream and the route "
+                            "options); server flags given here win over the file's, route "
+                            "flags are refused (default: one route from the flags)")
 
     demo = sub.add_parser(
         "demo", help="start a built-in upstream and a proxy in front of it",
@@ -194,6 +275,20 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "log_level": args.log_level,
         "access_log": not args.no_access_log,
         "access_log_format": args.access_log_format,
+        # --- gateway: pool ---
+        "balance": args.balance,
+        "max_fails": args.max_fails,
+        "fail_timeout": args.fail_timeout,
+        "retries": args.retries,
+        "health_path": args.health_path,
+        "health_interval": args.health_interval,
+        # --- gateway: tls ---
+        "upstream_ca": args.upstream_ca,
+        "upstream_cert": args.upstream_cert,
+        "upstream_key": args.upstream_key,
+        "upstream_insecure": args.upstream_insecure,
+        "certfile": args.certfile,
+        "keyfile": args.keyfile,
     }
 
 
@@ -235,26 +330,79 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         max_connections=options["max_connections"],
         max_keepalive_connections=options["max_connections"],
         pool_timeout=options["pool_timeout"],
+        # --- gateway: pool ---
+        balance=options["balance"],
+        max_fails=options["max_fails"],
+        fail_timeout=options["fail_timeout"],
+        retries=options["retries"],
+        health_path=options["health_path"],
+        health_interval=options["health_interval"],
+        # --- gateway: tls ---
+        **tls_options(options),
     )
 
 
+# --- gateway: tls ---
+def tls_options(options: dict[str, Any]) -> dict[str, Any]:
+    """ProxyConfig's `verify` and `cert` from the --upstream-* flags (httpx's meanings)."""
+    cert, key = options.get("upstream_cert"), options.get("upstream_key")
+    if key is not None and cert is None:
+        raise ValueError("--upstream-key needs --upstream-cert")
+    if options.get("upstream_insecure") and options.get("upstream_ca"):
+        raise ValueError("--upstream-ca and --upstream-insecure contradict each other")
+    verify = False if options.get("upstream_insecure") else options.get("upstream_ca") or True
+    return {"verify": verify, "cert": (cert, key) if key is not None else cert}
+
+
+def check_tls(options: dict[str, Any], config: ProxyConfig | None = None) -> None:
+    """Load every TLS file now, so a bad one is a usage error naming it (ValueError):
+    the upstream side for `config` (one route), the serving side from the options."""
+    if config is not None:
+        from .http1.tls import upstream_context
+
+        upstream_context(config)
+    certfile, keyfile = options.get("certfile"), options.get("keyfile")
+    if (certfile is None) != (keyfile is None):
+        raise ValueError("--certfile and --keyfile go together")
+    if certfile is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                certfile, keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load --certfile {certfile} with --keyfile {keyfile}: "
+                             f"{getattr(exc, 'reason', None) or exc}") from None
+
+
+def warn_insecure(options: dict[str, Any]) -> None:
+    if any(route.get("upstream_insecure") for route in options.get("routes") or [options]):
+        logging.getLogger("dualproxy").warning(
+            "--upstream-insecure: TLS certificates of https upstreams are NOT verified; "
+            "anyone on the path can impersonate them")
+
+
 def build_app(options: dict[str, Any]) -> Any:
-    """The ASGI or WSGI app for the options (the same in every worker)."""
-    config = config_from_options(options)
+    """The ASGI or WSGI app for the options (the same in every worker): one proxy, or a
+    router over one proxy a route when `options["routes"]` lists several (--config)."""
+    log = {"access_log": options["access_log"],
+           "access_log_format": options["access_log_format"]}
+    configs = [config_from_options(route) for route in options.get("routes") or [options]]
     if options["adapter"] == "asgi":
         from .asgi import AsyncProxy
+        from .router import AsyncRouter
 
-        return AsyncProxy(config=config, access_log=options["access_log"],
-                          access_log_format=options["access_log_format"])
+        proxies = [AsyncProxy(config=config, **log) for config in configs]
+        return proxies[0] if len(proxies) == 1 else AsyncRouter(proxies)
+    from .router import SyncRouter
     from .wsgi import SyncProxy
 
-    return SyncProxy(config=config, access_log=options["access_log"],
-                     access_log_format=options["access_log_format"])
+    sync_proxies = [SyncProxy(config=config, **log) for config in configs]
+    return sync_proxies[0] if len(sync_proxies) == 1 else SyncRouter(sync_proxies)
 
 
 def load_app(options: dict[str, Any]) -> Any:
     """The app one worker process serves, set up for the server running it."""
     setup_logging(options["log_level"], options["access_log_format"])
+    warn_insecure(options)
     tune_uvicorn()  # a no-op unless uvicorn runs this process
     quiet_uvicorn_refusals()
     app = build_app(options)
@@ -273,20 +421,25 @@ def app_from_env() -> Any:
     return load_app(json.loads(os.environ[ENV_OPTIONS]))
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, routes: list[dict[str, Any]] | None = None) -> int:
     options = options_from_args(args)
+    if routes:  # --config: the server's WebSocket limit is the largest route's
+        options["routes"] = routes
+        options["ws_max_size"] = max(route["ws_max_size"] for route in routes)
     host, port = args.bind
     os.environ[ENV_OPTIONS] = json.dumps(options)
     if options["server"] == "uvicorn":
         serve_uvicorn(lambda: load_app(options), "dualproxy.cli:app_from_env", host=host,
                       port=port, workers=args.workers, log_level=options["log_level"],
                       ws_max_size=options["ws_max_size"],
-                      graceful_timeout=options["graceful_timeout"])
+                      graceful_timeout=options["graceful_timeout"],
+                      certfile=options["certfile"], keyfile=options["keyfile"])
     else:
         serve_gunicorn(lambda: load_app(options), adapter=options["adapter"], host=host,
                        port=port, workers=args.workers, threads=options["threads"],
                        log_level=options["log_level"],
-                       graceful_timeout=options["graceful_timeout"])
+                       graceful_timeout=options["graceful_timeout"],
+                       certfile=options["certfile"], keyfile=options["keyfile"])
     return 0
 
 
@@ -305,12 +458,50 @@ def demo(args: argparse.Namespace) -> int:
         return 0
 
 
+def load_config_file(path: str, argv: Sequence[str]) -> tuple[argparse.Namespace,
+                                                               list[dict[str, Any]]]:
+    """`serve`'s arguments (the file's server options under argv's) and the routes'
+    options, all checked (configfile.ConfigError, FlagConflict when one is bad)."""
+    from .configfile import load
+
+    return load(path, argv, build_parser, options_from_args, check_route, TOML_TYPES)
+
+
+def check_route(route: dict[str, Any]) -> ProxyConfig:
+    """One route's ProxyConfig from its options, everything about it checked now
+    (ValueError naming the problem): the --config file's routes go through it."""
+    from .http1.tls import upstream_context
+
+    config = config_from_options(route)
+    upstream_context(config)
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "serve":
+    if args.command == "serve" and args.config is not None:
+        from .configfile import ConfigError, FlagConflict
+
         try:
-            config_from_options(options_from_args(args))
+            serve_args, routes = load_config_file(args.config,
+                                                  list(sys.argv[1:] if argv is None else argv))
+        except FlagConflict as exc:
+            parser.exit(2, f"dualproxy serve: error: {exc} (see dualproxy serve --help)\n")
+        except ConfigError as exc:
+            parser.exit(2, f"dualproxy: error: {exc}\n")
+        try:
+            check_tls(options_from_args(serve_args))
+        except ValueError as exc:
+            parser.exit(2, f"dualproxy serve: error: {exc}\n")
+        return serve(serve_args, routes)
+    if args.command == "serve":
+        if args.upstream is None:
+            parser.exit(2, "dualproxy serve: error: --upstream URL is required, or --config "
+                           "FILE.toml for several routes (see dualproxy serve --help)\n")
+        try:
+            options = options_from_args(args)
+            check_tls(options, config_from_options(options))
         except ValueError as exc:  # the upstream URL, a trusted-proxy CIDR
             parser.exit(2, f"dualproxy serve: error: {exc} (see dualproxy serve --help)\n")
         return serve(args)

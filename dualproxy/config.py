@@ -11,9 +11,12 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
-from urllib.parse import urlsplit
+
+from .upstreams import Upstream, parse_upstreams
 
 if TYPE_CHECKING:
+    import ssl
+
     from .hooks import RequestHook, ResponseHook
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -21,6 +24,7 @@ IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_WS_MAX_SIZE = 16 * 1024 * 1024
+BALANCE_POLICIES = ("least-conn", "round-robin", "random")
 
 # RFC 9110 5.1 / 5.5: a field name is a token; CR, LF and NUL never appear in a
 # value (a server would refuse the head, or split it in two).
@@ -87,11 +91,13 @@ def _check_fields(pairs: Iterable[tuple[bytes, bytes]], names: Iterable[bytes],
 class ProxyConfig:
     """What to forward where, and how strictly.
 
-    `upstream` is the base URL (`http://host:port/base`); requests under `mount`
-    go to the base with the mount stripped. Build it once and share it.
+    `upstream` is the base URL (`http://host:port/base`, `https://...`,
+    `unix:/path.sock[:/base]`) or several of them (one balanced pool sharing one
+    base path); requests under `mount` go to the base with the mount stripped.
+    Build it once and share it.
     """
 
-    upstream: str
+    upstream: str | Sequence[str]
     mount: str = ""
     timeout: float = DEFAULT_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
@@ -116,20 +122,33 @@ class ProxyConfig:
     # allowed on an open socket (None: no limit; pings keep a dead peer detected).
     ws_max_size: int = DEFAULT_WS_MAX_SIZE
     ws_idle_timeout: float | None = None
+    # Several upstreams: how to pick (least-conn, ties round-robin; round-robin;
+    # random = the better of two random choices), passive health as nginx
+    # (max_fails failures within fail_timeout: skipped for fail_timeout), active
+    # checks when health_path is set, retries on another upstream where safe.
+    balance: str = "least-conn"
+    max_fails: int = 1
+    fail_timeout: float = 10.0
+    retries: int = 2
+    health_path: str | None = None
+    health_interval: float = 5.0
+    # TLS to https upstreams, httpx's names: verify (True: system CAs; a CA bundle
+    # path; False: no verification; or an ssl.SSLContext) and cert (a PEM path
+    # with the key, or (certfile, keyfile)) for mutual TLS.
+    verify: bool | str | ssl.SSLContext = True
+    cert: str | tuple[str, str] | None = None
     request_hooks: tuple[RequestHook, ...] = ()
     response_hooks: tuple[ResponseHook, ...] = ()
     # Derived fields, filled in by __post_init__.
+    upstreams: tuple[Upstream, ...] = field(init=False, default=())
     upstream_scheme: str = field(init=False, default="")
     upstream_authority: bytes = field(init=False, default=b"")
     upstream_origin: str = field(init=False, default="")
     upstream_base: bytes = field(init=False, default=b"")
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.upstream)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"upstream must be an http(s) URL, got {self.upstream!r}")
-        if parts.query or parts.fragment:
-            raise ValueError("upstream URL must not carry a query or fragment")
+        upstreams = parse_upstreams(self.upstream)
+        first = upstreams[0]
         if self.timeout <= 0 or self.idle_timeout <= 0 or self.pool_timeout <= 0:
             raise ValueError("timeouts must be positive")
         if self.ws_max_size <= 0 or (self.ws_idle_timeout is not None
@@ -141,23 +160,23 @@ class ProxyConfig:
                       "request headers")
         _check_fields(self.add_response_headers, self.remove_response_headers,
                       "response headers")
-        default_port = 443 if parts.scheme == "https" else 80
-        host = parts.hostname
-        if ":" in host:  # IPv6 literal
-            host = f"[{host}]"
-        authority = host if parts.port in (None, default_port) else f"{host}:{parts.port}"
         set_ = object.__setattr__
+        set_(self, "upstream", first.url if len(upstreams) == 1
+             else tuple(u.url for u in upstreams))
+        set_(self, "upstreams", upstreams)
+        _check_pool_options(self)
         set_(self, "mount", _normalize_mount(self.mount))
-        set_(self, "upstream_scheme", parts.scheme)
-        set_(self, "upstream_authority", authority.encode("ascii"))
-        set_(self, "upstream_origin", f"{parts.scheme}://{authority}")
-        set_(self, "upstream_base", parts.path.rstrip("/").encode("ascii"))
+        # The first upstream's, for code that knows one upstream only.
+        set_(self, "upstream_scheme", first.scheme)
+        set_(self, "upstream_authority", first.authority)
+        set_(self, "upstream_origin", first.origin)
+        set_(self, "upstream_base", first.base)
         set_(self, "trusted_proxies", _parse_networks(self.trusted_proxies))
 
     @classmethod
     def build(
         cls,
-        upstream: str,
+        upstream: str | Sequence[str],
         *,
         trusted_proxies: Iterable[str | IPNetwork] = (),
         add_request_headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
@@ -190,3 +209,17 @@ class ProxyConfig:
         except ValueError:
             return False
         return any(addr in net for net in self.trusted_proxies)
+
+
+def _check_pool_options(config: ProxyConfig) -> None:
+    if config.balance not in BALANCE_POLICIES:
+        raise ValueError(f"balance must be one of {', '.join(BALANCE_POLICIES)}, "
+                         f"got {config.balance!r}")
+    if config.max_fails < 0 or config.retries < 0:
+        raise ValueError("max_fails and retries must be >= 0")
+    if config.fail_timeout <= 0 or config.health_interval <= 0:
+        raise ValueError("fail_timeout and health_interval must be positive")
+    if config.health_path is not None and not config.health_path.startswith("/"):
+        raise ValueError(f"health_path must start with '/', got {config.health_path!r}")
+    if config.cert is not None and not any(u.tls for u in config.upstreams):
+        raise ValueError("cert (mutual TLS) needs an https upstream")

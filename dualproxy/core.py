@@ -23,6 +23,7 @@ from .errors import BadGateway, BadRequest, BodyTooLarge, IncompleteBody, ProxyE
 from .framing import Framing, FramingError, parse_framing
 from .headers import Header, check_request_headers, request_headers, response_headers
 from .target import upstream_target
+from .upstreams import NOTHING_SENT, UPSTREAM, Upstream
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -235,24 +236,74 @@ def _origin_url(origin: str) -> httpx.URL:
     return httpx.URL(origin)
 
 
+# RFC 9110 9.2.2: methods whose repetition has the effect of one request.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Failures before the response head that count against an upstream (passive
+# health) and may be retried elsewhere: no connection, a timeout, a connection
+# broken or garbled before the head. Not a pool timeout (ours), not the client's
+# body (LocalProtocolError), never an upstream's 4xx/5xx answer.
+UPSTREAM_FAILURES: tuple[type[Exception], ...] = (
+    httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout,
+    httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError,
+    OSError, TimeoutError)  # the WebSocket handshake's client raises these
+
+
+def upstream_failed(exc: BaseException) -> bool:
+    """Does `exc` (raised before the response head) count as the upstream's failure?"""
+    return isinstance(exc, UPSTREAM_FAILURES)
+
+
+def may_retry(plan: UpstreamPlan, exc: BaseException) -> bool:
+    """May a request that failed with `exc` before any response head go to another
+    upstream? Only if not one byte of it was sent (connect refused or failed, a
+    reused connection closed before anything went out), or if it is idempotent
+    and bodiless: a body that started to go upstream is never sent twice."""
+    if not upstream_failed(exc):
+        return False
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) \
+            or getattr(exc, NOTHING_SENT, False):
+        return True
+    return not plan.has_body and plan.method in IDEMPOTENT_METHODS
+
+
+def attempt_headers(config: ProxyConfig, plan: UpstreamPlan,
+                    upstream: Upstream) -> list[Header]:
+    """The plan's headers for an attempt on `upstream`: the Host the core wrote
+    for the pool (the first upstream's authority) becomes this upstream's own,
+    unless the route preserves the client's Host. Hooks ran once, on the plan."""
+    first = config.upstream_authority
+    if config.preserve_host or upstream.authority == first:
+        return plan.headers
+    own = upstream.authority
+    return [(name, own) if name == b"host" and value == first else (name, value)
+            for name, value in plan.headers]
+
+
 def build_request(
     config: ProxyConfig,
     plan: UpstreamPlan,
     content: Iterable[bytes] | AsyncIterable[bytes] | None,
+    upstream: Upstream | None = None,
 ) -> httpx.Request:
     """The httpx request for a plan, with exactly the plan's headers and target.
+
+    `upstream`: the one chosen from the route's pool (default: the first); it
+    rides in the `UPSTREAM` extension for dualproxy's transport (unix socket
+    path, TLS server name).
 
     httpx would add Host, Content-Length or Transfer-Encoding of its own for
     `content=`, and would re-normalise the path (folding dot segments); so the
     body is passed as `stream=` (httpx then adds no header at all) and the raw
     target rides in httpcore's `target` extension, sent as-is on the request line.
     """
+    if upstream is None:
+        upstream = config.upstreams[0]
     return httpx.Request(
         plan.method,
-        _origin_url(config.upstream_origin),
-        headers=plan.headers,
+        _origin_url(upstream.origin),
+        headers=attempt_headers(config, plan, upstream),
         stream=_BodyStream(content) if content is not None and plan.has_body else _NO_BODY,
-        extensions={"target": plan.target, "timeout": timeouts(config)},
+        extensions={"target": plan.target, "timeout": timeouts(config), UPSTREAM: upstream},
     )
 
 

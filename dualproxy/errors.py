@@ -107,6 +107,18 @@ class IncompleteBody(BadRequest):
     """The client's body ended before its declared length (or was malformed)."""
 
 
+class UpstreamTLSError(httpx.ConnectError):
+    """The upstream's TLS certificate did not verify (raised by the drivers at connect).
+
+    `reason` is what the client's 502 says; the message (with the upstream's
+    address) is for the log only, as for every other upstream failure.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class UpstreamBroken(Exception):
     """The upstream failed after the response head was sent: abort the client connection."""
 
@@ -128,6 +140,8 @@ def map_upstream_errors() -> Iterator[None]:
         raise GatewayTimeout("the upstream stopped reading the request body") from exc
     except httpx.TimeoutException as exc:
         raise GatewayTimeout("the upstream did not answer in time") from exc
+    except UpstreamTLSError as exc:
+        raise BadGateway(f"TLS verification of the upstream failed: {exc.reason}") from exc
     except httpx.ConnectError as exc:
         raise BadGateway("the upstream refused or could not be reached") from exc
     except httpx.LocalProtocolError as exc:

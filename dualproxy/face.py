@@ -8,21 +8,27 @@ out) and the waiting. One request goes, on both faces, in this order:
 1. the face describes what its server received (an `IncomingRequest`);
 2. `begin` opens the access-log record, `plan` asks the core for the upstream
    plan, then the face runs the request hooks (sync or async loop, hooks.py);
-3. `upstream_request` builds the httpx request; the face sends it inside
-   `map_upstream_errors` (one exception-to-status map, errors.py);
+3. `choose` takes an upstream from the pool (balancer.py; none: 502) and
+   `upstream_request` builds the httpx request for it; the face sends it inside
+   `map_upstream_errors` (one exception-to-status map, errors.py); a failure
+   before the head goes to `retry`, which counts it against that upstream and
+   names another one when the core says resending is safe;
 4. `response_head` records the upstream status, switches to the idle timeout
    and asks the core for the head; the face runs the response hooks;
 5. the face relays the body inside `map_stream_errors`; `refuse` and `finish`
-   write the log lines.
+   write the log lines; `finish` also ends the request's in-flight count.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
 import httpx
 
+from .balancer import Balancer
 from .config import ProxyConfig
 from .core import (
     IncomingRequest,
@@ -32,17 +38,29 @@ from .core import (
     client_options,
     disable_cookies,
     enter_body_phase,
+    may_retry,
     plan_request,
     plan_response,
     response_header_list,
+    upstream_failed,
 )
-from .errors import ProxyError
+from .errors import BadGateway, GatewayTimeout, ProxyError, describe
 from .framing import FRAMING, Framing
 from .logs import AccessLog, RequestRecord
+from .upstreams import Upstream
+
+error_logger = logging.getLogger("dualproxy")
 
 ClientT = TypeVar("ClientT", httpx.Client, httpx.AsyncClient)
 TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
 AppT = TypeVar("AppT")
+
+
+class NoUpstream(BadGateway):
+    """Every upstream of the pool is marked down (or was tried already)."""
+
+    def __init__(self) -> None:
+        super().__init__("no upstream is available")
 
 
 class ProxyFace(Generic[ClientT, TransportT, AppT]):
@@ -50,7 +68,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
 
     def __init__(
         self,
-        upstream: str | None = None,
+        upstream: str | Sequence[str] | None = None,
         *,
         config: ProxyConfig | None = None,
         client: ClientT | None = None,
@@ -62,7 +80,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         name = type(self).__name__
         if config is None:
             if upstream is None:
-                raise TypeError(f"{name} needs an upstream URL or a config")
+                raise TypeError(f"{name} needs an upstream URL (or a list) or a config")
             config = ProxyConfig.build(upstream, **options)
         elif upstream is not None or options:
             raise TypeError(f"{name}: pass either config= or upstream/options, not both")
@@ -72,10 +90,22 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         self._transport: TransportT | None = None
         self._owns_client = client is None
         self._lock = threading.Lock()
+        self._health: Any = None  # the active health prober, started with the client
         if client is not None:
             disable_cookies(client)
+        else:
+            from .http1.tls import upstream_context
+
+            # Load the CA bundle and client certificate now: a bad file is a
+            # ValueError naming it here, not an error at the first request.
+            upstream_context(config)
         self._log = AccessLog(enabled=access_log, format=access_log_format,
-                              upstream=config.upstream, route=config.mount or "/")
+                              # a pool's record names the upstream chosen, if any
+                              upstream=str(config.upstreams[0])
+                              if len(config.upstreams) == 1 else "",
+                              route=config.mount or "/")
+        self.balancer = Balancer(config.upstreams, policy=config.balance,
+                                 max_fails=config.max_fails, fail_timeout=config.fail_timeout)
 
     def _new_client(self) -> tuple[ClientT, TransportT]:
         raise NotImplementedError
@@ -86,14 +116,28 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         inside the running loop for the async face)."""
         client = self._client
         if client is None:
+            started = False
             with self._lock:
                 if self._client is None:
                     self._client, self._transport = self._new_client()
+                    started = True
                 client = self._client
+            # One prober per balancer (a WSGI face and its WebSocket twin share one).
+            if started and self.config.health_path is not None \
+                    and self.balancer.prober is None:
+                self._health = self.balancer.prober = self._start_health()
         return client
+
+    def _start_health(self) -> Any:
+        """The active health prober (health.py) of this face, started (or None)."""
+        raise NotImplementedError
 
     def _detach_client(self) -> ClientT | None:
         """The client to close, when this proxy created it; the next request makes another."""
+        health, self._health = self._health, None
+        if health is not None:
+            health.stop()
+            self.balancer.prober = None
         client = self._client if self._owns_client else None
         if client is not None:
             self._client = self._transport = None
@@ -108,13 +152,48 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         """The core's upstream plan (ProxyError: refuse; NotProxied: outside the mount)."""
         return plan_request(self.config, incoming)
 
-    def upstream_request(self, plan: UpstreamPlan, content: Any) -> httpx.Request:
-        return build_request(self.config, plan, content)
+    def choose(self, record: RequestRecord) -> Upstream:
+        """The upstream for the first attempt, counted in flight until `finish`
+        (NoUpstream, a 502, when every one is marked down)."""
+        upstream = self.balancer.choose()
+        if upstream is None:
+            raise NoUpstream()
+        record.upstream = upstream
+        return upstream
+
+    def retry(self, record: RequestRecord, plan: UpstreamPlan,
+              tried: list[Upstream], exc: BaseException) -> Upstream | None:
+        """After `exc` ended the attempt on `record.upstream` before any response
+        head: the upstream to try next, or None (then `exc` stands)."""
+        failed = record.upstream
+        assert failed is not None
+        if isinstance(exc, (BadGateway, GatewayTimeout)) and exc.__cause__ is not None:
+            exc = exc.__cause__  # a WebSocket handshake's failure, mapped already
+        if upstream_failed(exc):
+            self.balancer.failed(failed)
+        tried.append(failed)
+        if len(tried) > self.config.retries or not may_retry(plan, exc):
+            return None
+        upstream = self.balancer.choose(tried)
+        if upstream is None:
+            return None
+        error_logger.warning("%s %s: %s failed (%s), retrying on %s", plan.method,
+                             plan.incoming.target.decode("latin-1"), failed, describe(exc),
+                             upstream)
+        self.balancer.release(failed)
+        record.upstream = upstream
+        return upstream
+
+    def upstream_request(self, plan: UpstreamPlan, content: Any,
+                         upstream: Upstream | None = None) -> httpx.Request:
+        return build_request(self.config, plan, content, upstream)
 
     def response_head(self, record: RequestRecord, plan: UpstreamPlan,
                       request: httpx.Request, response: httpx.Response) -> ResponseHead:
         """The head for the client, before the response hooks (ProxyError: refuse)."""
         record.upstream_status(response.status_code)
+        if record.upstream is not None:
+            self.balancer.succeeded(record.upstream)
         enter_body_phase(request, self.config)
         framing = response.extensions.get(FRAMING)  # dualproxy's transport read it already
         return plan_response(self.config, plan, response.status_code,
@@ -125,6 +204,8 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         self._log.problem(record, exc)
 
     def finish(self, record: RequestRecord) -> None:
+        if record.upstream is not None:
+            self.balancer.release(record.upstream)
         self._log.finish(record)
 
 
@@ -135,18 +216,22 @@ def make_async_client(config: ProxyConfig) -> tuple[httpx.AsyncClient, httpx.Asy
     cookie extraction, auth and redirect machinery a proxy never uses.
     """
     from .http1 import AsyncUpstreamTransport
+    from .http1.tls import upstream_context
 
     transport = AsyncUpstreamTransport(
         max_connections=config.max_connections,
-        max_keepalive_connections=config.max_keepalive_connections)
+        max_keepalive_connections=config.max_keepalive_connections,
+        ssl_context=upstream_context(config))
     return httpx.AsyncClient(transport=transport, **client_options(config)), transport
 
 
 def make_sync_client(config: ProxyConfig) -> tuple[httpx.Client, httpx.BaseTransport]:
     """The client SyncProxy creates, and its transport (see make_async_client)."""
     from .http1 import UpstreamTransport
+    from .http1.tls import upstream_context
 
     transport = UpstreamTransport(
         max_connections=config.max_connections,
-        max_keepalive_connections=config.max_keepalive_connections)
+        max_keepalive_connections=config.max_keepalive_connections,
+        ssl_context=upstream_context(config))
     return httpx.Client(transport=transport, **client_options(config)), transport

@@ -173,12 +173,13 @@ def request_headers(
 def _rewrite_url(value: bytes, config: ProxyConfig, mount: bytes) -> bytes:
     """nginx `proxy_redirect default`: the upstream base URL becomes the mount.
 
-    Absolute URLs on the upstream's origin and base, and absolute paths under the
+    Absolute URLs on an upstream's origin and base, and absolute paths under the
     base (every absolute path when the base is the root), are rewritten; anything
     else (other hosts, `//host/x` network paths, relative refs) passes untouched.
     """
     base = config.upstream_base
-    prefixes = [config.upstream_origin.encode() + base]
+    # Every upstream of the pool: a redirect names whichever one served it.
+    prefixes = [u.origin.encode() + base for u in config.upstreams]
     if value[:1] == b"/" and value[:2] != b"//":
         prefixes.append(base)
     for prefix in prefixes:

@@ -23,6 +23,7 @@ from typing import TextIO
 
 from .core import IncomingRequest
 from .errors import NotProxied, ProxyError
+from .upstreams import Upstream
 
 FORMATS = ("text", "json")
 
@@ -136,7 +137,7 @@ class RequestRecord:
 
     __slots__ = ("method", "target", "started", "upstream_at", "status", "bytes_in",
                  "bytes_out", "client_gone", "broken", "responded", "problem", "shutdown",
-                 "routed")
+                 "routed", "upstream")
 
     def __init__(self, incoming: IncomingRequest) -> None:
         self.method = incoming.method
@@ -152,6 +153,7 @@ class RequestRecord:
         self.problem: str | None = None
         self.shutdown = False  # cut by the server's stop after the graceful timeout
         self.routed = True  # False: outside the mount, no upstream was chosen
+        self.upstream: Upstream | None = None  # the one chosen (the last one tried)
 
     def upstream_status(self, status: int) -> None:
         self.upstream_at = time.perf_counter()
@@ -164,7 +166,8 @@ _JSON_NOWHERE = '"upstream": null, "route": null'
 class AccessLog:
     """Creates records and writes their lines; `enabled=False` keeps only error lines.
 
-    `upstream` and `route` (the mount) name where a routed request went, for json.
+    `route` (the mount) and the chosen upstream (until one is chosen: `upstream`,
+    empty for a pool) name where a routed request went, for json.
     """
 
     def __init__(self, *, enabled: bool = True, format: str = "text",
@@ -175,7 +178,7 @@ class AccessLog:
         self.format = format
         self.upstream = upstream
         self.route = route
-        self._json_where = f'"upstream": {_json_str(upstream)}, "route": {_json_str(route)}'
+        self._json_route = _json_str(route)
 
     def start(self, incoming: IncomingRequest) -> RequestRecord:
         return RequestRecord(incoming)
@@ -206,6 +209,15 @@ class AccessLog:
         else:
             handler.write(handler.line(message, now))
 
+    def _json_where(self, record: RequestRecord) -> str:
+        """The json `upstream` (the chosen one, else the configured one; null for a pool
+        before a choice) and `route`, both null outside the mount."""
+        if not record.routed:
+            return _JSON_NOWHERE
+        chosen = self.upstream or None if record.upstream is None else str(record.upstream)
+        return (f'"upstream": {"null" if chosen is None else _json_str(chosen)}, '
+                f'"route": {self._json_route}')
+
     def message(self, record: RequestRecord, now: float, end: float) -> str:
         """The access line's message for a request that ended at `now` (epoch) and
         `end` (perf_counter)."""
@@ -225,7 +237,7 @@ class AccessLog:
                 f'"bytes_out": {record.bytes_out}, "upstream_ms": '
                 f'{"null" if upstream_ms is None else repr(upstream_ms)}, '
                 f'"total_ms": {round(total_ms, 1)!r}, "outcome": "{outcome}", '
-                f'{self._json_where if record.routed else _JSON_NOWHERE}}}')
+                f'{self._json_where(record)}}}')
         # one preformatted string: no %-args for logging to keep and apply
         return (f"{record.method} {target} {record.status} in={record.bytes_in} "
                 f"out={record.bytes_out} upstream_ms={'-' if upstream_ms is None else upstream_ms} "

@@ -50,13 +50,27 @@ def origin_form(raw: bytes, max_bytes: int) -> bytes:
     raise BadRequest("request target must be an absolute path")
 
 
+def under_mount(path: bytes, mount: bytes) -> bool:
+    """Is `path` at or below `mount`, on a segment boundary (`/apix` is not under `/api`)?"""
+    return not mount or path == mount or path.startswith(mount + b"/")
+
+
 def strip_mount(path: bytes, mount: bytes) -> bytes:
     """The path below `mount`, or NotProxied when it is outside (`/apix` is not `/api`)."""
-    if not mount:
-        return path
-    if path == mount or path.startswith(mount + b"/"):
+    if under_mount(path, mount):
         return path[len(mount):]
     raise NotProxied("no proxy is mounted at this path")
+
+
+def target_path(raw: bytes) -> bytes:
+    """The path of a raw request-target in origin- or absolute-form, unvalidated
+    (enough to choose a route; the chosen route's `origin_form` validates it)."""
+    path = raw.partition(b"?")[0].partition(b"#")[0]
+    if not path.startswith(b"/"):
+        match = _ABSOLUTE_FORM.match(path)
+        if match:
+            path = path[match.end():] or b"/"
+    return path
 
 
 def check_traversal(rest: bytes) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -30,11 +30,14 @@ from .errors import (
 from .face import ProxyFace, make_sync_client
 from .hooks import require_sync_hooks, run_request_hooks, run_response_hooks
 from .http1 import CLIENT_WATCH, ClientWatch
-from .logs import AccessLog, RequestRecord
+from .logs import RequestRecord
 from .servers.gunicorn_body import DIRECT_READ, GunicornLengthInput, request_body_input
 from .types import Environ, StartResponse, WSGIApp
+from .upstreams import Upstream
 from .websocket.handshake import is_websocket_request, plan_handshake
 from .websocket.tunnel import answer_handshake
+
+T = TypeVar("T")
 
 # Set by dualproxy's a2wsgi bridge: a threading.Event raised when the ASGI
 # server reports the client gone (WSGI itself has no way to say so).
@@ -118,7 +121,7 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
     calls `fallback` when one is given.
     """
 
-    def __init__(self, upstream: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, upstream: str | Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(upstream, **kwargs)
         require_sync_hooks((*self.config.request_hooks, *self.config.response_hooks))
 
@@ -130,6 +133,11 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         if self._transport is not None:
             return self._transport.handle_request(request)
         return client.send(request, stream=True)
+
+    def _start_health(self) -> Any:
+        from .health import HealthThread
+
+        return HealthThread(self.config, self.balancer, self._send)
 
     def close(self) -> None:
         """Close the client if this proxy created it."""
@@ -154,8 +162,8 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
             return self._problem(start_response, exc, record, environ)
         if websocket:
             try:
-                return answer_handshake(self.config, plan, environ, start_response, record,
-                                        self._log)
+                return self.attempts(record, plan, lambda upstream: answer_handshake(
+                    self.config, plan, environ, start_response, record, self, upstream))
             except ProxyError as exc:
                 return self._problem(start_response, exc, record, environ)
 
@@ -166,16 +174,22 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
             counter = BodyCounter(plan, self.config)
             body_input = request_body_input(environ)
             content = _request_body(body_input, counter, self.config.chunk_size, record)
-        request = self.upstream_request(plan, content)
         client_sock = environ.get("gunicorn.socket")
         if not isinstance(client_sock, socket.socket):
             client_sock = None
         gone = environ.get(CLIENT_GONE_KEY)
-        if client_sock is not None or gone is not None:
-            request.extensions[CLIENT_WATCH] = ClientWatch(client_sock, gone)
+        watch = (ClientWatch(client_sock, gone)
+                 if client_sock is not None or gone is not None else None)
+
+        def send_to(upstream: Upstream) -> tuple[httpx.Request, httpx.Response]:
+            request = self.upstream_request(plan, content, upstream)
+            if watch is not None:
+                request.extensions[CLIENT_WATCH] = watch
+            return request, self._send(request)
+
         try:
             with map_upstream_errors():
-                response = self._send(request)
+                request, response = self.attempts(record, plan, send_to)
         except ProxyError as exc:
             if counter is not None:
                 _discard(body_input, discard_budget(counter, exc), self.config.chunk_size)
@@ -200,10 +214,24 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
             self.finish(record)
             raise
         record.status = head.status
-        body = ResponseBody(response, plan, record, self._log, head.has_body, gone)
+        body = ResponseBody(response, plan, record, self.finish, head.has_body, gone)
         body.client_socket = client_sock
         body.raw_stream = self._transport is not None
         return body
+
+    def attempts(self, record: RequestRecord, plan: UpstreamPlan,
+                 attempt: Callable[[Upstream], T]) -> T:
+        """`attempt` on an upstream of the pool, then on others while `retry` allows."""
+        tried: list[Upstream] = []
+        upstream = self.choose(record)
+        while True:
+            try:
+                return attempt(upstream)
+            except Exception as exc:
+                after = self.retry(record, plan, tried, exc)
+                if after is None:
+                    raise
+                upstream = after
 
     def _problem(
         self, start_response: StartResponse, exc: ProxyError, record: RequestRecord,
@@ -227,14 +255,14 @@ class ResponseBody:
         response: httpx.Response,
         plan: UpstreamPlan,
         record: RequestRecord,
-        log: AccessLog,
+        finish: Callable[[RequestRecord], None],
         has_body: bool,
         gone: threading.Event | None,
     ) -> None:
         self.response = response
         self.plan = plan
         self.record = record
-        self.log = log
+        self.finish = finish
         self.has_body = has_body
         self.gone = gone
         self._closed = False
@@ -283,7 +311,7 @@ class ResponseBody:
         if not self.record.responded and not self.record.broken and self.has_body:
             self.record.client_gone = True
         self.response.close()
-        self.log.finish(self.record)
+        self.finish(self.record)
 
 
 def _discard(stream: Any, budget: int, chunk_size: int) -> None:

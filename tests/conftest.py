@@ -10,14 +10,17 @@ flags. Servers of a finished pairing are stopped before the next one starts.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +28,8 @@ import httpx
 import pytest
 
 if TYPE_CHECKING:
+    import trustme
+
     from tests.upstream import Upstream
 
 PAIRINGS = ("asgi-uvicorn", "wsgi-gunicorn", "wsgi-uvicorn", "asgi-gunicorn")
@@ -79,12 +84,16 @@ class ProxyProcess:
         self.pairing = pairing
         self.adapter, self.server = pairing.split("-")
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = "--certfile" in flags  # serving HTTPS (front TLS)
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
         self.flags = flags
         self.log_path = Path(tempfile.mkstemp(prefix=f"dualproxy-{pairing}-", suffix=".log")[1])
-        args = [sys.executable, "-m", "dualproxy", "serve", "--upstream", upstream,
+        # No upstream: a `--config FILE` proxy, whose file holds the routes and their
+        # options (route flags are refused next to it).
+        route = ["--upstream", upstream, *DEFAULT_FLAGS] if upstream else ["--log-level", "info"]
+        args = [sys.executable, "-m", "dualproxy", "serve", *route,
                 "--adapter", self.adapter, "--server", self.server,
-                "--bind", f"127.0.0.1:{self.port}", *DEFAULT_FLAGS, *flags]
+                "--bind", f"127.0.0.1:{self.port}", *flags]
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
                                      cwd=ROOT, start_new_session=True)
@@ -105,7 +114,17 @@ class ProxyProcess:
         listens before its worker has imported the app. The probe's target (encoded NUL)
         is refused by the core, so it never reaches an upstream."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=1)
+            if self.tls:  # the probe only asks whether it answers: no verification
+                unverified = ssl.create_default_context()
+                unverified.check_hostname = False
+                unverified.verify_mode = ssl.CERT_NONE
+                try:
+                    sock = unverified.wrap_socket(sock, server_hostname="127.0.0.1")
+                except OSError:
+                    sock.close()
+                    raise
+            with sock:
                 sock.settimeout(5)
                 sock.sendall(b"GET /%00dualproxy-ready HTTP/1.1\r\nHost: ready\r\n"
                              b"Connection: close\r\n\r\n")
@@ -192,3 +211,129 @@ def proxy(make_proxy: MakeProxy) -> ProxyProcess:
 def rid() -> str:
     """A unique request id; send it as `x-req-id` to find the upstream's record."""
     return uuid.uuid4().hex
+
+
+# ------------------------------------------------------------------------- TLS
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A private CA made by the tests, and PEM files it signed (paths as str)."""
+
+    ca: trustme.CA
+    ca_pem: str             # the CA certificate: --upstream-ca / verify=
+    server_pem: str         # server certificate chain + key, for 127.0.0.1 and localhost
+    server_key: str         # the same server's key alone (--keyfile)
+    server_cert: str        # the same server's certificate chain alone (--certfile)
+    client_cert: str        # a client certificate (mutual TLS) ...
+    client_key: str         # ... and its key
+    other_ca_pem: str       # another CA, which signed none of them
+
+    def client_context(self) -> ssl.SSLContext:
+        """Trusting the CA: for a client of the proxy serving HTTPS."""
+        return ssl.create_default_context(cafile=self.ca_pem)
+
+    def server_context(self, *, require_client_cert: bool = False) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.server_pem)
+        if require_client_cert:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(self.ca_pem)
+        return context
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    import trustme
+
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("client@dualproxy.test")
+    folder = tmp_path_factory.mktemp("tls")
+
+    def write(name: str, *blobs: trustme.Blob) -> str:
+        path = folder / name
+        path.write_bytes(b"".join(blob.bytes() for blob in blobs))
+        return str(path)
+
+    return TLSFiles(
+        ca=ca,
+        ca_pem=write("ca.pem", ca.cert_pem),
+        server_pem=write("server.pem", server.private_key_pem, *server.cert_chain_pems),
+        server_key=write("server.key", server.private_key_pem),
+        server_cert=write("server.crt", *server.cert_chain_pems),
+        client_cert=write("client.crt", *client.cert_chain_pems),
+        client_key=write("client.key", client.private_key_pem),
+        other_ca_pem=write("other-ca.pem", trustme.CA().cert_pem),
+    )
+
+
+@pytest.fixture(scope="session")
+def https_upstream(tls_files: TLSFiles) -> Iterator[Upstream]:
+    """The recording upstream serving HTTPS with a certificate of the tests' private CA."""
+    from tests.upstream import Upstream
+
+    server = Upstream(ssl=tls_files.server_context()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mtls_upstream(tls_files: TLSFiles) -> Iterator[Upstream]:
+    """The recording upstream over HTTPS, refusing clients without a certificate of the CA."""
+    from tests.upstream import Upstream
+
+    server = Upstream(ssl=tls_files.server_context(require_client_cert=True)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def socket_dir() -> Iterator[str]:
+    """A folder for unix sockets, with a short path (sun_path holds 108 bytes)."""
+    folder = tempfile.mkdtemp(prefix="dp-")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def unix_upstream(socket_dir: str) -> Iterator[Upstream]:
+    """The recording upstream on a unix socket."""
+    from tests.upstream import Upstream
+
+    with Upstream(unix=os.path.join(socket_dir, "up.sock")) as server:
+        yield server
+
+
+def transfer_hashed(proxy: ProxyProcess, upstream: Upstream, size: int,
+                    **client_options: object) -> None:
+    """An upload and a download of `size` bytes through `proxy`, hashed at both ends."""
+    import hashlib
+
+    from tests.upstream import pattern_bytes, pattern_sha256
+
+    body = pattern_bytes(size)
+    up_id, down_id = uuid.uuid4().hex, uuid.uuid4().hex
+    with proxy.client(**client_options) as client:
+        resp = client.post("/upload", content=body, headers={"x-req-id": up_id})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["body_sha256"] == pattern_sha256(size)
+        rec = upstream.wait_record(up_id, complete=True)
+        assert rec.complete and rec.body_length == size
+        digest = hashlib.sha256()
+        with client.stream("GET", "/download", headers={
+                "x-req-id": down_id, "x-upstream": f"download size={size}"}) as down:
+            assert down.status_code == 200
+            for piece in down.iter_raw():
+                digest.update(piece)
+        assert digest.hexdigest() == pattern_sha256(size)
+
+
+def assert_reused(proxy: ProxyProcess, upstream: Upstream, requests: int = 20) -> None:
+    """Sequential requests through `proxy` ride one pooled upstream connection."""
+    with proxy.client() as client:
+        assert client.get("/warm").status_code == 200
+        before = upstream.total_connections()
+        for i in range(requests):
+            assert client.get(f"/again/{i}").status_code == 200
+    assert upstream.total_connections() - before <= 1

@@ -52,6 +52,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     (["--graceful-timeout", "soon"], "--graceful-timeout"),
     (["--trusted-proxy", "not-a-cidr"], "not-a-cidr"),
     (["--upstream", "ftp://x"], "ftp://x"),
+    # a pool of upstreams
+    (["--balance", "fastest"], "--balance"),
+    (["--max-fails", "-1"], "--max-fails"),
+    (["--max-fails", "one"], "--max-fails"),
+    (["--retries", "-1"], "--retries"),
+    (["--fail-timeout", "0"], "--fail-timeout"),
+    (["--health-interval", "nan"], "--health-interval"),
+    (["--health-path", "healthz"], "--health-path"),
+    (["--upstream", UPSTREAM], "given twice"),
+    (["--upstream", "http://127.0.0.1:9/other"], "share one base path"),
 ])
 def test_bad_flags_are_one_line_usage_errors(flags: list[str], names: str) -> None:
     args = ["serve", "--upstream", UPSTREAM, "--bind", "127.0.0.1:1", *flags]

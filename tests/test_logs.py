@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from dualproxy.core import IncomingRequest
 from dualproxy.logs import LINE_FORMAT, AccessLineHandler, AccessLog, RequestRecord, access_logger
+from dualproxy.upstreams import parse_upstream
 from tests.conftest import MakeProxy, free_port
 from tests.test_integrations import wait_until
 
@@ -101,7 +102,8 @@ def _json_dumps_line(record: RequestRecord, log: AccessLog, now: float, end: flo
         "total_ms": round((end - record.started) * 1000, 1),
         "outcome": ("shutdown-cut" if record.shutdown else "client-gone" if record.client_gone
                     else "upstream-broken" if record.broken else "ok"),
-        "upstream": log.upstream if record.routed else None,
+        "upstream": (None if not record.routed else log.upstream or None
+                     if record.upstream is None else str(record.upstream)),
         "route": log.route if record.routed else None,
     })
 
@@ -114,13 +116,16 @@ def _json_dumps_line(record: RequestRecord, log: AccessLog, now: float, end: flo
        upstream_ms=st.none() | st.floats(0, 1e7), total_s=st.floats(0, 1e5),
        how=st.sampled_from(["ok", "client-gone", "upstream-broken", "shutdown-cut"]),
        routed=st.booleans(), now=st.floats(0, 4e9),
-       upstream=st.text(max_size=30), route=st.text(max_size=10))
+       upstream=st.text(max_size=30), route=st.text(max_size=10),
+       chosen=st.none() | st.integers(1, 65535))
 def test_json_line_is_json_dumps(method: str, target: bytes, status: int,
                                  sizes: tuple[int, int], upstream_ms: float | None,
                                  total_s: float, how: str, routed: bool, now: float,
-                                 upstream: str, route: str) -> None:
+                                 upstream: str, route: str, chosen: int | None) -> None:
     log = AccessLog(format="json", upstream=upstream, route=route)
     record = _record(method, target, status, sizes, upstream_ms, how, routed)
+    if chosen is not None:  # a pool's pick
+        record.upstream = parse_upstream(f"http://127.0.0.1:{chosen}/b")
     end = record.started + total_s
     line = log.message(record, now, end)
     assert line == _json_dumps_line(record, log, now, end)

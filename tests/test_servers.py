@@ -103,11 +103,12 @@ def test_gunicorn_direct_upload_path_reads_the_body(
 
 # Lower numbers are lower layers; a module may import its own layer and those below.
 LAYERS = {
-    0: {"types", "config", "errors", "target", "framing", "headers", "core", "hooks", "logs"},
+    0: {"types", "upstreams", "config", "errors", "target", "framing", "headers", "core", "hooks",
+        "logs", "routes", "balancer"},
     1: {"servers", "http1"},
-    2: {"face", "asgi", "wsgi", "websocket"},
+    2: {"face", "asgi", "wsgi", "websocket", "router", "health"},
     3: {"flask", "fastapi", "bridge", "workers"},
-    4: {"cli", "demo", "__main__", "__init__"},
+    4: {"cli", "configfile", "demo", "__main__", "__init__"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 

@@ -40,6 +40,7 @@ import random
 import re
 import shlex
 import socket
+import ssl as ssl_module
 import struct
 import threading
 import time
@@ -251,7 +252,7 @@ class _Conn(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=4 << 20, low=1 << 20)
         self.conn_id = self.upstream._connection_made(self)
@@ -268,7 +269,9 @@ class _Conn(asyncio.Protocol):
         self.eof = True
         self.gone.set()
         self._wake()
-        return True  # keep the write side open: a half-closed client still gets its answer
+        # Keep the write side open: a half-closed client still gets its answer
+        # (TLS has no half-close: asyncio closes there whatever is returned).
+        return self.upstream.ssl is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = self.lost = True
@@ -516,9 +519,14 @@ class Upstream:
     """The recording upstream. `Upstream().start()`, point the proxy at `.url`, then inspect
     `.records` / `wait_record(req_id)`; `stop()` closes everything."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
+                 ssl: ssl_module.SSLContext | None = None, unix: str | None = None) -> None:
+        """`ssl`: serve HTTPS with this server context; `unix`: listen on this socket path
+        (`url` is then `unix:PATH`, the proxy's upstream form)."""
         self.host = host
         self.port = port
+        self.ssl = ssl
+        self.unix = unix
         self.url = ""
         self._cond = threading.Condition()
         self._records: list[Record] = []
@@ -538,13 +546,21 @@ class Upstream:
         self._thread = threading.Thread(target=loop.run_forever, name="upstream", daemon=True)
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(self._bind(), loop).result(10)
+        if self.unix is not None:
+            self.url = f"unix:{self.unix}"
+            return self
         self.port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl is not None else "http"
+        self.url = f"{scheme}://{self.host}:{self.port}"
         return self
 
     async def _bind(self) -> asyncio.Server:
-        return await asyncio.get_running_loop().create_server(
-            lambda: _Conn(self), self.host, self.port, backlog=1024, reuse_address=True)
+        loop = asyncio.get_running_loop()
+        if self.unix is not None:
+            return await loop.create_unix_server(lambda: _Conn(self), self.unix, backlog=1024)
+        return await loop.create_server(
+            lambda: _Conn(self), self.host, self.port, backlog=1024, reuse_address=True,
+            ssl=self.ssl)
 
     def stop(self) -> None:
         """Close the listener and every connection, then the loop and its thread."""

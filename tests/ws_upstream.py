@@ -27,12 +27,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import ssl as ssl_module
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, serve, unix_serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
@@ -78,7 +79,12 @@ class _RecordingConnection(ServerConnection):
 
 
 class WsUpstream:
-    def __init__(self) -> None:
+    """`ssl`: serve wss with this server context; `unix`: listen on this socket path."""
+
+    def __init__(self, *, ssl: ssl_module.SSLContext | None = None,
+                 unix: str | None = None) -> None:
+        self.ssl = ssl
+        self.unix = unix
         self.records: dict[str, WsRecord] = {}
         self._loop = asyncio.new_event_loop()
         self._server: Server | None = None
@@ -87,21 +93,27 @@ class WsUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        if self.unix is not None:
+            return f"unix:{self.unix}"
+        return f"{'https' if self.ssl is not None else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> WsUpstream:
         ready = threading.Event()
 
         async def open_server() -> Server:
-            return await serve(
-                self._handler, "127.0.0.1", 0, process_request=self._process_request,
-                select_subprotocol=self._select, max_size=None,
-                create_connection=_RecordingConnection, server_header=None)
+            options: dict[str, Any] = {
+                "process_request": self._process_request, "select_subprotocol": self._select,
+                "max_size": None, "create_connection": _RecordingConnection,
+                "server_header": None}
+            if self.unix is not None:
+                return await unix_serve(self._handler, self.unix, **options)
+            return await serve(self._handler, "127.0.0.1", 0, ssl=self.ssl, **options)
 
         def run() -> None:
             asyncio.set_event_loop(self._loop)
             self._server = self._loop.run_until_complete(open_server())
-            self.port = next(iter(self._server.sockets)).getsockname()[1]
+            if self.unix is None:
+                self.port = next(iter(self._server.sockets)).getsockname()[1]
             ready.set()
             self._loop.run_forever()
 

@@ -16,10 +16,10 @@ from .errors import LocalProtocolError, RemoteProtocolError
 
 if TYPE_CHECKING:
     from .aio import AsyncUpstreamTransport
-    from .sync import CLIENT_WATCH, ClientWatch, UpstreamTransport, connect_tcp
+    from .sync import CLIENT_WATCH, ClientWatch, UpstreamTransport, connect_upstream
 
 _DRIVERS = {"AsyncUpstreamTransport": "aio", "UpstreamTransport": "sync",
-            "ClientWatch": "sync", "CLIENT_WATCH": "sync", "connect_tcp": "sync"}
+            "ClientWatch": "sync", "CLIENT_WATCH": "sync", "connect_upstream": "sync"}
 
 __all__ = [
     "CLIENT_WATCH",
@@ -34,7 +34,7 @@ __all__ = [
     "RemoteProtocolError",
     "Response",
     "UpstreamTransport",
-    "connect_tcp",
+    "connect_upstream",
     "parse_framing",
 ]
 

@@ -12,14 +12,14 @@ import asyncio
 import collections
 import os
 import socket
-import ssl
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import cast
 
 import httpx
 
+from .connect import Key, address, connect_failed
 from .connection import NEED_DATA, ClientConnection, Data, Response
-from .pool import RETRY_ON, Key, Pool, PooledBody, origin, request_line, timeout
+from .pool import RETRY_ON, Pool, PooledBody, origin, request_line, tell_unsent, timeout
 
 READ_SIZE = 262144
 HIGH_WATER = 1 << 20  # pause reading the upstream above this many unread bytes
@@ -47,7 +47,7 @@ class _AsyncConn(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses; same interface.
         self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and sock.family != socket.AF_UNIX:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
@@ -194,18 +194,18 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
             idle.close()
         scheme, host, port = key
         loop = asyncio.get_running_loop()
-        context = None
-        if scheme == "https":
-            context = self._ssl = self._ssl or ssl.create_default_context()
+        context = self._context(key)
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(_AsyncConn, host, port, ssl=context,
-                                       server_hostname=host if context else None),
-                timeout(request, "connect"))
+            if scheme == "unix":
+                opening = loop.create_unix_connection(_AsyncConn, host)
+            else:
+                opening = loop.create_connection(_AsyncConn, host, port, ssl=context,
+                                                 server_hostname=host if context else None)
+            _, conn = await asyncio.wait_for(opening, timeout(request, "connect"))
         except asyncio.TimeoutError:
-            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
+            raise httpx.ConnectTimeout(f"connecting to {address(key)} timed out") from None
         except OSError as exc:
-            raise httpx.ConnectError(f"{host}:{port}: {exc}") from exc
+            raise connect_failed(key, exc) from exc
         return conn
 
     async def aclose(self) -> None:
@@ -232,9 +232,10 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
                     raise
                 conn = await self._connect(key, request, fresh=True)
                 head = await self._exchange(conn, request)
-        except BaseException:
+        except BaseException as exc:
             if conn is not None:
                 conn.close()
+            tell_unsent(exc, conn)
             self._release()
             raise
         return self._respond(key, conn, head, request, _AsyncBody)

@@ -199,11 +199,16 @@ class ClientConnection:
         self._keep = False
         self._written_nothing = self._written_nothing or nothing_written
 
+    @property
+    def nothing_sent(self) -> bool:
+        """Did not one byte of this request go out (the upstream had left before)?"""
+        return self._written_nothing and not self._body_started
+
     def may_retry(self) -> bool:
         """May this failed request be sent again on a fresh connection? Only if no
         byte of it left, or if it is idempotent, bodiless and got no response byte
         on a reused connection (the upstream closed it as we sent)."""
-        if self._written_nothing and not self._body_started:
+        if self.nothing_sent:
             return True
         return (self.cycles > 1 and self._out == NONE and self._method in IDEMPOTENT
                 and not self._answered)

@@ -16,7 +16,8 @@ The rules every driver keeps (the suite checks them on the wire):
   request body that over- or under-runs its Content-Length is a
   LocalProtocolError, never a completed upload;
 - a failed request is sent again, once and on a fresh connection, only when the
-  codec's `may_retry` allows it;
+  codec's `may_retry` allows it; when it fails for good and not one byte of it
+  went out, its exception says so (`tell_unsent`), for the face's retry elsewhere;
 - once the transport is closed, connections that come back are closed too.
 """
 
@@ -30,9 +31,10 @@ from typing import Any, Generic, Protocol, TypeVar
 import httpx
 
 from ..framing import FRAMING
+from ..upstreams import NOTHING_SENT, UPSTREAM, Upstream
+from .connect import Key, upstream_key
 from .connection import ClientConnection, Response
-
-Key = tuple[str, str, int]
+from .tls import client_context
 
 
 class Conn(Protocol):
@@ -48,6 +50,13 @@ C = TypeVar("C", bound=Conn)
 RETRY_ON = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
+def tell_unsent(exc: BaseException, conn: Conn | None) -> None:
+    """Mark a failed request's exception when not one byte of it went out, so the
+    face may send it to another upstream (core.may_retry)."""
+    if conn is not None and conn.codec.nothing_sent:
+        setattr(exc, NOTHING_SENT, True)
+
+
 def timeout(request: httpx.Request, kind: str) -> float | None:
     timeouts = request.extensions.get("timeout")
     if isinstance(timeouts, dict):
@@ -61,6 +70,10 @@ def limit(value: int | None) -> int:
 
 
 def origin(request: httpx.Request) -> Key:
+    """The pool key of a request: its chosen `Upstream`'s (core.build_request), else its URL's."""
+    upstream = request.extensions.get(UPSTREAM)
+    if isinstance(upstream, Upstream):
+        return upstream_key(upstream)
     url = request.url
     scheme = url.scheme
     port = url.port or (443 if scheme == "https" else 80)
@@ -134,11 +147,20 @@ class Pool(Generic[C]):
     def __init__(self, *, max_connections: int | None = 100,
                  max_keepalive_connections: int | None = 100,
                  ssl_context: ssl.SSLContext | None = None) -> None:
+        """`ssl_context`: for https upstreams (default: `tls.client_context()`)."""
         self._limit = limit(max_connections)
         self._used = 0
         self._idle: IdlePool[C] = IdlePool(max_keepalive_connections)
         self._ssl = ssl_context
         self._init_waiting()
+
+    def _context(self, key: Key) -> ssl.SSLContext | None:
+        """The TLS context for `key` (https only): the transport's, else the default."""
+        if key[0] != "https":
+            return None
+        if self._ssl is None:
+            self._ssl = client_context()
+        return self._ssl
 
     def _init_waiting(self) -> None:
         """Set up how requests wait for a free slot (a driver's own primitives)."""

@@ -20,8 +20,9 @@ from typing import cast
 import httpx
 
 from ..errors import ClientDisconnected
+from .connect import Key, address, connect_failed
 from .connection import NEED_DATA, ClientConnection, Data, EndOfMessage, Response
-from .pool import RETRY_ON, Key, Pool, PooledBody, origin, request_line, timeout
+from .pool import RETRY_ON, Pool, PooledBody, origin, request_line, tell_unsent, timeout
 
 READ_SIZE = 262144
 SMALL_READ = 65536          # below malloc's mmap threshold: no mmap/munmap per small read
@@ -132,15 +133,34 @@ class _SyncConn:
             pass
 
 
-def connect_tcp(host: str, port: int, seconds: float | None) -> socket.socket:
-    """A blocking TCP connection with Nagle off; httpx's ConnectTimeout/ConnectError on failure."""
+def connect_upstream(key: Key, seconds: float | None,
+                     context: ssl.SSLContext | None = None) -> socket.socket:
+    """A blocking connection to `key` (pool.Key): TCP with Nagle off, or a unix socket;
+    TLS-wrapped when `context` is given (SNI and the certificate name: the host).
+    httpx's ConnectTimeout/ConnectError on failure (UpstreamTLSError: not verified)."""
+    scheme, host, port = key
     try:
-        sock = socket.create_connection((host, port), timeout=seconds)
+        if scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(seconds)
+                sock.connect(host)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((host, port), timeout=seconds)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if context is not None:
+            try:  # the handshake runs within the connect timeout set above
+                sock = context.wrap_socket(sock, server_hostname=host)
+            except BaseException:
+                sock.close()
+                raise
     except TimeoutError:
-        raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
+        raise httpx.ConnectTimeout(f"connecting to {address(key)} timed out") from None
     except OSError as exc:
-        raise httpx.ConnectError(f"{host}:{port}: {exc}") from exc
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raise connect_failed(key, exc) from exc
     return sock
 
 
@@ -217,16 +237,9 @@ class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
             if idle.usable():
                 return idle
             idle.close()
-        scheme, host, port = key
-        sock = connect_tcp(host, port, timeout(request, "connect"))
-        if scheme == "https":
-            with self._cond:
-                context = self._ssl = self._ssl or ssl.create_default_context()
-            try:
-                sock = context.wrap_socket(sock, server_hostname=host)
-            except OSError as exc:
-                sock.close()
-                raise httpx.ConnectError(f"TLS with {host}:{port} failed: {exc}") from exc
+        with self._cond:
+            context = self._context(key)
+        sock = connect_upstream(key, timeout(request, "connect"), context)
         return _SyncConn(sock)
 
     def close(self) -> None:
@@ -259,12 +272,14 @@ class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
             conn = self._connect(key, request, fresh)
             try:
                 return conn, self._exchange(conn, request)
-            except RETRY_ON:
+            except RETRY_ON as exc:
                 conn.close()
                 if fresh or not conn.codec.may_retry():
+                    tell_unsent(exc, conn)
                     raise
-            except BaseException:
+            except BaseException as exc:
                 conn.close()
+                tell_unsent(exc, conn)
                 raise
         raise AssertionError("unreachable")
 

@@ -19,8 +19,13 @@ def gunicorn_settings() -> dict[str, Any]:
 
 def serve_gunicorn(load: Callable[[], Any], *, adapter: str, host: str, port: int,
                    workers: int, threads: int, log_level: str,
-                   graceful_timeout: float) -> None:
-    """Run gunicorn; each worker process calls `load()` for its app after the fork."""
+                   graceful_timeout: float, certfile: str | None = None,
+                   keyfile: str | None = None) -> None:
+    """Run gunicorn; each worker process calls `load()` for its app after the fork.
+
+    `certfile`/`keyfile`: serve HTTPS, in gthread workers (wsgi.url_scheme https)
+    and uvicorn workers (scope scheme https) alike.
+    """
     from gunicorn.app.base import BaseApplication
 
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -43,6 +48,8 @@ def serve_gunicorn(load: Callable[[], Any], *, adapter: str, host: str, port: in
         # ($XDG_RUNTIME_DIR/gunicorn.ctl): two proxies on one machine would take
         # it from each other. `dualproxy serve` offers no gunicornc management.
         settings["control_socket_disable"] = True
+    if certfile is not None:
+        settings.update(certfile=certfile, keyfile=keyfile)
     if adapter == "wsgi":
         settings.update(worker_class="gthread", threads=threads, timeout=60, keepalive=5)
     else:

@@ -63,11 +63,13 @@ def tune_uvicorn() -> None:
 
 
 def serve_uvicorn(app: Any, factory: str, *, host: str, port: int, workers: int,
-                  log_level: str, ws_max_size: int, graceful_timeout: float) -> None:
+                  log_level: str, ws_max_size: int, graceful_timeout: float,
+                  certfile: str | None = None, keyfile: str | None = None) -> None:
     """Run uvicorn: `app()` in this process, or `workers` processes importing `factory`.
 
     `app` is a callable building the ASGI app (called only for one worker);
     `factory` is its import string, for worker processes to build their own.
+    `certfile`/`keyfile`: serve HTTPS (the scope's scheme is then https).
     """
     import uvicorn
 
@@ -81,6 +83,8 @@ def serve_uvicorn(app: Any, factory: str, *, host: str, port: int, workers: int,
         "timeout_graceful_shutdown": graceful_timeout,
         **uvicorn_ws_settings(ws_max_size),
     }
+    if certfile is not None:
+        common.update(ssl_certfile=certfile, ssl_keyfile=keyfile)
     # uvicorn re-raises a captured SIGTERM/SIGINT once drained, under the handlers it
     # found: with these no-ops a drained stop exits 0 instead of dying by the signal.
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -18,9 +18,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..config import ProxyConfig
-from ..core import IncomingRequest, ResponseHead, UpstreamPlan, plan_request
+from ..core import IncomingRequest, ResponseHead, UpstreamPlan, attempt_headers, plan_request
 from ..errors import BadGateway, BadRequest
 from ..headers import Header, connection_tokens, response_headers
+from ..upstreams import Upstream
 
 # The handshake's own headers (RFC 6455 4.1, 11.3). Per hop, the client library
 # writes them (key, version, offered extensions and subprotocols) and the front
@@ -31,7 +32,7 @@ HANDSHAKE_HEADERS = frozenset({
 })
 # Upgrade and Connection are hop-by-hop for HTTP; a tunnel restores them.
 UPGRADE_HEADERS: tuple[Header, ...] = ((b"upgrade", b"websocket"), (b"connection", b"Upgrade"))
-_SCHEMES = {"http": "ws", "https": "wss"}
+_SCHEMES = {"http": "ws", "https": "wss", "unix": "ws"}
 _TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789"
                          b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
@@ -117,16 +118,20 @@ def plan_handshake(config: ProxyConfig, incoming: IncomingRequest, *,
     return plan_request(config, incoming)
 
 
-def upgrade_plan(config: ProxyConfig, plan: UpstreamPlan, *, tunnel: bool) -> WebSocketPlan:
-    """The upstream handshake for an HTTP plan, regenerated per hop or tunnelled."""
-    own = [(n, v) for n, v in plan.headers if n not in (b"content-length", b"transfer-encoding")]
+def upgrade_plan(config: ProxyConfig, plan: UpstreamPlan, *, tunnel: bool,
+                 upstream: Upstream | None = None) -> WebSocketPlan:
+    """The upstream handshake for an HTTP plan, regenerated per hop or tunnelled,
+    to `upstream` (the one chosen from the pool; default: the first)."""
+    upstream = upstream or config.upstreams[0]
+    own = [(n, v) for n, v in attempt_headers(config, plan, upstream)
+           if n not in (b"content-length", b"transfer-encoding")]
     if tunnel:
         # request_headers kept the Sec-WebSocket-* lines (not hop-by-hop) in order.
         headers = [*own, *UPGRADE_HEADERS]
     else:
         headers = [(n, v) for n, v in own if n not in HANDSHAKE_HEADERS]
-    scheme = _SCHEMES[config.upstream_scheme]
-    url = f"{scheme}://{config.upstream_authority.decode('ascii')}{plan.target.decode('ascii')}"
+    scheme = _SCHEMES.get(upstream.scheme, "ws")
+    url = f"{scheme}://{upstream.authority.decode('ascii')}{plan.target.decode('ascii')}"
     return WebSocketPlan(url=url, target=plan.target, headers=headers,
                          subprotocols=offered_subprotocols(plan.incoming.headers),
                          tunnel=tunnel, plan=plan)

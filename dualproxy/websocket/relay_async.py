@@ -28,7 +28,9 @@ from ..core import IncomingRequest, plan_response
 from ..errors import BadGateway, GatewayTimeout, NotProxied, ProxyError, describe
 from ..headers import Header
 from ..hooks import arun_request_hooks, arun_response_hooks
+from ..http1.tls import upstream_context, verification_failure
 from ..types import Receive, Scope, Send
+from ..upstreams import Upstream
 from .handshake import WebSocketPlan, accept_head, library_request_headers, plan_handshake
 from .handshake import upgrade_plan as make_upgrade_plan
 
@@ -55,7 +57,7 @@ async def proxy_websocket(proxy: AsyncProxy, incoming: IncomingRequest, scope: S
         try:
             plan = await arun_request_hooks(
                 config.request_hooks, plan_handshake(config, incoming, server_checked=True))
-            ws = make_upgrade_plan(config, plan, tunnel=False)
+            ws = make_upgrade_plan(config, plan, tunnel=False)  # 400: bad subprotocols
         except NotProxied as exc:
             if proxy.fallback is not None:
                 await proxy.fallback(scope, receive, send)
@@ -76,8 +78,15 @@ async def proxy_websocket(proxy: AsyncProxy, incoming: IncomingRequest, scope: S
 async def _open_and_relay(proxy: AsyncProxy, ws: WebSocketPlan, scope: Scope,
                           receive: Receive, send: Send, record: RequestRecord) -> None:
     config = proxy.config
+
+    async def open_to(chosen: Upstream) -> ClientConnection:
+        nonlocal ws  # the plan of the attempt that answered
+        ws = make_upgrade_plan(config, ws.plan, tunnel=False, upstream=chosen)
+        return await open_upstream(config, ws, chosen)
+
     try:
-        upstream = await open_upstream(config, ws)
+        # Only the handshake is retried on another upstream, never after its answer.
+        upstream = await proxy.attempts(record, ws.plan, open_to)
     except InvalidStatus as exc:
         refusal = exc.response
         record.upstream_status(refusal.status_code)
@@ -149,14 +158,30 @@ class _NoRedirects(connect):
         return exc
 
 
-async def open_upstream(config: ProxyConfig, ws: WebSocketPlan) -> ClientConnection:
+def _where(config: ProxyConfig, upstream: Upstream) -> tuple[str, dict[str, Any]]:
+    """The URI `websockets` connects to and how: TLS with the route's context and the
+    URL's host as server name for https, the socket path for unix."""
+    if upstream.socket_path is not None:
+        return "ws://localhost/", {"unix": True, "path": upstream.socket_path}
+    if upstream.tls:
+        return (f"wss://{upstream.origin.partition('://')[2]}/",
+                {"ssl": upstream_context(config, upstream), "server_hostname": upstream.host})
+    return f"ws://{upstream.origin.partition('://')[2]}/", {}
+
+
+async def open_upstream(config: ProxyConfig, ws: WebSocketPlan,
+                        upstream: Upstream | None = None) -> ClientConnection:
     """The upstream connection after its 101. InvalidStatus for any other answer;
-    BadGateway when it cannot be reached or speaks no WebSocket; GatewayTimeout past
-    `config.timeout` (which bounds connecting and the handshake, nothing after)."""
+    BadGateway when it cannot be reached or speaks no WebSocket (or its certificate
+    does not verify); GatewayTimeout past `config.timeout` (which bounds connecting
+    and the handshake, nothing after). `upstream`: the one chosen from the pool
+    (default: the first); the plan's target and headers are sent whatever the URI."""
     connection_class = type("PlannedConnection", (_PlannedConnection,), {"plan": ws})
+    uri, how = _where(config, upstream or config.upstreams[0])
     try:
         return await _NoRedirects(
-            ws.url,
+            uri,
+            **how,
             subprotocols=ws.subprotocols or None,  # type: ignore[arg-type]
             additional_headers=None,
             user_agent_header=None,  # no header the client did not send
@@ -177,6 +202,9 @@ async def open_upstream(config: ProxyConfig, ws: WebSocketPlan) -> ClientConnect
         raise GatewayTimeout("the upstream did not complete the WebSocket handshake in time"
                              ) from exc
     except (OSError, InvalidHandshake) as exc:
+        reason = verification_failure(exc)
+        if reason is not None:
+            raise BadGateway(f"TLS verification of the upstream failed: {reason}") from exc
         raise BadGateway(f"the upstream WebSocket handshake failed: {describe(exc)}") from exc
 
 

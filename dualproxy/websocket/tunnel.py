@@ -20,26 +20,33 @@ from __future__ import annotations
 import errno
 import io
 import socket
-import ssl
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from typing import Any, NoReturn, Protocol
 
 import httpx
 
 from ..config import ProxyConfig
 from ..core import ResponseHead, UpstreamPlan, plan_response
 from ..errors import ProxyError, map_stream_errors, map_upstream_errors
-from ..http1 import ClientConnection, Data, EndOfMessage, Response, connect_tcp
-from ..logs import AccessLog, RequestRecord
+from ..http1 import ClientConnection, Data, EndOfMessage, Response, connect_upstream
+from ..http1.connect import upstream_key
+from ..http1.tls import upstream_context
+from ..logs import RequestRecord
 from ..types import Environ, StartResponse
+from ..upstreams import Upstream
 from .handshake import WebSocketPlan, accept_head, chosen_subprotocol, upgrade_plan
 from .splice import READ_SIZE, relay
 
 # The servers that hand a WSGI app its client socket.
 SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
 HEAD_TIMEOUT = 5.0  # for writing the 101 head to the client
+
+
+class Finisher(Protocol):
+    """What ends a request's record: the face (or its access log)."""
+
+    def finish(self, record: RequestRecord) -> None: ...
 
 
 class NoSocketTakeover(ProxyError):
@@ -75,11 +82,13 @@ def client_socket(environ: Environ) -> socket.socket | None:
 
 def answer_handshake(config: ProxyConfig, plan: UpstreamPlan, environ: Environ,
                      start_response: StartResponse, record: RequestRecord,
-                     log: AccessLog) -> Iterable[bytes]:
+                     log: Finisher, upstream: Upstream | None = None) -> Iterable[bytes]:
     """The WSGI answer to a planned handshake: the upstream's refusal or a `Tunnel`.
 
-    Raises ProxyError (501 without a client socket, 502/504 for the upstream)
-    before anything is sent to the client.
+    `upstream`: the one chosen from the pool (default: the first); `log.finish`
+    ends the record (the face's also ends the upstream's in-flight count). Raises
+    ProxyError (501 without a client socket, 502/504 for the upstream) before
+    anything is sent to the client.
     """
     client = client_socket(environ)
     if client is None:
@@ -87,44 +96,42 @@ def answer_handshake(config: ProxyConfig, plan: UpstreamPlan, environ: Environ,
             "this WSGI server cannot hand over the client connection, so it cannot carry a "
             "WebSocket; run the WSGI face under gunicorn's gthread worker, werkzeug's server "
             "or uvicorn")
-    ws = upgrade_plan(config, plan, tunnel=True)
+    ws = upgrade_plan(config, plan, tunnel=True, upstream=upstream)
     with map_upstream_errors():
-        upstream, conn, head = open_upstream(ws, config.timeout)
+        sock, conn, head = open_upstream(ws, config, upstream or config.upstreams[0])
     record.upstream_status(head.status)
     headers = [(name.lower(), value) for name, value in head.headers]
     try:
         if head.status == 101:
             accept = accept_head(config, ws, head.status, headers)
             chosen_subprotocol(ws, headers)
-            tunnel = Tunnel(client, upstream, accept, record, log)
+            tunnel = Tunnel(client, sock, accept, record, log)
             tunnel.limits(config.ws_idle_timeout, config.ws_max_size)
             tunnel.early(conn.take_trailing(), _server_buffered(environ))
             return tunnel
         answer = plan_response(config, plan, head.status, headers)
     except BaseException:
-        upstream.close()
+        sock.close()
         raise
     start_response(answer.status_line, _str_headers(answer.headers))
     record.status = answer.status
-    return Refusal(upstream, conn, answer.has_body, config.idle_timeout, record, log)
+    return Refusal(sock, conn, answer.has_body, config.idle_timeout, record, log)
 
 
-def open_upstream(ws: WebSocketPlan, timeout: float
+def open_upstream(ws: WebSocketPlan, config: ProxyConfig, upstream: Upstream
                   ) -> tuple[socket.socket, ClientConnection, Response]:
-    """Connect, send the handshake, read the answer head, all within `timeout`.
+    """Connect to `upstream` (TLS as the config says for https, AF_UNIX for a
+    socket), send the handshake, read the answer head, all within `config.timeout`.
 
     Raises httpx errors (map_upstream_errors turns them into 502/504). Returns
     the socket, its connection state (holding what the upstream sent after the
     head) and the final head.
     """
+    timeout = config.timeout
     deadline = time.monotonic() + timeout
-    parts = urlsplit(ws.url)
-    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "wss" else 80)
-    sock = connect_tcp(host, port, timeout)
+    sock = connect_upstream(upstream_key(upstream), timeout, upstream_context(config, upstream))
     conn = ClientConnection()
     try:
-        if parts.scheme == "wss":
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
         sock.sendall(conn.send_request(b"GET", ws.target, ws.headers))
         while True:
             event = conn.next_event()
@@ -179,7 +186,7 @@ class Refusal:
     """The WSGI body of an upstream's non-101 answer, decoded as framed, then closed."""
 
     def __init__(self, sock: socket.socket, conn: ClientConnection, has_body: bool,
-                 idle: float, record: RequestRecord, log: AccessLog) -> None:
+                 idle: float, record: RequestRecord, log: Finisher) -> None:
         self.sock, self.conn, self.has_body = sock, conn, has_body
         self.idle, self.record, self.log = idle, record, log
 
@@ -211,7 +218,7 @@ class Tunnel:
     """
 
     def __init__(self, client: socket.socket, upstream: socket.socket, accept: ResponseHead,
-                 record: RequestRecord, log: AccessLog) -> None:
+                 record: RequestRecord, log: Finisher) -> None:
         self.client, self.upstream, self.accept = client, upstream, accept
         self.record, self.log = record, log
         self.idle: float | None = None
