@@ -8,10 +8,12 @@ then each contestant as one proxy process in front of it, one after another:
 small-GET throughput and latency (wrk, or bench/loadgen.py), 100 MiB download
 and upload speed (curl, or httpx; median of 3), a chunked upload, checked to
 arrive whole at the upstream, the idle RSS and the peak RSS of the proxy's
-process tree. For dualproxy also the RSS while streaming
-1 GiB each way, 2 workers against 1, and a pool of 2 upstreams (nginx on a
-second port) against 1 on small GETs. Then the WebSocket rows (bench/wsbench.py:
-messages/s and p99 over 32 sockets, MB/s of 1 MiB messages; `--ws-only`, `--no-ws`).
+process tree. For dualproxy also the RSS while streaming 1 GiB each way, 2 workers
+against 1, a pool of 2 upstreams (nginx on a second port) against 1 on small GETs,
+and small GETs with the access log on against off (`dp-asgi-log`, `dp-wsgi-log`;
+every other dualproxy row runs with `--no-access-log`). Then the WebSocket rows
+(bench/wsbench.py: messages/s and p99 over 32 sockets, MB/s of 1 MiB messages;
+`--ws-only`, `--no-ws`).
 Prints a table, every dualproxy figure as a ratio to the seed pattern and to the
 best peer of the same face, PASS/FAIL for the project's targets, and writes JSON
 and a bar chart. Not part of CI: the figures drift on a shared machine; compare
@@ -38,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +289,18 @@ def _status_kb(pid: int, key: str) -> int:
     return 0
 
 
+def tree_cpu_s(root: int) -> float:
+    """User and system CPU seconds of the process tree's live processes."""
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def tree_rss_mb(root: int, pids: list[int] | None = None) -> float:
     """Sum of VmRSS over the process tree, in MiB."""
     return sum(_status_kb(pid, "VmRSS:") for pid in (pids or tree_pids(root))) / 1024
@@ -456,14 +471,16 @@ class Contestant:
     direct: bool = False
     tree: Path | None = None  # run from this checkout (its dualproxy on PYTHONPATH)
     small_only: bool = False  # small GETs only (a row compared on req/s alone)
+    paired: Callable[[int], list[str]] | None = None  # the same with the access log off
 
 
 def contestants(upstream: str, baseline: Path | None = None,
                 second: str = "SECOND") -> list[Contestant]:
-    def dp(*extra: str) -> Callable[[int], list[str]]:
+    def dp(*extra: str, access_log: bool = False) -> Callable[[int], list[str]]:
+        logs = ["--log-level", "info"] if access_log else ["--no-access-log", "--log-level",
+                                                            "warning"]
         return lambda port: [PY, "-m", "dualproxy", "serve", "--upstream", upstream, "--bind",
-                             f"127.0.0.1:{port}", "--no-access-log", "--log-level", "warning",
-                             *extra]
+                             f"127.0.0.1:{port}", *logs, *extra]
 
     def gunicorn(app: str) -> Callable[[int], list[str]]:
         return lambda port: [PY, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", "32",
@@ -478,8 +495,13 @@ def contestants(upstream: str, baseline: Path | None = None,
         Contestant("direct", "no proxy (straight to the upstream)", "-", lambda port: [],
                    direct=True),
         Contestant("dp-asgi", "dualproxy asgi (uvicorn)", "asgi", dp(), dualproxy=True),
+        Contestant("dp-asgi-log", "dualproxy asgi (uvicorn), access log on", "asgi",
+                   dp(access_log=True), dualproxy=True, paired=dp()),
         Contestant("dp-wsgi", "dualproxy wsgi (gunicorn)", "wsgi", dp("--adapter", "wsgi"),
                    dualproxy=True),
+        Contestant("dp-wsgi-log", "dualproxy wsgi (gunicorn), access log on", "wsgi",
+                   dp("--adapter", "wsgi", access_log=True), dualproxy=True,
+                   paired=dp("--adapter", "wsgi")),
         *([Contestant("dp-asgi-before", f"dualproxy asgi (uvicorn), {baseline.name}", "asgi",
                       dp(), tree=baseline),
            Contestant("dp-wsgi-before", f"dualproxy wsgi (gunicorn), {baseline.name}", "wsgi",
@@ -516,6 +538,9 @@ class Result:
     p50_ms: float | None = None
     p99_ms: float | None = None
     load_errors: int | None = None
+    off_rps: float | None = None  # access-log rows: the same proxy with it off, same rounds
+    off_cpu_us_per_req: float | None = None
+    cpu_us_per_req: float | None = None  # the proxy's CPU per small GET (steadier than req/s)
     down_mbs: float | None = None
     up_mbs: float | None = None
     chunked_up: str | None = None  # ok / failed (why)
@@ -567,7 +592,11 @@ def run_contestant(c: Contestant, upstream: Upstream, work: Path,
         if small is not None and small["rps"] == 0:
             result.status = "failed: no successful small GET"
             return result
+        cpu_before = tree_cpu_s(proc.pid) if proc is not None else 0.0
         small = step(result, "small GETs", lambda: load_small(base + "/small", opts.seconds))
+        if small and proc is not None and small["rps"] > 0:
+            result.cpu_us_per_req = ((tree_cpu_s(proc.pid) - cpu_before) * 1e6
+                                     / (small["rps"] * opts.seconds))
         if small:
             result.rps, result.p50_ms, result.p99_ms = (
                 None if math.isnan(small[k]) else small[k] for k in ("rps", "p50_ms", "p99_ms"))
@@ -621,6 +650,44 @@ def run_contestant(c: Contestant, upstream: Upstream, work: Path,
             result.status = f"failed: exited with {proc.returncode} during the run"
     finally:
         if proc is not None:
+            stop(proc)
+    return result
+
+
+def run_log_pair(c: Contestant, upstream: Upstream, work: Path,
+                 opts: argparse.Namespace) -> Result:
+    """The access log's cost: the proxy with it on and off, both running, small GETs in
+    alternating rounds (on, off, off, on, ...) so the machine's drift hits both alike."""
+    assert c.paired is not None
+    result = Result(c.key, c.name, c.face, c.workers, c.dualproxy)
+    ports = {"on": free_port(), "off": free_port()}
+    procs = {"on": start(c.args(ports["on"]), log=work / f"{c.key}.log"),
+             "off": start(c.paired(ports["off"]), log=work / f"{c.key}-off.log")}
+    requests = dict.fromkeys(procs, 0.0)
+    cpu = dict.fromkeys(procs, 0.0)
+    try:
+        for side, proc in procs.items():
+            url = f"http://127.0.0.1:{ports[side]}/small"
+            if not wait_http(url, timeout=60, proc=proc):
+                result.status = f"failed to start ({side})"
+                return result
+            step(result, "warm-up", partial(load_small, url, 2))
+        rounds, each = 4, max(1, opts.seconds // 2)
+        for n in range(rounds):
+            for side in (("on", "off") if n % 2 == 0 else ("off", "on")):
+                before = tree_cpu_s(procs[side].pid)
+                got = step(result, "small GETs", partial(
+                    load_small, f"http://127.0.0.1:{ports[side]}/small", each))
+                if got:
+                    requests[side] += got["rps"] * each
+                    cpu[side] += tree_cpu_s(procs[side].pid) - before
+        seconds = rounds * each
+        result.rps, result.off_rps = requests["on"] / seconds, requests["off"] / seconds
+        if requests["on"] and requests["off"]:
+            result.cpu_us_per_req = cpu["on"] * 1e6 / requests["on"]
+            result.off_cpu_us_per_req = cpu["off"] * 1e6 / requests["off"]
+    finally:
+        for proc in procs.values():
             stop(proc)
     return result
 
@@ -705,6 +772,16 @@ def ratios(by: dict[str, Result], size_label: str) -> tuple[list[str], dict[str,
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for face in ("asgi", "wsgi"):
+        r = by.get(f"dp-{face}-log")
+        on = ratio(value(r, "rps"), r.off_rps) if r is not None else None
+        cpu_on, cpu_off = (r.cpu_us_per_req, r.off_cpu_us_per_req) if r else (None, None)
+        cpu = ratio(cpu_off, cpu_on)
+        doc.setdefault(face, {}).update(access_log_on_over_off=on,
+                                        access_log_cpu_off_over_on=cpu)
+        lines.append(f"{face}: access log on / off small-GET req/s = {fmt(on, '.2f')}; CPU per "
+                     f"request off / on = {fmt(cpu, '.2f')} ({fmt(cpu_off, '.0f')} vs "
+                     f"{fmt(cpu_on, '.0f')} µs)")
+    for face in ("asgi", "wsgi"):
         one, two = value(by.get(f"dp-{face}"), "rps"), value(by.get(f"dp-{face}-2w"), "rps")
         scale = ratio(two, one)
         doc.setdefault(face, {})["scaling_2w_over_1w"] = scale
@@ -777,6 +854,10 @@ def targets(by: dict[str, Result], quick: bool,
     for face in ("asgi", "wsgi"):
         check(f"{face} 2 workers >= 1.6x one worker", rps(f"dp-{face}-2w"), rps(f"dp-{face}"),
               1.6)
+    for face in ("asgi", "wsgi"):
+        paired = by.get(f"dp-{face}-log")
+        check(f"{face} access log on >= 0.90x off req/s", rps(f"dp-{face}-log"),
+              paired.off_rps if paired is not None else None, 0.9)
     return out
 
 
@@ -791,10 +872,10 @@ def chart(results: list[Result], path: Path, subtitle: str, size_label: str) -> 
         return False
     # The direct row (tens of thousands of req/s) would flatten every proxy's bar: table only.
     rows = [r for r in results if r.status == "ok" and r.face != "-"]
+    transfers = [r for r in rows if r.workers == 1 and not r.key.endswith(("-log", "-pool"))]
     panels = [("rps", "small GET req/s (32 connections)", rows),
-              ("down_mbs", f"{size_label} download MB/s", [r for r in rows if r.workers == 1]),
-              ("up_mbs", f"{size_label} upload MB/s (Content-Length)",
-               [r for r in rows if r.workers == 1])]
+              ("down_mbs", f"{size_label} download MB/s", transfers),
+              ("up_mbs", f"{size_label} upload MB/s (Content-Length)", transfers)]
     fig, axes = plt.subplots(1, 3, figsize=(17, 6), gridspec_kw={"wspace": 0.08})
     names = [r.name for r in rows]
     for ax, (attr, title, subset) in zip(axes, panels, strict=True):
@@ -871,8 +952,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="3 s loads and 16 MiB transfers, no 1 GiB memory check")
     parser.add_argument("--only", nargs="+", action="extend", default=[], metavar="NAME",
-                        help="only contestants with this key (direct, dp-asgi, dp-wsgi, seed, "
-                             "fpl, twin, werkzeug, dp-asgi-pool, dp-wsgi-pool, dp-asgi-2w, "
+                        help="only contestants with this key (direct, dp-asgi, dp-asgi-log, "
+                             "dp-wsgi, dp-wsgi-log, seed, fpl, twin, werkzeug, dp-asgi-pool, "
+                             "dp-wsgi-pool, dp-asgi-2w, "
                              "dp-wsgi-2w, and with "
                              "--baseline-tree dp-asgi-before, dp-wsgi-before) or name part")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
@@ -940,7 +1022,7 @@ def main() -> int:
                 continue
             print(f"-- {c.name}", flush=True)
             t0 = time.monotonic()
-            result = run_contestant(c, upstream, work, opts)
+            result = (run_log_pair if c.paired else run_contestant)(c, upstream, work, opts)
             results.append(result)
             print(f"   {result.status}: {fmt(result.rps)} req/s, p99 "
                   f"{fmt(result.p99_ms, '.1f')} ms, down {fmt(result.down_mbs)} MB/s, up "

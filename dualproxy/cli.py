@@ -18,7 +18,6 @@ import os
 import re
 import ssl
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -31,7 +30,7 @@ from .config import (
     ProxyConfig,
 )
 from .drain import DRAIN
-from .logs import FORMATS, access_logger
+from .logs import FORMATS, LINE_FORMAT, AccessLineHandler, LineFormatter, access_logger
 from .servers import ENV_OPTIONS
 from .servers.gunicorn import serve_gunicorn
 from .servers.heap import freeze_heap, trim_heap_periodically
@@ -303,38 +302,24 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-class _Formatter(logging.Formatter):
-    """The stock formatter, with the date part of `asctime` made once a second."""
-
-    _cache = (-1, "")  # (second, its date), replaced as one (threads share it)
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second, date = self._cache
-        if second != int(record.created):
-            second = int(record.created)
-            date = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
-            self._cache = (second, date)
-        return f"{date},{int(record.msecs):03d}"
-
-
 def setup_logging(level: str, access_log_format: str = "text") -> None:
     """Log lines to stderr: `asctime level [pid] logger: message`; json access lines alone.
 
     A line costs less without what the format never shows: the caller's file and
     line (`logging._srcfile`, the logging docs' own optimization), thread and
-    multiprocessing names, and a strftime per line.
+    multiprocessing names, and a strftime per line. Access lines go to stderr's
+    descriptor through an `AccessLineHandler`, which lets them skip `logging`.
     """
     logging._srcfile = None
     logging.logThreads = logging.logMultiprocessing = False
     handler = logging.StreamHandler()
-    handler.setFormatter(_Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: "
-                                    "%(message)s"))
+    handler.setFormatter(LineFormatter(LINE_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler])
-    if access_log_format == "json":
-        alone = logging.StreamHandler()
-        alone.setFormatter(logging.Formatter("%(message)s"))
-        access_logger.addHandler(alone)
-        access_logger.propagate = False
+    for old in [h for h in access_logger.handlers if isinstance(h, AccessLineHandler)]:
+        access_logger.removeHandler(old)  # set up again in the same process
+    sys.stderr.flush()  # what logging wrote before, ahead of the unbuffered access lines
+    access_logger.addHandler(AccessLineHandler(sys.stderr, prefixed=access_log_format == "text"))
+    access_logger.propagate = False
     # httpx logs every request at INFO; dualproxy's access line already says it all.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))

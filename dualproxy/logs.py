@@ -6,14 +6,21 @@ never as tracebacks. Both faces feed the same `RequestRecord`, so the lines
 read the same whatever the face. The `json` format makes the message one JSON
 object (`dualproxy serve` then writes it alone on its line). An optional
 `RequestObserver` (the Prometheus metrics, metrics.py) sees the same records.
+
+Under `dualproxy serve` the access logger's only handler is an `AccessLineHandler`:
+`AccessLog.finish` then writes the finished line itself, skipping the LogRecord,
+the handler chain and the formatter, which cost more than the rest of a small
+request's logging together.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import time
-from typing import Protocol
+from collections.abc import Callable
+from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses
+from typing import Protocol, TextIO
 
 from .core import IncomingRequest
 from .errors import NotProxied, ProxyError, ShuttingDown, describe, upstream_cause
@@ -21,8 +28,109 @@ from .upstreams import Upstream
 
 FORMATS = ("text", "json")
 
+LINE_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+
 access_logger = logging.getLogger("dualproxy.access")
 error_logger = logging.getLogger("dualproxy")
+
+
+class _PerSecond:
+    """`time.strftime` of a whole second, made once a second. The (second, text)
+    pair is replaced as one, so threads share it without a lock."""
+
+    def __init__(self, fmt: str, convert: Callable[[float], time.struct_time]) -> None:
+        self.fmt = fmt
+        self.convert = convert
+        self.cached: tuple[int, str] = (-1, "")
+
+    def __call__(self, second: int) -> str:
+        cached = self.cached
+        if cached[0] != second:
+            cached = self.cached = (second, time.strftime(self.fmt, self.convert(second)))
+        return cached[1]
+
+
+def _pid_prefix() -> str:
+    return f"INFO [{os.getpid()}] {access_logger.name}: "
+
+
+_prefix = _pid_prefix()  # getpid is a system call: made once, and again in a forked child
+
+
+def _forked() -> None:
+    global _prefix
+    _prefix = _pid_prefix()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+_local_second = _PerSecond("%Y-%m-%d %H:%M:%S", time.localtime)
+_utc_second = _PerSecond("%Y-%m-%dT%H:%M:%S", time.gmtime)
+
+
+class LineFormatter(logging.Formatter):
+    """The stock formatter, with the date part of `asctime` made once a second."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return f"{_local_second(int(record.created))},{int(record.msecs):03d}"
+
+
+class AccessLineHandler(logging.Handler):
+    """`dualproxy serve`'s handler for access lines, on a stream (stderr).
+
+    Each line is one `os.write` to the stream's descriptor, unbuffered: lines stay
+    whole under threads and worker processes sharing it (atomic for pipes up to
+    PIPE_BUF, and for files opened for append), and none is lost at exit or in a
+    crash. A stream without a descriptor gets a write and a flush under the lock.
+    `prefixed`: text lines carry `LINE_FORMAT`'s prefix; json objects stand alone.
+    """
+
+    def __init__(self, stream: TextIO, *, prefixed: bool) -> None:
+        super().__init__()
+        self.stream = stream
+        try:
+            self.fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self.fd = None
+        self.encoding = getattr(stream, "encoding", None) or "utf-8"
+        self.errors = getattr(stream, "errors", None) or "backslashreplace"
+        self.prefixed = prefixed
+        self.setFormatter(LineFormatter(LINE_FORMAT) if prefixed else
+                          logging.Formatter("%(message)s"))
+
+    def line(self, message: str, now: float) -> str:
+        """The line `LINE_FORMAT` makes of an INFO record created at `now`."""
+        if not self.prefixed:
+            return message
+        second = int(now)
+        return f"{_local_second(second)},{int((now - second) * 1000):03d} {_prefix}{message}"
+
+    def write(self, line: str) -> None:
+        if self.fd is None:
+            with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            return
+        data = (line + "\n").encode(self.encoding, self.errors)
+        try:
+            while data:  # a blocking descriptor writes it all at once; a signal may split it
+                data = data[os.write(self.fd, data):]
+        except OSError:
+            pass  # stderr is gone: there is nowhere left to say so
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.write(self.format(record))
+
+
+def _direct_handler() -> AccessLineHandler | None:
+    """The access logger's handler when it is dualproxy's own, alone, unfiltered."""
+    handlers = access_logger.handlers
+    if len(handlers) == 1 and not access_logger.propagate and not access_logger.filters:
+        handler = handlers[0]
+        if (isinstance(handler, AccessLineHandler) and not handler.filters
+                and handler.level <= logging.INFO):
+            return handler
+    return None
 
 
 class RequestRecord:
@@ -80,6 +188,9 @@ class RequestObserver(Protocol):
     def finished(self, record: RequestRecord, route: str | None) -> None: ...
 
 
+_JSON_NOWHERE = '"upstream": null, "route": null'
+
+
 class AccessLog:
     """Creates records and writes their lines; `enabled=False` keeps only error lines.
 
@@ -96,6 +207,7 @@ class AccessLog:
         self.upstream = upstream
         self.route = route
         self.observer: RequestObserver | None = None
+        self._json_route = _json_str(route)
 
     def start(self, incoming: IncomingRequest) -> RequestRecord:
         if self.observer is not None:
@@ -135,26 +247,42 @@ class AccessLog:
             self.observer.finished(record, self.route if record.routed else None)
         if not self.enabled or not access_logger.isEnabledFor(logging.INFO):
             return
-        total_ms = (time.perf_counter() - record.started) * 1000
+        now = time.time()
+        message = self.message(record, now, time.perf_counter())
+        handler = _direct_handler()
+        if handler is None:
+            access_logger.info(message)
+        else:
+            handler.write(handler.line(message, now))
+
+    def _json_where(self, record: RequestRecord) -> str:
+        """The json `upstream` (the chosen one, else the configured one; null for a pool
+        before a choice) and `route`, both null outside the mount."""
+        if not record.routed:
+            return _JSON_NOWHERE
+        chosen = self.upstream or None if record.upstream is None else str(record.upstream)
+        return (f'"upstream": {"null" if chosen is None else _json_str(chosen)}, '
+                f'"route": {self._json_route}')
+
+    def message(self, record: RequestRecord, now: float, end: float) -> str:
+        """The access line's message for a request that ended at `now` (epoch) and
+        `end` (perf_counter)."""
+        total_ms = (end - record.started) * 1000
         up = record.upstream_at
         upstream_ms = None if up is None else round((up - record.started) * 1000, 1)
         outcome = record.ending()[0]
         target = record.target.decode("latin-1")
-        if self.format == "json":
-            now = time.time()
-            message = json.dumps({
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-                        + f".{int(now % 1 * 1000):03d}Z",
-                "method": record.method, "target": target, "status": record.status,
-                "bytes_in": record.bytes_in, "bytes_out": record.bytes_out,
-                "upstream_ms": upstream_ms, "total_ms": round(total_ms, 1), "outcome": outcome,
-                "upstream": (None if not record.routed else self.upstream or None
-                             if record.upstream is None else str(record.upstream)),
-                "route": self.route if record.routed else None,
-            })
-        else:  # one preformatted string: no %-args for logging to keep and apply
-            message = (f"{record.method} {target} {record.status} in={record.bytes_in} "
-                       f"out={record.bytes_out} upstream_ms="
-                       f"{'-' if upstream_ms is None else upstream_ms} "
-                       f"total_ms={total_ms:.1f} {outcome}")
-        access_logger.info(message)
+        if self.format == "json":  # json.dumps's output for the same dict, made by hand
+            second = int(now)
+            return (
+                f'{{"time": "{_utc_second(second)}.{int((now - second) * 1000):03d}Z", '
+                f'"method": {_json_str(record.method)}, "target": {_json_str(target)}, '
+                f'"status": {record.status}, "bytes_in": {record.bytes_in}, '
+                f'"bytes_out": {record.bytes_out}, "upstream_ms": '
+                f'{"null" if upstream_ms is None else repr(upstream_ms)}, '
+                f'"total_ms": {round(total_ms, 1)!r}, "outcome": "{outcome}", '
+                f'{self._json_where(record)}}}')
+        # one preformatted string: no %-args for logging to keep and apply
+        return (f"{record.method} {target} {record.status} in={record.bytes_in} "
+                f"out={record.bytes_out} upstream_ms={'-' if upstream_ms is None else upstream_ms} "
+                f"total_ms={total_ms:.1f} {outcome}")
