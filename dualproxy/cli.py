@@ -1,22 +1,18 @@
-"""`dualproxy serve` and `dualproxy demo`: the four face x server pairings.
+"""`dualproxy serve` and `dualproxy demo`: the flags, their usage errors, the options.
 
-asgi on uvicorn, wsgi on gunicorn (gthread), wsgi on uvicorn through a2wsgi,
-asgi on gunicorn with uvicorn workers. Whatever is started has the server's own
-forwarding-header handling switched off (the core decides about X-Forwarded-*)
-and header limits raised above the core's, so every pairing answers alike.
-Worker processes rebuild the app from the options in an environment variable.
+`serve` runs one of the four face x server pairings (asgi on uvicorn, wsgi on
+gunicorn (gthread), wsgi on uvicorn through a2wsgi, asgi on gunicorn with uvicorn
+workers) from the flags or a `--config` file (configfile.py); every value is
+checked here, before anything starts, and becomes JSON-able options that
+launch.py hands to the server and its worker processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import logging
 import math
-import os
 import re
-import ssl
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -29,13 +25,8 @@ from .config import (
     DEFAULT_WS_MAX_SIZE,
     ProxyConfig,
 )
-from .drain import DRAIN
-from .logs import FORMATS, LINE_FORMAT, AccessLineHandler, LineFormatter, access_logger
-from .servers import ENV_OPTIONS
-from .servers.gunicorn import serve_gunicorn
-from .servers.heap import freeze_heap, trim_heap_periodically
-from .servers.metrics import start_metrics_listener
-from .servers.uvicorn import quiet_uvicorn_refusals, serve_uvicorn, tune_uvicorn
+from .launch import check_tls, config_from_options, run
+from .logs import FORMATS
 
 DEFAULT_SERVER = {"asgi": "uvicorn", "wsgi": "gunicorn"}
 
@@ -302,170 +293,13 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def setup_logging(level: str, access_log_format: str = "text") -> None:
-    """Log lines to stderr: `asctime level [pid] logger: message`; json access lines alone.
-
-    A line costs less without what the format never shows: the caller's file and
-    line (`logging._srcfile`, the logging docs' own optimization), thread and
-    multiprocessing names, and a strftime per line. Access lines go to stderr's
-    descriptor through an `AccessLineHandler`, which lets them skip `logging`.
-    """
-    logging._srcfile = None
-    logging.logThreads = logging.logMultiprocessing = False
-    handler = logging.StreamHandler()
-    handler.setFormatter(LineFormatter(LINE_FORMAT))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
-    for old in [h for h in access_logger.handlers if isinstance(h, AccessLineHandler)]:
-        access_logger.removeHandler(old)  # set up again in the same process
-    sys.stderr.flush()  # what logging wrote before, ahead of the unbuffered access lines
-    access_logger.addHandler(AccessLineHandler(sys.stderr, prefixed=access_log_format == "text"))
-    access_logger.propagate = False
-    # httpx logs every request at INFO; dualproxy's access line already says it all.
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
-
-
-def config_from_options(options: dict[str, Any]) -> ProxyConfig:
-    """The ProxyConfig for `dualproxy serve`'s options (ValueError when one is invalid)."""
-    return ProxyConfig.build(
-        options["upstream"],
-        mount=options["mount"],
-        timeout=options["timeout"],
-        idle_timeout=options["idle_timeout"],
-        max_body_size=options["max_body_size"],
-        ws_max_size=options["ws_max_size"],
-        ws_idle_timeout=options["ws_idle_timeout"],
-        preserve_host=options["preserve_host"],
-        trusted_proxies=options["trusted_proxies"],
-        max_connections=options["max_connections"],
-        max_keepalive_connections=options["max_connections"],
-        pool_timeout=options["pool_timeout"],
-        # --- gateway: pool ---
-        balance=options["balance"],
-        max_fails=options["max_fails"],
-        fail_timeout=options["fail_timeout"],
-        retries=options["retries"],
-        health_path=options["health_path"],
-        health_interval=options["health_interval"],
-        # --- gateway: tls ---
-        **tls_options(options),
-    )
-
-
-# --- gateway: tls ---
-def tls_options(options: dict[str, Any]) -> dict[str, Any]:
-    """ProxyConfig's `verify` and `cert` from the --upstream-* flags (httpx's meanings)."""
-    cert, key = options.get("upstream_cert"), options.get("upstream_key")
-    if key is not None and cert is None:
-        raise ValueError("--upstream-key needs --upstream-cert")
-    if options.get("upstream_insecure") and options.get("upstream_ca"):
-        raise ValueError("--upstream-ca and --upstream-insecure contradict each other")
-    verify = False if options.get("upstream_insecure") else options.get("upstream_ca") or True
-    return {"verify": verify, "cert": (cert, key) if key is not None else cert}
-
-
-def check_tls(options: dict[str, Any], config: ProxyConfig | None = None) -> None:
-    """Load every TLS file now, so a bad one is a usage error naming it (ValueError):
-    the upstream side for `config` (one route), the serving side from the options."""
-    if config is not None:
-        from .http1.tls import upstream_context
-
-        upstream_context(config)
-    certfile, keyfile = options.get("certfile"), options.get("keyfile")
-    if (certfile is None) != (keyfile is None):
-        raise ValueError("--certfile and --keyfile go together")
-    if certfile is not None:
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                certfile, keyfile)
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"cannot load --certfile {certfile} with --keyfile {keyfile}: "
-                             f"{getattr(exc, 'reason', None) or exc}") from None
-
-
-def warn_insecure(options: dict[str, Any]) -> None:
-    if any(route.get("upstream_insecure") for route in options.get("routes") or [options]):
-        logging.getLogger("dualproxy").warning(
-            "--upstream-insecure: TLS certificates of https upstreams are NOT verified; "
-            "anyone on the path can impersonate them")
-
-
-def build_app(options: dict[str, Any]) -> Any:
-    """The ASGI or WSGI app for the options (the same in every worker): one proxy, or a
-    router over one proxy a route when `options["routes"]` lists several (--config)."""
-    log = {"access_log": options["access_log"],
-           "access_log_format": options["access_log_format"],
-           "metrics": options["metrics"]}
-    configs = [config_from_options(route) for route in options.get("routes") or [options]]
-    if options["adapter"] == "asgi":
-        from .asgi import AsyncProxy
-        from .router import AsyncRouter
-
-        proxies = [AsyncProxy(config=config, **log) for config in configs]
-        return proxies[0] if len(proxies) == 1 else AsyncRouter(proxies)
-    from .router import SyncRouter
-    from .wsgi import SyncProxy
-
-    sync_proxies = [SyncProxy(config=config, **log) for config in configs]
-    return sync_proxies[0] if len(sync_proxies) == 1 else SyncRouter(sync_proxies)
-
-
-def load_app(options: dict[str, Any]) -> Any:
-    """The app one worker process serves, set up for the server running it."""
-    setup_logging(options["log_level"], options["access_log_format"])
-    DRAIN.arm(options["graceful_timeout"])  # the server's stop starts its clock
-    warn_insecure(options)
-    tune_uvicorn()  # a no-op unless uvicorn runs this process
-    quiet_uvicorn_refusals()
-    app = build_app(options)
-    if options["adapter"] == "wsgi":
-        if options["server"] == "uvicorn":
-            from .bridge import WSGIBridge
-
-            app = WSGIBridge(app, threads=options["threads"])
-        trim_heap_periodically()  # in the worker: threads do not survive fork
-    freeze_heap()
-    return app
-
-
-def app_from_env() -> Any:
-    """Factory for uvicorn's worker processes: the app described by ENV_OPTIONS."""
-    return load_app(json.loads(os.environ[ENV_OPTIONS]))
-
-
 def serve(args: argparse.Namespace, routes: list[dict[str, Any]] | None = None) -> int:
+    """Run `dualproxy serve` with its parsed flags (and a config file's routes)."""
     options = options_from_args(args)
     if routes:  # --config: the server's WebSocket limit is the largest route's
         options["routes"] = routes
         options["ws_max_size"] = max(route["ws_max_size"] for route in routes)
-    host, port = args.bind
-    os.environ[ENV_OPTIONS] = json.dumps(options)
-    # Several processes share the metrics through files (servers/metrics.py): always
-    # under gunicorn (its arbiter serves them), and under uvicorn's --workers N.
-    multiprocess = options["server"] == "gunicorn" or args.workers > 1
-    try:
-        listener = start_metrics_listener(args.metrics_bind, multiprocess=multiprocess)
-    except OSError as exc:
-        print(f"dualproxy serve: error: --metrics-bind: {exc}", file=sys.stderr)
-        return 1
-    try:
-        if options["server"] == "uvicorn":
-            serve_uvicorn(lambda: load_app(options), "dualproxy.cli:app_from_env", host=host,
-                          port=port, workers=args.workers, log_level=options["log_level"],
-                          ws_max_size=options["ws_max_size"],
-                          graceful_timeout=options["graceful_timeout"],
-                          certfile=options["certfile"], keyfile=options["keyfile"])
-        else:
-            serve_gunicorn(lambda: load_app(options), adapter=options["adapter"], host=host,
-                           port=port, workers=args.workers, threads=options["threads"],
-                           log_level=options["log_level"],
-                           graceful_timeout=options["graceful_timeout"],
-                           certfile=options["certfile"], keyfile=options["keyfile"],
-                           child_exit=listener.child_exit if listener else None)
-    finally:
-        if listener is not None:
-            listener.close()
-    return 0
+    return run(options, bind=args.bind, workers=args.workers, metrics_bind=args.metrics_bind)
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -11,10 +11,9 @@ values in files in PROMETHEUS_MULTIPROC_DIR (set before the workers import it;
 `dualproxy serve` does); a `MultiProcessCollector` sums them (servers/metrics.py).
 The gauges are `livesum`/`livemin`: a dead worker's share is dropped.
 
-For code that knows about upstreams (several of them, health checks):
-`set_upstream_up(upstream, up)` and `set_pool_in_use(upstream, n)` set the
-`dualproxy_upstream_up` and `dualproxy_pool_connections_in_use` gauges; call
-them in every worker process.
+The per-upstream gauges (`upstream_up`, `pool_connections_in_use`) read the
+face's balancer (`watch_health`, `watch_pool`): scrape time in one process,
+sampled as requests end in worker processes.
 """
 
 from __future__ import annotations
@@ -177,14 +176,3 @@ class ProxyMetrics:
         self.in_flight.dec()
         if self._watched:
             self.sample_watched()
-
-
-def set_upstream_up(upstream: str, up: bool, registry: CollectorRegistry | None = None) -> None:
-    """Set `dualproxy_upstream_up{upstream}` (1 healthy, 0 not) in this process."""
-    ProxyMetrics.on(registry).upstream_up.labels(upstream).set(1 if up else 0)
-
-
-def set_pool_in_use(upstream: str, in_use: int,
-                    registry: CollectorRegistry | None = None) -> None:
-    """Set `dualproxy_pool_connections_in_use{upstream}` for this process's pool."""
-    ProxyMetrics.on(registry).pool_in_use.labels(upstream).set(in_use)

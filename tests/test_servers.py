@@ -108,7 +108,7 @@ LAYERS = {
     1: {"servers", "http1", "metrics", "drain"},
     2: {"face", "asgi", "wsgi", "websocket", "router", "health"},
     3: {"flask", "fastapi", "bridge", "workers"},
-    4: {"cli", "configfile", "demo", "__main__", "__init__"},
+    4: {"cli", "launch", "configfile", "demo", "__main__", "__init__"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 
