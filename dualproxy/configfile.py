@@ -109,14 +109,18 @@ class _Loader:
         return ConfigError(f"{self.path}:{line}: {message}" if line else f"{self.path}: {message}")
 
     def unknown(self, key: str, where: str, route: int | None) -> ConfigError:
-        known = self.route_keys if route else [*self.server_keys, "route"]
-        if route and key in self.server_keys:
-            hint = " (a server option: put it at the top, before the first [[route]])"
-        elif not route and key in self.route_keys:
-            hint = " (a route option: put it inside a [[route]] table)"
-        else:
-            close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
+        own = self.route_keys if route else [*self.server_keys, "route"]
+        other = self.server_keys if route else self.route_keys
+        # A route key at the top, a server key in a route: say where it belongs.
+        place = (" (a server option: put it at the top, before the first [[route]])" if route
+                 else " (a route option: put it inside a [[route]] table)")
+        if key in other:
+            hint = place
+        else:  # a misspelling, of a key of this table or of the other
+            close = difflib.get_close_matches(key.replace("-", "_"), [*own, *other], n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
+            if close and close[0] in other:
+                hint += place
             if "-" in key:
                 hint += " (keys are snake_case)"
         return self.error(f"unknown key '{key}' {where}{hint}",

@@ -206,6 +206,8 @@ TLS_ROUTE = ROUTE.replace("http:", "https:")
      "mount '/a' of [[route]] #2 is already the mount of [[route]] #1"),
     ('[[route]]\nmount = "/a"\ntimeout = 5\n', 1, "[[route]] #1 (mount '/a') has no 'upstream'"),
     ('log_level = "loud"\n' + ROUTE, 1, "bad value for 'log_level' at the top of the file"),
+    ('upstreams = "http://127.0.0.1:9"\n' + ROUTE, 1, "unknown key 'upstreams' at the top of "
+     "the file; did you mean 'upstream'? (a route option: put it inside a [[route]] table)"),
     ("workers = 2\ntimeout = 5\n" + ROUTE, 2,
      "unknown key 'timeout' at the top of the file (a route option: put it inside a "
      "[[route]] table)"),
