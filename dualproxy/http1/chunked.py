@@ -48,11 +48,12 @@ def _trailer_keeps_alive(line: bytes) -> bool:
 class ChunkedDecoder:
     """Decodes one chunked body off a receive buffer, piece by piece."""
 
-    __slots__ = ("_left", "_part", "done", "keep_alive")
+    __slots__ = ("_left", "_part", "_trailers", "done", "keep_alive")
 
     def __init__(self) -> None:
         self._left = 0
         self._part = "size"
+        self._trailers = 0       # bytes of the trailer section taken so far
         self.done = False        # the last chunk and the trailers are in
         self.keep_alive = True   # False after a trailer that makes llhttp close
 
@@ -78,7 +79,16 @@ class ChunkedDecoder:
                     raise RemoteProtocolError("missing CRLF after chunk data")
                 del buf[:2]
                 self._part = "size"
-            line = self._line(buf, _MAX_SIZE_LINE if self._part == "size" else MAX_HEAD)
+            if self._part == "size":
+                line = self._line(buf, _MAX_SIZE_LINE)
+            else:
+                # The whole section is bounded as a head is (MAX_HEAD with its
+                # CRLFs), whatever the reads that brought it.
+                line = self._line(buf, MAX_HEAD - self._trailers - 2)
+                if line is not None:
+                    self._trailers += len(line) + 2
+                    if self._trailers > MAX_HEAD:
+                        raise RemoteProtocolError("trailer section too large")
             if line is None:
                 break
             if self._part == "size":

@@ -104,6 +104,7 @@ class ClientConnection:
     def __init__(self) -> None:
         self.cycles = 0          # requests started on this connection
         self.eof = False
+        self.broken: str | None = None  # why reading failed (connection_broken)
         self._buf = bytearray()  # unparsed bytes (head, chunked body, strays)
         # While a Content-Length or close-delimited body streams, whole reads
         # queue here as given and go out uncopied; `_buf` is older and drains first.
@@ -229,6 +230,13 @@ class ClientConnection:
         else:
             self._buf += data
 
+    def connection_broken(self, reason: str) -> None:
+        """Reading failed (a reset, a broken pipe, TLS cut without close_notify):
+        an end like EOF, except that it never completes a close-delimited body,
+        whose only end is a clean close (RFC 9112 6.3: else it is incomplete)."""
+        self.broken = self.broken or reason
+        self.eof = True
+
     @property
     def pending(self) -> int:
         """Received bytes not handed out yet (for the drivers' backpressure)."""
@@ -292,6 +300,8 @@ class ClientConnection:
             if self.eof:
                 raise RemoteProtocolError("upstream closed without a response")
             return NEED_DATA
+        if end + 4 > MAX_HEAD:  # the same bound whether the head came in one read or many
+            raise RemoteProtocolError("response head too large")
         block = bytes(buf[:end + 2])  # status line and header lines, each ending in CRLF
         del buf[:end + 4]
         if BAD_BYTE.search(block):
@@ -370,9 +380,11 @@ class ClientConnection:
                 self._buf += data[self._left:]  # bytes past the body: never reused
                 data = data[:self._left]
         elif self.eof:
-            if self._in == CLOSE:
+            if self._in == CLOSE and self.broken is None:
                 self._state = _DONE
                 return _END
+            if self.broken is not None:
+                raise self._fail(f"the upstream connection broke mid-body: {self.broken}")
             raise self._fail("upstream closed before the end of the body")
         else:
             return NEED_DATA
