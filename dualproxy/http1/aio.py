@@ -12,6 +12,7 @@ import asyncio
 import collections
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import cast
 
@@ -66,6 +67,22 @@ def _cancel_requests() -> int:
     return 0 if cancelling is None else int(cancelling())
 
 
+_TLS_CUT = "TLS closed without close_notify"
+
+
+def _tls_cut(transport: asyncio.BaseTransport) -> bool:
+    """Did a TLS stream end without close_notify? asyncio (and uvloop) report such a
+    cut as a plain EOF; the TLS object still tells: after close_notify a read gives
+    b"" (SSL_ERROR_ZERO_RETURN), after a cut it wants more bytes."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return False
+    try:
+        return bool(ssl_object.read(1))  # nothing is left unread at EOF: b""
+    except ssl.SSLError:  # SSLWantReadError: no close_notify came
+        return True
+
+
 class _AsyncConn(asyncio.Protocol):
     """One upstream connection: its codec, fed by the event loop, and one waiter."""
 
@@ -75,11 +92,14 @@ class _AsyncConn(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
+        self._tls = False
+        self._eof = False
 
     # protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; same interface.
         self.transport = cast(asyncio.Transport, transport)
+        self._tls = transport.get_extra_info("sslcontext") is not None
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
             try:
@@ -96,15 +116,23 @@ class _AsyncConn(asyncio.Protocol):
         self._wake()
 
     def eof_received(self) -> bool:
-        self.codec.receive_data(b"")
+        self._eof = True
+        if self._tls and self.transport is not None and _tls_cut(self.transport):
+            self.codec.connection_broken(_TLS_CUT)
+        else:
+            self.codec.receive_data(b"")
         self._wake()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if exc is None:
-            self.codec.receive_data(b"")
-        else:  # a reset, or TLS cut without close_notify: never a clean end
+        # A reset, or a TLS cut (uvloop reports one as a close with no EOF before):
+        # never the clean end a close-delimited body needs.
+        if exc is not None:
             self.codec.connection_broken(str(exc) or type(exc).__name__)
+        elif self._tls and not self._eof:
+            self.codec.connection_broken(_TLS_CUT)
+        else:
+            self.codec.receive_data(b"")
         self._wake()
         drain = self._drain
         if drain is not None and not drain.done():
