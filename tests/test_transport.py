@@ -15,7 +15,6 @@ import select
 import socket
 import ssl
 import struct
-import sys
 import tempfile
 import threading
 import time
@@ -1322,12 +1321,9 @@ def test_fin_ends_a_close_delimited_body(driver: Driver, serve: Any) -> None:
 @pytest.mark.parametrize("clean", [True, False], ids=["close_notify", "cut"])
 def test_tls_cut_never_ends_a_close_delimited_body(
         make_driver: Callable[..., Driver], serve: Any,
-        tls_server_context: tuple[ssl.SSLContext, list[str]], clean: bool, kind: str) -> None:
+        tls_server_context: tuple[ssl.SSLContext, list[str]], clean: bool) -> None:
     """Over TLS, a close-delimited body ends with close_notify; a TCP close without it
     could be a truncation attack (RFC 8446 6.1): a broken upstream."""
-    if not clean and kind == "asyncio" and sys.version_info < (3, 11):
-        pytest.xfail("Python 3.10's asyncio SSL transport reports a cut as a clean EOF")
-
     def end(peer: Peer) -> None:
         sock = cast(ssl.SSLSocket, peer.sock)
         if clean:

@@ -71,14 +71,16 @@ _TLS_CUT = "TLS closed without close_notify"
 
 
 def _tls_cut(transport: asyncio.BaseTransport) -> bool:
-    """Did a TLS stream end without close_notify? asyncio (and uvloop) report such a
-    cut as a plain EOF; the TLS object still tells: after close_notify a read gives
-    b"" (SSL_ERROR_ZERO_RETURN), after a cut it wants more bytes."""
+    """Did a TLS stream end without close_notify? asyncio and uvloop report such a
+    cut as a plain end; the TLS object still tells: after close_notify a read gives
+    b"" or SSLZeroReturnError, after a cut it wants more bytes."""
     ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None:
         return False
     try:
         return bool(ssl_object.read(1))  # nothing is left unread at EOF: b""
+    except ssl.SSLZeroReturnError:  # close_notify, and ours sent (3.10 unwrapped)
+        return False
     except ssl.SSLError:  # SSLWantReadError: no close_notify came
         return True
 
@@ -117,26 +119,27 @@ class _AsyncConn(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
-        if self._tls and self.transport is not None and _tls_cut(self.transport):
-            self.codec.connection_broken(_TLS_CUT)
-        else:
-            self.codec.receive_data(b"")
+        self._end()
         self._wake()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # A reset, or a TLS cut (uvloop reports one as a close with no EOF before):
-        # never the clean end a close-delimited body needs.
-        if exc is not None:
+        if exc is not None:  # a reset: never the clean end a close-delimited body needs
             self.codec.connection_broken(str(exc) or type(exc).__name__)
-        elif self._tls and not self._eof:
-            self.codec.connection_broken(_TLS_CUT)
-        else:
-            self.codec.receive_data(b"")
+        elif not self._eof:
+            self._end()
         self._wake()
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_result(None)
+
+    def _end(self) -> None:
+        # Over TLS the end may be a cut. asyncio 3.11+ reports one as EOF, uvloop and
+        # asyncio 3.10 as a close without EOF (3.10 reports close_notify so too).
+        if self._tls and self.transport is not None and _tls_cut(self.transport):
+            self.codec.connection_broken(_TLS_CUT)
+        else:
+            self.codec.receive_data(b"")
 
     def pause_writing(self) -> None:
         self._drain = asyncio.get_running_loop().create_future()
