@@ -1463,3 +1463,30 @@ def test_pool_slot_handed_as_the_timeout_fires() -> None:
         loop.close()
     assert outcome in ("served", "timed out")
     assert pool.in_use() == 0, f"a slot was lost ({outcome})"
+
+
+def test_sync_pool_slot_freed_as_the_timeout_fires() -> None:
+    """The sync pool hands no slot over: a waiter woken after its deadline looks at the
+    count again under the lock, so a slot freed as its timeout fires is taken or stays
+    free, never lost. Made certain by freeing it while holding the lock past the deadline."""
+    pool = UpstreamTransport(max_connections=1)
+    pool._acquire(None)
+    outcome: list[str] = []
+
+    def wait_for_slot() -> None:
+        try:
+            pool._acquire(0.2)
+        except httpx.PoolTimeout:
+            outcome.append("timed out")
+        else:
+            outcome.append("served")
+            pool._release()
+
+    waiter = threading.Thread(target=wait_for_slot)
+    with pool._cond:  # the waiter's deadline passes while it cannot get the lock
+        waiter.start()
+        time.sleep(0.4)
+        pool._release()
+    waiter.join(WAIT)
+    assert outcome == ["served"]
+    assert pool.in_use() == 0
