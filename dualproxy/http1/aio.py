@@ -24,6 +24,7 @@ from .pool import (
     RETRY_ON,
     Pool,
     PooledBody,
+    connect_timeout,
     head_deadline,
     origin,
     request_line,
@@ -275,10 +276,7 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
             else:
                 opening = loop.create_connection(_AsyncConn, host, port, ssl=context,
                                                  server_hostname=host if context else None)
-            seconds = timeout(request, "connect")
-            if deadline is not None:
-                left = max(deadline - loop.time(), 0.0)
-                seconds = left if seconds is None else min(seconds, left)
+            seconds = connect_timeout(request, deadline, loop.time())
             _, conn = await asyncio.wait_for(opening, seconds)
         except asyncio.TimeoutError:
             raise httpx.ConnectTimeout(f"connecting to {address(key)} timed out") from None

@@ -79,6 +79,15 @@ def time_left(deadline: float | None, now: float) -> float | None:
     return None if deadline is None else max(deadline - now, 0.0)
 
 
+def connect_timeout(request: httpx.Request, deadline: float | None, now: float) -> float | None:
+    """The connect timeout, cut to what is left of the head's deadline."""
+    seconds = timeout(request, "connect")
+    left = time_left(deadline, now)
+    if left is None:
+        return seconds
+    return left if seconds is None else min(seconds, left)
+
+
 def limit(value: int | None) -> int:
     return sys.maxsize if value is None else value  # None: no limit (httpx.Limits)
 

@@ -26,6 +26,7 @@ from .pool import (
     RETRY_ON,
     Pool,
     PooledBody,
+    connect_timeout,
     head_deadline,
     origin,
     request_line,
@@ -260,10 +261,7 @@ class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
             idle.close()
         with self._cond:
             context = self._context(key)
-        seconds = timeout(request, "connect")
-        if deadline is not None:
-            left = max(deadline - time.monotonic(), 0.0)
-            seconds = left if seconds is None else min(seconds, left)
+        seconds = connect_timeout(request, deadline, time.monotonic())
         # A TLS cut must not pass for the clean end of a close-delimited body.
         sock = connect_upstream(key, seconds, context, ragged_eof=False)
         return _SyncConn(sock)
