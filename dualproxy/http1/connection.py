@@ -298,7 +298,8 @@ class ClientConnection:
             if BARE_EOL.search(buf):
                 raise RemoteProtocolError("bare CR or LF in response head")
             if self.eof:
-                raise RemoteProtocolError("upstream closed without a response")
+                raise RemoteProtocolError("upstream closed without a response" + (
+                    f" ({self.broken})" if self.broken else ""))
             return NEED_DATA
         if end + 4 > MAX_HEAD:  # the same bound whether the head came in one read or many
             raise RemoteProtocolError("response head too large")
