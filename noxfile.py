@@ -74,7 +74,8 @@ def bench(session: nox.Session) -> None:
     `nox -s bench -- --quick` for a short run, `-- --only dp-asgi seed` for some
     contestants, `-- --ws-only` / `-- --no-ws` for the WebSocket rows alone or none,
     `-- --baseline-tree DIR` to run dualproxy from another checkout in the same run
-    (dp-asgi-before, dp-wsgi-before). Uses wrk and nginx when installed
+    (dp-asgi-before, dp-wsgi-before), `-- --chart bench/results/latest.json` to redraw
+    the chart from a results file without measuring. Uses wrk and nginx when installed
     (`apt-get install wrk nginx-light`), else built-in stand-ins. Writes
     bench/results/latest.{json,png}; a full run also copies the chart to
     docs/bench.png for the README. The peers (fastapi-proxy-lib, werkzeug via
