@@ -61,7 +61,7 @@ def _flags_table(parser: argparse.ArgumentParser) -> list[str]:
 
 def _usage(parser: argparse.ArgumentParser) -> list[str]:
     # A fixed width, not the terminal's: the page is the same wherever it is built.
-    formatter = parser.formatter_class(prog=parser.prog, width=88)
+    formatter = parser.formatter_class(prog=parser.prog, width=72)
     formatter.add_usage(parser.usage, parser._actions, parser._mutually_exclusive_groups)
     return ["```text", formatter.format_help().strip(), "```", ""]
 
