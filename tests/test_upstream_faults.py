@@ -76,7 +76,10 @@ class Faulty:
                 return _trickle_head(peer)
             if path == b"/trailers":
                 return self._endless_trailers(peer)
-            if path == b"/big":
+            if path == b"/pause":
+                time.sleep(0.02)
+                peer.send(response(b"ok"))
+            elif path == b"/big":
                 peer.send(response(b"b" * BIG))
                 self.big_sent.set()
             else:
@@ -165,6 +168,25 @@ def test_pooled_connection_closed_by_the_upstream_is_not_reused(
             post = exchange(faulty_proxy.port, request_bytes("POST", _target("/post"),
                                                              body=b"data"))
             assert (post.status, post.body) == (200, b"ok"), post
+
+
+def test_pool_slots_survive_an_overload(make_proxy: MakeProxy, faulty: Faulty) -> None:
+    """One upstream connection, a pool timeout as short as an answer takes, ten clients
+    at once: slots are handed over as waiters' timeouts fire. Each must come back
+    (on Python 3.12+ one handed in the step its waiter timed out was lost, and with
+    it the pool: 503 to everything after)."""
+    proxy = make_proxy("--max-connections", "1", "--pool-timeout", "0.02",
+                       upstream_url=faulty.server.url)
+
+    def client(_: int) -> list[int]:
+        with proxy.client() as http:
+            return [http.get("/pause").status_code for _ in range(10)]
+
+    with ThreadPoolExecutor(10) as clients:
+        statuses = [status for batch in clients.map(client, range(10)) for status in batch]
+    assert set(statuses) <= {200, 503}, statuses
+    with proxy.client() as http:  # alone now: the one slot is free
+        assert [http.get("/pause").status_code for _ in range(3)] == [200] * 3
 
 
 def _probe_then_sigterm(pairing: str) -> str | None:
