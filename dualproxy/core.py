@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import http.cookiejar
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -100,8 +100,13 @@ def request_mount(config: ProxyConfig, incoming: IncomingRequest) -> bytes:
     return config.mount.encode("latin-1") if config.mount else incoming.mount
 
 
-def plan_request(config: ProxyConfig, incoming: IncomingRequest) -> UpstreamPlan:
-    """Decide the upstream request. Raises a ProxyError (400/404/413/414/431)."""
+def plan_request(config: ProxyConfig, incoming: IncomingRequest,
+                 routes: Sequence[bytes] = ()) -> UpstreamPlan:
+    """Decide the upstream request. Raises a ProxyError (400/404/413/414/431).
+
+    `routes`: the mounts of every route of the app this proxy is one route of
+    (router.py), so the one routing rule (`target.choose_mount`) sees them all.
+    """
     if incoming.http_version == "0.9":
         # A request line without a version (httptools takes `GET /x` followed by
         # a bare LF, header lines and all): never forwarded as an HTTP/1.1 request.
@@ -110,7 +115,7 @@ def plan_request(config: ProxyConfig, incoming: IncomingRequest) -> UpstreamPlan
                           require_host=incoming.http_version == "1.1")
     mount = request_mount(config, incoming)
     target = upstream_target(incoming.target, mount, config.upstream_base,
-                             config.max_target_bytes)
+                             config.max_target_bytes, routes)
     content_length, chunked = _request_framing(incoming.headers)
     limit = config.max_body_size
     if content_length is not None and limit is not None and content_length > limit:

@@ -8,7 +8,9 @@ the target is only ever a path appended to the configured base.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Sequence
 
 from .errors import BadRequest, NotProxied, TargetTooLong
 
@@ -18,6 +20,14 @@ _VALID_TARGET = re.compile(rb"[\x21-\x7e]*\Z")
 _SEPARATORS = re.compile(rb"/|\\|%2[fF]|%5[cC]")
 _ENCODED_DOT = re.compile(rb"%2[eE]")
 _ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+# What may make backends read a path differently from its bytes: an escape, a
+# backslash, a path parameter, an empty segment, a segment starting with a dot.
+_READ_DIFFERENTLY = re.compile(rb"[%\\;]|//|/\.")
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+# RFC 3986 2.3: the unreserved characters, which normalisation may always decode.
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PARAMS = re.compile(rb";[^/]*")
+_MERGE = re.compile(rb"/{2,}")
 
 
 def split_target(raw: bytes) -> tuple[bytes, bytes | None]:
@@ -55,11 +65,81 @@ def under_mount(path: bytes, mount: bytes) -> bool:
     return not mount or path == mount or path.startswith(mount + b"/")
 
 
-def strip_mount(path: bytes, mount: bytes) -> bytes:
-    """The path below `mount`, or NotProxied when it is outside (`/apix` is not `/api`)."""
-    if under_mount(path, mount):
-        return path[len(mount):]
-    raise NotProxied("no proxy is mounted at this path")
+def _decode(path: bytes, unreserved_only: bool) -> bytes:
+    def one(match: re.Match[bytes]) -> bytes:
+        byte = int(match[1], 16)
+        return bytes((byte,)) if not unreserved_only or byte in _UNRESERVED else match[0]
+    return _ESCAPE.sub(one, path)
+
+
+def _resolve(path: bytes) -> bytes:
+    """Dot segments removed and empty segments merged, as posixpath.normpath plus
+    http.server's dropping of empty words (never above the root)."""
+    out: list[bytes] = []
+    for segment in path.split(b"/"):
+        if segment == b"..":
+            if out:
+                out.pop()
+        elif segment and segment != b".":
+            out.append(segment)
+    return b"/" + b"/".join(out)
+
+
+@functools.lru_cache(maxsize=256)
+def path_readings(path: bytes) -> frozenset[bytes]:
+    """Every path a backend may take `path` for: the bytes as sent; percent-decoded
+    (the unreserved characters only, as RFC 3986 normalisation, or all of them, as
+    nginx, Starlette, werkzeug and http.server do); `\\` read as `/` (IIS, some Java
+    servers); `;params` cut from every segment (Tomcat, Spring); and each of these
+    with repeated slashes merged (werkzeug, nginx) or dot segments resolved as well
+    (nginx, http.server), the latter also before decoding (RFC 3986 order)."""
+    if not _READ_DIFFERENTLY.search(path):
+        return frozenset((path,))
+    readings = {path, _decode(path, True), _decode(path, False)}
+    readings |= {r.replace(b"\\", b"/") for r in readings}
+    readings |= {_PARAMS.sub(b"", r) for r in readings}
+    readings |= {_MERGE.sub(b"/", r) for r in readings} | {_resolve(r) for r in readings}
+    readings.add(_decode(_resolve(path), False))
+    return frozenset(readings)
+
+
+def choose_mount(path: bytes, mounts: Sequence[bytes]) -> bytes | None:
+    """THE routing rule, for every mount and route (both faces, both routers, the
+    WebSocket handshake): the longest of `mounts` covering `path` (None: none does).
+
+    Routing must see what the upstream will see: the mount is chosen for every
+    reading of the path a backend may make (`path_readings`: decoded, dot segments
+    resolved, slashes merged, ...), and all must agree, the bytes as sent included,
+    so the raw target lies literally under the chosen mount. When they disagree
+    (`/x/../admin`, `//admin`, `/%61dmin`, `/admin%2fx`, `/admin\\x` while `/admin`
+    is a route), the request is refused (400): it never reaches a route other
+    than the one whose mount its upstream would see.
+    """
+    if mounts == (b"",):
+        return b""  # the root alone covers every reading
+    chosen = _longest(path, mounts, literal=True)
+    for reading in path_readings(path):
+        if _longest(reading, mounts, literal=False) != chosen:
+            raise BadRequest("the path reads differently once normalised (dot segments, "
+                             "escapes, repeated slashes) and would change route")
+    return chosen
+
+
+def _longest(path: bytes, mounts: Sequence[bytes], *, literal: bool) -> bytes | None:
+    """The longest mount covering `path`: spelled as configured (`literal`), or
+    also percent-decoded, for a path a backend has decoded."""
+    best: bytes | None = None
+    for mount in mounts:
+        if (best is None or len(mount) > len(best)) and (
+                under_mount(path, mount)
+                or not literal and under_mount(path, _decoded_mount(mount))):
+            best = mount
+    return best
+
+
+@functools.lru_cache(maxsize=64)
+def _decoded_mount(mount: bytes) -> bytes:
+    return _decode(mount, False)
 
 
 def target_path(raw: bytes) -> bytes:
@@ -104,10 +184,18 @@ def join_base(base: bytes, rest: bytes) -> bytes:
     return base + rest
 
 
-def upstream_target(raw: bytes, mount: bytes, base: bytes, max_bytes: int) -> bytes:
-    """The byte-exact upstream request-target for a raw client target."""
+def upstream_target(raw: bytes, mount: bytes, base: bytes, max_bytes: int,
+                    mounts: Sequence[bytes] = ()) -> bytes:
+    """The byte-exact upstream request-target for a raw client target under `mount`.
+
+    `mounts`: every mount of the app the proxy is a route of (router.py), `mount`
+    among them; default `mount` alone. NotProxied when the path belongs to none
+    of them or to another; BadRequest when `choose_mount` finds it ambiguous.
+    """
     path, query = split_target(origin_form(raw, max_bytes))
-    rest = strip_mount(path, mount)
+    if choose_mount(path, mounts or (mount,)) != mount:
+        raise NotProxied("no proxy is mounted at this path")
+    rest = path[len(mount):]
     check_traversal(rest)
     target = join_base(base, rest)
     return target if query is None else target + b"?" + query

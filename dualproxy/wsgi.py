@@ -153,7 +153,7 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         # The environ lookup spares plain requests the header scan.
         websocket = "HTTP_UPGRADE" in environ and is_websocket_request(incoming.headers)
         try:
-            planned = (plan_handshake(self.config, incoming) if websocket
+            planned = (plan_handshake(self.config, incoming, routes=self.routes) if websocket
                        else self.plan(incoming))
             plan = run_request_hooks(self.config.request_hooks, planned)
         except NotProxied as exc:
