@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 
 from .errors import BadRequest, NotProxied, TargetTooLong
+from .headers import valid_authority
 
 # Visible ASCII only (RFC 9112 request-target); anything else is refused.
 _VALID_TARGET = re.compile(rb"[\x21-\x7e]*\Z")
@@ -58,6 +59,18 @@ def origin_form(raw: bytes, max_bytes: int) -> bytes:
             return b"/" + rest
         return rest or b"/"
     raise BadRequest("request target must be an absolute path")
+
+
+def target_authority(raw: bytes) -> bytes | None:
+    """The authority of an absolute-form target (userinfo cut off), None for any
+    other form; BadRequest when it is empty or malformed."""
+    match = _ABSOLUTE_FORM.match(raw)
+    if match is None:
+        return None
+    authority = raw[raw.index(b"://") + 3:match.end()].rpartition(b"@")[2]
+    if not valid_authority(authority):
+        raise BadRequest("the absolute-form target names no valid host")
+    return authority
 
 
 def under_mount(path: bytes, mount: bytes) -> bool:
@@ -173,6 +186,15 @@ def check_traversal(rest: bytes) -> None:
                 raise BadRequest("path escapes the proxied base")
         elif name and name != b".":
             depth += 1
+
+
+def mount_redirect(raw: bytes, mount: bytes) -> bytes | None:
+    """Where a target naming `mount` itself (no trailing slash) is redirected:
+    `mount/` with the query kept; None for any other target."""
+    if not mount or target_path(raw) != mount:
+        return None
+    query = split_target(raw.partition(b"#")[0])[1]
+    return mount + b"/" + (b"" if query is None else b"?" + query)
 
 
 def join_base(base: bytes, rest: bytes) -> bytes:
