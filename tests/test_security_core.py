@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import urllib.parse
 from http.server import SimpleHTTPRequestHandler
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,10 +21,12 @@ from werkzeug.routing import Map, RequestRedirect, Rule
 from werkzeug.serving import WSGIRequestHandler
 
 from dualproxy import AsyncProxy, AsyncRouter, SyncProxy, SyncRouter
+from dualproxy.cli import load_config_file
 from dualproxy.config import ProxyConfig
 from dualproxy.core import IncomingRequest, plan_request
 from dualproxy.errors import BadRequest, MountRedirect, NotProxied
 from dualproxy.headers import request_headers, response_headers, well_formed_forwarded
+from dualproxy.launch import config_from_options
 from dualproxy.target import choose_mount, under_mount
 
 ROUTES = (b"/admin", b"/api", b"/api/v2", b"")
@@ -278,3 +281,12 @@ def test_an_absolute_form_authority_is_the_clients_host() -> None:
         assert b'host="evil.example:8"' in headers[b"forwarded"]
     with pytest.raises(BadRequest):
         plan_request(ProxyConfig.build("http://u"), incoming(b"http:///h"))
+
+
+def test_the_toml_key_keeps_underscores_per_route(tmp_path: Path) -> None:
+    path = tmp_path / "routes.toml"
+    path.write_text('[[route]]\nmount = "/a"\nupstream = "http://127.0.0.1:9"\n'
+                    'underscores_in_headers = true\n\n'
+                    '[[route]]\nupstream = "http://127.0.0.1:9"\n')
+    _, routes = load_config_file(str(path), ["serve", "--config", str(path)])
+    assert [config_from_options(r).underscores_in_headers for r in routes] == [True, False]
