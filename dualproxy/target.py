@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+import urllib.parse
 from collections.abc import Sequence
 
 from .errors import BadRequest, NotProxied, TargetTooLong
@@ -24,9 +25,11 @@ _ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
 # What may make backends read a path differently from its bytes: an escape, a
 # backslash, a path parameter, an empty segment, a segment starting with a dot.
 _READ_DIFFERENTLY = re.compile(rb"[%\\;]|//|/\.")
-_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 # RFC 3986 2.3: the unreserved characters, which normalisation may always decode.
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_UNESCAPE = {b"%%%02X" % c: bytes((c,)) for c in
+             b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"}
+_ESCAPED_UNRESERVED = re.compile(
+    rb"%(?:[46][1-9A-Fa-f]|[57][0-9Aa]|3[0-9]|2[DdEe]|5[Ff]|7[Ee])")
 _PARAMS = re.compile(rb";[^/]*")
 _MERGE = re.compile(rb"/{2,}")
 
@@ -75,14 +78,13 @@ def target_authority(raw: bytes) -> bytes | None:
 
 def under_mount(path: bytes, mount: bytes) -> bool:
     """Is `path` at or below `mount`, on a segment boundary (`/apix` is not under `/api`)?"""
-    return not mount or path == mount or path.startswith(mount + b"/")
+    return path.startswith(mount) and path[len(mount):len(mount) + 1] in (b"", b"/")
 
 
 def _decode(path: bytes, unreserved_only: bool) -> bytes:
-    def one(match: re.Match[bytes]) -> bytes:
-        byte = int(match[1], 16)
-        return bytes((byte,)) if not unreserved_only or byte in _UNRESERVED else match[0]
-    return _ESCAPE.sub(one, path)
+    if not unreserved_only:
+        return urllib.parse.unquote_to_bytes(path)
+    return _ESCAPED_UNRESERVED.sub(lambda match: _UNESCAPE[match[0].upper()], path)
 
 
 def _resolve(path: bytes) -> bytes:
@@ -131,6 +133,8 @@ def choose_mount(path: bytes, mounts: Sequence[bytes]) -> bytes | None:
     if mounts == (b"",):
         return b""  # the root alone covers every reading
     chosen = _longest(path, mounts, literal=True)
+    if not _READ_DIFFERENTLY.search(path):
+        return chosen  # every reading is the path itself
     for reading in path_readings(path):
         if _longest(reading, mounts, literal=False) != chosen:
             raise BadRequest("the path reads differently once normalised (dot segments, "
@@ -143,9 +147,10 @@ def _longest(path: bytes, mounts: Sequence[bytes], *, literal: bool) -> bytes | 
     also percent-decoded, for a path a backend has decoded."""
     best: bytes | None = None
     for mount in mounts:
-        if (best is None or len(mount) > len(best)) and (
-                under_mount(path, mount)
-                or not literal and under_mount(path, _decoded_mount(mount))):
+        if best is not None and len(mount) <= len(best):
+            continue
+        if under_mount(path, mount) or (not literal and b"%" in mount
+                                        and under_mount(path, _decoded_mount(mount))):
             best = mount
     return best
 
