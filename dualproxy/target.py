@@ -76,6 +76,22 @@ def target_authority(raw: bytes) -> bytes | None:
     return authority
 
 
+def app_mount(raw_path: bytes, prefix: bytes) -> bytes:
+    """The mount an enclosing app routed on (ASGI `root_path`, WSGI `SCRIPT_NAME`:
+    decoded text, as bytes), for `IncomingRequest.mount`.
+
+    The prefix when the raw path starts with it, or when only its decoded form
+    does (`/%61pi/x` routed to `/api` by the app: `choose_mount` then refuses it,
+    400, instead of forwarding the prefix upstream); `b""` when the server kept
+    the prefix out of the raw path (a front proxy stripped it).
+    """
+    prefix = prefix.rstrip(b"/")
+    if prefix and (raw_path.startswith(prefix)
+                   or urllib.parse.unquote_to_bytes(raw_path).startswith(prefix)):
+        return prefix
+    return b""
+
+
 def under_mount(path: bytes, mount: bytes) -> bool:
     """Is `path` at or below `mount`, on a segment boundary (`/apix` is not under `/api`)?"""
     return path.startswith(mount) and path[len(mount):len(mount) + 1] in (b"", b"/")

@@ -21,13 +21,15 @@ from werkzeug.routing import Map, RequestRedirect, Rule
 from werkzeug.serving import WSGIRequestHandler
 
 from dualproxy import AsyncProxy, AsyncRouter, SyncProxy, SyncRouter
+from dualproxy.asgi import incoming_from_scope
 from dualproxy.cli import load_config_file
 from dualproxy.config import ProxyConfig
 from dualproxy.core import IncomingRequest, plan_request
 from dualproxy.errors import BadRequest, MountRedirect, NotProxied
 from dualproxy.headers import request_headers, response_headers, well_formed_forwarded
 from dualproxy.launch import config_from_options
-from dualproxy.target import choose_mount, under_mount
+from dualproxy.target import app_mount, choose_mount, under_mount
+from dualproxy.wsgi import incoming_from_environ
 
 ROUTES = (b"/admin", b"/api", b"/api/v2", b"")
 
@@ -290,3 +292,27 @@ def test_the_toml_key_keeps_underscores_per_route(tmp_path: Path) -> None:
                     '[[route]]\nupstream = "http://127.0.0.1:9"\n')
     _, routes = load_config_file(str(path), ["serve", "--config", str(path)])
     assert [config_from_options(r).underscores_in_headers for r in routes] == [True, False]
+
+
+@pytest.mark.parametrize(("raw", "prefix", "mount"), [
+    (b"/api/x", b"/api", b"/api"), (b"/api/x", b"/api/", b"/api"),
+    (b"/%61pi/x", b"/api", b"/api"),     # the app decoded it: refused by the rule below
+    (b"/x", b"/api", b""),               # a front proxy stripped the prefix
+    (b"/x", b"", b""),
+])
+def test_an_app_mount_is_found_in_the_raw_path(raw: bytes, prefix: bytes, mount: bytes) -> None:
+    assert app_mount(raw, prefix) == mount
+
+
+def test_an_app_routed_prefix_spelled_otherwise_is_refused_on_both_faces() -> None:
+    """`app.mount("/api", proxy)` (or SCRIPT_NAME) routed `/%61pi/x` on its decoded path:
+    the raw target is not literally under that mount, so 400, not `/base/%61pi/x`."""
+    config = ProxyConfig.build("http://u/base")
+    scope = {"type": "http", "method": "GET", "path": "/api/x", "raw_path": b"/%61pi/x",
+             "root_path": "/api", "query_string": b"", "headers": [(b"host", b"h")]}
+    environ = {"REQUEST_METHOD": "GET", "RAW_URI": "/%61pi/x", "SCRIPT_NAME": "/api",
+               "PATH_INFO": "/x", "HTTP_HOST": "h"}
+    for request in (incoming_from_scope(scope), incoming_from_environ(environ)):
+        assert request.mount == b"/api"
+        with pytest.raises(BadRequest):
+            plan_request(config, request)
