@@ -132,7 +132,7 @@ _PATHS = st.lists(st.tuples(_SEPARATOR, _SEGMENT), min_size=1, max_size=7).map(
 
 
 @given(_PATHS, st.sampled_from([ROUTES, (b"/admin", b""), (b"/api",), (b"/api", b"/admin")]))
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1500, deadline=None)
 def test_no_target_is_routed_unlike_a_normalising_upstream_reads_it(
         path: bytes, mounts: tuple[bytes, ...]) -> None:
     """Whatever the core routes (not refused), werkzeug, Starlette and http.server
