@@ -116,7 +116,9 @@ def _resolve(path: bytes) -> bytes:
     return b"/" + b"/".join(out)
 
 
-@functools.lru_cache(maxsize=256)
+# Small: it spares a router and its route computing one request's readings twice, and a
+# hostile 8000-byte path has some twenty readings of its size.
+@functools.lru_cache(maxsize=32)
 def path_readings(path: bytes) -> frozenset[bytes]:
     """Every path a backend may take `path` for: the bytes as sent; percent-decoded
     (the unreserved characters only, as RFC 3986 normalisation, or all of them, as
