@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except FlagConflict as exc:
             parser.exit(2, f"dualproxy serve: error: {exc} (see dualproxy serve --help)\n")
         except ConfigError as exc:
-            parser.exit(2, f"dualproxy: error: {exc}\n")
+            parser.exit(2, f"dualproxy serve: error: {exc}\n")
         try:
             check_tls(options_from_args(serve_args))
         except ValueError as exc:

@@ -229,7 +229,7 @@ def test_bad_config_files(tmp_path: Path, text: str, line: int | None, message: 
     result = run_serve("--config", str(path))
     assert result.returncode == 2
     where = f"{path}:{line}: " if line else f"{path}: "
-    assert result.stderr.startswith(f"dualproxy: error: {where}"), result.stderr
+    assert result.stderr.startswith(f"dualproxy serve: error: {where}"), result.stderr
     assert message in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
@@ -245,7 +245,7 @@ def test_front_tls_files_of_a_config_file_are_checked(tmp_path: Path) -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     result = run_serve("--config", str(tmp_path / "none.toml"))
     assert result.returncode == 2
-    assert result.stderr == (f"dualproxy: error: {tmp_path / 'none.toml'}: cannot read the "
+    assert result.stderr == (f"dualproxy serve: error: {tmp_path / 'none.toml'}: cannot read the "
                              "config file: No such file or directory\n")
 
 

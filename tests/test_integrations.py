@@ -486,6 +486,20 @@ def test_flask_blueprint_registered_under_another_prefix(glue_apps: tuple[App, A
     assert upstream.find(rid + "-x") is None
 
 
+def test_two_flask_proxies_in_one_app(upstream: Upstream, rid: str) -> None:
+    """Two FlaskProxy in one app: gunicorn boots it (blueprint names derived from the
+    prefixes do not clash) and each prefix goes to its own upstream base."""
+    app = gunicorn("tests.integration_apps:flask_two_proxies", upstream,
+                   "-k", "gthread", "--threads", "4")
+    try:
+        for prefix in ("one", "two"):
+            response = raw_get(app, f"/{prefix}/x%2Fy?q", f"{rid}-{prefix}", {})
+            assert response.status == 200, app.log()
+            assert upstream.wait_record(f"{rid}-{prefix}").target == f"/{prefix}/x%2Fy?q".encode()
+    finally:
+        app.stop()
+
+
 # -- dualproxy demo -------------------------------------------------------------
 
 
