@@ -47,6 +47,7 @@ from .core import (
 )
 from .errors import BadGateway, GatewayTimeout, ProxyError, describe
 from .framing import FRAMING, Framing
+from .headers import client_address
 from .logs import AccessLog, RequestRecord
 from .upstreams import Upstream
 
@@ -168,7 +169,8 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
     # -- the steps of one request, in order ---------------------------------------------
 
     def begin(self, incoming: IncomingRequest) -> RequestRecord:
-        return self._log.start(incoming)
+        return self._log.start(incoming, client_address(incoming.headers, self.config,
+                                                        incoming.peer))
 
     def pass_on(self, record: RequestRecord) -> None:
         """The request goes to the fallback app instead (outside the mount)."""
@@ -207,8 +209,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         if upstream is None:
             return None
         error_logger.warning("%s %s: %s failed (%s), retrying on %s", plan.method,
-                             plan.incoming.target.decode("latin-1"), failed, describe(exc),
-                             upstream)
+                             record.target_text(), failed, describe(exc), upstream)
         self.balancer.release(failed)
         record.upstream = upstream
         return upstream

@@ -33,7 +33,12 @@ from .face import ProxyFace, make_sync_client
 from .hooks import require_sync_hooks, run_request_hooks, run_response_hooks
 from .http1 import CLIENT_WATCH, ClientWatch
 from .logs import RequestRecord
-from .servers.gunicorn_body import DIRECT_READ, GunicornLengthInput, request_body_input
+from .servers.gunicorn_body import (
+    DIRECT_READ,
+    GunicornLengthInput,
+    client_left,
+    request_body_input,
+)
 from .types import Environ, StartResponse, WSGIApp
 from .upstreams import Upstream
 from .websocket.handshake import is_websocket_request, plan_handshake
@@ -421,8 +426,12 @@ def _request_body(
         except ClientDisconnected:
             raise
         except Exception as exc:
+            if client_left(exc):
+                raise ClientDisconnected("the client went away during the upload") from exc
             raise IncompleteBody(f"reading the request body failed: {describe(exc)}") from exc
         if not chunk:
+            if remaining:  # the end of input before the declared length: the client left
+                raise ClientDisconnected("the client went away during the upload")
             break
         counter.feed(len(chunk))
         record.bytes_in += len(chunk)

@@ -627,7 +627,7 @@ def test_access_log_line_and_quiet_expected_failures(make_proxy: MakeProxy, rid:
     assert response.status_code == 200 and len(response.content) == 4321
     pattern = re.compile(
         rf"dualproxy\.access: POST /logged/{rid} 200 in=1234 out=4321 "
-        r"upstream_ms=\d+\.\d total_ms=\d+\.\d ok")
+        r"upstream_ms=\d+\.\d total_ms=\d+\.\d client=127\.0\.0\.1 ok")
     assert wait_until(lambda: pattern.search(proxy.log()) is not None), proxy.log()
 
     refused = make_proxy(upstream_url=f"http://127.0.0.1:{free_port()}")
