@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import ssl
 import sys
 from typing import Any
@@ -22,6 +23,7 @@ from .servers.gunicorn import serve_gunicorn
 from .servers.heap import freeze_heap, trim_heap_periodically
 from .servers.metrics import start_metrics_listener
 from .servers.uvicorn import quiet_uvicorn_refusals, serve_uvicorn, tune_uvicorn
+from .upstreams import parse_upstreams
 
 
 def setup_logging(level: str, access_log_format: str = "text") -> None:
@@ -112,6 +114,24 @@ def warn_insecure(options: dict[str, Any]) -> None:
             "anyone on the path can impersonate them")
 
 
+def warn_unresolved(options: dict[str, Any]) -> None:
+    """One WARNING a configured upstream host that does not resolve now: every request
+    to it would be a 502 until it does (DNS may yet learn it, so this does not stop)."""
+    hosts: dict[str, int] = {}
+    for route in options.get("routes") or [options]:
+        for upstream in parse_upstreams(route["upstream"]):
+            if upstream.scheme != "unix":
+                hosts.setdefault(upstream.host, upstream.port)
+    for host, port in hosts.items():
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            logging.getLogger("dualproxy").warning(
+                "upstream host %s does not resolve (%s): its requests fail with 502 until "
+                "it does", host, reason)
+
+
 def build_app(options: dict[str, Any]) -> Any:
     """The ASGI or WSGI app for the options (the same in every worker): one proxy, or a
     router over one proxy a route when `options["routes"]` lists several (--config)."""
@@ -159,6 +179,8 @@ def run(options: dict[str, Any], *, bind: tuple[str, int], workers: int,
         metrics_bind: tuple[str, int] | None) -> int:
     """Start the options' server in front of the app; return the exit status."""
     host, port = bind
+    setup_logging(options["log_level"], options["access_log_format"])
+    warn_unresolved(options)  # once, here: not in every worker
     os.environ[ENV_OPTIONS] = json.dumps(options)
     # Several processes share the metrics through files (servers/metrics.py): always
     # under gunicorn (its arbiter serves them), and under uvicorn's --workers N.

@@ -268,8 +268,10 @@ class AccessLog:
         record.cause = upstream_cause(exc)
         record.shutdown = record.shutdown or isinstance(exc, ShuttingDown)
         if exc.status >= 500:
+            # The cause in full (the resolver's "Name or service not known", the errno):
+            # the client's problem body says less, on purpose.
             cause = exc.__cause__
-            suffix = f" ({type(cause).__name__})" if cause is not None else ""
+            suffix = f" ({describe(cause)})" if cause is not None else ""
             error_logger.warning("%s %s -> %d: %s%s", record.method, record.target_text(),
                                  exc.status, exc.detail, suffix)
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -177,6 +178,25 @@ def test_control_bytes_escaped_under_werkzeug(upstream: Upstream, rid: str) -> N
     [line] = [line for line in got if rid in line]
     assert line.startswith(rf"GET /x\x1b[1A\x1b[2K\x1b[31mFAKE\x5c/{rid} 400 "), line
     assert line.isprintable() and line.isascii()
+
+
+def test_unresolvable_upstream_says_why(make_proxy: MakeProxy, rid: str) -> None:
+    """A host that does not resolve: one WARNING at start, and the 502's line keeps the
+    resolver's reason (the client's problem body does not name the host)."""
+    host = "dualproxy-test-host.invalid"  # RFC 6761: .invalid never resolves
+    with pytest.raises(socket.gaierror) as resolving:
+        socket.getaddrinfo(host, 81, type=socket.SOCK_STREAM)
+    reason = resolving.value.strerror
+    proxy = make_proxy(upstream_url=f"http://{host}:81")
+    response = httpx.get(proxy.url + f"/dns/{rid}")
+    assert response.status_code == 502 and host not in response.text
+    assert wait_until(lambda: f"GET /dns/{rid} -> 502" in proxy.log()), proxy.log()
+    lines = proxy.log().splitlines()
+    start = [line for line in lines if "does not resolve" in line]
+    assert len(start) == 1 and re.search(rf"WARNING .*upstream host {re.escape(host)} does "
+                                         rf"not resolve \({re.escape(reason)}\)", start[0])
+    [failed] = [line for line in lines if f"GET /dns/{rid} -> 502" in line]
+    assert reason in failed, failed
 
 
 def test_bad_format_exits_2() -> None:
