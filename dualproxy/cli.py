@@ -25,7 +25,7 @@ from .config import (
     DEFAULT_WS_MAX_SIZE,
     ProxyConfig,
 )
-from .launch import check_tls, config_from_options, run
+from .launch import check_tls, config_from_options, listen_problem, run
 from .logs import FORMATS
 
 DEFAULT_SERVER = {"asgi": "uvicorn", "wsgi": "gunicorn"}
@@ -307,6 +307,10 @@ def demo(args: argparse.Namespace) -> int:
     from .demo import demo_upstream, instructions
 
     host, proxy_port = args.bind
+    problem = listen_problem(host, proxy_port)
+    if problem is not None:  # before the banner tells anyone to open the page
+        print(f"dualproxy demo: error: {problem}", file=sys.stderr)
+        return 1
     try:
         with demo_upstream() as port:
             print(instructions(port, f"http://{host}:{proxy_port}", args.adapter), flush=True)

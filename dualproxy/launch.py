@@ -175,10 +175,31 @@ def app_from_env() -> Any:
     return load_app(json.loads(os.environ[ENV_OPTIONS]))
 
 
+def listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (taken, not ours, no such address),
+    found by binding it as the servers do (SO_REUSEADDR); None when it can."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def run(options: dict[str, Any], *, bind: tuple[str, int], workers: int,
         metrics_bind: tuple[str, int] | None) -> int:
-    """Start the options' server in front of the app; return the exit status."""
+    """Start the options' server in front of the app; return the exit status: 0, or 1
+    when it could not start (one `dualproxy serve: error:` line says why)."""
     host, port = bind
+    # Checked first, so a taken port is one line whatever the server (uvicorn logs
+    # and exits 1, gunicorn retries five times and exits 1 or 3).
+    problem = listen_problem(host, port)
+    if problem is not None:
+        print(f"dualproxy serve: error: {problem}", file=sys.stderr)
+        return 1
     setup_logging(options["log_level"], options["access_log_format"])
     warn_unresolved(options)  # once, here: not in every worker
     os.environ[ENV_OPTIONS] = json.dumps(options)
@@ -191,20 +212,32 @@ def run(options: dict[str, Any], *, bind: tuple[str, int], workers: int,
         print(f"dualproxy serve: error: --metrics-bind: {exc}", file=sys.stderr)
         return 1
     try:
-        if options["server"] == "uvicorn":
-            serve_uvicorn(lambda: load_app(options), "dualproxy.launch:app_from_env", host=host,
-                          port=port, workers=workers, log_level=options["log_level"],
-                          ws_max_size=options["ws_max_size"],
-                          graceful_timeout=options["graceful_timeout"],
-                          certfile=options["certfile"], keyfile=options["keyfile"])
-        else:
-            serve_gunicorn(lambda: load_app(options), adapter=options["adapter"], host=host,
-                           port=port, workers=workers, threads=options["threads"],
-                           log_level=options["log_level"],
-                           graceful_timeout=options["graceful_timeout"],
-                           certfile=options["certfile"], keyfile=options["keyfile"],
-                           child_exit=listener.child_exit if listener else None)
+        return _serve(options, host, port, workers, listener)
+    except SystemExit as exc:  # the server's own failure (the port taken since the check)
+        if exc.code in (0, None):
+            raise
+        print(f"dualproxy serve: error: the server stopped with status {exc.code} (its log "
+              "above says why)", file=sys.stderr)
+        return 1
     finally:
         if listener is not None:
             listener.close()
+
+
+def _serve(options: dict[str, Any], host: str, port: int, workers: int,
+           listener: Any) -> int:
+    """Run the options' server until it stops."""
+    if options["server"] == "uvicorn":
+        serve_uvicorn(lambda: load_app(options), "dualproxy.launch:app_from_env", host=host,
+                      port=port, workers=workers, log_level=options["log_level"],
+                      ws_max_size=options["ws_max_size"],
+                      graceful_timeout=options["graceful_timeout"],
+                      certfile=options["certfile"], keyfile=options["keyfile"])
+    else:
+        serve_gunicorn(lambda: load_app(options), adapter=options["adapter"], host=host,
+                       port=port, workers=workers, threads=options["threads"],
+                       log_level=options["log_level"],
+                       graceful_timeout=options["graceful_timeout"],
+                       certfile=options["certfile"], keyfile=options["keyfile"],
+                       child_exit=listener.child_exit if listener else None)
     return 0
