@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import httpx
@@ -227,3 +228,18 @@ def test_flask_and_fastapi_glue_route_the_same_methods(upstream: Upstream, rid: 
     assert dict(zip(PROXY_METHODS, flask_statuses, strict=True)) == every_ok
     assert dict(zip(PROXY_METHODS, asyncio.run(fastapi_statuses()), strict=True)) == every_ok
     assert [r.method for r in upstream.find_all(rid)] == [*PROXY_METHODS, *PROXY_METHODS]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"mount": "/日本"}, "percent-encode it ('/%E6%97%A5%E6%9C%AC')"),
+    ({"health_path": "/ü"}, "health_path '/ü' must be ASCII"),
+    ({"timeout": 1e300}, "timeout must be more than 0 and at most 1000000 seconds"),
+    ({"idle_timeout": float("nan")}, "idle_timeout must be"),
+    ({"ws_idle_timeout": 1e7}, "ws_idle_timeout must be"),
+    ({"pool_timeout": 0}, "pool_timeout must be"),
+])
+def test_config_refuses_what_would_fail_every_request(options: dict[str, object],
+                                                      message: str) -> None:
+    """Refused when built: each of these once failed every request instead."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ProxyConfig.build("http://127.0.0.1:9", **options)

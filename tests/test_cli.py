@@ -64,6 +64,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     (["--health-path", "healthz"], "--health-path"),
     (["--upstream", UPSTREAM], "given twice"),
     (["--upstream", "http://127.0.0.1:9/other"], "share one base path"),
+    # accepted once, then every request failed (or the server did not start)
+    (["--mount", "/日本"], "percent-encode it ('/%E6%97%A5%E6%9C%AC')"),
+    (["--mount", "/a b"], "--mount"),
+    (["--health-path", "/\x1b"], "--health-path"),
+    (["--timeout", "1e300"], "--timeout"),
+    (["--idle-timeout", "1000001"], "at most 1000000"),
+    (["--ws-idle-timeout", "1e9"], "--ws-idle-timeout"),
+    (["--graceful-timeout", "1e300"], "--graceful-timeout"),
+    (["--workers", "100000"], "at most 256"),
+    (["--threads", "100000"], "at most 4096"),
 ])
 def test_bad_flags_are_one_line_usage_errors(flags: list[str], names: str) -> None:
     args = ["serve", "--upstream", UPSTREAM, "--bind", "127.0.0.1:1", *flags]

@@ -222,6 +222,16 @@ TLS_ROUTE = ROUTE.replace("http:", "https:")
      "load the CA bundle pyproject.toml"),
     (ROUTE + 'upstream_cert = "pyproject.toml"\n', 3, "[[route]] #1 (mount '/a'): cert "
      "(mutual TLS) needs an https upstream"),
+    # accepted once, then every request failed: refused at start now
+    ('[[route]]\nupstream = "http://127.0.0.1:9"\nmount = "/日本"\n', 3,
+     "must be ASCII without spaces or control characters, as a request target is: "
+     "percent-encode it ('/%E6%97%A5%E6%9C%AC')"),
+    (ROUTE + "timeout = 1e300\n", 4, "at most 1000000, got 1e+300"),
+    (ROUTE + "ws_idle_timeout = 1e7\n", 4, "at most 1000000"),
+    ("workers = 100000\n" + ROUTE, 1, "bad value for 'workers' at the top of the file: must be "
+     "at most 256"),
+    ("threads = 100000\n" + ROUTE, 1, "must be at most 4096"),
+    (ROUTE + 'health_path = "/é"\n', 4, "must be ASCII"),
 ])
 def test_bad_config_files(tmp_path: Path, text: str, line: int | None, message: str) -> None:
     path = tmp_path / "bad.toml"
