@@ -36,6 +36,7 @@ from .core import (
     ResponseHead,
     UpstreamPlan,
     build_request,
+    check_user_client,
     client_options,
     disable_cookies,
     enter_body_phase,
@@ -100,6 +101,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         self._lock = threading.Lock()
         self._health: Any = None  # the active health prober, started with the client
         if client is not None:
+            check_user_client(client, config)
             disable_cookies(client)
         else:
             from .http1.tls import upstream_context

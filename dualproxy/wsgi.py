@@ -123,8 +123,9 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
     """WSGI reverse proxy. `SyncProxy("http://upstream:8080/base", mount="/api")`.
 
     Takes the same arguments as AsyncProxy (or the same `config=`, whose hooks
-    must then be plain `def` functions), and an optional `httpx.Client` (its
-    cookie jar is disabled; you close it). Outside the mount it answers 404, or
+    must then be plain `def` functions), and an optional `httpx.Client(trust_env=False)`
+    (its cookie jar is disabled; you close it; `core.check_user_client` says what it
+    may and may not change). Outside the mount it answers 404, or
     calls `fallback` when one is given.
     """
 
@@ -139,7 +140,7 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         client = self.client
         if self._transport is not None:
             return self._transport.handle_request(request)
-        return client.send(request, stream=True)
+        return client.send(request, stream=True, follow_redirects=False)
 
     def _start_health(self) -> Any:
         from .health import HealthThread
