@@ -17,12 +17,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, MakeProxy, free_port, stop_group
+from tests.conftest import ROOT, ChildLog, MakeProxy, free_port, stop_group
 from tests.rawhttp import RawResponse, exchange, request_bytes, wait_until
 from tests.upstream import Upstream, pattern_sha256
 
@@ -39,9 +38,8 @@ class App:
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "DUALPROXY_UPSTREAM": upstream.url, "EXAMPLE_TOKEN": TOKEN,
                "BIND": f"127.0.0.1:{port}"}
-        self.log_path = Path(f"/tmp/dualproxy-integration-{port}.log")
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log,
+        self._log = ChildLog(f"dualproxy-integration-{port}-")
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log.file,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -55,7 +53,7 @@ class App:
         raise RuntimeError(f"app did not start:\n{self.log()}")
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self._log.text()
 
     def stop(self) -> int:
         stop_group(self.proc, timeout=15)
