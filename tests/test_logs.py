@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -149,32 +151,41 @@ def test_control_bytes_never_reach_a_text_line(make_proxy: MakeProxy, rid: str) 
     assert "\x1b" not in proxy.log()
 
 
-def test_control_bytes_escaped_under_werkzeug(upstream: Upstream, rid: str) -> None:
-    """werkzeug's dev server (`flask run`) passes control bytes in the target through
-    (the core refuses them, 400): the text line shows them escaped, never raw."""
-    from werkzeug.serving import make_server
-
+@contextmanager
+def access_lines() -> Iterator[list[str]]:
+    """The messages the access logger gets meanwhile, through an ordinary handler."""
     got: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda made: got.append(made.getMessage())  # type: ignore[method-assign]
     saved = access_logger.handlers[:], access_logger.propagate, access_logger.level
     access_logger.handlers, access_logger.propagate = [handler], False
     access_logger.setLevel(logging.INFO)
+    try:
+        yield got
+    finally:
+        access_logger.handlers, access_logger.propagate = saved[0], saved[1]
+        access_logger.setLevel(saved[2])
+
+
+def test_control_bytes_escaped_under_werkzeug(upstream: Upstream, rid: str) -> None:
+    """werkzeug's dev server (`flask run`) passes control bytes in the target through
+    (the core refuses them, 400): the text line shows them escaped, never raw."""
+    from werkzeug.serving import make_server
+
     proxy = SyncProxy(upstream.url)
     server = make_server("127.0.0.1", 0, proxy, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        raw = (b"GET /x\x1b[1A\x1b[2K\x1b[31mFAKE\\/" + rid.encode() +
-               b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        assert exchange(server.server_port, raw).status == 400
-        assert wait_until(lambda: any(rid in line for line in got))
+        with access_lines() as got:
+            raw = (b"GET /x\x1b[1A\x1b[2K\x1b[31mFAKE\\/" + rid.encode() +
+                   b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert exchange(server.server_port, raw).status == 400
+            assert wait_until(lambda: any(rid in line for line in got))
     finally:
         server.shutdown()
         thread.join(timeout=10)
         proxy.close()
-        access_logger.handlers, access_logger.propagate = saved[0], saved[1]
-        access_logger.setLevel(saved[2])
     [line] = [line for line in got if rid in line]
     assert line.startswith(rf"GET /x\x1b[1A\x1b[2K\x1b[31mFAKE\x5c/{rid} 400 "), line
     assert line.isprintable() and line.isascii()
@@ -345,15 +356,6 @@ def test_lines_stay_whole_under_threads() -> None:
 
 def test_other_handlers_get_the_same_message_through_logging() -> None:
     """An app's own handler on `dualproxy.access` gets a LogRecord with the message."""
-    got: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda made: got.append(made.getMessage())  # type: ignore[method-assign]
-    saved = access_logger.handlers[:], access_logger.propagate, access_logger.level
-    access_logger.handlers, access_logger.propagate = [handler], False
-    access_logger.setLevel(logging.INFO)
-    try:
+    with access_lines() as got:
         AccessLog().finish(_record("PUT", b"/mine", 201, (5, 0), 1.0, "ok", True))
-    finally:
-        access_logger.handlers, access_logger.propagate = saved[0], saved[1]
-        access_logger.setLevel(saved[2])
     assert len(got) == 1 and got[0].startswith("PUT /mine 201 in=5 out=0 upstream_ms=1.0 ")
