@@ -141,7 +141,9 @@ def _interrupted(signum: int, frame: object) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     subprocess.Popen.__init__ = _tracked_popen_init  # type: ignore[method-assign]
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupted)
+        # Only where Python's own handling stands (not under `nohup`, nor a runner's own).
+        if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(signum, _interrupted)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
