@@ -174,10 +174,10 @@ class ProxyConfig:
         upstreams = parse_upstreams(self.upstream)
         first = upstreams[0]
         for what in ("timeout", "idle_timeout", "pool_timeout", "fail_timeout",
-                     "health_interval", "ws_idle_timeout"):
-            seconds = getattr(self, what)
-            if seconds is not None or what != "ws_idle_timeout":
-                check_timeout(seconds, what)
+                     "health_interval"):
+            check_timeout(getattr(self, what), what)
+        if self.ws_idle_timeout is not None:  # None: no limit
+            check_timeout(self.ws_idle_timeout, "ws_idle_timeout")
         if self.ws_max_size <= 0:
             raise ValueError("ws_max_size must be positive")
         if self.max_body_size is not None and self.max_body_size < 0:
