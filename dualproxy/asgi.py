@@ -74,7 +74,8 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
     """ASGI reverse proxy. `AsyncProxy("http://upstream:8080/base", mount="/api")`.
 
     Pass `config=` to share one ProxyConfig with a SyncProxy, and `client=` to
-    use your own `httpx.AsyncClient` (its cookie jar is disabled; you close it).
+    use your own `httpx.AsyncClient(trust_env=False)` (its cookie jar is disabled;
+    you close it; `core.check_user_client` says what it may and may not change).
     Outside the mount it answers 404, or calls `fallback` when one is given.
     """
 
@@ -85,7 +86,7 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         client = self.client
         if self._transport is not None:
             return await self._transport.handle_async_request(request)
-        return await client.send(request, stream=True)
+        return await client.send(request, stream=True, follow_redirects=False)
 
     def _start_health(self) -> Any:
         from .health import HealthTask
