@@ -122,14 +122,16 @@ def _check_arrival(ex: Exchange, s: Sent | None) -> list[Violation]:
     return out
 
 
-def check_upstream_conns(conns: list[Conn], now: float, *, fin_grace: float) -> list[Violation]:
-    """Connections still busy once every client is gone, or kept open long after the
-    upstream closed them."""
+def check_upstream_conns(conns: list[Conn], now: float, *,
+                         fin_grace: float | None) -> list[Violation]:
+    """Connections still busy once every client is gone, or kept open `fin_grace` seconds
+    after the upstream closed them (None: not checked; a sync pool only looks at an idle
+    connection when it takes it, as urllib3 does)."""
     out: list[Violation] = []
     for c in conns:
         if c.closed is not None:
             continue
-        if c.fin_at is not None and now - c.fin_at > fin_grace:
+        if c.fin_at is not None and fin_grace is not None and now - c.fin_at > fin_grace:
             out.append(Violation("pooled-after-fin", f"?/{c.behaviour}", c.rid,
                                  f"upstream connection {c.n} still open {now - c.fin_at:.0f} s "
                                  f"after the upstream closed it"))

@@ -222,8 +222,11 @@ class Clients:
         if data:
             sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
 
-    def read_answer(self, sock: socket.socket, reader: Reader, plan: Plan, sent: Sent) -> bool:
-        waited_from = sent.t_sent or time.monotonic()
+    def read_answer(self, sock: socket.socket, reader: Reader, plan: Plan, sent: Sent,
+                    waited_from: float | None = None) -> bool:
+        """Read one answer into `sent`; whether the connection may carry another. The wait
+        for its head counts from `waited_from` (default: the request's end)."""
+        waited_from = waited_from or sent.t_sent or time.monotonic()
         status, headers = self._read_head(reader, sent)
         sent.head_wait = time.monotonic() - waited_from
         if status is None:
@@ -353,7 +356,7 @@ class Clients:
                     self._send(sock, plan, sent)
                 for i, (plan, sent) in enumerate(zip(plans, notes, strict=True)):
                     try:
-                        more = self.read_answer(sock, reader, plan, sent)
+                        more = self.read_answer(sock, reader, plan, sent, time.monotonic())
                     except (OSError, Leave):
                         more = False
                     if not more:

@@ -52,6 +52,8 @@ class Settings:
     only_client: tuple[str, ...] | None = None
     only_upstream: tuple[str, ...] | None = None
     proxy_flags: tuple[str, ...] = ()
+    # Seconds beyond --timeout + --idle-timeout for the upstream's connections to settle.
+    settle_slack: float = 10.0
     # Put something between the proxy and the upstream: takes the upstream's port, returns
     # the port the proxy should use (the harness's own tests put a broken relay there).
     wrap_upstream: Callable[[int], int] | None = None
@@ -181,11 +183,13 @@ class Run:
             return
 
         # Every client is gone: the upstream must see its connections idle or closed.
-        settle = s.timeout + s.idle_timeout + 10.0
+        # The asyncio driver reads its idle connections, so it sees an upstream's FIN.
+        fin_grace = FIN_GRACE if s.pairing.startswith("asgi") else None
+        settle = s.timeout + s.idle_timeout + s.settle_slack
         wait_for(lambda: not check_upstream_conns(upstream.conns(), time.monotonic(),
-                                                  fin_grace=FIN_GRACE), settle)
+                                                  fin_grace=fin_grace), settle)
         scenario = {x.rid: x.scenario for x in clients.sent}
-        for v in check_upstream_conns(upstream.conns(), time.monotonic(), fin_grace=FIN_GRACE):
+        for v in check_upstream_conns(upstream.conns(), time.monotonic(), fin_grace=fin_grace):
             self.result.violations.append(Violation(
                 v.check, scenario.get(v.rid or "", v.scenario), v.rid, v.detail))
 

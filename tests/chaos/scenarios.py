@@ -104,7 +104,8 @@ def http_plan(rng: random.Random, client: str, limits: Limits,
     plan = Plan(method=method, target=f"/chaos/{client}?n={rng.randrange(1 << 30)}", up=up,
                 body=body, chunked=rng.random() < 0.5, rst=rng.random() < 0.3)
     if client == "leave-upload" and body:
-        plan.leave_upload_at = rng.randrange(0, len(body) + 1)
+        # Chunked: up to all the data without the last chunk; Content-Length: short of it.
+        plan.leave_upload_at = rng.randrange(0, len(body) + plan.chunked)
     elif client == "leave-after-head":
         if body and rng.random() < 0.5:
             plan.leave_upload_at = 0

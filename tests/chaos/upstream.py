@@ -471,6 +471,10 @@ class _Body:
                 return
             fields = b"".join(b"x-chaos-sum-%d: %d\r\n" % (i, i) for i in range(trailers))
             writer.write(b"0\r\n" + fields + b"\r\n")
+        # Written whole once it left this process: the proxy may read it all and close
+        # before a drain returns (and the drain then raises).
+        self.ex.resp_complete = writer.transport.get_write_buffer_size() == 0
+        self.ex.resp_clean = self.ex.resp_complete and framing != "close"
         await writer.drain()
         self.ex.resp_complete = True
         self.ex.resp_clean = framing != "close"
