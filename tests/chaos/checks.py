@@ -39,7 +39,7 @@ class Violation:
 
 
 def check_records(sent: list[Sent], exchanges: list[Exchange], *,
-                  head_bound: float) -> list[Violation]:
+                  head_bound: float, gap_bound: float) -> list[Violation]:
     """Compare what the clients sent and received with what the upstream saw and wrote."""
     out: list[Violation] = []
     by_rid: dict[str, list[Exchange]] = collections.defaultdict(list)
@@ -48,13 +48,14 @@ def check_records(sent: list[Sent], exchanges: list[Exchange], *,
             by_rid[ex.rid].append(ex)
     notes = {s.rid: s for s in sent}
     for s in sent:
-        out += _check_answer(s, by_rid.get(s.rid, []), head_bound)
+        out += _check_answer(s, by_rid.get(s.rid, []), head_bound, gap_bound)
     for ex in exchanges:
         out += _check_arrival(ex, notes.get(ex.rid or ""))
     return out
 
 
-def _check_answer(s: Sent, seen: list[Exchange], head_bound: float) -> list[Violation]:
+def _check_answer(s: Sent, seen: list[Exchange], head_bound: float,
+                  gap_bound: float) -> list[Violation]:
     out: list[Violation] = []
 
     def bad(check: str, detail: str) -> None:
@@ -71,6 +72,9 @@ def _check_answer(s: Sent, seen: list[Exchange], head_bound: float) -> list[Viol
     if s.head_wait is not None and s.head_wait > head_bound:
         bad("head-deadline", f"waited {s.head_wait:.1f} s for an answer head "
             f"(bound {head_bound:.0f} s: --timeout and a slack)")
+    if s.body_gap > gap_bound:
+        bad("body-stall", f"waited {s.body_gap:.1f} s for more of the answer's body "
+            f"(bound {gap_bound:.0f} s: --idle-timeout and a slack)")
     if s.resp_complete and s.resp_rid == s.rid and s.status != 101:
         whole = [ex for ex in seen if ex.resp_complete]
         if not whole:

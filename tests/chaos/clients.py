@@ -48,6 +48,7 @@ class Sent:
     ctype: str = ""
     body_start: bytes = b""      # the first bytes of the answer (a proxy's own error)
     head_wait: float | None = None  # request sent -> answer head (or the end of waiting)
+    body_gap: float = 0.0        # the longest wait between two reads of the answer's body
     left: str | None = None      # why the client stopped early, on purpose
     error: str | None = None
 
@@ -64,6 +65,8 @@ class Reader(RawReader):
     """rawhttp's Reader, but an RST is told apart from a FIN."""
 
     reset = False
+    last = 0.0        # when bytes (or the end) last arrived
+    longest_gap = 0.0  # the longest wait for bytes since `last` was first set
 
     def _fill(self) -> bool:
         if self.eof:
@@ -73,6 +76,10 @@ class Reader(RawReader):
         except (ConnectionResetError, BrokenPipeError):
             self.reset = True
             data = b""
+        now = time.monotonic()
+        if self.last:
+            self.longest_gap = max(self.longest_gap, now - self.last)
+        self.last = now
         if not data:
             self.eof = True
             return False
@@ -240,6 +247,15 @@ class Clients:
             raise Leave
         if status == 101:
             return False
+        reader.last, reader.longest_gap = time.monotonic(), 0.0
+        try:
+            return self._read_body(sock, reader, plan, sent, lower, status)
+        finally:
+            sent.body_gap = reader.longest_gap
+            reader.last = 0.0
+
+    def _read_body(self, sock: socket.socket, reader: Reader, plan: Plan, sent: Sent,
+                   lower: dict[str, str], status: int) -> bool:
         digest = hashlib.sha256()
         start = bytearray()
 

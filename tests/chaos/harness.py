@@ -34,7 +34,8 @@ FD_SLACK = 8         # descriptors a proxy may open lazily after the warm-up (lo
 THREAD_SLACK = 2
 PROMPT = 15.0        # "promptly": a plain GET answered within this, however loaded the machine
 FIN_GRACE = 5.0      # an upstream-closed connection kept longer than this was not noticed
-HEAD_SLACK = 8.0     # an answer head (or the proxy's 504) comes by --timeout + this
+SLACK = 8.0          # an answer head (or the proxy's 504) comes by --timeout + this, the
+                     # next body bytes (or the abort) by --idle-timeout + this
 
 
 @dataclass
@@ -110,7 +111,8 @@ class Run:
         self.out = out
         self.result = Result()
         self.limits = Limits(settings.timeout, settings.idle_timeout)
-        self.head_bound = settings.timeout + HEAD_SLACK
+        self.head_bound = settings.timeout + SLACK
+        self.gap_bound = settings.idle_timeout + SLACK
 
     def violation(self, check: str, scenario: str, rid: str | None, detail: str) -> None:
         self.result.violations.append(Violation(check, scenario, rid, detail))
@@ -204,7 +206,8 @@ class Run:
         if threads1 > threads0 + THREAD_SLACK:
             self.violation("thread-leak", "?", None, f"proxy threads {threads0} -> {threads1}")
         self.result.violations += check_records(clients.sent, upstream.exchanges(),
-                                                head_bound=self.head_bound)
+                                                head_bound=self.head_bound,
+                                                gap_bound=self.gap_bound)
         self.result.sent = clients.sent
         self.exchanges = upstream.exchanges()
 
