@@ -9,6 +9,7 @@ cleanly, how long it waited for the head, and whether it meant to leave early.
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import os
 import random
@@ -121,12 +122,15 @@ class Clients:
         self._lock = threading.Lock()
         self.sent: list[Sent] = []
         self._socks: set[socket.socket] = set()
-        self._n = 0
+        self._n: collections.Counter[str] = collections.Counter()
 
-    def new_id(self, who: str) -> str:
+    def new_id(self, name: str | None = None) -> str:
+        """`SEED-THREAD-N`: the N-th request of this client thread (or `name`), the same
+        in a replay."""
+        name = name or threading.current_thread().name
         with self._lock:
-            self._n += 1
-            return f"{self.seed}-{who}-{self._n}"
+            self._n[name] += 1
+            return f"{self.seed}-{name}-{self._n[name]}"
 
     def note(self, sent: Sent) -> Sent:
         with self._lock:
@@ -360,13 +364,13 @@ class Clients:
             sock = self.connect()
         except OSError as exc:
             for plan in plans:
-                self.note(Sent(self.new_id("c"), f"{scenario}/{plan.up}", plan.method,
+                self.note(Sent(self.new_id(), f"{scenario}/{plan.up}", plan.method,
                                plan.target, error=f"connect: {exc!r}"))
             return
         reader = Reader(sock)
         try:
             if pipeline:
-                notes = [self.note(Sent(self.new_id("p"), f"{scenario}/{p.up}", p.method,
+                notes = [self.note(Sent(self.new_id(), f"{scenario}/{p.up}", p.method,
                                         p.target)) for p in plans]
                 for plan, sent in zip(plans, notes, strict=True):
                     self._send(sock, plan, sent)
@@ -381,7 +385,7 @@ class Clients:
                         break
                 return
             for plan in plans:
-                sent = self.note(Sent(self.new_id("c"), f"{scenario}/{plan.up}", plan.method,
+                sent = self.note(Sent(self.new_id(), f"{scenario}/{plan.up}", plan.method,
                                       plan.target, stays=not _leaves(plan)))
                 if not self.request(sock, reader, plan, sent) or self.stop.is_set():
                     break
@@ -399,7 +403,7 @@ class Clients:
             if self.stop.is_set():
                 break
             plan = Plan(target="/ws", up=up, websocket=True)
-            sent = self.note(Sent(self.new_id("w"), f"{scenario}/{up}", "GET", "/ws"))
+            sent = self.note(Sent(self.new_id(), f"{scenario}/{up}", "GET", "/ws"))
             try:
                 sock = self.connect(timeout=15)
             except OSError as exc:
@@ -432,7 +436,7 @@ class Clients:
         """`count` connections that trickle a request head a byte at a time and never end it."""
         socks: list[tuple[socket.socket, bytes]] = []
         for _ in range(count):
-            sent = self.note(Sent(self.new_id("s"), f"{scenario}/ok", "GET", "/slowloris",
+            sent = self.note(Sent(self.new_id(), f"{scenario}/ok", "GET", "/slowloris",
                                   stays=False, left="inside the head (slowloris)"))
             try:
                 sock = self.connect(timeout=5)

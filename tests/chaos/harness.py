@@ -140,8 +140,8 @@ class Run:
     def _warm(self, proxy: ProxyProcess) -> None:
         """Enough concurrent slow requests to start every worker thread the server makes."""
         threads = [threading.Thread(target=self.clients.run_plans, args=(
-            "warm", [Plan(target="/warm", up="stall-head seconds=0.3 size=10")]))
-            for _ in range(40)]
+            "warm", [Plan(target="/warm", up="stall-head seconds=0.3 size=10")]),
+            name=f"warm{i}") for i in range(40)]
         for t in threads:
             t.start()
         for t in threads:
@@ -163,9 +163,10 @@ class Run:
             while not clients.stop.is_set():
                 draw.next(clients)()
 
-        workers = [threading.Thread(target=worker, args=(i,), daemon=True)
+        workers = [threading.Thread(target=worker, args=(i,), name=f"t{i}", daemon=True)
                    for i in range(s.clients)]
-        canary = threading.Thread(target=self._canary, args=(proxy,), daemon=True)
+        canary = threading.Thread(target=self._canary, args=(proxy,), name="canary",
+                                  daemon=True)
         started = len(clients.sent)
         for t in [*workers, canary]:
             t.start()
@@ -210,6 +211,11 @@ class Run:
                                                 gap_bound=self.gap_bound)
         self.result.sent = clients.sent
         self.exchanges = upstream.exchanges()
+        answers = sum(1 for x in clients.sent if x.resp_complete and x.resp_rid == x.rid)
+        uploads = sum(1 for ex in self.exchanges if ex.req_complete and ex.req_len)
+        self.out(f"  compared: {answers} complete answers and {uploads} complete uploads by "
+                 f"sha256, {len(self.exchanges)} upstream requests by id; "
+                 f"{len(upstream.conns())} upstream connections")
 
     def _canary(self, proxy: ProxyProcess) -> None:
         """A plain GET every second through the storm: the proxy keeps answering others."""
