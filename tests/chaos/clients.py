@@ -237,9 +237,19 @@ class Clients:
                     waited_from: float | None = None) -> bool:
         """Read one answer into `sent`; whether the connection may carry another. The wait
         for its head counts from `waited_from` (default: the request's end)."""
+        try:
+            return self._read_answer(sock, reader, plan, sent, waited_from)
+        finally:
+            if self.stop.is_set() and not plan.probe and not sent.resp_complete:
+                sent.left = sent.left or "storm over"  # perhaps cut by `cut_all`
+
+    def _read_answer(self, sock: socket.socket, reader: Reader, plan: Plan, sent: Sent,
+                     waited_from: float | None) -> bool:
         waited_from = waited_from or sent.t_sent or time.monotonic()
-        status, headers = self._read_head(reader, sent)
-        sent.head_wait = time.monotonic() - waited_from
+        try:
+            status, headers = self._read_head(reader, sent)
+        finally:  # a socket timeout too: the wait is what the head-deadline check needs
+            sent.head_wait = time.monotonic() - waited_from
         if status is None:
             return False
         lower = {k.lower(): v for k, v in headers}
