@@ -2,9 +2,10 @@
 
     python -m tests.chaos [--seconds 60] [--seed N] [--pairing asgi-uvicorn ...]
 
-The run prints its seed first; the same seed replays the same scenarios (`--seed N`). It
-exits non-zero when any check failed, each violation printed with its pairing, seed,
-scenario (client behaviour / upstream behaviour) and request id.
+The run prints its seed first; the same seed replays the same scenarios in the same client
+threads under the same request ids (`--seed N`; timing differs, so a race may take a few
+replays). It exits non-zero when any check failed, each violation printed with its pairing,
+seed, scenario (client behaviour / upstream behaviour) and request id (SEED-THREAD-N).
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ FD_SLACK = 8         # descriptors a proxy may open lazily after the warm-up (lo
 THREAD_SLACK = 2
 PROMPT = 15.0        # "promptly": a plain GET answered within this, however loaded the machine
 FIN_GRACE = 5.0      # an upstream-closed connection kept longer than this was not noticed
-SLACK = 8.0          # an answer head (or the proxy's 504) comes by --timeout + this, the
-                     # next body bytes (or the abort) by --idle-timeout + this
 
 
 @dataclass
@@ -55,6 +54,9 @@ class Settings:
     proxy_flags: tuple[str, ...] = ()
     # Seconds beyond --timeout + --idle-timeout for the upstream's connections to settle.
     settle_slack: float = 10.0
+    # An answer head (or the proxy's 504) must come by --timeout + slack, the next body
+    # bytes (or the abort) by --idle-timeout + slack: generous, for a loaded machine.
+    slack: float = 8.0
     # Put something between the proxy and the upstream: takes the upstream's port, returns
     # the port the proxy should use (the harness's own tests put a broken relay there).
     wrap_upstream: Callable[[int], int] | None = None
@@ -111,8 +113,8 @@ class Run:
         self.out = out
         self.result = Result()
         self.limits = Limits(settings.timeout, settings.idle_timeout)
-        self.head_bound = settings.timeout + SLACK
-        self.gap_bound = settings.idle_timeout + SLACK
+        self.head_bound = settings.timeout + settings.slack
+        self.gap_bound = settings.idle_timeout + settings.slack
 
     def violation(self, check: str, scenario: str, rid: str | None, detail: str) -> None:
         self.result.violations.append(Violation(check, scenario, rid, detail))
@@ -329,6 +331,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--upstream-mix", default=None,
                         help="comma-separated upstream behaviours only, of "
                              f"{sorted(UPSTREAM_MIX) + sorted(WS_MIX)}")
+    parser.add_argument("--slack", type=float, default=8.0,
+                        help="seconds beyond the proxy's --timeout (--idle-timeout) by which "
+                             "an answer head (more body) must come; raise it on a loaded "
+                             "machine (default: 8)")
     parser.add_argument("--proxy-flag", action="append", default=[],
                         help="an extra `dualproxy serve` argument (repeatable)")
     return parser.parse_args(argv)
@@ -341,15 +347,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chaos: seed={seed} (replay: nox -s chaos -- --seed {seed} --seconds "
           f"{args.seconds:g})", flush=True)
 
-    def mix(value: str | None) -> tuple[str, ...] | None:
-        return tuple(value.split(",")) if value else None
+    def mix(value: str | None, known: set[str]) -> tuple[str, ...] | None:
+        if not value:
+            return None
+        names = tuple(value.split(","))
+        if set(names) - known:
+            sys.exit(f"chaos: unknown behaviour(s) {sorted(set(names) - known)}")
+        return names
 
     failed: dict[str, collections.Counter[str]] = {}
     for pairing in pairings:
         result = run(Settings(pairing, args.seconds, seed, args.clients,
-                              only_client=mix(args.client_mix),
-                              only_upstream=mix(args.upstream_mix),
-                              proxy_flags=tuple(args.proxy_flag)),
+                              only_client=mix(args.client_mix, set(CLIENT_MIX)),
+                              only_upstream=mix(args.upstream_mix,
+                                                set(UPSTREAM_MIX) | set(WS_MIX)),
+                              proxy_flags=tuple(args.proxy_flag), slack=args.slack),
                      out=lambda line: print(line, flush=True))
         if result.violations:
             failed[pairing] = result.checks
