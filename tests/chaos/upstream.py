@@ -192,7 +192,7 @@ class ChaosUpstream:
         except _Reset:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
-        except _Bad as exc:
+        except (_Bad, ValueError) as exc:  # ValueError: a Content-Length not a number
             if conn.exchanges:
                 conn.exchanges[-1].error = str(exc)
             else:
