@@ -156,6 +156,8 @@ CASES = {
                           [upstream_saw(resp_clean=False)]),
     "head-deadline": ([sent(head_wait=60.0)], [upstream_saw()]),
     "body-stall": ([sent(body_gap=60.0)], [upstream_saw()]),
+    "upload-stall": ([sent(stall_wait=60.0, left="stalled its upload", body_sha=None)],
+                     [upstream_saw(req_complete=False)]),
     "lost-answer": ([sent(resp_complete=False)], [upstream_saw()]),
     "unsent-request": ([sent()], [upstream_saw(), upstream_saw(rid="1-c-7")]),
     "cut-upload-completed": ([sent(body_sha=None, left="upload at 5/9")], [upstream_saw()]),
@@ -168,7 +170,8 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_each_record_check_fires_on_its_own_fault(case: str) -> None:
     clients, exchanges = CASES[case]
-    found = {v.check for v in check_records(clients, exchanges, head_bound=10.0, gap_bound=10.0)}
+    found = {v.check for v in check_records(clients, exchanges, head_bound=10.0, gap_bound=10.0,
+                                             stall_bound=10.0)}
     assert found == (set() if case == "clean" else {case})
 
 

@@ -38,9 +38,10 @@ class Violation:
                 f"scenario={self.scenario!r} id={self.rid}: {self.detail}")
 
 
-def check_records(sent: list[Sent], exchanges: list[Exchange], *,
-                  head_bound: float, gap_bound: float) -> list[Violation]:
-    """Compare what the clients sent and received with what the upstream saw and wrote."""
+def check_records(sent: list[Sent], exchanges: list[Exchange], *, head_bound: float,
+                  gap_bound: float, stall_bound: float | None = None) -> list[Violation]:
+    """Compare what the clients sent and received with what the upstream saw and wrote.
+    `stall_bound`: a stalled upload is answered or cut by then (None: not checked)."""
     out: list[Violation] = []
     by_rid: dict[str, list[Exchange]] = collections.defaultdict(list)
     for ex in exchanges:
@@ -49,6 +50,10 @@ def check_records(sent: list[Sent], exchanges: list[Exchange], *,
     notes = {s.rid: s for s in sent}
     for s in sent:
         out += _check_answer(s, by_rid.get(s.rid, []), head_bound, gap_bound)
+        if stall_bound is not None and s.stall_wait is not None and s.stall_wait > stall_bound:
+            out.append(Violation("upload-stall", s.scenario, s.rid, f"a stalled upload was "
+                                 f"neither answered nor cut for {s.stall_wait:.1f} s (bound "
+                                 f"{stall_bound:.0f} s: --client-timeout and a slack)"))
     for ex in exchanges:
         out += _check_arrival(ex, notes.get(ex.rid or ""))
     return out

@@ -13,6 +13,7 @@ import collections
 import hashlib
 import os
 import random
+import select
 import socket
 import struct
 import threading
@@ -50,6 +51,7 @@ class Sent:
     body_start: bytes = b""      # the first bytes of the answer (a proxy's own error)
     head_wait: float | None = None  # request sent -> answer head (or the end of waiting)
     body_gap: float = 0.0        # the longest wait between two reads of the answer's body
+    stall_wait: float | None = None  # a stalled upload: how long until the proxy acted
     left: str | None = None      # why the client stopped early, on purpose
     error: str | None = None
 
@@ -103,6 +105,7 @@ class Plan:
     chunked: bool = False
     head_trickle: float = 0.0      # seconds between 4-byte pieces of the head
     send_pause: float = 0.0        # seconds between 4 KiB pieces of the body
+    stall_upload_at: int | None = None  # stop sending here and wait for the proxy
     leave_upload_at: int | None = None
     leave_after_head: bool = False
     leave_body_at: int | None = None
@@ -208,6 +211,10 @@ class Clients:
             piece = 4 * KiB if plan.send_pause else 256 * KiB
             for offset in range(0, len(body), piece):
                 data = body[offset:offset + piece]
+                if plan.stall_upload_at is not None and offset + len(data) > plan.stall_upload_at:
+                    self._write(sock, data[:plan.stall_upload_at - offset], plan.chunked)
+                    self._stall(sock, sent)
+                    return
                 if plan.leave_upload_at is not None and offset + len(data) > plan.leave_upload_at:
                     data = data[:plan.leave_upload_at - offset]
                     self._write(sock, data, plan.chunked)
@@ -227,6 +234,18 @@ class Clients:
         else:
             sent.body_sha = EMPTY_SHA
         sent.t_sent = time.monotonic()
+
+    def _stall(self, sock: socket.socket, sent: Sent) -> None:
+        """Send nothing more; wait for the proxy to answer or close (or the storm's end)."""
+        sent.left = "stalled its upload"
+        start = time.monotonic()
+        while not self.stop.is_set():
+            if select.select([sock], [], [], 0.5)[0]:
+                sent.stall_wait = time.monotonic() - start
+                return
+        sent.stall_wait = time.monotonic() - start
+        self.close(sock)
+        raise Leave
 
     @staticmethod
     def _write(sock: socket.socket, data: bytes, chunked: bool) -> None:
@@ -473,7 +492,7 @@ class Clients:
 
 def _leaves(plan: Plan) -> bool:
     return plan.leave_upload_at is not None or plan.leave_after_head \
-        or plan.leave_body_at is not None
+        or plan.leave_body_at is not None or plan.stall_upload_at is not None
 
 
 def _frame(payload: bytes, opcode: int) -> bytes:

@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 import os
 import random
+import re
+import subprocess
 import sys
 import threading
 import time
@@ -29,7 +32,7 @@ from tests.chaos.checks import Violation, check_records, check_upstream_conns
 from tests.chaos.clients import Clients, Plan, Reader, Sent
 from tests.chaos.scenarios import CLIENT_MIX, UPSTREAM_MIX, WS_MIX, Draw, Limits
 from tests.chaos.upstream import ChaosUpstream
-from tests.conftest import PAIRINGS, ProxyProcess, free_port
+from tests.conftest import PAIRINGS, ROOT, ProxyProcess, free_port
 
 FD_SLACK = 8         # descriptors a proxy may open lazily after the warm-up (log, metrics)
 THREAD_SLACK = 2
@@ -54,6 +57,9 @@ class Settings:
     proxy_flags: tuple[str, ...] = ()
     # Seconds beyond --timeout + --idle-timeout for the upstream's connections to settle.
     settle_slack: float = 10.0
+    # --client-timeout, when the proxy has the flag (then a stalled upload must be answered
+    # or cut by it + slack).
+    client_timeout: float = 3.0
     # An answer head (or the proxy's 504) must come by --timeout + slack, the next body
     # bytes (or the abort) by --idle-timeout + slack: generous, for a loaded machine.
     slack: float = 8.0
@@ -96,6 +102,14 @@ def metric(text: str, name: str) -> float | None:
     return total if found else None
 
 
+@functools.cache
+def has_flag(flag: str) -> bool:
+    """Does `dualproxy serve` take this flag? (The harness runs on trees with and without.)"""
+    helptext = subprocess.run([sys.executable, "-m", "dualproxy", "serve", "--help"],
+                              capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    return re.search(rf"[\s\[]{re.escape(flag)}[\s\]=]", helptext) is not None
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -127,7 +141,15 @@ class Run:
         flags = ("--timeout", str(s.timeout), "--idle-timeout", str(s.idle_timeout),
                  "--pool-timeout", str(s.pool_timeout),
                  "--graceful-timeout", str(s.graceful_timeout),
-                 "--metrics-bind", self.metrics_url.split("/")[2], *s.proxy_flags)
+                 "--metrics-bind", self.metrics_url.split("/")[2])
+        self.stall_bound: float | None = None
+        if has_flag("--client-timeout"):
+            flags += ("--client-timeout", str(s.client_timeout))
+            self.stall_bound = s.client_timeout + s.slack
+        else:
+            self.result.notes.append("the proxy has no --client-timeout: stalled uploads are "
+                                     "not held to a bound")
+        flags += s.proxy_flags
         proxy = ProxyProcess(s.pairing, f"http://127.0.0.1:{port}", flags)
         self.clients = Clients(proxy.port, s.seed)
         try:
@@ -210,7 +232,8 @@ class Run:
             self.violation("thread-leak", "?", None, f"proxy threads {threads0} -> {threads1}")
         self.result.violations += check_records(clients.sent, upstream.exchanges(),
                                                 head_bound=self.head_bound,
-                                                gap_bound=self.gap_bound)
+                                                gap_bound=self.gap_bound,
+                                                stall_bound=self.stall_bound)
         self.result.sent = clients.sent
         self.exchanges = upstream.exchanges()
         answers = sum(1 for x in clients.sent if x.resp_complete and x.resp_rid == x.rid)

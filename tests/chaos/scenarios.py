@@ -16,8 +16,8 @@ from tests.chaos.clients import Clients, KiB, MiB, Plan, upload
 # Weights: client behaviours and upstream behaviours (HTTP and WebSocket).
 CLIENT_MIX = {
     "ok": 30, "leave-upload": 8, "leave-after-head": 6, "leave-mid-body": 8, "slow-send": 5,
-    "slow-read": 3, "pipeline": 5, "trickle-head": 4, "ws-quiet": 6, "slowloris": 1,
-    "ws-burst": 1,
+    "slow-read": 3, "stall-upload": 2, "pipeline": 5, "trickle-head": 4, "ws-quiet": 6,
+    "slowloris": 1, "ws-burst": 1,
 }
 UPSTREAM_MIX = {
     "ok": 30, "status": 4, "early": 5, "early-endless": 3, "endless": 3, "reset": 8,
@@ -94,9 +94,9 @@ def http_plan(rng: random.Random, client: str, limits: Limits,
     """One request of client behaviour `client`."""
     up = upstream_spec(rng, limits, only_up)
     method = rng.choice(["GET", "GET", "POST", "PUT"])
-    with_body = method != "GET" or client in ("leave-upload", "slow-send")
+    with_body = method != "GET" or client in ("leave-upload", "slow-send", "stall-upload")
     body = upload(f"{rng.random()}", _size(rng)) if with_body else None
-    if body is not None and client in ("leave-upload", "slow-send"):
+    if body is not None and client in ("leave-upload", "slow-send", "stall-upload"):
         method = "POST"
         body = body or upload(f"{rng.random()}", rng.randrange(KiB, 64 * KiB))
         if client == "slow-send":
@@ -113,6 +113,8 @@ def http_plan(rng: random.Random, client: str, limits: Limits,
             plan.leave_after_head = True
     elif client == "leave-mid-body":
         plan.leave_body_at = rng.randrange(1, 64 * KiB)
+    elif client == "stall-upload" and body:
+        plan.stall_upload_at = rng.randrange(0, len(body))
     elif client == "slow-send":
         plan.send_pause = rng.uniform(0.02, 0.1)
     elif client == "slow-read":
