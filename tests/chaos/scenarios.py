@@ -140,12 +140,13 @@ class Draw:
         if kind in ("ws-quiet", "ws-burst"):
             up = _pick(rng, WS_MIX, self.only_upstream if self.only_upstream and any(
                 u in WS_MIX for u in self.only_upstream) else None)
-            quiet = rng.uniform(0.5, 6.0)
+            # A burst stays longer than the bounds on answers, so a worker it starves shows.
+            quiet = rng.uniform(12.0, 20.0) if kind == "ws-burst" else rng.uniform(0.5, 6.0)
             how = rng.choice(["close", "fin", "rst"])
             count = 40 if kind == "ws-burst" else 1
             return lambda: clients.websocket(kind, up, quiet, how, count)
         if kind == "slowloris":
-            seconds = rng.uniform(6.0, 15.0)
+            seconds = rng.uniform(12.0, 20.0)
             return lambda: clients.slowloris(kind, 40, seconds)
         if kind == "pipeline":
             plans = [http_plan(rng, "ok", self.limits, self.only_upstream)
