@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from bench.soak import open_fds, tree_pids
 from tests.chaos.checks import Violation, check_records, check_upstream_conns
 from tests.chaos.clients import Clients, Plan, Reader, Sent
 from tests.chaos.scenarios import CLIENT_MIX, UPSTREAM_MIX, WS_MIX, Draw, Limits
 from tests.chaos.upstream import ChaosUpstream
 from tests.conftest import PAIRINGS, ROOT, ProxyProcess, free_port
+from tests.proctree import open_fds, thread_count
 
 FD_SLACK = 8         # descriptors a proxy may open lazily after the warm-up (log, metrics)
 THREAD_SLACK = 2
@@ -79,17 +79,6 @@ class Result:
     @property
     def checks(self) -> collections.Counter[str]:
         return collections.Counter(v.check for v in self.violations)
-
-
-def proc_threads(root: int) -> int:
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
-        except (OSError, StopIteration):
-            pass
-    return total
 
 
 def metric(text: str, name: str) -> float | None:
@@ -177,7 +166,7 @@ class Run:
         time.sleep(0.5)
         pid = proxy.proc.pid
         fds0 = open_fds(pid) - len(upstream.open_conns())
-        threads0 = proc_threads(pid)
+        threads0 = thread_count(pid)
         self.out(f"  warm: {len(clients.sent)} requests, proxy fds {fds0} (besides upstream "
                  f"connections), threads {threads0}")
 
@@ -223,7 +212,7 @@ class Run:
         self._probe(proxy, "final-probe")
         self._check_metrics()
         fds1 = open_fds(pid) - len(upstream.open_conns())
-        threads1 = proc_threads(pid)
+        threads1 = thread_count(pid)
         self.out(f"  after: proxy fds {fds1} (besides upstream connections), threads {threads1}")
         if fds1 > fds0 + FD_SLACK:
             self.violation("fd-leak", "?", None, f"proxy descriptors besides upstream "
