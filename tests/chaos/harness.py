@@ -252,7 +252,10 @@ class Run:
         finally:
             clients.close(sock)
         took = time.monotonic() - t0
-        if sent.status != 200 or not sent.resp_complete or took > PROMPT:
+        # In the storm a 503 (the pool full, a cap reached) is a prompt answer too; after it,
+        # every slot must be free again.
+        fine = (200, 503) if check == "canary" else (200,)
+        if sent.status not in fine or not sent.resp_complete or took > PROMPT:
             if check == "canary" and clients.stop.is_set() and sent.left:
                 return  # cut by the end of the storm
             self.violation(check, sent.scenario, sent.rid,
@@ -348,7 +351,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "an answer head (more body) must come; raise it on a loaded "
                              "machine (default: 8)")
     parser.add_argument("--proxy-flag", action="append", default=[],
-                        help="an extra `dualproxy serve` argument (repeatable)")
+                        help="an extra `dualproxy serve` argument (repeatable), e.g. "
+                             "--proxy-flag=--max-connections=4 to make the pool's waits and "
+                             "timeouts part of the storm")
     return parser.parse_args(argv)
 
 
