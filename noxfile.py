@@ -103,7 +103,8 @@ def chaos(session: nox.Session) -> None:
 
     60 s a pairing by default (CI runs `-- --seconds 10`). It prints its seed; a
     failure replays with `nox -s chaos -- --seed N --pairing asgi-uvicorn --seconds 60`.
-    `-- --help` lists the rest (scenario filters, extra proxy flags).
+    `-- --help` lists the rest (scenario filters, extra proxy flags, `--pool-pressure`).
+    Another Python: `nox -s chaos --force-python 3.12 -- --pool-pressure`.
     """
     session.install("-e", ".[dev]")
     session.run("python", "-m", "tests.chaos", *session.posargs)

@@ -350,6 +350,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds beyond the proxy's --timeout (--idle-timeout) by which "
                              "an answer head (more body) must come; raise it on a loaded "
                              "machine (default: 8)")
+    parser.add_argument("--pool-pressure", action="store_true",
+                        help="a pool of 2 upstream connections with 10 ms waits and at least "
+                             "30 clients, so the pool's hand-offs and timeouts race (default: "
+                             "the proxy's pool of 100, 5 s waits)")
     parser.add_argument("--proxy-flag", action="append", default=[],
                         help="an extra `dualproxy serve` argument (repeatable), e.g. "
                              "--proxy-flag=--max-connections=4 to make the pool's waits and "
@@ -372,13 +376,16 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"chaos: unknown behaviour(s) {sorted(set(names) - known)}")
         return names
 
+    flags, clients = tuple(args.proxy_flag), args.clients
+    if args.pool_pressure:
+        flags, clients = ("--max-connections=2", "--pool-timeout=0.01", *flags), max(clients, 30)
     failed: dict[str, collections.Counter[str]] = {}
     for pairing in pairings:
-        result = run(Settings(pairing, args.seconds, seed, args.clients,
+        result = run(Settings(pairing, args.seconds, seed, clients,
                               only_client=mix(args.client_mix, set(CLIENT_MIX)),
                               only_upstream=mix(args.upstream_mix,
                                                 set(UPSTREAM_MIX) | set(WS_MIX)),
-                              proxy_flags=tuple(args.proxy_flag), slack=args.slack),
+                              proxy_flags=flags, slack=args.slack),
                      out=lambda line: print(line, flush=True))
         if result.violations:
             failed[pairing] = result.checks
