@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -174,7 +175,12 @@ class Run:
             draw = Draw(random.Random(f"{s.seed}-{index}"), self.limits,
                         s.only_client, s.only_upstream)
             while not clients.stop.is_set():
-                draw.next(clients)()
+                scenario = draw.next(clients)
+                try:
+                    scenario()
+                except Exception:  # a bug of the harness: loud, never a silent lost client
+                    self.violation("harness-error", "?", None,
+                                   traceback.format_exc().replace("\n", " | "))
 
         workers = [threading.Thread(target=worker, args=(i,), name=f"t{i}", daemon=True)
                    for i in range(s.clients)]
