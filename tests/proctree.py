@@ -31,18 +31,21 @@ def tree_pids(root: int) -> list[int]:
     return pids
 
 
-def rss_mb(root: int) -> float:
-    """Resident memory of the tree, MiB."""
+def _status_total(root: int, key: str) -> int:
+    """The sum over the tree of one /proc/PID/status field (`VmRSS:` in kB, `Threads:`)."""
     total = 0
     for pid in tree_pids(root):
         try:
             with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        except OSError:
+                total += next(int(line.split()[1]) for line in f if line.startswith(key))
+        except (OSError, StopIteration):
             pass
-    return total / 1024
+    return total
+
+
+def rss_mb(root: int) -> float:
+    """Resident memory of the tree, MiB."""
+    return _status_total(root, "VmRSS:") / 1024
 
 
 def open_fds(root: int) -> int:
@@ -58,11 +61,4 @@ def open_fds(root: int) -> int:
 
 def thread_count(root: int) -> int:
     """Threads of the tree."""
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
-        except (OSError, StopIteration):
-            pass
-    return total
+    return _status_total(root, "Threads:")

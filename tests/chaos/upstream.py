@@ -258,10 +258,16 @@ class ChaosUpstream:
                          headers: dict[str, str]) -> None:
         digest = hashlib.sha256()
 
-        def account(data: bytes) -> None:
-            digest.update(data)
-            ex.req_len += len(data)
-            ex.req_sha = digest.hexdigest()
+        async def take(size: int) -> None:
+            """`size` body bytes, hashed as they come."""
+            while size:
+                data = await reader.read(min(size, PIECE))
+                if not data:
+                    raise asyncio.IncompleteReadError(b"", size)
+                size -= len(data)
+                digest.update(data)
+                ex.req_len += len(data)
+                ex.req_sha = digest.hexdigest()
 
         if "chunked" in headers.get("transfer-encoding", "").lower():
             if "content-length" in headers:
@@ -276,22 +282,11 @@ class ChaosUpstream:
                     while await reader.readuntil(b"\r\n") != b"\r\n":
                         pass
                     break
-                while size:
-                    data = await reader.read(min(size, PIECE))
-                    if not data:
-                        raise asyncio.IncompleteReadError(b"", size)
-                    size -= len(data)
-                    account(data)
+                await take(size)
                 if await reader.readexactly(2) != b"\r\n":
                     raise _Bad("chunk not followed by CRLF")
         elif "content-length" in headers:
-            left = int(headers["content-length"])
-            while left:
-                data = await reader.read(min(left, PIECE))
-                if not data:
-                    raise asyncio.IncompleteReadError(b"", left)
-                left -= len(data)
-                account(data)
+            await take(int(headers["content-length"]))
         ex.req_complete = True
 
     # -- answers
