@@ -163,6 +163,8 @@ CASES = {
     "cut-upload-completed": ([sent(body_sha=None, left="upload at 5/9")], [upstream_saw()]),
     "upload-mismatch": ([sent()], [upstream_saw(req_sha="0" * 64)]),
     "stale-reuse": ([sent()], [upstream_saw(stale=9.0)]),
+    "oversized-head-forwarded": ([sent(scenario="huge-head/ok size=3 framing=cl")],
+                                 [upstream_saw()]),
     "malformed-upstream-request": ([sent()], [upstream_saw(error="bad header line")]),
 }
 

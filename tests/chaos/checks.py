@@ -116,6 +116,9 @@ def _check_arrival(ex: Exchange, s: Sent | None) -> list[Violation]:
         bad("unsent-request", f"the upstream got {ex.method} {ex.target!r} (connection "
             f"{ex.conn}); {why}")
         return out
+    if s.client_behaviour == "huge-head":
+        bad("oversized-head-forwarded", "a request head past the proxy's limits (32 KiB, "
+            "100 fields) reached the upstream")
     if (ex.method, ex.target) != (s.method, s.target):
         bad("unsent-request", f"the upstream got {ex.method} {ex.target!r}; the client sent "
             f"{s.method} {s.target!r}")

@@ -112,6 +112,7 @@ class Plan:
     read_pause: float = 0.0
     rst: bool = False              # leave with an RST rather than a FIN
     websocket: bool = False
+    filler: int = 0                # bytes of extra header fields (1000-byte lines)
     probe: bool = False            # read to the end even when the storm is over
 
 
@@ -192,6 +193,7 @@ class Clients:
         if plan.websocket:
             lines += ["Upgrade: websocket", "Connection: Upgrade",
                       f"Sec-WebSocket-Key: {WS_KEY}", "Sec-WebSocket-Version: 13"]
+        lines += [f"x-chaos-fill-{i}: {'f' * 980}" for i in range(plan.filler // 1000)]
         if plan.body is not None:
             lines.append("Transfer-Encoding: chunked" if plan.chunked
                          else f"Content-Length: {len(plan.body)}")

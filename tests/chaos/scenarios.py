@@ -17,7 +17,7 @@ from tests.chaos.clients import Clients, KiB, MiB, Plan, upload
 CLIENT_MIX = {
     "ok": 30, "leave-upload": 8, "leave-after-head": 6, "leave-mid-body": 8, "slow-send": 5,
     "slow-read": 3, "stall-upload": 2, "pipeline": 5, "trickle-head": 4, "ws-quiet": 6,
-    "slowloris": 1, "ws-burst": 1,
+    "slowloris": 1, "ws-burst": 1, "huge-head": 1,
 }
 UPSTREAM_MIX = {
     "ok": 30, "status": 4, "early": 5, "early-endless": 3, "endless": 3, "reset": 8,
@@ -119,6 +119,8 @@ def http_plan(rng: random.Random, client: str, limits: Limits,
         plan.send_pause = rng.uniform(0.02, 0.1)
     elif client == "slow-read":
         plan.read_pause = rng.uniform(0.005, 0.03)
+    elif client == "huge-head":  # past the proxy's 32 KiB / 100 fields: 431, never upstream
+        plan.filler = rng.randrange(40 * KiB, 2 * MiB)
     elif client == "trickle-head":
         plan.head_trickle = rng.uniform(0.01, 0.08)
     return plan
