@@ -20,11 +20,13 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -309,16 +311,18 @@ class Run:
         if "Traceback" in log:
             at = log.index("Traceback")
             self.violation("traceback-in-log", "?", None, log[at:at + 800].replace("\n", " | "))
-        if self.result.violations:
-            dump = proxy.log_path.with_suffix(".notes.jsonl")
+        if self.result.violations:  # kept for a look: the proxy's log and every note
+            fd, name = tempfile.mkstemp(prefix=f"chaos-{self.s.pairing}-{self.s.seed}-",
+                                        suffix=".log")
+            with os.fdopen(fd, "w") as f:
+                f.write(log)
+            dump = Path(name).with_suffix(".notes.jsonl")
             with dump.open("w") as f:
                 for sent in self.clients.sent:
                     f.write(json.dumps({"client": dataclasses.asdict(sent)}, default=repr) + "\n")
                 for ex in getattr(self, "exchanges", []):
                     f.write(json.dumps({"upstream": dataclasses.asdict(ex)}) + "\n")
-            self.result.notes.append(f"proxy log: {proxy.log_path}; notes: {dump}")
-        else:
-            os.unlink(proxy.log_path)
+            self.result.notes.append(f"proxy log: {name}; notes: {dump}")
 
 
 def run(settings: Settings, out: Callable[[str], None] = print) -> Result:
