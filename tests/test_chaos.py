@@ -122,7 +122,8 @@ def test_main_exits_non_zero_and_prints_the_seed_when_a_check_fails(
     monkeypatch.setattr(harness, "run", lambda settings, out: failing)
     assert harness.main(["--seconds", "1", "--seed", "5", "--pairing", "asgi-uvicorn"]) == 1
     out = capsys.readouterr().out
-    assert "seed=5" in out and "--seed 5 --pairing asgi-uvicorn" in out
+    assert "seed=5" in out
+    assert "(replay: nox -s chaos -- --seconds 1 --pairing asgi-uvicorn --seed 5)" in out
     monkeypatch.setattr(harness, "run", lambda settings, out: Result())
     assert harness.main(["--seconds", "1", "--seed", "5", "--pairing", "asgi-uvicorn"]) == 0
 

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -375,8 +376,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     pairings = args.pairing or list(PAIRINGS)
-    print(f"chaos: seed={seed} (replay: nox -s chaos -- --seed {seed} --seconds "
-          f"{args.seconds:g})", flush=True)
+
+    def replay(pairing: str | None = None) -> str:
+        """The command that runs this again: the same arguments, this seed (and pairing)."""
+        given = sys.argv[1:] if argv is None else argv
+        kept = [a for i, a in enumerate(given) if not a.startswith("--seed")
+                and not (i and given[i - 1] == "--seed")]
+        if pairing is not None and not args.pairing:
+            kept += ["--pairing", pairing]
+        return shlex.join(["nox", "-s", "chaos", "--", *kept, "--seed", str(seed)])
+
+    print(f"chaos: seed={seed} (replay: {replay()})", flush=True)
 
     def mix(value: str | None, known: set[str]) -> tuple[str, ...] | None:
         if not value:
@@ -401,8 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             failed[pairing] = result.checks
     if failed:
         for pairing, checks in failed.items():
-            print(f"chaos: FAILED {pairing} seed={seed}: {dict(checks)} (replay: nox -s chaos "
-                  f"-- --seed {seed} --pairing {pairing} --seconds {args.seconds:g})")
+            print(f"chaos: FAILED {pairing} seed={seed}: {dict(checks)} "
+                  f"(replay: {replay(pairing)})")
         return 1
     print(f"chaos: clean on {', '.join(pairings)} (seed {seed})")
     return 0
