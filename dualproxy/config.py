@@ -7,12 +7,12 @@ per-request code can trust it without re-checking.
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .upstreams import Upstream, parse_upstreams
+from .wire import BAD_FIELD_VALUE, FIELD_NAME
 
 if TYPE_CHECKING:
     import ssl
@@ -26,10 +26,6 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_WS_MAX_SIZE = 16 * 1024 * 1024
 BALANCE_POLICIES = ("least-conn", "round-robin", "random")
 
-# RFC 9110 5.1 / 5.5: a field name is a token; CR, LF and NUL never appear in a
-# value (a server would refuse the head, or split it in two).
-FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]")
 
 
 def _normalize_mount(mount: str) -> str:

@@ -236,7 +236,7 @@ class AccessLog:
             suffix = f" ({type(cause).__name__})" if cause is not None else ""
             error_logger.warning("%s %s -> %d: %s%s", record.method,
                                  record.target.decode("latin-1"), exc.status,
-                                 exc.detail, suffix)
+                                 exc.log_detail or exc.detail, suffix)
 
     def finish(self, record: RequestRecord) -> None:
         if record.broken:

@@ -30,6 +30,7 @@ from ..framing import (
     request_body,
     response_body,
 )
+from ..wire import WireError, head_problem, serialised_head_ok
 from .chunked import BAD_BYTE, BARE_EOL, MAX_HEAD, MAX_PIECE, TOKEN_CHARS, ChunkedDecoder
 from .errors import LocalProtocolError, RemoteProtocolError
 
@@ -149,7 +150,13 @@ class ClientConnection:
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
-        return b"".join(parts)
+        head = b"".join(parts)
+        if not serialised_head_ok(head, len(headers)):
+            # the last step before the wire: whoever made this head, it is not written
+            problem = head_problem(target, headers, method) or WireError("header", "bad head")
+            self._keep = False
+            raise LocalProtocolError(str(problem)) from problem
+        return head
 
     @property
     def expects_body(self) -> bool:
