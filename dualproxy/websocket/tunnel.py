@@ -37,7 +37,7 @@ from ..logs import RequestRecord
 from ..types import Environ, StartResponse
 from ..upstreams import Upstream
 from ..wire import head_problem
-from .handshake import WebSocketPlan, accept_head, check_accept, upgrade_plan
+from .handshake import BadUpgrade, WebSocketPlan, accept_head, check_accept, upgrade_plan
 from .splice import READ_SIZE, relay
 
 # The servers that hand a WSGI app its client socket.
@@ -107,7 +107,11 @@ def answer_handshake(config: ProxyConfig, plan: UpstreamPlan, environ: Environ,
     headers = [(name.lower(), value) for name, value in head.headers]
     try:
         if head.status == 101:
-            check_accept(ws.headers, headers)  # before a byte is spliced
+            try:
+                check_accept(ws.headers, headers)  # before a byte is spliced
+            except BadUpgrade:
+                _stop_reading(client, environ)
+                raise
             accept = accept_head(config, ws, head.status, headers)
             problem = head_problem(None, accept.headers)
             if problem is not None:  # the 101 is written to the client socket by hand
@@ -157,6 +161,17 @@ def open_upstream(ws: WebSocketPlan, config: ProxyConfig, upstream: Upstream
     except BaseException:
         sock.close()
         raise
+
+
+def _stop_reading(client: socket.socket, environ: Environ) -> None:
+    """Close the client connection after the answer: drop what the server read past
+    the handshake, and end the socket's read side (the server then sees the end of
+    the connection where it would look for another request)."""
+    _server_buffered(environ)
+    try:
+        client.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
 
 
 def _str_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:

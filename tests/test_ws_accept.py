@@ -1,0 +1,200 @@
+"""An upstream's 101 must be a WebSocket accept (RFC 6455 4.1) before anything is spliced.
+
+Unit tests of `handshake.check_accept`, then every pairing in front of a raw
+upstream that answers each handshake as its target says (a bare `101`, no
+accept, a wrong one, an extension or subprotocol nobody offered ...) and then
+records whatever arrives: the client's next bytes must never reach it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from dualproxy.websocket.handshake import BadUpgrade, accept_key, check_accept
+from tests.conftest import MakeProxy
+from tests.rawhttp import wait_until
+
+KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+REQUEST = [(b"host", b"u"), (b"sec-websocket-key", KEY), (b"sec-websocket-version", b"13"),
+           (b"sec-websocket-protocol", b"chat"),
+           (b"sec-websocket-extensions", b"permessage-deflate; client_max_window_bits")]
+GOOD = [(b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
+        (b"sec-websocket-accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")]
+
+
+def test_accept_key_is_rfc_6455s_example() -> None:
+    assert accept_key(KEY) == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+@pytest.mark.parametrize("response", [
+    GOOD,
+    [*GOOD, (b"sec-websocket-protocol", b"chat")],
+    [*GOOD, (b"sec-websocket-extensions", b"permessage-deflate; server_no_context_takeover")],
+    [(b"upgrade", b"WebSocket"), (b"connection", b"keep-alive, upgrade"), GOOD[2]],
+])
+def test_a_real_accept_passes(response: list[tuple[bytes, bytes]]) -> None:
+    check_accept(REQUEST, response)
+
+
+@pytest.mark.parametrize("response", [
+    [],
+    GOOD[1:],
+    [GOOD[0], GOOD[2]],
+    GOOD[:2],
+    [*GOOD[:2], (b"sec-websocket-accept", accept_key(b"AAAAAAAAAAAAAAAAAAAAAA=="))],
+    [*GOOD, GOOD[2]],
+    [(b"upgrade", b"websocket, h2c"), *GOOD[1:]],
+    [*GOOD, (b"sec-websocket-extensions", b"x-webkit-deflate-frame")],
+    [*GOOD, (b"sec-websocket-protocol", b"admin")],
+    [*GOOD, (b"sec-websocket-protocol", b"chat"), (b"sec-websocket-protocol", b"chat")],
+])
+def test_anything_else_is_refused(response: list[tuple[bytes, bytes]]) -> None:
+    with pytest.raises(BadUpgrade) as info:
+        check_accept(REQUEST, response)
+    assert info.value.status == 502 and info.value.close_connection
+
+
+def _accept(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+
+
+# How the upstream answers a handshake, by the last segment of its target.
+ANSWERS: dict[str, Callable[[bytes], bytes]] = {
+    "bare": lambda key: b"HTTP/1.1 101\r\n\r\n",
+    "no-accept": lambda key: b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
+    "wrong-accept": lambda key: (b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade"
+                                 b"\r\nSec-WebSocket-Accept: " + _accept(b"x") + b"\r\n"),
+    "no-upgrade": lambda key: (b"HTTP/1.1 101 OK\r\nConnection: Upgrade\r\n"
+                               b"Sec-WebSocket-Accept: " + _accept(key) + b"\r\n"),
+    "h2c": lambda key: (b"HTTP/1.1 101 OK\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n"
+                        b"Sec-WebSocket-Accept: " + _accept(key) + b"\r\n"),
+    "extension": lambda key: (b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                              b"Sec-WebSocket-Accept: " + _accept(key) + b"\r\n"
+                              b"Sec-WebSocket-Extensions: permessage-deflate\r\n"),
+    "subprotocol": lambda key: (b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade"
+                                b"\r\nSec-WebSocket-Accept: " + _accept(key) + b"\r\n"
+                                b"Sec-WebSocket-Protocol: admin\r\n"),
+    "good": lambda key: (b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + _accept(key) + b"\r\n"),
+}
+
+
+class AnsweringUpstream:
+    """A raw upstream: answers each handshake as its target says (ANSWERS), then records
+    every byte that arrives after the head, by target, and whether the peer closed."""
+
+    def __init__(self) -> None:
+        self.received: dict[str, bytes] = {}
+        self.closed: set[str] = set()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                piece = conn.recv(65536)
+                if not piece:
+                    return
+                data += piece
+            head, _, rest = data.partition(b"\r\n\r\n")
+            target = head.split(b" ", 2)[1].decode()
+            name = target.rsplit("/", 1)[-1]
+            key = next((line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"sec-websocket-key:")), b"")
+            self.received[target] = rest
+            answer = ANSWERS.get(name, lambda key: b"HTTP/1.1 404 Not Found\r\n"
+                                 b"Content-Length: 0\r\nConnection: close\r\n")
+            conn.sendall(answer(key) + (b"\r\n" if name != "bare" else b""))
+            try:
+                while piece := conn.recv(65536):
+                    self.received[target] += piece
+            except OSError:
+                pass
+            self.closed.add(target)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture(scope="module")
+def answering() -> Iterator[AnsweringUpstream]:
+    upstream = AnsweringUpstream()
+    yield upstream
+    upstream.close()
+
+
+FORGED = (b"GET /admin/secret HTTP/1.1\r\nHost: internal\r\n"
+          b"X-Forwarded-For: 10.0.0.1\r\n\r\n")
+
+
+def handshake(target: str, port: int) -> bytes:
+    return (f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat\r\n\r\n").encode()
+
+
+def send_then(port: int, target: str) -> tuple[bytes, bool]:
+    """Handshake, read the answer head, send FORGED: (answer head, the proxy closed after)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(handshake(target, port))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            piece = sock.recv(65536)
+            assert piece, f"closed before the head: {data!r}"
+            data += piece
+        head = data.partition(b"\r\n\r\n")[0]
+        try:
+            sock.sendall(FORGED)
+            sock.settimeout(5)
+            while sock.recv(65536):
+                pass
+            closed = True
+        except ConnectionResetError:
+            closed = True
+        except TimeoutError:
+            closed = False
+    return head, closed
+
+
+@pytest.mark.parametrize("answer", [a for a in ANSWERS if a != "good"])
+def test_a_101_that_is_no_accept_is_a_502_and_nothing_is_spliced(
+        make_proxy: MakeProxy, answering: AnsweringUpstream, answer: str, rid: str) -> None:
+    proxy = make_proxy(upstream_url=answering.url)
+    target = f"/{rid}/{answer}"
+    head, closed = send_then(proxy.port, target)
+    assert head.startswith(b"HTTP/1.1 502"), head
+    assert closed  # the client connection is not kept for another request
+    assert wait_until(lambda: target in answering.closed)  # nor the upstream's
+    assert answering.received[target] == b""  # the client's next bytes never reached it
+
+
+def test_a_real_accept_is_spliced(make_proxy: MakeProxy, answering: AnsweringUpstream,
+                                  rid: str) -> None:
+    """The control: the same upstream answering properly gets the client's bytes."""
+    proxy = make_proxy(upstream_url=answering.url)
+    target = f"/{rid}/good"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(handshake(target, proxy.port))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        assert data.startswith(b"HTTP/1.1 101"), data
+        sock.sendall(b"\x81\x85abcd" + bytes(b ^ b"abcd"[i % 4] for i, b in enumerate(b"hello")))
+        assert wait_until(lambda: len(answering.received.get(target, b"")) >= 11)
