@@ -1,9 +1,13 @@
-"""An upstream's 101 must be a WebSocket accept (RFC 6455 4.1) before anything is spliced.
+"""What a proxied WebSocket must check before relaying: the 101 and the control frames.
 
-Unit tests of `handshake.check_accept`, then every pairing in front of a raw
-upstream that answers each handshake as its target says (a bare `101`, no
+An upstream's 101 must be a WebSocket accept (RFC 6455 4.1) before anything is
+spliced: unit tests of `handshake.check_accept`, then every pairing in front of
+a raw upstream that answers each handshake as its target says (a bare `101`, no
 accept, a wrong one, an extension or subprotocol nobody offered ...) and then
-records whatever arrives: the client's next bytes must never reach it.
+records whatever arrives: the client's next bytes must never reach it. And a
+control frame RFC 6455 5.5 forbids (over 125 bytes, fragmented) is never
+relayed, whatever `--ws-max-size` says: the tunnel follows frames and closes
+both sides 1002, as the ASGI servers and `websockets` do.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from dualproxy.websocket.framing import FrameScanner
 from dualproxy.websocket.handshake import BadUpgrade, accept_key, check_accept
 from tests.conftest import MakeProxy
 from tests.rawhttp import wait_until
@@ -198,3 +203,88 @@ def test_a_real_accept_is_spliced(make_proxy: MakeProxy, answering: AnsweringUps
         assert data.startswith(b"HTTP/1.1 101"), data
         sock.sendall(b"\x81\x85abcd" + bytes(b ^ b"abcd"[i % 4] for i, b in enumerate(b"hello")))
         assert wait_until(lambda: len(answering.received.get(target, b"")) >= 11)
+
+
+# -- control frames (RFC 6455 5.5) -----------------------------------------------------------
+
+
+def ws_frame(payload: bytes, opcode: int, *, fin: bool = True) -> bytes:
+    """A client frame, masked with a zero key (so the payload shows as sent)."""
+    size = len(payload)
+    length = (bytes([0x80 | size]) if size < 126 else bytes([0x80 | 126]) + size.to_bytes(2, "big")
+              if size < 65536 else bytes([0x80 | 127]) + size.to_bytes(8, "big"))
+    return bytes([(0x80 if fin else 0) | opcode]) + length + b"\0\0\0\0" + payload
+
+
+@pytest.mark.parametrize(("frame", "refused"), [
+    (ws_frame(b"p" * 125, 0x9), False),
+    (ws_frame(b"p" * 126, 0x9), True),
+    (ws_frame(b"p" * 200 * 1024, 0x9), True),
+    (ws_frame(b"p" * 200 * 1024, 0xA), True),
+    (ws_frame(b"", 0x9, fin=False), True),
+    (ws_frame(b"\x03\xe8" + b"r" * 200, 0x8), True),
+])
+def test_the_scanner_refuses_control_frames_rfc_6455_forbids(frame: bytes, refused: bool) -> None:
+    data = ws_frame(b"hello", 0x1) + frame + ws_frame(b"after", 0x2)
+    for cut in range(0, len(data), max(len(data) // 40, 1)):
+        scanner = FrameScanner(1 << 40)  # any size limit: the rule holds anyway
+        at = scanner.scan(data[:cut])
+        if at is None:
+            at = scanner.scan(data[cut:])
+            at = None if at is None else at + cut
+        assert (at is not None) == refused
+        if refused:
+            # (a header split across reads: its first bytes went already, no close frame)
+            assert at == 11 or at == cut > 11 and not scanner.clean_cut
+            assert scanner.refusal == (1002, "invalid control frame")
+
+
+def test_a_200_kib_ping_is_never_relayed(make_proxy: MakeProxy, answering: AnsweringUpstream,
+                                         rid: str) -> None:
+    """The suspected item: the tunnel counted no control frame; now no pairing relays it."""
+    proxy = make_proxy("--ws-max-size", "1048576", upstream_url=answering.url)
+    target = f"/{rid}/good"
+    ping = ws_frame(b"P" * 200 * 1024, 0x9)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(handshake(target, proxy.port))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        assert data.startswith(b"HTTP/1.1 101"), data
+        sock.sendall(ws_frame(b"before", 0x2))
+        assert wait_until(lambda: (0x2, b"before") in frames(answering.received.get(target)))
+        try:
+            sock.sendall(ping)
+        except OSError:
+            pass  # closed by the proxy while the ping was still going out
+        sock.settimeout(10)
+        rest = data.partition(b"\r\n\r\n")[2]
+        try:
+            while piece := sock.recv(65536):
+                rest += piece
+        except ConnectionResetError:
+            pass
+    # The client got a close frame, if any, saying protocol error.
+    assert rest[:1] in (b"", b"\x88") and (not rest or rest[2:4] == b"\x03\xea"), rest[:8]
+    assert wait_until(lambda: target in answering.closed)
+    assert [op for op, _ in frames(answering.received[target])] in ([0x2], [0x2, 0x8])
+    assert b"PPPP" not in answering.received[target]
+
+
+def frames(data: bytes | None) -> list[tuple[int, bytes]]:
+    """(opcode, unmasked payload) of the whole frames in `data`."""
+    out: list[tuple[int, bytes]] = []
+    data = data or b""
+    while len(data) >= 2:
+        size, at = data[1] & 0x7F, 2
+        if size >= 126:
+            width = 2 if size == 126 else 8
+            size, at = int.from_bytes(data[2:2 + width], "big"), 2 + width
+        key = data[at:at + 4] if data[1] & 0x80 else b"\0\0\0\0"
+        at += 4 if data[1] & 0x80 else 0
+        if len(data) < at + size:
+            break
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(data[at:at + size]))
+        out.append((data[0] & 0x0F, payload))
+        data = data[at + size:]
+    return out
