@@ -130,6 +130,8 @@ TOML_TYPES: dict[Any, tuple[type, ...]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, built without side effects: `main` parses with it and the
+    docs render their CLI reference from it (docs/hooks/cli_reference.py)."""
     parser = _Parser(
         prog="dualproxy",
         description="A streaming reverse proxy with a WSGI and an ASGI face.",
