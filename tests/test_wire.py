@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
+import threading
 from collections.abc import Iterator
 
 import h11
@@ -233,3 +235,58 @@ def test_the_problem_line_names_the_hook(caplog: pytest.LogCaptureFixture) -> No
         except InvalidHead as exc:
             AccessLog(enabled=False).problem(record, exc)
     assert [r.getMessage() for r in caplog.records if "add_in_place" in r.getMessage()]
+
+
+class Listener:
+    """A TCP listener that records every byte it is sent (and answers nothing)."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(5)
+            try:
+                while piece := conn.recv(65536):
+                    self.received += piece
+            except OSError:
+                pass
+
+
+@pytest.mark.parametrize("tunnel", [False, True])
+def test_both_handshakes_check_the_head_they_write(tunnel: bool) -> None:
+    """The last step of each WebSocket face, with no hook in between: the plan itself
+    carries the bad value. Neither `websockets` nor the tunnel's codec writes it."""
+    import asyncio
+
+    from dualproxy.websocket.handshake import plan_handshake, upgrade_plan
+    from dualproxy.websocket.relay_async import open_upstream
+    from dualproxy.websocket.tunnel import open_upstream as open_tunnel
+
+    listener = Listener()
+    config = ProxyConfig.build(listener.url)
+    incoming = IncomingRequest("GET", b"/ws", [
+        (b"host", b"front"), (b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
+        (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+        (b"sec-websocket-version", b"13")], "127.0.0.1")
+    plan = plan_handshake(config, incoming)
+    plan.headers.append((b"x-user", b"bob\r\nContent-Length: 0"))
+    ws = upgrade_plan(config, plan, tunnel=tunnel)
+    if tunnel:
+        with pytest.raises(InvalidHead), map_upstream_errors():
+            open_tunnel(ws, config, config.upstreams[0])
+    else:
+        with pytest.raises(InvalidHead):
+            asyncio.run(open_upstream(config, ws))
+    listener.thread.join(10)  # the proxy side closed: everything it sent is in
+    assert not listener.thread.is_alive()
+    listener.sock.close()
+    assert b"bob" not in listener.received
