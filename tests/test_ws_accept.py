@@ -17,6 +17,7 @@ import hashlib
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -155,8 +156,10 @@ def handshake(target: str, port: int) -> bytes:
             "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat\r\n\r\n").encode()
 
 
-def send_then(port: int, target: str) -> tuple[bytes, bool]:
-    """Handshake, read the answer head, send FORGED: (answer head, the proxy closed after)."""
+@contextmanager
+def handshaken(port: int, target: str) -> Iterator[tuple[socket.socket, bytes]]:
+    """A client socket that sent the handshake for `target`, and what it read up to the
+    end of the answer's head (and maybe beyond)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(handshake(target, port))
         data = b""
@@ -164,6 +167,12 @@ def send_then(port: int, target: str) -> tuple[bytes, bool]:
             piece = sock.recv(65536)
             assert piece, f"closed before the head: {data!r}"
             data += piece
+        yield sock, data
+
+
+def send_then(port: int, target: str) -> tuple[bytes, bool]:
+    """Handshake, read the answer head, send FORGED: (answer head, the proxy closed after)."""
+    with handshaken(port, target) as (sock, data):
         head = data.partition(b"\r\n\r\n")[0]
         try:
             sock.sendall(FORGED)
@@ -195,11 +204,7 @@ def test_a_real_accept_is_spliced(make_proxy: MakeProxy, answering: AnsweringUps
     """The control: the same upstream answering properly gets the client's bytes."""
     proxy = make_proxy(upstream_url=answering.url)
     target = f"/{rid}/good"
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        sock.sendall(handshake(target, proxy.port))
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += sock.recv(65536)
+    with handshaken(proxy.port, target) as (sock, data):
         assert data.startswith(b"HTTP/1.1 101"), data
         sock.sendall(b"\x81\x85abcd" + bytes(b ^ b"abcd"[i % 4] for i, b in enumerate(b"hello")))
         assert wait_until(lambda: len(answering.received.get(target, b"")) >= 11)
@@ -245,11 +250,7 @@ def test_a_200_kib_ping_is_never_relayed(make_proxy: MakeProxy, answering: Answe
     proxy = make_proxy("--ws-max-size", "1048576", upstream_url=answering.url)
     target = f"/{rid}/good"
     ping = ws_frame(b"P" * 200 * 1024, 0x9)
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        sock.sendall(handshake(target, proxy.port))
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += sock.recv(65536)
+    with handshaken(proxy.port, target) as (sock, data):
         assert data.startswith(b"HTTP/1.1 101"), data
         sock.sendall(ws_frame(b"before", 0x2))
         assert wait_until(lambda: (0x2, b"before") in frames(answering.received.get(target)))
