@@ -27,7 +27,6 @@ DEFAULT_WS_MAX_SIZE = 16 * 1024 * 1024
 BALANCE_POLICIES = ("least-conn", "round-robin", "random")
 
 
-
 def _normalize_mount(mount: str) -> str:
     """`/api/` and `api` both mean `/api`; `` and `/` mean the root."""
     mount = mount.strip()
