@@ -275,7 +275,7 @@ def test_response_parser_agrees_with_h11_and_llhttp(exchange: Exchange) -> None:
         event(label)
 
 
-@FUZZ_SETTINGS
+@settings(FUZZ_SETTINGS, max_examples=LONG_RUN or 500)  # a few seconds in the suite
 @given(mutated_exchanges())
 # issue 16: a tab after chunked (llhttp reads to the close), an HTTP/1.0 chunked reuse.
 @example(found(_TE.replace(b"chunked", b"chunked\t") + b"5\r\nhello\r\n0\r\n\r\n", eof=True))
