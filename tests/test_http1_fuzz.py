@@ -210,6 +210,8 @@ def check(exchange: Exchange) -> list[str]:
     assert not problems, "; ".join(problems) + "\n" + describe(exchange, mine, refs)
     labels = ["dualproxy " + mine.kind.value + ", "
               + ", ".join(f"{name} {o.kind.value}" for name, o in refs.items())]
+    if references_disagree(refs):
+        labels.append("the references disagree (dualproxy refused)")
     if mine.reusable is False and all(o.reusable for o in refs.values()):
         labels.append("dualproxy closes a connection the references would reuse")
     return labels
