@@ -11,6 +11,7 @@ bytes, chunk sizes, lists with empty items) where parsers tend to disagree.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
@@ -222,7 +223,8 @@ TAILS = (b"", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbad", b"0\r\n\r\n", 
          b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n")
 # What the edits insert or swap in: framing's own bytes, mostly, and some of anything.
 FRAMING_BYTES = b"\r\n \t:;,0123456789abcdefABCDEF\x00\x7f\x80\xff\x0b\x0c"
-edit_bytes = st.one_of(st.sampled_from(list(FRAMING_BYTES)).map(lambda b: bytes([b])),
+edit_bytes = st.one_of(st.sampled_from([b" ", b"\t", b"\r", b"\n"]),  # whitespace first
+                       st.sampled_from(list(FRAMING_BYTES)).map(lambda b: bytes([b])),
                        st.binary(min_size=1, max_size=1))
 
 
@@ -246,7 +248,12 @@ def mutated_exchanges(draw: st.DrawFn) -> Exchange:
     stream = b"".join(lines) + rest + draw(st.sampled_from(TAILS))
     data = bytearray(stream)
     for _ in range(draw(st.integers(0, 3))):
-        where = draw(st.integers(0, len(data)))
+        # Mostly anywhere; often where values start or end (after ": ", before a CR),
+        # where parsers trim whitespace and split lists differently.
+        edges = [m.end() for m in re.finditer(rb": ", data)] + [
+            m.start() for m in re.finditer(rb"\r", data)]
+        where = draw(st.sampled_from(edges) if edges and draw(st.booleans())
+                     else st.integers(0, len(data)))
         edit = draw(st.sampled_from(["insert", "insert", "delete", "swap"]))
         if edit == "insert":
             data[where:where] = draw(edit_bytes)

@@ -178,6 +178,9 @@ def divergences(exchange: Exchange, mine: Outcome, refs: dict[str, Outcome]) -> 
         if mine.message not in readings:
             problems.append("dualproxy read a message no reference read")
         llhttp = refs.get("llhttp")
+        if mine.reusable and mine.version == b"1.0" and any(
+                name == b"transfer-encoding" for name, _ in mine.headers):
+            problems.append("dualproxy reuses after an HTTP/1.0 Transfer-Encoding (RFC 9112 6.1)")
         for name, ref in done.items():
             if mine.reusable and not ref.reusable and not (
                     name == "h11" and ref.version == b"1.0"
