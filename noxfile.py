@@ -1,8 +1,10 @@
 """The test matrix and the other sessions.
 
-`nox` runs the default sessions: the suite for every face x server pairing,
-ruff, mypy --strict, and the docs site's strict build. One cell alone:
-`nox -s "tests(wsgi-gunicorn)"`.
+`nox` runs the default sessions: the suite for every face x server pairing on
+Python 3.11, on 3.10, 3.12 and 3.13 the tests whose outcome can differ between
+Python versions (`versions`), ruff, mypy --strict, and the docs site's strict
+build. One cell alone: `nox -s "tests(wsgi-gunicorn)"`, `nox -s versions-3.13`.
+nox finds the interpreters on PATH as `python3.X` (`.ci/run` puts pyenv's there).
 """
 
 from __future__ import annotations
@@ -11,10 +13,19 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "types", "docs"]
+nox.options.sessions = ["tests", "versions", "lint", "types", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 PAIRINGS = [("asgi", "uvicorn"), ("wsgi", "gunicorn"), ("wsgi", "uvicorn"), ("asgi", "gunicorn")]
+PYTHON = "3.11"  # every pairing runs the whole suite on this one
+OTHER_PYTHONS = ["3.10", "3.12", "3.13"]  # requires-python >= 3.10; 3.13 the newest tested
+# What Python's own version can change (asyncio's wait_for and cancellation, its SSL
+# transport, signals and threads): the HTTP/1.1 drivers and their pool, upstream faults
+# and the health prober, the drain; both faces, on one pairing each. uvloop's loop is
+# its own code, not the Python's: it runs on PYTHON only. About 3 minutes a Python.
+VERSION_TESTS = ["tests/test_transport.py", "tests/test_upstream_faults.py",
+                 "tests/test_drain.py", "-k", "not uvloop"]
+VERSION_PAIRINGS = "asgi-uvicorn,wsgi-gunicorn"
 
 
 def tests_impl(session: nox.Session, adapter: str, server: str) -> None:
@@ -25,11 +36,22 @@ def tests_impl(session: nox.Session, adapter: str, server: str) -> None:
     )
 
 
-@nox.session
+@nox.session(python=PYTHON)
 @nox.parametrize(("adapter", "server"), PAIRINGS, ids=[f"{a}-{s}" for a, s in PAIRINGS])
 def tests(session: nox.Session, adapter: str, server: str) -> None:
     """The whole suite against one face x server pairing."""
     tests_impl(session, adapter, server)
+
+
+@nox.session(python=OTHER_PYTHONS)
+def versions(session: nox.Session) -> None:
+    """The tests that can differ between Python versions, on the other Pythons.
+
+    `nox -s versions-3.12 -- -k pool` passes pytest options on.
+    """
+    session.install("-e", ".[dev]")
+    session.run("pytest", "-p", "no:cacheprovider", *VERSION_TESTS, *session.posargs,
+                env={"DUALPROXY_PAIRINGS": VERSION_PAIRINGS})
 
 
 @nox.session

@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="threads per worker for the wsgi face, i.e. concurrent requests, "
                             f"at most {MAX_THREADS} (default: 32)")
     serve.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                       help="seconds to connect and to wait for the response head, then 504 "
+                       help="seconds to connect and receive the whole response head (counted "
+                            "from the end of the request body, when there is one), then 504 "
                             f"(default: {DEFAULT_TIMEOUT:g})")
     serve.add_argument("--idle-timeout", type=_positive, default=DEFAULT_IDLE_TIMEOUT,
                        metavar="SECONDS",

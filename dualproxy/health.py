@@ -86,11 +86,17 @@ class HealthTask:
         self._config = config
         self._balancer = balancer
         self._send = send  # request -> awaitable httpx.Response
+        # Stopped by this flag, not by the cancellation alone: before Python 3.12,
+        # `wait_for` may swallow a cancellation (a connect failing in the same
+        # step), and the loop would probe on, holding the server's exit forever.
+        self._stopped = False
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         while True:
             for upstream in self._config.upstreams:
+                if self._stopped:
+                    return
                 try:
                     response = await self._send(probe_request(self._config, upstream))
                     await response.aclose()
@@ -101,4 +107,5 @@ class HealthTask:
             await asyncio.sleep(self._config.health_interval)
 
     def stop(self) -> None:
+        self._stopped = True
         self._task.cancel()

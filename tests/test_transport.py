@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -29,7 +29,8 @@ import uvloop
 
 from dualproxy.errors import BodyTooLarge, ClientDisconnected
 from dualproxy.http1 import CLIENT_WATCH, AsyncUpstreamTransport, ClientWatch, UpstreamTransport
-from tests.rawhttp import Reader
+from dualproxy.http1.aio import HIGH_WATER
+from tests.rawhttp import Reader, wait_until
 
 KINDS = ("sync", "asyncio", "uvloop")
 ASYNC_KINDS = ("asyncio", "uvloop")
@@ -1283,3 +1284,209 @@ def pause_then_head(pause: float) -> Script:
         peer.send(response())
 
     return script
+
+
+# ------------------------------------------------ broken upstreams, bounds, deadlines (issue 17)
+
+
+def close_delimited(body: bytes, end: Callable[[Peer], None]) -> Script:
+    """Answer with a close-delimited body (no framing header), then `end` the connection."""
+
+    def script(peer: Peer) -> None:
+        peer.read_request()
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body)
+        time.sleep(0.2)
+        end(peer)
+
+    return script
+
+
+def test_reset_never_ends_a_close_delimited_body(driver: Driver, serve: Any) -> None:
+    """A close-delimited body ends only with a clean close: a reset is a broken upstream."""
+    up = serve(close_delimited(b"x" * 1000, Peer.reset))
+    resp = driver.send(driver.request(up.url))
+    received = bytearray()
+    with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+        while (chunk := resp.next_chunk()) is not None:
+            received += chunk
+    resp.close()
+    assert len(received) <= 1000
+
+
+def test_fin_ends_a_close_delimited_body(driver: Driver, serve: Any) -> None:
+    up = serve(close_delimited(b"x" * 1000, lambda peer: peer.sock.close()))
+    assert driver.fetch(up.url)[1] == b"x" * 1000
+
+
+@pytest.mark.parametrize("clean", [True, False], ids=["close_notify", "cut"])
+def test_tls_cut_never_ends_a_close_delimited_body(
+        make_driver: Callable[..., Driver], serve: Any,
+        tls_server_context: tuple[ssl.SSLContext, list[str]], clean: bool) -> None:
+    """Over TLS, a close-delimited body ends with close_notify; a TCP close without it
+    could be a truncation attack (RFC 8446 6.1): a broken upstream."""
+    def end(peer: Peer) -> None:
+        sock = cast(ssl.SSLSocket, peer.sock)
+        if clean:
+            sock.unwrap()  # sends close_notify
+        sock.close()
+
+    driver = make_driver(ssl_context=ssl.create_default_context(cadata=CERT.decode()))
+    up = serve(close_delimited(b"x" * 1000, end), tls=tls_server_context[0])
+    url = f"https://localhost:{up.port}/"
+    if clean:
+        assert driver.fetch(url)[1] == b"x" * 1000
+    else:
+        with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+            driver.fetch(url)
+
+
+def _trailers(total: int) -> Script:
+    """A chunked body whose trailer section is `total` bytes (its final CRLF included),
+    sent in lines of about 100 bytes, one send each."""
+
+    def script(peer: Peer) -> None:
+        peer.read_request()
+        peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n")
+        left = total - 2
+        while left > 0:
+            size = min(100, left)
+            line = b"X-T: " + b"t" * (size - 7) + b"\r\n" if size >= 8 else b""
+            if not line:  # a short remainder: one line of its own size
+                line = b"X:" + b"t" * (size - 4) + b"\r\n"
+            peer.send(line)
+            left -= len(line)
+        peer.send(b"\r\n")
+        peer.wait_eof()
+
+    return script
+
+
+def test_trailer_section_at_the_limit_is_read(driver: Driver, serve: Any) -> None:
+    up = serve(_trailers(65536))
+    assert driver.fetch(up.url)[1] == b"hello"
+
+
+def test_trailer_section_past_the_limit_is_refused(driver: Driver, serve: Any) -> None:
+    """Bounded as a whole (not per line) and whatever the reads: 64 KiB, then refused."""
+    up = serve(_trailers(65536 + 1024))
+    with pytest.raises(httpx.RemoteProtocolError):
+        driver.fetch(up.url)
+
+
+@pytest.mark.parametrize("size", [65536, 65537])
+def test_head_bound_whatever_the_reads(driver: Driver, serve: Any, size: int) -> None:
+    """A head of one byte past 64 KiB is refused even when it arrives in one read."""
+    start = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+    filler = b"X-F: " + b"f" * (size - len(start) - 9) + b"\r\n"
+    head = start + filler + b"\r\n"
+    assert len(head) == size
+    up = serve(answer(head + b"ok"))
+    if size <= 65536:
+        assert driver.fetch(up.url)[1] == b"ok"
+    else:
+        with pytest.raises(httpx.RemoteProtocolError):
+            driver.fetch(up.url)
+
+
+def test_head_timeout_is_a_deadline(driver: Driver, serve: Any) -> None:
+    """A head trickled a byte at a time never resets the clock: the read timeout
+    bounds connect plus the whole head."""
+
+    def trickle(peer: Peer) -> None:
+        peer.read_request()
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok":
+            peer.sock.sendall(bytes([byte]))  # raises once the client left
+            time.sleep(0.3)
+
+    up = serve(trickle)
+    with pytest.raises(httpx.ReadTimeout):
+        driver.fetch(up.url, timeout={"read": 1.0})
+    up.finished(0)  # and the connection was closed
+
+
+def test_paused_connection_sees_its_upstream_close(async_driver: Driver, serve: Any) -> None:
+    """The read that brings the last body bytes past the high-water mark pauses
+    reading; pooled so, the connection would never see the upstream close it and
+    a POST on it would fail (a body is never retried)."""
+    size = HIGH_WATER + 1  # only the very last byte crosses the mark
+
+    def idle_close(peer: Peer) -> None:
+        while peer.read_request() is not None:
+            body = b"b" * size if peer.requests[-1].request_line.startswith(b"GET") else b"ok"
+            peer.send(response(body))
+            if peer.closed_within(0.5):
+                return
+            if not peer.buf:  # idle for 0.5 s: closed, as servers close idle connections
+                return
+
+    up = serve(idle_close)
+    resp = async_driver.send(async_driver.request(up.url))
+    body = resp.response.stream
+    # The whole body is in the codec before the first piece is taken: the pause
+    # comes with the last byte (the transport's own state, looked at directly).
+    assert wait_until(lambda: body._conn is not None and body._conn.codec.pending >= size)
+    assert len(resp.read()) == size
+    resp.close()
+    assert up.finished(0).done.is_set()
+    post = async_driver.fetch(up.url, method="POST",
+                              headers=[(b"Host", b"u"), (b"Content-Length", b"4")],
+                              body=[b"data"])
+    assert post[0].status == 200 and post[1] == b"ok"
+
+
+def test_pool_slot_handed_as_the_timeout_fires() -> None:
+    """A slot handed to a waiter in the loop step its pool timeout fires in is used
+    or given back, never lost (Python 3.12's wait_for turned it into a TimeoutError
+    and the slot stayed taken for good). The step is made deterministic on a loop
+    whose clock the test moves."""
+    loop = asyncio.new_event_loop()
+    now = [loop.time()]
+    loop.time = lambda: now[0]  # type: ignore[method-assign]
+    pool = AsyncUpstreamTransport(max_connections=1)
+
+    async def race() -> str:
+        await pool._acquire(None)  # the one slot, held
+        waiting = asyncio.ensure_future(pool._acquire(1.0))
+        await asyncio.sleep(0)  # the waiter queued, its timer armed
+        now[0] += 2.0  # the timer is due at the next step ...
+        loop.call_soon(pool._release)  # ... where the slot is handed over first
+        try:
+            await waiting
+        except httpx.PoolTimeout:
+            return "timed out"
+        pool._release()  # the waiter got the slot: done with it
+        return "served"
+
+    try:
+        outcome = loop.run_until_complete(race())
+    finally:
+        loop.close()
+    assert outcome in ("served", "timed out")
+    assert pool.in_use() == 0, f"a slot was lost ({outcome})"
+
+
+def test_sync_pool_slot_freed_as_the_timeout_fires() -> None:
+    """The sync pool hands no slot over: a waiter woken after its deadline looks at the
+    count again under the lock, so a slot freed as its timeout fires is taken or stays
+    free, never lost. Made certain by freeing it while holding the lock past the deadline."""
+    pool = UpstreamTransport(max_connections=1)
+    pool._acquire(None)
+    outcome: list[str] = []
+
+    def wait_for_slot() -> None:
+        try:
+            pool._acquire(0.2)
+        except httpx.PoolTimeout:
+            outcome.append("timed out")
+        else:
+            outcome.append("served")
+            pool._release()
+
+    waiter = threading.Thread(target=wait_for_slot)
+    with pool._cond:  # the waiter's deadline passes while it cannot get the lock
+        waiter.start()
+        time.sleep(0.4)
+        pool._release()
+    waiter.join(WAIT)
+    assert outcome == ["served"]
+    assert pool.in_use() == 0

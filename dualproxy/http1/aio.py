@@ -12,6 +12,7 @@ import asyncio
 import collections
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import cast
 
@@ -19,17 +20,70 @@ import httpx
 
 from .connect import Key, address, connect_failed
 from .connection import NEED_DATA, ClientConnection, Data, Response
-from .pool import RETRY_ON, Pool, PooledBody, origin, request_line, tell_unsent, timeout
+from .pool import (
+    RETRY_ON,
+    Pool,
+    PooledBody,
+    connect_timeout,
+    head_deadline,
+    origin,
+    request_line,
+    tell_unsent,
+    time_left,
+    timeout,
+)
 
 READ_SIZE = 262144
 HIGH_WATER = 1 << 20  # pause reading the upstream above this many unread bytes
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
+def _expire(waiter: asyncio.Future[None], error: type[httpx.TimeoutException],
+            message: str) -> None:
     # A timeout is an exception on the waiter, never a task cancellation, so a
-    # real cancellation (client gone) stays distinguishable.
+    # real cancellation (client gone) stays distinguishable, and a waiter given
+    # its result in the same loop step as the timer fires keeps the result.
     if not waiter.done():
-        waiter.set_exception(httpx.ReadTimeout("timed out waiting for the upstream"))
+        waiter.set_exception(error(message))
+
+
+async def _wait(waiter: asyncio.Future[None], seconds: float | None,
+                error: type[httpx.TimeoutException], message: str) -> None:
+    """Await `waiter`, `error(message)` after `seconds` (None: no limit)."""
+    handle = (None if seconds is None else
+              asyncio.get_running_loop().call_later(seconds, _expire, waiter, error, message))
+    try:
+        await waiter
+    finally:
+        if handle is not None:
+            handle.cancel()
+
+
+def _cancel_requests() -> int:
+    """Cancellations requested of the current task (0 before Python 3.11). Before
+    3.12, `wait_for` returns the result (or raises the error) of an awaitable done
+    in the step the task is cancelled in, swallowing the cancellation: compared
+    before and after, this count tells, and the cancellation is raised again."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return 0 if cancelling is None else int(cancelling())
+
+
+_TLS_CUT = "TLS closed without close_notify"
+
+
+def _tls_cut(transport: asyncio.BaseTransport) -> bool:
+    """Did a TLS stream end without close_notify? asyncio and uvloop report such a
+    cut as a plain end; the TLS object still tells: after close_notify a read gives
+    b"" or SSLZeroReturnError, after a cut it wants more bytes."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return False
+    try:
+        return bool(ssl_object.read(1))  # nothing is left unread at EOF: b""
+    except ssl.SSLZeroReturnError:  # close_notify, and ours sent (3.10 unwrapped)
+        return False
+    except ssl.SSLError:  # SSLWantReadError: no close_notify came
+        return True
 
 
 class _AsyncConn(asyncio.Protocol):
@@ -41,11 +95,14 @@ class _AsyncConn(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
+        self._tls = False
+        self._eof = False
 
     # protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; same interface.
         self.transport = cast(asyncio.Transport, transport)
+        self._tls = transport.get_extra_info("sslcontext") is not None
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
             try:
@@ -62,16 +119,28 @@ class _AsyncConn(asyncio.Protocol):
         self._wake()
 
     def eof_received(self) -> bool:
-        self.codec.receive_data(b"")
+        self._eof = True
+        self._end()
         self._wake()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.codec.receive_data(b"")
+        if exc is not None:  # a reset: never the clean end a close-delimited body needs
+            self.codec.connection_broken(str(exc) or type(exc).__name__)
+        elif not self._eof:
+            self._end()
         self._wake()
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_result(None)
+
+    def _end(self) -> None:
+        # Over TLS the end may be a cut. asyncio 3.11+ reports one as EOF, uvloop and
+        # asyncio 3.10 as a close without EOF (3.10 reports close_notify so too).
+        if self._tls and self.transport is not None and _tls_cut(self.transport):
+            self.codec.connection_broken(_TLS_CUT)
+        else:
+            self.codec.receive_data(b"")
 
     def pause_writing(self) -> None:
         self._drain = asyncio.get_running_loop().create_future()
@@ -91,23 +160,27 @@ class _AsyncConn(asyncio.Protocol):
     def closed(self) -> bool:
         return self.transport is None or self.transport.is_closing()
 
-    async def wait_data(self, request: httpx.Request) -> None:
-        """Wait until more bytes (or EOF) arrive; ReadTimeout after the read timeout."""
+    async def wait_data(self, request: httpx.Request, deadline: float | None = None) -> None:
+        """Wait until more bytes (or EOF) arrive; ReadTimeout after the read timeout,
+        or at `deadline` (the loop's clock) when given."""
         if self.codec.eof:
             return
-        if self._paused and self.codec.pending < HIGH_WATER // 4 and self.transport:
-            self._paused = False
-            self.transport.resume_reading()
+        if self.codec.pending < HIGH_WATER // 4:
+            self.resume()
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        seconds = timeout(request, "read")
-        handle = loop.call_later(seconds, _expire, waiter) if seconds is not None else None
+        seconds = (timeout(request, "read") if deadline is None
+                   else time_left(deadline, loop.time()))
         try:
-            await waiter
+            await _wait(waiter, seconds, httpx.ReadTimeout, "timed out waiting for the upstream")
         finally:
             self._waiter = None
-            if handle is not None:
-                handle.cancel()
+
+    def resume(self) -> None:
+        """Read again if paused: a pooled connection must see its upstream close it."""
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
 
     async def write(self, data: bytes, request: httpx.Request) -> None:
         """Write and wait for the kernel to take it; an upstream that left is told to
@@ -168,11 +241,11 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            await asyncio.wait_for(waiter, seconds)
-        except asyncio.TimeoutError:
-            raise httpx.PoolTimeout("no upstream connection became free") from None
+            # Not wait_for: on Python 3.12+ a slot handed over in the loop step its
+            # timeout fires in became a TimeoutError, and the slot was lost for good.
+            await _wait(waiter, seconds, httpx.PoolTimeout, "no upstream connection became free")
         except BaseException:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._release()  # the slot was handed to us as we were cancelled
             raise
         finally:
@@ -187,7 +260,8 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
                 return
         self._used -= 1
 
-    async def _connect(self, key: Key, request: httpx.Request, fresh: bool) -> _AsyncConn:
+    async def _connect(self, key: Key, request: httpx.Request, fresh: bool,
+                       deadline: float | None) -> _AsyncConn:
         while not fresh and (idle := self._idle.take(key)) is not None:
             if not idle.closed and idle.codec.reusable:
                 return idle
@@ -195,17 +269,24 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
         scheme, host, port = key
         loop = asyncio.get_running_loop()
         context = self._context(key)
+        cancels = _cancel_requests()
         try:
             if scheme == "unix":
                 opening = loop.create_unix_connection(_AsyncConn, host)
             else:
                 opening = loop.create_connection(_AsyncConn, host, port, ssl=context,
                                                  server_hostname=host if context else None)
-            _, conn = await asyncio.wait_for(opening, timeout(request, "connect"))
+            seconds = connect_timeout(request, deadline, loop.time())
+            _, conn = await asyncio.wait_for(opening, seconds)
         except asyncio.TimeoutError:
             raise httpx.ConnectTimeout(f"connecting to {address(key)} timed out") from None
         except OSError as exc:
+            if _cancel_requests() > cancels:
+                raise asyncio.CancelledError() from exc
             raise connect_failed(key, exc) from exc
+        if _cancel_requests() > cancels:
+            conn.close()
+            raise asyncio.CancelledError()
         return conn
 
     async def aclose(self) -> None:
@@ -216,6 +297,8 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
     def _checkin(self, key: Key, conn: _AsyncConn) -> None:
         if conn.closed or not conn.codec.reusable or not self._idle.put(key, conn):
             conn.close()
+        else:
+            conn.resume()  # paused by the body's last read: it would never see EOF
         self._release()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -223,15 +306,16 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
         await self._acquire(timeout(request, "pool"))
         conn: _AsyncConn | None = None
         try:
-            conn = await self._connect(key, request, fresh=False)
+            deadline = head_deadline(request, asyncio.get_running_loop().time())
+            conn = await self._connect(key, request, False, deadline)
             try:
-                head = await self._exchange(conn, request)
+                head = await self._exchange(conn, request, deadline)
             except RETRY_ON:
                 conn.close()
                 if not conn.codec.may_retry():
                     raise
-                conn = await self._connect(key, request, fresh=True)
-                head = await self._exchange(conn, request)
+                conn = await self._connect(key, request, True, deadline)
+                head = await self._exchange(conn, request, deadline)
         except BaseException as exc:
             if conn is not None:
                 conn.close()
@@ -240,7 +324,8 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
             raise
         return self._respond(key, conn, head, request, _AsyncBody)
 
-    async def _exchange(self, conn: _AsyncConn, request: httpx.Request) -> Response:
+    async def _exchange(self, conn: _AsyncConn, request: httpx.Request,
+                        deadline: float | None) -> Response:
         codec = conn.codec
         await conn.write(codec.send_request(*request_line(request)), request)
         if codec.expects_body:
@@ -256,10 +341,11 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
                 data = codec.end_body()
                 if data:
                     await conn.write(data, request)
+            deadline = head_deadline(request, asyncio.get_running_loop().time())
         while True:
             event = codec.next_event()
             if event is NEED_DATA:
-                await conn.wait_data(request)
+                await conn.wait_data(request, deadline)
             elif isinstance(event, Response) and not event.interim:
                 return event
 

@@ -111,6 +111,7 @@ class ClientConnection:
     def __init__(self) -> None:
         self.cycles = 0          # requests started on this connection
         self.eof = False
+        self.broken: str | None = None  # why reading failed (connection_broken)
         self._buf = bytearray()  # unparsed bytes (head, chunked body, strays)
         # While a Content-Length or close-delimited body streams, whole reads
         # queue here as given and go out uncopied; `_buf` is older and drains first.
@@ -242,6 +243,13 @@ class ClientConnection:
         else:
             self._buf += data
 
+    def connection_broken(self, reason: str) -> None:
+        """Reading failed (a reset, a broken pipe, TLS cut without close_notify):
+        an end like EOF, except that it never completes a close-delimited body,
+        whose only end is a clean close (RFC 9112 6.3: else it is incomplete)."""
+        self.broken = self.broken or reason
+        self.eof = True
+
     @property
     def pending(self) -> int:
         """Received bytes not handed out yet (for the drivers' backpressure)."""
@@ -303,7 +311,8 @@ class ClientConnection:
             if BARE_EOL.search(buf):
                 raise RemoteProtocolError("bare CR or LF in response head")
             if self.eof:
-                raise RemoteProtocolError("upstream closed without a response")
+                raise RemoteProtocolError("upstream closed without a response" + (
+                    f" ({self.broken})" if self.broken else ""))
             return NEED_DATA
         if end + 4 > MAX_HEAD:  # however the head arrived: a limit is not a read size
             raise RemoteProtocolError("response head too large")
@@ -389,9 +398,11 @@ class ClientConnection:
                 self._buf += data[self._left:]  # bytes past the body: never reused
                 data = data[:self._left]
         elif self.eof:
-            if self._in == CLOSE:
+            if self._in == CLOSE and self.broken is None:
                 self._state = _DONE
                 return _END
+            if self.broken is not None:
+                raise self._fail(f"the upstream connection broke mid-body: {self.broken}")
             raise self._fail("upstream closed before the end of the body")
         else:
             return NEED_DATA

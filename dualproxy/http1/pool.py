@@ -6,6 +6,7 @@ The rules every driver keeps (the suite checks them on the wire):
   sent exactly as given (the core already wrote Host and framing);
 - timeouts come from `extensions["timeout"]`, read again before every wait, so
   the core can switch from the head timeout to the idle timeout mid-response;
+  the head's is a deadline for connect plus the whole head (`head_deadline`);
 - an exception from the request body iterator propagates unchanged and the
   connection is closed with the body unfinished;
 - an upstream that answers before reading the whole upload gets its answer
@@ -63,6 +64,28 @@ def timeout(request: httpx.Request, kind: str) -> float | None:
         value = timeouts.get(kind)
         return None if value is None else float(value)
     return None
+
+
+def head_deadline(request: httpx.Request, now: float) -> float | None:
+    """When the response head must be in by, on the clock `now` is read from: the
+    read timeout (the core's `--timeout` until the head) bounds connect plus the
+    whole head, however slowly it trickles; restarted once an upload ended (the
+    client's pace is not the upstream's)."""
+    seconds = timeout(request, "read")
+    return None if seconds is None else now + seconds
+
+
+def time_left(deadline: float | None, now: float) -> float | None:
+    return None if deadline is None else max(deadline - now, 0.0)
+
+
+def connect_timeout(request: httpx.Request, deadline: float | None, now: float) -> float | None:
+    """The connect timeout, cut to what is left of the head's deadline."""
+    seconds = timeout(request, "connect")
+    left = time_left(deadline, now)
+    if left is None:
+        return seconds
+    return left if seconds is None else min(seconds, left)
 
 
 def limit(value: int | None) -> int:

@@ -22,7 +22,18 @@ import httpx
 from ..errors import ClientDisconnected, ShuttingDown
 from .connect import Key, address, connect_failed
 from .connection import NEED_DATA, ClientConnection, Data, EndOfMessage, Response
-from .pool import RETRY_ON, Pool, PooledBody, origin, request_line, tell_unsent, timeout
+from .pool import (
+    RETRY_ON,
+    Pool,
+    PooledBody,
+    connect_timeout,
+    head_deadline,
+    origin,
+    request_line,
+    tell_unsent,
+    time_left,
+    timeout,
+)
 
 READ_SIZE = 262144
 SMALL_READ = 65536          # below malloc's mmap threshold: no mmap/munmap per small read
@@ -91,26 +102,26 @@ class _SyncConn:
         # readable while idle means EOF or stray bytes: never reuse that
         return self.codec.reusable and not self.readable()
 
-    def read(self, request: httpx.Request | None) -> None:
-        """Feed the codec one read; `request` None: only what is there now."""
+    def read(self, request: httpx.Request | None, deadline: float | None = None) -> None:
+        """Feed the codec one read; `request` None: only what is there now. The wait
+        is the read timeout, or until `deadline` (time.monotonic) when given."""
         size = self._read_size
         try:
             if request is None and not self.tls:
                 data = self.sock.recv(size, socket.MSG_DONTWAIT)
             else:
-                self._set_timeout(socket.SO_RCVTIMEO,
-                                  0.0 if request is None else timeout(request, "read"))
+                self._set_timeout(socket.SO_RCVTIMEO, 0.0 if request is None else
+                                  timeout(request, "read") if deadline is None else
+                                  time_left(deadline, time.monotonic()))
                 data = self.sock.recv(size)
         except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
             # BlockingIOError: nothing there, or SO_RCVTIMEO expired
             if request is None:
                 return
             raise httpx.ReadTimeout("timed out waiting for the upstream") from None
-        except OSError as exc:
-            if isinstance(exc, ConnectionResetError) and not self.codec.pending:
-                data = b""
-            else:
-                raise httpx.ReadError(str(exc)) from exc
+        except OSError as exc:  # a reset, or TLS cut without close_notify (SSLEOFError)
+            self.codec.connection_broken(str(exc) or type(exc).__name__)
+            return
         if data:
             # A full read means a big body is flowing: read more at a time.
             self._read_size = READ_SIZE if len(data) == size else SMALL_READ
@@ -134,10 +145,13 @@ class _SyncConn:
 
 
 def connect_upstream(key: Key, seconds: float | None,
-                     context: ssl.SSLContext | None = None) -> socket.socket:
+                     context: ssl.SSLContext | None = None,
+                     ragged_eof: bool = True) -> socket.socket:
     """A blocking connection to `key` (pool.Key): TCP with Nagle off, or a unix socket;
     TLS-wrapped when `context` is given (SNI and the certificate name: the host).
-    httpx's ConnectTimeout/ConnectError on failure (UpstreamTLSError: not verified)."""
+    `ragged_eof=False`: a TLS cut without close_notify raises SSLEOFError instead
+    of reading as EOF. httpx's ConnectTimeout/ConnectError on failure
+    (UpstreamTLSError: not verified)."""
     scheme, host, port = key
     try:
         if scheme == "unix":
@@ -153,7 +167,8 @@ def connect_upstream(key: Key, seconds: float | None,
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if context is not None:
             try:  # the handshake runs within the connect timeout set above
-                sock = context.wrap_socket(sock, server_hostname=host)
+                sock = context.wrap_socket(sock, server_hostname=host,
+                                           suppress_ragged_eofs=ragged_eof)
             except BaseException:
                 sock.close()
                 raise
@@ -238,14 +253,17 @@ class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
         with self._cond:
             return self._idle.take(key)
 
-    def _connect(self, key: Key, request: httpx.Request, fresh: bool) -> _SyncConn:
+    def _connect(self, key: Key, request: httpx.Request, fresh: bool,
+                 deadline: float | None) -> _SyncConn:
         while not fresh and (idle := self._take_idle(key)) is not None:
             if idle.usable():
                 return idle
             idle.close()
         with self._cond:
             context = self._context(key)
-        sock = connect_upstream(key, timeout(request, "connect"), context)
+        seconds = connect_timeout(request, deadline, time.monotonic())
+        # A TLS cut must not pass for the clean end of a close-delimited body.
+        sock = connect_upstream(key, seconds, context, ragged_eof=False)
         return _SyncConn(sock)
 
     def close(self) -> None:
@@ -274,10 +292,11 @@ class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
         return self._respond(key, conn, head, request, _SyncBody)
 
     def _send(self, key: Key, request: httpx.Request) -> tuple[_SyncConn, Response]:
+        deadline = head_deadline(request, time.monotonic())
         for fresh in (False, True):
-            conn = self._connect(key, request, fresh)
+            conn = self._connect(key, request, fresh, deadline)
             try:
-                return conn, self._exchange(conn, request)
+                return conn, self._exchange(conn, request, deadline)
             except RETRY_ON as exc:
                 conn.close()
                 if fresh or not conn.codec.may_retry():
@@ -289,11 +308,13 @@ class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
                 raise
         raise AssertionError("unreachable")
 
-    def _exchange(self, conn: _SyncConn, request: httpx.Request) -> Response:
+    def _exchange(self, conn: _SyncConn, request: httpx.Request,
+                  deadline: float | None) -> Response:
         codec = conn.codec
         conn.write(codec.send_request(*request_line(request)), request)
         if codec.expects_body:
             self._upload(conn, request)
+            deadline = head_deadline(request, time.monotonic())
         watch = request.extensions.get(CLIENT_WATCH)
         while True:
             event = codec.next_event()
@@ -302,8 +323,8 @@ class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
                     return event
                 continue
             if watch is not None:
-                watch.wait(conn, timeout(request, "read"))
-            conn.read(request)
+                watch.wait(conn, time_left(deadline, time.monotonic()))
+            conn.read(request, deadline)
 
     @staticmethod
     def _upload(conn: _SyncConn, request: httpx.Request) -> None:
