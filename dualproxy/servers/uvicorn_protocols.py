@@ -157,6 +157,16 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         closing with unread bytes resets the connection, losing the answer."""
         self.stop_head_clock()
         self.refused = True
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # A body httptools cannot parse, under a request the app is answering:
+            # the app hears the client gone, and the connection closes as uvicorn's.
+            if not cycle.response_started:
+                self.transport.write(raw_problem(exc))
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self.transport.close()
+            return
         self.transport.write(raw_problem(exc))
         if self.transport.can_write_eof():
             self.transport.write_eof()
