@@ -131,6 +131,14 @@ def test_head_at_the_limit_reaches_the_core(proxy: ProxyProcess) -> None:
 
 # --- item 18: the servers' own error answers ---
 
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    opened: list[socket.socket] = []
+    yield opened
+    for sock in opened:
+        sock.close()
+
+
 SERVER_ERRORS = {
     "long-url": (b"GET /" + b"u" * 9000 + b" HTTP/1.1\r\nHost: proxy.test\r\n\r\n", 414),
     "bad-line": (b"GARBAGE\r\n\r\n", 400),
@@ -148,6 +156,23 @@ def test_server_errors_are_problem_json(proxy: ProxyProcess, case: str) -> None:
     problem+json like every other answer."""
     raw, status = SERVER_ERRORS[case]
     assert_problem(exchange(proxy.port, raw, method="GET"), status)
+
+
+def test_refused_clients_that_stay_freeze_nobody(proxy: ProxyProcess,
+                                                 sockets: list[socket.socket]) -> None:
+    """25 clients send a bad request line and keep the connection open: a GET still
+    answers (gunicorn 27's gthread drained each for up to 2 s blocking its main loop,
+    50 s here), and each gets its 400 problem and is then closed by the server."""
+    for _ in range(25):
+        sock = connect(proxy.port, timeout=30)
+        sock.sendall(b"GARBAGE\r\n\r\n")
+        sockets.append(sock)
+    with proxy.client() as client:
+        assert client.get("/meanwhile").status_code == 200
+    for sock in sockets:
+        reader = Reader(sock)
+        assert_problem(read_response(reader), 400)
+        assert reader.rest() == b""  # then closed by the server
 
 
 # --- item 7: slowloris ---
@@ -245,14 +270,6 @@ def open_ws_raw(proxy: ProxyProcess) -> tuple[socket.socket, RawResponse]:
         lengths = [int(v) for k, v in headers if k.lower() == "content-length"]
         body, _ = reader.exactly(lengths[0])
     return sock, RawResponse(status, reason, headers, body, "content-length", True)
-
-
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
 
 
 def test_idle_websockets_leave_threads_for_http(ws_threads_proxy: ProxyProcess,

@@ -78,8 +78,9 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.heads: dict[Any, _Head] = {}       # connection -> its head so far
-        self.lingering: dict[Any, float] = {}   # refused connection -> when to close
+        self.heads: dict[Any, _Head] = {}  # connection -> its head so far
+        # closing connection -> (when to close it at the latest, still in nr_conns)
+        self.lingering: dict[Any, tuple[float, bool]] = {}
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         DRAIN.begin()
@@ -101,6 +102,7 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
             conn.head_whole = False
             super().enqueue_req(conn)
             return
+        conn.close = partial(self._close_conn, conn)
         head = _Head(time.monotonic() + header_timeout())
         if conn.parser is not None:  # read ahead by the last request's body drain
             head.data += conn.parser.unreader.take_buffered()
@@ -151,17 +153,40 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
         return self.heads.pop(conn)
 
     def _refuse(self, conn: Any, exc: ProxyError) -> None:
-        """Answer `exc` and close after draining what the client still sends (LINGER)."""
+        """Answer `exc` and close after draining what the client still sends."""
+        self.log.warning("Invalid request from ip=%s: %s", conn.client[0] if conn.client
+                         else "", exc.detail)
         try:
             conn.sock.setblocking(False)
             conn.sock.send(raw_problem(exc))  # small: fits an empty send buffer
-            conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(conn)
             return
-        self.log.warning("Invalid request from ip=%s: %s", conn.client[0] if conn.client
-                         else "", exc.detail)
-        self.lingering[conn] = time.monotonic() + LINGER
+        self._linger(conn, counted=True)
+
+    def _close_conn(self, conn: Any, graceful: bool = False) -> None:
+        """TConn.close for the connections this worker gathers heads for. The stock
+        graceful close (after an error answer or `Connection: close`) drains the
+        client for up to 2 s blocking the main loop: a client keeping a refused
+        connection open froze the whole worker. Here the poller drains it."""
+        if graceful:
+            self._linger(conn, counted=False)  # the stock caller took it off nr_conns
+        else:
+            type(conn).close(conn)
+
+    def _linger(self, conn: Any, *, counted: bool) -> None:
+        """Close after LINGER, or once the client closes, reading and dropping what it
+        still sends: closing with unread bytes resets the connection, and the
+        client may lose the answer (nginx's lingering close)."""
+        try:
+            conn.sock.setblocking(False)
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            type(conn).close(conn)
+            if counted:
+                self.nr_conns -= 1
+            return
+        self.lingering[conn] = (time.monotonic() + LINGER, counted)
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_linger, conn))
 
     def _on_linger(self, conn: Any, _sock: Any) -> None:
@@ -175,13 +200,15 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
         self._end_linger(conn)
 
     def _end_linger(self, conn: Any) -> None:
-        del self.lingering[conn]
+        _, counted = self.lingering.pop(conn)
         self.poller.unregister(conn.sock)
-        self._close(conn)
+        type(conn).close(conn)
+        if counted:
+            self.nr_conns -= 1
 
     def _close(self, conn: Any) -> None:
         self.nr_conns -= 1
-        conn.close()
+        type(conn).close(conn)
 
     def murder_pending(self) -> None:
         """The stock loop's timer step (about once a second): also ends heads past
@@ -194,7 +221,7 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
                 self._refuse(conn, HeadTimeout())
             else:  # nothing sent: closed quietly, as nginx does
                 self._close(conn)
-        for conn in [c for c, deadline in self.lingering.items() if deadline <= now]:
+        for conn in [c for c, (deadline, _) in self.lingering.items() if deadline <= now]:
             self._end_linger(conn)
 
     def _cap_keepalive(self, deadline: float) -> None:
