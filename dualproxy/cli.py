@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import re
 import sys
 from collections.abc import Sequence
@@ -23,9 +22,11 @@ from .config import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_TIMEOUT,
     DEFAULT_WS_MAX_SIZE,
+    MAX_TIMEOUT,
     ProxyConfig,
+    check_mount,
 )
-from .launch import check_tls, config_from_options, run
+from .launch import check_tls, config_from_options, listen_problem, run
 from .logs import FORMATS
 from .servers.limits import DEFAULT_HEADER_TIMEOUT, HEAD_LIMIT, REQUEST_LINE_LIMIT
 
@@ -53,8 +54,9 @@ def _positive(value: str) -> float:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
-    if not 0 < number < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
+    if not 0 < number <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, at most "
+                                         f"{MAX_TIMEOUT:.0f}, got {value}")
     return number
 
 
@@ -62,6 +64,25 @@ def _count(value: str) -> int:
     if not value.strip().isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
     return int(value)
+
+
+# More processes than this is a typo, not a machine: each one holds its own pool.
+MAX_WORKERS = 256
+MAX_THREADS = 4096
+
+
+def _workers(value: str) -> int:
+    count = _count(value)
+    if count > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_WORKERS}, got {value!r}")
+    return count
+
+
+def _threads(value: str) -> int:
+    count = _count(value)
+    if count > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {value!r}")
+    return count
 
 
 # Size suffixes are powers of 1024, as nginx's `client_max_body_size 1k`; the
@@ -94,6 +115,10 @@ def _whole(value: str) -> int:
 def _mount(value: str) -> str:
     if not value.startswith("/"):
         raise argparse.ArgumentTypeError(f"must start with '/', got {value!r}")
+    try:
+        check_mount(value, "the path")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return value
 
 
@@ -125,12 +150,15 @@ def _readable(value: str) -> str:
 # a flag with no validator takes a string, one with a validator not listed a string
 # or a number).
 TOML_TYPES: dict[Any, tuple[type, ...]] = {
-    _positive: (int, float), _count: (int,), _size: (int, str), _positive_size: (int, str),
+    _positive: (int, float), _count: (int,), _workers: (int,), _threads: (int,),
+    _size: (int, str), _positive_size: (int, str),
     _bind: (str,), _mount: (str,), _whole: (int,),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, built without side effects: `main` parses with it and the
+    docs render their CLI reference from it (docs/hooks/cli_reference.py)."""
     parser = _Parser(
         prog="dualproxy",
         description="A streaming reverse proxy with a WSGI and an ASGI face.",
@@ -156,11 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which face serves the requests (default: asgi)")
     serve.add_argument("--server", choices=("uvicorn", "gunicorn"), default=None,
                        help="HTTP server (default: uvicorn for asgi, gunicorn for wsgi)")
-    serve.add_argument("--workers", type=_count, default=1, metavar="N",
-                       help="worker processes (default: 1)")
-    serve.add_argument("--threads", type=_count, default=32, metavar="N",
-                       help="threads per worker for the wsgi face, i.e. concurrent requests "
-                            "(default: 32)")
+    serve.add_argument("--workers", type=_workers, default=1, metavar="N",
+                       help=f"worker processes, at most {MAX_WORKERS} (default: 1)")
+    serve.add_argument("--threads", type=_threads, default=32, metavar="N",
+                       help="threads per worker for the wsgi face, i.e. concurrent requests, "
+                            f"at most {MAX_THREADS} (default: 32)")
     serve.add_argument("--ws-max-tunnels", type=_whole, default=None, metavar="N",
                        help="WebSockets one worker holds open with the wsgi face on gunicorn, "
                             "where each holds one of its --threads; past it a handshake gets "
@@ -198,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--preserve-host", action="store_true",
                        help="send the client's Host upstream instead of the upstream's "
                             "authority (default: off)")
+    serve.add_argument("--underscores-in-headers", action="store_true",
+                       help="forward request header names containing '_' (X_Api_Key); by "
+                            "default they are dropped, as nginx's underscores_in_headers off: "
+                            "a WSGI upstream reads X_Forwarded_For as X-Forwarded-For. "
+                            "gunicorn's WSGI face drops them whatever this says (its environ "
+                            "cannot tell _ from -) (default: dropped)")
     serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
                        help="peer whose X-Forwarded-*/Forwarded headers are kept and appended "
                             "to; repeatable (default: none, they are dropped)")
@@ -285,6 +319,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "ws_max_size": args.ws_max_size,
         "ws_idle_timeout": args.ws_idle_timeout,
         "preserve_host": args.preserve_host,
+        "underscores_in_headers": args.underscores_in_headers,
         "trusted_proxies": args.trusted_proxy,
         "max_connections": args.max_connections,
         "pool_timeout": args.pool_timeout,
@@ -325,6 +360,10 @@ def demo(args: argparse.Namespace) -> int:
     from .demo import demo_upstream, instructions
 
     host, proxy_port = args.bind
+    problem = listen_problem(host, proxy_port)
+    if problem is not None:  # before the banner tells anyone to open the page
+        print(f"dualproxy demo: error: {problem}", file=sys.stderr)
+        return 1
     try:
         with demo_upstream() as port:
             print(instructions(port, f"http://{host}:{proxy_port}", args.adapter), flush=True)
@@ -377,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except FlagConflict as exc:
             parser.exit(2, f"dualproxy serve: error: {exc} (see dualproxy serve --help)\n")
         except ConfigError as exc:
-            parser.exit(2, f"dualproxy: error: {exc}\n")
+            parser.exit(2, f"dualproxy serve: error: {exc}\n")
         try:
             check_tls(options_from_args(serve_args))
         except ValueError as exc:

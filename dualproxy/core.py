@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import http.cookiejar
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -24,12 +24,13 @@ from .errors import (
     BadRequest,
     BodyTooLarge,
     IncompleteBody,
+    MountRedirect,
     ProxyError,
     ShuttingDown,
 )
 from .framing import Framing, FramingError, parse_framing
 from .headers import Header, check_request_headers, request_headers, response_headers
-from .target import upstream_target
+from .target import mount_redirect, target_authority, upstream_target
 from .upstreams import NOTHING_SENT, UPSTREAM, Upstream
 
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -100,8 +101,14 @@ def request_mount(config: ProxyConfig, incoming: IncomingRequest) -> bytes:
     return config.mount.encode("latin-1") if config.mount else incoming.mount
 
 
-def plan_request(config: ProxyConfig, incoming: IncomingRequest) -> UpstreamPlan:
-    """Decide the upstream request. Raises a ProxyError (400/404/413/414/431)."""
+def plan_request(config: ProxyConfig, incoming: IncomingRequest,
+                 routes: Sequence[bytes] = ()) -> UpstreamPlan:
+    """Decide the upstream request. Raises a ProxyError (400/404/413/414/431, and
+    301/308 for the mount without its slash).
+
+    `routes`: the mounts of every route of the app this proxy is one route of
+    (router.py), so the one routing rule (`target.choose_mount`) sees them all.
+    """
     if incoming.http_version == "0.9":
         # A request line without a version (httptools takes `GET /x` followed by
         # a bare LF, header lines and all): never forwarded as an HTTP/1.1 request.
@@ -110,13 +117,20 @@ def plan_request(config: ProxyConfig, incoming: IncomingRequest) -> UpstreamPlan
                           require_host=incoming.http_version == "1.1")
     mount = request_mount(config, incoming)
     target = upstream_target(incoming.target, mount, config.upstream_base,
-                             config.max_target_bytes)
+                             config.max_target_bytes, routes)
+    if config.mount:  # a mount the proxy owns (an app's own routing is the app's)
+        location = mount_redirect(incoming.target, mount)
+        if location is not None:
+            raise MountRedirect(location, incoming.method)
     content_length, chunked = _request_framing(incoming.headers)
     limit = config.max_body_size
     if content_length is not None and limit is not None and content_length > limit:
         raise BodyTooLarge(f"request body larger than {limit} bytes")
+    # RFC 9112 3.2.2: an absolute-form target's authority, not Host, names the host
+    # the client asked for (for preserve_host and X-Forwarded-Host alike).
     headers = request_headers(incoming.headers, config, peer=incoming.peer,
-                              scheme=incoming.scheme)
+                              scheme=incoming.scheme,
+                              authority=target_authority(incoming.target))
     # RFC 9112 6.1/6.2: a length is forwarded as sent; anything else streams
     # chunked; no framing header at all when the client sent no body.
     if content_length is not None:
@@ -373,6 +387,38 @@ def client_options(config: ProxyConfig) -> dict[str, Any]:
         "limits": httpx.Limits(max_connections=config.max_connections,
                                max_keepalive_connections=config.max_keepalive_connections),
     }
+
+
+def check_user_client(client: httpx.Client | httpx.AsyncClient, config: ProxyConfig) -> None:
+    """Refuse a user-supplied `client=` that would make the proxy do what it must not, or
+    ignore what the configuration asks (ValueError saying what to change).
+
+    A user client lends its transport (pool, TLS settings, http2, a `proxy=` or
+    `mounts=` of its own), its `auth` and its `event_hooks`; the proxy builds every
+    request itself, so the client's headers, base_url, params, timeout and cookies
+    play no part. Refused: `follow_redirects=True` (redirects are relayed, never
+    followed), `trust_env=True` (httpx's default: HTTP(S)_PROXY, ALL_PROXY and
+    SSL_CERT_FILE from the environment would decide where and how requests go), a
+    `unix:` upstream (only the proxy's own transport reaches the socket; a plain
+    client sends TCP to localhost:80), and `verify`/`cert` on the proxy (they
+    configure its own client: set them on yours).
+    """
+    kind = type(client).__name__
+    problems = []
+    if client.follow_redirects:
+        problems.append("follow_redirects=True (a proxy relays redirects, never follows them)")
+    if client.trust_env:
+        problems.append("trust_env=True, httpx's default (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY "
+                        f"and SSL_CERT_FILE would steer it): pass {kind}(trust_env=False)")
+    if any(upstream.scheme == "unix" for upstream in config.upstreams):
+        problems.append("a unix: upstream (only the proxy's own client reaches a socket; "
+                        "drop client=)")
+    if config.verify is not True or config.cert is not None:
+        problems.append(f"verify=/cert= on the proxy (they configure its own client: pass "
+                        f"them to {kind}(...) instead)")
+    if problems:
+        raise ValueError(f"client=: this {kind} cannot be used by a proxy: "
+                         + "; ".join(problems))
 
 
 def disable_cookies(client: httpx.Client | httpx.AsyncClient) -> None:

@@ -72,6 +72,27 @@ class NotProxied(ProxyError):
     status = 404
 
 
+class MountRedirect(ProxyError):
+    """The mount named without its trailing slash (`/api`): the proxy's own redirect
+    to `/api/`, query kept, as nginx and Starlette's Mount answer; relative links
+    in the upstream's answer then resolve under the mount.
+
+    GET and HEAD get 301 (the permanent redirect every client and cache knows);
+    other methods 308, which forbids turning a POST into a GET (RFC 9110 15.4).
+    """
+
+    def __init__(self, location: bytes, method: str) -> None:
+        super().__init__(f"the mount is {location.decode('latin-1')}")
+        self.status = 301 if method in ("GET", "HEAD") else 308
+        self.location = location
+
+    def body(self) -> bytes:
+        return b""
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"location", self.location), (b"content-length", b"0")]
+
+
 class BodyTooLarge(ProxyError):
     status = 413
     close_connection = True
@@ -169,8 +190,9 @@ def map_stream_errors() -> Iterator[None]:
         raise UpstreamBroken(f"the upstream failed mid-body: {describe(exc)}") from exc
 
 
-# Why the upstream side of a request failed, for the metrics' `cause` label.
-UPSTREAM_CAUSES = ("refused", "timeout", "cut_body", "client_gone", "other")
+# Why the upstream side of a request failed, for the metrics' `cause` label (a
+# client that left is no upstream failure: `dualproxy_client_aborts_total`).
+UPSTREAM_CAUSES = ("refused", "timeout", "cut_body", "other")
 
 
 def upstream_cause(exc: BaseException) -> str | None:

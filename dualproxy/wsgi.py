@@ -33,7 +33,13 @@ from .face import ProxyFace, make_sync_client
 from .hooks import require_sync_hooks, run_request_hooks, run_response_hooks
 from .http1 import CLIENT_WATCH, ClientWatch
 from .logs import RequestRecord
-from .servers.gunicorn_body import DIRECT_READ, GunicornLengthInput, request_body_input
+from .servers.gunicorn_body import (
+    DIRECT_READ,
+    GunicornLengthInput,
+    client_left,
+    request_body_input,
+)
+from .target import app_mount
 from .types import Environ, StartResponse, WSGIApp
 from .upstreams import Upstream
 from .websocket.handshake import is_websocket_request, plan_handshake
@@ -83,9 +89,7 @@ def _environ_target(environ: Environ) -> bytes:
 def incoming_from_environ(environ: Environ) -> IncomingRequest:
     """The neutral request for a WSGI environ, from the raw target where the server keeps one."""
     target = _environ_target(environ)
-    script = environ.get("SCRIPT_NAME", "").encode("latin-1").rstrip(b"/")
-    path = target.split(b"?", 1)[0]
-    mount = script if script and path.startswith(script) else b""
+    mount = app_mount(target.split(b"?", 1)[0], environ.get("SCRIPT_NAME", "").encode("latin-1"))
     protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
     return IncomingRequest(
         method=environ["REQUEST_METHOD"],
@@ -118,8 +122,9 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
     """WSGI reverse proxy. `SyncProxy("http://upstream:8080/base", mount="/api")`.
 
     Takes the same arguments as AsyncProxy (or the same `config=`, whose hooks
-    must then be plain `def` functions), and an optional `httpx.Client` (its
-    cookie jar is disabled; you close it). Outside the mount it answers 404, or
+    must then be plain `def` functions), and an optional `httpx.Client(trust_env=False)`
+    (its cookie jar is disabled; you close it; `core.check_user_client` says what it
+    may and may not change). Outside the mount it answers 404, or
     calls `fallback` when one is given.
     """
 
@@ -134,7 +139,7 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         client = self.client
         if self._transport is not None:
             return self._transport.handle_request(request)
-        return client.send(request, stream=True)
+        return client.send(request, stream=True, follow_redirects=False)
 
     def _start_health(self) -> Any:
         from .health import HealthThread
@@ -153,7 +158,7 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         # The environ lookup spares plain requests the header scan.
         websocket = "HTTP_UPGRADE" in environ and is_websocket_request(incoming.headers)
         try:
-            planned = (plan_handshake(self.config, incoming) if websocket
+            planned = (plan_handshake(self.config, incoming, routes=self.routes) if websocket
                        else self.plan(incoming))
             plan = run_request_hooks(self.config.request_hooks, planned)
         except NotProxied as exc:
@@ -422,8 +427,12 @@ def _request_body(
         except ClientDisconnected:
             raise
         except Exception as exc:
+            if client_left(exc):
+                raise ClientDisconnected("the client went away during the upload") from exc
             raise IncompleteBody(f"reading the request body failed: {describe(exc)}") from exc
         if not chunk:
+            if remaining:  # the end of input before the declared length: the client left
+                raise ClientDisconnected("the client went away during the upload")
             break
         counter.feed(len(chunk))
         record.bytes_in += len(chunk)
