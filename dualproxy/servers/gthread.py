@@ -35,7 +35,7 @@ from gunicorn.workers.gthread import ThreadWorker as _StockWorker
 from ..drain import DRAIN
 from ..errors import ProxyError
 from . import is_tested
-from .limits import LINGER, HeadTimeout, head_too_large, header_timeout, raw_problem
+from .limits import HEAD_LIMIT, LINGER, HeadTimeout, head_too_large, header_timeout, raw_problem
 
 READ_SIZE = 65536
 HEAD_END = b"\r\n\r\n"
@@ -117,7 +117,8 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
     def _on_head_bytes(self, conn: Any, _sock: Any) -> None:
         head = self._stop_gathering(conn)
         try:
-            data = conn.sock.recv(READ_SIZE)
+            # Never more than one byte past HEAD_LIMIT held per connection.
+            data = conn.sock.recv(min(READ_SIZE, HEAD_LIMIT + 1 - len(head.data)))
         except (BlockingIOError, InterruptedError):
             data = None
         except OSError:
