@@ -14,12 +14,13 @@ import os
 import select
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import MakeProxy, ProxyProcess
+from tests.conftest import MakeProxy, ProxyProcess, TLSFiles
 from tests.rawhttp import (
     RawResponse,
     Reader,
@@ -181,10 +182,11 @@ HEADER_TIMEOUT = 3
 
 
 class Trickle:
-    """Clients sending a head one byte at a time, never finishing it."""
+    """Clients sending a head one byte at a time, never finishing it (`wrap`: TLS)."""
 
-    def __init__(self, port: int, count: int) -> None:
-        self.socks = [connect(port, timeout=5) for _ in range(count)]
+    def __init__(self, port: int, count: int,
+                 wrap: Callable[[socket.socket], socket.socket] = lambda sock: sock) -> None:
+        self.socks = [wrap(connect(port, timeout=5)) for _ in range(count)]
         self.answers: dict[int, bytes] = {}  # index -> what came back before the close
         self.stop = threading.Event()
         for sock in self.socks:
@@ -229,6 +231,19 @@ def trickle_proxy(make_proxy: MakeProxy) -> ProxyProcess:
     return make_proxy("--header-timeout", str(HEADER_TIMEOUT), "--threads", "8")
 
 
+def check_trickle(proxy: ProxyProcess, trickle: Trickle, **client: Any) -> None:
+    """A plain GET answers while `trickle` runs, and each trickler is closed at
+    --header-timeout with a 408 problem."""
+    count = len(trickle.socks)
+    with proxy.client(**client) as http:
+        assert http.get("/during").status_code == 200
+    assert wait_until(lambda: len(trickle.answers) == count, timeout=HEADER_TIMEOUT * 10), \
+        f"{count - len(trickle.answers)} trickling connections still open"
+    for answer in trickle.answers.values():
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+        assert b"application/problem+json" in answer
+
+
 def test_trickled_heads_starve_nobody_and_are_closed(trickle_proxy: ProxyProcess) -> None:
     """Item 7: 40 clients trickling heads (five times the gthread worker's 8 threads):
     a plain GET still answers, and each trickler is closed at --header-timeout with
@@ -236,18 +251,27 @@ def test_trickled_heads_starve_nobody_and_are_closed(trickle_proxy: ProxyProcess
     idle = connect(trickle_proxy.port, timeout=5)
     trickle = Trickle(trickle_proxy.port, 40)
     try:
-        with trickle_proxy.client() as client:
-            assert client.get("/during").status_code == 200
-        assert wait_until(lambda: len(trickle.answers) == 40, timeout=HEADER_TIMEOUT * 10), \
-            f"{40 - len(trickle.answers)} trickling connections still open"
-        for answer in trickle.answers.values():
-            assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
-            assert b"application/problem+json" in answer
+        check_trickle(trickle_proxy, trickle)
         idle.settimeout(HEADER_TIMEOUT * 10)
         assert idle.recv(100) == b""
     finally:
         trickle.close()
         idle.close()
+
+
+def test_trickled_heads_over_tls(make_proxy: MakeProxy, tls_files: TLSFiles) -> None:
+    """The same over TLS the proxy serves itself: on gunicorn the handshake and the head
+    are read by the worker's main loop too. (A client that never starts its handshake
+    meets uvicorn's asyncio ssl_handshake_timeout, 60 s, not --header-timeout.)"""
+    proxy = make_proxy("--header-timeout", str(HEADER_TIMEOUT), "--threads", "8",
+                       "--certfile", tls_files.server_cert, "--keyfile", tls_files.server_key)
+    context = tls_files.client_context()
+    trickle = Trickle(proxy.port, 40,
+                      lambda sock: context.wrap_socket(sock, server_hostname="127.0.0.1"))
+    try:
+        check_trickle(proxy, trickle, verify=context)
+    finally:
+        trickle.close()
 
 
 # --- item 8: idle WebSockets and gthread's threads ---

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import selectors
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,6 +30,7 @@ from types import FrameType
 from typing import Any
 
 from gunicorn import http
+from gunicorn import sock as gunicorn_sock
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import ThreadWorker as _StockWorker
 
@@ -47,6 +49,7 @@ class _Head:
 
     deadline: float
     data: bytearray = field(default_factory=bytearray)
+    secured: bool = False  # its TLS handshake is done (or there is none)
 
     def end(self) -> int:
         """The head's length once it is complete, else -1."""
@@ -78,6 +81,7 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._tls: ssl.SSLContext | None = None  # made once, not per connection
         self.heads: dict[Any, _Head] = {}  # connection -> its head so far
         # closing connection -> (when to close it at the latest, still in nr_conns)
         self.lingering: dict[Any, tuple[float, bool]] = {}
@@ -96,14 +100,23 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
     def enqueue_req(self, conn: Any) -> None:
         """Every way a connection reaches a thread (accepted, kept alive and readable,
         bytes read ahead) comes here: gather its head first where this worker can."""
-        if (not self.gathers_heads or self.cfg.is_ssl or conn.is_http2
+        if (not self.gathers_heads or conn.is_http2
                 or negotiation.prior_knowledge_allowed(self.cfg, conn.client)
                 or getattr(conn, "head_whole", False)):
             conn.head_whole = False
             super().enqueue_req(conn)
             return
         conn.close = partial(self._close_conn, conn)
-        head = _Head(time.monotonic() + header_timeout())
+        if self.cfg.is_ssl and not isinstance(conn.sock, ssl.SSLSocket):
+            # The handshake too happens here, within the head's time (TConn.init
+            # wraps only a connection without a parser, which this one gets).
+            if self._tls is None:
+                self._tls = gunicorn_sock.ssl_context(self.cfg)
+            conn.sock = self._tls.wrap_socket(
+                conn.sock, server_side=True, do_handshake_on_connect=False,
+                suppress_ragged_eofs=self.cfg.suppress_ragged_eofs)
+        # A connection with a parser has served a request: its handshake is done.
+        head = _Head(time.monotonic() + header_timeout(), secured=conn.parser is not None)
         if conn.parser is not None:  # read ahead by the last request's body drain
             head.data += conn.parser.unreader.take_buffered()
         if not self._head_progress(conn, head):
@@ -116,12 +129,23 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
 
     def _on_head_bytes(self, conn: Any, _sock: Any) -> None:
         head = self._stop_gathering(conn)
+        data: bytes | None = None
         try:
+            if isinstance(conn.sock, ssl.SSLSocket) and not head.secured:
+                conn.sock.do_handshake()
+                head.secured = True
+                if gunicorn_sock.is_http2_negotiated(conn.sock):
+                    raise ssl.SSLError("h2 negotiated")  # dualproxy offers none
             # Never more than one byte past HEAD_LIMIT held per connection.
             data = conn.sock.recv(min(READ_SIZE, HEAD_LIMIT + 1 - len(head.data)))
-        except (BlockingIOError, InterruptedError):
-            data = None
-        except OSError:
+            # TLS: what is left of a record already read never wakes the poller.
+            while data and isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending() \
+                    and len(head.data) + len(data) <= HEAD_LIMIT:
+                data += conn.sock.recv(HEAD_LIMIT + 1 - len(head.data) - len(data))
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                ssl.SSLWantWriteError):
+            pass
+        except OSError:  # a reset, a failed handshake
             data = b""
         if data == b"":  # the client left
             self._close(conn)
@@ -194,7 +218,7 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
         try:
             if conn.sock.recv(READ_SIZE):
                 return
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
             return
         except OSError:
             pass
