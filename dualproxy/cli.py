@@ -201,9 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "or the head's first byte, then its connection is closed (408 if "
                             "the head had begun), as nginx's client_header_timeout; heads are "
                             f"also bounded in size: a request line past {REQUEST_LINE_LIMIT} "
-                            f"bytes gets 414, a head past {HEAD_LIMIT >> 10} KiB 431, unread; "
-                            "gunicorn's threaded worker serving --certfile itself keeps "
-                            f"its own limits (default: {DEFAULT_HEADER_TIMEOUT:g})")
+                            f"bytes gets 414, a head past {HEAD_LIMIT >> 10} KiB 431, unread "
+                            f"(default: {DEFAULT_HEADER_TIMEOUT:g})")
     serve.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                        help="seconds to connect and to wait for the response head, then 504 "
                             f"(default: {DEFAULT_TIMEOUT:g})")

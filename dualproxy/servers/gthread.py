@@ -11,9 +11,10 @@
   head with non-blocking reads and hands the connection over only once it is
   whole; a head past HEAD_LIMIT is answered 414/431 unread, one not complete
   within `--header-timeout` is closed (408 if it had begun) (servers/limits.py).
-  That leans on the worker's private loop, so only on the gunicorn releases
-  the suite tests; TLS connections keep the stock path (their handshake runs
-  in the thread).
+  With TLS the handshake is done there too. That leans on the worker's private
+  loop, so only on the gunicorn releases the suite tests.
+- A graceful close (after an error answer, or `Connection: close`) lingers on
+  the poller, where gunicorn 27 blocked its main loop for up to 2 s each.
 - gunicorn's own answers to requests it cannot parse are HTML pages: here they
   are problem+json, like every other answer of the proxy.
 """
