@@ -264,13 +264,12 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
         page = _ErrorPage()
         super().handle_error(req, page, addr, exc)
         status = page.status()
-        if status is None or not 400 <= status <= 599:
-            return
-        detail = str(exc) if status < 500 else "the server could not answer this request"
-        problem = ProxyError(detail[:200], status=status)
-        problem.close_connection = True
+        answer = page.written  # a page of an unexpected shape: gunicorn's own
+        if status is not None and 400 <= status <= 599:
+            detail = str(exc) if status < 500 else "the server could not answer this request"
+            answer = raw_problem(ProxyError(detail[:200], status=status))
         try:
             client.settimeout(LINGER)
-            client.sendall(raw_problem(problem))
+            client.sendall(answer)
         except OSError:
             pass
