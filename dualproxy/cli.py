@@ -28,6 +28,7 @@ from .config import (
 )
 from .launch import check_tls, config_from_options, listen_problem, run
 from .logs import FORMATS
+from .servers.limits import DEFAULT_HEADER_TIMEOUT, HEAD_LIMIT, REQUEST_LINE_LIMIT
 
 DEFAULT_SERVER = {"asgi": "uvicorn", "wsgi": "gunicorn"}
 
@@ -188,6 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=_threads, default=32, metavar="N",
                        help="threads per worker for the wsgi face, i.e. concurrent requests, "
                             f"at most {MAX_THREADS} (default: 32)")
+    serve.add_argument("--ws-max-tunnels", type=_whole, default=None, metavar="N",
+                       help="WebSockets one worker holds open with the wsgi face on gunicorn, "
+                            "where each holds one of its --threads; past it a handshake gets "
+                            "503 with Retry-After, so plain HTTP always keeps threads "
+                            "(default: threads - max(1, threads // 4), 24 of 32; the other "
+                            "pairings hold no thread per WebSocket and have no such cap)")
+    serve.add_argument("--header-timeout", type=_positive, default=DEFAULT_HEADER_TIMEOUT,
+                       metavar="SECONDS",
+                       help="seconds a client has to send a request head, from its connection "
+                            "or the head's first byte, then its connection is closed (408 if "
+                            "the head had begun), as nginx's client_header_timeout; heads are "
+                            f"also bounded in size: a request line past {REQUEST_LINE_LIMIT} "
+                            f"bytes gets 414, a head past {HEAD_LIMIT >> 10} KiB 431, unread "
+                            f"(default: {DEFAULT_HEADER_TIMEOUT:g})")
     serve.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                        help="seconds to connect and receive the whole response head (counted "
                             "from the end of the request body, when there is one), then 504 "
@@ -296,6 +311,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "adapter": args.adapter,
         "server": args.server or DEFAULT_SERVER[args.adapter],
         "threads": args.threads,
+        "ws_max_tunnels": args.ws_max_tunnels,
+        "header_timeout": args.header_timeout,
         "timeout": args.timeout,
         "idle_timeout": args.idle_timeout,
         "max_body_size": args.max_body_size,

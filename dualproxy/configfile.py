@@ -26,7 +26,8 @@ else:  # pragma: no cover - Python 3.10
 
 # The top-level keys: one line each, the rest of the flags are route options.
 SERVER_KEYS = (
-    "bind", "adapter", "server", "workers", "threads", "graceful_timeout", "log_level",
+    "bind", "adapter", "server", "workers", "threads", "ws_max_tunnels", "header_timeout",
+    "graceful_timeout", "log_level",
     "access_log", "access_log_format", "certfile", "keyfile", "metrics_bind",
 )
 # Where a key's flag is not `--` + the key with dashes.

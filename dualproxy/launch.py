@@ -21,6 +21,7 @@ from .logs import LINE_FORMAT, AccessLineHandler, LineFormatter, access_logger
 from .servers import ENV_OPTIONS
 from .servers.gunicorn import serve_gunicorn
 from .servers.heap import freeze_heap, trim_heap_periodically
+from .servers.limits import DEFAULT_HEADER_TIMEOUT, set_header_timeout
 from .servers.metrics import start_metrics_listener
 from .servers.uvicorn import quiet_uvicorn_refusals, serve_uvicorn, tune_uvicorn
 from .upstreams import parse_upstreams
@@ -157,6 +158,7 @@ def load_app(options: dict[str, Any]) -> Any:
     """The app one worker process serves, set up for the server running it."""
     setup_logging(options["log_level"], options["access_log_format"])
     DRAIN.arm(options["graceful_timeout"])  # the server's stop starts its clock
+    set_header_timeout(options.get("header_timeout", DEFAULT_HEADER_TIMEOUT))
     warn_insecure(options)
     tune_uvicorn()  # a no-op unless uvicorn runs this process
     quiet_uvicorn_refusals()
@@ -166,6 +168,11 @@ def load_app(options: dict[str, Any]) -> Any:
             from .bridge import WSGIBridge
 
             app = WSGIBridge(app, threads=options["threads"])
+        else:  # a WebSocket tunnel holds a gthread thread (the bridge's run async)
+            from .websocket.tunnel import TUNNELS, default_max_tunnels
+
+            tunnels = options.get("ws_max_tunnels")
+            TUNNELS.limit = default_max_tunnels(options["threads"]) if tunnels is None else tunnels
         trim_heap_periodically()  # in the worker: threads do not survive fork
     freeze_heap()
     return app

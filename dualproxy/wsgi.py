@@ -43,7 +43,7 @@ from .target import app_mount
 from .types import Environ, StartResponse, WSGIApp
 from .upstreams import Upstream
 from .websocket.handshake import is_websocket_request, plan_handshake
-from .websocket.tunnel import answer_handshake
+from .websocket.tunnel import TUNNELS, answer_handshake
 
 T = TypeVar("T")
 
@@ -170,8 +170,9 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
             return self._problem(start_response, exc, record, environ)
         if websocket:
             try:
-                return self.attempts(record, plan, lambda upstream: answer_handshake(
-                    self.config, plan, environ, start_response, record, self, upstream))
+                with TUNNELS.slot() as slot:
+                    return slot.keep(self.attempts(record, plan, lambda upstream: answer_handshake(
+                        self.config, plan, environ, start_response, record, self, upstream)))
             except ProxyError as exc:
                 return self._problem(start_response, exc, record, environ)
 

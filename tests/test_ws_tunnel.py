@@ -612,9 +612,12 @@ def test_gunicorn_sync_worker_answers_501(tmp_path: Any) -> None:
 
 
 def test_gthread_holds_one_thread_per_open_socket(ws_upstream: WsUpstream) -> None:
-    """The documented limit: with --threads 2 two open sockets take both threads, a third
-    handshake and a plain request wait in gunicorn's queue, and run once one socket closes."""
-    proxy = ProxyProcess("wsgi-gunicorn", ws_upstream.url, ("--threads", "2"))
+    """The documented limit, with the tunnel cap raised to every thread (by default one of
+    two threads stays for HTTP: tests/test_server_limits.py): two open sockets take both
+    threads, a third handshake and a plain request wait in gunicorn's queue, and run
+    once one socket closes."""
+    proxy = ProxyProcess("wsgi-gunicorn", ws_upstream.url,
+                         ("--threads", "2", "--ws-max-tunnels", "2"))
     base = f"ws://127.0.0.1:{proxy.port}"
     try:
         with connect(f"{base}/a") as first, connect(f"{base}/b"):

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..drain import SLACK
+from .limits import FIELD_SIZE_LIMIT, FIELDS_LIMIT, REQUEST_LINE_LIMIT
 
 # The worker classes: uvicorn's for the asgi face (servers/worker.py), gunicorn's
 # threaded one starting the drain clock for wsgi (servers/gthread.py).
@@ -46,10 +47,11 @@ def serve_gunicorn(load: Callable[[], Any], *, adapter: str, host: str, port: in
         # gunicorn would trust X-Forwarded-Proto from 127.0.0.1 for wsgi.url_scheme.
         "forwarded_allow_ips": "",
         "secure_scheme_headers": {},
-        # Above the core's own limits, so the core answers 414/431 on every server.
-        "limit_request_line": 8190,
-        "limit_request_fields": 32768,
-        "limit_request_field_size": 1 << 20,
+        # The core's own limits (servers/limits.py): gunicorn's parser is quadratic in
+        # the head's size, so it must not read past them; it answers 414/431 itself.
+        "limit_request_line": REQUEST_LINE_LIMIT,
+        "limit_request_fields": FIELDS_LIMIT,
+        "limit_request_field_size": FIELD_SIZE_LIMIT,
     }
     if "control_socket_disable" in gunicorn_settings():
         # gunicorn >= 25.1 opens a control socket at one per-user path

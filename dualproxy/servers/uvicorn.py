@@ -10,6 +10,7 @@ from typing import Any
 
 from ..drain import DRAIN, SLACK
 from . import is_tested
+from .limits import HEAD_LIMIT
 
 # How much request body uvicorn may buffer before it stops reading the client.
 UVICORN_BODY_HIGH_WATER = 262144
@@ -25,14 +26,19 @@ def uvicorn_ws_settings(max_size: int) -> dict[str, Any]:
     return {"ws": UVICORN_WS_IMPL, "ws_max_size": max_size}
 
 
-def uvicorn_stop_settings(graceful_timeout: float) -> dict[str, Any]:
-    """uvicorn Config keywords for a graceful stop that dualproxy's drain clock ends.
+def uvicorn_protocol_settings(graceful_timeout: float) -> dict[str, Any]:
+    """uvicorn Config keywords for dualproxy's protocols: a graceful stop that the
+    drain clock ends, and the request head bounded (servers/limits.py).
 
     The protocols start the clock (servers/uvicorn_protocols.py) and keep open
     WebSockets for the app to close 1001; uvicorn's own timeout comes SLACK
-    later, so it finds nothing left to cancel. Untested uvicorn: its own stop.
+    later, so it finds nothing left to cancel. Untested uvicorn: its own stop,
+    and no bound on a head's size or time (httptools has none).
     """
-    settings: dict[str, Any] = {"timeout_graceful_shutdown": graceful_timeout + SLACK}
+    settings: dict[str, Any] = {"timeout_graceful_shutdown": graceful_timeout + SLACK,
+                                # h11's bound on a head (its default is 16 KiB); the
+                                # httptools protocol below bounds it itself.
+                                "h11_max_incomplete_event_size": HEAD_LIMIT}
     if is_tested("uvicorn"):
         module = "dualproxy.servers.uvicorn_protocols"
         settings.update(http=f"{module}:HTTPProtocol", ws=f"{module}:WebSocketProtocol")
@@ -101,7 +107,7 @@ def serve_uvicorn(app: Any, factory: str, *, host: str, port: int, workers: int,
         "log_level": log_level,
         "lifespan": "on",
         **uvicorn_ws_settings(ws_max_size),
-        **uvicorn_stop_settings(graceful_timeout),
+        **uvicorn_protocol_settings(graceful_timeout),
     }
     if certfile is not None:
         common.update(ssl_certfile=certfile, ssl_keyfile=keyfile)

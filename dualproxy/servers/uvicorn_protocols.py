@@ -1,4 +1,5 @@
-"""uvicorn's protocols with the stop handed to dualproxy's drain clock (drain.py).
+"""uvicorn's protocols with the stop handed to dualproxy's drain clock (drain.py),
+and the request head bounded in size and time (servers/limits.py).
 
 uvicorn starts a graceful stop by calling `shutdown()` on every connection:
 that is where the clock starts, in every uvicorn-run process (one server,
@@ -6,11 +7,12 @@ that is where the clock starts, in every uvicorn-run process (one server,
 an open socket right there with 1012; dualproxy's contract keeps it open until
 the graceful timeout and then closes it 1001 (the ASGI face's session does),
 like any other exchange still in flight. Loaded by import string from
-`uvicorn_stop_settings`, only on the uvicorn releases the suite tests.
+`uvicorn_protocol_settings`, only on the uvicorn releases the suite tests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 from types import FrameType
@@ -20,6 +22,8 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from ..drain import DRAIN
+from ..errors import BadRequest, ProxyError
+from .limits import LINGER, HeadTimeout, head_too_large, header_timeout, raw_problem
 
 
 def start_clock() -> None:
@@ -41,21 +45,44 @@ IDLE_GRACE = 1.0
 
 
 class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
-    """uvicorn's HTTP protocol (httptools), with the stop starting the drain clock.
+    """uvicorn's HTTP protocol (httptools), with the stop starting the drain clock
+    and the request head bounded.
 
     uvicorn closes an idle keep-alive connection the moment a stop begins; a
     client sending its next request right then gets a reset (seen across a
     `--workers` HUP restart). As gunicorn 27 does, the connection stays open
     IDLE_GRACE seconds instead: a request that comes is answered with
     `Connection: close`, a connection that stays quiet is closed.
+
+    httptools sets no limit on a head (its url and a header being received grow
+    without bound) and uvicorn no time limit before the first request: here the
+    bytes of a head are counted as they arrive (past HEAD_LIMIT: 414/431), and a
+    head gets `header_timeout()` seconds from the connection or its first byte
+    (then closed, 408 if it had begun). uvicorn's own 400 is problem+json too.
+    h11's protocol (no httptools) has `h11_max_incomplete_event_size` instead.
     """
 
     draining = False
+    refused = False
+    in_message = False
+    in_head = False
+    line_done = False  # the head being received is past its request line
+    head_bytes = 0
+    body_bytes = 0
+    head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        if self.bounds_heads():
+            self.start_head_clock()
+
+    def bounds_heads(self) -> bool:
+        return hasattr(self, "on_headers_complete")  # httptools, not h11
 
     def shutdown(self) -> None:
         start_clock()
         idle = self.cycle is None or self.cycle.response_complete
-        if not idle or not hasattr(self, "on_headers_complete"):  # busy, or h11's protocol
+        if not idle or not self.bounds_heads():  # busy, or h11's protocol
             super().shutdown()
             return
         self.draining = True
@@ -63,10 +90,96 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         self.timeout_keep_alive_task = self.loop.call_later(
             IDLE_GRACE, self.timeout_keep_alive_handler)
 
+    def data_received(self, data: bytes) -> None:
+        if self.refused:  # answered: what still comes is drained unread
+            return
+        if not self.bounds_heads():
+            super().data_received(data)
+            return
+        if self.head_timer is None and not self.in_message:  # bytes before a head
+            self.start_head_clock()
+        self.body_bytes = 0
+        super().data_received(data)
+        if self.in_head and not self.transport.is_closing():
+            # The bytes of this read that were not body belong to the head being
+            # received (a pipelined head behind a body: its framing counts too).
+            self.head_bytes += len(data) - self.body_bytes
+            self.line_done = self.line_done or b"\n" in data
+            refusal = head_too_large(self.head_bytes, self.line_done)
+            if refusal is not None:
+                self.refuse(refusal)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.in_message = self.in_head = True
+        self.line_done, self.head_bytes = False, 0
+        if self.head_timer is None:
+            self.start_head_clock()
+
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        super().on_body(body)
+
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.stop_head_clock()
         super().on_headers_complete()
         if self.draining and self.cycle is not None:
             self.cycle.keep_alive = False
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        super().on_message_complete()
+
+    def start_head_clock(self) -> None:
+        self.head_timer = self.loop.call_later(header_timeout(), self.head_timed_out)
+
+    def stop_head_clock(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.in_head:
+            self.refuse(HeadTimeout())
+        else:  # nothing sent: closed quietly, as nginx does
+            self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to what httptools cannot parse."""
+        self.refuse(BadRequest(msg))
+
+    def refuse(self, exc: ProxyError) -> None:
+        """Answer `exc`, then drain what the client still sends for LINGER and close:
+        closing with unread bytes resets the connection, losing the answer."""
+        self.stop_head_clock()
+        self.refused = True
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # A body httptools cannot parse, under a request the app is answering:
+            # the app hears the client gone, and the connection closes as uvicorn's.
+            if not cycle.response_started:
+                self.transport.write(raw_problem(exc))
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self.transport.close()
+            return
+        self.transport.write(raw_problem(exc))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER, self.transport.close)
+
+    def eof_received(self) -> bool | None:
+        if self.refused:
+            self.transport.close()
+        return super().eof_received()  # type: ignore[no-any-return]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_head_clock()
+        super().connection_lost(exc)
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):

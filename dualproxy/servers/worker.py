@@ -20,7 +20,7 @@ from uvicorn_worker import UvicornWorker as _StockWorker
 from ..config import DEFAULT_WS_MAX_SIZE
 from ..drain import DRAIN
 from . import ENV_OPTIONS
-from .uvicorn import uvicorn_stop_settings, uvicorn_ws_settings
+from .uvicorn import uvicorn_protocol_settings, uvicorn_ws_settings
 
 
 class UvicornWorker(_StockWorker):  # type: ignore[misc]
@@ -36,8 +36,8 @@ class UvicornWorker(_StockWorker):  # type: ignore[misc]
         options = json.loads(os.environ.get(ENV_OPTIONS, "{}"))
         max_size = options.get("ws_max_size", DEFAULT_WS_MAX_SIZE)
         self.CONFIG_KWARGS = {**type(self).CONFIG_KWARGS, **uvicorn_ws_settings(max_size)}
-        if "graceful_timeout" in options:  # uvicorn's own drain, inside gunicorn's
-            self.CONFIG_KWARGS.update(uvicorn_stop_settings(options["graceful_timeout"]))
+        if "graceful_timeout" in options:  # dualproxy's protocols, inside gunicorn
+            self.CONFIG_KWARGS.update(uvicorn_protocol_settings(options["graceful_timeout"]))
         super().__init__(*args, **kwargs)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:

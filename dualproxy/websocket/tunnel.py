@@ -10,9 +10,11 @@ raw bytes flow both ways until one side closes. Any other WSGI server has no
 socket to take over: 501.
 
 One thread per open socket: the tunnel runs while the server iterates the
-response (`Tunnel`), so it holds one of the worker's `--threads` until it ends.
-When it ends, it raises `TunnelClosed`, which both servers take as "the client
-connection is gone": they write no response and close the socket.
+response (`Tunnel`), so it holds one of the worker's `--threads` until it ends;
+`TUNNELS` caps how many a process holds (`--ws-max-tunnels`), so idle sockets
+cannot take every thread from plain HTTP. When it ends, it raises
+`TunnelClosed`, which both servers take as "the client connection is gone":
+they write no response and close the socket.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from __future__ import annotations
 import errno
 import io
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn, Protocol
 
 import httpx
@@ -29,7 +33,13 @@ import httpx
 from ..config import ProxyConfig
 from ..core import ResponseHead, UpstreamPlan, plan_response
 from ..drain import DRAIN
-from ..errors import InvalidHead, ProxyError, map_stream_errors, map_upstream_errors
+from ..errors import (
+    InvalidHead,
+    ProxyError,
+    ServiceUnavailable,
+    map_stream_errors,
+    map_upstream_errors,
+)
 from ..http1 import ClientConnection, Data, EndOfMessage, Response, connect_upstream
 from ..http1.connect import upstream_key
 from ..http1.tls import upstream_context
@@ -69,6 +79,65 @@ class TunnelClosed(ConnectionError):
 
     def __init__(self) -> None:
         super().__init__(errno.ENOTCONN, "WebSocket tunnel closed")
+
+
+class TunnelsFull(ServiceUnavailable):
+    """Every tunnel this worker may hold is open: try again shortly."""
+
+    RETRY_AFTER = 5
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"this worker already holds its {limit} WebSocket tunnels")
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [*super().headers(), (b"retry-after", str(self.RETRY_AFTER).encode())]
+
+
+class TunnelSlots:
+    """How many tunnels this process holds, against its cap (None: no cap)."""
+
+    def __init__(self) -> None:
+        self.limit: int | None = None
+        self.open = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def slot(self) -> Iterator[_Slot]:
+        """One slot for a handshake (TunnelsFull when none is left): released at the
+        end of the block unless `keep` gave it to the Tunnel, which releases it."""
+        with self._lock:
+            if self.limit is not None and self.open >= self.limit:
+                raise TunnelsFull(self.limit)
+            self.open += 1
+        held = _Slot(self)
+        try:
+            yield held
+        finally:
+            if not held.kept:
+                self.release()
+
+    def release(self) -> None:
+        with self._lock:
+            self.open -= 1
+
+
+class _Slot:
+    def __init__(self, slots: TunnelSlots) -> None:
+        self.slots, self.kept = slots, False
+
+    def keep(self, answer: Iterable[bytes]) -> Iterable[bytes]:
+        """The handshake's answer; a Tunnel keeps the slot until it closes."""
+        if isinstance(answer, Tunnel):
+            answer.slots, self.kept = self.slots, True
+        return answer
+
+
+TUNNELS = TunnelSlots()
+
+
+def default_max_tunnels(threads: int) -> int:
+    """A quarter of the threads (at least one) stay for plain HTTP."""
+    return threads - max(1, threads // 4)
 
 
 def client_socket(environ: Environ) -> socket.socket | None:
@@ -246,6 +315,7 @@ class Tunnel:
         self.idle: float | None = None
         self.max_size: int | None = None
         self.upstream_early = self.client_early = b""
+        self.slots: TunnelSlots | None = None  # released at close
         self._done = False
 
     def limits(self, idle: float | None, max_size: int | None) -> None:
@@ -288,6 +358,8 @@ class Tunnel:
         if self._done:
             return
         self._done = True
+        if self.slots is not None:
+            self.slots.release()
         self.upstream.close()
         try:
             # Shut, not closed: the server still owns the socket and closes it.
