@@ -152,6 +152,8 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
             self.finish(record)
             return
 
+        # Set once nothing else reads receive(): the body was read to its end, or
+        # the upstream's head came first (an early answer stops the upload).
         body_done = asyncio.Event() if plan.has_body else None
         # One extra task per request: a watcher that cancels this one if the
         # client leaves before the response is complete. It only cancels while
@@ -207,6 +209,10 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         except ClientDisconnected:
             record.client_gone = True
             return
+        if body_done is not None:
+            # The head is in: the upload is over (whole, or stopped by an early
+            # answer, its rest left unread), so the watcher takes receive() now.
+            body_done.set()
         try:
             try:
                 head = self.response_head(record, plan, request, response)
@@ -306,9 +312,11 @@ async def _watch_disconnect(
 ) -> None:
     """Cancel `task` when the client disconnects before the response is complete.
 
-    It reads `receive()` only once the request body is consumed (two readers
-    would steal each other's messages). uvicorn also reports a disconnect once
-    the response is complete; `record.responded` tells the two apart.
+    It reads `receive()` as soon as nothing else does: from the start without a
+    body, else once the body was read or the upstream answered before it (two
+    readers would steal each other's messages); body the upload left unread is
+    dropped. uvicorn also reports a disconnect once the response is complete;
+    `record.responded` tells the two apart.
     """
     if body_done is not None:
         await body_done.wait()

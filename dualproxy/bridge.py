@@ -5,8 +5,10 @@ scope in `environ["asgi.scope"]` (the WSGI face reads the raw path and exact
 headers from it) but reports a client that disconnects mid-upload as a clean
 end of input, and never tells the app that the client went away during the
 download. This wrapper raises ClientDisconnected into the reading thread for
-the first, and sets the `dualproxy.client_gone` event for the second (watched
-from the end of the request body on, so a wait for the upstream's head ends too).
+the first, and sets the `dualproxy.client_gone` event for the second: watched
+from the end of the request body on (so a wait for the upstream's head ends
+too), or from the response's start when the upstream answered before the
+upload ended (the rest of the body is then never read: dropped here).
 """
 
 from __future__ import annotations
@@ -93,10 +95,18 @@ class WSGIBridge:
                 watcher = asyncio.ensure_future(watch())
             return message
 
+        async def watching_send(message: Message) -> None:
+            nonlocal watcher
+            if watcher is None and message["type"] == "http.response.start":
+                # The app answers, so it reads no more of the body (the WSGI face
+                # reads none after the upstream's head): receive() is free to watch.
+                watcher = asyncio.ensure_future(watch())
+            await send(message)
+
         if not has_body:
             watcher = asyncio.ensure_future(watch())
         try:
-            await self._inner(scope, guarded_receive, send)
+            await self._inner(scope, guarded_receive, watching_send)
         except (UpstreamBroken, ClientDisconnected):
             # Returning without completing the response makes the server drop
             # the connection: the client never sees a cut body as complete.
