@@ -18,6 +18,7 @@ import httpx
 from .core import BodyCounter, IncomingRequest, ResponseHead, UpstreamPlan
 from .drain import DRAIN, absorb_cancel, call_in_loop
 from .errors import (
+    RESPONSE_ABORTED,
     ClientDisconnected,
     NotProxied,
     ProxyError,
@@ -227,6 +228,7 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
             # Returning without the final body message makes the server drop the
             # connection: no last chunk, no short body passed off as complete.
             record.upstream_broke(exc)
+            RESPONSE_ABORTED.set(True)
         finally:
             await response.aclose()
 

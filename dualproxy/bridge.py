@@ -20,7 +20,7 @@ from typing import Any, cast
 from a2wsgi import WSGIMiddleware
 
 from .drain import absorb_cancel
-from .errors import ClientDisconnected, UpstreamBroken
+from .errors import RESPONSE_ABORTED, ClientDisconnected, UpstreamBroken
 from .router import SyncRouter, async_twin
 from .types import ASGIApp, Environ, Message, Receive, Scope, Send, StartResponse, WSGIApp
 from .wsgi import CLIENT_GONE_KEY, SyncProxy
@@ -110,7 +110,7 @@ class WSGIBridge:
         except (UpstreamBroken, ClientDisconnected):
             # Returning without completing the response makes the server drop
             # the connection: the client never sees a cut body as complete.
-            pass
+            RESPONSE_ABORTED.set(True)
         except asyncio.CancelledError:
             gone.set()  # the WSGI thread stops at its next chunk
             if not absorb_cancel():  # past the drain the cut was logged already

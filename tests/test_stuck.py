@@ -140,3 +140,25 @@ def test_stream_answered_early_ends_when_the_client_leaves(
                                   for line in access_lines(proxy, target))), proxy.log()[-3000:]
     assert wait_until(lambda: scrape(metrics_port).get(IN_FLIGHT) == 0)
     assert scrape(metrics_port).get(IN_USE) == 0
+
+
+def test_upstream_cutting_a_body_is_one_warning(proxy: ProxyProcess, rid: str) -> None:
+    """The upstream closes after 300 kB of 1 MB: the client connection is aborted and
+    the proxy's log says so in exactly one WARNING line, with no ERROR line (uvicorn
+    would add "ASGI callable returned without completing response")."""
+    start = len(proxy.log())
+    target = f"/cut/{rid}"
+    with connect(proxy.port) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: proxy.test\r\n"
+                     "x-upstream: cut size=1000000 after=300000\r\n\r\n".encode())
+        cut = read_response(Reader(sock))
+    assert cut.status == 200 and not cut.complete
+    # A later request's access line: the cut request's lines are all written by then.
+    after = f"/after-cut/{rid}"
+    with proxy.client() as client:
+        assert client.get(after).status_code == 200
+    assert wait_until(lambda: access_lines(proxy, after))
+    lines = proxy.log()[start:].splitlines()
+    warnings = [line for line in lines if "WARNING" in line]
+    assert len(warnings) == 1 and target in warnings[0], lines
+    assert not [line for line in lines if "ERROR" in line], lines
