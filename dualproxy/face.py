@@ -8,7 +8,7 @@ out) and the waiting. One request goes, on both faces, in this order:
 1. the face describes what its server received (an `IncomingRequest`);
 2. `begin` opens the access-log record, `plan` asks the core for the upstream
    plan, then the face runs the request hooks (sync or async loop, hooks.py);
-3. `choose` takes an upstream from the pool (balancer.py; none: 502) and
+3. `choose` takes an upstream from the pool (balancer.py) and
    `upstream_request` builds the httpx request for it; the face sends it inside
    `map_upstream_errors` (one exception-to-status map, errors.py); a failure
    before the head goes to `retry`, which counts it against that upstream and
@@ -63,7 +63,7 @@ AppT = TypeVar("AppT")
 
 
 class NoUpstream(BadGateway):
-    """Every upstream of the pool is marked down (or was tried already)."""
+    """No upstream to try: the pool is empty of ones this request has not tried."""
 
     def __init__(self) -> None:
         super().__init__("no upstream is available")
@@ -183,7 +183,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
 
     def choose(self, record: RequestRecord) -> Upstream:
         """The upstream for the first attempt, counted in flight until `finish`
-        (NoUpstream, a 502, when every one is marked down)."""
+        (marked down or not: marks are a preference, balancer.py)."""
         upstream = self.balancer.choose()
         if upstream is None:
             raise NoUpstream()
