@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from .core import BodyCounter, IncomingRequest, ResponseHead, UpstreamPlan
+from .core import BodyCounter, IncomingRequest, ResponseHead, UpstreamPlan, client_stalled
 from .drain import DRAIN, absorb_cancel, call_in_loop
 from .errors import (
     RESPONSE_ABORTED,
@@ -194,7 +194,8 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         body_done: asyncio.Event | None,
         record: Any,
     ) -> None:
-        content = (_request_body(receive, BodyCounter(plan, self.config), body_done, record)
+        content = (_request_body(receive, BodyCounter(plan, self.config), body_done, record,
+                                 self.config.client_timeout)
                    if body_done is not None else None)
 
         async def send_to(upstream: Upstream) -> tuple[httpx.Request, httpx.Response]:
@@ -290,11 +291,16 @@ class DrainCut:
 
 
 async def _request_body(
-    receive: Receive, counter: BodyCounter, body_done: asyncio.Event, record: Any
+    receive: Receive, counter: BodyCounter, body_done: asyncio.Event, record: Any,
+    client_timeout: float,
 ) -> AsyncIterator[bytes]:
-    """Stream the client's body upstream as it arrives, counting it on the way."""
+    """Stream the client's body upstream as it arrives, counting it on the way; a
+    wait of `client_timeout` for the next piece ends it (core.client_stalled)."""
     while True:
-        message = await receive()
+        try:
+            message = await asyncio.wait_for(receive(), client_timeout)
+        except asyncio.TimeoutError:
+            raise client_stalled(client_timeout) from None
         if message["type"] == "http.disconnect":
             raise ClientDisconnected("client went away during the upload")
         chunk = message.get("body", b"")

@@ -19,11 +19,12 @@ from typing import Any, cast
 
 from a2wsgi import WSGIMiddleware
 
+from .core import client_stalled
 from .drain import absorb_cancel
 from .errors import RESPONSE_ABORTED, ClientDisconnected, UpstreamBroken
 from .router import SyncRouter, async_twin
 from .types import ASGIApp, Environ, Message, Receive, Scope, Send, StartResponse, WSGIApp
-from .wsgi import CLIENT_GONE_KEY, SyncProxy
+from .wsgi import CLIENT_GONE_KEY, CLIENT_TIMEOUT_KEY, SyncProxy
 
 
 class WSGIBridge:
@@ -85,7 +86,14 @@ class WSGIBridge:
                 return {"type": "http.request", "body": b"", "more_body": False}
             if gone.is_set():  # the drain cut the upload (wsgi.UploadCut)
                 raise ClientDisconnected("the upload was cut")
-            message = await receive()
+            seconds: float | None = scope.get(CLIENT_TIMEOUT_KEY)
+            if seconds is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), seconds)
+                except asyncio.TimeoutError:
+                    raise client_stalled(seconds) from None
             if message["type"] == "http.disconnect":
                 gone.set()
                 raise ClientDisconnected("client went away")

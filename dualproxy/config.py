@@ -23,6 +23,7 @@ IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_CLIENT_TIMEOUT = 60.0  # nginx's client_body_timeout
 DEFAULT_WS_MAX_SIZE = 16 * 1024 * 1024
 BALANCE_POLICIES = ("least-conn", "round-robin", "random")
 
@@ -101,6 +102,8 @@ class ProxyConfig:
     mount: str = ""
     timeout: float = DEFAULT_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    # The longest wait for the client's next request-body bytes (core.client_stalled).
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT
     max_body_size: int | None = None
     preserve_host: bool = False
     trusted_proxies: tuple[IPNetwork, ...] = ()
@@ -149,7 +152,8 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         upstreams = parse_upstreams(self.upstream)
         first = upstreams[0]
-        if self.timeout <= 0 or self.idle_timeout <= 0 or self.pool_timeout <= 0:
+        if self.timeout <= 0 or self.idle_timeout <= 0 or self.pool_timeout <= 0 \
+                or self.client_timeout <= 0:
             raise ValueError("timeouts must be positive")
         if self.ws_max_size <= 0 or (self.ws_idle_timeout is not None
                                      and self.ws_idle_timeout <= 0):

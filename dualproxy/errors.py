@@ -73,6 +73,13 @@ class NotProxied(ProxyError):
     status = 404
 
 
+class ClientTimeout(ProxyError):
+    """The client stopped sending its request body (core.client_stalled)."""
+
+    status = 408
+    close_connection = True
+
+
 class BodyTooLarge(ProxyError):
     status = 413
     close_connection = True

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import httpx
 
-from .core import BodyCounter, IncomingRequest, UpstreamPlan, discard_budget
+from .core import BodyCounter, IncomingRequest, UpstreamPlan, client_stalled, discard_budget
 from .drain import DRAIN
 from .errors import (
     ClientDisconnected,
@@ -44,6 +44,9 @@ T = TypeVar("T")
 # Set by dualproxy's a2wsgi bridge: a threading.Event raised when the ASGI
 # server reports the client gone (WSGI itself has no way to say so).
 CLIENT_GONE_KEY = "dualproxy.client_gone"
+# Set by the face in the bridge's ASGI scope: its client_timeout, which the bridge
+# applies to each receive() of the request body (a2wsgi's reads have no timeout).
+CLIENT_TIMEOUT_KEY = "dualproxy.client_timeout"
 
 
 def _environ_headers(environ: Environ) -> list[tuple[bytes, bytes]]:
@@ -173,14 +176,22 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         counter: BodyCounter | None = None
         body_input: Any = None
         content: Iterator[bytes] | None = None
-        if plan.has_body:
-            counter = BodyCounter(plan, self.config)
-            body_input = request_body_input(environ)
-            content = _request_body(body_input, counter, self.config.chunk_size, record)
         client_sock = environ.get("gunicorn.socket")
         if not isinstance(client_sock, socket.socket):
             client_sock = None
         gone = environ.get(CLIENT_GONE_KEY)
+        restore_timeout: float | None = None
+        if plan.has_body:
+            counter = BodyCounter(plan, self.config)
+            body_input = request_body_input(environ)
+            content = _request_body(body_input, counter, self.config.chunk_size, record,
+                                    self.config.client_timeout)
+            seconds = self.config.client_timeout
+            if client_sock is not None:  # gunicorn: its reads of the body time out
+                restore_timeout = client_sock.gettimeout()
+                client_sock.settimeout(seconds)
+            elif gone is not None:  # the bridge: it times each receive() out
+                environ["asgi.scope"][CLIENT_TIMEOUT_KEY] = seconds
         stop_fd = DRAIN.wake_fd() if DRAIN.armed else None
         watch = (ClientWatch(client_sock, gone, stop_fd)
                  if client_sock is not None or gone is not None or stop_fd is not None
@@ -215,6 +226,10 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         finally:
             if upload is not None:
                 DRAIN.leave(upload)
+            if client_sock is not None and plan.has_body:
+                # The upload is over (or stopped by an early answer): the response's
+                # writes wait for a slow reader as long as it takes.
+                client_sock.settimeout(restore_timeout)
         try:
             head = run_response_hooks(self.config.response_hooks, plan,
                                       self.response_head(record, plan, request, response))
@@ -400,14 +415,15 @@ def _discard(stream: Any, budget: int, chunk_size: int) -> None:
 
 
 def _request_body(
-    stream: Any, counter: BodyCounter, chunk_size: int, record: RequestRecord
+    stream: Any, counter: BodyCounter, chunk_size: int, record: RequestRecord,
+    client_timeout: float,
 ) -> Iterator[bytes]:
     """Read `wsgi.input` in chunks as httpx asks for them.
 
     gunicorn's `read(n)` blocks until n bytes or the end, so n stays modest and
     never exceeds what Content-Length still promises. A read that fails (client
-    reset, malformed chunking) or ends short aborts the upload: the upstream
-    never sees a cut body completed.
+    reset, malformed chunking), times out (`client_timeout`, core.client_stalled)
+    or ends short aborts the upload: the upstream never sees a cut body completed.
     """
     if isinstance(stream, GunicornLengthInput):
         chunk_size = max(chunk_size, DIRECT_READ)  # its reads never wait for a full piece
@@ -418,8 +434,10 @@ def _request_body(
             break
         try:
             chunk = stream.read(size)
-        except ClientDisconnected:
+        except (ClientDisconnected, ProxyError):  # the bridge's, raised in this thread
             raise
+        except TimeoutError:  # the client socket's timeout (gunicorn)
+            raise client_stalled(client_timeout) from None
         except Exception as exc:
             raise IncompleteBody(f"reading the request body failed: {describe(exc)}") from exc
         if not chunk:

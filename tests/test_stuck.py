@@ -17,13 +17,16 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from dualproxy.config import ProxyConfig
 from tests.conftest import MakeProxy, ProxyProcess, free_port
 from tests.rawhttp import Reader, connect, read_head, read_response, wait_until
 from tests.test_failures import assert_problem
+from tests.upstream import Upstream
 
 IN_FLIGHT = "dualproxy_requests_in_flight"
 IN_USE = "dualproxy_pool_connections_in_use"
@@ -162,3 +165,39 @@ def test_upstream_cutting_a_body_is_one_warning(proxy: ProxyProcess, rid: str) -
     warnings = [line for line in lines if "WARNING" in line]
     assert len(warnings) == 1 and target in warnings[0], lines
     assert not [line for line in lines if "ERROR" in line], lines
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_stalled_upload_is_408_and_aborted_upstream(
+        make_proxy: MakeProxy, upstream: Upstream, rid: str, chunked: bool) -> None:
+    """--client-timeout 1: a client that sends 10 kB of its body and then nothing gets a
+    408 problem answer, and the upstream request is aborted, never completed."""
+    proxy = make_proxy("--client-timeout", "1")
+    framing = "Transfer-Encoding: chunked" if chunked else "Content-Length: 100000"
+    piece = b"u" * 10_000
+    with connect(proxy.port, timeout=20) as sock:
+        sock.sendall(f"POST /stall/{rid} HTTP/1.1\r\nHost: proxy.test\r\nx-req-id: {rid}\r\n"
+                     f"{framing}\r\n\r\n".encode()
+                     + (b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece))
+        resp = read_response(Reader(sock), "POST")
+    assert_problem(resp, 408)
+    rec = upstream.wait_record(rid, complete=False)
+    assert rec.aborted and not rec.complete, rec
+    assert rec.body_length <= len(piece)
+    assert proxy.alive()
+
+
+def test_client_timeout_in_the_api_and_the_config_file(tmp_path: Path, upstream: Upstream
+                                                       ) -> None:
+    from dualproxy import AsyncProxy, SyncProxy
+    from dualproxy.cli import load_config_file
+
+    assert AsyncProxy(upstream.url, client_timeout=5).config.client_timeout == 5
+    assert SyncProxy(upstream.url).config.client_timeout == 60  # nginx's default
+    with pytest.raises(ValueError, match="positive"):
+        ProxyConfig(upstream.url, client_timeout=0)
+    path = tmp_path / "routes.toml"
+    path.write_text(f'[[route]]\nmount = "/a"\nupstream = "{upstream.url}"\n'
+                    "client_timeout = 7.5\n")
+    _, routes = load_config_file(str(path), ["serve", "--config", str(path)])
+    assert routes[0]["client_timeout"] == 7.5
