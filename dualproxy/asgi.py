@@ -10,6 +10,7 @@ exchange at once, which closes the upstream connection and frees its pool slot.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -83,19 +84,18 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         return make_async_client(self.config)
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
-        client = self.client
-        if self._transport is not None:
-            return await self._transport.handle_async_request(request)
-        return await client.send(request, stream=True)
+        return await _send_via(self.client, self._transport, request)
 
-    def _start_health(self) -> Any:
+    def _start_health(self, client: httpx.AsyncClient,
+                      transport: httpx.AsyncBaseTransport | None) -> Any:
         from .health import HealthTask
 
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # the client was made outside a loop: no task to start
             return None
-        return HealthTask(self.config, self.balancer, self._send)
+        return HealthTask(self.config, self.balancer,
+                          functools.partial(_send_via, client, transport))
 
     async def aclose(self) -> None:
         """Close the client if this proxy created it."""
@@ -288,6 +288,14 @@ class DrainCut:
         if not self.record.responded and not self.task.done():
             self.record.shutdown = True
             self.task.cancel()
+
+
+async def _send_via(client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport | None,
+                    request: httpx.Request) -> httpx.Response:
+    """Send through dualproxy's transport directly when the face made it, else the client."""
+    if transport is not None:
+        return await transport.handle_async_request(request)
+    return await client.send(request, stream=True)
 
 
 async def _request_body(

@@ -138,31 +138,35 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         inside the running loop for the async face)."""
         client = self._client
         if client is None:
-            started = False
             with self._lock:
                 if self._client is None:
-                    self._client, self._transport = self._new_client()
-                    started = True
+                    self._client, self._transport = client, transport = self._new_client()
+                    # One prober per balancer (a WSGI face and its WebSocket twin share
+                    # one), started with the client, under the lock `_detach_client`
+                    # takes: a close racing this access stops what it started.
+                    if self.config.health_path is not None and self.balancer.prober is None:
+                        self._health = self.balancer.prober = \
+                            self._start_health(client, transport)
                 client = self._client
-            # One prober per balancer (a WSGI face and its WebSocket twin share one).
-            if started and self.config.health_path is not None \
-                    and self.balancer.prober is None:
-                self._health = self.balancer.prober = self._start_health()
         return client
 
-    def _start_health(self) -> Any:
-        """The active health prober (health.py) of this face, started (or None)."""
+    def _start_health(self, client: ClientT, transport: TransportT | None) -> Any:
+        """The active health prober (health.py) of this face, started (or None). It
+        probes through this `client` or `transport`, never through `self.client`: a
+        probe in flight when the face closes must not make a new client (and a new
+        prober with it)."""
         raise NotImplementedError
 
     def _detach_client(self) -> ClientT | None:
         """The client to close, when this proxy created it; the next request makes another."""
-        health, self._health = self._health, None
-        if health is not None:
-            health.stop()
-            self.balancer.prober = None
-        client = self._client if self._owns_client else None
-        if client is not None:
-            self._client = self._transport = None
+        with self._lock:
+            health, self._health = self._health, None
+            if health is not None:
+                health.stop()
+                self.balancer.prober = None
+            client = self._client if self._owns_client else None
+            if client is not None:
+                self._client = self._transport = None
         return client
 
     # -- the steps of one request, in order ---------------------------------------------

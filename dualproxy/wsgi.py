@@ -8,6 +8,7 @@ call when the client goes away) closes the upstream response at once.
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -134,15 +135,14 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         return make_sync_client(self.config)
 
     def _send(self, request: httpx.Request) -> httpx.Response:
-        client = self.client
-        if self._transport is not None:
-            return self._transport.handle_request(request)
-        return client.send(request, stream=True)
+        return _send_via(self.client, self._transport, request)
 
-    def _start_health(self) -> Any:
+    def _start_health(self, client: httpx.Client, transport: httpx.BaseTransport | None
+                      ) -> Any:
         from .health import HealthThread
 
-        return HealthThread(self.config, self.balancer, self._send)
+        return HealthThread(self.config, self.balancer,
+                            functools.partial(_send_via, client, transport))
 
     def close(self) -> None:
         """Close the client if this proxy created it."""
@@ -400,6 +400,14 @@ class ResponseBody:
         except IndexError:
             return
         self.finish(self.record)
+
+
+def _send_via(client: httpx.Client, transport: httpx.BaseTransport | None,
+              request: httpx.Request) -> httpx.Response:
+    """Send through dualproxy's transport directly when the face made it, else the client."""
+    if transport is not None:
+        return transport.handle_request(request)
+    return client.send(request, stream=True)
 
 
 def _discard(stream: Any, budget: int, chunk_size: int) -> None:

@@ -201,3 +201,35 @@ def test_client_timeout_in_the_api_and_the_config_file(tmp_path: Path, upstream:
                     "client_timeout = 7.5\n")
     _, routes = load_config_file(str(path), ["serve", "--config", str(path)])
     assert routes[0]["client_timeout"] == 7.5
+
+
+def test_a_probe_in_flight_at_close_starts_no_new_prober(upstream: Upstream) -> None:
+    """close() lands while the health prober is sending (its thread, or its task whose
+    cancellation the connect path swallowed): that probe must not make a new client,
+    and with it a new prober that nothing will ever stop."""
+    import asyncio
+
+    from dualproxy import AsyncProxy, SyncProxy
+    from dualproxy.health import probe_request
+
+    sync = SyncProxy(upstream.url, health_path="/h", health_interval=30)
+    _ = sync.client
+    thread = sync._health
+    assert thread is not None
+    sync.close()
+    thread._send(probe_request(sync.config, sync.config.upstreams[0])).close()
+    assert sync._client is None and sync.balancer.prober is None
+    sync.close()
+
+    async def on_a_loop() -> None:
+        proxy = AsyncProxy(upstream.url, health_path="/h", health_interval=30)
+        _ = proxy.client
+        task = proxy._health
+        assert task is not None
+        await proxy.aclose()
+        response = await task._send(probe_request(proxy.config, proxy.config.upstreams[0]))
+        await response.aclose()
+        assert proxy._client is None and proxy.balancer.prober is None
+        await proxy.aclose()
+
+    asyncio.run(on_a_loop())
