@@ -133,13 +133,14 @@ class _BoundedServer(HTTPServer):
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]
                  ) -> None:
-        super().__init__(address, handler)
+        # Made before binding: a bind that fails calls server_close().
         self._idle: dict[socket.socket, tuple[Any, float]] = {}  # -> (address, deadline)
         self._busy = threading.BoundedSemaphore(HANDLERS)
         self._pool = ThreadPoolExecutor(HANDLERS, thread_name_prefix="dualproxy-metrics")
         self._selector = selectors.DefaultSelector()
         self._stop_r, self._stop_w = socket.socketpair()
         self._stopped = threading.Event()
+        super().__init__(address, handler)
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         selector = self._selector
