@@ -1,15 +1,17 @@
 """The test matrix and the other sessions.
 
 `nox` runs the default sessions: the suite for every face x server pairing,
-ruff, and mypy --strict. One cell alone:
+ruff, mypy --strict, and the docs site's strict build. One cell alone:
 `nox -s "tests(wsgi-gunicorn)"`.
 """
 
 from __future__ import annotations
 
+import os
+
 import nox
 
-nox.options.sessions = ["tests", "lint", "types"]
+nox.options.sessions = ["tests", "lint", "types", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 PAIRINGS = [("asgi", "uvicorn"), ("wsgi", "gunicorn"), ("wsgi", "uvicorn"), ("asgi", "gunicorn")]
@@ -32,9 +34,9 @@ def tests(session: nox.Session, adapter: str, server: str) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff over the package, tests, examples and this file."""
+    """ruff over the package, tests, examples, the docs hooks and this file."""
     session.install("ruff>=0.5")
-    session.run("ruff", "check", "dualproxy", "tests", "examples", "noxfile.py")
+    session.run("ruff", "check", "dualproxy", "tests", "examples", "docs/hooks", "noxfile.py")
 
 
 @nox.session
@@ -42,6 +44,20 @@ def types(session: nox.Session) -> None:
     """mypy --strict on the package."""
     session.install("-e", ".[dev]")
     session.run("mypy", "--strict", "dualproxy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site (mkdocs.yml) with --strict: a broken link or anchor,
+    a page left out of the nav or a missing included file fails. The CLI reference is
+    rendered from the parser as it builds. `nox -s docs -- serve` to preview it instead."""
+    session.install("-e", ".[docs]")
+    env = {"NO_MKDOCS_2_WARNING": "1"}  # material's banner about its successor, every build
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", *session.posargs[1:], env=env)
+        return
+    site = os.path.join(session.create_tmp(), "site")
+    session.run("mkdocs", "build", "--strict", "--site-dir", site, env=env)
 
 
 @nox.session
@@ -58,7 +74,8 @@ def bench(session: nox.Session) -> None:
     `nox -s bench -- --quick` for a short run, `-- --only dp-asgi seed` for some
     contestants, `-- --ws-only` / `-- --no-ws` for the WebSocket rows alone or none,
     `-- --baseline-tree DIR` to run dualproxy from another checkout in the same run
-    (dp-asgi-before, dp-wsgi-before). Uses wrk and nginx when installed
+    (dp-asgi-before, dp-wsgi-before), `-- --chart bench/results/latest.json` to redraw
+    the chart from a results file without measuring. Uses wrk and nginx when installed
     (`apt-get install wrk nginx-light`), else built-in stand-ins. Writes
     bench/results/latest.{json,png}; a full run also copies the chart to
     docs/bench.png for the README. The peers (fastapi-proxy-lib, werkzeug via

@@ -464,7 +464,7 @@ def upload(url: str, path: Path, chunked: bool) -> Transfer:
 class Contestant:
     key: str
     name: str
-    face: str  # asgi, wsgi, or "-" for the direct reference row
+    face: str  # asgi, wsgi, or "-" for a reference row (direct, a server's ceiling)
     args: Callable[[int], list[str]]  # port -> command line
     dualproxy: bool = False
     workers: int = 1
@@ -494,6 +494,11 @@ def contestants(upstream: str, baseline: Path | None = None,
     return [
         Contestant("direct", "no proxy (straight to the upstream)", "-", lambda port: [],
                    direct=True),
+        # The servers alone: what any face could reach on each (small GETs only).
+        Contestant("ceiling-uvicorn", "uvicorn alone (hello world)", "-",
+                   uvicorn("bench.contestants.hello:asgi"), small_only=True),
+        Contestant("ceiling-gunicorn", "gunicorn gthread alone (hello world)", "-",
+                   gunicorn("bench.contestants.hello:wsgi"), small_only=True),
         Contestant("dp-asgi", "dualproxy asgi (uvicorn)", "asgi", dp(), dualproxy=True),
         Contestant("dp-asgi-log", "dualproxy asgi (uvicorn), access log on", "asgi",
                    dp(access_log=True), dualproxy=True, paired=dp()),
@@ -861,46 +866,137 @@ def targets(by: dict[str, Result], quick: bool,
     return out
 
 
-def chart(results: list[Result], path: Path, subtitle: str, size_label: str) -> bool:
+# What the chart draws: (title, attribute, the step whose failure blanks it). Each panel
+# lists only the rows that have that figure, so rows measured for small GETs alone (2
+# workers, pools, the access-log pairs, the servers' ceilings) leave no empty slots.
+HTTP_PANELS = [("small GET req/s (32 connections)", "rps", "small GETs"),
+               ("small GET p99 ms (lower is better)", "p99_ms", "small GETs"),
+               ("{size} download MB/s", "down_mbs", "download"),
+               ("{size} upload MB/s (Content-Length)", "up_mbs", "upload")]
+WS_PANELS = [("WebSocket msg/s (32 sockets, 32-byte messages)", "msgs_per_s", "small messages"),
+             ("WebSocket 1 MiB messages MB/s", "big_mbs", "1 MiB messages")]
+WS_REFERENCES = ("direct", "nginx")  # the WebSocket rows' yardsticks, drawn as references
+COLORS = {"dualproxy": "#1f6fb5", "peer": "#8a8a8a", "reference": "#d9d9d9"}
+# A reference bar this many times the largest other bar is cut at the panel's edge (with
+# its value written), so the proxies' bars stay readable next to direct and a bare server.
+OFF_SCALE = 2.5
+
+Bar = tuple[str, float | None, str]  # (row name, value or None when that step failed, kind)
+
+
+def http_bars(results: list[Result], attr: str, step_name: str) -> list[Bar]:
+    bars: list[Bar] = []
+    for r in results:
+        if r.status != "ok":
+            continue
+        kind = "reference" if r.face == "-" else "dualproxy" if r.dualproxy else "peer"
+        v = value(r, attr)
+        if v is not None or step_name in r.failures:
+            bars.append((r.name, v, kind))
+    return bars
+
+
+def ws_bars(rows: list[dict[str, Any]], attr: str, step_name: str) -> list[Bar]:
+    bars: list[Bar] = []
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        kind = ("reference" if r["key"] in WS_REFERENCES else
+                "dualproxy" if r["key"].startswith("dp-") else "peer")
+        v = r.get(attr)
+        failed = step_name in r.get("failures", {})
+        if v is not None and not failed and not math.isnan(v):
+            bars.append((r["name"], float(v), kind))
+        elif failed:
+            bars.append((r["name"], None, kind))
+    return bars
+
+
+def draw_panel(ax: Any, title: str, bars: list[Bar]) -> None:
+    """Horizontal bars, one per row that has the figure, each labelled with its value."""
+    values = [v or 0.0 for _, v, _ in bars]
+    others = [v or 0.0 for _, v, kind in bars if kind != "reference"]
+    top = max(values, default=1.0) or 1.0
+    if others and max(others) > 0 and top > OFF_SCALE * max(others):
+        top = max(others) * 1.3
+    limit = top * 1.22
+    ys = range(len(bars))
+    shown = [min(v, top) for v in values]
+    for y, (_, v, kind), width in zip(ys, bars, shown, strict=True):
+        reference = kind == "reference"
+        ax.barh(y, width, color=COLORS[kind], hatch="//" if reference else None,
+                edgecolor="#8a8a8a" if reference else "none", linewidth=0)
+        label = "failed" if v is None else f"{v:,.1f}" if v < 20 else f"{v:,.0f}"
+        if v is not None and v > top:
+            label += " (off scale)"
+        ax.text(width + limit * 0.01, y, label, va="center", fontsize=8)
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([name for name, _, _ in bars], fontsize=8)
+    ax.set_ylim(len(bars) - 0.5, -0.5)
+    ax.set_xlim(0, limit)
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x:,.0f}")
+
+
+def chart(results: list[Result], path: Path, subtitle: str, size_label: str,
+          websocket: list[dict[str, Any]] | None = None) -> bool:
+    """The bar chart of one run: the HTTP panels, then the WebSocket ones; a panel no row
+    has a figure for is left out."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
         print("matplotlib not installed: no chart")
         return False
-    # The direct row (tens of thousands of req/s) would flatten every proxy's bar: table only.
-    rows = [r for r in results if r.status == "ok" and r.face != "-"]
-    transfers = [r for r in rows if r.workers == 1 and not r.key.endswith(("-log", "-pool"))]
-    panels = [("rps", "small GET req/s (32 connections)", rows),
-              ("down_mbs", f"{size_label} download MB/s", transfers),
-              ("up_mbs", f"{size_label} upload MB/s (Content-Length)", transfers)]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 6), gridspec_kw={"wspace": 0.08})
-    names = [r.name for r in rows]
-    for ax, (attr, title, subset) in zip(axes, panels, strict=True):
-        ys = [names.index(r.name) for r in subset]
-        vals = [value(r, attr) or 0.0 for r in subset]
-        colors = ["#1f6fb5" if r.dualproxy else "#8a8a8a" for r in subset]
-        ax.barh(ys, vals, color=colors)
-        ax.set_yticks(range(len(names)))
-        ax.set_yticklabels(names if attr == "rps" else [""] * len(names))
-        ax.set_ylim(len(names) - 0.5, -0.5)
-        ax.set_title(title)
-        top = max(vals, default=1) or 1
-        ax.set_xlim(0, top * 1.22)
-        for y, v, r in zip(ys, vals, subset, strict=True):
-            failed = {"rps": "small GETs", "down_mbs": "download", "up_mbs": "upload"}[attr]
-            label = "failed" if failed in r.failures else f"{v:,.0f}"
-            ax.text(v + top * 0.01, y, label, va="center", fontsize=8)
-        ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle("dualproxy (blue) and the usual alternatives, one run on a shared 2-core "
-                 f"machine\n{subtitle}", fontsize=11)
-    fig.subplots_adjust(left=0.15, right=0.99, top=0.86, bottom=0.06)
+    panels = [(title.format(size=size_label), http_bars(results, attr, step_name))
+              for title, attr, step_name in HTTP_PANELS]
+    panels += [(title, ws_bars(websocket or [], attr, step_name))
+               for title, attr, step_name in WS_PANELS]
+    panels = [(title, bars) for title, bars in panels if bars]
+    if not panels:
+        print("nothing measured: no chart")
+        return False
+    rows = math.ceil(len(panels) / 2)
+    heights = [max(len(panels[i][1]), len(panels[i + 1][1]) if i + 1 < len(panels) else 0)
+               for i in range(0, len(panels), 2)]
+    fig, axes = plt.subplots(rows, 2, figsize=(16, 1.2 + 0.32 * sum(heights) + 0.9 * rows),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (title, bars) in zip(axes.flat, panels, strict=False):
+        draw_panel(ax, title, bars)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.legend(handles=[Patch(color=COLORS["dualproxy"], label="dualproxy"),
+                        Patch(color=COLORS["peer"], label="the usual alternatives"),
+                        Patch(facecolor=COLORS["reference"], edgecolor="#8a8a8a", hatch="//",
+                              label="references: no proxy, a server alone, nginx")],
+               loc="upper right", bbox_to_anchor=(0.98, 0.985), ncol=3, fontsize=8,
+               frameon=False)
+    fig.suptitle("dualproxy and the usual alternatives, one run on a shared 2-core machine\n"
+                 f"{subtitle}", fontsize=11, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.97 - 0.2 / fig.get_figheight()))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
+
+
+def chart_from_json(json_path: Path, png_path: Path) -> bool:
+    """Draw the chart again from a results file (latest.json or latest-ws.json)."""
+    doc = json.loads(json_path.read_text())
+    known = {f for f in Result.__dataclass_fields__}
+    results = [Result(**{k: v for k, v in r.items() if k in known})
+               for r in doc.get("results", [])]
+    size = doc.get("transfer_bytes")
+    size_label = f"{size // MiB} MiB" if size else "100 MiB"
+    subtitle = ", ".join(str(doc[k]) for k in ("started", "upstream") if doc.get(k)) or \
+        json_path.name
+    if doc.get("loadgen"):
+        subtitle += f", {doc['loadgen'].split(' (')[0]}, {size_label} transfers"
+    return chart(results, png_path, subtitle, size_label, doc.get("websocket") or [])
 
 
 # -- WebSocket rows (bench/wsbench.py) ----------------------------------------------------------
@@ -939,7 +1035,8 @@ def ws_only(opts: argparse.Namespace) -> int:
     path.write_text(json.dumps({"quick": opts.quick, "seconds": opts.seconds, "cpus":
                                 os.cpu_count(), "websocket": doc, "report": text},
                                indent=2, default=str))
-    print(f"\nwrote {path}")
+    drawn = chart([], path.with_suffix(".png"), "WebSocket rows only (--ws-only)", "", doc)
+    print(f"\nwrote {path}" + (f" and {path.with_suffix('.png')}" if drawn else ""))
     return 0
 
 
@@ -952,7 +1049,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="3 s loads and 16 MiB transfers, no 1 GiB memory check")
     parser.add_argument("--only", nargs="+", action="extend", default=[], metavar="NAME",
-                        help="only contestants with this key (direct, dp-asgi, dp-asgi-log, "
+                        help="only contestants with this key (direct, ceiling-uvicorn, "
+                             "ceiling-gunicorn, dp-asgi, dp-asgi-log, "
                              "dp-wsgi, dp-wsgi-log, seed, fpl, twin, werkzeug, dp-asgi-pool, "
                              "dp-wsgi-pool, dp-asgi-2w, "
                              "dp-wsgi-2w, and with "
@@ -973,7 +1071,16 @@ def main() -> int:
                              "dp-wsgi-before) and print after/before ratios")
     parser.add_argument("--no-docs", action="store_true",
                         help="do not copy the chart to docs/bench.png after a full run")
+    parser.add_argument("--chart", type=Path, default=None, metavar="RESULTS.json",
+                        help="measure nothing: draw the chart again from this results file "
+                             "(latest.json) into --out/latest.png")
     opts = parser.parse_args()
+    if opts.chart is not None:
+        png = Path(opts.out) / "latest.png"
+        if not chart_from_json(opts.chart, png):
+            return 1
+        print(f"wrote {png}")
+        return 0
     if opts.stand_ins:
         TOOLS.clear()
     opts.seconds = opts.seconds or (3 if opts.quick else 8)
@@ -1072,7 +1179,7 @@ def main() -> int:
     json_path.write_text(json.dumps(doc, indent=2, allow_nan=False, default=str))
     tool = loadgen_name().split(" (")[0]
     drawn = chart(results, png_path, f"{started}, {upstream.kind}, {tool}, {big_label} transfers",
-                  big_label)
+                  big_label, ws_doc)
     print(f"\nwrote {json_path}" + (f" and {png_path}" if drawn else ""))
     full = not (opts.quick or opts.only or interrupted or opts.no_docs)
     if drawn and full:

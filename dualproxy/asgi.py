@@ -31,6 +31,7 @@ from .errors import (
 from .face import ProxyFace, make_async_client
 from .hooks import arun_request_hooks, arun_response_hooks
 from .logs import RequestRecord
+from .target import app_mount
 from .types import ASGIApp, Receive, Scope, Send
 from .upstreams import Upstream
 
@@ -46,11 +47,10 @@ def incoming_from_scope(scope: Scope) -> IncomingRequest:
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
     query: bytes = scope.get("query_string", b"")
     target = raw_path + b"?" + query if query else raw_path
-    root = scope.get("root_path", "").encode("utf-8")
     # Starlette's Mount keeps the full path and sets root_path to the prefix;
     # uvicorn's --root-path puts the prefix in raw_path too (0.54; some older
-    # releases did not). Only a prefix the raw path really starts with is a mount.
-    mount = root.rstrip(b"/") if root and raw_path.startswith(root) else b""
+    # releases did not): only a prefix the raw path carries is a mount.
+    mount = app_mount(raw_path, scope.get("root_path", "").encode("utf-8"))
     client = scope.get("client")
     scheme: str = scope.get("scheme", "http")
     return IncomingRequest(

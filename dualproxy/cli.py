@@ -131,6 +131,8 @@ TOML_TYPES: dict[Any, tuple[type, ...]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, built without side effects: `main` parses with it and the
+    docs render their CLI reference from it (docs/hooks/cli_reference.py)."""
     parser = _Parser(
         prog="dualproxy",
         description="A streaming reverse proxy with a WSGI and an ASGI face.",
@@ -188,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--preserve-host", action="store_true",
                        help="send the client's Host upstream instead of the upstream's "
                             "authority (default: off)")
+    serve.add_argument("--underscores-in-headers", action="store_true",
+                       help="forward request header names containing '_' (X_Api_Key); by "
+                            "default they are dropped, as nginx's underscores_in_headers off: "
+                            "a WSGI upstream reads X_Forwarded_For as X-Forwarded-For. "
+                            "gunicorn's WSGI face drops them whatever this says (its environ "
+                            "cannot tell _ from -) (default: dropped)")
     serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
                        help="peer whose X-Forwarded-*/Forwarded headers are kept and appended "
                             "to; repeatable (default: none, they are dropped)")
@@ -274,6 +282,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "ws_max_size": args.ws_max_size,
         "ws_idle_timeout": args.ws_idle_timeout,
         "preserve_host": args.preserve_host,
+        "underscores_in_headers": args.underscores_in_headers,
         "trusted_proxies": args.trusted_proxy,
         "max_connections": args.max_connections,
         "pool_timeout": args.pool_timeout,

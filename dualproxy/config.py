@@ -112,6 +112,9 @@ class ProxyConfig:
     add_response_headers: tuple[tuple[bytes, bytes], ...] = ()
     remove_response_headers: frozenset[bytes] = frozenset()
     rewrite_redirects: bool = True
+    # Forward request header names containing `_` (nginx's underscores_in_headers);
+    # off, they are dropped: a WSGI upstream reads X_Forwarded_For as X-Forwarded-For.
+    underscores_in_headers: bool = False
     rewrite_cookie_path: bool = False
     cookie_domain: str | None = None
     max_connections: int = 100

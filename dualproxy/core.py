@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import http.cookiejar
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -25,12 +25,13 @@ from .errors import (
     BodyTooLarge,
     ClientTimeout,
     IncompleteBody,
+    MountRedirect,
     ProxyError,
     ShuttingDown,
 )
 from .framing import Framing, FramingError, parse_framing
 from .headers import Header, check_request_headers, request_headers, response_headers
-from .target import upstream_target
+from .target import mount_redirect, target_authority, upstream_target
 from .upstreams import NOTHING_SENT, UPSTREAM, Upstream
 
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -101,8 +102,14 @@ def request_mount(config: ProxyConfig, incoming: IncomingRequest) -> bytes:
     return config.mount.encode("latin-1") if config.mount else incoming.mount
 
 
-def plan_request(config: ProxyConfig, incoming: IncomingRequest) -> UpstreamPlan:
-    """Decide the upstream request. Raises a ProxyError (400/404/413/414/431)."""
+def plan_request(config: ProxyConfig, incoming: IncomingRequest,
+                 routes: Sequence[bytes] = ()) -> UpstreamPlan:
+    """Decide the upstream request. Raises a ProxyError (400/404/413/414/431, and
+    301/308 for the mount without its slash).
+
+    `routes`: the mounts of every route of the app this proxy is one route of
+    (router.py), so the one routing rule (`target.choose_mount`) sees them all.
+    """
     if incoming.http_version == "0.9":
         # A request line without a version (httptools takes `GET /x` followed by
         # a bare LF, header lines and all): never forwarded as an HTTP/1.1 request.
@@ -111,13 +118,20 @@ def plan_request(config: ProxyConfig, incoming: IncomingRequest) -> UpstreamPlan
                           require_host=incoming.http_version == "1.1")
     mount = request_mount(config, incoming)
     target = upstream_target(incoming.target, mount, config.upstream_base,
-                             config.max_target_bytes)
+                             config.max_target_bytes, routes)
+    if config.mount:  # a mount the proxy owns (an app's own routing is the app's)
+        location = mount_redirect(incoming.target, mount)
+        if location is not None:
+            raise MountRedirect(location, incoming.method)
     content_length, chunked = _request_framing(incoming.headers)
     limit = config.max_body_size
     if content_length is not None and limit is not None and content_length > limit:
         raise BodyTooLarge(f"request body larger than {limit} bytes")
+    # RFC 9112 3.2.2: an absolute-form target's authority, not Host, names the host
+    # the client asked for (for preserve_host and X-Forwarded-Host alike).
     headers = request_headers(incoming.headers, config, peer=incoming.peer,
-                              scheme=incoming.scheme)
+                              scheme=incoming.scheme,
+                              authority=target_authority(incoming.target))
     # RFC 9112 6.1/6.2: a length is forwarded as sent; anything else streams
     # chunked; no framing header at all when the client sent no body.
     if content_length is not None:

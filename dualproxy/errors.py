@@ -80,6 +80,27 @@ class ClientTimeout(ProxyError):
     close_connection = True
 
 
+class MountRedirect(ProxyError):
+    """The mount named without its trailing slash (`/api`): the proxy's own redirect
+    to `/api/`, query kept, as nginx and Starlette's Mount answer; relative links
+    in the upstream's answer then resolve under the mount.
+
+    GET and HEAD get 301 (the permanent redirect every client and cache knows);
+    other methods 308, which forbids turning a POST into a GET (RFC 9110 15.4).
+    """
+
+    def __init__(self, location: bytes, method: str) -> None:
+        super().__init__(f"the mount is {location.decode('latin-1')}")
+        self.status = 301 if method in ("GET", "HEAD") else 308
+        self.location = location
+
+    def body(self) -> bytes:
+        return b""
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"location", self.location), (b"content-length", b"0")]
+
+
 class BodyTooLarge(ProxyError):
     status = 413
     close_connection = True

@@ -98,6 +98,8 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         self._owns_client = client is None
         self._lock = threading.Lock()
         self._health: Any = None  # the active health prober, started with the client
+        # Every mount of the router this proxy is a route of (set by router.py).
+        self.routes: tuple[bytes, ...] = ()
         if client is not None:
             disable_cookies(client)
         else:
@@ -183,7 +185,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
 
     def plan(self, incoming: IncomingRequest) -> UpstreamPlan:
         """The core's upstream plan (ProxyError: refuse; NotProxied: outside the mount)."""
-        return plan_request(self.config, incoming)
+        return plan_request(self.config, incoming, self.routes)
 
     def choose(self, record: RequestRecord) -> Upstream:
         """The upstream for the first attempt, counted in flight until `finish`

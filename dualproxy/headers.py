@@ -39,8 +39,18 @@ _RESPONSE_OWNED = frozenset({b"date", b"server"})
 
 _TOKEN = FIELD_NAME
 _BAD_VALUE = BAD_FIELD_VALUE
-# RFC 9112 3.2 / RFC 3986 3.2.2: uri-host [ ":" port ], reg-name or IP literal.
-_HOST = re.compile(rb"(\[[0-9A-Za-z:.]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(:[0-9]*)?\Z")
+# RFC 9112 3.2 / RFC 3986 3.2.2: uri-host [ ":" port ], reg-name or IP literal; never
+# empty (RFC 9110 4.2.1: an http URI with an empty host is invalid, so a Host naming
+# one is a 400 for RFC 9112 3.2).
+_HOST = re.compile(rb"(\[[0-9A-Za-z:.]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]+)(:[0-9]*)?\Z")
+# RFC 7239 4: Forwarded = 1#forwarded-element, an element `[pair] *(";" [pair])`, a pair
+# `token "=" ( token / quoted-string )` (RFC 9110 5.6.4 quoting).
+_FIELD_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = rb'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[^\x00-\x08\x0a-\x1f\x7f])*"'
+_PAIR = _FIELD_TOKEN + rb"=(?:" + _FIELD_TOKEN + rb"|" + _QUOTED + rb")"
+# One pair (or none) and the separator after it; a loop over these is linear
+# (a single regex for the whole list backtracks exponentially on a bad value).
+_FORWARDED_PIECE = re.compile(rb"[ \t]*(?:" + _PAIR + rb"[ \t]*)?([;,]|\Z)")
 
 
 def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
@@ -71,8 +81,8 @@ def check_request_headers(headers: Sequence[Header], config: ProxyConfig, *,
         if not _TOKEN.match(name) or _BAD_VALUE.search(value):
             raise BadRequest("malformed request header")
         if name == b"host":
-            # RFC 9112 3.2: more than one Host, or an invalid one, is a 400 (gunicorn
-            # says so itself, uvicorn does not: decide it here for every server).
+            # RFC 9112 3.2: more than one Host, or an invalid (or empty) one, is a 400
+            # (gunicorn says so itself, uvicorn does not: decide it here for every server).
             hosts += 1
             if hosts > 1 or not _HOST.match(value):
                 raise BadRequest("more than one Host header, or an invalid one")
@@ -96,6 +106,23 @@ def _quote_if_needed(value: bytes) -> bytes:
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
+def well_formed_forwarded(value: bytes) -> bool:
+    """Does `value` follow RFC 7239's grammar (an unterminated quote does not)?"""
+    pos = 0
+    while True:
+        match = _FORWARDED_PIECE.match(value, pos)
+        if match is None:
+            return False
+        if not match[1]:  # the end of the value
+            return True
+        pos = match.end()
+
+
+def valid_authority(value: bytes) -> bool:
+    """Is `value` a Host as RFC 9112 3.2 allows it (uri-host [":" port], not empty)?"""
+    return _HOST.match(value) is not None
+
+
 def request_headers(
     headers: Sequence[Header],
     config: ProxyConfig,
@@ -103,12 +130,19 @@ def request_headers(
     peer: str | None,
     scheme: str,
     te_trailers: bool | None = None,
+    authority: bytes | None = None,
 ) -> list[Header]:
     """The header list to send upstream, minus framing (the caller adds that).
 
     Host comes first: the upstream's authority, or the client's with
     preserve_host. Forwarding headers are regenerated from the real peer and the
-    client's own are kept (appended to) only when that peer is trusted.
+    client's own are kept (appended to) only when that peer is trusted, a
+    malformed `Forwarded` line dropped (its open quote would swallow ours).
+    `authority`: an absolute-form target's, which RFC 9112 3.2.2 puts before
+    the Host header (the client's host for preserve_host and X-Forwarded-Host).
+    Names with `_` are dropped unless config.underscores_in_headers (nginx's
+    `underscores_in_headers off`): a WSGI upstream would read `X_Forwarded_For`
+    as X-Forwarded-For.
     """
     named = connection_tokens(headers)
     trusted = config.is_trusted(peer)
@@ -120,7 +154,10 @@ def request_headers(
     wants_trailers = False
     out: list[Header] = []
     remove = config.remove_request_headers
+    underscores = config.underscores_in_headers
     for name, value in headers:
+        if not underscores and b"_" in name:
+            continue
         if name == b"host":
             if client_host is None:
                 client_host = value
@@ -138,7 +175,8 @@ def request_headers(
                 if name == b"x-forwarded-for":
                     inbound_xff.append(value)
                 elif name == b"forwarded":
-                    inbound_fwd.append(value)
+                    if well_formed_forwarded(value):
+                        inbound_fwd.append(value)
                 elif name == b"x-forwarded-proto" and inbound_proto is None:
                     inbound_proto = value
                 elif name == b"x-forwarded-host" and inbound_xhost is None:
@@ -150,6 +188,8 @@ def request_headers(
 
     if te_trailers is not None:
         wants_trailers = te_trailers
+    if authority is not None:
+        client_host = authority
     host = client_host if (config.preserve_host and client_host) else config.upstream_authority
     result: list[Header] = [(b"host", host)]
     result.extend(out)
@@ -176,6 +216,8 @@ def _rewrite_url(value: bytes, config: ProxyConfig, mount: bytes) -> bytes:
     Absolute URLs on an upstream's origin and base, and absolute paths under the
     base (every absolute path when the base is the root), are rewritten; anything
     else (other hosts, `//host/x` network paths, relative refs) passes untouched.
+    A rewritten value stays on this host: one that would read as scheme-relative
+    (`/app//evil.example/x` with base `/app` at the root) gets `/.` in front.
     """
     base = config.upstream_base
     # Every upstream of the pool: a redirect names whichever one served it.
@@ -188,8 +230,15 @@ def _rewrite_url(value: bytes, config: ProxyConfig, mount: bytes) -> bytes:
             if rest and rest[:1] not in (b"/", b"?", b"#"):
                 continue  # `/basement` is not under `/base`
             path = mount + rest
-            return path if path.startswith(b"/") else b"/" + path
+            path = path if path.startswith(b"/") else b"/" + path
+            return b"/." + path if _names_a_host(path) else path
     return value
+
+
+def _names_a_host(path: bytes) -> bool:
+    """Would a browser read this `/...` reference as `//host...`? The WHATWG URL
+    parser takes `\\` for `/` and drops tabs and newlines anywhere in a URL."""
+    return path.translate(None, b"\t\n\r")[1:2] in (b"/", b"\\")
 
 
 def _rewrite_refresh(value: bytes, config: ProxyConfig, mount: bytes) -> bytes:

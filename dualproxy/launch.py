@@ -59,6 +59,7 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         ws_max_size=options["ws_max_size"],
         ws_idle_timeout=options["ws_idle_timeout"],
         preserve_host=options["preserve_host"],
+        underscores_in_headers=options["underscores_in_headers"],
         trusted_proxies=options["trusted_proxies"],
         max_connections=options["max_connections"],
         max_keepalive_connections=options["max_connections"],

@@ -27,6 +27,8 @@ class _Router(Generic[ProxyT]):
     def __init__(self, proxies: Sequence[ProxyT]) -> None:
         self.proxies: tuple[ProxyT, ...] = tuple(proxies)
         self.table = RouteTable([proxy.config.mount for proxy in self.proxies])
+        for proxy in self.proxies:  # each plan applies the routing rule to every mount
+            proxy.routes = self.table.mounts
 
     def route(self, target: bytes) -> ProxyT:
         """The proxy whose mount is the longest covering `target` (else the first)."""

@@ -8,9 +8,13 @@ the target is only ever a path appended to the configured base.
 
 from __future__ import annotations
 
+import functools
 import re
+import urllib.parse
+from collections.abc import Sequence
 
 from .errors import BadRequest, NotProxied, TargetTooLong
+from .headers import valid_authority
 
 # Visible ASCII only (RFC 9112 request-target); anything else is refused.
 _VALID_TARGET = re.compile(rb"[\x21-\x7e]*\Z")
@@ -18,6 +22,16 @@ _VALID_TARGET = re.compile(rb"[\x21-\x7e]*\Z")
 _SEPARATORS = re.compile(rb"/|\\|%2[fF]|%5[cC]")
 _ENCODED_DOT = re.compile(rb"%2[eE]")
 _ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+# What may make backends read a path differently from its bytes: an escape, a
+# backslash, a path parameter, an empty segment, a segment starting with a dot.
+_READ_DIFFERENTLY = re.compile(rb"[%\\;]|//|/\.")
+# RFC 3986 2.3: the unreserved characters, which normalisation may always decode.
+_UNESCAPE = {b"%%%02X" % c: bytes((c,)) for c in
+             b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"}
+_ESCAPED_UNRESERVED = re.compile(
+    rb"%(?:[46][1-9A-Fa-f]|[57][0-9Aa]|3[0-9]|2[DdEe]|5[Ff]|7[Ee])")
+_PARAMS = re.compile(rb";[^/]*")
+_MERGE = re.compile(rb"/{2,}")
 
 
 def split_target(raw: bytes) -> tuple[bytes, bytes | None]:
@@ -50,16 +64,118 @@ def origin_form(raw: bytes, max_bytes: int) -> bytes:
     raise BadRequest("request target must be an absolute path")
 
 
+def target_authority(raw: bytes) -> bytes | None:
+    """The authority of an absolute-form target (userinfo cut off), None for any
+    other form; BadRequest when it is empty or malformed."""
+    match = _ABSOLUTE_FORM.match(raw)
+    if match is None:
+        return None
+    authority = raw[raw.index(b"://") + 3:match.end()].rpartition(b"@")[2]
+    if not valid_authority(authority):
+        raise BadRequest("the absolute-form target names no valid host")
+    return authority
+
+
+def app_mount(raw_path: bytes, prefix: bytes) -> bytes:
+    """The mount an enclosing app routed on (ASGI `root_path`, WSGI `SCRIPT_NAME`:
+    decoded text, as bytes), for `IncomingRequest.mount`.
+
+    The prefix when the raw path starts with it, or when only its decoded form
+    does (`/%61pi/x` routed to `/api` by the app: `choose_mount` then refuses it,
+    400, instead of forwarding the prefix upstream); `b""` when the server kept
+    the prefix out of the raw path (a front proxy stripped it).
+    """
+    prefix = prefix.rstrip(b"/")
+    if prefix and (raw_path.startswith(prefix)
+                   or urllib.parse.unquote_to_bytes(raw_path).startswith(prefix)):
+        return prefix
+    return b""
+
+
 def under_mount(path: bytes, mount: bytes) -> bool:
     """Is `path` at or below `mount`, on a segment boundary (`/apix` is not under `/api`)?"""
-    return not mount or path == mount or path.startswith(mount + b"/")
+    return path.startswith(mount) and path[len(mount):len(mount) + 1] in (b"", b"/")
 
 
-def strip_mount(path: bytes, mount: bytes) -> bytes:
-    """The path below `mount`, or NotProxied when it is outside (`/apix` is not `/api`)."""
-    if under_mount(path, mount):
-        return path[len(mount):]
-    raise NotProxied("no proxy is mounted at this path")
+def _decode(path: bytes, unreserved_only: bool) -> bytes:
+    if not unreserved_only:
+        return urllib.parse.unquote_to_bytes(path)
+    return _ESCAPED_UNRESERVED.sub(lambda match: _UNESCAPE[match[0].upper()], path)
+
+
+def _resolve(path: bytes) -> bytes:
+    """Dot segments removed and empty segments merged, as posixpath.normpath plus
+    http.server's dropping of empty words (never above the root)."""
+    out: list[bytes] = []
+    for segment in path.split(b"/"):
+        if segment == b"..":
+            if out:
+                out.pop()
+        elif segment and segment != b".":
+            out.append(segment)
+    return b"/" + b"/".join(out)
+
+
+# Small: it spares a router and its route computing one request's readings twice, and a
+# hostile 8000-byte path has some twenty readings of its size.
+@functools.lru_cache(maxsize=32)
+def path_readings(path: bytes) -> frozenset[bytes]:
+    """Every path a backend may take `path` for: the bytes as sent; percent-decoded
+    (the unreserved characters only, as RFC 3986 normalisation, or all of them, as
+    nginx, Starlette, werkzeug and http.server do); `\\` read as `/` (IIS, some Java
+    servers); `;params` cut from every segment (Tomcat, Spring); and each of these
+    with repeated slashes merged (werkzeug, nginx) or dot segments resolved as well
+    (nginx, http.server), the latter also before decoding (RFC 3986 order)."""
+    if not _READ_DIFFERENTLY.search(path):
+        return frozenset((path,))
+    readings = {path, _decode(path, True), _decode(path, False)}
+    readings |= {r.replace(b"\\", b"/") for r in readings}
+    readings |= {_PARAMS.sub(b"", r) for r in readings}
+    readings |= {_MERGE.sub(b"/", r) for r in readings} | {_resolve(r) for r in readings}
+    readings.add(_decode(_resolve(path), False))
+    return frozenset(readings)
+
+
+def choose_mount(path: bytes, mounts: Sequence[bytes]) -> bytes | None:
+    """THE routing rule, for every mount and route (both faces, both routers, the
+    WebSocket handshake): the longest of `mounts` covering `path` (None: none does).
+
+    Routing must see what the upstream will see: the mount is chosen for every
+    reading of the path a backend may make (`path_readings`: decoded, dot segments
+    resolved, slashes merged, ...), and all must agree, the bytes as sent included,
+    so the raw target lies literally under the chosen mount. When they disagree
+    (`/x/../admin`, `//admin`, `/%61dmin`, `/admin%2fx`, `/admin\\x` while `/admin`
+    is a route), the request is refused (400): it never reaches a route other
+    than the one whose mount its upstream would see.
+    """
+    if mounts == (b"",):
+        return b""  # the root alone covers every reading
+    chosen = _longest(path, mounts, literal=True)
+    if not _READ_DIFFERENTLY.search(path):
+        return chosen  # every reading is the path itself
+    for reading in path_readings(path):
+        if _longest(reading, mounts, literal=False) != chosen:
+            raise BadRequest("the path reads differently once normalised (dot segments, "
+                             "escapes, repeated slashes) and would change route")
+    return chosen
+
+
+def _longest(path: bytes, mounts: Sequence[bytes], *, literal: bool) -> bytes | None:
+    """The longest mount covering `path`: spelled as configured (`literal`), or
+    also percent-decoded, for a path a backend has decoded."""
+    best: bytes | None = None
+    for mount in mounts:
+        if best is not None and len(mount) <= len(best):
+            continue
+        if under_mount(path, mount) or (not literal and b"%" in mount
+                                        and under_mount(path, _decoded_mount(mount))):
+            best = mount
+    return best
+
+
+@functools.lru_cache(maxsize=64)
+def _decoded_mount(mount: bytes) -> bytes:
+    return _decode(mount, False)
 
 
 def target_path(raw: bytes) -> bytes:
@@ -95,6 +211,15 @@ def check_traversal(rest: bytes) -> None:
             depth += 1
 
 
+def mount_redirect(raw: bytes, mount: bytes) -> bytes | None:
+    """Where a target naming `mount` itself (no trailing slash) is redirected:
+    `mount/` with the query kept; None for any other target."""
+    if not mount or target_path(raw) != mount:
+        return None
+    query = split_target(raw.partition(b"#")[0])[1]
+    return mount + b"/" + (b"" if query is None else b"?" + query)
+
+
 def join_base(base: bytes, rest: bytes) -> bytes:
     """Append the path below the mount to the upstream base path."""
     if not rest:
@@ -104,10 +229,18 @@ def join_base(base: bytes, rest: bytes) -> bytes:
     return base + rest
 
 
-def upstream_target(raw: bytes, mount: bytes, base: bytes, max_bytes: int) -> bytes:
-    """The byte-exact upstream request-target for a raw client target."""
+def upstream_target(raw: bytes, mount: bytes, base: bytes, max_bytes: int,
+                    mounts: Sequence[bytes] = ()) -> bytes:
+    """The byte-exact upstream request-target for a raw client target under `mount`.
+
+    `mounts`: every mount of the app the proxy is a route of (router.py), `mount`
+    among them; default `mount` alone. NotProxied when the path belongs to none
+    of them or to another; BadRequest when `choose_mount` finds it ambiguous.
+    """
     path, query = split_target(origin_form(raw, max_bytes))
-    rest = strip_mount(path, mount)
+    if choose_mount(path, mounts or (mount,)) != mount:
+        raise NotProxied("no proxy is mounted at this path")
+    rest = path[len(mount):]
     check_traversal(rest)
     target = join_base(base, rest)
     return target if query is None else target + b"?" + query

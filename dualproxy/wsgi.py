@@ -35,6 +35,7 @@ from .hooks import require_sync_hooks, run_request_hooks, run_response_hooks
 from .http1 import CLIENT_WATCH, ClientWatch
 from .logs import RequestRecord
 from .servers.gunicorn_body import DIRECT_READ, GunicornLengthInput, request_body_input
+from .target import app_mount
 from .types import Environ, StartResponse, WSGIApp
 from .upstreams import Upstream
 from .websocket.handshake import is_websocket_request, plan_handshake
@@ -87,9 +88,7 @@ def _environ_target(environ: Environ) -> bytes:
 def incoming_from_environ(environ: Environ) -> IncomingRequest:
     """The neutral request for a WSGI environ, from the raw target where the server keeps one."""
     target = _environ_target(environ)
-    script = environ.get("SCRIPT_NAME", "").encode("latin-1").rstrip(b"/")
-    path = target.split(b"?", 1)[0]
-    mount = script if script and path.startswith(script) else b""
+    mount = app_mount(target.split(b"?", 1)[0], environ.get("SCRIPT_NAME", "").encode("latin-1"))
     protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
     return IncomingRequest(
         method=environ["REQUEST_METHOD"],
@@ -156,7 +155,7 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         # The environ lookup spares plain requests the header scan.
         websocket = "HTTP_UPGRADE" in environ and is_websocket_request(incoming.headers)
         try:
-            planned = (plan_handshake(self.config, incoming) if websocket
+            planned = (plan_handshake(self.config, incoming, routes=self.routes) if websocket
                        else self.plan(incoming))
             plan = run_request_hooks(self.config.request_hooks, planned)
         except NotProxied as exc:

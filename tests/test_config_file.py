@@ -91,10 +91,10 @@ def send(proxy: ProxyProcess, target: str, rid: str, method: str = "GET",
 
 @pytest.mark.parametrize(("target", "which", "expected"), [
     ("/api/x?q=1", "first", b"/a-base/x?q=1"),
-    ("/api", "first", b"/a-base"),
+    ("/api/", "first", b"/a-base/"),
     ("/api/v2x", "first", b"/a-base/v2x"),        # a segment boundary: not /api/v2
     ("/api/v2/y", "second", b"/v2-base/y"),       # the longest mount wins
-    ("/api/v2", "second", b"/v2-base"),
+    ("/api/v2/", "second", b"/v2-base/"),
     ("/files/f.txt", "second", b"/files-base/f.txt"),
     ("http://example.test/files/g?x", "second", b"/files-base/g?x"),  # absolute-form
 ])

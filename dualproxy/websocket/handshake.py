@@ -106,16 +106,17 @@ def offered_subprotocols(headers: Iterable[Header]) -> list[str]:
 
 
 def plan_handshake(config: ProxyConfig, incoming: IncomingRequest, *,
-                   server_checked: bool = False) -> UpstreamPlan:
+                   server_checked: bool = False, routes: Sequence[bytes] = ()) -> UpstreamPlan:
     """The core's HTTP plan for a valid handshake (404 outside the mount, 400 ...).
 
     `server_checked`: an ASGI server has validated the handshake already (over
-    HTTP/2, RFC 8441, it has no Upgrade or key headers to check). The faces run
+    HTTP/2, RFC 8441, it has no Upgrade or key headers to check). `routes`: as
+    for `plan_request` (the router's mounts). The faces run
     their request hooks on the plan, then call `upgrade_plan`.
     """
     if not server_checked:
         check_handshake(incoming)
-    return plan_request(config, incoming)
+    return plan_request(config, incoming, routes)
 
 
 def upgrade_plan(config: ProxyConfig, plan: UpstreamPlan, *, tunnel: bool,

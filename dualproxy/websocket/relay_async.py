@@ -61,7 +61,8 @@ async def proxy_websocket(proxy: AsyncProxy, incoming: IncomingRequest, scope: S
     try:
         try:
             plan = await arun_request_hooks(
-                config.request_hooks, plan_handshake(config, incoming, server_checked=True))
+                config.request_hooks, plan_handshake(config, incoming, server_checked=True,
+                                               routes=proxy.routes))
             ws = make_upgrade_plan(config, plan, tunnel=False)  # 400: bad subprotocols
         except NotProxied as exc:
             if proxy.fallback is not None:
