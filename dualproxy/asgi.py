@@ -76,7 +76,8 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
     """ASGI reverse proxy. `AsyncProxy("http://upstream:8080/base", mount="/api")`.
 
     Pass `config=` to share one ProxyConfig with a SyncProxy, and `client=` to
-    use your own `httpx.AsyncClient` (its cookie jar is disabled; you close it).
+    use your own `httpx.AsyncClient(trust_env=False)` (its cookie jar is disabled;
+    you close it; `core.check_user_client` says what it may and may not change).
     Outside the mount it answers 404, or calls `fallback` when one is given.
     """
 
@@ -295,7 +296,7 @@ async def _send_via(client: httpx.AsyncClient, transport: httpx.AsyncBaseTranspo
     """Send through dualproxy's transport directly when the face made it, else the client."""
     if transport is not None:
         return await transport.handle_async_request(request)
-    return await client.send(request, stream=True)
+    return await client.send(request, stream=True, follow_redirects=False)
 
 
 async def _request_body(

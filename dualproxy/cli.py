@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import re
 import sys
 from collections.abc import Sequence
@@ -24,9 +23,11 @@ from .config import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_TIMEOUT,
     DEFAULT_WS_MAX_SIZE,
+    MAX_TIMEOUT,
     ProxyConfig,
+    check_mount,
 )
-from .launch import check_tls, config_from_options, run
+from .launch import check_tls, config_from_options, listen_problem, run
 from .logs import FORMATS
 
 DEFAULT_SERVER = {"asgi": "uvicorn", "wsgi": "gunicorn"}
@@ -53,8 +54,9 @@ def _positive(value: str) -> float:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
-    if not 0 < number < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
+    if not 0 < number <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, at most "
+                                         f"{MAX_TIMEOUT:.0f}, got {value}")
     return number
 
 
@@ -62,6 +64,25 @@ def _count(value: str) -> int:
     if not value.strip().isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
     return int(value)
+
+
+# More processes than this is a typo, not a machine: each one holds its own pool.
+MAX_WORKERS = 256
+MAX_THREADS = 4096
+
+
+def _workers(value: str) -> int:
+    count = _count(value)
+    if count > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_WORKERS}, got {value!r}")
+    return count
+
+
+def _threads(value: str) -> int:
+    count = _count(value)
+    if count > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {value!r}")
+    return count
 
 
 # Size suffixes are powers of 1024, as nginx's `client_max_body_size 1k`; the
@@ -94,6 +115,10 @@ def _whole(value: str) -> int:
 def _mount(value: str) -> str:
     if not value.startswith("/"):
         raise argparse.ArgumentTypeError(f"must start with '/', got {value!r}")
+    try:
+        check_mount(value, "the path")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return value
 
 
@@ -125,7 +150,8 @@ def _readable(value: str) -> str:
 # a flag with no validator takes a string, one with a validator not listed a string
 # or a number).
 TOML_TYPES: dict[Any, tuple[type, ...]] = {
-    _positive: (int, float), _count: (int,), _size: (int, str), _positive_size: (int, str),
+    _positive: (int, float), _count: (int,), _workers: (int,), _threads: (int,),
+    _size: (int, str), _positive_size: (int, str),
     _bind: (str,), _mount: (str,), _whole: (int,),
 }
 
@@ -158,11 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which face serves the requests (default: asgi)")
     serve.add_argument("--server", choices=("uvicorn", "gunicorn"), default=None,
                        help="HTTP server (default: uvicorn for asgi, gunicorn for wsgi)")
-    serve.add_argument("--workers", type=_count, default=1, metavar="N",
-                       help="worker processes (default: 1)")
-    serve.add_argument("--threads", type=_count, default=32, metavar="N",
-                       help="threads per worker for the wsgi face, i.e. concurrent requests "
-                            "(default: 32)")
+    serve.add_argument("--workers", type=_workers, default=1, metavar="N",
+                       help=f"worker processes, at most {MAX_WORKERS} (default: 1)")
+    serve.add_argument("--threads", type=_threads, default=32, metavar="N",
+                       help="threads per worker for the wsgi face, i.e. concurrent requests, "
+                            f"at most {MAX_THREADS} (default: 32)")
     serve.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                        help="seconds to connect and to wait for the response head, then 504 "
                             f"(default: {DEFAULT_TIMEOUT:g})")
@@ -323,6 +349,10 @@ def demo(args: argparse.Namespace) -> int:
     from .demo import demo_upstream, instructions
 
     host, proxy_port = args.bind
+    problem = listen_problem(host, proxy_port)
+    if problem is not None:  # before the banner tells anyone to open the page
+        print(f"dualproxy demo: error: {problem}", file=sys.stderr)
+        return 1
     try:
         with demo_upstream() as port:
             print(instructions(port, f"http://{host}:{proxy_port}", args.adapter), flush=True)
@@ -375,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except FlagConflict as exc:
             parser.exit(2, f"dualproxy serve: error: {exc} (see dualproxy serve --help)\n")
         except ConfigError as exc:
-            parser.exit(2, f"dualproxy: error: {exc}\n")
+            parser.exit(2, f"dualproxy serve: error: {exc}\n")
         try:
             check_tls(options_from_args(serve_args))
         except ValueError as exc:

@@ -25,6 +25,11 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_CLIENT_TIMEOUT = 60.0  # nginx's client_body_timeout
 DEFAULT_WS_MAX_SIZE = 16 * 1024 * 1024
+# The longest timeout accepted, about 11.6 days: any longer one overflows somewhere
+# (a poll() in milliseconds is a C int: 24.8 days; socket timeouts, event waits).
+MAX_TIMEOUT = 1_000_000.0
+# A mount is matched on the raw target, which is ASCII: printable, no space.
+_MOUNT_TEXT = re.compile(r"[!-~]*\Z")
 BALANCE_POLICIES = ("least-conn", "round-robin", "random")
 
 # RFC 9110 5.1 / 5.5: a field name is a token; CR, LF and NUL never appear in a
@@ -33,8 +38,27 @@ FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]")
 
 
+def check_mount(mount: str, what: str = "mount") -> None:
+    """A mount (or health path) is ASCII without space or control: a request target
+    is, so a `/日本` mount could never match one; its percent-encoded form can."""
+    if not _MOUNT_TEXT.match(mount.strip()):
+        from urllib.parse import quote
+
+        raise ValueError(f"{what} {mount!r} must be ASCII without spaces or control "
+                         f"characters, as a request target is: percent-encode it "
+                         f"({quote(mount.strip(), safe='/')!r})")
+
+
+def check_timeout(seconds: float, what: str) -> None:
+    """A timeout is positive and at most MAX_TIMEOUT (ValueError naming `what`)."""
+    if not 0 < seconds <= MAX_TIMEOUT:  # NaN fails both
+        raise ValueError(f"{what} must be more than 0 and at most {MAX_TIMEOUT:.0f} "
+                         f"seconds, got {seconds!r}")
+
+
 def _normalize_mount(mount: str) -> str:
     """`/api/` and `api` both mean `/api`; `` and `/` mean the root."""
+    check_mount(mount)
     mount = mount.strip()
     if not mount or mount == "/":
         return ""
@@ -155,12 +179,13 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         upstreams = parse_upstreams(self.upstream)
         first = upstreams[0]
-        if self.timeout <= 0 or self.idle_timeout <= 0 or self.pool_timeout <= 0 \
-                or self.client_timeout <= 0:
-            raise ValueError("timeouts must be positive")
-        if self.ws_max_size <= 0 or (self.ws_idle_timeout is not None
-                                     and self.ws_idle_timeout <= 0):
-            raise ValueError("ws_max_size and ws_idle_timeout must be positive")
+        for what in ("timeout", "idle_timeout", "client_timeout", "pool_timeout",
+                     "fail_timeout", "health_interval"):
+            check_timeout(getattr(self, what), what)
+        if self.ws_idle_timeout is not None:  # None: no limit
+            check_timeout(self.ws_idle_timeout, "ws_idle_timeout")
+        if self.ws_max_size <= 0:
+            raise ValueError("ws_max_size must be positive")
         if self.max_body_size is not None and self.max_body_size < 0:
             raise ValueError("max_body_size must be >= 0")
         _check_fields(self.add_request_headers, self.remove_request_headers,
@@ -224,9 +249,9 @@ def _check_pool_options(config: ProxyConfig) -> None:
                          f"got {config.balance!r}")
     if config.max_fails < 0 or config.retries < 0:
         raise ValueError("max_fails and retries must be >= 0")
-    if config.fail_timeout <= 0 or config.health_interval <= 0:
-        raise ValueError("fail_timeout and health_interval must be positive")
-    if config.health_path is not None and not config.health_path.startswith("/"):
-        raise ValueError(f"health_path must start with '/', got {config.health_path!r}")
+    if config.health_path is not None:
+        if not config.health_path.startswith("/"):
+            raise ValueError(f"health_path must start with '/', got {config.health_path!r}")
+        check_mount(config.health_path, "health_path")
     if config.cert is not None and not any(u.tls for u in config.upstreams):
         raise ValueError("cert (mutual TLS) needs an https upstream")

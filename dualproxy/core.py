@@ -401,6 +401,38 @@ def client_options(config: ProxyConfig) -> dict[str, Any]:
     }
 
 
+def check_user_client(client: httpx.Client | httpx.AsyncClient, config: ProxyConfig) -> None:
+    """Refuse a user-supplied `client=` that would make the proxy do what it must not, or
+    ignore what the configuration asks (ValueError saying what to change).
+
+    A user client lends its transport (pool, TLS settings, http2, a `proxy=` or
+    `mounts=` of its own), its `auth` and its `event_hooks`; the proxy builds every
+    request itself, so the client's headers, base_url, params, timeout and cookies
+    play no part. Refused: `follow_redirects=True` (redirects are relayed, never
+    followed), `trust_env=True` (httpx's default: HTTP(S)_PROXY, ALL_PROXY and
+    SSL_CERT_FILE from the environment would decide where and how requests go), a
+    `unix:` upstream (only the proxy's own transport reaches the socket; a plain
+    client sends TCP to localhost:80), and `verify`/`cert` on the proxy (they
+    configure its own client: set them on yours).
+    """
+    kind = type(client).__name__
+    problems = []
+    if client.follow_redirects:
+        problems.append("follow_redirects=True (a proxy relays redirects, never follows them)")
+    if client.trust_env:
+        problems.append("trust_env=True, httpx's default (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY "
+                        f"and SSL_CERT_FILE would steer it): pass {kind}(trust_env=False)")
+    if any(upstream.scheme == "unix" for upstream in config.upstreams):
+        problems.append("a unix: upstream (only the proxy's own client reaches a socket; "
+                        "drop client=)")
+    if config.verify is not True or config.cert is not None:
+        problems.append(f"verify=/cert= on the proxy (they configure its own client: pass "
+                        f"them to {kind}(...) instead)")
+    if problems:
+        raise ValueError(f"client=: this {kind} cannot be used by a proxy: "
+                         + "; ".join(problems))
+
+
 def disable_cookies(client: httpx.Client | httpx.AsyncClient) -> None:
     """Make a user-supplied client jar-less too (see `_NoCookies`)."""
     client.cookies = httpx.Cookies(_NoCookies())

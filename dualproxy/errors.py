@@ -205,8 +205,9 @@ def map_stream_errors() -> Iterator[None]:
         raise UpstreamBroken(f"the upstream failed mid-body: {describe(exc)}") from exc
 
 
-# Why the upstream side of a request failed, for the metrics' `cause` label.
-UPSTREAM_CAUSES = ("refused", "timeout", "cut_body", "client_gone", "other")
+# Why the upstream side of a request failed, for the metrics' `cause` label (a
+# client that left is no upstream failure: `dualproxy_client_aborts_total`).
+UPSTREAM_CAUSES = ("refused", "timeout", "cut_body", "other")
 
 
 def upstream_cause(exc: BaseException) -> str | None:

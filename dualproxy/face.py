@@ -36,6 +36,7 @@ from .core import (
     ResponseHead,
     UpstreamPlan,
     build_request,
+    check_user_client,
     client_options,
     disable_cookies,
     enter_body_phase,
@@ -47,6 +48,7 @@ from .core import (
 )
 from .errors import BadGateway, GatewayTimeout, ProxyError, describe
 from .framing import FRAMING, Framing
+from .headers import client_address
 from .logs import AccessLog, RequestRecord
 from .upstreams import Upstream
 
@@ -101,6 +103,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         # Every mount of the router this proxy is a route of (set by router.py).
         self.routes: tuple[bytes, ...] = ()
         if client is not None:
+            check_user_client(client, config)
             disable_cookies(client)
         else:
             from .http1.tls import upstream_context
@@ -174,7 +177,8 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
     # -- the steps of one request, in order ---------------------------------------------
 
     def begin(self, incoming: IncomingRequest) -> RequestRecord:
-        return self._log.start(incoming)
+        return self._log.start(incoming, client_address(incoming.headers, self.config,
+                                                        incoming.peer))
 
     def pass_on(self, record: RequestRecord) -> None:
         """The request goes to the fallback app instead (outside the mount)."""
@@ -213,8 +217,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         if upstream is None:
             return None
         error_logger.warning("%s %s: %s failed (%s), retrying on %s", plan.method,
-                             plan.incoming.target.decode("latin-1"), failed, describe(exc),
-                             upstream)
+                             record.target_text(), failed, describe(exc), upstream)
         self.balancer.release(failed)
         record.upstream = upstream
         return upstream

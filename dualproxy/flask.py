@@ -137,13 +137,15 @@ class FlaskProxy:
     """Flask extension: `FlaskProxy(app, upstream="http://storage:9000", prefix="/upload")`.
 
     The factory style works too: `ext = FlaskProxy(upstream=..., prefix=...)`, then
-    `ext.init_app(app)`. One client per process, closed at exit.
+    `ext.init_app(app)`. One client per process, closed at exit. `name` is the
+    blueprint's (and `app.extensions` key); by default it comes from the prefix
+    (`dualproxy_upload` for `/upload`), so several proxies fit in one app.
     """
 
     def __init__(self, app: Flask | None = None, *, upstream: str, prefix: str,
-                 name: str = "dualproxy", **options: Any) -> None:
+                 name: str | None = None, **options: Any) -> None:
         self.prefix = _mount(prefix)
-        self.name = name
+        self.name = name if name is not None else _blueprint_name(self.prefix)
         self.proxy = SyncProxy(upstream, **options)
         atexit.register(self.proxy.close)
         if app is not None:
@@ -153,6 +155,15 @@ class FlaskProxy:
         blueprint = proxy_blueprint(self.name, None, self.prefix, proxy=self.proxy)
         app.register_blueprint(blueprint)
         app.extensions[self.name] = self
+
+
+def _blueprint_name(prefix: str) -> str:
+    """`dualproxy` for the root, `dualproxy_files_v1` for `/files/v1` (a blueprint
+    name holds no dot); other characters are spelled by their code point, so two
+    prefixes never share a name."""
+    return "dualproxy" + "".join(
+        ch if ch.isascii() and ch.isalnum() else "_" if ch == "/" else f"_{ord(ch):x}_"
+        for ch in prefix)
 
 
 def wrap_wsgi_app(app: Flask, upstream: str, mount: str, **options: Any) -> SyncProxy:

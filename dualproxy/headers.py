@@ -122,6 +122,25 @@ def valid_authority(value: bytes) -> bool:
     """Is `value` a Host as RFC 9112 3.2 allows it (uri-host [":" port], not empty)?"""
     return _HOST.match(value) is not None
 
+def client_address(headers: Sequence[Header], config: ProxyConfig,
+                   peer: str | None) -> str | None:
+    """The client's address: the peer, or behind trusted proxies the X-Forwarded-For
+    entry nearest to us that no trusted proxy holds (nginx's `real_ip_recursive`).
+
+    Every trusted hop appended the address it saw, so the rightmost untrusted entry
+    is the first one a trusted proxy vouches for; entries left of it are the
+    client's to forge. Text as received (possibly not an address): for the log.
+    """
+    if not config.is_trusted(peer):
+        return peer
+    hops = [hop.strip().decode("latin-1")
+            for name, value in headers if name == b"x-forwarded-for"
+            for hop in value.split(b",") if hop.strip()]
+    for hop in reversed(hops):
+        if not config.is_trusted(hop):
+            return hop
+    return hops[0] if hops else peer
+
 
 def request_headers(
     headers: Sequence[Header],

@@ -42,7 +42,7 @@ def _report(balancer: Balancer, upstream: Upstream, status: int | None,
     was_up = balancer.available(upstream)
     up = balancer.probed(upstream, status)
     if up and not was_up:
-        error_logger.warning("upstream %s is up again (health check: %s)", upstream, status)
+        error_logger.info("upstream %s is up again (health check: %s)", upstream, status)
     elif was_up and not up:
         cause = type(exc).__name__ if exc is not None else f"status {status}"
         error_logger.warning("upstream %s is down (health check: %s)", upstream, cause)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import ssl
 import sys
 from typing import Any
@@ -22,6 +23,7 @@ from .servers.gunicorn import serve_gunicorn
 from .servers.heap import freeze_heap, trim_heap_periodically
 from .servers.metrics import start_metrics_listener
 from .servers.uvicorn import quiet_uvicorn_refusals, serve_uvicorn, tune_uvicorn
+from .upstreams import parse_upstreams
 
 
 def setup_logging(level: str, access_log_format: str = "text") -> None:
@@ -114,6 +116,24 @@ def warn_insecure(options: dict[str, Any]) -> None:
             "anyone on the path can impersonate them")
 
 
+def warn_unresolved(options: dict[str, Any]) -> None:
+    """One WARNING a configured upstream host that does not resolve now: every request
+    to it would be a 502 until it does (DNS may yet learn it, so this does not stop)."""
+    hosts: dict[str, int] = {}
+    for route in options.get("routes") or [options]:
+        for upstream in parse_upstreams(route["upstream"]):
+            if upstream.scheme != "unix":
+                hosts.setdefault(upstream.host, upstream.port)
+    for host, port in hosts.items():
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            logging.getLogger("dualproxy").warning(
+                "upstream host %s does not resolve (%s): its requests fail with 502 until "
+                "it does", host, reason)
+
+
 def build_app(options: dict[str, Any]) -> Any:
     """The ASGI or WSGI app for the options (the same in every worker): one proxy, or a
     router over one proxy a route when `options["routes"]` lists several (--config)."""
@@ -157,10 +177,33 @@ def app_from_env() -> Any:
     return load_app(json.loads(os.environ[ENV_OPTIONS]))
 
 
+def listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (taken, not ours, no such address),
+    found by binding it as the servers do (SO_REUSEADDR); None when it can."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def run(options: dict[str, Any], *, bind: tuple[str, int], workers: int,
         metrics_bind: tuple[str, int] | None) -> int:
-    """Start the options' server in front of the app; return the exit status."""
+    """Start the options' server in front of the app; return the exit status: 0, or 1
+    when it could not start (one `dualproxy serve: error:` line says why)."""
     host, port = bind
+    # Checked first, so a taken port is one line whatever the server (uvicorn logs
+    # and exits 1, gunicorn retries five times and exits 1 or 3).
+    problem = listen_problem(host, port)
+    if problem is not None:
+        print(f"dualproxy serve: error: {problem}", file=sys.stderr)
+        return 1
+    setup_logging(options["log_level"], options["access_log_format"])
+    warn_unresolved(options)  # once, here: not in every worker
     os.environ[ENV_OPTIONS] = json.dumps(options)
     # Several processes share the metrics through files (servers/metrics.py): always
     # under gunicorn (its arbiter serves them), and under uvicorn's --workers N.
@@ -171,20 +214,32 @@ def run(options: dict[str, Any], *, bind: tuple[str, int], workers: int,
         print(f"dualproxy serve: error: --metrics-bind: {exc}", file=sys.stderr)
         return 1
     try:
-        if options["server"] == "uvicorn":
-            serve_uvicorn(lambda: load_app(options), "dualproxy.launch:app_from_env", host=host,
-                          port=port, workers=workers, log_level=options["log_level"],
-                          ws_max_size=options["ws_max_size"],
-                          graceful_timeout=options["graceful_timeout"],
-                          certfile=options["certfile"], keyfile=options["keyfile"])
-        else:
-            serve_gunicorn(lambda: load_app(options), adapter=options["adapter"], host=host,
-                           port=port, workers=workers, threads=options["threads"],
-                           log_level=options["log_level"],
-                           graceful_timeout=options["graceful_timeout"],
-                           certfile=options["certfile"], keyfile=options["keyfile"],
-                           child_exit=listener.child_exit if listener else None)
+        return _serve(options, host, port, workers, listener)
+    except SystemExit as exc:  # the server's own failure (the port taken since the check)
+        if exc.code in (0, None):
+            raise
+        print(f"dualproxy serve: error: the server stopped with status {exc.code} (its log "
+              "above says why)", file=sys.stderr)
+        return 1
     finally:
         if listener is not None:
             listener.close()
+
+
+def _serve(options: dict[str, Any], host: str, port: int, workers: int,
+           listener: Any) -> int:
+    """Run the options' server until it stops."""
+    if options["server"] == "uvicorn":
+        serve_uvicorn(lambda: load_app(options), "dualproxy.launch:app_from_env", host=host,
+                      port=port, workers=workers, log_level=options["log_level"],
+                      ws_max_size=options["ws_max_size"],
+                      graceful_timeout=options["graceful_timeout"],
+                      certfile=options["certfile"], keyfile=options["keyfile"])
+    else:
+        serve_gunicorn(lambda: load_app(options), adapter=options["adapter"], host=host,
+                       port=port, workers=workers, threads=options["threads"],
+                       log_level=options["log_level"],
+                       graceful_timeout=options["graceful_timeout"],
+                       certfile=options["certfile"], keyfile=options["keyfile"],
+                       child_exit=listener.child_exit if listener else None)
     return 0

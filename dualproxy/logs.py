@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses
@@ -133,16 +134,38 @@ def _direct_handler() -> AccessLineHandler | None:
     return None
 
 
+# What a text line never carries raw: C0 controls, DEL and every byte past ASCII (a
+# terminal reads some as escapes: ESC, the C1 CSI), the backslash that introduces our
+# escapes, and the space that separates the fields.
+_UNSAFE = re.compile(r"[^\x21-\x5b\x5d-\x7e]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match[0])
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def escape_text(text: str) -> str:
+    """`text` with every byte a text log line must not carry raw written `\\xNN`.
+
+    A request target (latin-1 text of its bytes) or a forwarded client address
+    could otherwise move the cursor, recolour or forge lines on a terminal, or
+    add fields to the line.
+    """
+    return _UNSAFE.sub(_escape_char, text)
+
+
 class RequestRecord:
     """What one request did: sizes each way, status, timings, how it ended."""
 
-    __slots__ = ("method", "target", "started", "upstream_at", "status", "bytes_in",
-                 "bytes_out", "client_gone", "broken", "responded", "problem", "shutdown",
-                 "routed", "upstream", "cause", "websocket")
+    __slots__ = ("method", "target", "client", "started", "upstream_at", "status",
+                 "bytes_in", "bytes_out", "client_gone", "broken", "responded", "problem",
+                 "shutdown", "routed", "upstream", "cause", "websocket")
 
-    def __init__(self, incoming: IncomingRequest) -> None:
+    def __init__(self, incoming: IncomingRequest, client: str | None = None) -> None:
         self.method = incoming.method
         self.target = incoming.target
+        self.client = client  # the client's address, after trusted proxies
         self.started = time.perf_counter()
         self.upstream_at: float | None = None
         self.status = 0
@@ -168,12 +191,25 @@ class RequestRecord:
         self.cause = upstream_cause(exc)
 
     def ending(self) -> tuple[str, str | None]:
-        """How the request ended: the access log's outcome and the metrics' error cause."""
+        """How the request ended: the access log's outcome and the metrics' upstream
+        error cause (None: the upstream did not fail).
+
+        `refused`: the proxy answered 4xx itself (bad request, too large, outside
+        the mount, a hook's refusal); `failed`: it answered 5xx itself (the upstream
+        refused, timed out, no connection came free); `client-gone`: the client left
+        before the answer was complete, no status counted as sent.
+        """
         if self.shutdown:
             return "shutdown-cut", "other"
         if self.client_gone:
-            return "client-gone", "client_gone"
+            return "client-gone", None
+        if self.problem is not None:
+            return ("refused" if self.status < 500 else "failed"), self.cause
         return ("upstream-broken" if self.broken else "ok"), self.cause
+
+    def target_text(self) -> str:
+        """The target for a log line, escaped (`escape_text`)."""
+        return escape_text(self.target.decode("latin-1"))
 
 
 class RequestObserver(Protocol):
@@ -209,10 +245,10 @@ class AccessLog:
         self.observer: RequestObserver | None = None
         self._json_route = _json_str(route)
 
-    def start(self, incoming: IncomingRequest) -> RequestRecord:
+    def start(self, incoming: IncomingRequest, client: str | None = None) -> RequestRecord:
         if self.observer is not None:
             self.observer.started()
-        return RequestRecord(incoming)
+        return RequestRecord(incoming, client)
 
     def pass_on(self, record: RequestRecord) -> None:
         """The request went to the fallback app: not the proxy's to log or count."""
@@ -232,17 +268,17 @@ class AccessLog:
         record.cause = upstream_cause(exc)
         record.shutdown = record.shutdown or isinstance(exc, ShuttingDown)
         if exc.status >= 500:
+            # The cause in full (the resolver's "Name or service not known", the errno):
+            # the client's problem body says less, on purpose.
             cause = exc.__cause__
-            suffix = f" ({type(cause).__name__})" if cause is not None else ""
-            error_logger.warning("%s %s -> %d: %s%s", record.method,
-                                 record.target.decode("latin-1"), exc.status,
-                                 exc.detail, suffix)
+            suffix = f" ({describe(cause)})" if cause is not None else ""
+            error_logger.warning("%s %s -> %d: %s%s", record.method, record.target_text(),
+                                 exc.status, exc.detail, suffix)
 
     def finish(self, record: RequestRecord) -> None:
         if record.broken:
             error_logger.warning("%s %s: aborted the client connection: %s",
-                                 record.method, record.target.decode("latin-1"),
-                                 record.broken)
+                                 record.method, record.target_text(), record.broken)
         if self.observer is not None:
             self.observer.finished(record, self.route if record.routed else None)
         if not self.enabled or not access_logger.isEnabledFor(logging.INFO):
@@ -271,18 +307,22 @@ class AccessLog:
         up = record.upstream_at
         upstream_ms = None if up is None else round((up - record.started) * 1000, 1)
         outcome = record.ending()[0]
-        target = record.target.decode("latin-1")
+        client = record.client
         if self.format == "json":  # json.dumps's output for the same dict, made by hand
             second = int(now)
             return (
                 f'{{"time": "{_utc_second(second)}.{int((now - second) * 1000):03d}Z", '
-                f'"method": {_json_str(record.method)}, "target": {_json_str(target)}, '
+                f'"method": {_json_str(record.method)}, '
+                f'"target": {_json_str(record.target.decode("latin-1"))}, '
+                f'"client": {"null" if client is None else _json_str(client)}, '
                 f'"status": {record.status}, "bytes_in": {record.bytes_in}, '
                 f'"bytes_out": {record.bytes_out}, "upstream_ms": '
                 f'{"null" if upstream_ms is None else repr(upstream_ms)}, '
                 f'"total_ms": {round(total_ms, 1)!r}, "outcome": "{outcome}", '
                 f'{self._json_where(record)}}}')
         # one preformatted string: no %-args for logging to keep and apply
-        return (f"{record.method} {target} {record.status} in={record.bytes_in} "
-                f"out={record.bytes_out} upstream_ms={'-' if upstream_ms is None else upstream_ms} "
-                f"total_ms={total_ms:.1f} {outcome}")
+        return (f"{escape_text(record.method)} {record.target_text()} {record.status} "
+                f"in={record.bytes_in} out={record.bytes_out} "
+                f"upstream_ms={'-' if upstream_ms is None else upstream_ms} "
+                f"total_ms={total_ms:.1f} "
+                f"client={'-' if client is None else escape_text(client)} {outcome}")

@@ -11,6 +11,9 @@ values in files in PROMETHEUS_MULTIPROC_DIR (set before the workers import it;
 `dualproxy serve` does); a `MultiProcessCollector` sums them (servers/metrics.py).
 The gauges are `livesum`/`livemin`: a dead worker's share is dropped.
 
+Requests outside every mount count only in `requests_total{route="none"}`:
+no per-route series (bytes, latencies, errors) exists for them.
+
 The per-upstream gauges (`upstream_up`, `pool_connections_in_use`) read the
 face's balancer (`watch_health`, `watch_pool`): scrape time in one process,
 sampled as requests end in worker processes.
@@ -19,6 +22,7 @@ sampled as requests end in worker processes.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +39,8 @@ NONE = "none"
 _METHODS = frozenset(PROXY_METHODS)
 # Seconds to the upstream's response head; up to the default --timeout and beyond.
 HEAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Seconds a whole request took: as the head, then long downloads and streams.
+DURATION_BUCKETS = (*HEAD_BUCKETS, 300.0, 1800.0, 3600.0)
 
 _made_lock = threading.Lock()
 _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, ProxyMetrics] = (
@@ -54,13 +60,16 @@ def method_label(method: str) -> str:
 class _Route:
     """The children of one route's per-route series, looked up once."""
 
-    __slots__ = ("route", "bytes_in", "bytes_out", "head", "requests", "errors")
+    __slots__ = ("route", "bytes_in", "bytes_out", "head", "duration", "aborts", "requests",
+                 "errors")
 
     def __init__(self, metrics: ProxyMetrics, route: str) -> None:
         self.route = route
         self.bytes_in = metrics.request_bytes.labels(route)
         self.bytes_out = metrics.response_bytes.labels(route)
         self.head = metrics.upstream_head.labels(route)
+        self.duration = metrics.request_duration.labels(route)
+        self.aborts = metrics.client_aborts.labels(route)
         self.requests: dict[tuple[str, int], Any] = {}
         self.errors = {cause: metrics.upstream_errors.labels(route, cause)
                        for cause in UPSTREAM_CAUSES}
@@ -88,6 +97,12 @@ class ProxyMetrics:
                                       "clients (WebSocket: from upstream)", "route")
         self.upstream_errors = counter("upstream_errors", "Requests that failed on the "
                                        "upstream side, by cause", "route", "cause")
+        self.client_aborts = counter("client_aborts", "Requests whose client left before "
+                                     "the answer was complete (no status sent)", "route")
+        self.request_duration = Histogram("dualproxy_request_duration_seconds", "Seconds "
+                                          "from the request's arrival to its end (the last "
+                                          "body byte sent, or the abort)", ("route",),
+                                          registry=registry, buckets=DURATION_BUCKETS)
         self.upstream_head = Histogram("dualproxy_upstream_head_seconds", "Seconds from "
                                        "the request's arrival to the upstream's response "
                                        "head", ("route",), registry=registry,
@@ -101,7 +116,8 @@ class ProxyMetrics:
         self.pool_in_use = gauge("pool_connections_in_use", "Upstream connections in use "
                                  "(worker processes: as their last request ended)",
                                  "livesum", "upstream")
-        self._routes: dict[str | None, _Route] = {}
+        self._routes: dict[str, _Route] = {}
+        self._unrouted: dict[tuple[str, int], Any] = {}
         self._watched: dict[tuple[str, str], tuple[Any, Callable[[], float], list[float]]] = {}
 
     @classmethod
@@ -152,27 +168,39 @@ class ProxyMetrics:
         self.websocket_sessions.inc()
 
     def finished(self, record: RequestRecord, route: str | None) -> None:
+        if route is None:  # outside every mount: counted, nothing else to say
+            self._count(self._unrouted, NONE, record)
+        else:
+            self._finished_routed(record, route)
+        if record.websocket:
+            self.websocket_sessions.dec()
+        self.in_flight.dec()
+        if self._watched:
+            self.sample_watched()
+
+    def _count(self, children: dict[tuple[str, int], Any], route: str,
+               record: RequestRecord) -> None:
+        key = (record.method, record.status)
+        requests = children.get(key)
+        if requests is None:
+            requests = children[key] = self.requests.labels(
+                route, method_label(record.method), status_class(record.status))
+        requests.inc()
+
+    def _finished_routed(self, record: RequestRecord, route: str) -> None:
         series = self._routes.get(route)
         if series is None:
-            series = self._routes[route] = _Route(self, NONE if route is None else route)
-        key = (record.method, record.status)
-        requests = series.requests.get(key)
-        if requests is None:
-            requests = series.requests[key] = self.requests.labels(
-                series.route, method_label(record.method),
-                status_class(record.status))
-        requests.inc()
+            series = self._routes[route] = _Route(self, route)
+        self._count(series.requests, route, record)
         if record.bytes_in:
             series.bytes_in.inc(record.bytes_in)
         if record.bytes_out:
             series.bytes_out.inc(record.bytes_out)
         if record.upstream_at is not None:
             series.head.observe(record.upstream_at - record.started)
-        cause = record.ending()[1]
+        series.duration.observe(time.perf_counter() - record.started)
+        outcome, cause = record.ending()
         if cause is not None:
             series.errors[cause].inc()
-        if record.websocket:
-            self.websocket_sessions.dec()
-        self.in_flight.dec()
-        if self._watched:
-            self.sample_watched()
+        if outcome == "client-gone":
+            series.aborts.inc()

@@ -34,7 +34,12 @@ from .face import ProxyFace, make_sync_client
 from .hooks import require_sync_hooks, run_request_hooks, run_response_hooks
 from .http1 import CLIENT_WATCH, ClientWatch
 from .logs import RequestRecord
-from .servers.gunicorn_body import DIRECT_READ, GunicornLengthInput, request_body_input
+from .servers.gunicorn_body import (
+    DIRECT_READ,
+    GunicornLengthInput,
+    client_left,
+    request_body_input,
+)
 from .target import app_mount
 from .types import Environ, StartResponse, WSGIApp
 from .upstreams import Upstream
@@ -121,8 +126,9 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
     """WSGI reverse proxy. `SyncProxy("http://upstream:8080/base", mount="/api")`.
 
     Takes the same arguments as AsyncProxy (or the same `config=`, whose hooks
-    must then be plain `def` functions), and an optional `httpx.Client` (its
-    cookie jar is disabled; you close it). Outside the mount it answers 404, or
+    must then be plain `def` functions), and an optional `httpx.Client(trust_env=False)`
+    (its cookie jar is disabled; you close it; `core.check_user_client` says what it
+    may and may not change). Outside the mount it answers 404, or
     calls `fallback` when one is given.
     """
 
@@ -406,7 +412,7 @@ def _send_via(client: httpx.Client, transport: httpx.BaseTransport | None,
     """Send through dualproxy's transport directly when the face made it, else the client."""
     if transport is not None:
         return transport.handle_request(request)
-    return client.send(request, stream=True)
+    return client.send(request, stream=True, follow_redirects=False)
 
 
 def _discard(stream: Any, budget: int, chunk_size: int) -> None:
@@ -446,8 +452,12 @@ def _request_body(
         except TimeoutError:  # the client socket's timeout (gunicorn)
             raise client_stalled(client_timeout) from None
         except Exception as exc:
+            if client_left(exc):
+                raise ClientDisconnected("the client went away during the upload") from exc
             raise IncompleteBody(f"reading the request body failed: {describe(exc)}") from exc
         if not chunk:
+            if remaining:  # the end of input before the declared length: the client left
+                raise ClientDisconnected("the client went away during the upload")
             break
         counter.feed(len(chunk))
         record.bytes_in += len(chunk)

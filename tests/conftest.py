@@ -17,12 +17,13 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -60,6 +61,122 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("pairing", selected_pairings(metafunc.config), scope="session")
 
 
+# -- what the run starts dies with it ---------------------------------------------------
+#
+# Whatever ends the run (its end, Ctrl-C, nox's SIGINT then SIGTERM then SIGKILL), no
+# process a test started outlives it: every subprocess.Popen of this process is
+# tracked; SIGINT, SIGTERM and SIGHUP signal them all at once (their process group
+# when they lead one) before pytest unwinds, and its end stops what is left. A SIGKILL
+# cannot be caught: on Linux each child started from the main thread is told to die
+# with this process (prctl PR_SET_PDEATHSIG, SIGTERM, which every server drains on).
+
+_children: list[subprocess.Popen[bytes]] = []
+_original_popen_init = subprocess.Popen.__init__
+PR_SET_PDEATHSIG = 1
+
+
+def _death_signal() -> Callable[[], None] | None:
+    """A preexec_fn making the child get SIGTERM when this process dies (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up now, not in the child
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the prctl took hold
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return die_with_parent
+
+
+def _tracked_popen_init(self: subprocess.Popen[bytes], *args: Any, **kwargs: Any) -> None:
+    # The death signal follows the thread that forked: only the main one lives as long
+    # as the run. (preexec_fn makes subprocess fork rather than vfork: a little slower.)
+    if kwargs.get("preexec_fn") is None and threading.current_thread() is threading.main_thread():
+        kwargs["preexec_fn"] = _death_signal()
+    _original_popen_init(self, *args, **kwargs)
+    _children[:] = [child for child in _children if child.returncode is None]
+    _children.append(self)
+
+
+def _signal_children(signum: int) -> list[subprocess.Popen[bytes]]:
+    """Send `signum` to every child still running (to its group when it leads one)."""
+    running = []
+    for child in list(_children):
+        if child.poll() is not None:
+            continue
+        running.append(child)
+        try:
+            if os.getpgid(child.pid) == child.pid:
+                os.killpg(child.pid, signum)
+            else:
+                os.kill(child.pid, signum)
+        except OSError:
+            pass
+    return running
+
+
+def stop_children(timeout: float = 10.0) -> None:
+    """SIGTERM every child still running, SIGKILL what has not exited after `timeout`."""
+    running = _signal_children(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in running:
+        try:
+            child.wait(max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            pass
+    _signal_children(signal.SIGKILL)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    """Tell every child to stop now (pytest's teardown may not get the time), then let
+    pytest unwind as after Ctrl-C."""
+    _signal_children(signal.SIGTERM)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    subprocess.Popen.__init__ = _tracked_popen_init  # type: ignore[method-assign]
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        # Only where Python's own handling stands (not under `nohup`, nor a runner's own).
+        if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(signum, _interrupted)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    stop_children()
+    subprocess.Popen.__init__ = _original_popen_init  # type: ignore[method-assign]
+
+
+class ChildLog:
+    """A child's output in a temporary file unlinked at once: read while the child
+    writes, and gone with the run however it ends (no `dualproxy-*.log` piles up)."""
+
+    def __init__(self, prefix: str) -> None:
+        fd, path = tempfile.mkstemp(prefix=prefix, suffix=".log")
+        self.file = os.fdopen(fd, "wb")  # what the child writes to (stdout and stderr)
+        self._reader = open(path, "rb")  # noqa: SIM115  (closed by close())
+        os.unlink(path)
+
+        self._kept: str | None = None
+
+    def text(self) -> str:
+        if self._kept is not None:
+            return self._kept
+        self._reader.seek(0)
+        return self._reader.read().decode(errors="replace")
+
+    def close(self) -> None:
+        """Close both ends; what was written stays readable."""
+        if self._kept is None:
+            self._kept = self.text()
+            self.file.close()
+            self._reader.close()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -87,15 +204,14 @@ class ProxyProcess:
         self.tls = "--certfile" in flags  # serving HTTPS (front TLS)
         self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
         self.flags = flags
-        self.log_path = Path(tempfile.mkstemp(prefix=f"dualproxy-{pairing}-", suffix=".log")[1])
+        self._log = ChildLog(f"dualproxy-{pairing}-")
         # No upstream: a `--config FILE` proxy, whose file holds the routes and their
         # options (route flags are refused next to it).
         route = ["--upstream", upstream, *DEFAULT_FLAGS] if upstream else ["--log-level", "info"]
         args = [sys.executable, "-m", "dualproxy", "serve", *route,
                 "--adapter", self.adapter, "--server", self.server,
                 "--bind", f"127.0.0.1:{self.port}", *flags]
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(args, stdout=self._log.file, stderr=subprocess.STDOUT,
                                      cwd=ROOT, start_new_session=True)
         self._wait_ready()
 
@@ -133,7 +249,7 @@ class ProxyProcess:
             return False
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self._log.text()
 
     def client(self, **kwargs: object) -> httpx.Client:
         """An httpx client aimed at the proxy (tests that need the wire use rawhttp)."""

@@ -14,7 +14,7 @@ from flask import Flask
 
 from dualproxy import AsyncProxy
 from dualproxy.fastapi import proxy_lifespan, proxy_router
-from dualproxy.flask import proxy_blueprint, wrap_wsgi_app
+from dualproxy.flask import FlaskProxy, proxy_blueprint, wrap_wsgi_app
 
 UPSTREAM = os.environ.get("DUALPROXY_UPSTREAM", "http://127.0.0.1:9")
 
@@ -60,3 +60,9 @@ def flask_own() -> str:
 store = proxy_blueprint("store", UPSTREAM + "/bp", "/ignored")
 flask_middleware.register_blueprint(store, url_prefix="/tenant/store")
 wrap_wsgi_app(flask_middleware, UPSTREAM, "/files")
+
+
+# Flask, two extensions in one app: each gets a blueprint name of its own.
+flask_two_proxies = Flask(__name__)
+FlaskProxy(flask_two_proxies, upstream=UPSTREAM + "/one", prefix="/one")
+FlaskProxy(flask_two_proxies, upstream=UPSTREAM + "/two", prefix="/two")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ import pytest
 from dualproxy import AsyncProxy, ProxyConfig, SyncProxy
 from dualproxy.core import ResponseHead, UpstreamPlan
 from dualproxy.errors import ProxyError
+from tests.conftest import free_port
 from tests.upstream import Upstream
 
 # --- ProxyError statuses ------------------------------------------------------------------
@@ -227,3 +229,65 @@ def test_flask_and_fastapi_glue_route_the_same_methods(upstream: Upstream, rid: 
     assert dict(zip(PROXY_METHODS, flask_statuses, strict=True)) == every_ok
     assert dict(zip(PROXY_METHODS, asyncio.run(fastapi_statuses()), strict=True)) == every_ok
     assert [r.method for r in upstream.find_all(rid)] == [*PROXY_METHODS, *PROXY_METHODS]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"mount": "/日本"}, "percent-encode it ('/%E6%97%A5%E6%9C%AC')"),
+    ({"health_path": "/ü"}, "health_path '/ü' must be ASCII"),
+    ({"timeout": 1e300}, "timeout must be more than 0 and at most 1000000 seconds"),
+    ({"idle_timeout": float("nan")}, "idle_timeout must be"),
+    ({"ws_idle_timeout": 1e7}, "ws_idle_timeout must be"),
+    ({"pool_timeout": 0}, "pool_timeout must be"),
+])
+def test_config_refuses_what_would_fail_every_request(options: dict[str, object],
+                                                      message: str) -> None:
+    """Refused when built: each of these once failed every request instead."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ProxyConfig.build("http://127.0.0.1:9", **options)
+
+
+@pytest.mark.parametrize("face", [SyncProxy, AsyncProxy])
+@pytest.mark.parametrize(("client_options", "upstream", "options", "message"), [
+    ({"follow_redirects": True}, "http://127.0.0.1:9", {}, "follow_redirects=True"),
+    ({"trust_env": True}, "http://127.0.0.1:9", {}, "(trust_env=False)"),
+    ({}, "unix:/tmp/dualproxy-none.sock", {}, "a unix: upstream"),
+    ({}, "https://127.0.0.1:9", {"verify": False}, "verify=/cert= on the proxy"),
+    ({}, "https://127.0.0.1:9", {"cert": "pyproject.toml"}, "verify=/cert= on the proxy"),
+])
+def test_a_user_client_the_proxy_cannot_honour_is_refused(
+        face: type[SyncProxy] | type[AsyncProxy], client_options: dict[str, Any],
+        upstream: str, options: dict[str, Any], message: str) -> None:
+    """Each once half-worked: a redirect followed to another host, HTTP_PROXY obeyed, TCP
+    to 127.0.0.1:80 for a unix socket, verify/cert silently ignored."""
+    kind = httpx.Client if face is SyncProxy else httpx.AsyncClient
+    client = kind(**{"trust_env": False, **client_options})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        face(upstream, client=client, **options)  # type: ignore[arg-type]
+
+
+def test_a_user_client_relays_redirects_and_ignores_the_environment(
+        upstream: Upstream, rid: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fitting user client is used on both faces; its follow_redirects turned on after
+    the check is still overridden, and HTTP_PROXY (a dead port) plays no part."""
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("ALL_PROXY", f"http://127.0.0.1:{free_port()}")
+    headers = {"x-req-id": rid, "x-upstream": "status code=302 location=http://elsewhere.test/x"}
+    sync_client = httpx.Client(trust_env=False)
+    sync = SyncProxy(upstream.url, client=sync_client, access_log=False)
+    sync_client.follow_redirects = True
+    with httpx.Client(transport=httpx.WSGITransport(app=sync), base_url="http://front") as c:
+        sync_response = c.get("/moved", headers=headers)
+    sync_client.close()
+
+    async def run() -> httpx.Response:
+        async with httpx.AsyncClient(trust_env=False) as own:
+            proxy = AsyncProxy(upstream.url, client=own, access_log=False)
+            own.follow_redirects = True
+            transport = httpx.ASGITransport(app=proxy)
+            async with httpx.AsyncClient(transport=transport, base_url="http://front") as c:
+                return await c.get("/moved", headers=headers)
+
+    for response in (sync_response, asyncio.run(run())):
+        assert response.status_code == 302, response.text
+        assert response.headers["location"] == "http://elsewhere.test/x"
+    assert len(upstream.find_all(rid)) == 2

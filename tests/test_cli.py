@@ -7,6 +7,7 @@ Sizes take K/M/G suffixes (powers of 1024, as nginx's): checked on every pairing
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from dualproxy import __version__
+from dualproxy.cli import DEFAULT_SERVER
 from tests.conftest import ROOT, MakeProxy
 
 UPSTREAM = "http://127.0.0.1:9"
@@ -62,6 +64,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     (["--health-path", "healthz"], "--health-path"),
     (["--upstream", UPSTREAM], "given twice"),
     (["--upstream", "http://127.0.0.1:9/other"], "share one base path"),
+    # accepted once, then every request failed (or the server did not start)
+    (["--mount", "/日本"], "percent-encode it ('/%E6%97%A5%E6%9C%AC')"),
+    (["--mount", "/a b"], "--mount"),
+    (["--health-path", "/\x1b"], "--health-path"),
+    (["--timeout", "1e300"], "--timeout"),
+    (["--idle-timeout", "1000001"], "at most 1000000"),
+    (["--ws-idle-timeout", "1e9"], "--ws-idle-timeout"),
+    (["--graceful-timeout", "1e300"], "--graceful-timeout"),
+    (["--workers", "100000"], "at most 256"),
+    (["--threads", "100000"], "at most 4096"),
 ])
 def test_bad_flags_are_one_line_usage_errors(flags: list[str], names: str) -> None:
     args = ["serve", "--upstream", UPSTREAM, "--bind", "127.0.0.1:1", *flags]
@@ -104,3 +116,24 @@ def test_several_workers_serve(make_proxy: MakeProxy) -> None:
         statuses = [client.get(f"/w{i}", headers={"connection": "close"}).status_code
                     for i in range(20)]
     assert statuses == [200] * 20
+
+
+def test_a_taken_port_is_one_line(pairing: str) -> None:
+    """`serve` on a port in use: one line, exit 1, whatever the server; `demo` says the
+    same before its banner (its adapter's natural server: both servers between them)."""
+    adapter, server = pairing.split("-")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        served = run_cli("serve", "--upstream", UPSTREAM, "--bind", f"127.0.0.1:{port}",
+                         "--adapter", adapter, "--server", server)
+        runs = [("serve", served)]
+        if DEFAULT_SERVER[adapter] == server:
+            runs.append(("demo", run_cli("demo", "--bind", f"127.0.0.1:{port}",
+                                         "--adapter", adapter)))
+    for command, result in runs:
+        assert (result.returncode, result.stdout) == (1, ""), result
+        assert result.stderr.splitlines() == [
+            f"dualproxy {command}: error: cannot listen on 127.0.0.1:{port}: "
+            "Address already in use"], result.stderr

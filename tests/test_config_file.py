@@ -222,6 +222,16 @@ TLS_ROUTE = ROUTE.replace("http:", "https:")
      "load the CA bundle pyproject.toml"),
     (ROUTE + 'upstream_cert = "pyproject.toml"\n', 3, "[[route]] #1 (mount '/a'): cert "
      "(mutual TLS) needs an https upstream"),
+    # accepted once, then every request failed: refused at start now
+    ('[[route]]\nupstream = "http://127.0.0.1:9"\nmount = "/日本"\n', 3,
+     "must be ASCII without spaces or control characters, as a request target is: "
+     "percent-encode it ('/%E6%97%A5%E6%9C%AC')"),
+    (ROUTE + "timeout = 1e300\n", 4, "at most 1000000, got 1e+300"),
+    (ROUTE + "ws_idle_timeout = 1e7\n", 4, "at most 1000000"),
+    ("workers = 100000\n" + ROUTE, 1, "bad value for 'workers' at the top of the file: must be "
+     "at most 256"),
+    ("threads = 100000\n" + ROUTE, 1, "must be at most 4096"),
+    (ROUTE + 'health_path = "/é"\n', 4, "must be ASCII"),
 ])
 def test_bad_config_files(tmp_path: Path, text: str, line: int | None, message: str) -> None:
     path = tmp_path / "bad.toml"
@@ -229,7 +239,7 @@ def test_bad_config_files(tmp_path: Path, text: str, line: int | None, message: 
     result = run_serve("--config", str(path))
     assert result.returncode == 2
     where = f"{path}:{line}: " if line else f"{path}: "
-    assert result.stderr.startswith(f"dualproxy: error: {where}"), result.stderr
+    assert result.stderr.startswith(f"dualproxy serve: error: {where}"), result.stderr
     assert message in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
@@ -245,7 +255,7 @@ def test_front_tls_files_of_a_config_file_are_checked(tmp_path: Path) -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     result = run_serve("--config", str(tmp_path / "none.toml"))
     assert result.returncode == 2
-    assert result.stderr == (f"dualproxy: error: {tmp_path / 'none.toml'}: cannot read the "
+    assert result.stderr == (f"dualproxy serve: error: {tmp_path / 'none.toml'}: cannot read the "
                              "config file: No such file or directory\n")
 
 

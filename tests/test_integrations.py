@@ -17,12 +17,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, MakeProxy, free_port, stop_group
+from tests.conftest import ROOT, ChildLog, MakeProxy, free_port, stop_group
 from tests.rawhttp import RawResponse, exchange, request_bytes, wait_until
 from tests.upstream import Upstream, pattern_sha256
 
@@ -39,9 +38,8 @@ class App:
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "DUALPROXY_UPSTREAM": upstream.url, "EXAMPLE_TOKEN": TOKEN,
                "BIND": f"127.0.0.1:{port}"}
-        self.log_path = Path(f"/tmp/dualproxy-integration-{port}.log")
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log,
+        self._log = ChildLog(f"dualproxy-integration-{port}-")
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log.file,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -55,7 +53,7 @@ class App:
         raise RuntimeError(f"app did not start:\n{self.log()}")
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self._log.text()
 
     def stop(self) -> int:
         stop_group(self.proc, timeout=15)
@@ -486,6 +484,20 @@ def test_flask_blueprint_registered_under_another_prefix(glue_apps: tuple[App, A
     assert upstream.find(rid + "-x") is None
 
 
+def test_two_flask_proxies_in_one_app(upstream: Upstream, rid: str) -> None:
+    """Two FlaskProxy in one app: gunicorn boots it (blueprint names derived from the
+    prefixes do not clash) and each prefix goes to its own upstream base."""
+    app = gunicorn("tests.integration_apps:flask_two_proxies", upstream,
+                   "-k", "gthread", "--threads", "4")
+    try:
+        for prefix in ("one", "two"):
+            response = raw_get(app, f"/{prefix}/x%2Fy?q", f"{rid}-{prefix}", {})
+            assert response.status == 200, app.log()
+            assert upstream.wait_record(f"{rid}-{prefix}").target == f"/{prefix}/x%2Fy?q".encode()
+    finally:
+        app.stop()
+
+
 # -- dualproxy demo -------------------------------------------------------------
 
 
@@ -613,7 +625,7 @@ def test_access_log_line_and_quiet_expected_failures(make_proxy: MakeProxy, rid:
     assert response.status_code == 200 and len(response.content) == 4321
     pattern = re.compile(
         rf"dualproxy\.access: POST /logged/{rid} 200 in=1234 out=4321 "
-        r"upstream_ms=\d+\.\d total_ms=\d+\.\d ok")
+        r"upstream_ms=\d+\.\d total_ms=\d+\.\d client=127\.0\.0\.1 ok")
     assert wait_until(lambda: pattern.search(proxy.log()) is not None), proxy.log()
 
     refused = make_proxy(upstream_url=f"http://127.0.0.1:{free_port()}")

@@ -35,6 +35,7 @@ from dualproxy.errors import (
     upstream_cause,
 )
 from tests.conftest import MakeProxy, ProxyPool, ProxyProcess, free_port
+from tests.rawhttp import connect as raw_connect
 from tests.rawhttp import wait_until
 from tests.upstream import Upstream
 from tests.ws_upstream import WsUpstream
@@ -109,7 +110,7 @@ def test_counts_after_a_scripted_mix(make_proxy: MakeProxy, rid: str) -> None:
     assert delta("dualproxy_response_bytes_total", route="/") == 3 * 1000 + 2 * 2 + 4 + 500
     assert delta("dualproxy_upstream_head_seconds_count", route="/") == 7
     assert delta("dualproxy_upstream_errors_total", route="/", cause="cut_body") == 1
-    for cause in ("refused", "timeout", "client_gone", "other"):
+    for cause in ("refused", "timeout", "other"):
         assert delta("dualproxy_upstream_errors_total", route="/", cause=cause) == 0
     assert value(after, IN_FLIGHT) == 0
     upstream_label = {"upstream": proxy_upstream(proxy)}
@@ -313,6 +314,34 @@ def test_metrics_port_taken_exits_1() -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_duration_aborts_and_no_unrouted_series(make_proxy: MakeProxy, rid: str) -> None:
+    """A total-duration histogram per route; a client that leaves counts as a client
+    abort, never as an upstream error; a request outside the mount adds no series but
+    `requests_total{route="none"}`."""
+    proxy, metrics = with_metrics(make_proxy, "--mount", "/api")
+    before = metrics.settled()
+    with proxy.client() as client:
+        assert client.get(f"/api/d/{rid}").status_code == 200
+        assert client.get(f"/outside/{rid}").status_code == 404
+    with raw_connect(proxy.port) as sock:  # leaves in the middle of the download
+        sock.sendall(f"GET /api/gone/{rid} HTTP/1.1\r\nHost: a\r\nx-req-id: {rid}\r\n"
+                     "x-upstream: trickle size=100000 interval=0.05 chunk=1000\r\n\r\n"
+                     .encode())
+        assert sock.recv(4096)
+    after = metrics.settled()  # once the proxy has seen the client leave
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("dualproxy_request_duration_seconds_count", route="/api") == 2
+    assert delta("dualproxy_client_aborts_total", route="/api") == 1
+    assert sum(v for (name, _), v in after.items()
+               if name == "dualproxy_upstream_errors_total") == 0
+    unrouted = {name for (name, labels), _ in after.items() if ("route", "none") in labels}
+    assert "dualproxy_requests_total" in unrouted
+    assert unrouted <= {"dualproxy_requests_total", "dualproxy_requests_created"}, unrouted
+
+
 # -- the Python API, in process, on a private registry -------------------------------------
 
 
@@ -337,6 +366,7 @@ def test_api_counts_on_a_private_registry(upstream: Upstream, rid: str) -> None:
                status_class="2xx") == 1
     assert get("dualproxy_request_bytes_total", route="/api") == 10
     assert get("dualproxy_upstream_head_seconds_count", route="/api") == 2
+    assert get("dualproxy_request_duration_seconds_count", route="/api") == 2
     assert get("dualproxy_requests_in_flight") == 0
     assert get("dualproxy_upstream_up", upstream=str(other.config.upstreams[0])) == 1
     assert other.metrics is sync.metrics

@@ -194,7 +194,7 @@ def test_client_timeout_in_the_api_and_the_config_file(tmp_path: Path, upstream:
 
     assert AsyncProxy(upstream.url, client_timeout=5).config.client_timeout == 5
     assert SyncProxy(upstream.url).config.client_timeout == 60  # nginx's default
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="client_timeout"):
         ProxyConfig(upstream.url, client_timeout=0)
     path = tmp_path / "routes.toml"
     path.write_text(f'[[route]]\nmount = "/a"\nupstream = "{upstream.url}"\n'

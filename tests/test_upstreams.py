@@ -76,8 +76,8 @@ def test_config_takes_one_or_several_upstreams() -> None:
     ({"balance": "fastest"}, "balance must be one of"),
     ({"max_fails": -1}, "max_fails and retries"),
     ({"retries": -1}, "max_fails and retries"),
-    ({"fail_timeout": 0}, "fail_timeout and health_interval"),
-    ({"health_interval": -1}, "fail_timeout and health_interval"),
+    ({"fail_timeout": 0}, "fail_timeout must be more than 0"),
+    ({"health_interval": -1}, "health_interval must be more than 0"),
     ({"health_path": "health"}, "health_path must start"),
     ({"cert": "/c.pem"}, "needs an https upstream"),
 ])

@@ -104,6 +104,19 @@ def _take_buffered(owner: Any, size: int) -> bytes:
     return data[:size]
 
 
+def client_left(exc: BaseException) -> bool:
+    """Did reading the body fail because the client closed its connection (not because
+    the body was malformed)? gunicorn's chunked reader raises NoMoreData at the end of
+    input; its errors for a malformed chunk are OSErrors too, so the class decides."""
+    if isinstance(exc, ConnectionError):
+        return True
+    try:
+        from gunicorn.http.errors import NoMoreData
+    except ImportError:  # no gunicorn: not its reader
+        return False
+    return isinstance(exc, NoMoreData)
+
+
 def request_body_input(environ: Environ) -> Any:
     """Where to read the request body: gunicorn's socket directly when safe, else wsgi.input."""
     stream = environ["wsgi.input"]
