@@ -82,7 +82,13 @@ class EarlyStreamUpstream:
                 self._open -= 1
 
     def stop(self) -> None:
+        """Stop streaming and listening: the port refuses from here on (a proxy left
+        cached in front of it answers 502), the accept thread ends."""
         self._stop.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
         self.listener.close()
 
 
