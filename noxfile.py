@@ -96,6 +96,21 @@ def soak(session: nox.Session) -> None:
 
 
 @nox.session
+def chaos(session: nox.Session) -> None:
+    """The fault harness: for each pairing a seeded storm of clients that leave, dawdle,
+    pipeline and hold WebSockets, against an upstream that resets, stalls and trickles,
+    then checks from outside (hashes, request ids, leaks, metrics, a prompt answer).
+
+    60 s a pairing by default (CI runs `-- --seconds 10`). It prints its seed; a
+    failure replays with `nox -s chaos -- --seed N --pairing asgi-uvicorn --seconds 60`.
+    `-- --help` lists the rest (scenario filters, extra proxy flags, `--pool-pressure`).
+    Another Python: `nox -s chaos --force-python 3.12 -- --pool-pressure`.
+    """
+    session.install("-e", ".[dev]")
+    session.run("python", "-m", "tests.chaos", *session.posargs)
+
+
+@nox.session
 def fuzz(session: nox.Session) -> None:
     """A long differential fuzz of the HTTP/1.1 response parser against h11 and
     llhttp (not in CI; the suite runs a short fixed sample).

@@ -44,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.proctree import open_fds, rss_mb  # noqa: E402
 from tests.upstream import pattern_bytes, pattern_sha256  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -117,52 +118,6 @@ class UpstreamProcess:
         self.conn.send("stop")
         self.conn.recv()
         self.proc.join(10)
-
-
-# -- the proxy process tree -------------------------------------------------------------------
-
-
-def tree_pids(root: int) -> list[int]:
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        children[ppid].append(int(entry))
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        todo.extend(children.get(pid, ()))
-    return pids
-
-
-def rss_mb(root: int) -> float:
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
-
-
-def open_fds(root: int) -> int:
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            total += len(os.listdir(f"/proc/{pid}/fd"))
-        except OSError:
-            pass
-    return total
 
 
 def free_port() -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .upstreams import Upstream, parse_upstreams
+from .wire import BAD_FIELD_VALUE, FIELD_NAME
 
 if TYPE_CHECKING:
     import ssl
@@ -31,11 +32,6 @@ MAX_TIMEOUT = 1_000_000.0
 # A mount is matched on the raw target, which is ASCII: printable, no space.
 _MOUNT_TEXT = re.compile(r"[!-~]*\Z")
 BALANCE_POLICIES = ("least-conn", "round-robin", "random")
-
-# RFC 9110 5.1 / 5.5: a field name is a token; CR, LF and NUL never appear in a
-# value (a server would refuse the head, or split it in two).
-FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]")
 
 
 def check_mount(mount: str, what: str = "mount") -> None:

@@ -16,6 +16,8 @@ from http import HTTPStatus
 
 import httpx
 
+from .wire import WireError
+
 PROBLEM_CONTENT_TYPE = b"application/problem+json"
 
 
@@ -23,6 +25,8 @@ class ProxyError(Exception):
     """A failure that becomes an HTTP answer with `status` and a problem body."""
 
     status = 500
+    # What the error log says, when it must say more than the client is told.
+    log_detail: str | None = None
     # Refusals of the client's request close its connection after the answer
     # (as nginx does for 400/413/414): bytes the front server and the core might
     # frame differently are never taken for a next request.
@@ -120,6 +124,18 @@ class BadGateway(ProxyError):
     status = 502
 
 
+class InvalidHead(BadGateway):
+    """A head the proxy itself made (a hook's, or the core's) breaks the wire rule
+    (wire.py): never written. The client is told whose fault it is, the log also
+    which hook and which field."""
+
+    def __init__(self, problem: WireError, hook: str | None = None) -> None:
+        whose = "the proxy's own hook" if hook is not None else "the proxy"
+        super().__init__(f"{whose} produced an invalid {problem.what}")
+        if hook is not None:  # (without a hook, the log names the WireError as the cause)
+            self.log_detail = f"{self.detail}: {problem} (hook {hook})"
+
+
 class ServiceUnavailable(ProxyError):
     status = 503
 
@@ -189,6 +205,8 @@ def map_upstream_errors() -> Iterator[None]:
     except httpx.ConnectError as exc:
         raise BadGateway("the upstream refused or could not be reached") from exc
     except httpx.LocalProtocolError as exc:
+        if isinstance(exc.__cause__, WireError):  # the codec's last check (wire.py)
+            raise InvalidHead(exc.__cause__) from exc
         raise BadRequest("the request cannot be forwarded as sent") from exc
     except (httpx.TransportError, OSError) as exc:
         raise BadGateway(f"the upstream failed: {describe(exc)}") from exc

@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from .config import BAD_FIELD_VALUE, FIELD_NAME, ProxyConfig
+from .config import ProxyConfig
 from .errors import BadGateway, BadRequest, HeadersTooLarge
 from .framing import Framing, FramingError, list_items, parse_framing
+from .wire import BAD_FIELD_VALUE, FIELD_NAME
 
 Header = tuple[bytes, bytes]
 

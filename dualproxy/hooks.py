@@ -6,6 +6,10 @@ response hook gets the plan and the `ResponseHead` and returns a replacement hea
 or None. Plain `def` hooks run on both faces, so one config can serve both.
 `async def` hooks run on the async face only: the sync face has no event loop,
 so `SyncProxy` refuses a config holding one, with a TypeError at construction.
+
+What a hook leaves behind (returned, or changed in place) is checked against
+the wire rule (wire.py) right after it ran: a target or header that must not
+be written is a 502 naming the hook in the log (`InvalidHead`), never sent.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from .core import ResponseHead, UpstreamPlan
+from .errors import InvalidHead
+from .wire import WireError, field_problem, head_problem
 
 RequestHook = Callable[[UpstreamPlan], UpstreamPlan | None | Awaitable[UpstreamPlan | None]]
 ResponseHook = Callable[
@@ -39,16 +45,30 @@ def require_sync_hooks(hooks: Iterable[Callable[..., object]]) -> None:
             "event loop. Use plain `def` hooks (they run on both faces) or AsyncProxy.")
 
 
+def _name(hook: Callable[..., object]) -> str:
+    return getattr(hook, "__qualname__", None) or repr(hook)
+
+
 def hook_result(hook: Callable[..., object], result: object, current: _T) -> _T:
-    """What a hook's (awaited) result means: None keeps `current`, else a replacement."""
+    """What a hook's (awaited) result means: None keeps `current`, else a replacement.
+    Either way it must be writable (InvalidHead, a 502, when it is not)."""
     if result is None:
-        return current
-    if isinstance(result, type(current)):
-        return result
-    if inspect.iscoroutine(result):
-        result.close()  # never awaited: no "coroutine was never awaited" warning later
-    raise TypeError(f"hook {getattr(hook, '__qualname__', hook)!r} returned "
-                    f"{type(result).__name__}, expected {type(current).__name__} or None")
+        result = current  # the hook may have changed the header list in place
+    elif not isinstance(result, type(current)):
+        if inspect.iscoroutine(result):
+            result.close()  # never awaited: no "coroutine was never awaited" warning later
+        raise TypeError(f"hook {_name(hook)!r} returned "
+                        f"{type(result).__name__}, expected {type(current).__name__} or None")
+    problem = (_plan_problem(result) if isinstance(result, UpstreamPlan)
+               else field_problem(result.headers))
+    if problem is not None:
+        raise InvalidHead(problem, _name(hook))
+    return result
+
+
+def _plan_problem(plan: UpstreamPlan) -> WireError | None:
+    method = plan.method.encode("latin-1", "replace") if isinstance(plan.method, str) else b""
+    return head_problem(plan.target, plan.headers, method)
 
 
 def run_request_hooks(hooks: Iterable[RequestHook], plan: UpstreamPlan) -> UpstreamPlan:

@@ -273,7 +273,7 @@ class AccessLog:
             cause = exc.__cause__
             suffix = f" ({describe(cause)})" if cause is not None else ""
             error_logger.warning("%s %s -> %d: %s%s", record.method, record.target_text(),
-                                 exc.status, exc.detail, suffix)
+                                 exc.status, exc.log_detail or exc.detail, suffix)
 
     def finish(self, record: RequestRecord) -> None:
         if record.broken:

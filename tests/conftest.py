@@ -197,6 +197,8 @@ def stop_group(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
 class ProxyProcess:
     """A `dualproxy serve` child process, started the way a user starts it."""
 
+    module = "dualproxy"  # run as `python -m <module> serve ...`
+
     def __init__(self, pairing: str, upstream: str, flags: tuple[str, ...]) -> None:
         self.pairing = pairing
         self.adapter, self.server = pairing.split("-")
@@ -208,7 +210,7 @@ class ProxyProcess:
         # No upstream: a `--config FILE` proxy, whose file holds the routes and their
         # options (route flags are refused next to it).
         route = ["--upstream", upstream, *DEFAULT_FLAGS] if upstream else ["--log-level", "info"]
-        args = [sys.executable, "-m", "dualproxy", "serve", *route,
+        args = [sys.executable, "-m", self.module, "serve", *route,
                 "--adapter", self.adapter, "--server", self.server,
                 "--bind", f"127.0.0.1:{self.port}", *flags]
         self.proc = subprocess.Popen(args, stdout=self._log.file, stderr=subprocess.STDOUT,

@@ -11,6 +11,7 @@ bytes, chunk sizes, lists with empty items) where parsers tend to disagree.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
@@ -193,3 +194,77 @@ def exchanges(draw: st.DrawFn) -> Exchange:
     else:
         cuts = tuple(draw(st.lists(st.integers(0, len(stream)), max_size=4)))
     return Exchange(method, stream, cuts, draw(st.booleans()))
+
+
+# ------------------------------------------------------------------- mutation of a corpus
+#
+# The method of the independent fuzz that found issue 16's framing bugs: valid
+# responses, each bent by a few byte-level edits biased to the bytes HTTP/1.1
+# framing turns on, with header lines duplicated or reordered, a pipelined tail
+# or a truncation, then fed in random read sizes.
+
+_CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+CORPUS = (
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello",
+    _CHUNKED + b"\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n",
+    _CHUNKED + b"Trailer: X-T\r\n\r\n3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nServer: x\r\n\r\nread to the close",
+    b"HTTP/1.1 204 No Content\r\nServer: x\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\nETag: \"a\"\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 3\r\n\r\nabc",
+    b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx",
+    b"HTTP/1.1 404 Not Found\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello",
+)
+TAILS = (b"", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbad", b"0\r\n\r\n", b"\r\n",
+         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n")
+# What the edits insert or swap in: framing's own bytes, mostly, and some of anything.
+FRAMING_BYTES = b"\r\n \t:;,0123456789abcdefABCDEF\x00\x7f\x80\xff\x0b\x0c"
+edit_bytes = st.one_of(st.sampled_from([b" ", b"\t", b"\r", b"\n"]),  # whitespace first
+                       st.sampled_from(list(FRAMING_BYTES)).map(lambda b: bytes([b])),
+                       st.binary(min_size=1, max_size=1))
+
+
+def _lines(message: bytes) -> tuple[list[bytes], bytes]:
+    """(header lines with their CRLF, the rest from the blank line on) of a message's head."""
+    head, sep, rest = message.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    return [line + b"\r\n" for line in lines], b"\r\n" + rest if sep else b""
+
+
+@st.composite
+def mutated_exchanges(draw: st.DrawFn) -> Exchange:
+    stream = draw(st.sampled_from(CORPUS))
+    lines, rest = _lines(stream)
+    if len(lines) > 2 and draw(_one_in(4)):  # a header line twice
+        lines.insert(draw(st.integers(1, len(lines))),
+                     lines[draw(st.integers(1, len(lines) - 1))])
+    if len(lines) > 2 and draw(_one_in(4)):  # header lines reordered
+        fields = lines[1:]
+        lines = [lines[0], *draw(st.permutations(fields))]
+    stream = b"".join(lines) + rest + draw(st.sampled_from(TAILS))
+    data = bytearray(stream)
+    for _ in range(draw(st.integers(0, 3))):
+        # Mostly anywhere; often where values start or end (after ": ", before a CR),
+        # where parsers trim whitespace and split lists differently.
+        edges = [m.end() for m in re.finditer(rb": ", data)] + [
+            m.start() for m in re.finditer(rb"\r", data)]
+        where = draw(st.sampled_from(edges) if edges and draw(st.booleans())
+                     else st.integers(0, len(data)))
+        edit = draw(st.sampled_from(["insert", "insert", "delete", "swap"]))
+        if edit == "insert":
+            data[where:where] = draw(edit_bytes)
+        elif where < len(data):
+            data[where:where + 1] = b"" if edit == "delete" else draw(edit_bytes)
+    stream = bytes(data)
+    if draw(_one_in(8)):  # truncated (then mostly EOF)
+        stream = stream[:draw(st.integers(0, len(stream)))]
+    if draw(_one_in(10)):
+        cuts = tuple(range(1, len(stream)))
+    else:
+        cuts = tuple(draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    return Exchange(draw(_mostly(b"GET", b"HEAD", one_in=10)), stream, cuts,
+                    draw(st.booleans()))

@@ -1,6 +1,7 @@
 """Differential fuzzing of dualproxy's HTTP/1.1 response parser against h11 and llhttp.
 
-Hypothesis generates upstream answers (tests/fuzz_strategies.py), feeds them in
+Hypothesis generates upstream answers (tests/fuzz_strategies.py: from a grammar,
+and by mutating a corpus of valid responses byte by byte), feeds them in
 random pieces to dualproxy's client codec and to the two references
 (tests/fuzz_references.py), and checks:
 
@@ -11,6 +12,10 @@ random pieces to dualproxy's client codec and to the two references
 - where the references disagree or one rejects, dualproxy rejects or reads
   exactly what one accepting reference reads (never a third reading: a third
   reading is a framing disagreement a smuggler can use);
+- where neither reference refuses yet they read the framing apart (one finished
+  a message the other still reads, or both finished different ones: llhttp
+  reads `Transfer-Encoding: chunked<TAB>` to the close, h11 as chunked),
+  dualproxy refuses: the next hop could be either;
 - dualproxy never waits on a message that a reference finished (when the
   references all wait, dualproxy's reading matches none: the rule above);
 - reuse: dualproxy may keep the connection for another request only when every
@@ -37,8 +42,9 @@ when both references accept):
   HEAD): dualproxy bounds lengths to 18 digits (an int64, never a bignum);
   h11 takes 20 digits, llhttp anything below 2**64.
 Deliberate differences in reuse: h11 never keeps an HTTP/1.0 connection;
-dualproxy keeps one that says `Connection: keep-alive` with a framed body
-(RFC 9112 9.3 and appendix C.2.2), as llhttp does.
+dualproxy keeps one that says `Connection: keep-alive` with a length-framed
+body (RFC 9112 9.3 and appendix C.2.2), as llhttp does; never one with
+Transfer-Encoding (RFC 9112 6.1), which llhttp would keep.
 
 Runs: the suite runs a fixed, derandomized sample (fast, no database);
 `DUALPROXY_FUZZ_EXAMPLES=200000 pytest tests/test_http1_fuzz.py
@@ -63,7 +69,7 @@ from dualproxy.http1 import (
     Response,
 )
 from tests.fuzz_references import Kind, Outcome, canonical_headers, run_h11, run_llhttp
-from tests.fuzz_strategies import Exchange, exchanges
+from tests.fuzz_strategies import Exchange, exchanges, mutated_exchanges
 
 LONG_RUN = int(os.environ.get("DUALPROXY_FUZZ_EXAMPLES", "0"))
 
@@ -150,16 +156,31 @@ def deliberately_stricter(stream: bytes) -> list[str]:
     return reasons
 
 
+def references_disagree(refs: dict[str, Outcome]) -> bool:
+    """Neither reference refuses, yet they read the framing apart: one finished a
+    message the other still reads (or reads another way). A smuggler's gap: the
+    proxy must refuse, whichever of the two the next hop is."""
+    if len(refs) < 2 or any(o.kind is Kind.REJECTED for o in refs.values()):
+        return False
+    done = [o for o in refs.values() if o.kind is Kind.COMPLETE]
+    return 0 < len(done) < len(refs) or len({o.message for o in done}) > 1
+
+
 def divergences(exchange: Exchange, mine: Outcome, refs: dict[str, Outcome]) -> list[str]:
     """What in `mine` breaks the rules of the module doc, given the references' outcomes."""
     done = {name: o for name, o in refs.items() if o.kind is Kind.COMPLETE}
     readings = {o.message for o in done.values()}
     agreed = len(done) == len(refs) and len(readings) == 1
     problems = []
+    if references_disagree(refs) and mine.kind is not Kind.REJECTED:
+        problems.append("the references disagree and dualproxy did not refuse")
     if mine.kind is Kind.COMPLETE:
         if mine.message not in readings:
             problems.append("dualproxy read a message no reference read")
         llhttp = refs.get("llhttp")
+        if mine.reusable and mine.version == b"1.0" and any(
+                name == b"transfer-encoding" for name, _ in mine.headers):
+            problems.append("dualproxy reuses after an HTTP/1.0 Transfer-Encoding (RFC 9112 6.1)")
         for name, ref in done.items():
             if mine.reusable and not ref.reusable and not (
                     name == "h11" and ref.version == b"1.0"
@@ -192,6 +213,8 @@ def check(exchange: Exchange) -> list[str]:
     assert not problems, "; ".join(problems) + "\n" + describe(exchange, mine, refs)
     labels = ["dualproxy " + mine.kind.value + ", "
               + ", ".join(f"{name} {o.kind.value}" for name, o in refs.items())]
+    if references_disagree(refs):
+        labels.append("the references disagree (dualproxy refused)")
     if mine.reusable is False and all(o.reusable for o in refs.values()):
         labels.append("dualproxy closes a connection the references would reuse")
     return labels
@@ -253,6 +276,20 @@ _TE = _OK + b"Transfer-Encoding: chunked\r\n\r\n"
 # An empty Transfer-Encoding beside a Content-Length (issue 9), here on a 204.
 @example(found(b"HTTP/1.1 204 \r\ncontent-length: 0\r\ntransfer-encoding:  \r\n\r\n", eof=True))
 def test_response_parser_agrees_with_h11_and_llhttp(exchange: Exchange) -> None:
+    for label in check(exchange):
+        event(label)
+
+
+@settings(FUZZ_SETTINGS, max_examples=LONG_RUN or 500)  # a few seconds in the suite
+@given(mutated_exchanges())
+# issue 16: a tab after chunked (llhttp reads to the close), an HTTP/1.0 chunked reuse.
+@example(found(_TE.replace(b"chunked", b"chunked\t") + b"5\r\nhello\r\n0\r\n\r\n", eof=True))
+@example(found(_TE.replace(b"chunked", b"chunked\t") + b"5\r\nhello\r\n0\r\n\r\n"))
+@example(found(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n"
+               b"\r\n3\r\nabc\r\n0\r\n\r\n"))
+def test_mutated_responses_agree_or_are_refused(exchange: Exchange) -> None:
+    """A corpus of valid responses bent byte by byte (fuzz_strategies.mutated_exchanges):
+    the same rules, and where the references read the framing apart, a refusal."""
     for label in check(exchange):
         event(label)
 

@@ -48,11 +48,12 @@ def _trailer_keeps_alive(line: bytes) -> bool:
 class ChunkedDecoder:
     """Decodes one chunked body off a receive buffer, piece by piece."""
 
-    __slots__ = ("_left", "_part", "done", "keep_alive")
+    __slots__ = ("_left", "_part", "_trailers", "done", "keep_alive")
 
     def __init__(self) -> None:
         self._left = 0
         self._part = "size"
+        self._trailers = 0       # bytes of the trailer section so far (MAX_HEAD at most)
         self.done = False        # the last chunk and the trailers are in
         self.keep_alive = True   # False after a trailer that makes llhttp close
 
@@ -78,7 +79,8 @@ class ChunkedDecoder:
                     raise RemoteProtocolError("missing CRLF after chunk data")
                 del buf[:2]
                 self._part = "size"
-            line = self._line(buf, _MAX_SIZE_LINE if self._part == "size" else MAX_HEAD)
+            line = self._line(buf, _MAX_SIZE_LINE if self._part == "size"
+                              else MAX_HEAD - self._trailers)
             if line is None:
                 break
             if self._part == "size":
@@ -89,18 +91,26 @@ class ChunkedDecoder:
                 self._part = "data" if self._left else "trailers"
             elif not line:
                 self.done = True
-            elif not _trailer_keeps_alive(line):
-                self.keep_alive = False
+            elif (trailers := self._trailers + len(line) + 2) > MAX_HEAD:
+                raise RemoteProtocolError("trailer section too large")
+            else:
+                self._trailers = trailers
+                if not _trailer_keeps_alive(line):
+                    self.keep_alive = False
         return b"".join(pieces)
 
     @staticmethod
     def _line(buf: bytearray, limit: int) -> bytes | None:
-        """One CRLF-ended line taken off `buf` (without the CRLF), None while incomplete."""
+        """One CRLF-ended line taken off `buf` (without the CRLF), None while incomplete.
+        Longer than `limit` is refused whether it came whole or in pieces."""
         end = buf.find(b"\r\n")
         if end < 0:
-            if len(buf) > limit or BARE_EOL.search(buf):
+            # (a last CR may start the CRLF: it does not count)
+            if len(buf) - buf.endswith(b"\r") > limit or BARE_EOL.search(buf):
                 raise RemoteProtocolError("line too long or not ended by CRLF")
             return None
+        if end > limit:
+            raise RemoteProtocolError("line too long")
         line = bytes(buf[:end])
         del buf[:end + 2]
         return line

@@ -30,6 +30,7 @@ from ..framing import (
     request_body,
     response_body,
 )
+from ..wire import WireError, head_problem, serialised_head_ok
 from .chunked import BAD_BYTE, BARE_EOL, MAX_HEAD, MAX_PIECE, TOKEN_CHARS, ChunkedDecoder
 from .errors import LocalProtocolError, RemoteProtocolError
 
@@ -39,6 +40,12 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) (\d{3})(?: ([^\r\n]*))?\Z")
 # LF; findall takes every line at once. A line it cannot take (obs-fold, a bare
 # CR or LF, no colon, a bad name) leaves the count short: a protocol error.
 _FIELD = re.compile(rb"\n(" + TOKEN_CHARS + rb"):[ \t]*((?:[^\r\n]*[^ \t\r\n])?)[ \t]*\r(?=\n)")
+
+# A Transfer-Encoding line whose value ends in HTAB (OWS before the CR): h11 and
+# this codec read `chunked`, llhttp reads the body to the close. Of the bytes
+# 0x00-0x20 and DEL around a framing value, the only one the references read
+# differently (the others both refuse, or both take as OWS; tests/test_framing_bytes).
+_TE_TRAILING_TAB = re.compile(rb"(?i)\ntransfer-encoding:[^\r]*\t[ \t]*\r")
 
 _KNOWN_INTERIM = frozenset({100, 102, 103})
 _KEEP_CAPACITY = 65536  # a pooled connection's receive buffer may keep this much
@@ -149,7 +156,13 @@ class ClientConnection:
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
-        return b"".join(parts)
+        head = b"".join(parts)
+        if not serialised_head_ok(head, len(headers)):
+            # the last step before the wire: whoever made this head, it is not written
+            problem = head_problem(target, headers, method) or WireError("header", "bad head")
+            self._keep = False
+            raise LocalProtocolError(str(problem)) from problem
+        return head
 
     @property
     def expects_body(self) -> bool:
@@ -292,6 +305,8 @@ class ClientConnection:
             if self.eof:
                 raise RemoteProtocolError("upstream closed without a response")
             return NEED_DATA
+        if end + 4 > MAX_HEAD:  # however the head arrived: a limit is not a read size
+            raise RemoteProtocolError("response head too large")
         block = bytes(buf[:end + 2])  # status line and header lines, each ending in CRLF
         del buf[:end + 4]
         if BAD_BYTE.search(block):
@@ -311,9 +326,13 @@ class ClientConnection:
             framing = parse_framing(headers)
         except FramingError as exc:
             raise RemoteProtocolError(str(exc)) from None
+        if framing.chunked and _TE_TRAILING_TAB.search(block):
+            raise RemoteProtocolError("Transfer-Encoding ends in a tab: parsers disagree")
         event = Response(status, reason or b"", b"HTTP/1." + minor, headers, framing)
-        if not keeps_alive(framing, int(minor)):
-            self._keep = False  # an interim head that says close counts too
+        if not keeps_alive(framing, int(minor)) or (framing.chunked and minor == b"0"):
+            # RFC 9112 6.1: after an HTTP/1.0 message with Transfer-Encoding the
+            # connection closes (an interim head that says close counts too)
+            self._keep = False
         if event.interim:
             if (status not in _KNOWN_INTERIM and self._method != b"HEAD"
                     and (framing.chunked or framing.length)):

@@ -3,9 +3,11 @@
 The WSGI tunnel relays raw bytes and never decodes a payload (no codec: the
 two ends keep theirs). It only follows the frame headers as they pass (RFC
 6455 5.2), which is enough to know when a message outgrows the size limit
-(then close 1009) and where a close frame can be put in without cutting a
-frame in two (1001 on an idle socket). Sizes are wire sizes: with
-permessage-deflate negotiated end to end, the compressed ones.
+(then close 1009), when a control frame breaks RFC 6455 5.5 (more than 125
+bytes or fragmented: close 1002, as either end would; it is never relayed, so
+a 200 KiB ping cannot slip past the size limit), and where a close frame can
+be put in without cutting a frame in two (1001 on an idle socket). Sizes are
+wire sizes: with permessage-deflate negotiated end to end, the compressed ones.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import os
 import struct
 
 _CONTROL = 0x8   # opcodes from 8 up are control frames (close, ping, pong)
+_MAX_CONTROL = 125  # RFC 6455 5.5: a control frame's payload, at most
 GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
 MESSAGE_TOO_BIG = 1009
 
 
@@ -31,12 +35,15 @@ class FrameScanner:
     """Follows the frames of one direction of a tunnel, read by read.
 
     `scan(data)` returns None, or the offset in `data` of the first frame that
-    makes a data message longer than `limit`; bytes from there on must not be
-    relayed. `at_boundary` is true between frames; `clean_cut` says whether the
-    refused frame started in this read (its header was not relayed yet).
+    makes a data message longer than `limit` or is a control frame RFC 6455 5.5
+    forbids; bytes from there on must not be relayed, and `refusal` says the
+    close code and reason. `at_boundary` is true between frames; `clean_cut`
+    says whether the refused frame started in this read (its header was not
+    relayed yet). With no `limit` (None: a plain byte relay) nothing is refused;
+    the tunnel always has one (`ws_max_size` is never None).
     """
 
-    __slots__ = ("limit", "need", "partial", "message", "clean_cut")
+    __slots__ = ("limit", "need", "partial", "message", "clean_cut", "refusal")
 
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
@@ -44,6 +51,7 @@ class FrameScanner:
         self.partial = b""     # a header split across reads
         self.message = 0       # payload bytes of the current data message so far
         self.clean_cut = True
+        self.refusal = (MESSAGE_TOO_BIG, "message too big")
 
     @property
     def at_boundary(self) -> bool:
@@ -82,6 +90,10 @@ class FrameScanner:
                     return max(started, 0)
                 if header[0] & 0x80:  # FIN: the message is complete
                     self.message = 0
+            elif self.limit is not None and (length > _MAX_CONTROL or not header[0] & 0x80):
+                self.clean_cut = started >= 0
+                self.refusal = (PROTOCOL_ERROR, "invalid control frame")
+                return max(started, 0)
             self.need = length
         return None
 

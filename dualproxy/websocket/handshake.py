@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ HANDSHAKE_HEADERS = frozenset({
 # Upgrade and Connection are hop-by-hop for HTTP; a tunnel restores them.
 UPGRADE_HEADERS: tuple[Header, ...] = ((b"upgrade", b"websocket"), (b"connection", b"Upgrade"))
 _SCHEMES = {"http": "ws", "https": "wss", "unix": "ws"}
+_ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
 _TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789"
                          b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
@@ -169,12 +171,58 @@ def accept_head(config: ProxyConfig, ws: WebSocketPlan, status: int,
     return ResponseHead(status=101, headers=out, has_body=False)
 
 
+class BadUpgrade(BadGateway):
+    """The upstream's 101 is not a WebSocket accept (RFC 6455 4.1): 502, and the
+    client connection closes after it (bytes it sent on must not be read as HTTP)."""
+
+    close_connection = True
+
+
+def accept_key(key: bytes) -> bytes:
+    """The Sec-WebSocket-Accept a server must answer to `key` (RFC 6455 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.strip() + _ACCEPT_GUID).digest())
+
+
+def _extension_names(headers: Iterable[Header]) -> set[bytes]:
+    return {item.split(b";", 1)[0].strip().lower() for name, value in headers
+            if name == b"sec-websocket-extensions" for item in value.split(b",")
+            if item.strip()}
+
+
+def check_accept(request: Sequence[Header], response: Sequence[Header]) -> None:
+    """Refuse (BadUpgrade) a 101 that RFC 6455 4.1 tells the client to fail.
+
+    `request`: the handshake as sent upstream (its key and offers); `response`:
+    the 101's headers, names lower-cased. Upgrade must be `websocket`,
+    Connection must list `upgrade`, Sec-WebSocket-Accept must answer the key,
+    and no extension or subprotocol may be one the request did not offer.
+    Before a tunnel splices the sockets, a bare `101` would otherwise let the
+    client's next bytes reach the upstream as raw HTTP.
+    """
+    if header_tokens(response, b"upgrade") != [b"websocket"]:
+        raise BadUpgrade("the upstream's 101 does not upgrade to websocket")
+    if b"upgrade" not in connection_tokens(response):
+        raise BadUpgrade("the upstream's 101 lacks Connection: upgrade")
+    keys = [value for name, value in request if name == b"sec-websocket-key"]
+    accepts = [value.strip() for name, value in response if name == b"sec-websocket-accept"]
+    if len(keys) != 1 or accepts != [accept_key(keys[0])]:
+        raise BadUpgrade("the upstream's 101 has no valid Sec-WebSocket-Accept")
+    if not _extension_names(response) <= _extension_names(request):
+        raise BadUpgrade("the upstream accepted an extension the client did not offer")
+    _chosen(offered_subprotocols(request), response, BadUpgrade)
+
+
 def chosen_subprotocol(ws: WebSocketPlan, headers: Iterable[Header]) -> str | None:
     """The subprotocol the upstream chose; 502 if it is none the client offered."""
+    return _chosen(ws.subprotocols, headers, BadGateway)
+
+
+def _chosen(offered: list[str], headers: Iterable[Header],
+            error: type[BadGateway]) -> str | None:
     chosen = [v.strip() for n, v in headers if n == b"sec-websocket-protocol"]
     if not chosen:
         return None
     value = chosen[0].decode("latin-1")
-    if len(chosen) > 1 or value not in ws.subprotocols:
-        raise BadGateway("the upstream chose a subprotocol the client did not offer")
+    if len(chosen) > 1 or value not in offered:
+        raise error("the upstream chose a subprotocol the client did not offer")
     return value

@@ -26,13 +26,20 @@ from websockets.http11 import Request
 from ..config import ProxyConfig
 from ..core import IncomingRequest, plan_response
 from ..drain import DRAIN, call_in_loop
-from ..errors import BadGateway, GatewayTimeout, NotProxied, ProxyError, describe
+from ..errors import BadGateway, GatewayTimeout, InvalidHead, NotProxied, ProxyError, describe
 from ..headers import Header
 from ..hooks import arun_request_hooks, arun_response_hooks
 from ..http1.tls import upstream_context, verification_failure
 from ..types import Receive, Scope, Send
 from ..upstreams import Upstream
-from .handshake import WebSocketPlan, accept_head, library_request_headers, plan_handshake
+from ..wire import head_problem
+from .handshake import (
+    WebSocketPlan,
+    accept_head,
+    check_accept,
+    library_request_headers,
+    plan_handshake,
+)
 from .handshake import upgrade_plan as make_upgrade_plan
 
 if TYPE_CHECKING:
@@ -112,8 +119,10 @@ async def _open_and_relay(proxy: AsyncProxy, ws: WebSocketPlan, scope: Scope,
     try:
         record.upstream_status(101)
         try:
-            assert upstream.response is not None  # set by the handshake
-            head = accept_head(config, ws, 101, _lower(upstream.response.headers.raw_items()))
+            assert upstream.request is not None and upstream.response is not None
+            answer = _lower(upstream.response.headers.raw_items())
+            check_accept(_lower(upstream.request.headers.raw_items()), answer)  # as websockets
+            head = accept_head(config, ws, 101, answer)
             head = await arun_response_hooks(config.response_hooks, ws.plan, head)
         except ProxyError as exc:
             upstream.transport.abort()
@@ -151,6 +160,9 @@ class _PlannedConnection(ClientConnection):
         def planned() -> Request:
             generated = _lower(generate().headers.raw_items())
             headers = library_request_headers(plan, generated)
+            problem = head_problem(plan.target, headers)
+            if problem is not None:  # the last step before `websockets` writes it
+                raise InvalidHead(problem) from problem
             return Request(plan.target.decode("ascii"), Headers(
                 (name.decode("latin-1"), value.decode("latin-1")) for name, value in headers))
 

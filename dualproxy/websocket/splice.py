@@ -4,8 +4,9 @@ One thread, one poll() over both sockets, one read in flight per direction:
 while a read is unsent its source is not read again, so a slow reader stalls
 the writer through TCP flow control and memory stays at two reads. Frames are
 followed, never decoded (`framing`), so the tunnel can refuse an oversized
-message (1009), end an idle socket (1001) and one still open at the graceful
-timeout (1001, when `stop_fd` becomes readable) with a close frame to each side.
+message (1009) or an invalid control frame (1002), end an idle socket (1001)
+and one still open at the graceful timeout (1001, when `stop_fd` becomes
+readable) with a close frame to each side.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from typing import NamedTuple
 
 from ..errors import describe
-from .framing import GOING_AWAY, MESSAGE_TOO_BIG, FrameScanner, close_frame
+from .framing import GOING_AWAY, FrameScanner, close_frame
 
 READ_SIZE = 65536
 LINGER = 5.0        # after one side's FIN, how long the other direction may go on
@@ -153,8 +154,9 @@ def relay(client: socket.socket, upstream: socket.socket, *, to_client: bytes = 
     A FIN is passed on (half-close; a TLS side is closed instead) and the other
     direction gets LINGER seconds more; a reset or error on either side ends
     both at once (`failure`). A message over `max_size` ends both with close
-    1009, `idle` seconds of silence with 1001, and so does `stop_fd` becoming
-    readable (the drain deadline). Both sockets are left for the caller to close.
+    1009, a control frame over 125 bytes or fragmented with 1002, `idle` seconds
+    of silence with 1001, and so does `stop_fd` becoming readable (the drain
+    deadline). Both sockets are left for the caller to close.
     """
     up = _Direction(client, upstream, to_upstream, max_size, to_server=True)
     down = _Direction(upstream, client, to_client, max_size, to_server=False)
@@ -182,8 +184,9 @@ def relay(client: socket.socket, upstream: socket.socket, *, to_client: bytes = 
                     linger_until = time.monotonic() + LINGER
                 elif time.monotonic() >= linger_until:
                     break
-            if up.refused and not up.pending or down.refused and not down.pending:
-                return _goodbye(up, down, MESSAGE_TOO_BIG, "message too big")
+            for refused in (up, down):
+                if refused.refused and not refused.pending:
+                    return _goodbye(up, down, *refused.scanner.refusal)
             wait: float | None = None
             if idle is not None:
                 now = time.monotonic()

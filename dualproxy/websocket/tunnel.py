@@ -29,14 +29,15 @@ import httpx
 from ..config import ProxyConfig
 from ..core import ResponseHead, UpstreamPlan, plan_response
 from ..drain import DRAIN
-from ..errors import ProxyError, map_stream_errors, map_upstream_errors
+from ..errors import InvalidHead, ProxyError, map_stream_errors, map_upstream_errors
 from ..http1 import ClientConnection, Data, EndOfMessage, Response, connect_upstream
 from ..http1.connect import upstream_key
 from ..http1.tls import upstream_context
 from ..logs import RequestRecord
 from ..types import Environ, StartResponse
 from ..upstreams import Upstream
-from .handshake import WebSocketPlan, accept_head, chosen_subprotocol, upgrade_plan
+from ..wire import head_problem
+from .handshake import BadUpgrade, WebSocketPlan, accept_head, check_accept, upgrade_plan
 from .splice import READ_SIZE, relay
 
 # The servers that hand a WSGI app its client socket.
@@ -106,8 +107,15 @@ def answer_handshake(config: ProxyConfig, plan: UpstreamPlan, environ: Environ,
     headers = [(name.lower(), value) for name, value in head.headers]
     try:
         if head.status == 101:
+            try:
+                check_accept(ws.headers, headers)  # before a byte is spliced
+            except BadUpgrade:
+                _stop_reading(client, environ)
+                raise
             accept = accept_head(config, ws, head.status, headers)
-            chosen_subprotocol(ws, headers)
+            problem = head_problem(None, accept.headers)
+            if problem is not None:  # the 101 is written to the client socket by hand
+                raise InvalidHead(problem) from problem
             tunnel = Tunnel(client, sock, accept, record, log)
             tunnel.limits(config.ws_idle_timeout, config.ws_max_size)
             tunnel.early(conn.take_trailing(), _server_buffered(environ))
@@ -153,6 +161,17 @@ def open_upstream(ws: WebSocketPlan, config: ProxyConfig, upstream: Upstream
     except BaseException:
         sock.close()
         raise
+
+
+def _stop_reading(client: socket.socket, environ: Environ) -> None:
+    """Close the client connection after the answer: drop what the server read past
+    the handshake, and end the socket's read side (the server then sees the end of
+    the connection where it would look for another request)."""
+    _server_buffered(environ)
+    try:
+        client.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
 
 
 def _str_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:

@@ -1,0 +1,81 @@
+"""What may be written on an HTTP/1.1 wire: the one rule for names, values and targets.
+
+Everything that decides whether a request or response head can be written
+lives here. Whoever produced it (the core, an `add_*_headers` option, a hook
+that copied a percent-decoded cookie into a header or rewrote the target), a
+head is checked just before its bytes go out: the HTTP/1.1 client checks the
+head it serialises (`serialised_head_ok`, the same rule on the bytes, for the
+hot path), the hook loops check what each hook returns, and the WebSocket
+handshakes check theirs. A CR or LF in a value would end the field and start
+another (request smuggling, response splitting); a NUL cuts the line for many
+parsers. Pure: no I/O.
+
+- A field name is a token (RFC 9110 5.1).
+- A field value carries no CR, LF or NUL (RFC 9110 5.5: the bytes a recipient
+  must refuse or replace; other controls it may keep, so they pass as nginx
+  passes them).
+- A request-target is visible ASCII, no space or control (RFC 9112 3.2).
+- A method is a token (RFC 9110 9.1).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+FIELD_NAME = re.compile(TOKEN + rb"\Z")
+BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]")
+TARGET = re.compile(rb"[\x21-\x7e]+\Z")
+# The whole serialised request head: request line, field lines, the empty line.
+# A value cannot hold CR or LF here, so the line count then proves no field was
+# split in two: one regex and one count, however many fields.
+# Possessive quantifiers: nothing to backtrack into, a little faster.
+_REQUEST_HEAD = re.compile(TOKEN + rb"+ [\x21-\x7e]++ HTTP/1\.1\r\n(?:" + TOKEN
+                           + rb"+: [^\x00\r\n]*+\r\n)*+\r\n\Z")
+
+
+class WireError(ValueError):
+    """A head that must not be written; `what` is "header", "target" or "method"."""
+
+    def __init__(self, what: str, message: str) -> None:
+        super().__init__(message)
+        self.what = what
+
+
+def field_problem(headers: Iterable[tuple[bytes, bytes]]) -> WireError | None:
+    """The first field that cannot be written, as a WireError (None: all can)."""
+    for name, value in headers:
+        if not isinstance(name, bytes) or not FIELD_NAME.match(name):
+            return WireError("header", f"invalid header name {name!r}")
+        if not isinstance(value, bytes) or BAD_FIELD_VALUE.search(value):
+            return WireError("header", f"invalid value for header {name!r}")
+    return None
+
+
+def head_problem(target: bytes | None, headers: Iterable[tuple[bytes, bytes]],
+                 method: bytes = b"GET") -> WireError | None:
+    """What makes a head unwritable, or None. `target` None: a response head."""
+    if target is not None:
+        if not isinstance(method, bytes) or not FIELD_NAME.match(method):
+            return WireError("method", f"invalid method {method!r}")
+        if not isinstance(target, bytes) or not TARGET.match(target):
+            return WireError("target", f"invalid request target {target!r}")
+    return field_problem(headers)
+
+
+def check_head(target: bytes | None, headers: Iterable[tuple[bytes, bytes]],
+               method: bytes = b"GET") -> None:
+    """Raise the WireError of `head_problem`, if any."""
+    problem = head_problem(target, headers, method)
+    if problem is not None:
+        raise problem
+
+
+def serialised_head_ok(head: bytes, fields: int) -> bool:
+    """Is `head`, a serialised request head of `fields` field lines, writable?
+
+    The rule of `head_problem` on the bytes (one regex, one count), for the
+    HTTP/1.1 client's hot path; `head_problem` then says what is wrong.
+    """
+    return _REQUEST_HEAD.match(head) is not None and head.count(b"\n") == fields + 2
