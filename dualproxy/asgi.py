@@ -10,14 +10,16 @@ exchange at once, which closes the upstream connection and frees its pool slot.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
 
-from .core import BodyCounter, IncomingRequest, ResponseHead, UpstreamPlan
+from .core import BodyCounter, IncomingRequest, ResponseHead, UpstreamPlan, client_stalled
 from .drain import DRAIN, absorb_cancel, call_in_loop
 from .errors import (
+    RESPONSE_ABORTED,
     ClientDisconnected,
     NotProxied,
     ProxyError,
@@ -83,19 +85,18 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         return make_async_client(self.config)
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
-        client = self.client
-        if self._transport is not None:
-            return await self._transport.handle_async_request(request)
-        return await client.send(request, stream=True, follow_redirects=False)
+        return await _send_via(self.client, self._transport, request)
 
-    def _start_health(self) -> Any:
+    def _start_health(self, client: httpx.AsyncClient,
+                      transport: httpx.AsyncBaseTransport | None) -> Any:
         from .health import HealthTask
 
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # the client was made outside a loop: no task to start
             return None
-        return HealthTask(self.config, self.balancer, self._send)
+        return HealthTask(self.config, self.balancer,
+                          functools.partial(_send_via, client, transport))
 
     async def aclose(self) -> None:
         """Close the client if this proxy created it."""
@@ -153,6 +154,8 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
             self.finish(record)
             return
 
+        # Set once nothing else reads receive(): the body was read to its end, or
+        # the upstream's head came first (an early answer stops the upload).
         body_done = asyncio.Event() if plan.has_body else None
         # One extra task per request: a watcher that cancels this one if the
         # client leaves before the response is complete. It only cancels while
@@ -192,7 +195,8 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         body_done: asyncio.Event | None,
         record: Any,
     ) -> None:
-        content = (_request_body(receive, BodyCounter(plan, self.config), body_done, record)
+        content = (_request_body(receive, BodyCounter(plan, self.config), body_done, record,
+                                 self.config.client_timeout)
                    if body_done is not None else None)
 
         async def send_to(upstream: Upstream) -> tuple[httpx.Request, httpx.Response]:
@@ -208,6 +212,10 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         except ClientDisconnected:
             record.client_gone = True
             return
+        if body_done is not None:
+            # The head is in: the upload is over (whole, or stopped by an early
+            # answer, its rest left unread), so the watcher takes receive() now.
+            body_done.set()
         try:
             try:
                 head = self.response_head(record, plan, request, response)
@@ -222,6 +230,7 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
             # Returning without the final body message makes the server drop the
             # connection: no last chunk, no short body passed off as complete.
             record.upstream_broke(exc)
+            RESPONSE_ABORTED.set(True)
         finally:
             await response.aclose()
 
@@ -282,12 +291,25 @@ class DrainCut:
             self.task.cancel()
 
 
+async def _send_via(client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport | None,
+                    request: httpx.Request) -> httpx.Response:
+    """Send through dualproxy's transport directly when the face made it, else the client."""
+    if transport is not None:
+        return await transport.handle_async_request(request)
+    return await client.send(request, stream=True, follow_redirects=False)
+
+
 async def _request_body(
-    receive: Receive, counter: BodyCounter, body_done: asyncio.Event, record: Any
+    receive: Receive, counter: BodyCounter, body_done: asyncio.Event, record: Any,
+    client_timeout: float,
 ) -> AsyncIterator[bytes]:
-    """Stream the client's body upstream as it arrives, counting it on the way."""
+    """Stream the client's body upstream as it arrives, counting it on the way; a
+    wait of `client_timeout` for the next piece ends it (core.client_stalled)."""
     while True:
-        message = await receive()
+        try:
+            message = await asyncio.wait_for(receive(), client_timeout)
+        except asyncio.TimeoutError:
+            raise client_stalled(client_timeout) from None
         if message["type"] == "http.disconnect":
             raise ClientDisconnected("client went away during the upload")
         chunk = message.get("body", b"")
@@ -307,9 +329,11 @@ async def _watch_disconnect(
 ) -> None:
     """Cancel `task` when the client disconnects before the response is complete.
 
-    It reads `receive()` only once the request body is consumed (two readers
-    would steal each other's messages). uvicorn also reports a disconnect once
-    the response is complete; `record.responded` tells the two apart.
+    It reads `receive()` as soon as nothing else does: from the start without a
+    body, else once the body was read or the upstream answered before it (two
+    readers would steal each other's messages); body the upload left unread is
+    dropped. uvicorn also reports a disconnect once the response is complete;
+    `record.responded` tells the two apart.
     """
     if body_done is not None:
         await body_done.wait()

@@ -8,11 +8,20 @@ the health probers report each probe's status (`probed`). The rules:
 - `least-conn` (default): the fewest requests in flight, ties taken round-robin;
   `round-robin`: strictly in turn; `random`: the better of two random choices.
 - Passive health as nginx: `max_fails` failures within `fail_timeout` seconds
-  mark an upstream down for `fail_timeout` (0 disables); a success clears the
-  count. A pool of one is never marked down (nginx ignores max_fails then).
+  mark an upstream down for `fail_timeout` (0 disables); a failure is what
+  nginx always counts as an unsuccessful attempt (error, timeout, invalid
+  header: connect refused or timed out, no response head within `--timeout`,
+  a connection broken before the head), never an answer, whatever its status.
+  A success (a response head) clears the count and the passive mark. A pool
+  of one is never marked down (nginx ignores max_fails then).
 - Active health: a failed probe marks an upstream down until a probe passes
   (2xx or 3xx); a passing probe also ends a passive mark.
-- Nothing available: `choose` returns None and the face answers 502.
+- Marks are a preference, never a blackout: when every upstream a request has
+  not tried yet is marked down, `choose` takes among them anyway (nginx resets
+  its counts then; Envoy's "panic" routing), so the answer is 502 only when the
+  upstreams tried now fail. One slow request that timed out on every upstream
+  marks them all, and the next request still goes to one. `choose` returns
+  None only when the request has tried every upstream.
 """
 
 from __future__ import annotations
@@ -78,8 +87,8 @@ class Balancer:
         `tried`; None when no other upstream is available."""
         ups = self.upstreams
         with self._lock:
-            if len(ups) == 1 and not tried:  # the common case: no marks, no choice
-                chosen: Upstream | None = ups[0] if not self._state[ups[0]].probe_down else None
+            if len(ups) == 1 and not tried:  # the common case: no choice, marks or not
+                chosen: Upstream | None = ups[0]
             else:
                 chosen = self._pick(tried)
             if chosen is not None:
@@ -91,10 +100,12 @@ class Balancer:
         ups = self.upstreams
         count = len(ups)
         state = self._state
-        # The available ones not tried yet, in round-robin order from the cursor.
-        candidates = [u for u in (ups[(self._next + i) % count] for i in range(count))
-                      if not state[u].probe_down and now >= state[u].down_until
-                      and u not in tried]
+        # The ones not tried yet, in round-robin order from the cursor; the available
+        # ones among them, or all of them when every one is marked down.
+        untried = [u for u in (ups[(self._next + i) % count] for i in range(count))
+                   if u not in tried]
+        candidates = [u for u in untried
+                      if not state[u].probe_down and now >= state[u].down_until] or untried
         if not candidates:
             return None
         chosen = candidates[0]
@@ -127,11 +138,13 @@ class Balancer:
                 state.down_until = now + self.fail_timeout
 
     def succeeded(self, upstream: Upstream) -> None:
-        """`upstream` answered with a head: its failure count starts again."""
+        """`upstream` answered with a head: its failure count starts again, and a
+        passive mark ends (as nginx: it answered, tried while every one was marked)."""
         state = self._state[upstream]
-        if state.fails:
+        if state.fails or state.down_until:
             with self._lock:
                 state.fails.clear()
+                state.down_until = 0.0
 
     def probed(self, upstream: Upstream, status: int | None) -> bool:
         """An active probe's result (its status, or None when it got no answer);

@@ -5,8 +5,10 @@ scope in `environ["asgi.scope"]` (the WSGI face reads the raw path and exact
 headers from it) but reports a client that disconnects mid-upload as a clean
 end of input, and never tells the app that the client went away during the
 download. This wrapper raises ClientDisconnected into the reading thread for
-the first, and sets the `dualproxy.client_gone` event for the second (watched
-from the end of the request body on, so a wait for the upstream's head ends too).
+the first, and sets the `dualproxy.client_gone` event for the second: watched
+from the end of the request body on (so a wait for the upstream's head ends
+too), or from the response's start when the upstream answered before the
+upload ended (the rest of the body is then never read: dropped here).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from typing import Any, cast
 
 from a2wsgi import WSGIMiddleware
 
+from .core import client_stalled
 from .drain import absorb_cancel
-from .errors import ClientDisconnected, UpstreamBroken
+from .errors import RESPONSE_ABORTED, ClientDisconnected, UpstreamBroken
 from .router import SyncRouter, async_twin
 from .types import ASGIApp, Environ, Message, Receive, Scope, Send, StartResponse, WSGIApp
-from .wsgi import CLIENT_GONE_KEY, SyncProxy
+from .wsgi import CLIENT_GONE_KEY, CLIENT_TIMEOUT_KEY, SyncProxy
 
 
 class WSGIBridge:
@@ -83,7 +86,14 @@ class WSGIBridge:
                 return {"type": "http.request", "body": b"", "more_body": False}
             if gone.is_set():  # the drain cut the upload (wsgi.UploadCut)
                 raise ClientDisconnected("the upload was cut")
-            message = await receive()
+            seconds: float | None = scope.get(CLIENT_TIMEOUT_KEY)
+            if seconds is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), seconds)
+                except asyncio.TimeoutError:
+                    raise client_stalled(seconds) from None
             if message["type"] == "http.disconnect":
                 gone.set()
                 raise ClientDisconnected("client went away")
@@ -93,14 +103,22 @@ class WSGIBridge:
                 watcher = asyncio.ensure_future(watch())
             return message
 
+        async def watching_send(message: Message) -> None:
+            nonlocal watcher
+            if watcher is None and message["type"] == "http.response.start":
+                # The app answers, so it reads no more of the body (the WSGI face
+                # reads none after the upstream's head): receive() is free to watch.
+                watcher = asyncio.ensure_future(watch())
+            await send(message)
+
         if not has_body:
             watcher = asyncio.ensure_future(watch())
         try:
-            await self._inner(scope, guarded_receive, send)
+            await self._inner(scope, guarded_receive, watching_send)
         except (UpstreamBroken, ClientDisconnected):
             # Returning without completing the response makes the server drop
             # the connection: the client never sees a cut body as complete.
-            pass
+            RESPONSE_ABORTED.set(True)
         except asyncio.CancelledError:
             gone.set()  # the WSGI thread stops at its next chunk
             if not absorb_cancel():  # past the drain the cut was logged already

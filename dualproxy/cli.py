@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .config import (
     BALANCE_POLICIES,
+    DEFAULT_CLIENT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_TIMEOUT,
     DEFAULT_WS_MAX_SIZE,
@@ -211,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECONDS",
                        help="seconds allowed between two body chunks once streaming, then the "
                             f"client connection is aborted (default: {DEFAULT_IDLE_TIMEOUT:g})")
+    serve.add_argument("--client-timeout", type=_positive, default=DEFAULT_CLIENT_TIMEOUT,
+                       metavar="SECONDS",
+                       help="seconds allowed between two reads of the client's request body "
+                            "(as nginx's client_body_timeout), then 408 and the upstream "
+                            f"request is aborted (default: {DEFAULT_CLIENT_TIMEOUT:g})")
     serve.add_argument("--ws-max-size", type=_positive_size, default=DEFAULT_WS_MAX_SIZE,
                        metavar="BYTES",
                        help="largest WebSocket message either way, then the socket is closed "
@@ -315,6 +321,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "header_timeout": args.header_timeout,
         "timeout": args.timeout,
         "idle_timeout": args.idle_timeout,
+        "client_timeout": args.client_timeout,
         "max_body_size": args.max_body_size,
         "ws_max_size": args.ws_max_size,
         "ws_idle_timeout": args.ws_idle_timeout,

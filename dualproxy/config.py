@@ -24,6 +24,7 @@ IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_CLIENT_TIMEOUT = 60.0  # nginx's client_body_timeout
 DEFAULT_WS_MAX_SIZE = 16 * 1024 * 1024
 # The longest timeout accepted, about 11.6 days: any longer one overflows somewhere
 # (a poll() in milliseconds is a C int: 24.8 days; socket timeouts, event waits).
@@ -121,6 +122,8 @@ class ProxyConfig:
     mount: str = ""
     timeout: float = DEFAULT_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    # The longest wait for the client's next request-body bytes (core.client_stalled).
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT
     max_body_size: int | None = None
     preserve_host: bool = False
     trusted_proxies: tuple[IPNetwork, ...] = ()
@@ -172,8 +175,8 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         upstreams = parse_upstreams(self.upstream)
         first = upstreams[0]
-        for what in ("timeout", "idle_timeout", "pool_timeout", "fail_timeout",
-                     "health_interval"):
+        for what in ("timeout", "idle_timeout", "client_timeout", "pool_timeout",
+                     "fail_timeout", "health_interval"):
             check_timeout(getattr(self, what), what)
         if self.ws_idle_timeout is not None:  # None: no limit
             check_timeout(self.ws_idle_timeout, "ws_idle_timeout")

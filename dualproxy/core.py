@@ -23,6 +23,7 @@ from .errors import (
     BadGateway,
     BadRequest,
     BodyTooLarge,
+    ClientTimeout,
     IncompleteBody,
     MountRedirect,
     ProxyError,
@@ -207,6 +208,17 @@ class BodyCounter:
     def finish(self) -> None:
         if self.expected is not None and self.received != self.expected:
             raise IncompleteBody("request body shorter than its Content-Length")
+
+
+def client_stalled(seconds: float) -> ClientTimeout:
+    """The rule for a client that sent no request-body bytes for `client_timeout`
+    seconds (nginx's client_body_timeout: the longest wait for one read, not a
+    bound on the whole upload): the face raises this out of its body read, which
+    aborts the upstream request (a cut upload is never completed upstream). Nothing
+    was answered yet (the body is only read before the upstream's head), so the
+    client gets 408 and its connection closes; a face that had answered already
+    would abort the connection instead, as for any error after the head."""
+    return ClientTimeout(f"the client sent no request body bytes for {seconds:g} s")
 
 
 # The most unread request body a face reads and drops before an early error answer.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -35,42 +36,95 @@ class Cuttable(Protocol):
 
 
 class Drain:
-    """One per process (`DRAIN`): armed with a timeout, begun once, expired once."""
+    """One per process (`DRAIN`): armed with a timeout, begun once, expired once.
+
+    `begin` and `end_now` run inside signal handlers: they only set the deadline
+    and write a byte to a pipe. The thread that keeps the clock is started by
+    `arm` (in the worker process, outside any handler): a handler that started a
+    thread could deadlock on a lock the interrupted code holds (threading's own,
+    taken by every Thread.start). An exchange registered after the deadline is
+    cut at once: nothing may start its wait when the proxy has stopped waiting.
+    """
 
     def __init__(self) -> None:
         self.timeout: float | None = None
         self.deadline: float | None = None  # time.monotonic() at which cut() runs
         self.expired = False
         self._inflight: dict[int, Cuttable] = {}
-        self._pipe: tuple[int, int] | None = None
-        self._pid = 0
+        self._lock = threading.Lock()
+        self._pid = 0  # the process whose pipes and clock thread these are
+        self._wake: tuple[int, int] | None = None   # readable from the deadline on
+        self._poke: tuple[int, int] | None = None   # begin/end_now wake the clock
 
     @property
     def armed(self) -> bool:
         return self.timeout is not None
 
     def arm(self, timeout: float) -> None:
+        """Arm with `timeout` and start the clock thread (idle until `begin`)."""
         self.timeout = timeout
+        self._start()
+
+    def _start(self) -> None:
+        """The pipes and the clock thread of this process, made once (under the lock:
+        two threads asking at once must not make two wake pipes)."""
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            wake, poke = os.pipe(), os.pipe()
+            os.set_blocking(poke[1], False)
+            if self.expired:
+                os.write(wake[1], b"x")
+            self._wake, self._poke, self._pid = wake, poke, os.getpid()
+            threading.Thread(target=self._keep_time, args=(poke[0],),
+                             name="dualproxy-drain", daemon=True).start()
 
     def begin(self) -> None:
         """Start the clock (again: a no-op). Safe in a signal handler."""
         if self.timeout is None or self.deadline is not None:
             return
         self.deadline = time.monotonic() + self.timeout
-        timer = threading.Timer(self.timeout, self._expire)
-        timer.daemon = True
-        timer.start()
+        self._wake_clock()
 
     def end_now(self) -> None:
         """A forced stop (a second SIGINT): the deadline is now. Safe in a signal handler."""
         if self.timeout is None or self.expired:
             return
         self.deadline = time.monotonic()
-        threading.Thread(target=self._expire, daemon=True).start()
+        self._wake_clock()
+
+    def _wake_clock(self) -> None:
+        poke = self._poke
+        if poke is None or self._pid != os.getpid():
+            self._start()  # armed in a parent process (not as `dualproxy serve` runs)
+            poke = self._poke
+        assert poke is not None
+        try:
+            os.write(poke[1], b"x")
+        except BlockingIOError:  # the pipe is full of earlier wake-ups: awake anyway
+            pass
+
+    def _keep_time(self, poke: int) -> None:
+        """The clock thread: sleeps until the deadline (set or moved by a wake-up)."""
+        while True:
+            deadline = self.deadline
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                self._expire()
+                return
+            ready, _, _ = select.select([poke], [], [], wait)
+            if ready:
+                os.read(poke, 512)
 
     def enter(self, exchange: Cuttable) -> None:
-        if self.timeout is not None:
-            self._inflight[id(exchange)] = exchange
+        if self.timeout is None:
+            return
+        key = id(exchange)
+        self._inflight[key] = exchange
+        # Past the deadline `_expire` has run (or is running): whichever of the two
+        # takes the exchange out of the registry cuts it, exactly once.
+        if self.expired and self._inflight.pop(key, None) is not None:
+            self._cut(exchange)
 
     def leave(self, exchange: Cuttable) -> None:
         if self.timeout is not None:
@@ -78,27 +132,31 @@ class Drain:
 
     def wake_fd(self) -> int:
         """A file descriptor that is readable from the deadline on (one pipe per process)."""
-        if self._pipe is None or self._pid != os.getpid():
-            self._pipe, self._pid = os.pipe(), os.getpid()
-            if self.expired:
-                os.write(self._pipe[1], b"x")
-        return self._pipe[0]
+        if self._pid != os.getpid():
+            self._start()
+        assert self._wake is not None
+        return self._wake[0]
 
     def _expire(self) -> None:
-        if self.expired:  # end_now() came first
-            return
-        self.expired = True
-        if self._pipe is not None and self._pid == os.getpid():
-            os.write(self._pipe[1], b"x")
+        with self._lock:
+            if self.expired:
+                return
+            self.expired = True
+            if self._wake is not None and self._pid == os.getpid():
+                os.write(self._wake[1], b"x")
         while self._inflight:
             try:
                 _, exchange = self._inflight.popitem()
             except KeyError:  # a request left meanwhile
                 break
-            try:
-                exchange.cut()
-            except Exception:  # one failed cut must not spare the others
-                log.exception("ending an exchange at the graceful timeout failed")
+            self._cut(exchange)
+
+    @staticmethod
+    def _cut(exchange: Cuttable) -> None:
+        try:
+            exchange.cut()
+        except Exception:  # one failed cut must not spare the others
+            log.exception("ending an exchange at the graceful timeout failed")
 
 
 DRAIN = Drain()

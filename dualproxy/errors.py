@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from http import HTTPStatus
 
 import httpx
@@ -74,6 +75,13 @@ class NotProxied(ProxyError):
     """The path is outside the mount: 404 standalone, fall-through inside an app."""
 
     status = 404
+
+
+class ClientTimeout(ProxyError):
+    """The client stopped sending its request body (core.client_stalled)."""
+
+    status = 408
+    close_connection = True
 
 
 class MountRedirect(ProxyError):
@@ -166,6 +174,13 @@ class UpstreamTLSError(httpx.ConnectError):
 
 class UpstreamBroken(Exception):
     """The upstream failed after the response head was sent: abort the client connection."""
+
+
+# True in the request's context once an ASGI app left its response unfinished on
+# purpose (a broken upstream: the access log's WARNING says so). The server's own
+# "returned without completing response" line is then that abort again (dropped
+# by servers/uvicorn.py, which logs in the same task right after the app returns).
+RESPONSE_ABORTED: ContextVar[bool] = ContextVar("dualproxy_response_aborted", default=False)
 
 
 @contextmanager

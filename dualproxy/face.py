@@ -8,7 +8,7 @@ out) and the waiting. One request goes, on both faces, in this order:
 1. the face describes what its server received (an `IncomingRequest`);
 2. `begin` opens the access-log record, `plan` asks the core for the upstream
    plan, then the face runs the request hooks (sync or async loop, hooks.py);
-3. `choose` takes an upstream from the pool (balancer.py; none: 502) and
+3. `choose` takes an upstream from the pool (balancer.py) and
    `upstream_request` builds the httpx request for it; the face sends it inside
    `map_upstream_errors` (one exception-to-status map, errors.py); a failure
    before the head goes to `retry`, which counts it against that upstream and
@@ -65,7 +65,7 @@ AppT = TypeVar("AppT")
 
 
 class NoUpstream(BadGateway):
-    """Every upstream of the pool is marked down (or was tried already)."""
+    """No upstream to try: the pool is empty of ones this request has not tried."""
 
     def __init__(self) -> None:
         super().__init__("no upstream is available")
@@ -143,31 +143,35 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         inside the running loop for the async face)."""
         client = self._client
         if client is None:
-            started = False
             with self._lock:
                 if self._client is None:
-                    self._client, self._transport = self._new_client()
-                    started = True
+                    self._client, self._transport = client, transport = self._new_client()
+                    # One prober per balancer (a WSGI face and its WebSocket twin share
+                    # one), started with the client, under the lock `_detach_client`
+                    # takes: a close racing this access stops what it started.
+                    if self.config.health_path is not None and self.balancer.prober is None:
+                        self._health = self.balancer.prober = \
+                            self._start_health(client, transport)
                 client = self._client
-            # One prober per balancer (a WSGI face and its WebSocket twin share one).
-            if started and self.config.health_path is not None \
-                    and self.balancer.prober is None:
-                self._health = self.balancer.prober = self._start_health()
         return client
 
-    def _start_health(self) -> Any:
-        """The active health prober (health.py) of this face, started (or None)."""
+    def _start_health(self, client: ClientT, transport: TransportT | None) -> Any:
+        """The active health prober (health.py) of this face, started (or None). It
+        probes through this `client` or `transport`, never through `self.client`: a
+        probe in flight when the face closes must not make a new client (and a new
+        prober with it)."""
         raise NotImplementedError
 
     def _detach_client(self) -> ClientT | None:
         """The client to close, when this proxy created it; the next request makes another."""
-        health, self._health = self._health, None
-        if health is not None:
-            health.stop()
-            self.balancer.prober = None
-        client = self._client if self._owns_client else None
-        if client is not None:
-            self._client = self._transport = None
+        with self._lock:
+            health, self._health = self._health, None
+            if health is not None:
+                health.stop()
+                self.balancer.prober = None
+            client = self._client if self._owns_client else None
+            if client is not None:
+                self._client = self._transport = None
         return client
 
     # -- the steps of one request, in order ---------------------------------------------
@@ -189,7 +193,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
 
     def choose(self, record: RequestRecord) -> Upstream:
         """The upstream for the first attempt, counted in flight until `finish`
-        (NoUpstream, a 502, when every one is marked down)."""
+        (marked down or not: marks are a preference, balancer.py)."""
         upstream = self.balancer.choose()
         if upstream is None:
             raise NoUpstream()

@@ -69,6 +69,8 @@ class HealthThread:
                     response = self._send(probe_request(self._config, upstream))
                     response.close()
                 except Exception as exc:  # any failure is a failed probe
+                    if self._stop.is_set():  # the face closed its client under the probe
+                        return
                     _report(self._balancer, upstream, None, exc)
                 else:
                     _report(self._balancer, upstream, response.status_code)

@@ -57,6 +57,7 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         mount=options["mount"],
         timeout=options["timeout"],
         idle_timeout=options["idle_timeout"],
+        client_timeout=options["client_timeout"],
         max_body_size=options["max_body_size"],
         ws_max_size=options["ws_max_size"],
         ws_idle_timeout=options["ws_idle_timeout"],

@@ -8,6 +8,7 @@ call when the client goes away) closes the upstream response at once.
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -16,7 +17,7 @@ from urllib.parse import quote
 
 import httpx
 
-from .core import BodyCounter, IncomingRequest, UpstreamPlan, discard_budget
+from .core import BodyCounter, IncomingRequest, UpstreamPlan, client_stalled, discard_budget
 from .drain import DRAIN
 from .errors import (
     ClientDisconnected,
@@ -50,6 +51,9 @@ T = TypeVar("T")
 # Set by dualproxy's a2wsgi bridge: a threading.Event raised when the ASGI
 # server reports the client gone (WSGI itself has no way to say so).
 CLIENT_GONE_KEY = "dualproxy.client_gone"
+# Set by the face in the bridge's ASGI scope: its client_timeout, which the bridge
+# applies to each receive() of the request body (a2wsgi's reads have no timeout).
+CLIENT_TIMEOUT_KEY = "dualproxy.client_timeout"
 
 
 def _environ_headers(environ: Environ) -> list[tuple[bytes, bytes]]:
@@ -136,15 +140,14 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         return make_sync_client(self.config)
 
     def _send(self, request: httpx.Request) -> httpx.Response:
-        client = self.client
-        if self._transport is not None:
-            return self._transport.handle_request(request)
-        return client.send(request, stream=True, follow_redirects=False)
+        return _send_via(self.client, self._transport, request)
 
-    def _start_health(self) -> Any:
+    def _start_health(self, client: httpx.Client, transport: httpx.BaseTransport | None
+                      ) -> Any:
         from .health import HealthThread
 
-        return HealthThread(self.config, self.balancer, self._send)
+        return HealthThread(self.config, self.balancer,
+                            functools.partial(_send_via, client, transport))
 
     def close(self) -> None:
         """Close the client if this proxy created it."""
@@ -179,14 +182,22 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         counter: BodyCounter | None = None
         body_input: Any = None
         content: Iterator[bytes] | None = None
-        if plan.has_body:
-            counter = BodyCounter(plan, self.config)
-            body_input = request_body_input(environ)
-            content = _request_body(body_input, counter, self.config.chunk_size, record)
         client_sock = environ.get("gunicorn.socket")
         if not isinstance(client_sock, socket.socket):
             client_sock = None
         gone = environ.get(CLIENT_GONE_KEY)
+        restore_timeout: float | None = None
+        if plan.has_body:
+            counter = BodyCounter(plan, self.config)
+            body_input = request_body_input(environ)
+            content = _request_body(body_input, counter, self.config.chunk_size, record,
+                                    self.config.client_timeout)
+            seconds = self.config.client_timeout
+            if client_sock is not None:  # gunicorn: its reads of the body time out
+                restore_timeout = client_sock.gettimeout()
+                client_sock.settimeout(seconds)
+            elif gone is not None:  # the bridge: it times each receive() out
+                environ["asgi.scope"][CLIENT_TIMEOUT_KEY] = seconds
         stop_fd = DRAIN.wake_fd() if DRAIN.armed else None
         watch = (ClientWatch(client_sock, gone, stop_fd)
                  if client_sock is not None or gone is not None or stop_fd is not None
@@ -221,6 +232,10 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         finally:
             if upload is not None:
                 DRAIN.leave(upload)
+            if client_sock is not None and plan.has_body:
+                # The upload is over (or stopped by an early answer): the response's
+                # writes wait for a slow reader as long as it takes.
+                client_sock.settimeout(restore_timeout)
         try:
             head = run_response_hooks(self.config.response_hooks, plan,
                                       self.response_head(record, plan, request, response))
@@ -393,6 +408,14 @@ class ResponseBody:
         self.finish(self.record)
 
 
+def _send_via(client: httpx.Client, transport: httpx.BaseTransport | None,
+              request: httpx.Request) -> httpx.Response:
+    """Send through dualproxy's transport directly when the face made it, else the client."""
+    if transport is not None:
+        return transport.handle_request(request)
+    return client.send(request, stream=True, follow_redirects=False)
+
+
 def _discard(stream: Any, budget: int, chunk_size: int) -> None:
     """Read and drop up to `budget` bytes of the unread request body."""
     while budget > 0:
@@ -406,14 +429,15 @@ def _discard(stream: Any, budget: int, chunk_size: int) -> None:
 
 
 def _request_body(
-    stream: Any, counter: BodyCounter, chunk_size: int, record: RequestRecord
+    stream: Any, counter: BodyCounter, chunk_size: int, record: RequestRecord,
+    client_timeout: float,
 ) -> Iterator[bytes]:
     """Read `wsgi.input` in chunks as httpx asks for them.
 
     gunicorn's `read(n)` blocks until n bytes or the end, so n stays modest and
     never exceeds what Content-Length still promises. A read that fails (client
-    reset, malformed chunking) or ends short aborts the upload: the upstream
-    never sees a cut body completed.
+    reset, malformed chunking), times out (`client_timeout`, core.client_stalled)
+    or ends short aborts the upload: the upstream never sees a cut body completed.
     """
     if isinstance(stream, GunicornLengthInput):
         chunk_size = max(chunk_size, DIRECT_READ)  # its reads never wait for a full piece
@@ -424,8 +448,10 @@ def _request_body(
             break
         try:
             chunk = stream.read(size)
-        except ClientDisconnected:
+        except (ClientDisconnected, ProxyError):  # the bridge's, raised in this thread
             raise
+        except TimeoutError:  # the client socket's timeout (gunicorn)
+            raise client_stalled(client_timeout) from None
         except Exception as exc:
             if client_left(exc):
                 raise ClientDisconnected("the client went away during the upload") from exc

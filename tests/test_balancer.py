@@ -105,11 +105,16 @@ def test_success_clears_the_failure_count() -> None:
     assert bal.available(A)
 
 
-def test_all_down_is_none_and_max_fails_zero_never_marks() -> None:
+def test_all_down_are_tried_anyway_and_max_fails_zero_never_marks() -> None:
+    """Marks are a preference, never a blackout: with every upstream marked down,
+    requests still go to them (in turn); only a request that tried all gets None."""
     bal, _ = balancer(ups=(A, B))
     bal.failed(A)
     bal.failed(B)
-    assert bal.choose() is None
+    assert not bal.available(A) and not bal.available(B)
+    assert set(take(bal, 2)) == {A, B}
+    assert bal.choose(tried=[A]) == B
+    assert bal.choose(tried=[A, B]) is None
     never, _ = balancer(max_fails=0)
     for _ in range(5):
         never.failed(A)
@@ -120,14 +125,39 @@ def test_a_pool_of_one_is_never_marked_down() -> None:
     bal, _ = balancer(ups=(A,))
     bal.failed(A)
     assert bal.choose() == A
+    bal.probed(A, None)  # down by its health check: tried anyway, it is all there is
+    assert bal.choose() == A
+
+
+def test_one_slow_request_never_takes_the_pool_down() -> None:
+    """A GET timing out on A, retried on B and timing out there too, marks both (a head
+    timeout is a failure, as nginx counts it); the next requests still go to them, and
+    the first answer ends that upstream's mark."""
+    bal, clock = balancer(ups=(A, B), fail_timeout=10.0)
+    first = bal.choose()
+    assert first == A
+    bal.failed(A)
+    assert bal.choose(tried=[A]) == B
+    bal.failed(B)
+    bal.release(A)
+    bal.release(B)
+    clock.now += 1
+    nxt = bal.choose()
+    assert nxt in (A, B)
+    bal.succeeded(nxt)
+    bal.release(nxt)
+    assert bal.available(nxt)
+    other = B if nxt == A else A
+    assert not bal.available(other)
+    assert take(bal, 3) == [nxt] * 3  # the one that answered is preferred again
 
 
 def test_probes_mark_down_and_bring_back() -> None:
     bal, _ = balancer(ups=(A, B))
     assert bal.probed(A, None) is False
     assert take(bal, 3) == [B, B, B]
-    bal.failed(B)  # passive mark too: nothing is left
-    assert bal.choose() is None
+    bal.failed(B)  # passive mark too: every one is marked, so both are tried
+    assert set(take(bal, 2)) == {A, B}
     assert bal.probed(B, 204) is True  # a passing probe ends the passive mark
     assert bal.probed(A, 302) is True
     assert set(take(bal, 2)) == {A, B}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import select
 import signal
 import socket
 import threading
@@ -20,6 +21,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import ProxyProcess
+from tests.rawhttp import wait_until
 from tests.test_websocket import open_ws
 from tests.upstream import Upstream, pattern_sha256
 from tests.ws_upstream import WsUpstream
@@ -291,3 +293,109 @@ def test_hup_reload_serves_every_request(pairing: str, upstream: Upstream) -> No
         no_traceback(proxy)
     finally:
         proxy.stop()
+
+
+# -- the drain clock itself (issue 17, item 14: suspected races, proved or fixed) -------------
+
+
+class Exchange:
+    """A registered exchange that records its cut."""
+
+    def __init__(self) -> None:
+        self.cuts = 0
+        self.was_cut = threading.Event()
+
+    def cut(self) -> None:
+        self.cuts += 1
+        self.was_cut.set()
+
+
+def test_threads_asking_at_once_share_one_wake_pipe() -> None:
+    """32 threads ask for the wake fd at the same moment: they get one pipe, and it is
+    readable once the deadline passed (two pipes: one would never be written)."""
+    import sys
+
+    from dualproxy.drain import Drain
+
+    for _ in range(5):  # a race: several rounds make it show on code that has it
+        drain = Drain()
+        barrier = threading.Barrier(32)
+        fds: list[int] = []
+
+        def ask(drain: Drain = drain, barrier: threading.Barrier = barrier,
+                fds: list[int] = fds) -> None:
+            barrier.wait()
+            fds.append(drain.wake_fd())
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            threads = [threading.Thread(target=ask) for _ in range(32)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            sys.setswitchinterval(interval)
+        drain.arm(30)
+        drain.end_now()
+        assert len(set(fds)) == 1, sorted(set(fds))
+        assert select.select(fds[:1], [], [], 10)[0]
+
+
+def test_signal_handlers_start_no_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """begin() and end_now() run in signal handlers: they start no thread (Thread.start
+    takes threading's locks, which the interrupted code may hold), yet the clock runs."""
+    from dualproxy.drain import Drain
+
+    drain = Drain()
+    drain.arm(0.2)
+    exchange = Exchange()
+    drain.enter(exchange)
+    started: list[threading.Thread] = []
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        started.append(thread)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    drain.begin()
+    drain.begin()
+    assert started == []
+    assert exchange.was_cut.wait(10)
+    drain.end_now()  # after the deadline: nothing more happens
+    assert started == [] and exchange.cuts == 1
+
+
+def test_a_second_sigint_ends_now_without_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dualproxy.drain import Drain
+
+    drain = Drain()
+    drain.arm(60)
+    exchange = Exchange()
+    drain.enter(exchange)
+    monkeypatch.setattr(threading.Thread, "start", lambda thread: pytest.fail("a thread"))
+    drain.begin()
+    drain.end_now()
+    assert exchange.was_cut.wait(10)
+
+
+def test_an_exchange_entering_after_the_deadline_is_cut_at_once() -> None:
+    """A request that starts after the graceful timeout (a keep-alive connection's next
+    request) is cut at once, not left running unbounded."""
+    from dualproxy.drain import Drain
+
+    drain = Drain()
+    drain.arm(0.01)
+    drain.begin()
+    first = Exchange()
+    drain.enter(first)
+    assert first.was_cut.wait(10)
+    assert wait_until(lambda: drain.expired)
+    late = Exchange()
+    drain.enter(late)
+    assert late.cuts == 1
+    drain.leave(late)
+    assert first.cuts == 1
+

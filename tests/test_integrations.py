@@ -599,7 +599,7 @@ def test_help_explains_every_flag_with_its_default(command: list[str]) -> None:
     entries = re.split(r"\n  (?=-)", text.split("options:", 1)[1])[1:]
     flags = [entry.split()[0] for entry in entries]
     assert "-h," in flags
-    expected = {"serve": 35, "demo": 2}[command[0]]
+    expected = {"serve": 36, "demo": 2}[command[0]]
     assert len(flags) == expected + 1, flags
     for entry in entries:
         if not entry.startswith("-h"):

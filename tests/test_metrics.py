@@ -264,6 +264,29 @@ def _serve(*flags: str) -> subprocess.CompletedProcess[str]:
                           timeout=30)
 
 
+def test_idle_connections_hold_no_threads(make_proxy: MakeProxy) -> None:
+    """300 connections to --metrics-bind that never send a byte: the listener's process
+    keeps a bounded number of threads (a thread per connection made 306) and /metrics
+    still answers while they stay open."""
+    proxy, metrics = with_metrics(make_proxy)
+    port = int(metrics.url.rsplit(":", 1)[1])
+    tasks = f"/proc/{proxy.proc.pid}/task"
+    assert metrics.scrape()
+    before = len(os.listdir(tasks))
+    idle = []
+    try:
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        # Accepted in order: once this scrape is answered, every idle one was accepted.
+        assert metrics.scrape()
+        assert len(os.listdir(tasks)) <= before + 8, len(os.listdir(tasks))
+        assert httpx.get(metrics.url + "/healthz", timeout=10).text == "ok\n"
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+
 @pytest.mark.parametrize("bind", ["nope", "127.0.0.1:0", "127.0.0.1:70000", "127.0.0.1:8000"])
 def test_bad_metrics_bind_exits_2(bind: str) -> None:
     done = _serve("--bind", "127.0.0.1:8000", "--metrics-bind", bind)

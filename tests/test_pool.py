@@ -208,8 +208,30 @@ def test_all_upstreams_down_is_502_naming_no_address(make_proxy: MakeProxy) -> N
         assert "127.0.0.1" not in resp.text
         assert all(str(port) not in resp.text for port in ports)
         details.append(resp.json()["detail"])
-    # Both failed on the first request: marked down, the next ones try nothing.
-    assert details[1:] == ["no upstream is available"] * 2
+    # Both failed on the first request and are marked down; marks are a preference,
+    # never a blackout: each later request tries them again and says why they failed.
+    assert details == ["the upstream refused or could not be reached"] * 3
+    assert proxy.log().count("retrying on") == 3
+    assert proxy.alive()
+
+
+def test_one_slow_request_never_blacks_out_the_pool(make_proxy: MakeProxy, upstream: Upstream,
+                                                    second: Upstream) -> None:
+    """Two healthy upstreams, --timeout 1: a GET taking 3 s times out on one, is retried
+    on the other and times out there too (504); both are marked down, and still the
+    next requests are served at once (not 502 "no upstream is available" for
+    --fail-timeout)."""
+    proxy = make_proxy("--upstream", second.url, "--timeout", "1", "--fail-timeout", "60",
+                       upstream_url=upstream.url)
+    rid = f"slow-{time.monotonic_ns()}"
+    slow = get(proxy, rid, "sleep seconds=3")
+    assert slow.status_code == 504, slow.text
+    assert sorted(owner(rid, upstream, second)) == [0, 1]  # tried on both
+    for i in range(4):
+        rid = f"after-slow-{i}-{time.monotonic_ns()}"
+        resp = get(proxy, rid)
+        assert resp.status_code == 200, resp.text
+        assert len(owner(rid, upstream, second)) == 1
     assert proxy.alive()
 
 

@@ -5,6 +5,12 @@ The listener is a small stdlib HTTP server on a thread of the main process
 on the proxied port: `GET /metrics` is the exposition, `GET /healthz` a cheap
 200 "ok" for a container health check or a Kubernetes probe.
 
+It may be bound to 0.0.0.0 (the Dockerfile does), so what a client can hold is
+bounded: a connection costs no thread until its request starts to arrive (one
+selector thread watches the idle ones, at most MAX_IDLE of them, each closed
+after IDLE_TIMEOUT), at most HANDLERS threads read and answer requests, and a
+request must arrive within READ_TIMEOUT. A scrape is one short connection.
+
 With worker processes (gunicorn, or uvicorn's `--workers N`) each worker keeps
 its values in prometheus_client's multiprocess files, in a private temporary
 directory made here before any worker exists (PROMETHEUS_MULTIPROC_DIR must be
@@ -18,10 +24,14 @@ from __future__ import annotations
 
 import os
 import re
+import selectors
 import shutil
+import socket
 import tempfile
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +40,12 @@ METRICS_PATH = "/metrics"
 HEALTH_PATH = "/healthz"
 # prometheus_client's file for a worker's live gauges: gauge_livesum_<pid>.db
 _LIVE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
+
+# The metrics listener's bounds (see the module docstring).
+HANDLERS = 4          # threads answering requests
+MAX_IDLE = 64         # connections waiting for their first byte; the oldest goes first
+IDLE_TIMEOUT = 10.0   # seconds a connection may stay silent before it is closed
+READ_TIMEOUT = 5.0    # seconds for each read of a request once it started
 
 
 def _alive(pid: int) -> bool:
@@ -62,11 +78,10 @@ class MetricsListener:
             MultiProcessCollector(self.registry,  # type: ignore[no-untyped-call]
                                   path=str(self.directory))
         try:
-            self.server = ThreadingHTTPServer((host, port), _handler(self))
+            self.server = _BoundedServer((host, port), _handler(self))
         except OSError:
             self._remove_directory()
             raise
-        self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        name="dualproxy-metrics", daemon=True)
         self.thread.start()
@@ -108,6 +123,112 @@ class MetricsListener:
             shutil.rmtree(self.directory, ignore_errors=True)
             if os.environ.get(ENV_DIR) == str(self.directory):
                 del os.environ[ENV_DIR]
+
+
+class _BoundedServer(HTTPServer):
+    """An HTTP server whose idle connections wait in a selector, not in threads, and
+    whose requests are answered by HANDLERS threads (the module docstring's bounds)."""
+
+    request_queue_size = 128  # socketserver's 5 would leave a burst of scrapers waiting
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]
+                 ) -> None:
+        # Made before binding: a bind that fails calls server_close().
+        self._idle: dict[socket.socket, tuple[Any, float]] = {}  # -> (address, deadline)
+        self._busy = threading.BoundedSemaphore(HANDLERS)
+        self._pool = ThreadPoolExecutor(HANDLERS, thread_name_prefix="dualproxy-metrics")
+        self._selector = selectors.DefaultSelector()
+        self._stop_r, self._stop_w = socket.socketpair()
+        self._stopped = threading.Event()
+        super().__init__(address, handler)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        selector = self._selector
+        self.socket.setblocking(False)
+        selector.register(self.socket, selectors.EVENT_READ, "accept")
+        selector.register(self._stop_r, selectors.EVENT_READ, "stop")
+        try:
+            while True:
+                for key, _ in selector.select(self._next_expiry()):
+                    if key.data == "stop":
+                        self._close_idle()
+                        return
+                    if key.data == "accept":
+                        self._accept()
+                    else:
+                        self._readable(key.fileobj)  # type: ignore[arg-type]
+                self._expire()
+        finally:
+            self._stopped.set()
+
+    def _accept(self) -> None:
+        try:
+            conn, address = self.socket.accept()
+        except OSError:
+            return
+        if len(self._idle) >= MAX_IDLE:
+            self._drop(next(iter(self._idle)))  # the oldest idle one makes room
+        self._idle[conn] = (address, time.monotonic() + IDLE_TIMEOUT)
+        self._selector.register(conn, selectors.EVENT_READ, "conn")
+
+    def _readable(self, conn: socket.socket) -> None:
+        address, _ = self._idle.pop(conn)
+        self._selector.unregister(conn)
+        if not self._busy.acquire(blocking=False):
+            self._close(conn)  # every handler is busy: the client may retry
+            return
+        conn.settimeout(READ_TIMEOUT)
+        self._pool.submit(self._answer, conn, address)
+
+    def _answer(self, conn: socket.socket, address: Any) -> None:
+        try:
+            self.finish_request(conn, address)
+        except Exception:  # a client that broke off or timed out: nothing to answer
+            pass
+        finally:
+            self.shutdown_request(conn)
+            self._busy.release()
+
+    def _next_expiry(self) -> float | None:
+        if not self._idle:
+            return None
+        _, deadline = next(iter(self._idle.values()))
+        return max(0.0, deadline - time.monotonic())
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._idle:
+            conn, (_, deadline) = next(iter(self._idle.items()))
+            if deadline > now:
+                return
+            self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        del self._idle[conn]
+        self._selector.unregister(conn)
+        self._close(conn)
+
+    def _close_idle(self) -> None:
+        while self._idle:
+            self._drop(next(iter(self._idle)))
+
+    @staticmethod
+    def _close(conn: socket.socket) -> None:
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+    def shutdown(self) -> None:
+        self._stop_w.send(b"x")
+        self._stopped.wait(5)
+        self._pool.shutdown(wait=False)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._selector.close()
+        self._stop_r.close()
+        self._stop_w.close()
 
 
 def _handler(listener: MetricsListener) -> type[BaseHTTPRequestHandler]:

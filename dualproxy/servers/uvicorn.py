@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from ..drain import DRAIN, SLACK
+from ..errors import RESPONSE_ABORTED
 from . import is_tested
 from .limits import HEAD_LIMIT
 
@@ -49,16 +50,17 @@ class _RefusalIsNoError(logging.Filter):
     """uvicorn 0.54's websockets-sansio logs "ASGI callable returned without
     completing handshake" at ERROR after an app refused a handshake with
     `websocket.http.response` (it never marks that path complete; the client got
-    its answer). Every upstream refusal would log it: drop that one line. Past
-    the graceful timeout, "returned without completing response" is the proxy's
-    own cut (drain.py), already logged `shutdown-cut`: dropped too."""
+    its answer). Every upstream refusal would log it: drop that one line.
+    "returned without completing response" is the proxy's own abort when the app
+    said so (`RESPONSE_ABORTED`: a broken upstream, logged as one WARNING) or past
+    the graceful timeout (drain.py's cut, logged `shutdown-cut`): dropped too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.ERROR:
             return True
         return not (record.msg == "ASGI callable returned without completing handshake."
-                    or DRAIN.expired
-                    and record.msg == "ASGI callable returned without completing response.")
+                    or record.msg == "ASGI callable returned without completing response."
+                    and (DRAIN.expired or RESPONSE_ABORTED.get()))
 
 
 def quiet_uvicorn_refusals() -> None:
