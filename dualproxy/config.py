@@ -60,7 +60,14 @@ def _normalize_mount(mount: str) -> str:
         return ""
     if not mount.startswith("/"):
         mount = "/" + mount
-    return mount.rstrip("/")
+    mount = mount.rstrip("/")
+    from .target import reachable_mount  # target -> headers -> config: imported late
+
+    if not reachable_mount(mount.encode("ascii")):
+        raise ValueError(f"mount {mount!r} could never be routed: backends read it "
+                         "differently (dot segments, repeated slashes, `\\`, `;params`), "
+                         "so every request under it would be a 400; write the path they read")
+    return mount
 
 
 def _parse_networks(values: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:

@@ -9,7 +9,9 @@ so `SyncProxy` refuses a config holding one, with a TypeError at construction.
 
 What a hook leaves behind (returned, or changed in place) is checked against
 the wire rule (wire.py) right after it ran: a target or header that must not
-be written is a 502 naming the hook in the log (`InvalidHead`), never sent.
+be written is a 502 naming the hook in the log (`InvalidHead`), never sent. A
+response hook may not change the body's framing (Content-Length,
+Transfer-Encoding): the body relayed is still the upstream's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, TypeVar
 
 from .core import ResponseHead, UpstreamPlan
 from .errors import InvalidHead
+from .headers import Header
 from .wire import WireError, field_problem, head_problem
 
 RequestHook = Callable[[UpstreamPlan], UpstreamPlan | None | Awaitable[UpstreamPlan | None]]
@@ -28,6 +31,7 @@ ResponseHook = Callable[
 ]
 
 _T = TypeVar("_T", UpstreamPlan, ResponseHead)
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 
 def is_async_hook(hook: Callable[..., object]) -> bool:
@@ -49,9 +53,11 @@ def _name(hook: Callable[..., object]) -> str:
     return getattr(hook, "__qualname__", None) or repr(hook)
 
 
-def hook_result(hook: Callable[..., object], result: object, current: _T) -> _T:
+def hook_result(hook: Callable[..., object], result: object, current: _T,
+                framing: list[Header] | None = None) -> _T:
     """What a hook's (awaited) result means: None keeps `current`, else a replacement.
-    Either way it must be writable (InvalidHead, a 502, when it is not)."""
+    Either way it must be writable (InvalidHead, a 502, when it is not); a response
+    head must keep `framing`, the framing fields the core gave it."""
     if result is None:
         result = current  # the hook may have changed the header list in place
     elif not isinstance(result, type(current)):
@@ -60,7 +66,7 @@ def hook_result(hook: Callable[..., object], result: object, current: _T) -> _T:
         raise TypeError(f"hook {_name(hook)!r} returned "
                         f"{type(result).__name__}, expected {type(current).__name__} or None")
     problem = (_plan_problem(result) if isinstance(result, UpstreamPlan)
-               else field_problem(result.headers))
+               else field_problem(result.headers) or _framing_problem(result, framing))
     if problem is not None:
         raise InvalidHead(problem, _name(hook))
     return result
@@ -69,6 +75,22 @@ def hook_result(hook: Callable[..., object], result: object, current: _T) -> _T:
 def _plan_problem(plan: UpstreamPlan) -> WireError | None:
     method = plan.method.encode("latin-1", "replace") if isinstance(plan.method, str) else b""
     return head_problem(plan.target, plan.headers, method)
+
+
+def response_framing(head: ResponseHead) -> list[Header]:
+    """The fields that frame a response body (Content-Length, Transfer-Encoding)."""
+    return [(name.lower(), value) for name, value in head.headers
+            if isinstance(name, bytes) and name.lower() in _FRAMING]
+
+
+def _framing_problem(head: ResponseHead, framing: list[Header] | None) -> WireError | None:
+    # The body relayed is the upstream's, framed as the core said: a hook's second or
+    # other Content-Length, or a Transfer-Encoding beside it, is written by the servers
+    # as given (gunicorn then sends the shorter length and keeps the connection), so a
+    # client or a front proxy would read the next response as this one's body.
+    if framing is None or response_framing(head) == framing:
+        return None
+    return WireError("header", "a response hook changed Content-Length or Transfer-Encoding")
 
 
 def run_request_hooks(hooks: Iterable[RequestHook], plan: UpstreamPlan) -> UpstreamPlan:
@@ -80,8 +102,9 @@ def run_request_hooks(hooks: Iterable[RequestHook], plan: UpstreamPlan) -> Upstr
 
 def run_response_hooks(hooks: Iterable[ResponseHook], plan: UpstreamPlan,
                        head: ResponseHead) -> ResponseHead:
+    framing = response_framing(head)
     for hook in hooks:
-        head = hook_result(hook, hook(plan, head), head)
+        head = hook_result(hook, hook(plan, head), head, framing)
     return head
 
 
@@ -98,6 +121,7 @@ async def arun_request_hooks(hooks: Iterable[RequestHook], plan: UpstreamPlan) -
 
 async def arun_response_hooks(hooks: Iterable[ResponseHook], plan: UpstreamPlan,
                               head: ResponseHead) -> ResponseHead:
+    framing = response_framing(head)
     for hook in hooks:
-        head = hook_result(hook, await _settle(hook(plan, head)), head)
+        head = hook_result(hook, await _settle(hook(plan, head)), head, framing)
     return head

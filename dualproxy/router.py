@@ -26,7 +26,9 @@ ProxyT = TypeVar("ProxyT", AsyncProxy, SyncProxy)
 class _Router(Generic[ProxyT]):
     def __init__(self, proxies: Sequence[ProxyT]) -> None:
         self.proxies: tuple[ProxyT, ...] = tuple(proxies)
-        self.table = RouteTable([proxy.config.mount for proxy in self.proxies])
+        self.table = RouteTable([proxy.config.mount for proxy in self.proxies],
+                                max((proxy.config.max_target_bytes for proxy in self.proxies),
+                                    default=None))
         for proxy in self.proxies:  # each plan applies the routing rule to every mount
             proxy.routes = self.table.mounts
 

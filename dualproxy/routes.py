@@ -18,9 +18,9 @@ from .target import choose_mount, target_path
 class RouteTable:
     """The mounts of several routes, by index; refuses a mount given twice."""
 
-    __slots__ = ("mounts", "_index")
+    __slots__ = ("mounts", "_index", "_max_target_bytes")
 
-    def __init__(self, mounts: Sequence[str]) -> None:
+    def __init__(self, mounts: Sequence[str], max_target_bytes: int | None = None) -> None:
         encoded = [mount.encode("latin-1") for mount in mounts]
         if not encoded:
             raise ValueError("a router needs at least one route")
@@ -32,10 +32,18 @@ class RouteTable:
             seen[mount] = index
         self.mounts = tuple(encoded)
         self._index = seen
+        self._max_target_bytes = max_target_bytes
 
     def match(self, target: bytes) -> int | None:
         """The index of the route for a raw request-target; None when no mount covers
-        it, or when its readings disagree (the route's own plan then answers 400)."""
+        it, or when its readings disagree (the route's own plan then answers 400).
+
+        A target longer than every route accepts is not read at all (None: the
+        first route answers 414): the routing rule reads a path some twenty ways,
+        and the server may pass targets eight times longer than the routes take.
+        """
+        if self._max_target_bytes is not None and len(target) > self._max_target_bytes:
+            return None
         try:
             mount = choose_mount(target_path(target), self.mounts)
         except BadRequest:

@@ -123,12 +123,14 @@ def path_readings(path: bytes) -> frozenset[bytes]:
     """Every path a backend may take `path` for: the bytes as sent; percent-decoded
     (the unreserved characters only, as RFC 3986 normalisation, or all of them, as
     nginx, Starlette, werkzeug and http.server do); `\\` read as `/` (IIS, some Java
-    servers); `;params` cut from every segment (Tomcat, Spring); and each of these
-    with repeated slashes merged (werkzeug, nginx) or dot segments resolved as well
-    (nginx, http.server), the latter also before decoding (RFC 3986 order)."""
+    servers); `;params` cut from every segment, before or after decoding (Tomcat,
+    Spring); and each of these with repeated slashes merged (werkzeug, nginx) or dot
+    segments resolved as well (nginx, http.server), the latter also before decoding
+    (RFC 3986 order)."""
     if not _READ_DIFFERENTLY.search(path):
         return frozenset((path,))
-    readings = {path, _decode(path, True), _decode(path, False)}
+    readings = {path, _PARAMS.sub(b"", path)}  # Tomcat cuts `;params` before decoding
+    readings |= {_decode(r, unreserved) for r in readings for unreserved in (True, False)}
     readings |= {r.replace(b"\\", b"/") for r in readings}
     readings |= {_PARAMS.sub(b"", r) for r in readings}
     readings |= {_MERGE.sub(b"/", r) for r in readings} | {_resolve(r) for r in readings}
@@ -158,6 +160,16 @@ def choose_mount(path: bytes, mounts: Sequence[bytes]) -> bytes | None:
             raise BadRequest("the path reads differently once normalised (dot segments, "
                              "escapes, repeated slashes) and would change route")
     return chosen
+
+
+def reachable_mount(mount: bytes) -> bool:
+    """Can a request ever be routed to `mount`? Not when a backend reads the mount
+    itself differently (`/a/../b`, `/a//b`, `/a\\b`, `/a;x`): `choose_mount` refuses
+    every path under it, so such a mount is refused at start instead."""
+    try:
+        return choose_mount(mount + b"/x", (mount,)) == mount
+    except BadRequest:
+        return False
 
 
 def _longest(path: bytes, mounts: Sequence[bytes], *, literal: bool) -> bytes | None:

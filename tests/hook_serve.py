@@ -46,10 +46,19 @@ def echo_down(plan: UpstreamPlan, head: ResponseHead) -> None:
         head.headers.append((b"x-echo", unquote_to_bytes(echo)))
 
 
+def header_down(plan: UpstreamPlan, head: ResponseHead) -> None:
+    """An `X-Set-Header` request header, `name:value` percent-decoded, is added to the
+    response (a debugging aid some deployments keep)."""
+    spec = _client_header(plan, b"x-set-header")
+    if spec is not None:
+        name, _, value = unquote_to_bytes(spec).partition(b":")
+        head.headers.append((name.strip(), value.strip()))
+
+
 def _with_hooks(options: dict[str, object]) -> ProxyConfig:
     return dataclasses.replace(_config_from_options(options),
                                request_hooks=(cookie_to_user, target_from_header),
-                               response_hooks=(echo_down,))
+                               response_hooks=(echo_down, header_down))
 
 
 _config_from_options = launch.config_from_options

@@ -66,6 +66,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     (["--upstream", "http://127.0.0.1:9/other"], "share one base path"),
     # accepted once, then every request failed (or the server did not start)
     (["--mount", "/日本"], "percent-encode it ('/%E6%97%A5%E6%9C%AC')"),
+    (["--mount", "/a/../admin"], "mount '/a/../admin' could never be routed"),
+    (["--mount", "/a//b"], "mount '/a//b' could never be routed"),
+    (["--mount", "/admin;v=1"], "mount '/admin;v=1' could never be routed"),
     (["--mount", "/a b"], "--mount"),
     (["--health-path", "/\x1b"], "--health-path"),
     (["--timeout", "1e300"], "--timeout"),

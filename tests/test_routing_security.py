@@ -84,6 +84,8 @@ BYPASSES = [
     "/x/..%2Fadmin/secret", "/x/..%5cadmin/secret", "/x/..\\admin/secret", "/\\admin/secret",
     "/admin\\secret", "/admin;x/secret", "/admin/../secret", "/%2e/admin/secret",
     "http://front.test/x/../admin/secret",
+    # Tomcat cuts `;y%2Fadmin` before decoding, then reads `/x/../admin/secret`
+    "/x;y%2Fadmin/..%2Fadmin/secret",
 ]
 
 

@@ -110,7 +110,8 @@ BYPASSES = [b"/x/../admin/secret", b"//admin/secret", b"/%61dmin/secret", b"/adm
             b"/admin%2Fsecret", b"/./admin/secret", b"/.%2fadmin/secret",
             b"/x/..\\admin/secret", b"/\\admin/secret", b"/admin\\secret",
             b"/x/%2e%2e/admin/secret", b"/x/..%2Fadmin/secret", b"/admin;x/secret",
-            b"/admin/../x", b"/%2e/admin/secret", b"/x/..%5cadmin/secret"]
+            b"/admin/../x", b"/%2e/admin/secret", b"/x/..%5cadmin/secret",
+            b"/x;y%2Fadmin/..%2Fadmin/secret"]  # Tomcat: `;params` cut, then decoded
 
 
 @pytest.mark.parametrize("path", BYPASSES)

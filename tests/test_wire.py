@@ -214,6 +214,25 @@ def test_a_response_hook_splits_no_response(hooked: HookedProxy, rid: str) -> No
     assert sum(rid in line and "echo_down" in line for line in hooked.log().splitlines()) == 1
 
 
+@pytest.mark.parametrize("added", ["content-length:3", "Content-Length:99999",
+                                   "transfer-encoding:chunked", "transfer-encoding:gzip"])
+def test_a_response_hook_changes_no_framing(hooked: HookedProxy, rid: str, added: str) -> None:
+    """A second Content-Length, or a Transfer-Encoding beside one, was written as given:
+    gunicorn sent 3 bytes of `content-length: 172` + `content-length: 3` and kept the
+    connection, uvicorn chunked a body announced with a Content-Length: whoever reads
+    the first length takes the next response for this one's body."""
+    ok = exchange(hooked.port, request_bytes("GET", f"/framed/{rid}-ok", [
+        ("X-Set-Header", "x-debug:1"), ("x-req-id", rid + "-ok")]))
+    assert ok.status == 200 and ok.header("x-debug") == "1"  # the hook runs
+    response = exchange(hooked.port, request_bytes("GET", f"/framed/{rid}", [
+        ("X-Set-Header", added), ("x-req-id", rid)]))
+    assert response.status == 502, response
+    assert response.header("transfer-encoding") is None
+    assert "the proxy's own hook produced an invalid header" in response.body.decode()
+    assert wait_until(lambda: any(rid in line and "header_down" in line
+                                  for line in hooked.log().splitlines()))
+
+
 def test_a_websocket_handshake_through_the_hook_smuggles_nothing(
         hooked: HookedProxy, upstream: Upstream, rid: str) -> None:
     raw = request_bytes("GET", f"/ws/{rid}", [

@@ -289,3 +289,34 @@ def frames(data: bytes | None) -> list[tuple[int, bytes]]:
         out.append((data[0] & 0x0F, payload))
         data = data[at + size:]
     return out
+
+
+def test_raw_http_after_a_real_accept_never_reaches_the_upstream(
+        make_proxy: MakeProxy, answering: AnsweringUpstream, rid: str) -> None:
+    """Unmasked bytes are no client frame (RFC 6455 5.1): the WSGI tunnel spliced
+    `GET /admin/secret HTTP/1.1` to the upstream as is; now it closes 1002, as the
+    ASGI face (websockets) does."""
+    proxy = make_proxy(upstream_url=answering.url)
+    target = f"/{rid}/good"
+    with handshaken(proxy.port, target) as (sock, data):
+        assert data.startswith(b"HTTP/1.1 101"), data
+        sock.sendall(ws_frame(b"before", 0x2))
+        assert wait_until(lambda: (0x2, b"before") in frames(answering.received.get(target)))
+        sock.sendall(FORGED)
+        assert wait_until(lambda: target in answering.closed)
+    assert b"/admin/secret" not in answering.received[target]
+    assert [op for op, _ in frames(answering.received[target])] in ([0x2], [0x2, 0x8])
+
+
+@pytest.mark.parametrize(("frame", "to_server"), [
+    (b"\x81\x05hello", True),            # a client frame not masked
+    (ws_frame(b"hello", 0x1), False),      # a server frame masked
+    (ws_frame(b"x", 0x3), True),           # reserved data opcode
+    (ws_frame(b"x", 0xB), True),           # reserved control opcode
+])
+def test_the_scanner_refuses_what_is_no_frame(frame: bytes, to_server: bool) -> None:
+    scanner = FrameScanner(1 << 40, masked=to_server)
+    good = ws_frame(b"ok", 0x2) if to_server else b"\x82\x02ok"
+    assert scanner.scan(good + frame) == len(good)
+    assert scanner.refusal == (1002, "invalid frame")
+    assert FrameScanner(1 << 40, masked=to_server).scan(good + good) is None

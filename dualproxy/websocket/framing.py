@@ -5,7 +5,10 @@ two ends keep theirs). It only follows the frame headers as they pass (RFC
 6455 5.2), which is enough to know when a message outgrows the size limit
 (then close 1009), when a control frame breaks RFC 6455 5.5 (more than 125
 bytes or fragmented: close 1002, as either end would; it is never relayed, so
-a 200 KiB ping cannot slip past the size limit), and where a close frame can
+a 200 KiB ping cannot slip past the size limit), when a frame is no frame
+(a reserved opcode, or a client frame not masked or a server frame masked, RFC
+6455 5.1/5.2: close 1002, so a client's raw `GET /admin HTTP/1.1` never reaches
+the upstream as is), and where a close frame can
 be put in without cutting a frame in two (1001 on an idle socket). Sizes are
 wire sizes: with permessage-deflate negotiated end to end, the compressed ones.
 """
@@ -17,6 +20,7 @@ import struct
 
 _CONTROL = 0x8   # opcodes from 8 up are control frames (close, ping, pong)
 _MAX_CONTROL = 125  # RFC 6455 5.5: a control frame's payload, at most
+_OPCODES = frozenset({0x0, 0x1, 0x2, 0x8, 0x9, 0xA})  # RFC 6455 5.2; the rest are reserved
 GOING_AWAY = 1001
 PROTOCOL_ERROR = 1002
 MESSAGE_TOO_BIG = 1009
@@ -40,13 +44,15 @@ class FrameScanner:
     close code and reason. `at_boundary` is true between frames; `clean_cut`
     says whether the refused frame started in this read (its header was not
     relayed yet). With no `limit` (None: a plain byte relay) nothing is refused;
-    the tunnel always has one (`ws_max_size` is never None).
+    the tunnel always has one (`ws_max_size` is never None). `masked`: whether
+    every frame must be masked (from a client) or none (from a server).
     """
 
-    __slots__ = ("limit", "need", "partial", "message", "clean_cut", "refusal")
+    __slots__ = ("limit", "masked", "need", "partial", "message", "clean_cut", "refusal")
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, masked: bool | None = None) -> None:
         self.limit = limit
+        self.masked = masked
         self.need = 0          # payload bytes of the current frame still to come
         self.partial = b""     # a header split across reads
         self.message = 0       # payload bytes of the current data message so far
@@ -83,6 +89,12 @@ class FrameScanner:
                 length = int.from_bytes(header[2:10], "big")
             else:
                 length = short
+            if self.limit is not None and (
+                    header[0] & 0x0F not in _OPCODES
+                    or self.masked is not None and bool(header[1] & 0x80) != self.masked):
+                self.clean_cut = started >= 0
+                self.refusal = (PROTOCOL_ERROR, "invalid frame")
+                return max(started, 0)
             if header[0] & 0x0F < _CONTROL:
                 self.message += length
                 if self.limit is not None and self.message > self.limit:

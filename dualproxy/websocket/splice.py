@@ -49,7 +49,7 @@ class _Direction:
     def __init__(self, src: socket.socket, dst: socket.socket, early: bytes,
                  max_size: int | None, *, to_server: bool) -> None:
         self.src, self.dst, self.to_server = src, dst, to_server
-        self.scanner = FrameScanner(max_size)
+        self.scanner = FrameScanner(max_size, masked=to_server)
         self.pending = memoryview(b"")
         self.eof = self.shut = self.refused = False
         self.fin = False  # the source's FIN arrived (maybe still behind unread bytes)
