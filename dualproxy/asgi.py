@@ -267,10 +267,30 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
             with map_stream_errors():
                 async for chunk in stream:
                     record.bytes_out += len(chunk)
-                    await send({"type": "http.response.body", "body": chunk,
-                                "more_body": True})
+                    if not await _send_body(send, chunk, True, record):
+                        return
         record.responded = True
-        await send({"type": "http.response.body", "body": b""})
+        await _send_body(send, b"", False, record)
+
+
+async def _send_body(send: Send, chunk: bytes, more: bool, record: RequestRecord) -> bool:
+    """Send one body message; False when the client's connection is already gone.
+
+    uvicorn only notices a closed connection in `connection_lost`; until that runs,
+    uvloop's transport raises RuntimeError on write ("the handler is closed"). That is
+    the client leaving, not a failure of ours: no traceback, outcome client-gone.
+    """
+    try:
+        await send({"type": "http.response.body", "body": chunk, "more_body": more})
+    except OSError:
+        record.client_gone = True
+        return False
+    except RuntimeError as exc:
+        if "is closed" not in str(exc):  # uvloop's wording; anything else is a bug of ours
+            raise
+        record.client_gone = True
+        return False
+    return True
 
 
 class DrainCut:

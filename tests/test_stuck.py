@@ -151,6 +151,36 @@ def test_stream_answered_early_ends_when_the_client_leaves(
     assert scrape(metrics_port).get(IN_USE) == 0
 
 
+def test_pipelined_stream_ends_when_the_client_leaves(
+        make_proxy: MakeProxy, early_upstream: EarlyStreamUpstream, rid: str) -> None:
+    """A PUT with a body and two GETs written at once (pipelined); the PUT's answer is
+    an endless stream; the client reads a little and closes. uvicorn told only its
+    newest (queued) request that the client left, so the one streaming went on with
+    nobody reading (found by the chaos harness on wsgi-uvicorn). The upstream
+    connection closes within seconds and nothing stays in flight."""
+    metrics_port = free_port()
+    proxy = make_proxy("--metrics-bind", f"127.0.0.1:{metrics_port}",
+                       upstream_url=early_upstream.url)
+    target = f"/pipelined/{rid}"
+    sock = connect(proxy.port, timeout=10)
+    try:
+        sock.sendall(f"PUT {target} HTTP/1.1\r\nHost: proxy.test\r\n"
+                     "Content-Length: 900\r\n\r\n".encode() + b"p" * 900
+                     + f"GET {target}/2 HTTP/1.1\r\nHost: proxy.test\r\n\r\n".encode()
+                     + f"GET {target}/3 HTTP/1.1\r\nHost: proxy.test\r\n\r\n".encode())
+        reader = Reader(sock)
+        status, _, _, _ = read_head(reader)
+        assert status == 200
+        _, got = reader.exactly(8192)
+        assert got
+    finally:
+        sock.close()
+    assert wait_until(lambda: early_upstream.open_connections() == 0, timeout=10), \
+        "the upstream stream outlived its pipelining client"
+    assert wait_until(lambda: scrape(metrics_port).get(IN_FLIGHT) == 0)
+    assert scrape(metrics_port).get(IN_USE) == 0
+
+
 def test_upstream_cutting_a_body_is_one_warning(proxy: ProxyProcess, rid: str) -> None:
     """The upstream closes after 300 kB of 1 MB: the client connection is aborted and
     the proxy's log says so in exactly one WARNING line, with no ERROR line (uvicorn

@@ -124,8 +124,25 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         self.in_head = False
         self.stop_head_clock()
         super().on_headers_complete()
+        if self.cycle is not None:
+            cycles = self.__dict__.setdefault("cycles", [])
+            cycles[:] = [c for c in cycles if not c.response_complete]
+            cycles.append(self.cycle)
         if self.draining and self.cycle is not None:
             self.cycle.keep_alive = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # uvicorn tells only its newest cycle (`self.cycle`) that the client is gone.
+        # With pipelined requests that is a request still queued, while the one being
+        # answered never hears of it: its receive() waits forever and its send()
+        # writes into a closed transport, so an endless upstream stream went on with
+        # nobody reading. Every unfinished cycle of the connection is told.
+        self.stop_head_clock()
+        for cycle in self.__dict__.get("cycles", ()):
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        super().connection_lost(exc)
 
     def on_message_complete(self) -> None:
         self.in_message = False
@@ -176,10 +193,6 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         if self.refused:
             self.transport.close()
         return super().eof_received()  # type: ignore[no-any-return]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.stop_head_clock()
-        super().connection_lost(exc)
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
