@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from .target import reachable_mount
 from .upstreams import Upstream, parse_upstreams
 from .wire import BAD_FIELD_VALUE, FIELD_NAME
 
@@ -61,7 +62,6 @@ def _normalize_mount(mount: str) -> str:
     if not mount.startswith("/"):
         mount = "/" + mount
     mount = mount.rstrip("/")
-    from .target import reachable_mount  # target -> headers -> config: imported late
 
     if not reachable_mount(mount.encode("ascii")):
         raise ValueError(f"mount {mount!r} could never be routed: backends read it "

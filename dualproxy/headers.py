@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from .config import ProxyConfig
 from .errors import BadGateway, BadRequest, HeadersTooLarge
 from .framing import Framing, FramingError, list_items, parse_framing
-from .wire import BAD_FIELD_VALUE, FIELD_NAME
+from .wire import BAD_FIELD_VALUE, FIELD_NAME, valid_authority
 
 Header = tuple[bytes, bytes]
 
@@ -43,7 +43,6 @@ _BAD_VALUE = BAD_FIELD_VALUE
 # RFC 9112 3.2 / RFC 3986 3.2.2: uri-host [ ":" port ], reg-name or IP literal; never
 # empty (RFC 9110 4.2.1: an http URI with an empty host is invalid, so a Host naming
 # one is a 400 for RFC 9112 3.2).
-_HOST = re.compile(rb"(\[[0-9A-Za-z:.]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]+)(:[0-9]*)?\Z")
 # RFC 7239 4: Forwarded = 1#forwarded-element, an element `[pair] *(";" [pair])`, a pair
 # `token "=" ( token / quoted-string )` (RFC 9110 5.6.4 quoting).
 _FIELD_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -85,7 +84,7 @@ def check_request_headers(headers: Sequence[Header], config: ProxyConfig, *,
             # RFC 9112 3.2: more than one Host, or an invalid (or empty) one, is a 400
             # (gunicorn says so itself, uvicorn does not: decide it here for every server).
             hosts += 1
-            if hosts > 1 or not _HOST.match(value):
+            if hosts > 1 or not valid_authority(value):
                 raise BadRequest("more than one Host header, or an invalid one")
     if require_host and not hosts:
         # RFC 9112 3.2: an HTTP/1.1 request without Host is a 400 (as nginx and Go answer).
@@ -119,9 +118,6 @@ def well_formed_forwarded(value: bytes) -> bool:
         pos = match.end()
 
 
-def valid_authority(value: bytes) -> bool:
-    """Is `value` a Host as RFC 9112 3.2 allows it (uri-host [":" port], not empty)?"""
-    return _HOST.match(value) is not None
 
 def client_address(headers: Sequence[Header], config: ProxyConfig,
                    peer: str | None) -> str | None:

@@ -14,7 +14,7 @@ import urllib.parse
 from collections.abc import Sequence
 
 from .errors import BadRequest, NotProxied, TargetTooLong
-from .headers import valid_authority
+from .wire import valid_authority
 
 # Visible ASCII only (RFC 9112 request-target); anything else is refused.
 _VALID_TARGET = re.compile(rb"[\x21-\x7e]*\Z")

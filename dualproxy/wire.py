@@ -79,3 +79,12 @@ def serialised_head_ok(head: bytes, fields: int) -> bool:
     HTTP/1.1 client's hot path; `head_problem` then says what is wrong.
     """
     return _REQUEST_HEAD.match(head) is not None and head.count(b"\n") == fields + 2
+
+
+# RFC 9112 3.2: Host = uri-host [":" port]; an IP-literal or a reg-name (never empty).
+_HOST = re.compile(rb"(\[[0-9A-Za-z:.]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]+)(:[0-9]*)?\Z")
+
+
+def valid_authority(value: bytes) -> bool:
+    """Is `value` a Host as RFC 9112 3.2 allows it (uri-host [":" port], not empty)?"""
+    return _HOST.match(value) is not None
