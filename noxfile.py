@@ -1,7 +1,8 @@
 """The test matrix and the other sessions.
 
-`nox` runs the default sessions: the suite for every face x server pairing on
-Python 3.11, on 3.10, 3.12 and 3.13 the tests whose outcome can differ between
+`nox` runs the default sessions: the behaviour tests (those that take a pairing)
+for every face x server pairing on Python 3.11, the rest of the suite once
+(`unit`), on 3.10, 3.12 and 3.13 the tests whose outcome can differ between
 Python versions (`versions`), ruff, mypy --strict, and the docs site's strict
 build. One cell alone: `nox -s "tests(wsgi-gunicorn)"`, `nox -s versions-3.13`.
 nox finds the interpreters on PATH as `python3.X` (`.ci/run` puts pyenv's there).
@@ -13,11 +14,11 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "versions", "lint", "types", "docs"]
+nox.options.sessions = ["tests", "unit", "versions", "lint", "types", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 PAIRINGS = [("asgi", "uvicorn"), ("wsgi", "gunicorn"), ("wsgi", "uvicorn"), ("asgi", "gunicorn")]
-PYTHON = "3.11"  # every pairing runs the whole suite on this one
+PYTHON = "3.11"  # every pairing runs the behaviour tests on this one, `unit` the rest
 OTHER_PYTHONS = ["3.10", "3.12", "3.13"]  # requires-python >= 3.10; 3.13 the newest tested
 # What Python's own version can change (asyncio's wait_for and cancellation, its SSL
 # transport, signals and threads): the HTTP/1.1 drivers and their pool, upstream faults
@@ -32,15 +33,24 @@ def tests_impl(session: nox.Session, adapter: str, server: str) -> None:
     session.install("-e", ".[dev]")
     session.run(
         "pytest", *session.posargs,
-        env={"DUALPROXY_PAIRINGS": f"{adapter}-{server}"},
+        # Only the tests that take a pairing: the others run once, in `unit`.
+        env={"DUALPROXY_PAIRINGS": f"{adapter}-{server}", "DUALPROXY_SUITE_PART": "pairings"},
     )
 
 
 @nox.session(python=PYTHON)
 @nox.parametrize(("adapter", "server"), PAIRINGS, ids=[f"{a}-{s}" for a, s in PAIRINGS])
 def tests(session: nox.Session, adapter: str, server: str) -> None:
-    """The whole suite against one face x server pairing."""
+    """The behaviour tests (those that take a pairing) against one face x server pairing."""
     tests_impl(session, adapter, server)
+
+
+@nox.session(python=PYTHON)
+def unit(session: nox.Session) -> None:
+    """The tests that take no pairing (the core, the HTTP/1.1 client, the CLI, the
+    harnesses' own checks...), once rather than in every pairing's session."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", *session.posargs, env={"DUALPROXY_SUITE_PART": "unit"})
 
 
 @nox.session(python=OTHER_PYTHONS)

@@ -56,6 +56,20 @@ def selected_pairings(config: pytest.Config) -> list[str]:
     return [p for p in PAIRINGS if p in chosen] or list(PAIRINGS)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """DUALPROXY_SUITE_PART=pairings keeps the tests that take a pairing (directly or
+    through a fixture), =unit the others: nox runs the first per pairing, the second
+    once. Unset, everything runs."""
+    part = os.environ.get("DUALPROXY_SUITE_PART")
+    if part not in ("pairings", "unit"):
+        return
+    keep = [item for item in items
+            if ("pairing" in getattr(item, "fixturenames", ())) == (part == "pairings")]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "pairing" in metafunc.fixturenames:
         metafunc.parametrize("pairing", selected_pairings(metafunc.config), scope="session")
