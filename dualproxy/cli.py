@@ -10,11 +10,12 @@ launch.py hands to the server and its worker processes.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.util
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from . import __version__
 from .config import (
@@ -411,9 +412,27 @@ def check_route(route: dict[str, Any]) -> ProxyConfig:
     return config
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return cast(argparse.ArgumentParser, action.choices[name])
+    return parser
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, word: str) -> str:
+    """`; did you mean --upstream?` for `--upstrem`, as the config file's check says."""
+    flags = [flag for action in parser._actions for flag in action.option_strings]
+    close = difflib.get_close_matches(word.split("=", 1)[0], flags, n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand that was given, with a likely meaning
+        command = _subparser(parser, args.command)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}"
+                      + _did_you_mean(command, unknown[0]))
     if args.command == "serve" and args.config is not None:
         from .configfile import ConfigError, FlagConflict
 

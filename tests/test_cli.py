@@ -88,6 +88,24 @@ def test_bad_flags_are_one_line_usage_errors(flags: list[str], names: str) -> No
     assert lines[0].startswith("dualproxy serve: error: ") and names in lines[0], lines
 
 
+@pytest.mark.parametrize(("args", "said"), [
+    (["serve", "--upstream", UPSTREAM, "--upstrem", "http://x"],
+     "dualproxy serve: error: unrecognized arguments: --upstrem http://x; "
+     "did you mean --upstream?"),
+    (["demo", "--adaptr", "asgi"],
+     "dualproxy demo: error: unrecognized arguments: --adaptr asgi; did you mean --adapter?"),
+    (["serve", "--upstream", UPSTREAM, "--zzzz"],
+     "dualproxy serve: error: unrecognized arguments: --zzzz (see"),
+])
+def test_a_mistyped_flag_is_named_by_its_command(args: list[str], said: str) -> None:
+    """An unknown flag is the subcommand's usage error (argparse's top parser said
+    `dualproxy: error:`), with the flag it most likely meant."""
+    result = run_cli(*args)
+    assert result.returncode == 2 and result.stdout == "", result
+    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith(said), result.stderr
+
+
 def test_version() -> None:
     result = run_cli("--version")
     assert (result.returncode, result.stdout.strip()) == (0, f"dualproxy {__version__}")
