@@ -130,6 +130,8 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
             cycles.append(self.cycle)
         if self.draining and self.cycle is not None:
             self.cycle.keep_alive = False
+        if self.cycle is not None and self.cycle.scope.get("http_version") == "1.0":
+            close_delimited(self.cycle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # uvicorn tells only its newest cycle (`self.cycle`) that the client is gone.
@@ -193,6 +195,39 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         if self.refused:
             self.transport.close()
         return super().eof_received()  # type: ignore[no-any-return]
+
+
+def close_delimited(cycle: Any) -> None:
+    """An HTTP/1.0 client's response without a length ends at the close, never chunked.
+
+    uvicorn's httptools cycle chunks any response that has neither Content-Length
+    nor Transfer-Encoding, whatever the request's version; RFC 9112 6.1 forbids
+    Transfer-Encoding in an answer to HTTP/1.0 (such a client reads the chunk
+    lines as body). A response whose body a filter re-framed is one. Here the
+    cycle is told the body is not chunked, its length counter is kept ahead of
+    each piece, and uvicorn closes the connection after it (no keep-alive for 1.0).
+    """
+    send = cycle.send
+
+    async def framed_send(message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.start" and not cycle.response_started:
+            framed = any(name.lower() in (b"content-length", b"transfer-encoding")
+                         for name, _ in message.get("headers", ()))
+            if not framed and cycle.scope["method"] != "HEAD" \
+                    and message["status"] not in (204, 304):
+                cycle.chunked_encoding = False
+                cycle.keep_alive = False
+                cycle.__dict__["close_delimited"] = True
+        elif kind == "http.response.body" and cycle.__dict__.get("close_delimited"):
+            body = message.get("body", b"")
+            # What is left "of the length" is this piece, or more to come.
+            cycle.expected_content_length = (len(body) + (1 << 62)
+                                             if message.get("more_body", False)
+                                             else len(body))
+        await send(message)
+
+    cycle.send = framed_send
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
