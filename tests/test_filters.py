@@ -19,8 +19,15 @@ import pytest
 from dualproxy import AsyncProxy, SyncProxy
 from dualproxy.filters import Exchange, Filter
 from tests.conftest import ProxyProcess
-from tests.rawhttp import Reader, connect, exchange, read_head, read_response, request_bytes, \
-    wait_until
+from tests.rawhttp import (
+    Reader,
+    connect,
+    exchange,
+    read_head,
+    read_response,
+    request_bytes,
+    wait_until,
+)
 from tests.upstream import Upstream, pattern_bytes
 
 

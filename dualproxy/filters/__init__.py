@@ -27,7 +27,7 @@ def build_chain(config: ProxyConfig) -> Chain:
     2. the user's `filters=`, in the order given;
     3. the request and response hooks (hooks.py), in the order given.
     """
-    from ..hooks import hook_filters
+    from .hooked import hook_filters
 
     filters = [*config.filters,
                *hook_filters(config.request_hooks, config.response_hooks)]
