@@ -147,8 +147,11 @@ def http_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
     """One HTTP exchange; returns what the port's last action returned (the
     WSGI face's response iterable). The end (`face.finish`) is the face's: on
     the sync face it comes when the server closes that iterable."""
+    opened: Opened | None = None
     try:
-        opened = yield from opening(face, incoming, record, face.plan(incoming))
+        plan = face.plan(incoming)
+        if face.chain:  # without filters: no Exchange, no stage, no extra generator
+            opened = yield from opening(face, incoming, record, plan)
     except NotProxied as exc:
         if face.fallback is not None:
             face.pass_on(record)
@@ -156,10 +159,12 @@ def http_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
         return (yield port.problem(exc))
     except ProxyError as exc:
         return (yield port.problem(exc))
-    plan, exchange = opened.plan, opened.exchange
-    if opened.answer is not None:
-        assert exchange is not None and opened.head is not None
-        return (yield port.answer(exchange, opened.head, opened.answer.body))
+    exchange: Exchange | None = None
+    if opened is not None:
+        plan, exchange = opened.plan, opened.exchange
+        if opened.answer is not None:
+            assert exchange is not None and opened.head is not None
+            return (yield port.answer(exchange, opened.head, opened.answer.body))
 
     port.upload(plan, exchange)
     try:
