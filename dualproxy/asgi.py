@@ -29,7 +29,7 @@ from .errors import (
 from .exchange import drive_async, http_flow
 from .face import ProxyFace, make_async_client
 from .filters import Exchange
-from .filters.chain import atransformed, run_async
+from .filters.chain import achunks, atransformed, run_async
 from .logs import RequestRecord
 from .target import app_mount
 from .types import ASGIApp, Receive, Scope, Send
@@ -229,8 +229,7 @@ class HttpPort:
     refused = problem
 
     async def answer(self, exchange: Exchange, head: ResponseHead, body: Any) -> None:
-        chunks = _one(body) if isinstance(body, bytes) else _aiter(body)
-        await self.proxy._relay(chunks, head, self.send, self.record, exchange)
+        await self.proxy._relay(achunks(body), head, self.send, self.record, exchange)
 
     def upload(self, plan: UpstreamPlan, exchange: Exchange | None) -> None:
         proxy, record = self.proxy, self.record
@@ -294,21 +293,6 @@ class HttpPort:
             DRAIN.leave(self.cut)
         if self.watcher is not None:
             self.watcher.cancel()
-
-
-async def _one(body: bytes) -> AsyncIterator[bytes]:
-    if body:
-        yield body
-
-
-async def _aiter(body: Any) -> AsyncIterator[bytes]:
-    """A filter's answer body, sync or async iterable."""
-    if isinstance(body, AsyncIterable):
-        async for chunk in body:
-            yield chunk
-    else:
-        for chunk in body:
-            yield chunk
 
 
 async def _send_body(send: Send, chunk: bytes, more: bool, record: RequestRecord) -> bool:

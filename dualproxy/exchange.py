@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from .core import IncomingRequest, ResponseHead, UpstreamPlan
 from .errors import ClientDisconnected, NotProxied, ProxyError, map_upstream_errors
 from .filters import Answer, Exchange
+from .filters.chain import run_async
 
 if TYPE_CHECKING:
     import httpx
@@ -55,20 +56,10 @@ def drive_sync(flow: Flow[T]) -> T:
         return stop.value  # type: ignore[no-any-return]
 
 
-async def drive_async(flow: Flow[T]) -> T:
-    """The async driver: each action is awaited; its result goes back in, its
-    exception (a cancellation too) is raised in the flow where it was yielded."""
-    try:
-        action = next(flow)
-        while True:
-            try:
-                result = await action
-            except BaseException as exc:
-                action = flow.throw(exc)
-            else:
-                action = flow.send(result)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+# The async driver: each action is awaited; its result goes back in, its exception
+# (a cancellation too) is raised in the flow where it was yielded. The filter
+# chain's stages are driven the same way (one driver for both).
+drive_async = run_async
 
 
 class Opened:
@@ -96,6 +87,16 @@ def opening(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest, record: R
         return Opened(exchange.plan, exchange)
     head = yield from chain.response(exchange, face.answer_head(exchange, answer))
     return Opened(exchange.plan, exchange, answer, head)
+
+
+def refusal(face: ProxyFace[Any, Any, Any], record: RequestRecord, port: Any,
+            exc: ProxyError) -> Flow[Any]:
+    """A refusal before any upstream was asked: outside the mount goes to the
+    fallback app when there is one (not the proxy's to log), else a problem."""
+    if isinstance(exc, NotProxied) and face.fallback is not None:
+        face.pass_on(record)
+        return (yield port.fallback())
+    return (yield port.problem(exc))
 
 
 def attempts(face: ProxyFace[Any, Any, Any], record: RequestRecord, plan: UpstreamPlan,
@@ -152,13 +153,8 @@ def http_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
         plan = face.plan(incoming)
         if face.chain:  # without filters: no Exchange, no stage, no extra generator
             opened = yield from opening(face, incoming, record, plan)
-    except NotProxied as exc:
-        if face.fallback is not None:
-            face.pass_on(record)
-            return (yield port.fallback())
-        return (yield port.problem(exc))
     except ProxyError as exc:
-        return (yield port.problem(exc))
+        return (yield from refusal(face, record, port, exc))
     exchange: Exchange | None = None
     if opened is not None:
         plan, exchange = opened.plan, opened.exchange
@@ -218,13 +214,8 @@ def handshake_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
     (or the refusal) ends, with the face's `finish`."""
     try:
         opened = yield from opening(face, incoming, record, port.plan(incoming))
-    except NotProxied as exc:
-        if face.fallback is not None:
-            face.pass_on(record)
-            return (yield port.fallback())
-        return (yield port.problem(exc))
     except ProxyError as exc:
-        return (yield port.problem(exc))
+        return (yield from refusal(face, record, port, exc))
     if opened.answer is not None:
         assert opened.exchange is not None and opened.head is not None
         return (yield port.answer(opened.exchange, opened.head, opened.answer.body))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -30,7 +29,7 @@ from ..drain import DRAIN, call_in_loop
 from ..errors import BadGateway, GatewayTimeout, InvalidHead, ProxyError, describe
 from ..exchange import drive_async, handshake_flow
 from ..filters import Exchange
-from ..filters.chain import atransformed
+from ..filters.chain import achunks, atransformed
 from ..headers import Header
 from ..http1.tls import upstream_context, verification_failure
 from ..types import Receive, Scope, Send
@@ -105,7 +104,7 @@ class HandshakePort:
             self.record.client_gone = True
             return
         data = b"".join([chunk async for chunk in atransformed(
-            exchange._response_pipeline, _chunks(body))]) if head.has_body else b""
+            exchange._response_pipeline, achunks(body))]) if head.has_body else b""
         self.record.status = head.status
         self.record.bytes_out = len(data)
         await _refuse(self.scope, self.send, head.status, head.headers, data)
@@ -166,18 +165,6 @@ class HandshakePort:
         except BaseException:
             result.transport.abort()  # never leave the upstream socket open behind us
             raise
-
-
-async def _chunks(body: Any) -> AsyncIterator[bytes]:
-    """A filter's answer body, bytes or a sync or async iterable."""
-    if isinstance(body, bytes):
-        yield body
-    elif isinstance(body, AsyncIterable):
-        async for chunk in body:
-            yield chunk
-    else:
-        for chunk in body:
-            yield chunk
 
 
 def _lower(items: Any) -> list[Header]:
