@@ -8,6 +8,7 @@ fall back otherwise; and no module imports from a layer above its own.
 from __future__ import annotations
 
 import ast
+import io
 import re
 import socket
 import subprocess
@@ -89,6 +90,24 @@ def test_gunicorn_direct_upload_path_on_tested_releases_only(
     body = gunicorn_body_of(b"hello")
     assert gunicorn_body.GunicornLengthInput.recognise(body) is None  # wsgi.input is read
     assert body.read(5) == b"hello"
+
+
+def test_the_wsgi_face_gets_gunicorns_reader_through_the_registry(
+        gunicorn_body_of: Callable[[bytes], Any]) -> None:
+    """The server layer offers its reader (body_input.py); the face asks the registry."""
+    from dualproxy import body_input
+
+    assert body_input.read_size(object(), 4096) == 4096
+    reader = body_input.body_reader({"wsgi.input": gunicorn_body_of(b"hello")})
+    assert isinstance(reader, gunicorn_body.GunicornLengthInput)  # registered on import
+    assert body_input.read_size(reader, 4096) == gunicorn_body.DIRECT_READ
+    other = io.BytesIO(b"x")
+    assert body_input.body_reader({"wsgi.input": other}) is other
+
+
+def test_the_wsgi_face_imports_no_server_module() -> None:
+    wsgi = PACKAGE / "wsgi.py"
+    assert not {name for name in _imported(wsgi) if name == "servers"}
 
 
 def test_gunicorn_direct_upload_path_reads_the_body(

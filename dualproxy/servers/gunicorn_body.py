@@ -15,7 +15,6 @@ import sys
 from typing import Any
 
 from .. import body_input
-from ..types import Environ
 from . import is_tested
 
 # Largest read from the client socket when gunicorn's input is read directly.
@@ -123,12 +122,6 @@ def client_left(exc: BaseException) -> bool:
     except ImportError:  # no gunicorn: not its reader
         return False
     return isinstance(exc, NoMoreData)
-
-
-def request_body_input(environ: Environ) -> Any:
-    """Where to read the request body: gunicorn's socket directly when safe, else wsgi.input."""
-    stream = environ["wsgi.input"]
-    return GunicornLengthInput.recognise(stream) or stream
 
 
 class GunicornSource:
