@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from ..core import ResponseHead
 from ..headers import Header
@@ -40,6 +40,9 @@ __all__ = [
     "Buffered", "BufferedBody", "Mapped", "Replace", "RequestBodyFilter", "ResponseBodyFilter",
     "SubFilter", "body_filter", "media_type", "request_body_filter",
 ]
+
+#: A replacement table: patterns to replacements, bytes or str (str as UTF-8).
+Table: TypeAlias = Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes | str]
 
 #: The media types SubFilter rewrites unless told otherwise (nginx's sub_filter_types).
 TEXT_TYPES = ("text/html",)
@@ -81,8 +84,8 @@ def type_matches(types: tuple[str, ...] | None, headers: Iterable[Header]) -> bo
 
 
 def _encoded(headers: Iterable[Header]) -> bool:
-    return any(name.lower() == b"content-encoding" and value.strip().lower() not in (b"", b"identity")
-               for name, value in headers)
+    return any(name.lower() == b"content-encoding"
+               and value.strip().lower() not in (b"", b"identity") for name, value in headers)
 
 
 # -- transforms -------------------------------------------------------------------------
@@ -155,17 +158,19 @@ class Replace:
     starts, the longest key starting there wins, and the search goes on after it
     (replaced text is never searched again). The result is exactly that of the
     same replacement on the whole body at once. To see a key split between two
-    chunks, at most len(longest key) - 1 bytes are held back at a chunk's end
-    (those that may begin a key), and sent with the next chunk or at the end.
+    chunks, at most len(longest key) - 1 bytes are held back at a chunk's end,
+    from the first that may begin a key, and sent with the next chunk or at the
+    end: a chunk ending in text that begins no key goes on whole.
     """
 
-    __slots__ = ("_pattern", "_mapping", "_keep", "_held")
+    __slots__ = ("_pattern", "_mapping", "_prefixes", "_keep", "_held")
 
-    def __init__(self, mapping: Mapping[bytes, bytes] | Replacements) -> None:
+    def __init__(self, mapping: Table | Replacements) -> None:
         table = mapping if isinstance(mapping, Replacements) else Replacements(mapping)
         self._pattern = table.pattern
         self._mapping = table.mapping
-        self._keep = table.longest - 1
+        self._prefixes = table.prefixes
+        self._keep = table.longest - 1  # the most bytes held back
         self._held = b""
 
     def _sub(self, match: re.Match[bytes]) -> bytes:
@@ -173,21 +178,31 @@ class Replace:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._held + chunk if self._held else chunk
-        # A key starting before `safe` ends inside `data`: every key that could
-        # start there is decided now; from `safe` on, one might go on in the next chunk.
-        safe = len(data) - self._keep
+        end = len(data)
         out: list[bytes] = []
         pos = 0
-        for match in self._pattern.finditer(data):
-            start = match.start()
-            if start >= safe:
+        while True:
+            match = self._pattern.search(data, pos)
+            start = end if match is None else match.start()
+            # Is a key cut by the chunk's end at or before `start`? Only the last
+            # len(longest key) - 1 bytes can begin one.
+            cut = self._partial(data, max(pos, end - self._keep), start + 1)
+            if cut is not None or match is None:
                 break
             out += (data[pos:start], self._mapping[match.group()])
             pos = match.end()
-        cut = max(pos, safe)
+        cut = end if cut is None else cut
         out.append(data[pos:cut])
         self._held = data[cut:]
         return b"".join(out)
+
+    def _partial(self, data: bytes, begin: int, stop: int) -> int | None:
+        """The first position in [begin, stop) whose rest of `data` begins a key
+        longer than that rest (None: none)."""
+        for position in range(begin, min(stop, len(data))):
+            if data[position:] in self._prefixes:
+                return position
+        return None
 
     def finish(self) -> bytes:
         held, self._held = self._held, b""
@@ -198,9 +213,9 @@ class Replacements:
     """A checked replacement table (bytes keys, str encoded as UTF-8), compiled once
     for every exchange of a filter."""
 
-    __slots__ = ("mapping", "pattern", "longest")
+    __slots__ = ("mapping", "pattern", "longest", "prefixes")
 
-    def __init__(self, mapping: Mapping[bytes | str, bytes | str]) -> None:
+    def __init__(self, mapping: Table) -> None:
         table: dict[bytes, bytes] = {}
         for key, value in dict(mapping).items():
             key_b, value_b = _utf8(key, "pattern"), _utf8(value, "replacement")
@@ -215,6 +230,8 @@ class Replacements:
         ordered = sorted(table, key=len, reverse=True)
         self.pattern = re.compile(b"|".join(re.escape(k) for k in ordered))
         self.longest = len(ordered[0])
+        # The beginnings of keys, a partial match at a chunk's end.
+        self.prefixes = frozenset(k[:n] for k in table for n in range(1, len(k)))
 
 
 def _utf8(value: bytes | str, what: str) -> bytes:
@@ -377,7 +394,7 @@ class SubFilter(ResponseBodyFilter):
     is (text cannot be found in compressed bytes).
     """
 
-    def __init__(self, replacements: Mapping[bytes | str, bytes | str], *,
+    def __init__(self, replacements: Table, *,
                  types: Iterable[str] | str | None = TEXT_TYPES, decode: bool = True) -> None:
         super().__init__(types=types, decode=decode)
         self.table = Replacements(replacements)
