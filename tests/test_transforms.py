@@ -77,7 +77,7 @@ def test_every_split_point_of_a_page_gives_the_whole_body_result(split: int) -> 
 def test_every_pair_of_split_points_around_a_match(first: int, second: int) -> None:
     body = b"xx" + URL + b"yy"
     cuts = sorted({first, second + first})
-    pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
+    pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
     assert stream(Replace({URL: PUBLIC}), pieces) == b"xx" + PUBLIC + b"yy"
 
 
