@@ -31,7 +31,8 @@ SERVER_KEYS = (
     "access_log", "access_log_format", "certfile", "keyfile", "metrics_bind",
 )
 # Where a key's flag is not `--` + the key with dashes.
-_FLAG_DEST = {"trusted_proxies": "trusted_proxy", "access_log": "no_access_log"}
+_FLAG_DEST = {"trusted_proxies": "trusted_proxy", "access_log": "no_access_log",
+              "sub_filter_types": "sub_filter_type"}
 _INVERTED = {"access_log"}  # `access_log = false` sets --no-access-log
 # Repeatable `FROM=TO` flags a route may also write as a table, `{"FROM" = "TO"}`
 # (or a `[route.KEY]` sub-table): the table form takes a FROM holding `=`.
