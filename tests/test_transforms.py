@@ -11,6 +11,7 @@ import gzip
 import json
 import zlib
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import brotli  # type: ignore[import-untyped]
 import pytest
@@ -18,7 +19,9 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dualproxy.cli import check_route, load_config_file
 from dualproxy.config import ProxyConfig
+from dualproxy.configfile import ConfigError
 from dualproxy.core import IncomingRequest, ResponseHead, plan_request
 from dualproxy.errors import TransformFailed
 from dualproxy.filters import (
@@ -416,3 +419,47 @@ def test_bad_sub_filter_options_fail_at_construction(options: dict[str, object],
                                                      message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ProxyConfig.build("http://127.0.0.1:9", **options)  # type: ignore[arg-type]
+
+
+# -- the config file's sub_filter ---------------------------------------------------------
+
+ROUTE = '[[route]]\nmount = "/a"\nupstream = "http://127.0.0.1:9"\n'
+
+
+def load_route(tmp_path: Path, text: str) -> dict[str, object]:
+    path = tmp_path / "routes.toml"
+    path.write_text(ROUTE + text)
+    _, routes = load_config_file(str(path), ["serve", "--config", str(path)])
+    json.dumps(routes)  # what the worker processes rebuild the routes from
+    return routes[0]
+
+
+def test_config_file_sub_filter_forms(tmp_path: Path) -> None:
+    table = load_route(tmp_path, 'sub_filter = { "http://a:1/?x=1" = "https://b", "c" = "" }\n')
+    config = check_route(table)
+    assert config.sub_filter == ((b"http://a:1/?x=1", b"https://b"), (b"c", b""))
+    listed = load_route(tmp_path, 'sub_filter = ["a=b=c", "d="]\nsub_filter_types = ["text/*"]\n')
+    config = check_route(listed)
+    assert config.sub_filter == ((b"a", b"b=c"), (b"d", b""))
+    assert config.sub_filter_types == ("text/*",)
+    sub_table = load_route(tmp_path, '[route.sub_filter]\n"x" = "y"\n')
+    assert check_route(sub_table).sub_filter == ((b"x", b"y"),)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('sub_filter = { "" = "x" }\n', ":4: bad value for 'sub_filter' in [[route]] #1 (mount '/a'): "
+                                    "an empty pattern"),
+    ('sub_filter = { "a" = 1 }\n', ":4: 'sub_filter' in [[route]] #1 (mount '/a') must be a "
+                                   "string, got an integer (1)"),
+    ('sub_filter = ["nope"]\n', ":4: bad value for 'sub_filter' in [[route]] #1 (mount '/a'): "
+                                "expected FROM=TO with a non-empty FROM, got 'nope'"),
+    ('sub_filter = ["a=b"]\nsub_filter_types = ["html"]\n',
+     ":5: bad value for 'sub_filter_types' in [[route]] #1 (mount '/a'): a media type is "
+     "'type/subtype' or 'type/*', got 'html'"),
+    ('sub_filter_types = ["text/css"]\n', ":4: [[route]] #1 (mount '/a'): sub_filter_types needs "
+                                          "sub_filter"),
+])
+def test_bad_config_file_sub_filter(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_route(tmp_path, text)
+    assert message in str(info.value)
