@@ -22,7 +22,7 @@ import zstandard
 
 from tests.conftest import ProxyPool, ProxyProcess
 from tests.filter_serve import LIMIT
-from tests.rawhttp import RawResponse, exchange, request_bytes
+from tests.rawhttp import RawResponse, exchange, request_bytes, wait_until
 from tests.upstream import Upstream
 
 URL = b"http://upstream:8080"
@@ -157,6 +157,9 @@ def test_a_body_that_does_not_decode_aborts_the_response(filtered: FilteredProxy
         params="ctype=text/plain encoding=gzip chunked=1 interval=0.05"))
     assert response.status == 200  # the head was gone before the bad bytes came
     assert not response.complete
+    assert wait_until(lambda: any(rid in line and "upstream-broken" in line
+                                  for line in filtered.log().splitlines()))
+    assert any(rid in line and "TransformFailed" in line for line in filtered.log().splitlines())
 
 
 # -- buffered -----------------------------------------------------------------------------
