@@ -463,3 +463,11 @@ def test_bad_config_file_sub_filter(tmp_path: Path, text: str, message: str) -> 
     with pytest.raises(ConfigError) as info:
         load_route(tmp_path, text)
     assert message in str(info.value)
+
+
+def test_a_chunk_function_returning_text_fails_the_exchange() -> None:
+    pipeline = BodyPipeline()
+    pipeline.transforms.append(Mapped(lambda chunk: chunk.decode()))  # type: ignore[arg-type,return-value]
+    with pytest.raises(TransformFailed, match="TypeError"):
+        pipeline.feed(b"abc")
+    assert Mapped(bytearray).feed(b"x") == b"x"

@@ -100,7 +100,8 @@ class Mapped:
         self.func = func
 
     def feed(self, chunk: bytes) -> bytes:
-        return self.func(chunk)
+        out = self.func(chunk)
+        return out if type(out) is bytes else bytes(out)  # a str: TypeError, the exchange fails
 
     def finish(self) -> bytes:
         return b""
@@ -163,13 +164,14 @@ class Replace:
     end: a chunk ending in text that begins no key goes on whole.
     """
 
-    __slots__ = ("_pattern", "_mapping", "_prefixes", "_keep", "_held")
+    __slots__ = ("_pattern", "_mapping", "_prefixes", "_firsts", "_keep", "_held")
 
     def __init__(self, mapping: Table | Replacements) -> None:
         table = mapping if isinstance(mapping, Replacements) else Replacements(mapping)
         self._pattern = table.pattern
         self._mapping = table.mapping
         self._prefixes = table.prefixes
+        self._firsts = table.firsts
         self._keep = table.longest - 1  # the most bytes held back
         self._held = b""
 
@@ -200,7 +202,7 @@ class Replace:
         """The first position in [begin, stop) whose rest of `data` begins a key
         longer than that rest (None: none)."""
         for position in range(begin, min(stop, len(data))):
-            if data[position:] in self._prefixes:
+            if data[position] in self._firsts and data[position:] in self._prefixes:
                 return position
         return None
 
@@ -213,7 +215,7 @@ class Replacements:
     """A checked replacement table (bytes keys, str encoded as UTF-8), compiled once
     for every exchange of a filter."""
 
-    __slots__ = ("mapping", "pattern", "longest", "prefixes")
+    __slots__ = ("mapping", "pattern", "longest", "prefixes", "firsts")
 
     def __init__(self, mapping: Table) -> None:
         table: dict[bytes, bytes] = {}
@@ -232,6 +234,7 @@ class Replacements:
         self.longest = len(ordered[0])
         # The beginnings of keys, a partial match at a chunk's end.
         self.prefixes = frozenset(k[:n] for k in table for n in range(1, len(k)))
+        self.firsts = frozenset(k[0] for k in table)
 
 
 def _utf8(value: bytes | str, what: str) -> bytes:
