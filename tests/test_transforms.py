@@ -62,6 +62,12 @@ def reference(body: bytes, table: Pairs) -> bytes:
     return bytes(out)
 
 
+class RegexTable(Replacements):
+    """The regular expression's matching, which tables of more than FIND_KEYS keys use."""
+
+    FIND_KEYS = 0
+
+
 # -- Replace: chunk boundaries ------------------------------------------------------------
 
 URL = b"http://upstream:8080"
@@ -110,11 +116,18 @@ def test_the_end_releases_a_held_partial_match() -> None:
     assert replace.finish() == b"http://upstream:80"
 
 
-def test_leftmost_then_longest() -> None:
-    table = {b"ab": b"1", b"abc": b"2", b"bcd": b"3", b"c": b"4"}
+@pytest.mark.parametrize("kind", [Replacements, RegexTable])
+def test_leftmost_then_longest(kind: type[Replacements]) -> None:
+    table = kind({b"ab": b"1", b"abc": b"2", b"bcd": b"3", b"c": b"4"})
     for pieces in ([b"abcd"], [b"a", b"bcd"], [b"ab", b"cd"], [b"abc", b"d"]):
         assert stream(Replace(table), pieces) == b"2d"   # abc at 0 beats ab and bcd at 1
     assert stream(Replace(table), [b"xbcdc"]) == b"x34"
+
+
+def test_many_keys_use_the_regular_expression() -> None:
+    table = {b"k%02d" % n: b"<%d>" % n for n in range(40)}
+    body = b"".join(b"k%02d-" % n for n in range(45))
+    assert stream(Replace(table), [body[:7], body[7:100], body[100:]]) == reference(body, table)
 
 
 def test_replaced_text_is_not_searched_again() -> None:
@@ -161,7 +174,12 @@ def test_fuzz_one_pattern_is_bytes_replace(body: bytes, pattern: bytes, replacem
        cuts=chunkings)
 def test_fuzz_several_patterns_match_the_whole_body_reference(body: bytes, table: Pairs,
                                                               cuts: list[int]) -> None:
-    replace, out = Replace(table), []
+    for replace in (Replace(table), Replace(RegexTable(table))):
+        check_stream(replace, body, table, cuts)
+
+
+def check_stream(replace: Replace, body: bytes, table: Pairs, cuts: list[int]) -> None:
+    out = []
     for piece in split_at(body, cuts):
         out.append(replace.feed(piece))
         assert len(replace._held) < max(map(len, table))

@@ -26,7 +26,7 @@ that may change the length drops Content-Length and weakens a strong ETag; a
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, TypeAlias
 
 from ..core import ResponseHead
@@ -164,58 +164,51 @@ class Replace:
     end: a chunk ending in text that begins no key goes on whole.
     """
 
-    __slots__ = ("_pattern", "_mapping", "_prefixes", "_firsts", "_keep", "_held")
+    __slots__ = ("_table", "_keep", "_held")
 
     def __init__(self, mapping: Table | Replacements) -> None:
-        table = mapping if isinstance(mapping, Replacements) else Replacements(mapping)
-        self._pattern = table.pattern
-        self._mapping = table.mapping
-        self._prefixes = table.prefixes
-        self._firsts = table.firsts
-        self._keep = table.longest - 1  # the most bytes held back
+        self._table = mapping if isinstance(mapping, Replacements) else Replacements(mapping)
+        self._keep = self._table.longest - 1  # the most bytes held back
         self._held = b""
-
-    def _sub(self, match: re.Match[bytes]) -> bytes:
-        return self._mapping[match.group()]
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._held + chunk if self._held else chunk
         end = len(data)
+        # A key starting before `tail` ends inside `data`: a match there is final.
+        # From `tail` on, a key may be cut by the chunk's end.
+        tail = end - self._keep
+        table = self._table
         out: list[bytes] = []
         pos = 0
-        while True:
-            match = self._pattern.search(data, pos)
-            start = end if match is None else match.start()
-            # Is a key cut by the chunk's end at or before `start`? Only the last
-            # len(longest key) - 1 bytes can begin one.
-            cut = self._partial(data, max(pos, end - self._keep), start + 1)
-            if cut is not None or match is None:
-                break
-            out += (data[pos:start], self._mapping[match.group()])
-            pos = match.end()
+        cut: int | None = None
+        for start, key in table.matches(data):
+            if start >= tail:
+                cut = table.partial(data, max(pos, tail), start + 1)
+                if cut is not None:
+                    break  # a longer key, or an earlier one, may go on in the next chunk
+            out += (data[pos:start], table.mapping[key])
+            pos = start + len(key)
+        else:
+            cut = table.partial(data, max(pos, tail), end)
         cut = end if cut is None else cut
         out.append(data[pos:cut])
         self._held = data[cut:]
         return b"".join(out)
 
-    def _partial(self, data: bytes, begin: int, stop: int) -> int | None:
-        """The first position in [begin, stop) whose rest of `data` begins a key
-        longer than that rest (None: none)."""
-        for position in range(begin, min(stop, len(data))):
-            if data[position] in self._firsts and data[position:] in self._prefixes:
-                return position
-        return None
-
     def finish(self) -> bytes:
         held, self._held = self._held, b""
-        return self._pattern.sub(self._sub, held)
+        return self._table.replace(held)
 
 
 class Replacements:
-    """A checked replacement table (bytes keys, str encoded as UTF-8), compiled once
-    for every exchange of a filter."""
+    """A checked replacement table (bytes keys, str encoded as UTF-8), prepared once
+    for every exchange of a filter: how to find the leftmost-longest matches."""
 
-    __slots__ = ("mapping", "pattern", "longest", "prefixes", "firsts")
+    __slots__ = ("mapping", "longest", "prefixes", "firsts", "_ordered", "_pattern")
+
+    #: Up to this many keys, `bytes.find` per key (C speed, a few GB/s); above it, one
+    #: regular expression (Python's `re` scans at some tens of MB/s).
+    FIND_KEYS = 16
 
     def __init__(self, mapping: Table) -> None:
         table: dict[bytes, bytes] = {}
@@ -227,14 +220,56 @@ class Replacements:
         if not table:
             raise ValueError("a replacement table needs at least one pattern")
         self.mapping = table
-        # Python's alternation tries its branches in order: longest first gives
-        # the longest key at the leftmost position where any key matches.
-        ordered = sorted(table, key=len, reverse=True)
-        self.pattern = re.compile(b"|".join(re.escape(k) for k in ordered))
-        self.longest = len(ordered[0])
-        # The beginnings of keys, a partial match at a chunk's end.
+        # Longest first: of the keys found at one position, the first wins.
+        self._ordered = sorted(table, key=len, reverse=True)
+        self.longest = len(self._ordered[0])
+        # Python's alternation tries its branches in order: longest first too.
+        self._pattern = (re.compile(b"|".join(re.escape(k) for k in self._ordered))
+                         if len(table) > self.FIND_KEYS else None)
+        # The beginnings of keys: a partial match at a chunk's end.
         self.prefixes = frozenset(k[:n] for k in table for n in range(1, len(k)))
         self.firsts = frozenset(k[0] for k in table)
+
+    def matches(self, data: bytes) -> Iterator[tuple[int, bytes]]:
+        """(start, key) of each leftmost-longest match in `data`, left to right, the
+        search going on after each match."""
+        if self._pattern is not None:
+            for match in self._pattern.finditer(data):
+                yield match.start(), match.group()
+            return
+        ordered = self._ordered
+        found = [data.find(key) for key in ordered]
+        pos = 0
+        while True:
+            best, best_key = -1, b""
+            for n, key in enumerate(ordered):
+                at = found[n]
+                if 0 <= at < pos:  # overlapped by the last match: look again after it
+                    at = found[n] = data.find(key, pos)
+                if at >= 0 and (best < 0 or at < best):
+                    best, best_key = at, key
+            if best < 0:
+                return
+            yield best, best_key
+            pos = best + len(best_key)
+
+    def replace(self, data: bytes) -> bytes:
+        """The replacement on a whole body."""
+        out: list[bytes] = []
+        pos = 0
+        for start, key in self.matches(data):
+            out += (data[pos:start], self.mapping[key])
+            pos = start + len(key)
+        out.append(data[pos:])
+        return b"".join(out)
+
+    def partial(self, data: bytes, begin: int, stop: int) -> int | None:
+        """The first position in [begin, stop) whose rest of `data` begins a key
+        longer than that rest (None: none)."""
+        for position in range(begin, min(stop, len(data))):
+            if data[position] in self.firsts and data[position:] in self.prefixes:
+                return position
+        return None
 
 
 def _utf8(value: bytes | str, what: str) -> bytes:
