@@ -486,6 +486,8 @@ def test_bad_config_file_sub_filter(tmp_path: Path, text: str, message: str) -> 
 def test_a_chunk_function_returning_text_fails_the_exchange() -> None:
     pipeline = BodyPipeline()
     pipeline.transforms.append(Mapped(lambda chunk: chunk.decode()))  # type: ignore[arg-type,return-value]
-    with pytest.raises(TransformFailed, match="TypeError"):
+    with pytest.raises(TransformFailed, match="returned str, expected bytes"):
         pipeline.feed(b"abc")
+    with pytest.raises(TypeError, match="returned int"):
+        Mapped(len).feed(b"abc")  # type: ignore[arg-type]
     assert Mapped(bytearray).feed(b"x") == b"x"

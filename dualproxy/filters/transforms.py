@@ -91,6 +91,15 @@ def _encoded(headers: Iterable[Header]) -> bool:
 # -- transforms -------------------------------------------------------------------------
 
 
+def _bytes(value: object, what: str) -> bytes:
+    """A user function's result as bytes; anything else fails the exchange (TypeError)."""
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{what} returned {type(value).__name__}, expected bytes")
+
+
 class Mapped:
     """`func(chunk) -> bytes` on every chunk: a stateless transform."""
 
@@ -100,8 +109,7 @@ class Mapped:
         self.func = func
 
     def feed(self, chunk: bytes) -> bytes:
-        out = self.func(chunk)
-        return out if type(out) is bytes else bytes(out)  # a str: TypeError, the exchange fails
+        return _bytes(self.func(chunk), "a body_filter function")
 
     def finish(self) -> bytes:
         return b""
@@ -145,10 +153,7 @@ class BufferedBody:
         if self._over:
             return b""
         whole, self._held = b"".join(self._held), []
-        edited = self.edit(whole)
-        if not isinstance(edited, (bytes, bytearray, memoryview)):
-            raise TypeError(f"a Buffered edit returned {type(edited).__name__}, expected bytes")
-        return bytes(edited)
+        return _bytes(self.edit(whole), "a Buffered edit")
 
 
 class Replace:
