@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from .hooks import RequestHook, ResponseHook
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+# `sub_filter=`: {pattern: replacement}, or (pattern, replacement) pairs; str is UTF-8.
+SubFilterTable: TypeAlias = (Mapping[str, str] | Mapping[bytes, bytes]
+                             | Mapping[str | bytes, str | bytes]
+                             | Iterable[tuple[str | bytes, str | bytes]])
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -231,8 +235,7 @@ class ProxyConfig:
         request_hooks: Iterable[RequestHook] = (),
         response_hooks: Iterable[ResponseHook] = (),
         filters: Iterable[Filter] = (),
-        sub_filter: Mapping[str | bytes, str | bytes] | Iterable[tuple[str | bytes, str | bytes]]
-        = (),
+        sub_filter: SubFilterTable = (),
         sub_filter_types: Iterable[str] = (),
         **options: Any,
     ) -> ProxyConfig:
@@ -263,8 +266,7 @@ class ProxyConfig:
         return any(addr in net for net in self.trusted_proxies)
 
 
-def _sub_pairs(pairs: Mapping[str | bytes, str | bytes]
-               | Iterable[tuple[str | bytes, str | bytes]]) -> tuple[tuple[bytes, bytes], ...]:
+def _sub_pairs(pairs: SubFilterTable) -> tuple[tuple[bytes, bytes], ...]:
     items = pairs.items() if isinstance(pairs, Mapping) else pairs
     return tuple((_text_bytes(src), _text_bytes(dst)) for src, dst in items)
 
