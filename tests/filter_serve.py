@@ -17,6 +17,7 @@ from dualproxy import cli, launch
 from dualproxy.config import ProxyConfig
 from dualproxy.core import ResponseHead
 from dualproxy.filters import (
+    Answer,
     Buffered,
     Exchange,
     Filter,
@@ -51,9 +52,21 @@ def add_via(document: bytes) -> bytes:
     return json.dumps({**json.loads(document), "via": "dualproxy"}).encode()
 
 
+class AnswerPage(Filter):
+    """Answers by itself with a page in two chunks, cut inside the upstream's URL."""
+
+    def on_request(self, exchange: Exchange) -> Answer:
+        return Answer(200, [(b"content-type", b"text/html")],
+                      [b'<a href="http://upst', b'ream:8080/">home</a>'])
+
+
+SUB = {"http://upstream:8080": "https://public.example", "upstream:8080": "public.example"}
+
 FILTERS = (
-    Selected("sub", SubFilter({"http://upstream:8080": "https://public.example",
-                               "upstream:8080": "public.example"})),
+    # A SubFilter outside a filter that answers: the answer's body is rewritten too.
+    Selected("answered", SubFilter(SUB)),
+    Selected("answered", AnswerPage()),
+    Selected("sub", SubFilter(SUB)),
     Selected("upper", body_filter(bytes.upper, types="text/plain", decode=True)),
     Selected("json", Buffered(add_via, limit=LIMIT, types="application/json")),
     Selected("buffered", Buffered(lambda whole: b"edited", limit=LIMIT, types="text/plain")),

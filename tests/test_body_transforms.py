@@ -120,6 +120,13 @@ def test_sub_filter_leaves_other_types_and_unselected_requests(filtered: Filtere
     assert unselected.body == page and unselected.header("content-length") == str(len(page))
 
 
+def test_sub_filter_rewrites_an_answer_given_by_a_filter(filtered: FilteredProxy,
+                                                        upstream: Upstream, rid: str) -> None:
+    response = get(filtered, rid, [b"unused"], flt="answered")
+    assert response.body == b'<a href="https://public.example/">home</a>'
+    assert upstream.find(rid) is None  # answered without the upstream
+
+
 def test_sub_filter_leaves_a_head_request(filtered: FilteredProxy, rid: str) -> None:
     pieces, page = page_split_inside(URL, 3)
     response = exchange(filtered.port, pieces_request(rid, pieces, method="HEAD"))
