@@ -1,7 +1,7 @@
 """The filter chain on every pairing (issue 19): order both ways, a filter's own
 answer, body transforms and the framing fix-up, failures, refusals, `on_end`.
 
-The proxy runs tests/filter_serve.py: probes A, B, C (outermost first) then a
+The proxy runs tests/chain_serve.py: probes A, B, C (outermost first) then a
 request and a response hook; each request picks what the probes do with its
 `x-filter-test` header.
 """
@@ -32,7 +32,7 @@ from tests.upstream import Upstream, pattern_bytes
 
 
 class FilteredProxy(ProxyProcess):
-    module = "tests.filter_serve"
+    module = "tests.chain_serve"
 
 
 @pytest.fixture(scope="module")

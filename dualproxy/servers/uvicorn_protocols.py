@@ -130,7 +130,7 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
             cycles.append(self.cycle)
         if self.draining and self.cycle is not None:
             self.cycle.keep_alive = False
-        if self.cycle is not None and self.cycle.scope.get("http_version") == "1.0":
+        if self.cycle is not None and self.scope.get("http_version") == "1.0":
             close_delimited(self.cycle)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -197,37 +197,34 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         return super().eof_received()  # type: ignore[no-any-return]
 
 
+_NO_BODY = frozenset({204, 304})
+
+
 def close_delimited(cycle: Any) -> None:
-    """An HTTP/1.0 client's response without a length ends at the close, never chunked.
-
-    uvicorn's httptools cycle chunks any response that has neither Content-Length
-    nor Transfer-Encoding, whatever the request's version; RFC 9112 6.1 forbids
-    Transfer-Encoding in an answer to HTTP/1.0 (such a client reads the chunk
-    lines as body). A response whose body a filter re-framed is one. Here the
-    cycle is told the body is not chunked, its length counter is kept ahead of
-    each piece, and uvicorn closes the connection after it (no keep-alive for 1.0).
-    """
+    """An HTTP/1.0 client's response without Content-Length ends when the connection
+    closes (RFC 9112 6.3, RFC 1945 7.2.2): HTTP/1.0 has no chunked coding, yet
+    uvicorn's httptools protocol chunks any response whose length it does not know,
+    whatever the request's version (its h11 protocol does it right). The body is
+    written as it comes and the connection closed after it: uvicorn's own length
+    bookkeeping is told, message by message, that this piece is the rest."""
     send = cycle.send
+    state = {"close": False}
 
-    async def framed_send(message: dict[str, Any]) -> None:
+    async def send_close_delimited(message: Any) -> None:
         kind = message["type"]
-        if kind == "http.response.start" and not cycle.response_started:
+        if kind == "http.response.start":
             framed = any(name.lower() in (b"content-length", b"transfer-encoding")
                          for name, _ in message.get("headers", ()))
-            if not framed and cycle.scope["method"] != "HEAD" \
-                    and message["status"] not in (204, 304):
+            if (not framed and cycle.scope["method"] != "HEAD"
+                    and message["status"] not in _NO_BODY):
+                state["close"] = True
                 cycle.chunked_encoding = False
-                cycle.keep_alive = False
-                cycle.__dict__["close_delimited"] = True
-        elif kind == "http.response.body" and cycle.__dict__.get("close_delimited"):
-            body = message.get("body", b"")
-            # What is left "of the length" is this piece, or more to come.
-            cycle.expected_content_length = (len(body) + (1 << 62)
-                                             if message.get("more_body", False)
-                                             else len(body))
+                cycle.keep_alive = False  # uvicorn writes `connection: close`, then closes
+        elif kind == "http.response.body" and state["close"]:
+            cycle.expected_content_length = len(message.get("body", b""))
         await send(message)
 
-    cycle.send = framed_send
+    cycle.send = send_close_delimited
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
