@@ -251,3 +251,18 @@ def test_an_async_filter_is_refused_by_sync_proxy_at_construction() -> None:
     with pytest.raises(TypeError, match="AsyncOnRequest.on_request"):
         SyncProxy("http://127.0.0.1:9", filters=[AsyncOnRequest()])
     AsyncProxy("http://127.0.0.1:9", filters=[AsyncOnRequest()])  # the async face runs it
+
+
+def test_a_filter_answers_a_websocket_handshake(filtered: FilteredProxy, upstream: Upstream,
+                                               rid: str) -> None:
+    """A filter's Answer to a handshake is an HTTP response; no upstream is asked."""
+    raw = request_bytes("GET", f"/f/{rid}", [
+        ("x-req-id", rid), ("x-filter-id", rid), ("x-filter-test", "answer end"),
+        ("Connection", "Upgrade"), ("Upgrade", "websocket"),
+        ("Sec-WebSocket-Version", "13"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")])
+    response = exchange(filtered.port, raw, timeout=10)
+    assert response.status == 203
+    assert response.body == b"answered by B"
+    end = ends(filtered, rid)
+    assert all(e["status"] == 203 for e in end), end
+    assert upstream.find(rid) is None
