@@ -275,17 +275,28 @@ def _text_bytes(value: str | bytes) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else bytes(value)
 
 
-def _check_sub_filter(config: ProxyConfig) -> None:
-    """The sub_filter table and types, as SubFilter checks them (ValueError)."""
-    if config.sub_filter or config.sub_filter_types:
-        from .filters.transforms import sub_filter
+def check_types(types: Iterable[str] | str) -> tuple[str, ...]:
+    """Media types as a filter matches them, lower-cased (ValueError when malformed)."""
+    if isinstance(types, str):
+        types = (types,)
+    out = tuple(t.strip().lower() for t in types)
+    for t in out:
+        if t.count("/") != 1 or not all(t.split("/")) or t.startswith("*/") and t != "*/*":
+            raise ValueError(f"a media type is 'type/subtype' or 'type/*', got {t!r}")
+    return out
 
-        try:
-            made = sub_filter(config)
-        except ValueError as exc:
-            raise ValueError(f"sub_filter: {exc}") from None
-        if made is None:
-            raise ValueError("sub_filter_types needs sub_filter (the patterns to replace)")
+
+def _check_sub_filter(config: ProxyConfig) -> None:
+    """The sub_filter table and types, by the rules SubFilter applies (ValueError);
+    checked here so that config needs no filter (filters/transforms.py imports it)."""
+    if config.sub_filter_types and not config.sub_filter:
+        raise ValueError("sub_filter_types needs sub_filter (the patterns to replace)")
+    try:
+        if any(not pattern for pattern, _ in config.sub_filter):
+            raise ValueError("a replacement's pattern must not be empty")
+        check_types(config.sub_filter_types)
+    except ValueError as exc:
+        raise ValueError(f"sub_filter: {exc}") from None
 
 
 def _check_pool_options(config: ProxyConfig) -> None:
