@@ -31,15 +31,14 @@ from tests.rawhttp import (
 from tests.upstream import Upstream, pattern_bytes
 
 
-class FilteredProxy(ProxyProcess):
+class ChainProxy(ProxyProcess):
     module = "tests.chain_serve"
 
 
 @pytest.fixture(scope="module")
-def filtered(pairing: str, upstream: Upstream) -> Iterator[FilteredProxy]:
-    proxy = FilteredProxy(pairing, upstream.url, ())
-    yield proxy
-    proxy.stop()
+def filtered(pairing: str, upstream: Upstream) -> Iterator[ProxyProcess]:
+    with ChainProxy(pairing, upstream.url, ()) as proxy:
+        yield proxy
 
 
 def get(proxy: ProxyProcess, rid: str, tests: str, *, action: str = "echo",
@@ -69,7 +68,7 @@ def ends(proxy: ProxyProcess, rid: str, count: int = 3) -> list[dict[str, Any]]:
     return lines()
 
 
-def test_filters_run_in_order_both_ways(filtered: FilteredProxy, upstream: Upstream,
+def test_filters_run_in_order_both_ways(filtered: ProxyProcess, upstream: Upstream,
                                         rid: str) -> None:
     response = get(filtered, rid, "order")
     assert response.status == 200
@@ -81,7 +80,7 @@ def test_filters_run_in_order_both_ways(filtered: FilteredProxy, upstream: Upstr
     assert response.names().index("x-hook") < response.names().index("x-order-down")
 
 
-def test_a_filter_answering_alone(filtered: FilteredProxy, upstream: Upstream,
+def test_a_filter_answering_alone(filtered: ProxyProcess, upstream: Upstream,
                                   rid: str) -> None:
     response = get(filtered, rid, "order answer end")
     assert response.status == 203
@@ -100,7 +99,7 @@ def test_a_filter_answering_alone(filtered: FilteredProxy, upstream: Upstream,
 
 
 def test_a_request_body_transform_reaches_the_upstream_chunked(
-        filtered: FilteredProxy, upstream: Upstream, rid: str) -> None:
+        filtered: ProxyProcess, upstream: Upstream, rid: str) -> None:
     body = b"hello, filters " * 5000
     response = get(filtered, rid, "upper-req", method="POST", body=body)
     assert response.status == 200
@@ -113,7 +112,7 @@ def test_a_request_body_transform_reaches_the_upstream_chunked(
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_a_response_transform_drops_the_length_and_weakens_the_etag(
-        filtered: FilteredProxy, rid: str, chunked: bool) -> None:
+        filtered: ProxyProcess, rid: str, chunked: bool) -> None:
     headers = [("x-upstream-headers", json.dumps([["ETag", '"v1"'],
                                                   ["Content-Length", "5"]]))]
     if chunked:
@@ -129,7 +128,7 @@ def test_a_response_transform_drops_the_length_and_weakens_the_etag(
 
 
 def test_an_http10_client_gets_a_transformed_body_close_delimited(
-        filtered: FilteredProxy, rid: str) -> None:
+        filtered: ProxyProcess, rid: str) -> None:
     response = get(filtered, rid, "upper-resp", action="download size=70000", version="1.0")
     assert response.status == 200
     assert response.header("content-length") is None
@@ -138,7 +137,7 @@ def test_an_http10_client_gets_a_transformed_body_close_delimited(
     assert response.body == pattern_bytes(70000).upper()
 
 
-def test_a_same_length_observer_keeps_the_framing(filtered: FilteredProxy, rid: str) -> None:
+def test_a_same_length_observer_keeps_the_framing(filtered: ProxyProcess, rid: str) -> None:
     response = get(filtered, rid, "observe", action="download size=70000")
     assert response.status == 200
     assert response.header("content-length") == "70000"
@@ -146,7 +145,7 @@ def test_a_same_length_observer_keeps_the_framing(filtered: FilteredProxy, rid: 
 
 
 @pytest.mark.parametrize("case", ["206", "304", "HEAD"])
-def test_206_304_and_head_bodies_are_never_transformed(filtered: FilteredProxy, rid: str,
+def test_206_304_and_head_bodies_are_never_transformed(filtered: ProxyProcess, rid: str,
                                                        case: str) -> None:
     if case == "HEAD":
         response = get(filtered, rid, "upper-resp", method="HEAD",
@@ -166,7 +165,7 @@ def test_206_304_and_head_bodies_are_never_transformed(filtered: FilteredProxy, 
     assert response.header("etag") in (None, '"v1"')  # never weakened
 
 
-def test_a_transform_failing_mid_body_aborts_the_client(filtered: FilteredProxy,
+def test_a_transform_failing_mid_body_aborts_the_client(filtered: ProxyProcess,
                                                         rid: str) -> None:
     response = get(filtered, rid, "raise-mid end",
                    action="download size=300000 chunked=1 chunk=65536")
@@ -178,7 +177,7 @@ def test_a_transform_failing_mid_body_aborts_the_client(filtered: FilteredProxy,
     assert wait_until(lambda: "a body transform failed" in filtered.log())
 
 
-def test_a_filter_refusing_with_proxy_error_is_a_problem(filtered: FilteredProxy,
+def test_a_filter_refusing_with_proxy_error_is_a_problem(filtered: ProxyProcess,
                                                          upstream: Upstream, rid: str) -> None:
     response = get(filtered, rid, "refuse end")
     assert response.status == 429
@@ -190,7 +189,7 @@ def test_a_filter_refusing_with_proxy_error_is_a_problem(filtered: FilteredProxy
     assert all(e["status"] == 429 and e["outcome"] == "refused" for e in end)
 
 
-def test_on_end_sees_status_bytes_and_outcome(filtered: FilteredProxy, rid: str) -> None:
+def test_on_end_sees_status_bytes_and_outcome(filtered: ProxyProcess, rid: str) -> None:
     body = b"x" * 1234
     response = get(filtered, rid, "end", method="POST", body=body,
                    action="download size=4321")
@@ -201,7 +200,7 @@ def test_on_end_sees_status_bytes_and_outcome(filtered: FilteredProxy, rid: str)
                and e["bytes_in"] == 1234 for e in end), end
 
 
-def test_on_end_sees_a_client_that_left(filtered: FilteredProxy, rid: str) -> None:
+def test_on_end_sees_a_client_that_left(filtered: ProxyProcess, rid: str) -> None:
     raw = request_bytes("GET", f"/f/{rid}", [
         ("x-req-id", rid), ("x-filter-id", rid), ("x-filter-test", "end"),
         ("x-upstream", "trickle size=100000 interval=0.2 chunk=1000")])
@@ -214,7 +213,7 @@ def test_on_end_sees_a_client_that_left(filtered: FilteredProxy, rid: str) -> No
     assert all(e["outcome"] == "client-gone" for e in end), end
 
 
-def test_hooks_still_run_beside_filters(filtered: FilteredProxy, upstream: Upstream,
+def test_hooks_still_run_beside_filters(filtered: ProxyProcess, upstream: Upstream,
                                         rid: str) -> None:
     response = get(filtered, rid, "")
     assert response.status == 200
@@ -222,7 +221,7 @@ def test_hooks_still_run_beside_filters(filtered: FilteredProxy, upstream: Upstr
     assert response.header("x-hook") == "response"
 
 
-def test_on_end_runs_for_websocket_sessions(filtered: FilteredProxy, upstream: Upstream,
+def test_on_end_runs_for_websocket_sessions(filtered: ProxyProcess, upstream: Upstream,
                                             rid: str, pairing: str) -> None:
     """The handshake goes through the filters on the request, and on_end runs when
     the session ends (a refused handshake here: the upstream is no WebSocket server,
@@ -253,7 +252,7 @@ def test_an_async_filter_is_refused_by_sync_proxy_at_construction() -> None:
     AsyncProxy("http://127.0.0.1:9", filters=[AsyncOnRequest()])  # the async face runs it
 
 
-def test_a_filter_answers_a_websocket_handshake(filtered: FilteredProxy, upstream: Upstream,
+def test_a_filter_answers_a_websocket_handshake(filtered: ProxyProcess, upstream: Upstream,
                                                rid: str) -> None:
     """A filter's Answer to a handshake is an HTTP response; no upstream is asked."""
     raw = request_bytes("GET", f"/f/{rid}", [
