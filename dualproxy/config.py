@@ -176,6 +176,15 @@ class ProxyConfig:
     # The route's own filters (filters/base.py), outermost first, after the built-in
     # ones and before the hooks (filters.build_chain).
     filters: tuple[Filter, ...] = ()
+    # Rate limits (filters/ratelimit.py): `rate_limit` "N/second" (minute, hour) refills
+    # a bucket of `rate_burst` requests (default N), one per `rate_key` (client, route,
+    # header:NAME); past it 429. `rate_max_inflight`: requests in flight per key (per
+    # worker). `rate_limit_store`: memory (per worker) or a redis:// URL (shared).
+    rate_limit: str | None = None
+    rate_burst: int | None = None
+    rate_key: str = "client"
+    rate_max_inflight: int | None = None
+    rate_limit_store: str = "memory"
     # Derived fields, filled in by __post_init__.
     upstreams: tuple[Upstream, ...] = field(init=False, default=())
     upstream_scheme: str = field(init=False, default="")
@@ -204,6 +213,9 @@ class ProxyConfig:
              else tuple(u.url for u in upstreams))
         set_(self, "upstreams", upstreams)
         _check_pool_options(self)
+        from .filters.ratelimit import Limits
+
+        Limits.from_config(self)  # ValueError naming a bad rate option
         set_(self, "mount", _normalize_mount(self.mount))
         # The first upstream's, for code that knows one upstream only.
         set_(self, "upstream_scheme", first.scheme)

@@ -23,12 +23,14 @@ __all__ = ["Answer", "BodyTransform", "Chain", "Exchange", "Filter", "build_chai
 def build_chain(config: ProxyConfig) -> Chain:
     """A route's chain, outermost (nearest the client) first:
 
-    1. the built-in filters the configuration turns on;
+    1. the built-in filters the configuration turns on: rate_limit (ratelimit.py);
     2. the user's `filters=`, in the order given;
     3. the request and response hooks (hooks.py), in the order given.
     """
     from ..hooks import hook_filters
+    from .ratelimit import rate_limit_filters
 
-    filters = [*config.filters,
+    filters = [*rate_limit_filters(config),
+               *config.filters,
                *hook_filters(config.request_hooks, config.response_hooks)]
     return Chain(filters)
