@@ -292,7 +292,9 @@ def _decided(reply: Any, interval: int, burst: int) -> Decision:
     return Decision.of(bool(allowed), now, tat, interval, burst)
 
 
-# A store that does not answer in half a second steps aside (the request passes).
+# A store that does not answer in half a second steps aside (the request passes); one
+# immediate retry on a fresh connection (a pooled one Redis closed), never redis-py 6's
+# default of three with seconds of backoff.
 _REDIS_TIMEOUT = 0.5
 
 
@@ -309,9 +311,12 @@ class RedisStore:
         with self._lock:  # made on first use: after a pre-fork server has forked
             if self._script is None:
                 import redis
+                from redis.backoff import NoBackoff
+                from redis.retry import Retry
 
-                client = redis.Redis.from_url(self.url, socket_timeout=_REDIS_TIMEOUT,
-                                              socket_connect_timeout=_REDIS_TIMEOUT)
+                client = redis.Redis.from_url(
+                    self.url, socket_timeout=_REDIS_TIMEOUT,
+                    socket_connect_timeout=_REDIS_TIMEOUT, retry=Retry(NoBackoff(), 1))
                 self._script = client.register_script(LUA_GCRA)
         return self._script
 
@@ -327,6 +332,11 @@ class RedisStore:
         self.outage.answered()
         return _decided(reply, interval, burst)
 
+    def close(self) -> None:
+        """Close the client's connections (a next `hit` opens others)."""
+        if self._script is not None:
+            self._script.registered_client.close()
+
 
 class AsyncRedisStore(RedisStore):
     """The same script through redis-py's asyncio client (the async face), made in the
@@ -335,9 +345,12 @@ class AsyncRedisStore(RedisStore):
     def _made(self) -> Any:
         if self._script is None:
             import redis.asyncio
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
 
             client = redis.asyncio.Redis.from_url(
-                self.url, socket_timeout=_REDIS_TIMEOUT, socket_connect_timeout=_REDIS_TIMEOUT)
+                self.url, socket_timeout=_REDIS_TIMEOUT, socket_connect_timeout=_REDIS_TIMEOUT,
+                retry=Retry(NoBackoff(), 1))
             self._script = client.register_script(LUA_GCRA)
         return self._script
 
