@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from dualproxy import AsyncProxy, ProxyConfig, SyncProxy
 from dualproxy.cli import load_config_file
@@ -27,6 +28,7 @@ from dualproxy.configfile import ConfigError
 from dualproxy.core import IncomingRequest
 from dualproxy.filters.ratelimit import (
     AsyncRateLimit,
+    AsyncRedisStore,
     Decision,
     MemoryStore,
     RateLimit,
@@ -467,6 +469,23 @@ def test_the_script_is_the_bucket(redis_server: Redis) -> None:
     other.close()
 
 
+def test_the_async_store_follows_its_loop(redis_server: Redis) -> None:
+    """redis-py's asyncio client belongs to one loop: a proxy run by another loop later
+    gets a new one (not a failure stepping the limit aside)."""
+    store = AsyncRedisStore(redis_server.url)
+
+    async def hit() -> Decision | None:
+        try:
+            return await store.ahit(b"loop", 60_000_000, 5)
+        finally:
+            await store.aclose()
+
+    first, second = asyncio.run(hit()), asyncio.run(hit())
+    assert first is not None and first.remaining == 4
+    assert second is not None and second.remaining == 3
+    assert not store.outage.down
+
+
 def test_two_workers_and_two_proxies_share_one_limit(make_proxy: MakeProxy,
                                                      redis_server: Redis) -> None:
     flags = ("--rate-limit", "1/minute", "--rate-burst", "10", "--rate-key", "header:x-key",
@@ -489,6 +508,11 @@ def test_two_workers_and_two_proxies_share_one_limit(make_proxy: MakeProxy,
     # One bucket for all (both workers of the first proxy answer some: checked by hand,
     # not asserted, the kernel hands the connections out): the burst and nothing more.
     assert sorted(statuses) == [200] * 10 + [429] * 30
+    client = redis.Redis.from_url(redis_server.url)
+    names = client.keys("dualproxy:ratelimit:*")
+    client.close()
+    assert len(names) == 1 and names[0].startswith(b"dualproxy:ratelimit:/:header:")
+    assert headers["x-key"].encode() not in names[0]  # a hash: API keys are secrets
 
 
 def test_redis_killed_mid_run(make_proxy: MakeProxy, redis_server: Redis) -> None:

@@ -31,6 +31,8 @@ is full again); a refusal adds `Retry-After` (whole seconds, rounded up).
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import math
 import re
@@ -219,17 +221,18 @@ class MemoryStore:
                 self._inflight[key] = count
 
 
-# One memory store per route config: a WSGI face and its ASGI WebSocket twin (router.py)
-# share a config, and so the buckets.
-_memory: weakref.WeakKeyDictionary[Any, MemoryStore] = weakref.WeakKeyDictionary()
+# One memory store per route config object (by identity, forgotten with it): a WSGI
+# face and its ASGI WebSocket twin (router.py) share a config, and so the buckets.
+_memory: dict[int, MemoryStore] = {}
 _memory_lock = threading.Lock()
 
 
 def memory_store(config: ProxyConfig) -> MemoryStore:
     with _memory_lock:
-        store = _memory.get(config)
+        store = _memory.get(id(config))
         if store is None:
-            store = _memory[config] = MemoryStore()
+            store = _memory[id(config)] = MemoryStore()
+            weakref.finalize(config, _memory.pop, id(config), None)
         return store
 
 
@@ -239,6 +242,7 @@ def memory_store(config: ProxyConfig) -> MemoryStore:
 # ARGV: the interval (microseconds) and the burst. Returns {allowed, now, tat}
 # as strings (a Lua number past 2^31 would not print whole otherwise).
 LUA_GCRA = """
+if redis.replicate_commands then redis.replicate_commands() end -- Redis < 5: TIME, then SET
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
@@ -268,23 +272,27 @@ class _Outage:
         self.url = url
         self.down = False
         self.retry_at = 0.0
+        self._lock = threading.Lock()  # threads failing at once: one WARNING
 
     def skipping(self) -> bool:
         return self.down and time.monotonic() < self.retry_at
 
     def failed(self, exc: BaseException) -> None:
-        if not self.down:
+        with self._lock:
+            was_down, self.down = self.down, True
+            self.retry_at = time.monotonic() + _STEP_ASIDE
+        if not was_down:
             error_logger.warning("rate limit store %s failed (%s: %s): the limit steps "
                                  "aside, requests pass until it answers again",
                                  _where(self.url), type(exc).__name__, exc)
-        self.down = True
-        self.retry_at = time.monotonic() + _STEP_ASIDE
 
     def answered(self) -> None:
         if self.down:
-            self.down = False
-            error_logger.info("rate limit store %s answers again: the limit is back",
-                              _where(self.url))
+            with self._lock:
+                was_down, self.down = self.down, False
+            if was_down:
+                error_logger.info("rate limit store %s answers again: the limit is back",
+                                  _where(self.url))
 
 
 def _decided(reply: Any, interval: int, burst: int) -> Decision:
@@ -340,10 +348,14 @@ class RedisStore:
 
 class AsyncRedisStore(RedisStore):
     """The same script through redis-py's asyncio client (the async face), made in the
-    loop that first uses it."""
+    running loop (again if another loop runs this proxy later)."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
 
     def _made(self) -> Any:
-        if self._script is None:
+        loop = asyncio.get_running_loop()
+        if self._script is None or self._loop is not loop:
+            self._loop = loop
             import redis.asyncio
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
@@ -354,11 +366,16 @@ class AsyncRedisStore(RedisStore):
             self._script = client.register_script(LUA_GCRA)
         return self._script
 
+    async def aclose(self) -> None:
+        """Close the client's connections, from the loop that uses them."""
+        if self._script is not None:
+            await self._script.registered_client.aclose()
+
     async def ahit(self, key: bytes, interval: int, burst: int) -> Decision | None:
         if self.outage.skipping():
             return None
         try:
-            reply = await (self._script or self._made())(keys=[key], args=[interval, burst])
+            reply = await self._made()(keys=[key], args=[interval, burst])
         except Exception as exc:
             self.outage.failed(exc)
             return None
@@ -397,8 +414,9 @@ class RateLimit(Filter):
         kind, name = self.limits.key
         if kind == "header":
             values = [v for n, v in exchange.incoming.headers if n == name]
-            if values:
-                return b"header:" + b",".join(values)
+            if values:  # hashed: API keys are secrets, not Redis key names for all to read
+                return b"header:" + hashlib.blake2b(b",".join(values),
+                                                    digest_size=16).hexdigest().encode()
         elif kind == "route":
             return b"route"
         return b"client:" + (exchange.client or "-").encode("latin-1", "replace")
