@@ -413,8 +413,9 @@ def test_websocket_handshakes_count(make_proxy: MakeProxy) -> None:
             with connect(url, additional_headers=headers, open_timeout=10) as ws:
                 ws.send("hi")
                 assert ws.recv(timeout=5) == "hi"
-        with pytest.raises(InvalidStatus) as info:
-            connect(url, additional_headers=headers, open_timeout=10).close()
+        with pytest.raises(InvalidStatus) as info, \
+                connect(url, additional_headers=headers, open_timeout=10):
+            pass
         assert info.value.response.status_code == 429
     finally:
         live.stop()
