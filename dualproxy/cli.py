@@ -145,6 +145,22 @@ def _rate_checks() -> tuple[Any, Any, Any]:
 
 
 _rate, _rate_key, _rate_store = _rate_checks()
+# --- filters: sub_filter ---
+def _sub_pair(value: str) -> tuple[str, str]:
+    """`FROM=TO` (split at the first `=`): a --sub-filter replacement."""
+    src, eq, dst = value.partition("=")
+    if not eq or not src:
+        raise argparse.ArgumentTypeError(f"expected FROM=TO with a non-empty FROM, got {value!r}")
+    return src, dst
+
+
+def _media_type(value: str) -> str:
+    from .filters.transforms import check_types
+
+    try:
+        return check_types(value)[0]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # --- gateway: tls ---
@@ -328,6 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "for every worker and proxy sharing that Redis (the `ratelimit` "
                              "extra); if it fails the limit steps aside, requests pass "
                              "(default: memory)")
+    # --- filters: sub_filter ---
+    serve.add_argument("--sub-filter", type=_sub_pair, action="append", default=[],
+                       metavar="FROM=TO",
+                       help="replace the text FROM by TO in response bodies (nginx's "
+                            "sub_filter), every occurrence, also when split between chunks; "
+                            "encoded bodies are decoded first and sent decoded; repeatable; "
+                            "the first = splits (default: no replacement)")
+    serve.add_argument("--sub-filter-type", type=_media_type, action="append", default=[],
+                       metavar="TYPE",
+                       help="a media type --sub-filter rewrites (text/css, text/*); repeatable "
+                            "(default: text/html)")
     # --- gateway: tls ---
     tls = serve.add_argument_group("TLS")
     for flag, text in TLS_FILE_FLAGS:
@@ -397,6 +424,9 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "rate_key": args.rate_key,
         "rate_max_inflight": args.rate_max_inflight,
         "rate_limit_store": args.rate_limit_store,
+        # --- filters: sub_filter ---
+        "sub_filter": [list(pair) for pair in args.sub_filter],
+        "sub_filter_types": args.sub_filter_type,
         # --- gateway: tls ---
         "upstream_ca": args.upstream_ca,
         "upstream_cert": args.upstream_cert,

@@ -80,6 +80,9 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         rate_key=options.get("rate_key", "client"),
         rate_max_inflight=options.get("rate_max_inflight"),
         rate_limit_store=options.get("rate_limit_store", "memory"),
+        # --- filters: sub_filter ---
+        sub_filter=[tuple(pair) for pair in options.get("sub_filter") or ()],
+        sub_filter_types=options.get("sub_filter_types") or (),
         # --- gateway: tls ---
         **tls_options(options),
     )

@@ -499,14 +499,14 @@ class AsyncRateLimit(RateLimit):
         return RateLimit(self.limits, self.route, self.memory, RedisStore(self.limits.store))
 
 
-def rate_limit_filters(config: ProxyConfig) -> list[Filter]:
-    """The route's rate-limit filter (none when it has no limits). A Redis store gives
+def rate_limit(config: ProxyConfig) -> Filter | None:
+    """The route's rate-limit filter (None when it has no limits). A Redis store gives
     the async form; the sync face takes its sync twin (`Filter.for_sync_face`)."""
     limits = Limits.from_config(config)
     if limits is None:
-        return []
+        return None
     route = config.mount.encode("ascii")
     memory = memory_store(config)
     if limits.store == "memory" or limits.rate is None:
-        return [RateLimit(limits, route, memory)]
-    return [AsyncRateLimit(limits, route, memory, AsyncRedisStore(limits.store))]
+        return RateLimit(limits, route, memory)
+    return AsyncRateLimit(limits, route, memory, AsyncRedisStore(limits.store))
