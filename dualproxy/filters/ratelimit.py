@@ -240,7 +240,7 @@ def memory_store(config: ProxyConfig) -> MemoryStore:
 
 # KEYS[1]: the key's theoretical arrival time, microseconds on Redis's clock;
 # ARGV: the interval (microseconds) and the burst. Returns {allowed, now, tat}
-# as strings (a Lua number past 2^31 would not print whole otherwise).
+# as strings (Lua prints a number with 14 digits: microseconds since 1970 have 16).
 LUA_GCRA = """
 if redis.replicate_commands then redis.replicate_commands() end -- Redis < 5: TIME, then SET
 local t = redis.call('TIME')
