@@ -267,6 +267,24 @@ def test_the_python_api_limits_a_route(upstream: Upstream) -> None:
     sync_app.close()
 
 
+def test_the_client_and_route_keys(upstream: Upstream) -> None:
+    """`client` is the address after trusted proxies (X-Forwarded-For from one);
+    `route` is one bucket whatever the request."""
+    def statuses(app: SyncProxy, requests: list[dict[str, str]]) -> list[int]:
+        with httpx.Client(transport=httpx.WSGITransport(app=app),
+                          base_url="http://proxy") as client:
+            codes = [client.get("/", headers=headers).status_code for headers in requests]
+        app.close()
+        return codes
+
+    by_client = SyncProxy(upstream.url, rate_limit="1/minute",
+                          trusted_proxies=["127.0.0.1/32"])
+    one, two = {"x-forwarded-for": "192.0.2.1"}, {"x-forwarded-for": "192.0.2.2"}
+    assert statuses(by_client, [one, two, one, two]) == [200, 200, 429, 429]
+    by_route = SyncProxy(upstream.url, rate_limit="2/minute", rate_key="route")
+    assert statuses(by_route, [one, two, {"x-key": "3"}]) == [200, 200, 429]
+
+
 # -- on every pairing ------------------------------------------------------------------
 
 
