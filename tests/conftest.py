@@ -1,6 +1,6 @@
 """One suite, every face x server pairing, real processes on loopback.
 
-`pairing` is a session-scoped parameter over the four pairings (select some with
+`pairing` is a session-scoped parameter over the six pairings (select some with
 `--pairing asgi-uvicorn` or DUALPROXY_PAIRINGS=asgi-uvicorn,wsgi-gunicorn).
 `proxy` is a `dualproxy serve` process of the current pairing in front of the
 recording `upstream`; `make_proxy(*flags)` starts (and caches) one with other
@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
     from tests.upstream import Upstream
 
-PAIRINGS = ("asgi-uvicorn", "wsgi-gunicorn", "wsgi-uvicorn", "asgi-gunicorn")
+PAIRINGS = ("asgi-uvicorn", "wsgi-gunicorn", "wsgi-uvicorn", "asgi-gunicorn", "asgi-granian",
+            "wsgi-granian")
 ROOT = Path(__file__).resolve().parent.parent
 
 # Flags every test proxy gets unless a test overrides them: short enough that a
