@@ -30,6 +30,7 @@ from typing import Any
 
 from .. import servers
 from ..drain import DRAIN, SLACK
+from ..errors import IncompleteBody
 from .limits import HEAD_LIMIT
 
 # granian's loggers through the root logger, in dualproxy's line format (launch.py).
@@ -83,7 +84,7 @@ def serve_granian(load: Any, *, host: str, port: int, workers: int, log_level: s
     from pathlib import Path
 
     import granian._signals
-    from granian.constants import Interfaces
+    from granian.constants import HTTPModes, Interfaces
     from granian.http import HTTP1Settings
     from granian.log import LogLevels
     from granian.server import MPServer
@@ -112,7 +113,13 @@ def serve_granian(load: Any, *, host: str, port: int, workers: int, log_level: s
         address=host,
         port=port,
         interface=Interfaces.ASGI,
+        # HTTP/1.1 only: with "auto", a request starting with HTTP/2's preface would be
+        # served as h2c by a server the suite has not tested for it.
+        http=HTTPModes.http1,
         workers=workers,
+        # A worker that died (killed, out of memory) is replaced; granian's default is to
+        # stop the whole server.
+        respawn_failed_workers=True,
         log_level=LogLevels(log_level),
         log_dictconfig=_LOG_CONFIG,
         log_access=False,  # dualproxy writes its own access line
@@ -122,4 +129,40 @@ def serve_granian(load: Any, *, host: str, port: int, workers: int, log_level: s
         ssl_key=Path(keyfile) if keyfile else None,
         workers_kill_timeout=math.ceil(graceful_timeout + SLACK),
     )
-    server.serve(target_loader=lambda _target: load())
+    server.serve(target_loader=lambda _target: AnswerUnanswered(load()))
+
+
+class AnswerUnanswered:
+    """The app granian runs: `app`, with a request it left unanswered answered 400.
+
+    granian reports a request body its parser refuses (a bad chunk size, bare CR
+    line ends) to the app as the client's disconnect: the core ends the exchange
+    as `client-gone`, with nothing sent, and granian would answer a text/plain
+    500 itself. The client may well still be there: it gets the core's 400
+    problem+json (IncompleteBody), its connection closed; one that left gets
+    nothing either way.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)  # type: ignore[no-any-return]
+        started = False
+
+        async def watched_send(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, receive, watched_send)
+        if not started:
+            problem = IncompleteBody("the request body ended before it was complete "
+                                     "(malformed framing, or the client left)")
+            try:
+                await send({"type": "http.response.start", "status": problem.status,
+                            "headers": problem.headers()})
+                await send({"type": "http.response.body", "body": problem.body()})
+            except (OSError, RuntimeError):  # the client is gone indeed
+                pass
