@@ -30,7 +30,7 @@ from typing import Any
 
 from .. import servers
 from ..drain import DRAIN, SLACK
-from ..errors import IncompleteBody
+from ..errors import BadGateway, IncompleteBody, ProxyError
 from .limits import HEAD_LIMIT
 
 # granian's loggers through the root logger, in dualproxy's line format (launch.py).
@@ -129,11 +129,18 @@ def serve_granian(load: Any, *, host: str, port: int, workers: int, log_level: s
         ssl_key=Path(keyfile) if keyfile else None,
         workers_kill_timeout=math.ceil(graceful_timeout + SLACK),
     )
-    server.serve(target_loader=lambda _target: AnswerUnanswered(load()))
+    server.serve(target_loader=lambda _target: GranianApp(load()))
 
 
-class AnswerUnanswered:
-    """The app granian runs: `app`, with a request it left unanswered answered 400.
+class GranianApp:
+    """The app granian runs: `app`, with what granian's ASGI interface does otherwise
+    than uvicorn's undone where it can be.
+
+    granian says an HTTP/1.0 request's `http_version` is "1" and gives it an
+    empty Host header when it has none, which the core refuses (400) as an
+    invalid Host: the version is "1.0" here and that invented field is dropped,
+    so such a request gets the upstream's authority as on the other servers (an
+    HTTP/1.0 request that sent an empty Host is taken alike).
 
     granian reports a request body its parser refuses (a bad chunk size, bare CR
     line ends) to the app as the client's disconnect: the core ends the exchange
@@ -141,6 +148,12 @@ class AnswerUnanswered:
     500 itself. The client may well still be there: it gets the core's 400
     problem+json (IncompleteBody), its connection closed; one that left gets
     nothing either way.
+
+    An exchange the core ends after the response head but before any body byte
+    (the upstream's body broke at once: the core returns without the final body
+    message, which uvicorn and gunicorn answer by dropping the connection) gets
+    granian's 500 page too, as it sends a head only with the body's first bytes:
+    the head is held here until then, and such an exchange answered 502.
     """
 
     def __init__(self, app: Any) -> None:
@@ -149,20 +162,43 @@ class AnswerUnanswered:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)  # type: ignore[no-any-return]
+        if scope.get("http_version") == "1":
+            scope = _http10(scope)
         started = False
+        head: Any = None  # the response head, until the first body message
 
-        async def watched_send(message: Any) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+        async def held_send(message: Any) -> None:
+            nonlocal started, head
+            if message["type"] == "http.response.start":
+                started, head = True, message
+                return
+            if head is not None:
+                await send(head)
+                head = None
             await send(message)
 
-        await self.app(scope, receive, watched_send)
+        await self.app(scope, receive, held_send)
         if not started:
-            problem = IncompleteBody("the request body ended before it was complete "
-                                     "(malformed framing, or the client left)")
-            try:
-                await send({"type": "http.response.start", "status": problem.status,
-                            "headers": problem.headers()})
-                await send({"type": "http.response.body", "body": problem.body()})
-            except (OSError, RuntimeError):  # the client is gone indeed
-                pass
+            await _answer(send, IncompleteBody("the request body ended before it was complete "
+                                               "(malformed framing, or the client left)"))
+        elif head is not None:
+            await _answer(send, BadGateway("the upstream's response body broke before its "
+                                           "first byte"))
+
+
+def _http10(scope: Any) -> Any:
+    """An HTTP/1.0 request's scope as ASGI says it (granian's `http_version` is "1"),
+    without the empty Host granian invents for it."""
+    headers = scope["headers"]
+    if [value for name, value in headers if name.lower() == b"host"] == [b""]:
+        headers = [(name, value) for name, value in headers if name.lower() != b"host"]
+    return {**scope, "http_version": "1.0", "headers": headers}
+
+
+async def _answer(send: Any, problem: ProxyError) -> None:
+    try:
+        await send({"type": "http.response.start", "status": problem.status,
+                    "headers": problem.headers()})
+        await send({"type": "http.response.body", "body": problem.body()})
+    except (OSError, RuntimeError):  # the client is gone indeed
+        pass
