@@ -304,10 +304,15 @@ class Session:
                     self.record.shutdown = True
                     await self.close_both(GOING_AWAY, "server shutting down")
                     return
-                if done:
-                    for task in done:
-                        task.result()
+                # A relay cancelled by the other one's close_both: wait for that one.
+                finished = [task for task in done if not task.cancelled()]
+                tasks -= done
+                for task in finished:
+                    task.result()
+                if finished:
                     return
+                if done:
+                    continue
                 if idle_timeout is not None and (
                         time.monotonic() - self.last_activity >= idle_timeout):
                     await self.close_both(GOING_AWAY, "idle timeout")
