@@ -207,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--server", choices=SERVERS, default=None,
                        help="HTTP server; granian runs both faces on its ASGI interface "
                             "(default: uvicorn for asgi, gunicorn for wsgi)")
+    serve.add_argument("--http", choices=("1", "2", "auto"), default="1",
+                       help="HTTP versions served to clients, on --server granian only: 1 "
+                            "(HTTP/1.1), 2 (HTTP/2 alone: h2 by ALPN with --certfile, else "
+                            "h2c with prior knowledge; no WebSockets), or auto (both: by ALPN "
+                            "with --certfile, else by the client's first bytes) (default: 1)")
     serve.add_argument("--workers", type=_workers, default=1, metavar="N",
                        help=f"worker processes, at most {MAX_WORKERS} (default: 1)")
     serve.add_argument("--threads", type=_threads, default=32, metavar="N",
@@ -351,6 +356,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "mount": args.mount,
         "adapter": args.adapter,
         "server": args.server or DEFAULT_SERVER[args.adapter],
+        "http": args.http,
         "threads": args.threads,
         "ws_max_tunnels": args.ws_max_tunnels,
         "header_timeout": args.header_timeout,
@@ -432,7 +438,11 @@ def _check_metrics_bind(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 
 def _check_server(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--server granian needs a granian release the suite tests (servers/granian.py)."""
+    """--server granian needs a granian release the suite tests (servers/granian.py);
+    HTTP/2 needs granian."""
+    if getattr(args, "http", "1") != "1" and args.server != "granian":
+        parser.exit(2, f"dualproxy serve: error: --http {args.http} needs --server granian "
+                       "(uvicorn and gunicorn serve HTTP/1.1 only)\n")
     if args.server == "granian":
         from .servers.granian import untested_granian
 

@@ -251,7 +251,7 @@ def _serve(options: dict[str, Any], host: str, port: int, workers: int,
         serve_granian(lambda: load_app(options), host=host, port=port, workers=workers,
                       log_level=options["log_level"],
                       graceful_timeout=options["graceful_timeout"],
-                      header_timeout=options["header_timeout"],
+                      header_timeout=options["header_timeout"], http=options.get("http", "1"),
                       certfile=options["certfile"], keyfile=options["keyfile"])
     else:
         serve_gunicorn(lambda: load_app(options), adapter=options["adapter"], host=host,

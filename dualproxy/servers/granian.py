@@ -75,7 +75,7 @@ def _worker_signals(original: Any) -> Any:
 
 
 def serve_granian(load: Any, *, host: str, port: int, workers: int, log_level: str,
-                  graceful_timeout: float, header_timeout: float,
+                  graceful_timeout: float, header_timeout: float, http: str = "1",
                   certfile: str | None = None, keyfile: str | None = None) -> None:
     """Run granian's ASGI interface; each worker process calls `load()` for its app.
 
@@ -113,9 +113,9 @@ def serve_granian(load: Any, *, host: str, port: int, workers: int, log_level: s
         address=host,
         port=port,
         interface=Interfaces.ASGI,
-        # HTTP/1.1 only: with "auto", a request starting with HTTP/2's preface would be
-        # served as h2c by a server the suite has not tested for it.
-        http=HTTPModes.http1,
+        # `--http`: HTTP/1.1 only by default (with "auto" a request starting with
+        # HTTP/2's preface is served as h2c).
+        http=HTTPModes(http),
         workers=workers,
         # A worker that died (killed, out of memory) is replaced; granian's default is to
         # stop the whole server.
