@@ -12,7 +12,13 @@ worker). The stop: granian's main process sends each worker SIGTERM (for a
 SIGTERM or SIGINT it got); the worker's signal handler, replaced here, starts
 dualproxy's drain clock (drain.py) before granian stops accepting. A second
 SIGINT to the main process sends the workers SIGQUIT, which ends what is left
-at once. granian's own kill comes `SLACK` after the graceful timeout.
+at once. granian's own kill comes `SLACK` after the graceful timeout. An
+open WebSocket is not kept to the graceful timeout: granian closes it when its
+stop begins (a limit of granian 2.8, docs/servers.md lists the others).
+
+GranianApp, around the app, undoes what its ASGI interface does otherwise than
+uvicorn's where that is possible (HTTP/1.0's scope, a request or a response
+left unanswered). `--http 2|auto` serves HTTP/2 (granian's own, hyper's).
 
 Settings granian has for the request head: its read timeout
 (`--header-timeout`, whole milliseconds) and hyper's read buffer, which bounds
