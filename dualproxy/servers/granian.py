@@ -36,7 +36,7 @@ from typing import Any
 
 from .. import servers
 from ..drain import DRAIN, SLACK
-from ..errors import BadGateway, IncompleteBody, ProxyError
+from ..errors import IncompleteBody
 from .limits import HEAD_LIMIT
 
 # granian's loggers through the root logger, in dualproxy's line format (launch.py).
@@ -155,11 +155,12 @@ class GranianApp:
     problem+json (IncompleteBody), its connection closed; one that left gets
     nothing either way.
 
-    An exchange the core ends after the response head but before any body byte
-    (the upstream's body broke at once: the core returns without the final body
-    message, which uvicorn and gunicorn answer by dropping the connection) gets
-    granian's 500 page too, as it sends a head only with the body's first bytes:
-    the head is held here until then, and such an exchange answered 502.
+    An exchange the core ends after the response head but before any body
+    message (the upstream's body broke at once: the core returns without the
+    final body message, which uvicorn and gunicorn answer by dropping the
+    connection after the head) would get granian's 500 page too, as granian
+    sends a head only with the first body message: an empty, unfinished one is
+    sent here, so granian sends the head and then drops the connection alike.
     """
 
     def __init__(self, app: Any) -> None:
@@ -170,26 +171,24 @@ class GranianApp:
             return await self.app(scope, receive, send)  # type: ignore[no-any-return]
         if scope.get("http_version") == "1":
             scope = _http10(scope)
-        started = False
-        head: Any = None  # the response head, until the first body message
+        started = bodied = False
 
-        async def held_send(message: Any) -> None:
-            nonlocal started, head
-            if message["type"] == "http.response.start":
-                started, head = True, message
-                return
-            if head is not None:
-                await send(head)
-                head = None
+        async def watched_send(message: Any) -> None:
+            nonlocal started, bodied
+            started = started or message["type"] == "http.response.start"
+            bodied = bodied or message["type"] == "http.response.body"
             await send(message)
 
-        await self.app(scope, receive, held_send)
+        await self.app(scope, receive, watched_send)
         if not started:
-            await _answer(send, IncompleteBody("the request body ended before it was complete "
-                                               "(malformed framing, or the client left)"))
-        elif head is not None:
-            await _answer(send, BadGateway("the upstream's response body broke before its "
-                                           "first byte"))
+            problem = IncompleteBody("the request body ended before it was complete "
+                                     "(malformed framing, or the client left)")
+            await _send_quietly(send, {"type": "http.response.start", "status": problem.status,
+                                       "headers": problem.headers()},
+                                {"type": "http.response.body", "body": problem.body()})
+        elif not bodied:
+            await _send_quietly(send, {"type": "http.response.body", "body": b"",
+                                       "more_body": True})
 
 
 def _http10(scope: Any) -> Any:
@@ -201,10 +200,9 @@ def _http10(scope: Any) -> Any:
     return {**scope, "http_version": "1.0", "headers": headers}
 
 
-async def _answer(send: Any, problem: ProxyError) -> None:
+async def _send_quietly(send: Any, *messages: Any) -> None:
     try:
-        await send({"type": "http.response.start", "status": problem.status,
-                    "headers": problem.headers()})
-        await send({"type": "http.response.body", "body": problem.body()})
+        for message in messages:
+            await send(message)
     except (OSError, RuntimeError):  # the client is gone indeed
         pass
