@@ -134,16 +134,17 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         self._watch_pool()
 
     def _watch_pool(self) -> None:
-        """Per upstream, from the pool's balancer (a request holds one upstream connection
-        while it is in flight): pool use, and health as the balancer sees it. Routes
-        sharing a pool watch the same balancer: a gauge is one series an upstream,
-        whichever route set it last, never a sum."""
+        """Per upstream: pool use (a request holds one upstream connection while it is in
+        flight), summed over the registry's balancers, each once however many routes
+        share it; and health as this route's balancer sees it. One series an upstream,
+        set by whichever route watched it last."""
         metrics, balancer = self.metrics, self.balancer
         if metrics is None:
             return
         for upstream in self.config.upstreams:
-            metrics.watch_pool(str(upstream), functools.partial(balancer.inflight, upstream))
-            metrics.watch_health(str(upstream), functools.partial(balancer.available, upstream))
+            name = str(upstream)
+            metrics.watch_pool(name, functools.partial(self.pools.in_use, name))
+            metrics.watch_health(name, functools.partial(balancer.available, upstream))
 
     def share(self, pools: Pools) -> bool:
         """Take this proxy's pool from `pools`, a router's registry (router.py), so routes

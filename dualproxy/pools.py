@@ -156,5 +156,13 @@ class Pools:
                 pool = self._pools[kind, key] = Pool(config, self._balancer(key, config))
             return pool
 
+    def in_use(self, name: str) -> int:
+        """Requests in flight to the upstream named `name` (its metrics label), over every
+        pool of the registry: each balancer counted once, however many routes share it."""
+        with self._lock:
+            balancers = list(self._balancers.values())
+        return sum(balancer.inflight(upstream) for balancer in balancers
+                   for upstream in balancer.upstreams if str(upstream) == name)
+
     def __len__(self) -> int:
         return len(self._pools)

@@ -232,21 +232,32 @@ def test_an_async_router_lifespan_opens_and_closes_a_shared_pool_once(
     assert len(made) == 1 and made[0].is_closed and pool.holders() == 0
 
 
-def test_the_pool_gauge_reads_the_shared_pool(upstream: Upstream, rid: str) -> None:
-    """A request in flight on /x shows on the upstream's one gauge whichever route
-    watched it last: routes sharing a pool read the same counts, never a sum."""
+def test_the_pool_gauge_counts_each_pool_once(upstream: Upstream, rid: str) -> None:
+    """The upstream's one gauge, whichever route watched it last: the requests in flight
+    of /x (whose pool /y shares: counted once) and of /z (a pool of its own)."""
     registry = CollectorRegistry()
-    routes = [SyncProxy(upstream.url, mount="/x", metrics=registry),
-              SyncProxy(upstream.url, mount="/y", metrics=registry)]
+    routes = [SyncProxy(upstream.url, mount=mount, metrics=registry, max_connections=size)
+              for mount, size in (("/x", 100), ("/y", 100), ("/z", 9))]
     router = SyncRouter(routes)
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": f"/x/{rid}", "SERVER_PROTOCOL": "HTTP/1.1",
-               "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(), "REMOTE_ADDR": "127.0.0.1",
-               "HTTP_HOST": "app", "HTTP_X_UPSTREAM": "download size=100000"}
-    body = router(environ, lambda status, headers, exc_info=None: lambda data: None)
     label = {"upstream": str(routes[0].config.upstreams[0])}
-    try:  # the head is in, the body not read: one request of the pool in flight
-        assert registry.get_sample_value("dualproxy_pool_connections_in_use", label) == 1
+
+    def in_use() -> float | None:
+        return registry.get_sample_value("dualproxy_pool_connections_in_use", label)
+
+    def start(mount: str) -> Any:  # the head is in, the body not read: in flight
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": f"{mount}/{rid}",
+                   "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http",
+                   "wsgi.input": io.BytesIO(), "REMOTE_ADDR": "127.0.0.1", "HTTP_HOST": "app",
+                   "HTTP_X_UPSTREAM": "download size=100000"}
+        return router(environ, lambda status, headers, exc_info=None: lambda data: None)
+
+    bodies = [start("/x")]
+    try:
+        assert in_use() == 1
+        bodies.append(start("/z"))
+        assert in_use() == 2
     finally:
-        body.close()
-    assert registry.get_sample_value("dualproxy_pool_connections_in_use", label) == 0
+        for body in bodies:
+            body.close()
+    assert in_use() == 0
     router.close()
