@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,8 @@ def dead_url() -> str:
 def shared_file(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream,
                 dead_url: str) -> Path:
     """/a and /b share a pool of [dead, live] (and /c differs in max_connections);
-    /d and /e share one of [live] (and /f differs in max_connections). One worker:
-    a pool is shared within a process."""
+    /d and /e share one of [live] (and /f differs in max_connections); /g and /h one
+    of [live, dead] with health checks. One worker: a pool is shared in a process."""
     live = upstream.url
     pair = f'upstream = ["{dead_url}", "{live}"]\nretries = 0\nfail_timeout = 60\n'
     path = tmp_path_factory.mktemp("pools") / "shared.toml"
@@ -68,6 +69,18 @@ upstream = "{live}"
 mount = "/f"
 upstream = "{live}"
 max_connections = 50
+
+[[route]]
+mount = "/g"
+upstream = ["{live}", "{dead_url}"]
+health_path = "/probe"
+health_interval = 0.5
+
+[[route]]
+mount = "/h"
+upstream = ["{live}", "{dead_url}"]
+health_path = "/probe"
+health_interval = 0.5
 """)
     return path
 
@@ -101,6 +114,29 @@ def test_routes_sharing_a_pool_share_its_connections(shared: ProxyProcess, upstr
         ids[mount] = upstream.wait_record(f"{rid}-{mount}").conn_id
     assert ids["e"] == ids["d"], "/e opened a connection of its own: no shared pool"
     assert ids["f"] != ids["d"], "/f's pool settings differ: it must not share"
+
+
+def test_routes_sharing_a_pool_share_its_prober(shared: ProxyProcess, dead_url: str,
+                                               rid: str) -> None:
+    """One prober finds the dead upstream down: one WARNING line, not one a route."""
+    down = f"upstream {dead_url} is down (health check"
+
+    def lines() -> int:
+        return shared.log().count(down)
+
+    # The wsgi face starts its client, and the prober with it, at the first request.
+    assert get(shared, f"/g/{rid}-g", f"{rid}-g") == 200
+    deadline = time.monotonic() + 10
+    while not lines() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lines() == 1, shared.log()[-2000:]
+    for i in range(2):  # /h skips it (the prober's mark) and starts no prober of its own
+        assert get(shared, f"/h/{rid}-{i}", f"{rid}-{i}") == 200
+    time.sleep(1.5)  # three intervals: a second prober would have said so
+    assert lines() == 1, shared.log()[-2000:]
+    retried = [line for line in shared.log().splitlines()
+               if f"/h/{rid}" in line and "retrying" in line]
+    assert not retried, retried
 
 
 # -- the registry, in process ------------------------------------------------------------
