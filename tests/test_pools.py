@@ -41,47 +41,21 @@ def shared_file(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream,
     /d and /e share one of [live] (and /f differs in max_connections); /g and /h one
     of [live, dead] with health checks. One worker: a pool is shared in a process."""
     live = upstream.url
-    pair = f'upstream = ["{dead_url}", "{live}"]\nretries = 0\nfail_timeout = 60\n'
+    pair = f'upstream = ["{dead_url}", "{live}"]\nretries = 0\nfail_timeout = 60'
+    probed = f'upstream = ["{live}", "{dead_url}"]\nhealth_path = "/probe"\nhealth_interval = 0.5'
+    routes = {
+        "/a": pair,
+        "/b": pair + "\ntimeout = 7",  # per request: no part of the pool's key
+        "/c": pair + "\nmax_connections = 50",
+        "/d": f'upstream = "{live}"',
+        "/e": f'upstream = "{live}"',
+        "/f": f'upstream = "{live}"\nmax_connections = 50',
+        "/g": probed,
+        "/h": probed,
+    }
     path = tmp_path_factory.mktemp("pools") / "shared.toml"
-    path.write_text(f"""\
-workers = 1
-
-[[route]]
-mount = "/a"
-{pair}
-[[route]]
-mount = "/b"
-{pair}timeout = 7               # per request: no part of the pool's key
-
-[[route]]
-mount = "/c"
-{pair}max_connections = 50
-
-[[route]]
-mount = "/d"
-upstream = "{live}"
-
-[[route]]
-mount = "/e"
-upstream = "{live}"
-
-[[route]]
-mount = "/f"
-upstream = "{live}"
-max_connections = 50
-
-[[route]]
-mount = "/g"
-upstream = ["{live}", "{dead_url}"]
-health_path = "/probe"
-health_interval = 0.5
-
-[[route]]
-mount = "/h"
-upstream = ["{live}", "{dead_url}"]
-health_path = "/probe"
-health_interval = 0.5
-""")
+    path.write_text("workers = 1\n" + "".join(f'\n[[route]]\nmount = "{mount}"\n{keys}\n'
+                                              for mount, keys in routes.items()))
     return path
 
 
