@@ -29,7 +29,8 @@ from .errors import (
     map_upstream_errors,
 )
 from .face import ProxyFace, make_async_client
-from .hooks import arun_request_hooks, arun_response_hooks
+from .filters import Answer, Exchange
+from .filters.chain import atransformed, run_async
 from .logs import RequestRecord
 from .target import app_mount
 from .types import ASGIApp, Receive, Scope, Send
@@ -136,22 +137,28 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         incoming = incoming_from_scope(scope)
         record = self.begin(incoming)
+        exchange: Exchange | None = None
         try:
             plan = self.plan(incoming)
-            hooks = self.config.request_hooks
-            if hooks:  # no coroutine to create and await when there is no hook
-                plan = await arun_request_hooks(hooks, plan)
+            if self.chain:  # no coroutine to create and await when there is no filter
+                exchange = self.exchange(incoming, record, plan)
+                answer = await run_async(self.chain.request(exchange))
+                assert exchange.plan is not None
+                plan = exchange.plan
+                if answer is not None:
+                    await self._answer(exchange, answer, send)
+                    return
         except NotProxied as exc:
             if self.fallback is not None:
                 self.pass_on(record)
                 await self.fallback(scope, receive, send)
                 return
             await self._problem(send, exc, record)
-            self.finish(record)
+            await self._finish(record)
             return
         except ProxyError as exc:
             await self._problem(send, exc, record)
-            self.finish(record)
+            await self._finish(record)
             return
 
         # Set once nothing else reads receive(): the body was read to its end, or
@@ -169,7 +176,7 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         if cut is not None:
             DRAIN.enter(cut)
         try:
-            await self._exchange(plan, receive, send, body_done, record)
+            await self._exchange(plan, receive, send, body_done, record, exchange)
         except asyncio.CancelledError:
             if not record.client_gone and not record.shutdown:
                 record.shutdown = True  # the server's own stop cancelled us
@@ -185,7 +192,35 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
             if cut is not None:
                 DRAIN.leave(cut)
             watcher.cancel()
-            self.finish(record)
+            await self._finish(record)
+
+    async def _finish(self, record: RequestRecord) -> None:
+        """The filters' `on_end` (awaited here: they may be async), then `finish`."""
+        exchange = record.exchange
+        if exchange is not None:
+            record.exchange = None
+            await run_async(self.chain.end(exchange))
+        self.finish(record)
+
+    async def _answer(self, exchange: Exchange, answer: Answer, send: Send) -> None:
+        """A filter's own answer, through the filters outside it, to the client."""
+        record = exchange.record
+        try:
+            try:
+                head = await run_async(self.chain.response(
+                    exchange, self.answer_head(exchange, answer)))
+            except ProxyError as exc:
+                await self._problem(send, exc, record)
+                return
+            body = answer.body
+            chunks: AsyncIterable[bytes] = (_one(body) if isinstance(body, bytes)
+                                            else _aiter(body))
+            await self._relay(chunks, head, send, record, exchange)
+        except UpstreamBroken as exc:
+            record.upstream_broke(exc)
+            RESPONSE_ABORTED.set(True)
+        finally:
+            await self._finish(record)
 
     async def _exchange(
         self,
@@ -194,10 +229,14 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         send: Send,
         body_done: asyncio.Event | None,
         record: Any,
+        exchange: Exchange | None,
     ) -> None:
         content = (_request_body(receive, BodyCounter(plan, self.config), body_done, record,
                                  self.config.client_timeout)
                    if body_done is not None else None)
+        if content is not None and exchange is not None \
+                and exchange._request_pipeline is not None:
+            content = atransformed(exchange._request_pipeline, content)
 
         async def send_to(upstream: Upstream) -> tuple[httpx.Request, httpx.Response]:
             request = self.upstream_request(plan, content, upstream)
@@ -219,13 +258,17 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         try:
             try:
                 head = self.response_head(record, plan, request, response)
-                hooks = self.config.response_hooks
-                if hooks:
-                    head = await arun_response_hooks(hooks, plan, head)
+                if exchange is not None:
+                    head = await run_async(self.chain.response(exchange, head))
             except ProxyError as exc:
                 await self._problem(send, exc, record)
                 return
-            await self._relay(response, head, send, record)
+            raw = response.stream
+            # Our own transport's stream is raw already: skip httpx's wrappers.
+            stream: AsyncIterable[bytes] = (
+                raw if self._transport is not None and isinstance(raw, httpx.AsyncByteStream)
+                else response.aiter_raw())
+            await self._relay(stream, head, send, record, exchange)
         except UpstreamBroken as exc:
             # Returning without the final body message makes the server drop the
             # connection: no last chunk, no short body passed off as complete.
@@ -253,17 +296,15 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         await send_problem(send, exc, record)
 
     async def _relay(
-        self, response: httpx.Response, head: ResponseHead, send: Send, record: Any
+        self, stream: AsyncIterable[bytes], head: ResponseHead, send: Send, record: Any,
+        exchange: Exchange | None,
     ) -> None:
         await send({"type": "http.response.start", "status": head.status,
                     "headers": head.headers})
         record.status = head.status
         if head.has_body:
-            raw = response.stream
-            # Our own transport's stream is raw already: skip httpx's wrappers.
-            stream: AsyncIterable[bytes] = (
-                raw if self._transport is not None and isinstance(raw, httpx.AsyncByteStream)
-                else response.aiter_raw())
+            if exchange is not None and exchange._response_pipeline is not None:
+                stream = atransformed(exchange._response_pipeline, stream)
             with map_stream_errors():
                 async for chunk in stream:
                     record.bytes_out += len(chunk)
@@ -271,6 +312,21 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                         return
         record.responded = True
         await _send_body(send, b"", False, record)
+
+
+async def _one(body: bytes) -> AsyncIterator[bytes]:
+    if body:
+        yield body
+
+
+async def _aiter(body: Any) -> AsyncIterator[bytes]:
+    """A filter's answer body, sync or async iterable."""
+    if isinstance(body, AsyncIterable):
+        async for chunk in body:
+            yield chunk
+    else:
+        for chunk in body:
+            yield chunk
 
 
 async def _send_body(send: Send, chunk: bytes, more: bool, record: RequestRecord) -> bool:

@@ -19,6 +19,7 @@ from .wire import BAD_FIELD_VALUE, FIELD_NAME
 if TYPE_CHECKING:
     import ssl
 
+    from .filters.base import Filter
     from .hooks import RequestHook, ResponseHook
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -172,6 +173,9 @@ class ProxyConfig:
     cert: str | tuple[str, str] | None = None
     request_hooks: tuple[RequestHook, ...] = ()
     response_hooks: tuple[ResponseHook, ...] = ()
+    # The route's own filters (filters/base.py), outermost first, after the built-in
+    # ones and before the hooks (filters.build_chain).
+    filters: tuple[Filter, ...] = ()
     # Derived fields, filled in by __post_init__.
     upstreams: tuple[Upstream, ...] = field(init=False, default=())
     upstream_scheme: str = field(init=False, default="")
@@ -220,6 +224,7 @@ class ProxyConfig:
         remove_response_headers: Iterable[str] = (),
         request_hooks: Iterable[RequestHook] = (),
         response_hooks: Iterable[ResponseHook] = (),
+        filters: Iterable[Filter] = (),
         **options: Any,
     ) -> ProxyConfig:
         """Friendly constructor: accepts strings, mappings and iterables."""
@@ -232,6 +237,7 @@ class ProxyConfig:
             remove_response_headers=_header_names(remove_response_headers),
             request_hooks=tuple(request_hooks),
             response_hooks=tuple(response_hooks),
+            filters=tuple(filters),
             **options,
         )
 

@@ -176,6 +176,12 @@ class UpstreamBroken(Exception):
     """The upstream failed after the response head was sent: abort the client connection."""
 
 
+class TransformFailed(UpstreamBroken):
+    """A response-body transform (a filter's, or decoding the upstream's encoded body)
+    could not go on after the head was sent: the client connection is aborted, never
+    ended as if the body were complete."""
+
+
 # True in the request's context once an ASGI app left its response unfinished on
 # purpose (a broken upstream: the access log's WARNING says so). The server's own
 # "returned without completing response" line is then that abort again (dropped

@@ -46,6 +46,8 @@ from .core import (
     upstream_failed,
 )
 from .errors import BadGateway, GatewayTimeout, ProxyError, describe
+from .filters import Answer, Exchange, build_chain
+from .filters.chain import run_sync
 from .framing import FRAMING, Framing
 from .headers import client_address
 from .logs import AccessLog, RequestRecord
@@ -115,6 +117,8 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
                               upstream=str(config.upstreams[0])
                               if len(config.upstreams) == 1 else "",
                               route=config.mount or "/")
+        # The route's filters, hooks among them (filters/): empty costs a truth test.
+        self.chain = build_chain(config)
         self.metrics: ProxyMetrics | None = None
         # A registry of its own until a router shares one (pools.py); a user's
         # client makes a pool of its own, never shared with another route.
@@ -216,6 +220,28 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         """The core's upstream plan (ProxyError: refuse; NotProxied: outside the mount)."""
         return plan_request(self.config, incoming, self.routes)
 
+    def exchange(self, incoming: IncomingRequest, record: RequestRecord,
+                 plan: UpstreamPlan) -> Exchange:
+        """The filters' view of this request, once it is planned (only when the
+        route has filters); `finish` runs their `on_end` through `record`."""
+        exchange = Exchange(incoming, record, plan.mount)
+        exchange.plan = plan
+        record.exchange = exchange
+        return exchange
+
+    def answer_head(self, exchange: Exchange, answer: Answer) -> ResponseHead:
+        """The head of a filter's own answer, before the filters outside it see it."""
+        headers = list(answer.headers)
+        has_body = (exchange.incoming.method != "HEAD"
+                    and answer.status not in (204, 304))
+        if isinstance(answer.body, bytes) and not any(
+                name.lower() in (b"content-length", b"transfer-encoding")
+                for name, _ in headers) and answer.status not in (204, 304):
+            headers.append((b"content-length", str(len(answer.body)).encode()))
+        exchange.record.routed = True
+        exchange.record.status = answer.status
+        return ResponseHead(status=answer.status, headers=headers, has_body=has_body)
+
     def choose(self, record: RequestRecord) -> Upstream:
         """The upstream for the first attempt, counted in flight until `finish`
         (marked down or not: marks are a preference, balancer.py)."""
@@ -267,6 +293,10 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         self._log.problem(record, exc)
 
     def finish(self, record: RequestRecord) -> None:
+        exchange = record.exchange
+        if exchange is not None:  # the filters' on_end (the async face ran them already)
+            record.exchange = None
+            run_sync(self.chain.end(exchange))
         if record.upstream is not None:
             self.balancer.release(record.upstream)
         self._log.finish(record)

@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from .core import IncomingRequest
 from .errors import NotProxied, ProxyError, ShuttingDown, describe, upstream_cause
@@ -160,7 +160,7 @@ class RequestRecord:
 
     __slots__ = ("method", "target", "client", "started", "upstream_at", "status",
                  "bytes_in", "bytes_out", "client_gone", "broken", "responded", "problem",
-                 "shutdown", "routed", "upstream", "cause", "websocket")
+                 "shutdown", "routed", "upstream", "cause", "websocket", "exchange")
 
     def __init__(self, incoming: IncomingRequest, client: str | None = None) -> None:
         self.method = incoming.method
@@ -180,6 +180,7 @@ class RequestRecord:
         self.upstream: Upstream | None = None  # the one chosen (the last one tried)
         self.cause: str | None = None  # why the upstream side failed (errors.UPSTREAM_CAUSES)
         self.websocket = False  # an accepted WebSocket session, open until finish
+        self.exchange: Any = None  # the filters' Exchange, whose on_end is still to run
 
     def upstream_status(self, status: int) -> None:
         self.upstream_at = time.perf_counter()

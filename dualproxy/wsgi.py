@@ -31,7 +31,9 @@ from .errors import (
     map_upstream_errors,
 )
 from .face import ProxyFace, make_sync_client
-from .hooks import require_sync_hooks, run_request_hooks, run_response_hooks
+from .filters import Answer, Exchange
+from .filters.chain import BodyPipeline, run_sync, transformed
+from .hooks import run_request_hooks
 from .http1 import CLIENT_WATCH, ClientWatch
 from .logs import RequestRecord
 from .servers.gunicorn_body import (
@@ -134,7 +136,7 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
 
     def __init__(self, upstream: str | Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(upstream, **kwargs)
-        require_sync_hooks((*self.config.request_hooks, *self.config.response_hooks))
+        self.chain.require_sync()
 
     def _new_client(self) -> tuple[httpx.Client, httpx.BaseTransport]:
         return make_sync_client(self.config)
@@ -161,9 +163,19 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         # The environ lookup spares plain requests the header scan.
         websocket = "HTTP_UPGRADE" in environ and is_websocket_request(incoming.headers)
         try:
-            planned = (plan_handshake(self.config, incoming, routes=self.routes) if websocket
-                       else self.plan(incoming))
-            plan = run_request_hooks(self.config.request_hooks, planned)
+            exchange: Exchange | None = None
+            if websocket:
+                plan = run_request_hooks(self.config.request_hooks, plan_handshake(
+                    self.config, incoming, routes=self.routes))
+            else:
+                plan = self.plan(incoming)
+                if self.chain:
+                    exchange = self.exchange(incoming, record, plan)
+                    answer = run_sync(self.chain.request(exchange))
+                    assert exchange.plan is not None
+                    plan = exchange.plan
+                    if answer is not None:
+                        return self._answer(exchange, answer, start_response, environ)
         except NotProxied as exc:
             if self.fallback is not None:
                 self.pass_on(record)
@@ -192,6 +204,8 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
             body_input = request_body_input(environ)
             content = _request_body(body_input, counter, self.config.chunk_size, record,
                                     self.config.client_timeout)
+            if exchange is not None and exchange._request_pipeline is not None:
+                content = transformed(exchange._request_pipeline, content)
             seconds = self.config.client_timeout
             if client_sock is not None:  # gunicorn: its reads of the body time out
                 restore_timeout = client_sock.gettimeout()
@@ -237,8 +251,9 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
                 # writes wait for a slow reader as long as it takes.
                 client_sock.settimeout(restore_timeout)
         try:
-            head = run_response_hooks(self.config.response_hooks, plan,
-                                      self.response_head(record, plan, request, response))
+            head = self.response_head(record, plan, request, response)
+            if exchange is not None:
+                head = run_sync(self.chain.response(exchange, head))
             # Inside the try: a server that refuses the head (a header value it
             # rejects) must not leave the upstream response, and its pool slot, open.
             start_response(head.status_line, _str_headers(head.headers))
@@ -253,7 +268,27 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         body = ResponseBody(response, plan, record, self.finish, head.has_body, gone)
         body.client_socket = client_sock
         body.raw_stream = self._transport is not None
+        if exchange is not None:
+            body.pipeline = exchange._response_pipeline
         return body
+
+    def _answer(self, exchange: Exchange, answer: Answer, start_response: StartResponse,
+                environ: Environ) -> Iterable[bytes]:
+        """A filter's own answer, through the filters outside it, to the client."""
+        record = exchange.record
+        try:
+            head = run_sync(self.chain.response(exchange, self.answer_head(exchange, answer)))
+            start_response(head.status_line, _str_headers(head.headers))
+        except ProxyError as exc:
+            return self._problem(start_response, exc, record, environ)
+        except BaseException:
+            self.finish(record)
+            raise
+        body = answer.body
+        if not isinstance(body, (bytes, Iterable)):
+            self.finish(record)
+            raise TypeError("an async Answer body on the sync face")
+        return AnswerBody(body, exchange, self.finish, head.has_body)
 
     def attempts(self, record: RequestRecord, plan: UpstreamPlan,
                  attempt: Callable[[Upstream], T]) -> T:
@@ -331,6 +366,7 @@ class ResponseBody:
         self.client_socket: socket.socket | None = None
         # Our own transport's stream is raw already: skip httpx's iter_raw wrappers.
         self.raw_stream = False
+        self.pipeline: BodyPipeline | None = None  # the filters' body transforms
         if has_body:
             DRAIN.enter(self)
         else:
@@ -345,6 +381,8 @@ class ResponseBody:
         chunks: Iterable[bytes] = (
             stream if self.raw_stream and isinstance(stream, httpx.SyncByteStream)
             else self.response.iter_raw())
+        if self.pipeline is not None:
+            chunks = transformed(self.pipeline, chunks)
         try:
             with map_stream_errors():
                 for chunk in chunks:
@@ -406,6 +444,45 @@ class ResponseBody:
         except IndexError:
             return
         self.finish(self.record)
+
+
+class AnswerBody:
+    """The WSGI response iterable of a filter's own answer (through the filters'
+    body transforms); `close` ends the exchange."""
+
+    def __init__(self, body: bytes | Iterable[bytes], exchange: Exchange,
+                 finish: Callable[[RequestRecord], None], has_body: bool) -> None:
+        self.body = body
+        self.exchange = exchange
+        self.finish = finish
+        self.has_body = has_body
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        record = self.exchange.record
+        if self.has_body:
+            body = self.body
+            chunks: Iterable[bytes] = (body,) if isinstance(body, bytes) else body
+            try:
+                for chunk in transformed(self.exchange._response_pipeline, chunks):
+                    record.bytes_out += len(chunk)
+                    yield chunk
+            except UpstreamBroken as exc:
+                record.upstream_broke(exc)
+                raise
+        record.responded = True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        record = self.exchange.record
+        if not record.responded and not record.broken and self.has_body:
+            record.client_gone = True
+        closer = getattr(self.body, "close", None)
+        if closer is not None:
+            closer()
+        self.finish(record)
 
 
 def _send_via(client: httpx.Client, transport: httpx.BaseTransport | None,

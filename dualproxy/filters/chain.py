@@ -1,0 +1,363 @@
+"""A route's filter chain: runs the filters (base.py) at each stage of an exchange
+and owns the framing fix-up when a body changes.
+
+The stages that may await are generators yielding awaitables, driven by
+`run_sync` (the sync face: a filter that awaits was refused at construction)
+or `run_async` (the async face), as httpx's `auth_flow`: each rule is written
+once for both faces. A chain without filters costs a face one truth test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from typing import Any, TypeVar
+
+from ..core import ResponseHead, UpstreamPlan
+from ..errors import InvalidHead, TransformFailed
+from ..headers import Header
+from ..wire import WireError, field_problem, head_problem
+from .base import Answer, BodyTransform, Exchange, Filter, async_stages, overrides
+from .codings import decoder
+
+error_logger = logging.getLogger("dualproxy")
+
+T = TypeVar("T")
+Flow = Generator[Awaitable[Any], Any, T]
+
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+# Statuses whose body is never transformed: a 206 is a part of a representation
+# (its byte ranges name the upstream's bytes); 204/304 and HEAD answers have none.
+_UNTOUCHED = frozenset({204, 206, 304})
+
+
+def run_sync(flow: Flow[T]) -> T:
+    """Drive a stage on the sync face (no awaitable may come: refused at construction)."""
+    try:
+        awaitable = next(flow)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    flow.close()
+    if inspect.iscoroutine(awaitable):
+        awaitable.close()
+    raise TypeError("an async filter ran on the sync face")
+
+
+async def run_async(flow: Flow[T]) -> T:
+    """Drive a stage on the async face: each awaitable a filter returned is awaited."""
+    try:
+        awaitable = next(flow)
+        while True:
+            try:
+                result = await awaitable
+            except BaseException as exc:
+                awaitable = flow.throw(exc)
+            else:
+                awaitable = flow.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+class Chain:
+    """The ordered filters of one route, with the stages each one implements."""
+
+    __slots__ = ("filters", "_request", "_response", "_trailers", "_end", "_async")
+
+    def __init__(self, filters: Sequence[Filter] = ()) -> None:
+        for flt in filters:
+            if not isinstance(flt, Filter):
+                raise TypeError(f"a filter must be a dualproxy Filter, not {type(flt).__name__}")
+        self.filters: tuple[Filter, ...] = tuple(filters)
+        indexed = list(enumerate(self.filters))
+        self._request = [(i, f) for i, f in indexed if overrides(f, "on_request")]
+        # On the way down, the reverse order: the first filter is the outermost.
+        self._response = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_response")]
+        self._trailers = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_trailers")]
+        self._end = [f for f in reversed(self.filters) if overrides(f, "on_end")]
+        self._async = [f"{f.label()}.{stage}" for f in self.filters for stage in async_stages(f)]
+
+    def __bool__(self) -> bool:
+        return bool(self.filters)
+
+    def __len__(self) -> int:
+        return len(self.filters)
+
+    def require_sync(self) -> None:
+        """Refuse async filters for the sync face, naming them."""
+        if self._async:
+            raise TypeError(
+                f"SyncProxy cannot run async hooks or filters ({', '.join(self._async)}): "
+                "the WSGI face has no event loop. Use plain `def` methods (they run on "
+                "both faces) or AsyncProxy.")
+
+    # -- the request head ---------------------------------------------------------------
+
+    def request(self, exchange: Exchange) -> Flow[Answer | None]:
+        """Run `on_request` in order; an `Answer` stops the chain there. The plan a
+        filter leaves must be writable (InvalidHead, a 502 naming it, otherwise)."""
+        for index, flt in self._request:
+            result = flt.on_request(exchange)
+            if inspect.isawaitable(result):
+                result = yield result
+            if isinstance(result, Answer):
+                exchange.state[_ANSWERED] = index
+                _check_answer(flt, result)
+                return result
+            if result is not None:
+                raise TypeError(f"filter {flt.label()!r}: on_request returned "
+                                f"{type(result).__name__}, expected an Answer or None")
+            # Checked even when the same plan object stays: its header list is mutable.
+            _check_plan(flt, exchange.plan)
+        return None
+
+    # -- the response head ----------------------------------------------------------------
+
+    def response(self, exchange: Exchange, head: ResponseHead) -> Flow[ResponseHead]:
+        """Run `on_response` from the innermost filter out (only those before the
+        one that answered, when one did), then fix the framing up."""
+        answered = exchange.state.get(_ANSWERED)
+        upstream_framing = _framing(head)
+        exchange.head = head
+        for index, flt in self._response:
+            if answered is not None and index >= answered:
+                continue
+            current = exchange.head
+            result = flt.on_response(exchange, current)
+            if inspect.isawaitable(result):
+                result = yield result
+            if result is None:
+                result = exchange.head
+            elif not isinstance(result, ResponseHead):
+                raise TypeError(f"filter {flt.label()!r}: on_response returned "
+                                f"{type(result).__name__}, expected a ResponseHead or None")
+            result = _fix_framing(exchange, result)
+            problem = field_problem(result.headers) or _framing_problem(
+                exchange, result, upstream_framing)
+            if problem is not None:
+                raise InvalidHead(problem, flt.label())
+            exchange.head = result
+        final = exchange.head
+        exchange.head = None
+        return final
+
+    # -- trailers and the end -------------------------------------------------------------
+
+    def trailers(self, exchange: Exchange, trailers: list[Header]) -> list[Header]:
+        """Run `on_trailers` from the innermost filter out (plain functions only)."""
+        for _, flt in self._trailers:
+            result = flt.on_trailers(exchange, trailers)
+            if result is not None:
+                trailers = result
+        return trailers
+
+    def end(self, exchange: Exchange) -> Flow[None]:
+        """Run `on_end` on every filter; a failing one is logged, never raised (the
+        answer is given already) and the others still run."""
+        for flt in self._end:
+            try:
+                result = flt.on_end(exchange)
+                if inspect.isawaitable(result):
+                    yield result
+            except Exception:
+                error_logger.exception("filter %r failed at the end of %s %s", flt.label(),
+                                       exchange.incoming.method,
+                                       exchange.record.target_text())
+
+
+_ANSWERED = object()  # exchange.state key: the index of the filter that answered
+
+
+def _check_plan(flt: Filter, plan: UpstreamPlan | None) -> None:
+    if not isinstance(plan, UpstreamPlan):
+        raise TypeError(f"filter {flt.label()!r} left exchange.plan as "
+                        f"{type(plan).__name__}, expected an UpstreamPlan")
+    method = plan.method.encode("latin-1", "replace") if isinstance(plan.method, str) else b""
+    problem = head_problem(plan.target, plan.headers, method)
+    if problem is not None:
+        raise InvalidHead(problem, flt.label())
+
+
+def _check_answer(flt: Filter, answer: Answer) -> None:
+    if not 200 <= answer.status <= 599:
+        raise TypeError(f"filter {flt.label()!r} answered status {answer.status} "
+                        "(an Answer's status is 200 to 599)")
+    problem = field_problem(answer.headers)
+    if problem is not None:
+        raise InvalidHead(problem, flt.label())
+
+
+def _framing(head: ResponseHead) -> list[Header]:
+    return [(name.lower(), value) for name, value in head.headers
+            if isinstance(name, bytes) and name.lower() in _FRAMING]
+
+
+def _fix_framing(exchange: Exchange, head: ResponseHead) -> ResponseHead:
+    """After a filter: when a transform may change the body's length, no
+    Content-Length (whatever the filter returned) and a weak ETag."""
+    pipeline = exchange._response_pipeline
+    if pipeline is None or not pipeline.changes_length:
+        return head
+    head.headers[:] = _without_length(head.headers)
+    return head
+
+
+def _without_length(headers: list[Header]) -> list[Header]:
+    out = []
+    for name, value in headers:
+        lname = name.lower() if isinstance(name, bytes) else name
+        if lname == b"content-length":
+            continue
+        if lname == b"etag" and isinstance(value, bytes) and value.startswith(b'"'):
+            value = b"W/" + value  # RFC 9110 8.8.3: the bytes differ, the meaning does not
+        out.append((name, value))
+    return out
+
+
+def _framing_problem(exchange: Exchange, head: ResponseHead,
+                     upstream: list[Header]) -> WireError | None:
+    # A filter may not frame the body itself: the servers would send a second or
+    # other Content-Length as given, and a client would read the next response as
+    # this one's body. A length-changing transform drops Content-Length (the chain).
+    pipeline = exchange._response_pipeline
+    expected = upstream
+    if pipeline is not None and pipeline.changes_length:
+        expected = [(n, v) for n, v in upstream if n != b"content-length"]
+    if _framing(head) == expected:
+        return None
+    return WireError("header", "a response filter changed Content-Length or Transfer-Encoding")
+
+
+# -- body transforms ----------------------------------------------------------------------
+
+class BodyPipeline:
+    """The transforms over one body, in the order they were installed (the
+    innermost filter's first); a transform's failure is `TransformFailed`."""
+
+    __slots__ = ("transforms", "changes_length", "decoded")
+
+    def __init__(self) -> None:
+        self.transforms: list[BodyTransform] = []
+        self.changes_length = False
+        self.decoded = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        try:
+            for transform in self.transforms:
+                if not chunk:
+                    return b""
+                chunk = transform.feed(chunk)
+        except TransformFailed:
+            raise
+        except Exception as exc:
+            raise TransformFailed(f"a body transform failed: {exc!r}") from exc
+        return chunk
+
+    def finish(self) -> bytes:
+        data = b""
+        try:
+            for transform in self.transforms:
+                data = (transform.feed(data) if data else b"") + transform.finish()
+        except TransformFailed:
+            raise
+        except Exception as exc:
+            raise TransformFailed(f"a body transform failed: {exc!r}") from exc
+        return data
+
+
+def install_response_transform(exchange: Exchange, transform: BodyTransform, *,
+                               decode: bool, same_length: bool) -> bool:
+    head = exchange.head
+    if head is None:
+        raise RuntimeError("transform_response is for on_response (the head is not in yet)")
+    if not head.has_body or head.status in _UNTOUCHED or exchange.incoming.method == "HEAD":
+        return False
+    pipeline = exchange._response_pipeline
+    if decode and (pipeline is None or not pipeline.decoded):
+        codings = [value.strip().lower() for name, values in head.headers
+                   if name.lower() == b"content-encoding"
+                   for value in values.split(b",") if value.strip()]
+        codings = [c for c in codings if c != b"identity"]
+        step: BodyTransform | None = None
+        if len(codings) > 1:
+            return False  # stacked codings: not ours to unwrap
+        if codings:
+            step = decoder(codings[0])
+            if step is None:
+                return False
+        if pipeline is None:
+            pipeline = exchange._response_pipeline = BodyPipeline()
+        pipeline.decoded = True
+        if step is not None:
+            pipeline.transforms.append(step)
+            pipeline.changes_length = True
+            head.headers[:] = [(n, v) for n, v in head.headers
+                               if n.lower() != b"content-encoding"]
+    if pipeline is None:
+        pipeline = exchange._response_pipeline = BodyPipeline()
+    pipeline.transforms.append(transform)
+    if not same_length:
+        pipeline.changes_length = True
+    _fix_framing(exchange, head)
+    return True
+
+
+def install_request_transform(exchange: Exchange, transform: BodyTransform) -> bool:
+    plan = exchange.plan
+    if plan is None or not plan.has_body:
+        return False
+    pipeline = exchange._request_pipeline
+    if pipeline is None:
+        pipeline = exchange._request_pipeline = BodyPipeline()
+        # The transformed body's length is unknown: chunked upstream (RFC 9112 6.1).
+        headers = [(n, v) for n, v in plan.headers
+                   if n not in (b"content-length", b"transfer-encoding")]
+        headers.append((b"transfer-encoding", b"chunked"))
+        exchange.plan = dataclasses.replace(plan, headers=headers, content_length=None)
+    pipeline.transforms.append(transform)
+    pipeline.changes_length = True
+    return True
+
+
+def response_pipeline(exchange: Exchange | None) -> BodyPipeline | None:
+    """The response body's transforms for a face's relay loop (None: relay as is)."""
+    return exchange._response_pipeline if exchange is not None else None
+
+
+def transformed(pipeline: BodyPipeline | None, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """A sync body through `pipeline`."""
+    if pipeline is None:
+        yield from chunks
+        return
+    for chunk in chunks:
+        out = pipeline.feed(chunk)
+        if out:
+            yield out
+    tail = pipeline.finish()
+    if tail:
+        yield tail
+
+
+async def atransformed(pipeline: BodyPipeline | None,
+                       chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """An async body through `pipeline`."""
+    if pipeline is None:
+        async for chunk in chunks:
+            yield chunk
+        return
+    async for chunk in chunks:
+        out = pipeline.feed(chunk)
+        if out:
+            yield out
+    tail = pipeline.finish()
+    if tail:
+        yield tail
