@@ -5,10 +5,9 @@ Thin on purpose: the route is the core's decision (routes.RouteTable, the longes
 mount), everything else is the chosen proxy's: timeouts, limits, access-log route
 name. The routes' pools come from one registry per router (pools.py): routes
 naming the same upstreams with the same pool settings share one client, balancer
-and prober. A request no mount covers goes to
-the first proxy, whose own mount check answers the 404 problem (or calls its
-`fallback`): the outside-the-mount answer stays written once, for HTTP and
-WebSocket alike.
+and prober. A request no mount covers goes to the first proxy, whose own mount
+check answers the 404 problem (or calls its `fallback`): the outside-the-mount
+answer stays written once, for HTTP and WebSocket alike.
 """
 
 from __future__ import annotations
