@@ -106,7 +106,7 @@ LAYERS = {
     0: {"types", "upstreams", "config", "errors", "target", "framing", "headers", "core", "hooks",
         "logs", "routes", "balancer", "wire"},
     1: {"servers", "http1", "metrics", "drain"},
-    2: {"face", "asgi", "wsgi", "websocket", "router", "health"},
+    2: {"face", "asgi", "wsgi", "websocket", "router", "health", "pools"},
     3: {"flask", "fastapi", "bridge", "workers"},
     4: {"cli", "launch", "configfile", "demo", "__main__", "__init__"},
 }
