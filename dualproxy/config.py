@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import ssl
 
     from .filters.base import Filter
+    from .filters.header_rules import HeaderRule
     from .hooks import RequestHook, ResponseHook
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -176,6 +177,14 @@ class ProxyConfig:
     # The route's own filters (filters/base.py), outermost first, after the built-in
     # ones and before the hooks (filters.build_chain).
     filters: tuple[Filter, ...] = ()
+    # Built-in filters (filters/header_rules.py, request_id.py, forwarded_prefix.py):
+    # header rules each way ('Name: value' sets, '+Name: value' adds, '-Name' removes),
+    # X-Request-ID (off by default), X-Forwarded-Prefix (None: on when `mount` is
+    # set; True: also for a host app's mount; False: off).
+    header_up: tuple[HeaderRule, ...] = ()
+    header_down: tuple[HeaderRule, ...] = ()
+    request_id: bool = False
+    forwarded_prefix: bool | None = None
     # Derived fields, filled in by __post_init__.
     upstreams: tuple[Upstream, ...] = field(init=False, default=())
     upstream_scheme: str = field(init=False, default="")
@@ -200,6 +209,8 @@ class ProxyConfig:
         _check_fields(self.add_response_headers, self.remove_response_headers,
                       "response headers")
         set_ = object.__setattr__
+        set_(self, "header_up", _header_rules(self, "up"))
+        set_(self, "header_down", _header_rules(self, "down"))
         set_(self, "upstream", first.url if len(upstreams) == 1
              else tuple(u.url for u in upstreams))
         set_(self, "upstreams", upstreams)
@@ -250,6 +261,23 @@ class ProxyConfig:
         except ValueError:
             return False
         return any(addr in net for net in self.trusted_proxies)
+
+
+def _header_rules(config: ProxyConfig, direction: str) -> tuple[HeaderRule, ...]:
+    """`header_up`/`header_down` parsed and checked (strings or HeaderRules)."""
+    from .filters.header_rules import parse_rule
+
+    key = f"header_{direction}"
+    written: Any = getattr(config, key)
+    if isinstance(written, str):
+        written = (written,)
+    rules = tuple(parse_rule(rule, direction) for rule in written)
+    for rule in rules:
+        if "request_id" in rule.variables and not config.request_id:
+            raise ValueError(f"{key} rule {str(rule)!r} uses {{request_id}}, but request ids "
+                             "are off: turn them on (--request-id, request_id = true, "
+                             "request_id=True)")
+    return rules
 
 
 def _check_pool_options(config: ProxyConfig) -> None:

@@ -31,8 +31,10 @@ SERVER_KEYS = (
     "access_log", "access_log_format", "certfile", "keyfile", "metrics_bind",
 )
 # Where a key's flag is not `--` + the key with dashes.
-_FLAG_DEST = {"trusted_proxies": "trusted_proxy", "access_log": "no_access_log"}
-_INVERTED = {"access_log"}  # `access_log = false` sets --no-access-log
+_FLAG_DEST = {"trusted_proxies": "trusted_proxy", "access_log": "no_access_log",
+              "forwarded_prefix": "no_forwarded_prefix"}
+# `access_log = false` sets --no-access-log, `forwarded_prefix = false` --no-forwarded-prefix
+_INVERTED = {"access_log", "forwarded_prefix"}
 _NOT_KEYS = {"help", "config"}
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
                list: "a list", dict: "a table"}

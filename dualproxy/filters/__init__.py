@@ -23,12 +23,27 @@ __all__ = ["Answer", "BodyTransform", "Chain", "Exchange", "Filter", "build_chai
 def build_chain(config: ProxyConfig) -> Chain:
     """A route's chain, outermost (nearest the client) first:
 
-    1. the built-in filters the configuration turns on;
+    1. the built-in filters the configuration turns on: request_id (first, so
+       every other filter sees `exchange.request_id`), compress, forwarded_prefix,
+       header_rules (last: a rule may replace what the others wrote);
     2. the user's `filters=`, in the order given;
     3. the request and response hooks (hooks.py), in the order given.
     """
     from ..hooks import hook_filters
 
-    filters = [*config.filters,
+    builtins: list[Filter] = []
+    if config.request_id:
+        from .request_id import RequestId
+
+        builtins.append(RequestId(config.is_trusted if config.trusted_proxies else None))
+    if config.forwarded_prefix or (config.forwarded_prefix is None and config.mount):
+        from .forwarded_prefix import ForwardedPrefix
+
+        builtins.append(ForwardedPrefix())
+    if config.header_up or config.header_down:
+        from .header_rules import HeaderRules
+
+        builtins.append(HeaderRules(config.header_up, config.header_down))
+    filters = [*builtins, *config.filters,
                *hook_filters(config.request_hooks, config.response_hooks)]
     return Chain(filters)
