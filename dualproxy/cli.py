@@ -250,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "{client} (after trusted proxies), {request_id}, {host}, "
                             "{scheme}; {{ and }} are literal braces; an empty value removes "
                             "the field; Host may be set, framing and hop-by-hop fields not, "
-                            "e.g. --header-up 'X-Real-IP: {client}' --header-up -Cookie "
-                            "(default: none)")
+                            "e.g. --header-up 'X-Real-IP: {client}' --header-up=-Cookie "
+                            "(a removal needs the = form: argparse reads a lone -Cookie as "
+                            "a flag) (default: none)")
     serve.add_argument("--header-down", action="append", default=[], metavar="RULE",
                        help="a header rule for the response sent to the client, as "
                             "--header-up (Date, Server and Host excluded), e.g. "
