@@ -225,7 +225,7 @@ def test_request_id_in_the_access_log(make_proxy: MakeProxy, upstream: Upstream,
 
 def test_acceptable_request_ids() -> None:
     assert acceptable(b"abc") and acceptable(b"!" * 200) and acceptable(b"~")
-    for bad in (b"", b"a b", b"a\tb", b"\x7f", b"\xe9", b"x" * 201):
+    for bad in (b"", b"a b", b"a\tb", b"\x7f", b"\xe9", b"x" * 201, b"one,two"):
         assert not acceptable(bad)
 
 
@@ -261,3 +261,48 @@ def test_fastapi_links_without_the_prefix_miss_the_mount(make_proxy: MakeProxy,
                        upstream_url=prefixed_app.url)
     data = httpx.get(proxy.url + "/api/items/7", timeout=30).json()
     assert urlsplit(data["url"]).path == "/items/7"
+
+
+# --- the same from a config file --------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def filters_file(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> str:
+    path = tmp_path_factory.mktemp("filters") / "filters.toml"
+    path.write_text(f"""\
+access_log_format = "json"
+
+[[route]]
+mount = "/api"
+upstream = "{upstream.url}"
+request_id = true
+header_up = ["X-Real-IP: {{client}}", "-Cookie", "X-Rid: {{request_id}}"]
+header_down = ["+Cache-Control: no-store"]
+
+[[route]]
+mount = "/quiet"
+upstream = "{upstream.url}"
+forwarded_prefix = false
+""")
+    return str(path)
+
+
+def test_filters_from_a_config_file(make_proxy: MakeProxy, upstream: Upstream, rid: str,
+                                    filters_file: str) -> None:
+    proxy = make_proxy("--config", filters_file, upstream_url="")
+    response = send(proxy, rid, [("Cookie", "a=1")], target="/api/h")
+    assert response.status == 200
+    assert response.header_all("cache-control") == ["no-store"]
+    record = upstream.wait_record(rid)
+    request_id = response.header("x-request-id")
+    assert request_id is not None and HEX_ID.match(request_id)
+    assert record.header_all("x-request-id") == record.header_all("x-rid") == [request_id]
+    assert record.header_all("x-real-ip") == ["127.0.0.1"]
+    assert record.header("cookie") is None
+    assert record.header_all("x-forwarded-prefix") == ["/api"]
+    assert wait_until(lambda: request_id in proxy.log()), proxy.log()
+
+    quiet = send(proxy, rid + "-q", [("Cookie", "a=1")], target="/quiet/h")
+    assert quiet.status == 200 and quiet.header("x-request-id") is None
+    record = upstream.wait_record(rid + "-q")
+    assert record.header("x-forwarded-prefix") is None and record.header("x-request-id") is None
+    assert record.header_all("cookie") == ["a=1"]

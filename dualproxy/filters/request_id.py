@@ -2,7 +2,7 @@
 
 The id is the trusted peer's own `X-Request-ID` when the peer is a trusted
 proxy (`trusted_proxies`) and the value is acceptable: one line, 1 to 200
-visible ASCII characters (no space, no control). Otherwise (no such line, an
+visible ASCII characters (no space, no control, no comma). Otherwise (no such line, an
 untrusted peer, a bad value) a new one is made: 32 hex digits from 16 random
 bytes, as nginx's `$request_id`. The id is
 
@@ -27,7 +27,9 @@ from .base import Exchange, Filter
 
 HEADER = b"x-request-id"
 MAX_LENGTH = 200
-_ACCEPTABLE = re.compile(rb"[\x21-\x7e]{1,%d}\Z" % MAX_LENGTH)
+# Visible ASCII but the comma: two lines joined (as gunicorn's WSGI environ joins
+# them) would otherwise read as one id.
+_ACCEPTABLE = re.compile(rb"[\x21-\x2b\x2d-\x7e]{1,%d}\Z" % MAX_LENGTH)
 
 
 def new_request_id() -> str:
@@ -36,7 +38,7 @@ def new_request_id() -> str:
 
 
 def acceptable(value: bytes) -> bool:
-    """Is `value` an id we may keep: 1 to MAX_LENGTH visible ASCII characters?"""
+    """Is `value` an id we may keep: 1 to MAX_LENGTH visible ASCII characters, no comma?"""
     return _ACCEPTABLE.match(value) is not None
 
 
