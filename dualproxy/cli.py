@@ -259,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "--header-down '+Cache-Control: no-store' (default: none)")
     serve.add_argument("--request-id", action="store_true",
                        help="give each request an X-Request-ID: a trusted proxy's is kept "
-                            "(1 to 200 visible ASCII characters, no comma), otherwise one is made (32 "
-                            "hex digits); sent upstream, returned to the client and written "
-                            "in the access log (default: off)")
+                            "(1 to 200 visible ASCII characters, no comma), otherwise one is "
+                            "made (32 hex digits); sent upstream, returned to the client and "
+                            "written in the access log (default: off)")
     serve.add_argument("--no-forwarded-prefix", action="store_true",
                        help="do not send the mount upstream as X-Forwarded-Prefix (default: "
                             "sent whenever --mount strips a prefix, appended to a trusted "

@@ -54,7 +54,8 @@ def test_header_up_rules_with_variables(make_proxy: MakeProxy, upstream: Upstrea
 
 def test_header_down_rules(make_proxy: MakeProxy, rid: str) -> None:
     proxy = make_proxy("--header-down", "+Cache-Control: no-store",
-                       "--header-down=-X-Secret", "--header-down", "X-Served-For: {client} via {scheme}",
+                       "--header-down=-X-Secret",
+                       "--header-down", "X-Served-For: {client} via {scheme}",
                        "--header-down", "X-Empty:")
     response = upstream_answers(proxy, rid, [
         ["Cache-Control", "public"], ["X-Secret", "s1"], ["X-Secret", "s2"],
