@@ -254,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(a removal needs the = form: argparse reads a lone -Cookie as "
                             "a flag) (default: none)")
     serve.add_argument("--header-down", action="append", default=[], metavar="RULE",
-                       help="a header rule for the response sent to the client, as "
-                            "--header-up (Date, Server and Host excluded), e.g. "
+                       help="a header rule for the response sent to the client, written as "
+                            "for --header-up (Date, Server and Host excluded), e.g. "
                             "--header-down '+Cache-Control: no-store' (default: none)")
     serve.add_argument("--request-id", action="store_true",
                        help="give each request an X-Request-ID: a trusted proxy's is kept "
