@@ -245,14 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     # --- built-in filters: header rules, request ids, X-Forwarded-Prefix ---
     serve.add_argument("--header-up", action="append", default=[], metavar="RULE",
                        help="a header rule for the request sent upstream, repeatable, in "
-                            "order: 'Name: value' sets the field (every line replaced), "
-                            "'+Name: value' adds a line, '-Name' removes it; values may name "
-                            "{client} (after trusted proxies), {request_id}, {host}, "
-                            "{scheme}; {{ and }} are literal braces; an empty value removes "
-                            "the field; Host may be set, framing and hop-by-hop fields not, "
-                            "e.g. --header-up 'X-Real-IP: {client}' --header-up=-Cookie "
-                            "(a removal needs the = form: argparse reads a lone -Cookie as "
-                            "a flag) (default: none)")
+                            "order: 'Name: value' sets, '+Name: value' adds, '-Name' removes "
+                            "(write --header-up=-Name); values may name {client}, "
+                            "{request_id}, {host}, {scheme}, e.g. 'X-Real-IP: {client}' "
+                            "(default: none)")
     serve.add_argument("--header-down", action="append", default=[], metavar="RULE",
                        help="a header rule for the response sent to the client, written as "
                             "for --header-up (Date, Server and Host excluded), e.g. "
