@@ -106,12 +106,19 @@ def _header_names(names: Iterable[str]) -> frozenset[bytes]:
 
 
 def _check_fields(pairs: Iterable[tuple[bytes, bytes]], names: Iterable[bytes],
-                  option: str) -> None:
-    """Refuse at construction a header a server would refuse in every response."""
+                  option: str, direction: str) -> None:
+    """Refuse at construction a header a server would refuse in every response, and
+    an added field no header rule may add (framing, hop-by-hop: the one rule of
+    filters/header_rules.py)."""
+    from .filters.header_rules import refused_name
+
     for name, value in pairs:
         if not FIELD_NAME.match(name) or BAD_FIELD_VALUE.search(value):
             raise ValueError(f"{option}: invalid header {name!r}: {value!r} "
                              "(names are tokens; values carry no CR, LF or NUL)")
+        refused = refused_name(name, direction, "add")
+        if refused is not None:
+            raise ValueError(f"{option}: {refused}")
     for name in names:
         if not FIELD_NAME.match(name):
             raise ValueError(f"{option}: invalid header name {name!r}")
@@ -205,9 +212,9 @@ class ProxyConfig:
         if self.max_body_size is not None and self.max_body_size < 0:
             raise ValueError("max_body_size must be >= 0")
         _check_fields(self.add_request_headers, self.remove_request_headers,
-                      "request headers")
+                      "request headers", "up")
         _check_fields(self.add_response_headers, self.remove_response_headers,
-                      "response headers")
+                      "response headers", "down")
         set_ = object.__setattr__
         set_(self, "header_up", _header_rules(self, "up"))
         set_(self, "header_down", _header_rules(self, "down"))

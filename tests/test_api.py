@@ -54,6 +54,13 @@ def test_error_status_outside_400_599_is_refused(status: int) -> None:
     {"add_request_headers": {"x-snow": "\u2603"}},
     {"remove_request_headers": ["x:colon"]},
     {"remove_response_headers": ["with space"]},
+    # the fields no header rule may add: framing (a second length upstream is smuggling)
+    {"add_request_headers": {"Content-Length": "0"}},
+    {"add_request_headers": {"Transfer-Encoding": "chunked"}},
+    {"add_request_headers": {"Host": "second.example"}},
+    {"add_response_headers": {"Content-Length": "0"}},
+    {"add_response_headers": {"Connection": "close"}},
+    {"add_response_headers": {"Server": "mine"}},
 ])
 def test_invalid_header_options_fail_at_construction(option: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="header"):

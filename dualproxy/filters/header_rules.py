@@ -156,21 +156,29 @@ def _check_rule(rule: HeaderRule, direction: str, text: str) -> None:
         raise ValueError(f"{where}: the operation must be one of {', '.join(OPERATIONS)}")
     if not isinstance(rule.name, bytes) or not FIELD_NAME.match(rule.name):
         raise ValueError(f"{where}: {rule.name!r} is not a header name (a token)")
-    forbidden = _FORBIDDEN_DOWN if direction == "down" else _FORBIDDEN
-    if rule.name in forbidden:
-        why = ("each server writes its own" if rule.name in (b"date", b"server")
-               else "Host is a request header" if rule.name == b"host"
-               else "framing and hop-by-hop fields are the proxy's")
-        raise ValueError(f"{where}: {rule.name.decode()} cannot be changed by a rule ({why})")
-    if rule.name == b"host" and rule.op != "set":
-        raise ValueError(f"{where}: Host can only be set ('Host: value'): a request has "
-                         "exactly one")
+    refused = refused_name(rule.name, direction, rule.op)
+    if refused is not None:
+        raise ValueError(f"{where}: {refused}")
     static = rule.static
     if static is not None and BAD_FIELD_VALUE.search(static):
         raise ValueError(f"{where}: a value carries no CR, LF or NUL")
     if rule.name == b"host" and static is not None and not valid_authority(static):
         raise ValueError(f"{where}: {static.decode('latin-1')!r} is not a valid Host "
                          "(host[:port])")
+
+
+def refused_name(name: bytes, direction: str, op: str) -> str | None:
+    """Why no rule (nor `add_*_headers` option) may `op` the field `name` in
+    `direction` ("up" or "down"), or None: it may."""
+    forbidden = _FORBIDDEN_DOWN if direction == "down" else _FORBIDDEN
+    if name in forbidden:
+        why = ("each server writes its own" if name in (b"date", b"server")
+               else "Host is a request header" if name == b"host"
+               else "framing and hop-by-hop fields are the proxy's")
+        return f"{name.decode()} cannot be changed by a rule ({why})"
+    if name == b"host" and op != "set":
+        return "Host can only be set ('Host: value'): a request has exactly one"
+    return None
 
 
 def apply(headers: list[Header], rules: tuple[HeaderRule, ...],
