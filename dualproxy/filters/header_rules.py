@@ -27,7 +27,7 @@ Host that is not an authority) refuses the request with 400, never sent.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..core import ResponseHead
 from ..errors import BadRequest
@@ -60,13 +60,13 @@ class HeaderRule:
     op: str
     name: bytes
     parts: tuple[bytes | str, ...] = ()
+    #: the value when it names no variable (None otherwise), made once
+    static: bytes | None = field(init=False, compare=False, repr=False, default=None)
 
-    @property
-    def static(self) -> bytes | None:
-        """The value when it names no variable (None otherwise)."""
-        if any(isinstance(part, str) for part in self.parts):
-            return None
-        return b"".join(part for part in self.parts if isinstance(part, bytes))
+    def __post_init__(self) -> None:
+        if not any(isinstance(part, str) for part in self.parts):
+            object.__setattr__(self, "static", b"".join(
+                part for part in self.parts if isinstance(part, bytes)))
 
     @property
     def variables(self) -> set[str]:
