@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from .rules import HeaderRule, parse_rule, refused_name
 from .target import reachable_mount
 from .upstreams import Upstream, parse_upstreams
 from .wire import BAD_FIELD_VALUE, FIELD_NAME
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
     import ssl
 
     from .filters.base import Filter
-    from .filters.header_rules import HeaderRule
     from .hooks import RequestHook, ResponseHook
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -109,9 +109,7 @@ def _check_fields(pairs: Iterable[tuple[bytes, bytes]], names: Iterable[bytes],
                   option: str, direction: str) -> None:
     """Refuse at construction a header a server would refuse in every response, and
     an added field no header rule may add (framing, hop-by-hop: the one rule of
-    filters/header_rules.py)."""
-    from .filters.header_rules import refused_name
-
+    rules.py)."""
     for name, value in pairs:
         if not FIELD_NAME.match(name) or BAD_FIELD_VALUE.search(value):
             raise ValueError(f"{option}: invalid header {name!r}: {value!r} "
@@ -272,8 +270,6 @@ class ProxyConfig:
 
 def _header_rules(config: ProxyConfig, direction: str) -> tuple[HeaderRule, ...]:
     """`header_up`/`header_down` parsed and checked (strings or HeaderRules)."""
-    from .filters.header_rules import parse_rule
-
     key = f"header_{direction}"
     written: Any = getattr(config, key)
     if isinstance(written, str):

@@ -17,8 +17,8 @@ import pytest
 
 from dualproxy.config import ProxyConfig
 from dualproxy.errors import BadRequest
-from dualproxy.filters.header_rules import apply, parse_rule
 from dualproxy.filters.request_id import acceptable
+from dualproxy.rules import apply, parse_rule
 from tests.conftest import MakeProxy
 from tests.rawhttp import exchange, request_bytes, wait_until
 from tests.test_headers import send, upstream_answers
