@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a header rule for the request sent upstream, repeatable, in "
                             "order: 'Name: value' sets, '+Name: value' adds, '-Name' removes "
                             "(write --header-up=-Name); values may name {client}, "
-                            "{request_id}, {host}, {scheme}, e.g. 'X-Real-IP: {client}' "
+                            "{request_id}, {host} and {scheme}, as in 'X-Real-IP: {client}' "
                             "(default: none)")
     serve.add_argument("--header-down", action="append", default=[], metavar="RULE",
                        help="a header rule for the response sent to the client, written as "
