@@ -13,11 +13,26 @@ from typing import TYPE_CHECKING
 
 from .base import Answer, BodyTransform, Exchange, Filter
 from .chain import Chain
+from .transforms import (
+    Buffered,
+    BufferedBody,
+    Mapped,
+    Replace,
+    RequestBodyFilter,
+    ResponseBodyFilter,
+    SubFilter,
+    body_filter,
+    request_body_filter,
+)
 
 if TYPE_CHECKING:
     from ..config import ProxyConfig
 
-__all__ = ["Answer", "BodyTransform", "Chain", "Exchange", "Filter", "build_chain"]
+__all__ = [
+    "Answer", "BodyTransform", "Buffered", "BufferedBody", "Chain", "Exchange", "Filter",
+    "Mapped", "Replace", "RequestBodyFilter", "ResponseBodyFilter", "SubFilter", "body_filter",
+    "build_chain", "request_body_filter",
+]
 
 
 def build_chain(config: ProxyConfig) -> Chain:
@@ -25,11 +40,13 @@ def build_chain(config: ProxyConfig) -> Chain:
 
     1. the built-in filters the configuration turns on: request_id (first, so
        every other filter sees `exchange.request_id`), compress, forwarded_prefix,
-       header_rules (last: a rule may replace what the others wrote);
+       header_rules (a rule may replace what the others wrote), then `sub_filter`
+       (last, so that a compressing filter before it encodes the rewritten body);
     2. the user's `filters=`, in the order given;
     3. the request and response hooks (hooks.py), in the order given.
     """
     from ..hooks import hook_filters
+    from .transforms import sub_filter
 
     builtins: list[Filter] = []
     if config.request_id:
@@ -44,6 +61,7 @@ def build_chain(config: ProxyConfig) -> Chain:
         from .header_rules import HeaderRules
 
         builtins.append(HeaderRules(config.header_up, config.header_down))
+    builtins.extend(flt for flt in (sub_filter(config),) if flt is not None)
     filters = [*builtins, *config.filters,
                *hook_filters(config.request_hooks, config.response_hooks)]
     return Chain(filters)
