@@ -268,6 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
                        help="peer whose X-Forwarded-*/Forwarded headers are kept and appended "
                             "to; repeatable (default: none, they are dropped)")
+    # --- built-in filters: header rules, request ids, X-Forwarded-Prefix ---
+    serve.add_argument("--header-up", action="append", default=[], metavar="RULE",
+                       help="a header rule for the request sent upstream, repeatable, in "
+                            "order: 'Name: value' sets, '+Name: value' adds, '-Name' removes "
+                            "(write --header-up=-Name); values may name {client}, "
+                            "{request_id}, {host} and {scheme}, as in 'X-Real-IP: {client}' "
+                            "(default: none)")
+    serve.add_argument("--header-down", action="append", default=[], metavar="RULE",
+                       help="a header rule for the response sent to the client, written as "
+                            "for --header-up (Date, Server and Host excluded), e.g. "
+                            "--header-down '+Cache-Control: no-store' (default: none)")
+    serve.add_argument("--request-id", action="store_true",
+                       help="give each request an X-Request-ID: a trusted proxy's is kept "
+                            "(1 to 200 visible ASCII characters, no comma), otherwise one is "
+                            "made (32 hex digits); sent upstream, returned to the client and "
+                            "written in the access log (default: off)")
+    serve.add_argument("--no-forwarded-prefix", action="store_true",
+                       help="do not send the mount upstream as X-Forwarded-Prefix (default: "
+                            "sent whenever --mount strips a prefix, appended to a trusted "
+                            "proxy's own)")
     serve.add_argument("--max-connections", type=_count, default=100, metavar="N",
                        help="upstream connections per worker (default: 100)")
     serve.add_argument("--pool-timeout", type=_positive, default=5.0, metavar="SECONDS",
@@ -369,6 +389,10 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "preserve_host": args.preserve_host,
         "underscores_in_headers": args.underscores_in_headers,
         "trusted_proxies": args.trusted_proxy,
+        "header_up": args.header_up,
+        "header_down": args.header_down,
+        "request_id": args.request_id,
+        "forwarded_prefix": not args.no_forwarded_prefix,
         "max_connections": args.max_connections,
         "pool_timeout": args.pool_timeout,
         "graceful_timeout": args.graceful_timeout,

@@ -65,6 +65,11 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         preserve_host=options["preserve_host"],
         underscores_in_headers=options["underscores_in_headers"],
         trusted_proxies=options["trusted_proxies"],
+        header_up=options["header_up"],
+        header_down=options["header_down"],
+        request_id=options["request_id"],
+        # The CLI always names the mount: on (None) unless --no-forwarded-prefix.
+        forwarded_prefix=None if options["forwarded_prefix"] else False,
         max_connections=options["max_connections"],
         max_keepalive_connections=options["max_connections"],
         pool_timeout=options["pool_timeout"],
