@@ -77,12 +77,9 @@ def test_sub_filter_replaces_a_pattern_split_between_two_writes(
 
 
 def test_sub_filter_to_an_http10_client_ends_with_the_close(
-        filtered: FilteredProxy, rid: str, request: pytest.FixtureRequest) -> None:
-    if filtered.pairing != "wsgi-gunicorn":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "uvicorn's httptools protocol (also under gunicorn's uvicorn worker) chunks any "
-            "response without Content-Length, HTTP/1.0 clients included; found here, not "
-            "specific to transforms (an upstream's chunked response does the same)")))
+        filtered: FilteredProxy, rid: str) -> None:
+    """HTTP/1.0 has no chunked coding: a body whose length changed ends with the
+    connection (uvicorn's httptools protocol chunked it: servers/uvicorn_protocols.py)."""
     pieces, page = page_split_inside(URL, 5)
     raw = pieces_request(rid, pieces).replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
     response = exchange(filtered.port, raw)

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import MakeProxy, ProxyProcess
+from tests.conftest import MakeProxy, ProxyProcess, xfail_on_granian
 from tests.rawhttp import RawResponse, exchange, request_bytes
 from tests.upstream import Record, Upstream
 
@@ -157,6 +157,20 @@ def test_http10_without_host_gets_the_upstream_authority(proxy: ProxyProcess,
     assert record.header_names() == ["host", "x-req-id", *FORWARDING]
 
 
+def test_a_chunked_answer_to_an_http10_client_ends_with_the_close(
+        proxy: ProxyProcess, upstream: Upstream, rid: str) -> None:
+    """HTTP/1.0 has no chunked coding (RFC 9112 6.3): a body without a length goes to
+    an HTTP/1.0 client as is and ends with the connection. uvicorn's httptools
+    protocol chunked it (dualproxy's protocol class corrects that)."""
+    response = exchange(proxy.port, (
+        f"GET /h HTTP/1.0\r\nx-req-id: {rid}\r\n"
+        "x-upstream: download size=70000 chunked=1 chunk=1000\r\n\r\n").encode())
+    assert response.status == 200
+    assert response.framing == "close" and response.complete
+    assert response.header("transfer-encoding") is None
+    assert len(response.body) == 70000
+
+
 def test_preserve_host_forwards_the_clients(make_proxy: MakeProxy, upstream: Upstream,
                                             rid: str) -> None:
     proxy = make_proxy("--preserve-host")
@@ -239,7 +253,8 @@ def test_no_header_is_invented_upstream(proxy: ProxyProcess, upstream: Upstream,
 
 
 def test_request_order_and_duplicates_are_kept(proxy: ProxyProcess, upstream: Upstream,
-                                               rid: str) -> None:
+                                               rid: str, request: pytest.FixtureRequest) -> None:
+    xfail_on_granian(request, "header-order")
     assert send(proxy, rid, [("X-First", "1"), ("X-Dup", "a"), ("X-Middle", "m"),
                              ("X-Dup", "b"), ("X-Last", "z"), ("X-Dup", "c")]).status == 200
     record = upstream.wait_record(rid)
@@ -252,7 +267,9 @@ def test_request_order_and_duplicates_are_kept(proxy: ProxyProcess, upstream: Up
         assert own_names(record) == ["x-first", "x-dup", "x-middle", "x-dup", "x-last", "x-dup"]
 
 
-def test_response_duplicates_and_order_are_kept(proxy: ProxyProcess, rid: str) -> None:
+def test_response_duplicates_and_order_are_kept(proxy: ProxyProcess, rid: str,
+                                                request: pytest.FixtureRequest) -> None:
+    xfail_on_granian(request, "header-order")
     response = upstream_answers(proxy, rid, [
         ["Set-Cookie", "a=1; Path=/"], ["X-Dup", "1"], ["Set-Cookie", "b=2; HttpOnly"],
         ["X-Dup", "2"], ["Set-Cookie", "c=3; Expires=Wed, 21 Oct 2037 07:28:00 GMT"],
