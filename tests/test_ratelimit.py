@@ -285,6 +285,17 @@ def test_the_client_and_route_keys(upstream: Upstream) -> None:
     assert statuses(by_route, [one, two, {"x-key": "3"}]) == [200, 200, 429]
 
 
+def test_the_request_id_outside_sees_the_refusal(upstream: Upstream) -> None:
+    """request_id is the outermost built-in: the 429 carries its X-Request-ID too."""
+    app = SyncProxy(upstream.url, rate_limit="1/minute", request_id=True)
+    with httpx.Client(transport=httpx.WSGITransport(app=app),
+                      base_url="http://proxy") as client:
+        passed, refused = client.get("/"), client.get("/")
+    app.close()
+    assert (passed.status_code, refused.status_code) == (200, 429)
+    assert refused.headers["x-request-id"] and "ratelimit" in refused.headers
+
+
 # -- on every pairing ------------------------------------------------------------------
 
 
