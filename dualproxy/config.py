@@ -238,7 +238,7 @@ class ProxyConfig:
              else tuple(u.url for u in upstreams))
         set_(self, "upstreams", upstreams)
         _check_pool_options(self)
-        from .filters.ratelimit import Limits
+        from .rates import Limits
 
         Limits.from_config(self)  # ValueError naming a bad rate option
         _check_sub_filter(self)
