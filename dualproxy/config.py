@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import ssl
 
     from .filters.base import Filter
+    from .filters.compress import Compression
     from .hooks import RequestHook, ResponseHook
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -176,6 +177,9 @@ class ProxyConfig:
     # The route's own filters (filters/base.py), outermost first, after the built-in
     # ones and before the hooks (filters.build_chain).
     filters: tuple[Filter, ...] = ()
+    # Compress response bodies (filters/compress.py): True for the defaults, or a
+    # `Compression(min_length=, types=, codings=)`.
+    compress: bool | Compression = False
     # Derived fields, filled in by __post_init__.
     upstreams: tuple[Upstream, ...] = field(init=False, default=())
     upstream_scheme: str = field(init=False, default="")
@@ -204,6 +208,7 @@ class ProxyConfig:
              else tuple(u.url for u in upstreams))
         set_(self, "upstreams", upstreams)
         _check_pool_options(self)
+        _check_compress(self.compress)
         set_(self, "mount", _normalize_mount(self.mount))
         # The first upstream's, for code that knows one upstream only.
         set_(self, "upstream_scheme", first.scheme)
@@ -250,6 +255,14 @@ class ProxyConfig:
         except ValueError:
             return False
         return any(addr in net for net in self.trusted_proxies)
+
+
+def _check_compress(setting: object) -> None:
+    from .filters.compress import Compression
+
+    if not isinstance(setting, (bool, Compression)):
+        raise ValueError(f"compress must be True, False or a Compression, "
+                         f"got {type(setting).__name__}")
 
 
 def _check_pool_options(config: ProxyConfig) -> None:

@@ -63,6 +63,7 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         ws_idle_timeout=options["ws_idle_timeout"],
         preserve_host=options["preserve_host"],
         underscores_in_headers=options["underscores_in_headers"],
+        compress=options.get("compress", False),
         trusted_proxies=options["trusted_proxies"],
         max_connections=options["max_connections"],
         max_keepalive_connections=options["max_connections"],

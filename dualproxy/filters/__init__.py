@@ -28,7 +28,9 @@ def build_chain(config: ProxyConfig) -> Chain:
     3. the request and response hooks (hooks.py), in the order given.
     """
     from ..hooks import hook_filters
+    from .compress import compression_filters
 
-    filters = [*config.filters,
+    filters = [*compression_filters(config.compress),
+               *config.filters,
                *hook_filters(config.request_hooks, config.response_hooks)]
     return Chain(filters)
