@@ -99,12 +99,12 @@ class _Zstd:
 
 # -- encoders ------------------------------------------------------------------------------
 
-#: The levels the encoders use: each library's fast, on-the-fly setting, as a
-#: proxy compresses every response anew (docs/compression.md has the measurements).
-#: gzip 6 is zlib's default (nginx, Apache and Caddy use 1 to 6); br 4 compresses
-#: about as well as gzip 6 at twice its speed (br 5 and up cost twice again: they
-#: are for static files compressed once); zstd 3 is zstd's default, the fastest of
-#: the three by far.
+#: The levels the encoders use: each library's fast, on-the-fly settings, as a
+#: proxy compresses every response anew (docs/compression.md has the measurements,
+#: bench/codings.py makes them). gzip 6 is zlib's default (Apache's and Caddy's;
+#: nginx's is 1); br 4 runs about twice as fast as gzip 6 (br 5 and up are half as
+#: fast again: settings for static files compressed once); zstd 3, zstd's default,
+#: about six times as fast, at a ratio close to br 4's.
 LEVELS = {b"gzip": 6, b"br": 4, b"zstd": 3}
 # brotli's window: 1 MiB (its default, 4 MiB, grows per stream to that much memory).
 _BROTLI_WINDOW = 20
