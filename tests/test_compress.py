@@ -13,6 +13,7 @@ import json
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import brotli
@@ -22,7 +23,7 @@ import zstandard
 
 from dualproxy import ProxyConfig
 from dualproxy.filters.compress import Compression, negotiate
-from tests.conftest import MakeProxy, ProxyProcess
+from tests.conftest import MakeProxy, ProxyPool, ProxyProcess
 from tests.rawhttp import Reader, connect, read_response
 from tests.upstream import Upstream, pattern_bytes, text_bytes
 
@@ -303,7 +304,23 @@ def test_sse_events_arrive_compressed_and_live(compressing: ProxyProcess, upstre
         assert b"".join(decode(chunk) for chunk in chunks) == b""
 
 
-# -- the Python API -----------------------------------------------------------------------
+# -- the config file and the Python API --------------------------------------------------
+
+def test_compress_per_route_in_a_config_file(pairing: str, proxy_pool: ProxyPool,
+                                             upstream: Upstream, tmp_path: Path) -> None:
+    path = tmp_path / "routes.toml"
+    path.write_text(f'[[route]]\nmount = "/z"\nupstream = "{upstream.url}"\ncompress = true\n\n'
+                    f'[[route]]\nmount = "/plain"\nupstream = "{upstream.url}"\n')
+    routed = proxy_pool.get(pairing, "", ("--config", str(path)))
+    action = {"x-upstream": "download size=5000 text=1 ctype=text/plain"}
+    with routed.client() as client:
+        compressed = client.get("/z/x", headers={**action, "accept-encoding": "br"})
+        plain = client.get("/plain/x", headers={**action, "accept-encoding": "br"})
+    assert compressed.headers["content-encoding"] == "br"
+    assert compressed.content == plain.content == text_bytes(5000)  # httpx decodes br
+    assert "content-encoding" not in plain.headers
+
+
 
 @pytest.mark.parametrize(("settings", "coding"), [
     (Compression(min_length=10, codings=["gzip"]), "gzip"),   # only gzip offered
