@@ -133,7 +133,9 @@ class Compress(Filter):
         transform = encoder(coding)
         if transform is None or not exchange.transform_response(transform):
             return head  # HEAD, 204, 304: no body to encode (the chain says)
-        head.headers[:] = [(n, v) for n, v in head.headers if n.lower() not in _STALE]
+        # (A Content-Encoding here says identity: replaced by ours.)
+        head.headers[:] = [(n, v) for n, v in head.headers if n.lower() not in _STALE
+                           and n.lower() != b"content-encoding"]
         head.headers.append((b"content-encoding", coding))
         return head
 
