@@ -345,6 +345,7 @@ def test_a_compression_settings_object_on_both_faces(upstream: Upstream,
     ({"types": "text/html"}, "list of strings"),
     ({"types": ["html"]}, "not a media type"),
     ({"codings": ["deflate"]}, "unknown"),
+    ({"types": [b"text/html"]}, "lists of strings"),
 ])
 def test_bad_compression_settings_are_refused(value: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -74,6 +74,8 @@ class Compression:
         for what, values in (("types", self.types), ("codings", self.codings)):
             if isinstance(values, str):
                 raise ValueError(f"compress {what} must be a list of strings, not one string")
+        if not all(isinstance(v, str) for v in (*self.types, *self.codings)):
+            raise ValueError("compress types and codings must be lists of strings")
         unknown = [c for c in self.codings if c.strip().lower() not in PREFERENCE]
         if unknown:
             raise ValueError(f"compress codings: {', '.join(map(repr, unknown))} unknown "
