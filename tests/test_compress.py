@@ -225,6 +225,22 @@ def test_incompressible_bytes_of_a_text_type_still_arrive_whole(
     assert _decode_whole("gzip", raw) == pattern_bytes(300_000)
 
 
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "length"])
+def test_an_upstream_cut_short_is_never_a_complete_compressed_body(
+        compressing: ProxyProcess, chunked: bool) -> None:
+    """The encoder's end mark is written only after the upstream's last byte: a cut
+    upstream leaves the client a chunked body without its last chunk (aborted)."""
+    action = f"cut size=300000 after=100000 ctype=text/plain{' chunked=1' * chunked}"
+    with connect(compressing.port) as sock:
+        sock.sendall(b"GET /cut HTTP/1.1\r\nHost: proxy.test\r\nAccept-Encoding: gzip\r\n"
+                     b"X-Upstream: " + action.encode() + b"\r\n\r\n")
+        response = read_response(Reader(sock))
+    assert response.header("content-encoding") == "gzip"
+    assert response.framing == "chunked" and not response.complete
+    partial = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(response.body)
+    assert partial == pattern_bytes(300_000)[:len(partial)] and len(partial) <= 100_000
+
+
 # -- the headers it fixes -----------------------------------------------------------------
 
 @pytest.mark.parametrize(("vary", "expected"), [

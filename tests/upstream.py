@@ -20,7 +20,8 @@ shell rules, so `body="two words"` works); every answer echoes `x-req-id`, excep
   raw [close=1]             write base64-decoded `x-upstream-raw` as the whole response
   hang [seconds=120]        never answer; close once the client does
   reset                     RST right after the head
-  cut size=N after=M [chunked=1] [chunk=65536]   announce N bytes, send M, close (FIN)
+  cut size=N after=M [chunked=1] [chunk=65536] [ctype=...]   announce N bytes, send M,
+                            close (FIN)
   trickle size=N interval=S [chunk=1]
   slowread rate=BYTES_PER_SEC
   sleep seconds=S           read the body, wait, then echo
@@ -1049,7 +1050,7 @@ class Upstream:
         chunked = p.get("chunked") == "1"
         await self._read_body(conn, req)
         conn.write(self._head(req, 200, [
-            ("Content-Type", "application/octet-stream"),
+            ("Content-Type", p.get("ctype", "application/octet-stream")),
             ("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(size))]))
         await self._send_body(conn, _Source(size), chunked=chunked,
                               chunk=chunk, limit=after, final=False)
