@@ -75,6 +75,9 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         retries=options["retries"],
         health_path=options["health_path"],
         health_interval=options["health_interval"],
+        # --- filters: sub_filter ---
+        sub_filter=[tuple(pair) for pair in options.get("sub_filter") or ()],
+        sub_filter_types=options.get("sub_filter_types") or (),
         # --- gateway: tls ---
         **tls_options(options),
     )

@@ -287,12 +287,16 @@ def test_an_http10_client_gets_a_close_delimited_compressed_body(
     assert response.status == 200 and response.header("content-encoding") == "gzip"
     assert "content-length" not in response.names()
     assert gzip.decompress(response.body) == text_bytes(100_000)
-    if compressing.pairing != "wsgi-gunicorn" and response.framing == "chunked":
-        pytest.xfail("uvicorn's HTTP protocol (httptools; gunicorn's uvicorn worker too) "
-                     "frames a body without Content-Length as chunked even to an HTTP/1.0 "
-                     "client (RFC 9112 7.1: it must not): every streamed response does so "
-                     "on main, not only compressed ones")
     assert response.framing == "close"
+
+
+def test_a_sub_filter_rewrite_is_compressed_again(make_proxy: MakeProxy) -> None:
+    """sub_filter decodes the upstream's gzip body to rewrite it; compress, outside it,
+    encodes the rewritten body in the client's coding."""
+    proxy = make_proxy("--compress", "--sub-filter", "proxy=PROXY")
+    response, raw = _get(proxy, "download size=50000 text=1 gzip=1 ctype=text/html", "br")
+    assert _coding(response) == "br"
+    assert _decode_whole("br", raw) == text_bytes(50_000).replace(b"proxy", b"PROXY")
 
 
 # -- live streams -------------------------------------------------------------------------

@@ -19,11 +19,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..core import ResponseHead
 from ..headers import Header
 from .base import Exchange, Filter
 from .codings import encodable, encoder
+
+if TYPE_CHECKING:
+    from ..config import ProxyConfig
 
 #: Compressed when the body is at least this long (bytes), if its length is known.
 #: Below about a kilobyte the saving is a few hundred bytes at most, and the
@@ -88,11 +92,12 @@ class Compression:
         object.__setattr__(self, "codings", tuple(c.strip().lower() for c in self.codings))
 
 
-def compression_filters(setting: bool | Compression | None) -> list[Filter]:
-    """The route's compression filter, when `compress=` turns it on."""
+def compress_filter(config: ProxyConfig) -> Compress | None:
+    """The route's compression filter, when its `compress=` turns it on."""
+    setting = config.compress
     if not setting:
-        return []
-    return [Compress(setting if isinstance(setting, Compression) else Compression())]
+        return None
+    return Compress(setting if isinstance(setting, Compression) else Compression())
 
 
 class Compress(Filter):
