@@ -1,10 +1,11 @@
 """`dualproxy serve` and `dualproxy demo`: the flags, their usage errors, the options.
 
-`serve` runs one of the four face x server pairings (asgi on uvicorn, wsgi on
+`serve` runs one of the six face x server pairings (asgi on uvicorn, wsgi on
 gunicorn (gthread), wsgi on uvicorn through a2wsgi, asgi on gunicorn with uvicorn
-workers) from the flags or a `--config` file (configfile.py); every value is
-checked here, before anything starts, and becomes JSON-able options that
-launch.py hands to the server and its worker processes.
+workers, asgi and wsgi (through a2wsgi) on granian's ASGI interface) from the
+flags or a `--config` file (configfile.py); every value is checked here, before
+anything starts, and becomes JSON-able options that launch.py hands to the server
+and its worker processes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .logs import FORMATS
 from .servers.limits import DEFAULT_HEADER_TIMEOUT, HEAD_LIMIT, REQUEST_LINE_LIMIT
 
 DEFAULT_SERVER = {"asgi": "uvicorn", "wsgi": "gunicorn"}
+SERVERS = ("uvicorn", "gunicorn", "granian")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,6 +126,27 @@ def _mount(value: str) -> str:
     return value
 
 
+# --- gateway: rate limits ---
+def _checked(check: Any) -> Any:
+    """An argparse type from a ValueError-raising check (filters/ratelimit.py's)."""
+    def convert(value: str) -> str:
+        try:
+            check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    convert.__name__ = check.__name__
+    return convert
+
+
+def _rate_checks() -> tuple[Any, Any, Any]:
+    from .filters.ratelimit import check_store, parse_key, parse_rate
+
+    return _checked(parse_rate), _checked(parse_key), _checked(check_store)
+
+
+_rate, _rate_key, _rate_store = _rate_checks()
 # --- filters: sub_filter ---
 def _sub_pair(value: str) -> tuple[str, str]:
     """`FROM=TO` (split at the first `=`): a --sub-filter replacement."""
@@ -173,6 +196,7 @@ TOML_TYPES: dict[Any, tuple[type, ...]] = {
     _positive: (int, float), _count: (int,), _workers: (int,), _threads: (int,),
     _size: (int, str), _positive_size: (int, str),
     _bind: (str,), _mount: (str,), _whole: (int,),
+    _rate: (str,), _rate_key: (str,), _rate_store: (str,),
 }
 
 
@@ -202,8 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address to listen on (default: 127.0.0.1:8000)")
     serve.add_argument("--adapter", choices=("asgi", "wsgi"), default="asgi",
                        help="which face serves the requests (default: asgi)")
-    serve.add_argument("--server", choices=("uvicorn", "gunicorn"), default=None,
-                       help="HTTP server (default: uvicorn for asgi, gunicorn for wsgi)")
+    serve.add_argument("--server", choices=SERVERS, default=None,
+                       help="HTTP server; granian runs both faces on its ASGI interface "
+                            "(default: uvicorn for asgi, gunicorn for wsgi)")
+    serve.add_argument("--http", choices=("1", "2", "auto"), default="1",
+                       help="HTTP versions served to clients, on --server granian only: 1 "
+                            "(HTTP/1.1), 2 (HTTP/2 alone: h2 by ALPN with --certfile, else "
+                            "h2c with prior knowledge; no WebSockets), or auto (both: by ALPN "
+                            "with --certfile, else by the client's first bytes) (default: 1)")
     serve.add_argument("--workers", type=_workers, default=1, metavar="N",
                        help=f"worker processes, at most {MAX_WORKERS} (default: 1)")
     serve.add_argument("--threads", type=_threads, default=32, metavar="N",
@@ -266,6 +296,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
                        help="peer whose X-Forwarded-*/Forwarded headers are kept and appended "
                             "to; repeatable (default: none, they are dropped)")
+    # --- built-in filters: header rules, request ids, X-Forwarded-Prefix ---
+    serve.add_argument("--header-up", action="append", default=[], metavar="RULE",
+                       help="a header rule for the request sent upstream, repeatable, in "
+                            "order: 'Name: value' sets, '+Name: value' adds, '-Name' removes "
+                            "(write --header-up=-Name); values may name {client}, "
+                            "{request_id}, {host} and {scheme}, as in 'X-Real-IP: {client}' "
+                            "(default: none)")
+    serve.add_argument("--header-down", action="append", default=[], metavar="RULE",
+                       help="a header rule for the response sent to the client, written as "
+                            "for --header-up (Date, Server and Host excluded), e.g. "
+                            "--header-down '+Cache-Control: no-store' (default: none)")
+    serve.add_argument("--request-id", action="store_true",
+                       help="give each request an X-Request-ID: a trusted proxy's is kept "
+                            "(1 to 200 visible ASCII characters, no comma), otherwise one is "
+                            "made (32 hex digits); sent upstream, returned to the client and "
+                            "written in the access log (default: off)")
+    serve.add_argument("--no-forwarded-prefix", action="store_true",
+                       help="do not send the mount upstream as X-Forwarded-Prefix (default: "
+                            "sent whenever --mount strips a prefix, appended to a trusted "
+                            "proxy's own)")
     serve.add_argument("--max-connections", type=_count, default=100, metavar="N",
                        help="upstream connections per worker (default: 100)")
     serve.add_argument("--pool-timeout", type=_positive, default=5.0, metavar="SECONDS",
@@ -303,6 +353,31 @@ def build_parser() -> argparse.ArgumentParser:
                             "2xx/3xx is up (default: passive checks only)")
     serve.add_argument("--health-interval", type=_positive, default=5.0, metavar="SECONDS",
                        help="seconds between two active checks (default: 5)")
+    # --- gateway: rate limits ---
+    limits = serve.add_argument_group("rate limits")
+    limits.add_argument("--rate-limit", type=_rate, default=None, metavar="RATE",
+                        help="requests per key allowed at this rate, e.g. 100/second, "
+                             "10/minute, 1000/hour, as nginx's limit_req nodelay: a bucket of "
+                             "--rate-burst requests refilled at RATE; past it 429 with "
+                             "Retry-After at once, never delayed; answers carry RateLimit-Policy "
+                             "and RateLimit (default: no limit)")
+    limits.add_argument("--rate-burst", type=_count, default=None, metavar="N",
+                        help="requests a key may make at once, the bucket's size (default: "
+                             "the rate's count, 100 for 100/second)")
+    limits.add_argument("--rate-key", type=_rate_key, default="client", metavar="KEY",
+                        help="what a bucket is per: client (its address, after trusted "
+                             "proxies), header:NAME (e.g. header:X-Api-Key; without it, the "
+                             "client's address) or route (one for all) (default: client)")
+    limits.add_argument("--rate-max-inflight", type=_count, default=None, metavar="N",
+                        help="requests in flight per key and worker, then 429 (nginx's "
+                             "limit_conn) (default: no cap)")
+    limits.add_argument("--rate-limit-store", type=_rate_store, default="memory",
+                        metavar="STORE",
+                        help="memory: each worker process keeps its own buckets (N workers "
+                             "admit N times the rate); redis://HOST:PORT/DB: one bucket per key "
+                             "for every worker and proxy sharing that Redis (the `ratelimit` "
+                             "extra); if it fails the limit steps aside, requests pass "
+                             "(default: memory)")
     # --- filters: sub_filter ---
     serve.add_argument("--sub-filter", type=_sub_pair, action="append", default=[],
                        metavar="FROM=TO",
@@ -342,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="address for the proxy (default: 127.0.0.1:8000)")
     demo.add_argument("--adapter", choices=("asgi", "wsgi"), default="asgi",
                       help="which face serves the requests (default: asgi)")
+    demo.add_argument("--server", choices=SERVERS, default=None,
+                      help="HTTP server (default: uvicorn for asgi, gunicorn for wsgi)")
     return parser
 
 
@@ -352,6 +429,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "mount": args.mount,
         "adapter": args.adapter,
         "server": args.server or DEFAULT_SERVER[args.adapter],
+        "http": args.http,
         "threads": args.threads,
         "ws_max_tunnels": args.ws_max_tunnels,
         "header_timeout": args.header_timeout,
@@ -365,6 +443,10 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "underscores_in_headers": args.underscores_in_headers,
         "compress": args.compress,
         "trusted_proxies": args.trusted_proxy,
+        "header_up": args.header_up,
+        "header_down": args.header_down,
+        "request_id": args.request_id,
+        "forwarded_prefix": not args.no_forwarded_prefix,
         "max_connections": args.max_connections,
         "pool_timeout": args.pool_timeout,
         "graceful_timeout": args.graceful_timeout,
@@ -378,6 +460,12 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "retries": args.retries,
         "health_path": args.health_path,
         "health_interval": args.health_interval,
+        # --- gateway: rate limits ---
+        "rate_limit": args.rate_limit,
+        "rate_burst": args.rate_burst,
+        "rate_key": args.rate_key,
+        "rate_max_inflight": args.rate_max_inflight,
+        "rate_limit_store": args.rate_limit_store,
         # --- filters: sub_filter ---
         "sub_filter": [list(pair) for pair in args.sub_filter],
         "sub_filter_types": args.sub_filter_type,
@@ -414,9 +502,10 @@ def demo(args: argparse.Namespace) -> int:
     try:
         with demo_upstream() as port:
             print(instructions(port, f"http://{host}:{proxy_port}", args.adapter), flush=True)
+            server = ["--server", args.server] if args.server else []
             return serve(build_parser().parse_args([
                 "serve", "--upstream", f"http://127.0.0.1:{port}",
-                "--bind", f"{host}:{proxy_port}", "--adapter", args.adapter]))
+                "--bind", f"{host}:{proxy_port}", "--adapter", args.adapter, *server]))
     except KeyboardInterrupt:
         return 0
 
@@ -430,6 +519,20 @@ def _check_metrics_bind(parser: argparse.ArgumentParser, args: argparse.Namespac
         problem = "--metrics-bind needs prometheus_client: pip install 'dualproxy[metrics]'"
     if problem is not None:
         parser.exit(2, f"dualproxy serve: error: {problem}\n")
+
+
+def _check_server(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--server granian needs a granian release the suite tests (servers/granian.py);
+    HTTP/2 needs granian."""
+    if getattr(args, "http", "1") != "1" and args.server != "granian":
+        parser.exit(2, f"dualproxy serve: error: --http {args.http} needs --server granian "
+                       "(uvicorn and gunicorn serve HTTP/1.1 only)\n")
+    if args.server == "granian":
+        from .servers.granian import untested_granian
+
+        problem = untested_granian()
+        if problem is not None:
+            parser.exit(2, f"dualproxy serve: error: {problem}\n")
 
 
 def load_config_file(path: str, argv: Sequence[str]) -> tuple[argparse.Namespace,
@@ -486,9 +589,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_tls(options_from_args(serve_args))
         except ValueError as exc:
             parser.exit(2, f"dualproxy serve: error: {exc}\n")
+        _check_server(parser, serve_args)
         if serve_args.metrics_bind is not None:
             _check_metrics_bind(parser, serve_args)
         return serve(serve_args, routes)
+    if args.command == "demo":
+        _check_server(parser, args)
     if args.command == "serve":
         if args.upstream is None:
             parser.exit(2, "dualproxy serve: error: --upstream URL is required, or --config "
@@ -498,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_tls(options, config_from_options(options))
         except ValueError as exc:  # the upstream URL, a trusted-proxy CIDR
             parser.exit(2, f"dualproxy serve: error: {exc} (see dualproxy serve --help)\n")
+        _check_server(parser, args)
         if args.metrics_bind is not None:
             _check_metrics_bind(parser, args)
         return serve(args)

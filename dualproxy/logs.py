@@ -160,7 +160,8 @@ class RequestRecord:
 
     __slots__ = ("method", "target", "client", "started", "upstream_at", "status",
                  "bytes_in", "bytes_out", "client_gone", "broken", "responded", "problem",
-                 "shutdown", "routed", "upstream", "cause", "websocket", "exchange")
+                 "shutdown", "routed", "upstream", "cause", "websocket", "exchange",
+                 "request_id", "outcome", "limit_skipped")
 
     def __init__(self, incoming: IncomingRequest, client: str | None = None) -> None:
         self.method = incoming.method
@@ -181,6 +182,11 @@ class RequestRecord:
         self.cause: str | None = None  # why the upstream side failed (errors.UPSTREAM_CAUSES)
         self.websocket = False  # an accepted WebSocket session, open until finish
         self.exchange: Any = None  # the filters' Exchange, whose on_end is still to run
+        self.request_id: str | None = None  # X-Request-ID (filters/request_id.py), if on
+        # A filter's own word for how its answer ended the request, in place of `ok`
+        # (the rate limit's refusal: `rate-limited`).
+        self.outcome: str | None = None
+        self.limit_skipped = False  # the rate limit's store failed: the request passed unchecked
 
     def upstream_status(self, status: int) -> None:
         self.upstream_at = time.perf_counter()
@@ -198,12 +204,15 @@ class RequestRecord:
         `refused`: the proxy answered 4xx itself (bad request, too large, outside
         the mount, a hook's refusal); `failed`: it answered 5xx itself (the upstream
         refused, timed out, no connection came free); `client-gone`: the client left
-        before the answer was complete, no status counted as sent.
+        before the answer was complete, no status counted as sent; a filter's own
+        outcome for its answer (`rate-limited`: the rate limit's 429).
         """
         if self.shutdown:
             return "shutdown-cut", "other"
         if self.client_gone:
             return "client-gone", None
+        if self.outcome is not None:
+            return self.outcome, None
         if self.problem is not None:
             return ("refused" if self.status < 500 else "failed"), self.cause
         return ("upstream-broken" if self.broken else "ok"), self.cause
@@ -225,6 +234,7 @@ class RequestObserver(Protocol):
     def finished(self, record: RequestRecord, route: str | None) -> None: ...
 
 
+_JSON_RID = '"request_id": '
 _JSON_NOWHERE = '"upstream": null, "route": null'
 
 
@@ -309,6 +319,7 @@ class AccessLog:
         upstream_ms = None if up is None else round((up - record.started) * 1000, 1)
         outcome = record.ending()[0]
         client = record.client
+        rid = record.request_id  # only with request ids on: the line is as before otherwise
         if self.format == "json":  # json.dumps's output for the same dict, made by hand
             second = int(now)
             return (
@@ -320,10 +331,12 @@ class AccessLog:
                 f'"bytes_out": {record.bytes_out}, "upstream_ms": '
                 f'{"null" if upstream_ms is None else repr(upstream_ms)}, '
                 f'"total_ms": {round(total_ms, 1)!r}, "outcome": "{outcome}", '
-                f'{self._json_where(record)}}}')
+                f'{self._json_where(record)}'
+                f'{"" if rid is None else ", " + _JSON_RID + _json_str(rid)}}}')
         # one preformatted string: no %-args for logging to keep and apply
         return (f"{escape_text(record.method)} {record.target_text()} {record.status} "
                 f"in={record.bytes_in} out={record.bytes_out} "
                 f"upstream_ms={'-' if upstream_ms is None else upstream_ms} "
                 f"total_ms={total_ms:.1f} "
-                f"client={'-' if client is None else escape_text(client)} {outcome}")
+                f"client={'-' if client is None else escape_text(client)} {outcome}"
+                f"{'' if rid is None else ' request_id=' + escape_text(rid)}")

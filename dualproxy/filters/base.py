@@ -88,6 +88,12 @@ class Filter:
     def label(self) -> str:
         return self.name or type(self).__qualname__
 
+    def for_sync_face(self) -> Filter:
+        """The filter the sync face runs in this one's place (`Chain.require_sync`):
+        itself; a built-in with an async form (the rate limit's Redis store) gives
+        its sync twin."""
+        return self
+
 
 # The stages a filter may override, in the order an exchange meets them.
 STAGES = ("on_request", "on_response", "on_trailers", "on_end")
@@ -112,8 +118,9 @@ class Exchange:
     (a filter may replace it in `on_request`); `record`: what happened so far
     (status, bytes, timings, outcome: logs.RequestRecord); `route`: the mount
     (`b""`: none); `state`: a dict for the filters' own per-exchange values;
-    `request_id` and `client` (the client's address after trusted proxies) are
-    filled by the face before the first filter runs.
+    `client` is the client's address after trusted proxies; `request_id` is set
+    by the request_id filter (filters/request_id.py, the outermost) when the
+    route has request ids on, None otherwise.
     """
 
     __slots__ = ("incoming", "plan", "record", "route", "state", "request_id", "head",
