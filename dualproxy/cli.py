@@ -287,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "a WSGI upstream reads X_Forwarded_For as X-Forwarded-For. "
                             "gunicorn's WSGI face drops them whatever this says (its environ "
                             "cannot tell _ from -) (default: dropped)")
+    serve.add_argument("--compress", action="store_true",
+                       help="compress response bodies as they stream, in zstd, br or gzip as "
+                            "the client's Accept-Encoding prefers, flushed after every upstream "
+                            "chunk; text, JSON, JS, XML, SVG and wasm types of at least 1 KiB, "
+                            "never bodies already encoded, no-transform, 206 or HEAD answers "
+                            "(default: off; br and zstd need the `compress` extra)")
     serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
                        help="peer whose X-Forwarded-*/Forwarded headers are kept and appended "
                             "to; repeatable (default: none, they are dropped)")
@@ -435,6 +441,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "ws_idle_timeout": args.ws_idle_timeout,
         "preserve_host": args.preserve_host,
         "underscores_in_headers": args.underscores_in_headers,
+        "compress": args.compress,
         "trusted_proxies": args.trusted_proxy,
         "header_up": args.header_up,
         "header_down": args.header_down,

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import ssl
 
     from .filters.base import Filter
+    from .filters.compress import Compression
     from .hooks import RequestHook, ResponseHook
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -208,6 +209,9 @@ class ProxyConfig:
     # (empty: text/html). The chain runs it after the built-in filters.
     sub_filter: tuple[tuple[bytes, bytes], ...] = ()
     sub_filter_types: tuple[str, ...] = ()
+    # Compress response bodies (filters/compress.py): True for the defaults, or a
+    # `Compression(min_length=, types=, codings=)`.
+    compress: bool | Compression = False
     # Derived fields, filled in by __post_init__.
     upstreams: tuple[Upstream, ...] = field(init=False, default=())
     upstream_scheme: str = field(init=False, default="")
@@ -242,6 +246,7 @@ class ProxyConfig:
 
         Limits.from_config(self)  # ValueError naming a bad rate option
         _check_sub_filter(self)
+        _check_compress(self.compress)
         set_(self, "mount", _normalize_mount(self.mount))
         # The first upstream's, for code that knows one upstream only.
         set_(self, "upstream_scheme", first.scheme)
@@ -329,6 +334,14 @@ def _check_sub_filter(config: ProxyConfig) -> None:
             raise ValueError(f"sub_filter: {exc}") from None
         if made is None:
             raise ValueError("sub_filter_types needs sub_filter (the patterns to replace)")
+
+
+def _check_compress(setting: object) -> None:
+    from .filters.compress import Compression
+
+    if not isinstance(setting, (bool, Compression)):
+        raise ValueError(f"compress must be True, False or a Compression, "
+                         f"got {type(setting).__name__}")
 
 
 def _check_pool_options(config: ProxyConfig) -> None:

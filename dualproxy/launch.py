@@ -64,6 +64,7 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         ws_idle_timeout=options["ws_idle_timeout"],
         preserve_host=options["preserve_host"],
         underscores_in_headers=options["underscores_in_headers"],
+        compress=options.get("compress", False),
         trusted_proxies=options["trusted_proxies"],
         header_up=options["header_up"],
         header_down=options["header_down"],

@@ -47,6 +47,7 @@ def build_chain(config: ProxyConfig) -> Chain:
     3. the request and response hooks (hooks.py), in the order given.
     """
     from ..hooks import hook_filters
+    from .compress import compress_filter
     from .ratelimit import rate_limit
     from .transforms import sub_filter
 
@@ -55,7 +56,7 @@ def build_chain(config: ProxyConfig) -> Chain:
         from .request_id import RequestId
 
         builtins.append(RequestId(config.is_trusted if config.trusted_proxies else None))
-    builtins.extend(flt for flt in (rate_limit(config),) if flt is not None)
+    builtins.extend(flt for flt in (rate_limit(config), compress_filter(config)) if flt is not None)
     if config.forwarded_prefix or (config.forwarded_prefix is None and config.mount):
         from .forwarded_prefix import ForwardedPrefix
 
