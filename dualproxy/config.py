@@ -173,6 +173,13 @@ class ProxyConfig:
     cert: str | tuple[str, str] | None = None
     request_hooks: tuple[RequestHook, ...] = ()
     response_hooks: tuple[ResponseHook, ...] = ()
+    # The HTTP cache (filters/cache/): RFC 9111 shared cache in front of the upstream,
+    # bounded by bytes (LRU), responses over cache_max_object bytes not stored;
+    # responses with Set-Cookie are stored only when cache_set_cookie says so.
+    cache: bool = False
+    cache_max_size: int = 256 * 1024 * 1024
+    cache_max_object: int = 64 * 1024 * 1024
+    cache_set_cookie: bool = False
     # The route's own filters (filters/base.py), outermost first, after the built-in
     # ones and before the hooks (filters.build_chain).
     filters: tuple[Filter, ...] = ()
@@ -195,6 +202,8 @@ class ProxyConfig:
             raise ValueError("ws_max_size must be positive")
         if self.max_body_size is not None and self.max_body_size < 0:
             raise ValueError("max_body_size must be >= 0")
+        if self.cache_max_size < 1 or self.cache_max_object < 1:
+            raise ValueError("cache_max_size and cache_max_object must be at least 1 byte")
         _check_fields(self.add_request_headers, self.remove_request_headers,
                       "request headers")
         _check_fields(self.add_response_headers, self.remove_response_headers,

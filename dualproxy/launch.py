@@ -74,6 +74,11 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         retries=options["retries"],
         health_path=options["health_path"],
         health_interval=options["health_interval"],
+        # --- filters: cache ---
+        cache=options.get("cache", False),
+        cache_max_size=options.get("cache_max_size") or 256 * 1024 * 1024,
+        cache_max_object=options.get("cache_max_object") or 64 * 1024 * 1024,
+        cache_set_cookie=options.get("cache_set_cookie", False),
         # --- gateway: tls ---
         **tls_options(options),
     )

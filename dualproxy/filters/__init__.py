@@ -23,12 +23,18 @@ __all__ = ["Answer", "BodyTransform", "Chain", "Exchange", "Filter", "build_chai
 def build_chain(config: ProxyConfig) -> Chain:
     """A route's chain, outermost (nearest the client) first:
 
-    1. the built-in filters the configuration turns on;
+    1. the built-in filters the configuration turns on, in this order: ...,
+       the cache (`cache`: after compression, so a hit is still compressed);
     2. the user's `filters=`, in the order given;
     3. the request and response hooks (hooks.py), in the order given.
     """
     from ..hooks import hook_filters
 
-    filters = [*config.filters,
+    builtin: list[Filter] = []
+    if config.cache:
+        from .cache import cache_filter
+
+        builtin.append(cache_filter(config))
+    filters = [*builtin, *config.filters,
                *hook_filters(config.request_hooks, config.response_hooks)]
     return Chain(filters)

@@ -162,6 +162,18 @@ class Exchange:
         return install_response_transform(self, transform, decode=decode,
                                           same_length=same_length)
 
+    def replace_response_body(self, body: bytes | Iterable[bytes] | AsyncIterable[bytes],
+                              ) -> None:
+        """Answer with `body` instead of the upstream's (call it from `on_response`,
+        returning a head that frames `body`: its Content-Length, or none). The
+        upstream's body is never read; transforms installed before are dropped,
+        those installed after (filters nearer the client) run over `body`. How a
+        cache turns a 304 into the stored answer. An async iterable is for the
+        async face only."""
+        from .chain import replace_response_body
+
+        replace_response_body(self, body)
+
     def transform_request(self, transform: BodyTransform) -> bool:
         """Run `transform` over the request body (call it from `on_request`): the
         upstream request is then chunked (its Content-Length dropped). False when

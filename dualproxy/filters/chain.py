@@ -230,6 +230,8 @@ def _framing_problem(exchange: Exchange, head: ResponseHead,
     # this one's body. A length-changing transform drops Content-Length (the chain).
     pipeline = exchange._response_pipeline
     expected = upstream
+    if pipeline is not None and pipeline.replacement is not None:
+        return None  # the filter that replaced the body framed it (replace_response_body)
     if pipeline is not None and pipeline.changes_length:
         expected = [(n, v) for n, v in upstream if n != b"content-length"]
     if _framing(head) == expected:
@@ -243,12 +245,14 @@ class BodyPipeline:
     """The transforms over one body, in the order they were installed (the
     innermost filter's first); a transform's failure is `TransformFailed`."""
 
-    __slots__ = ("transforms", "changes_length", "decoded")
+    __slots__ = ("transforms", "changes_length", "decoded", "replacement")
 
     def __init__(self) -> None:
         self.transforms: list[BodyTransform] = []
         self.changes_length = False
         self.decoded = False
+        # A filter's own body instead of the upstream's (replace_response_body).
+        self.replacement: bytes | Iterable[bytes] | AsyncIterable[bytes] | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         try:
@@ -311,6 +315,32 @@ def install_response_transform(exchange: Exchange, transform: BodyTransform, *,
     return True
 
 
+def replace_response_body(exchange: Exchange,
+                          body: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> None:
+    if exchange.head is None:
+        raise RuntimeError("replace_response_body is for on_response (the head is not in yet)")
+    pipeline = exchange._response_pipeline = BodyPipeline()
+    pipeline.replacement = body
+
+
+def _replacement(body: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> Iterable[bytes]:
+    if isinstance(body, bytes):
+        return (body,) if body else ()
+    if isinstance(body, AsyncIterable):
+        raise TypeError("an async replacement body on the sync face")
+    return body
+
+
+async def _areplacement(body: bytes | Iterable[bytes] | AsyncIterable[bytes],
+                        ) -> AsyncIterator[bytes]:
+    if isinstance(body, AsyncIterable):
+        async for chunk in body:
+            yield chunk
+    else:
+        for chunk in _replacement(body):
+            yield chunk
+
+
 def install_request_transform(exchange: Exchange, transform: BodyTransform) -> bool:
     plan = exchange.plan
     if plan is None or not plan.has_body:
@@ -338,6 +368,8 @@ def transformed(pipeline: BodyPipeline | None, chunks: Iterable[bytes]) -> Itera
     if pipeline is None:
         yield from chunks
         return
+    if pipeline.replacement is not None:
+        chunks = _replacement(pipeline.replacement)
     for chunk in chunks:
         out = pipeline.feed(chunk)
         if out:
@@ -354,6 +386,8 @@ async def atransformed(pipeline: BodyPipeline | None,
         async for chunk in chunks:
             yield chunk
         return
+    if pipeline.replacement is not None:
+        chunks = _areplacement(pipeline.replacement)
     async for chunk in chunks:
         out = pipeline.feed(chunk)
         if out:

@@ -1,0 +1,267 @@
+"""The cache filter: answers hits by itself, watches misses stream through.
+
+Per exchange, `on_request` looks the request up (keys.py, store.py) and asks the
+policy (policy.py) what a stored response may do for it:
+
+- fresh (or stale the request allows): an `Answer` from the store, with `Age`
+  and `Cache-Status: dualproxy; hit` (a 304 when the client's own conditional
+  matches it); a HEAD is answered from a stored GET;
+- stale with validators: the upstream request becomes conditional on it; a 304
+  then freshens the stored fields and the stored body answers
+  (`exchange.replace_response_body`), a full response replaces it;
+- nothing usable: a miss. A storable response is written to the store as it
+  streams to the client (an observer transform), and committed only when its
+  body completed (never an aborted one) within the object limit.
+
+An unsafe method's success invalidates the URI and its Location and
+Content-Location (RFC 9111 4.4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+from ...core import ResponseHead, UpstreamPlan
+from ...errors import GatewayTimeout
+from ...headers import Header
+from ..base import Answer, Exchange, Filter
+from . import policy
+from .keys import primary_key, same_origin_key, vary_names, vary_values
+from .policy import Directives, ResponseRules
+from .store import Entry, MemoryStore, Writer
+
+_CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
+                           b"if-unmodified-since", b"if-range"})
+
+
+@dataclass
+class _State:
+    """What the cache decided for one exchange (exchange.state[Cache])."""
+
+    key: str
+    request_time: float
+    request_cc: Directives
+    mode: str                       # lookup | revalidate | invalidate | bypass
+    entry: Entry | None = None      # the stored response being revalidated
+    forward: str = "uri-miss"       # RFC 9211 fwd= for a response from upstream
+    detail: list[str] = field(default_factory=list)
+
+
+class _Recorder:
+    """An observer of a miss's body: each chunk to the store's writer as it passes."""
+
+    __slots__ = ("writer",)
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+
+    def feed(self, chunk: bytes) -> bytes:
+        self.writer.write(chunk)
+        return chunk
+
+    def finish(self) -> bytes:
+        self.writer.commit()  # only called when the body completed
+        return b""
+
+
+class Cache(Filter):
+    """An RFC 9111 shared cache in front of the route's upstream."""
+
+    name = "cache"
+
+    def __init__(self, store: MemoryStore | None = None, *,
+                 store_set_cookie: bool = False) -> None:
+        self.store = store if store is not None else MemoryStore()
+        # Responses with Set-Cookie are one user's: not stored unless the route says so.
+        self.store_set_cookie = store_set_cookie
+
+    # -- the request ---------------------------------------------------------------------
+
+    def on_request(self, exchange: Exchange) -> Answer | None:
+        incoming = exchange.incoming
+        method = incoming.method
+        now = time.time()
+        state = _State(primary_key(incoming), now, policy.request_directives(incoming.headers),
+                       "lookup")
+        exchange.state[Cache] = state
+        if method not in ("GET", "HEAD"):
+            state.mode = "bypass" if method in policy.SAFE_METHODS else "invalidate"
+            state.forward = "method"
+            return None
+        headers = incoming.headers
+        if policy.first(headers, b"range") is not None:
+            state.mode, state.forward = "bypass", "method"  # parts are not served from here
+            return None
+        entry = self._select(state, headers, now)
+        if entry is None:
+            return self._only_if_cached(state)
+        cc = ResponseRules.of(entry.headers).cc
+        lifetime = policy.freshness_lifetime(entry.status, ResponseRules.of(entry.headers),
+                                             entry.date)
+        age = entry.age(now)
+        reuse = policy.judge(cc, lifetime, age, state.request_cc)
+        if reuse.fresh or reuse.stale_ok or (reuse.swr and "no-cache" not in state.request_cc):
+            return self._hit(exchange, entry, age, reuse.ttl)
+        if "only-if-cached" in state.request_cc:
+            return self._only_if_cached(state)
+        state.forward = "request" if "no-cache" in state.request_cc else "stale"
+        state.entry = entry  # for stale-if-error, validated or not
+        conditions = policy.validators(entry.headers)
+        if method == "GET" and conditions and exchange.plan is not None:
+            plan = exchange.plan
+            kept = [(n, v) for n, v in plan.headers if n.lower() not in _CONDITIONALS]
+            exchange.plan = _replace_headers(plan, kept + conditions)
+            state.mode = "revalidate"
+        return None
+
+    def _select(self, state: _State, headers: list[Header] | tuple[Header, ...],
+                now: float) -> Entry | None:
+        """The most recent stored variant this request selects (RFC 9111 4.1)."""
+        variants = self.store.get(state.key)
+        if not variants:
+            return None
+        chosen = [e for e in variants if vary_values(headers, e.vary) == e.selected]
+        if not chosen:
+            state.forward = "vary-miss"
+            return None
+        entry = max(chosen, key=lambda e: (e.date, e.response_time))
+        if policy.first(headers, b"authorization") is not None:
+            cc = ResponseRules.of(entry.headers).cc
+            if not ("public" in cc or "must-revalidate" in cc or "s-maxage" in cc):
+                state.forward = "request"  # RFC 9111 3.5: not for an authorized request
+                return None
+        return entry
+
+    @staticmethod
+    def _only_if_cached(state: _State) -> None:
+        if "only-if-cached" in state.request_cc:
+            raise GatewayTimeout("only-if-cached: no stored response may answer")
+        return None
+
+    def _hit(self, exchange: Exchange, entry: Entry, age: float, ttl: float) -> Answer:
+        status = f"hit; ttl={int(ttl)}"
+        if policy.not_modified(exchange.incoming.headers, entry.headers) and \
+                entry.status == 200:
+            headers = [(n, v) for n, v in entry.headers if n in policy.NOT_MODIFIED_FIELDS]
+            headers += [(b"age", b"%d" % int(age)), policy.cache_status(status)]
+            return Answer(304, headers)
+        return Answer(entry.status, self._stored_head(entry, age, status), entry.chunks())
+
+    @staticmethod
+    def _stored_head(entry: Entry, age: float, status: str) -> list[Header]:
+        headers = list(entry.headers)
+        if entry.status not in (204, 304):
+            headers.append((b"content-length", b"%d" % len(entry.body)))
+        headers.append((b"age", b"%d" % int(age)))
+        headers.append(policy.cache_status(status))
+        return headers
+
+    # -- the response ----------------------------------------------------------------------
+
+    def on_response(self, exchange: Exchange, head: ResponseHead) -> ResponseHead | None:
+        state = exchange.state.get(Cache)
+        if not isinstance(state, _State):
+            return None
+        now = time.time()
+        if state.mode == "invalidate":
+            if 200 <= head.status < 400:
+                self._invalidate(state.key, head.headers)
+            return None
+        if state.mode == "bypass":
+            return None
+        if state.entry is not None:
+            answered = self._revalidated(exchange, state, head, now)
+            if answered is not None:
+                return answered
+        return self._miss(exchange, state, head, now)
+
+    def _invalidate(self, key: str, headers: list[Header]) -> None:
+        self.store.remove(key)
+        for name in (b"location", b"content-location"):
+            value = policy.first(headers, name)
+            if value is not None:
+                other = same_origin_key(key, value)
+                if other is not None:
+                    self.store.remove(other)
+
+    def _revalidated(self, exchange: Exchange, state: _State, head: ResponseHead,
+                     now: float) -> ResponseHead | None:
+        entry = state.entry
+        assert entry is not None
+        if state.mode == "revalidate" and head.status == 304 and policy.same_validator(head.headers, entry.headers):
+            # RFC 9111 4.3.4: freshen the stored fields and times, answer from the store.
+            entry.headers = policy.freshen(entry.headers, head.headers)
+            date = policy.parse_date(head.date) if head.date is not None else None
+            entry.date = date if date is not None else now
+            entry.request_time, entry.response_time = state.request_time, now
+            entry.initial_age = policy.initial_age(head.headers, entry.date,
+                                                   state.request_time, now)
+            self.store.update(entry)
+            return self._from_store(exchange, entry, "fwd=stale; fwd-status=304", now)
+        if head.status >= 500:
+            cc = ResponseRules.of(entry.headers).cc
+            lifetime = policy.freshness_lifetime(entry.status, ResponseRules.of(entry.headers),
+                                                 entry.date)
+            ttl = lifetime - entry.age(now)
+            if policy.stale_if_error(cc, state.request_cc, ttl):
+                return self._from_store(exchange, entry,
+                                        f"hit; ttl={int(ttl)}; fwd=stale; "
+                                        f"fwd-status={head.status}", now)
+        return None
+
+    def _from_store(self, exchange: Exchange, entry: Entry, status: str,
+                    now: float) -> ResponseHead:
+        """The stored response as the answer to a forwarded request."""
+        age = entry.age(now)
+        if exchange.incoming.method == "GET" and entry.status == 200 and \
+                policy.not_modified(exchange.incoming.headers, entry.headers):
+            headers = [(n, v) for n, v in entry.headers if n in policy.NOT_MODIFIED_FIELDS]
+            headers += [(b"age", b"%d" % int(age)), policy.cache_status(status)]
+            exchange.replace_response_body(b"")
+            return ResponseHead(304, headers, has_body=False)
+        has_body = exchange.incoming.method != "HEAD" and entry.status not in (204, 304)
+        exchange.replace_response_body(entry.chunks() if has_body else b"")
+        return ResponseHead(entry.status, self._stored_head(entry, age, status),
+                            has_body=has_body)
+
+    def _miss(self, exchange: Exchange, state: _State, head: ResponseHead,
+              now: float) -> ResponseHead:
+        incoming = exchange.incoming
+        rules = ResponseRules.of(head.headers)
+        reason = policy.storable(incoming.method, head.status, rules, state.request_cc,
+                                 policy.first(incoming.headers, b"authorization") is not None)
+        names = vary_names(head.headers)
+        if reason is None and names is None:
+            reason = "vary *"
+        if reason is None and not self.store_set_cookie and \
+                policy.first(head.headers, b"set-cookie") is not None:
+            reason = "set-cookie"
+        length = policy.first(head.headers, b"content-length")
+        if reason is None and length is not None and length.isdigit() and \
+                int(length) > self.store.max_object:
+            reason = "too large"
+        detail = f"fwd={state.forward}; fwd-status={head.status}"
+        if reason is None and names is not None:
+            date = policy.parse_date(head.date) if head.date is not None else None
+            date = date if date is not None else now
+            entry = Entry(state.key, names, vary_values(incoming.headers, names), head.status,
+                          policy.fields_to_store(head.headers, rules.cc),
+                          state.request_time, now, date,
+                          policy.initial_age(head.headers, date, state.request_time, now))
+            if head.status == 204 or not head.has_body:
+                if incoming.method == "GET":
+                    self.store.put(entry)
+                    detail += "; stored"
+            elif exchange.transform_response(_Recorder(self.store.writer(entry)),
+                                             same_length=True):
+                detail += "; stored"
+        elif state.entry is not None and state.mode == "revalidate" and head.status < 500:
+            self.store.discard(state.entry)  # replaced by a response it may not keep
+        headers = [*head.headers, policy.cache_status(detail)]
+        return ResponseHead(head.status, headers, head.has_body, head.date)
+
+
+def _replace_headers(plan: UpstreamPlan, headers: list[Header]) -> UpstreamPlan:
+    return dataclasses.replace(plan, headers=headers)
