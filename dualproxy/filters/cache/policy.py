@@ -242,7 +242,7 @@ def cdn_directives(lines: Sequence[bytes]) -> Directives | None:
         else:
             return None  # a type this parser does not know: the field is invalid
         if key in ("max-age", "s-maxage", "stale-while-revalidate", "stale-if-error") \
-                and parsed is not None and not _SF_INTEGER.match(parsed):
+                and (not eq or not _SF_INTEGER.match(text)):
             return None  # the wrong type for a known directive
         out.setdefault(key, parsed)
     return out
