@@ -10,7 +10,8 @@ The request header `x-upstream: <action> key=value ...` chooses the answer (valu
 shell rules, so `body="two words"` works); every answer echoes `x-req-id`, except `raw`:
 
   echo                      200 JSON of what arrived (the default)
-  download size=N [chunked=1] [chunk=65536] [gate=NAME] [gzip=1] [ctype=...]
+  download size=N [chunked=1] [chunk=65536] [gate=NAME] [gzip=1] [ctype=...] [cc=...]
+                            cc: its Cache-Control value
   sse count=N interval=S    events `data: event-<i>` for i = 0..N-1, the first at once
   status code=N [location=URL] [body=TEXT] [early=1]   early: answer before reading the
                             body, then close
@@ -18,7 +19,8 @@ shell rules, so `body="two words"` works); every answer echoes `x-req-id`, excep
   raw [close=1]             write base64-decoded `x-upstream-raw` as the whole response
   hang [seconds=120]        never answer; close once the client does
   reset                     RST right after the head
-  cut size=N after=M [chunked=1] [chunk=65536]   announce N bytes, send M, close (FIN)
+  cut size=N after=M [chunked=1] [chunk=65536] [cc=...]   announce N bytes, send M,
+                            close (FIN); cc: its Cache-Control value
   trickle size=N interval=S [chunk=1]
   slowread rate=BYTES_PER_SEC
   sleep seconds=S           read the body, wait, then echo
@@ -923,6 +925,8 @@ class Upstream:
         headers = [("Content-Type", p.get("ctype", "application/octet-stream"))]
         if p.get("gzip") == "1":
             headers.append(("Content-Encoding", "gzip"))
+        if "cc" in p:
+            headers.append(("Cache-Control", p["cc"]))
         headers.append(("Transfer-Encoding", "chunked") if chunked
                        else ("Content-Length", str(src.size)))
         if not req.keep_alive:
@@ -1024,8 +1028,9 @@ class Upstream:
         size, after, chunk = _int(p, "size"), _int(p, "after"), max(1, _int(p, "chunk", 65536))
         chunked = p.get("chunked") == "1"
         await self._read_body(conn, req)
+        extra = [("Cache-Control", p["cc"])] if "cc" in p else []
         conn.write(self._head(req, 200, [
-            ("Content-Type", "application/octet-stream"),
+            ("Content-Type", "application/octet-stream"), *extra,
             ("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(size))]))
         await self._send_body(conn, _Source(size), chunked=chunked,
                               chunk=chunk, limit=after, final=False)

@@ -91,9 +91,9 @@ class Cache(Filter):
             state.forward = "method"
             return None
         headers = incoming.headers
-        if policy.first(headers, b"range") is not None:
-            state.mode, state.forward = "bypass", "method"  # parts are not served from here
-            return None
+        ranged = policy.first(headers, b"range")
+        if ranged is not None:
+            return self._part(exchange, state, ranged, now)
         entry = self._select(state, headers, now)
         if entry is None:
             return self._only_if_cached(state)
@@ -115,6 +115,31 @@ class Cache(Filter):
             exchange.plan = _replace_headers(plan, kept + conditions)
             state.mode = "revalidate"
         return None
+
+    def _part(self, exchange: Exchange, state: _State, ranged: bytes,
+              now: float) -> Answer | None:
+        """A Range request: one range of a usable stored whole response, else the
+        request goes upstream as it is (its 206 is not stored)."""
+        state.mode, state.forward = "bypass", "partial"
+        headers = exchange.incoming.headers
+        if exchange.incoming.method != "GET" or policy.first(headers, b"if-range") is not None:
+            return None
+        entry = self._select(state, headers, now)
+        if entry is None or entry.status != 200:
+            return None
+        rules = ResponseRules.of(entry.headers)
+        age = entry.age(now)
+        reuse = policy.judge(rules.cc, policy.freshness_lifetime(200, rules, entry.date),
+                             age, state.request_cc)
+        span = policy.byte_range(ranged, len(entry.body))
+        if not (reuse.fresh or reuse.stale_ok) or span is None:
+            return None
+        start, end = span
+        head = [(n, v) for n, v in self._stored_head(entry, age, f"hit; ttl={int(reuse.ttl)}")
+                if n != b"content-length"]
+        head += [(b"content-range", b"bytes %d-%d/%d" % (start, end, len(entry.body))),
+                 (b"content-length", b"%d" % (end - start + 1))]
+        return Answer(206, head, entry.body[start:end + 1])
 
     def _select(self, state: _State, headers: list[Header] | tuple[Header, ...],
                 now: float) -> Entry | None:

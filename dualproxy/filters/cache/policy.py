@@ -475,6 +475,28 @@ def same_validator(update: Sequence[Header], stored: Sequence[Header]) -> bool:
     return True
 
 
+_RANGE = re.compile(rb"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*\Z", re.IGNORECASE)
+
+
+def byte_range(value: bytes, size: int) -> tuple[int, int] | None:
+    """One satisfiable byte range of a `size`-byte body (RFC 9110 14.1.2), as
+    (first, last) inclusive; None for anything else (several ranges, another
+    unit, unsatisfiable: the origin answers those)."""
+    match = _RANGE.match(value)
+    if match is None or not (match[1] or match[2]):
+        return None
+    if not match[1]:  # the last N bytes
+        count = int(match[2])
+        if count == 0 or size == 0:
+            return None
+        return max(0, size - count), size - 1
+    start = int(match[1])
+    end = int(match[2]) if match[2] else size - 1
+    if start >= size or end < start:
+        return None
+    return start, min(end, size - 1)
+
+
 def cache_status(detail: str) -> Header:
     """An RFC 9211 Cache-Status member for this cache."""
     return (b"cache-status", b"dualproxy; " + detail.encode("ascii"))

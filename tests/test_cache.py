@@ -1,0 +1,187 @@
+"""The HTTP cache (`--cache`, dualproxy/filters/cache/) on every pairing, in front of
+the recording upstream: what it stores, what it never serves to another request, and
+that a miss streams. Each test uses its own URL (the cache key) and counts what the
+upstream received by `x-req-id`. The RFC's details are the conformance suite's
+(tests/cache_conformance.py, `nox -s cache_conformance`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import MakeProxy, ProxyProcess
+from tests.upstream import Upstream, pattern_sha256
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def cached(make_proxy: MakeProxy) -> ProxyProcess:
+    return make_proxy("--cache")
+
+
+def _get(proxy: ProxyProcess, path: str, rid: str, response: list[list[str]] | None = None,
+         method: str = "GET", **headers: str) -> httpx.Response:
+    sent = {"x-req-id": rid, "x-upstream": "headers",
+            "x-upstream-headers": json.dumps(response or []), **headers}
+    with proxy.client() as client:
+        return client.request(method, path, headers=sent)
+
+
+def _seen(upstream: Upstream, rid: str, expected: int) -> int:
+    """How many requests with `rid` the upstream recorded (waiting for `expected`)."""
+    deadline = time.monotonic() + 5
+    while len(upstream.find_all(rid)) < expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return len(upstream.find_all(rid))
+
+
+def test_fresh_response_is_a_hit(cached: ProxyProcess, upstream: Upstream, rid: str) -> None:
+    path = f"/cache/hit-{rid}"
+    first = _get(cached, path, rid, [["Cache-Control", "max-age=60"]])
+    second = _get(cached, path, rid, [["Cache-Control", "max-age=60"]])
+    assert first.status_code == second.status_code == 200
+    assert first.content == second.content == b"ok"
+    assert _seen(upstream, rid, 1) == 1
+    assert "fwd=uri-miss" in first.headers["cache-status"]
+    assert "stored" in first.headers["cache-status"]
+    assert second.headers["cache-status"].startswith("dualproxy; hit")
+    assert int(second.headers["age"]) >= 0
+    head = _get(cached, path, rid, method="HEAD")  # HEAD from the stored GET
+    assert head.status_code == 200 and head.headers["content-length"] == "2"
+    assert _seen(upstream, rid, 1) == 1
+
+
+def test_uncacheable_response_goes_upstream_each_time(cached: ProxyProcess,
+                                                      upstream: Upstream, rid: str) -> None:
+    path = f"/cache/nostore-{rid}"
+    for _ in range(2):
+        assert _get(cached, path, rid, [["Cache-Control", "no-store"]]).status_code == 200
+    assert _seen(upstream, rid, 2) == 2
+
+
+def test_vary_selects_the_variant(cached: ProxyProcess, upstream: Upstream, rid: str) -> None:
+    path = f"/cache/vary-{rid}"
+    cc = [["Cache-Control", "max-age=60"], ["Vary", "Accept-Language"]]
+    _get(cached, path, rid, cc, **{"accept-language": "en"})
+    _get(cached, path, rid, cc, **{"accept-language": "en"})
+    assert _seen(upstream, rid, 1) == 1
+    miss = _get(cached, path, rid, cc, **{"accept-language": "fr"})
+    assert "fwd=vary-miss" in miss.headers["cache-status"]
+    assert _seen(upstream, rid, 2) == 2
+    _get(cached, path, rid, cc)  # no Accept-Language at all: another variant
+    assert _seen(upstream, rid, 3) == 3
+    again = _get(cached, path, rid, cc, **{"accept-language": "en"})
+    assert again.headers["cache-status"].startswith("dualproxy; hit")
+    assert _seen(upstream, rid, 3) == 3
+
+
+def test_set_cookie_is_never_stored(cached: ProxyProcess, upstream: Upstream,
+                                    rid: str) -> None:
+    path = f"/cache/cookie-{rid}"
+    response = [["Cache-Control", "max-age=60"], ["Set-Cookie", "session=alice"]]
+    first = _get(cached, path, rid, response)
+    second = _get(cached, path, rid, response)
+    assert "stored" not in first.headers["cache-status"]
+    assert second.headers["set-cookie"] == "session=alice"  # from the upstream, again
+    assert _seen(upstream, rid, 2) == 2
+
+
+def test_authorization_is_not_shared(cached: ProxyProcess, upstream: Upstream,
+                                     rid: str) -> None:
+    path = f"/cache/auth-{rid}"
+    private = [["Cache-Control", "max-age=60"]]
+    _get(cached, path, rid, private, authorization="Bearer alice")
+    _get(cached, path, rid, private, authorization="Bearer bob")
+    _get(cached, path, rid, private)
+    assert _seen(upstream, rid, 3) == 3  # RFC 9111 3.5: none of these stored
+    shared_rid = rid + "-public"
+    public = [["Cache-Control", "public, max-age=60"]]
+    _get(cached, path + "-public", shared_rid, public, authorization="Bearer alice")
+    hit = _get(cached, path + "-public", shared_rid, public, authorization="Bearer bob")
+    assert hit.headers["cache-status"].startswith("dualproxy; hit")
+    assert _seen(upstream, shared_rid, 1) == 1
+    # A stored answer is never given to an authorized request it does not allow.
+    _get(cached, path + "-plain", rid + "-plain", private)
+    _get(cached, path + "-plain", rid + "-plain", private, authorization="Bearer eve")
+    assert _seen(upstream, rid + "-plain", 2) == 2
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+def test_unsafe_method_invalidates(cached: ProxyProcess, upstream: Upstream, rid: str,
+                                   method: str) -> None:
+    path = f"/cache/unsafe-{rid}"
+    cc = [["Cache-Control", "max-age=60"]]
+    _get(cached, path, rid, cc)
+    _get(cached, path, rid, cc)
+    assert _seen(upstream, rid, 1) == 1
+    assert _get(cached, path, rid, [], method=method).status_code == 200
+    assert _seen(upstream, rid, 2) == 2
+    after = _get(cached, path, rid, cc)
+    assert "fwd=uri-miss" in after.headers["cache-status"]
+    assert _seen(upstream, rid, 3) == 3
+
+
+def test_stale_is_revalidated_and_304_answers_from_the_store(
+        cached: ProxyProcess, upstream: Upstream, rid: str) -> None:
+    path = f"/cache/etag-{rid}"
+    _get(cached, path, rid, [["Cache-Control", "max-age=0"], ["ETag", '"v1"']])
+    again = _get(cached, path, rid + "-2", [["Cache-Control", "max-age=60"], ["ETag", '"v1"']],
+                 **{"x-upstream": "headers status=304"})
+    record = upstream.wait_record(rid + "-2")
+    assert record.header("if-none-match") == '"v1"'  # the cache made it conditional
+    assert again.status_code == 200 and again.content == b"ok"  # the stored body
+    assert "fwd-status=304" in again.headers["cache-status"]
+    hit = _get(cached, path, rid + "-3", [])
+    assert hit.headers["cache-status"].startswith("dualproxy; hit")  # freshened by the 304
+    assert _seen(upstream, rid + "-3", 0) == 0
+
+
+def test_large_miss_streams_then_hits(cached: ProxyProcess, upstream: Upstream,
+                                      rid: str) -> None:
+    size = 8 * MiB
+    gate_name = f"cache-{rid}"
+    gate = upstream.gate(gate_name)
+    path = f"/cache/large-{rid}"
+    spec = f"download size={size} gate={gate_name} cc=max-age=60"
+    digest = hashlib.sha256()
+    try:
+        timeout = httpx.Timeout(30.0, read=8.0)
+        with httpx.Client(base_url=cached.url, timeout=timeout) as client, client.stream(
+                "GET", path, headers={"x-req-id": rid, "x-upstream": spec}) as resp:
+            chunks = resp.iter_raw()
+            try:
+                first = next(chunks)
+            except httpx.ReadTimeout:
+                pytest.fail("the miss was not streamed: no byte while the upstream waited")
+            assert not gate.is_set()  # the upstream has not finished: nothing buffered whole
+            digest.update(first)
+            gate.set()
+            for piece in chunks:
+                digest.update(piece)
+        assert "stored" in resp.headers["cache-status"]
+    finally:
+        gate.set()
+    assert digest.hexdigest() == pattern_sha256(size)
+    with cached.client() as client:
+        hit = client.get(path, headers={"x-req-id": rid, "x-upstream": spec})
+    assert hit.headers["cache-status"].startswith("dualproxy; hit")
+    assert hashlib.sha256(hit.content).hexdigest() == pattern_sha256(size)
+    assert _seen(upstream, rid, 1) == 1
+
+
+def test_aborted_miss_is_not_stored(cached: ProxyProcess, upstream: Upstream,
+                                    rid: str) -> None:
+    path = f"/cache/cut-{rid}"
+    spec = "cut size=100000 after=50000 cc=max-age=60"
+    with cached.client() as client:
+        with pytest.raises(httpx.HTTPError):
+            client.get(path, headers={"x-req-id": rid, "x-upstream": spec})
+    after = _get(cached, path, rid, [["Cache-Control", "max-age=60"]])
+    assert "fwd=uri-miss" in after.headers["cache-status"]  # the short body was not kept
+    assert after.content == b"ok"
+    assert _seen(upstream, rid, 2) == 2
