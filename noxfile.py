@@ -142,6 +142,23 @@ def chaos(session: nox.Session) -> None:
     session.run("python", "-m", "tests.chaos", *session.posargs)
 
 
+# The cache's score on the HTTP cache conformance suite (tests/cache-tests): what the
+# cache reaches today on both faces (the issue's goal is 150 and 80). Raise them with it.
+CACHE_REQUIRED, CACHE_OPTIMAL = 151, 90
+
+
+@nox.session(python=PYTHON)
+def cache_conformance(session: nox.Session) -> None:
+    """The HTTP cache conformance suite (cache-tests.fyi's, vendored in tests/cache-tests)
+    through `dualproxy serve --cache` on asgi-uvicorn and wsgi-gunicorn: prints the
+    required/optimal score of each, fails under CACHE_REQUIRED/CACHE_OPTIMAL. Needs node.
+    `-- --pairings asgi-uvicorn` for one; results JSON in the session's tmp folder."""
+    session.install("-e", ".[dev]")
+    session.run("python", "tests/cache_conformance.py", "--required", str(CACHE_REQUIRED),
+                "--optimal", str(CACHE_OPTIMAL), "--out", session.create_tmp(),
+                *session.posargs)
+
+
 @nox.session
 def fuzz(session: nox.Session) -> None:
     """A long differential fuzz of the HTTP/1.1 response parser against h11 and

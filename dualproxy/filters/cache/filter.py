@@ -215,7 +215,8 @@ class Cache(Filter):
                      now: float) -> ResponseHead | None:
         entry = state.entry
         assert entry is not None
-        if state.mode == "revalidate" and head.status == 304 and policy.same_validator(head.headers, entry.headers):
+        if state.mode == "revalidate" and head.status == 304 and \
+                policy.same_validator(head.headers, entry.headers):
             # RFC 9111 4.3.4: freshen the stored fields and times, answer from the store.
             entry.headers = policy.freshen(entry.headers, head.headers)
             date = policy.parse_date(head.date) if head.date is not None else None
