@@ -24,7 +24,7 @@ from collections.abc import (
 from typing import Any, TypeVar
 
 from ..core import ResponseHead, UpstreamPlan
-from ..errors import InvalidHead, TransformFailed
+from ..errors import InvalidHead, ProxyError, TransformFailed
 from ..headers import Header
 from ..wire import WireError, field_problem, head_problem
 from .base import Answer, BodyTransform, Exchange, Filter, async_stages, overrides
@@ -71,7 +71,7 @@ async def run_async(flow: Flow[T]) -> T:
 class Chain:
     """The ordered filters of one route, with the stages each one implements."""
 
-    __slots__ = ("filters", "_request", "_response", "_trailers", "_end", "_async")
+    __slots__ = ("filters", "_request", "_response", "_trailers", "_error", "_end", "_async")
 
     def __init__(self, filters: Sequence[Filter] = ()) -> None:
         for flt in filters:
@@ -83,6 +83,7 @@ class Chain:
         # On the way down, the reverse order: the first filter is the outermost.
         self._response = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_response")]
         self._trailers = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_trailers")]
+        self._error = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_error")]
         self._end = [f for f in reversed(self.filters) if overrides(f, "on_end")]
         self._async = [f"{f.label()}.{stage}" for f in self.filters for stage in async_stages(f)]
 
@@ -149,6 +150,25 @@ class Chain:
         final = exchange.head
         exchange.head = None
         return final
+
+    # -- an upstream that failed ----------------------------------------------------------
+
+    def error(self, exchange: Exchange, error: ProxyError) -> Flow[Answer | None]:
+        """Run `on_error` from the innermost filter out, when the upstream failed
+        before its head; the first `Answer` is given instead of `error` (through the
+        filters before the one that answered: `response` with that answer's head)."""
+        for index, flt in self._error:
+            result = flt.on_error(exchange, error)
+            if inspect.isawaitable(result):
+                result = yield result
+            if isinstance(result, Answer):
+                exchange.state[_ANSWERED] = index
+                _check_answer(flt, result)
+                return result
+            if result is not None:
+                raise TypeError(f"filter {flt.label()!r}: on_error returned "
+                                f"{type(result).__name__}, expected an Answer or None")
+        return None
 
     # -- trailers and the end -------------------------------------------------------------
 

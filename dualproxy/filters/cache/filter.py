@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from ...core import ResponseHead, UpstreamPlan
-from ...errors import GatewayTimeout
+from ...errors import GatewayTimeout, ProxyError
 from ...headers import Header
 from ..base import Answer, Exchange, Filter
 from . import policy
@@ -103,7 +103,7 @@ class Cache(Filter):
         age = entry.age(now)
         reuse = policy.judge(cc, lifetime, age, state.request_cc)
         if reuse.fresh or reuse.stale_ok or (reuse.swr and "no-cache" not in state.request_cc):
-            return self._hit(exchange, entry, age, reuse.ttl)
+            return self._hit(exchange, entry, age, f"hit; ttl={int(reuse.ttl)}")
         if "only-if-cached" in state.request_cc:
             return self._only_if_cached(state)
         state.forward = "request" if "no-cache" in state.request_cc else "stale"
@@ -165,8 +165,7 @@ class Cache(Filter):
             raise GatewayTimeout("only-if-cached: no stored response may answer")
         return None
 
-    def _hit(self, exchange: Exchange, entry: Entry, age: float, ttl: float) -> Answer:
-        status = f"hit; ttl={int(ttl)}"
+    def _hit(self, exchange: Exchange, entry: Entry, age: float, status: str) -> Answer:
         if policy.not_modified(exchange.incoming.headers, entry.headers) and \
                 entry.status == 200:
             headers = [(n, v) for n, v in entry.headers if n in policy.NOT_MODIFIED_FIELDS]
@@ -201,6 +200,22 @@ class Cache(Filter):
             if answered is not None:
                 return answered
         return self._miss(exchange, state, head, now)
+
+    def on_error(self, exchange: Exchange, error: ProxyError) -> Answer | None:
+        """The upstream failed (no head): a stale stored answer, where its fields allow
+        one when the origin cannot be reached (RFC 9111 4.2.4, RFC 5861 4)."""
+        state = exchange.state.get(Cache)
+        if not isinstance(state, _State) or state.entry is None or error.status < 500:
+            return None
+        entry = state.entry
+        rules = ResponseRules.of(entry.headers)
+        if policy.must_revalidate_when_stale(rules.cc):
+            return None
+        now = time.time()
+        age = entry.age(now)
+        ttl = policy.freshness_lifetime(entry.status, rules, entry.date) - age
+        status = f"hit; ttl={int(ttl)}; fwd=stale; fwd-status={error.status}"
+        return self._hit(exchange, entry, age, status)
 
     def _invalidate(self, key: str, headers: list[Header]) -> None:
         self.store.remove(key)
