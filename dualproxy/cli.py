@@ -313,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--cache-set-cookie", action="store_true",
                        help="store responses carrying Set-Cookie too (default: they are one "
                             "user's, never stored)")
+    cache.add_argument("--cache-purge-from", action="append", default=[], metavar="CIDR",
+                       help="peers allowed to PURGE a URL from the cache, besides "
+                            "--trusted-proxy ones; repeatable; anyone else gets 405 "
+                            "(default: trusted proxies only)")
 
     demo = sub.add_parser(
         "demo", help="start a built-in upstream and a proxy in front of it",
@@ -372,6 +376,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "cache_max_size": args.cache_max_size,
         "cache_max_object": args.cache_max_object,
         "cache_set_cookie": args.cache_set_cookie,
+        "cache_purge_from": args.cache_purge_from,
     }
 
 

@@ -180,6 +180,8 @@ class ProxyConfig:
     cache_max_size: int = 256 * 1024 * 1024
     cache_max_object: int = 64 * 1024 * 1024
     cache_set_cookie: bool = False
+    # Peers allowed to PURGE a URL from the cache (besides trusted_proxies); others get 405.
+    cache_purge_from: tuple[IPNetwork, ...] = ()
     # The route's own filters (filters/base.py), outermost first, after the built-in
     # ones and before the hooks (filters.build_chain).
     filters: tuple[Filter, ...] = ()
@@ -220,6 +222,7 @@ class ProxyConfig:
         set_(self, "upstream_origin", first.origin)
         set_(self, "upstream_base", first.base)
         set_(self, "trusted_proxies", _parse_networks(self.trusted_proxies))
+        set_(self, "cache_purge_from", _parse_networks(self.cache_purge_from))
 
     @classmethod
     def build(
@@ -252,13 +255,21 @@ class ProxyConfig:
 
     def is_trusted(self, peer: str | None) -> bool:
         """True when the direct peer is one of the configured trusted proxies."""
-        if not peer or not self.trusted_proxies:
-            return False
-        try:
-            addr = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        return any(addr in net for net in self.trusted_proxies)
+        return _within(peer, self.trusted_proxies)
+
+    def may_purge(self, peer: str | None) -> bool:
+        """May the direct peer PURGE cached URLs (cache_purge_from, trusted proxies)?"""
+        return _within(peer, self.cache_purge_from) or self.is_trusted(peer)
+
+
+def _within(peer: str | None, networks: tuple[IPNetwork, ...]) -> bool:
+    if not peer or not networks:
+        return False
+    try:
+        addr = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(addr in net for net in networks)
 
 
 def _check_pool_options(config: ProxyConfig) -> None:

@@ -79,6 +79,7 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         cache_max_size=options.get("cache_max_size") or 256 * 1024 * 1024,
         cache_max_object=options.get("cache_max_object") or 64 * 1024 * 1024,
         cache_set_cookie=options.get("cache_set_cookie", False),
+        cache_purge_from=tuple(options.get("cache_purge_from") or ()),
         # --- gateway: tls ---
         **tls_options(options),
     )

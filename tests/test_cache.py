@@ -185,3 +185,32 @@ def test_aborted_miss_is_not_stored(cached: ProxyProcess, upstream: Upstream,
     assert "fwd=uri-miss" in after.headers["cache-status"]  # the short body was not kept
     assert after.content == b"ok"
     assert _seen(upstream, rid, 2) == 2
+
+
+def test_purge_from_a_trusted_peer(make_proxy: MakeProxy, upstream: Upstream,
+                                   rid: str) -> None:
+    proxy = make_proxy("--cache", "--cache-purge-from", "127.0.0.1/32")
+    path = f"/cache/purge-{rid}"
+    cc = [["Cache-Control", "max-age=60"]]
+    _get(proxy, path, rid, cc)
+    with proxy.client() as client:
+        purged = client.request("PURGE", path)
+        assert purged.status_code == 200 and purged.json() == {"purged": 1}
+        assert client.request("PURGE", path).status_code == 404  # nothing left
+    after = _get(proxy, path, rid, cc)
+    assert "fwd=uri-miss" in after.headers["cache-status"]
+    assert _seen(upstream, rid, 2) == 2
+    assert all(r.method == "GET" for r in upstream.find_all(rid))  # PURGE never upstream
+
+
+def test_purge_from_anyone_else_is_405(cached: ProxyProcess, upstream: Upstream,
+                                       rid: str) -> None:
+    path = f"/cache/nopurge-{rid}"
+    cc = [["Cache-Control", "max-age=60"]]
+    _get(cached, path, rid, cc)
+    with cached.client() as client:
+        refused = client.request("PURGE", path)
+    assert refused.status_code == 405
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert _get(cached, path, rid, cc).headers["cache-status"].startswith("dualproxy; hit")
+    assert _seen(upstream, rid, 1) == 1

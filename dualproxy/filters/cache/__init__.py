@@ -22,4 +22,5 @@ __all__ = ["DEFAULT_MAX_OBJECT", "DEFAULT_MAX_SIZE", "Cache", "Entry", "MemorySt
 def cache_filter(config: ProxyConfig) -> Cache:
     """The route's cache filter, its store as the configuration names it."""
     store = MemoryStore(config.cache_max_size, config.cache_max_object)
-    return Cache(store, store_set_cookie=config.cache_set_cookie)
+    return Cache(store, store_set_cookie=config.cache_set_cookie,
+                 may_purge=config.may_purge)

@@ -20,7 +20,9 @@ Content-Location (RFC 9111 4.4).
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ...core import ResponseHead, UpstreamPlan
@@ -50,19 +52,28 @@ class _State:
 
 
 class _Recorder:
-    """An observer of a miss's body: each chunk to the store's writer as it passes."""
+    """An observer of a miss's body: each chunk to the store's writer as it passes.
 
-    __slots__ = ("writer",)
+    Committed when the body completed: at its last byte when its length is known
+    (before the client can ask again), else at `finish` (never for an aborted body)."""
 
-    def __init__(self, writer: Writer) -> None:
-        self.writer = writer
+    __slots__ = ("writer", "length", "done")
+
+    def __init__(self, writer: Writer, length: int | None) -> None:
+        self.writer, self.length, self.done = writer, length, False
 
     def feed(self, chunk: bytes) -> bytes:
         self.writer.write(chunk)
+        if self.length is not None and self.writer.size >= self.length and not self.done:
+            self.done = True
+            if self.writer.size == self.length:
+                self.writer.commit()
         return chunk
 
     def finish(self) -> bytes:
-        self.writer.commit()  # only called when the body completed
+        if not self.done:
+            self.done = True
+            self.writer.commit()
         return b""
 
 
@@ -72,10 +83,13 @@ class Cache(Filter):
     name = "cache"
 
     def __init__(self, store: MemoryStore | None = None, *,
-                 store_set_cookie: bool = False) -> None:
+                 store_set_cookie: bool = False,
+                 may_purge: Callable[[str | None], bool] = lambda peer: False) -> None:
         self.store = store if store is not None else MemoryStore()
         # Responses with Set-Cookie are one user's: not stored unless the route says so.
         self.store_set_cookie = store_set_cookie
+        # Whether a direct peer may PURGE (config.may_purge): nobody by default.
+        self.may_purge = may_purge
 
     # -- the request ---------------------------------------------------------------------
 
@@ -86,6 +100,8 @@ class Cache(Filter):
         state = _State(primary_key(incoming), now, policy.request_directives(incoming.headers),
                        "lookup")
         exchange.state[Cache] = state
+        if method == "PURGE":
+            return self._purge(exchange, state)
         if method not in ("GET", "HEAD"):
             state.mode = "bypass" if method in policy.SAFE_METHODS else "invalidate"
             state.forward = "method"
@@ -115,6 +131,16 @@ class Cache(Filter):
             exchange.plan = _replace_headers(plan, kept + conditions)
             state.mode = "revalidate"
         return None
+
+    def _purge(self, exchange: Exchange, state: _State) -> Answer:
+        """PURGE: drop every stored variant of the URI (trusted peers only)."""
+        if not self.may_purge(exchange.incoming.peer):
+            raise ProxyError("PURGE is only accepted from trusted peers", status=405)
+        count = self.store.remove(state.key)
+        body = json.dumps({"purged": count}).encode()
+        return Answer(200 if count else 404,
+                      [(b"content-type", b"application/json"),
+                       (b"cache-control", b"no-store")], body)
 
     def _part(self, exchange: Exchange, state: _State, ranged: bytes,
               now: float) -> Answer | None:
@@ -295,8 +321,10 @@ class Cache(Filter):
                 if incoming.method == "GET":
                     self.store.put(entry)
                     detail += "; stored"
-            elif exchange.transform_response(_Recorder(self.store.writer(entry)),
-                                             same_length=True):
+            elif exchange.transform_response(
+                    _Recorder(self.store.writer(entry),
+                              int(length) if length is not None and length.isdigit() else None),
+                    same_length=True):
                 detail += "; stored"
         elif state.entry is not None and state.mode == "revalidate" and head.status < 500:
             self.store.discard(state.entry)  # replaced by a response it may not keep
