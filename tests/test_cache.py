@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 
 import httpx
@@ -214,3 +215,40 @@ def test_purge_from_anyone_else_is_405(cached: ProxyProcess, upstream: Upstream,
     assert refused.headers["content-type"] == "application/problem+json"
     assert _get(cached, path, rid, cc).headers["cache-status"].startswith("dualproxy; hit")
     assert _seen(upstream, rid, 1) == 1
+
+
+def test_concurrent_misses_collapse_into_one_fetch(cached: ProxyProcess, upstream: Upstream,
+                                                   rid: str) -> None:
+    size = 2 * MiB
+    gate_name = f"collapse-{rid}"
+    gate = upstream.gate(gate_name)
+    path = f"/cache/collapse-{rid}"
+    spec = f"download size={size} gate={gate_name} cc=max-age=60"
+    results: list[tuple[str, str]] = []
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            with httpx.Client(base_url=cached.url, timeout=30.0) as client:
+                resp = client.get(path, headers={"x-req-id": rid, "x-upstream": spec})
+            results.append((resp.headers["cache-status"],
+                            hashlib.sha256(resp.content).hexdigest()))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(20)]
+    try:
+        for thread in threads:
+            thread.start()
+        assert _seen(upstream, rid, 1) == 1
+        time.sleep(1.0)  # every request has arrived and waits on the one fetch
+        assert not gate.is_set()
+    finally:
+        gate.set()
+        for thread in threads:
+            thread.join(30)
+    assert not errors, errors
+    assert len(results) == 20
+    assert {digest for _, digest in results} == {pattern_sha256(size)}
+    assert sum("collapsed" in status for status, _ in results) == 19
+    assert len(upstream.find_all(rid)) == 1

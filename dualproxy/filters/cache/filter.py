@@ -19,17 +19,20 @@ Content-Location (RFC 9111 4.4).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 from ...core import ResponseHead, UpstreamPlan
 from ...errors import GatewayTimeout, ProxyError
 from ...headers import Header
 from ..base import Answer, Exchange, Filter
 from . import policy
+from .flight import Flight, Head
 from .keys import primary_key, same_origin_key, vary_names, vary_values
 from .policy import Directives, ResponseRules
 from .store import Entry, MemoryStore, Writer
@@ -48,7 +51,7 @@ class _State:
     mode: str                       # lookup | revalidate | invalidate | bypass
     entry: Entry | None = None      # the stored response being revalidated
     forward: str = "uri-miss"       # RFC 9211 fwd= for a response from upstream
-    detail: list[str] = field(default_factory=list)
+    flight: Flight | None = None    # the fetch this exchange leads (collapsing)
 
 
 class _Recorder:
@@ -57,24 +60,30 @@ class _Recorder:
     Committed when the body completed: at its last byte when its length is known
     (before the client can ask again), else at `finish` (never for an aborted body)."""
 
-    __slots__ = ("writer", "length", "done")
+    __slots__ = ("writer", "length", "done", "flight")
 
-    def __init__(self, writer: Writer, length: int | None) -> None:
-        self.writer, self.length, self.done = writer, length, False
+    def __init__(self, writer: Writer, length: int | None, flight: Flight | None) -> None:
+        self.writer, self.length, self.done, self.flight = writer, length, False, flight
 
     def feed(self, chunk: bytes) -> bytes:
         self.writer.write(chunk)
+        if self.flight is not None:
+            self.flight.append(chunk)
         if self.length is not None and self.writer.size >= self.length and not self.done:
-            self.done = True
-            if self.writer.size == self.length:
-                self.writer.commit()
+            self._complete(self.writer.size == self.length)
         return chunk
 
     def finish(self) -> bytes:
         if not self.done:
-            self.done = True
-            self.writer.commit()
+            self._complete(True)
         return b""
+
+    def _complete(self, whole: bool) -> None:
+        self.done = True
+        if whole:
+            self.writer.commit()
+        if self.flight is not None:
+            self.flight.end(whole)
 
 
 class Cache(Filter):
@@ -90,10 +99,13 @@ class Cache(Filter):
         self.store_set_cookie = store_set_cookie
         # Whether a direct peer may PURGE (config.may_purge): nobody by default.
         self.may_purge = may_purge
+        # The misses in flight, by key: later misses for a key join them (flight.py).
+        self.flights: dict[str, Flight] = {}
+        self._flights_lock = threading.Lock()
 
     # -- the request ---------------------------------------------------------------------
 
-    def on_request(self, exchange: Exchange) -> Answer | None:
+    def on_request(self, exchange: Exchange) -> Answer | None | Awaitable[Answer | None]:
         incoming = exchange.incoming
         method = incoming.method
         now = time.time()
@@ -112,7 +124,11 @@ class Cache(Filter):
             return self._part(exchange, state, ranged, now)
         entry = self._select(state, headers, now)
         if entry is None:
-            return self._only_if_cached(state)
+            self._only_if_cached(state)
+            if method == "GET" and state.forward != "request" and not (
+                    {"no-cache", "no-store"} & state.request_cc.keys()):
+                return self._collapse(exchange, state)
+            return None
         cc = ResponseRules.of(entry.headers).cc
         lifetime = policy.freshness_lifetime(entry.status, ResponseRules.of(entry.headers),
                                              entry.date)
@@ -131,6 +147,50 @@ class Cache(Filter):
             exchange.plan = _replace_headers(plan, kept + conditions)
             state.mode = "revalidate"
         return None
+
+    # -- collapsing ------------------------------------------------------------------------
+
+    def _collapse(self, exchange: Exchange, state: _State,
+                  ) -> Answer | None | Awaitable[Answer | None]:
+        """Lead the fetch for this key, or join the one in flight."""
+        with self._flights_lock:
+            flight = self.flights.get(state.key)
+            if flight is None:
+                state.flight = self.flights[state.key] = Flight()
+                return None
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # the sync face: wait on this worker thread
+            return self._follow(exchange, flight, flight.wait_head(), flight.body())
+        return self._afollow(exchange, flight)
+
+    async def _afollow(self, exchange: Exchange, flight: Flight) -> Answer | None:
+        return self._follow(exchange, flight, await flight.await_head(), flight.abody())
+
+    @staticmethod
+    def _follow(exchange: Exchange, flight: Flight, head: Head | None,
+                body: Iterator[bytes] | AsyncIterator[bytes]) -> Answer | None:
+        """A follower's answer from the leader's head and body, when they fit it."""
+        if head is None or vary_values(exchange.incoming.headers, head.vary) != head.selected:
+            return None  # up to the upstream itself
+        headers = [*head.headers, (b"age", b"0"),
+                   policy.cache_status("fwd=uri-miss; collapsed")]
+        return Answer(head.status, headers, body)
+
+    def _land(self, state: _State) -> None:
+        """The leader is over: later misses lead their own fetch."""
+        flight = state.flight
+        if flight is None:
+            return
+        flight.end(False)  # a no-op when its body completed
+        with self._flights_lock:
+            if self.flights.get(state.key) is flight:
+                del self.flights[state.key]
+
+    def on_end(self, exchange: Exchange) -> None:
+        state = exchange.state.get(Cache)
+        if isinstance(state, _State):
+            self._land(state)
 
     def _purge(self, exchange: Exchange, state: _State) -> Answer:
         """PURGE: drop every stored variant of the URI (trusted peers only)."""
@@ -317,15 +377,20 @@ class Cache(Filter):
                           policy.fields_to_store(head.headers, rules.cc),
                           state.request_time, now, date,
                           policy.initial_age(head.headers, date, state.request_time, now))
+            size = int(length) if length is not None and length.isdigit() else None
             if head.status == 204 or not head.has_body:
                 if incoming.method == "GET":
                     self.store.put(entry)
                     detail += "; stored"
             elif exchange.transform_response(
-                    _Recorder(self.store.writer(entry),
-                              int(length) if length is not None and length.isdigit() else None),
-                    same_length=True):
+                    _Recorder(self.store.writer(entry), size, state.flight), same_length=True):
                 detail += "; stored"
+                if state.flight is not None:
+                    framing = [] if size is None else [(b"content-length", b"%d" % size)]
+                    state.flight.publish(Head(head.status, entry.headers + framing,
+                                              entry.vary, entry.selected))
+        if state.flight is not None and not state.flight.decided:
+            state.flight.publish(None)  # nothing to share: the followers go upstream
         elif state.entry is not None and state.mode == "revalidate" and head.status < 500:
             self.store.discard(state.entry)  # replaced by a response it may not keep
         headers = [*head.headers, policy.cache_status(detail)]
