@@ -252,3 +252,27 @@ def test_concurrent_misses_collapse_into_one_fetch(cached: ProxyProcess, upstrea
     assert {digest for _, digest in results} == {pattern_sha256(size)}
     assert sum("collapsed" in status for status, _ in results) == 19
     assert len(upstream.find_all(rid)) == 1
+
+
+def test_stale_while_revalidate_answers_at_once_and_refreshes_behind(
+        cached: ProxyProcess, upstream: Upstream, rid: str) -> None:
+    path = f"/cache/swr-{rid}"
+    _get(cached, path, rid, [["Cache-Control", "max-age=1, stale-while-revalidate=60"],
+                             ["ETag", '"v1"']])
+    time.sleep(1.5)  # stale now, within its stale-while-revalidate window
+    refresh = [["Cache-Control", "max-age=60"], ["ETag", '"v2"']]
+    stale = _get(cached, path, rid, refresh)
+    assert stale.status_code == 200 and stale.content == b"ok"
+    assert stale.headers["cache-status"].startswith("dualproxy; hit; ttl=-")
+    assert "fwd=stale" in stale.headers["cache-status"]
+    assert _seen(upstream, rid, 2) == 2  # the one refresh, behind the answer
+    assert upstream.find_all(rid)[1].header("if-none-match") == '"v1"'
+    deadline = time.monotonic() + 5
+    while True:  # the refreshed response replaces the stale one
+        fresh = _get(cached, path, rid, refresh)
+        if fresh.headers.get("etag") == '"v2"' or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert fresh.headers["etag"] == '"v2"'
+    assert "fwd" not in fresh.headers["cache-status"]
+    assert len(upstream.find_all(rid)) == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .filter import Cache
+from .refresh import Refresher
 from .store import DEFAULT_MAX_OBJECT, DEFAULT_MAX_SIZE, Entry, MemoryStore
 
 if TYPE_CHECKING:
@@ -23,4 +24,5 @@ def cache_filter(config: ProxyConfig) -> Cache:
     """The route's cache filter, its store as the configuration names it."""
     store = MemoryStore(config.cache_max_size, config.cache_max_object)
     return Cache(store, store_set_cookie=config.cache_set_cookie,
-                 may_purge=config.may_purge)
+                 may_purge=config.may_purge,
+                 refresher=Refresher(config, store.max_object))

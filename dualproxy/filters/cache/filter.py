@@ -22,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-from ...core import ResponseHead, UpstreamPlan
+from ...core import IncomingRequest, ResponseHead, UpstreamPlan
 from ...errors import GatewayTimeout, ProxyError
 from ...headers import Header
 from ..base import Answer, Exchange, Filter
@@ -35,6 +36,7 @@ from . import policy
 from .flight import Flight, Head
 from .keys import primary_key, same_origin_key, vary_names, vary_values
 from .policy import Directives, ResponseRules
+from .refresh import Refresher
 from .store import Entry, MemoryStore, Writer
 
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
@@ -93,12 +95,15 @@ class Cache(Filter):
 
     def __init__(self, store: MemoryStore | None = None, *,
                  store_set_cookie: bool = False,
-                 may_purge: Callable[[str | None], bool] = lambda peer: False) -> None:
+                 may_purge: Callable[[str | None], bool] = lambda peer: False,
+                 refresher: Refresher | None = None) -> None:
         self.store = store if store is not None else MemoryStore()
         # Responses with Set-Cookie are one user's: not stored unless the route says so.
         self.store_set_cookie = store_set_cookie
         # Whether a direct peer may PURGE (config.may_purge): nobody by default.
         self.may_purge = may_purge
+        # Fetches stale-while-revalidate answers start (None: such answers wait instead).
+        self.refresher = refresher
         # The misses in flight, by key: later misses for a key join them (flight.py).
         self.flights: dict[str, Flight] = {}
         self._flights_lock = threading.Lock()
@@ -134,8 +139,12 @@ class Cache(Filter):
                                              entry.date)
         age = entry.age(now)
         reuse = policy.judge(cc, lifetime, age, state.request_cc)
-        if reuse.fresh or reuse.stale_ok or (reuse.swr and "no-cache" not in state.request_cc):
-            return self._hit(exchange, entry, age, f"hit; ttl={int(reuse.ttl)}")
+        if reuse.fresh or reuse.stale_ok:
+            return self._hit(exchange, entry, age, f"hit; ttl={math.floor(reuse.ttl)}")
+        if reuse.swr and self.refresher is not None:
+            self._refresh(exchange, state, entry)  # RFC 5861 3: answer now, refresh behind
+            return self._hit(exchange, entry, age,
+                             f"hit; ttl={math.floor(reuse.ttl)}; fwd=stale")
         if "only-if-cached" in state.request_cc:
             return self._only_if_cached(state)
         state.forward = "request" if "no-cache" in state.request_cc else "stale"
@@ -221,7 +230,8 @@ class Cache(Filter):
         if not (reuse.fresh or reuse.stale_ok) or span is None:
             return None
         start, end = span
-        head = [(n, v) for n, v in self._stored_head(entry, age, f"hit; ttl={int(reuse.ttl)}")
+        status = f"hit; ttl={math.floor(reuse.ttl)}"
+        head = [(n, v) for n, v in self._stored_head(entry, age, status)
                 if n != b"content-length"]
         head += [(b"content-range", b"bytes %d-%d/%d" % (start, end, len(entry.body))),
                  (b"content-length", b"%d" % (end - start + 1))]
@@ -300,7 +310,7 @@ class Cache(Filter):
         now = time.time()
         age = entry.age(now)
         ttl = policy.freshness_lifetime(entry.status, rules, entry.date) - age
-        status = f"hit; ttl={int(ttl)}; fwd=stale; fwd-status={error.status}"
+        status = f"hit; ttl={math.floor(ttl)}; fwd=stale; fwd-status={error.status}"
         return self._hit(exchange, entry, age, status)
 
     def _invalidate(self, key: str, headers: list[Header]) -> None:
@@ -319,13 +329,7 @@ class Cache(Filter):
         if state.mode == "revalidate" and head.status == 304 and \
                 policy.same_validator(head.headers, entry.headers):
             # RFC 9111 4.3.4: freshen the stored fields and times, answer from the store.
-            entry.headers = policy.freshen(entry.headers, head.headers)
-            date = policy.parse_date(head.date) if head.date is not None else None
-            entry.date = date if date is not None else now
-            entry.request_time, entry.response_time = state.request_time, now
-            entry.initial_age = policy.initial_age(head.headers, entry.date,
-                                                   state.request_time, now)
-            self.store.update(entry)
+            self._freshen(entry, state, head, now)
             return self._from_store(exchange, entry, "fwd=stale; fwd-status=304", now)
         if head.status >= 500:
             cc = ResponseRules.of(entry.headers).cc
@@ -334,7 +338,7 @@ class Cache(Filter):
             ttl = lifetime - entry.age(now)
             if policy.stale_if_error(cc, state.request_cc, ttl):
                 return self._from_store(exchange, entry,
-                                        f"hit; ttl={int(ttl)}; fwd=stale; "
+                                        f"hit; ttl={math.floor(ttl)}; fwd=stale; "
                                         f"fwd-status={head.status}", now)
         return None
 
@@ -353,9 +357,10 @@ class Cache(Filter):
         return ResponseHead(entry.status, self._stored_head(entry, age, status),
                             has_body=has_body)
 
-    def _miss(self, exchange: Exchange, state: _State, head: ResponseHead,
-              now: float) -> ResponseHead:
-        incoming = exchange.incoming
+    def _storable(self, incoming: IncomingRequest, state: _State, head: ResponseHead,
+                  now: float) -> tuple[Entry | None, str, int | None]:
+        """The entry to store for `head` (None: not storable), the reason it is not,
+        and the body's announced length."""
         rules = ResponseRules.of(head.headers)
         reason = policy.storable(incoming.method, head.status, rules, state.request_cc,
                                  policy.first(incoming.headers, b"authorization") is not None)
@@ -366,18 +371,25 @@ class Cache(Filter):
                 policy.first(head.headers, b"set-cookie") is not None:
             reason = "set-cookie"
         length = policy.first(head.headers, b"content-length")
-        if reason is None and length is not None and length.isdigit() and \
-                int(length) > self.store.max_object:
+        size = int(length) if length is not None and length.isdigit() else None
+        if reason is None and size is not None and size > self.store.max_object:
             reason = "too large"
+        if reason is not None or names is None:
+            return None, reason or "vary *", size
+        date = policy.parse_date(head.date) if head.date is not None else None
+        date = date if date is not None else now
+        entry = Entry(state.key, names, vary_values(incoming.headers, names), head.status,
+                      policy.fields_to_store(head.headers, rules.cc),
+                      state.request_time, now, date,
+                      policy.initial_age(head.headers, date, state.request_time, now))
+        return entry, "", size
+
+    def _miss(self, exchange: Exchange, state: _State, head: ResponseHead,
+              now: float) -> ResponseHead:
+        incoming = exchange.incoming
+        entry, _, size = self._storable(incoming, state, head, now)
         detail = f"fwd={state.forward}; fwd-status={head.status}"
-        if reason is None and names is not None:
-            date = policy.parse_date(head.date) if head.date is not None else None
-            date = date if date is not None else now
-            entry = Entry(state.key, names, vary_values(incoming.headers, names), head.status,
-                          policy.fields_to_store(head.headers, rules.cc),
-                          state.request_time, now, date,
-                          policy.initial_age(head.headers, date, state.request_time, now))
-            size = int(length) if length is not None and length.isdigit() else None
+        if entry is not None:
             if head.status == 204 or not head.has_body:
                 if incoming.method == "GET":
                     self.store.put(entry)
@@ -391,10 +403,43 @@ class Cache(Filter):
                                               entry.vary, entry.selected))
         if state.flight is not None and not state.flight.decided:
             state.flight.publish(None)  # nothing to share: the followers go upstream
-        elif state.entry is not None and state.mode == "revalidate" and head.status < 500:
+        if entry is None and state.entry is not None and state.mode == "revalidate" \
+                and head.status < 500:
             self.store.discard(state.entry)  # replaced by a response it may not keep
         headers = [*head.headers, policy.cache_status(detail)]
         return ResponseHead(head.status, headers, head.has_body, head.date)
+
+    # -- stale-while-revalidate: the refresh behind a stale answer ---------------------------
+
+    def _refresh(self, exchange: Exchange, state: _State, entry: Entry) -> None:
+        """Fetch `entry` again (conditionally) without making this request wait."""
+        plan = exchange.plan
+        if self.refresher is None or plan is None or exchange.incoming.method != "GET":
+            return
+        kept = [(n, v) for n, v in plan.headers if n.lower() not in _CONDITIONALS]
+        plan = _replace_headers(plan, kept + policy.validators(entry.headers))
+        incoming = exchange.incoming
+
+        def refreshed(head: ResponseHead, body: bytes) -> None:
+            now = time.time()
+            if head.status == 304 and policy.same_validator(head.headers, entry.headers):
+                self._freshen(entry, state, head, now)
+                return
+            new, _, _ = self._storable(incoming, state, head, now)
+            if new is not None and head.status != 304:
+                new.body = body
+                self.store.put(new)
+
+        self.refresher.start(state.key, plan, refreshed)
+
+    def _freshen(self, entry: Entry, state: _State, head: ResponseHead, now: float) -> None:
+        """RFC 9111 4.3.4: a 304's fields and times onto the stored response."""
+        entry.headers = policy.freshen(entry.headers, head.headers)
+        date = policy.parse_date(head.date) if head.date is not None else None
+        entry.date = date if date is not None else now
+        entry.request_time, entry.response_time = state.request_time, now
+        entry.initial_age = policy.initial_age(head.headers, entry.date, state.request_time, now)
+        self.store.update(entry)
 
 
 def _replace_headers(plan: UpstreamPlan, headers: list[Header]) -> UpstreamPlan:
