@@ -303,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an RFC 9111 shared HTTP cache in front of the upstream: hits "
                             "answered by the proxy, misses streamed and stored "
                             "(default: off)")
+    cache.add_argument("--cache-store", default="memory", metavar="STORE",
+                       help="where the cache keeps responses: memory (each worker its own) "
+                            "or sqlite:PATH (one file the workers of a machine share) "
+                            "(default: memory)")
     cache.add_argument("--cache-max-size", type=_positive_size, default=256 << 20,
                        metavar="BYTES",
                        help="the cache's size bound, least recently used evicted first; K, M "
@@ -373,6 +377,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "metrics": args.metrics_bind is not None,
         # --- filters: cache ---
         "cache": args.cache,
+        "cache_store": args.cache_store,
         "cache_max_size": args.cache_max_size,
         "cache_max_object": args.cache_max_object,
         "cache_set_cookie": args.cache_set_cookie,

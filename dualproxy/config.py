@@ -177,6 +177,7 @@ class ProxyConfig:
     # bounded by bytes (LRU), responses over cache_max_object bytes not stored;
     # responses with Set-Cookie are stored only when cache_set_cookie says so.
     cache: bool = False
+    cache_store: str = "memory"     # or sqlite:PATH (shared by the workers of a machine)
     cache_max_size: int = 256 * 1024 * 1024
     cache_max_object: int = 64 * 1024 * 1024
     cache_set_cookie: bool = False
@@ -206,6 +207,9 @@ class ProxyConfig:
             raise ValueError("max_body_size must be >= 0")
         if self.cache_max_size < 1 or self.cache_max_object < 1:
             raise ValueError("cache_max_size and cache_max_object must be at least 1 byte")
+        from .filters.cache.store import check_store
+
+        check_store(self.cache_store)
         _check_fields(self.add_request_headers, self.remove_request_headers,
                       "request headers")
         _check_fields(self.add_response_headers, self.remove_response_headers,

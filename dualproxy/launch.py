@@ -76,6 +76,7 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         health_interval=options["health_interval"],
         # --- filters: cache ---
         cache=options.get("cache", False),
+        cache_store=options.get("cache_store") or "memory",
         cache_max_size=options.get("cache_max_size") or 256 * 1024 * 1024,
         cache_max_object=options.get("cache_max_object") or 64 * 1024 * 1024,
         cache_set_cookie=options.get("cache_set_cookie", False),

@@ -10,6 +10,7 @@ import hashlib
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -276,3 +277,28 @@ def test_stale_while_revalidate_answers_at_once_and_refreshes_behind(
     assert fresh.headers["etag"] == '"v2"'
     assert "fwd" not in fresh.headers["cache-status"]
     assert len(upstream.find_all(rid)) == 2
+
+
+def test_sqlite_store_is_shared_by_the_workers(make_proxy: MakeProxy, upstream: Upstream,
+                                               rid: str, tmp_path: Path) -> None:
+    proxy = make_proxy("--cache", "--cache-store", f"sqlite:{tmp_path / 'cache.db'}",
+                       "--workers", "2")
+    path = f"/cache/sqlite-{rid}"
+    cc = [["Cache-Control", "max-age=60"]]
+    statuses = [_get(proxy, path, rid, cc).headers["cache-status"] for _ in range(12)]
+    assert "stored" in statuses[0]
+    assert all(s.startswith("dualproxy; hit") for s in statuses[1:])  # whichever worker
+    assert _seen(upstream, rid, 1) == 1
+    ranged = _get(proxy, path, rid, cc, range="bytes=1-")
+    assert ranged.status_code == 206 and ranged.content == b"k"
+
+
+def test_a_failing_store_steps_aside(make_proxy: MakeProxy, upstream: Upstream,
+                                     rid: str) -> None:
+    proxy = make_proxy("--cache", "--cache-store", "sqlite:/nonexistent-dir/cache.db")
+    path = f"/cache/broken-store-{rid}"
+    for _ in range(2):
+        answer = _get(proxy, path, rid, [["Cache-Control", "max-age=60"]])
+        assert answer.status_code == 200 and answer.content == b"ok"
+    assert _seen(upstream, rid, 2) == 2
+    assert "the sqlite store failed" in proxy.log()

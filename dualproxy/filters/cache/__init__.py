@@ -11,18 +11,37 @@ from typing import TYPE_CHECKING
 
 from .filter import Cache
 from .refresh import Refresher
-from .store import DEFAULT_MAX_OBJECT, DEFAULT_MAX_SIZE, Entry, MemoryStore
+from .store import (
+    DEFAULT_MAX_OBJECT,
+    DEFAULT_MAX_SIZE,
+    Entry,
+    Guarded,
+    MemoryStore,
+    Store,
+    check_store,
+)
 
 if TYPE_CHECKING:
     from ...config import ProxyConfig
 
 __all__ = ["DEFAULT_MAX_OBJECT", "DEFAULT_MAX_SIZE", "Cache", "Entry", "MemoryStore",
-           "cache_filter"]
+           "Store", "cache_filter", "make_store"]
+
+
+def make_store(spec: str, max_size: int = DEFAULT_MAX_SIZE,
+               max_object: int = DEFAULT_MAX_OBJECT) -> Store:
+    """The store `spec` names: `memory`, or `sqlite:PATH` (ValueError otherwise)."""
+    check_store(spec)
+    if spec == "memory":
+        return MemoryStore(max_size, max_object)
+    from .sqlite import SqliteStore
+
+    return Guarded(SqliteStore(spec[len("sqlite:"):], max_size, max_object))
 
 
 def cache_filter(config: ProxyConfig) -> Cache:
     """The route's cache filter, its store as the configuration names it."""
-    store = MemoryStore(config.cache_max_size, config.cache_max_object)
+    store = make_store(config.cache_store, config.cache_max_size, config.cache_max_object)
     return Cache(store, store_set_cookie=config.cache_set_cookie,
                  may_purge=config.may_purge,
                  refresher=Refresher(config, store.max_object))

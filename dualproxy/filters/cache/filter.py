@@ -37,7 +37,7 @@ from .flight import Flight, Head
 from .keys import primary_key, same_origin_key, vary_names, vary_values
 from .policy import Directives, ResponseRules
 from .refresh import Refresher
-from .store import Entry, MemoryStore, Writer
+from .store import Entry, MemoryStore, Store, Writer
 
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
                            b"if-unmodified-since", b"if-range"})
@@ -93,7 +93,7 @@ class Cache(Filter):
 
     name = "cache"
 
-    def __init__(self, store: MemoryStore | None = None, *,
+    def __init__(self, store: Store | None = None, *,
                  store_set_cookie: bool = False,
                  may_purge: Callable[[str | None], bool] = lambda peer: False,
                  refresher: Refresher | None = None) -> None:
@@ -226,16 +226,16 @@ class Cache(Filter):
         age = entry.age(now)
         reuse = policy.judge(rules.cc, policy.freshness_lifetime(200, rules, entry.date),
                              age, state.request_cc)
-        span = policy.byte_range(ranged, len(entry.body))
+        span = policy.byte_range(ranged, entry.body_length())
         if not (reuse.fresh or reuse.stale_ok) or span is None:
             return None
         start, end = span
         status = f"hit; ttl={math.floor(reuse.ttl)}"
         head = [(n, v) for n, v in self._stored_head(entry, age, status)
                 if n != b"content-length"]
-        head += [(b"content-range", b"bytes %d-%d/%d" % (start, end, len(entry.body))),
+        head += [(b"content-range", b"bytes %d-%d/%d" % (start, end, entry.body_length())),
                  (b"content-length", b"%d" % (end - start + 1))]
-        return Answer(206, head, entry.body[start:end + 1])
+        return Answer(206, head, entry.content()[start:end + 1])
 
     def _select(self, state: _State, headers: list[Header] | tuple[Header, ...],
                 now: float) -> Entry | None:
@@ -273,7 +273,7 @@ class Cache(Filter):
     def _stored_head(entry: Entry, age: float, status: str) -> list[Header]:
         headers = list(entry.headers)
         if entry.status not in (204, 304):
-            headers.append((b"content-length", b"%d" % len(entry.body)))
+            headers.append((b"content-length", b"%d" % entry.body_length()))
         headers.append((b"age", b"%d" % int(age)))
         headers.append(policy.cache_status(status))
         return headers

@@ -10,18 +10,29 @@ response is never stored.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ...headers import Header
 from .keys import VaryNames, VaryValues
+
+error_logger = logging.getLogger("dualproxy")
 
 DEFAULT_MAX_SIZE = 256 * 1024 * 1024
 DEFAULT_MAX_OBJECT = 64 * 1024 * 1024
 # Served in slices of this size (one send per slice, as the upstream relay does).
 SLICE = 256 * 1024
+
+
+def check_store(spec: str) -> None:
+    """A `cache_store` value is `memory` or `sqlite:PATH` (ValueError naming it)."""
+    if spec != "memory" and not (spec.startswith("sqlite:") and len(spec) > len("sqlite:")):
+        raise ValueError(f"cache_store must be 'memory' or 'sqlite:PATH', got {spec!r}")
 
 
 @dataclass(eq=False)
@@ -40,16 +51,30 @@ class Entry:
     initial_age: float      # corrected_initial_age at response_time
     body: bytes = b""
     size: int = field(default=0)
+    # A store that reads bodies only when they answer (sqlite) sets both: the
+    # body's length, and how to read it.
+    length: int = -1
+    loader: Callable[[], bytes] | None = None
+    ref: object = None      # the store's own handle on it (sqlite: its row)
 
     def age(self, now: float) -> float:
         return self.initial_age + max(0.0, now - self.response_time)
 
+    def body_length(self) -> int:
+        return len(self.body) if self.loader is None else self.length
+
+    def content(self) -> bytes:
+        """The body, read from the store now if it was not yet."""
+        if self.loader is not None:
+            self.body, self.loader = self.loader(), None
+        return self.body
+
     def measure(self) -> int:
-        self.size = len(self.body) + sum(len(n) + len(v) for n, v in self.headers) + 256
+        self.size = self.body_length() + sum(len(n) + len(v) for n, v in self.headers) + 256
         return self.size
 
     def chunks(self) -> Iterator[bytes]:
-        body = self.body
+        body = self.content()
         if len(body) <= SLICE:
             if body:
                 yield body
@@ -64,7 +89,7 @@ class Writer:
 
     __slots__ = ("store", "entry", "limit", "parts", "size", "ok")
 
-    def __init__(self, store: MemoryStore, entry: Entry, limit: int) -> None:
+    def __init__(self, store: Store, entry: Entry, limit: int) -> None:
         self.store, self.entry, self.limit = store, entry, limit
         self.parts: list[bytes] = []
         self.size = 0
@@ -88,6 +113,78 @@ class Writer:
         self.parts = []
         self.store.put(self.entry)
         return True
+
+
+class Store(Protocol):
+    """What the filter asks of a store (memory here, sqlite.py)."""
+
+    name: str
+    max_object: int
+
+    def get(self, key: str) -> list[Entry]: ...
+
+    def writer(self, entry: Entry) -> Writer: ...
+
+    def put(self, entry: Entry) -> None: ...
+
+    def update(self, entry: Entry) -> None: ...
+
+    def remove(self, key: str) -> int: ...
+
+    def discard(self, entry: Entry) -> None: ...
+
+
+class Guarded:
+    """A store that steps aside when it fails: each failure is a WARNING (at most one
+    every 10 s) and the request goes on uncached, never a 5xx."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.name = store.name
+        self.max_object = store.max_object
+        self._warned = 0.0
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._warned >= 10.0:
+            self._warned = now
+            error_logger.warning("cache: the %s store failed to %s (%r): requests go "
+                                 "upstream uncached", self.name, what, exc)
+
+    def get(self, key: str) -> list[Entry]:
+        try:
+            return self.store.get(key)
+        except Exception as exc:
+            self._failed("look up", exc)
+            return []
+
+    def writer(self, entry: Entry) -> Writer:
+        return Writer(self, entry, self.max_object)
+
+    def put(self, entry: Entry) -> None:
+        try:
+            self.store.put(entry)
+        except Exception as exc:
+            self._failed("store", exc)
+
+    def update(self, entry: Entry) -> None:
+        try:
+            self.store.update(entry)
+        except Exception as exc:
+            self._failed("update", exc)
+
+    def remove(self, key: str) -> int:
+        try:
+            return self.store.remove(key)
+        except Exception as exc:
+            self._failed("remove", exc)
+            return 0
+
+    def discard(self, entry: Entry) -> None:
+        try:
+            self.store.discard(entry)
+        except Exception as exc:
+            self._failed("remove", exc)
 
 
 class MemoryStore:
