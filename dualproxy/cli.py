@@ -304,9 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "answered by the proxy, misses streamed and stored "
                             "(default: off)")
     cache.add_argument("--cache-store", default="memory", metavar="STORE",
-                       help="where the cache keeps responses: memory (each worker its own) "
-                            "or sqlite:PATH (one file the workers of a machine share) "
-                            "(default: memory)")
+                       help="where the cache keeps responses: memory (each worker its own), "
+                            "sqlite:PATH (one file the workers of a machine share) or "
+                            "redis://HOST:PORT/DB (one cache for many proxies; the redis "
+                            "extra) (default: memory)")
     cache.add_argument("--cache-max-size", type=_positive_size, default=256 << 20,
                        metavar="BYTES",
                        help="the cache's size bound, least recently used evicted first; K, M "

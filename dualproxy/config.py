@@ -177,7 +177,8 @@ class ProxyConfig:
     # bounded by bytes (LRU), responses over cache_max_object bytes not stored;
     # responses with Set-Cookie are stored only when cache_set_cookie says so.
     cache: bool = False
-    cache_store: str = "memory"     # or sqlite:PATH (shared by the workers of a machine)
+    # memory, sqlite:PATH (the workers of a machine) or redis://host:port/db (many machines)
+    cache_store: str = "memory"
     cache_max_size: int = 256 * 1024 * 1024
     cache_max_object: int = 64 * 1024 * 1024
     cache_set_cookie: bool = False

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import socket
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,6 +29,45 @@ MiB = 1024 * 1024
 @pytest.fixture
 def cached(make_proxy: MakeProxy) -> ProxyProcess:
     return make_proxy("--cache")
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port (Debian's `redis-server`)."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.path.exists(binary):
+            pytest.fail("redis-server is not installed (apt-get install redis-server; "
+                        ".ci/run installs it)")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail("redis-server did not start")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
 
 
 def _get(proxy: ProxyProcess, path: str, rid: str, response: list[list[str]] | None = None,
@@ -302,3 +346,39 @@ def test_a_failing_store_steps_aside(make_proxy: MakeProxy, upstream: Upstream,
         assert answer.status_code == 200 and answer.content == b"ok"
     assert _seen(upstream, rid, 2) == 2
     assert "the sqlite store failed" in proxy.log()
+
+
+def test_two_proxies_share_one_redis(make_proxy: MakeProxy, upstream: Upstream, rid: str,
+                                     redis_server: RedisServer) -> None:
+    one = make_proxy("--cache", "--cache-store", redis_server.url)
+    other = make_proxy("--cache", "--cache-store", redis_server.url, "--workers", "2")
+    path = f"/cache/redis-{rid}"
+    cc = [["Cache-Control", "max-age=60"], ["Vary", "Accept"]]
+    # The key is the public URL: both proxies serve shop.example (behind one balancer).
+    public = {"accept": "text/plain", "host": "shop.example"}
+    stored = _get(one, path, rid, cc, **public)
+    assert "stored" in stored.headers["cache-status"]
+    for proxy in (other, one, other):  # a miss on one is a hit on the other
+        hit = _get(proxy, path, rid, cc, **public)
+        assert hit.headers["cache-status"].startswith("dualproxy; hit")
+        assert hit.content == b"ok"
+    assert _seen(upstream, rid, 1) == 1
+    _get(other, path, rid, [], method="DELETE", host="shop.example")  # for both
+    assert "fwd=uri-miss" in _get(one, path, rid, cc, **public).headers["cache-status"]
+    assert _seen(upstream, rid, 3) == 3
+
+
+def test_redis_killed_mid_run_requests_still_served(make_proxy: MakeProxy,
+                                                    upstream: Upstream, rid: str,
+                                                    redis_server: RedisServer) -> None:
+    proxy = make_proxy("--cache", "--cache-store", redis_server.url)
+    path = f"/cache/redis-down-{rid}"
+    cc = [["Cache-Control", "max-age=60"]]
+    _get(proxy, path, rid, cc)
+    assert _get(proxy, path, rid, cc).headers["cache-status"].startswith("dualproxy; hit")
+    redis_server.stop()
+    for _ in range(3):
+        answer = _get(proxy, path, rid, cc)
+        assert answer.status_code == 200 and answer.content == b"ok"
+    assert _seen(upstream, rid, 4) == 4  # uncached now, never a 5xx
+    assert "the redis store failed" in proxy.log()

@@ -30,13 +30,18 @@ __all__ = ["DEFAULT_MAX_OBJECT", "DEFAULT_MAX_SIZE", "Cache", "Entry", "MemorySt
 
 def make_store(spec: str, max_size: int = DEFAULT_MAX_SIZE,
                max_object: int = DEFAULT_MAX_OBJECT) -> Store:
-    """The store `spec` names: `memory`, or `sqlite:PATH` (ValueError otherwise)."""
+    """The store `spec` names: `memory`, `sqlite:PATH` or `redis://...` (ValueError
+    otherwise)."""
     check_store(spec)
     if spec == "memory":
         return MemoryStore(max_size, max_object)
-    from .sqlite import SqliteStore
+    if spec.startswith("sqlite:"):
+        from .sqlite import SqliteStore
 
-    return Guarded(SqliteStore(spec[len("sqlite:"):], max_size, max_object))
+        return Guarded(SqliteStore(spec[len("sqlite:"):], max_size, max_object))
+    from .redis import RedisStore
+
+    return Guarded(RedisStore(spec, max_size, max_object))
 
 
 def cache_filter(config: ProxyConfig) -> Cache:

@@ -15,6 +15,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .keys import VaryValues
@@ -39,8 +40,30 @@ def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
-def _variant(entry: Entry) -> str:
+def variant_of(entry: Entry) -> str:
+    """An entry's secondary key as text (JSON), as the shared stores keep it."""
     return json.dumps([[_text(n) for n in entry.vary], [_text(v) for v in entry.selected]])
+
+
+def meta_of(entry: Entry) -> dict[str, Any]:
+    """An entry's status, fields and times, JSON-able."""
+    return {"status": entry.status, "request_time": entry.request_time,
+            "response_time": entry.response_time, "date": entry.date,
+            "initial_age": entry.initial_age,
+            "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in entry.headers]}
+
+
+def entry_from_row(key: str, variant: str, meta: dict[str, Any], length: int,
+                   loader: Callable[[], bytes]) -> Entry:
+    """An entry read back (its body read by `loader` when it answers)."""
+    names, selected = json.loads(variant)
+    values: VaryValues = tuple(None if v is None else v.encode("latin-1") for v in selected)
+    entry = Entry(key, tuple(n.encode("latin-1") for n in names), values, meta["status"],
+                  [(n.encode("latin-1"), v.encode("latin-1")) for n, v in meta["headers"]],
+                  meta["request_time"], meta["response_time"], meta["date"],
+                  meta["initial_age"], length=length, loader=loader)
+    entry.measure()
+    return entry
 
 
 class SqliteStore:
@@ -79,14 +102,8 @@ class SqliteStore:
         return [self._entry(key, *row) for row in rows]
 
     def _entry(self, key: str, row_id: int, variant: str, meta: str, length: int) -> Entry:
-        names, selected = json.loads(variant)
-        m: dict[str, Any] = json.loads(meta)
-        values: VaryValues = tuple(None if v is None else v.encode("latin-1") for v in selected)
-        entry = Entry(key, tuple(n.encode("latin-1") for n in names), values, m["status"],
-                      [(n.encode("latin-1"), v.encode("latin-1")) for n, v in m["headers"]],
-                      m["request_time"], m["response_time"], m["date"], m["initial_age"],
-                      length=length, loader=lambda: self._body(row_id))
-        entry.measure()
+        entry = entry_from_row(key, variant, json.loads(meta), length,
+                               lambda: self._body(row_id))
         entry.ref = row_id
         return entry
 
@@ -101,17 +118,13 @@ class SqliteStore:
 
     @staticmethod
     def _meta(entry: Entry) -> str:
-        return json.dumps({
-            "status": entry.status, "request_time": entry.request_time,
-            "response_time": entry.response_time, "date": entry.date,
-            "initial_age": entry.initial_age,
-            "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in entry.headers]})
+        return json.dumps(meta_of(entry))
 
     def put(self, entry: Entry) -> None:
         size = entry.measure()
         if size > self.max_object:
             return
-        variant = _variant(entry)
+        variant = variant_of(entry)
         with self._lock:
             db = self._db()
             db.execute("BEGIN IMMEDIATE")
