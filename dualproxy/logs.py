@@ -160,7 +160,8 @@ class RequestRecord:
 
     __slots__ = ("method", "target", "client", "started", "upstream_at", "status",
                  "bytes_in", "bytes_out", "client_gone", "broken", "responded", "problem",
-                 "shutdown", "routed", "upstream", "cause", "websocket", "exchange")
+                 "shutdown", "routed", "upstream", "cause", "websocket", "exchange", "cache",
+                 "cache_stored")
 
     def __init__(self, incoming: IncomingRequest, client: str | None = None) -> None:
         self.method = incoming.method
@@ -181,6 +182,10 @@ class RequestRecord:
         self.cause: str | None = None  # why the upstream side failed (errors.UPSTREAM_CAUSES)
         self.websocket = False  # an accepted WebSocket session, open until finish
         self.exchange: Any = None  # the filters' Exchange, whose on_end is still to run
+        # The HTTP cache's part (filters/cache/): hit, miss, stale, revalidated, bypass,
+        # collapsed, purge; None: no cache on the route. Bytes it stored from this answer.
+        self.cache: str | None = None
+        self.cache_stored = 0
 
     def upstream_status(self, status: int) -> None:
         self.upstream_at = time.perf_counter()
@@ -311,6 +316,7 @@ class AccessLog:
         client = record.client
         if self.format == "json":  # json.dumps's output for the same dict, made by hand
             second = int(now)
+            cache = "" if record.cache is None else f'"cache": "{record.cache}", '
             return (
                 f'{{"time": "{_utc_second(second)}.{int((now - second) * 1000):03d}Z", '
                 f'"method": {_json_str(record.method)}, '
@@ -320,10 +326,12 @@ class AccessLog:
                 f'"bytes_out": {record.bytes_out}, "upstream_ms": '
                 f'{"null" if upstream_ms is None else repr(upstream_ms)}, '
                 f'"total_ms": {round(total_ms, 1)!r}, "outcome": "{outcome}", '
+                f'{cache}'
                 f'{self._json_where(record)}}}')
         # one preformatted string: no %-args for logging to keep and apply
         return (f"{escape_text(record.method)} {record.target_text()} {record.status} "
                 f"in={record.bytes_in} out={record.bytes_out} "
                 f"upstream_ms={'-' if upstream_ms is None else upstream_ms} "
                 f"total_ms={total_ms:.1f} "
-                f"client={'-' if client is None else escape_text(client)} {outcome}")
+                f"client={'-' if client is None else escape_text(client)} {outcome}"
+                f"{'' if record.cache is None else ' cache=' + record.cache}")

@@ -382,3 +382,26 @@ def test_redis_killed_mid_run_requests_still_served(make_proxy: MakeProxy,
         assert answer.status_code == 200 and answer.content == b"ok"
     assert _seen(upstream, rid, 4) == 4  # uncached now, never a 5xx
     assert "the redis store failed" in proxy.log()
+
+
+def test_access_log_and_metrics_count_what_the_cache_did(make_proxy: MakeProxy,
+                                                         upstream: Upstream, rid: str) -> None:
+    from tests.test_metrics import value, with_metrics
+
+    proxy, metrics = with_metrics(make_proxy, "--cache")
+    before = metrics.settled()
+    path = f"/cache/counted-{rid}"
+    cc = [["Cache-Control", "max-age=60"]]
+    for _ in range(3):
+        _get(proxy, path, rid, cc)
+    _get(proxy, path, rid, cc, method="POST")
+    after = metrics.settled()
+    counts = {result: value(after, "dualproxy_cache_requests_total", route="/", result=result)
+              - value(before, "dualproxy_cache_requests_total", route="/", result=result)
+              for result in ("hit", "miss", "bypass")}
+    assert counts == {"hit": 2, "miss": 1, "bypass": 1}
+    stored = (value(after, "dualproxy_cache_stored_bytes_total", route="/")
+              - value(before, "dualproxy_cache_stored_bytes_total", route="/"))
+    assert stored == 2
+    log = proxy.log()
+    assert f"GET {path} 200" in log and " cache=hit" in log and " cache=miss" in log

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from ...core import IncomingRequest, ResponseHead, UpstreamPlan
 from ...errors import GatewayTimeout, ProxyError
 from ...headers import Header
+from ...logs import RequestRecord
 from ..base import Answer, Exchange, Filter
 from . import policy
 from .flight import Flight, Head
@@ -62,10 +63,12 @@ class _Recorder:
     Committed when the body completed: at its last byte when its length is known
     (before the client can ask again), else at `finish` (never for an aborted body)."""
 
-    __slots__ = ("writer", "length", "done", "flight")
+    __slots__ = ("writer", "length", "done", "flight", "record")
 
-    def __init__(self, writer: Writer, length: int | None, flight: Flight | None) -> None:
+    def __init__(self, writer: Writer, length: int | None, flight: Flight | None,
+                 record: RequestRecord) -> None:
         self.writer, self.length, self.done, self.flight = writer, length, False, flight
+        self.record = record
 
     def feed(self, chunk: bytes) -> bytes:
         self.writer.write(chunk)
@@ -82,8 +85,8 @@ class _Recorder:
 
     def _complete(self, whole: bool) -> None:
         self.done = True
-        if whole:
-            self.writer.commit()
+        if whole and self.writer.commit():
+            self.record.cache_stored = self.writer.size
         if self.flight is not None:
             self.flight.end(whole)
 
@@ -117,7 +120,9 @@ class Cache(Filter):
         state = _State(primary_key(incoming), now, policy.request_directives(incoming.headers),
                        "lookup")
         exchange.state[Cache] = state
+        exchange.record.cache = "bypass"
         if method == "PURGE":
+            exchange.record.cache = "purge"
             return self._purge(exchange, state)
         if method not in ("GET", "HEAD"):
             state.mode = "bypass" if method in policy.SAFE_METHODS else "invalidate"
@@ -184,6 +189,7 @@ class Cache(Filter):
             return None  # up to the upstream itself
         headers = [*head.headers, (b"age", b"0"),
                    policy.cache_status("fwd=uri-miss; collapsed")]
+        exchange.record.cache = "collapsed"
         return Answer(head.status, headers, body)
 
     def _land(self, state: _State) -> None:
@@ -230,6 +236,7 @@ class Cache(Filter):
         if not (reuse.fresh or reuse.stale_ok) or span is None:
             return None
         start, end = span
+        exchange.record.cache = "hit"
         status = f"hit; ttl={math.floor(reuse.ttl)}"
         head = [(n, v) for n, v in self._stored_head(entry, age, status)
                 if n != b"content-length"]
@@ -262,6 +269,7 @@ class Cache(Filter):
         return None
 
     def _hit(self, exchange: Exchange, entry: Entry, age: float, status: str) -> Answer:
+        exchange.record.cache = "stale" if "fwd=stale" in status else "hit"
         if policy.not_modified(exchange.incoming.headers, entry.headers) and \
                 entry.status == 200:
             headers = [(n, v) for n, v in entry.headers if n in policy.NOT_MODIFIED_FIELDS]
@@ -345,6 +353,7 @@ class Cache(Filter):
     def _from_store(self, exchange: Exchange, entry: Entry, status: str,
                     now: float) -> ResponseHead:
         """The stored response as the answer to a forwarded request."""
+        exchange.record.cache = "stale" if status.startswith("hit") else "revalidated"
         age = entry.age(now)
         if exchange.incoming.method == "GET" and entry.status == 200 and \
                 policy.not_modified(exchange.incoming.headers, entry.headers):
@@ -389,13 +398,15 @@ class Cache(Filter):
         incoming = exchange.incoming
         entry, _, size = self._storable(incoming, state, head, now)
         detail = f"fwd={state.forward}; fwd-status={head.status}"
+        exchange.record.cache = "miss"
         if entry is not None:
             if head.status == 204 or not head.has_body:
                 if incoming.method == "GET":
                     self.store.put(entry)
                     detail += "; stored"
             elif exchange.transform_response(
-                    _Recorder(self.store.writer(entry), size, state.flight), same_length=True):
+                    _Recorder(self.store.writer(entry), size, state.flight, exchange.record),
+                    same_length=True):
                 detail += "; stored"
                 if state.flight is not None:
                     framing = [] if size is None else [(b"content-length", b"%d" % size)]
