@@ -135,8 +135,10 @@ class Cache(Filter):
         entry = self._select(state, headers, now)
         if entry is None:
             self._only_if_cached(state)
+            # Collapsed: plain GETs only (an authorized one is its user's, RFC 9111 3.5).
             if method == "GET" and state.forward != "request" and not (
-                    {"no-cache", "no-store"} & state.request_cc.keys()):
+                    {"no-cache", "no-store"} & state.request_cc.keys()) \
+                    and policy.first(headers, b"authorization") is None:
                 return self._collapse(exchange, state)
             return None
         cc = ResponseRules.of(entry.headers).cc
