@@ -405,3 +405,44 @@ def test_access_log_and_metrics_count_what_the_cache_did(make_proxy: MakeProxy,
     assert stored == 2
     log = proxy.log()
     assert f"GET {path} 200" in log and " cache=hit" in log and " cache=miss" in log
+
+
+# ------------------------------------------------------------------ configuration and policy
+
+
+def test_cache_keys_in_a_config_file(tmp_path: Path) -> None:
+    from dualproxy.cli import check_route, load_config_file
+
+    path = tmp_path / "routes.toml"
+    path.write_text('[[route]]\nmount = "/api"\nupstream = "http://127.0.0.1:9"\n'
+                    'cache = true\ncache_store = "sqlite:/tmp/dp.db"\n'
+                    'cache_max_size = "512M"\ncache_purge_from = ["10.0.0.0/8"]\n')
+    _, routes = load_config_file(str(path), ["serve", "--config", str(path)])
+    config = check_route(routes[0])
+    assert (config.cache, config.cache_store, config.cache_max_size) == (
+        True, "sqlite:/tmp/dp.db", 512 << 20)
+    assert config.may_purge("10.1.2.3") and not config.may_purge("192.0.2.1")
+    with pytest.raises(ValueError, match="cache_store"):
+        check_route({**routes[0], "cache_store": "disk"})
+
+
+def test_policy_parsing() -> None:
+    from dualproxy.filters.cache import policy
+
+    assert policy.parse_date(b"Sun, 06 Nov 1994 08:49:37 GMT") == 784111777
+    assert policy.parse_date(b"Sunday, 06-Nov-94 08:49:37 GMT") == 784111777
+    assert policy.parse_date(b"Sun Nov  6 08:49:37 1994") == 784111777
+    assert policy.parse_date(b"sun, 06 nov 1994 08:49:37 gmt") == 784111777
+    for bad in (b"0", b"Sun, 06 Nov 1994 08:49:37 UTC", b"Sun, 06 Nov 94 08:49:37 GMT",
+                b"Sun 06 Nov 1994 08:49:37 GMT", b"Sun, 06 Nov 1994 8:49:37 GMT"):
+        assert policy.parse_date(bad) is None, bad
+    cc = policy.Directives.parse([b'extension="max-age=3600", max-age=1', b"max-age=9"])
+    assert cc.seconds("max-age") == 1  # the first, never one inside a quoted string
+    assert policy.Directives.parse([b"max-age=99999999999"]).seconds("max-age") == 2 ** 31
+    assert policy.Directives.parse([b"max-age='1'"]).seconds("max-age") == -1
+    assert policy.age_value([(b"age", b"0, 7200")]) == 0
+    assert policy.age_value([(b"age", b"-1")]) == 0
+    assert policy.byte_range(b"bytes=-5", 10) == (5, 9)
+    assert policy.byte_range(b"bytes=2-", 10) == (2, 9)
+    assert policy.byte_range(b"bytes=0-1, 3-4", 10) is None
+    assert policy.byte_range(b"bytes=10-", 10) is None
