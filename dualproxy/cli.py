@@ -124,6 +124,24 @@ def _mount(value: str) -> str:
     return value
 
 
+# --- filters: sub_filter ---
+def _sub_pair(value: str) -> tuple[str, str]:
+    """`FROM=TO` (split at the first `=`): a --sub-filter replacement."""
+    src, eq, dst = value.partition("=")
+    if not eq or not src:
+        raise argparse.ArgumentTypeError(f"expected FROM=TO with a non-empty FROM, got {value!r}")
+    return src, dst
+
+
+def _media_type(value: str) -> str:
+    from .filters.transforms import check_types
+
+    try:
+        return check_types(value)[0]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 # --- gateway: tls ---
 TLS_FILE_FLAGS = (
     ("--upstream-ca", "verify https upstreams against this CA bundle (PEM file or hashed "
@@ -279,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "2xx/3xx is up (default: passive checks only)")
     serve.add_argument("--health-interval", type=_positive, default=5.0, metavar="SECONDS",
                        help="seconds between two active checks (default: 5)")
+    # --- filters: sub_filter ---
+    serve.add_argument("--sub-filter", type=_sub_pair, action="append", default=[],
+                       metavar="FROM=TO",
+                       help="replace the text FROM by TO in response bodies (nginx's "
+                            "sub_filter), every occurrence, also when split between chunks; "
+                            "encoded bodies are decoded first and sent decoded; repeatable; "
+                            "the first = splits (default: no replacement)")
+    serve.add_argument("--sub-filter-type", type=_media_type, action="append", default=[],
+                       metavar="TYPE",
+                       help="a media type --sub-filter rewrites (text/css, text/*); repeatable "
+                            "(default: text/html)")
     # --- gateway: tls ---
     tls = serve.add_argument_group("TLS")
     for flag, text in TLS_FILE_FLAGS:
@@ -367,6 +396,9 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "retries": args.retries,
         "health_path": args.health_path,
         "health_interval": args.health_interval,
+        # --- filters: sub_filter ---
+        "sub_filter": [list(pair) for pair in args.sub_filter],
+        "sub_filter_types": args.sub_filter_type,
         # --- gateway: tls ---
         "upstream_ca": args.upstream_ca,
         "upstream_cert": args.upstream_cert,

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from .hooks import RequestHook, ResponseHook
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+# `sub_filter=`: {pattern: replacement}, or (pattern, replacement) pairs; str is UTF-8.
+SubFilterTable: TypeAlias = (Mapping[str, str] | Mapping[bytes, bytes]
+                             | Mapping[str | bytes, str | bytes]
+                             | Iterable[tuple[str | bytes, str | bytes]])
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -187,6 +191,11 @@ class ProxyConfig:
     # The route's own filters (filters/base.py), outermost first, after the built-in
     # ones and before the hooks (filters.build_chain).
     filters: tuple[Filter, ...] = ()
+    # Text replacement in response bodies, nginx's sub_filter (filters/transforms.py
+    # SubFilter): (pattern, replacement) pairs, and the media types rewritten
+    # (empty: text/html). The chain runs it after the built-in filters.
+    sub_filter: tuple[tuple[bytes, bytes], ...] = ()
+    sub_filter_types: tuple[str, ...] = ()
     # Derived fields, filled in by __post_init__.
     upstreams: tuple[Upstream, ...] = field(init=False, default=())
     upstream_scheme: str = field(init=False, default="")
@@ -220,6 +229,7 @@ class ProxyConfig:
              else tuple(u.url for u in upstreams))
         set_(self, "upstreams", upstreams)
         _check_pool_options(self)
+        _check_sub_filter(self)
         set_(self, "mount", _normalize_mount(self.mount))
         # The first upstream's, for code that knows one upstream only.
         set_(self, "upstream_scheme", first.scheme)
@@ -242,6 +252,8 @@ class ProxyConfig:
         request_hooks: Iterable[RequestHook] = (),
         response_hooks: Iterable[ResponseHook] = (),
         filters: Iterable[Filter] = (),
+        sub_filter: SubFilterTable = (),
+        sub_filter_types: Iterable[str] = (),
         **options: Any,
     ) -> ProxyConfig:
         """Friendly constructor: accepts strings, mappings and iterables."""
@@ -255,6 +267,8 @@ class ProxyConfig:
             request_hooks=tuple(request_hooks),
             response_hooks=tuple(response_hooks),
             filters=tuple(filters),
+            sub_filter=_sub_pairs(sub_filter),
+            sub_filter_types=tuple(sub_filter_types),
             **options,
         )
 
@@ -275,6 +289,28 @@ def _within(peer: str | None, networks: tuple[IPNetwork, ...]) -> bool:
     except ValueError:
         return False
     return any(addr in net for net in networks)
+
+
+def _sub_pairs(pairs: SubFilterTable) -> tuple[tuple[bytes, bytes], ...]:
+    items = pairs.items() if isinstance(pairs, Mapping) else pairs
+    return tuple((_text_bytes(src), _text_bytes(dst)) for src, dst in items)
+
+
+def _text_bytes(value: str | bytes) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
+def _check_sub_filter(config: ProxyConfig) -> None:
+    """The sub_filter table and types, as SubFilter checks them (ValueError)."""
+    if config.sub_filter or config.sub_filter_types:
+        from .filters.transforms import sub_filter
+
+        try:
+            made = sub_filter(config)
+        except ValueError as exc:
+            raise ValueError(f"sub_filter: {exc}") from None
+        if made is None:
+            raise ValueError("sub_filter_types needs sub_filter (the patterns to replace)")
 
 
 def _check_pool_options(config: ProxyConfig) -> None:

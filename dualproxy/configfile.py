@@ -31,8 +31,12 @@ SERVER_KEYS = (
     "access_log", "access_log_format", "certfile", "keyfile", "metrics_bind",
 )
 # Where a key's flag is not `--` + the key with dashes.
-_FLAG_DEST = {"trusted_proxies": "trusted_proxy", "access_log": "no_access_log"}
+_FLAG_DEST = {"trusted_proxies": "trusted_proxy", "access_log": "no_access_log",
+              "sub_filter_types": "sub_filter_type"}
 _INVERTED = {"access_log"}  # `access_log = false` sets --no-access-log
+# Repeatable `FROM=TO` flags a route may also write as a table, `{"FROM" = "TO"}`
+# (or a `[route.KEY]` sub-table): the table form takes a FROM holding `=`.
+_PAIR_TABLES = {"sub_filter"}
 _NOT_KEYS = {"help", "config"}
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
                list: "a list", dict: "a table"}
@@ -137,6 +141,12 @@ class _Loader:
             return action.const if value != (key in _INVERTED) else action.default
         if not append and key != "upstream":
             return self._convert(key, action, value, where, line)
+        if key in _PAIR_TABLES and isinstance(value, dict):
+            for src, dst in value.items():
+                self._expect(key, dst, (str,), where, line)
+                if not src:
+                    raise self.error(f"bad value for '{key}' {where}: an empty pattern", line)
+            return list(value.items())
         items = [value] if isinstance(value, str) else value  # a repeatable flag: a list
         self._expect(key, items, (list,), where, line)
         if key != "upstream":

@@ -81,6 +81,9 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         cache_max_object=options.get("cache_max_object") or 64 * 1024 * 1024,
         cache_set_cookie=options.get("cache_set_cookie", False),
         cache_purge_from=tuple(options.get("cache_purge_from") or ()),
+        # --- filters: sub_filter ---
+        sub_filter=[tuple(pair) for pair in options.get("sub_filter") or ()],
+        sub_filter_types=options.get("sub_filter_types") or (),
         # --- gateway: tls ---
         **tls_options(options),
     )

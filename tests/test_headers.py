@@ -157,6 +157,20 @@ def test_http10_without_host_gets_the_upstream_authority(proxy: ProxyProcess,
     assert record.header_names() == ["host", "x-req-id", *FORWARDING]
 
 
+def test_a_chunked_answer_to_an_http10_client_ends_with_the_close(
+        proxy: ProxyProcess, upstream: Upstream, rid: str) -> None:
+    """HTTP/1.0 has no chunked coding (RFC 9112 6.3): a body without a length goes to
+    an HTTP/1.0 client as is and ends with the connection. uvicorn's httptools
+    protocol chunked it (dualproxy's protocol class corrects that)."""
+    response = exchange(proxy.port, (
+        f"GET /h HTTP/1.0\r\nx-req-id: {rid}\r\n"
+        "x-upstream: download size=70000 chunked=1 chunk=1000\r\n\r\n").encode())
+    assert response.status == 200
+    assert response.framing == "close" and response.complete
+    assert response.header("transfer-encoding") is None
+    assert len(response.body) == 70000
+
+
 def test_preserve_host_forwards_the_clients(make_proxy: MakeProxy, upstream: Upstream,
                                             rid: str) -> None:
     proxy = make_proxy("--preserve-host")

@@ -17,6 +17,9 @@ shell rules, so `body="two words"` works); every answer echoes `x-req-id`, excep
                             body, then close
   headers [status=200]      response headers from the JSON list in `x-upstream-headers`
   raw [close=1]             write base64-decoded `x-upstream-raw` as the whole response
+  pieces [chunked=1] [interval=S] [ctype=...] [encoding=...]   the body from
+                            `x-upstream-pieces` (a JSON list of base64 strings), one write
+                            each, S seconds apart (0.2); Content-Length unless chunked=1
   hang [seconds=120]        never answer; close once the client does
   reset                     RST right after the head
   cut size=N after=M [chunked=1] [chunk=65536] [cc=...]   announce N bytes, send M,
@@ -999,6 +1002,33 @@ class Upstream:
         else:
             conn.write(b"ok")
         return not close
+
+    async def _do_pieces(self, conn: _Conn, req: _Request) -> bool:
+        p = req.params
+        try:
+            pieces = [base64.b64decode(item, validate=True)
+                      for item in json.loads(req.rec.header("x-upstream-pieces") or "[]")]
+        except (ValueError, TypeError) as exc:
+            raise _BadAction(f"bad x-upstream-pieces: {exc}") from None
+        chunked = p.get("chunked") == "1"
+        interval = _float(p, "interval", 0.2)
+        await self._read_body(conn, req)
+        headers = [("Content-Type", p.get("ctype", "text/html; charset=utf-8"))]
+        if "encoding" in p:
+            headers.append(("Content-Encoding", p["encoding"]))
+        headers.append(("Transfer-Encoding", "chunked") if chunked
+                       else ("Content-Length", str(sum(map(len, pieces)))))
+        conn.write(self._head(req, 200, headers))
+        if req.head_only:
+            return req.keep_alive
+        for i, piece in enumerate(filter(None, pieces)):
+            if i:
+                await asyncio.sleep(interval)
+            conn.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            await conn.drain()
+        if chunked:
+            conn.write(b"0\r\n\r\n")
+        return req.keep_alive
 
     async def _do_raw(self, conn: _Conn, req: _Request) -> bool:
         try:

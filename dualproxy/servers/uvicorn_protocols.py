@@ -130,6 +130,8 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
             cycles.append(self.cycle)
         if self.draining and self.cycle is not None:
             self.cycle.keep_alive = False
+        if self.cycle is not None and self.scope.get("http_version") == "1.0":
+            close_delimited(self.cycle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # uvicorn tells only its newest cycle (`self.cycle`) that the client is gone.
@@ -193,6 +195,36 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         if self.refused:
             self.transport.close()
         return super().eof_received()  # type: ignore[no-any-return]
+
+
+_NO_BODY = frozenset({204, 304})
+
+
+def close_delimited(cycle: Any) -> None:
+    """An HTTP/1.0 client's response without Content-Length ends when the connection
+    closes (RFC 9112 6.3, RFC 1945 7.2.2): HTTP/1.0 has no chunked coding, yet
+    uvicorn's httptools protocol chunks any response whose length it does not know,
+    whatever the request's version (its h11 protocol does it right). The body is
+    written as it comes and the connection closed after it: uvicorn's own length
+    bookkeeping is told, message by message, that this piece is the rest."""
+    send = cycle.send
+    state = {"close": False}
+
+    async def send_close_delimited(message: Any) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            framed = any(name.lower() in (b"content-length", b"transfer-encoding")
+                         for name, _ in message.get("headers", ()))
+            if (not framed and cycle.scope["method"] != "HEAD"
+                    and message["status"] not in _NO_BODY):
+                state["close"] = True
+                cycle.chunked_encoding = False
+                cycle.keep_alive = False  # uvicorn writes `connection: close`, then closes
+        elif kind == "http.response.body" and state["close"]:
+            cycle.expected_content_length = len(message.get("body", b""))
+        await send(message)
+
+    cycle.send = send_close_delimited
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
