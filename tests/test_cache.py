@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import MakeProxy, ProxyProcess
-from tests.upstream import Upstream, pattern_sha256
+from tests.upstream import Gate, Upstream, pattern_sha256
 
 MiB = 1024 * 1024
 
@@ -84,6 +84,13 @@ def _seen(upstream: Upstream, rid: str, expected: int) -> int:
     while len(upstream.find_all(rid)) < expected and time.monotonic() < deadline:
         time.sleep(0.02)
     return len(upstream.find_all(rid))
+
+
+def _gated_download(upstream: Upstream, name: str, size: int) -> tuple[Gate, str, str]:
+    """A cacheable download of `size` bytes whose first chunk waits on a gate: its
+    gate, its path and the `x-upstream` spec that asks for it."""
+    return (upstream.gate(name), f"/cache/{name}",
+            f"download size={size} gate={name} cc=max-age=60")
 
 
 def test_fresh_response_is_a_hit(cached: ProxyProcess, upstream: Upstream, rid: str) -> None:
@@ -190,10 +197,7 @@ def test_stale_is_revalidated_and_304_answers_from_the_store(
 def test_large_miss_streams_then_hits(cached: ProxyProcess, upstream: Upstream,
                                       rid: str) -> None:
     size = 8 * MiB
-    gate_name = f"cache-{rid}"
-    gate = upstream.gate(gate_name)
-    path = f"/cache/large-{rid}"
-    spec = f"download size={size} gate={gate_name} cc=max-age=60"
+    gate, path, spec = _gated_download(upstream, f"large-{rid}", size)
     digest = hashlib.sha256()
     try:
         timeout = httpx.Timeout(30.0, read=8.0)
@@ -265,10 +269,7 @@ def test_purge_from_anyone_else_is_405(cached: ProxyProcess, upstream: Upstream,
 def test_concurrent_misses_collapse_into_one_fetch(cached: ProxyProcess, upstream: Upstream,
                                                    rid: str) -> None:
     size = 2 * MiB
-    gate_name = f"collapse-{rid}"
-    gate = upstream.gate(gate_name)
-    path = f"/cache/collapse-{rid}"
-    spec = f"download size={size} gate={gate_name} cc=max-age=60"
+    gate, path, spec = _gated_download(upstream, f"collapse-{rid}", size)
     results: list[tuple[str, str]] = []
     errors: list[BaseException] = []
 

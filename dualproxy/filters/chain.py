@@ -110,13 +110,8 @@ class Chain:
             result = flt.on_request(exchange)
             if inspect.isawaitable(result):
                 result = yield result
-            if isinstance(result, Answer):
-                exchange.state[_ANSWERED] = index
-                _check_answer(flt, result)
+            if _answered(exchange, index, flt, result, "on_request"):
                 return result
-            if result is not None:
-                raise TypeError(f"filter {flt.label()!r}: on_request returned "
-                                f"{type(result).__name__}, expected an Answer or None")
             # Checked even when the same plan object stays: its header list is mutable.
             _check_plan(flt, exchange.plan)
         return None
@@ -161,13 +156,8 @@ class Chain:
             result = flt.on_error(exchange, error)
             if inspect.isawaitable(result):
                 result = yield result
-            if isinstance(result, Answer):
-                exchange.state[_ANSWERED] = index
-                _check_answer(flt, result)
+            if _answered(exchange, index, flt, result, "on_error"):
                 return result
-            if result is not None:
-                raise TypeError(f"filter {flt.label()!r}: on_error returned "
-                                f"{type(result).__name__}, expected an Answer or None")
         return None
 
     # -- trailers and the end -------------------------------------------------------------
@@ -195,6 +185,18 @@ class Chain:
 
 
 _ANSWERED = object()  # exchange.state key: the index of the filter that answered
+
+
+def _answered(exchange: Exchange, index: int, flt: Filter, result: Any, stage: str) -> bool:
+    """Did the filter at `index` answer (an `Answer`, checked) or pass (None)?"""
+    if isinstance(result, Answer):
+        exchange.state[_ANSWERED] = index
+        _check_answer(flt, result)
+        return True
+    if result is not None:
+        raise TypeError(f"filter {flt.label()!r}: {stage} returned "
+                        f"{type(result).__name__}, expected an Answer or None")
+    return False
 
 
 def _check_plan(flt: Filter, plan: UpstreamPlan | None) -> None:

@@ -19,12 +19,12 @@ import time
 from typing import Any
 
 from .sqlite import entry_from_row, meta_of, variant_of
-from .store import DEFAULT_MAX_OBJECT, DEFAULT_MAX_SIZE, Entry, Writer
+from .store import DEFAULT_MAX_OBJECT, DEFAULT_MAX_SIZE, Bounded, Entry
 
 PREFIX = "dualproxy:cache:"
 
 
-class RedisStore:
+class RedisStore(Bounded):
     """Entries in Redis, shared by every proxy pointed at it."""
 
     name = "redis"
@@ -67,12 +67,9 @@ class RedisStore:
     def _body(self, body_key: str) -> bytes:
         return bytes(self.redis.get(body_key) or b"")
 
-    def writer(self, entry: Entry) -> Writer:
-        return Writer(self, entry, self.max_object)
-
     def put(self, entry: Entry) -> None:
-        size = entry.measure()
-        if size > self.max_object:
+        size = self.fits(entry)
+        if size is None:
             return
         variant = variant_of(entry)
         index = self._index(entry.key)

@@ -18,6 +18,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import httpx
+
 from ...core import ResponseHead, UpstreamPlan, build_request, plan_response, response_header_list
 
 if TYPE_CHECKING:
@@ -61,6 +63,11 @@ class Refresher:
         with self._lock:
             self._busy.discard(key)
 
+    def _head(self, plan: UpstreamPlan, response: httpx.Response) -> ResponseHead:
+        """The refreshed response's head, read as the faces read one."""
+        return plan_response(self.config, plan, response.status_code,
+                             response_header_list(response))
+
     def _run_sync(self, key: str, plan: UpstreamPlan, apply: Apply) -> None:
         try:
             if self._sync is None:
@@ -69,20 +76,14 @@ class Refresher:
                 self._sync = make_sync_client(self.config)
             response = self._sync[1].handle_request(build_request(self.config, plan, None))
             try:
-                head = plan_response(self.config, plan, response.status_code,
-                                     response_header_list(response))
-                body = b""
+                head, body = self._head(plan, response), _Body(self.max_body)
                 if head.has_body:
-                    parts, size = [], 0
                     for chunk in response.stream:
-                        size += len(chunk)
-                        if size > self.max_body:
+                        if not body.add(chunk):
                             return
-                        parts.append(chunk)
-                    body = b"".join(parts)
             finally:
                 response.close()
-            apply(head, body)
+            apply(head, body.content())
         except Exception as exc:  # a refresh is best effort: the next request validates
             error_logger.warning("cache: the background refresh of %s failed: %r", key, exc)
         finally:
@@ -97,21 +98,34 @@ class Refresher:
             response = await self._async[1].handle_async_request(
                 build_request(self.config, plan, None))
             try:
-                head = plan_response(self.config, plan, response.status_code,
-                                     response_header_list(response))
-                body = b""
+                head, body = self._head(plan, response), _Body(self.max_body)
                 if head.has_body:
-                    parts, size = [], 0
                     async for chunk in response.stream:
-                        size += len(chunk)
-                        if size > self.max_body:
+                        if not body.add(chunk):
                             return
-                        parts.append(chunk)
-                    body = b"".join(parts)
             finally:
                 await response.aclose()
-            apply(head, body)
+            apply(head, body.content())
         except Exception as exc:
             error_logger.warning("cache: the background refresh of %s failed: %r", key, exc)
         finally:
             self._done(key)
+
+
+class _Body:
+    """A refreshed body, collected up to the object limit."""
+
+    __slots__ = ("limit", "parts", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.size = limit, 0
+        self.parts: list[bytes] = []
+
+    def add(self, chunk: bytes) -> bool:
+        """Keep `chunk`; False when the body grew past the limit (it is not stored)."""
+        self.size += len(chunk)
+        self.parts.append(chunk)
+        return self.size <= self.limit
+
+    def content(self) -> bytes:
+        return b"".join(self.parts)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .keys import VaryValues
-from .store import DEFAULT_MAX_OBJECT, DEFAULT_MAX_SIZE, Entry, Writer
+from .store import DEFAULT_MAX_OBJECT, DEFAULT_MAX_SIZE, Bounded, Entry
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -66,7 +66,7 @@ def entry_from_row(key: str, variant: str, meta: dict[str, Any], length: int,
     return entry
 
 
-class SqliteStore:
+class SqliteStore(Bounded):
     """Entries in an sqlite file shared by this machine's workers."""
 
     name = "sqlite"
@@ -113,16 +113,13 @@ class SqliteStore:
                                      (row_id,)).fetchone()
         return bytes(row[0]) if row is not None else b""
 
-    def writer(self, entry: Entry) -> Writer:
-        return Writer(self, entry, self.max_object)
-
     @staticmethod
     def _meta(entry: Entry) -> str:
         return json.dumps(meta_of(entry))
 
     def put(self, entry: Entry) -> None:
-        size = entry.measure()
-        if size > self.max_object:
+        size = self.fits(entry)
+        if size is None:
             return
         variant = variant_of(entry)
         with self._lock:

@@ -97,10 +97,10 @@ class Entry:
 class Writer:
     """A response body being stored as it streams: abandoned past `limit` bytes."""
 
-    __slots__ = ("store", "entry", "limit", "parts", "size", "ok")
+    __slots__ = ("put", "entry", "limit", "parts", "size", "ok")
 
-    def __init__(self, store: Store, entry: Entry, limit: int) -> None:
-        self.store, self.entry, self.limit = store, entry, limit
+    def __init__(self, put: Callable[[Entry], None], entry: Entry, limit: int) -> None:
+        self.put, self.entry, self.limit = put, entry, limit
         self.parts: list[bytes] = []
         self.size = 0
         self.ok = True
@@ -121,7 +121,7 @@ class Writer:
             return False
         self.entry.body = b"".join(self.parts)
         self.parts = []
-        self.store.put(self.entry)
+        self.put(self.entry)
         return True
 
 
@@ -144,7 +144,25 @@ class Store(Protocol):
     def discard(self, entry: Entry) -> None: ...
 
 
-class Guarded:
+class Bounded:
+    """What every store shares: its object limit and the writer over it."""
+
+    name = "store"
+    max_object = DEFAULT_MAX_OBJECT
+
+    def writer(self, entry: Entry) -> Writer:
+        return Writer(self.put, entry, self.max_object)
+
+    def put(self, entry: Entry) -> None:
+        raise NotImplementedError
+
+    def fits(self, entry: Entry) -> int | None:
+        """`entry`'s size (measured now), or None when it is over the object limit."""
+        size = entry.measure()
+        return size if size <= self.max_object else None
+
+
+class Guarded(Bounded):
     """A store that steps aside when it fails: each failure is a WARNING (at most one
     every 10 s) and the request goes on uncached, never a 5xx."""
 
@@ -167,9 +185,6 @@ class Guarded:
         except Exception as exc:
             self._failed("look up", exc)
             return []
-
-    def writer(self, entry: Entry) -> Writer:
-        return Writer(self, entry, self.max_object)
 
     def put(self, entry: Entry) -> None:
         try:
@@ -197,7 +212,7 @@ class Guarded:
             self._failed("remove", exc)
 
 
-class MemoryStore:
+class MemoryStore(Bounded):
     """Entries in this process's memory, LRU by URI, bounded by `max_size` bytes."""
 
     name = "memory"
@@ -218,13 +233,10 @@ class MemoryStore:
             self._entries.move_to_end(key)
             return list(variants)
 
-    def writer(self, entry: Entry) -> Writer:
-        return Writer(self, entry, self.max_object)
-
     def put(self, entry: Entry) -> None:
         """Store `entry`, replacing the variant it selects the same way."""
-        size = entry.measure()
-        if size > self.max_object:
+        size = self.fits(entry)
+        if size is None:
             return
         with self._lock:
             variants = self._entries.pop(entry.key, [])
