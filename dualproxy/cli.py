@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "and G suffixes as for --max-body-size (default: 256M)")
     cache.add_argument("--cache-max-object", type=_positive_size, default=64 << 20,
                        metavar="BYTES",
-                       help="larger responses pass through, not stored (default: 64M)")
+                       help="larger responses pass through, uncached (default: 64M)")
     cache.add_argument("--cache-set-cookie", action="store_true",
                        help="store responses carrying Set-Cookie too (default: they are one "
                             "user's, never stored)")
