@@ -217,8 +217,6 @@ class ProxyConfig:
             raise ValueError("max_body_size must be >= 0")
         if self.cache_max_size < 1 or self.cache_max_object < 1:
             raise ValueError("cache_max_size and cache_max_object must be at least 1 byte")
-        from .filters.cache.store import check_store
-
         check_store(self.cache_store)
         _check_fields(self.add_request_headers, self.remove_request_headers,
                       "request headers")
@@ -311,6 +309,22 @@ def _check_sub_filter(config: ProxyConfig) -> None:
             raise ValueError(f"sub_filter: {exc}") from None
         if made is None:
             raise ValueError("sub_filter_types needs sub_filter (the patterns to replace)")
+
+
+def check_store(spec: str) -> None:
+    """A `cache_store` value is `memory`, `sqlite:PATH` or `redis://host:port/db`
+    (ValueError naming it; filters/cache/ builds the store it names)."""
+    if spec == "memory" or (spec.startswith("sqlite:") and len(spec) > len("sqlite:")):
+        return
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            import redis  # noqa: F401 - the `redis` extra
+        except ImportError:
+            raise ValueError(f"cache_store {spec!r} needs redis-py: "
+                             "pip install 'dualproxy[redis]'") from None
+        return
+    raise ValueError("cache_store must be 'memory', 'sqlite:PATH' or "
+                     f"'redis://host:port/db', got {spec!r}")
 
 
 def _check_pool_options(config: ProxyConfig) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ...config import check_store
 from .filter import Cache
 from .refresh import Refresher
 from .store import (
@@ -18,7 +19,6 @@ from .store import (
     Guarded,
     MemoryStore,
     Store,
-    check_store,
 )
 
 if TYPE_CHECKING:

@@ -1,9 +1,9 @@
 """Background refreshes (RFC 5861 stale-while-revalidate): the stale answer goes to
 the client at once and the same request, made conditional, goes upstream behind it.
 
-A refresh is sent through dualproxy's own HTTP/1.1 transport for the route (the
-client the faces make, face.make_sync_client / make_async_client: the same
-upstream URL handling, TLS and unix sockets), to the route's first upstream, and
+A refresh is sent through dualproxy's own HTTP/1.1 transport (http1/: the same
+upstream URL handling, TLS and unix sockets as the faces' requests, a small pool
+of its own), to the route's first upstream, and
 its head is read as the faces read one (core.plan_response). One refresh per key
 at a time; on the async face it is a task of the running loop, on the sync face a
 daemon thread. A refresh that fails is logged and forgotten: the stale answer
@@ -38,7 +38,7 @@ class Refresher:
         self.max_body = max_body
         self._busy: set[str] = set()
         self._lock = threading.Lock()
-        self._sync: Any = None      # (client, transport), made on first use
+        self._sync: Any = None      # the transports, made on first use
         self._async: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -71,10 +71,11 @@ class Refresher:
     def _run_sync(self, key: str, plan: UpstreamPlan, apply: Apply) -> None:
         try:
             if self._sync is None:
-                from ...face import make_sync_client
+                from ...http1 import UpstreamTransport
+                from ...http1.tls import upstream_context
 
-                self._sync = make_sync_client(self.config)
-            response = self._sync[1].handle_request(build_request(self.config, plan, None))
+                self._sync = UpstreamTransport(ssl_context=upstream_context(self.config))
+            response = self._sync.handle_request(build_request(self.config, plan, None))
             try:
                 head, body = self._head(plan, response), _Body(self.max_body)
                 if head.has_body:
@@ -92,10 +93,11 @@ class Refresher:
     async def _run_async(self, key: str, plan: UpstreamPlan, apply: Apply) -> None:
         try:
             if self._async is None:
-                from ...face import make_async_client
+                from ...http1 import AsyncUpstreamTransport
+                from ...http1.tls import upstream_context
 
-                self._async = make_async_client(self.config)
-            response = await self._async[1].handle_async_request(
+                self._async = AsyncUpstreamTransport(ssl_context=upstream_context(self.config))
+            response = await self._async.handle_async_request(
                 build_request(self.config, plan, None))
             try:
                 head, body = self._head(plan, response), _Body(self.max_body)

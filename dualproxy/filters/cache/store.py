@@ -29,22 +29,6 @@ DEFAULT_MAX_OBJECT = 64 * 1024 * 1024
 SLICE = 256 * 1024
 
 
-def check_store(spec: str) -> None:
-    """A `cache_store` value is `memory`, `sqlite:PATH` or `redis://host:port/db`
-    (ValueError naming it)."""
-    if spec == "memory" or (spec.startswith("sqlite:") and len(spec) > len("sqlite:")):
-        return
-    if spec.startswith(("redis://", "rediss://", "unix://")):
-        try:
-            import redis  # noqa: F401 - the `redis` extra
-        except ImportError:
-            raise ValueError(f"cache_store {spec!r} needs redis-py: "
-                             "pip install 'dualproxy[redis]'") from None
-        return
-    raise ValueError("cache_store must be 'memory', 'sqlite:PATH' or "
-                     f"'redis://host:port/db', got {spec!r}")
-
-
 @dataclass(eq=False)
 class Entry:
     """One stored response: its variant's secondary key, status, stored fields,
