@@ -26,7 +26,7 @@ error_logger = logging.getLogger("dualproxy")
 DEFAULT_MAX_SIZE = 256 * 1024 * 1024
 DEFAULT_MAX_OBJECT = 64 * 1024 * 1024
 # Served in slices of this size (one send per slice, as the upstream relay does).
-SLICE = 256 * 1024
+SLICE = 1024 * 1024
 
 
 @dataclass(eq=False)
