@@ -17,7 +17,8 @@ import nox
 nox.options.sessions = ["tests", "unit", "versions", "lint", "types", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
-PAIRINGS = [("asgi", "uvicorn"), ("wsgi", "gunicorn"), ("wsgi", "uvicorn"), ("asgi", "gunicorn")]
+PAIRINGS = [("asgi", "uvicorn"), ("wsgi", "gunicorn"), ("wsgi", "uvicorn"), ("asgi", "gunicorn"),
+            ("asgi", "granian"), ("wsgi", "granian")]
 PYTHON = "3.11"  # every pairing runs the behaviour tests on this one, `unit` the rest
 OTHER_PYTHONS = ["3.10", "3.12", "3.13"]  # requires-python >= 3.10; 3.13 the newest tested
 # What Python's own version can change (asyncio's wait_for and cancellation, its SSL

@@ -10,7 +10,8 @@ and upload speed (curl, or httpx; median of 3), a chunked upload, checked to
 arrive whole at the upstream, the idle RSS and the peak RSS of the proxy's
 process tree. For dualproxy also the RSS while streaming 1 GiB each way, 2 workers
 against 1, a pool of 2 upstreams (nginx on a second port) against 1 on small GETs,
-and small GETs with the access log on against off (`dp-asgi-log`, `dp-wsgi-log`;
+and small GETs with the access log on against off (`dp-asgi-log`, `dp-wsgi-log`), and
+with request ids and header rules on against off (`dp-asgi-hdr`, `dp-wsgi-hdr`;
 every other dualproxy row runs with `--no-access-log`). Then the WebSocket rows
 (bench/wsbench.py: messages/s and p99 over 32 sockets, MB/s of 1 MiB messages;
 `--ws-only`, `--no-ws`).
@@ -471,7 +472,11 @@ class Contestant:
     direct: bool = False
     tree: Path | None = None  # run from this checkout (its dualproxy on PYTHONPATH)
     small_only: bool = False  # small GETs only (a row compared on req/s alone)
-    paired: Callable[[int], list[str]] | None = None  # the same with the access log off
+    paired: Callable[[int], list[str]] | None = None  # the same without what the row measures
+
+
+HEADER_FILTERS = ("--request-id", "--header-up", "X-Real-IP: {client}",
+                  "--header-up=-Cookie", "--header-down", "+Cache-Control: no-store")
 
 
 def contestants(upstream: str, baseline: Path | None = None,
@@ -519,6 +524,13 @@ def contestants(upstream: str, baseline: Path | None = None,
                    gunicorn("bench.contestants.seed_wsgi:app")),
         Contestant("werkzeug", "werkzeug ProxyMiddleware", "wsgi",
                    gunicorn("bench.contestants.werkzeug_proxy:app")),
+        # The built-in filters' cost: request ids and header rules both ways (the filter
+        # chain runs), against the same proxy without them, alternating rounds.
+        Contestant("dp-asgi-hdr", "dualproxy asgi, --request-id and header rules", "asgi",
+                   dp(*HEADER_FILTERS), dualproxy=True, small_only=True, paired=dp()),
+        Contestant("dp-wsgi-hdr", "dualproxy wsgi, --request-id and header rules", "wsgi",
+                   dp("--adapter", "wsgi", *HEADER_FILTERS), dualproxy=True, small_only=True,
+                   paired=dp("--adapter", "wsgi")),
         Contestant("dp-asgi-pool", "dualproxy asgi, a pool of 2 upstreams", "asgi",
                    dp("--upstream", second), dualproxy=True, small_only=True),
         Contestant("dp-wsgi-pool", "dualproxy wsgi, a pool of 2 upstreams", "wsgi",
@@ -786,6 +798,12 @@ def ratios(by: dict[str, Result], size_label: str) -> tuple[list[str], dict[str,
         lines.append(f"{face}: access log on / off small-GET req/s = {fmt(on, '.2f')}; CPU per "
                      f"request off / on = {fmt(cpu, '.2f')} ({fmt(cpu_off, '.0f')} vs "
                      f"{fmt(cpu_on, '.0f')} µs)")
+    for face in ("asgi", "wsgi"):
+        r = by.get(f"dp-{face}-hdr")
+        on = ratio(value(r, "rps"), r.off_rps) if r is not None else None
+        doc.setdefault(face, {})["header_filters_on_over_off"] = on
+        lines.append(f"{face}: request id + header rules on / off small-GET req/s = "
+                     f"{fmt(on, '.2f')}")
     for face in ("asgi", "wsgi"):
         one, two = value(by.get(f"dp-{face}"), "rps"), value(by.get(f"dp-{face}-2w"), "rps")
         scale = ratio(two, one)

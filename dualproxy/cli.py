@@ -1,10 +1,11 @@
 """`dualproxy serve` and `dualproxy demo`: the flags, their usage errors, the options.
 
-`serve` runs one of the four face x server pairings (asgi on uvicorn, wsgi on
+`serve` runs one of the six face x server pairings (asgi on uvicorn, wsgi on
 gunicorn (gthread), wsgi on uvicorn through a2wsgi, asgi on gunicorn with uvicorn
-workers) from the flags or a `--config` file (configfile.py); every value is
-checked here, before anything starts, and becomes JSON-able options that
-launch.py hands to the server and its worker processes.
+workers, asgi and wsgi (through a2wsgi) on granian's ASGI interface) from the
+flags or a `--config` file (configfile.py); every value is checked here, before
+anything starts, and becomes JSON-able options that launch.py hands to the server
+and its worker processes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .logs import FORMATS
 from .servers.limits import DEFAULT_HEADER_TIMEOUT, HEAD_LIMIT, REQUEST_LINE_LIMIT
 
 DEFAULT_SERVER = {"asgi": "uvicorn", "wsgi": "gunicorn"}
+SERVERS = ("uvicorn", "gunicorn", "granian")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -202,8 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address to listen on (default: 127.0.0.1:8000)")
     serve.add_argument("--adapter", choices=("asgi", "wsgi"), default="asgi",
                        help="which face serves the requests (default: asgi)")
-    serve.add_argument("--server", choices=("uvicorn", "gunicorn"), default=None,
-                       help="HTTP server (default: uvicorn for asgi, gunicorn for wsgi)")
+    serve.add_argument("--server", choices=SERVERS, default=None,
+                       help="HTTP server; granian runs both faces on its ASGI interface "
+                            "(default: uvicorn for asgi, gunicorn for wsgi)")
+    serve.add_argument("--http", choices=("1", "2", "auto"), default="1",
+                       help="HTTP versions served to clients, on --server granian only: 1 "
+                            "(HTTP/1.1), 2 (HTTP/2 alone: h2 by ALPN with --certfile, else "
+                            "h2c with prior knowledge; no WebSockets), or auto (both: by ALPN "
+                            "with --certfile, else by the client's first bytes) (default: 1)")
     serve.add_argument("--workers", type=_workers, default=1, metavar="N",
                        help=f"worker processes, at most {MAX_WORKERS} (default: 1)")
     serve.add_argument("--threads", type=_threads, default=32, metavar="N",
@@ -260,6 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
                        help="peer whose X-Forwarded-*/Forwarded headers are kept and appended "
                             "to; repeatable (default: none, they are dropped)")
+    # --- built-in filters: header rules, request ids, X-Forwarded-Prefix ---
+    serve.add_argument("--header-up", action="append", default=[], metavar="RULE",
+                       help="a header rule for the request sent upstream, repeatable, in "
+                            "order: 'Name: value' sets, '+Name: value' adds, '-Name' removes "
+                            "(write --header-up=-Name); values may name {client}, "
+                            "{request_id}, {host} and {scheme}, as in 'X-Real-IP: {client}' "
+                            "(default: none)")
+    serve.add_argument("--header-down", action="append", default=[], metavar="RULE",
+                       help="a header rule for the response sent to the client, written as "
+                            "for --header-up (Date, Server and Host excluded), e.g. "
+                            "--header-down '+Cache-Control: no-store' (default: none)")
+    serve.add_argument("--request-id", action="store_true",
+                       help="give each request an X-Request-ID: a trusted proxy's is kept "
+                            "(1 to 200 visible ASCII characters, no comma), otherwise one is "
+                            "made (32 hex digits); sent upstream, returned to the client and "
+                            "written in the access log (default: off)")
+    serve.add_argument("--no-forwarded-prefix", action="store_true",
+                       help="do not send the mount upstream as X-Forwarded-Prefix (default: "
+                            "sent whenever --mount strips a prefix, appended to a trusted "
+                            "proxy's own)")
     serve.add_argument("--max-connections", type=_count, default=100, metavar="N",
                        help="upstream connections per worker (default: 100)")
     serve.add_argument("--pool-timeout", type=_positive, default=5.0, metavar="SECONDS",
@@ -361,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="address for the proxy (default: 127.0.0.1:8000)")
     demo.add_argument("--adapter", choices=("asgi", "wsgi"), default="asgi",
                       help="which face serves the requests (default: asgi)")
+    demo.add_argument("--server", choices=SERVERS, default=None,
+                      help="HTTP server (default: uvicorn for asgi, gunicorn for wsgi)")
     return parser
 
 
@@ -371,6 +401,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "mount": args.mount,
         "adapter": args.adapter,
         "server": args.server or DEFAULT_SERVER[args.adapter],
+        "http": args.http,
         "threads": args.threads,
         "ws_max_tunnels": args.ws_max_tunnels,
         "header_timeout": args.header_timeout,
@@ -383,6 +414,10 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "preserve_host": args.preserve_host,
         "underscores_in_headers": args.underscores_in_headers,
         "trusted_proxies": args.trusted_proxy,
+        "header_up": args.header_up,
+        "header_down": args.header_down,
+        "request_id": args.request_id,
+        "forwarded_prefix": not args.no_forwarded_prefix,
         "max_connections": args.max_connections,
         "pool_timeout": args.pool_timeout,
         "graceful_timeout": args.graceful_timeout,
@@ -439,9 +474,10 @@ def demo(args: argparse.Namespace) -> int:
     try:
         with demo_upstream() as port:
             print(instructions(port, f"http://{host}:{proxy_port}", args.adapter), flush=True)
+            server = ["--server", args.server] if args.server else []
             return serve(build_parser().parse_args([
                 "serve", "--upstream", f"http://127.0.0.1:{port}",
-                "--bind", f"{host}:{proxy_port}", "--adapter", args.adapter]))
+                "--bind", f"{host}:{proxy_port}", "--adapter", args.adapter, *server]))
     except KeyboardInterrupt:
         return 0
 
@@ -455,6 +491,20 @@ def _check_metrics_bind(parser: argparse.ArgumentParser, args: argparse.Namespac
         problem = "--metrics-bind needs prometheus_client: pip install 'dualproxy[metrics]'"
     if problem is not None:
         parser.exit(2, f"dualproxy serve: error: {problem}\n")
+
+
+def _check_server(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--server granian needs a granian release the suite tests (servers/granian.py);
+    HTTP/2 needs granian."""
+    if getattr(args, "http", "1") != "1" and args.server != "granian":
+        parser.exit(2, f"dualproxy serve: error: --http {args.http} needs --server granian "
+                       "(uvicorn and gunicorn serve HTTP/1.1 only)\n")
+    if args.server == "granian":
+        from .servers.granian import untested_granian
+
+        problem = untested_granian()
+        if problem is not None:
+            parser.exit(2, f"dualproxy serve: error: {problem}\n")
 
 
 def load_config_file(path: str, argv: Sequence[str]) -> tuple[argparse.Namespace,
@@ -511,9 +561,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_tls(options_from_args(serve_args))
         except ValueError as exc:
             parser.exit(2, f"dualproxy serve: error: {exc}\n")
+        _check_server(parser, serve_args)
         if serve_args.metrics_bind is not None:
             _check_metrics_bind(parser, serve_args)
         return serve(serve_args, routes)
+    if args.command == "demo":
+        _check_server(parser, args)
     if args.command == "serve":
         if args.upstream is None:
             parser.exit(2, "dualproxy serve: error: --upstream URL is required, or --config "
@@ -523,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_tls(options, config_from_options(options))
         except ValueError as exc:  # the upstream URL, a trusted-proxy CIDR
             parser.exit(2, f"dualproxy serve: error: {exc} (see dualproxy serve --help)\n")
+        _check_server(parser, args)
         if args.metrics_bind is not None:
             _check_metrics_bind(parser, args)
         return serve(args)

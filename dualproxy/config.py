@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from .rules import HeaderRule, parse_rule, refused_name
 from .target import reachable_mount
 from .upstreams import Upstream, parse_upstreams
 from .wire import BAD_FIELD_VALUE, FIELD_NAME
@@ -109,12 +110,17 @@ def _header_names(names: Iterable[str]) -> frozenset[bytes]:
 
 
 def _check_fields(pairs: Iterable[tuple[bytes, bytes]], names: Iterable[bytes],
-                  option: str) -> None:
-    """Refuse at construction a header a server would refuse in every response."""
+                  option: str, direction: str) -> None:
+    """Refuse at construction a header a server would refuse in every response, and
+    an added field no header rule may add (framing, hop-by-hop: the one rule of
+    rules.py)."""
     for name, value in pairs:
         if not FIELD_NAME.match(name) or BAD_FIELD_VALUE.search(value):
             raise ValueError(f"{option}: invalid header {name!r}: {value!r} "
                              "(names are tokens; values carry no CR, LF or NUL)")
+        refused = refused_name(name, direction, "add")
+        if refused is not None:
+            raise ValueError(f"{option}: {refused}")
     for name in names:
         if not FIELD_NAME.match(name):
             raise ValueError(f"{option}: invalid header name {name!r}")
@@ -191,6 +197,14 @@ class ProxyConfig:
     # The route's own filters (filters/base.py), outermost first, after the built-in
     # ones and before the hooks (filters.build_chain).
     filters: tuple[Filter, ...] = ()
+    # Built-in filters (filters/header_rules.py, request_id.py, forwarded_prefix.py):
+    # header rules each way ('Name: value' sets, '+Name: value' adds, '-Name' removes),
+    # X-Request-ID (off by default), X-Forwarded-Prefix (None: on when `mount` is
+    # set; True: also for a host app's mount; False: off).
+    header_up: tuple[HeaderRule, ...] = ()
+    header_down: tuple[HeaderRule, ...] = ()
+    request_id: bool = False
+    forwarded_prefix: bool | None = None
     # Text replacement in response bodies, nginx's sub_filter (filters/transforms.py
     # SubFilter): (pattern, replacement) pairs, and the media types rewritten
     # (empty: text/html). The chain runs it after the built-in filters.
@@ -219,10 +233,12 @@ class ProxyConfig:
             raise ValueError("cache_max_size and cache_max_object must be at least 1 byte")
         check_store(self.cache_store)
         _check_fields(self.add_request_headers, self.remove_request_headers,
-                      "request headers")
+                      "request headers", "up")
         _check_fields(self.add_response_headers, self.remove_response_headers,
-                      "response headers")
+                      "response headers", "down")
         set_ = object.__setattr__
+        set_(self, "header_up", _header_rules(self, "up"))
+        set_(self, "header_down", _header_rules(self, "down"))
         set_(self, "upstream", first.url if len(upstreams) == 1
              else tuple(u.url for u in upstreams))
         set_(self, "upstreams", upstreams)
@@ -287,6 +303,21 @@ def _within(peer: str | None, networks: tuple[IPNetwork, ...]) -> bool:
     except ValueError:
         return False
     return any(addr in net for net in networks)
+
+
+def _header_rules(config: ProxyConfig, direction: str) -> tuple[HeaderRule, ...]:
+    """`header_up`/`header_down` parsed and checked (strings or HeaderRules)."""
+    key = f"header_{direction}"
+    written: Any = getattr(config, key)
+    if isinstance(written, str):
+        written = (written,)
+    rules = tuple(parse_rule(rule, direction) for rule in written)
+    for rule in rules:
+        if "request_id" in rule.variables and not config.request_id:
+            raise ValueError(f"{key} rule {str(rule)!r} uses {{request_id}}, but request ids "
+                             "are off: turn them on (--request-id, request_id = true, "
+                             "request_id=True)")
+    return rules
 
 
 def _sub_pairs(pairs: SubFilterTable) -> tuple[tuple[bytes, bytes], ...]:

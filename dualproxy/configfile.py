@@ -32,8 +32,9 @@ SERVER_KEYS = (
 )
 # Where a key's flag is not `--` + the key with dashes.
 _FLAG_DEST = {"trusted_proxies": "trusted_proxy", "access_log": "no_access_log",
-              "sub_filter_types": "sub_filter_type"}
-_INVERTED = {"access_log"}  # `access_log = false` sets --no-access-log
+              "forwarded_prefix": "no_forwarded_prefix", "sub_filter_types": "sub_filter_type"}
+# `access_log = false` sets --no-access-log, `forwarded_prefix = false` --no-forwarded-prefix
+_INVERTED = {"access_log", "forwarded_prefix"}
 # Repeatable `FROM=TO` flags a route may also write as a table, `{"FROM" = "TO"}`
 # (or a `[route.KEY]` sub-table): the table form takes a FROM holding `=`.
 _PAIR_TABLES = {"sub_filter"}

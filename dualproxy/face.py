@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import httpx
 
-from .balancer import Balancer
 from .config import ProxyConfig
 from .core import (
     IncomingRequest,
@@ -52,6 +51,7 @@ from .filters.chain import run_sync
 from .framing import FRAMING, Framing
 from .headers import client_address
 from .logs import AccessLog, RequestRecord
+from .pools import Pool, Pools
 from .upstreams import Upstream
 
 error_logger = logging.getLogger("dualproxy")
@@ -97,11 +97,10 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
             raise TypeError(f"{name}: pass either config= or upstream/options, not both")
         self.config = config
         self.fallback = fallback
-        self._client: ClientT | None = client
+        # The client and transport this proxy holds from its pool (None: not now).
+        self._client: ClientT | None = None
         self._transport: TransportT | None = None
-        self._owns_client = client is None
         self._lock = threading.Lock()
-        self._health: Any = None  # the active health prober, started with the client
         # Every mount of the router this proxy is a route of (set by router.py).
         self.routes: tuple[bytes, ...] = ()
         if client is not None:
@@ -120,9 +119,14 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
                               route=config.mount or "/")
         # The route's filters, hooks among them (filters/): empty costs a truth test.
         self.chain = build_chain(config)
-        self.balancer = Balancer(config.upstreams, policy=config.balance,
-                                 max_fails=config.max_fails, fail_timeout=config.fail_timeout)
         self.metrics: ProxyMetrics | None = None
+        # A registry of its own until a router shares one (pools.py); a user's
+        # client makes a pool of its own, never shared with another route.
+        self.pools = Pools()
+        self.pool: Pool[ClientT, TransportT] = (
+            self.pools.pool(config, type(self)._new_client) if client is None
+            else Pool(config, self.pools.balancer(config), client))
+        self.balancer = self.pool.balancer
         if metrics is not False:
             self._start_metrics(None if metrics is True else metrics)
 
@@ -130,13 +134,34 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         """Count every request on `registry` (prometheus_client's default: None)."""
         from .metrics import ProxyMetrics
 
-        self.metrics = metrics = self._log.observer = ProxyMetrics.on(registry)
-        balancer = self.balancer
-        # Per upstream, from the balancer (a request holds one upstream connection while
-        # it is in flight): pool use, and health as the balancer sees it.
+        self.metrics = self._log.observer = ProxyMetrics.on(registry)
+        self._watch_pool()
+
+    def _watch_pool(self) -> None:
+        """Per upstream: pool use (a request holds one upstream connection while it is in
+        flight), summed over the registry's balancers, each once however many routes
+        share it; and health as this route's balancer sees it. One series an upstream,
+        set by whichever route watched it last."""
+        metrics, balancer = self.metrics, self.balancer
+        if metrics is None:
+            return
         for upstream in self.config.upstreams:
-            metrics.watch_pool(str(upstream), functools.partial(balancer.inflight, upstream))
-            metrics.watch_health(str(upstream), functools.partial(balancer.available, upstream))
+            name = str(upstream)
+            metrics.watch_pool(name, functools.partial(self.pools.in_use, name))
+            metrics.watch_health(name, functools.partial(balancer.available, upstream))
+
+    def share(self, pools: Pools) -> bool:
+        """Take this proxy's pool from `pools`, a router's registry (router.py), so routes
+        with equal pool keys share one (pools.py). Not when the proxy has its own
+        `client=`, or holds its pool's client already (it keeps its pool): False."""
+        with self._lock:
+            if not self.pool.owns_client or self._client is not None:
+                return False
+            self.pools = pools
+            self.pool = pools.pool(self.config, type(self)._new_client)
+            self.balancer = self.pool.balancer
+        self._watch_pool()
+        return True
 
     def _new_client(self) -> tuple[ClientT, TransportT]:
         raise NotImplementedError
@@ -149,15 +174,20 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         if client is None:
             with self._lock:
                 if self._client is None:
-                    self._client, self._transport = client, transport = self._new_client()
-                    # One prober per balancer (a WSGI face and its WebSocket twin share
-                    # one), started with the client, under the lock `_detach_client`
-                    # takes: a close racing this access stops what it started.
-                    if self.config.health_path is not None and self.balancer.prober is None:
-                        self._health = self.balancer.prober = \
-                            self._start_health(client, transport)
+                    # The pool's, made by its first holder, which starts the pool's
+                    # prober (one per balancer: the routes sharing it and a WSGI face's
+                    # WebSocket twin), under the lock `_detach_client` takes: a close
+                    # racing this access stops what it started.
+                    self._client, self._transport = self.pool.acquire(
+                        self, self._new_client, self._start_health)
                 client = self._client
+                assert client is not None
         return client
+
+    @property
+    def _health(self) -> Any:
+        """The active health prober of this proxy's pool, when it started one."""
+        return self.pool.health
 
     def _start_health(self, client: ClientT, transport: TransportT | None) -> Any:
         """The active health prober (health.py) of this face, started (or None). It
@@ -167,16 +197,11 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         raise NotImplementedError
 
     def _detach_client(self) -> ClientT | None:
-        """The client to close, when this proxy created it; the next request makes another."""
+        """The client to close: its pool's, when this proxy was the last route holding it
+        and the pool made it (the prober stops then); the next request makes another."""
         with self._lock:
-            health, self._health = self._health, None
-            if health is not None:
-                health.stop()
-                self.balancer.prober = None
-            client = self._client if self._owns_client else None
-            if client is not None:
-                self._client = self._transport = None
-        return client
+            self._client = self._transport = None
+            return self.pool.release(self)
 
     # -- the steps of one request, in order ---------------------------------------------
 

@@ -15,17 +15,12 @@ from collections.abc import Iterable, Sequence
 from .config import ProxyConfig
 from .errors import BadGateway, BadRequest, HeadersTooLarge
 from .framing import Framing, FramingError, list_items, parse_framing
-from .wire import BAD_FIELD_VALUE, FIELD_NAME, valid_authority
+from .wire import BAD_FIELD_VALUE, FIELD_NAME, HOP_BY_HOP, valid_authority
 
 Header = tuple[bytes, bytes]
 
-# RFC 9110 7.6.1 plus the non-standard ones every proxy strips; `proxy` is httpoxy
-# (CVE-2016-5385). `te` is special-cased below: `TE: trailers` may pass.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
-    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-    b"http2-settings", b"proxy",
-})
+# HOP_BY_HOP (wire.py): RFC 9110 7.6.1 plus the ones every proxy strips. `te` is
+# special-cased below: `TE: trailers` may pass.
 # Never copied from the client: the proxy sets framing and Host itself, and the
 # front server has already answered `Expect: 100-continue` (as nginx does).
 _REQUEST_OWNED = frozenset({b"host", b"content-length", b"expect"})

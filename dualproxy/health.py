@@ -23,10 +23,15 @@ from .upstreams import UPSTREAM, Upstream
 error_logger = logging.getLogger("dualproxy")
 
 
+def probe_seconds(config: ProxyConfig) -> float:
+    """A probe's timeout: the interval (at least a second), at most the route's timeout."""
+    return min(config.timeout, max(config.health_interval, 1.0))
+
+
 def probe_request(config: ProxyConfig, upstream: Upstream) -> httpx.Request:
     """The health check request for `upstream`, with a short timeout of its own."""
     assert config.health_path is not None
-    seconds = min(config.timeout, max(config.health_interval, 1.0))
+    seconds = probe_seconds(config)
     return httpx.Request(
         "GET", httpx.URL(upstream.origin),
         headers=[(b"host", upstream.authority), (b"user-agent", b"dualproxy-health")],

@@ -19,6 +19,7 @@ from .config import ProxyConfig
 from .drain import DRAIN
 from .logs import LINE_FORMAT, AccessLineHandler, LineFormatter, access_logger
 from .servers import ENV_OPTIONS
+from .servers.granian import serve_granian
 from .servers.gunicorn import serve_gunicorn
 from .servers.heap import freeze_heap, trim_heap_periodically
 from .servers.limits import DEFAULT_HEADER_TIMEOUT, set_header_timeout
@@ -64,6 +65,11 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         preserve_host=options["preserve_host"],
         underscores_in_headers=options["underscores_in_headers"],
         trusted_proxies=options["trusted_proxies"],
+        header_up=options["header_up"],
+        header_down=options["header_down"],
+        request_id=options["request_id"],
+        # The CLI always names the mount: on (None) unless --no-forwarded-prefix.
+        forwarded_prefix=None if options["forwarded_prefix"] else False,
         max_connections=options["max_connections"],
         max_keepalive_connections=options["max_connections"],
         pool_timeout=options["pool_timeout"],
@@ -175,7 +181,7 @@ def load_app(options: dict[str, Any]) -> Any:
     quiet_uvicorn_refusals()
     app = build_app(options)
     if options["adapter"] == "wsgi":
-        if options["server"] == "uvicorn":
+        if options["server"] in ("uvicorn", "granian"):  # ASGI servers: the a2wsgi bridge
             from .bridge import WSGIBridge
 
             app = WSGIBridge(app, threads=options["threads"])
@@ -223,8 +229,9 @@ def run(options: dict[str, Any], *, bind: tuple[str, int], workers: int,
     warn_unresolved(options)  # once, here: not in every worker
     os.environ[ENV_OPTIONS] = json.dumps(options)
     # Several processes share the metrics through files (servers/metrics.py): always
-    # under gunicorn (its arbiter serves them), and under uvicorn's --workers N.
-    multiprocess = options["server"] == "gunicorn" or workers > 1
+    # under gunicorn (its arbiter serves them) and granian (its workers are processes
+    # of their own even when there is one), and under uvicorn's --workers N.
+    multiprocess = options["server"] in ("gunicorn", "granian") or workers > 1
     try:
         listener = start_metrics_listener(metrics_bind, multiprocess=multiprocess)
     except OSError as exc:
@@ -251,6 +258,12 @@ def _serve(options: dict[str, Any], host: str, port: int, workers: int,
                       port=port, workers=workers, log_level=options["log_level"],
                       ws_max_size=options["ws_max_size"],
                       graceful_timeout=options["graceful_timeout"],
+                      certfile=options["certfile"], keyfile=options["keyfile"])
+    elif options["server"] == "granian":
+        serve_granian(lambda: load_app(options), host=host, port=port, workers=workers,
+                      log_level=options["log_level"],
+                      graceful_timeout=options["graceful_timeout"],
+                      header_timeout=options["header_timeout"], http=options.get("http", "1"),
                       certfile=options["certfile"], keyfile=options["keyfile"])
     else:
         serve_gunicorn(lambda: load_app(options), adapter=options["adapter"], host=host,

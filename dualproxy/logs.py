@@ -160,8 +160,8 @@ class RequestRecord:
 
     __slots__ = ("method", "target", "client", "started", "upstream_at", "status",
                  "bytes_in", "bytes_out", "client_gone", "broken", "responded", "problem",
-                 "shutdown", "routed", "upstream", "cause", "websocket", "exchange", "cache",
-                 "cache_stored")
+                 "shutdown", "routed", "upstream", "cause", "websocket", "exchange",
+                 "request_id", "cache", "cache_stored")
 
     def __init__(self, incoming: IncomingRequest, client: str | None = None) -> None:
         self.method = incoming.method
@@ -182,6 +182,7 @@ class RequestRecord:
         self.cause: str | None = None  # why the upstream side failed (errors.UPSTREAM_CAUSES)
         self.websocket = False  # an accepted WebSocket session, open until finish
         self.exchange: Any = None  # the filters' Exchange, whose on_end is still to run
+        self.request_id: str | None = None  # X-Request-ID (filters/request_id.py), if on
         # The HTTP cache's part (filters/cache/): hit, miss, stale, revalidated, bypass,
         # collapsed, purge; None: no cache on the route. Bytes it stored from this answer.
         self.cache: str | None = None
@@ -230,6 +231,7 @@ class RequestObserver(Protocol):
     def finished(self, record: RequestRecord, route: str | None) -> None: ...
 
 
+_JSON_RID = '"request_id": '
 _JSON_NOWHERE = '"upstream": null, "route": null'
 
 
@@ -314,6 +316,7 @@ class AccessLog:
         upstream_ms = None if up is None else round((up - record.started) * 1000, 1)
         outcome = record.ending()[0]
         client = record.client
+        rid = record.request_id  # only with request ids on: the line is as before otherwise
         if self.format == "json":  # json.dumps's output for the same dict, made by hand
             second = int(now)
             cache = "" if record.cache is None else f'"cache": "{record.cache}", '
@@ -327,11 +330,13 @@ class AccessLog:
                 f'{"null" if upstream_ms is None else repr(upstream_ms)}, '
                 f'"total_ms": {round(total_ms, 1)!r}, "outcome": "{outcome}", '
                 f'{cache}'
-                f'{self._json_where(record)}}}')
+                f'{self._json_where(record)}'
+                f'{"" if rid is None else ", " + _JSON_RID + _json_str(rid)}}}')
         # one preformatted string: no %-args for logging to keep and apply
         return (f"{escape_text(record.method)} {record.target_text()} {record.status} "
                 f"in={record.bytes_in} out={record.bytes_out} "
                 f"upstream_ms={'-' if upstream_ms is None else upstream_ms} "
                 f"total_ms={total_ms:.1f} "
                 f"client={'-' if client is None else escape_text(client)} {outcome}"
+                f"{'' if rid is None else ' request_id=' + escape_text(rid)}"
                 f"{'' if record.cache is None else ' cache=' + record.cache}")

@@ -2,11 +2,12 @@
 over SyncProxy instances.
 
 Thin on purpose: the route is the core's decision (routes.RouteTable, the longest
-mount), everything else is the chosen proxy's, with its own client and pool,
-timeouts, limits and access-log route name. A request no mount covers goes to
-the first proxy, whose own mount check answers the 404 problem (or calls its
-`fallback`): the outside-the-mount answer stays written once, for HTTP and
-WebSocket alike.
+mount), everything else is the chosen proxy's: timeouts, limits, access-log route
+name. The routes' pools come from one registry per router (pools.py): routes
+naming the same upstreams with the same pool settings share one client, balancer
+and prober. A request no mount covers goes to the first proxy, whose own mount
+check answers the 404 problem (or calls its `fallback`): the outside-the-mount
+answer stays written once, for HTTP and WebSocket alike.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
 from .asgi import AsyncProxy
+from .pools import Pools
 from .routes import RouteTable
 from .types import Environ, Message, Receive, Scope, Send, StartResponse
 from .wsgi import SyncProxy, _environ_target
@@ -24,13 +26,16 @@ ProxyT = TypeVar("ProxyT", AsyncProxy, SyncProxy)
 
 
 class _Router(Generic[ProxyT]):
-    def __init__(self, proxies: Sequence[ProxyT]) -> None:
+    def __init__(self, proxies: Sequence[ProxyT], *, pools: Pools | None = None) -> None:
         self.proxies: tuple[ProxyT, ...] = tuple(proxies)
         self.table = RouteTable([proxy.config.mount for proxy in self.proxies],
                                 max((proxy.config.max_target_bytes for proxy in self.proxies),
                                     default=None))
+        # One registry for the routes (or the one given: a WSGI router's, for its twin).
+        self.pools = Pools() if pools is None else pools
         for proxy in self.proxies:  # each plan applies the routing rule to every mount
             proxy.routes = self.table.mounts
+            proxy.share(self.pools)
 
     def route(self, target: bytes) -> ProxyT:
         """The proxy whose mount is the longest covering `target` (else the first)."""
@@ -42,7 +47,8 @@ class AsyncRouter(_Router[AsyncProxy]):
     """ASGI app routing to AsyncProxy instances by their mounts, the longest first.
 
     `AsyncRouter([AsyncProxy(api_url, mount="/api"), AsyncProxy(files_url, mount="/files")])`.
-    Lifespan events go to every proxy (each opens and closes its own client).
+    Lifespan events go to every proxy (each takes its pool's client and lets it go;
+    a pool's client is closed once, by the last route holding it).
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -53,7 +59,7 @@ class AsyncRouter(_Router[AsyncProxy]):
         await self.route(raw)(scope, receive, send)
 
     async def aclose(self) -> None:
-        """Close the clients the proxies created."""
+        """Close the clients the proxies' pools created."""
         for proxy in self.proxies:
             await proxy.aclose()
 
@@ -98,21 +104,22 @@ class SyncRouter(_Router[SyncProxy]):
         return self.route(_environ_target(environ))(environ, start_response)
 
     def close(self) -> None:
-        """Close the clients the proxies created."""
+        """Close the clients the proxies' pools created."""
         for proxy in self.proxies:
             proxy.close()
 
     def asgi_twin(self) -> AsyncRouter:
         """The same routes on the async face: WebSockets under an ASGI server (bridge.py)."""
-        return AsyncRouter([async_twin(proxy) for proxy in self.proxies])
+        return AsyncRouter([async_twin(proxy) for proxy in self.proxies], pools=self.pools)
 
 
 def async_twin(proxy: SyncProxy) -> AsyncProxy:
     """An AsyncProxy on the same config, access log settings and metrics as `proxy`,
-    sharing its balancer: one pool's in-flight counts and health marks per process."""
+    in its pool registry: one balancer (in-flight counts, health marks) and prober
+    per upstream set and process."""
     twin = AsyncProxy(config=proxy.config, access_log=proxy._log.enabled,
                       access_log_format=proxy._log.format)
-    twin.balancer = proxy.balancer
+    twin.share(proxy.pools)
     if proxy.metrics is not None:  # after the balancer: the gauges read the shared one
         twin._start_metrics(proxy.metrics.registry)
     return twin

@@ -23,6 +23,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+# Fields that describe one connection, never forwarded nor set by a rule: RFC 9110
+# 7.6.1 plus the non-standard ones every proxy strips; `proxy` is httpoxy
+# (CVE-2016-5385). headers.py strips them, rules.py refuses them.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"http2-settings", b"proxy",
+})
 TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 FIELD_NAME = re.compile(TOKEN + rb"\Z")
 BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]")

@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from flask import Flask
 
 from dualproxy import AsyncProxy
@@ -66,3 +67,31 @@ wrap_wsgi_app(flask_middleware, UPSTREAM, "/files")
 flask_two_proxies = Flask(__name__)
 FlaskProxy(flask_two_proxies, upstream=UPSTREAM + "/one", prefix="/one")
 FlaskProxy(flask_two_proxies, upstream=UPSTREAM + "/two", prefix="/two")
+
+
+# FastAPI behind `dualproxy serve --mount /api`: the app takes its root_path from
+# X-Forwarded-Prefix (a small middleware, as uvicorn's --root-path would set it:
+# the path then carries the prefix too), so its links (url_for, the docs page's
+# openapi.json URL) name the mount.
+class ForwardedPrefixMiddleware:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            prefix = next((value.decode("latin-1") for name, value in scope["headers"]
+                           if name == b"x-forwarded-prefix"), "").rstrip("/")
+            if prefix:
+                scope = {**scope, "root_path": prefix + scope.get("root_path", ""),
+                         "path": prefix + scope["path"]}
+        await self.app(scope, receive, send)
+
+
+fastapi_prefixed = FastAPI()
+fastapi_prefixed.add_middleware(ForwardedPrefixMiddleware)
+
+
+@fastapi_prefixed.get("/items/{item_id}", name="item")
+async def item(item_id: int, request: Request) -> dict[str, Any]:
+    return {"item": item_id, "url": str(request.url_for("item", item_id=item_id)),
+            "root_path": request.scope.get("root_path", "")}

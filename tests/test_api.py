@@ -19,6 +19,7 @@ import pytest
 from dualproxy import AsyncProxy, ProxyConfig, SyncProxy
 from dualproxy.core import ResponseHead, UpstreamPlan
 from dualproxy.errors import ProxyError
+from dualproxy.filters import Exchange, Filter
 from tests.conftest import free_port
 from tests.upstream import Upstream
 
@@ -53,6 +54,13 @@ def test_error_status_outside_400_599_is_refused(status: int) -> None:
     {"add_request_headers": {"x-snow": "\u2603"}},
     {"remove_request_headers": ["x:colon"]},
     {"remove_response_headers": ["with space"]},
+    # the fields no header rule may add: framing (a second length upstream is smuggling)
+    {"add_request_headers": {"Content-Length": "0"}},
+    {"add_request_headers": {"Transfer-Encoding": "chunked"}},
+    {"add_request_headers": {"Host": "second.example"}},
+    {"add_response_headers": {"Content-Length": "0"}},
+    {"add_response_headers": {"Connection": "close"}},
+    {"add_response_headers": {"Server": "mine"}},
 ])
 def test_invalid_header_options_fail_at_construction(option: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="header"):
@@ -156,6 +164,31 @@ def test_sync_hooks_in_a_shared_config_run_on_both_faces(upstream: Upstream, rid
         assert response.status_code == 200
         assert response.headers.get_list("x-hooked") == ["sync"]
         assert response.json()["headers"].count(["x-hooked", "sync"]) == 1
+
+
+class SeesRequestId(Filter):
+    """A user filter (inside the built-in ones): exchange.request_id is set for it."""
+
+    def on_response(self, exchange: Exchange, head: ResponseHead) -> None:
+        head.headers.append((b"x-seen-id", (exchange.request_id or "none").encode()))
+
+
+def test_builtin_filter_options_run_on_both_faces(upstream: Upstream, rid: str) -> None:
+    config = ProxyConfig.build(upstream.url, mount="/api", request_id=True,
+                               header_up=["X-Rid: {request_id}", "+X-Scheme: {scheme}"],
+                               header_down=("+X-Down: {request_id}",),
+                               filters=[SeesRequestId()])
+    seen = set()
+    for response in _get_both(config, f"/api/rules?{rid}"):
+        assert response.status_code == 200
+        request_id = response.headers["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+        assert response.headers["x-down"] == response.headers["x-seen-id"] == request_id
+        sent = response.json()["headers"]
+        assert ["x-rid", request_id] in sent and ["x-request-id", request_id] in sent
+        assert ["x-scheme", "http"] in sent and ["x-forwarded-prefix", "/api"] in sent
+        seen.add(request_id)
+    assert len(seen) == 2
 
 
 @pytest.mark.parametrize("hooks", [

@@ -233,6 +233,14 @@ TLS_ROUTE = ROUTE.replace("http:", "https:")
      "at most 256"),
     ("threads = 100000\n" + ROUTE, 1, "must be at most 4096"),
     (ROUTE + 'health_path = "/é"\n', 4, "must be ASCII"),
+    (ROUTE + 'header_up = ["X-Real-IP: {clinet}"]\n', 4, "[[route]] #1 (mount '/a'): header_up "
+     "rule 'X-Real-IP: {clinet}': unknown variable {clinet}"),
+    (ROUTE + 'header_down = ["Content-Length: 0"]\n', 4, "content-length cannot be changed"),
+    (ROUTE + 'header_up = "X: {request_id}"\n', 4, "uses {request_id}, but request ids are off"),
+    (ROUTE + 'request_id = "yes"\n', 4, "'request_id' in [[route]] #1 (mount '/a') must be "
+     "true or false"),
+    (ROUTE + "forwarded_prefix = 1\n", 4, "'forwarded_prefix' in [[route]] #1 (mount '/a') "
+     "must be true or false"),
 ])
 def test_bad_config_files(tmp_path: Path, text: str, line: int | None, message: str) -> None:
     path = tmp_path / "bad.toml"

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import ProxyProcess
+from tests.conftest import ProxyProcess, xfail_on_granian
 from tests.rawhttp import wait_until
 from tests.test_websocket import open_ws
 from tests.upstream import Upstream, pattern_sha256
@@ -212,7 +212,9 @@ def test_new_connection_after_sigterm_is_refused(drain_proxy: ProxyProcess) -> N
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_websocket_open_at_the_timeout_closes_1001(pairing: str, ws_upstream: WsUpstream,
-                                                  rid: str, workers: str) -> None:
+                                                  rid: str, workers: str,
+                                                  request: pytest.FixtureRequest) -> None:
+    xfail_on_granian(request, "ws-stop")
     proxy = ProxyProcess(pairing, ws_upstream.url,
                          ("--graceful-timeout", "2", "--workers", workers))
     try:

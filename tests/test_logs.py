@@ -266,6 +266,8 @@ def _json_dumps_line(record: RequestRecord, log: AccessLog, now: float, end: flo
         "upstream": (None if not record.routed else log.upstream or None
                      if record.upstream is None else str(record.upstream)),
         "route": log.route if record.routed else None,
+        # only with request ids on (filters/request_id.py)
+        **({} if record.request_id is None else {"request_id": record.request_id}),
     })
 
 
@@ -279,15 +281,17 @@ def _json_dumps_line(record: RequestRecord, log: AccessLog, now: float, end: flo
                             "refused", "failed"]),
        routed=st.booleans(), now=st.floats(0, 4e9),
        upstream=st.text(max_size=30), route=st.text(max_size=10),
-       chosen=st.none() | st.integers(1, 65535), client=st.none() | st.text(max_size=20))
+       chosen=st.none() | st.integers(1, 65535), client=st.none() | st.text(max_size=20),
+       request_id=st.none() | st.text(max_size=20))
 def test_json_line_is_json_dumps(method: str, target: bytes, status: int,
                                  sizes: tuple[int, int], upstream_ms: float | None,
                                  total_s: float, how: str, routed: bool, now: float,
                                  upstream: str, route: str, chosen: int | None,
-                                 client: str | None) -> None:
+                                 client: str | None, request_id: str | None) -> None:
     log = AccessLog(format="json", upstream=upstream, route=route)
     record = _record(method, target, status, sizes, upstream_ms, how, routed)
     record.client = client
+    record.request_id = request_id
     if chosen is not None:  # a pool's pick
         record.upstream = parse_upstream(f"http://127.0.0.1:{chosen}/b")
     end = record.started + total_s

@@ -246,7 +246,7 @@ def test_an_absolute_form_authority_names_the_host(make_proxy: MakeProxy, upstre
     assert record.header_all("forwarded") == [f"for=127.0.0.1;host={host};proto=http"]
     if proxy.pairing != "wsgi-gunicorn":
         assert host == "good.test"
-        pytest.xfail("uvicorn's parser hands the app only the path of an absolute-form "
-                     "target (and a2wsgi's environ is built from it): the authority is gone "
-                     "before dualproxy sees it, so Host stands")
+        pytest.xfail("uvicorn's and granian's parsers hand the app only the path of an "
+                     "absolute-form target (and a2wsgi's environ is built from it): the "
+                     "authority is gone before dualproxy sees it, so Host stands")
     assert host == "evil.example"

@@ -104,9 +104,9 @@ def test_gunicorn_direct_upload_path_reads_the_body(
 # Lower numbers are lower layers; a module may import its own layer and those below.
 LAYERS = {
     0: {"types", "upstreams", "config", "errors", "target", "framing", "headers", "core", "hooks",
-        "logs", "routes", "balancer", "wire"},
+        "logs", "routes", "balancer", "wire", "rules"},
     1: {"servers", "http1", "metrics", "drain", "filters"},
-    2: {"face", "asgi", "wsgi", "websocket", "router", "health"},
+    2: {"face", "asgi", "wsgi", "websocket", "router", "health", "pools"},
     3: {"flask", "fastapi", "bridge", "workers"},
     4: {"cli", "launch", "configfile", "demo", "__main__", "__init__"},
 }
@@ -194,3 +194,16 @@ def test_servers_stay_unimported_until_used() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=30, check=True, cwd=ROOT).stdout.strip()
     assert out == "[]"
+
+
+def test_granian_runs_on_tested_releases_only(untested: None,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """servers/granian.py leans on granian's private worker signal set-up: another
+    release is a one-line usage error, before anything starts."""
+    from dualproxy.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--upstream", "http://127.0.0.1:9", "--server", "granian"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "granian >=2.8,<2.9" in err and "found 999" in err, err

@@ -38,22 +38,35 @@ __all__ = [
 def build_chain(config: ProxyConfig) -> Chain:
     """A route's chain, outermost (nearest the client) first:
 
-    1. the built-in filters the configuration turns on, in this order: ...,
-       the cache (`cache`: after compression, so a hit is still compressed; before
-       `sub_filter`, so the rewritten body is what is stored), `sub_filter` last (a
-       compressing filter before it encodes the rewritten body);
+    1. the built-in filters the configuration turns on: request_id (first, so
+       every other filter sees `exchange.request_id`), compress, the cache (after
+       compression, so a hit is still compressed), forwarded_prefix, header_rules
+       (a rule may replace what the others wrote), then `sub_filter` (last, so that
+       a compressing filter before it encodes the rewritten body);
     2. the user's `filters=`, in the order given;
     3. the request and response hooks (hooks.py), in the order given.
     """
     from ..hooks import hook_filters
     from .transforms import sub_filter
 
-    builtin: list[Filter] = []
+    builtins: list[Filter] = []
+    if config.request_id:
+        from .request_id import RequestId
+
+        builtins.append(RequestId(config.is_trusted if config.trusted_proxies else None))
     if config.cache:
         from .cache import cache_filter
 
-        builtin.append(cache_filter(config))
-    builtin += [flt for flt in (sub_filter(config),) if flt is not None]
-    filters = [*builtin, *config.filters,
+        builtins.append(cache_filter(config))
+    if config.forwarded_prefix or (config.forwarded_prefix is None and config.mount):
+        from .forwarded_prefix import ForwardedPrefix
+
+        builtins.append(ForwardedPrefix())
+    if config.header_up or config.header_down:
+        from .header_rules import HeaderRules
+
+        builtins.append(HeaderRules(config.header_up, config.header_down))
+    builtins.extend(flt for flt in (sub_filter(config),) if flt is not None)
+    filters = [*builtins, *config.filters,
                *hook_filters(config.request_hooks, config.response_hooks)]
     return Chain(filters)

@@ -120,8 +120,9 @@ class Exchange:
     (a filter may replace it in `on_request`); `record`: what happened so far
     (status, bytes, timings, outcome: logs.RequestRecord); `route`: the mount
     (`b""`: none); `state`: a dict for the filters' own per-exchange values;
-    `request_id` and `client` (the client's address after trusted proxies) are
-    filled by the face before the first filter runs.
+    `client` is the client's address after trusted proxies; `request_id` is set
+    by the request_id filter (filters/request_id.py, the outermost) when the
+    route has request ids on, None otherwise.
     """
 
     __slots__ = ("incoming", "plan", "record", "route", "state", "request_id", "head",

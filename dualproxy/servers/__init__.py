@@ -1,4 +1,4 @@
-"""Everything that knows gunicorn's or uvicorn's internals or settings.
+"""Everything that knows gunicorn's, uvicorn's or granian's internals or settings.
 
 The faces and the core run on any ASGI or WSGI server; what is here is what
 `dualproxy serve` sets up and the speed-ups that lean on one server's private
@@ -21,6 +21,7 @@ ENV_OPTIONS = "DUALPROXY_SERVE_OPTIONS"
 TESTED: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "gunicorn": ((27, 0), (28, 0)),
     "uvicorn": ((0, 54), (0, 55)),
+    "granian": ((2, 8), (2, 9)),
 }
 
 

@@ -33,6 +33,7 @@ from ..http1.tls import upstream_context, verification_failure
 from ..types import Receive, Scope, Send
 from ..upstreams import Upstream
 from ..wire import head_problem
+from .framing import MESSAGE_TOO_BIG
 from .handshake import (
     WebSocketPlan,
     accept_head,
@@ -132,7 +133,8 @@ async def _open_and_relay(proxy: AsyncProxy, ws: WebSocketPlan, scope: Scope,
                     "headers": head.headers})
         record.responded = True
         proxy.session_opened(record)
-        await Session(upstream, receive, send, record).run(config.ws_idle_timeout)
+        await Session(upstream, receive, send, record,
+                      max_size=config.ws_max_size).run(config.ws_idle_timeout)
     except BaseException:
         upstream.transport.abort()  # never leave the upstream socket open behind us
         raise
@@ -246,6 +248,13 @@ async def _refuse_problem(scope: Scope, receive: Receive | None, send: Send, exc
     await _refuse(scope, send, exc.status, exc.headers(), exc.body())
 
 
+def _too_big(data: str | bytes, max_size: int) -> bool:
+    """Is a message larger than `max_size` bytes (a text one counted as UTF-8)?"""
+    if isinstance(data, bytes) or len(data) > max_size:
+        return len(data) > max_size
+    return len(data) * 4 > max_size and len(data.encode()) > max_size
+
+
 def _sendable(code: int | None, reason: str, fallback: int) -> tuple[int, str]:
     """A close code that may go on the wire: 1005 (none given) is 1000; 1006 and the
     other reserved ones (no close frame at all) become `fallback`."""
@@ -260,8 +269,12 @@ class Session:
     """One open WebSocket: relays both ways until either side ends."""
 
     def __init__(self, upstream: ClientConnection, receive: Receive, send: Send,
-                 record: RequestRecord) -> None:
+                 record: RequestRecord, max_size: int | None = None) -> None:
         self.upstream = upstream
+        # The largest client message. uvicorn enforces it before the app sees one
+        # (`ws_max_size`); a server that does not (granian) hands it over whole.
+        self.max_size = max_size
+        self._relays: set[asyncio.Future[None]] = set()
         self.receive = receive
         self.send = send
         self.record = record
@@ -277,8 +290,8 @@ class Session:
             self._stop.set_result(None)
 
     async def run(self, idle_timeout: float | None) -> None:
-        relays = {asyncio.ensure_future(self.client_to_upstream()),
-                  asyncio.ensure_future(self.upstream_to_client())}
+        relays = self._relays = {asyncio.ensure_future(self.client_to_upstream()),
+                                 asyncio.ensure_future(self.upstream_to_client())}
         tasks: set[asyncio.Future[None]] = {*relays, self._stop}
         DRAIN.enter(self)
         try:
@@ -291,10 +304,15 @@ class Session:
                     self.record.shutdown = True
                     await self.close_both(GOING_AWAY, "server shutting down")
                     return
-                if done:
-                    for task in done:
-                        task.result()
+                # A relay cancelled by the other one's close_both: wait for that one.
+                finished = [task for task in done if not task.cancelled()]
+                tasks -= done
+                for task in finished:
+                    task.result()
+                if finished:
                     return
+                if done:
+                    continue
                 if idle_timeout is not None and (
                         time.monotonic() - self.last_activity >= idle_timeout):
                     await self.close_both(GOING_AWAY, "idle timeout")
@@ -306,6 +324,11 @@ class Session:
             await asyncio.gather(*relays, return_exceptions=True)
 
     async def close_both(self, code: int, reason: str) -> None:
+        """The proxy's own close: the relays stop first, so no close the client echoes
+        back (or a server reports as its own, granian's 1000) replaces this code."""
+        for task in self._relays:
+            if task is not asyncio.current_task():
+                task.cancel()
         try:
             await self.send({"type": "websocket.close", "code": code, "reason": reason})
         except (OSError, RuntimeError):
@@ -320,6 +343,8 @@ class Session:
             if kind == "websocket.receive":
                 text = message.get("text")
                 data: str | bytes = text if text is not None else message.get("bytes") or b""
+                if self.max_size is not None and _too_big(data, self.max_size):
+                    return await self.close_both(MESSAGE_TOO_BIG, "message too big")
                 record.bytes_in += len(data)
                 self.last_activity = time.monotonic()
                 try:

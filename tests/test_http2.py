@@ -1,0 +1,99 @@
+"""HTTP/2 to clients (`--http auto|2`): granian serves it, the others refuse the flag.
+
+On the granian pairings a proxy with `--http auto` is spoken to by httpx's HTTP/2 client
+with prior knowledge (h2c, no TLS): many streams at once on one connection, large
+bodies both ways streamed and hashed, and a client resetting one stream (its upstream
+request aborted, the others unaffected). On uvicorn and gunicorn `--http 2` is a
+one-line usage error: they serve HTTP/1.1 only.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, ProxyProcess, transfer_hashed
+from tests.rawhttp import wait_until
+from tests.upstream import Upstream
+
+
+@pytest.fixture
+def h2_proxy(pairing: str, upstream: Upstream) -> Iterator[ProxyProcess]:
+    if not pairing.endswith("-granian"):
+        # The behaviour there: the flag is refused before anything starts.
+        done = subprocess.run(
+            [sys.executable, "-m", "dualproxy", "serve", "--upstream", upstream.url,
+             "--adapter", pairing.split("-")[0], "--server", pairing.split("-")[1],
+             "--http", "2"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "--http 2 needs --server granian" in done.stderr
+        pytest.xfail("uvicorn and gunicorn serve HTTP/1.1 only: --http 2 is a usage error")
+    proxy = ProxyProcess(pairing, upstream.url, ("--http", "auto"))
+    yield proxy
+    proxy.stop()
+
+
+def h2_client(proxy: ProxyProcess) -> httpx.Client:
+    return proxy.client(http1=False, http2=True)
+
+
+def test_many_streams_on_one_connection(h2_proxy: ProxyProcess) -> None:
+    """24 requests at once from one HTTP/2 client (httpx opens one connection for them)."""
+    results: dict[int, tuple[str, int, str]] = {}
+    with h2_client(h2_proxy) as client:
+        def get(i: int) -> None:
+            resp = client.get(f"/h2/{i}", headers={"x-req-id": f"h2-many-{i}",
+                                                  "x-upstream": "sleep seconds=0.3"})
+            results[i] = (resp.http_version, resp.status_code, resp.json()["target"])
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=get, args=(i,)) for i in range(24)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        elapsed = time.monotonic() - started
+    assert results == {i: ("HTTP/2", 200, f"/h2/{i}") for i in range(24)}
+    assert elapsed < 0.3 * 24 / 2, elapsed  # concurrent, not one after the other
+
+
+def test_large_bodies_both_ways(h2_proxy: ProxyProcess, upstream: Upstream) -> None:
+    transfer_hashed(h2_proxy, upstream, 24 << 20, http1=False, http2=True)
+
+
+def test_a_reset_stream_aborts_its_upstream_request_only(h2_proxy: ProxyProcess,
+                                                        upstream: Upstream) -> None:
+    with h2_client(h2_proxy) as client:
+        other: list[int] = []
+
+        def steady() -> None:
+            with client.stream("GET", "/steady", headers={
+                    "x-req-id": "h2-steady", "x-upstream": "trickle size=12 interval=0.25"}
+                    ) as resp:
+                other.append(sum(len(piece) for piece in resp.iter_raw()))
+
+        thread = threading.Thread(target=steady)
+        thread.start()
+        with client.stream("GET", "/reset", headers={
+                "x-req-id": "h2-reset", "x-upstream": "trickle size=400 interval=0.1"}
+                ) as resp:
+            assert resp.http_version == "HTTP/2"
+            next(resp.iter_raw())  # then the stream is closed early: RST_STREAM
+        thread.join(30)
+    assert other == [12]  # the other stream on the connection went on to its end
+    # The reset stream's exchange ended at once (400 bytes at 10 a second would take 40 s).
+    assert wait_until(lambda: outcome(h2_proxy, "GET /reset") == "client-gone", timeout=10), \
+        h2_proxy.log()[-2000:]
+    assert outcome(h2_proxy, "GET /steady") == "ok"
+
+
+def outcome(proxy: ProxyProcess, request: str) -> str | None:
+    """The outcome word of the access line for `request` ("GET /t"), once it is written."""
+    lines = [line for line in proxy.log().splitlines() if f"dualproxy.access: {request} " in line]
+    return lines[-1].rsplit(" ", 1)[1] if lines else None
