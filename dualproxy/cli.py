@@ -126,6 +126,27 @@ def _mount(value: str) -> str:
     return value
 
 
+# --- gateway: rate limits ---
+def _checked(check: Any) -> Any:
+    """An argparse type from a ValueError-raising check (filters/ratelimit.py's)."""
+    def convert(value: str) -> str:
+        try:
+            check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    convert.__name__ = check.__name__
+    return convert
+
+
+def _rate_checks() -> tuple[Any, Any, Any]:
+    from .filters.ratelimit import check_store, parse_key, parse_rate
+
+    return _checked(parse_rate), _checked(parse_key), _checked(check_store)
+
+
+_rate, _rate_key, _rate_store = _rate_checks()
 # --- filters: sub_filter ---
 def _sub_pair(value: str) -> tuple[str, str]:
     """`FROM=TO` (split at the first `=`): a --sub-filter replacement."""
@@ -175,6 +196,7 @@ TOML_TYPES: dict[Any, tuple[type, ...]] = {
     _positive: (int, float), _count: (int,), _workers: (int,), _threads: (int,),
     _size: (int, str), _positive_size: (int, str),
     _bind: (str,), _mount: (str,), _whole: (int,),
+    _rate: (str,), _rate_key: (str,), _rate_store: (str,),
 }
 
 
@@ -325,6 +347,31 @@ def build_parser() -> argparse.ArgumentParser:
                             "2xx/3xx is up (default: passive checks only)")
     serve.add_argument("--health-interval", type=_positive, default=5.0, metavar="SECONDS",
                        help="seconds between two active checks (default: 5)")
+    # --- gateway: rate limits ---
+    limits = serve.add_argument_group("rate limits")
+    limits.add_argument("--rate-limit", type=_rate, default=None, metavar="RATE",
+                        help="requests per key allowed at this rate, e.g. 100/second, "
+                             "10/minute, 1000/hour, as nginx's limit_req nodelay: a bucket of "
+                             "--rate-burst requests refilled at RATE; past it 429 with "
+                             "Retry-After at once, never delayed; answers carry RateLimit-Policy "
+                             "and RateLimit (default: no limit)")
+    limits.add_argument("--rate-burst", type=_count, default=None, metavar="N",
+                        help="requests a key may make at once, the bucket's size (default: "
+                             "the rate's count, 100 for 100/second)")
+    limits.add_argument("--rate-key", type=_rate_key, default="client", metavar="KEY",
+                        help="what a bucket is per: client (its address, after trusted "
+                             "proxies), header:NAME (e.g. header:X-Api-Key; without it, the "
+                             "client's address) or route (one for all) (default: client)")
+    limits.add_argument("--rate-max-inflight", type=_count, default=None, metavar="N",
+                        help="requests in flight per key and worker, then 429 (nginx's "
+                             "limit_conn) (default: no cap)")
+    limits.add_argument("--rate-limit-store", type=_rate_store, default="memory",
+                        metavar="STORE",
+                        help="memory: each worker process keeps its own buckets (N workers "
+                             "admit N times the rate); redis://HOST:PORT/DB: one bucket per key "
+                             "for every worker and proxy sharing that Redis (the `ratelimit` "
+                             "extra); if it fails the limit steps aside, requests pass "
+                             "(default: memory)")
     # --- filters: sub_filter ---
     serve.add_argument("--sub-filter", type=_sub_pair, action="append", default=[],
                        metavar="FROM=TO",
@@ -431,6 +478,12 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "retries": args.retries,
         "health_path": args.health_path,
         "health_interval": args.health_interval,
+        # --- gateway: rate limits ---
+        "rate_limit": args.rate_limit,
+        "rate_burst": args.rate_burst,
+        "rate_key": args.rate_key,
+        "rate_max_inflight": args.rate_max_inflight,
+        "rate_limit_store": args.rate_limit_store,
         # --- filters: sub_filter ---
         "sub_filter": [list(pair) for pair in args.sub_filter],
         "sub_filter_types": args.sub_filter_type,

@@ -197,6 +197,15 @@ class ProxyConfig:
     # The route's own filters (filters/base.py), outermost first, after the built-in
     # ones and before the hooks (filters.build_chain).
     filters: tuple[Filter, ...] = ()
+    # Rate limits (filters/ratelimit.py): `rate_limit` "N/second" (minute, hour) refills
+    # a bucket of `rate_burst` requests (default N), one per `rate_key` (client, route,
+    # header:NAME); past it 429. `rate_max_inflight`: requests in flight per key (per
+    # worker). `rate_limit_store`: memory (per worker) or a redis:// URL (shared).
+    rate_limit: str | None = None
+    rate_burst: int | None = None
+    rate_key: str = "client"
+    rate_max_inflight: int | None = None
+    rate_limit_store: str = "memory"
     # Built-in filters (filters/header_rules.py, request_id.py, forwarded_prefix.py):
     # header rules each way ('Name: value' sets, '+Name: value' adds, '-Name' removes),
     # X-Request-ID (off by default), X-Forwarded-Prefix (None: on when `mount` is
@@ -243,6 +252,9 @@ class ProxyConfig:
              else tuple(u.url for u in upstreams))
         set_(self, "upstreams", upstreams)
         _check_pool_options(self)
+        from .filters.ratelimit import Limits
+
+        Limits.from_config(self)  # ValueError naming a bad rate option
         _check_sub_filter(self)
         set_(self, "mount", _normalize_mount(self.mount))
         # The first upstream's, for code that knows one upstream only.

@@ -80,6 +80,12 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         retries=options["retries"],
         health_path=options["health_path"],
         health_interval=options["health_interval"],
+        # --- gateway: rate limits ---
+        rate_limit=options.get("rate_limit"),
+        rate_burst=options.get("rate_burst"),
+        rate_key=options.get("rate_key", "client"),
+        rate_max_inflight=options.get("rate_max_inflight"),
+        rate_limit_store=options.get("rate_limit_store", "memory"),
         # --- filters: cache ---
         cache=options.get("cache", False),
         cache_store=options.get("cache_store") or "memory",

@@ -161,7 +161,7 @@ class RequestRecord:
     __slots__ = ("method", "target", "client", "started", "upstream_at", "status",
                  "bytes_in", "bytes_out", "client_gone", "broken", "responded", "problem",
                  "shutdown", "routed", "upstream", "cause", "websocket", "exchange",
-                 "request_id", "cache", "cache_stored")
+                 "request_id", "outcome", "limit_skipped", "cache", "cache_stored")
 
     def __init__(self, incoming: IncomingRequest, client: str | None = None) -> None:
         self.method = incoming.method
@@ -183,6 +183,10 @@ class RequestRecord:
         self.websocket = False  # an accepted WebSocket session, open until finish
         self.exchange: Any = None  # the filters' Exchange, whose on_end is still to run
         self.request_id: str | None = None  # X-Request-ID (filters/request_id.py), if on
+        # A filter's own word for how its answer ended the request, in place of `ok`
+        # (the rate limit's refusal: `rate-limited`).
+        self.outcome: str | None = None
+        self.limit_skipped = False  # the rate limit's store failed: the request passed unchecked
         # The HTTP cache's part (filters/cache/): hit, miss, stale, revalidated, bypass,
         # collapsed, purge; None: no cache on the route. Bytes it stored from this answer.
         self.cache: str | None = None
@@ -204,12 +208,15 @@ class RequestRecord:
         `refused`: the proxy answered 4xx itself (bad request, too large, outside
         the mount, a hook's refusal); `failed`: it answered 5xx itself (the upstream
         refused, timed out, no connection came free); `client-gone`: the client left
-        before the answer was complete, no status counted as sent.
+        before the answer was complete, no status counted as sent; a filter's own
+        outcome for its answer (`rate-limited`: the rate limit's 429).
         """
         if self.shutdown:
             return "shutdown-cut", "other"
         if self.client_gone:
             return "client-gone", None
+        if self.outcome is not None:
+            return self.outcome, None
         if self.problem is not None:
             return ("refused" if self.status < 500 else "failed"), self.cause
         return ("upstream-broken" if self.broken else "ok"), self.cause

@@ -61,7 +61,7 @@ class _Route:
     """The children of one route's per-route series, looked up once."""
 
     __slots__ = ("route", "bytes_in", "bytes_out", "head", "duration", "aborts", "requests",
-                 "errors")
+                 "errors", "rate_limited", "limit_skipped")
 
     def __init__(self, metrics: ProxyMetrics, route: str) -> None:
         self.route = route
@@ -70,6 +70,8 @@ class _Route:
         self.head = metrics.upstream_head.labels(route)
         self.duration = metrics.request_duration.labels(route)
         self.aborts = metrics.client_aborts.labels(route)
+        self.rate_limited = metrics.rate_limited.labels(route)
+        self.limit_skipped = metrics.rate_limit_store_errors.labels(route)
         self.requests: dict[tuple[str, int], Any] = {}
         self.errors = {cause: metrics.upstream_errors.labels(route, cause)
                        for cause in UPSTREAM_CAUSES}
@@ -99,6 +101,12 @@ class ProxyMetrics:
                                        "upstream side, by cause", "route", "cause")
         self.client_aborts = counter("client_aborts", "Requests whose client left before "
                                      "the answer was complete (no status sent)", "route")
+        self.rate_limited = counter("rate_limited", "Requests refused by the route's rate "
+                                    "limit (429: over the rate, or too many in flight)",
+                                    "route")
+        self.rate_limit_store_errors = counter(
+            "rate_limit_store_errors", "Requests let through unchecked because the rate "
+            "limit's store failed (Redis down: the limit steps aside)", "route")
         self.request_duration = Histogram("dualproxy_request_duration_seconds", "Seconds "
                                           "from the request's arrival to its end (the last "
                                           "body byte sent, or the abort)", ("route",),
@@ -214,3 +222,7 @@ class ProxyMetrics:
             series.errors[cause].inc()
         if outcome == "client-gone":
             series.aborts.inc()
+        elif outcome == "rate-limited":
+            series.rate_limited.inc()
+        if record.limit_skipped:
+            series.limit_skipped.inc()

@@ -39,14 +39,16 @@ def build_chain(config: ProxyConfig) -> Chain:
     """A route's chain, outermost (nearest the client) first:
 
     1. the built-in filters the configuration turns on: request_id (first, so
-       every other filter sees `exchange.request_id`), compress, the cache (after
-       compression, so a hit is still compressed), forwarded_prefix, header_rules
-       (a rule may replace what the others wrote), then `sub_filter` (last, so that
-       a compressing filter before it encodes the rewritten body);
+       every other filter sees `exchange.request_id`), rate_limit (a refusal costs
+       nothing else), compress, the cache (after compression, so a hit is still
+       compressed), forwarded_prefix, header_rules (a rule may replace what the
+       others wrote), then `sub_filter` (last, so that a compressing filter before
+       it encodes the rewritten body);
     2. the user's `filters=`, in the order given;
     3. the request and response hooks (hooks.py), in the order given.
     """
     from ..hooks import hook_filters
+    from .ratelimit import rate_limit
     from .transforms import sub_filter
 
     builtins: list[Filter] = []
@@ -54,6 +56,7 @@ def build_chain(config: ProxyConfig) -> Chain:
         from .request_id import RequestId
 
         builtins.append(RequestId(config.is_trusted if config.trusted_proxies else None))
+    builtins.extend(flt for flt in (rate_limit(config),) if flt is not None)
     if config.cache:
         from .cache import cache_filter
 

@@ -96,6 +96,12 @@ class Filter:
     def label(self) -> str:
         return self.name or type(self).__qualname__
 
+    def for_sync_face(self) -> Filter:
+        """The filter the sync face runs in this one's place (`Chain.require_sync`):
+        itself; a built-in with an async form (the rate limit's Redis store) gives
+        its sync twin."""
+        return self
+
 
 # The stages a filter may override, in the order an exchange meets them.
 STAGES = ("on_request", "on_response", "on_trailers", "on_error", "on_end")

@@ -77,6 +77,9 @@ class Chain:
         for flt in filters:
             if not isinstance(flt, Filter):
                 raise TypeError(f"a filter must be a dualproxy Filter, not {type(flt).__name__}")
+        self._index(filters)
+
+    def _index(self, filters: Sequence[Filter]) -> None:
         self.filters: tuple[Filter, ...] = tuple(filters)
         indexed = list(enumerate(self.filters))
         self._request = [(i, f) for i, f in indexed if overrides(f, "on_request")]
@@ -94,7 +97,11 @@ class Chain:
         return len(self.filters)
 
     def require_sync(self) -> None:
-        """Refuse async filters for the sync face, naming them."""
+        """Take each filter's sync form (`Filter.for_sync_face`), then refuse the async
+        filters left, naming them (the sync face calls it once, at construction)."""
+        synced = [flt.for_sync_face() for flt in self.filters]
+        if any(new is not old for new, old in zip(synced, self.filters, strict=True)):
+            self._index(synced)
         if self._async:
             raise TypeError(
                 f"SyncProxy cannot run async hooks or filters ({', '.join(self._async)}): "
