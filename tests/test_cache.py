@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import socket
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import MakeProxy, ProxyProcess
+from tests.conftest import MakeProxy, ProxyProcess, Redis
 from tests.upstream import Gate, Upstream, pattern_sha256
 
 MiB = 1024 * 1024
@@ -29,45 +24,6 @@ MiB = 1024 * 1024
 @pytest.fixture
 def cached(make_proxy: MakeProxy) -> ProxyProcess:
     return make_proxy("--cache")
-
-
-class RedisServer:
-    """A real redis-server on a free loopback port (Debian's `redis-server`)."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        if not os.path.exists(binary):
-            pytest.fail("redis-server is not installed (apt-get install redis-server; "
-                        ".ci/run installs it)")
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail("redis-server did not start")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    yield server
-    server.stop()
 
 
 def _get(proxy: ProxyProcess, path: str, rid: str, response: list[list[str]] | None = None,
@@ -350,7 +306,7 @@ def test_a_failing_store_steps_aside(make_proxy: MakeProxy, upstream: Upstream,
 
 
 def test_two_proxies_share_one_redis(make_proxy: MakeProxy, upstream: Upstream, rid: str,
-                                     redis_server: RedisServer) -> None:
+                                     redis_server: Redis) -> None:
     one = make_proxy("--cache", "--cache-store", redis_server.url)
     other = make_proxy("--cache", "--cache-store", redis_server.url, "--workers", "2")
     path = f"/cache/redis-{rid}"
@@ -371,7 +327,7 @@ def test_two_proxies_share_one_redis(make_proxy: MakeProxy, upstream: Upstream, 
 
 def test_redis_killed_mid_run_requests_still_served(make_proxy: MakeProxy,
                                                     upstream: Upstream, rid: str,
-                                                    redis_server: RedisServer) -> None:
+                                                    redis_server: Redis) -> None:
     proxy = make_proxy("--cache", "--cache-store", redis_server.url)
     path = f"/cache/redis-down-{rid}"
     cc = [["Cache-Control", "max-age=60"]]
