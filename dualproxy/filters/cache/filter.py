@@ -272,7 +272,7 @@ class Cache(Filter):
 
     def _hit(self, exchange: Exchange, entry: Entry, age: float, status: str) -> Answer:
         exchange.record.cache = "stale" if "fwd=stale" in status else "hit"
-        if policy.not_modified(exchange.incoming.headers, entry.headers) and \
+        if policy.not_modified(exchange.incoming.headers, entry.headers, entry.date) and \
                 entry.status == 200:
             headers = [(n, v) for n, v in entry.headers if n in policy.NOT_MODIFIED_FIELDS]
             headers += [(b"age", b"%d" % int(age)), policy.cache_status(status)]
@@ -358,7 +358,7 @@ class Cache(Filter):
         exchange.record.cache = "stale" if status.startswith("hit") else "revalidated"
         age = entry.age(now)
         if exchange.incoming.method == "GET" and entry.status == 200 and \
-                policy.not_modified(exchange.incoming.headers, entry.headers):
+                policy.not_modified(exchange.incoming.headers, entry.headers, entry.date):
             headers = [(n, v) for n, v in entry.headers if n in policy.NOT_MODIFIED_FIELDS]
             headers += [(b"age", b"%d" % int(age)), policy.cache_status(status)]
             exchange.replace_response_body(b"")

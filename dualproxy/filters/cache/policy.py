@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import calendar
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -164,7 +165,9 @@ def parse_date(value: bytes | None) -> float | None:
             if day not in _LONG_DAYS:
                 return None
             # RFC 9110 5.6.7: a two-digit year more than 50 years ahead is in the past.
-            year = str(2000 + int(yy) if int(yy) < 50 else 1900 + int(yy))
+            this_year = time.gmtime().tm_year
+            full = this_year // 100 * 100 + int(yy)
+            year = str(full - 100 if full > this_year + 50 else full)
         else:
             match = _ASCTIME.match(text)
             if not match:
@@ -431,17 +434,20 @@ def _opaque(tag: bytes) -> bytes:
     return tag[2:] if tag[:2] in (b"W/", b"w/") else tag
 
 
-def not_modified(request: Sequence[Header], stored: Sequence[Header]) -> bool | None:
-    """The client's own conditional against a stored response (RFC 9110 13.2.2):
-    True: answer 304; False: answer in full; None: the request is not conditional."""
+def not_modified(request: Sequence[Header], stored: Sequence[Header],
+                 date: float | None = None) -> bool | None:
+    """The client's own conditional against a stored response (RFC 9110 13.2.2; `date`:
+    its Date, the modification time when it has no Last-Modified): True: answer 304;
+    False: answer in full; None: the request is not conditional."""
     inm = values(request, b"if-none-match")
     if inm:
         return etag_matches(b", ".join(inm), first(stored, b"etag"))
     ims = parse_date(first(request, b"if-modified-since"))
     if ims is None:
         return None
-    modified = parse_date(first(stored, b"last-modified")) or parse_date(
-        first(stored, b"date"))
+    modified = parse_date(first(stored, b"last-modified"))
+    if modified is None:
+        modified = date
     return modified is not None and modified <= ims
 
 
