@@ -156,7 +156,7 @@ def chaos(session: nox.Session) -> None:
 
 # The cache's score on the HTTP cache conformance suite (tests/cache-tests): what the
 # cache reaches today on both faces (the goal is 150 and 80). Raise them with it.
-CACHE_REQUIRED, CACHE_OPTIMAL = 151, 90
+CACHE_REQUIRED, CACHE_OPTIMAL = 151, 91
 
 
 @nox.session(python=PYTHON)
