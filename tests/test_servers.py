@@ -105,7 +105,7 @@ def test_gunicorn_direct_upload_path_reads_the_body(
 LAYERS = {
     0: {"types", "upstreams", "config", "errors", "target", "framing", "headers", "core", "hooks",
         "logs", "routes", "balancer", "wire", "rules"},
-    1: {"servers", "http1", "metrics", "drain"},
+    1: {"servers", "http1", "metrics", "drain", "filters"},
     2: {"face", "asgi", "wsgi", "websocket", "router", "health", "pools"},
     3: {"flask", "fastapi", "bridge", "workers"},
     4: {"cli", "launch", "configfile", "demo", "__main__", "__init__"},

@@ -10,8 +10,9 @@ The request header `x-upstream: <action> key=value ...` chooses the answer (valu
 shell rules, so `body="two words"` works); every answer echoes `x-req-id`, except `raw`:
 
   echo                      200 JSON of what arrived (the default)
-  download size=N [chunked=1] [chunk=65536] [gate=NAME] [gzip=1] [text=1] [ctype=...]
-                            text=1: `text_bytes(N)` (compressible) instead of the pattern
+  download size=N [chunked=1] [chunk=65536] [gate=NAME] [gzip=1] [text=1] [ctype=...] [cc=...]
+                            text=1: `text_bytes(N)` (compressible) instead of the pattern;
+                            cc: its Cache-Control value
   sse count=N interval=S [gate=NAME]   events `data: event-<i>` for i = 0..N-1, the first
                             at once; gate: after event i, wait for gate NAME-i instead
   status code=N [location=URL] [body=TEXT] [early=1]   early: answer before reading the
@@ -23,8 +24,8 @@ shell rules, so `body="two words"` works); every answer echoes `x-req-id`, excep
                             each, S seconds apart (0.2); Content-Length unless chunked=1
   hang [seconds=120]        never answer; close once the client does
   reset                     RST right after the head
-  cut size=N after=M [chunked=1] [chunk=65536] [ctype=...]   announce N bytes, send M,
-                            close (FIN)
+  cut size=N after=M [chunked=1] [chunk=65536] [ctype=...] [cc=...]   announce N bytes,
+                            send M, close (FIN); cc: its Cache-Control value
   trickle size=N interval=S [chunk=1]
   slowread rate=BYTES_PER_SEC
   sleep seconds=S           read the body, wait, then echo
@@ -948,6 +949,8 @@ class Upstream:
         headers = [("Content-Type", p.get("ctype", "application/octet-stream"))]
         if p.get("gzip") == "1":
             headers.append(("Content-Encoding", "gzip"))
+        if "cc" in p:
+            headers.append(("Cache-Control", p["cc"]))
         headers.append(("Transfer-Encoding", "chunked") if chunked
                        else ("Content-Length", str(src.size)))
         if not req.keep_alive:
@@ -1079,8 +1082,9 @@ class Upstream:
         size, after, chunk = _int(p, "size"), _int(p, "after"), max(1, _int(p, "chunk", 65536))
         chunked = p.get("chunked") == "1"
         await self._read_body(conn, req)
+        extra = [("Cache-Control", p["cc"])] if "cc" in p else []
         conn.write(self._head(req, 200, [
-            ("Content-Type", p.get("ctype", "application/octet-stream")),
+            ("Content-Type", p.get("ctype", "application/octet-stream")), *extra,
             ("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(size))]))
         await self._send_body(conn, _Source(size), chunked=chunked,
                               chunk=chunk, limit=after, final=False)
