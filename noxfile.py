@@ -4,7 +4,8 @@
 pairing) for every face x server pairing on Python 3.11 and the rest of the suite
 once (`unit`), two pytest runs at a time; on 3.10, 3.12 and 3.13 the tests whose
 outcome can differ between Python versions (`versions`), ruff, mypy --strict, and
-the docs site's strict build. One cell alone: `nox -s "tests(wsgi-gunicorn)"`, `nox -s unit`, `nox -s versions-3.13`.
+the docs site's strict build. One cell alone: `nox -s "tests(wsgi-gunicorn)"`,
+`nox -s unit`, `nox -s versions-3.13`.
 nox finds the interpreters on PATH as `python3.X` (`.ci/run` puts pyenv's there).
 """
 
