@@ -2,9 +2,10 @@
 
 `nox` runs the default sessions: `suite`, the behaviour tests (those that take a
 pairing) for every face x server pairing on Python 3.11 and the rest of the suite
-once (`unit`), two pytest runs at a time; on 3.10, 3.12 and 3.13 the tests whose outcome can differ between
-Python versions (`versions`), ruff, mypy --strict, and the docs site's strict
-build. One cell alone: `nox -s "tests(wsgi-gunicorn)"`, `nox -s unit`, `nox -s versions-3.13`.
+once (`unit`), two pytest runs at a time; on 3.10, 3.12 and 3.13 the tests whose
+outcome can differ between Python versions (`versions`), ruff, mypy --strict, and
+the docs site's strict build. One cell alone: `nox -s "tests(wsgi-gunicorn)"`,
+`nox -s unit`, `nox -s versions-3.13`.
 nox finds the interpreters on PATH as `python3.X` (`.ci/run` puts pyenv's there).
 """
 
@@ -152,6 +153,23 @@ def chaos(session: nox.Session) -> None:
     """
     session.install("-e", ".[dev]")
     session.run("python", "-m", "tests.chaos", *session.posargs)
+
+
+# The cache's score on the HTTP cache conformance suite (tests/cache-tests): what the
+# cache reaches today on both faces (the issue's goal is 150 and 80). Raise them with it.
+CACHE_REQUIRED, CACHE_OPTIMAL = 151, 91
+
+
+@nox.session(python=PYTHON)
+def cache_conformance(session: nox.Session) -> None:
+    """The HTTP cache conformance suite (cache-tests.fyi's, vendored in tests/cache-tests)
+    through `dualproxy serve --cache` on asgi-uvicorn and wsgi-gunicorn: prints the
+    required/optimal score of each, fails under CACHE_REQUIRED/CACHE_OPTIMAL. Needs node.
+    `-- --pairings asgi-uvicorn` for one; results JSON in the session's tmp folder."""
+    session.install("-e", ".[dev]")
+    session.run("python", "tests/cache_conformance.py", "--required", str(CACHE_REQUIRED),
+                "--optimal", str(CACHE_OPTIMAL), "--out", session.create_tmp(),
+                *session.posargs)
 
 
 @nox.session

@@ -129,7 +129,8 @@ async def _connection(host: str, port: int, request: bytes, deadline: float,
             return
 
 
-def _worker(url: str, conns: int, seconds: float, out: Any) -> None:
+def _worker(url: str, conns: int, seconds: float, out: Any, headers: tuple[str, ...] = ()
+            ) -> None:
     try:
         import uvloop
 
@@ -139,7 +140,8 @@ def _worker(url: str, conns: int, seconds: float, out: Any) -> None:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    request = f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode()
+    extra = "".join(f"{header}\r\n" for header in headers)
+    request = f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n{extra}\r\n".encode()
     lat: list[float] = []
     stats = {"errors": 0}
 
@@ -153,13 +155,14 @@ def _worker(url: str, conns: int, seconds: float, out: Any) -> None:
 
 
 def run_load(url: str, connections: int = 32, seconds: float = 8,
-             procs: int | None = None) -> dict[str, float]:
+             procs: int | None = None, headers: tuple[str, ...] = ()) -> dict[str, float]:
     """Small GETs over `connections` keep-alive connections spread over `procs` processes."""
     procs = procs or max(2, min(4, os.cpu_count() or 2))
     procs = min(procs, connections)
     out: Any = multiprocessing.Queue()
     shares = [connections // procs + (1 if i < connections % procs else 0) for i in range(procs)]
-    workers = [multiprocessing.Process(target=_worker, args=(url, n, seconds, out), daemon=True)
+    workers = [multiprocessing.Process(target=_worker, args=(url, n, seconds, out, headers),
+                                       daemon=True)
                for n in shares]
     for w in workers:
         w.start()

@@ -12,9 +12,11 @@ process tree. For dualproxy also the RSS while streaming 1 GiB each way, 2 worke
 against 1, a pool of 2 upstreams (nginx on a second port) against 1 on small GETs,
 and small GETs with the access log on against off (`dp-asgi-log`, `dp-wsgi-log`), and
 with request ids and header rules on against off (`dp-asgi-hdr`, `dp-wsgi-hdr`;
-every other dualproxy row runs with `--no-access-log`). Then the WebSocket rows
-(bench/wsbench.py: messages/s and p99 over 32 sockets, MB/s of 1 MiB messages;
-`--ws-only`, `--no-ws`).
+every other dualproxy row runs with `--no-access-log`), and GETs of a 64 KiB JSON
+document with `--compress` on against off (`dp-asgi-compress`, `dp-wsgi-compress`:
+req/s, CPU per request, bytes per response; the client accepts zstd, br and gzip).
+Then the WebSocket rows (bench/wsbench.py: messages/s and p99 over 32 sockets, MB/s
+of 1 MiB messages; `--ws-only`, `--no-ws`).
 Prints a table, every dualproxy figure as a ratio to the seed pattern and to the
 best peer of the same face, PASS/FAIL for the project's targets, and writes JSON
 and a bar chart. Not part of CI: the figures drift on a shared machine; compare
@@ -157,6 +159,7 @@ http {{
   scgi_temp_path {dir}/scgi;
   keepalive_requests 1000000;
   default_type application/octet-stream;
+  types {{ application/json json; }}  # the compress rows' document
   upstream sink_answer {{ server 127.0.0.1:{inner_port}; keepalive 4; }}
   server {{
     listen 127.0.0.1:{port};
@@ -197,6 +200,7 @@ class Upstream:
         block = os.urandom(MiB)
         for name, size in sizes.items():
             make_file(self.www / name, size, block)
+        (self.www / DOCUMENT).write_bytes(json_document(DOCUMENT_SIZE))
         self.sizes = sizes
         self.body_dir: Path | None = None
         nginx = TOOLS.get("nginx")
@@ -231,6 +235,29 @@ class Upstream:
         stop(self.proc)
         if self.body_dir is not None:
             shutil.rmtree(self.body_dir, ignore_errors=True)
+
+
+# The compress rows fetch this: JSON records of words and numbers, as an API answers.
+DOCUMENT = "page.json"
+DOCUMENT_SIZE = 64 * 1024
+ACCEPT_ENCODING = "Accept-Encoding: gzip, deflate, br, zstd"  # what browsers send
+
+
+def json_document(size: int) -> bytes:
+    import random
+
+    rng = random.Random(7)
+    words = ("stream proxy upstream client header body chunk route filter worker pool "
+             "gzip brotli zstd event server request response status").split()
+    records: list[str] = []
+    total = 2
+    while total < size:
+        record = json.dumps({"id": len(records), "name": " ".join(rng.sample(words, 3)),
+                             "score": round(rng.random() * 100, 3), "active": rng.random() < .5,
+                             "tags": rng.sample(words, 2)})
+        records.append(record)
+        total += len(record) + 1
+    return ("[" + ",".join(records) + "]").encode()
 
 
 def check_sink(port: int, size: int = 4 * MiB) -> str:
@@ -357,13 +384,14 @@ def transfer_name() -> str:
     return "curl" if TOOLS.get("curl") else "httpx (no curl)"
 
 
-def load_small(url: str, seconds: int) -> dict[str, float]:
+def load_small(url: str, seconds: int, headers: tuple[str, ...] = ()) -> dict[str, float]:
     """Small GETs at 32 connections: req/s, p50, p99 (ms), errors."""
     if not TOOLS.get("wrk"):
         from bench.loadgen import run_load
 
-        return run_load(url, connections=32, seconds=seconds)
-    out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}s", "--latency", url],
+        return run_load(url, connections=32, seconds=seconds, headers=headers)
+    extra = [arg for header in headers for arg in ("-H", header)]
+    out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}s", "--latency", *extra, url],
                          capture_output=True, text=True, timeout=seconds + 30).stdout
 
     def grab(pattern: str) -> str:
@@ -473,6 +501,9 @@ class Contestant:
     tree: Path | None = None  # run from this checkout (its dualproxy on PYTHONPATH)
     small_only: bool = False  # small GETs only (a row compared on req/s alone)
     paired: Callable[[int], list[str]] | None = None  # the same without what the row measures
+    # What a paired row GETs (with these request headers): the compress rows a document.
+    path: str = "/small"
+    headers: tuple[str, ...] = ()
 
 
 HEADER_FILTERS = ("--request-id", "--header-up", "X-Real-IP: {client}",
@@ -512,6 +543,10 @@ def contestants(upstream: str, baseline: Path | None = None,
         Contestant("dp-wsgi-log", "dualproxy wsgi (gunicorn), access log on", "wsgi",
                    dp("--adapter", "wsgi", access_log=True), dualproxy=True,
                    paired=dp("--adapter", "wsgi")),
+        *(Contestant(f"dp-{face}-compress", f"dualproxy {face}, --compress, 64 KiB JSON",
+                     face, dp(*adapter, "--compress"), dualproxy=True, paired=dp(*adapter),
+                     path=f"/{DOCUMENT}", headers=(ACCEPT_ENCODING,))
+          for face, adapter in (("asgi", ()), ("wsgi", ("--adapter", "wsgi")))),
         *([Contestant("dp-asgi-before", f"dualproxy asgi (uvicorn), {baseline.name}", "asgi",
                       dp(), tree=baseline),
            Contestant("dp-wsgi-before", f"dualproxy wsgi (gunicorn), {baseline.name}", "wsgi",
@@ -557,6 +592,9 @@ class Result:
     load_errors: int | None = None
     off_rps: float | None = None  # access-log rows: the same proxy with it off, same rounds
     off_cpu_us_per_req: float | None = None
+    body_bytes: int | None = None  # compress rows: one response's body as sent, on and off
+    off_body_bytes: int | None = None
+    coding: str | None = None  # compress rows: the Content-Encoding the proxy chose
     cpu_us_per_req: float | None = None  # the proxy's CPU per small GET (steadier than req/s)
     down_mbs: float | None = None
     up_mbs: float | None = None
@@ -673,8 +711,9 @@ def run_contestant(c: Contestant, upstream: Upstream, work: Path,
 
 def run_log_pair(c: Contestant, upstream: Upstream, work: Path,
                  opts: argparse.Namespace) -> Result:
-    """The access log's cost: the proxy with it on and off, both running, small GETs in
-    alternating rounds (on, off, off, on, ...) so the machine's drift hits both alike."""
+    """A feature's cost (the access log, compression): the proxy with it on and off, both
+    running, GETs of `c.path` in alternating rounds (on, off, off, on, ...) so the
+    machine's drift hits both alike."""
     assert c.paired is not None
     result = Result(c.key, c.name, c.face, c.workers, c.dualproxy)
     ports = {"on": free_port(), "off": free_port()}
@@ -684,17 +723,21 @@ def run_log_pair(c: Contestant, upstream: Upstream, work: Path,
     cpu = dict.fromkeys(procs, 0.0)
     try:
         for side, proc in procs.items():
-            url = f"http://127.0.0.1:{ports[side]}/small"
+            url = f"http://127.0.0.1:{ports[side]}{c.path}"
             if not wait_http(url, timeout=60, proc=proc):
                 result.status = f"failed to start ({side})"
                 return result
-            step(result, "warm-up", partial(load_small, url, 2))
+            step(result, "warm-up", partial(load_small, url, 2, c.headers))
+        if c.headers:
+            sizes = step(result, "one response", partial(_one_response, ports, c))
+            if sizes is not None:
+                result.body_bytes, result.off_body_bytes, result.coding = sizes
         rounds, each = 4, max(1, opts.seconds // 2)
         for n in range(rounds):
             for side in (("on", "off") if n % 2 == 0 else ("off", "on")):
                 before = tree_cpu_s(procs[side].pid)
                 got = step(result, "small GETs", partial(
-                    load_small, f"http://127.0.0.1:{ports[side]}/small", each))
+                    load_small, f"http://127.0.0.1:{ports[side]}{c.path}", each, c.headers))
                 if got:
                     requests[side] += got["rps"] * each
                     cpu[side] += tree_cpu_s(procs[side].pid) - before
@@ -707,6 +750,22 @@ def run_log_pair(c: Contestant, upstream: Upstream, work: Path,
         for proc in procs.values():
             stop(proc)
     return result
+
+
+def _one_response(ports: dict[str, int], c: Contestant) -> tuple[int, int, str | None]:
+    """The body bytes one response takes with the feature on and off, and its coding."""
+    import httpx
+
+    headers = dict(header.split(": ", 1) for header in c.headers)
+    sizes: dict[str, int] = {}
+    coding = None
+    for side, port in ports.items():
+        with httpx.stream("GET", f"http://127.0.0.1:{port}{c.path}", headers=headers,
+                          timeout=30) as response:
+            sizes[side] = sum(len(chunk) for chunk in response.iter_raw())
+            if side == "on":
+                coding = response.headers.get("content-encoding")
+    return sizes["on"], sizes["off"], coding
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -804,6 +863,23 @@ def ratios(by: dict[str, Result], size_label: str) -> tuple[list[str], dict[str,
         doc.setdefault(face, {})["header_filters_on_over_off"] = on
         lines.append(f"{face}: request id + header rules on / off small-GET req/s = "
                      f"{fmt(on, '.2f')}")
+    for face in ("asgi", "wsgi"):
+        r = by.get(f"dp-{face}-compress")
+        if r is None:
+            continue
+        on = ratio(value(r, "rps"), r.off_rps)
+        cpu_on, cpu_off = r.cpu_us_per_req, r.off_cpu_us_per_req
+        # The CPU compression adds, per MB of the upstream's (identity) bytes.
+        per_mb = ((cpu_on - cpu_off) / (r.off_body_bytes / 1e6)
+                  if cpu_on is not None and cpu_off is not None and r.off_body_bytes else None)
+        doc.setdefault(face, {}).update(
+            compress_on_over_off=on, compress_cpu_us_on=cpu_on, compress_cpu_us_off=cpu_off,
+            compress_ms_per_mb=per_mb / 1e3 if per_mb is not None else None,
+            compress_bytes=[r.body_bytes, r.off_body_bytes], compress_coding=r.coding)
+        lines.append(f"{face}: --compress on / off req/s (64 KiB JSON, {r.coding or 'identity'}"
+                     f") = {fmt(on, '.2f')}; CPU per request {fmt(cpu_on, '.0f')} vs "
+                     f"{fmt(cpu_off, '.0f')} µs ({fmt(per_mb and per_mb / 1e3, '.1f')} ms per "
+                     f"MB compressed); {fmt(r.body_bytes)} vs {fmt(r.off_body_bytes)} bytes sent")
     for face in ("asgi", "wsgi"):
         one, two = value(by.get(f"dp-{face}"), "rps"), value(by.get(f"dp-{face}-2w"), "rps")
         scale = ratio(two, one)
@@ -905,7 +981,7 @@ Bar = tuple[str, float | None, str]  # (row name, value or None when that step f
 def http_bars(results: list[Result], attr: str, step_name: str) -> list[Bar]:
     bars: list[Bar] = []
     for r in results:
-        if r.status != "ok":
+        if r.status != "ok" or r.key.endswith("-compress"):  # not small GETs: not comparable
             continue
         kind = "reference" if r.face == "-" else "dualproxy" if r.dualproxy else "peer"
         v = value(r, attr)
@@ -1068,8 +1144,9 @@ def main() -> int:
                         help="3 s loads and 16 MiB transfers, no 1 GiB memory check")
     parser.add_argument("--only", nargs="+", action="extend", default=[], metavar="NAME",
                         help="only contestants with this key (direct, ceiling-uvicorn, "
-                             "ceiling-gunicorn, dp-asgi, dp-asgi-log, "
-                             "dp-wsgi, dp-wsgi-log, seed, fpl, twin, werkzeug, dp-asgi-pool, "
+                             "ceiling-gunicorn, dp-asgi, dp-asgi-log, dp-wsgi, dp-wsgi-log, "
+                             "dp-asgi-compress, dp-wsgi-compress, "
+                             "seed, fpl, twin, werkzeug, dp-asgi-pool, "
                              "dp-wsgi-pool, dp-asgi-2w, "
                              "dp-wsgi-2w, and with "
                              "--baseline-tree dp-asgi-before, dp-wsgi-before) or name part")

@@ -36,8 +36,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": b""})
         return
     size = path.stat().st_size
+    ctype = b"application/json" if path.suffix == ".json" else b"application/octet-stream"
     await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-length", str(size).encode())]})
+                "headers": [(b"content-length", str(size).encode()), (b"content-type", ctype)]})
     with path.open("rb") as fh:
         while block := fh.read(1 << 20):
             await send({"type": "http.response.body", "body": block, "more_body": True})

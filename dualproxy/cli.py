@@ -287,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "a WSGI upstream reads X_Forwarded_For as X-Forwarded-For. "
                             "gunicorn's WSGI face drops them whatever this says (its environ "
                             "cannot tell _ from -) (default: dropped)")
+    serve.add_argument("--compress", action="store_true",
+                       help="compress response bodies as they stream, in zstd, br or gzip as "
+                            "the client's Accept-Encoding prefers, flushed after every upstream "
+                            "chunk; text, JSON, JS, XML, SVG and wasm types of at least 1 KiB, "
+                            "never bodies already encoded, no-transform, 206 or HEAD answers "
+                            "(default: off; br and zstd need the `compress` extra)")
     serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
                        help="peer whose X-Forwarded-*/Forwarded headers are kept and appended "
                             "to; repeatable (default: none, they are dropped)")
@@ -401,6 +407,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve Prometheus metrics at /metrics (and 200 ok at /healthz) on "
                             "this address, a listener of its own; needs the `metrics` extra "
                             "(default: no metrics)")
+    # --- filters: cache ---
+    cache = serve.add_argument_group("cache")
+    cache.add_argument("--cache", action="store_true",
+                       help="an RFC 9111 shared HTTP cache in front of the upstream: hits "
+                            "answered by the proxy, misses streamed and stored "
+                            "(default: off)")
+    cache.add_argument("--cache-store", default="memory", metavar="STORE",
+                       help="where the cache keeps responses: memory (each worker its own), "
+                            "sqlite:PATH (one file the workers of a machine share) or "
+                            "redis://HOST:PORT/DB (one cache for many proxies; the redis "
+                            "extra) (default: memory)")
+    cache.add_argument("--cache-max-size", type=_positive_size, default=256 << 20,
+                       metavar="BYTES",
+                       help="the cache's size bound, least recently used evicted first; K, M "
+                            "and G suffixes as for --max-body-size (default: 256M)")
+    cache.add_argument("--cache-max-object", type=_positive_size, default=64 << 20,
+                       metavar="BYTES",
+                       help="larger responses pass through, uncached (default: 64M)")
+    cache.add_argument("--cache-set-cookie", action="store_true",
+                       help="store responses carrying Set-Cookie too (default: they are one "
+                            "user's, never stored)")
+    cache.add_argument("--cache-purge-from", action="append", default=[], metavar="CIDR",
+                       help="peers allowed to PURGE a URL from the cache, besides "
+                            "--trusted-proxy ones; repeatable; anyone else gets 405 "
+                            "(default: trusted proxies only)")
 
     demo = sub.add_parser(
         "demo", help="start a built-in upstream and a proxy in front of it",
@@ -435,6 +466,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "ws_idle_timeout": args.ws_idle_timeout,
         "preserve_host": args.preserve_host,
         "underscores_in_headers": args.underscores_in_headers,
+        "compress": args.compress,
         "trusted_proxies": args.trusted_proxy,
         "header_up": args.header_up,
         "header_down": args.header_down,
@@ -471,6 +503,13 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "keyfile": args.keyfile,
         # --- operations: metrics ---
         "metrics": args.metrics_bind is not None,
+        # --- filters: cache ---
+        "cache": args.cache,
+        "cache_store": args.cache_store,
+        "cache_max_size": args.cache_max_size,
+        "cache_max_object": args.cache_max_object,
+        "cache_set_cookie": args.cache_set_cookie,
+        "cache_purge_from": args.cache_purge_from,
     }
 
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import ssl
 
     from .filters.base import Filter
+    from .filters.compress import Compression
     from .hooks import RequestHook, ResponseHook
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -183,6 +184,17 @@ class ProxyConfig:
     cert: str | tuple[str, str] | None = None
     request_hooks: tuple[RequestHook, ...] = ()
     response_hooks: tuple[ResponseHook, ...] = ()
+    # The HTTP cache (filters/cache/): RFC 9111 shared cache in front of the upstream,
+    # bounded by bytes (LRU), responses over cache_max_object bytes not stored;
+    # responses with Set-Cookie are stored only when cache_set_cookie says so.
+    cache: bool = False
+    # memory, sqlite:PATH (the workers of a machine) or redis://host:port/db (many machines)
+    cache_store: str = "memory"
+    cache_max_size: int = 256 * 1024 * 1024
+    cache_max_object: int = 64 * 1024 * 1024
+    cache_set_cookie: bool = False
+    # Peers allowed to PURGE a URL from the cache (besides trusted_proxies); others get 405.
+    cache_purge_from: tuple[IPNetwork, ...] = ()
     # The route's own filters (filters/base.py), outermost first, after the built-in
     # ones and before the hooks (filters.build_chain).
     filters: tuple[Filter, ...] = ()
@@ -208,6 +220,9 @@ class ProxyConfig:
     # (empty: text/html). The chain runs it after the built-in filters.
     sub_filter: tuple[tuple[bytes, bytes], ...] = ()
     sub_filter_types: tuple[str, ...] = ()
+    # Compress response bodies (filters/compress.py): True for the defaults, or a
+    # `Compression(min_length=, types=, codings=)`.
+    compress: bool | Compression = False
     # Derived fields, filled in by __post_init__.
     upstreams: tuple[Upstream, ...] = field(init=False, default=())
     upstream_scheme: str = field(init=False, default="")
@@ -227,6 +242,9 @@ class ProxyConfig:
             raise ValueError("ws_max_size must be positive")
         if self.max_body_size is not None and self.max_body_size < 0:
             raise ValueError("max_body_size must be >= 0")
+        if self.cache_max_size < 1 or self.cache_max_object < 1:
+            raise ValueError("cache_max_size and cache_max_object must be at least 1 byte")
+        check_store(self.cache_store)
         _check_fields(self.add_request_headers, self.remove_request_headers,
                       "request headers", "up")
         _check_fields(self.add_response_headers, self.remove_response_headers,
@@ -242,6 +260,7 @@ class ProxyConfig:
 
         Limits.from_config(self)  # ValueError naming a bad rate option
         _check_sub_filter(self)
+        _check_compress(self.compress)
         set_(self, "mount", _normalize_mount(self.mount))
         # The first upstream's, for code that knows one upstream only.
         set_(self, "upstream_scheme", first.scheme)
@@ -249,6 +268,7 @@ class ProxyConfig:
         set_(self, "upstream_origin", first.origin)
         set_(self, "upstream_base", first.base)
         set_(self, "trusted_proxies", _parse_networks(self.trusted_proxies))
+        set_(self, "cache_purge_from", _parse_networks(self.cache_purge_from))
 
     @classmethod
     def build(
@@ -285,13 +305,21 @@ class ProxyConfig:
 
     def is_trusted(self, peer: str | None) -> bool:
         """True when the direct peer is one of the configured trusted proxies."""
-        if not peer or not self.trusted_proxies:
-            return False
-        try:
-            addr = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        return any(addr in net for net in self.trusted_proxies)
+        return _within(peer, self.trusted_proxies)
+
+    def may_purge(self, peer: str | None) -> bool:
+        """May the direct peer PURGE cached URLs (cache_purge_from, trusted proxies)?"""
+        return _within(peer, self.cache_purge_from) or self.is_trusted(peer)
+
+
+def _within(peer: str | None, networks: tuple[IPNetwork, ...]) -> bool:
+    if not peer or not networks:
+        return False
+    try:
+        addr = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(addr in net for net in networks)
 
 
 def _header_rules(config: ProxyConfig, direction: str) -> tuple[HeaderRule, ...]:
@@ -340,6 +368,30 @@ def _check_sub_filter(config: ProxyConfig) -> None:
         check_types(config.sub_filter_types)
     except ValueError as exc:
         raise ValueError(f"sub_filter: {exc}") from None
+
+
+def _check_compress(setting: object) -> None:
+    from .filters.compress import Compression
+
+    if not isinstance(setting, (bool, Compression)):
+        raise ValueError(f"compress must be True, False or a Compression, "
+                         f"got {type(setting).__name__}")
+
+
+def check_store(spec: str) -> None:
+    """A `cache_store` value is `memory`, `sqlite:PATH` or `redis://host:port/db`
+    (ValueError naming it; filters/cache/ builds the store it names)."""
+    if spec == "memory" or (spec.startswith("sqlite:") and len(spec) > len("sqlite:")):
+        return
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            import redis  # noqa: F401 - the `redis` extra
+        except ImportError:
+            raise ValueError(f"cache_store {spec!r} needs redis-py: "
+                             "pip install 'dualproxy[redis]'") from None
+        return
+    raise ValueError("cache_store must be 'memory', 'sqlite:PATH' or "
+                     f"'redis://host:port/db', got {spec!r}")
 
 
 def _check_pool_options(config: ProxyConfig) -> None:

@@ -87,6 +87,9 @@ class ResponseHead:
     status: int
     headers: list[Header]
     has_body: bool
+    # The upstream's Date field (the front server sends its own): what a cache ages
+    # the response by (RFC 9111 4.2.3). None: none, or not an upstream's answer.
+    date: bytes | None = None
 
     @property
     def status_line(self) -> str:
@@ -182,7 +185,8 @@ def plan_response(
         # RFC 9110 8.6 forbids Content-Length on 204 and makes it optional on 304;
         # uvicorn would also wait for that many body bytes that never come.
         out = [(n, v) for n, v in out if n != b"content-length"]
-    return ResponseHead(status=status, headers=out, has_body=has_body)
+    date = next((v for n, v in headers if n == b"date"), None)
+    return ResponseHead(status=status, headers=out, has_body=has_body, date=date)
 
 
 class BodyCounter:

@@ -64,6 +64,7 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         ws_idle_timeout=options["ws_idle_timeout"],
         preserve_host=options["preserve_host"],
         underscores_in_headers=options["underscores_in_headers"],
+        compress=options.get("compress", False),
         trusted_proxies=options["trusted_proxies"],
         header_up=options["header_up"],
         header_down=options["header_down"],
@@ -86,6 +87,13 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         rate_key=options.get("rate_key", "client"),
         rate_max_inflight=options.get("rate_max_inflight"),
         rate_limit_store=options.get("rate_limit_store", "memory"),
+        # --- filters: cache ---
+        cache=options.get("cache", False),
+        cache_store=options.get("cache_store") or "memory",
+        cache_max_size=options.get("cache_max_size") or 256 * 1024 * 1024,
+        cache_max_object=options.get("cache_max_object") or 64 * 1024 * 1024,
+        cache_set_cookie=options.get("cache_set_cookie", False),
+        cache_purge_from=tuple(options.get("cache_purge_from") or ()),
         # --- filters: sub_filter ---
         sub_filter=[tuple(pair) for pair in options.get("sub_filter") or ()],
         sub_filter_types=options.get("sub_filter_types") or (),

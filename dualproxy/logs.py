@@ -161,7 +161,7 @@ class RequestRecord:
     __slots__ = ("method", "target", "client", "started", "upstream_at", "status",
                  "bytes_in", "bytes_out", "client_gone", "broken", "responded", "problem",
                  "shutdown", "routed", "upstream", "cause", "websocket", "exchange",
-                 "request_id", "outcome", "limit_skipped")
+                 "request_id", "outcome", "limit_skipped", "cache", "cache_stored")
 
     def __init__(self, incoming: IncomingRequest, client: str | None = None) -> None:
         self.method = incoming.method
@@ -187,6 +187,10 @@ class RequestRecord:
         # (the rate limit's refusal: `rate-limited`).
         self.outcome: str | None = None
         self.limit_skipped = False  # the rate limit's store failed: the request passed unchecked
+        # The HTTP cache's part (filters/cache/): hit, miss, stale, revalidated, bypass,
+        # collapsed, purge; None: no cache on the route. Bytes it stored from this answer.
+        self.cache: str | None = None
+        self.cache_stored = 0
 
     def upstream_status(self, status: int) -> None:
         self.upstream_at = time.perf_counter()
@@ -322,6 +326,7 @@ class AccessLog:
         rid = record.request_id  # only with request ids on: the line is as before otherwise
         if self.format == "json":  # json.dumps's output for the same dict, made by hand
             second = int(now)
+            cache = "" if record.cache is None else f'"cache": "{record.cache}", '
             return (
                 f'{{"time": "{_utc_second(second)}.{int((now - second) * 1000):03d}Z", '
                 f'"method": {_json_str(record.method)}, '
@@ -331,6 +336,7 @@ class AccessLog:
                 f'"bytes_out": {record.bytes_out}, "upstream_ms": '
                 f'{"null" if upstream_ms is None else repr(upstream_ms)}, '
                 f'"total_ms": {round(total_ms, 1)!r}, "outcome": "{outcome}", '
+                f'{cache}'
                 f'{self._json_where(record)}'
                 f'{"" if rid is None else ", " + _JSON_RID + _json_str(rid)}}}')
         # one preformatted string: no %-args for logging to keep and apply
@@ -339,4 +345,5 @@ class AccessLog:
                 f"upstream_ms={'-' if upstream_ms is None else upstream_ms} "
                 f"total_ms={total_ms:.1f} "
                 f"client={'-' if client is None else escape_text(client)} {outcome}"
-                f"{'' if rid is None else ' request_id=' + escape_text(rid)}")
+                f"{'' if rid is None else ' request_id=' + escape_text(rid)}"
+                f"{'' if record.cache is None else ' cache=' + record.cache}")

@@ -115,6 +115,12 @@ class ProxyMetrics:
                                        "the request's arrival to the upstream's response "
                                        "head", ("route",), registry=registry,
                                        buckets=HEAD_BUCKETS)
+        self.cache_requests = counter("cache_requests", "Requests on routes with the HTTP "
+                                      "cache, by what the cache did (hit, miss, stale, "
+                                      "revalidated, bypass, collapsed, purge)",
+                                      "route", "result")
+        self.cache_stored_bytes = counter("cache_stored_bytes", "Response body bytes the "
+                                          "HTTP cache stored", "route")
         self.in_flight = gauge("requests_in_flight", "Requests begun and not finished "
                                "(open WebSocket sessions included)", "livesum")
         self.websocket_sessions = gauge("websocket_sessions", "Open WebSocket sessions",
@@ -200,6 +206,10 @@ class ProxyMetrics:
         if series is None:
             series = self._routes[route] = _Route(self, route)
         self._count(series.requests, route, record)
+        if record.cache is not None:
+            self.cache_requests.labels(route, record.cache).inc()
+            if record.cache_stored:
+                self.cache_stored_bytes.labels(route).inc(record.cache_stored)
         if record.bytes_in:
             series.bytes_in.inc(record.bytes_in)
         if record.bytes_out:

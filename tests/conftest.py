@@ -512,3 +512,39 @@ def assert_reused(proxy: ProxyProcess, upstream: Upstream, requests: int = 20) -
         for i in range(requests):
             assert client.get(f"/again/{i}").status_code == 200
     assert upstream.total_connections() - before <= 1
+
+
+# ------------------------------------------------------------------------- Redis
+
+
+class Redis:
+    """A redis-server on a free loopback port, nothing saved (the rate limit's and the
+    cache's shared stores)."""
+
+    def __init__(self) -> None:
+        server = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Redis]:
+    """Required, never skipped: .ci/run installs redis-server."""
+    server = Redis()
+    yield server
+    server.stop()

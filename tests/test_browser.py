@@ -56,15 +56,18 @@ class Page:
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
         self.last_id = 0
+        self.events: list[dict[str, Any]] = []  # of the domains enabled (Network.enable...)
 
     def call(self, method: str, **params: Any) -> dict[str, Any]:
         self.last_id += 1
         self.conn.send(json.dumps({"id": self.last_id, "method": method, "params": params}))
         deadline = time.monotonic() + 30
-        while True:  # events (no "id") are not needed here: skipped
+        while True:  # events (no "id") are kept for wait_event
             reply = json.loads(self.conn.recv(timeout=max(deadline - time.monotonic(), 0.01)))
             if reply.get("id") == self.last_id:
                 break
+            if "method" in reply:
+                self.events.append(reply)
         if "error" in reply:
             raise RuntimeError(f"{method}: {reply['error']}")
         result: dict[str, Any] = reply["result"]
@@ -76,6 +79,24 @@ class Page:
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
+
+    def wait_event(self, method: str, match: Any, timeout: float = 30) -> dict[str, Any]:
+        """The params of the first event `method` for which `match(params)` is true."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for event in self.events[seen:]:
+                if event["method"] == method and match(event["params"]):
+                    params: dict[str, Any] = event["params"]
+                    return params
+            seen = len(self.events)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"no {method} event matched in {timeout} s")
+            with contextlib.suppress(TimeoutError):
+                reply = json.loads(self.conn.recv(timeout=left))
+                if "method" in reply:
+                    self.events.append(reply)
 
     def text(self, element_id: str) -> str:
         return str(self.js(f"document.getElementById({element_id!r})?.textContent ?? ''"))
@@ -186,12 +207,36 @@ def pattern_sha256(size: int) -> str:
     return digest.hexdigest()
 
 
+def _compressed_as_chromium_saw_it(page: Page, proxy_url: str) -> None:
+    """Reload with the Network domain on: the page and the SSE clock came zstd-encoded
+    (Chromium offers `gzip, deflate, br, zstd`; ties go to zstd), decoded by Chromium."""
+    page.call("Network.enable")
+    page.call("Page.reload", ignoreCache=True)
+    sent = page.wait_event("Network.requestWillBeSentExtraInfo",
+                           lambda p: "accept-encoding" in {k.lower() for k in p["headers"]})
+    offered = next(v for k, v in sent["headers"].items() if k.lower() == "accept-encoding")
+    assert {"br", "zstd"} <= {c.strip() for c in offered.split(",")}, offered
+    for url, kind in ((proxy_url + "/", "text/html"), (proxy_url + "/events",
+                                                       "text/event-stream")):
+        response = page.wait_event("Network.responseReceived",
+                                   lambda p, url=url: p["response"]["url"] == url)["response"]
+        headers = {k.lower(): v for k, v in response["headers"].items()}
+        assert headers["content-encoding"] in ("br", "zstd"), (url, headers)
+        assert headers["content-type"].startswith(kind)
+        assert "accept-encoding" in headers["vary"].lower()
+    page.call("Network.disable")
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "compress"])
 def test_demo_page_in_a_browser(browser: Browser, demo_upstream: str, make_proxy: MakeProxy,
-                                pairing: str, tmp_path: Path) -> None:
-    proxy = make_proxy(upstream_url=demo_upstream)
+                                pairing: str, tmp_path: Path, compress: bool) -> None:
+    proxy = make_proxy(*(["--compress"] if compress else []), upstream_url=demo_upstream)
     with browser.page(proxy.url + "/") as page:
         page.call("Runtime.enable")
         page.wait_text("ws-state", r"^open$|closed")
+        if compress:
+            _compressed_as_chromium_saw_it(page, proxy.url)
+            page.wait_text("ws-state", r"^open$|closed")
         # The page came through the proxy: the upstream saw its forwarding headers.
         assert re.search(r"x-forwarded-for: 127\.0\.0\.1", page.text("headers")), \
             page.text("headers")
@@ -240,7 +285,7 @@ def test_demo_page_in_a_browser(browser: Browser, demo_upstream: str, make_proxy
         assert page.text("clock-status") == stopped
 
         shot = os.environ.get("DUALPROXY_DEMO_SCREENSHOT")
-        if shot and pairing == "asgi-uvicorn":
+        if shot and pairing == "asgi-uvicorn" and not compress:
             page.js("document.getElementById('clock-toggle').click()")  # running again
             page.wait_text("clock-status", r"ticks received \(event [1-9]")
             page.screenshot(ROOT / shot)

@@ -9,14 +9,11 @@ import asyncio
 import json
 import math
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -39,7 +36,14 @@ from dualproxy.filters.ratelimit import (
     parse_rate,
 )
 from dualproxy.logs import RequestRecord
-from tests.conftest import ROOT, MakeProxy, ProxyPool, ProxyProcess, free_port, stop_group
+from tests.conftest import (
+    ROOT,
+    MakeProxy,
+    ProxyPool,
+    ProxyProcess,
+    Redis,
+    free_port,
+)
 from tests.upstream import Upstream
 from tests.ws_upstream import WsUpstream
 
@@ -459,41 +463,6 @@ def test_websocket_handshakes_count(make_proxy: MakeProxy) -> None:
         assert info.value.response.status_code == 429
     finally:
         live.stop()
-
-
-# -- a real redis-server --------------------------------------------------------------
-
-
-class Redis:
-    """A redis-server on a free loopback port, nothing saved."""
-
-    def __init__(self) -> None:
-        server = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen(
-            [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        stop_group(self.proc)
-
-
-@pytest.fixture
-def redis_server() -> Iterator[Redis]:
-    """Required, never skipped: .ci/run installs redis-server."""
-    server = Redis()
-    yield server
-    server.stop()
 
 
 def test_the_script_is_the_bucket(redis_server: Redis) -> None:

@@ -10,8 +10,11 @@ The request header `x-upstream: <action> key=value ...` chooses the answer (valu
 shell rules, so `body="two words"` works); every answer echoes `x-req-id`, except `raw`:
 
   echo                      200 JSON of what arrived (the default)
-  download size=N [chunked=1] [chunk=65536] [gate=NAME] [gzip=1] [ctype=...]
-  sse count=N interval=S    events `data: event-<i>` for i = 0..N-1, the first at once
+  download size=N [chunked=1] [chunk=65536] [gate=NAME] [gzip=1] [text=1] [ctype=...] [cc=...]
+                            text=1: `text_bytes(N)` (compressible) instead of the pattern;
+                            cc: its Cache-Control value
+  sse count=N interval=S [gate=NAME]   events `data: event-<i>` for i = 0..N-1, the first
+                            at once; gate: after event i, wait for gate NAME-i instead
   status code=N [location=URL] [body=TEXT] [early=1]   early: answer before reading the
                             body, then close
   headers [status=200]      response headers from the JSON list in `x-upstream-headers`
@@ -21,7 +24,8 @@ shell rules, so `body="two words"` works); every answer echoes `x-req-id`, excep
                             each, S seconds apart (0.2); Content-Length unless chunked=1
   hang [seconds=120]        never answer; close once the client does
   reset                     RST right after the head
-  cut size=N after=M [chunked=1] [chunk=65536]   announce N bytes, send M, close (FIN)
+  cut size=N after=M [chunked=1] [chunk=65536] [ctype=...] [cc=...]   announce N bytes,
+                            send M, close (FIN); cc: its Cache-Control value
   trickle size=N interval=S [chunk=1]
   slowread rate=BYTES_PER_SEC
   sleep seconds=S           read the body, wait, then echo
@@ -51,7 +55,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-__all__ = ["Gate", "Record", "Upstream", "gzip_pattern", "pattern_bytes", "pattern_sha256"]
+__all__ = ["Gate", "Record", "Upstream", "gzip_pattern", "pattern_bytes", "pattern_sha256",
+           "text_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +104,21 @@ def pattern_sha256(n: int) -> str:
         digest.update(window[:step])
         left -= step
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def text_bytes(n: int) -> bytes:
+    """Deterministic compressible content (HTML-like lines of words), cut to n."""
+    rng = random.Random(4321)
+    words = ("proxy stream body chunk header upstream client filter route mount coding "
+             "gzip brotli zstd event server worker pool").split()
+    lines = []
+    size = 0
+    while size < n:
+        line = f"<p id=\"{len(lines)}\">{' '.join(rng.choice(words) for _ in range(12))}</p>\n"
+        lines.append(line)
+        size += len(line)
+    return "".join(lines).encode()[:n]
 
 
 @functools.lru_cache(maxsize=8)
@@ -921,11 +941,16 @@ class Upstream:
         chunked = p.get("chunked") == "1"
         chunk = max(1, _int(p, "chunk", 65536))
         gate = self.gate(p["gate"]) if "gate" in p else None
-        src = _Source(size, gzip_pattern(size) if p.get("gzip") == "1" else None)
+        data = text_bytes(size) if p.get("text") == "1" else None
+        if p.get("gzip") == "1":
+            data = gzip.compress(data, mtime=0) if data is not None else gzip_pattern(size)
+        src = _Source(size, data)
         await self._read_body(conn, req)
         headers = [("Content-Type", p.get("ctype", "application/octet-stream"))]
         if p.get("gzip") == "1":
             headers.append(("Content-Encoding", "gzip"))
+        if "cc" in p:
+            headers.append(("Cache-Control", p["cc"]))
         headers.append(("Transfer-Encoding", "chunked") if chunked
                        else ("Content-Length", str(src.size)))
         if not req.keep_alive:
@@ -938,6 +963,7 @@ class Upstream:
     async def _do_sse(self, conn: _Conn, req: _Request) -> bool:
         count = _int(req.params, "count", 3)
         interval = _float(req.params, "interval", 0.1)
+        gate = req.params.get("gate")
         await self._read_body(conn, req)
         conn.write(self._head(req, 200, [("Content-Type", "text/event-stream"),
                                          ("Cache-Control", "no-cache"),
@@ -945,7 +971,9 @@ class Upstream:
         if req.head_only:
             return req.keep_alive
         for i in range(count):
-            if i:
+            if i and gate is not None:
+                await self.gate(f"{gate}-{i - 1}").wait_async(30.0, conn.gone)
+            elif i:
                 await asyncio.sleep(interval)
             event = f"data: event-{i}\n\n".encode()
             conn.write(b"%x\r\n%s\r\n" % (len(event), event))
@@ -1054,8 +1082,9 @@ class Upstream:
         size, after, chunk = _int(p, "size"), _int(p, "after"), max(1, _int(p, "chunk", 65536))
         chunked = p.get("chunked") == "1"
         await self._read_body(conn, req)
+        extra = [("Cache-Control", p["cc"])] if "cc" in p else []
         conn.write(self._head(req, 200, [
-            ("Content-Type", "application/octet-stream"),
+            ("Content-Type", p.get("ctype", "application/octet-stream")), *extra,
             ("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(size))]))
         await self._send_body(conn, _Source(size), chunked=chunked,
                               chunk=chunk, limit=after, final=False)

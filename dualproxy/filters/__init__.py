@@ -40,12 +40,14 @@ def build_chain(config: ProxyConfig) -> Chain:
 
     1. the built-in filters the configuration turns on: request_id (first, so
        every other filter sees `exchange.request_id`), rate_limit (a refusal costs
-       nothing else), compress, forwarded_prefix,
-       header_rules (a rule may replace what the others wrote), then `sub_filter`
-       (last, so that a compressing filter before it encodes the rewritten body);
+       nothing else), compress, the cache (after compression, so a hit is still
+       compressed), forwarded_prefix, header_rules (a rule may replace what the
+       others wrote), then `sub_filter` (last, so that a compressing filter before
+       it encodes the rewritten body);
     2. the user's `filters=`, in the order given;
     3. the request and response hooks (hooks.py), in the order given.
     """
+    from .compress import compress_filter
     from .hooked import hook_filters
     from .ratelimit import rate_limit
     from .transforms import sub_filter
@@ -55,7 +57,11 @@ def build_chain(config: ProxyConfig) -> Chain:
         from .request_id import RequestId
 
         builtins.append(RequestId(config.is_trusted if config.trusted_proxies else None))
-    builtins.extend(flt for flt in (rate_limit(config),) if flt is not None)
+    builtins.extend(flt for flt in (rate_limit(config), compress_filter(config)) if flt is not None)
+    if config.cache:
+        from .cache import cache_filter
+
+        builtins.append(cache_filter(config))
     if config.forwarded_prefix or (config.forwarded_prefix is None and config.mount):
         from .forwarded_prefix import ForwardedPrefix
 

@@ -12,6 +12,10 @@ outermost, nearest the client, as Envoy's filters and ASGI middleware are):
   `ResponseHead` (or None: keep it) and install a response-body transform.
 - `on_trailers(exchange, trailers)`: the upstream's trailer fields, where the
   exchange relays them (returns a replacement list or None).
+- `on_error(exchange, error)`: the upstream failed before a response head
+  (refused, reset, timed out: `error` is the ProxyError the client would get).
+  It may return an `Answer` to give instead (a cache's stale answer); only the
+  filters before it see that answer. The faces call it where they have the error.
 - `on_end(exchange)`: once, when the exchange is over whatever its outcome; the
   record (`exchange.record`) holds the status, bytes each way, timings and outcome.
 
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..core import IncomingRequest, ResponseHead, UpstreamPlan
+from ..errors import ProxyError
 from ..headers import Header
 
 if TYPE_CHECKING:
@@ -82,6 +87,9 @@ class Filter:
     def on_trailers(self, exchange: Exchange, trailers: list[Header]) -> list[Header] | None:
         return None
 
+    def on_error(self, exchange: Exchange, error: ProxyError) -> Answer | None | Any:
+        return None
+
     def on_end(self, exchange: Exchange) -> None | Any:
         return None
 
@@ -96,7 +104,7 @@ class Filter:
 
 
 # The stages a filter may override, in the order an exchange meets them.
-STAGES = ("on_request", "on_response", "on_trailers", "on_end")
+STAGES = ("on_request", "on_response", "on_trailers", "on_error", "on_end")
 
 
 def overrides(flt: Filter, stage: str) -> bool:
@@ -168,6 +176,18 @@ class Exchange:
 
         return install_response_transform(self, transform, decode=decode,
                                           same_length=same_length)
+
+    def replace_response_body(self, body: bytes | Iterable[bytes] | AsyncIterable[bytes],
+                              ) -> None:
+        """Answer with `body` instead of the upstream's (call it from `on_response`,
+        returning a head that frames `body`: its Content-Length, or none). The
+        upstream's body is never read; transforms installed before are dropped,
+        those installed after (filters nearer the client) run over `body`. How a
+        cache turns a 304 into the stored answer. An async iterable is for the
+        async face only."""
+        from .chain import replace_response_body
+
+        replace_response_body(self, body)
 
     def transform_request(self, transform: BodyTransform) -> bool:
         """Run `transform` over the request body (call it from `on_request`): the

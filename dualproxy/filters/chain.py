@@ -24,7 +24,7 @@ from collections.abc import (
 from typing import Any, TypeVar
 
 from ..core import ResponseHead, UpstreamPlan
-from ..errors import InvalidHead, TransformFailed
+from ..errors import InvalidHead, ProxyError, TransformFailed
 from ..headers import Header
 from ..wire import WireError, field_problem, head_problem
 from .base import Answer, BodyTransform, Exchange, Filter, async_stages, overrides
@@ -71,7 +71,7 @@ async def run_async(flow: Flow[T]) -> T:
 class Chain:
     """The ordered filters of one route, with the stages each one implements."""
 
-    __slots__ = ("filters", "_request", "_response", "_trailers", "_end", "_async")
+    __slots__ = ("filters", "_request", "_response", "_trailers", "_error", "_end", "_async")
 
     def __init__(self, filters: Sequence[Filter] = ()) -> None:
         for flt in filters:
@@ -86,6 +86,7 @@ class Chain:
         # On the way down, the reverse order: the first filter is the outermost.
         self._response = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_response")]
         self._trailers = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_trailers")]
+        self._error = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_error")]
         self._end = [f for f in reversed(self.filters) if overrides(f, "on_end")]
         self._async = [f"{f.label()}.{stage}" for f in self.filters for stage in async_stages(f)]
 
@@ -116,13 +117,8 @@ class Chain:
             result = flt.on_request(exchange)
             if inspect.isawaitable(result):
                 result = yield result
-            if isinstance(result, Answer):
-                exchange.state[_ANSWERED] = index
-                _check_answer(flt, result)
+            if _answered(exchange, index, flt, result, "on_request"):
                 return result
-            if result is not None:
-                raise TypeError(f"filter {flt.label()!r}: on_request returned "
-                                f"{type(result).__name__}, expected an Answer or None")
             # Checked even when the same plan object stays: its header list is mutable.
             _check_plan(flt, exchange.plan)
         return None
@@ -157,6 +153,20 @@ class Chain:
         exchange.head = None
         return final
 
+    # -- an upstream that failed ----------------------------------------------------------
+
+    def error(self, exchange: Exchange, error: ProxyError) -> Flow[Answer | None]:
+        """Run `on_error` from the innermost filter out, when the upstream failed
+        before its head; the first `Answer` is given instead of `error` (through the
+        filters before the one that answered: `response` with that answer's head)."""
+        for index, flt in self._error:
+            result = flt.on_error(exchange, error)
+            if inspect.isawaitable(result):
+                result = yield result
+            if _answered(exchange, index, flt, result, "on_error"):
+                return result
+        return None
+
     # -- trailers and the end -------------------------------------------------------------
 
     def trailers(self, exchange: Exchange, trailers: list[Header]) -> list[Header]:
@@ -182,6 +192,18 @@ class Chain:
 
 
 _ANSWERED = object()  # exchange.state key: the index of the filter that answered
+
+
+def _answered(exchange: Exchange, index: int, flt: Filter, result: Any, stage: str) -> bool:
+    """Did the filter at `index` answer (an `Answer`, checked) or pass (None)?"""
+    if isinstance(result, Answer):
+        exchange.state[_ANSWERED] = index
+        _check_answer(flt, result)
+        return True
+    if result is not None:
+        raise TypeError(f"filter {flt.label()!r}: {stage} returned "
+                        f"{type(result).__name__}, expected an Answer or None")
+    return False
 
 
 def _check_plan(flt: Filter, plan: UpstreamPlan | None) -> None:
@@ -237,6 +259,8 @@ def _framing_problem(exchange: Exchange, head: ResponseHead,
     # this one's body. A length-changing transform drops Content-Length (the chain).
     pipeline = exchange._response_pipeline
     expected = upstream
+    if pipeline is not None and pipeline.replacement is not None:
+        return None  # the filter that replaced the body framed it (replace_response_body)
     if pipeline is not None and pipeline.changes_length:
         expected = [(n, v) for n, v in upstream if n != b"content-length"]
     if _framing(head) == expected:
@@ -250,12 +274,14 @@ class BodyPipeline:
     """The transforms over one body, in the order they were installed (the
     innermost filter's first); a transform's failure is `TransformFailed`."""
 
-    __slots__ = ("transforms", "changes_length", "decoded")
+    __slots__ = ("transforms", "changes_length", "decoded", "replacement")
 
     def __init__(self) -> None:
         self.transforms: list[BodyTransform] = []
         self.changes_length = False
         self.decoded = False
+        # A filter's own body instead of the upstream's (replace_response_body).
+        self.replacement: bytes | Iterable[bytes] | AsyncIterable[bytes] | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         try:
@@ -318,6 +344,32 @@ def install_response_transform(exchange: Exchange, transform: BodyTransform, *,
     return True
 
 
+def replace_response_body(exchange: Exchange,
+                          body: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> None:
+    if exchange.head is None:
+        raise RuntimeError("replace_response_body is for on_response (the head is not in yet)")
+    pipeline = exchange._response_pipeline = BodyPipeline()
+    pipeline.replacement = body
+
+
+def _replacement(body: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> Iterable[bytes]:
+    if isinstance(body, bytes):
+        return (body,) if body else ()
+    if isinstance(body, AsyncIterable):
+        raise TypeError("an async replacement body on the sync face")
+    return body
+
+
+async def _areplacement(body: bytes | Iterable[bytes] | AsyncIterable[bytes],
+                        ) -> AsyncIterator[bytes]:
+    if isinstance(body, AsyncIterable):
+        async for chunk in body:
+            yield chunk
+    else:
+        for chunk in _replacement(body):
+            yield chunk
+
+
 def install_request_transform(exchange: Exchange, transform: BodyTransform) -> bool:
     plan = exchange.plan
     if plan is None or not plan.has_body:
@@ -345,6 +397,8 @@ def transformed(pipeline: BodyPipeline | None, chunks: Iterable[bytes]) -> Itera
     if pipeline is None:
         yield from chunks
         return
+    if pipeline.replacement is not None:
+        chunks = _replacement(pipeline.replacement)
     for chunk in chunks:
         out = pipeline.feed(chunk)
         if out:
@@ -374,6 +428,8 @@ async def atransformed(pipeline: BodyPipeline | None,
         async for chunk in chunks:
             yield chunk
         return
+    if pipeline.replacement is not None:
+        chunks = _areplacement(pipeline.replacement)
     async for chunk in chunks:
         out = pipeline.feed(chunk)
         if out:

@@ -1,8 +1,14 @@
-"""Content codings (RFC 9110 8.4.1): decoders as body transforms.
+"""Content codings (RFC 9110 8.4.1): decoders and encoders as body transforms.
 
 gzip and deflate come with Python (zlib); br needs `brotli`, zstd needs
 `zstandard` (the `compress` extra). A coding whose library is missing is one
-this process cannot decode: `decoder` returns None and the body passes as is.
+this process cannot decode: `decoder` returns None and the body passes as is;
+nor encode: `encodable()` leaves it out, so the compress filter never offers it.
+
+The encoders flush after every chunk fed (zlib's Z_SYNC_FLUSH, brotli's flush,
+zstd's FLUSH_BLOCK): whatever came from the upstream is decodable by the client
+at once, so a stream or an SSE event is not held back waiting for more bytes.
+Their levels are the fast ones of each library (see `LEVELS`).
 """
 
 from __future__ import annotations
@@ -91,6 +97,64 @@ class _Zstd:
         return b""
 
 
+# -- encoders ------------------------------------------------------------------------------
+
+#: The levels the encoders use: each library's fast, on-the-fly settings, as a
+#: proxy compresses every response anew (docs/compression.md has the measurements,
+#: bench/codings.py makes them). gzip 6 is zlib's default (Apache's and Caddy's;
+#: nginx's is 1); br 4 runs about twice as fast as gzip 6 (br 5 and up are half as
+#: fast again: settings for static files compressed once); zstd 3, zstd's default,
+#: about six times as fast, at a ratio close to br 4's.
+LEVELS = {b"gzip": 6, b"br": 4, b"zstd": 3}
+# brotli's window: 1 MiB (its default, 4 MiB, grows per stream to that much memory).
+_BROTLI_WINDOW = 20
+
+
+class _ZlibEncoder:
+    __slots__ = ("_z",)
+
+    def __init__(self) -> None:
+        self._z: Any = zlib.compressobj(LEVELS[b"gzip"], zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+
+    def feed(self, chunk: bytes) -> bytes:
+        return bytes(self._z.compress(chunk) + self._z.flush(zlib.Z_SYNC_FLUSH))
+
+    def finish(self) -> bytes:
+        return bytes(self._z.flush(zlib.Z_FINISH))
+
+
+class _BrotliEncoder:
+    __slots__ = ("_c",)
+
+    def __init__(self) -> None:
+        import brotli
+
+        self._c = brotli.Compressor(quality=LEVELS[b"br"], lgwin=_BROTLI_WINDOW)
+
+    def feed(self, chunk: bytes) -> bytes:
+        return bytes(self._c.process(chunk) + self._c.flush())
+
+    def finish(self) -> bytes:
+        return bytes(self._c.finish())
+
+
+class _ZstdEncoder:
+    __slots__ = ("_c", "_block", "_end")
+
+    def __init__(self) -> None:
+        import zstandard
+
+        self._c = zstandard.ZstdCompressor(level=LEVELS[b"zstd"]).compressobj()
+        self._block = zstandard.COMPRESSOBJ_FLUSH_BLOCK
+        self._end = zstandard.COMPRESSOBJ_FLUSH_FINISH
+
+    def feed(self, chunk: bytes) -> bytes:
+        return bytes(self._c.compress(chunk) + self._c.flush(self._block))
+
+    def finish(self) -> bytes:
+        return bytes(self._c.flush(self._end))
+
+
 def _available(module: str) -> bool:
     try:
         __import__(module)
@@ -104,10 +168,13 @@ _DECODERS: dict[bytes, Callable[[], BodyTransform]] = {
     b"x-gzip": lambda: _Zlib(gzip=True),
     b"deflate": lambda: _Zlib(gzip=False),
 }
+_ENCODERS: dict[bytes, Callable[[], BodyTransform]] = {b"gzip": _ZlibEncoder}
 if _available("brotli"):
     _DECODERS[b"br"] = _Brotli
+    _ENCODERS[b"br"] = _BrotliEncoder
 if _available("zstandard"):
     _DECODERS[b"zstd"] = _Zstd
+    _ENCODERS[b"zstd"] = _ZstdEncoder
 
 
 def decodable() -> frozenset[bytes]:
@@ -118,4 +185,15 @@ def decodable() -> frozenset[bytes]:
 def decoder(coding: bytes) -> BodyTransform | None:
     """A fresh decoder for one content coding (lower-cased), or None if unknown."""
     make = _DECODERS.get(coding)
+    return make() if make is not None else None
+
+
+def encodable() -> frozenset[bytes]:
+    """The codings this process encodes (gzip always; br and zstd with their libraries)."""
+    return frozenset(_ENCODERS)
+
+
+def encoder(coding: bytes) -> BodyTransform | None:
+    """A fresh encoder for one content coding (lower-cased), or None if unknown."""
+    make = _ENCODERS.get(coding)
     return make() if make is not None else None

@@ -1,0 +1,459 @@
+"""The cache filter: answers hits by itself, watches misses stream through.
+
+Per exchange, `on_request` looks the request up (keys.py, store.py) and asks the
+policy (policy.py) what a stored response may do for it:
+
+- fresh (or stale the request allows): an `Answer` from the store, with `Age`
+  and `Cache-Status: dualproxy; hit` (a 304 when the client's own conditional
+  matches it); a HEAD is answered from a stored GET;
+- stale with validators: the upstream request becomes conditional on it; a 304
+  then freshens the stored fields and the stored body answers
+  (`exchange.replace_response_body`), a full response replaces it;
+- nothing usable: a miss. A storable response is written to the store as it
+  streams to the client (an observer transform), and committed only when its
+  body completed (never an aborted one) within the object limit.
+
+An unsafe method's success invalidates the URI and its Location and
+Content-Location (RFC 9111 4.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+from ...core import IncomingRequest, ResponseHead, UpstreamPlan
+from ...errors import GatewayTimeout, ProxyError
+from ...headers import Header
+from ...logs import RequestRecord
+from ..base import Answer, Exchange, Filter
+from . import policy
+from .flight import Flight, Head
+from .keys import primary_key, same_origin_key, vary_names, vary_values
+from .policy import Directives, ResponseRules
+from .refresh import Refresher
+from .store import Entry, MemoryStore, Store, Writer
+
+_CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
+                           b"if-unmodified-since", b"if-range"})
+
+
+@dataclass
+class _State:
+    """What the cache decided for one exchange (exchange.state[Cache])."""
+
+    key: str
+    request_time: float
+    request_cc: Directives
+    mode: str                       # lookup | revalidate | invalidate | bypass
+    entry: Entry | None = None      # the stored response being revalidated
+    forward: str = "uri-miss"       # RFC 9211 fwd= for a response from upstream
+    flight: Flight | None = None    # the fetch this exchange leads (collapsing)
+
+
+class _Recorder:
+    """An observer of a miss's body: each chunk to the store's writer as it passes.
+
+    Committed when the body completed: at its last byte when its length is known
+    (before the client can ask again), else at `finish` (never for an aborted body)."""
+
+    __slots__ = ("writer", "length", "done", "flight", "record")
+
+    def __init__(self, writer: Writer, length: int | None, flight: Flight | None,
+                 record: RequestRecord) -> None:
+        self.writer, self.length, self.done, self.flight = writer, length, False, flight
+        self.record = record
+
+    def feed(self, chunk: bytes) -> bytes:
+        self.writer.write(chunk)
+        if self.flight is not None:
+            self.flight.append(chunk)
+        if self.length is not None and self.writer.size >= self.length and not self.done:
+            self._complete(self.writer.size == self.length)
+        return chunk
+
+    def finish(self) -> bytes:
+        if not self.done:
+            self._complete(True)
+        return b""
+
+    def _complete(self, whole: bool) -> None:
+        self.done = True
+        if whole and self.writer.commit():
+            self.record.cache_stored = self.writer.size
+        if self.flight is not None:
+            self.flight.end(whole)
+
+
+class Cache(Filter):
+    """An RFC 9111 shared cache in front of the route's upstream."""
+
+    name = "cache"
+
+    def __init__(self, store: Store | None = None, *,
+                 store_set_cookie: bool = False,
+                 may_purge: Callable[[str | None], bool] = lambda peer: False,
+                 refresher: Refresher | None = None) -> None:
+        self.store = store if store is not None else MemoryStore()
+        # Responses with Set-Cookie are one user's: not stored unless the route says so.
+        self.store_set_cookie = store_set_cookie
+        # Whether a direct peer may PURGE (config.may_purge): nobody by default.
+        self.may_purge = may_purge
+        # Fetches stale-while-revalidate answers start (None: such answers wait instead).
+        self.refresher = refresher
+        # The misses in flight, by key: later misses for a key join them (flight.py).
+        self.flights: dict[str, Flight] = {}
+        self._flights_lock = threading.Lock()
+
+    # -- the request ---------------------------------------------------------------------
+
+    def on_request(self, exchange: Exchange) -> Answer | None | Awaitable[Answer | None]:
+        incoming = exchange.incoming
+        method = incoming.method
+        now = time.time()
+        state = _State(primary_key(incoming), now, policy.request_directives(incoming.headers),
+                       "lookup")
+        exchange.state[Cache] = state
+        exchange.record.cache = "bypass"
+        if method == "PURGE":
+            exchange.record.cache = "purge"
+            return self._purge(exchange, state)
+        if method not in ("GET", "HEAD"):
+            state.mode = "bypass" if method in policy.SAFE_METHODS else "invalidate"
+            state.forward = "method"
+            return None
+        headers = incoming.headers
+        ranged = policy.first(headers, b"range")
+        if ranged is not None:
+            return self._part(exchange, state, ranged, now)
+        entry = self._select(state, headers, now)
+        if entry is None:
+            self._only_if_cached(state)
+            # Collapsed: plain GETs only (an authorized one is its user's, RFC 9111 3.5).
+            if method == "GET" and state.forward != "request" and not (
+                    {"no-cache", "no-store"} & state.request_cc.keys()) \
+                    and policy.first(headers, b"authorization") is None:
+                return self._collapse(exchange, state)
+            return None
+        cc = ResponseRules.of(entry.headers).cc
+        lifetime = policy.freshness_lifetime(entry.status, ResponseRules.of(entry.headers),
+                                             entry.date)
+        age = entry.age(now)
+        reuse = policy.judge(cc, lifetime, age, state.request_cc)
+        if reuse.fresh or reuse.stale_ok:
+            return self._hit(exchange, entry, age, f"hit; ttl={math.floor(reuse.ttl)}")
+        if reuse.swr and self.refresher is not None:
+            self._refresh(exchange, state, entry)  # RFC 5861 3: answer now, refresh behind
+            return self._hit(exchange, entry, age,
+                             f"hit; ttl={math.floor(reuse.ttl)}; fwd=stale")
+        if "only-if-cached" in state.request_cc:
+            return self._only_if_cached(state)
+        state.forward = "request" if "no-cache" in state.request_cc else "stale"
+        state.entry = entry  # for stale-if-error, validated or not
+        conditions = policy.validators(entry.headers)
+        if method == "GET" and conditions and exchange.plan is not None:
+            plan = exchange.plan
+            kept = [(n, v) for n, v in plan.headers if n.lower() not in _CONDITIONALS]
+            exchange.plan = _replace_headers(plan, kept + conditions)
+            state.mode = "revalidate"
+        return None
+
+    # -- collapsing ------------------------------------------------------------------------
+
+    def _collapse(self, exchange: Exchange, state: _State,
+                  ) -> Answer | None | Awaitable[Answer | None]:
+        """Lead the fetch for this key, or join the one in flight."""
+        with self._flights_lock:
+            flight = self.flights.get(state.key)
+            if flight is None:
+                state.flight = self.flights[state.key] = Flight()
+                return None
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # the sync face: wait on this worker thread
+            return self._follow(exchange, flight, flight.wait_head(), flight.body())
+        return self._afollow(exchange, flight)
+
+    async def _afollow(self, exchange: Exchange, flight: Flight) -> Answer | None:
+        return self._follow(exchange, flight, await flight.await_head(), flight.abody())
+
+    @staticmethod
+    def _follow(exchange: Exchange, flight: Flight, head: Head | None,
+                body: Iterator[bytes] | AsyncIterator[bytes]) -> Answer | None:
+        """A follower's answer from the leader's head and body, when they fit it."""
+        if head is None or vary_values(exchange.incoming.headers, head.vary) != head.selected:
+            return None  # up to the upstream itself
+        headers = [*head.headers, (b"age", b"0"),
+                   policy.cache_status("fwd=uri-miss; collapsed")]
+        exchange.record.cache = "collapsed"
+        return Answer(head.status, headers, body)
+
+    def _land(self, state: _State) -> None:
+        """The leader is over: later misses lead their own fetch."""
+        flight = state.flight
+        if flight is None:
+            return
+        flight.end(False)  # a no-op when its body completed
+        with self._flights_lock:
+            if self.flights.get(state.key) is flight:
+                del self.flights[state.key]
+
+    def on_end(self, exchange: Exchange) -> None:
+        state = exchange.state.get(Cache)
+        if isinstance(state, _State):
+            self._land(state)
+
+    def _purge(self, exchange: Exchange, state: _State) -> Answer:
+        """PURGE: drop every stored variant of the URI (trusted peers only)."""
+        if not self.may_purge(exchange.incoming.peer):
+            raise ProxyError("PURGE is only accepted from trusted peers", status=405)
+        count = self.store.remove(state.key)
+        body = json.dumps({"purged": count}).encode()
+        return Answer(200 if count else 404,
+                      [(b"content-type", b"application/json"),
+                       (b"cache-control", b"no-store")], body)
+
+    def _part(self, exchange: Exchange, state: _State, ranged: bytes,
+              now: float) -> Answer | None:
+        """A Range request: one range of a usable stored whole response, else the
+        request goes upstream as it is (its 206 is not stored)."""
+        state.mode, state.forward = "bypass", "partial"
+        headers = exchange.incoming.headers
+        if exchange.incoming.method != "GET" or policy.first(headers, b"if-range") is not None:
+            return None
+        entry = self._select(state, headers, now)
+        if entry is None or entry.status != 200:
+            return None
+        rules = ResponseRules.of(entry.headers)
+        age = entry.age(now)
+        reuse = policy.judge(rules.cc, policy.freshness_lifetime(200, rules, entry.date),
+                             age, state.request_cc)
+        span = policy.byte_range(ranged, entry.body_length())
+        if not (reuse.fresh or reuse.stale_ok) or span is None:
+            return None
+        start, end = span
+        exchange.record.cache = "hit"
+        status = f"hit; ttl={math.floor(reuse.ttl)}"
+        head = [(n, v) for n, v in self._stored_head(entry, age, status)
+                if n != b"content-length"]
+        head += [(b"content-range", b"bytes %d-%d/%d" % (start, end, entry.body_length())),
+                 (b"content-length", b"%d" % (end - start + 1))]
+        return Answer(206, head, entry.content()[start:end + 1])
+
+    def _select(self, state: _State, headers: list[Header] | tuple[Header, ...],
+                now: float) -> Entry | None:
+        """The most recent stored variant this request selects (RFC 9111 4.1)."""
+        variants = self.store.get(state.key)
+        if not variants:
+            return None
+        chosen = [e for e in variants if vary_values(headers, e.vary) == e.selected]
+        if not chosen:
+            state.forward = "vary-miss"
+            return None
+        entry = max(chosen, key=lambda e: (e.date, e.response_time))
+        if policy.first(headers, b"authorization") is not None:
+            cc = ResponseRules.of(entry.headers).cc
+            if not ("public" in cc or "must-revalidate" in cc or "s-maxage" in cc):
+                state.forward = "request"  # RFC 9111 3.5: not for an authorized request
+                return None
+        return entry
+
+    @staticmethod
+    def _only_if_cached(state: _State) -> None:
+        if "only-if-cached" in state.request_cc:
+            raise GatewayTimeout("only-if-cached: no stored response may answer")
+        return None
+
+    def _hit(self, exchange: Exchange, entry: Entry, age: float, status: str) -> Answer:
+        exchange.record.cache = "stale" if "fwd=stale" in status else "hit"
+        if policy.not_modified(exchange.incoming.headers, entry.headers, entry.date) and \
+                entry.status == 200:
+            headers = [(n, v) for n, v in entry.headers if n in policy.NOT_MODIFIED_FIELDS]
+            headers += [(b"age", b"%d" % int(age)), policy.cache_status(status)]
+            return Answer(304, headers)
+        return Answer(entry.status, self._stored_head(entry, age, status), entry.chunks())
+
+    @staticmethod
+    def _stored_head(entry: Entry, age: float, status: str) -> list[Header]:
+        headers = list(entry.headers)
+        if entry.status not in (204, 304):
+            headers.append((b"content-length", b"%d" % entry.body_length()))
+        headers.append((b"age", b"%d" % int(age)))
+        headers.append(policy.cache_status(status))
+        return headers
+
+    # -- the response ----------------------------------------------------------------------
+
+    def on_response(self, exchange: Exchange, head: ResponseHead) -> ResponseHead | None:
+        state = exchange.state.get(Cache)
+        if not isinstance(state, _State):
+            return None
+        now = time.time()
+        if state.mode == "invalidate":
+            if 200 <= head.status < 400:
+                self._invalidate(state.key, head.headers)
+            return None
+        if state.mode == "bypass":
+            return None
+        if state.entry is not None:
+            answered = self._revalidated(exchange, state, head, now)
+            if answered is not None:
+                return answered
+        return self._miss(exchange, state, head, now)
+
+    def on_error(self, exchange: Exchange, error: ProxyError) -> Answer | None:
+        """The upstream failed (no head): a stale stored answer, where its fields allow
+        one when the origin cannot be reached (RFC 9111 4.2.4, RFC 5861 4)."""
+        state = exchange.state.get(Cache)
+        if not isinstance(state, _State) or state.entry is None or error.status < 500:
+            return None
+        entry = state.entry
+        rules = ResponseRules.of(entry.headers)
+        if policy.must_revalidate_when_stale(rules.cc):
+            return None
+        now = time.time()
+        age = entry.age(now)
+        ttl = policy.freshness_lifetime(entry.status, rules, entry.date) - age
+        status = f"hit; ttl={math.floor(ttl)}; fwd=stale; fwd-status={error.status}"
+        return self._hit(exchange, entry, age, status)
+
+    def _invalidate(self, key: str, headers: list[Header]) -> None:
+        self.store.remove(key)
+        for name in (b"location", b"content-location"):
+            value = policy.first(headers, name)
+            if value is not None:
+                other = same_origin_key(key, value)
+                if other is not None:
+                    self.store.remove(other)
+
+    def _revalidated(self, exchange: Exchange, state: _State, head: ResponseHead,
+                     now: float) -> ResponseHead | None:
+        entry = state.entry
+        assert entry is not None
+        if state.mode == "revalidate" and head.status == 304 and \
+                policy.same_validator(head.headers, entry.headers):
+            # RFC 9111 4.3.4: freshen the stored fields and times, answer from the store.
+            self._freshen(entry, state, head, now)
+            return self._from_store(exchange, entry, "fwd=stale; fwd-status=304", now)
+        if head.status >= 500:
+            cc = ResponseRules.of(entry.headers).cc
+            lifetime = policy.freshness_lifetime(entry.status, ResponseRules.of(entry.headers),
+                                                 entry.date)
+            ttl = lifetime - entry.age(now)
+            if policy.stale_if_error(cc, state.request_cc, ttl):
+                return self._from_store(exchange, entry,
+                                        f"hit; ttl={math.floor(ttl)}; fwd=stale; "
+                                        f"fwd-status={head.status}", now)
+        return None
+
+    def _from_store(self, exchange: Exchange, entry: Entry, status: str,
+                    now: float) -> ResponseHead:
+        """The stored response as the answer to a forwarded request."""
+        exchange.record.cache = "stale" if status.startswith("hit") else "revalidated"
+        age = entry.age(now)
+        if exchange.incoming.method == "GET" and entry.status == 200 and \
+                policy.not_modified(exchange.incoming.headers, entry.headers, entry.date):
+            headers = [(n, v) for n, v in entry.headers if n in policy.NOT_MODIFIED_FIELDS]
+            headers += [(b"age", b"%d" % int(age)), policy.cache_status(status)]
+            exchange.replace_response_body(b"")
+            return ResponseHead(304, headers, has_body=False)
+        has_body = exchange.incoming.method != "HEAD" and entry.status not in (204, 304)
+        exchange.replace_response_body(entry.chunks() if has_body else b"")
+        return ResponseHead(entry.status, self._stored_head(entry, age, status),
+                            has_body=has_body)
+
+    def _storable(self, incoming: IncomingRequest, state: _State, head: ResponseHead,
+                  now: float) -> tuple[Entry | None, str, int | None]:
+        """The entry to store for `head` (None: not storable), the reason it is not,
+        and the body's announced length."""
+        rules = ResponseRules.of(head.headers)
+        reason = policy.storable(incoming.method, head.status, rules, state.request_cc,
+                                 policy.first(incoming.headers, b"authorization") is not None)
+        names = vary_names(head.headers)
+        if reason is None and names is None:
+            reason = "vary *"
+        if reason is None and not self.store_set_cookie and \
+                policy.first(head.headers, b"set-cookie") is not None:
+            reason = "set-cookie"
+        length = policy.first(head.headers, b"content-length")
+        size = int(length) if length is not None and length.isdigit() else None
+        if reason is None and size is not None and size > self.store.max_object:
+            reason = "too large"
+        if reason is not None or names is None:
+            return None, reason or "vary *", size
+        date = policy.parse_date(head.date) if head.date is not None else None
+        date = date if date is not None else now
+        entry = Entry(state.key, names, vary_values(incoming.headers, names), head.status,
+                      policy.fields_to_store(head.headers, rules.cc),
+                      state.request_time, now, date,
+                      policy.initial_age(head.headers, date, state.request_time, now))
+        return entry, "", size
+
+    def _miss(self, exchange: Exchange, state: _State, head: ResponseHead,
+              now: float) -> ResponseHead:
+        incoming = exchange.incoming
+        entry, _, size = self._storable(incoming, state, head, now)
+        detail = f"fwd={state.forward}; fwd-status={head.status}"
+        exchange.record.cache = "miss"
+        if entry is not None:
+            if head.status == 204 or not head.has_body:
+                if incoming.method == "GET":
+                    self.store.put(entry)
+                    detail += "; stored"
+            elif exchange.transform_response(
+                    _Recorder(self.store.writer(entry), size, state.flight, exchange.record),
+                    same_length=True):
+                detail += "; stored"
+                if state.flight is not None:
+                    framing = [] if size is None else [(b"content-length", b"%d" % size)]
+                    state.flight.publish(Head(head.status, entry.headers + framing,
+                                              entry.vary, entry.selected))
+        if state.flight is not None and not state.flight.decided:
+            state.flight.publish(None)  # nothing to share: the followers go upstream
+        if entry is None and state.entry is not None and state.mode == "revalidate" \
+                and head.status < 500:
+            self.store.discard(state.entry)  # replaced by a response it may not keep
+        headers = [*head.headers, policy.cache_status(detail)]
+        return ResponseHead(head.status, headers, head.has_body, head.date)
+
+    # -- stale-while-revalidate: the refresh behind a stale answer ---------------------------
+
+    def _refresh(self, exchange: Exchange, state: _State, entry: Entry) -> None:
+        """Fetch `entry` again (conditionally) without making this request wait."""
+        plan = exchange.plan
+        if self.refresher is None or plan is None or exchange.incoming.method != "GET":
+            return
+        kept = [(n, v) for n, v in plan.headers if n.lower() not in _CONDITIONALS]
+        plan = _replace_headers(plan, kept + policy.validators(entry.headers))
+        incoming = exchange.incoming
+
+        def refreshed(head: ResponseHead, body: bytes) -> None:
+            now = time.time()
+            if head.status == 304 and policy.same_validator(head.headers, entry.headers):
+                self._freshen(entry, state, head, now)
+                return
+            new, _, _ = self._storable(incoming, state, head, now)
+            if new is not None and head.status != 304:
+                new.body = body
+                self.store.put(new)
+
+        self.refresher.start(state.key, plan, refreshed)
+
+    def _freshen(self, entry: Entry, state: _State, head: ResponseHead, now: float) -> None:
+        """RFC 9111 4.3.4: a 304's fields and times onto the stored response."""
+        entry.headers = policy.freshen(entry.headers, head.headers)
+        date = policy.parse_date(head.date) if head.date is not None else None
+        entry.date = date if date is not None else now
+        entry.request_time, entry.response_time = state.request_time, now
+        entry.initial_age = policy.initial_age(head.headers, entry.date, state.request_time, now)
+        self.store.update(entry)
+
+
+def _replace_headers(plan: UpstreamPlan, headers: list[Header]) -> UpstreamPlan:
+    return dataclasses.replace(plan, headers=headers)

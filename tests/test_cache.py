@@ -1,0 +1,405 @@
+"""The HTTP cache (`--cache`, dualproxy/filters/cache/) on every pairing, in front of
+the recording upstream: what it stores, what it never serves to another request, and
+that a miss streams. Each test uses its own URL (the cache key) and counts what the
+upstream received by `x-req-id`. The RFC's details are the conformance suite's
+(tests/cache_conformance.py, `nox -s cache_conformance`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import MakeProxy, ProxyProcess, Redis
+from tests.upstream import Gate, Upstream, pattern_sha256
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def cached(make_proxy: MakeProxy) -> ProxyProcess:
+    return make_proxy("--cache")
+
+
+def _get(proxy: ProxyProcess, path: str, rid: str, response: list[list[str]] | None = None,
+         method: str = "GET", **headers: str) -> httpx.Response:
+    sent = {"x-req-id": rid, "x-upstream": "headers",
+            "x-upstream-headers": json.dumps(response or []), **headers}
+    with proxy.client() as client:
+        return client.request(method, path, headers=sent)
+
+
+def _seen(upstream: Upstream, rid: str, expected: int) -> int:
+    """How many requests with `rid` the upstream recorded (waiting for `expected`)."""
+    deadline = time.monotonic() + 5
+    while len(upstream.find_all(rid)) < expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return len(upstream.find_all(rid))
+
+
+def _gated_download(upstream: Upstream, name: str, size: int) -> tuple[Gate, str, str]:
+    """A cacheable download of `size` bytes whose first chunk waits on a gate: its
+    gate, its path and the `x-upstream` spec that asks for it."""
+    return (upstream.gate(name), f"/cache/{name}",
+            f"download size={size} gate={name} cc=max-age=60")
+
+
+def test_fresh_response_is_a_hit(cached: ProxyProcess, upstream: Upstream, rid: str) -> None:
+    path = f"/cache/hit-{rid}"
+    first = _get(cached, path, rid, [["Cache-Control", "max-age=60"]])
+    second = _get(cached, path, rid, [["Cache-Control", "max-age=60"]])
+    assert first.status_code == second.status_code == 200
+    assert first.content == second.content == b"ok"
+    assert _seen(upstream, rid, 1) == 1
+    assert "fwd=uri-miss" in first.headers["cache-status"]
+    assert "stored" in first.headers["cache-status"]
+    assert second.headers["cache-status"].startswith("dualproxy; hit")
+    assert int(second.headers["age"]) >= 0
+    head = _get(cached, path, rid, method="HEAD")  # HEAD from the stored GET
+    assert head.status_code == 200 and head.headers["content-length"] == "2"
+    assert _seen(upstream, rid, 1) == 1
+
+
+def test_uncacheable_response_goes_upstream_each_time(cached: ProxyProcess,
+                                                      upstream: Upstream, rid: str) -> None:
+    path = f"/cache/nostore-{rid}"
+    for _ in range(2):
+        assert _get(cached, path, rid, [["Cache-Control", "no-store"]]).status_code == 200
+    assert _seen(upstream, rid, 2) == 2
+
+
+def test_vary_selects_the_variant(cached: ProxyProcess, upstream: Upstream, rid: str) -> None:
+    path = f"/cache/vary-{rid}"
+    cc = [["Cache-Control", "max-age=60"], ["Vary", "Accept-Language"]]
+    _get(cached, path, rid, cc, **{"accept-language": "en"})
+    _get(cached, path, rid, cc, **{"accept-language": "en"})
+    assert _seen(upstream, rid, 1) == 1
+    miss = _get(cached, path, rid, cc, **{"accept-language": "fr"})
+    assert "fwd=vary-miss" in miss.headers["cache-status"]
+    assert _seen(upstream, rid, 2) == 2
+    _get(cached, path, rid, cc)  # no Accept-Language at all: another variant
+    assert _seen(upstream, rid, 3) == 3
+    again = _get(cached, path, rid, cc, **{"accept-language": "en"})
+    assert again.headers["cache-status"].startswith("dualproxy; hit")
+    assert _seen(upstream, rid, 3) == 3
+
+
+def test_set_cookie_is_never_stored(cached: ProxyProcess, upstream: Upstream,
+                                    rid: str) -> None:
+    path = f"/cache/cookie-{rid}"
+    response = [["Cache-Control", "max-age=60"], ["Set-Cookie", "session=alice"]]
+    first = _get(cached, path, rid, response)
+    second = _get(cached, path, rid, response)
+    assert "stored" not in first.headers["cache-status"]
+    assert second.headers["set-cookie"] == "session=alice"  # from the upstream, again
+    assert _seen(upstream, rid, 2) == 2
+
+
+def test_authorization_is_not_shared(cached: ProxyProcess, upstream: Upstream,
+                                     rid: str) -> None:
+    path = f"/cache/auth-{rid}"
+    private = [["Cache-Control", "max-age=60"]]
+    _get(cached, path, rid, private, authorization="Bearer alice")
+    _get(cached, path, rid, private, authorization="Bearer bob")
+    _get(cached, path, rid, private)
+    assert _seen(upstream, rid, 3) == 3  # RFC 9111 3.5: none of these stored
+    shared_rid = rid + "-public"
+    public = [["Cache-Control", "public, max-age=60"]]
+    _get(cached, path + "-public", shared_rid, public, authorization="Bearer alice")
+    hit = _get(cached, path + "-public", shared_rid, public, authorization="Bearer bob")
+    assert hit.headers["cache-status"].startswith("dualproxy; hit")
+    assert _seen(upstream, shared_rid, 1) == 1
+    # A stored answer is never given to an authorized request it does not allow.
+    _get(cached, path + "-plain", rid + "-plain", private)
+    _get(cached, path + "-plain", rid + "-plain", private, authorization="Bearer eve")
+    assert _seen(upstream, rid + "-plain", 2) == 2
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+def test_unsafe_method_invalidates(cached: ProxyProcess, upstream: Upstream, rid: str,
+                                   method: str) -> None:
+    path = f"/cache/unsafe-{rid}"
+    cc = [["Cache-Control", "max-age=60"]]
+    _get(cached, path, rid, cc)
+    _get(cached, path, rid, cc)
+    assert _seen(upstream, rid, 1) == 1
+    assert _get(cached, path, rid, [], method=method).status_code == 200
+    assert _seen(upstream, rid, 2) == 2
+    after = _get(cached, path, rid, cc)
+    assert "fwd=uri-miss" in after.headers["cache-status"]
+    assert _seen(upstream, rid, 3) == 3
+
+
+def test_stale_is_revalidated_and_304_answers_from_the_store(
+        cached: ProxyProcess, upstream: Upstream, rid: str) -> None:
+    path = f"/cache/etag-{rid}"
+    _get(cached, path, rid, [["Cache-Control", "max-age=0"], ["ETag", '"v1"']])
+    again = _get(cached, path, rid + "-2", [["Cache-Control", "max-age=60"], ["ETag", '"v1"']],
+                 **{"x-upstream": "headers status=304"})
+    record = upstream.wait_record(rid + "-2")
+    assert record.header("if-none-match") == '"v1"'  # the cache made it conditional
+    assert again.status_code == 200 and again.content == b"ok"  # the stored body
+    assert "fwd-status=304" in again.headers["cache-status"]
+    hit = _get(cached, path, rid + "-3", [])
+    assert hit.headers["cache-status"].startswith("dualproxy; hit")  # freshened by the 304
+    assert _seen(upstream, rid + "-3", 0) == 0
+
+
+def test_large_miss_streams_then_hits(cached: ProxyProcess, upstream: Upstream,
+                                      rid: str) -> None:
+    size = 8 * MiB
+    gate, path, spec = _gated_download(upstream, f"large-{rid}", size)
+    digest = hashlib.sha256()
+    try:
+        timeout = httpx.Timeout(30.0, read=8.0)
+        with httpx.Client(base_url=cached.url, timeout=timeout) as client, client.stream(
+                "GET", path, headers={"x-req-id": rid, "x-upstream": spec}) as resp:
+            chunks = resp.iter_raw()
+            try:
+                first = next(chunks)
+            except httpx.ReadTimeout:
+                pytest.fail("the miss was not streamed: no byte while the upstream waited")
+            assert not gate.is_set()  # the upstream has not finished: nothing buffered whole
+            digest.update(first)
+            gate.set()
+            for piece in chunks:
+                digest.update(piece)
+        assert "stored" in resp.headers["cache-status"]
+    finally:
+        gate.set()
+    assert digest.hexdigest() == pattern_sha256(size)
+    with cached.client() as client:
+        hit = client.get(path, headers={"x-req-id": rid, "x-upstream": spec})
+    assert hit.headers["cache-status"].startswith("dualproxy; hit")
+    assert hashlib.sha256(hit.content).hexdigest() == pattern_sha256(size)
+    assert _seen(upstream, rid, 1) == 1
+
+
+def test_aborted_miss_is_not_stored(cached: ProxyProcess, upstream: Upstream,
+                                    rid: str) -> None:
+    path = f"/cache/cut-{rid}"
+    spec = "cut size=100000 after=50000 cc=max-age=60"
+    with cached.client() as client:
+        with pytest.raises(httpx.HTTPError):
+            client.get(path, headers={"x-req-id": rid, "x-upstream": spec})
+    after = _get(cached, path, rid, [["Cache-Control", "max-age=60"]])
+    assert "fwd=uri-miss" in after.headers["cache-status"]  # the short body was not kept
+    assert after.content == b"ok"
+    assert _seen(upstream, rid, 2) == 2
+
+
+def test_purge_from_a_trusted_peer(make_proxy: MakeProxy, upstream: Upstream,
+                                   rid: str) -> None:
+    proxy = make_proxy("--cache", "--cache-purge-from", "127.0.0.1/32")
+    path = f"/cache/purge-{rid}"
+    cc = [["Cache-Control", "max-age=60"]]
+    _get(proxy, path, rid, cc)
+    with proxy.client() as client:
+        purged = client.request("PURGE", path)
+        assert purged.status_code == 200 and purged.json() == {"purged": 1}
+        assert client.request("PURGE", path).status_code == 404  # nothing left
+    after = _get(proxy, path, rid, cc)
+    assert "fwd=uri-miss" in after.headers["cache-status"]
+    assert _seen(upstream, rid, 2) == 2
+    assert all(r.method == "GET" for r in upstream.find_all(rid))  # PURGE never upstream
+
+
+def test_purge_from_anyone_else_is_405(cached: ProxyProcess, upstream: Upstream,
+                                       rid: str) -> None:
+    path = f"/cache/nopurge-{rid}"
+    cc = [["Cache-Control", "max-age=60"]]
+    _get(cached, path, rid, cc)
+    with cached.client() as client:
+        refused = client.request("PURGE", path)
+    assert refused.status_code == 405
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert _get(cached, path, rid, cc).headers["cache-status"].startswith("dualproxy; hit")
+    assert _seen(upstream, rid, 1) == 1
+
+
+def test_concurrent_misses_collapse_into_one_fetch(cached: ProxyProcess, upstream: Upstream,
+                                                   rid: str) -> None:
+    size = 2 * MiB
+    gate, path, spec = _gated_download(upstream, f"collapse-{rid}", size)
+    results: list[tuple[str, str]] = []
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            with httpx.Client(base_url=cached.url, timeout=30.0) as client:
+                resp = client.get(path, headers={"x-req-id": rid, "x-upstream": spec})
+            results.append((resp.headers["cache-status"],
+                            hashlib.sha256(resp.content).hexdigest()))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(20)]
+    try:
+        for thread in threads:
+            thread.start()
+        assert _seen(upstream, rid, 1) == 1
+        time.sleep(1.0)  # every request has arrived and waits on the one fetch
+        assert not gate.is_set()
+    finally:
+        gate.set()
+        for thread in threads:
+            thread.join(30)
+    assert not errors, errors
+    assert len(results) == 20
+    assert {digest for _, digest in results} == {pattern_sha256(size)}
+    assert sum("collapsed" in status for status, _ in results) == 19
+    assert len(upstream.find_all(rid)) == 1
+
+
+def test_stale_while_revalidate_answers_at_once_and_refreshes_behind(
+        cached: ProxyProcess, upstream: Upstream, rid: str) -> None:
+    path = f"/cache/swr-{rid}"
+    _get(cached, path, rid, [["Cache-Control", "max-age=1, stale-while-revalidate=60"],
+                             ["ETag", '"v1"']])
+    time.sleep(1.5)  # stale now, within its stale-while-revalidate window
+    refresh = [["Cache-Control", "max-age=60"], ["ETag", '"v2"']]
+    stale = _get(cached, path, rid, refresh)
+    assert stale.status_code == 200 and stale.content == b"ok"
+    assert stale.headers["cache-status"].startswith("dualproxy; hit; ttl=-")
+    assert "fwd=stale" in stale.headers["cache-status"]
+    assert _seen(upstream, rid, 2) == 2  # the one refresh, behind the answer
+    assert upstream.find_all(rid)[1].header("if-none-match") == '"v1"'
+    deadline = time.monotonic() + 5
+    while True:  # the refreshed response replaces the stale one
+        fresh = _get(cached, path, rid, refresh)
+        if fresh.headers.get("etag") == '"v2"' or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert fresh.headers["etag"] == '"v2"'
+    assert "fwd" not in fresh.headers["cache-status"]
+    assert len(upstream.find_all(rid)) == 2
+
+
+def test_sqlite_store_is_shared_by_the_workers(make_proxy: MakeProxy, upstream: Upstream,
+                                               rid: str, tmp_path: Path) -> None:
+    proxy = make_proxy("--cache", "--cache-store", f"sqlite:{tmp_path / 'cache.db'}",
+                       "--workers", "2")
+    path = f"/cache/sqlite-{rid}"
+    cc = [["Cache-Control", "max-age=60"]]
+    statuses = [_get(proxy, path, rid, cc).headers["cache-status"] for _ in range(12)]
+    assert "stored" in statuses[0]
+    assert all(s.startswith("dualproxy; hit") for s in statuses[1:])  # whichever worker
+    assert _seen(upstream, rid, 1) == 1
+    ranged = _get(proxy, path, rid, cc, range="bytes=1-")
+    assert ranged.status_code == 206 and ranged.content == b"k"
+
+
+def test_a_failing_store_steps_aside(make_proxy: MakeProxy, upstream: Upstream,
+                                     rid: str) -> None:
+    proxy = make_proxy("--cache", "--cache-store", "sqlite:/nonexistent-dir/cache.db")
+    path = f"/cache/broken-store-{rid}"
+    for _ in range(2):
+        answer = _get(proxy, path, rid, [["Cache-Control", "max-age=60"]])
+        assert answer.status_code == 200 and answer.content == b"ok"
+    assert _seen(upstream, rid, 2) == 2
+    assert "the sqlite store failed" in proxy.log()
+
+
+def test_two_proxies_share_one_redis(make_proxy: MakeProxy, upstream: Upstream, rid: str,
+                                     redis_server: Redis) -> None:
+    one = make_proxy("--cache", "--cache-store", redis_server.url)
+    other = make_proxy("--cache", "--cache-store", redis_server.url, "--workers", "2")
+    path = f"/cache/redis-{rid}"
+    cc = [["Cache-Control", "max-age=60"], ["Vary", "Accept"]]
+    # The key is the public URL: both proxies serve shop.example (behind one balancer).
+    public = {"accept": "text/plain", "host": "shop.example"}
+    stored = _get(one, path, rid, cc, **public)
+    assert "stored" in stored.headers["cache-status"]
+    for proxy in (other, one, other):  # a miss on one is a hit on the other
+        hit = _get(proxy, path, rid, cc, **public)
+        assert hit.headers["cache-status"].startswith("dualproxy; hit")
+        assert hit.content == b"ok"
+    assert _seen(upstream, rid, 1) == 1
+    _get(other, path, rid, [], method="DELETE", host="shop.example")  # for both
+    assert "fwd=uri-miss" in _get(one, path, rid, cc, **public).headers["cache-status"]
+    assert _seen(upstream, rid, 3) == 3
+
+
+def test_redis_killed_mid_run_requests_still_served(make_proxy: MakeProxy,
+                                                    upstream: Upstream, rid: str,
+                                                    redis_server: Redis) -> None:
+    proxy = make_proxy("--cache", "--cache-store", redis_server.url)
+    path = f"/cache/redis-down-{rid}"
+    cc = [["Cache-Control", "max-age=60"]]
+    _get(proxy, path, rid, cc)
+    assert _get(proxy, path, rid, cc).headers["cache-status"].startswith("dualproxy; hit")
+    redis_server.stop()
+    for _ in range(3):
+        answer = _get(proxy, path, rid, cc)
+        assert answer.status_code == 200 and answer.content == b"ok"
+    assert _seen(upstream, rid, 4) == 4  # uncached now, never a 5xx
+    assert "the redis store failed" in proxy.log()
+
+
+def test_access_log_and_metrics_count_what_the_cache_did(make_proxy: MakeProxy,
+                                                         upstream: Upstream, rid: str) -> None:
+    from tests.test_metrics import value, with_metrics
+
+    proxy, metrics = with_metrics(make_proxy, "--cache")
+    before = metrics.settled()
+    path = f"/cache/counted-{rid}"
+    cc = [["Cache-Control", "max-age=60"]]
+    for _ in range(3):
+        _get(proxy, path, rid, cc)
+    _get(proxy, path, rid, cc, method="POST")
+    after = metrics.settled()
+    counts = {result: value(after, "dualproxy_cache_requests_total", route="/", result=result)
+              - value(before, "dualproxy_cache_requests_total", route="/", result=result)
+              for result in ("hit", "miss", "bypass")}
+    assert counts == {"hit": 2, "miss": 1, "bypass": 1}
+    stored = (value(after, "dualproxy_cache_stored_bytes_total", route="/")
+              - value(before, "dualproxy_cache_stored_bytes_total", route="/"))
+    assert stored == 2
+    log = proxy.log()
+    assert f"GET {path} 200" in log and " cache=hit" in log and " cache=miss" in log
+
+
+# ------------------------------------------------------------------ configuration and policy
+
+
+def test_cache_keys_in_a_config_file(tmp_path: Path) -> None:
+    from dualproxy.cli import check_route, load_config_file
+
+    path = tmp_path / "routes.toml"
+    path.write_text('[[route]]\nmount = "/api"\nupstream = "http://127.0.0.1:9"\n'
+                    'cache = true\ncache_store = "sqlite:/tmp/dp.db"\n'
+                    'cache_max_size = "512M"\ncache_purge_from = ["10.0.0.0/8"]\n')
+    _, routes = load_config_file(str(path), ["serve", "--config", str(path)])
+    config = check_route(routes[0])
+    assert (config.cache, config.cache_store, config.cache_max_size) == (
+        True, "sqlite:/tmp/dp.db", 512 << 20)
+    assert config.may_purge("10.1.2.3") and not config.may_purge("192.0.2.1")
+    with pytest.raises(ValueError, match="cache_store"):
+        check_route({**routes[0], "cache_store": "disk"})
+
+
+def test_policy_parsing() -> None:
+    from dualproxy.filters.cache import policy
+
+    assert policy.parse_date(b"Sun, 06 Nov 1994 08:49:37 GMT") == 784111777
+    assert policy.parse_date(b"Sunday, 06-Nov-94 08:49:37 GMT") == 784111777
+    assert policy.parse_date(b"Sun Nov  6 08:49:37 1994") == 784111777
+    assert policy.parse_date(b"sun, 06 nov 1994 08:49:37 gmt") == 784111777
+    for bad in (b"0", b"Sun, 06 Nov 1994 08:49:37 UTC", b"Sun, 06 Nov 94 08:49:37 GMT",
+                b"Sun 06 Nov 1994 08:49:37 GMT", b"Sun, 06 Nov 1994 8:49:37 GMT"):
+        assert policy.parse_date(bad) is None, bad
+    cc = policy.Directives.parse([b'extension="max-age=3600", max-age=1', b"max-age=9"])
+    assert cc.seconds("max-age") == 1  # the first, never one inside a quoted string
+    assert policy.Directives.parse([b"max-age=99999999999"]).seconds("max-age") == 2 ** 31
+    assert policy.Directives.parse([b"max-age='1'"]).seconds("max-age") == -1
+    assert policy.age_value([(b"age", b"0, 7200")]) == 0
+    assert policy.age_value([(b"age", b"-1")]) == 0
+    assert policy.byte_range(b"bytes=-5", 10) == (5, 9)
+    assert policy.byte_range(b"bytes=2-", 10) == (2, 9)
+    assert policy.byte_range(b"bytes=0-1, 3-4", 10) is None
+    assert policy.byte_range(b"bytes=10-", 10) is None
