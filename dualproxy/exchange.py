@@ -167,6 +167,17 @@ def http_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
         with map_upstream_errors():
             request, upstream_response = yield from attempts(face, record, plan, port.attempt)
     except ProxyError as exc:
+        if exchange is not None and not record.shutdown:
+            # The filters' on_error (a cache's stale answer): an Answer instead of exc.
+            try:
+                answer = yield from face.chain.error(exchange, exc)
+                if answer is not None:
+                    head = yield from face.chain.response(
+                        exchange, face.answer_head(exchange, answer))
+                    port.upload_over()
+                    return (yield port.answer(exchange, head, answer.body))
+            except ProxyError as filter_refusal:
+                exc = filter_refusal
         return (yield port.refused(exc))
     except ClientDisconnected:
         return (yield port.gone())

@@ -13,6 +13,7 @@ separated list of scenarios), so one proxy process serves every test:
   observe    C installs a same-length observer on the response body
   raise-mid  C's response transform raises at its second chunk
   refuse     B raises ProxyError 429
+  rescue     A answers an upstream failure (on_error) with 200 `rescued: <status>`
   end        each probe prints `FILTER-END <json>` (status, bytes, outcome) at on_end
 
 `x-filter-id` names the request in the FILTER-END line.
@@ -109,6 +110,12 @@ class Probe(Filter):
                 installed = exchange.transform_response(RaiseAtSecond())
             if installed is not None:
                 head.headers.append((b"x-transformed", b"yes" if installed else b"no"))
+        return None
+
+    def on_error(self, exchange: Exchange, error: ProxyError) -> Answer | None:
+        if self.name == "A" and "rescue" in scenarios(exchange):
+            return Answer(200, [(b"content-type", b"text/plain")],
+                          f"rescued: {error.status}".encode())
         return None
 
     def on_end(self, exchange: Exchange) -> None:

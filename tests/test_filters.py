@@ -265,3 +265,16 @@ def test_a_filter_answers_a_websocket_handshake(filtered: ProxyProcess, upstream
     end = ends(filtered, rid)
     assert all(e["status"] == 203 for e in end), end
     assert upstream.find(rid) is None
+
+
+def test_a_filter_answers_an_upstream_failure(filtered: ProxyProcess, upstream: Upstream,
+                                             rid: str) -> None:
+    """on_error: the upstream failed before its head (here: it resets the connection);
+    the filter's answer goes to the client instead of the 502, and on_end sees it."""
+    response = get(filtered, rid, "rescue end", action="reset")
+    assert response.status == 200
+    assert response.body == b"rescued: 502"
+    end = ends(filtered, rid)
+    assert all(e["status"] == 200 for e in end), end
+    plain = get(filtered, rid + "-plain", "", action="reset")
+    assert plain.status == 502  # without the filter's answer: the problem
