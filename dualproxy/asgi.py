@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, TypeVar
 
 import httpx
@@ -21,16 +21,15 @@ from .drain import DRAIN, absorb_cancel, call_in_loop
 from .errors import (
     RESPONSE_ABORTED,
     ClientDisconnected,
-    NotProxied,
     ProxyError,
     ShuttingDown,
     UpstreamBroken,
     map_stream_errors,
-    map_upstream_errors,
 )
+from .exchange import drive_async, http_flow
 from .face import ProxyFace, make_async_client
-from .filters import Answer, Exchange
-from .filters.chain import atransformed, run_async
+from .filters import Exchange
+from .filters.chain import achunks, atransformed, run_async
 from .logs import RequestRecord
 from .target import app_mount
 from .types import ASGIApp, Receive, Scope, Send
@@ -137,62 +136,27 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         incoming = incoming_from_scope(scope)
         record = self.begin(incoming)
-        exchange: Exchange | None = None
+        port = HttpPort(self, scope, receive, send, record)
         try:
-            plan = self.plan(incoming)
-            if self.chain:  # no coroutine to create and await when there is no filter
-                exchange = self.exchange(incoming, record, plan)
-                answer = await run_async(self.chain.request(exchange))
-                assert exchange.plan is not None
-                plan = exchange.plan
-                if answer is not None:
-                    await self._answer(exchange, answer, send)
-                    return
-        except NotProxied as exc:
-            if self.fallback is not None:
-                self.pass_on(record)
-                await self.fallback(scope, receive, send)
-                return
-            await self._problem(send, exc, record)
-            await self._finish(record)
-            return
-        except ProxyError as exc:
-            await self._problem(send, exc, record)
-            await self._finish(record)
-            return
-
-        # Set once nothing else reads receive(): the body was read to its end, or
-        # the upstream's head came first (an early answer stops the upload).
-        body_done = asyncio.Event() if plan.has_body else None
-        # One extra task per request: a watcher that cancels this one if the
-        # client leaves before the response is complete. It only cancels while
-        # this task is suspended inside the exchange (record.responded guards
-        # the rest), so the cancellation is always ours to absorb here.
-        task = asyncio.current_task()
-        assert task is not None
-        watcher = task.get_loop().create_task(
-            _watch_disconnect(receive, body_done, task, record))
-        cut = DrainCut(task, record) if DRAIN.armed else None
-        if cut is not None:
-            DRAIN.enter(cut)
-        try:
-            await self._exchange(plan, receive, send, body_done, record, exchange)
+            await drive_async(http_flow(self, incoming, record, port))
         except asyncio.CancelledError:
+            # The watcher (client gone) or the drain's cut cancelled us while the
+            # exchange waited; anything else is the server's own stop.
             if not record.client_gone and not record.shutdown:
-                record.shutdown = True  # the server's own stop cancelled us
+                record.shutdown = True
                 if not absorb_cancel():
                     raise
             else:
+                task = asyncio.current_task()
                 uncancel = getattr(task, "uncancel", None)  # Python 3.11+
                 if uncancel is not None:
                     uncancel()
             if record.shutdown and not record.status:  # cut before the upstream answered
                 await self._problem(send, ShuttingDown(), record)
         finally:
-            if cut is not None:
-                DRAIN.leave(cut)
-            watcher.cancel()
-            await self._finish(record)
+            port.close()
+            if not port.passed_on:
+                await self._finish(record)
 
     async def _finish(self, record: RequestRecord) -> None:
         """The filters' `on_end` (awaited here: they may be async), then `finish`."""
@@ -202,95 +166,6 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
             await run_async(self.chain.end(exchange))
         self.finish(record)
 
-    async def _answer(self, exchange: Exchange, answer: Answer, send: Send) -> None:
-        """A filter's own answer, through the filters outside it, to the client."""
-        record = exchange.record
-        try:
-            try:
-                head = await run_async(self.chain.response(
-                    exchange, self.answer_head(exchange, answer)))
-            except ProxyError as exc:
-                await self._problem(send, exc, record)
-                return
-            body = answer.body
-            chunks: AsyncIterable[bytes] = (_one(body) if isinstance(body, bytes)
-                                            else _aiter(body))
-            await self._relay(chunks, head, send, record, exchange)
-        except UpstreamBroken as exc:
-            record.upstream_broke(exc)
-            RESPONSE_ABORTED.set(True)
-        finally:
-            await self._finish(record)
-
-    async def _exchange(
-        self,
-        plan: UpstreamPlan,
-        receive: Receive,
-        send: Send,
-        body_done: asyncio.Event | None,
-        record: Any,
-        exchange: Exchange | None,
-    ) -> None:
-        content = (_request_body(receive, BodyCounter(plan, self.config), body_done, record,
-                                 self.config.client_timeout)
-                   if body_done is not None else None)
-        if content is not None and exchange is not None \
-                and exchange._request_pipeline is not None:
-            content = atransformed(exchange._request_pipeline, content)
-
-        async def send_to(upstream: Upstream) -> tuple[httpx.Request, httpx.Response]:
-            request = self.upstream_request(plan, content, upstream)
-            return request, await self._send(request)
-
-        try:
-            with map_upstream_errors():
-                request, response = await self.attempts(record, plan, send_to)
-        except ProxyError as exc:
-            await self._problem(send, exc, record)
-            return
-        except ClientDisconnected:
-            record.client_gone = True
-            return
-        if body_done is not None:
-            # The head is in: the upload is over (whole, or stopped by an early
-            # answer, its rest left unread), so the watcher takes receive() now.
-            body_done.set()
-        try:
-            try:
-                head = self.response_head(record, plan, request, response)
-                if exchange is not None:
-                    head = await run_async(self.chain.response(exchange, head))
-            except ProxyError as exc:
-                await self._problem(send, exc, record)
-                return
-            raw = response.stream
-            # Our own transport's stream is raw already: skip httpx's wrappers.
-            stream: AsyncIterable[bytes] = (
-                raw if self._transport is not None and isinstance(raw, httpx.AsyncByteStream)
-                else response.aiter_raw())
-            await self._relay(stream, head, send, record, exchange)
-        except UpstreamBroken as exc:
-            # Returning without the final body message makes the server drop the
-            # connection: no last chunk, no short body passed off as complete.
-            record.upstream_broke(exc)
-            RESPONSE_ABORTED.set(True)
-        finally:
-            await response.aclose()
-
-    async def attempts(self, record: RequestRecord, plan: UpstreamPlan,
-                       attempt: Callable[[Upstream], Awaitable[T]]) -> T:
-        """`attempt` on an upstream of the pool, then on others while `retry` allows."""
-        tried: list[Upstream] = []
-        upstream = self.choose(record)
-        while True:
-            try:
-                return await attempt(upstream)
-            except Exception as exc:
-                after = self.retry(record, plan, tried, exc)
-                if after is None:
-                    raise
-                upstream = after
-
     async def _problem(self, send: Send, exc: ProxyError, record: RequestRecord) -> None:
         self.refuse(record, exc)
         await send_problem(send, exc, record)
@@ -299,34 +174,125 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         self, stream: AsyncIterable[bytes], head: ResponseHead, send: Send, record: Any,
         exchange: Exchange | None,
     ) -> None:
+        """The head, then the body (through the filters' transforms). An upstream or
+        a transform failing mid-body returns without the final body message: the
+        server drops the connection (no last chunk, no short body passed off as
+        complete)."""
         await send({"type": "http.response.start", "status": head.status,
                     "headers": head.headers})
         record.status = head.status
-        if head.has_body:
-            if exchange is not None and exchange._response_pipeline is not None:
-                stream = atransformed(exchange._response_pipeline, stream)
-            with map_stream_errors():
-                async for chunk in stream:
-                    record.bytes_out += len(chunk)
-                    if not await _send_body(send, chunk, True, record):
-                        return
+        try:
+            if head.has_body:
+                if exchange is not None and exchange._response_pipeline is not None:
+                    stream = atransformed(exchange._response_pipeline, stream)
+                with map_stream_errors():
+                    async for chunk in stream:
+                        record.bytes_out += len(chunk)
+                        if not await _send_body(send, chunk, True, record):
+                            return
+        except UpstreamBroken as exc:
+            record.upstream_broke(exc)
+            RESPONSE_ABORTED.set(True)
+            return
         record.responded = True
         await _send_body(send, b"", False, record)
 
 
-async def _one(body: bytes) -> AsyncIterator[bytes]:
-    if body:
-        yield body
+class HttpPort:
+    """One HTTP exchange's I/O on the ASGI face (exchange.HttpPort): the flow
+    decides, this reads the body, watches for a disconnect and sends messages."""
 
+    __slots__ = ("proxy", "scope", "receive", "send", "record", "plan", "content",
+                 "body_done", "watcher", "cut", "passed_on")
 
-async def _aiter(body: Any) -> AsyncIterator[bytes]:
-    """A filter's answer body, sync or async iterable."""
-    if isinstance(body, AsyncIterable):
-        async for chunk in body:
-            yield chunk
-    else:
-        for chunk in body:
-            yield chunk
+    def __init__(self, proxy: AsyncProxy, scope: Scope, receive: Receive, send: Send,
+                 record: RequestRecord) -> None:
+        self.proxy, self.scope, self.receive, self.send = proxy, scope, receive, send
+        self.record = record
+        self.plan: UpstreamPlan | None = None
+        self.content: AsyncIterable[bytes] | None = None
+        # Set once nothing else reads receive(): the body was read to its end, or
+        # the upstream's head came first (an early answer stops the upload).
+        self.body_done: asyncio.Event | None = None
+        self.watcher: asyncio.Task[None] | None = None
+        self.cut: DrainCut | None = None
+        self.passed_on = False
+
+    async def fallback(self) -> None:
+        self.passed_on = True
+        assert self.proxy.fallback is not None
+        await self.proxy.fallback(self.scope, self.receive, self.send)
+
+    async def problem(self, exc: ProxyError) -> None:
+        await self.proxy._problem(self.send, exc, self.record)
+
+    refused = problem
+
+    async def answer(self, exchange: Exchange, head: ResponseHead, body: Any) -> None:
+        await self.proxy._relay(achunks(body), head, self.send, self.record, exchange)
+
+    def upload(self, plan: UpstreamPlan, exchange: Exchange | None) -> None:
+        proxy, record = self.proxy, self.record
+        self.plan = plan
+        if plan.has_body:
+            self.body_done = asyncio.Event()
+            content = _request_body(self.receive, BodyCounter(plan, proxy.config),
+                                    self.body_done, record, proxy.config.client_timeout)
+            if exchange is not None and exchange._request_pipeline is not None:
+                content = atransformed(exchange._request_pipeline, content)
+            self.content = content
+        # One extra task per request: a watcher that cancels this one if the
+        # client leaves before the response is complete. It only cancels while
+        # this task is suspended inside the exchange (record.responded guards
+        # the rest), so the cancellation is always ours to absorb.
+        task = asyncio.current_task()
+        assert task is not None
+        self.watcher = task.get_loop().create_task(
+            _watch_disconnect(self.receive, self.body_done, task, record))
+        if DRAIN.armed:
+            self.cut = DrainCut(task, record)
+            DRAIN.enter(self.cut)
+
+    async def attempt(self, upstream: Upstream) -> tuple[httpx.Request, httpx.Response]:
+        assert self.plan is not None
+        request = self.proxy.upstream_request(self.plan, self.content, upstream)
+        response = await self.proxy._send(request)
+        if self.body_done is not None:
+            # The head is in: the upload is over (whole, or stopped by an early
+            # answer, its rest left unread), so the watcher takes receive() now.
+            self.body_done.set()
+        return request, response
+
+    def upload_over(self) -> None:
+        pass
+
+    async def gone(self) -> None:
+        self.record.client_gone = True
+
+    async def abandon(self, response: httpx.Response, exc: ProxyError | None) -> None:
+        try:
+            if exc is not None:
+                await self.problem(exc)
+        finally:
+            await response.aclose()
+
+    async def relay(self, head: ResponseHead, response: httpx.Response,
+                    exchange: Exchange | None) -> None:
+        try:
+            raw = response.stream
+            # Our own transport's stream is raw already: skip httpx's wrappers.
+            stream: AsyncIterable[bytes] = (
+                raw if self.proxy._transport is not None
+                and isinstance(raw, httpx.AsyncByteStream) else response.aiter_raw())
+            await self.proxy._relay(stream, head, self.send, self.record, exchange)
+        finally:
+            await response.aclose()
+
+    def close(self) -> None:
+        if self.cut is not None:
+            DRAIN.leave(self.cut)
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 async def _send_body(send: Send, chunk: bytes, more: bool, record: RequestRecord) -> bool:

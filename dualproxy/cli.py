@@ -157,7 +157,7 @@ def _sub_pair(value: str) -> tuple[str, str]:
 
 
 def _media_type(value: str) -> str:
-    from .filters.transforms import check_types
+    from .config import check_types
 
     try:
         return check_types(value)[0]

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     import ssl
 
     from .filters.base import Filter
-    from .filters.compress import Compression
     from .hooks import RequestHook, ResponseHook
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -256,7 +255,7 @@ class ProxyConfig:
              else tuple(u.url for u in upstreams))
         set_(self, "upstreams", upstreams)
         _check_pool_options(self)
-        from .filters.ratelimit import Limits
+        from .rates import Limits
 
         Limits.from_config(self)  # ValueError naming a bad rate option
         _check_sub_filter(self)
@@ -346,22 +345,31 @@ def _text_bytes(value: str | bytes) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else bytes(value)
 
 
-def _check_sub_filter(config: ProxyConfig) -> None:
-    """The sub_filter table and types, as SubFilter checks them (ValueError)."""
-    if config.sub_filter or config.sub_filter_types:
-        from .filters.transforms import sub_filter
+def check_types(types: Iterable[str] | str) -> tuple[str, ...]:
+    """Media types as a filter matches them, lower-cased (ValueError when malformed)."""
+    if isinstance(types, str):
+        types = (types,)
+    out = tuple(t.strip().lower() for t in types)
+    for t in out:
+        if t.count("/") != 1 or not all(t.split("/")) or t.startswith("*/") and t != "*/*":
+            raise ValueError(f"a media type is 'type/subtype' or 'type/*', got {t!r}")
+    return out
 
-        try:
-            made = sub_filter(config)
-        except ValueError as exc:
-            raise ValueError(f"sub_filter: {exc}") from None
-        if made is None:
-            raise ValueError("sub_filter_types needs sub_filter (the patterns to replace)")
+
+def _check_sub_filter(config: ProxyConfig) -> None:
+    """The sub_filter table and types, by the rules SubFilter applies (ValueError);
+    checked here so that config needs no filter (filters/transforms.py imports it)."""
+    if config.sub_filter_types and not config.sub_filter:
+        raise ValueError("sub_filter_types needs sub_filter (the patterns to replace)")
+    try:
+        if any(not pattern for pattern, _ in config.sub_filter):
+            raise ValueError("a replacement's pattern must not be empty")
+        check_types(config.sub_filter_types)
+    except ValueError as exc:
+        raise ValueError(f"sub_filter: {exc}") from None
 
 
 def _check_compress(setting: object) -> None:
-    from .filters.compress import Compression
-
     if not isinstance(setting, (bool, Compression)):
         raise ValueError(f"compress must be True, False or a Compression, "
                          f"got {type(setting).__name__}")
@@ -395,3 +403,68 @@ def _check_pool_options(config: ProxyConfig) -> None:
         check_mount(config.health_path, "health_path")
     if config.cert is not None and not any(u.tls for u in config.upstreams):
         raise ValueError("cert (mutual TLS) needs an https upstream")
+
+
+# -- compression settings (the filter: filters/compress.py) --------------------------------
+
+#: Compressed when the body is at least this long (bytes), if its length is known.
+#: Below about a kilobyte the saving is a few hundred bytes at most, and the
+#: response fits one TCP segment either way (nginx's docs suggest 1000; Caddy's
+#: default is 512).
+DEFAULT_MIN_LENGTH = 1024
+
+#: The media types compressed by default (the type without its parameters):
+#: text, and the structured and script types that are text underneath. `type/*`
+#: matches a whole type, `type/*+suffix` a structured-syntax suffix (RFC 6838 4.2.8).
+DEFAULT_TYPES: tuple[str, ...] = (
+    "text/*",                        # html, css, plain, csv, event-stream, javascript...
+    "application/json", "application/*+json", "application/x-ndjson",
+    "application/javascript", "application/x-javascript", "application/ecmascript",
+    "application/xml", "application/*+xml",   # xhtml, rss, atom, soap...
+    "image/svg+xml", "image/x-icon", "image/vnd.microsoft.icon", "image/bmp",
+    "application/wasm",
+    "application/yaml", "application/toml", "application/x-www-form-urlencoded",
+    "application/rtf", "application/x-sh", "application/graphql",
+    "font/ttf", "font/otf", "application/vnd.ms-fontobject",  # woff/woff2 are compressed
+)
+
+#: Our preference among codings a client accepts equally (RFC 9110 leaves ties to
+#: the server): zstd compresses fastest, br best for the same time, gzip everywhere.
+PREFERENCE: tuple[str, ...] = ("zstd", "br", "gzip")
+
+
+@dataclass(frozen=True)
+class Compression:
+    """What `compress=` accepts besides True (the defaults below).
+
+    `min_length`: bodies whose Content-Length is smaller pass uncompressed (a body
+    without one, streamed, is compressed). `types`: the media types compressed
+    (`text/*`, `application/*+json` patterns allowed). `codings`: the codings
+    offered, in our order of preference for ties; one this process cannot encode
+    (br without `brotli`, zstd without `zstandard`) is never offered.
+    """
+
+    min_length: int = DEFAULT_MIN_LENGTH
+    types: Sequence[str] = DEFAULT_TYPES
+    codings: Sequence[str] = PREFERENCE
+
+    def __post_init__(self) -> None:
+        if isinstance(self.min_length, bool) or not isinstance(self.min_length, int) \
+                or self.min_length < 0:
+            raise ValueError(f"compress min_length must be an integer >= 0, "
+                             f"got {self.min_length!r}")
+        for what, values in (("types", self.types), ("codings", self.codings)):
+            if isinstance(values, str):
+                raise ValueError(f"compress {what} must be a list of strings, not one string")
+        if not all(isinstance(v, str) for v in (*self.types, *self.codings)):
+            raise ValueError("compress types and codings must be lists of strings")
+        unknown = [c for c in self.codings if c.strip().lower() not in PREFERENCE]
+        if unknown:
+            raise ValueError(f"compress codings: {', '.join(map(repr, unknown))} unknown "
+                             f"(known: {', '.join(PREFERENCE)})")
+        for pattern in self.types:
+            if pattern.count("/") != 1 or not all(pattern.split("/")):
+                raise ValueError(f"compress types: {pattern!r} is not a media type "
+                                 "(type/subtype, type/* or type/*+suffix)")
+        object.__setattr__(self, "types", tuple(t.strip().lower() for t in self.types))
+        object.__setattr__(self, "codings", tuple(c.strip().lower() for c in self.codings))

@@ -3,20 +3,20 @@
 httpx's `BaseClient` idea: `ProxyFace` holds the configuration, the client's
 life cycle and every step of a request that does no I/O; `AsyncProxy` and
 `SyncProxy` add only translation (scope or environ in, messages or an iterable
-out) and the waiting. One request goes, on both faces, in this order:
+out) and the waiting. The order of the steps is the exchange's (exchange.py,
+one flow both faces drive):
 
 1. the face describes what its server received (an `IncomingRequest`);
 2. `begin` opens the access-log record, `plan` asks the core for the upstream
-   plan, then the face runs the request hooks (sync or async loop, hooks.py);
+   plan, `exchange` gives the filters their view of it (filters/);
 3. `choose` takes an upstream from the pool (balancer.py) and
-   `upstream_request` builds the httpx request for it; the face sends it inside
-   `map_upstream_errors` (one exception-to-status map, errors.py); a failure
-   before the head goes to `retry`, which counts it against that upstream and
-   names another one when the core says resending is safe;
+   `upstream_request` builds the httpx request for it; a failure before the
+   head goes to `retry`, which counts it against that upstream and names
+   another one when the core says resending is safe;
 4. `response_head` records the upstream status, switches to the idle timeout
-   and asks the core for the head; the face runs the response hooks;
-5. the face relays the body inside `map_stream_errors`; `refuse` and `finish`
-   write the log lines; `finish` also ends the request's in-flight count.
+   and asks the core for the head (`answer_head`: a filter's own answer's);
+5. `refuse` and `finish` write the log lines; `finish` also runs the filters'
+   `on_end` and ends the request's in-flight count.
 """
 
 from __future__ import annotations

@@ -17,36 +17,36 @@ from urllib.parse import quote
 
 import httpx
 
-from .core import BodyCounter, IncomingRequest, UpstreamPlan, client_stalled, discard_budget
+from .body_input import body_reader, client_left, read_size
+from .core import (
+    BodyCounter,
+    IncomingRequest,
+    ResponseHead,
+    UpstreamPlan,
+    client_stalled,
+    discard_budget,
+)
 from .drain import DRAIN
 from .errors import (
     ClientDisconnected,
     IncompleteBody,
-    NotProxied,
     ProxyError,
     ShuttingDown,
     UpstreamBroken,
     describe,
     map_stream_errors,
-    map_upstream_errors,
 )
+from .exchange import drive_sync, handshake_flow, http_flow
 from .face import ProxyFace, make_sync_client
-from .filters import Answer, Exchange
-from .filters.chain import BodyPipeline, run_sync, transformed
-from .hooks import run_request_hooks
+from .filters import Exchange
+from .filters.chain import BodyPipeline, transformed
 from .http1 import CLIENT_WATCH, ClientWatch
 from .logs import RequestRecord
-from .servers.gunicorn_body import (
-    DIRECT_READ,
-    GunicornLengthInput,
-    client_left,
-    request_body_input,
-)
 from .target import app_mount
 from .types import Environ, StartResponse, WSGIApp
 from .upstreams import Upstream
-from .websocket.handshake import is_websocket_request, plan_handshake
-from .websocket.tunnel import TUNNELS, answer_handshake
+from .websocket.handshake import is_websocket_request
+from .websocket.tunnel import TunnelSteps
 
 T = TypeVar("T")
 
@@ -161,148 +161,14 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         incoming = incoming_from_environ(environ)
         record = self.begin(incoming)
         # The environ lookup spares plain requests the header scan.
-        websocket = "HTTP_UPGRADE" in environ and is_websocket_request(incoming.headers)
-        try:
-            exchange: Exchange | None = None
-            if websocket:
-                plan = run_request_hooks(self.config.request_hooks, plan_handshake(
-                    self.config, incoming, routes=self.routes))
-            else:
-                plan = self.plan(incoming)
-                if self.chain:
-                    exchange = self.exchange(incoming, record, plan)
-                    answer = run_sync(self.chain.request(exchange))
-                    assert exchange.plan is not None
-                    plan = exchange.plan
-                    if answer is not None:
-                        return self._answer(exchange, answer, start_response, environ)
-        except NotProxied as exc:
-            if self.fallback is not None:
-                self.pass_on(record)
-                return self.fallback(environ, start_response)
-            return self._problem(start_response, exc, record, environ)
-        except ProxyError as exc:
-            return self._problem(start_response, exc, record, environ)
-        if websocket:
+        if "HTTP_UPGRADE" in environ and is_websocket_request(incoming.headers):
+            tunnel = TunnelPort(self, environ, start_response, record)
             try:
-                with TUNNELS.slot() as slot:
-                    return slot.keep(self.attempts(record, plan, lambda upstream: answer_handshake(
-                        self.config, plan, environ, start_response, record, self, upstream)))
-            except ProxyError as exc:
-                return self._problem(start_response, exc, record, environ)
-
-        counter: BodyCounter | None = None
-        body_input: Any = None
-        content: Iterator[bytes] | None = None
-        client_sock = environ.get("gunicorn.socket")
-        if not isinstance(client_sock, socket.socket):
-            client_sock = None
-        gone = environ.get(CLIENT_GONE_KEY)
-        restore_timeout: float | None = None
-        if plan.has_body:
-            counter = BodyCounter(plan, self.config)
-            body_input = request_body_input(environ)
-            content = _request_body(body_input, counter, self.config.chunk_size, record,
-                                    self.config.client_timeout)
-            if exchange is not None and exchange._request_pipeline is not None:
-                content = transformed(exchange._request_pipeline, content)
-            seconds = self.config.client_timeout
-            if client_sock is not None:  # gunicorn: its reads of the body time out
-                restore_timeout = client_sock.gettimeout()
-                client_sock.settimeout(seconds)
-            elif gone is not None:  # the bridge: it times each receive() out
-                environ["asgi.scope"][CLIENT_TIMEOUT_KEY] = seconds
-        stop_fd = DRAIN.wake_fd() if DRAIN.armed else None
-        watch = (ClientWatch(client_sock, gone, stop_fd)
-                 if client_sock is not None or gone is not None or stop_fd is not None
-                 else None)
-        upload = UploadCut(record, client_sock, gone) if plan.has_body and DRAIN.armed else None
-        if upload is not None:
-            DRAIN.enter(upload)
-
-        def send_to(upstream: Upstream) -> tuple[httpx.Request, httpx.Response]:
-            request = self.upstream_request(plan, content, upstream)
-            if watch is not None:
-                request.extensions[CLIENT_WATCH] = watch
-            return request, self._send(request)
-
-        try:
-            with map_upstream_errors():
-                request, response = self.attempts(record, plan, send_to)
-        except ProxyError as exc:
-            # record.shutdown: the upload was cut at the graceful timeout.
-            problem = ShuttingDown() if record.shutdown else exc
-            if counter is not None:
-                _discard(body_input, discard_budget(counter, problem), self.config.chunk_size)
-            return self._problem(start_response, problem, record, environ)
-        except ClientDisconnected:
-            if record.shutdown:
-                return self._problem(start_response, ShuttingDown(), record, environ)
-            # Nobody is left to read an answer, but WSGI still wants one.
-            record.client_gone = True
-            self.finish(record)
-            return problem_response(start_response, IncompleteBody("the client went away"),
-                                    environ)
-        finally:
-            if upload is not None:
-                DRAIN.leave(upload)
-            if client_sock is not None and plan.has_body:
-                # The upload is over (or stopped by an early answer): the response's
-                # writes wait for a slow reader as long as it takes.
-                client_sock.settimeout(restore_timeout)
-        try:
-            head = self.response_head(record, plan, request, response)
-            if exchange is not None:
-                head = run_sync(self.chain.response(exchange, head))
-            # Inside the try: a server that refuses the head (a header value it
-            # rejects) must not leave the upstream response, and its pool slot, open.
-            start_response(head.status_line, _str_headers(head.headers))
-        except ProxyError as exc:
-            response.close()
-            return self._problem(start_response, exc, record, environ)
-        except BaseException:
-            response.close()
-            self.finish(record)
-            raise
-        record.status = head.status
-        body = ResponseBody(response, plan, record, self.finish, head.has_body, gone)
-        body.client_socket = client_sock
-        body.raw_stream = self._transport is not None
-        if exchange is not None:
-            body.pipeline = exchange._response_pipeline
-        return body
-
-    def _answer(self, exchange: Exchange, answer: Answer, start_response: StartResponse,
-                environ: Environ) -> Iterable[bytes]:
-        """A filter's own answer, through the filters outside it, to the client."""
-        record = exchange.record
-        try:
-            head = run_sync(self.chain.response(exchange, self.answer_head(exchange, answer)))
-            start_response(head.status_line, _str_headers(head.headers))
-        except ProxyError as exc:
-            return self._problem(start_response, exc, record, environ)
-        except BaseException:
-            self.finish(record)
-            raise
-        body = answer.body
-        if not isinstance(body, (bytes, Iterable)):
-            self.finish(record)
-            raise TypeError("an async Answer body on the sync face")
-        return AnswerBody(body, exchange, self.finish, head.has_body)
-
-    def attempts(self, record: RequestRecord, plan: UpstreamPlan,
-                 attempt: Callable[[Upstream], T]) -> T:
-        """`attempt` on an upstream of the pool, then on others while `retry` allows."""
-        tried: list[Upstream] = []
-        upstream = self.choose(record)
-        while True:
-            try:
-                return attempt(upstream)
-            except Exception as exc:
-                after = self.retry(record, plan, tried, exc)
-                if after is None:
-                    raise
-                upstream = after
+                return drive_sync(handshake_flow(self, incoming, record, tunnel))
+            finally:
+                tunnel.close()
+        return drive_sync(http_flow(self, incoming, record,
+                                    HttpPort(self, environ, start_response, record)))
 
     def _problem(
         self, start_response: StartResponse, exc: ProxyError, record: RequestRecord,
@@ -311,6 +177,149 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
         self.refuse(record, exc)
         self.finish(record)
         return problem_response(start_response, exc, environ)
+
+
+class Port:
+    """What a WSGI exchange and a WebSocket handshake answer alike: the fallback,
+    a problem, a filter's own answer (exchange.HttpPort/HandshakePort)."""
+
+    def __init__(self, proxy: SyncProxy, environ: Environ, start_response: StartResponse,
+                 record: RequestRecord) -> None:
+        self.proxy, self.environ, self.start_response = proxy, environ, start_response
+        self.record = record
+
+    def fallback(self) -> Iterable[bytes]:
+        assert self.proxy.fallback is not None
+        return self.proxy.fallback(self.environ, self.start_response)
+
+    def problem(self, exc: ProxyError) -> Iterable[bytes]:
+        return self.proxy._problem(self.start_response, exc, self.record, self.environ)
+
+    def answer(self, exchange: Exchange, head: ResponseHead, body: Any) -> Iterable[bytes]:
+        """A filter's own answer, through the filters outside it, to the client."""
+        if not isinstance(body, (bytes, Iterable)):
+            self.proxy.finish(self.record)
+            raise TypeError("an async Answer body on the sync face")
+        try:
+            self.start_response(head.status_line, _str_headers(head.headers))
+        except BaseException:
+            self.proxy.finish(self.record)
+            raise
+        self.record.status = head.status
+        return AnswerBody(body, exchange, self.proxy.finish, head.has_body)
+
+
+class HttpPort(Port):
+    """One HTTP exchange's I/O on the WSGI face (exchange.HttpPort): the body read
+    from `wsgi.input` (or the server's faster reader), the client watch, the drain's
+    upload cut, and the response iterable."""
+
+    plan: UpstreamPlan
+    counter: BodyCounter | None = None
+    body_input: Any = None
+    content: Iterator[bytes] | None = None
+    client_sock: socket.socket | None = None
+    gone_event: threading.Event | None = None
+    watch: ClientWatch | None = None
+    upload_cut: UploadCut | None = None
+    restore: bool = False
+    restore_timeout: float | None = None
+
+    def upload(self, plan: UpstreamPlan, exchange: Exchange | None) -> None:
+        environ, config, record = self.environ, self.proxy.config, self.record
+        self.plan = plan
+        client_sock = environ.get("gunicorn.socket")
+        if not isinstance(client_sock, socket.socket):
+            client_sock = None
+        self.client_sock = client_sock
+        self.gone_event = gone = environ.get(CLIENT_GONE_KEY)
+        if plan.has_body:
+            self.counter = BodyCounter(plan, config)
+            self.body_input = body_reader(environ)
+            content = _request_body(self.body_input, self.counter, config.chunk_size, record,
+                                    config.client_timeout)
+            if exchange is not None and exchange._request_pipeline is not None:
+                content = transformed(exchange._request_pipeline, content)
+            self.content = content
+            seconds = config.client_timeout
+            if client_sock is not None:  # gunicorn: its reads of the body time out
+                self.restore, self.restore_timeout = True, client_sock.gettimeout()
+                client_sock.settimeout(seconds)
+            elif gone is not None:  # the bridge: it times each receive() out
+                environ["asgi.scope"][CLIENT_TIMEOUT_KEY] = seconds
+        stop_fd = DRAIN.wake_fd() if DRAIN.armed else None
+        if client_sock is not None or gone is not None or stop_fd is not None:
+            self.watch = ClientWatch(client_sock, gone, stop_fd)
+        if plan.has_body and DRAIN.armed:
+            self.upload_cut = UploadCut(record, client_sock, gone)
+            DRAIN.enter(self.upload_cut)
+
+    def attempt(self, upstream: Upstream) -> tuple[httpx.Request, httpx.Response]:
+        request = self.proxy.upstream_request(self.plan, self.content, upstream)
+        if self.watch is not None:
+            request.extensions[CLIENT_WATCH] = self.watch
+        return request, self.proxy._send(request)
+
+    def refused(self, exc: ProxyError) -> Iterable[bytes]:
+        # record.shutdown: the upload was cut at the graceful timeout.
+        problem = ShuttingDown() if self.record.shutdown else exc
+        if self.counter is not None:
+            budget = discard_budget(self.counter, problem)
+            _discard(self.body_input, budget, self.proxy.config.chunk_size)
+        self.upload_over()
+        return self.problem(problem)
+
+    def gone(self) -> Iterable[bytes]:
+        self.upload_over()
+        if self.record.shutdown:
+            return self.problem(ShuttingDown())
+        # Nobody is left to read an answer, but WSGI still wants one.
+        self.record.client_gone = True
+        self.proxy.finish(self.record)
+        return problem_response(self.start_response, IncompleteBody("the client went away"),
+                                self.environ)
+
+    def upload_over(self) -> None:
+        if self.upload_cut is not None:
+            DRAIN.leave(self.upload_cut)
+            self.upload_cut = None
+        if self.restore:
+            # The upload is over (or stopped by an early answer): the response's
+            # writes wait for a slow reader as long as it takes.
+            self.restore = False
+            assert self.client_sock is not None
+            self.client_sock.settimeout(self.restore_timeout)
+
+    def abandon(self, response: httpx.Response, exc: ProxyError | None) -> Iterable[bytes]:
+        response.close()
+        if exc is not None:
+            return self.problem(exc)
+        self.proxy.finish(self.record)
+        return ()
+
+    def relay(self, head: ResponseHead, response: httpx.Response,
+              exchange: Exchange | None) -> Iterable[bytes]:
+        record = self.record
+        try:
+            # A server that refuses the head (a header value it rejects) must not
+            # leave the upstream response, and its pool slot, open.
+            self.start_response(head.status_line, _str_headers(head.headers))
+        except BaseException:
+            response.close()
+            self.proxy.finish(record)
+            raise
+        record.status = head.status
+        body = ResponseBody(response, self.plan, record, self.proxy.finish, head.has_body,
+                            self.gone_event)
+        body.client_socket = self.client_sock
+        body.raw_stream = self.proxy._transport is not None
+        if exchange is not None:
+            body.pipeline = exchange._response_pipeline
+        return body
+
+
+class TunnelPort(Port, TunnelSteps):
+    """One WebSocket handshake's I/O on the WSGI face (exchange.HandshakePort)."""
 
 
 class UploadCut:
@@ -516,8 +525,7 @@ def _request_body(
     reset, malformed chunking), times out (`client_timeout`, core.client_stalled)
     or ends short aborts the upload: the upstream never sees a cut body completed.
     """
-    if isinstance(stream, GunicornLengthInput):
-        chunk_size = max(chunk_size, DIRECT_READ)  # its reads never wait for a full piece
+    chunk_size = read_size(stream, chunk_size)  # a direct reader never waits for a full piece
     while True:
         remaining = counter.remaining()
         size = chunk_size if remaining is None else min(chunk_size, remaining)

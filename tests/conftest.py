@@ -315,6 +315,12 @@ class ProxyProcess:
         stop_group(self.proc)
         self._log.close()
 
+    def __enter__(self) -> ProxyProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 @pytest.fixture(scope="session")
 def upstream() -> Iterator[Upstream]:

@@ -443,8 +443,6 @@ upstream = "{upstream.url}"
     assert free.status_code == 200 and "ratelimit" not in free.headers
 
 
-@pytest.mark.xfail(reason="needs the one-exchange refactor: WebSocket handshakes run the "
-                          "chain", strict=True)
 def test_websocket_handshakes_count(make_proxy: MakeProxy) -> None:
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect

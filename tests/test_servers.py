@@ -8,6 +8,7 @@ fall back otherwise; and no module imports from a layer above its own.
 from __future__ import annotations
 
 import ast
+import io
 import re
 import socket
 import subprocess
@@ -91,6 +92,24 @@ def test_gunicorn_direct_upload_path_on_tested_releases_only(
     assert body.read(5) == b"hello"
 
 
+def test_the_wsgi_face_gets_gunicorns_reader_through_the_registry(
+        gunicorn_body_of: Callable[[bytes], Any]) -> None:
+    """The server layer offers its reader (body_input.py); the face asks the registry."""
+    from dualproxy import body_input
+
+    assert body_input.read_size(object(), 4096) == 4096
+    reader = body_input.body_reader({"wsgi.input": gunicorn_body_of(b"hello")})
+    assert isinstance(reader, gunicorn_body.GunicornLengthInput)  # registered on import
+    assert body_input.read_size(reader, 4096) == gunicorn_body.DIRECT_READ
+    other = io.BytesIO(b"x")
+    assert body_input.body_reader({"wsgi.input": other}) is other
+
+
+def test_the_wsgi_face_imports_no_server_module() -> None:
+    wsgi = PACKAGE / "wsgi.py"
+    assert not {name for name in _imported(wsgi) if name == "servers"}
+
+
 def test_gunicorn_direct_upload_path_reads_the_body(
         gunicorn_body_of: Callable[[bytes], Any]) -> None:
     direct = gunicorn_body.GunicornLengthInput.recognise(gunicorn_body_of(b"hello world"))
@@ -104,9 +123,9 @@ def test_gunicorn_direct_upload_path_reads_the_body(
 # Lower numbers are lower layers; a module may import its own layer and those below.
 LAYERS = {
     0: {"types", "upstreams", "config", "errors", "target", "framing", "headers", "core", "hooks",
-        "logs", "routes", "balancer", "wire", "rules"},
-    1: {"servers", "http1", "metrics", "drain", "filters"},
-    2: {"face", "asgi", "wsgi", "websocket", "router", "health", "pools"},
+        "logs", "routes", "balancer", "wire", "rules", "rates"},
+    1: {"servers", "http1", "metrics", "drain", "filters", "body_input"},
+    2: {"face", "exchange", "asgi", "wsgi", "websocket", "router", "health", "pools"},
     3: {"flask", "fastapi", "bridge", "workers"},
     4: {"cli", "launch", "configfile", "demo", "__main__", "__init__"},
 }
@@ -165,7 +184,10 @@ def test_imports_point_down(module: Path) -> None:
 
 def test_the_core_imports_no_face_server_or_transport() -> None:
     for name in LAYERS[0]:
-        imported = _imported(PACKAGE / f"{name}.py")
+        package = PACKAGE / name
+        modules = sorted(package.rglob("*.py")) if package.is_dir() else [
+            PACKAGE / f"{name}.py"]
+        imported = set().union(*(_imported(module) for module in modules))
         assert imported <= LAYERS[0], (name, imported - LAYERS[0])
 
 

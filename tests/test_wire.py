@@ -15,6 +15,7 @@ import re
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import h11
 import pytest
@@ -22,10 +23,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dualproxy.config import ProxyConfig
-from dualproxy.core import IncomingRequest, ResponseHead, plan_request
+from dualproxy.core import IncomingRequest, ResponseHead, UpstreamPlan, plan_request
 from dualproxy.errors import InvalidHead, map_upstream_errors
-from dualproxy.hooks import run_request_hooks, run_response_hooks
+from dualproxy.filters import Chain, Exchange
+from dualproxy.filters.chain import run_sync
+from dualproxy.filters.hooked import hook_filters
 from dualproxy.http1 import ClientConnection, LocalProtocolError
+from dualproxy.logs import RequestRecord
 from dualproxy.wire import WireError, head_problem, serialised_head_ok
 from tests.conftest import ProxyProcess
 from tests.rawhttp import exchange, request_bytes, wait_until
@@ -116,6 +120,22 @@ def test_other_controls_and_obs_text_pass_as_nginx_passes_them() -> None:
 
 CONFIG = ProxyConfig.build("http://127.0.0.1:9")
 INCOMING = IncomingRequest("GET", b"/x", [(b"host", b"front")], "127.0.0.1")
+
+
+def run_request_hooks(hooks: list[Any], plan: UpstreamPlan) -> UpstreamPlan:
+    """The hooks as the faces run them: filters of the route's chain."""
+    exchange = Exchange(plan.incoming, RequestRecord(plan.incoming))
+    exchange.plan = plan
+    run_sync(Chain(hook_filters(hooks, [])).request(exchange))
+    assert exchange.plan is not None
+    return exchange.plan
+
+
+def run_response_hooks(hooks: list[Any], plan: UpstreamPlan,
+                       head: ResponseHead) -> ResponseHead:
+    exchange = Exchange(plan.incoming, RequestRecord(plan.incoming))
+    exchange.plan = plan
+    return run_sync(Chain(hook_filters([], hooks)).response(exchange, head))
 
 
 def add_in_place(plan: object) -> None:

@@ -47,8 +47,8 @@ def build_chain(config: ProxyConfig) -> Chain:
     2. the user's `filters=`, in the order given;
     3. the request and response hooks (hooks.py), in the order given.
     """
-    from ..hooks import hook_filters
     from .compress import compress_filter
+    from .hooked import hook_filters
     from .ratelimit import rate_limit
     from .transforms import sub_filter
 

@@ -408,6 +408,19 @@ def transformed(pipeline: BodyPipeline | None, chunks: Iterable[bytes]) -> Itera
         yield tail
 
 
+async def achunks(body: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """A filter's answer body as async chunks: bytes, or a sync or async iterable."""
+    if isinstance(body, bytes):
+        if body:
+            yield body
+    elif isinstance(body, AsyncIterable):
+        async for chunk in body:
+            yield chunk
+    else:
+        for chunk in body:
+            yield chunk
+
+
 async def atransformed(pipeline: BodyPipeline | None,
                        chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
     """An async body through `pipeline`."""

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..config import DEFAULT_MIN_LENGTH, DEFAULT_TYPES, PREFERENCE, Compression
 from ..core import ResponseHead
 from ..headers import Header
 from .base import Exchange, Filter
@@ -29,67 +29,9 @@ from .codings import encodable, encoder
 if TYPE_CHECKING:
     from ..config import ProxyConfig
 
-#: Compressed when the body is at least this long (bytes), if its length is known.
-#: Below about a kilobyte the saving is a few hundred bytes at most, and the
-#: response fits one TCP segment either way (nginx's docs suggest 1000; Caddy's
-#: default is 512).
-DEFAULT_MIN_LENGTH = 1024
-
-#: The media types compressed by default (the type without its parameters):
-#: text, and the structured and script types that are text underneath. `type/*`
-#: matches a whole type, `type/*+suffix` a structured-syntax suffix (RFC 6838 4.2.8).
-DEFAULT_TYPES: tuple[str, ...] = (
-    "text/*",                        # html, css, plain, csv, event-stream, javascript...
-    "application/json", "application/*+json", "application/x-ndjson",
-    "application/javascript", "application/x-javascript", "application/ecmascript",
-    "application/xml", "application/*+xml",   # xhtml, rss, atom, soap...
-    "image/svg+xml", "image/x-icon", "image/vnd.microsoft.icon", "image/bmp",
-    "application/wasm",
-    "application/yaml", "application/toml", "application/x-www-form-urlencoded",
-    "application/rtf", "application/x-sh", "application/graphql",
-    "font/ttf", "font/otf", "application/vnd.ms-fontobject",  # woff/woff2 are compressed
-)
-
-#: Our preference among codings a client accepts equally (RFC 9110 leaves ties to
-#: the server): zstd compresses fastest, br best for the same time, gzip everywhere.
-PREFERENCE: tuple[str, ...] = ("zstd", "br", "gzip")
-
-
-@dataclass(frozen=True)
-class Compression:
-    """What `compress=` accepts besides True (the defaults below).
-
-    `min_length`: bodies whose Content-Length is smaller pass uncompressed (a body
-    without one, streamed, is compressed). `types`: the media types compressed
-    (`text/*`, `application/*+json` patterns allowed). `codings`: the codings
-    offered, in our order of preference for ties; one this process cannot encode
-    (br without `brotli`, zstd without `zstandard`) is never offered.
-    """
-
-    min_length: int = DEFAULT_MIN_LENGTH
-    types: Sequence[str] = DEFAULT_TYPES
-    codings: Sequence[str] = PREFERENCE
-
-    def __post_init__(self) -> None:
-        if isinstance(self.min_length, bool) or not isinstance(self.min_length, int) \
-                or self.min_length < 0:
-            raise ValueError(f"compress min_length must be an integer >= 0, "
-                             f"got {self.min_length!r}")
-        for what, values in (("types", self.types), ("codings", self.codings)):
-            if isinstance(values, str):
-                raise ValueError(f"compress {what} must be a list of strings, not one string")
-        if not all(isinstance(v, str) for v in (*self.types, *self.codings)):
-            raise ValueError("compress types and codings must be lists of strings")
-        unknown = [c for c in self.codings if c.strip().lower() not in PREFERENCE]
-        if unknown:
-            raise ValueError(f"compress codings: {', '.join(map(repr, unknown))} unknown "
-                             f"(known: {', '.join(PREFERENCE)})")
-        for pattern in self.types:
-            if pattern.count("/") != 1 or not all(pattern.split("/")):
-                raise ValueError(f"compress types: {pattern!r} is not a media type "
-                                 "(type/subtype, type/* or type/*+suffix)")
-        object.__setattr__(self, "types", tuple(t.strip().lower() for t in self.types))
-        object.__setattr__(self, "codings", tuple(c.strip().lower() for c in self.codings))
+# The settings (config.py, which checks them at construction): re-exported here.
+__all__ = ["DEFAULT_MIN_LENGTH", "DEFAULT_TYPES", "PREFERENCE", "Compress", "Compression",
+           "compress_filter"]
 
 
 def compress_filter(config: ProxyConfig) -> Compress | None:

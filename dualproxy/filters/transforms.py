@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, TypeAlias
 
+from ..config import check_types
 from ..core import ResponseHead
 from ..headers import Header
 from .base import BodyTransform, Exchange, Filter
@@ -58,17 +59,6 @@ def media_type(headers: Iterable[Header]) -> str | None:
 
 def _types(types: Iterable[str] | str | None) -> tuple[str, ...] | None:
     return None if types is None else check_types(types)
-
-
-def check_types(types: Iterable[str] | str) -> tuple[str, ...]:
-    """Media types as a filter matches them, lower-cased (ValueError when malformed)."""
-    if isinstance(types, str):
-        types = (types,)
-    out = tuple(t.strip().lower() for t in types)
-    for t in out:
-        if t.count("/") != 1 or not all(t.split("/")) or t.startswith("*/") and t != "*/*":
-            raise ValueError(f"a media type is 'type/subtype' or 'type/*', got {t!r}")
-    return out
 
 
 def type_matches(types: tuple[str, ...] | None, headers: Iterable[Header]) -> bool:

@@ -37,7 +37,7 @@ from gunicorn.workers.gthread import ThreadWorker as _StockWorker
 
 from ..drain import DRAIN
 from ..errors import ProxyError
-from . import is_tested
+from . import gunicorn_body, is_tested
 from .limits import HEAD_LIMIT, LINGER, HeadTimeout, head_too_large, header_timeout, raw_problem
 
 READ_SIZE = 65536
@@ -74,6 +74,11 @@ class _ErrorPage:
     def status(self) -> int | None:
         parts = self.written.split(b" ", 2)
         return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+
+
+# The WSGI face reads request bodies through the registry (body_input.py): this
+# worker's processes get gunicorn's direct reader.
+_ = gunicorn_body.GunicornSource
 
 
 class ThreadWorker(_StockWorker):  # type: ignore[misc]

@@ -1,7 +1,10 @@
 """gunicorn's request body read straight off the socket (a private-internals speed-up).
 
-Used by the WSGI face under gunicorn only, and only on the gunicorn releases
-the suite tests (`servers.TESTED`); anywhere else the face reads `wsgi.input`.
+Offered to the WSGI face through the body-input registry (body_input.py) when
+this module is imported (servers/gunicorn.py does, for `dualproxy serve`; an app
+run under a gunicorn of its own may import it too), and used only on the
+gunicorn releases the suite tests (`servers.TESTED`); anywhere else the face
+reads `wsgi.input`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import socket
 import sys
 from typing import Any
 
-from ..types import Environ
+from .. import body_input
 from . import is_tested
 
 # Largest read from the client socket when gunicorn's input is read directly.
@@ -34,6 +37,8 @@ class GunicornLengthInput:
     """
 
     __slots__ = ("body", "reader", "unreader", "sock")
+    # Its reads return what has arrived: a big one costs a slow upload nothing.
+    direct_read = DIRECT_READ
 
     def __init__(self, body: Any, reader: Any, unreader: Any, sock: socket.socket) -> None:
         self.body = body
@@ -110,6 +115,8 @@ def client_left(exc: BaseException) -> bool:
     input; its errors for a malformed chunk are OSErrors too, so the class decides."""
     if isinstance(exc, ConnectionError):
         return True
+    if "gunicorn" not in sys.modules:  # not under gunicorn: not its reader's error
+        return False
     try:
         from gunicorn.http.errors import NoMoreData
     except ImportError:  # no gunicorn: not its reader
@@ -117,7 +124,11 @@ def client_left(exc: BaseException) -> bool:
     return isinstance(exc, NoMoreData)
 
 
-def request_body_input(environ: Environ) -> Any:
-    """Where to read the request body: gunicorn's socket directly when safe, else wsgi.input."""
-    stream = environ["wsgi.input"]
-    return GunicornLengthInput.recognise(stream) or stream
+class GunicornSource:
+    """This module's offer to the WSGI face (body_input.BodySource)."""
+
+    recognise = staticmethod(GunicornLengthInput.recognise)
+    client_left = staticmethod(client_left)
+
+
+body_input.register(GunicornSource())

@@ -24,11 +24,13 @@ from websockets.frames import EXTERNAL_CLOSE_CODES
 from websockets.http11 import Request
 
 from ..config import ProxyConfig
-from ..core import IncomingRequest, plan_response
+from ..core import IncomingRequest, ResponseHead, UpstreamPlan, plan_response
 from ..drain import DRAIN, call_in_loop
-from ..errors import BadGateway, GatewayTimeout, InvalidHead, NotProxied, ProxyError, describe
+from ..errors import BadGateway, GatewayTimeout, InvalidHead, ProxyError, describe
+from ..exchange import drive_async, handshake_flow
+from ..filters import Exchange
+from ..filters.chain import achunks, atransformed
 from ..headers import Header
-from ..hooks import arun_request_hooks, arun_response_hooks
 from ..http1.tls import upstream_context, verification_failure
 from ..types import Receive, Scope, Send
 from ..upstreams import Upstream
@@ -63,81 +65,107 @@ _HTTP_RESPONSE = "websocket.http.response"
 async def proxy_websocket(proxy: AsyncProxy, incoming: IncomingRequest, scope: Scope,
                           receive: Receive, send: Send) -> None:
     """Serve one ASGI `websocket` scope (its handshake: `incoming`) through `proxy`
-    (fallback outside the mount)."""
-    config = proxy.config
+    (fallback outside the mount), by the exchange's handshake flow."""
     record = proxy.begin(incoming)
+    port = HandshakePort(proxy, scope, receive, send, record)
     try:
-        try:
-            plan = await arun_request_hooks(
-                config.request_hooks, plan_handshake(config, incoming, server_checked=True,
-                                               routes=proxy.routes))
-            ws = make_upgrade_plan(config, plan, tunnel=False)  # 400: bad subprotocols
-        except NotProxied as exc:
-            if proxy.fallback is not None:
-                await proxy.fallback(scope, receive, send)
-                return
-            await _refuse_problem(scope, receive, send, exc, proxy, record)
-            return
-        except ProxyError as exc:
-            await _refuse_problem(scope, receive, send, exc, proxy, record)
-            return
-        if (await receive())["type"] != "websocket.connect":
-            record.client_gone = True
-            return
-        await _open_and_relay(proxy, ws, scope, receive, send, record)
+        await drive_async(handshake_flow(proxy, incoming, record, port))
     finally:
-        proxy.finish(record)
+        if not port.passed_on:
+            await proxy._finish(record)
 
 
-async def _open_and_relay(proxy: AsyncProxy, ws: WebSocketPlan, scope: Scope,
-                          receive: Receive, send: Send, record: RequestRecord) -> None:
-    config = proxy.config
+class HandshakePort:
+    """One handshake's I/O on the ASGI face (exchange.HandshakePort), then the session."""
 
-    async def open_to(chosen: Upstream) -> ClientConnection:
-        nonlocal ws  # the plan of the attempt that answered
-        ws = make_upgrade_plan(config, ws.plan, tunnel=False, upstream=chosen)
-        return await open_upstream(config, ws, chosen)
+    def __init__(self, proxy: AsyncProxy, scope: Scope, receive: Receive, send: Send,
+                 record: RequestRecord) -> None:
+        self.proxy, self.config = proxy, proxy.config
+        self.scope, self.receive, self.send, self.record = scope, receive, send, record
+        self.ws: WebSocketPlan | None = None
+        self.connected = False  # the client's websocket.connect was received
+        self.passed_on = False
 
-    try:
-        # Only the handshake is retried on another upstream, never after its answer.
-        upstream = await proxy.attempts(record, ws.plan, open_to)
-    except InvalidStatus as exc:
-        refusal = exc.response
-        record.upstream_status(refusal.status_code)
+    def plan(self, incoming: IncomingRequest) -> UpstreamPlan:
+        return plan_handshake(self.config, incoming, server_checked=True,
+                              routes=self.proxy.routes)
+
+    async def fallback(self) -> None:
+        self.passed_on = True
+        assert self.proxy.fallback is not None
+        await self.proxy.fallback(self.scope, self.receive, self.send)
+
+    async def problem(self, exc: ProxyError) -> None:
+        await _refuse_problem(self.scope, None if self.connected else self.receive,
+                              self.send, exc, self.proxy, self.record)
+
+    async def answer(self, exchange: Exchange, head: ResponseHead, body: Any) -> None:
+        """A filter's own answer to the handshake: an HTTP response."""
+        if (await self.receive())["type"] != "websocket.connect":
+            self.record.client_gone = True
+            return
+        data = b"".join([chunk async for chunk in atransformed(
+            exchange._response_pipeline, achunks(body))]) if head.has_body else b""
+        self.record.status = head.status
+        self.record.bytes_out = len(data)
+        await _refuse(self.scope, self.send, head.status, head.headers, data)
+        self.record.responded = True
+
+    async def ready(self, plan: UpstreamPlan) -> bool:
+        self.ws = make_upgrade_plan(self.config, plan, tunnel=False)  # 400: bad subprotocols
+        if (await self.receive())["type"] != "websocket.connect":
+            self.record.client_gone = True
+            return False
+        self.connected = True
+        return True
+
+    async def attempt(self, chosen: Upstream) -> ClientConnection | InvalidStatus:
+        """The upstream after its 101, or its refusal (only the handshake is
+        retried on another upstream, never after its answer)."""
+        assert self.ws is not None
+        # The plan of the attempt that answered.
+        self.ws = ws = make_upgrade_plan(self.config, self.ws.plan, tunnel=False,
+                                         upstream=chosen)
         try:
-            head = plan_response(config, ws.plan, refusal.status_code,
+            return await open_upstream(self.config, ws, chosen)
+        except InvalidStatus as exc:
+            return exc
+
+    def head(self, result: ClientConnection | InvalidStatus) -> ResponseHead:
+        assert self.ws is not None
+        if isinstance(result, InvalidStatus):
+            refusal = result.response
+            self.record.upstream_status(refusal.status_code)
+            return plan_response(self.config, self.ws.plan, refusal.status_code,
                                  _lower(refusal.headers.raw_items()))
-            head = await arun_response_hooks(config.response_hooks, ws.plan, head)
-        except ProxyError as problem:
-            await _refuse_problem(scope, None, send, problem, proxy, record)
+        self.record.upstream_status(101)
+        assert result.request is not None and result.response is not None
+        answer = _lower(result.response.headers.raw_items())
+        check_accept(_lower(result.request.headers.raw_items()), answer)  # as websockets
+        return accept_head(self.config, self.ws, 101, answer)
+
+    def drop(self, result: ClientConnection | InvalidStatus) -> None:
+        if not isinstance(result, InvalidStatus):
+            result.transport.abort()
+
+    async def opened(self, result: ClientConnection | InvalidStatus,
+                     head: ResponseHead) -> None:
+        record = self.record
+        if isinstance(result, InvalidStatus):
+            record.bytes_out = len(result.response.body)
+            await _refuse(self.scope, self.send, head.status, head.headers,
+                          bytes(result.response.body))
             return
-        record.bytes_out = len(refusal.body)
-        await _refuse(scope, send, head.status, head.headers, bytes(refusal.body))
-        return
-    except ProxyError as exc:
-        await _refuse_problem(scope, None, send, exc, proxy, record)
-        return
-    try:
-        record.upstream_status(101)
         try:
-            assert upstream.request is not None and upstream.response is not None
-            answer = _lower(upstream.response.headers.raw_items())
-            check_accept(_lower(upstream.request.headers.raw_items()), answer)  # as websockets
-            head = accept_head(config, ws, 101, answer)
-            head = await arun_response_hooks(config.response_hooks, ws.plan, head)
-        except ProxyError as exc:
-            upstream.transport.abort()
-            await _refuse_problem(scope, None, send, exc, proxy, record)
-            return
-        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol,
-                    "headers": head.headers})
-        record.responded = True
-        proxy.session_opened(record)
-        await Session(upstream, receive, send, record,
-                      max_size=config.ws_max_size).run(config.ws_idle_timeout)
-    except BaseException:
-        upstream.transport.abort()  # never leave the upstream socket open behind us
-        raise
+            await self.send({"type": "websocket.accept", "subprotocol": result.subprotocol,
+                             "headers": head.headers})
+            record.responded = True
+            self.proxy.session_opened(record)
+            await Session(result, self.receive, self.send, record,
+                          max_size=self.config.ws_max_size).run(self.config.ws_idle_timeout)
+        except BaseException:
+            result.transport.abort()  # never leave the upstream socket open behind us
+            raise
 
 
 def _lower(items: Any) -> list[Header]:

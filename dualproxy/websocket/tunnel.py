@@ -31,7 +31,7 @@ from typing import Any, NoReturn, Protocol
 import httpx
 
 from ..config import ProxyConfig
-from ..core import ResponseHead, UpstreamPlan, plan_response
+from ..core import IncomingRequest, ResponseHead, UpstreamPlan, plan_response
 from ..drain import DRAIN
 from ..errors import (
     InvalidHead,
@@ -47,7 +47,14 @@ from ..logs import RequestRecord
 from ..types import Environ, StartResponse
 from ..upstreams import Upstream
 from ..wire import head_problem
-from .handshake import BadUpgrade, WebSocketPlan, accept_head, check_accept, upgrade_plan
+from .handshake import (
+    BadUpgrade,
+    WebSocketPlan,
+    accept_head,
+    check_accept,
+    plan_handshake,
+    upgrade_plan,
+)
 from .splice import READ_SIZE, relay
 
 # The servers that hand a WSGI app its client socket.
@@ -101,20 +108,23 @@ class TunnelSlots:
         self.open = 0
         self._lock = threading.Lock()
 
-    @contextmanager
-    def slot(self) -> Iterator[_Slot]:
-        """One slot for a handshake (TunnelsFull when none is left): released at the
-        end of the block unless `keep` gave it to the Tunnel, which releases it."""
+    def take(self) -> _Slot:
+        """One slot for a handshake (TunnelsFull when none is left): released by its
+        `done` unless `keep` gave it to the Tunnel, which releases it."""
         with self._lock:
             if self.limit is not None and self.open >= self.limit:
                 raise TunnelsFull(self.limit)
             self.open += 1
-        held = _Slot(self)
+        return _Slot(self)
+
+    @contextmanager
+    def slot(self) -> Iterator[_Slot]:
+        """`take` for a block: the slot is done at its end."""
+        held = self.take()
         try:
             yield held
         finally:
-            if not held.kept:
-                self.release()
+            held.done()
 
     def release(self) -> None:
         with self._lock:
@@ -124,6 +134,11 @@ class TunnelSlots:
 class _Slot:
     def __init__(self, slots: TunnelSlots) -> None:
         self.slots, self.kept = slots, False
+
+    def done(self) -> None:
+        if not self.kept:
+            self.kept = True
+            self.slots.release()
 
     def keep(self, answer: Iterable[bytes]) -> Iterable[bytes]:
         """The handshake's answer; a Tunnel keeps the slot until it closes."""
@@ -153,49 +168,89 @@ def client_socket(environ: Environ) -> socket.socket | None:
     return None
 
 
-def answer_handshake(config: ProxyConfig, plan: UpstreamPlan, environ: Environ,
-                     start_response: StartResponse, record: RequestRecord,
-                     log: Finisher, upstream: Upstream | None = None) -> Iterable[bytes]:
-    """The WSGI answer to a planned handshake: the upstream's refusal or a `Tunnel`.
+class TunnelSteps:
+    """The WSGI face's WebSocket handshake steps (exchange.HandshakePort, with the
+    face's fallback, problem and answer): a client socket to take over and a
+    tunnel slot (`ready`), the handshake upstream (`attempt`), the head of its
+    answer (`head`), then a `Tunnel` on a 101, or its refusal relayed (`opened`).
+    Every refusal is raised as a ProxyError (501 without a client socket, 502/504
+    for the upstream) before anything is sent to the client."""
 
-    `upstream`: the one chosen from the pool (default: the first); `log.finish`
-    ends the record (the face's also ends the upstream's in-flight count). Raises
-    ProxyError (501 without a client socket, 502/504 for the upstream) before
-    anything is sent to the client.
-    """
-    client = client_socket(environ)
-    if client is None:
-        raise NoSocketTakeover(
-            "this WSGI server cannot hand over the client connection, so it cannot carry a "
-            "WebSocket; run the WSGI face under gunicorn's gthread worker, werkzeug's server "
-            "or uvicorn")
-    ws = upgrade_plan(config, plan, tunnel=True, upstream=upstream)
-    with map_upstream_errors():
-        sock, conn, head = open_upstream(ws, config, upstream or config.upstreams[0])
-    record.upstream_status(head.status)
-    headers = [(name.lower(), value) for name, value in head.headers]
-    try:
+    proxy: Any  # the face: its config, `finish` and `session_opened`
+    environ: Environ
+    start_response: StartResponse
+    record: RequestRecord
+    _ws: WebSocketPlan | None = None
+    _plan: UpstreamPlan | None = None
+    _client: socket.socket | None = None
+    _slot: _Slot | None = None
+
+    def plan(self, incoming: IncomingRequest) -> UpstreamPlan:
+        return plan_handshake(self.proxy.config, incoming, routes=self.proxy.routes)
+
+    def ready(self, plan: UpstreamPlan) -> bool:
+        client = client_socket(self.environ)
+        if client is None:
+            raise NoSocketTakeover(
+                "this WSGI server cannot hand over the client connection, so it cannot carry "
+                "a WebSocket; run the WSGI face under gunicorn's gthread worker, werkzeug's "
+                "server or uvicorn")
+        self._slot = TUNNELS.take()
+        self._client, self._plan = client, plan
+        return True
+
+    def attempt(self, upstream: Upstream) -> tuple[socket.socket, ClientConnection, Response]:
+        assert self._plan is not None
+        config = self.proxy.config
+        self._ws = ws = upgrade_plan(config, self._plan, tunnel=True, upstream=upstream)
+        with map_upstream_errors():
+            return open_upstream(ws, config, upstream)
+
+    def head(self, result: tuple[socket.socket, ClientConnection, Response]) -> ResponseHead:
+        sock, _conn, answer = result
+        config, ws = self.proxy.config, self._ws
+        assert ws is not None and self._plan is not None and self._client is not None
+        self.record.upstream_status(answer.status)
+        headers = [(name.lower(), value) for name, value in answer.headers]
+        if answer.status != 101:
+            return plan_response(config, self._plan, answer.status, headers)
+        try:
+            check_accept(ws.headers, headers)  # before a byte is spliced
+        except BadUpgrade:
+            _stop_reading(self._client, self.environ)
+            raise
+        accept = accept_head(config, ws, answer.status, headers)
+        problem = head_problem(None, accept.headers)
+        if problem is not None:  # the 101 is written to the client socket by hand
+            raise InvalidHead(problem) from problem
+        return accept
+
+    def drop(self, result: tuple[socket.socket, ClientConnection, Response]) -> None:
+        result[0].close()
+
+    def opened(self, result: tuple[socket.socket, ClientConnection, Response],
+               head: ResponseHead) -> Iterable[bytes]:
+        sock, conn, _answer = result
+        config, record = self.proxy.config, self.record
+        assert self._client is not None and self._slot is not None
         if head.status == 101:
             try:
-                check_accept(ws.headers, headers)  # before a byte is spliced
-            except BadUpgrade:
-                _stop_reading(client, environ)
+                tunnel = Tunnel(self._client, sock, head, record, self.proxy)
+                tunnel.limits(config.ws_idle_timeout, config.ws_max_size)
+                tunnel.early(conn.take_trailing(), _server_buffered(self.environ))
+            except BaseException:
+                sock.close()
                 raise
-            accept = accept_head(config, ws, head.status, headers)
-            problem = head_problem(None, accept.headers)
-            if problem is not None:  # the 101 is written to the client socket by hand
-                raise InvalidHead(problem) from problem
-            tunnel = Tunnel(client, sock, accept, record, log)
-            tunnel.limits(config.ws_idle_timeout, config.ws_max_size)
-            tunnel.early(conn.take_trailing(), _server_buffered(environ))
-            return tunnel
-        answer = plan_response(config, plan, head.status, headers)
-    except BaseException:
-        sock.close()
-        raise
-    start_response(answer.status_line, _str_headers(answer.headers))
-    record.status = answer.status
-    return Refusal(sock, conn, answer.has_body, config.idle_timeout, record, log)
+            return self._slot.keep(tunnel)
+        self.start_response(head.status_line, _str_headers(head.headers))
+        record.status = head.status
+        return Refusal(sock, conn, head.has_body, config.idle_timeout, record, self.proxy)
+
+    def close(self) -> None:
+        """The handshake is answered: its slot goes back unless a Tunnel keeps it."""
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.done()
 
 
 def open_upstream(ws: WebSocketPlan, config: ProxyConfig, upstream: Upstream
