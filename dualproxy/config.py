@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .rules import HeaderRule, parse_rule, refused_name
 from .target import reachable_mount
+from .types import FilterLike
 from .upstreams import Upstream, parse_upstreams
 from .wire import BAD_FIELD_VALUE, FIELD_NAME
 
 if TYPE_CHECKING:
     import ssl
 
-    from .filters.base import Filter
     from .hooks import RequestHook, ResponseHook
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -196,7 +196,7 @@ class ProxyConfig:
     cache_purge_from: tuple[IPNetwork, ...] = ()
     # The route's own filters (filters/base.py), outermost first, after the built-in
     # ones and before the hooks (filters.build_chain).
-    filters: tuple[Filter, ...] = ()
+    filters: tuple[FilterLike, ...] = ()
     # Rate limits (filters/ratelimit.py): `rate_limit` "N/second" (minute, hour) refills
     # a bucket of `rate_burst` requests (default N), one per `rate_key` (client, route,
     # header:NAME); past it 429. `rate_max_inflight`: requests in flight per key (per
@@ -281,7 +281,7 @@ class ProxyConfig:
         remove_response_headers: Iterable[str] = (),
         request_hooks: Iterable[RequestHook] = (),
         response_hooks: Iterable[ResponseHook] = (),
-        filters: Iterable[Filter] = (),
+        filters: Iterable[FilterLike] = (),
         sub_filter: SubFilterTable = (),
         sub_filter_types: Iterable[str] = (),
         **options: Any,

@@ -25,3 +25,11 @@ class StartResponse(Protocol):
 
 
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+
+class FilterLike(Protocol):
+    """What the configuration holds of a route's filter: `filters.base.Filter` is one
+    (the configuration sits below the filters; the chain checks the class when a
+    proxy builds it, a TypeError for anything else)."""
+
+    def label(self) -> str: ...

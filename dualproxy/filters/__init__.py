@@ -71,6 +71,6 @@ def build_chain(config: ProxyConfig) -> Chain:
 
         builtins.append(HeaderRules(config.header_up, config.header_down))
     builtins.extend(flt for flt in (sub_filter(config),) if flt is not None)
-    filters = [*builtins, *config.filters,
+    filters: list[object] = [*builtins, *config.filters,
                *hook_filters(config.request_hooks, config.response_hooks)]
     return Chain(filters)

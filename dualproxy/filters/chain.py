@@ -73,11 +73,13 @@ class Chain:
 
     __slots__ = ("filters", "_request", "_response", "_trailers", "_error", "_end", "_async")
 
-    def __init__(self, filters: Sequence[Filter] = ()) -> None:
+    def __init__(self, filters: Sequence[object] = ()) -> None:
+        checked: list[Filter] = []
         for flt in filters:
             if not isinstance(flt, Filter):
                 raise TypeError(f"a filter must be a dualproxy Filter, not {type(flt).__name__}")
-        self._index(filters)
+            checked.append(flt)
+        self._index(checked)
 
     def _index(self, filters: Sequence[Filter]) -> None:
         self.filters: tuple[Filter, ...] = tuple(filters)
