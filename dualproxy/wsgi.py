@@ -36,7 +36,7 @@ from .errors import (
     describe,
     map_stream_errors,
 )
-from .exchange import drive_sync, handshake_flow, http_flow
+from .exchange import answer_body_chunks, drive_sync, handshake_flow, http_flow
 from .face import ProxyFace, make_sync_client
 from .filters import Exchange
 from .filters.chain import BodyPipeline, transformed
@@ -470,10 +470,9 @@ class AnswerBody:
     def __iter__(self) -> Iterator[bytes]:
         record = self.exchange.record
         if self.has_body:
-            body = self.body
-            chunks: Iterable[bytes] = (body,) if isinstance(body, bytes) else body
             try:
-                for chunk in transformed(self.exchange._response_pipeline, chunks):
+                for chunk in transformed(self.exchange._response_pipeline,
+                                         answer_body_chunks(self.body)):
                     record.bytes_out += len(chunk)
                     yield chunk
             except UpstreamBroken as exc:
