@@ -65,6 +65,20 @@ def test_fresh_response_is_a_hit(cached: ProxyProcess, upstream: Upstream, rid: 
     assert _seen(upstream, rid, 1) == 1
 
 
+def test_header_rules_apply_to_each_hit(make_proxy: MakeProxy, upstream: Upstream,
+                                        rid: str) -> None:
+    """A response header rule holds for every answer, hits included (nginx's add_header
+    runs after proxy_cache): a hit carries its own request's id, never the stored one's."""
+    proxy = make_proxy("--cache", "--request-id", "--header-down", "X-Seen: {request_id}")
+    path = f"/cache/rules-{rid}"
+    answers = [_get(proxy, path, rid, [["Cache-Control", "max-age=60"]]) for _ in range(2)]
+    assert answers[1].headers["cache-status"].startswith("dualproxy; hit")
+    assert _seen(upstream, rid, 1) == 1
+    for answer in answers:
+        assert answer.headers["x-seen"] == answer.headers["x-request-id"]
+    assert answers[0].headers["x-seen"] != answers[1].headers["x-seen"]
+
+
 def test_uncacheable_response_goes_upstream_each_time(cached: ProxyProcess,
                                                       upstream: Upstream, rid: str) -> None:
     path = f"/cache/nostore-{rid}"

@@ -40,10 +40,12 @@ def build_chain(config: ProxyConfig) -> Chain:
 
     1. the built-in filters the configuration turns on: request_id (first, so
        every other filter sees `exchange.request_id`), rate_limit (a refusal costs
-       nothing else), compress, the cache (after compression, so a hit is still
-       compressed), forwarded_prefix, header_rules (a rule may replace what the
-       others wrote), then `sub_filter` (last, so that a compressing filter before
-       it encodes the rewritten body);
+       nothing else), compress, forwarded_prefix, header_rules (a rule may replace
+       what the others wrote), the cache (inside compression and the header rules,
+       so a hit is still compressed and each answer, a hit too, gets its own
+       request's rule values, as nginx's add_header after proxy_cache), then
+       `sub_filter` (last, so that a compressing filter before it encodes the
+       rewritten body);
     2. the user's `filters=`, in the order given;
     3. the request and response hooks (hooks.py), in the order given.
     """
@@ -58,10 +60,6 @@ def build_chain(config: ProxyConfig) -> Chain:
 
         builtins.append(RequestId(config.is_trusted if config.trusted_proxies else None))
     builtins.extend(flt for flt in (rate_limit(config), compress_filter(config)) if flt is not None)
-    if config.cache:
-        from .cache import cache_filter
-
-        builtins.append(cache_filter(config))
     if config.forwarded_prefix or (config.forwarded_prefix is None and config.mount):
         from .forwarded_prefix import ForwardedPrefix
 
@@ -70,6 +68,10 @@ def build_chain(config: ProxyConfig) -> Chain:
         from .header_rules import HeaderRules
 
         builtins.append(HeaderRules(config.header_up, config.header_down))
+    if config.cache:
+        from .cache import cache_filter
+
+        builtins.append(cache_filter(config))
     builtins.extend(flt for flt in (sub_filter(config),) if flt is not None)
     filters: list[object] = [*builtins, *config.filters,
                *hook_filters(config.request_hooks, config.response_hooks)]
