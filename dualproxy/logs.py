@@ -161,7 +161,8 @@ class RequestRecord:
     __slots__ = ("method", "target", "client", "started", "upstream_at", "status",
                  "bytes_in", "bytes_out", "client_gone", "broken", "responded", "problem",
                  "shutdown", "routed", "upstream", "cause", "websocket", "exchange",
-                 "request_id", "outcome", "limit_skipped", "cache", "cache_stored")
+                 "request_id", "outcome", "limit_skipped", "cache", "cache_stored",
+                 "cache_store_failed")
 
     def __init__(self, incoming: IncomingRequest, client: str | None = None) -> None:
         self.method = incoming.method
@@ -191,6 +192,7 @@ class RequestRecord:
         # collapsed, purge; None: no cache on the route. Bytes it stored from this answer.
         self.cache: str | None = None
         self.cache_stored = 0
+        self.cache_store_failed = False  # its store failed (or stood aside): uncached
 
     def upstream_status(self, status: int) -> None:
         self.upstream_at = time.perf_counter()
