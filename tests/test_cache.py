@@ -342,17 +342,65 @@ def test_two_proxies_share_one_redis(make_proxy: MakeProxy, upstream: Upstream, 
 def test_redis_killed_mid_run_requests_still_served(make_proxy: MakeProxy,
                                                     upstream: Upstream, rid: str,
                                                     redis_server: Redis) -> None:
-    proxy = make_proxy("--cache", "--cache-store", redis_server.url)
+    from tests.test_metrics import value, with_metrics
+
+    proxy, metrics = with_metrics(make_proxy, "--cache", "--cache-store", redis_server.url)
     path = f"/cache/redis-down-{rid}"
     cc = [["Cache-Control", "max-age=60"]]
     _get(proxy, path, rid, cc)
     assert _get(proxy, path, rid, cc).headers["cache-status"].startswith("dualproxy; hit")
+    before = metrics.settled()
     redis_server.stop()
     for _ in range(3):
         answer = _get(proxy, path, rid, cc)
         assert answer.status_code == 200 and answer.content == b"ok"
     assert _seen(upstream, rid, 4) == 4  # uncached now, never a 5xx
-    assert "the redis store failed" in proxy.log()
+    log = proxy.log()
+    assert log.count("the redis store failed") == 1  # one WARNING for the outage
+    errors = (value(metrics.settled(), "dualproxy_cache_store_errors_total", route="/")
+              - value(before, "dualproxy_cache_store_errors_total", route="/"))
+    assert errors == 3
+
+
+def test_a_slow_redis_holds_no_other_request(make_proxy: MakeProxy, upstream: Upstream,
+                                             rid: str, redis_server: Redis,
+                                             tmp_path: Path) -> None:
+    """While Redis stalls (CLIENT PAUSE holds every other client's commands), a cached
+    route's lookup waits for it; a route without cache on the same worker still answers
+    at once: on the async face the store is awaited, the event loop is not held."""
+    import redis
+
+    routes = tmp_path / "routes.toml"
+    routes.write_text(f"""\
+[[route]]
+mount = "/cached"
+upstream = "{upstream.url}"
+cache = true
+cache_store = "{redis_server.url}"
+
+[[route]]
+mount = "/plain"
+upstream = "{upstream.url}"
+""")
+    proxy = make_proxy("--config", str(routes), upstream_url="")
+    cc = [["Cache-Control", "max-age=60"]]
+    path = f"/cached/slow-{rid}"
+    assert "stored" in _get(proxy, path, rid, cc).headers["cache-status"]
+    assert _get(proxy, path, rid, cc).headers["cache-status"].startswith("dualproxy; hit")
+    assert _get(proxy, "/plain/warm", rid + "-plain").status_code == 200
+    stalled: list[httpx.Response] = []
+    waiting = threading.Thread(target=lambda: stalled.append(_get(proxy, path, rid, cc)))
+    with redis.Redis(port=redis_server.port) as admin:
+        admin.execute_command("CLIENT", "PAUSE", 2500)
+        waiting.start()
+        time.sleep(0.3)  # the cached request waits on Redis now
+        started = time.monotonic()
+        plain = _get(proxy, "/plain/during", rid + "-plain")
+        elapsed = time.monotonic() - started
+        waiting.join(30)
+    assert plain.status_code == 200
+    assert elapsed < 0.5, f"a request without cache waited {elapsed:.2f} s on Redis"
+    assert stalled and stalled[0].status_code == 200 and stalled[0].content == b"ok"
 
 
 def test_access_log_and_metrics_count_what_the_cache_did(make_proxy: MakeProxy,
