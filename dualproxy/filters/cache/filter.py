@@ -75,9 +75,10 @@ class _Recorder:
         self.exchange, self.put = exchange, put
 
     def feed(self, chunk: bytes) -> bytes:
-        self.writer.write(chunk)
         if self.flight is not None:
-            self.flight.append(chunk)
+            self.flight.write(self.writer, chunk)  # the followers read the writer's buffer
+        else:
+            self.writer.write(chunk)
         if self.length is not None and self.writer.size >= self.length and not self.done:
             self._complete(self.writer.size == self.length)
         return chunk
@@ -267,7 +268,7 @@ class Cache(Filter):
                 if n != b"content-length"]
         head += [(b"content-range", b"bytes %d-%d/%d" % (start, end, entry.body_length())),
                  (b"content-length", b"%d" % (end - start + 1))]
-        return Answer(206, head, body[start:end + 1])
+        return Answer(206, head, bytes(body[start:end + 1]))
 
     def _select(self, state: _State, headers: list[Header] | tuple[Header, ...],
                 now: float) -> Flow[Entry | None]:

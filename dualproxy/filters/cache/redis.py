@@ -24,7 +24,7 @@ from collections.abc import Generator
 from typing import Any, TypeVar
 
 from .sqlite import entry_from_row, meta_of, variant_of
-from .store import DEFAULT_MAX_OBJECT, DEFAULT_MAX_SIZE, Bounded, Entry, Store
+from .store import DEFAULT_MAX_OBJECT, DEFAULT_MAX_SIZE, Body, Bounded, Entry, Store
 
 PREFIX = "dualproxy:cache:"
 _BYTES = f"{PREFIX}bytes"
@@ -69,7 +69,7 @@ class Commands:
             entries.append(entry)
         return entries
 
-    def load(self, entry: Entry) -> Ops[bytes | None]:
+    def load(self, entry: Entry) -> Ops[Body | None]:
         if entry.loader is None:
             return entry.body
         if not isinstance(entry.ref, str):
@@ -90,7 +90,7 @@ class Commands:
         meta = meta_of(entry)
         meta["length"], meta["size"] = entry.body_length(), size
         yield [("HSET", index, variant, json.dumps(meta)),
-               ("SET", _body_key(entry.key, variant), entry.content()),
+               ("SET", _body_key(entry.key, variant), bytes(entry.content())),
                ("INCRBY", _BYTES, size - (json.loads(old)["size"] if old else 0)),
                ("ZADD", _LRU, time.time(), entry.key)]
         while True:  # evict the least recently used URIs past the bound

@@ -29,6 +29,8 @@ DEFAULT_MAX_SIZE = 256 * 1024 * 1024
 DEFAULT_MAX_OBJECT = 64 * 1024 * 1024
 # Served in slices of this size (one send per slice, as the upstream relay does).
 SLICE = 1024 * 1024
+# A stored body: a stored miss's is the bytearray it streamed into (never copied whole).
+Body = bytes | bytearray
 
 
 @dataclass(eq=False)
@@ -45,7 +47,7 @@ class Entry:
     response_time: float
     date: float             # the Date the origin gave (else when it arrived)
     initial_age: float      # corrected_initial_age at response_time
-    body: bytes = b""
+    body: Body = b""
     size: int = field(default=0)
     # A store that reads bodies only when they answer (sqlite) sets both: the
     # body's length, and how to read it.
@@ -59,7 +61,7 @@ class Entry:
     def body_length(self) -> int:
         return self.length if self.length >= 0 else len(self.body)
 
-    def content(self) -> bytes:
+    def content(self) -> Body:
         """The body, read from the store now if it was not yet."""
         if self.loader is not None:
             self.body, self.loader = self.loader(), None
@@ -73,7 +75,7 @@ class Entry:
         body = self.content()
         if len(body) <= SLICE:
             if body:
-                yield body
+                yield bytes(body)
             return
         view = memoryview(body)
         for start in range(0, len(body), SLICE):
@@ -83,11 +85,13 @@ class Entry:
 class Writer:
     """A response body being stored as it streams: abandoned past `limit` bytes."""
 
-    __slots__ = ("entry", "limit", "parts", "size", "ok")
+    __slots__ = ("entry", "limit", "buffer", "size", "ok")
 
     def __init__(self, entry: Entry, limit: int) -> None:
         self.entry, self.limit = entry, limit
-        self.parts: list[bytes] = []
+        # One buffer grown in place (a large one by mremap, no copy): a body joined
+        # from its chunks at the end would need twice its size for a moment.
+        self.buffer = bytearray()
         self.size = 0
         self.ok = True
 
@@ -97,16 +101,16 @@ class Writer:
         self.size += len(chunk)
         if self.size > self.limit:
             self.ok = False
-            self.parts = []
+            self.buffer = bytearray()
             return
-        self.parts.append(bytes(chunk))
+        self.buffer += chunk
 
     def commit(self) -> Entry | None:
         """The body is complete: the entry to store (None: it was too large)."""
         if not self.ok:
             return None
-        self.entry.body = b"".join(self.parts)
-        self.parts = []
+        self.entry.body = self.buffer  # never written again (followers may read it still)
+        self.ok = False
         return self.entry
 
 
@@ -120,7 +124,7 @@ class Store(Protocol):
 
     def get(self, key: str) -> list[Entry] | Awaitable[list[Entry]]: ...
 
-    def load(self, entry: Entry) -> bytes | None | Awaitable[bytes | None]: ...
+    def load(self, entry: Entry) -> Body | None | Awaitable[Body | None]: ...
 
     def writer(self, entry: Entry) -> Writer: ...
 
@@ -149,7 +153,7 @@ class Bounded:
         size = entry.measure()
         return size if size <= self.max_object else None
 
-    def load(self, entry: Entry) -> bytes | None | Awaitable[bytes | None]:
+    def load(self, entry: Entry) -> Body | None | Awaitable[Body | None]:
         """`entry`'s body, read from the store now if it was not yet."""
         return entry.content()
 
@@ -212,7 +216,7 @@ class Guarded(Bounded):
     def get(self, key: str) -> list[Entry] | Awaitable[list[Entry]]:
         return self._guard("look up", lambda: self.store.get(key), [])  # type: ignore[no-any-return]
 
-    def load(self, entry: Entry) -> bytes | None | Awaitable[bytes | None]:
+    def load(self, entry: Entry) -> Body | None | Awaitable[Body | None]:
         return self._guard("read", lambda: self.store.load(entry), None)  # type: ignore[no-any-return]
 
     def put(self, entry: Entry) -> None | Awaitable[None]:
