@@ -157,8 +157,8 @@ class Cache(Filter):
                     and policy.first(headers, b"authorization") is None:
                 return (yield from _io(self._collapse(exchange, state)))
             return None
-        cc = ResponseRules.of(entry.headers).cc
-        lifetime = policy.freshness_lifetime(entry.status, ResponseRules.of(entry.headers),
+        cc = _rules(entry).cc
+        lifetime = policy.freshness_lifetime(entry.status, _rules(entry),
                                              entry.date)
         age = entry.age(now)
         reuse = policy.judge(cc, lifetime, age, state.request_cc)
@@ -251,7 +251,7 @@ class Cache(Filter):
         entry = yield from self._select(state, headers, now)
         if entry is None or entry.status != 200:
             return None
-        rules = ResponseRules.of(entry.headers)
+        rules = _rules(entry)
         age = entry.age(now)
         reuse = policy.judge(rules.cc, policy.freshness_lifetime(200, rules, entry.date),
                              age, state.request_cc)
@@ -282,7 +282,7 @@ class Cache(Filter):
             return None
         entry = max(chosen, key=lambda e: (e.date, e.response_time))
         if policy.first(headers, b"authorization") is not None:
-            cc = ResponseRules.of(entry.headers).cc
+            cc = _rules(entry).cc
             if not ("public" in cc or "must-revalidate" in cc or "s-maxage" in cc):
                 state.forward = "request"  # RFC 9111 3.5: not for an authorized request
                 return None
@@ -357,7 +357,7 @@ class Cache(Filter):
         if not isinstance(state, _State) or state.entry is None or error.status < 500:
             return None
         entry = state.entry
-        rules = ResponseRules.of(entry.headers)
+        rules = _rules(entry)
         if policy.must_revalidate_when_stale(rules.cc):
             return None
         now = time.time()
@@ -386,8 +386,8 @@ class Cache(Filter):
             return (yield from self._from_store(exchange, entry, "fwd=stale; fwd-status=304",
                                                 now))
         if head.status >= 500:
-            cc = ResponseRules.of(entry.headers).cc
-            lifetime = policy.freshness_lifetime(entry.status, ResponseRules.of(entry.headers),
+            cc = _rules(entry).cc
+            lifetime = policy.freshness_lifetime(entry.status, _rules(entry),
                                                  entry.date)
             ttl = lifetime - entry.age(now)
             if policy.stale_if_error(cc, state.request_cc, ttl):
@@ -509,6 +509,15 @@ class Cache(Filter):
             return self
         return Cache(store, store_set_cookie=self.store_set_cookie, may_purge=self.may_purge,
                      refresher=self.refresher)
+
+
+def _rules(entry: Entry) -> ResponseRules:
+    """A stored response's caching rules, parsed once for each version of its fields
+    (a 304 replaces the list): a hit does not parse Cache-Control and dates again."""
+    cached = entry.rules
+    if cached is None or cached[0] is not entry.headers:
+        cached = entry.rules = (entry.headers, ResponseRules.of(entry.headers))
+    return cached[1]
 
 
 def _io(result: T | Awaitable[T]) -> Flow[T]:

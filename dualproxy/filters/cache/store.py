@@ -54,6 +54,8 @@ class Entry:
     length: int = -1
     loader: Callable[[], bytes] | None = None
     ref: object = None      # the store's own handle on it (sqlite: its row)
+    # Its fields' caching rules, parsed once (filter.py): (the fields parsed, the rules).
+    rules: tuple[object, Any] | None = field(default=None, repr=False)
 
     def age(self, now: float) -> float:
         return self.initial_age + max(0.0, now - self.response_time)
