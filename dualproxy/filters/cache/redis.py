@@ -128,6 +128,14 @@ class Commands:
                ("DECRBY", _BYTES, json.loads(meta)["size"])]
 
 
+def _step(ops: Ops[T], replies: list[Any] | None) -> tuple[list[Command] | None, Any]:
+    """Send an operation the last replies: its next commands, or None and its value."""
+    try:
+        return ops.send(replies), None  # type: ignore[arg-type]
+    except StopIteration as stop:
+        return None, stop.value
+
+
 class _Driver(Bounded):
     """A store running `Commands` through a client (`_run`: the I/O)."""
 
@@ -142,6 +150,16 @@ class _Driver(Bounded):
 
     def _run(self, ops: Ops[T]) -> Any:
         raise NotImplementedError
+
+    def _made(self) -> Any:
+        raise NotImplementedError
+
+    def _pipeline(self, commands: list[Command]) -> Any:
+        """One round trip's commands, queued on the client's pipeline (no MULTI)."""
+        pipe = self._made().pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe
 
     def get(self, key: str) -> Any:
         return self._run(self.commands.get(key))
@@ -179,16 +197,10 @@ class RedisStore(_Driver):
         return self._client
 
     def _run(self, ops: Ops[T]) -> T:
-        replies: list[Any] | None = None
-        while True:
-            try:
-                commands = ops.send(replies)  # type: ignore[arg-type]
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            pipe = self._made().pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            replies = pipe.execute()
+        commands, value = _step(ops, None)
+        while commands is not None:
+            commands, value = _step(ops, self._pipeline(commands).execute())
+        return value  # type: ignore[no-any-return]
 
 
 class AsyncRedisStore(_Driver):
@@ -212,16 +224,10 @@ class AsyncRedisStore(_Driver):
         return self._client
 
     async def _run(self, ops: Ops[T]) -> T:
-        replies: list[Any] | None = None
-        while True:
-            try:
-                commands = ops.send(replies)  # type: ignore[arg-type]
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            pipe = self._made().pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            replies = await pipe.execute()
+        commands, value = _step(ops, None)
+        while commands is not None:
+            commands, value = _step(ops, await self._pipeline(commands).execute())
+        return value  # type: ignore[no-any-return]
 
     def for_sync_face(self) -> Store:
         return RedisStore(self.url, self.max_size, self.max_object)
