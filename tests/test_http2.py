@@ -18,13 +18,14 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ProxyProcess, transfer_hashed
+from tests.conftest import ROOT, ProxyProcess, TLSFiles, transfer_hashed
 from tests.rawhttp import wait_until
 from tests.upstream import Upstream
 
 
-@pytest.fixture
-def h2_proxy(pairing: str, upstream: Upstream) -> Iterator[ProxyProcess]:
+def start_h2(pairing: str, upstream: Upstream, *flags: str) -> ProxyProcess:
+    """A proxy with `--http auto` on the granian pairings; on the others, the refusal of
+    `--http 2` checked, then a visible xfail."""
     if not pairing.endswith("-granian"):
         # The behaviour there: the flag is refused before anything starts.
         done = subprocess.run(
@@ -34,7 +35,12 @@ def h2_proxy(pairing: str, upstream: Upstream) -> Iterator[ProxyProcess]:
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
         assert "--http 2 needs --server granian" in done.stderr
         pytest.xfail("uvicorn and gunicorn serve HTTP/1.1 only: --http 2 is a usage error")
-    proxy = ProxyProcess(pairing, upstream.url, ("--http", "auto"))
+    return ProxyProcess(pairing, upstream.url, ("--http", "auto", *flags))
+
+
+@pytest.fixture
+def h2_proxy(pairing: str, upstream: Upstream) -> Iterator[ProxyProcess]:
+    proxy = start_h2(pairing, upstream)
     yield proxy
     proxy.stop()
 
@@ -102,3 +108,20 @@ def outcome(proxy: ProxyProcess, request: str) -> str | None:
     """The outcome word of the access line for `request` ("GET /t"), once it is written."""
     lines = [line for line in proxy.log().splitlines() if f"dualproxy.access: {request} " in line]
     return lines[-1].rsplit(" ", 1)[1] if lines else None
+
+
+def test_tls_offers_h2_by_alpn(pairing: str, upstream: Upstream, tls_files: TLSFiles,
+                               rid: str) -> None:
+    """Serving HTTPS with `--http auto`: a client offering h2 by ALPN gets HTTP/2, one
+    offering only http/1.1 gets HTTP/1.1, and both reach the upstream."""
+    proxy = start_h2(pairing, upstream, "--certfile", tls_files.server_cert,
+                     "--keyfile", tls_files.server_key)
+    try:
+        assert proxy.url.startswith("https://")
+        for http2, version in ((True, "HTTP/2"), (False, "HTTP/1.1")):
+            with proxy.client(verify=tls_files.client_context(), http2=http2) as client:
+                resp = client.get("/alpn", headers={"x-req-id": f"{rid}-{version}"})
+            assert (resp.http_version, resp.status_code) == (version, 200), resp.text
+            assert upstream.wait_record(f"{rid}-{version}").target == b"/alpn"
+    finally:
+        proxy.stop()
