@@ -2,8 +2,9 @@
 
 On the granian pairings a proxy with `--http auto` is spoken to by httpx's HTTP/2 client
 with prior knowledge (h2c, no TLS): many streams at once on one connection, large
-bodies both ways streamed and hashed, and a client resetting one stream (its upstream
-request aborted, the others unaffected). On uvicorn and gunicorn `--http 2` is a
+bodies both ways streamed and hashed, SSE events each read before the next is sent, and
+a client resetting one stream (its upstream request aborted, the others unaffected);
+and over TLS, where ALPN picks h2 or HTTP/1.1. On uvicorn and gunicorn `--http 2` is a
 one-line usage error: they serve HTTP/1.1 only.
 """
 
@@ -13,6 +14,7 @@ import asyncio
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 
 import httpx
@@ -125,3 +127,26 @@ def test_tls_offers_h2_by_alpn(pairing: str, upstream: Upstream, tls_files: TLSF
             assert upstream.wait_record(f"{rid}-{version}").target == b"/alpn"
     finally:
         proxy.stop()
+
+
+def test_sse_events_arrive_live_over_http2(h2_proxy: ProxyProcess, upstream: Upstream) -> None:
+    """The upstream sends an event and waits for the client to have read it before it
+    sends the next: a proxy or server holding DATA frames back would time out here."""
+    gate, count = uuid.uuid4().hex, 4
+
+    async def run() -> bytes:
+        async with h2_client(h2_proxy) as client, client.stream(
+                "GET", "/events", headers={"x-upstream": f"sse count={count} gate={gate}"},
+                timeout=httpx.Timeout(30.0, read=10.0)) as resp:
+            assert resp.http_version == "HTTP/2"
+            assert resp.headers["content-type"] == "text/event-stream"
+            chunks = resp.aiter_raw()
+            text = b""
+            for i in range(count):
+                event = f"data: event-{i}\n\n".encode()
+                while event not in text:
+                    text += await chunks.__anext__()
+                upstream.gate(f"{gate}-{i}").set()  # read: the upstream may send the next
+            return text + b"".join([rest async for rest in chunks])
+
+    assert asyncio.run(run()) == b"".join(f"data: event-{i}\n\n".encode() for i in range(count))
