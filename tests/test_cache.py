@@ -400,7 +400,11 @@ def test_concurrent_misses_collapse_into_one_fetch(cached: ProxyProcess, upstrea
     assert not errors, errors
     assert len(results) == 20
     assert {digest for _, digest in results} == {pattern_sha256(size)}
-    assert sum("collapsed" in status for status, _ in results) == 19
+    collapsed = sum("collapsed" in status for status, _ in results)
+    # A request the server took up only after the fetch completed is a hit (wsgi-granian
+    # under load: its requests queue for a thread); none may have gone upstream.
+    late = sum(status.startswith("dualproxy; hit") for status, _ in results)
+    assert collapsed + late == 19 and collapsed >= 15, [status for status, _ in results]
     assert len(upstream.find_all(rid)) == 1
 
 
