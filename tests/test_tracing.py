@@ -391,3 +391,65 @@ def test_nothing_is_imported_when_tracing_is_off(upstream: Upstream) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+# --- OTLP: batched, flushed when the worker stops ----------------------------------------
+
+class OtlpReceiver:
+    """A collector's OTLP/HTTP traces endpoint: records the span names it receives."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        received = self.spans = []  # type: list[tuple[str, str]]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource in request.resource_spans:
+                    for scope in resource.scope_spans:
+                        received.extend((self.path, span.name) for span in scope.spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_otlp_spans_are_flushed_when_the_server_stops(
+        pairing: str, upstream: Upstream, monkeypatch: pytest.MonkeyPatch, rid: str) -> None:
+    """The batch exporter waits a minute between exports here: the spans reach the
+    collector only because each worker shuts its provider down as it exits."""
+    receiver = OtlpReceiver()
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
+    try:
+        proxy = ProxyProcess(pairing, upstream.url, ("--tracing", "--mount", "/t"))
+        try:
+            with proxy.client() as client:
+                assert client.get(f"/t/{rid}").status_code == 200
+            time.sleep(0.5)
+            assert receiver.spans == []  # held by the batch processor
+        finally:
+            proxy.stop()
+        assert sorted(receiver.spans) == [("/v1/traces", "GET"), ("/v1/traces", "GET /t")], \
+            proxy.log()[-3000:]
+    finally:
+        receiver.stop()
