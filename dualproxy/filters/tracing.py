@@ -122,7 +122,6 @@ class Tracing(Filter):
         attributes["http.route"] = self.route
         attributes["url.path"] = incoming.target.split(b"?", 1)[0].decode("latin-1")
         attributes["url.scheme"] = incoming.scheme
-        attributes["network.protocol.version"] = incoming.http_version
         if record.client is not None:
             attributes["client.address"] = record.client
         span = self.tracer.start_span(f"{method} {self.route}", self.parent(exchange),
@@ -157,23 +156,26 @@ class Tracing(Filter):
         if span is None:
             return
         if span.is_recording():
-            outcome = record.ending()[0]
             status = record.status
+            attributes: dict[str, Any] = {}
             if status:
-                span.set_attribute("http.response.status_code", status)
-            span.set_attribute("dualproxy.outcome", outcome)
+                attributes["http.response.status_code"] = status
+            outcome = record.ending()[0]
+            if outcome != "ok":
+                attributes["dualproxy.outcome"] = outcome
             if status >= 500 or record.broken or record.shutdown:
-                span.set_attribute("error.type", record.cause or (
-                    str(status) if status >= 500 else outcome))
+                attributes["error.type"] = record.cause or (
+                    str(status) if status >= 500 else outcome)
                 span.set_status(Status(StatusCode.ERROR, record.problem or record.broken))
             if record.cache is not None:
-                span.set_attribute("dualproxy.cache", record.cache)
+                attributes["dualproxy.cache"] = record.cache
             if self.rate_limited:
-                span.set_attribute("dualproxy.rate_limit", (
+                attributes["dualproxy.rate_limit"] = (
                     "limited" if outcome == "rate-limited"
-                    else "skipped" if record.limit_skipped else "passed"))
+                    else "skipped" if record.limit_skipped else "passed")
             if record.request_id is not None:
-                span.set_attribute("dualproxy.request_id", record.request_id)
+                attributes["dualproxy.request_id"] = record.request_id
+            span.set_attributes(attributes)
         span.end()
 
     # -- a CLIENT span per try ---------------------------------------------------------------
@@ -192,14 +194,17 @@ class Tracing(Filter):
         attributes["url.full"] = upstream.origin + plan.target.decode("latin-1")
         if attempt.number:
             attributes["http.request.resend_count"] = attempt.number
-        context = trace.set_span_in_context(server, Context())
-        client = self.tracer.start_span(method, context, SpanKind.CLIENT, attributes)
+        client = self.tracer.start_span(method, trace.set_span_in_context(server, Context()),
+                                        SpanKind.CLIENT, attributes)
         exchange.state[_CLIENT] = client
-        carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier, trace.set_span_in_context(client, Context()))
+        # The W3C header written here (what the propagator's inject writes, without
+        # its context lookups: this runs on every try).
+        context = client.get_span_context()
         headers = [(n, v) for n, v in plan.headers if n not in _CONTEXT_HEADERS]
-        headers.extend((name.encode("latin-1"), value.encode("latin-1"))
-                       for name, value in carrier.items())
+        headers.append((TRACEPARENT, b"00-%032x-%016x-%02x" % (
+            context.trace_id, context.span_id, context.trace_flags)))
+        if context.trace_state:
+            headers.append((TRACESTATE, context.trace_state.to_header().encode("latin-1")))
         plan.headers[:] = headers
 
     def on_attempt_end(self, exchange: Exchange, attempt: Attempt) -> None:
