@@ -453,3 +453,41 @@ def test_otlp_spans_are_flushed_when_the_server_stops(
             proxy.log()[-3000:]
     finally:
         receiver.stop()
+
+
+# --- configuration and the log line -------------------------------------------------------
+
+def test_tracing_keys_in_a_config_file(tmp_path: Any) -> None:
+    from dualproxy.cli import check_route, load_config_file
+    from dualproxy.filters import build_chain
+    from dualproxy.filters.tracing import Tracing
+
+    path = tmp_path / "traced.toml"
+    path.write_text('[[route]]\nmount = "/a"\nupstream = "http://127.0.0.1:9"\n'
+                    'tracing = true\ntracing_new_traces = true\n'
+                    'trusted_proxies = ["127.0.0.1/32"]\nrequest_id = true\n'
+                    '[[route]]\nmount = "/b"\nupstream = "http://127.0.0.1:9"\n')
+    _, routes = load_config_file(str(path), ["serve", "--config", str(path)])
+    traced, plain = check_route(routes[0]), check_route(routes[1])
+    assert (traced.tracing, traced.tracing_new_traces) == (True, True)
+    assert (plain.tracing, plain.tracing_new_traces) == (False, False)
+    filters = build_chain(traced).filters
+    assert isinstance(filters[0], Tracing)  # outermost: its span covers the others
+    assert filters[0].is_trusted is None  # new traces: nobody's context is continued
+    assert not any(isinstance(f, Tracing) for f in build_chain(plain).filters)
+
+
+def test_the_access_line_names_the_trace() -> None:
+    from dualproxy.core import IncomingRequest
+    from dualproxy.logs import AccessLog
+
+    record = AccessLog().start(IncomingRequest("GET", b"/x", [], "127.0.0.1"), "127.0.0.1")
+    record.status = 200
+    assert "trace_id" not in AccessLog().message(record, time.time(), time.perf_counter())
+    record.trace_id = THEIR_TRACE
+    text = AccessLog().message(record, time.time(), time.perf_counter())
+    assert text.endswith(f" ok trace_id={THEIR_TRACE}")
+    line = json.loads(AccessLog(format="json").message(record, time.time(),
+                                                       time.perf_counter()))
+    assert line["trace_id"] == THEIR_TRACE
+    assert line["outcome"] == "ok"
