@@ -875,12 +875,13 @@ def ratios(by: dict[str, Result], size_label: str) -> tuple[list[str], dict[str,
         r = by.get(f"dp-{face}-trace")
         if r is None:
             continue
-        on = ratio(value(r, "rps"), r.off_rps)
-        cpu_on, cpu_off = r.cpu_us_per_req, r.off_cpu_us_per_req
-        doc.setdefault(face, {}).update(tracing_on_over_off=on, tracing_cpu_us_on=cpu_on,
-                                        tracing_cpu_us_off=cpu_off)
-        lines.append(f"{face}: --tracing on / off small-GET req/s = {fmt(on, '.2f')}; CPU per "
-                     f"request {fmt(cpu_on, '.0f')} vs {fmt(cpu_off, '.0f')} µs")
+        figures = {"tracing_on_over_off": ratio(value(r, "rps"), r.off_rps),
+                   "tracing_cpu_us_on": r.cpu_us_per_req, "tracing_cpu_us_off":
+                   r.off_cpu_us_per_req}
+        doc.setdefault(face, {}).update(figures)
+        shown = [fmt(v, f) for v, f in zip(figures.values(), (".2f", ".0f", ".0f"), strict=True)]
+        lines.append("{}: --tracing on / off small-GET req/s = {}; CPU per request {} vs {} µs"
+                     .format(face, *shown))
     for face in ("asgi", "wsgi"):
         r = by.get(f"dp-{face}-compress")
         if r is None:

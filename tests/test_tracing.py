@@ -134,18 +134,24 @@ def test_server_and_client_spans(make_proxy: MakeProxy, upstream: Upstream, rid:
     assert f" trace_id={trace_id}" in access_line(proxy, rid)
 
 
-def test_a_trusted_proxys_traceparent_is_continued(make_proxy: MakeProxy, upstream: Upstream,
-                                                   rid: str) -> None:
-    proxy = make_proxy("--tracing", "--mount", "/t", *TRUST)
+def traced_get(proxy: ProxyProcess, upstream: Upstream, rid: str
+               ) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """GET with someone's trace context: the SERVER and CLIENT spans, the upstream's record."""
     with proxy.client() as client:
         response = client.get(f"/t/{rid}", headers={
             "x-req-id": rid, "traceparent": THEIR_PARENT, "tracestate": "vendor=abc"})
     assert response.status_code == 200
     spans = spans_of(proxy, rid, 2)
     [server], [client_span] = by_kind(spans, "SERVER"), by_kind(spans, "CLIENT")
+    return server, client_span, upstream.wait_record(rid)
+
+
+def test_a_trusted_proxys_traceparent_is_continued(make_proxy: MakeProxy, upstream: Upstream,
+                                                   rid: str) -> None:
+    proxy = make_proxy("--tracing", "--mount", "/t", *TRUST)
+    server, client_span, record = traced_get(proxy, upstream, rid)
     assert ids(server)[0] == THEIR_TRACE
     assert hex_id(server["parent_id"]) == THEIR_SPAN
-    record = upstream.wait_record(rid)
     [sent] = record.header_all("traceparent")
     assert parse_parent(sent) == (THEIR_TRACE, ids(client_span)[1])
     assert record.header_all("tracestate") == ["vendor=abc"]
@@ -158,16 +164,10 @@ def test_other_traceparents_start_a_new_trace(make_proxy: MakeProxy, upstream: U
     """An untrusted client's trace context (or any, with --tracing-new-traces) is not
     continued, and not forwarded as it came: the upstream gets the new trace's."""
     proxy = make_proxy("--tracing", "--mount", "/t", *flags)
-    with proxy.client() as client:
-        response = client.get(f"/t/{rid}", headers={
-            "x-req-id": rid, "traceparent": THEIR_PARENT, "tracestate": "vendor=abc"})
-    assert response.status_code == 200
-    spans = spans_of(proxy, rid, 2)
-    [server], [client_span] = by_kind(spans, "SERVER"), by_kind(spans, "CLIENT")
+    server, client_span, record = traced_get(proxy, upstream, rid)
     trace_id = ids(server)[0]
     assert trace_id != THEIR_TRACE
     assert server["parent_id"] is None
-    record = upstream.wait_record(rid)
     [sent] = record.header_all("traceparent")
     assert parse_parent(sent) == (trace_id, ids(client_span)[1])
     assert record.header_all("tracestate") == []
@@ -462,18 +462,17 @@ def test_tracing_keys_in_a_config_file(tmp_path: Any) -> None:
     from dualproxy.filters import build_chain
     from dualproxy.filters.tracing import Tracing
 
+    route = '[[route]]\nmount = "{}"\nupstream = "http://127.0.0.1:9"\n'
     path = tmp_path / "traced.toml"
-    path.write_text('[[route]]\nmount = "/a"\nupstream = "http://127.0.0.1:9"\n'
-                    'tracing = true\ntracing_new_traces = true\n'
-                    'trusted_proxies = ["127.0.0.1/32"]\nrequest_id = true\n'
-                    '[[route]]\nmount = "/b"\nupstream = "http://127.0.0.1:9"\n')
-    _, routes = load_config_file(str(path), ["serve", "--config", str(path)])
-    traced, plain = check_route(routes[0]), check_route(routes[1])
+    path.write_text(route.format("/a") + 'tracing = true\ntracing_new_traces = true\n'
+                    'trusted_proxies = ["127.0.0.1/32"]\n' + route.format("/b"))
+    argv = ["serve", "--config", str(path)]
+    traced, plain = map(check_route, load_config_file(str(path), argv)[1])
     assert (traced.tracing, traced.tracing_new_traces) == (True, True)
     assert (plain.tracing, plain.tracing_new_traces) == (False, False)
-    filters = build_chain(traced).filters
-    assert isinstance(filters[0], Tracing)  # outermost: its span covers the others
-    assert filters[0].is_trusted is None  # new traces: nobody's context is continued
+    first = build_chain(traced).filters[0]
+    assert isinstance(first, Tracing)  # outermost: its span covers the others
+    assert first.is_trusted is None  # new traces: nobody's context is continued
     assert not any(isinstance(f, Tracing) for f in build_chain(plain).filters)
 
 
