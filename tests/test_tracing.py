@@ -240,6 +240,21 @@ def test_an_upstream_5xx_marks_both_spans(make_proxy: MakeProxy, rid: str) -> No
     assert client_span["attributes"]["http.response.status_code"] == 503
 
 
+def test_an_upstream_cut_mid_body_is_an_error_of_both_spans(make_proxy: MakeProxy,
+                                                              rid: str) -> None:
+    proxy = make_proxy("--tracing", "--mount", "/t")
+    with proxy.client() as client, pytest.raises(httpx.HTTPError):
+        client.get(f"/t/{rid}", headers={"x-upstream": "cut size=200000 after=1000"})
+    spans = spans_of(proxy, rid, 2)
+    [server], [client_span] = by_kind(spans, "SERVER"), by_kind(spans, "CLIENT")
+    assert server["attributes"]["dualproxy.outcome"] == "upstream-broken"
+    assert server["attributes"]["error.type"] == "cut_body"
+    assert server["status"]["status_code"] == "ERROR"
+    assert client_span["attributes"]["http.response.status_code"] == 200
+    assert client_span["attributes"]["error.type"] == "cut_body"
+    assert client_span["status"]["status_code"] == "ERROR"
+
+
 # --- the cache's and the rate limit's decisions -------------------------------------------
 
 def test_cache_and_rate_limit_decisions(make_proxy: MakeProxy, rid: str) -> None:

@@ -148,9 +148,11 @@ class Tracing(Filter):
         record = exchange.record
         client = state.pop(_CLIENT, None)
         if client is not None:
-            if record.broken:  # the upstream failed mid-body
-                client.set_attribute("error.type", record.cause or "upstream-broken")
-                client.set_status(Status(StatusCode.ERROR, record.broken))
+            # The upstream failed mid-body, or its head was refused (502, invalid).
+            failure = record.broken or (record.problem if record.status >= 500 else None)
+            if failure:
+                client.set_attribute("error.type", record.cause or str(record.status))
+                client.set_status(Status(StatusCode.ERROR, failure))
             client.end()
         span: Span | None = state.pop(_SERVER, None)
         if span is None:
