@@ -408,6 +408,25 @@ def test_nothing_is_imported_when_tracing_is_off(upstream: Upstream) -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_the_sampler_comes_from_the_environment(pairing: str, upstream: Upstream,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                rid: str) -> None:
+    """OTEL_TRACES_SAMPLER=always_off (the SDK's own reading): no span is recorded, yet
+    the trace context still goes upstream (not sampled) and the log names the trace."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    proxy = ProxyProcess(pairing, upstream.url, ("--tracing", "--mount", "/t"))
+    try:
+        with proxy.client() as client:
+            assert client.get(f"/t/{rid}", headers={"x-req-id": rid}).status_code == 200
+        [sent] = upstream.wait_record(rid).header_all("traceparent")
+        version, trace_id, _, flags = sent.split("-")
+        assert int(flags, 16) & 1 == 0  # not sampled: the upstream need not record either
+        assert f" trace_id={trace_id}" in access_line(proxy, rid)
+        assert all_spans(proxy) == []
+    finally:
+        proxy.stop()
+
+
 # --- OTLP: batched, flushed when the worker stops ----------------------------------------
 
 class OtlpReceiver:
