@@ -524,3 +524,19 @@ def test_the_access_line_names_the_trace() -> None:
                                                        time.perf_counter()))
     assert line["trace_id"] == THEIR_TRACE
     assert line["outcome"] == "ok"
+
+
+def test_without_an_sdk_no_context_goes_upstream(upstream: Upstream, rid: str) -> None:
+    """The API's no-op provider (no SDK set up, or OTEL_SDK_DISABLED): no span, no trace
+    id, and no traceparent upstream, the client's included."""
+    from opentelemetry.trace import NoOpTracerProvider
+
+    from dualproxy import SyncProxy
+
+    proxy = SyncProxy(upstream.url, tracing=True, tracer_provider=NoOpTracerProvider(),
+                      access_log=False)
+    with httpx.Client(transport=httpx.WSGITransport(app=proxy), base_url="http://a") as client:
+        response = client.get(f"/{rid}", headers={"x-req-id": rid, "traceparent": THEIR_PARENT})
+    assert response.status_code == 200
+    proxy.close()
+    assert upstream.wait_record(rid).header_all("traceparent") == []

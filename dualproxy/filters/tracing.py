@@ -203,10 +203,11 @@ class Tracing(Filter):
         # its context lookups: this runs on every try).
         context = client.get_span_context()
         headers = [(n, v) for n, v in plan.headers if n not in _CONTEXT_HEADERS]
-        headers.append((TRACEPARENT, b"00-%032x-%016x-%02x" % (
-            context.trace_id, context.span_id, context.trace_flags)))
-        if context.trace_state:
-            headers.append((TRACESTATE, context.trace_state.to_header().encode("latin-1")))
+        if context.is_valid:  # not with the API's no-op provider (OTEL_SDK_DISABLED ...)
+            headers.append((TRACEPARENT, b"00-%032x-%016x-%02x" % (
+                context.trace_id, context.span_id, context.trace_flags)))
+            if context.trace_state:
+                headers.append((TRACESTATE, context.trace_state.to_header().encode("latin-1")))
         plan.headers[:] = headers
 
     def on_attempt_end(self, exchange: Exchange, attempt: Attempt) -> None:
