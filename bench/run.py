@@ -12,6 +12,7 @@ process tree. For dualproxy also the RSS while streaming 1 GiB each way, 2 worke
 against 1, a pool of 2 upstreams (nginx on a second port) against 1 on small GETs,
 and small GETs with the access log on against off (`dp-asgi-log`, `dp-wsgi-log`), and
 with request ids and header rules on against off (`dp-asgi-hdr`, `dp-wsgi-hdr`;
+tracing the same way, spans made but not exported: `dp-asgi-trace`, `dp-wsgi-trace`;
 every other dualproxy row runs with `--no-access-log`), and GETs of a 64 KiB JSON
 document with `--compress` on against off (`dp-asgi-compress`, `dp-wsgi-compress`:
 req/s, CPU per request, bytes per response; the client accepts zstd, br and gzip),
@@ -517,6 +518,7 @@ class Contestant:
     headers: tuple[str, ...] = ()
     # A paired row's download too, on and off (the cache rows: a large hit): its path.
     download: str | None = None
+    env: tuple[tuple[str, str], ...] = ()  # more environment for its process
 
 
 HEADER_FILTERS = ("--request-id", "--header-up", "X-Real-IP: {client}",
@@ -584,6 +586,12 @@ def contestants(upstream: str, baseline: Path | None = None,
         *(Contestant(f"dp-{face}-cache", f"dualproxy {face}, --cache (memory), hits", face,
                      dp(*adapter, *CACHE_FLAGS), dualproxy=True, paired=dp(*adapter),
                      path="/cached/small", download="/cached/big")
+          for face, adapter in (("asgi", ()), ("wsgi", ("--adapter", "wsgi")))),
+        # Tracing's cost: every span made and ended, none exported (the SDK's provider,
+        # its default sampler, OTEL_TRACES_EXPORTER=none), against the same proxy without.
+        *(Contestant(f"dp-{face}-trace", f"dualproxy {face}, --tracing (exporter none)", face,
+                     dp(*adapter, "--tracing"), dualproxy=True, small_only=True,
+                     paired=dp(*adapter), env=(("OTEL_TRACES_EXPORTER", "none"),))
           for face, adapter in (("asgi", ()), ("wsgi", ("--adapter", "wsgi")))),
         Contestant("dp-asgi-pool", "dualproxy asgi, a pool of 2 upstreams", "asgi",
                    dp("--upstream", second), dualproxy=True, small_only=True),
@@ -737,7 +745,7 @@ def run_log_pair(c: Contestant, upstream: Upstream, work: Path,
     assert c.paired is not None
     result = Result(c.key, c.name, c.face, c.workers, c.dualproxy)
     ports = {"on": free_port(), "off": free_port()}
-    procs = {"on": start(c.args(ports["on"]), log=work / f"{c.key}.log"),
+    procs = {"on": start(c.args(ports["on"]), dict(c.env), log=work / f"{c.key}.log"),
              "off": start(c.paired(ports["off"]), log=work / f"{c.key}-off.log")}
     requests = dict.fromkeys(procs, 0.0)
     cpu = dict.fromkeys(procs, 0.0)
@@ -914,6 +922,17 @@ def ratios(by: dict[str, Result], size_label: str) -> tuple[list[str], dict[str,
                      f"({fmt(r.rps)} vs {fmt(r.off_rps)}); {size_label} hit "
                      f"{fmt(r.down_mbs)} vs uncached {fmt(r.off_down_mbs)} MB/s "
                      f"({fmt(big, '.2f')}×)")
+    for face in ("asgi", "wsgi"):
+        r = by.get(f"dp-{face}-trace")
+        if r is None:
+            continue
+        figures = {"tracing_on_over_off": ratio(value(r, "rps"), r.off_rps),
+                   "tracing_cpu_us_on": r.cpu_us_per_req, "tracing_cpu_us_off":
+                   r.off_cpu_us_per_req}
+        doc.setdefault(face, {}).update(figures)
+        shown = [fmt(v, f) for v, f in zip(figures.values(), (".2f", ".0f", ".0f"), strict=True)]
+        lines.append("{}: --tracing on / off small-GET req/s = {}; CPU per request {} vs {} µs"
+                     .format(face, *shown))
     for face in ("asgi", "wsgi"):
         r = by.get(f"dp-{face}-compress")
         if r is None:
@@ -1204,9 +1223,9 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", action="extend", default=[], metavar="NAME",
                         help="only contestants with this key (direct, ceiling-uvicorn, "
                              "ceiling-gunicorn, dp-asgi, dp-asgi-log, dp-wsgi, dp-wsgi-log, "
-                             "dp-asgi-compress, dp-wsgi-compress, "
-                             "seed, fpl, twin, werkzeug, dp-asgi-hdr, dp-wsgi-hdr, "
-                             "dp-asgi-cache, dp-wsgi-cache, dp-asgi-pool, "
+                             "dp-asgi-compress, dp-wsgi-compress, dp-asgi-hdr, dp-wsgi-hdr, "
+                             "dp-asgi-trace, dp-wsgi-trace, dp-asgi-cache, dp-wsgi-cache, "
+                             "seed, fpl, twin, werkzeug, dp-asgi-pool, "
                              "dp-wsgi-pool, dp-asgi-2w, "
                              "dp-wsgi-2w, and with "
                              "--baseline-tree dp-asgi-before, dp-wsgi-before) or name part")

@@ -310,3 +310,88 @@ def test_on_end_failures_are_logged_and_the_others_still_run() -> None:
 
     run_sync(Chain([Log("A", log), Failing(), Log("C", log)]).end(make_exchange()))
     assert log == ["end C", "end A"]
+
+
+class _Tries:
+    """What exchange.attempts needs of a face: a pool of two upstreams, retry once."""
+
+    def __init__(self, chain: Chain) -> None:
+        self.chain = chain
+        self.config = ProxyConfig.build(["http://a.test:1", "http://b.test:2"])
+
+    def choose(self, record: Any) -> Any:
+        return self.config.upstreams[0]
+
+    def retry(self, record: Any, plan: Any, tried: list[Any], exc: BaseException) -> Any:
+        if tried:
+            return None
+        tried.append(self.config.upstreams[0])
+        return self.config.upstreams[1]
+
+
+class Tracer(Filter):
+    """Marks each try's request with its number, and notes how each try ended."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def on_attempt(self, exchange: Exchange, attempt: Any) -> None:
+        assert exchange.plan is not None
+        exchange.plan.headers[:] = [(n, v) for n, v in exchange.plan.headers if n != b"x-try"]
+        exchange.plan.headers.append((b"x-try", b"%d" % attempt.number))
+        self.log.append(f"try {attempt.number} {attempt.upstream.host}")
+
+    def on_attempt_end(self, exchange: Exchange, attempt: Any) -> None:
+        self.log.append(f"end {attempt.number} {type(attempt.error).__name__}")
+
+
+class AsyncTracer(Tracer):
+    async def on_attempt(self, exchange: Exchange, attempt: Any) -> None:  # type: ignore[override]
+        await asyncio.sleep(0)
+        super().on_attempt(exchange, attempt)
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_attempt_hooks_see_each_try_and_its_headers(face: str) -> None:
+    from dualproxy.exchange import attempts
+
+    log: list[str] = []
+    exchange = make_exchange()
+    sent: list[bytes] = []
+
+    def attempt(upstream: Any) -> str:
+        assert exchange.plan is not None
+        sent.append(dict(exchange.plan.headers)[b"x-try"])
+        if upstream.host == "a.test":
+            raise ConnectionRefusedError("no")
+        return "answer"
+
+    async def async_attempt(upstream: Any) -> str:
+        await asyncio.sleep(0)
+        return attempt(upstream)
+
+    tries = _Tries(Chain([(Tracer if face == "sync" else AsyncTracer)(log)]))
+    flow = attempts(tries, exchange.record, exchange.plan,  # type: ignore[arg-type]
+                    attempt if face == "sync" else async_attempt, exchange)
+    result = drive_sync(flow) if face == "sync" else asyncio.run(drive_async(flow))
+    assert result == "answer"
+    assert sent == [b"0", b"1"]  # each try carried its own header
+    assert log == ["try 0 a.test", "end 0 ConnectionRefusedError", "try 1 b.test",
+                   "end 1 NoneType"]
+    with pytest.raises(TypeError, match="AsyncTracer.on_attempt"):
+        Chain([AsyncTracer([])]).require_sync()
+
+
+def test_a_try_header_left_unwritable_is_invalid_head() -> None:
+    from dualproxy.exchange import attempts
+
+    class Smuggle(Filter):
+        def on_attempt(self, exchange: Exchange, attempt: Any) -> None:
+            assert exchange.plan is not None
+            exchange.plan.headers.append((b"traceparent", b"a\r\nb"))
+
+    exchange = make_exchange()
+    face = _Tries(Chain([Smuggle()]))
+    with pytest.raises(InvalidHead):
+        drive_sync(attempts(face, exchange.record, exchange.plan,  # type: ignore[arg-type]
+                            lambda upstream: "answer", exchange))

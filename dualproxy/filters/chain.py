@@ -27,7 +27,7 @@ from ..core import ResponseHead, UpstreamPlan
 from ..errors import InvalidHead, ProxyError, TransformFailed
 from ..headers import Header
 from ..wire import WireError, field_problem, head_problem
-from .base import Answer, BodyTransform, Exchange, Filter, async_stages, overrides
+from .base import Answer, Attempt, BodyTransform, Exchange, Filter, async_stages, overrides
 from .codings import decoder
 
 error_logger = logging.getLogger("dualproxy")
@@ -90,7 +90,8 @@ async def _resume(flow: Flow[T], awaitable: Awaitable[Any]) -> T:
 class Chain:
     """The ordered filters of one route, with the stages each one implements."""
 
-    __slots__ = ("filters", "_request", "_response", "_trailers", "_error", "_end", "_async")
+    __slots__ = ("filters", "_request", "_response", "_trailers", "_error", "_end", "_async",
+                 "_attempt", "_attempt_end")
 
     def __init__(self, filters: Sequence[object] = ()) -> None:
         checked: list[Filter] = []
@@ -109,6 +110,8 @@ class Chain:
         self._trailers = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_trailers")]
         self._error = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_error")]
         self._end = [f for f in reversed(self.filters) if overrides(f, "on_end")]
+        self._attempt = [f for f in self.filters if overrides(f, "on_attempt")]
+        self._attempt_end = [f for f in reversed(self.filters) if overrides(f, "on_attempt_end")]
         self._async = [f"{f.label()}.{stage}" for f in self.filters for stage in async_stages(f)]
 
     def __bool__(self) -> bool:
@@ -143,6 +146,30 @@ class Chain:
             # Checked even when the same plan object stays: its header list is mutable.
             _check_plan(flt, exchange.plan)
         return None
+
+    # -- each try of the upstream ----------------------------------------------------------
+
+    @property
+    def watches_attempts(self) -> bool:
+        """Does a filter implement `on_attempt` or `on_attempt_end`? (No: the
+        exchange's attempts run as if there were no chain.)"""
+        return bool(self._attempt or self._attempt_end)
+
+    def attempt(self, exchange: Exchange, attempt: Attempt) -> Flow[None]:
+        """Run `on_attempt` in order, before a try; the plan a filter leaves is
+        checked as after `on_request`."""
+        for flt in self._attempt:
+            result = flt.on_attempt(exchange, attempt)
+            if inspect.isawaitable(result):
+                yield result
+            _check_plan(flt, exchange.plan)
+
+    def attempt_end(self, exchange: Exchange, attempt: Attempt) -> Flow[None]:
+        """Run `on_attempt_end` from the innermost filter out, after a try."""
+        for flt in self._attempt_end:
+            result = flt.on_attempt_end(exchange, attempt)
+            if inspect.isawaitable(result):
+                yield result
 
     # -- the response head ----------------------------------------------------------------
 
