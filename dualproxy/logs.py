@@ -162,7 +162,7 @@ class RequestRecord:
                  "bytes_in", "bytes_out", "client_gone", "broken", "responded", "problem",
                  "shutdown", "routed", "upstream", "cause", "websocket", "exchange",
                  "request_id", "outcome", "limit_skipped", "cache", "cache_stored",
-                 "trace_id")
+                 "cache_store_failed", "trace_id")
 
     def __init__(self, incoming: IncomingRequest, client: str | None = None) -> None:
         self.method = incoming.method
@@ -192,6 +192,7 @@ class RequestRecord:
         # collapsed, purge; None: no cache on the route. Bytes it stored from this answer.
         self.cache: str | None = None
         self.cache_stored = 0
+        self.cache_store_failed = False  # its store failed (or stood aside): uncached
         self.trace_id: str | None = None  # the request's trace (filters/tracing.py), if on
 
     def upstream_status(self, status: int) -> None:

@@ -14,7 +14,14 @@ from dualproxy.core import IncomingRequest, ResponseHead, UpstreamPlan, plan_req
 from dualproxy.errors import InvalidHead, TransformFailed
 from dualproxy.exchange import drive_async, drive_sync
 from dualproxy.filters import Answer, Chain, Exchange, Filter
-from dualproxy.filters.chain import BodyPipeline, run_async, run_sync, transformed
+from dualproxy.filters.chain import (
+    BodyPipeline,
+    atransformed,
+    run_async,
+    run_either,
+    run_sync,
+    transformed,
+)
 from dualproxy.logs import RequestRecord
 
 CONFIG = ProxyConfig.build("http://upstream.test:8080")
@@ -210,6 +217,63 @@ def test_body_pipeline_finish_cascades_through_every_transform() -> None:
     assert pipeline.feed(b"ab") == b""
     assert pipeline.feed(b"cd") == b""
     assert pipeline.finish() == b"<ABCD>!"
+
+
+def test_run_either_gives_a_value_or_a_coroutine_for_the_rest() -> None:
+    def flow(awaits: bool) -> Any:
+        got = yield asyncio.sleep(0, "slept") if awaits else None
+        return got
+
+    def plain() -> Any:
+        return "plain"
+        yield  # a generator that never yields
+
+    assert run_either(plain()) == "plain"  # nothing to await: no coroutine
+    pending = run_either(flow(True))
+    assert asyncio.iscoroutine(pending) and asyncio.run(pending) == "slept"
+
+
+class Storing:
+    """A transform that hands the relay an awaitable at its finish (a cache's write)."""
+
+    def __init__(self, exchange: Exchange, log: list[str]) -> None:
+        self.exchange, self.log = exchange, log
+
+    def feed(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def finish(self) -> bytes:
+        async def write() -> None:
+            await asyncio.sleep(0)
+            self.log.append("stored")
+
+        self.exchange.await_in_body(write())
+        return b"!"
+
+
+def test_await_in_body_is_awaited_before_the_last_bytes_and_refused_on_the_sync_face(
+        ) -> None:
+    log: list[str] = []
+
+    class Observing(Filter):
+        def on_response(self, exchange: Exchange, head: ResponseHead) -> None:
+            assert exchange.transform_response(Storing(exchange, log), same_length=True)
+
+    async def relay(pipeline: BodyPipeline | None) -> None:
+        async def body() -> Any:
+            yield b"ab"
+
+        async for chunk in atransformed(pipeline, body()):
+            log.append(chunk.decode())
+
+    exchange = make_exchange()
+    run_sync(Chain([Observing()]).response(exchange, head()))
+    asyncio.run(relay(exchange._response_pipeline))
+    assert log == ["ab", "stored", "!"]  # the write is done before the tail goes on
+    exchange = make_exchange()
+    run_sync(Chain([Observing()]).response(exchange, head()))
+    with pytest.raises(TransformFailed, match="sync face"):
+        list(transformed(exchange._response_pipeline, [b"ab"]))
 
 
 def test_a_failing_transform_is_transform_failed() -> None:

@@ -38,7 +38,7 @@ owns the framing fix-up when a transform may change the body's length.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -217,6 +217,16 @@ class Exchange:
         from .chain import replace_response_body
 
         replace_response_body(self, body)
+
+    def await_in_body(self, awaitable: Awaitable[Any]) -> None:
+        """(The async face.) Have the response body's relay await `awaitable` before
+        the bytes the current transform call returns go on: a transform's own I/O (the
+        cache writing a body it observed to an asyncio store, before the client has
+        its last byte). Call it from a response transform's `feed` or `finish`."""
+        pipeline = self._response_pipeline
+        if pipeline is None:
+            raise RuntimeError("await_in_body is for a response transform")
+        pipeline.waits.append(awaitable)
 
     def transform_request(self, transform: BodyTransform) -> bool:
         """Run `transform` over the request body (call it from `on_request`): the

@@ -57,6 +57,25 @@ async def run_async(flow: Flow[T]) -> T:
     """Drive a stage on the async face: each awaitable a filter returned is awaited."""
     try:
         awaitable = next(flow)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    return await _resume(flow, awaitable)
+
+
+def run_either(flow: Flow[T]) -> T | Awaitable[T]:
+    """Drive a flow as far as it goes without awaiting: its value when nothing came
+    to await (a filter whose I/O is in memory costs no coroutine), else a coroutine
+    for the rest, which the async face awaits (a filter's plain `def` may return it:
+    the chain awaits what it gets). On the sync face nothing comes to await."""
+    try:
+        awaitable = next(flow)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    return _resume(flow, awaitable)
+
+
+async def _resume(flow: Flow[T], awaitable: Awaitable[Any]) -> T:
+    try:
         while True:
             try:
                 result = await awaitable
@@ -303,12 +322,15 @@ class BodyPipeline:
     """The transforms over one body, in the order they were installed (the
     innermost filter's first); a transform's failure is `TransformFailed`."""
 
-    __slots__ = ("transforms", "changes_length", "decoded", "replacement")
+    __slots__ = ("transforms", "changes_length", "decoded", "replacement", "waits")
 
     def __init__(self) -> None:
         self.transforms: list[BodyTransform] = []
         self.changes_length = False
         self.decoded = False
+        # Awaitables a transform handed over (`Exchange.await_in_body`, the async face
+        # only): awaited before the bytes it returned go on.
+        self.waits: list[Awaitable[Any]] = []
         # A filter's own body instead of the upstream's (replace_response_body).
         self.replacement: bytes | Iterable[bytes] | AsyncIterable[bytes] | None = None
 
@@ -430,11 +452,29 @@ def transformed(pipeline: BodyPipeline | None, chunks: Iterable[bytes]) -> Itera
         chunks = _replacement(pipeline.replacement)
     for chunk in chunks:
         out = pipeline.feed(chunk)
+        if pipeline.waits:
+            _refuse_waits(pipeline)
         if out:
             yield out
     tail = pipeline.finish()
+    if pipeline.waits:
+        _refuse_waits(pipeline)
     if tail:
         yield tail
+
+
+def _refuse_waits(pipeline: BodyPipeline) -> None:
+    for awaitable in pipeline.waits:
+        if inspect.iscoroutine(awaitable):
+            awaitable.close()
+    pipeline.waits.clear()
+    raise TransformFailed("a body transform awaits on the sync face")
+
+
+async def _awaited(pipeline: BodyPipeline) -> None:
+    waits, pipeline.waits = pipeline.waits, []
+    for awaitable in waits:
+        await awaitable
 
 
 async def achunks(body: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
@@ -461,8 +501,12 @@ async def atransformed(pipeline: BodyPipeline | None,
         chunks = _areplacement(pipeline.replacement)
     async for chunk in chunks:
         out = pipeline.feed(chunk)
+        if pipeline.waits:
+            await _awaited(pipeline)
         if out:
             yield out
     tail = pipeline.finish()
+    if pipeline.waits:
+        await _awaited(pipeline)
     if tail:
         yield tail
