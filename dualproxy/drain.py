@@ -23,7 +23,7 @@ import select
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 # What the servers get beyond the deadline: time to send close frames and log.
 SLACK = 1.0
@@ -33,6 +33,9 @@ log = logging.getLogger("dualproxy")
 
 class Cuttable(Protocol):
     def cut(self) -> None: ...
+
+
+C = TypeVar("C", bound=Cuttable)
 
 
 class Drain:
@@ -129,6 +132,17 @@ class Drain:
     def leave(self, exchange: Cuttable) -> None:
         if self.timeout is not None:
             self._inflight.pop(id(exchange), None)
+
+    def cut_early(self, kind: type[C]) -> list[C]:
+        """Cut the registered exchanges of `kind` now, before the deadline, and return
+        them: for a server that cannot keep them until it (granian's WebSockets, which
+        its stop ends at once). The rest keep draining."""
+        chosen = [exchange for exchange in list(self._inflight.values())
+                  if isinstance(exchange, kind)]
+        for exchange in chosen:
+            if self._inflight.pop(id(exchange), None) is not None:
+                self._cut(exchange)
+        return chosen
 
     def wake_fd(self) -> int:
         """A file descriptor that is readable from the deadline on (one pipe per process)."""

@@ -54,8 +54,10 @@ GRANIAN_LIMITS = {
                     "--header-timeout without a word, not with a 408 problem",
     "header-order": "granian (hyper's HeaderMap) groups repeated header fields by name, both "
                     "ways: each name's values keep their order, the order between names is lost",
-    "ws-stop": "granian closes open WebSockets (no close frame) when its stop begins instead "
-               "of keeping them until --graceful-timeout",
+    "ws-stop": "granian 2.8 cannot keep an open WebSocket once its stop begins (the end of "
+               "its accept loop ends every WebSocket handler, and its runtime is dropped as "
+               "soon as the HTTP connections are done): the proxy closes each 1001 both ways "
+               "as the stop begins, not at --graceful-timeout",
     "ws-close-reason": "granian drops the reason of the client's close frame: the app gets "
                        "its code only",
     "ws-refused-open": "granian keeps the client's connection open after the app refused a "

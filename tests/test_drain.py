@@ -240,6 +240,32 @@ def test_websocket_open_at_the_timeout_closes_1001(pairing: str, ws_upstream: Ws
         proxy.stop()
 
 
+def test_websocket_gets_1001_from_the_stop(pairing: str, ws_upstream: WsUpstream,
+                                          rid: str) -> None:
+    """Whatever the server does with an open WebSocket while it stops (kept until the
+    graceful timeout, or closed as the stop begins on granian), both sides get a close
+    frame 1001 from the proxy, never a dropped connection, and the worker exits 0."""
+    proxy = ProxyProcess(pairing, ws_upstream.url, ("--graceful-timeout", "2"))
+    try:
+        with open_ws(proxy, rid=rid) as ws:
+            ws.send("before")
+            assert ws.recv(timeout=5) == "before"
+            terminate(proxy)
+            signalled = time.monotonic()
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    ws.recv(timeout=10)
+            closed_after = time.monotonic() - signalled
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1001, info.value
+        assert closed_after < 4.0, closed_after
+        assert ws_upstream.wait_closed(rid, timeout=5).close_code == 1001
+        assert exit_code(proxy) == 0, proxy.log()
+        assert outcomes(proxy, "GET /echo") == ["shutdown-cut"], proxy.log()
+        no_traceback(proxy)
+    finally:
+        proxy.stop()
+
+
 def test_second_sigint_exits_at_once(pairing: str, upstream: Upstream) -> None:
     proxy = ProxyProcess(pairing, upstream.url, ("--graceful-timeout", "30"))
     try:

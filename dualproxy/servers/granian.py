@@ -12,9 +12,15 @@ worker). The stop: granian's main process sends each worker SIGTERM (for a
 SIGTERM or SIGINT it got); the worker's signal handler, replaced here, starts
 dualproxy's drain clock (drain.py) before granian stops accepting. A second
 SIGINT to the main process sends the workers SIGQUIT, which ends what is left
-at once. granian's own kill comes `SLACK` after the graceful timeout. An
-open WebSocket is not kept to the graceful timeout: granian closes it when its
-stop begins (a limit of granian 2.8, docs/servers.md lists the others).
+at once. granian's own kill comes `SLACK` after the graceful timeout.
+
+An open WebSocket cannot be kept to the graceful timeout: when granian's accept
+loop ends it ends every WebSocket handler (`RuntimeRef.close()`: the app's
+pending receive gets a disconnect) and it drops its runtime, sockets and all,
+as soon as its HTTP connections are done. So the worker's stop closes each open
+WebSocket session 1001 both ways first (logged `shutdown-cut`), waits up to
+`SLACK` for those closes, and only then lets granian stop; the HTTP exchanges
+drain as usual. (A limit of granian 2.8; docs/servers.md lists the others.)
 
 GranianApp, around the app, undoes what its ASGI interface does otherwise than
 uvicorn's where that is possible (HTTP/1.0's scope, a request or a response
@@ -29,6 +35,7 @@ release the suite tests (TESTED), refused otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import signal
@@ -66,11 +73,18 @@ def _worker_signals(original: Any) -> Any:
     and FORCE_SIGNAL ending what is left."""
 
     def set_loop_signals(loop: Any) -> Any:
+        from ..websocket.relay_async import Session
+
         event = original(loop)
 
         def stop() -> None:
             DRAIN.begin()
-            event.set()
+            sessions = DRAIN.cut_early(Session)
+            if not sessions:
+                event.set()
+                return
+            waited = asyncio.wait([session.ended for session in sessions], timeout=SLACK)
+            loop.create_task(waited).add_done_callback(lambda _: event.set())
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop)
