@@ -60,8 +60,6 @@ GRANIAN_LIMITS = {
                "as the stop begins, not at --graceful-timeout",
     "ws-close-reason": "granian drops the reason of the client's close frame: the app gets "
                        "its code only",
-    "ws-refused-open": "granian keeps the client's connection open after the app refused a "
-                       "WebSocket handshake with an HTTP answer (websocket.http.response)",
     "ws-big-ping": "granian answers an oversized ping (past 125 bytes, RFC 6455 5.5) itself "
                    "with close 1000, not 1002",
 }

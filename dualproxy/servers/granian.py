@@ -175,12 +175,17 @@ class GranianApp:
     connection after the head) would get granian's 500 page too, as granian
     sends a head only with the first body message: an empty, unfinished one is
     sent here, so granian sends the head and then drops the connection alike.
+
+    A WebSocket handshake the core refuses with an HTTP answer gets `Connection:
+    close` added, so the connection ends after it as on the other servers.
     """
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            return await self.app(scope, receive, _refusal_closes(send))  # type: ignore[no-any-return]
         if scope["type"] != "http":
             return await self.app(scope, receive, send)  # type: ignore[no-any-return]
         if scope.get("http_version") == "1":
@@ -203,6 +208,20 @@ class GranianApp:
         elif not bodied:
             await _send_quietly(send, {"type": "http.response.body", "body": b"",
                                        "more_body": True})
+
+
+def _refusal_closes(send: Any) -> Any:
+    """`send` for a WebSocket scope, a refused handshake's HTTP answer (the core's
+    `websocket.http.response`) saying `Connection: close`: granian would keep the
+    connection for another request otherwise (hyper closes it after that field)."""
+
+    async def closing_send(message: Any) -> None:
+        if message["type"] == "websocket.http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()),
+                                              (b"connection", b"close")]}
+        await send(message)
+
+    return closing_send
 
 
 def _http10(scope: Any) -> Any:
