@@ -23,7 +23,7 @@ import select
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Protocol, runtime_checkable
 
 # What the servers get beyond the deadline: time to send close frames and log.
 SLACK = 1.0
@@ -35,7 +35,12 @@ class Cuttable(Protocol):
     def cut(self) -> None: ...
 
 
-C = TypeVar("C", bound=Cuttable)
+@runtime_checkable
+class Upgraded(Cuttable, Protocol):
+    """An exchange on a connection the server handed over (a WebSocket session):
+    `ended` is done once it has closed both sides."""
+
+    ended: asyncio.Future[None]
 
 
 class Drain:
@@ -133,12 +138,12 @@ class Drain:
         if self.timeout is not None:
             self._inflight.pop(id(exchange), None)
 
-    def cut_early(self, kind: type[C]) -> list[C]:
-        """Cut the registered exchanges of `kind` now, before the deadline, and return
-        them: for a server that cannot keep them until it (granian's WebSockets, which
-        its stop ends at once). The rest keep draining."""
+    def cut_upgraded(self) -> list[Upgraded]:
+        """Cut the registered upgraded exchanges (WebSocket sessions) now, before the
+        deadline, and return them: for a server that cannot keep them until then
+        (granian, whose stop ends them at once). The rest keep draining."""
         chosen = [exchange for exchange in list(self._inflight.values())
-                  if isinstance(exchange, kind)]
+                  if isinstance(exchange, Upgraded)]
         for exchange in chosen:
             if self._inflight.pop(id(exchange), None) is not None:
                 self._cut(exchange)

@@ -73,13 +73,11 @@ def _worker_signals(original: Any) -> Any:
     and FORCE_SIGNAL ending what is left."""
 
     def set_loop_signals(loop: Any) -> Any:
-        from ..websocket.relay_async import Session
-
         event = original(loop)
 
         def stop() -> None:
             DRAIN.begin()
-            sessions = DRAIN.cut_early(Session)
+            sessions = DRAIN.cut_upgraded()
             if not sessions:
                 event.set()
                 return
