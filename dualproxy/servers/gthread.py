@@ -126,15 +126,22 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
         if conn.parser is not None:  # read ahead by the last request's body drain
             head.data += conn.parser.unreader.take_buffered()
         if not self._head_progress(conn, head):
-            conn.sock.setblocking(False)
-            self._gather(conn, head)
+            if conn.sock.gettimeout() != 0.0:  # a kept-alive one is non-blocking already
+                conn.sock.setblocking(False)
+            # Most often the head is there already (a kept-alive connection comes here
+            # once readable): read it now rather than after another turn of the poller.
+            self._read_head(conn, head)
 
     def _gather(self, conn: Any, head: _Head) -> None:
         self.heads[conn] = head
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_bytes, conn))
 
     def _on_head_bytes(self, conn: Any, _sock: Any) -> None:
-        head = self._stop_gathering(conn)
+        self._read_head(conn, self._stop_gathering(conn))
+
+    def _read_head(self, conn: Any, head: _Head) -> None:
+        """Read what the non-blocking socket has of the head: hand the connection on
+        once it is whole, else wait on the poller for more."""
         data: bytes | None = None
         try:
             if isinstance(conn.sock, ssl.SSLSocket) and not head.secured:
