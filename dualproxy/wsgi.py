@@ -419,8 +419,7 @@ class ResponseBody:
             return
         self._closed = True
         DRAIN.leave(self)
-        if not self.record.responded and not self.record.broken and self.has_body:
-            self.record.client_gone = True
+        self.record.closed(self.has_body)
         self.response.close()
         self._finish()
 
@@ -485,8 +484,7 @@ class AnswerBody:
             return
         self._closed = True
         record = self.exchange.record
-        if not record.responded and not record.broken and self.has_body:
-            record.client_gone = True
+        record.closed(self.has_body)
         closer = getattr(self.body, "close", None)
         if closer is not None:
             closer()

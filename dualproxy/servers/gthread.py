@@ -92,6 +92,25 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
         # closing connection -> (when to close it at the latest, still in nr_conns)
         self.lingering: dict[Any, tuple[float, bool]] = {}
 
+    # The stock loop tells the arbiter it lives (a utime of its heartbeat file) and
+    # asks for its parent (getppid) at every turn, which under load is every
+    # request or two: twice a second is plenty (the arbiter's limit is `timeout`).
+    _CHECK_EVERY = 0.5
+    _notified = _parent_checked = float("-inf")
+
+    def notify(self) -> None:
+        now = time.monotonic()
+        if now - self._notified >= self._CHECK_EVERY:
+            self._notified = now
+            super().notify()
+
+    def is_parent_alive(self) -> bool:
+        now = time.monotonic()
+        if now - self._parent_checked < self._CHECK_EVERY:
+            return True
+        self._parent_checked = now
+        return bool(super().is_parent_alive())
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         DRAIN.begin()
         super().handle_exit(sig, frame)
