@@ -115,7 +115,9 @@ class WSGIBridge:
                 watcher = asyncio.ensure_future(watch())
             return message
 
-        body = _ReadAhead(guarded_receive, receive, gone, lambda: watcher is not None)
+        # No framing header, no body: nothing to read ahead (wsgi.input is empty).
+        body = (_ReadAhead(guarded_receive, receive, gone, lambda: watcher is not None)
+                if has_body else None)
 
         async def watching_send(message: Message) -> None:
             nonlocal watcher
@@ -123,7 +125,7 @@ class WSGIBridge:
                 # The app answers, so it reads no more of the body (the WSGI face
                 # reads none after the upstream's head): receive() is free to watch,
                 # or the body's reader, if it runs, watches from now on.
-                watcher = body.watch() or asyncio.ensure_future(watch())
+                watcher = (body and body.watch()) or asyncio.ensure_future(watch())
             await send(message)
 
         if not has_body:
@@ -141,7 +143,8 @@ class WSGIBridge:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            body.stop()
+            if body is not None:
+                body.stop()
 
 
 # The most body bytes the WSGI thread gets ahead of the client (a2wsgi: 10 messages).
@@ -172,7 +175,7 @@ class _Responder:
         self._stopped = False
         self._ready = asyncio.Event()
 
-    async def __call__(self, scope: Scope, body: _ReadAhead, send: Send) -> None:
+    async def __call__(self, scope: Scope, body: _ReadAhead | None, send: Send) -> None:
         environ: Environ = cast(Any, build_environ(cast(Any, scope), _BridgeBody(body)))
         done = self.loop.run_in_executor(
             self.executor, contextvars.copy_context().run, self.wsgi, environ)
@@ -412,17 +415,21 @@ class _ReadAhead:
 class _BridgeBody(Body):
     """a2wsgi's request body (`wsgi.input`), fed by the bridge's read-ahead."""
 
-    def __init__(self, source: _ReadAhead) -> None:
+    def __init__(self, source: _ReadAhead | None) -> None:
         self.buffer = bytearray()
         self.source = source
-        self._has_more = True
+        self._has_more = source is not None
 
-    def _receive_more_data(self) -> bytes:
-        if not self._has_more:
+    def take(self, size: int) -> bytes:
+        """Up to `size` received bytes past the buffer, waiting for some; b"" at the end."""
+        if self.source is None or not self._has_more:
             return b""
-        data = self.source.take(READ_WINDOW)
+        data = self.source.take(size)
         self._has_more = bool(data)
         return data
+
+    def _receive_more_data(self) -> bytes:
+        return self.take(READ_WINDOW)
 
 
 class _DirectBody:
@@ -440,11 +447,7 @@ class _DirectBody:
         body = self.body
         buffer = body.buffer
         if not buffer:
-            if not body._has_more:
-                return b""
-            data = body.source.take(size)
-            body._has_more = bool(data)
-            return data
+            return body.take(size)
         data = bytes(buffer[:size])
         del buffer[:size]
         return data

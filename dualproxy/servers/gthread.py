@@ -76,6 +76,15 @@ class _ErrorPage:
         return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
 
 
+def _body_done(parser: Any) -> bool:
+    """Has the request on `parser` no body bytes left (gunicorn's Content-Length
+    reader at 0, nothing buffered, nothing failed)? False when unsure."""
+    body: Any = getattr(getattr(parser, "mesg", None), "body", None)
+    reader: Any = getattr(body, "reader", None)
+    return (type(reader) is http.body.LengthReader and reader.length == 0
+            and body.failed is False and not body.buf.getvalue())
+
+
 # The WSGI face reads request bodies through the registry (body_input.py): this
 # worker's processes get gunicorn's direct reader.
 _ = gunicorn_body.GunicornSource
@@ -286,6 +295,14 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
         super()._cap_keepalive(deadline)
         for head in self.heads.values():
             head.deadline = min(head.deadline, deadline)
+
+    def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
+        """The stock check drains what is left of the request body within a time
+        bound, setting the socket's timeout and back (two system calls) even when
+        nothing is left: a bodiless request, or a body read to its end."""
+        if keepalive and self.gathers_heads and _body_done(conn.parser):
+            return True
+        return bool(super()._keepalive_after(conn, keepalive))
 
     # --- gunicorn's own error answers ---
 
