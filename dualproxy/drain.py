@@ -151,7 +151,7 @@ class Drain:
 
     def wake_fd(self) -> int:
         """A file descriptor that is readable from the deadline on (one pipe per process)."""
-        if self._pid != os.getpid():
+        if self._pid != _PROCESS[0]:
             self._start()
         assert self._wake is not None
         return self._wake[0]
@@ -179,6 +179,10 @@ class Drain:
 
 
 DRAIN = Drain()
+# This process's id for `wake_fd`, asked for by every WSGI request: getpid is a
+# system call, so the id is kept here and renewed in a forked child.
+_PROCESS = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PROCESS.__setitem__(0, os.getpid()))
 
 
 def call_in_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
