@@ -268,7 +268,7 @@ class Cache(Filter):
                 if n != b"content-length"]
         head += [(b"content-range", b"bytes %d-%d/%d" % (start, end, entry.body_length())),
                  (b"content-length", b"%d" % (end - start + 1))]
-        return Answer(206, head, bytes(body[start:end + 1]))
+        return Answer(206, head, entry.part(start, end))
 
     def _select(self, state: _State, headers: list[Header] | tuple[Header, ...],
                 now: float) -> Flow[Entry | None]:
@@ -501,6 +501,16 @@ class Cache(Filter):
         entry.request_time, entry.response_time = state.request_time, now
         entry.initial_age = policy.initial_age(head.headers, entry.date, state.request_time, now)
         yield from _io(self.store.update(entry))
+
+    def close(self) -> None:
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self.store, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
     def for_sync_face(self) -> Filter:
         """With an asyncio store (Redis), the same cache over its sync twin."""
