@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import MakeProxy, ProxyProcess, Redis
-from tests.upstream import Gate, Upstream, pattern_sha256
+from tests.upstream import Gate, Upstream, pattern_bytes, pattern_sha256
 
 MiB = 1024 * 1024
 
@@ -688,3 +688,22 @@ def test_redis_killed_during_a_hit_cuts_the_answer(make_proxy: MakeProxy, upstre
                 redis_server.stop()
             got += len(piece)
     assert 0 < got < size
+
+
+def test_redis_ranges_across_chunks(make_proxy: MakeProxy, upstream: Upstream, rid: str,
+                                    redis_server: Redis) -> None:
+    """Ranges of a body stored in Redis chunks, within one chunk, across chunks and
+    across the MiB reads, to the end: the same bytes as the body's."""
+    proxy = make_proxy("--cache", "--cache-store", redis_server.url)
+    size = 2 * MiB + 123_457
+    body = pattern_bytes(size)
+    headers = {"x-req-id": rid, "x-upstream": f"download size={size} cc=max-age=60"}
+    path = f"/cache/ranges-{rid}"
+    with proxy.client() as client:
+        assert "stored" in client.get(path, headers=headers).headers["cache-status"]
+        for start, end in [(10, 20), (262_000, 263_000), (MiB - 5, MiB + 300_000),
+                           (0, size - 1), (2 * MiB - 1, size - 1)]:
+            part = client.get(path, headers={**headers, "range": f"bytes={start}-{end}"})
+            assert part.status_code == 206, (start, end)
+            assert part.content == body[start:end + 1], (start, end)
+    assert _seen(upstream, rid, 1) == 1

@@ -124,8 +124,7 @@ class Commands:
         if entry.body_length() == 0:
             entry.body, entry.loader = b"", None
             return entry.body
-        first = yield from self.read(entry, 0)
-        return first or None
+        return (yield from self.read(entry, 0))  # None: evicted since the lookup
 
     @staticmethod
     def batches(entry: Entry, start: int, end: int) -> Iterator[tuple[int, int, int]]:
@@ -134,16 +133,16 @@ class Commands:
         for at in range(start - start % SLICE, end, SLICE):
             yield at, max(start, at), min(end, at + SLICE)
 
-    def read(self, entry: Entry, at: int) -> Ops[bytes]:
+    def read(self, entry: Entry, at: int) -> Ops[bytes | None]:
         """The chunks from body offset `at` (a `SLICE` of them, fewer at the end),
-        joined; UpstreamBroken when one is missing (the body was replaced or evicted
-        midway, or Redis lost it)."""
+        joined; None when one is missing (the body was replaced or evicted since its
+        lookup)."""
         assert isinstance(entry.ref, tuple)
         variant, meta = entry.ref
         keys = chunk_keys(entry.key, variant, meta)[at // CHUNK:at // CHUNK + _BATCH]
         pieces = yield [("GET", k) for k in keys]
-        if any(p is None for p in pieces):
-            raise UpstreamBroken("a stored body's chunk is gone from Redis")
+        if not pieces or any(p is None for p in pieces):
+            return None
         return b"".join(pieces)
 
     def put(self, entry: Entry) -> Ops[None]:
@@ -266,10 +265,13 @@ class _Driver(Bounded):
         return self._run(self.commands.discard(entry))
 
 
-def _broken(exc: Exception) -> UpstreamBroken:
-    if isinstance(exc, UpstreamBroken):
-        return exc
-    return UpstreamBroken(f"the Redis store failed mid-body: {exc!r}")
+def _piece(piece: Body | None, at: int, lo: int, hi: int) -> bytes:
+    """Bytes [lo, hi) of the body from a read at `at` (UpstreamBroken: none read)."""
+    if piece is None:
+        raise UpstreamBroken("a stored body's chunk is gone from Redis (replaced midway)")
+    if lo == at and hi - lo == len(piece):
+        return bytes(piece)
+    return bytes(piece[lo - at:hi - at])
 
 
 class RedisStore(_Driver):
@@ -297,8 +299,8 @@ class RedisStore(_Driver):
             try:
                 piece = first if at == 0 else self._run(self.commands.read(entry, at))
             except Exception as exc:
-                raise _broken(exc) from exc
-            yield bytes(piece[lo - at:hi - at])
+                raise UpstreamBroken(f"the Redis store failed mid-body: {exc!r}") from exc
+            yield _piece(piece, at, lo, hi)
 
     def close(self) -> None:
         """Close the client's connections (a next call opens others)."""
@@ -338,8 +340,8 @@ class AsyncRedisStore(_Driver):
             try:
                 piece = first if at == 0 else await self._run(self.commands.read(entry, at))
             except Exception as exc:
-                raise _broken(exc) from exc
-            yield bytes(piece[lo - at:hi - at])
+                raise UpstreamBroken(f"the Redis store failed mid-body: {exc!r}") from exc
+            yield _piece(piece, at, lo, hi)
 
     async def aclose(self) -> None:
         """Close the client's connections, from the loop that uses them."""
