@@ -707,3 +707,33 @@ def test_redis_ranges_across_chunks(make_proxy: MakeProxy, upstream: Upstream, r
             assert part.status_code == 206, (start, end)
             assert part.content == body[start:end + 1], (start, end)
     assert _seen(upstream, rid, 1) == 1
+
+
+def test_redis_body_written_as_it_comes_never_served_cut(
+        make_proxy: MakeProxy, upstream: Upstream, rid: str, redis_server: Redis) -> None:
+    """A miss whose upstream breaks after 1.5 of 1.8 MB: its chunks were written to Redis
+    as they came (with a TTL, uncommitted), no entry was made of them (the next request
+    is a miss); a chunked miss growing past --cache-max-object leaves no chunk behind."""
+    import redis
+
+    proxy = make_proxy("--cache", "--cache-store", redis_server.url,
+                       "--cache-max-object", "2M")
+    path = f"/cache/cut-redis-{rid}"
+    with proxy.client() as client, pytest.raises(httpx.HTTPError):
+        client.get(path, headers={"x-req-id": rid,
+                                  "x-upstream": "cut size=1800000 after=1500000 "
+                                                "chunked=1 cc=max-age=60"})
+    written = _redis_keys(redis_server, "b")
+    assert len(written) >= 4 and _redis_keys(redis_server, "i") == []
+    with redis.Redis(port=redis_server.port) as admin:
+        assert all(0 < admin.ttl(k) <= 3600 for k in written)  # they expire
+        admin.delete(*written)
+    after = _get(proxy, path, rid, [["Cache-Control", "max-age=60"]])
+    assert "fwd=uri-miss" in after.headers["cache-status"]  # (stored now: one chunk)
+    big = f"/cache/big-redis-{rid}"
+    with proxy.client() as client:
+        answer = client.get(big, headers={"x-req-id": rid + "-big", "x-upstream":
+                                          f"download size={5 * MiB} chunked=1 cc=max-age=60"})
+    assert answer.status_code == 200 and len(answer.content) == 5 * MiB
+    assert len(_redis_keys(redis_server, "b")) == 1  # the 2 MiB it had written: gone
+    assert "fwd=uri-miss" in _get(proxy, big, rid + "-big", []).headers["cache-status"]

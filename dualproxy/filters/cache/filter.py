@@ -79,6 +79,9 @@ class _Recorder:
             self.flight.write(self.writer, chunk)  # the followers read the writer's buffer
         else:
             self.writer.write(chunk)
+        flushed = self.writer.flush()  # a store that writes bodies as they come (redis)
+        if flushed is not None:
+            self.exchange.await_in_body(flushed)
         if self.length is not None and self.writer.size >= self.length and not self.done:
             self._complete(self.writer.size == self.length)
         return chunk

@@ -27,15 +27,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Generator, Iterator
 from typing import Any, TypeVar
 
 from ...errors import UpstreamBroken
 from .sqlite import entry_from_row, meta_of, variant_of
-from .store import DEFAULT_MAX_OBJECT, DEFAULT_MAX_SIZE, SLICE, Body, Bounded, Entry, Store
+from .store import DEFAULT_MAX_OBJECT, DEFAULT_MAX_SIZE, SLICE, Body, Bounded, Entry, Store, Writer
 
 PREFIX = "dualproxy:cache:"
 _BYTES = f"{PREFIX}bytes"
@@ -81,12 +82,30 @@ def _index(key: str) -> str:
     return f"{PREFIX}i:{key}"
 
 
+def _base(key: str, variant: str) -> str:
+    return f"{PREFIX}b:" + hashlib.sha256(f"{key}\n{variant}".encode()).hexdigest()
+
+
 def chunk_keys(key: str, variant: str, meta: dict[str, Any]) -> list[str]:
     """The keys of a stored body's chunks, in order."""
-    base = f"{PREFIX}b:" + hashlib.sha256(f"{key}\n{variant}".encode()).hexdigest()
     if "body" not in meta:  # the layout before chunks: one key
-        return [base]
-    return [f"{base}:{meta['body']}:{n}" for n in range(meta["chunks"])]
+        return [_base(key, variant)]
+    return [f"{_base(key, variant)}:{meta['body']}:{n}" for n in range(meta["chunks"])]
+
+
+class Upload:
+    """A body being written (a new entry's `ref` until it is committed): its variant,
+    nonce, and how many chunks are in Redis."""
+
+    __slots__ = ("variant", "nonce", "written", "failed")
+
+    def __init__(self, entry: Entry) -> None:
+        self.variant, self.nonce = variant_of(entry), os.urandom(8).hex()
+        self.written, self.failed = 0, False
+
+    def keys(self, entry: Entry, start: int, stop: int) -> list[str]:
+        base = f"{_base(entry.key, self.variant)}:{self.nonce}"
+        return [f"{base}:{n}" for n in range(start, stop)]
 
 
 def _deleted(keys: list[str]) -> list[Command]:
@@ -145,22 +164,40 @@ class Commands:
             return None
         return b"".join(pieces)
 
+    @staticmethod
+    def flush(entry: Entry, upload: Upload, body: Body, final: bool) -> Ops[None]:
+        """Write `body`'s whole chunks not yet written (`final`: the last, short one
+        too), a `SLICE` a round trip, each with a TTL until the commit."""
+        count = -(-len(body) // CHUNK) if final else len(body) // CHUNK
+        while upload.written < count:
+            stop = min(count, upload.written + _BATCH)
+            keys = upload.keys(entry, upload.written, stop)
+            yield [("SET", k, bytes(body[n * CHUNK:(n + 1) * CHUNK]), "EX", ORPHAN_TTL)
+                   for n, k in enumerate(keys, upload.written)]
+            upload.written = stop
+
+    @staticmethod
+    def abandon(entry: Entry, upload: Upload) -> Ops[None]:
+        """The body will not be stored (past the object limit): drop its chunks."""
+        keys, upload.written, upload.failed = upload.keys(entry, 0, upload.written), 0, True
+        yield _deleted(keys)
+
     def put(self, entry: Entry) -> Ops[None]:
         size = entry.measure()
         if size > self.max_object:
             return
-        variant = variant_of(entry)
+        upload = entry.ref if isinstance(entry.ref, Upload) else Upload(entry)
+        if upload.failed:
+            raise ConnectionError("writing the body's chunks failed: not stored")
         body = entry.content()
+        yield from self.flush(entry, upload, body, True)
+        variant = upload.variant
         meta = meta_of(entry)
-        meta.update(length=len(body), size=size, body=os.urandom(8).hex(),
-                    chunks=-(-len(body) // CHUNK))
+        meta.update(length=len(body), size=size, body=upload.nonce, chunks=upload.written)
         keys = chunk_keys(entry.key, variant, meta)
-        with memoryview(body) as view:
-            for first in range(0, len(keys), _BATCH):
-                yield [("SET", k, bytes(view[n * CHUNK:(n + 1) * CHUNK]), "EX", ORPHAN_TTL)
-                       for n, k in enumerate(keys[first:first + _BATCH], first)]
         (old,) = yield [("EVAL", _COMMIT, 1 + len(keys), _index(entry.key), *keys, variant,
                          json.dumps(meta))]
+        entry.ref = (variant, meta)
         gone = chunk_keys(entry.key, variant, json.loads(old)) if old else []
         yield [*_deleted(gone), ("INCRBY", _BYTES, size - (json.loads(old)["size"] if old else 0)),
                ("ZADD", _LRU, time.time(), entry.key)]
@@ -237,6 +274,26 @@ class _Driver(Bounded):
             pipe.execute_command(*command)
         return pipe
 
+    def writer(self, entry: Entry) -> Writer:
+        return _Writer(entry, self.max_object, self)
+
+    def guarded(self, upload: Upload, ops: Ops[None]) -> Awaitable[None] | None:
+        """Run a writer's operation; when it fails the upload is marked failed (its
+        entry is then not stored: `put` raises, the store's guard counts it)."""
+        try:
+            result = self._run(ops)
+        except Exception:
+            upload.failed = True
+            return None
+        return self._awaited(upload, result) if inspect.isawaitable(result) else None
+
+    @staticmethod
+    async def _awaited(upload: Upload, result: Awaitable[None]) -> None:
+        try:
+            await result
+        except Exception:
+            upload.failed = True
+
     def get(self, key: str) -> Any:
         return self._run(self.commands.get(key))
 
@@ -263,6 +320,29 @@ class _Driver(Bounded):
 
     def discard(self, entry: Entry) -> Any:
         return self._run(self.commands.discard(entry))
+
+
+class _Writer(Writer):
+    """Writes the body to Redis as it comes, a `SLICE` at a time (`flush`), while
+    keeping it for the followers of a collapsed miss (store.Writer)."""
+
+    __slots__ = ("driver", "upload")
+
+    def __init__(self, entry: Entry, limit: int, driver: _Driver) -> None:
+        super().__init__(entry, limit)
+        self.driver, self.upload = driver, Upload(entry)
+        entry.ref = self.upload
+
+    def flush(self) -> Awaitable[None] | None:
+        upload = self.upload
+        if upload.failed:
+            return None
+        if not self.ok and self.size > self.limit:  # past the limit: never stored
+            return self.driver.guarded(upload, self.driver.commands.abandon(self.entry, upload))
+        if not self.ok or len(self.buffer) // CHUNK - upload.written < _BATCH:
+            return None
+        return self.driver.guarded(upload, self.driver.commands.flush(
+            self.entry, upload, self.buffer, False))
 
 
 def _piece(piece: Body | None, at: int, lo: int, hi: int) -> bytes:

@@ -123,6 +123,12 @@ class Writer:
             return
         self.buffer += chunk
 
+    def flush(self) -> Awaitable[None] | None:
+        """Called after each `write`, outside the followers' lock: a store that writes
+        the body as it comes (redis) writes what it has; an awaitable on the async
+        face (awaited before the chunk goes on)."""
+        return None
+
     def commit(self) -> Entry | None:
         """The body is complete: the entry to store (None: it was too large)."""
         if not self.ok:
@@ -258,6 +264,11 @@ class Guarded(Bounded):
         aclose = getattr(self.store, "aclose", None)
         if aclose is not None:
             await aclose()
+
+    def writer(self, entry: Entry) -> Writer:
+        if time.monotonic() < self._retry_at:  # stepped aside: kept here, never stored
+            return Bounded.writer(self, entry)
+        return self.store.writer(entry)
 
     def for_sync_face(self) -> Store:
         twin = self.store.for_sync_face()
