@@ -40,7 +40,7 @@ from .flight import Flight, Head
 from .keys import primary_key, same_origin_key, vary_names, vary_values
 from .policy import Directives, ResponseRules
 from .refresh import Refresher
-from .store import STORE_FAILED, Entry, MemoryStore, Store, Writer
+from .store import STORE_FAILED, Entry, MemoryStore, Store, Writer, aclose_store, close_store
 
 T = TypeVar("T")
 
@@ -506,14 +506,10 @@ class Cache(Filter):
         yield from _io(self.store.update(entry))
 
     def close(self) -> None:
-        close = getattr(self.store, "close", None)
-        if close is not None:
-            close()
+        close_store(self.store)
 
     async def aclose(self) -> None:
-        aclose = getattr(self.store, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await aclose_store(self.store)
 
     def for_sync_face(self) -> Filter:
         """With an asyncio store (Redis), the same cache over its sync twin."""

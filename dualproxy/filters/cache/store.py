@@ -163,6 +163,20 @@ class Store(Protocol):
     def for_sync_face(self) -> Store: ...
 
 
+def close_store(store: object) -> None:
+    """Close what a store holds (its client), when it holds something (`close`)."""
+    close = getattr(store, "close", None)
+    if close is not None:
+        close()
+
+
+async def aclose_store(store: object) -> None:
+    """The same from the event loop (`aclose`: an asyncio client)."""
+    aclose = getattr(store, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 class Bounded:
     """What every store shares: its object limit and the writer over it."""
 
@@ -256,14 +270,10 @@ class Guarded(Bounded):
         return self._guard("remove", lambda: self.store.discard(entry), None)  # type: ignore[no-any-return]
 
     def close(self) -> None:
-        close = getattr(self.store, "close", None)
-        if close is not None:
-            close()
+        close_store(self.store)
 
     async def aclose(self) -> None:
-        aclose = getattr(self.store, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await aclose_store(self.store)
 
     def writer(self, entry: Entry) -> Writer:
         if time.monotonic() < self._retry_at:  # stepped aside: kept here, never stored
