@@ -170,10 +170,11 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
                             functools.partial(_send_via, client, transport))
 
     def close(self) -> None:
-        """Close the client if this proxy created it."""
+        """Close the client if this proxy created it, and what the filters hold."""
         client = self._detach_client()
         if client is not None:
             client.close()
+        self.chain.close()
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         incoming = incoming_from_environ(environ)
