@@ -208,15 +208,13 @@ class _Responder:
                 posted.clear()
                 self._woken = False
             sent = 0
-            last = len(batch) - 1
-            for i, message in enumerate(batch):
+            # Each message as the thread posted it: a last piece is not folded into the
+            # end, since granian then frames a body the face sent without a length with
+            # Content-Length, unlike the ASGI face on granian (and the filter chain's rule
+            # that a changed body goes chunked).
+            for message in batch:
                 if message is _END:
                     return
-                if message is _FOLDED:
-                    continue
-                if i < last and message.get("more_body") and batch[i + 1] == _LAST:
-                    message = {"type": "http.response.body", "body": message["body"]}
-                    batch[i + 1] = _FOLDED
                 await send(message)
                 sent += len(message.get("body", b""))
             if sent:
@@ -273,8 +271,6 @@ class _Responder:
             self._post(_END)
 
 
-_LAST: Message = {"type": "http.response.body", "body": b""}  # the end of a body
-_FOLDED: Any = object()  # a message sent with the one before it
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -235,10 +235,34 @@ class ChildLog:
             self._reader.close()
 
 
+# Parts of the suite run side by side (tests/parallel.py) and each asks for free ports:
+# two asking the kernel for "any port" can be given the same one between the ask and the
+# server's bind, and a proxy found "ready" was then another part's (a 404 from a proxy
+# with another mount). So each part takes its ports from a block of its own, below the
+# kernel's ephemeral range (32768+, where the kernel's own picks for bind(0) and for
+# outgoing connections stay).
+PORT_SLOT = os.environ.get("DUALPROXY_PORT_SLOT")
+PORT_BLOCK = 1000
+_next_port = [0]
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on (from this part's block when parts run side by side)."""
+    if PORT_SLOT is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+    first = 20000 + int(PORT_SLOT) * PORT_BLOCK
+    for _ in range(PORT_BLOCK):
+        port = first + _next_port[0] % PORT_BLOCK
+        _next_port[0] += 1
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use, or in TIME_WAIT: the next one
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{first + PORT_BLOCK - 1}")
 
 
 def stop_group(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:

@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 
 
-def command(part: str, pytest_args: list[str]) -> tuple[list[str], dict[str, str]]:
-    env = dict(os.environ)
+def command(part: str, pytest_args: list[str], slot: int = 0
+            ) -> tuple[list[str], dict[str, str]]:
+    # Each part takes its ports from a block of its own (tests/conftest.py: free_port).
+    env = {**os.environ, "DUALPROXY_PORT_SLOT": str(slot)}
     if part.startswith("versions-"):
         # Another Python's session (its own virtualenv): nox makes it, beside the others.
         more = ["--", *pytest_args] if pytest_args else []
@@ -64,7 +66,7 @@ def _run(args: argparse.Namespace, logs: Path, waiting: list[str],
     while waiting or running:
         while waiting and len(running) < args.jobs:
             part = waiting.pop(0)
-            cmd, env = command(part, args.pytest.split())
+            cmd, env = command(part, args.pytest.split(), args.parts.index(part))
             with (logs / f"{part}.log").open("wb") as log:
                 running[part] = (subprocess.Popen(cmd, env=env, stdout=log,
                                                   stderr=subprocess.STDOUT), time.monotonic())
