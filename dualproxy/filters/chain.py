@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from ..core import ResponseHead, UpstreamPlan
 from ..errors import InvalidHead, ProxyError, TransformFailed
 from ..headers import Header
-from ..wire import WireError, field_problem, head_problem
+from ..wire import WireError, field_problem, fields_ok, head_problem
 from .base import Answer, BodyTransform, Exchange, Filter, async_stages, overrides
 from .codings import decoder
 
@@ -36,6 +36,7 @@ T = TypeVar("T")
 Flow = Generator[Awaitable[Any], Any, T]
 
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_FRAMING_SIZES = frozenset(len(name) for name in _FRAMING)
 # Statuses whose body is never transformed: a 206 is a part of a representation
 # (its byte ranges name the upstream's bytes); 204/304 and HEAD answers have none.
 _UNTOUCHED = frozenset({204, 206, 304})
@@ -115,6 +116,7 @@ class Chain:
     def request(self, exchange: Exchange) -> Flow[Answer | None]:
         """Run `on_request` in order; an `Answer` stops the chain there. The plan a
         filter leaves must be writable (InvalidHead, a 502 naming it, otherwise)."""
+        known = _Known(exchange.plan.headers if exchange.plan is not None else [])
         for index, flt in self._request:
             result = flt.on_request(exchange)
             if inspect.isawaitable(result):
@@ -122,7 +124,7 @@ class Chain:
             if _answered(exchange, index, flt, result, "on_request"):
                 return result
             # Checked even when the same plan object stays: its header list is mutable.
-            _check_plan(flt, exchange.plan)
+            _check_plan(flt, exchange.plan, known)
         return None
 
     # -- the response head ----------------------------------------------------------------
@@ -132,6 +134,7 @@ class Chain:
         one that answered, when one did), then fix the framing up."""
         answered = exchange.state.get(_ANSWERED)
         upstream_framing = _framing(head)
+        known = _Known(head.headers)
         exchange.head = head
         for index, flt in self._response:
             if answered is not None and index >= answered:
@@ -146,7 +149,7 @@ class Chain:
                 raise TypeError(f"filter {flt.label()!r}: on_response returned "
                                 f"{type(result).__name__}, expected a ResponseHead or None")
             result = _fix_framing(exchange, result)
-            problem = field_problem(result.headers) or _framing_problem(
+            problem = known.problem(result.headers) or _framing_problem(
                 exchange, result, upstream_framing)
             if problem is not None:
                 raise InvalidHead(problem, flt.label())
@@ -208,12 +211,37 @@ def _answered(exchange: Exchange, index: int, flt: Filter, result: Any, stage: s
     return False
 
 
-def _check_plan(flt: Filter, plan: UpstreamPlan | None) -> None:
+class _Known:
+    """The fields of one head known to be writable, by identity: after a filter only
+    the fields it added or replaced are checked (wire.field_problem), not every
+    field after every filter. Sound because a known field is an exact-bytes pair (a
+    tuple of immutables: it cannot become unwritable) and is held here (its id
+    cannot be reused by a new field while this lives)."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, headers: list[Header]) -> None:
+        self.fields: dict[int, Header] = {}
+        if isinstance(headers, list) and fields_ok(headers):  # else: nothing known
+            self.fields = {id(field): field for field in headers}
+
+    def problem(self, headers: list[Header]) -> WireError | None:
+        fields = self.fields
+        fresh = [field for field in headers if id(field) not in fields]
+        if not fresh:
+            return None
+        problem = field_problem(fresh)
+        if problem is None and fields_ok(fresh):  # exact bytes only (see fields_ok)
+            fields.update((id(field), field) for field in fresh)
+        return problem
+
+
+def _check_plan(flt: Filter, plan: UpstreamPlan | None, known: _Known) -> None:
     if not isinstance(plan, UpstreamPlan):
         raise TypeError(f"filter {flt.label()!r} left exchange.plan as "
                         f"{type(plan).__name__}, expected an UpstreamPlan")
     method = plan.method.encode("latin-1", "replace") if isinstance(plan.method, str) else b""
-    problem = head_problem(plan.target, plan.headers, method)
+    problem = head_problem(plan.target, (), method) or known.problem(plan.headers)
     if problem is not None:
         raise InvalidHead(problem, flt.label())
 
@@ -228,8 +256,9 @@ def _check_answer(flt: Filter, answer: Answer) -> None:
 
 
 def _framing(head: ResponseHead) -> list[Header]:
-    return [(name.lower(), value) for name, value in head.headers
-            if isinstance(name, bytes) and name.lower() in _FRAMING]
+    return [(name.lower(), value) for name, value in head.headers  # (the length: cheap)
+            if isinstance(name, bytes) and len(name) in _FRAMING_SIZES
+            and name.lower() in _FRAMING]
 
 
 def _fix_framing(exchange: Exchange, head: ResponseHead) -> ResponseHead:

@@ -154,7 +154,7 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
             # The bytes of this read that were not body belong to the head being
             # received (a pipelined head behind a body: its framing counts too).
             self.head_bytes += len(data) - self.body_bytes
-            self.line_done = self.line_done or b"\n" in data
+            self.line_done = self.line_done or data.find(b"\n") >= 0
             refusal = head_too_large(self.head_bytes, self.line_done)
             if refusal is not None:
                 self.refuse(refusal)
