@@ -74,6 +74,9 @@ async def small_gets(port: int, total: int, conns: int, path: str = "/small") ->
 def counted(pid: int, out: Path, action: object) -> int:
     """Instructions the process `pid` ran during `action()` (callgrind_control)."""
     subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
+    # The command may be served a moment later (when the process next wakes): a
+    # window started at once would lose its first requests. Idle costs ~0.2M a second.
+    time.sleep(2)
     before = set(out.parent.glob(out.name + "*"))
     action()  # type: ignore[operator]
     subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
@@ -134,7 +137,7 @@ def measure(tree: Path, upstream: Upstream, opts: argparse.Namespace,
         if opts.idle:
             idle = counted(proc.pid, out, lambda: time.sleep(opts.idle))
             print(f"  idle: {idle / opts.idle:,.0f} instructions/s", flush=True)
-        # Three windows, the median: a window is now and then off (a dump taken late).
+        # Three windows, the median (they agree within a fraction of a percent).
         smalls = sorted(counted(proc.pid, out, lambda: asyncio.run(
             small_gets(port, opts.requests, opts.conns))) for _ in range(3))
         print("  windows: " + ", ".join(f"{s / opts.requests:,.0f}" for s in smalls),

@@ -163,7 +163,8 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         exchange = record.exchange
         if exchange is not None:
             record.exchange = None
-            await run_async(self.chain.end(exchange))
+            if self.chain.ends:  # no generator nor coroutine when no filter has on_end
+                await run_async(self.chain.end(exchange))
         self.finish(record)
 
     async def _problem(self, send: Send, exc: ProxyError, record: RequestRecord) -> None:

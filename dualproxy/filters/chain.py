@@ -182,6 +182,11 @@ class Chain:
                 trailers = result
         return trailers
 
+    @property
+    def ends(self) -> bool:
+        """Does any filter run at the end (`on_end`)? Without one, `end` needs no driving."""
+        return bool(self._end)
+
     def end(self, exchange: Exchange) -> Flow[None]:
         """Run `on_end` on every filter; a failing one is logged, never raised (the
         answer is given already) and the others still run."""
