@@ -51,7 +51,8 @@ def main() -> None:
         port = free_port()
         proc = start([PY, "-m", "dualproxy", "serve", "--upstream", upstream.url, "--bind",
                       f"127.0.0.1:{port}", "--no-access-log", "--log-level", "warning", *extra],
-                     env={"PYTHONPATH": str(tree.resolve())}, log=work / f"{i}.log")
+                     env={"PYTHONPATH": str(tree.resolve())}, log=work / f"{i}.log",
+                     cwd=tree.resolve())
         if not wait_http(f"http://127.0.0.1:{port}{opts.path}", proc=proc):
             raise SystemExit(f"{tree}: the proxy did not start")
         ports[i] = port

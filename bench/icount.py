@@ -103,7 +103,8 @@ def measure_cpu(tree: Path, upstream: Upstream, opts: argparse.Namespace,
     serve = [PY, "-m", "dualproxy", "serve", "--upstream", upstream.url, "--bind",
              f"127.0.0.1:{port}", "--no-access-log", "--log-level", "warning",
              "--adapter", opts.adapter, *extra]
-    proc = start(serve, env={"PYTHONPATH": str(tree)}, log=work / f"{tree.name}.{port}.log")
+    proc = start(serve, env={"PYTHONPATH": str(tree)}, log=work / f"{tree.name}.{port}.log",
+                 cwd=tree)
     try:
         if not wait_http(f"http://127.0.0.1:{port}/small", timeout=60, proc=proc):
             raise RuntimeError(f"{tree}: the proxy did not start")
@@ -129,7 +130,8 @@ def measure(tree: Path, upstream: Upstream, opts: argparse.Namespace,
               "httptools", "--no-access-log", "--log-level", "warning", opts.app])
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *serve]
     log = work / f"{tree.name}.{port}.log"
-    proc = start(cmd, env={"PYTHONPATH": str(tree)}, log=log)
+    proc = start(cmd, env={"PYTHONPATH": str(tree)}, log=log,
+                 cwd=tree if opts.app is None else ROOT)  # `-m`: the cwd comes first on sys.path
     try:
         if not wait_http(f"http://127.0.0.1:{port}/small", timeout=300, proc=proc):
             raise RuntimeError(f"{tree}: the proxy did not start (see {log})")
