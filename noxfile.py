@@ -1,10 +1,10 @@
 """The test matrix and the other sessions.
 
-`nox` runs the default sessions: `suite`, the behaviour tests (those that take a
-pairing) for every face x server pairing on Python 3.11 and the rest of the suite
-once (`unit`), two pytest runs at a time; on 3.10, 3.12 and 3.13 the tests whose
-outcome can differ between Python versions (`versions`), ruff, mypy --strict, and
-the docs site's strict build. One cell alone: `nox -s "tests(wsgi-gunicorn)"`,
+`nox` runs the default sessions: `suite`, which runs the behaviour tests (those
+that take a pairing) for every face x server pairing on Python 3.11, the rest of
+the suite once (`unit`) and, on 3.10, 3.12 and 3.13, the tests whose outcome can
+differ between Python versions (`versions`), two runs at a time; then ruff, mypy
+--strict, and the docs site's strict build. One cell alone: `nox -s "tests(wsgi-gunicorn)"`,
 `nox -s unit`, `nox -s versions-3.13`.
 nox finds the interpreters on PATH as `python3.X` (`.ci/run` puts pyenv's there).
 """
@@ -15,7 +15,8 @@ import os
 
 import nox
 
-nox.options.sessions = ["suite", "versions", "lint", "types", "docs"]
+# `versions` runs inside `suite`, beside the pairings (it is listed there, not here).
+nox.options.sessions = ["suite", "lint", "types", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 PAIRINGS = [("asgi", "uvicorn"), ("wsgi", "gunicorn"), ("wsgi", "uvicorn"), ("asgi", "gunicorn"),
@@ -57,11 +58,13 @@ def unit(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def suite(session: nox.Session) -> None:
-    """Every pairing's behaviour tests and the unit tests, as separate pytest runs two at a
-    time (tests/parallel.py: each mostly waits on sockets and servers). `DUALPROXY_JOBS`
-    sets how many at once; `nox -s suite -- -x` passes pytest options to every part."""
+    """Every pairing's behaviour tests, the unit tests and the `versions` sessions (as
+    `nox -s versions-3.X`), as separate runs two at a time (tests/parallel.py: each mostly
+    waits on sockets and servers). `DUALPROXY_JOBS` sets how many at once; `nox -s suite
+    -- -x` passes pytest options to every part."""
     session.install("-e", ".[dev]")
-    parts = [f"{adapter}-{server}" for adapter, server in PAIRINGS] + ["unit"]
+    parts = ([f"{adapter}-{server}" for adapter, server in PAIRINGS] + ["unit"]
+             + [f"versions-{version}" for version in OTHER_PYTHONS])
     session.run("python", "-m", "tests.parallel", "--jobs", os.environ.get("DUALPROXY_JOBS", "2"),
                 "--pytest", " ".join(session.posargs), *parts)
 

@@ -12,9 +12,13 @@ process tree. For dualproxy also the RSS while streaming 1 GiB each way, 2 worke
 against 1, a pool of 2 upstreams (nginx on a second port) against 1 on small GETs,
 and small GETs with the access log on against off (`dp-asgi-log`, `dp-wsgi-log`), and
 with request ids and header rules on against off (`dp-asgi-hdr`, `dp-wsgi-hdr`;
+tracing the same way, spans made but not exported: `dp-asgi-trace`, `dp-wsgi-trace`;
 every other dualproxy row runs with `--no-access-log`), and GETs of a 64 KiB JSON
 document with `--compress` on against off (`dp-asgi-compress`, `dp-wsgi-compress`:
-req/s, CPU per request, bytes per response; the client accepts zstd, br and gzip).
+req/s, CPU per request, bytes per response; the client accepts zstd, br and gzip),
+and `--cache` hits against the same proxy without cache (`dp-asgi-cache`,
+`dp-wsgi-cache`: small GETs of a file nginx serves with Cache-Control, and the large
+file's download rate, hit against uncached).
 Then the WebSocket rows (bench/wsbench.py: messages/s and p99 over 32 sockets, MB/s
 of 1 MiB messages; `--ws-only`, `--no-ws`).
 Prints a table, every dualproxy figure as a ratio to the seed pattern and to the
@@ -166,6 +170,10 @@ http {{
     listen 127.0.0.1:{port2};  # the second upstream of the pool rows (the same nginx)
     root {dir}/www;
     client_max_body_size 0;
+    location /cached/ {{  # the cache rows: the same files, cacheable for an hour
+      alias {dir}/www/;
+      add_header Cache-Control "public, max-age=3600";
+    }}
     location = /sink {{
       client_body_buffer_size 1m;
       proxy_http_version 1.1;
@@ -236,6 +244,10 @@ class Upstream:
         if self.body_dir is not None:
             shutil.rmtree(self.body_dir, ignore_errors=True)
 
+
+# The cache rows: a memory store that holds the large file (past the 64M default object
+# limit), hits of files the upstream serves with Cache-Control (NGINX_CONF's /cached/).
+CACHE_FLAGS = ("--cache", "--cache-max-object", "128M", "--cache-max-size", "256M")
 
 # The compress rows fetch this: JSON records of words and numbers, as an API answers.
 DOCUMENT = "page.json"
@@ -504,6 +516,9 @@ class Contestant:
     # What a paired row GETs (with these request headers): the compress rows a document.
     path: str = "/small"
     headers: tuple[str, ...] = ()
+    # A paired row's download too, on and off (the cache rows: a large hit): its path.
+    download: str | None = None
+    env: tuple[tuple[str, str], ...] = ()  # more environment for its process
 
 
 HEADER_FILTERS = ("--request-id", "--header-up", "X-Real-IP: {client}",
@@ -566,6 +581,18 @@ def contestants(upstream: str, baseline: Path | None = None,
         Contestant("dp-wsgi-hdr", "dualproxy wsgi, --request-id and header rules", "wsgi",
                    dp("--adapter", "wsgi", *HEADER_FILTERS), dualproxy=True, small_only=True,
                    paired=dp("--adapter", "wsgi")),
+        # The cache: hits of a small GET and of the large file, against the same proxy
+        # without cache (every request upstream), alternating rounds.
+        *(Contestant(f"dp-{face}-cache", f"dualproxy {face}, --cache (memory), hits", face,
+                     dp(*adapter, *CACHE_FLAGS), dualproxy=True, paired=dp(*adapter),
+                     path="/cached/small", download="/cached/big")
+          for face, adapter in (("asgi", ()), ("wsgi", ("--adapter", "wsgi")))),
+        # Tracing's cost: every span made and ended, none exported (the SDK's provider,
+        # its default sampler, OTEL_TRACES_EXPORTER=none), against the same proxy without.
+        *(Contestant(f"dp-{face}-trace", f"dualproxy {face}, --tracing (exporter none)", face,
+                     dp(*adapter, "--tracing"), dualproxy=True, small_only=True,
+                     paired=dp(*adapter), env=(("OTEL_TRACES_EXPORTER", "none"),))
+          for face, adapter in (("asgi", ()), ("wsgi", ("--adapter", "wsgi")))),
         Contestant("dp-asgi-pool", "dualproxy asgi, a pool of 2 upstreams", "asgi",
                    dp("--upstream", second), dualproxy=True, small_only=True),
         Contestant("dp-wsgi-pool", "dualproxy wsgi, a pool of 2 upstreams", "wsgi",
@@ -591,6 +618,7 @@ class Result:
     p99_ms: float | None = None
     load_errors: int | None = None
     off_rps: float | None = None  # access-log rows: the same proxy with it off, same rounds
+    off_down_mbs: float | None = None  # cache rows: the large download without cache
     off_cpu_us_per_req: float | None = None
     body_bytes: int | None = None  # compress rows: one response's body as sent, on and off
     off_body_bytes: int | None = None
@@ -717,7 +745,7 @@ def run_log_pair(c: Contestant, upstream: Upstream, work: Path,
     assert c.paired is not None
     result = Result(c.key, c.name, c.face, c.workers, c.dualproxy)
     ports = {"on": free_port(), "off": free_port()}
-    procs = {"on": start(c.args(ports["on"]), log=work / f"{c.key}.log"),
+    procs = {"on": start(c.args(ports["on"]), dict(c.env), log=work / f"{c.key}.log"),
              "off": start(c.paired(ports["off"]), log=work / f"{c.key}-off.log")}
     requests = dict.fromkeys(procs, 0.0)
     cpu = dict.fromkeys(procs, 0.0)
@@ -746,10 +774,29 @@ def run_log_pair(c: Contestant, upstream: Upstream, work: Path,
         if requests["on"] and requests["off"]:
             result.cpu_us_per_req = cpu["on"] * 1e6 / requests["on"]
             result.off_cpu_us_per_req = cpu["off"] * 1e6 / requests["off"]
+        if c.download is not None:
+            _paired_downloads(c, c.download, ports, upstream, result, opts)
     finally:
         for proc in procs.values():
             stop(proc)
     return result
+
+
+def _paired_downloads(c: Contestant, path: str, ports: dict[str, int], upstream: Upstream,
+                      result: Result, opts: argparse.Namespace) -> None:
+    """The large file through both sides (median of --repeat each, after one download
+    that fills the cache): `down_mbs` with the feature, `off_down_mbs` without."""
+    size = upstream.path(path.rsplit("/", 1)[1]).stat().st_size
+    urls = {side: f"http://127.0.0.1:{port}{path}" for side, port in ports.items()}
+    if step(result, "download", lambda: download(urls["on"], size)) is None:
+        return
+    on = step(result, "download", lambda: median_of(opts.repeat,
+                                                    lambda: download(urls["on"], size)))
+    off = step(result, "download off", lambda: median_of(opts.repeat,
+                                                         lambda: download(urls["off"], size)))
+    for attr, got in (("down_mbs", on), ("off_down_mbs", off)):
+        if got is not None and got.ok:
+            setattr(result, attr, got.mbs)
 
 
 def _one_response(ports: dict[str, int], c: Contestant) -> tuple[int, int, str | None]:
@@ -864,6 +911,29 @@ def ratios(by: dict[str, Result], size_label: str) -> tuple[list[str], dict[str,
         lines.append(f"{face}: request id + header rules on / off small-GET req/s = "
                      f"{fmt(on, '.2f')}")
     for face in ("asgi", "wsgi"):
+        r = by.get(f"dp-{face}-cache")
+        if r is None:
+            continue
+        hits, big = ratio(value(r, "rps"), r.off_rps), ratio(r.down_mbs, r.off_down_mbs)
+        doc.setdefault(face, {}).update(cache_hit_over_uncached=hits,
+                                        cache_big_hit_over_uncached=big,
+                                        cache_big_hit_mbs=[r.down_mbs, r.off_down_mbs])
+        lines.append(f"{face}: --cache hits / uncached small-GET req/s = {fmt(hits, '.2f')} "
+                     f"({fmt(r.rps)} vs {fmt(r.off_rps)}); {size_label} hit "
+                     f"{fmt(r.down_mbs)} vs uncached {fmt(r.off_down_mbs)} MB/s "
+                     f"({fmt(big, '.2f')}×)")
+    for face in ("asgi", "wsgi"):
+        r = by.get(f"dp-{face}-trace")
+        if r is None:
+            continue
+        figures = {"tracing_on_over_off": ratio(value(r, "rps"), r.off_rps),
+                   "tracing_cpu_us_on": r.cpu_us_per_req, "tracing_cpu_us_off":
+                   r.off_cpu_us_per_req}
+        doc.setdefault(face, {}).update(figures)
+        shown = [fmt(v, f) for v, f in zip(figures.values(), (".2f", ".0f", ".0f"), strict=True)]
+        lines.append("{}: --tracing on / off small-GET req/s = {}; CPU per request {} vs {} µs"
+                     .format(face, *shown))
+    for face in ("asgi", "wsgi"):
         r = by.get(f"dp-{face}-compress")
         if r is None:
             continue
@@ -957,6 +1027,14 @@ def targets(by: dict[str, Result], quick: bool,
         paired = by.get(f"dp-{face}-log")
         check(f"{face} access log on >= 0.90x off req/s", rps(f"dp-{face}-log"),
               paired.off_rps if paired is not None else None, 0.9)
+    for face in ("asgi", "wsgi"):
+        cached = by.get(f"dp-{face}-cache")
+        if cached is None:
+            continue
+        check(f"{face} cache hits >= 2x uncached req/s", rps(f"dp-{face}-cache"),
+              cached.off_rps, 2)
+        check(f"{face} {size_label} cache hit >= uncached MB/s", cached.down_mbs,
+              cached.off_down_mbs, 1)
     return out
 
 
@@ -1145,7 +1223,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", action="extend", default=[], metavar="NAME",
                         help="only contestants with this key (direct, ceiling-uvicorn, "
                              "ceiling-gunicorn, dp-asgi, dp-asgi-log, dp-wsgi, dp-wsgi-log, "
-                             "dp-asgi-compress, dp-wsgi-compress, "
+                             "dp-asgi-compress, dp-wsgi-compress, dp-asgi-hdr, dp-wsgi-hdr, "
+                             "dp-asgi-trace, dp-wsgi-trace, dp-asgi-cache, dp-wsgi-cache, "
                              "seed, fpl, twin, werkzeug, dp-asgi-pool, "
                              "dp-wsgi-pool, dp-asgi-2w, "
                              "dp-wsgi-2w, and with "
@@ -1203,7 +1282,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="dualproxy-bench-"))
     sizes = {"small": 2, "16k": 16 * 1024, "big": big}
     if opts.gib_check and any(c.dualproxy and c.workers == 1 and not c.small_only
-                              for c in chosen):
+                              and c.paired is None for c in chosen):
         sizes["big1g"] = GiB
     print(f"work dir {work}; creating files {', '.join(sizes)}", flush=True)
     results: list[Result] = []

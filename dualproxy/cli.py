@@ -312,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "(1 to 200 visible ASCII characters, no comma), otherwise one is "
                             "made (32 hex digits); sent upstream, returned to the client and "
                             "written in the access log (default: off)")
+    serve.add_argument("--tracing", action="store_true",
+                       help="OpenTelemetry tracing: a SERVER span per request and a CLIENT "
+                            "span per upstream try, traceparent sent upstream, trace_id in the "
+                            "access log; set up from the OTEL_* variables (OTEL_TRACES_EXPORTER="
+                            "otlp|console|none, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, "
+                            "OTEL_TRACES_SAMPLER); a --trusted-proxy's traceparent is continued "
+                            "(default: off; needs the `tracing` extra)")
+    serve.add_argument("--tracing-new-traces", action="store_true",
+                       help="with --tracing, start a new trace for every request, even under "
+                            "a trusted proxy's traceparent (default: continue a trusted one)")
     serve.add_argument("--no-forwarded-prefix", action="store_true",
                        help="do not send the mount upstream as X-Forwarded-Prefix (default: "
                             "sent whenever --mount strips a prefix, appended to a trusted "
@@ -471,6 +481,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "header_up": args.header_up,
         "header_down": args.header_down,
         "request_id": args.request_id,
+        "tracing": args.tracing,
+        "tracing_new_traces": args.tracing_new_traces,
         "forwarded_prefix": not args.no_forwarded_prefix,
         "max_connections": args.max_connections,
         "pool_timeout": args.pool_timeout,

@@ -6,6 +6,7 @@ per-request code can trust it without re-checking.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -222,6 +223,14 @@ class ProxyConfig:
     # Compress response bodies (filters/compress.py): True for the defaults, or a
     # `Compression(min_length=, types=, codings=)`.
     compress: bool | Compression = False
+    # OpenTelemetry tracing (filters/tracing.py, the `tracing` extra): a SERVER span
+    # per request, a CLIENT span per upstream try, W3C trace context continued from
+    # trusted proxies only (never with tracing_new_traces) and sent upstream.
+    # `tracer_provider`: an opentelemetry TracerProvider (None: the global one,
+    # which `dualproxy serve` sets up from the OTEL_* variables in each worker).
+    tracing: bool = False
+    tracing_new_traces: bool = False
+    tracer_provider: Any = field(default=None, compare=False)
     # Derived fields, filled in by __post_init__.
     upstreams: tuple[Upstream, ...] = field(init=False, default=())
     upstream_scheme: str = field(init=False, default="")
@@ -260,6 +269,8 @@ class ProxyConfig:
         Limits.from_config(self)  # ValueError naming a bad rate option
         _check_sub_filter(self)
         _check_compress(self.compress)
+        if self.tracing:
+            _check_tracing()
         set_(self, "mount", _normalize_mount(self.mount))
         # The first upstream's, for code that knows one upstream only.
         set_(self, "upstream_scheme", first.scheme)
@@ -367,6 +378,13 @@ def _check_sub_filter(config: ProxyConfig) -> None:
         check_types(config.sub_filter_types)
     except ValueError as exc:
         raise ValueError(f"sub_filter: {exc}") from None
+
+
+def _check_tracing() -> None:
+    """Tracing needs the OpenTelemetry API (the `tracing` extra): ValueError otherwise."""
+    if importlib.util.find_spec("opentelemetry") is None \
+            or importlib.util.find_spec("opentelemetry.trace") is None:
+        raise ValueError("tracing needs OpenTelemetry: pip install 'dualproxy[tracing]'")
 
 
 def _check_compress(setting: object) -> None:

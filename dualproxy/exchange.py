@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from .core import IncomingRequest, ResponseHead, UpstreamPlan
 from .errors import ClientDisconnected, NotProxied, ProxyError, map_upstream_errors
 from .filters import Answer, Exchange
+from .filters.base import Attempt
 from .filters.chain import run_async
 
 if TYPE_CHECKING:
@@ -100,9 +101,14 @@ def refusal(face: ProxyFace[Any, Any, Any], record: RequestRecord, port: Any,
 
 
 def attempts(face: ProxyFace[Any, Any, Any], record: RequestRecord, plan: UpstreamPlan,
-             attempt: Callable[[Upstream], Any]) -> Flow[Any]:
+             attempt: Callable[[Upstream], Any], exchange: Exchange | None = None,
+             ) -> Flow[Any]:
     """Step 2: `attempt` on an upstream of the pool, then on others while
-    `face.retry` allows (only failures before any response head come here)."""
+    `face.retry` allows (only failures before any response head come here).
+    Each try goes through the filters' `on_attempt` and `on_attempt_end` when
+    one implements them (filters/base.py)."""
+    if exchange is not None and face.chain.watches_attempts:
+        return (yield from watched_attempts(face, record, plan, attempt, exchange))
     tried: list[Upstream] = []
     upstream = face.choose(record)
     while True:
@@ -113,6 +119,30 @@ def attempts(face: ProxyFace[Any, Any, Any], record: RequestRecord, plan: Upstre
             if after is None:
                 raise
             upstream = after
+
+
+def watched_attempts(face: ProxyFace[Any, Any, Any], record: RequestRecord,
+                     plan: UpstreamPlan, attempt: Callable[[Upstream], Any],
+                     exchange: Exchange) -> Flow[Any]:
+    """`attempts` with the filters told of each try (its upstream, its number, how
+    it ended). `plan` is the exchange's: a filter's header change reaches the try."""
+    chain = face.chain
+    tried: list[Upstream] = []
+    current = Attempt(face.choose(record))
+    while True:
+        yield from chain.attempt(exchange, current)
+        try:
+            result = yield attempt(current.upstream)
+        except Exception as exc:
+            current.error = exc
+            yield from chain.attempt_end(exchange, current)
+            after = face.retry(record, plan, tried, exc)
+            if after is None:
+                raise
+            current = Attempt(after, current.number + 1)
+        else:
+            yield from chain.attempt_end(exchange, current)
+            return result
 
 
 def response(face: ProxyFace[Any, Any, Any], exchange: Exchange | None,
@@ -165,7 +195,8 @@ def http_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
     port.upload(plan, exchange)
     try:
         with map_upstream_errors():
-            request, upstream_response = yield from attempts(face, record, plan, port.attempt)
+            request, upstream_response = yield from attempts(face, record, plan, port.attempt,
+                                                             exchange)
     except ProxyError as exc:
         if exchange is not None and not record.shutdown:
             # The filters' on_error (a cache's stale answer): an Answer instead of exc.
@@ -234,7 +265,8 @@ def handshake_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
         if not (yield port.ready(opened.plan)):
             return None
         with map_upstream_errors():
-            result = yield from attempts(face, record, opened.plan, port.attempt)
+            result = yield from attempts(face, record, opened.plan, port.attempt,
+                                         opened.exchange)
     except ProxyError as exc:
         return (yield port.problem(exc))
     try:

@@ -69,6 +69,7 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         header_up=options["header_up"],
         header_down=options["header_down"],
         request_id=options["request_id"],
+        **tracing_options(options),
         # The CLI always names the mount: on (None) unless --no-forwarded-prefix.
         forwarded_prefix=None if options["forwarded_prefix"] else False,
         max_connections=options["max_connections"],
@@ -100,6 +101,25 @@ def config_from_options(options: dict[str, Any]) -> ProxyConfig:
         # --- gateway: tls ---
         **tls_options(options),
     )
+
+
+def tracing_options(options: dict[str, Any]) -> dict[str, Any]:
+    """ProxyConfig's tracing fields; with tracing on, what the CLI's tracing needs is
+    checked (the SDK, OTEL_TRACES_EXPORTER: ValueError, a usage error)."""
+    if not options.get("tracing"):
+        return {}
+    from .filters.tracing import check_setup
+
+    check_setup()
+    return {"tracing": True, "tracing_new_traces": options.get("tracing_new_traces", False)}
+
+
+def setup_tracing(options: dict[str, Any]) -> None:
+    """This worker process's tracer provider, when a route traces (none: nothing imported)."""
+    if any(route.get("tracing") for route in options.get("routes") or [options]):
+        from .filters.tracing import setup_from_env
+
+        setup_from_env()
 
 
 # --- gateway: tls ---
@@ -186,6 +206,7 @@ def load_app(options: dict[str, Any]) -> Any:
     warn_insecure(options)
     tune_uvicorn()  # a no-op unless uvicorn runs this process
     quiet_uvicorn_refusals()
+    setup_tracing(options)  # per worker process, after the fork, before the app
     app = build_app(options)
     if options["adapter"] == "wsgi":
         if options["server"] in ("uvicorn", "granian"):  # ASGI servers: the a2wsgi bridge

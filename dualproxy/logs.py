@@ -161,7 +161,8 @@ class RequestRecord:
     __slots__ = ("method", "target", "client", "started", "upstream_at", "status",
                  "bytes_in", "bytes_out", "client_gone", "broken", "responded", "problem",
                  "shutdown", "routed", "upstream", "cause", "websocket", "exchange",
-                 "request_id", "outcome", "limit_skipped", "cache", "cache_stored")
+                 "request_id", "outcome", "limit_skipped", "cache", "cache_stored",
+                 "cache_store_failed", "trace_id")
 
     def __init__(self, incoming: IncomingRequest, client: str | None = None) -> None:
         self.method = incoming.method
@@ -191,6 +192,8 @@ class RequestRecord:
         # collapsed, purge; None: no cache on the route. Bytes it stored from this answer.
         self.cache: str | None = None
         self.cache_stored = 0
+        self.cache_store_failed = False  # its store failed (or stood aside): uncached
+        self.trace_id: str | None = None  # the request's trace (filters/tracing.py), if on
 
     def upstream_status(self, status: int) -> None:
         self.upstream_at = time.perf_counter()
@@ -239,6 +242,7 @@ class RequestObserver(Protocol):
 
 
 _JSON_RID = '"request_id": '
+_JSON_TID = ', "trace_id": "'
 _JSON_NOWHERE = '"upstream": null, "route": null'
 
 
@@ -324,6 +328,7 @@ class AccessLog:
         outcome = record.ending()[0]
         client = record.client
         rid = record.request_id  # only with request ids on: the line is as before otherwise
+        tid = record.trace_id  # only with tracing on (32 hex digits: nothing to escape)
         if self.format == "json":  # json.dumps's output for the same dict, made by hand
             second = int(now)
             cache = "" if record.cache is None else f'"cache": "{record.cache}", '
@@ -338,7 +343,8 @@ class AccessLog:
                 f'"total_ms": {round(total_ms, 1)!r}, "outcome": "{outcome}", '
                 f'{cache}'
                 f'{self._json_where(record)}'
-                f'{"" if rid is None else ", " + _JSON_RID + _json_str(rid)}}}')
+                f'{"" if rid is None else ", " + _JSON_RID + _json_str(rid)}'
+                f'{"" if tid is None else _JSON_TID + tid + chr(34)}}}')
         # one preformatted string: no %-args for logging to keep and apply
         return (f"{escape_text(record.method)} {record.target_text()} {record.status} "
                 f"in={record.bytes_in} out={record.bytes_out} "
@@ -346,4 +352,5 @@ class AccessLog:
                 f"total_ms={total_ms:.1f} "
                 f"client={'-' if client is None else escape_text(client)} {outcome}"
                 f"{'' if rid is None else ' request_id=' + escape_text(rid)}"
-                f"{'' if record.cache is None else ' cache=' + record.cache}")
+                f"{'' if record.cache is None else ' cache=' + record.cache}"
+                f"{'' if tid is None else ' trace_id=' + tid}")

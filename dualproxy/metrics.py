@@ -61,7 +61,7 @@ class _Route:
     """The children of one route's per-route series, looked up once."""
 
     __slots__ = ("route", "bytes_in", "bytes_out", "head", "duration", "aborts", "requests",
-                 "errors", "rate_limited", "limit_skipped")
+                 "errors", "rate_limited", "limit_skipped", "cache_store_failed")
 
     def __init__(self, metrics: ProxyMetrics, route: str) -> None:
         self.route = route
@@ -72,6 +72,7 @@ class _Route:
         self.aborts = metrics.client_aborts.labels(route)
         self.rate_limited = metrics.rate_limited.labels(route)
         self.limit_skipped = metrics.rate_limit_store_errors.labels(route)
+        self.cache_store_failed = metrics.cache_store_errors.labels(route)
         self.requests: dict[tuple[str, int], Any] = {}
         self.errors = {cause: metrics.upstream_errors.labels(route, cause)
                        for cause in UPSTREAM_CAUSES}
@@ -121,6 +122,9 @@ class ProxyMetrics:
                                       "route", "result")
         self.cache_stored_bytes = counter("cache_stored_bytes", "Response body bytes the "
                                           "HTTP cache stored", "route")
+        self.cache_store_errors = counter(
+            "cache_store_errors", "Requests the HTTP cache served uncached because its "
+            "store failed (Redis down: the cache steps aside)", "route")
         self.in_flight = gauge("requests_in_flight", "Requests begun and not finished "
                                "(open WebSocket sessions included)", "livesum")
         self.websocket_sessions = gauge("websocket_sessions", "Open WebSocket sessions",
@@ -226,3 +230,5 @@ class ProxyMetrics:
             series.rate_limited.inc()
         if record.limit_skipped:
             series.limit_skipped.inc()
+        if record.cache_store_failed:
+            series.cache_store_failed.inc()

@@ -2,7 +2,8 @@
 
 `python -m tests.parallel --jobs 2 asgi-uvicorn wsgi-gunicorn ... unit`: each
 name is a face x server pairing (its behaviour tests, as `nox -s "tests(P)"`
-runs them) or `unit` (the tests that take no pairing). Most of a pairing's time
+runs them), `unit` (the tests that take no pairing) or a nox session named
+`versions-3.X` (the version-sensitive tests on another Python, run by nox). Most of a pairing's time
 is spent waiting on sockets, servers starting and timeouts running out, so two
 at once on two cores take about half the time of one after the other. Each part
 writes to its own log, printed whole when the part fails, as a summary line when
@@ -23,6 +24,10 @@ from pathlib import Path
 
 def command(part: str, pytest_args: list[str]) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
+    if part.startswith("versions-"):
+        # Another Python's session (its own virtualenv): nox makes it, beside the others.
+        more = ["--", *pytest_args] if pytest_args else []
+        return [sys.executable, "-m", "nox", "-s", part, *more], env
     if part == "unit":
         env["DUALPROXY_SUITE_PART"] = "unit"
     else:

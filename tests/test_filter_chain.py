@@ -14,7 +14,14 @@ from dualproxy.core import IncomingRequest, ResponseHead, UpstreamPlan, plan_req
 from dualproxy.errors import InvalidHead, TransformFailed
 from dualproxy.exchange import drive_async, drive_sync
 from dualproxy.filters import Answer, Chain, Exchange, Filter
-from dualproxy.filters.chain import BodyPipeline, run_async, run_sync, transformed
+from dualproxy.filters.chain import (
+    BodyPipeline,
+    atransformed,
+    run_async,
+    run_either,
+    run_sync,
+    transformed,
+)
 from dualproxy.logs import RequestRecord
 
 CONFIG = ProxyConfig.build("http://upstream.test:8080")
@@ -212,6 +219,63 @@ def test_body_pipeline_finish_cascades_through_every_transform() -> None:
     assert pipeline.finish() == b"<ABCD>!"
 
 
+def test_run_either_gives_a_value_or_a_coroutine_for_the_rest() -> None:
+    def flow(awaits: bool) -> Any:
+        got = yield asyncio.sleep(0, "slept") if awaits else None
+        return got
+
+    def plain() -> Any:
+        return "plain"
+        yield  # a generator that never yields
+
+    assert run_either(plain()) == "plain"  # nothing to await: no coroutine
+    pending = run_either(flow(True))
+    assert asyncio.iscoroutine(pending) and asyncio.run(pending) == "slept"
+
+
+class Storing:
+    """A transform that hands the relay an awaitable at its finish (a cache's write)."""
+
+    def __init__(self, exchange: Exchange, log: list[str]) -> None:
+        self.exchange, self.log = exchange, log
+
+    def feed(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def finish(self) -> bytes:
+        async def write() -> None:
+            await asyncio.sleep(0)
+            self.log.append("stored")
+
+        self.exchange.await_in_body(write())
+        return b"!"
+
+
+def test_await_in_body_is_awaited_before_the_last_bytes_and_refused_on_the_sync_face(
+        ) -> None:
+    log: list[str] = []
+
+    class Observing(Filter):
+        def on_response(self, exchange: Exchange, head: ResponseHead) -> None:
+            assert exchange.transform_response(Storing(exchange, log), same_length=True)
+
+    async def relay(pipeline: BodyPipeline | None) -> None:
+        async def body() -> Any:
+            yield b"ab"
+
+        async for chunk in atransformed(pipeline, body()):
+            log.append(chunk.decode())
+
+    exchange = make_exchange()
+    run_sync(Chain([Observing()]).response(exchange, head()))
+    asyncio.run(relay(exchange._response_pipeline))
+    assert log == ["ab", "stored", "!"]  # the write is done before the tail goes on
+    exchange = make_exchange()
+    run_sync(Chain([Observing()]).response(exchange, head()))
+    with pytest.raises(TransformFailed, match="sync face"):
+        list(transformed(exchange._response_pipeline, [b"ab"]))
+
+
 def test_a_failing_transform_is_transform_failed() -> None:
     class Broken:
         def feed(self, chunk: bytes) -> bytes:
@@ -246,3 +310,88 @@ def test_on_end_failures_are_logged_and_the_others_still_run() -> None:
 
     run_sync(Chain([Log("A", log), Failing(), Log("C", log)]).end(make_exchange()))
     assert log == ["end C", "end A"]
+
+
+class _Tries:
+    """What exchange.attempts needs of a face: a pool of two upstreams, retry once."""
+
+    def __init__(self, chain: Chain) -> None:
+        self.chain = chain
+        self.config = ProxyConfig.build(["http://a.test:1", "http://b.test:2"])
+
+    def choose(self, record: Any) -> Any:
+        return self.config.upstreams[0]
+
+    def retry(self, record: Any, plan: Any, tried: list[Any], exc: BaseException) -> Any:
+        if tried:
+            return None
+        tried.append(self.config.upstreams[0])
+        return self.config.upstreams[1]
+
+
+class Tracer(Filter):
+    """Marks each try's request with its number, and notes how each try ended."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def on_attempt(self, exchange: Exchange, attempt: Any) -> None:
+        assert exchange.plan is not None
+        exchange.plan.headers[:] = [(n, v) for n, v in exchange.plan.headers if n != b"x-try"]
+        exchange.plan.headers.append((b"x-try", b"%d" % attempt.number))
+        self.log.append(f"try {attempt.number} {attempt.upstream.host}")
+
+    def on_attempt_end(self, exchange: Exchange, attempt: Any) -> None:
+        self.log.append(f"end {attempt.number} {type(attempt.error).__name__}")
+
+
+class AsyncTracer(Tracer):
+    async def on_attempt(self, exchange: Exchange, attempt: Any) -> None:  # type: ignore[override]
+        await asyncio.sleep(0)
+        super().on_attempt(exchange, attempt)
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_attempt_hooks_see_each_try_and_its_headers(face: str) -> None:
+    from dualproxy.exchange import attempts
+
+    log: list[str] = []
+    exchange = make_exchange()
+    sent: list[bytes] = []
+
+    def attempt(upstream: Any) -> str:
+        assert exchange.plan is not None
+        sent.append(dict(exchange.plan.headers)[b"x-try"])
+        if upstream.host == "a.test":
+            raise ConnectionRefusedError("no")
+        return "answer"
+
+    async def async_attempt(upstream: Any) -> str:
+        await asyncio.sleep(0)
+        return attempt(upstream)
+
+    tries = _Tries(Chain([(Tracer if face == "sync" else AsyncTracer)(log)]))
+    flow = attempts(tries, exchange.record, exchange.plan,  # type: ignore[arg-type]
+                    attempt if face == "sync" else async_attempt, exchange)
+    result = drive_sync(flow) if face == "sync" else asyncio.run(drive_async(flow))
+    assert result == "answer"
+    assert sent == [b"0", b"1"]  # each try carried its own header
+    assert log == ["try 0 a.test", "end 0 ConnectionRefusedError", "try 1 b.test",
+                   "end 1 NoneType"]
+    with pytest.raises(TypeError, match="AsyncTracer.on_attempt"):
+        Chain([AsyncTracer([])]).require_sync()
+
+
+def test_a_try_header_left_unwritable_is_invalid_head() -> None:
+    from dualproxy.exchange import attempts
+
+    class Smuggle(Filter):
+        def on_attempt(self, exchange: Exchange, attempt: Any) -> None:
+            assert exchange.plan is not None
+            exchange.plan.headers.append((b"traceparent", b"a\r\nb"))
+
+    exchange = make_exchange()
+    face = _Tries(Chain([Smuggle()]))
+    with pytest.raises(InvalidHead):
+        drive_sync(attempts(face, exchange.record, exchange.plan,  # type: ignore[arg-type]
+                            lambda upstream: "answer", exchange))

@@ -12,8 +12,10 @@ import base64
 import gzip
 import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -96,12 +98,30 @@ def check_request_body(app: App, upstream: Upstream, rid: str) -> None:
     assert upstream.wait_record(rid).body == b"a,b\nc,d\n"
 
 
+def check_traced(app: App, upstream: Upstream, rid: str) -> None:
+    response = exchange(app.port, request_bytes("GET", f"/api/{rid}", [("x-req-id", rid)]))
+    assert response.status == 200
+    [sent] = upstream.wait_record(rid).header_all("traceparent")
+    trace_id, parent_id = sent.split("-")[1:3]
+    deadline = time.monotonic() + 10
+    spans: list[dict[str, Any]] = []
+    while len(spans) < 2 and time.monotonic() < deadline:
+        spans = [json.loads(line) for line in app.log().splitlines()
+                 if line.startswith("{") and trace_id in line]
+        time.sleep(0.05)
+    names = {span["name"]: span for span in spans}
+    assert set(names) == {"GET /api", "GET"}, app.log()
+    assert names["GET"]["context"]["span_id"] == f"0x{parent_id}"
+    assert names["GET /api"]["resource"]["attributes"]["service.name"] == "traced-example"
+
+
 CHECKS: dict[str, Callable[[App, Upstream, str], None]] = {
     "sub_filter": check_sub_filter,
     "json_edit": check_json_edit,
     "drop_lines": check_drop_lines,
     "tabs_to_spaces": check_tabs_to_spaces,
     "request_body": check_request_body,
+    "traced": check_traced,
 }
 
 
@@ -113,7 +133,8 @@ def test_example(example: App, upstream: Upstream, rid: str, request: pytest.Fix
 
 
 def test_the_filters_page_shows_every_example() -> None:
-    page = (ROOT / "docs" / "filters.md").read_text()
+    # the tracing example is shown on the tracing page
+    page = (ROOT / "docs" / "filters.md").read_text() + (ROOT / "docs" / "tracing.md").read_text()
     for name in CHECKS:
         assert f'--8<-- "examples/filters/{name}.py"' in page, name
     assert Path(EXAMPLES / "__init__.py").exists()

@@ -2,8 +2,9 @@
 
 On the granian pairings a proxy with `--http auto` is spoken to by httpx's HTTP/2 client
 with prior knowledge (h2c, no TLS): many streams at once on one connection, large
-bodies both ways streamed and hashed, and a client resetting one stream (its upstream
-request aborted, the others unaffected). On uvicorn and gunicorn `--http 2` is a
+bodies both ways streamed and hashed, SSE events each read before the next is sent, and
+a client resetting one stream (its upstream request aborted, the others unaffected);
+and over TLS, where ALPN picks h2 or HTTP/1.1. On uvicorn and gunicorn `--http 2` is a
 one-line usage error: they serve HTTP/1.1 only.
 """
 
@@ -13,18 +14,20 @@ import asyncio
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ProxyProcess, transfer_hashed
+from tests.conftest import ROOT, ProxyProcess, TLSFiles, transfer_hashed
 from tests.rawhttp import wait_until
 from tests.upstream import Upstream
 
 
-@pytest.fixture
-def h2_proxy(pairing: str, upstream: Upstream) -> Iterator[ProxyProcess]:
+def start_h2(pairing: str, upstream: Upstream, *flags: str) -> ProxyProcess:
+    """A proxy with `--http auto` on the granian pairings; on the others, the refusal of
+    `--http 2` checked, then a visible xfail."""
     if not pairing.endswith("-granian"):
         # The behaviour there: the flag is refused before anything starts.
         done = subprocess.run(
@@ -34,7 +37,12 @@ def h2_proxy(pairing: str, upstream: Upstream) -> Iterator[ProxyProcess]:
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
         assert "--http 2 needs --server granian" in done.stderr
         pytest.xfail("uvicorn and gunicorn serve HTTP/1.1 only: --http 2 is a usage error")
-    proxy = ProxyProcess(pairing, upstream.url, ("--http", "auto"))
+    return ProxyProcess(pairing, upstream.url, ("--http", "auto", *flags))
+
+
+@pytest.fixture
+def h2_proxy(pairing: str, upstream: Upstream) -> Iterator[ProxyProcess]:
+    proxy = start_h2(pairing, upstream)
     yield proxy
     proxy.stop()
 
@@ -102,3 +110,43 @@ def outcome(proxy: ProxyProcess, request: str) -> str | None:
     """The outcome word of the access line for `request` ("GET /t"), once it is written."""
     lines = [line for line in proxy.log().splitlines() if f"dualproxy.access: {request} " in line]
     return lines[-1].rsplit(" ", 1)[1] if lines else None
+
+
+def test_tls_offers_h2_by_alpn(pairing: str, upstream: Upstream, tls_files: TLSFiles,
+                               rid: str) -> None:
+    """Serving HTTPS with `--http auto`: a client offering h2 by ALPN gets HTTP/2, one
+    offering only http/1.1 gets HTTP/1.1, and both reach the upstream."""
+    proxy = start_h2(pairing, upstream, "--certfile", tls_files.server_cert,
+                     "--keyfile", tls_files.server_key)
+    try:
+        assert proxy.url.startswith("https://")
+        for http2, version in ((True, "HTTP/2"), (False, "HTTP/1.1")):
+            with proxy.client(verify=tls_files.client_context(), http2=http2) as client:
+                resp = client.get("/alpn", headers={"x-req-id": f"{rid}-{version}"})
+            assert (resp.http_version, resp.status_code) == (version, 200), resp.text
+            assert upstream.wait_record(f"{rid}-{version}").target == b"/alpn"
+    finally:
+        proxy.stop()
+
+
+def test_sse_events_arrive_live_over_http2(h2_proxy: ProxyProcess, upstream: Upstream) -> None:
+    """The upstream sends an event and waits for the client to have read it before it
+    sends the next: a proxy or server holding DATA frames back would time out here."""
+    gate, count = uuid.uuid4().hex, 4
+
+    async def run() -> bytes:
+        async with h2_client(h2_proxy) as client, client.stream(
+                "GET", "/events", headers={"x-upstream": f"sse count={count} gate={gate}"},
+                timeout=httpx.Timeout(30.0, read=10.0)) as resp:
+            assert resp.http_version == "HTTP/2"
+            assert resp.headers["content-type"] == "text/event-stream"
+            chunks = resp.aiter_raw()
+            text = b""
+            for i in range(count):
+                event = f"data: event-{i}\n\n".encode()
+                while event not in text:
+                    text += await chunks.__anext__()
+                upstream.gate(f"{gate}-{i}").set()  # read: the upstream may send the next
+            return text + b"".join([rest async for rest in chunks])
+
+    assert asyncio.run(run()) == b"".join(f"data: event-{i}\n\n".encode() for i in range(count))

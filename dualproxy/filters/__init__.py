@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Answer, BodyTransform, Exchange, Filter
+from .base import Answer, Attempt, BodyTransform, Exchange, Filter
 from .chain import Chain
 from .transforms import (
     Buffered,
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..config import ProxyConfig
 
 __all__ = [
-    "Answer", "BodyTransform", "Buffered", "BufferedBody", "Chain", "Exchange", "Filter",
+    "Answer", "Attempt", "BodyTransform", "Buffered", "BufferedBody", "Chain", "Exchange", "Filter",
     "Mapped", "Replace", "RequestBodyFilter", "ResponseBodyFilter", "SubFilter", "body_filter",
     "build_chain", "request_body_filter",
 ]
@@ -38,8 +38,9 @@ __all__ = [
 def build_chain(config: ProxyConfig) -> Chain:
     """A route's chain, outermost (nearest the client) first:
 
-    1. the built-in filters the configuration turns on: request_id (first, so
-       every other filter sees `exchange.request_id`), rate_limit (a refusal costs
+    1. the built-in filters the configuration turns on: tracing (first, so its
+       SERVER span covers every other filter's work and answers), request_id
+       (next, so every other filter sees `exchange.request_id`), rate_limit (a refusal costs
        nothing else), compress, forwarded_prefix, header_rules (a rule may replace
        what the others wrote), the cache (inside compression and the header rules,
        so a hit is still compressed and each answer, a hit too, gets its own
@@ -55,6 +56,10 @@ def build_chain(config: ProxyConfig) -> Chain:
     from .transforms import sub_filter
 
     builtins: list[Filter] = []
+    if config.tracing:
+        from .tracing import Tracing
+
+        builtins.append(Tracing.for_config(config))
     if config.request_id:
         from .request_id import RequestId
 

@@ -16,6 +16,13 @@ outermost, nearest the client, as Envoy's filters and ASGI middleware are):
   (refused, reset, timed out: `error` is the ProxyError the client would get).
   It may return an `Answer` to give instead (a cache's stale answer); only the
   filters before it see that answer. The faces call it where they have the error.
+- `on_attempt(exchange, attempt)`: before each try of the upstream (the first,
+  then each retry on another upstream: `attempt.number` 0, 1, ...), after the
+  upstream is chosen (`attempt.upstream`). It may change `exchange.plan.headers`
+  in place for this try (a trace context header per try); the next try sees
+  what it left. `on_attempt_end(exchange, attempt)`: that try is over, its
+  response head in (`attempt.error` None) or failed (`attempt.error`: what the
+  transport raised). A route without such a filter pays nothing for them.
 - `on_end(exchange)`: once, when the exchange is over whatever its outcome; the
   record (`exchange.record`) holds the status, bytes each way, timings and outcome.
 
@@ -31,7 +38,7 @@ owns the framing fix-up when a transform may change the body's length.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,6 +48,7 @@ from ..headers import Header
 
 if TYPE_CHECKING:
     from ..logs import RequestRecord
+    from ..upstreams import Upstream
     from .chain import BodyPipeline
 
 
@@ -68,6 +76,20 @@ class Answer:
     body: bytes | Iterable[bytes] | AsyncIterable[bytes] = b""
 
 
+class Attempt:
+    """One try of the upstream request, as `on_attempt` and `on_attempt_end` see it:
+    `upstream` (the one chosen), `number` (0 the first try, 1 the first resend ...:
+    OpenTelemetry's `http.request.resend_count`), `error` (what ended it before a
+    response head; None while it runs and when the head came)."""
+
+    __slots__ = ("upstream", "number", "error")
+
+    def __init__(self, upstream: Upstream, number: int = 0) -> None:
+        self.upstream = upstream
+        self.number = number
+        self.error: BaseException | None = None
+
+
 class Filter:
     """Base class: every method passes everything through; override what you need.
 
@@ -90,6 +112,12 @@ class Filter:
     def on_error(self, exchange: Exchange, error: ProxyError) -> Answer | None | Any:
         return None
 
+    def on_attempt(self, exchange: Exchange, attempt: Attempt) -> None | Any:
+        return None
+
+    def on_attempt_end(self, exchange: Exchange, attempt: Attempt) -> None | Any:
+        return None
+
     def on_end(self, exchange: Exchange) -> None | Any:
         return None
 
@@ -104,7 +132,8 @@ class Filter:
 
 
 # The stages a filter may override, in the order an exchange meets them.
-STAGES = ("on_request", "on_response", "on_trailers", "on_error", "on_end")
+STAGES = ("on_request", "on_attempt", "on_attempt_end", "on_response", "on_trailers",
+          "on_error", "on_end")
 
 
 def overrides(flt: Filter, stage: str) -> bool:
@@ -188,6 +217,16 @@ class Exchange:
         from .chain import replace_response_body
 
         replace_response_body(self, body)
+
+    def await_in_body(self, awaitable: Awaitable[Any]) -> None:
+        """(The async face.) Have the response body's relay await `awaitable` before
+        the bytes the current transform call returns go on: a transform's own I/O (the
+        cache writing a body it observed to an asyncio store, before the client has
+        its last byte). Call it from a response transform's `feed` or `finish`."""
+        pipeline = self._response_pipeline
+        if pipeline is None:
+            raise RuntimeError("await_in_body is for a response transform")
+        pipeline.waits.append(awaitable)
 
     def transform_request(self, transform: BodyTransform) -> bool:
         """Run `transform` over the request body (call it from `on_request`): the

@@ -27,7 +27,7 @@ from ..core import ResponseHead, UpstreamPlan
 from ..errors import InvalidHead, ProxyError, TransformFailed
 from ..headers import Header
 from ..wire import WireError, field_problem, fields_ok, head_problem
-from .base import Answer, BodyTransform, Exchange, Filter, async_stages, overrides
+from .base import Answer, Attempt, BodyTransform, Exchange, Filter, async_stages, overrides
 from .codings import decoder
 
 error_logger = logging.getLogger("dualproxy")
@@ -58,6 +58,25 @@ async def run_async(flow: Flow[T]) -> T:
     """Drive a stage on the async face: each awaitable a filter returned is awaited."""
     try:
         awaitable = next(flow)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    return await _resume(flow, awaitable)
+
+
+def run_either(flow: Flow[T]) -> T | Awaitable[T]:
+    """Drive a flow as far as it goes without awaiting: its value when nothing came
+    to await (a filter whose I/O is in memory costs no coroutine), else a coroutine
+    for the rest, which the async face awaits (a filter's plain `def` may return it:
+    the chain awaits what it gets). On the sync face nothing comes to await."""
+    try:
+        awaitable = next(flow)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    return _resume(flow, awaitable)
+
+
+async def _resume(flow: Flow[T], awaitable: Awaitable[Any]) -> T:
+    try:
         while True:
             try:
                 result = await awaitable
@@ -72,7 +91,8 @@ async def run_async(flow: Flow[T]) -> T:
 class Chain:
     """The ordered filters of one route, with the stages each one implements."""
 
-    __slots__ = ("filters", "_request", "_response", "_trailers", "_error", "_end", "_async")
+    __slots__ = ("filters", "_request", "_response", "_trailers", "_error", "_end", "_async",
+                 "_attempt", "_attempt_end")
 
     def __init__(self, filters: Sequence[object] = ()) -> None:
         checked: list[Filter] = []
@@ -91,6 +111,8 @@ class Chain:
         self._trailers = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_trailers")]
         self._error = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_error")]
         self._end = [f for f in reversed(self.filters) if overrides(f, "on_end")]
+        self._attempt = [f for f in self.filters if overrides(f, "on_attempt")]
+        self._attempt_end = [f for f in reversed(self.filters) if overrides(f, "on_attempt_end")]
         self._async = [f"{f.label()}.{stage}" for f in self.filters for stage in async_stages(f)]
 
     def __bool__(self) -> bool:
@@ -126,6 +148,31 @@ class Chain:
             # Checked even when the same plan object stays: its header list is mutable.
             _check_plan(flt, exchange.plan, known)
         return None
+
+    # -- each try of the upstream ----------------------------------------------------------
+
+    @property
+    def watches_attempts(self) -> bool:
+        """Does a filter implement `on_attempt` or `on_attempt_end`? (No: the
+        exchange's attempts run as if there were no chain.)"""
+        return bool(self._attempt or self._attempt_end)
+
+    def attempt(self, exchange: Exchange, attempt: Attempt) -> Flow[None]:
+        """Run `on_attempt` in order, before a try; the plan a filter leaves is
+        checked as after `on_request`."""
+        known = _Known(exchange.plan.headers if exchange.plan is not None else [])
+        for flt in self._attempt:
+            result = flt.on_attempt(exchange, attempt)
+            if inspect.isawaitable(result):
+                yield result
+            _check_plan(flt, exchange.plan, known)
+
+    def attempt_end(self, exchange: Exchange, attempt: Attempt) -> Flow[None]:
+        """Run `on_attempt_end` from the innermost filter out, after a try."""
+        for flt in self._attempt_end:
+            result = flt.on_attempt_end(exchange, attempt)
+            if inspect.isawaitable(result):
+                yield result
 
     # -- the response head ----------------------------------------------------------------
 
@@ -310,12 +357,15 @@ class BodyPipeline:
     """The transforms over one body, in the order they were installed (the
     innermost filter's first); a transform's failure is `TransformFailed`."""
 
-    __slots__ = ("transforms", "changes_length", "decoded", "replacement")
+    __slots__ = ("transforms", "changes_length", "decoded", "replacement", "waits")
 
     def __init__(self) -> None:
         self.transforms: list[BodyTransform] = []
         self.changes_length = False
         self.decoded = False
+        # Awaitables a transform handed over (`Exchange.await_in_body`, the async face
+        # only): awaited before the bytes it returned go on.
+        self.waits: list[Awaitable[Any]] = []
         # A filter's own body instead of the upstream's (replace_response_body).
         self.replacement: bytes | Iterable[bytes] | AsyncIterable[bytes] | None = None
 
@@ -437,11 +487,29 @@ def transformed(pipeline: BodyPipeline | None, chunks: Iterable[bytes]) -> Itera
         chunks = _replacement(pipeline.replacement)
     for chunk in chunks:
         out = pipeline.feed(chunk)
+        if pipeline.waits:
+            _refuse_waits(pipeline)
         if out:
             yield out
     tail = pipeline.finish()
+    if pipeline.waits:
+        _refuse_waits(pipeline)
     if tail:
         yield tail
+
+
+def _refuse_waits(pipeline: BodyPipeline) -> None:
+    for awaitable in pipeline.waits:
+        if inspect.iscoroutine(awaitable):
+            awaitable.close()
+    pipeline.waits.clear()
+    raise TransformFailed("a body transform awaits on the sync face")
+
+
+async def _awaited(pipeline: BodyPipeline) -> None:
+    waits, pipeline.waits = pipeline.waits, []
+    for awaitable in waits:
+        await awaitable
 
 
 async def achunks(body: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
@@ -468,8 +536,12 @@ async def atransformed(pipeline: BodyPipeline | None,
         chunks = _areplacement(pipeline.replacement)
     async for chunk in chunks:
         out = pipeline.feed(chunk)
+        if pipeline.waits:
+            await _awaited(pipeline)
         if out:
             yield out
     tail = pipeline.finish()
+    if pipeline.waits:
+        await _awaited(pipeline)
     if tail:
         yield tail

@@ -40,6 +40,16 @@ class UvicornWorker(_StockWorker):  # type: ignore[misc]
             self.CONFIG_KWARGS.update(uvicorn_protocol_settings(options["graceful_timeout"]))
         super().__init__(*args, **kwargs)
 
+    def init_signals(self) -> None:
+        """The stock worker's signals, but SIGTERM and SIGINT end the worker with a
+        SystemExit instead of the default action: uvicorn re-raises the signal it
+        captured once drained, and dying by it skipped the process's atexit handlers
+        (the tracer provider's flush); this way the worker exits 0 through them, as a
+        drained `dualproxy serve` on uvicorn does."""
+        super().init_signals()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _exit)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """gunicorn's quick stop sends SIGQUIT, which this worker routes here and the
         stock one only notes: end what is left now (logged), so uvicorn's stop,
@@ -55,3 +65,7 @@ class UvicornWorker(_StockWorker):  # type: ignore[misc]
         # inside it knows it is closed.
         self.sockets = [getattr(sock, "sock", sock) for sock in self.sockets]
         super().run()
+
+
+def _exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)

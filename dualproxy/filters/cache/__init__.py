@@ -39,9 +39,10 @@ def make_store(spec: str, max_size: int = DEFAULT_MAX_SIZE,
         from .sqlite import SqliteStore
 
         return Guarded(SqliteStore(spec[len("sqlite:"):], max_size, max_object))
-    from .redis import RedisStore
+    from .redis import AsyncRedisStore
 
-    return Guarded(RedisStore(spec, max_size, max_object))
+    # The asyncio driver; the sync face takes its sync twin (Cache.for_sync_face).
+    return Guarded(AsyncRedisStore(spec, max_size, max_object))
 
 
 def cache_filter(config: ProxyConfig) -> Cache:

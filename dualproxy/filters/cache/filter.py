@@ -21,24 +21,28 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
 import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ...core import IncomingRequest, ResponseHead, UpstreamPlan
 from ...errors import GatewayTimeout, ProxyError
 from ...headers import Header
-from ...logs import RequestRecord
 from ..base import Answer, Exchange, Filter
+from ..chain import Flow, run_either
 from . import policy
 from .flight import Flight, Head
 from .keys import primary_key, same_origin_key, vary_names, vary_values
 from .policy import Directives, ResponseRules
 from .refresh import Refresher
-from .store import Entry, MemoryStore, Store, Writer
+from .store import STORE_FAILED, Entry, MemoryStore, Store, Writer
+
+T = TypeVar("T")
 
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
                            b"if-unmodified-since", b"if-range"})
@@ -63,17 +67,18 @@ class _Recorder:
     Committed when the body completed: at its last byte when its length is known
     (before the client can ask again), else at `finish` (never for an aborted body)."""
 
-    __slots__ = ("writer", "length", "done", "flight", "record")
+    __slots__ = ("writer", "length", "done", "flight", "exchange", "put")
 
     def __init__(self, writer: Writer, length: int | None, flight: Flight | None,
-                 record: RequestRecord) -> None:
+                 exchange: Exchange, put: Callable[[Entry], None | Awaitable[None]]) -> None:
         self.writer, self.length, self.done, self.flight = writer, length, False, flight
-        self.record = record
+        self.exchange, self.put = exchange, put
 
     def feed(self, chunk: bytes) -> bytes:
-        self.writer.write(chunk)
         if self.flight is not None:
-            self.flight.append(chunk)
+            self.flight.write(self.writer, chunk)  # the followers read the writer's buffer
+        else:
+            self.writer.write(chunk)
         if self.length is not None and self.writer.size >= self.length and not self.done:
             self._complete(self.writer.size == self.length)
         return chunk
@@ -85,8 +90,12 @@ class _Recorder:
 
     def _complete(self, whole: bool) -> None:
         self.done = True
-        if whole and self.writer.commit():
-            self.record.cache_stored = self.writer.size
+        entry = self.writer.commit() if whole else None
+        if entry is not None:
+            stored = self.put(entry)
+            if inspect.isawaitable(stored):  # an asyncio store: before the last bytes go
+                self.exchange.await_in_body(stored)
+            self.exchange.record.cache_stored = self.writer.size
         if self.flight is not None:
             self.flight.end(whole)
 
@@ -113,7 +122,14 @@ class Cache(Filter):
 
     # -- the request ---------------------------------------------------------------------
 
+    # Each stage is a flow (chain.Flow): a store call's awaitable, from an asyncio
+    # store, is yielded and awaited on the async face; with a sync store nothing is.
+
     def on_request(self, exchange: Exchange) -> Answer | None | Awaitable[Answer | None]:
+        STORE_FAILED.set(False)
+        return run_either(self._request(exchange))
+
+    def _request(self, exchange: Exchange) -> Flow[Answer | None]:
         incoming = exchange.incoming
         method = incoming.method
         now = time.time()
@@ -123,7 +139,7 @@ class Cache(Filter):
         exchange.record.cache = "bypass"
         if method == "PURGE":
             exchange.record.cache = "purge"
-            return self._purge(exchange, state)
+            return (yield from self._purge(exchange, state))
         if method not in ("GET", "HEAD"):
             state.mode = "bypass" if method in policy.SAFE_METHODS else "invalidate"
             state.forward = "method"
@@ -131,27 +147,30 @@ class Cache(Filter):
         headers = incoming.headers
         ranged = policy.first(headers, b"range")
         if ranged is not None:
-            return self._part(exchange, state, ranged, now)
-        entry = self._select(state, headers, now)
+            return (yield from self._part(exchange, state, ranged, now))
+        entry = yield from self._select(state, headers, now)
         if entry is None:
             self._only_if_cached(state)
             # Collapsed: plain GETs only (an authorized one is its user's, RFC 9111 3.5).
             if method == "GET" and state.forward != "request" and not (
                     {"no-cache", "no-store"} & state.request_cc.keys()) \
                     and policy.first(headers, b"authorization") is None:
-                return self._collapse(exchange, state)
+                return (yield from _io(self._collapse(exchange, state)))
             return None
-        cc = ResponseRules.of(entry.headers).cc
-        lifetime = policy.freshness_lifetime(entry.status, ResponseRules.of(entry.headers),
+        cc = _rules(entry).cc
+        lifetime = policy.freshness_lifetime(entry.status, _rules(entry),
                                              entry.date)
         age = entry.age(now)
         reuse = policy.judge(cc, lifetime, age, state.request_cc)
         if reuse.fresh or reuse.stale_ok:
-            return self._hit(exchange, entry, age, f"hit; ttl={math.floor(reuse.ttl)}")
+            return (yield from self._hit(exchange, entry, age,
+                                         f"hit; ttl={math.floor(reuse.ttl)}"))
         if reuse.swr and self.refresher is not None:
-            self._refresh(exchange, state, entry)  # RFC 5861 3: answer now, refresh behind
-            return self._hit(exchange, entry, age,
-                             f"hit; ttl={math.floor(reuse.ttl)}; fwd=stale")
+            answer = yield from self._hit(exchange, entry, age,
+                                          f"hit; ttl={math.floor(reuse.ttl)}; fwd=stale")
+            if answer is not None:  # RFC 5861 3: answer now, refresh behind
+                self._refresh(exchange, state, entry)
+            return answer
         if "only-if-cached" in state.request_cc:
             return self._only_if_cached(state)
         state.forward = "request" if "no-cache" in state.request_cc else "stale"
@@ -208,29 +227,31 @@ class Cache(Filter):
         state = exchange.state.get(Cache)
         if isinstance(state, _State):
             self._land(state)
+        if STORE_FAILED.get():
+            exchange.record.cache_store_failed = True
 
-    def _purge(self, exchange: Exchange, state: _State) -> Answer:
+    def _purge(self, exchange: Exchange, state: _State) -> Flow[Answer]:
         """PURGE: drop every stored variant of the URI (trusted peers only)."""
         if not self.may_purge(exchange.incoming.peer):
             raise ProxyError("PURGE is only accepted from trusted peers", status=405)
-        count = self.store.remove(state.key)
+        count = yield from _io(self.store.remove(state.key))
         body = json.dumps({"purged": count}).encode()
         return Answer(200 if count else 404,
                       [(b"content-type", b"application/json"),
                        (b"cache-control", b"no-store")], body)
 
     def _part(self, exchange: Exchange, state: _State, ranged: bytes,
-              now: float) -> Answer | None:
+              now: float) -> Flow[Answer | None]:
         """A Range request: one range of a usable stored whole response, else the
         request goes upstream as it is (its 206 is not stored)."""
         state.mode, state.forward = "bypass", "partial"
         headers = exchange.incoming.headers
         if exchange.incoming.method != "GET" or policy.first(headers, b"if-range") is not None:
             return None
-        entry = self._select(state, headers, now)
+        entry = yield from self._select(state, headers, now)
         if entry is None or entry.status != 200:
             return None
-        rules = ResponseRules.of(entry.headers)
+        rules = _rules(entry)
         age = entry.age(now)
         reuse = policy.judge(rules.cc, policy.freshness_lifetime(200, rules, entry.date),
                              age, state.request_cc)
@@ -238,18 +259,21 @@ class Cache(Filter):
         if not (reuse.fresh or reuse.stale_ok) or span is None:
             return None
         start, end = span
+        body = yield from _io(self.store.load(entry))
+        if body is None:
+            return None
         exchange.record.cache = "hit"
         status = f"hit; ttl={math.floor(reuse.ttl)}"
         head = [(n, v) for n, v in self._stored_head(entry, age, status)
                 if n != b"content-length"]
         head += [(b"content-range", b"bytes %d-%d/%d" % (start, end, entry.body_length())),
                  (b"content-length", b"%d" % (end - start + 1))]
-        return Answer(206, head, entry.content()[start:end + 1])
+        return Answer(206, head, bytes(body[start:end + 1]))
 
     def _select(self, state: _State, headers: list[Header] | tuple[Header, ...],
-                now: float) -> Entry | None:
+                now: float) -> Flow[Entry | None]:
         """The most recent stored variant this request selects (RFC 9111 4.1)."""
-        variants = self.store.get(state.key)
+        variants = yield from _io(self.store.get(state.key))
         if not variants:
             return None
         chosen = [e for e in variants if vary_values(headers, e.vary) == e.selected]
@@ -258,7 +282,7 @@ class Cache(Filter):
             return None
         entry = max(chosen, key=lambda e: (e.date, e.response_time))
         if policy.first(headers, b"authorization") is not None:
-            cc = ResponseRules.of(entry.headers).cc
+            cc = _rules(entry).cc
             if not ("public" in cc or "must-revalidate" in cc or "s-maxage" in cc):
                 state.forward = "request"  # RFC 9111 3.5: not for an authorized request
                 return None
@@ -270,14 +294,25 @@ class Cache(Filter):
             raise GatewayTimeout("only-if-cached: no stored response may answer")
         return None
 
-    def _hit(self, exchange: Exchange, entry: Entry, age: float, status: str) -> Answer:
-        exchange.record.cache = "stale" if "fwd=stale" in status else "hit"
+    def _hit(self, exchange: Exchange, entry: Entry, age: float,
+             status: str) -> Flow[Answer | None]:
+        """The stored response as the answer (None: its body could not be read)."""
         if policy.not_modified(exchange.incoming.headers, entry.headers, entry.date) and \
                 entry.status == 200:
             headers = [(n, v) for n, v in entry.headers if n in policy.NOT_MODIFIED_FIELDS]
             headers += [(b"age", b"%d" % int(age)), policy.cache_status(status)]
+            exchange.record.cache = "stale" if "fwd=stale" in status else "hit"
             return Answer(304, headers)
+        if not (yield from self._load(exchange, entry)):
+            return None
+        exchange.record.cache = "stale" if "fwd=stale" in status else "hit"
         return Answer(entry.status, self._stored_head(entry, age, status), entry.chunks())
+
+    def _load(self, exchange: Exchange, entry: Entry) -> Flow[bool]:
+        """Read `entry`'s body (not for a HEAD): False when the store failed."""
+        if exchange.incoming.method == "HEAD":
+            return True
+        return (yield from _io(self.store.load(entry))) is not None
 
     @staticmethod
     def _stored_head(entry: Entry, age: float, status: str) -> list[Header]:
@@ -290,71 +325,83 @@ class Cache(Filter):
 
     # -- the response ----------------------------------------------------------------------
 
-    def on_response(self, exchange: Exchange, head: ResponseHead) -> ResponseHead | None:
+    def on_response(self, exchange: Exchange, head: ResponseHead,
+                    ) -> ResponseHead | None | Awaitable[ResponseHead | None]:
+        return run_either(self._response(exchange, head))
+
+    def _response(self, exchange: Exchange, head: ResponseHead) -> Flow[ResponseHead | None]:
         state = exchange.state.get(Cache)
         if not isinstance(state, _State):
             return None
         now = time.time()
         if state.mode == "invalidate":
             if 200 <= head.status < 400:
-                self._invalidate(state.key, head.headers)
+                yield from self._invalidate(state.key, head.headers)
             return None
         if state.mode == "bypass":
             return None
         if state.entry is not None:
-            answered = self._revalidated(exchange, state, head, now)
+            answered = yield from self._revalidated(exchange, state, head, now)
             if answered is not None:
                 return answered
-        return self._miss(exchange, state, head, now)
+        return (yield from self._miss(exchange, state, head, now))
 
-    def on_error(self, exchange: Exchange, error: ProxyError) -> Answer | None:
+    def on_error(self, exchange: Exchange, error: ProxyError,
+                 ) -> Answer | None | Awaitable[Answer | None]:
+        return run_either(self._error(exchange, error))
+
+    def _error(self, exchange: Exchange, error: ProxyError) -> Flow[Answer | None]:
         """The upstream failed (no head): a stale stored answer, where its fields allow
         one when the origin cannot be reached (RFC 9111 4.2.4, RFC 5861 4)."""
         state = exchange.state.get(Cache)
         if not isinstance(state, _State) or state.entry is None or error.status < 500:
             return None
         entry = state.entry
-        rules = ResponseRules.of(entry.headers)
+        rules = _rules(entry)
         if policy.must_revalidate_when_stale(rules.cc):
             return None
         now = time.time()
         age = entry.age(now)
         ttl = policy.freshness_lifetime(entry.status, rules, entry.date) - age
         status = f"hit; ttl={math.floor(ttl)}; fwd=stale; fwd-status={error.status}"
-        return self._hit(exchange, entry, age, status)
+        return (yield from self._hit(exchange, entry, age, status))
 
-    def _invalidate(self, key: str, headers: list[Header]) -> None:
-        self.store.remove(key)
+    def _invalidate(self, key: str, headers: list[Header]) -> Flow[None]:
+        yield from _io(self.store.remove(key))
         for name in (b"location", b"content-location"):
             value = policy.first(headers, name)
             if value is not None:
                 other = same_origin_key(key, value)
                 if other is not None:
-                    self.store.remove(other)
+                    yield from _io(self.store.remove(other))
 
     def _revalidated(self, exchange: Exchange, state: _State, head: ResponseHead,
-                     now: float) -> ResponseHead | None:
+                     now: float) -> Flow[ResponseHead | None]:
         entry = state.entry
         assert entry is not None
         if state.mode == "revalidate" and head.status == 304 and \
                 policy.same_validator(head.headers, entry.headers):
             # RFC 9111 4.3.4: freshen the stored fields and times, answer from the store.
-            self._freshen(entry, state, head, now)
-            return self._from_store(exchange, entry, "fwd=stale; fwd-status=304", now)
+            yield from self._freshen(entry, state, head, now)
+            return (yield from self._from_store(exchange, entry, "fwd=stale; fwd-status=304",
+                                                now))
         if head.status >= 500:
-            cc = ResponseRules.of(entry.headers).cc
-            lifetime = policy.freshness_lifetime(entry.status, ResponseRules.of(entry.headers),
+            cc = _rules(entry).cc
+            lifetime = policy.freshness_lifetime(entry.status, _rules(entry),
                                                  entry.date)
             ttl = lifetime - entry.age(now)
             if policy.stale_if_error(cc, state.request_cc, ttl):
-                return self._from_store(exchange, entry,
-                                        f"hit; ttl={math.floor(ttl)}; fwd=stale; "
-                                        f"fwd-status={head.status}", now)
+                return (yield from self._from_store(exchange, entry,
+                                                    f"hit; ttl={math.floor(ttl)}; fwd=stale; "
+                                                    f"fwd-status={head.status}", now))
         return None
 
     def _from_store(self, exchange: Exchange, entry: Entry, status: str,
-                    now: float) -> ResponseHead:
-        """The stored response as the answer to a forwarded request."""
+                    now: float) -> Flow[ResponseHead | None]:
+        """The stored response as the answer to a forwarded request (None: its body
+        could not be read, the upstream's response goes on)."""
+        if not (yield from self._load(exchange, entry)):
+            return None
         exchange.record.cache = "stale" if status.startswith("hit") else "revalidated"
         age = entry.age(now)
         if exchange.incoming.method == "GET" and entry.status == 200 and \
@@ -396,7 +443,7 @@ class Cache(Filter):
         return entry, "", size
 
     def _miss(self, exchange: Exchange, state: _State, head: ResponseHead,
-              now: float) -> ResponseHead:
+              now: float) -> Flow[ResponseHead]:
         incoming = exchange.incoming
         entry, _, size = self._storable(incoming, state, head, now)
         detail = f"fwd={state.forward}; fwd-status={head.status}"
@@ -404,11 +451,11 @@ class Cache(Filter):
         if entry is not None:
             if head.status == 204 or not head.has_body:
                 if incoming.method == "GET":
-                    self.store.put(entry)
+                    yield from _io(self.store.put(entry))
                     detail += "; stored"
             elif exchange.transform_response(
-                    _Recorder(self.store.writer(entry), size, state.flight, exchange.record),
-                    same_length=True):
+                    _Recorder(self.store.writer(entry), size, state.flight, exchange,
+                              self.store.put), same_length=True):
                 detail += "; stored"
                 if state.flight is not None:
                     framing = [] if size is None else [(b"content-length", b"%d" % size)]
@@ -418,7 +465,7 @@ class Cache(Filter):
             state.flight.publish(None)  # nothing to share: the followers go upstream
         if entry is None and state.entry is not None and state.mode == "revalidate" \
                 and head.status < 500:
-            self.store.discard(state.entry)  # replaced by a response it may not keep
+            yield from _io(self.store.discard(state.entry))  # replaced: it may not keep it
         headers = [*head.headers, policy.cache_status(detail)]
         return ResponseHead(head.status, headers, head.has_body, head.date)
 
@@ -433,26 +480,51 @@ class Cache(Filter):
         plan = _replace_headers(plan, kept + policy.validators(entry.headers))
         incoming = exchange.incoming
 
-        def refreshed(head: ResponseHead, body: bytes) -> None:
+        def refreshed(head: ResponseHead, body: bytes) -> Flow[None]:
             now = time.time()
             if head.status == 304 and policy.same_validator(head.headers, entry.headers):
-                self._freshen(entry, state, head, now)
+                yield from self._freshen(entry, state, head, now)
                 return
             new, _, _ = self._storable(incoming, state, head, now)
             if new is not None and head.status != 304:
                 new.body = body
-                self.store.put(new)
+                yield from _io(self.store.put(new))
 
-        self.refresher.start(state.key, plan, refreshed)
+        self.refresher.start(state.key, plan, lambda head, body: run_either(refreshed(head, body)))
 
-    def _freshen(self, entry: Entry, state: _State, head: ResponseHead, now: float) -> None:
+    def _freshen(self, entry: Entry, state: _State, head: ResponseHead,
+                 now: float) -> Flow[None]:
         """RFC 9111 4.3.4: a 304's fields and times onto the stored response."""
         entry.headers = policy.freshen(entry.headers, head.headers)
         date = policy.parse_date(head.date) if head.date is not None else None
         entry.date = date if date is not None else now
         entry.request_time, entry.response_time = state.request_time, now
         entry.initial_age = policy.initial_age(head.headers, entry.date, state.request_time, now)
-        self.store.update(entry)
+        yield from _io(self.store.update(entry))
+
+    def for_sync_face(self) -> Filter:
+        """With an asyncio store (Redis), the same cache over its sync twin."""
+        store = self.store.for_sync_face()
+        if store is self.store:
+            return self
+        return Cache(store, store_set_cookie=self.store_set_cookie, may_purge=self.may_purge,
+                     refresher=self.refresher)
+
+
+def _rules(entry: Entry) -> ResponseRules:
+    """A stored response's caching rules, parsed once for each version of its fields
+    (a 304 replaces the list): a hit does not parse Cache-Control and dates again."""
+    cached = entry.rules
+    if cached is None or cached[0] is not entry.headers:
+        cached = entry.rules = (entry.headers, ResponseRules.of(entry.headers))
+    return cached[1]
+
+
+def _io(result: T | Awaitable[T]) -> Flow[T]:
+    """A store call's result: awaited (by the async face) when the store is asyncio's."""
+    if inspect.isawaitable(result):
+        return (yield result)  # type: ignore[no-any-return]
+    return result
 
 
 def _replace_headers(plan: UpstreamPlan, headers: list[Header]) -> UpstreamPlan:

@@ -4,10 +4,14 @@ The first miss for a key is the leader: its fetch becomes a `Flight` that others
 (followers) join instead of going upstream. A follower waits for the leader's head
 (at most `LOCK_TIMEOUT` seconds, as nginx's `proxy_cache_lock_timeout`), then, when
 that head may be stored and its Vary selects the follower's request too, is answered
-with it and with the body as it arrives: the chunks the leader relayed so far, then
-each new one. Otherwise (not storable, another variant, the wait ran out) the
-follower goes upstream itself. A leader whose body breaks breaks its followers'
-answers too (aborted, never ended as if complete).
+with it and with the body as it arrives: what the leader relayed so far, then
+what comes. The body is read from the leader's store writer (store.Writer, one
+buffer: never a second copy), so a flight holds no more than the object limit:
+past it (a body without Content-Length that grows too large) the followers'
+answers are aborted and the leader goes on alone. Otherwise (not storable,
+another variant, the wait ran out) the follower goes upstream itself. A leader
+whose body breaks breaks its followers' answers too (aborted, never ended as if
+complete).
 
 Waiting is a threading.Condition on the sync face (a follower holds its worker
 thread, as the leader does) and an asyncio.Event per waiter on the async face (all
@@ -24,6 +28,7 @@ from collections.abc import AsyncIterator, Iterator
 from ...errors import UpstreamBroken
 from ...headers import Header
 from .keys import VaryNames, VaryValues
+from .store import SLICE, Writer
 
 LOCK_TIMEOUT = 5.0      # the longest wait for the leader's head
 IDLE_TIMEOUT = 60.0     # the longest wait for the leader's next chunk
@@ -45,7 +50,8 @@ class Flight:
     def __init__(self) -> None:
         self.head: Head | None = None
         self.decided = False       # the head is in (usable or not)
-        self.chunks: list[bytes] = []
+        self.writer: Writer | None = None  # where the leader's body goes: read from it
+        self.size = 0              # the bytes of it followers may read
         self.done = False
         self.failed = False
         self.joined = 0
@@ -60,10 +66,25 @@ class Flight:
             self.head, self.decided = head, True
         self._wake()
 
-    def append(self, chunk: bytes) -> None:
+    def write(self, writer: Writer, chunk: bytes) -> None:
+        """The leader's next chunk, into its store writer (under the followers' lock:
+        they read its buffer)."""
         with self._cond:
-            self.chunks.append(chunk)
+            self.writer = writer
+            writer.write(chunk)
+            if writer.ok:
+                self.size = writer.size
+            elif not self.done:
+                self.failed = self.decided = True  # past the object limit: followers stop
         self._wake()
+
+    def _read(self, index: int) -> bytes:
+        """Up to a slice of the body from `index` (under the lock)."""
+        if self.writer is None or self.failed:
+            return b""
+        end = min(self.size, index + SLICE)
+        with memoryview(self.writer.buffer) as view:
+            return bytes(view[index:end])
 
     def end(self, complete: bool) -> None:
         with self._cond:
@@ -119,29 +140,29 @@ class Flight:
         while True:
             with self._cond:
                 deadline = time.monotonic() + IDLE_TIMEOUT
-                while index >= len(self.chunks) and not (self.done or self.failed):
+                while index >= self.size and not (self.done or self.failed):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                chunks = self.chunks[index:]
+                piece = self._read(index)
                 done, failed = self.done, self.failed
-            if not chunks:
-                if done:
+            if not piece:
+                if done and not failed:
                     return
                 raise UpstreamBroken("the fetch this request was collapsed into broke"
                                      if failed else "the collapsed fetch stalled")
-            index += len(chunks)
-            yield from chunks
+            index += len(piece)
+            yield piece
 
     async def abody(self) -> AsyncIterator[bytes]:
         index = 0
         while True:
-            chunks = self.chunks[index:]
-            if chunks:
-                index += len(chunks)
-                for chunk in chunks:
-                    yield chunk
+            with self._cond:
+                piece = self._read(index)
+            if piece:
+                index += len(piece)
+                yield piece
                 continue
             if self.done:
                 return

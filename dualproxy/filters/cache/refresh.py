@@ -13,6 +13,7 @@ stays until it is validated in the foreground.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 from collections.abc import Callable
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 
 error_logger = logging.getLogger("dualproxy")
 
-Apply = Callable[[ResponseHead, bytes], None]
+# What a refresh's response does to the store: an awaitable with an asyncio store.
+Apply = Callable[[ResponseHead, bytes], Any]
 
 
 class Refresher:
@@ -107,7 +109,9 @@ class Refresher:
                             return
             finally:
                 await response.aclose()
-            apply(head, body.content())
+            applied = apply(head, body.content())
+            if inspect.isawaitable(applied):
+                await applied
         except Exception as exc:
             error_logger.warning("cache: the background refresh of %s failed: %r", key, exc)
         finally:

@@ -10,13 +10,15 @@ response is never stored.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from ...headers import Header
 from .keys import VaryNames, VaryValues
@@ -27,6 +29,8 @@ DEFAULT_MAX_SIZE = 256 * 1024 * 1024
 DEFAULT_MAX_OBJECT = 64 * 1024 * 1024
 # Served in slices of this size (one send per slice, as the upstream relay does).
 SLICE = 1024 * 1024
+# A stored body: a stored miss's is the bytearray it streamed into (never copied whole).
+Body = bytes | bytearray
 
 
 @dataclass(eq=False)
@@ -43,21 +47,23 @@ class Entry:
     response_time: float
     date: float             # the Date the origin gave (else when it arrived)
     initial_age: float      # corrected_initial_age at response_time
-    body: bytes = b""
+    body: Body = b""
     size: int = field(default=0)
     # A store that reads bodies only when they answer (sqlite) sets both: the
     # body's length, and how to read it.
     length: int = -1
     loader: Callable[[], bytes] | None = None
     ref: object = None      # the store's own handle on it (sqlite: its row)
+    # Its fields' caching rules, parsed once (filter.py): (the fields parsed, the rules).
+    rules: tuple[object, Any] | None = field(default=None, repr=False)
 
     def age(self, now: float) -> float:
         return self.initial_age + max(0.0, now - self.response_time)
 
     def body_length(self) -> int:
-        return len(self.body) if self.loader is None else self.length
+        return self.length if self.length >= 0 else len(self.body)
 
-    def content(self) -> bytes:
+    def content(self) -> Body:
         """The body, read from the store now if it was not yet."""
         if self.loader is not None:
             self.body, self.loader = self.loader(), None
@@ -71,7 +77,7 @@ class Entry:
         body = self.content()
         if len(body) <= SLICE:
             if body:
-                yield body
+                yield bytes(body)
             return
         view = memoryview(body)
         for start in range(0, len(body), SLICE):
@@ -81,11 +87,13 @@ class Entry:
 class Writer:
     """A response body being stored as it streams: abandoned past `limit` bytes."""
 
-    __slots__ = ("put", "entry", "limit", "parts", "size", "ok")
+    __slots__ = ("entry", "limit", "buffer", "size", "ok")
 
-    def __init__(self, put: Callable[[Entry], None], entry: Entry, limit: int) -> None:
-        self.put, self.entry, self.limit = put, entry, limit
-        self.parts: list[bytes] = []
+    def __init__(self, entry: Entry, limit: int) -> None:
+        self.entry, self.limit = entry, limit
+        # One buffer grown in place (a large one by mremap, no copy): a body joined
+        # from its chunks at the end would need twice its size for a moment.
+        self.buffer = bytearray()
         self.size = 0
         self.ok = True
 
@@ -95,37 +103,42 @@ class Writer:
         self.size += len(chunk)
         if self.size > self.limit:
             self.ok = False
-            self.parts = []
+            self.buffer = bytearray()
             return
-        self.parts.append(bytes(chunk))
+        self.buffer += chunk
 
-    def commit(self) -> bool:
-        """The body is complete: store the entry (False: it was too large)."""
+    def commit(self) -> Entry | None:
+        """The body is complete: the entry to store (None: it was too large)."""
         if not self.ok:
-            return False
-        self.entry.body = b"".join(self.parts)
-        self.parts = []
-        self.put(self.entry)
-        return True
+            return None
+        self.entry.body = self.buffer  # never written again (followers may read it still)
+        self.ok = False
+        return self.entry
 
 
 class Store(Protocol):
-    """What the filter asks of a store (memory here, sqlite.py)."""
+    """What the filter asks of a store (memory here, sqlite.py, redis.py). A store
+    on the async face may answer each call with an awaitable (redis.py's asyncio
+    driver): the filter awaits it there (`Cache` runs its stages as flows)."""
 
     name: str
     max_object: int
 
-    def get(self, key: str) -> list[Entry]: ...
+    def get(self, key: str) -> list[Entry] | Awaitable[list[Entry]]: ...
+
+    def load(self, entry: Entry) -> Body | None | Awaitable[Body | None]: ...
 
     def writer(self, entry: Entry) -> Writer: ...
 
-    def put(self, entry: Entry) -> None: ...
+    def put(self, entry: Entry) -> None | Awaitable[None]: ...
 
-    def update(self, entry: Entry) -> None: ...
+    def update(self, entry: Entry) -> None | Awaitable[None]: ...
 
-    def remove(self, key: str) -> int: ...
+    def remove(self, key: str) -> int | Awaitable[int]: ...
 
-    def discard(self, entry: Entry) -> None: ...
+    def discard(self, entry: Entry) -> None | Awaitable[None]: ...
+
+    def for_sync_face(self) -> Store: ...
 
 
 class Bounded:
@@ -135,65 +148,94 @@ class Bounded:
     max_object = DEFAULT_MAX_OBJECT
 
     def writer(self, entry: Entry) -> Writer:
-        return Writer(self.put, entry, self.max_object)
-
-    def put(self, entry: Entry) -> None:
-        raise NotImplementedError
+        return Writer(entry, self.max_object)
 
     def fits(self, entry: Entry) -> int | None:
         """`entry`'s size (measured now), or None when it is over the object limit."""
         size = entry.measure()
         return size if size <= self.max_object else None
 
+    def load(self, entry: Entry) -> Body | None | Awaitable[Body | None]:
+        """`entry`'s body, read from the store now if it was not yet."""
+        return entry.content()
+
+    def for_sync_face(self) -> Store:
+        """The store the sync face uses in this one's place: itself, or the sync twin
+        of an asyncio store."""
+        return self  # type: ignore[return-value]
+
+
+# The store failed during the current exchange (its thread's or task's context): the
+# filter counts it (`dualproxy_cache_store_errors_total`).
+STORE_FAILED: ContextVar[bool] = ContextVar("dualproxy_cache_store_failed", default=False)
+_STEP_ASIDE = 1.0  # seconds a failed store is left alone before it is asked again
+
 
 class Guarded(Bounded):
-    """A store that steps aside when it fails: each failure is a WARNING (at most one
-    every 10 s) and the request goes on uncached, never a 5xx."""
+    """A store that steps aside when it fails: a WARNING (at most one every 10 s), the
+    request goes on uncached, never a 5xx, and the store is not asked again for a
+    second (a Redis that does not answer costs one timeout, not one per request).
+    The same guard for a sync store and an asyncio one (its awaitables are guarded)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.name = store.name
         self.max_object = store.max_object
         self._warned = 0.0
+        self._retry_at = 0.0
 
-    def _failed(self, what: str, exc: Exception) -> None:
+    def _failed(self, what: str, exc: Exception | None) -> None:
+        STORE_FAILED.set(True)
+        if exc is None:
+            return
         now = time.monotonic()
+        self._retry_at = now + _STEP_ASIDE
         if now - self._warned >= 10.0:
             self._warned = now
             error_logger.warning("cache: the %s store failed to %s (%r): requests go "
                                  "upstream uncached", self.name, what, exc)
 
-    def get(self, key: str) -> list[Entry]:
+    def _guard(self, what: str, call: Callable[[], Any], default: Any) -> Any:
+        if time.monotonic() < self._retry_at:
+            self._failed(what, None)  # stepped aside: not asked
+            return default
         try:
-            return self.store.get(key)
+            result = call()
         except Exception as exc:
-            self._failed("look up", exc)
-            return []
+            self._failed(what, exc)
+            return default
+        if inspect.isawaitable(result):
+            return self._aguard(what, result, default)
+        return result
 
-    def put(self, entry: Entry) -> None:
+    async def _aguard(self, what: str, result: Awaitable[Any], default: Any) -> Any:
         try:
-            self.store.put(entry)
+            return await result
         except Exception as exc:
-            self._failed("store", exc)
+            self._failed(what, exc)
+            return default
 
-    def update(self, entry: Entry) -> None:
-        try:
-            self.store.update(entry)
-        except Exception as exc:
-            self._failed("update", exc)
+    def get(self, key: str) -> list[Entry] | Awaitable[list[Entry]]:
+        return self._guard("look up", lambda: self.store.get(key), [])  # type: ignore[no-any-return]
 
-    def remove(self, key: str) -> int:
-        try:
-            return self.store.remove(key)
-        except Exception as exc:
-            self._failed("remove", exc)
-            return 0
+    def load(self, entry: Entry) -> Body | None | Awaitable[Body | None]:
+        return self._guard("read", lambda: self.store.load(entry), None)  # type: ignore[no-any-return]
 
-    def discard(self, entry: Entry) -> None:
-        try:
-            self.store.discard(entry)
-        except Exception as exc:
-            self._failed("remove", exc)
+    def put(self, entry: Entry) -> None | Awaitable[None]:
+        return self._guard("store", lambda: self.store.put(entry), None)  # type: ignore[no-any-return]
+
+    def update(self, entry: Entry) -> None | Awaitable[None]:
+        return self._guard("update", lambda: self.store.update(entry), None)  # type: ignore[no-any-return]
+
+    def remove(self, key: str) -> int | Awaitable[int]:
+        return self._guard("remove", lambda: self.store.remove(key), 0)  # type: ignore[no-any-return]
+
+    def discard(self, entry: Entry) -> None | Awaitable[None]:
+        return self._guard("remove", lambda: self.store.discard(entry), None)  # type: ignore[no-any-return]
+
+    def for_sync_face(self) -> Store:
+        twin = self.store.for_sync_face()
+        return self if twin is self.store else Guarded(twin)
 
 
 class MemoryStore(Bounded):
