@@ -23,15 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.run import (  # noqa: E402
-    PY,
-    Upstream,
-    _on_signal,
-    free_port,
-    start,
-    stop_all,
-    wait_http,
-)
+from bench import run  # noqa: E402
 
 
 def main() -> None:
@@ -42,18 +34,18 @@ def main() -> None:
     parser.add_argument("--path", default="/small")
     opts, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
-    atexit.register(stop_all)
-    signal.signal(signal.SIGTERM, _on_signal)
+    atexit.register(run.stop_all)
+    signal.signal(signal.SIGTERM, run._on_signal)
     work = Path(tempfile.mkdtemp(prefix="dualproxy-ab-"))
-    upstream = Upstream(work, {"small": 2})
+    upstream = run.Upstream(work, {"small": 2})
     ports = {}
     for i, tree in enumerate(opts.tree):
-        port = free_port()
-        proc = start([PY, "-m", "dualproxy", "serve", "--upstream", upstream.url, "--bind",
+        port = run.free_port()
+        proc = run.start([run.PY, "-m", "dualproxy", "serve", "--upstream", upstream.url, "--bind",
                       f"127.0.0.1:{port}", "--no-access-log", "--log-level", "warning", *extra],
                      env={"PYTHONPATH": str(tree.resolve())}, log=work / f"{i}.log",
                      cwd=tree.resolve())
-        if not wait_http(f"http://127.0.0.1:{port}{opts.path}", proc=proc):
+        if not run.wait_http(f"http://127.0.0.1:{port}{opts.path}", proc=proc):
             raise SystemExit(f"{tree}: the proxy did not start")
         ports[i] = port
     rates: dict[int, list[float]] = {i: [] for i in ports}
