@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from ..core import ResponseHead, UpstreamPlan
 from ..errors import InvalidHead, ProxyError, TransformFailed
 from ..headers import Header
-from ..wire import WireError, field_problem, fields_ok, head_problem
+from ..wire import WireError, field_problem, head_problem
 from .base import Answer, Attempt, BodyTransform, Exchange, Filter, async_stages, overrides
 from .codings import decoder
 
@@ -266,16 +266,17 @@ def _answered(exchange: Exchange, index: int, flt: Filter, result: Any, stage: s
 class _Known:
     """The fields of one head known to be writable, by identity: after a filter only
     the fields it added or replaced are checked (wire.field_problem), not every
-    field after every filter. Sound because a known field is an exact-bytes pair (a
-    tuple of immutables: it cannot become unwritable) and is held here (its id
-    cannot be reused by a new field while this lives)."""
+    field after every filter. Sound because a known field is a tuple of bytes (it
+    cannot become unwritable) held here (its id cannot be reused by a new field
+    while this lives)."""
 
     __slots__ = ("fields",)
 
     def __init__(self, headers: list[Header]) -> None:
         self.fields: dict[int, Header] = {}
-        if isinstance(headers, list) and fields_ok(headers):  # else: nothing known
-            self.fields = {id(field): field for field in headers}
+        if isinstance(headers, list) and field_problem(headers) is None:
+            self.fields = {id(field): field for field in headers
+                           if field.__class__ is tuple}  # else: checked after each filter
 
     def problem(self, headers: list[Header]) -> WireError | None:
         fields = self.fields
@@ -283,8 +284,8 @@ class _Known:
         if not fresh:
             return None
         problem = field_problem(fresh)
-        if problem is None and fields_ok(fresh):  # exact bytes only (see fields_ok)
-            fields.update((id(field), field) for field in fresh)
+        if problem is None:
+            fields.update((id(field), field) for field in fresh if field.__class__ is tuple)
         return problem
 
 
