@@ -138,7 +138,6 @@ class Chain:
     def request(self, exchange: Exchange) -> Flow[Answer | None]:
         """Run `on_request` in order; an `Answer` stops the chain there. The plan a
         filter leaves must be writable (InvalidHead, a 502 naming it, otherwise)."""
-        known = _Known(exchange.plan.headers if exchange.plan is not None else [])
         for index, flt in self._request:
             result = flt.on_request(exchange)
             if inspect.isawaitable(result):
@@ -146,7 +145,7 @@ class Chain:
             if _answered(exchange, index, flt, result, "on_request"):
                 return result
             # Checked even when the same plan object stays: its header list is mutable.
-            _check_plan(flt, exchange.plan, known)
+            _check_plan(flt, exchange.plan)
         return None
 
     # -- each try of the upstream ----------------------------------------------------------
@@ -160,12 +159,11 @@ class Chain:
     def attempt(self, exchange: Exchange, attempt: Attempt) -> Flow[None]:
         """Run `on_attempt` in order, before a try; the plan a filter leaves is
         checked as after `on_request`."""
-        known = _Known(exchange.plan.headers if exchange.plan is not None else [])
         for flt in self._attempt:
             result = flt.on_attempt(exchange, attempt)
             if inspect.isawaitable(result):
                 yield result
-            _check_plan(flt, exchange.plan, known)
+            _check_plan(flt, exchange.plan)
 
     def attempt_end(self, exchange: Exchange, attempt: Attempt) -> Flow[None]:
         """Run `on_attempt_end` from the innermost filter out, after a try."""
@@ -181,7 +179,6 @@ class Chain:
         one that answered, when one did), then fix the framing up."""
         answered = exchange.state.get(_ANSWERED)
         upstream_framing = _framing(head)
-        known = _Known(head.headers)
         exchange.head = head
         for index, flt in self._response:
             if answered is not None and index >= answered:
@@ -196,7 +193,7 @@ class Chain:
                 raise TypeError(f"filter {flt.label()!r}: on_response returned "
                                 f"{type(result).__name__}, expected a ResponseHead or None")
             result = _fix_framing(exchange, result)
-            problem = known.problem(result.headers) or _framing_problem(
+            problem = field_problem(result.headers) or _framing_problem(
                 exchange, result, upstream_framing)
             if problem is not None:
                 raise InvalidHead(problem, flt.label())
@@ -263,38 +260,12 @@ def _answered(exchange: Exchange, index: int, flt: Filter, result: Any, stage: s
     return False
 
 
-class _Known:
-    """The fields of one head known to be writable, by identity: after a filter only
-    the fields it added or replaced are checked (wire.field_problem), not every
-    field after every filter. Sound because a known field is a tuple of bytes (it
-    cannot become unwritable) held here (its id cannot be reused by a new field
-    while this lives)."""
-
-    __slots__ = ("fields",)
-
-    def __init__(self, headers: list[Header]) -> None:
-        self.fields: dict[int, Header] = {}
-        if isinstance(headers, list) and field_problem(headers) is None:
-            self.fields = {id(field): field for field in headers
-                           if field.__class__ is tuple}  # else: checked after each filter
-
-    def problem(self, headers: list[Header]) -> WireError | None:
-        fields = self.fields
-        fresh = [field for field in headers if id(field) not in fields]
-        if not fresh:
-            return None
-        problem = field_problem(fresh)
-        if problem is None:
-            fields.update((id(field), field) for field in fresh if field.__class__ is tuple)
-        return problem
-
-
-def _check_plan(flt: Filter, plan: UpstreamPlan | None, known: _Known) -> None:
+def _check_plan(flt: Filter, plan: UpstreamPlan | None) -> None:
     if not isinstance(plan, UpstreamPlan):
         raise TypeError(f"filter {flt.label()!r} left exchange.plan as "
                         f"{type(plan).__name__}, expected an UpstreamPlan")
     method = plan.method.encode("latin-1", "replace") if isinstance(plan.method, str) else b""
-    problem = head_problem(plan.target, (), method) or known.problem(plan.headers)
+    problem = head_problem(plan.target, plan.headers, method)
     if problem is not None:
         raise InvalidHead(problem, flt.label())
 
