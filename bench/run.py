@@ -521,6 +521,19 @@ class Contestant:
     env: tuple[tuple[str, str], ...] = ()  # more environment for its process
 
 
+# (face, server) of the pairings besides the defaults (dp-asgi: uvicorn, dp-wsgi: gunicorn).
+OTHER_PAIRINGS = (("asgi", "granian"), ("wsgi", "granian"), ("wsgi", "uvicorn"),
+                  ("asgi", "gunicorn"))
+# Each pairing's row, and the ceiling of the server as that pairing runs it: the WSGI face
+# on uvicorn and granian goes through the a2wsgi bridge on their ASGI interface, the ASGI
+# face on gunicorn runs in uvicorn's worker; so those compare with the ASGI hello world.
+PAIRING_ROWS = {"asgi-uvicorn": ("dp-asgi", "ceiling-uvicorn"),
+                "wsgi-gunicorn": ("dp-wsgi", "ceiling-gunicorn"),
+                "wsgi-uvicorn": ("dp-wsgi-uvicorn", "ceiling-uvicorn"),
+                "asgi-gunicorn": ("dp-asgi-gunicorn", "ceiling-uvicorn"),
+                "asgi-granian": ("dp-asgi-granian", "ceiling-granian-asgi"),
+                "wsgi-granian": ("dp-wsgi-granian", "ceiling-granian-asgi")}
+
 HEADER_FILTERS = ("--request-id", "--header-up", "X-Real-IP: {client}",
                   "--header-up=-Cookie", "--header-down", "+Cache-Control: no-store")
 
@@ -542,6 +555,12 @@ def contestants(upstream: str, baseline: Path | None = None,
                              "--loop", "uvloop", "--http", "httptools", "--no-access-log",
                              "--log-level", "warning", app]
 
+    def granian(interface: str) -> Callable[[int], list[str]]:
+        return lambda port: [PY, "-m", "granian", "--interface", interface, "--host",
+                             "127.0.0.1", "--port", str(port), "--workers", "1", "--http", "1",
+                             "--no-ws", "--log-level", "warning", f"bench.contestants.hello:"
+                             f"{interface}"]
+
     return [
         Contestant("direct", "no proxy (straight to the upstream)", "-", lambda port: [],
                    direct=True),
@@ -550,6 +569,9 @@ def contestants(upstream: str, baseline: Path | None = None,
                    uvicorn("bench.contestants.hello:asgi"), small_only=True),
         Contestant("ceiling-gunicorn", "gunicorn gthread alone (hello world)", "-",
                    gunicorn("bench.contestants.hello:wsgi"), small_only=True),
+        *(Contestant(f"ceiling-granian-{interface}",
+                     f"granian {interface.upper()} alone (hello world)", "-",
+                     granian(interface), small_only=True) for interface in ("asgi", "wsgi")),
         Contestant("dp-asgi", "dualproxy asgi (uvicorn)", "asgi", dp(), dualproxy=True),
         Contestant("dp-asgi-log", "dualproxy asgi (uvicorn), access log on", "asgi",
                    dp(access_log=True), dualproxy=True, paired=dp()),
@@ -558,6 +580,10 @@ def contestants(upstream: str, baseline: Path | None = None,
         Contestant("dp-wsgi-log", "dualproxy wsgi (gunicorn), access log on", "wsgi",
                    dp("--adapter", "wsgi", access_log=True), dualproxy=True,
                    paired=dp("--adapter", "wsgi")),
+        # The other four face x server pairings (dp-asgi and dp-wsgi are the defaults).
+        *(Contestant(f"dp-{face}-{server}", f"dualproxy {face} ({server})", face,
+                     dp("--adapter", face, "--server", server), dualproxy=True)
+          for face, server in OTHER_PAIRINGS),
         *(Contestant(f"dp-{face}-compress", f"dualproxy {face}, --compress, 64 KiB JSON",
                      face, dp(*adapter, "--compress"), dualproxy=True, paired=dp(*adapter),
                      path=f"/{DOCUMENT}", headers=(ACCEPT_ENCODING,))
@@ -955,6 +981,7 @@ def ratios(by: dict[str, Result], size_label: str) -> tuple[list[str], dict[str,
         scale = ratio(two, one)
         doc.setdefault(face, {})["scaling_2w_over_1w"] = scale
         lines.append(f"{face}: 2 workers / 1 worker small-GET req/s = {fmt(scale, '.2f')}")
+    lines += ["", *pairing_table(by, size_label, doc)]
     for face in ("asgi", "wsgi"):
         r = by.get(f"dp-{face}")
         if r is not None and r.idle_rss_mb is not None:
@@ -962,6 +989,32 @@ def ratios(by: dict[str, Result], size_label: str) -> tuple[list[str], dict[str,
                          f"{size_label}: {fmt(r.big_peak_over_idle_mb, '.1f')} MB, 1 GiB each way: "
                          f"{fmt(r.gib_peak_over_idle_mb, '.1f')} MB")
     return lines, doc
+
+
+def pairing_table(by: dict[str, Result], size_label: str, doc: dict[str, Any]) -> list[str]:
+    """The six face x server pairings side by side: each against its server's hello world
+    (small GETs) and against no proxy at all (transfers)."""
+    direct = by.get("direct")
+    lines = [f"the pairings (÷ ceiling: of the server's hello world as the pairing runs it; "
+             f"÷ direct: of {size_label} straight from the upstream):", "",
+             "| pairing | small GET req/s | p99 ms | ÷ ceiling | down MB/s | ÷ direct "
+             "| up MB/s | ÷ direct |", "|---|---|---|---|---|---|---|---|"]
+    for pairing, (key, ceiling) in PAIRING_ROWS.items():
+        r = by.get(key)
+        if r is None:
+            continue
+        rps, up, down = value(r, "rps"), value(r, "up_mbs"), value(r, "down_mbs")
+        of_ceiling = ratio(rps, value(by.get(ceiling), "rps"))
+        down_direct, up_direct = ratio(down, value(direct, "down_mbs")), \
+            ratio(up, value(direct, "up_mbs"))
+        doc.setdefault("pairings", {})[pairing] = {
+            "key": key, "rps": rps, "p99_ms": value(r, "p99_ms"), "of_ceiling": of_ceiling,
+            "ceiling": ceiling, "down_mbs": down, "down_of_direct": down_direct,
+            "up_mbs": up, "up_of_direct": up_direct}
+        lines.append(f"| {pairing} | {fmt(rps)} | {fmt(value(r, 'p99_ms'), '.1f')} | "
+                     f"{fmt(of_ceiling, '.0%')} ({ceiling}) | {fmt(down)} | "
+                     f"{fmt(down_direct, '.0%')} | {fmt(up)} | {fmt(up_direct, '.0%')} |")
+    return lines
 
 
 def before_after(by: dict[str, Result], size_label: str) -> list[str]:
@@ -988,11 +1041,13 @@ def targets(by: dict[str, Result], quick: bool,
     """(target, PASS/FAIL/n/a: why)."""
     out: list[tuple[str, str]] = []
 
-    def check(name: str, a: float | None, b: float | None, factor: float) -> None:
+    def check(name: str, a: float | None, b: float | None, factor: float,
+              above: bool = False) -> None:
         if a is None or b is None:
             out.append((name, "n/a (a figure is missing)"))
         else:
-            out.append((name, f"{'PASS' if a >= factor * b else 'FAIL'} "
+            passed = a > factor * b if above else a >= factor * b
+            out.append((name, f"{'PASS' if passed else 'FAIL'} "
                               f"({a:,.1f} vs {factor:g} × {b:,.1f})"))
 
     def rps(key: str) -> float | None:
@@ -1035,6 +1090,20 @@ def targets(by: dict[str, Result], quick: bool,
               cached.off_rps, 2)
         check(f"{face} {size_label} cache hit >= uncached MB/s", cached.down_mbs,
               cached.off_down_mbs, 1)
+    # Issue 22: granian, and every pairing against its ceiling and against no proxy.
+    check("wsgi-granian >= 2x wsgi-gunicorn req/s", rps("dp-wsgi-granian"), rps("dp-wsgi"), 2)
+    check("asgi-granian > asgi-uvicorn req/s", rps("dp-asgi-granian"), rps("dp-asgi"), 1,
+          above=True)
+    check("asgi-uvicorn >= 25% of uvicorn's hello world req/s", rps("dp-asgi"),
+          rps("ceiling-uvicorn"), 0.25)
+    check("asgi-granian >= 20% of granian's hello world req/s", rps("dp-asgi-granian"),
+          rps("ceiling-granian-asgi"), 0.2)
+    for pairing, (key, _) in PAIRING_ROWS.items():
+        if key not in by:
+            continue
+        for label, attr in (("down", "down_mbs"), ("up", "up_mbs")):
+            check(f"{pairing} {size_label} {label} >= 60% of direct MB/s",
+                  value(by.get(key), attr), value(by.get("direct"), attr), 0.6)
     return out
 
 
@@ -1221,13 +1290,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="3 s loads and 16 MiB transfers, no 1 GiB memory check")
     parser.add_argument("--only", nargs="+", action="extend", default=[], metavar="NAME",
-                        help="only contestants with this key (direct, ceiling-uvicorn, "
-                             "ceiling-gunicorn, dp-asgi, dp-asgi-log, dp-wsgi, dp-wsgi-log, "
-                             "dp-asgi-compress, dp-wsgi-compress, dp-asgi-hdr, dp-wsgi-hdr, "
-                             "dp-asgi-trace, dp-wsgi-trace, dp-asgi-cache, dp-wsgi-cache, "
-                             "seed, fpl, twin, werkzeug, dp-asgi-pool, "
-                             "dp-wsgi-pool, dp-asgi-2w, "
-                             "dp-wsgi-2w, and with "
+                        help=f"only contestants with this key ("
+                             f"{', '.join(c.key for c in contestants('UPSTREAM'))}, and with "
                              "--baseline-tree dp-asgi-before, dp-wsgi-before) or name part")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
                         help="where latest.json and latest.png go")

@@ -99,10 +99,11 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                           functools.partial(_send_via, client, transport))
 
     async def aclose(self) -> None:
-        """Close the client if this proxy created it."""
+        """Close the client if this proxy created it, and what the filters hold."""
         client = self._detach_client()
         if client is not None:
             await client.aclose()
+        await self.chain.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

@@ -9,16 +9,27 @@ the first, and sets the `dualproxy.client_gone` event for the second: watched
 from the end of the request body on (so a wait for the upstream's head ends
 too), or from the response's start when the upstream answered before the
 upload ended (the rest of the body is then never read: dropped here).
+
+Two parts of a2wsgi are replaced for speed, behaviour kept: its responder waited
+for the event loop on every message the WSGI thread sent (a round trip through
+`run_coroutine_threadsafe` for the head, each chunk and the end), here the
+thread posts them and waits only when more than `SEND_WINDOW` bytes are still
+unsent; and the request body has a direct reader (body_input.py) that hands
+over each received message as it comes instead of gathering `read(n)`'s n bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
+from collections import deque
 from typing import Any, cast
 
 from a2wsgi import WSGIMiddleware
+from a2wsgi.wsgi import Body, build_environ
 
+from . import body_input
 from .core import client_stalled
 from .drain import absorb_cancel
 from .errors import RESPONSE_ABORTED, ClientDisconnected, UpstreamBroken
@@ -38,7 +49,8 @@ class WSGIBridge:
     def __init__(self, app: WSGIApp, *, threads: int = 32,
                  websocket: ASGIApp | None = None) -> None:
         self.app = app
-        self._inner = cast(ASGIApp, WSGIMiddleware(self._wsgi, workers=threads))  # type: ignore[arg-type]
+        self._middleware = WSGIMiddleware(self._wsgi, workers=threads)  # type: ignore[arg-type]
+        self._inner = cast(ASGIApp, self._middleware)
         if websocket is None and isinstance(app, SyncProxy):
             websocket = async_twin(app)
         elif websocket is None and isinstance(app, SyncRouter):
@@ -103,18 +115,23 @@ class WSGIBridge:
                 watcher = asyncio.ensure_future(watch())
             return message
 
+        # No framing header, no body: nothing to read ahead (wsgi.input is empty).
+        body = (_ReadAhead(guarded_receive, receive, gone, lambda: watcher is not None)
+                if has_body else None)
+
         async def watching_send(message: Message) -> None:
             nonlocal watcher
             if watcher is None and message["type"] == "http.response.start":
                 # The app answers, so it reads no more of the body (the WSGI face
-                # reads none after the upstream's head): receive() is free to watch.
-                watcher = asyncio.ensure_future(watch())
+                # reads none after the upstream's head): receive() is free to watch,
+                # or the body's reader, if it runs, watches from now on.
+                watcher = (body and body.watch()) or asyncio.ensure_future(watch())
             await send(message)
 
         if not has_body:
             watcher = asyncio.ensure_future(watch())
         try:
-            await self._inner(scope, guarded_receive, watching_send)
+            await _Responder(self._wsgi, self._middleware.executor)(scope, body, watching_send)
         except (UpstreamBroken, ClientDisconnected):
             # Returning without completing the response makes the server drop
             # the connection: the client never sees a cut body as complete.
@@ -126,3 +143,326 @@ class WSGIBridge:
         finally:
             if watcher is not None:
                 watcher.cancel()
+            if body is not None:
+                body.stop()
+
+
+# The most body bytes the WSGI thread gets ahead of the client (a2wsgi: 10 messages).
+SEND_WINDOW = 1 << 20
+_END = None  # what the thread posts last, after the response or its failure
+
+
+class _Responder:
+    """a2wsgi's responder (WSGIResponder), with the WSGI thread's messages posted to the loop, not
+    waited for one by one: the thread appends to `_posted` and wakes the loop
+    (once for all it posts before the loop runs); it waits only while more than
+    SEND_WINDOW body bytes are unsent. The loop sends them in order, a last chunk
+    and the end of the body as one message. Once the loop gives up (the send
+    failed, the request was cancelled) the thread's next send raises
+    ClientDisconnected, so its iteration stops and the response is closed."""
+
+    def __init__(self, app: WSGIApp, executor: Any) -> None:
+        self.app = app
+        self.executor = executor
+        self.loop = asyncio.get_running_loop()
+        self.response_started = False
+        self.exc_info: Any = None
+        self._posted: deque[Message | None] = deque()
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._unsent = 0  # body bytes posted and not yet sent
+        self._woken = False  # a wake-up is on its way to the loop
+        self._stopped = False
+        self._ready = asyncio.Event()
+
+    async def __call__(self, scope: Scope, body: _ReadAhead | None, send: Send) -> None:
+        environ: Environ = cast(Any, build_environ(cast(Any, scope), _BridgeBody(body)))
+        done = self.loop.run_in_executor(
+            self.executor, contextvars.copy_context().run, self.wsgi, environ)
+        try:
+            await self._relay(send)
+        except asyncio.CancelledError:
+            self._stop()
+            done.add_done_callback(_retrieve)  # the thread ends at its next send
+            raise
+        except BaseException:
+            # As a2wsgi: the send's failure is raised once the thread is over.
+            self._stop()
+            try:
+                await done
+            except BaseException:
+                pass
+            raise
+        await done
+        if self.exc_info is not None:
+            raise self.exc_info[0].with_traceback(self.exc_info[1], self.exc_info[2])
+
+    async def _relay(self, send: Send) -> None:
+        """Send what the thread posts, in order, until its end."""
+        ready, posted = self._ready, self._posted
+        while True:
+            await ready.wait()
+            ready.clear()
+            with self._lock:
+                batch = list(posted)
+                posted.clear()
+                self._woken = False
+            sent = 0
+            last = len(batch) - 1
+            for i, message in enumerate(batch):
+                if message is _END:
+                    return
+                if message is _FOLDED:
+                    continue
+                if i < last and message.get("more_body") and batch[i + 1] == _LAST:
+                    message = {"type": "http.response.body", "body": message["body"]}
+                    batch[i + 1] = _FOLDED
+                await send(message)
+                sent += len(message.get("body", b""))
+            if sent:
+                with self._lock:
+                    self._unsent -= sent
+                    self._room.notify()
+
+    def _post(self, message: Message | None) -> None:
+        with self._lock:
+            if self._stopped and message is not _END:
+                raise ClientDisconnected("the client went away")
+            self._posted.append(message)
+            wake, self._woken = not self._woken, True
+            if message is not None:
+                self._unsent += len(message.get("body", b""))
+        if wake:
+            try:
+                self.loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:  # the loop is closed: nobody to send to
+                self._stopped = True
+        if self._unsent > SEND_WINDOW:
+            with self._room:
+                while self._unsent > SEND_WINDOW and not self._stopped:
+                    self._room.wait()
+
+    def _stop(self) -> None:
+        with self._room:
+            self._stopped = True
+            self._room.notify()
+
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: Any = None) -> Any:
+        """a2wsgi's: the head is posted at once; `exc_info` is raised at the end."""
+        self.exc_info = exc_info
+        if not self.response_started:
+            self.response_started = True
+            self._post({"type": "http.response.start", "status": int(status.split(" ", 1)[0]),
+                        "headers": [(name.strip().encode("latin-1").lower(),
+                                     value.strip().encode("latin-1"))
+                                    for name, value in headers]})
+        return lambda chunk: self._post(
+            {"type": "http.response.body", "body": chunk, "more_body": True})
+
+    def wsgi(self, environ: Environ) -> None:
+        try:
+            iterable = self.app(environ, self.start_response)
+            try:
+                for chunk in iterable:
+                    self._post({"type": "http.response.body", "body": chunk, "more_body": True})
+                self._post({"type": "http.response.body", "body": b""})
+            finally:
+                getattr(iterable, "close", lambda: None)()
+        finally:
+            self._post(_END)
+
+
+_LAST: Message = {"type": "http.response.body", "body": b""}  # the end of a body
+_FOLDED: Any = object()  # a message sent with the one before it
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # the thread's failure after the client left: nobody to tell
+
+
+# How far the bridge reads a request body ahead of the WSGI thread's reads.
+READ_WINDOW = 1 << 20
+
+
+class _ReadAhead:
+    """A request body received on the loop ahead of the WSGI thread's reads.
+
+    a2wsgi's body took each ASGI message with a round trip from the thread to
+    the loop. Here the thread's first read starts a reader on the loop, which
+    receives messages (through the bridge's `guarded_receive`: its client
+    timeout, its cut, its watch from the end of the body on) into a buffer up
+    to READ_WINDOW bytes ahead; the thread takes what is there and waits only
+    when nothing is. A body nobody reads is never read. Once the response
+    starts the reader, if it runs, only watches for the client's disconnect
+    (`watch`), as the bridge's watcher would.
+    """
+
+    def __init__(self, guarded: Receive, receive: Receive, gone: threading.Event,
+                 watched: Any) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.guarded, self.receive, self.gone, self.watched = guarded, receive, gone, watched
+        self.cond = threading.Condition(threading.Lock())
+        self.pieces: deque[bytes] = deque()
+        self.size = 0  # bytes in `pieces`
+        self.ended = False
+        self.error: BaseException | None = None
+        self.started = False
+        self.task: asyncio.Task[None] | None = None
+        self.watching = False
+        self.full = False  # the reader waits for `room`
+        self.room = asyncio.Event()
+
+    # -- the WSGI thread --
+
+    def take(self, size: int) -> bytes:
+        """Up to `size` bytes, waiting for some; b"" at the end; the reader's error."""
+        with self.cond:
+            if not self.started:
+                self.started = True
+                self.loop.call_soon_threadsafe(self._start)
+            while not self.pieces and not self.ended and self.error is None:
+                self.cond.wait()
+            pieces = self.pieces
+            if not pieces:
+                if self.error is not None:
+                    raise self.error
+                return b""
+            data = pieces.popleft()
+            if len(data) > size:
+                pieces.appendleft(data[size:])
+                data = data[:size]
+            elif pieces and len(data) + len(pieces[0]) <= size:
+                taken, length = [data], len(data)
+                while pieces and length + len(pieces[0]) <= size:
+                    taken.append(pieces.popleft())
+                    length += len(taken[-1])
+                data = b"".join(taken)
+            self.size -= len(data)
+            wake = self.full and self.size <= READ_WINDOW // 2
+            if wake:
+                self.full = False
+        if wake:
+            self.loop.call_soon_threadsafe(self.room.set)
+        return data
+
+    # -- the loop --
+
+    def _start(self) -> None:
+        if self.watched():
+            # The response started before the first read (the WSGI face never does
+            # that): the body is over for the app, as `guarded_receive` says then.
+            with self.cond:
+                if self.gone.is_set():
+                    self.error = ClientDisconnected("client went away")
+                self.ended = True
+                self.cond.notify()
+            return
+        self.task = self.loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self.watching:
+            if self.full:
+                await self.room.wait()
+                self.room.clear()
+                continue
+            try:
+                message = await self.guarded()
+            except Exception as exc:  # the client left, stalled, or the drain cut it
+                with self.cond:
+                    self.error = exc
+                    self.cond.notify()
+                return
+            data = message.get("body", b"")
+            more = message.get("more_body", False)
+            with self.cond:
+                if data:
+                    self.pieces.append(data)
+                    self.size += len(data)
+                    self.full = self.size > READ_WINDOW
+                if not more:
+                    self.ended = True
+                self.cond.notify()
+            if not more:
+                return  # `guarded_receive` started the bridge's watcher
+        while True:  # the response started: watch, as the bridge's watcher does
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.gone.set()
+                return
+
+    def watch(self) -> asyncio.Task[None] | None:
+        """Make the running reader the bridge's watcher (the response starts): it
+        reads no more body for the app, only waits for a disconnect. None: no reader runs."""
+        task = self.task
+        if task is None or task.done():
+            return None
+        self.watching = True
+        self.room.set()
+        return task
+
+    def stop(self) -> None:
+        """The exchange is over: the reader stops; a thread still reading is told."""
+        if self.task is not None:
+            self.task.cancel()
+        with self.cond:
+            if self.error is None and not self.ended:
+                self.error = ClientDisconnected("the exchange ended")
+            self.cond.notify()
+
+
+class _BridgeBody(Body):
+    """a2wsgi's request body (`wsgi.input`), fed by the bridge's read-ahead."""
+
+    def __init__(self, source: _ReadAhead | None) -> None:
+        self.buffer = bytearray()
+        self.source = source
+        self._has_more = source is not None
+
+    def take(self, size: int) -> bytes:
+        """Up to `size` received bytes past the buffer, waiting for some; b"" at the end."""
+        if self.source is None or not self._has_more:
+            return b""
+        data = self.source.take(size)
+        self._has_more = bool(data)
+        return data
+
+    def _receive_more_data(self) -> bytes:
+        return self.take(READ_WINDOW)
+
+
+class _DirectBody:
+    """The bridge's request body read as it arrives (body_input.BodyInput): each
+    `read` returns what was received, at most `size` bytes; it never waits to
+    gather `size` bytes as `wsgi.input.read` does."""
+
+    __slots__ = ("body",)
+    direct_read = READ_WINDOW
+
+    def __init__(self, body: _BridgeBody) -> None:
+        self.body = body
+
+    def read(self, size: int) -> bytes:
+        body = self.body
+        buffer = body.buffer
+        if not buffer:
+            return body.take(size)
+        data = bytes(buffer[:size])
+        del buffer[:size]
+        return data
+
+
+class _BridgeSource:
+    """The bridge's offer to the WSGI face (body_input.BodySource)."""
+
+    @staticmethod
+    def recognise(stream: Any) -> _DirectBody | None:
+        return _DirectBody(stream) if type(stream) is _BridgeBody else None
+
+    @staticmethod
+    def client_left(exc: BaseException) -> bool:
+        return False  # the bridge raises ClientDisconnected itself
+
+
+body_input.register(_BridgeSource())

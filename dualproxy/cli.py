@@ -320,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "OTEL_TRACES_SAMPLER); a --trusted-proxy's traceparent is continued "
                             "(default: off; needs the `tracing` extra)")
     serve.add_argument("--tracing-new-traces", action="store_true",
-                       help="with --tracing, start a new trace for every request, even under "
-                            "a trusted proxy's traceparent (default: continue a trusted one)")
+                       help="with --tracing, start a new trace for every request (default: "
+                            "off: a trusted proxy's traceparent is continued)")
     serve.add_argument("--no-forwarded-prefix", action="store_true",
                        help="do not send the mount upstream as X-Forwarded-Prefix (default: "
                             "sent whenever --mount strips a prefix, appended to a trusted "

@@ -23,7 +23,7 @@ import select
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 # What the servers get beyond the deadline: time to send close frames and log.
 SLACK = 1.0
@@ -33,6 +33,14 @@ log = logging.getLogger("dualproxy")
 
 class Cuttable(Protocol):
     def cut(self) -> None: ...
+
+
+@runtime_checkable
+class Upgraded(Cuttable, Protocol):
+    """An exchange on a connection the server handed over (a WebSocket session):
+    `ended` is done once it has closed both sides."""
+
+    ended: asyncio.Future[None]
 
 
 class Drain:
@@ -130,9 +138,20 @@ class Drain:
         if self.timeout is not None:
             self._inflight.pop(id(exchange), None)
 
+    def cut_upgraded(self) -> list[Upgraded]:
+        """Cut the registered upgraded exchanges (WebSocket sessions) now, before the
+        deadline, and return them: for a server that cannot keep them until then
+        (granian, whose stop ends them at once). The rest keep draining."""
+        chosen = [exchange for exchange in list(self._inflight.values())
+                  if isinstance(exchange, Upgraded)]
+        for exchange in chosen:
+            if self._inflight.pop(id(exchange), None) is not None:
+                self._cut(exchange)
+        return chosen
+
     def wake_fd(self) -> int:
         """A file descriptor that is readable from the deadline on (one pipe per process)."""
-        if self._pid != os.getpid():
+        if self._pid != _PROCESS[0]:
             self._start()
         assert self._wake is not None
         return self._wake[0]
@@ -160,6 +179,10 @@ class Drain:
 
 
 DRAIN = Drain()
+# This process's id for `wake_fd`, asked for by every WSGI request: getpid is a
+# system call, so the id is kept here and renewed in a forked child.
+_PROCESS = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PROCESS.__setitem__(0, os.getpid()))
 
 
 def call_in_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:

@@ -199,6 +199,12 @@ class RequestRecord:
         self.upstream_at = time.perf_counter()
         self.status = status
 
+    def closed(self, has_body: bool) -> None:
+        """The server closed the response: one it closed with body still to send
+        (not broken by the upstream) was left by its client."""
+        if has_body and not self.responded and not self.broken:
+            self.client_gone = True
+
     def upstream_broke(self, exc: BaseException) -> None:
         """The upstream failed after the head was sent: the client connection is aborted."""
         self.broken = describe(exc)

@@ -58,22 +58,40 @@ CLIENT_GONE_KEY = "dualproxy.client_gone"
 CLIENT_TIMEOUT_KEY = "dualproxy.client_timeout"
 
 
+def _header_name(key: str) -> bytes | None:
+    """The header name an environ key stands for (`HTTP_USER_AGENT`: b"user-agent"),
+    None for a key that is no header."""
+    if key.startswith("HTTP_"):
+        return key[5:].lower().replace("_", "-").encode("latin-1")
+    if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        return key.lower().replace("_", "-").encode("latin-1")
+    return None
+
+
+# environ key -> _header_name(key), for the keys seen so far (the same few dozen on
+# every request); bounded, as the keys come from the clients' header names.
+_HEADER_NAMES: dict[str, bytes | None] = {}
+_HEADER_NAMES_MAX = 1024
+_CONTENT_KEYS = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
+
+
 def _environ_headers(environ: Environ) -> list[tuple[bytes, bytes]]:
     scope = environ.get("asgi.scope")
     if isinstance(scope, dict) and "headers" in scope:
         # Under a2wsgi the ASGI scope still has the exact header list.
         return list(scope["headers"])
     headers: list[tuple[bytes, bytes]] = []
+    names = _HEADER_NAMES
     for key, value in environ.items():
-        if key.startswith("HTTP_"):
-            name = key[5:].lower().replace("_", "-")
-        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            if not value:
-                continue
-            name = key.lower().replace("_", "-")
-        else:
+        try:
+            name = names[key]
+        except KeyError:
+            name = _header_name(key)
+            if len(names) < _HEADER_NAMES_MAX:
+                names[key] = name
+        if name is None or (not value and key in _CONTENT_KEYS):
             continue
-        headers.append((name.encode("latin-1"), value.encode("latin-1")))
+        headers.append((name, value.encode("latin-1")))
     return headers
 
 
@@ -152,10 +170,11 @@ class SyncProxy(ProxyFace[httpx.Client, httpx.BaseTransport, WSGIApp]):
                             functools.partial(_send_via, client, transport))
 
     def close(self) -> None:
-        """Close the client if this proxy created it."""
+        """Close the client if this proxy created it, and what the filters hold."""
         client = self._detach_client()
         if client is not None:
             client.close()
+        self.chain.close()
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         incoming = incoming_from_environ(environ)
@@ -419,8 +438,7 @@ class ResponseBody:
             return
         self._closed = True
         DRAIN.leave(self)
-        if not self.record.responded and not self.record.broken and self.has_body:
-            self.record.client_gone = True
+        self.record.closed(self.has_body)
         self.response.close()
         self._finish()
 
@@ -485,8 +503,7 @@ class AnswerBody:
             return
         self._closed = True
         record = self.exchange.record
-        if not record.responded and not record.broken and self.has_body:
-            record.client_gone = True
+        record.closed(self.has_body)
         closer = getattr(self.body, "close", None)
         if closer is not None:
             closer()

@@ -47,21 +47,28 @@ GRANIAN_LIMITS = {
                      "read it so; the other servers refuse)",
     "bare-lf": "granian (hyper) takes a bare LF for a line end in the request head: "
                "`X-A: a\nX-Injected: 1` reaches the core as two valid fields",
-    "head-answers": "granian (hyper) answers a request head it refuses (malformed, past its "
-                    "read buffer of 48 KiB) itself, before the app: 400 or 431 with no body, "
-                    "not problem+json, and 431 for a long request line where the others say 414",
-    "head-timeout": "granian closes a connection whose head did not arrive within "
-                    "--header-timeout without a word, not with a 408 problem",
+    "head-answers": "granian (hyper) answers a request head it refuses (malformed, more than "
+                    "100 fields, past its read buffer of 48 KiB) itself, before the app: "
+                    "`400 Bad Request` or `431 Request Header Fields Too Large` with "
+                    "`connection: close`, `content-length: 0` and no body, not problem+json, "
+                    "and 431 for a long request line where the others say 414; granian 2.8 "
+                    "has no setting or hook for that answer (its HTTP/1 settings: header read "
+                    "timeout, keep-alive, buffer size, pipeline flush)",
+    "head-timeout": "granian (hyper) closes a connection whose head did not arrive within "
+                    "--header-timeout without a word, also when the head had begun, not with "
+                    "a 408 problem",
     "header-order": "granian (hyper's HeaderMap) groups repeated header fields by name, both "
                     "ways: each name's values keep their order, the order between names is lost",
-    "ws-stop": "granian closes open WebSockets (no close frame) when its stop begins instead "
-               "of keeping them until --graceful-timeout",
-    "ws-close-reason": "granian drops the reason of the client's close frame: the app gets "
-                       "its code only",
-    "ws-refused-open": "granian keeps the client's connection open after the app refused a "
-                       "WebSocket handshake with an HTTP answer (websocket.http.response)",
-    "ws-big-ping": "granian answers an oversized ping (past 125 bytes, RFC 6455 5.5) itself "
-                   "with close 1000, not 1002",
+    "ws-stop": "granian 2.8 cannot keep an open WebSocket once its stop begins (the end of "
+               "its accept loop ends every WebSocket handler, and its runtime is dropped as "
+               "soon as the HTTP connections are done): the proxy closes each 1001 both ways "
+               "as the stop begins, not at --graceful-timeout",
+    "ws-close-reason": "granian drops the reason of the client's close frame: the app's "
+                       "websocket.disconnect has its code only",
+    "ws-big-ping": "granian reports an oversized ping (past 125 bytes, RFC 6455 5.5) to the "
+                   "app as a close without a code (1005, as for a client's empty close "
+                   "frame: the two cannot be told apart) and then sends the client an empty "
+                   "close frame, not 1002",
 }
 
 

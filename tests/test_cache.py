@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import MakeProxy, ProxyProcess, Redis
-from tests.upstream import Gate, Upstream, pattern_sha256
+from tests.upstream import Gate, Upstream, pattern_bytes, pattern_sha256
 
 MiB = 1024 * 1024
 
@@ -603,3 +603,137 @@ def test_policy_parsing() -> None:
     assert policy.byte_range(b"bytes=2-", 10) == (2, 9)
     assert policy.byte_range(b"bytes=0-1, 3-4", 10) is None
     assert policy.byte_range(b"bytes=10-", 10) is None
+
+
+def _redis_keys(server: Redis, kind: str) -> list[bytes]:
+    """The cache's keys of one kind in `server`: "i" (a URI's variants), "b" (chunks)."""
+    import redis
+
+    with redis.Redis(port=server.port) as admin:
+        return list(admin.scan_iter(f"dualproxy:cache:{kind}:*", count=1000))
+
+
+@pytest.mark.slow
+def test_100mib_redis_hit_streams_from_chunks(make_proxy: MakeProxy, upstream: Upstream,
+                                              rid: str, redis_server: Redis) -> None:
+    """A 100 MiB body goes into Redis as chunk keys (several, none of it whole) and a
+    hit on another proxy (that never held the body) streams it from them: the proxy's
+    RSS grows by a few chunks, not by the body; the bytes are the same."""
+    flags = ("--cache", "--cache-store", redis_server.url, "--cache-max-object", "128M")
+    size, name = 100 * MiB, f"huge-redis-{rid}"
+    status, _ = _streamed_miss(make_proxy(*flags), upstream, rid, name, size)
+    assert "stored" in status
+    chunks = _redis_keys(redis_server, "b")
+    assert len(chunks) >= 100  # 256 KiB each
+    other = make_proxy(*flags)
+    results: list[tuple[str, str]] = []
+    grew = _rss_while(other, lambda: results.append(
+        _hit_digest(other, upstream, rid, name, size)))
+    (status, digest), = results
+    assert status.startswith("dualproxy; hit") and digest == pattern_sha256(size)
+    assert grew < 40 * MiB, f"the proxy grew by {grew >> 20} MiB for a 100 MiB hit"
+    assert _seen(upstream, rid, 1) == 1
+
+
+def test_redis_entry_keys_all_go_on_purge_and_eviction(make_proxy: MakeProxy,
+                                                       upstream: Upstream, rid: str,
+                                                       redis_server: Redis) -> None:
+    """A stored body of 600 KiB is three chunk keys; a PURGE removes them all with the
+    URI's index, and so does an eviction (--cache-max-size 1M: a second body evicts)."""
+    proxy = make_proxy("--cache", "--cache-store", redis_server.url, "--cache-max-size",
+                       "1M", "--cache-purge-from", "127.0.0.1/32")
+    spec = f"download size={600 * 1024} cc=max-age=60"
+
+    def fetch(name: str) -> str:
+        with proxy.client() as client:
+            answer = client.get(f"/cache/keys-{rid}-{name}",
+                                headers={"x-req-id": f"{rid}-{name}", "x-upstream": spec})
+        assert answer.status_code == 200 and len(answer.content) == 600 * 1024
+        return answer.headers["cache-status"]
+
+    assert "stored" in fetch("a")
+    assert len(_redis_keys(redis_server, "b")) == 3
+    assert len(_redis_keys(redis_server, "i")) == 1
+    with proxy.client() as client:
+        assert client.request("PURGE", f"/cache/keys-{rid}-a").json() == {"purged": 1}
+    assert _redis_keys(redis_server, "b") == _redis_keys(redis_server, "i") == []
+    assert "stored" in fetch("b")
+    time.sleep(0.01)
+    assert "stored" in fetch("c")  # past 1M: b goes, its chunks with it
+    assert len(_redis_keys(redis_server, "b")) == 3
+    (index,) = _redis_keys(redis_server, "i")
+    assert index.endswith(f"/cache/keys-{rid}-c".encode())
+    assert "fwd=uri-miss" in fetch("b")
+
+
+def test_redis_killed_during_a_hit_cuts_the_answer(make_proxy: MakeProxy, upstream: Upstream,
+                                                   rid: str, redis_server: Redis) -> None:
+    """Redis stops while a 32 MiB hit streams: the client's body ends short and the
+    proxy aborts it (never a complete-looking body)."""
+    proxy = make_proxy("--cache", "--cache-store", redis_server.url)
+    size, name = 32 * MiB, f"cut-redis-{rid}"
+    _, path, spec = _gated_download(upstream, name, size)
+    upstream.gate(name).set()
+    headers = {"x-req-id": rid, "x-upstream": spec}
+    with proxy.client() as client:
+        assert "stored" in client.get(path, headers=headers).headers["cache-status"]
+    got = 0
+    with pytest.raises(httpx.HTTPError), httpx.Client(
+            base_url=proxy.url, timeout=httpx.Timeout(30.0)) as client, client.stream(
+            "GET", path, headers=headers) as resp:
+        assert resp.headers["cache-status"].startswith("dualproxy; hit")
+        assert resp.headers["content-length"] == str(size)
+        for piece in resp.iter_raw():
+            if not got:
+                redis_server.stop()
+            got += len(piece)
+    assert 0 < got < size
+
+
+def test_redis_ranges_across_chunks(make_proxy: MakeProxy, upstream: Upstream, rid: str,
+                                    redis_server: Redis) -> None:
+    """Ranges of a body stored in Redis chunks, within one chunk, across chunks and
+    across the MiB reads, to the end: the same bytes as the body's."""
+    proxy = make_proxy("--cache", "--cache-store", redis_server.url)
+    size = 2 * MiB + 123_457
+    body = pattern_bytes(size)
+    headers = {"x-req-id": rid, "x-upstream": f"download size={size} cc=max-age=60"}
+    path = f"/cache/ranges-{rid}"
+    with proxy.client() as client:
+        assert "stored" in client.get(path, headers=headers).headers["cache-status"]
+        for start, end in [(10, 20), (262_000, 263_000), (MiB - 5, MiB + 300_000),
+                           (0, size - 1), (2 * MiB - 1, size - 1)]:
+            part = client.get(path, headers={**headers, "range": f"bytes={start}-{end}"})
+            assert part.status_code == 206, (start, end)
+            assert part.content == body[start:end + 1], (start, end)
+    assert _seen(upstream, rid, 1) == 1
+
+
+def test_redis_body_written_as_it_comes_never_served_cut(
+        make_proxy: MakeProxy, upstream: Upstream, rid: str, redis_server: Redis) -> None:
+    """A miss whose upstream breaks after 1.5 of 1.8 MB: its chunks were written to Redis
+    as they came (with a TTL, uncommitted), no entry was made of them (the next request
+    is a miss); a chunked miss growing past --cache-max-object leaves no chunk behind."""
+    import redis
+
+    proxy = make_proxy("--cache", "--cache-store", redis_server.url,
+                       "--cache-max-object", "2M")
+    path = f"/cache/cut-redis-{rid}"
+    with proxy.client() as client, pytest.raises(httpx.HTTPError):
+        client.get(path, headers={"x-req-id": rid,
+                                  "x-upstream": "cut size=1800000 after=1500000 "
+                                                "chunked=1 cc=max-age=60"})
+    written = _redis_keys(redis_server, "b")
+    assert len(written) >= 4 and _redis_keys(redis_server, "i") == []
+    with redis.Redis(port=redis_server.port) as admin:
+        assert all(0 < admin.ttl(k) <= 3600 for k in written)  # they expire
+        admin.delete(*written)
+    after = _get(proxy, path, rid, [["Cache-Control", "max-age=60"]])
+    assert "fwd=uri-miss" in after.headers["cache-status"]  # (stored now: one chunk)
+    big = f"/cache/big-redis-{rid}"
+    with proxy.client() as client:
+        answer = client.get(big, headers={"x-req-id": rid + "-big", "x-upstream":
+                                          f"download size={5 * MiB} chunked=1 cc=max-age=60"})
+    assert answer.status_code == 200 and len(answer.content) == 5 * MiB
+    assert len(_redis_keys(redis_server, "b")) == 1  # the 2 MiB it had written: gone
+    assert "fwd=uri-miss" in _get(proxy, big, rid + "-big", []).headers["cache-status"]

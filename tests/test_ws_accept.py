@@ -189,9 +189,7 @@ def send_then(port: int, target: str) -> tuple[bytes, bool]:
 
 @pytest.mark.parametrize("answer", [a for a in ANSWERS if a != "good"])
 def test_a_101_that_is_no_accept_is_a_502_and_nothing_is_spliced(
-        make_proxy: MakeProxy, answering: AnsweringUpstream, answer: str, rid: str,
-        request: pytest.FixtureRequest) -> None:
-    xfail_on_granian(request, "ws-refused-open")
+        make_proxy: MakeProxy, answering: AnsweringUpstream, answer: str, rid: str) -> None:
     proxy = make_proxy(upstream_url=answering.url)
     target = f"/{rid}/{answer}"
     head, closed = send_then(proxy.port, target)

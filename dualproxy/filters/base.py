@@ -130,6 +130,14 @@ class Filter:
         its sync twin."""
         return self
 
+    def close(self) -> None:
+        """Release what the filter holds (the sync face's proxy, at its close): nothing
+        here; the cache closes its Redis client."""
+
+    async def aclose(self) -> None:
+        """Release what the filter holds from the event loop (the async face's proxy,
+        at lifespan end): nothing here."""
+
 
 # The stages a filter may override, in the order an exchange meets them.
 STAGES = ("on_request", "on_attempt", "on_attempt_end", "on_response", "on_trailers",

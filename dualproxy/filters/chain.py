@@ -115,6 +115,16 @@ class Chain:
         self._attempt_end = [f for f in reversed(self.filters) if overrides(f, "on_attempt_end")]
         self._async = [f"{f.label()}.{stage}" for f in self.filters for stage in async_stages(f)]
 
+    def close(self) -> None:
+        """Each filter's `close` (the sync face's proxy closing)."""
+        for flt in self.filters:
+            flt.close()
+
+    async def aclose(self) -> None:
+        """Each filter's `aclose` (the async face's proxy, at lifespan end)."""
+        for flt in self.filters:
+            await flt.aclose()
+
     def __bool__(self) -> bool:
         return bool(self.filters)
 

@@ -102,12 +102,20 @@ class _SyncConn:
         # readable while idle means EOF or stray bytes: never reuse that
         return self.codec.reusable and not self.readable()
 
-    def read(self, request: httpx.Request | None, deadline: float | None = None) -> None:
+    def read(self, request: httpx.Request | None, deadline: float | None = None,
+             ready: bool = False) -> None:
         """Feed the codec one read; `request` None: only what is there now. The wait
-        is the read timeout, or until `deadline` (time.monotonic) when given."""
+        is the read timeout, or until `deadline` (time.monotonic) when given.
+        `ready`: a poll just said the socket is readable, so a plain socket's read
+        does not wait (and needs no timeout set: a system call saved)."""
         size = self._read_size
         try:
-            if request is None and not self.tls:
+            if ready and not self.tls:
+                try:
+                    data = self.sock.recv(size, socket.MSG_DONTWAIT)
+                except BlockingIOError:  # not readable after all: wait as usual
+                    return self.read(request, deadline)
+            elif request is None and not self.tls:
                 data = self.sock.recv(size, socket.MSG_DONTWAIT)
             else:
                 self._set_timeout(socket.SO_RCVTIMEO, 0.0 if request is None else
@@ -324,7 +332,7 @@ class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
                 continue
             if watch is not None:
                 watch.wait(conn, time_left(deadline, time.monotonic()))
-            conn.read(request, deadline)
+            conn.read(request, deadline, ready=watch is not None)
 
     @staticmethod
     def _upload(conn: _SyncConn, request: httpx.Request) -> None:

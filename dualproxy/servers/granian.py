@@ -12,9 +12,15 @@ worker). The stop: granian's main process sends each worker SIGTERM (for a
 SIGTERM or SIGINT it got); the worker's signal handler, replaced here, starts
 dualproxy's drain clock (drain.py) before granian stops accepting. A second
 SIGINT to the main process sends the workers SIGQUIT, which ends what is left
-at once. granian's own kill comes `SLACK` after the graceful timeout. An
-open WebSocket is not kept to the graceful timeout: granian closes it when its
-stop begins (a limit of granian 2.8, docs/servers.md lists the others).
+at once. granian's own kill comes `SLACK` after the graceful timeout.
+
+An open WebSocket cannot be kept to the graceful timeout: when granian's accept
+loop ends it ends every WebSocket handler (`RuntimeRef.close()`: the app's
+pending receive gets a disconnect) and it drops its runtime, sockets and all,
+as soon as its HTTP connections are done. So the worker's stop closes each open
+WebSocket session 1001 both ways first (logged `shutdown-cut`), waits up to
+`SLACK` for those closes, and only then lets granian stop; the HTTP exchanges
+drain as usual. (A limit of granian 2.8; docs/servers.md lists the others.)
 
 GranianApp, around the app, undoes what its ASGI interface does otherwise than
 uvicorn's where that is possible (HTTP/1.0's scope, a request or a response
@@ -29,6 +35,7 @@ release the suite tests (TESTED), refused otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import signal
@@ -70,7 +77,12 @@ def _worker_signals(original: Any) -> Any:
 
         def stop() -> None:
             DRAIN.begin()
-            event.set()
+            sessions = DRAIN.cut_upgraded()
+            if not sessions:
+                event.set()
+                return
+            waited = asyncio.wait([session.ended for session in sessions], timeout=SLACK)
+            loop.create_task(waited).add_done_callback(lambda _: event.set())
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop)
@@ -161,12 +173,17 @@ class GranianApp:
     connection after the head) would get granian's 500 page too, as granian
     sends a head only with the first body message: an empty, unfinished one is
     sent here, so granian sends the head and then drops the connection alike.
+
+    A WebSocket handshake the core refuses with an HTTP answer gets `Connection:
+    close` added, so the connection ends after it as on the other servers.
     """
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            return await self.app(scope, receive, _refusal_closes(send))  # type: ignore[no-any-return]
         if scope["type"] != "http":
             return await self.app(scope, receive, send)  # type: ignore[no-any-return]
         if scope.get("http_version") == "1":
@@ -189,6 +206,20 @@ class GranianApp:
         elif not bodied:
             await _send_quietly(send, {"type": "http.response.body", "body": b"",
                                        "more_body": True})
+
+
+def _refusal_closes(send: Any) -> Any:
+    """`send` for a WebSocket scope, a refused handshake's HTTP answer (the core's
+    `websocket.http.response`) saying `Connection: close`: granian would keep the
+    connection for another request otherwise (hyper closes it after that field)."""
+
+    async def closing_send(message: Any) -> None:
+        if message["type"] == "websocket.http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()),
+                                              (b"connection", b"close")]}
+        await send(message)
+
+    return closing_send
 
 
 def _http10(scope: Any) -> Any:

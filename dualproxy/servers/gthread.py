@@ -76,6 +76,15 @@ class _ErrorPage:
         return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
 
 
+def _body_done(parser: Any) -> bool:
+    """Has the request on `parser` no body bytes left (gunicorn's Content-Length
+    reader at 0, nothing buffered, nothing failed)? False when unsure."""
+    body: Any = getattr(getattr(parser, "mesg", None), "body", None)
+    reader: Any = getattr(body, "reader", None)
+    return (type(reader) is http.body.LengthReader and reader.length == 0
+            and body.failed is False and not body.buf.getvalue())
+
+
 # The WSGI face reads request bodies through the registry (body_input.py): this
 # worker's processes get gunicorn's direct reader.
 _ = gunicorn_body.GunicornSource
@@ -91,6 +100,25 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
         self.heads: dict[Any, _Head] = {}  # connection -> its head so far
         # closing connection -> (when to close it at the latest, still in nr_conns)
         self.lingering: dict[Any, tuple[float, bool]] = {}
+
+    # The stock loop tells the arbiter it lives (a utime of its heartbeat file) and
+    # asks for its parent (getppid) at every turn, which under load is every
+    # request or two: twice a second is plenty (the arbiter's limit is `timeout`).
+    _CHECK_EVERY = 0.5
+    _notified = _parent_checked = float("-inf")
+
+    def notify(self) -> None:
+        now = time.monotonic()
+        if now - self._notified >= self._CHECK_EVERY:
+            self._notified = now
+            super().notify()
+
+    def is_parent_alive(self) -> bool:
+        now = time.monotonic()
+        if now - self._parent_checked < self._CHECK_EVERY:
+            return True
+        self._parent_checked = now
+        return bool(super().is_parent_alive())
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         DRAIN.begin()
@@ -126,15 +154,22 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
         if conn.parser is not None:  # read ahead by the last request's body drain
             head.data += conn.parser.unreader.take_buffered()
         if not self._head_progress(conn, head):
-            conn.sock.setblocking(False)
-            self._gather(conn, head)
+            if conn.sock.gettimeout() != 0.0:  # a kept-alive one is non-blocking already
+                conn.sock.setblocking(False)
+            # Most often the head is there already (a kept-alive connection comes here
+            # once readable): read it now rather than after another turn of the poller.
+            self._read_head(conn, head)
 
     def _gather(self, conn: Any, head: _Head) -> None:
         self.heads[conn] = head
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_bytes, conn))
 
     def _on_head_bytes(self, conn: Any, _sock: Any) -> None:
-        head = self._stop_gathering(conn)
+        self._read_head(conn, self._stop_gathering(conn))
+
+    def _read_head(self, conn: Any, head: _Head) -> None:
+        """Read what the non-blocking socket has of the head: hand the connection on
+        once it is whole, else wait on the poller for more."""
         data: bytes | None = None
         try:
             if isinstance(conn.sock, ssl.SSLSocket) and not head.secured:
@@ -260,6 +295,14 @@ class ThreadWorker(_StockWorker):  # type: ignore[misc]
         super()._cap_keepalive(deadline)
         for head in self.heads.values():
             head.deadline = min(head.deadline, deadline)
+
+    def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
+        """The stock check drains what is left of the request body within a time
+        bound, setting the socket's timeout and back (two system calls) even when
+        nothing is left: a bodiless request, or a body read to its end."""
+        if keepalive and self.gathers_heads and _body_done(conn.parser):
+            return True
+        return bool(super()._keepalive_after(conn, keepalive))
 
     # --- gunicorn's own error answers ---
 

@@ -308,6 +308,8 @@ class Session:
         self.record = record
         self.last_activity = time.monotonic()
         self._stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Done when run() has closed both sides (or the session ended otherwise).
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def cut(self) -> None:
         """The graceful timeout (drain.py, its timer thread): close both sides 1001."""
@@ -350,6 +352,8 @@ class Session:
             for task in relays:
                 task.cancel()
             await asyncio.gather(*relays, return_exceptions=True)
+            if not self.ended.done():
+                self.ended.set_result(None)
 
     async def close_both(self, code: int, reason: str) -> None:
         """The proxy's own close: the relays stop first, so no close the client echoes

@@ -40,7 +40,7 @@ from .flight import Flight, Head
 from .keys import primary_key, same_origin_key, vary_names, vary_values
 from .policy import Directives, ResponseRules
 from .refresh import Refresher
-from .store import STORE_FAILED, Entry, MemoryStore, Store, Writer
+from .store import STORE_FAILED, Entry, MemoryStore, Store, Writer, aclose_store, close_store
 
 T = TypeVar("T")
 
@@ -79,6 +79,9 @@ class _Recorder:
             self.flight.write(self.writer, chunk)  # the followers read the writer's buffer
         else:
             self.writer.write(chunk)
+        flushed = self.writer.flush()  # a store that writes bodies as they come (redis)
+        if flushed is not None:
+            self.exchange.await_in_body(flushed)
         if self.length is not None and self.writer.size >= self.length and not self.done:
             self._complete(self.writer.size == self.length)
         return chunk
@@ -268,7 +271,7 @@ class Cache(Filter):
                 if n != b"content-length"]
         head += [(b"content-range", b"bytes %d-%d/%d" % (start, end, entry.body_length())),
                  (b"content-length", b"%d" % (end - start + 1))]
-        return Answer(206, head, bytes(body[start:end + 1]))
+        return Answer(206, head, entry.part(start, end))
 
     def _select(self, state: _State, headers: list[Header] | tuple[Header, ...],
                 now: float) -> Flow[Entry | None]:
@@ -501,6 +504,12 @@ class Cache(Filter):
         entry.request_time, entry.response_time = state.request_time, now
         entry.initial_age = policy.initial_age(head.headers, entry.date, state.request_time, now)
         yield from _io(self.store.update(entry))
+
+    def close(self) -> None:
+        close_store(self.store)
+
+    async def aclose(self) -> None:
+        await aclose_store(self.store)
 
     def for_sync_face(self) -> Filter:
         """With an asyncio store (Redis), the same cache over its sync twin."""

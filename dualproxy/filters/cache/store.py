@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -54,6 +54,10 @@ class Entry:
     length: int = -1
     loader: Callable[[], bytes] | None = None
     ref: object = None      # the store's own handle on it (sqlite: its row)
+    # A store that streams bodies (redis) sets it at `load`: bytes [start, end) of the
+    # body, read from the store as they are taken (an async iterable on the async face).
+    stream: Callable[[int, int], Iterable[bytes] | AsyncIterable[bytes]] | None = \
+        field(default=None, repr=False)
     # Its fields' caching rules, parsed once (filter.py): (the fields parsed, the rules).
     rules: tuple[object, Any] | None = field(default=None, repr=False)
 
@@ -73,7 +77,19 @@ class Entry:
         self.size = self.body_length() + sum(len(n) + len(v) for n, v in self.headers) + 256
         return self.size
 
-    def chunks(self) -> Iterator[bytes]:
+    def chunks(self) -> Iterable[bytes] | AsyncIterable[bytes]:
+        """The body, in slices: streamed from the store when it streams."""
+        if self.stream is not None:
+            return self.stream(0, self.body_length())
+        return self._slices()
+
+    def part(self, start: int, end: int) -> bytes | Iterable[bytes] | AsyncIterable[bytes]:
+        """Bytes [start, end] of the body (`chunks`' way)."""
+        if self.stream is not None:
+            return self.stream(start, end + 1)
+        return bytes(self.content()[start:end + 1])
+
+    def _slices(self) -> Iterator[bytes]:
         body = self.content()
         if len(body) <= SLICE:
             if body:
@@ -107,6 +123,12 @@ class Writer:
             return
         self.buffer += chunk
 
+    def flush(self) -> Awaitable[None] | None:
+        """Called after each `write`, outside the followers' lock: a store that writes
+        the body as it comes (redis) writes what it has; an awaitable on the async
+        face (awaited before the chunk goes on)."""
+        return None
+
     def commit(self) -> Entry | None:
         """The body is complete: the entry to store (None: it was too large)."""
         if not self.ok:
@@ -139,6 +161,20 @@ class Store(Protocol):
     def discard(self, entry: Entry) -> None | Awaitable[None]: ...
 
     def for_sync_face(self) -> Store: ...
+
+
+def close_store(store: object) -> None:
+    """Close what a store holds (its client), when it holds something (`close`)."""
+    close = getattr(store, "close", None)
+    if close is not None:
+        close()
+
+
+async def aclose_store(store: object) -> None:
+    """The same from the event loop (`aclose`: an asyncio client)."""
+    aclose = getattr(store, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 class Bounded:
@@ -232,6 +268,17 @@ class Guarded(Bounded):
 
     def discard(self, entry: Entry) -> None | Awaitable[None]:
         return self._guard("remove", lambda: self.store.discard(entry), None)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        close_store(self.store)
+
+    async def aclose(self) -> None:
+        await aclose_store(self.store)
+
+    def writer(self, entry: Entry) -> Writer:
+        if time.monotonic() < self._retry_at:  # stepped aside: kept here, never stored
+            return Bounded.writer(self, entry)
+        return self.store.writer(entry)
 
     def for_sync_face(self) -> Store:
         twin = self.store.for_sync_face()
