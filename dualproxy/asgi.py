@@ -164,7 +164,8 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         exchange = record.exchange
         if exchange is not None:
             record.exchange = None
-            await run_async(self.chain.end(exchange))
+            if self.chain.ends:  # no generator nor coroutine when no filter has on_end
+                await run_async(self.chain.end(exchange))
         self.finish(record)
 
     async def _problem(self, send: Send, exc: ProxyError, record: RequestRecord) -> None:
@@ -189,7 +190,12 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                 with map_stream_errors():
                     async for chunk in stream:
                         record.bytes_out += len(chunk)
-                        if not await _send_body(send, chunk, True, record):
+                        try:  # _send_body's rule, inline: no coroutine a chunk
+                            await send({"type": "http.response.body", "body": chunk,
+                                        "more_body": True})
+                        except (OSError, RuntimeError) as exc:
+                            if not _client_left(exc, record):
+                                raise
                             return
         except UpstreamBroken as exc:
             record.upstream_broke(exc)
@@ -305,14 +311,19 @@ async def _send_body(send: Send, chunk: bytes, more: bool, record: RequestRecord
     """
     try:
         await send({"type": "http.response.body", "body": chunk, "more_body": more})
-    except OSError:
-        record.client_gone = True
-        return False
-    except RuntimeError as exc:
-        if "is closed" not in str(exc):  # uvloop's wording; anything else is a bug of ours
+    except (OSError, RuntimeError) as exc:
+        if not _client_left(exc, record):
             raise
-        record.client_gone = True
         return False
+    return True
+
+
+def _client_left(exc: OSError | RuntimeError, record: RequestRecord) -> bool:
+    """Did a failed `send` say the client is gone (then recorded so)? Not when it is
+    a RuntimeError other than uvloop's "is closed" (a bug of ours: raised again)."""
+    if isinstance(exc, RuntimeError) and "is closed" not in str(exc):
+        return False
+    record.client_gone = True
     return True
 
 

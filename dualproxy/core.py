@@ -267,6 +267,35 @@ def enter_body_phase(request: httpx.Request, config: ProxyConfig) -> None:
         timeout["read"] = config.idle_timeout
 
 
+def _fast_headers_work() -> bool:
+    """Does httpx keep its headers as we build them below (a list of (raw name,
+    lower-cased name, value), as every release since 0.18 does)? Checked once."""
+    sample = [(b"Host", b"a"), (b"x-b", b"\xff c")]
+    try:
+        made = httpx.Headers()
+        made._list = [(name, name.lower(), value) for name, value in sample]
+        return (httpx.Headers(sample)._list == made._list and made.raw == sample
+                and httpx.Headers(made).raw == sample and made.get("x-b") is not None)
+    except Exception:  # another httpx: its own constructor, always
+        return False
+
+
+_FAST_HEADERS = _fast_headers_work()
+_BYTES_ONLY = {bytes}
+
+
+def byte_headers(fields: list[Header]) -> httpx.Headers:
+    """`httpx.Headers(fields)` for a list of byte pairs, without httpx's normalising
+    of each field (two calls and their type checks a field: most of what building
+    a request or a response costs). Anything but exact bytes goes the usual way."""
+    if (_FAST_HEADERS and set(map(type, [name for name, _ in fields])) == _BYTES_ONLY
+            and set(map(type, [value for _, value in fields])) == _BYTES_ONLY):
+        headers = httpx.Headers()
+        headers._list = [(name, name.lower(), value) for name, value in fields]
+        return headers
+    return httpx.Headers(fields)
+
+
 @functools.lru_cache(maxsize=64)
 def _origin_url(origin: str) -> httpx.URL:
     # Parsing a URL costs httpx tens of microseconds; the origin never changes.
@@ -338,7 +367,7 @@ def build_request(
     return httpx.Request(
         plan.method,
         _origin_url(upstream.origin),
-        headers=attempt_headers(config, plan, upstream),
+        headers=byte_headers(attempt_headers(config, plan, upstream)),
         stream=_BodyStream(content) if content is not None and plan.has_body else _NO_BODY,
         extensions={"target": plan.target, "timeout": timeouts(config), UPSTREAM: upstream},
     )
@@ -444,4 +473,6 @@ def disable_cookies(client: httpx.Client | httpx.AsyncClient) -> None:
 
 def response_header_list(response: httpx.Response) -> list[Header]:
     """The upstream's raw headers with lower-cased names, duplicates and order kept."""
+    if _FAST_HEADERS:  # httpx holds the lower-cased names already (byte_headers)
+        return [(lower, value) for _, lower, value in response.headers._list]
     return [(name.lower(), value) for name, value in response.headers.raw]

@@ -9,10 +9,9 @@ upstream is a 502 and a slow one a 504 whatever face the request came in on.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 from http import HTTPStatus
+from types import TracebackType
 
 import httpx
 
@@ -189,44 +188,71 @@ class TransformFailed(UpstreamBroken):
 RESPONSE_ABORTED: ContextVar[bool] = ContextVar("dualproxy_response_aborted", default=False)
 
 
-@contextmanager
-def map_upstream_errors() -> Iterator[None]:
-    """Turn httpx failures before the response head into the matching ProxyError.
+class _UpstreamErrors:
+    """`map_upstream_errors`: a class, not a @contextmanager (no generator made,
+    started and stopped with a StopIteration each request); stateless, so shared."""
 
-    Order matters: PoolTimeout and ConnectTimeout are TimeoutExceptions too, and a
-    connect *error* (refused, unreachable, DNS) must stay a 502, never a 504.
-    """
-    try:
-        yield
-    except httpx.PoolTimeout as exc:
-        raise ServiceUnavailable("no upstream connection became free in time") from exc
-    except httpx.ConnectTimeout as exc:
-        raise GatewayTimeout("connecting to the upstream timed out") from exc
-    except httpx.WriteTimeout as exc:
-        raise GatewayTimeout("the upstream stopped reading the request body") from exc
-    except httpx.TimeoutException as exc:
-        raise GatewayTimeout("the upstream did not answer in time") from exc
-    except UpstreamTLSError as exc:
-        raise BadGateway(f"TLS verification of the upstream failed: {exc.reason}") from exc
-    except httpx.ConnectError as exc:
-        raise BadGateway("the upstream refused or could not be reached") from exc
-    except httpx.LocalProtocolError as exc:
-        if isinstance(exc.__cause__, WireError):  # the codec's last check (wire.py)
-            raise InvalidHead(exc.__cause__) from exc
-        raise BadRequest("the request cannot be forwarded as sent") from exc
-    except (httpx.TransportError, OSError) as exc:
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        # Order matters: PoolTimeout and ConnectTimeout are TimeoutExceptions too, and
+        # a connect *error* (refused, unreachable, DNS) must stay a 502, never a 504.
+        if exc is None or not isinstance(exc, (httpx.TransportError, OSError,
+                                               UpstreamTLSError)):
+            return
+        if isinstance(exc, httpx.PoolTimeout):
+            raise ServiceUnavailable("no upstream connection became free in time") from exc
+        if isinstance(exc, httpx.ConnectTimeout):
+            raise GatewayTimeout("connecting to the upstream timed out") from exc
+        if isinstance(exc, httpx.WriteTimeout):
+            raise GatewayTimeout("the upstream stopped reading the request body") from exc
+        if isinstance(exc, httpx.TimeoutException):
+            raise GatewayTimeout("the upstream did not answer in time") from exc
+        if isinstance(exc, UpstreamTLSError):
+            raise BadGateway(f"TLS verification of the upstream failed: {exc.reason}") from exc
+        if isinstance(exc, httpx.ConnectError):
+            raise BadGateway("the upstream refused or could not be reached") from exc
+        if isinstance(exc, httpx.LocalProtocolError):
+            if isinstance(exc.__cause__, WireError):  # the codec's last check (wire.py)
+                raise InvalidHead(exc.__cause__) from exc
+            raise BadRequest("the request cannot be forwarded as sent") from exc
         raise BadGateway(f"the upstream failed: {describe(exc)}") from exc
 
 
-@contextmanager
-def map_stream_errors() -> Iterator[None]:
-    """Turn httpx failures while relaying the response body into UpstreamBroken."""
-    try:
-        yield
-    except httpx.TimeoutException as exc:
-        raise UpstreamBroken("the upstream went idle mid-body") from exc
-    except (httpx.TransportError, OSError) as exc:
-        raise UpstreamBroken(f"the upstream failed mid-body: {describe(exc)}") from exc
+class _StreamErrors:
+    """`map_stream_errors` (a shared stateless class, as `_UpstreamErrors`)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if isinstance(exc, httpx.TimeoutException):
+            raise UpstreamBroken("the upstream went idle mid-body") from exc
+        if isinstance(exc, (httpx.TransportError, OSError)):
+            raise UpstreamBroken(f"the upstream failed mid-body: {describe(exc)}") from exc
+
+
+_UPSTREAM_ERRORS = _UpstreamErrors()
+_STREAM_ERRORS = _StreamErrors()
+
+
+def map_upstream_errors() -> _UpstreamErrors:
+    """Turn httpx failures before the response head into the matching ProxyError
+    (a context manager)."""
+    return _UPSTREAM_ERRORS
+
+
+def map_stream_errors() -> _StreamErrors:
+    """Turn httpx failures while relaying the response body into UpstreamBroken
+    (a context manager)."""
+    return _STREAM_ERRORS
 
 
 # Why the upstream side of a request failed, for the metrics' `cause` label (a

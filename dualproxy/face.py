@@ -296,7 +296,8 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         exchange = record.exchange
         if exchange is not None:  # the filters' on_end (the async face ran them already)
             record.exchange = None
-            run_sync(self.chain.end(exchange))
+            if self.chain.ends:
+                run_sync(self.chain.end(exchange))
         if record.upstream is not None:
             self.balancer.release(record.upstream)
         self._log.finish(record)

@@ -167,7 +167,7 @@ def request_headers(
     remove = config.remove_request_headers
     underscores = config.underscores_in_headers
     for name, value in headers:
-        if not underscores and b"_" in name:
+        if not underscores and name.find(b"_") >= 0:  # not `in` (framing.list_items)
             continue
         if name == b"host":
             if client_host is None:

@@ -208,9 +208,9 @@ def check_traversal(rest: bytes) -> None:
     `..`, `%2e%2e`, `.%2E`, separated by `/`, `\\`, `%2f` or `%5c`, and Tomcat's
     `..;param`. A NUL byte, encoded, is refused outright: many backends cut at it.
     """
-    if b"%00" in rest:
+    if rest.find(b"%00") >= 0:  # not `in` (framing.list_items)
         raise BadRequest("encoded NUL in path")
-    if b"." not in rest and b"%2" not in rest:
+    if rest.find(b".") < 0 and rest.find(b"%2") < 0:
         return  # fast path: no dot in any spelling
     depth = 0
     for segment in _SEPARATORS.split(rest):

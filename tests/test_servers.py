@@ -229,3 +229,61 @@ def test_granian_runs_on_tested_releases_only(untested: None,
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "granian >=2.8,<2.9" in err and "found 999" in err, err
+
+
+# --- uvicorn: a response's head goes out with its body ----------------------------------------
+
+class _Transport:
+    """What CorkedTransport needs of a transport, recording each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def writelines(self, pieces: Any) -> None:
+        self.writes.append(b"".join(pieces))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str) -> str:
+        return name
+
+
+def test_a_head_goes_out_with_the_first_body_piece_or_at_the_next_turn() -> None:
+    import asyncio
+
+    from dualproxy.servers.uvicorn_protocols import CorkedTransport
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        raw = _Transport()
+        corked = CorkedTransport(raw, loop)
+        corked.write(b"HEAD\r\n\r\n")
+        corked.write(b"body")
+        corked.write(b"more" * 10000)
+        assert raw.writes == [b"HEAD\r\n\r\nbody", b"more" * 10000]  # one send, then as is
+        await asyncio.sleep(0)
+        assert len(raw.writes) == 2  # the scheduled flush found nothing held
+
+        raw = _Transport()
+        corked = CorkedTransport(raw, loop)
+        corked.write(b"HEAD\r\n\r\n")  # a stream's head, its body not in yet
+        assert raw.writes == []
+        await asyncio.sleep(0)
+        assert raw.writes == [b"HEAD\r\n\r\n"]  # not kept past the loop's next turn
+
+        for last in ("close", "get_extra_info"):  # anything else: the head first
+            raw = _Transport()
+            corked = CorkedTransport(raw, loop)
+            corked.write(b"HEAD\r\n\r\n")
+            getattr(corked, last)(*(("x",) if last == "get_extra_info" else ()))
+            assert raw.writes == [b"HEAD\r\n\r\n"]
+
+    asyncio.run(run())

@@ -36,6 +36,7 @@ T = TypeVar("T")
 Flow = Generator[Awaitable[Any], Any, T]
 
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_FRAMING_SIZES = frozenset(len(name) for name in _FRAMING)
 # Statuses whose body is never transformed: a 206 is a part of a representation
 # (its byte ranges name the upstream's bytes); 204/304 and HEAD answers have none.
 _UNTOUCHED = frozenset({204, 206, 304})
@@ -235,6 +236,11 @@ class Chain:
                 trailers = result
         return trailers
 
+    @property
+    def ends(self) -> bool:
+        """Does any filter run at the end (`on_end`)? Without one, `end` needs no driving."""
+        return bool(self._end)
+
     def end(self, exchange: Exchange) -> Flow[None]:
         """Run `on_end` on every filter; a failing one is logged, never raised (the
         answer is given already) and the others still run."""
@@ -284,8 +290,9 @@ def _check_answer(flt: Filter, answer: Answer) -> None:
 
 
 def _framing(head: ResponseHead) -> list[Header]:
-    return [(name.lower(), value) for name, value in head.headers
-            if isinstance(name, bytes) and name.lower() in _FRAMING]
+    return [(name.lower(), value) for name, value in head.headers  # (the length: cheap)
+            if isinstance(name, bytes) and len(name) in _FRAMING_SIZES
+            and name.lower() in _FRAMING]
 
 
 def _fix_framing(exchange: Exchange, head: ResponseHead) -> ResponseHead:

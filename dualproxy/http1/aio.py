@@ -49,8 +49,10 @@ def _expire(waiter: asyncio.Future[None], error: type[httpx.TimeoutException],
 async def _wait(waiter: asyncio.Future[None], seconds: float | None,
                 error: type[httpx.TimeoutException], message: str) -> None:
     """Await `waiter`, `error(message)` after `seconds` (None: no limit)."""
+    # The waiter's loop, not get_running_loop(): on Python 3.11 and older that
+    # asks the kernel for the pid (a system call) each time.
     handle = (None if seconds is None else
-              asyncio.get_running_loop().call_later(seconds, _expire, waiter, error, message))
+              waiter.get_loop().call_later(seconds, _expire, waiter, error, message))
     try:
         await waiter
     finally:
@@ -92,6 +94,7 @@ class _AsyncConn(asyncio.Protocol):
     def __init__(self) -> None:
         self.codec = ClientConnection()
         self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
@@ -102,6 +105,7 @@ class _AsyncConn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; same interface.
         self.transport = cast(asyncio.Transport, transport)
+        self._loop = asyncio.get_running_loop()  # once a connection, not a wait (_wait)
         self._tls = transport.get_extra_info("sslcontext") is not None
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
@@ -167,7 +171,7 @@ class _AsyncConn(asyncio.Protocol):
             return
         if self.codec.pending < HIGH_WATER // 4:
             self.resume()
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
         seconds = (timeout(request, "read") if deadline is None
                    else time_left(deadline, loop.time()))

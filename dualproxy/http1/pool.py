@@ -31,6 +31,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import httpx
 
+from ..core import byte_headers
 from ..framing import FRAMING
 from ..upstreams import NOTHING_SENT, UPSTREAM, Upstream
 from .connect import Key, upstream_key
@@ -113,7 +114,7 @@ def request_line(request: httpx.Request) -> tuple[bytes, bytes, list[tuple[bytes
 
 def to_httpx(head: Response, stream: Any, request: httpx.Request) -> httpx.Response:
     return httpx.Response(
-        head.status, headers=head.headers, stream=stream, request=request,
+        head.status, headers=byte_headers(head.headers), stream=stream, request=request,
         extensions={"http_version": head.http_version, "reason_phrase": head.reason,
                     FRAMING: head.framing},
     )

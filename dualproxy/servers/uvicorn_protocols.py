@@ -44,6 +44,49 @@ def start_clock() -> None:
 IDLE_GRACE = 1.0
 
 
+class CorkedTransport:
+    """The transport one response cycle writes through: its first write (the head) is
+    held until the next write (the body's first piece, or its end) and the two go out
+    in one send, or until the loop's next turn when no body follows at once (an SSE
+    stream's head is not kept waiting). A small answer is one send instead of two: a
+    write is a system call and a TCP segment, the most a small GET costs the proxy.
+    Anything else (close, is_closing, ...) is the real transport's, after the held
+    head went out."""
+
+    __slots__ = ("transport", "loop", "held")
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport, self.loop = transport, loop
+        self.held: bytes | None = b""  # b"": the first write is still to come
+
+    def write(self, data: bytes) -> None:
+        held = self.held
+        if held is None:
+            self.transport.write(data)
+        elif not held:
+            self.held = data
+            self.loop.call_soon(self.flush)
+        else:
+            self.held = None
+            if len(data) <= 16384:  # copying is cheaper than a second buffer
+                self.transport.write(held + data)
+            else:
+                self.transport.writelines((held, data))
+
+    def flush(self) -> None:
+        held, self.held = self.held, None
+        if held and not self.transport.is_closing():
+            self.transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        self.flush()
+        return getattr(self.transport, name)
+
+
 class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     """uvicorn's HTTP protocol (httptools), with the stop starting the drain clock
     and the request head bounded.
@@ -76,11 +119,18 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         if self.bounds_heads():
             self.start_head_clock()
 
+    def flush(self) -> None:
+        """The held heads out, before the protocol writes or closes by itself."""
+        for cycle in self.__dict__.get("cycles", ()):
+            if isinstance(cycle.transport, CorkedTransport):
+                cycle.transport.flush()
+
     def bounds_heads(self) -> bool:
         return hasattr(self, "on_headers_complete")  # httptools, not h11
 
     def shutdown(self) -> None:
         start_clock()
+        self.flush()
         idle = self.cycle is None or self.cycle.response_complete
         if not idle or not self.bounds_heads():  # busy, or h11's protocol
             super().shutdown()
@@ -104,7 +154,7 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
             # The bytes of this read that were not body belong to the head being
             # received (a pipelined head behind a body: its framing counts too).
             self.head_bytes += len(data) - self.body_bytes
-            self.line_done = self.line_done or b"\n" in data
+            self.line_done = self.line_done or data.find(b"\n") >= 0
             refusal = head_too_large(self.head_bytes, self.line_done)
             if refusal is not None:
                 self.refuse(refusal)
@@ -132,6 +182,8 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
             self.cycle.keep_alive = False
         if self.cycle is not None and self.scope.get("http_version") == "1.0":
             close_delimited(self.cycle)
+        if self.cycle is not None:  # its head waits for the body's first piece
+            self.cycle.transport = CorkedTransport(self.transport, self.loop)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # uvicorn tells only its newest cycle (`self.cycle`) that the client is gone.
@@ -175,6 +227,7 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         """Answer `exc`, then drain what the client still sends for LINGER and close:
         closing with unread bytes resets the connection, losing the answer."""
         self.stop_head_clock()
+        self.flush()
         self.refused = True
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
