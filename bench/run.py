@@ -13,6 +13,8 @@ against 1, a pool of 2 upstreams (nginx on a second port) against 1 on small GET
 and small GETs with the access log on against off (`dp-asgi-log`, `dp-wsgi-log`), and
 with request ids and header rules on against off (`dp-asgi-hdr`, `dp-wsgi-hdr`;
 tracing the same way, spans made but not exported: `dp-asgi-trace`, `dp-wsgi-trace`;
+a `--sub-filter` over the 64 KiB JSON document: `dp-asgi-sub`, `dp-wsgi-sub`; a mount
+sending X-Forwarded-Prefix against one that does not: `dp-asgi-xfp`, `dp-wsgi-xfp`;
 every other dualproxy row runs with `--no-access-log`), and GETs of a 64 KiB JSON
 document with `--compress` on against off (`dp-asgi-compress`, `dp-wsgi-compress`:
 req/s, CPU per request, bytes per response; the client accepts zstd, br and gzip),
@@ -247,6 +249,8 @@ class Upstream:
 
 # The cache rows: a memory store that holds the large file (past the 64M default object
 # limit), hits of files the upstream serves with Cache-Control (NGINX_CONF's /cached/).
+SUB_FILTER = ("--sub-filter", "upstream=downstream", "--sub-filter", "proxy=relay",
+              "--sub-filter-type", "application/json")
 CACHE_FLAGS = ("--cache", "--cache-max-object", "128M", "--cache-max-size", "256M")
 
 # The compress rows fetch this: JSON records of words and numbers, as an API answers.
@@ -619,6 +623,18 @@ def contestants(upstream: str, baseline: Path | None = None,
                      dp(*adapter, "--tracing"), dualproxy=True, small_only=True,
                      paired=dp(*adapter), env=(("OTEL_TRACES_EXPORTER", "none"),))
           for face, adapter in (("asgi", ()), ("wsgi", ("--adapter", "wsgi")))),
+        # sub_filter: a text replacement across the 64 KiB JSON document (its words recur
+        # in every record), against the same proxy passing it untouched.
+        *(Contestant(f"dp-{face}-sub", f"dualproxy {face}, --sub-filter, 64 KiB JSON", face,
+                     dp(*adapter, *SUB_FILTER), dualproxy=True, small_only=True,
+                     paired=dp(*adapter), path=f"/{DOCUMENT}")
+          for face, adapter in (("asgi", ()), ("wsgi", ("--adapter", "wsgi")))),
+        # X-Forwarded-Prefix: a mount sends it (the default), against the same mount without.
+        *(Contestant(f"dp-{face}-xfp", f"dualproxy {face}, --mount with X-Forwarded-Prefix",
+                     face, dp(*adapter, "--mount", "/api"), dualproxy=True, small_only=True,
+                     paired=dp(*adapter, "--mount", "/api", "--no-forwarded-prefix"),
+                     path="/api/small")
+          for face, adapter in (("asgi", ()), ("wsgi", ("--adapter", "wsgi")))),
         Contestant("dp-asgi-pool", "dualproxy asgi, a pool of 2 upstreams", "asgi",
                    dp("--upstream", second), dualproxy=True, small_only=True),
         Contestant("dp-wsgi-pool", "dualproxy wsgi, a pool of 2 upstreams", "wsgi",
@@ -937,6 +953,16 @@ def ratios(by: dict[str, Result], size_label: str) -> tuple[list[str], dict[str,
         lines.append(f"{face}: request id + header rules on / off small-GET req/s = "
                      f"{fmt(on, '.2f')}")
     for face in ("asgi", "wsgi"):
+        for key, what in (("sub", "--sub-filter (64 KiB JSON)"),
+                          ("xfp", "X-Forwarded-Prefix under a mount")):
+            r = by.get(f"dp-{face}-{key}")
+            if r is None:
+                continue
+            on = ratio(value(r, "rps"), r.off_rps)
+            doc.setdefault(face, {})[f"{key}_on_over_off"] = on
+            lines.append(f"{face}: {what} on / off req/s = {fmt(on, '.2f')} ({fmt(r.rps)} vs "
+                         f"{fmt(r.off_rps)})")
+    for face in ("asgi", "wsgi"):
         r = by.get(f"dp-{face}-cache")
         if r is None:
             continue
@@ -1128,7 +1154,7 @@ Bar = tuple[str, float | None, str]  # (row name, value or None when that step f
 def http_bars(results: list[Result], attr: str, step_name: str) -> list[Bar]:
     bars: list[Bar] = []
     for r in results:
-        if r.status != "ok" or r.key.endswith("-compress"):  # not small GETs: not comparable
+        if r.status != "ok" or r.key.endswith(("-compress", "-sub")):  # not small GETs
             continue
         kind = "reference" if r.face == "-" else "dualproxy" if r.dualproxy else "peer"
         v = value(r, attr)
