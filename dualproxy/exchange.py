@@ -106,42 +106,29 @@ def attempts(face: ProxyFace[Any, Any, Any], record: RequestRecord, plan: Upstre
     """Step 2: `attempt` on an upstream of the pool, then on others while
     `face.retry` allows (only failures before any response head come here).
     Each try goes through the filters' `on_attempt` and `on_attempt_end` when
-    one implements them (filters/base.py)."""
-    if exchange is not None and face.chain.watches_attempts:
-        return (yield from watched_attempts(face, record, plan, attempt, exchange))
-    tried: list[Upstream] = []
-    upstream = face.choose(record)
-    while True:
-        try:
-            return (yield attempt(upstream))
-        except Exception as exc:
-            after = face.retry(record, plan, tried, exc)
-            if after is None:
-                raise
-            upstream = after
-
-
-def watched_attempts(face: ProxyFace[Any, Any, Any], record: RequestRecord,
-                     plan: UpstreamPlan, attempt: Callable[[Upstream], Any],
-                     exchange: Exchange) -> Flow[Any]:
-    """`attempts` with the filters told of each try (its upstream, its number, how
-    it ended). `plan` is the exchange's: a filter's header change reaches the try."""
+    one implements them (filters/base.py); `plan` is the exchange's, so a filter's
+    header change reaches the try."""
     chain = face.chain
+    # The exchange whose filters watch each try; None (no such filter): no calls.
+    watched = exchange if exchange is not None and chain.watches_attempts else None
     tried: list[Upstream] = []
     current = Attempt(face.choose(record))
     while True:
-        yield from chain.attempt(exchange, current)
+        if watched is not None:
+            yield from chain.attempt(watched, current)
         try:
             result = yield attempt(current.upstream)
         except Exception as exc:
-            current.error = exc
-            yield from chain.attempt_end(exchange, current)
+            if watched is not None:
+                current.error = exc
+                yield from chain.attempt_end(watched, current)
             after = face.retry(record, plan, tried, exc)
             if after is None:
                 raise
             current = Attempt(after, current.number + 1)
         else:
-            yield from chain.attempt_end(exchange, current)
+            if watched is not None:
+                yield from chain.attempt_end(watched, current)
             return result
 
 
