@@ -58,12 +58,16 @@ CLIENT_GONE_KEY = "dualproxy.client_gone"
 CLIENT_TIMEOUT_KEY = "dualproxy.client_timeout"
 
 
+# The two header fields CGI names without the HTTP_ prefix.
+_CONTENT_KEYS = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
+
+
 def _header_name(key: str) -> bytes | None:
     """The header name an environ key stands for (`HTTP_USER_AGENT`: b"user-agent"),
     None for a key that is no header."""
     if key.startswith("HTTP_"):
         return key[5:].lower().replace("_", "-").encode("latin-1")
-    if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+    if key in _CONTENT_KEYS:
         return key.lower().replace("_", "-").encode("latin-1")
     return None
 
@@ -72,7 +76,6 @@ def _header_name(key: str) -> bytes | None:
 # every request); bounded, as the keys come from the clients' header names.
 _HEADER_NAMES: dict[str, bytes | None] = {}
 _HEADER_NAMES_MAX = 1024
-_CONTENT_KEYS = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
 
 
 def _environ_headers(environ: Environ) -> list[tuple[bytes, bytes]]:
