@@ -156,8 +156,8 @@ class _Responder:
     """a2wsgi's responder (WSGIResponder), with the WSGI thread's messages posted to the loop, not
     waited for one by one: the thread appends to `_posted` and wakes the loop
     (once for all it posts before the loop runs); it waits only while more than
-    SEND_WINDOW body bytes are unsent. The loop sends them in order, a last chunk
-    and the end of the body as one message. Once the loop gives up (the send
+    SEND_WINDOW body bytes are unsent. The loop sends them in order, each as it
+    was posted. Once the loop gives up (the send
     failed, the request was cancelled) the thread's next send raises
     ClientDisconnected, so its iteration stops and the response is closed."""
 
