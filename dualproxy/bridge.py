@@ -81,13 +81,6 @@ class WSGIBridge:
                        for n, _ in scope["headers"])
         watcher: asyncio.Future[None] | None = None
 
-        async def watch() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    gone.set()
-                    return
-
         async def guarded_receive() -> Message:
             nonlocal watcher
             if watcher is not None:
@@ -112,7 +105,7 @@ class WSGIBridge:
             if not message.get("more_body", False):
                 # From here on only a disconnect can come: watch for it while the
                 # WSGI side waits for the upstream's head and streams the answer.
-                watcher = asyncio.ensure_future(watch())
+                watcher = asyncio.ensure_future(watch_disconnect(receive, gone))
             return message
 
         # No framing header, no body: nothing to read ahead (wsgi.input is empty).
@@ -125,11 +118,12 @@ class WSGIBridge:
                 # The app answers, so it reads no more of the body (the WSGI face
                 # reads none after the upstream's head): receive() is free to watch,
                 # or the body's reader, if it runs, watches from now on.
-                watcher = (body and body.watch()) or asyncio.ensure_future(watch())
+                watcher = (body and body.watch()) or asyncio.ensure_future(
+                    watch_disconnect(receive, gone))
             await send(message)
 
         if not has_body:
-            watcher = asyncio.ensure_future(watch())
+            watcher = asyncio.ensure_future(watch_disconnect(receive, gone))
         try:
             await _Responder(self._wsgi, self._middleware.executor)(scope, body, watching_send)
         except (UpstreamBroken, ClientDisconnected):
@@ -145,6 +139,16 @@ class WSGIBridge:
                 watcher.cancel()
             if body is not None:
                 body.stop()
+
+
+async def watch_disconnect(receive: Receive, gone: threading.Event) -> None:
+    """Once the request body is over only a disconnect can come: wait for it, and set
+    `gone` (the WSGI face's `dualproxy.client_gone`)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            return
 
 
 # The most body bytes the WSGI thread gets ahead of the client (a2wsgi: 10 messages).
@@ -382,11 +386,8 @@ class _ReadAhead:
                 self.cond.notify()
             if not more:
                 return  # `guarded_receive` started the bridge's watcher
-        while True:  # the response started: watch, as the bridge's watcher does
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                self.gone.set()
-                return
+        # The response started: watch, as the bridge's watcher does.
+        await watch_disconnect(self.receive, self.gone)
 
     def watch(self) -> asyncio.Task[None] | None:
         """Make the running reader the bridge's watcher (the response starts): it
