@@ -30,7 +30,7 @@ from a2wsgi import WSGIMiddleware
 from a2wsgi.wsgi import Body, build_environ
 
 from . import body_input
-from .core import client_stalled
+from .asgi import receive_within
 from .drain import absorb_cancel
 from .errors import RESPONSE_ABORTED, ClientDisconnected, UpstreamBroken
 from .router import SyncRouter, async_twin
@@ -95,10 +95,7 @@ class WSGIBridge:
             if seconds is None:
                 message = await receive()
             else:
-                try:
-                    message = await asyncio.wait_for(receive(), seconds)
-                except asyncio.TimeoutError:
-                    raise client_stalled(seconds) from None
+                message = await receive_within(receive, seconds)
             if message["type"] == "http.disconnect":
                 gone.set()
                 raise ClientDisconnected("client went away")

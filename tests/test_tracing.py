@@ -43,7 +43,8 @@ def hex_id(value: str | None) -> str | None:
 
 def all_spans(proxy: ProxyProcess) -> list[dict[str, Any]]:
     spans = []
-    for line in proxy.log().splitlines():
+    # The last line may be a span still being written: only whole lines are read.
+    for line in proxy.log().split("\n")[:-1]:
         if line.startswith('{"name": '):
             spans.append(json.loads(line))
     return spans
