@@ -25,6 +25,11 @@ outermost, nearest the client, as Envoy's filters and ASGI middleware are):
   transport raised). A route without such a filter pays nothing for them.
 - `on_end(exchange)`: once, when the exchange is over whatever its outcome; the
   record (`exchange.record`) holds the status, bytes each way, timings and outcome.
+- `on_refusal(exchange, error)`: instead of all the above, for a request the core
+  refused before any filter saw it (a bad target 400, outside the mount 404, a
+  body declared too large 413, the mount's redirect: `error` is the ProxyError
+  answered right after; `exchange.plan` is None). For observers (a SERVER span);
+  its failure is logged, never raised. A route without such a filter pays nothing.
 
 Each method is a plain `def` (runs on both faces) or an `async def` (the async
 face only: `SyncProxy` refuses such a filter at construction). Raising a
@@ -121,6 +126,9 @@ class Filter:
     def on_end(self, exchange: Exchange) -> None | Any:
         return None
 
+    def on_refusal(self, exchange: Exchange, error: ProxyError) -> None | Any:
+        return None
+
     def label(self) -> str:
         return self.name or type(self).__qualname__
 
@@ -141,7 +149,7 @@ class Filter:
 
 # The stages a filter may override, in the order an exchange meets them.
 STAGES = ("on_request", "on_attempt", "on_attempt_end", "on_response", "on_trailers",
-          "on_error", "on_end")
+          "on_error", "on_end", "on_refusal")
 
 
 def overrides(flt: Filter, stage: str) -> bool:

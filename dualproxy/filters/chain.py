@@ -92,7 +92,7 @@ class Chain:
     """The ordered filters of one route, with the stages each one implements."""
 
     __slots__ = ("filters", "_request", "_response", "_trailers", "_error", "_end", "_async",
-                 "_attempt", "_attempt_end")
+                 "_attempt", "_attempt_end", "_refusal")
 
     def __init__(self, filters: Sequence[object] = ()) -> None:
         checked: list[Filter] = []
@@ -113,6 +113,7 @@ class Chain:
         self._end = [f for f in reversed(self.filters) if overrides(f, "on_end")]
         self._attempt = [f for f in self.filters if overrides(f, "on_attempt")]
         self._attempt_end = [f for f in reversed(self.filters) if overrides(f, "on_attempt_end")]
+        self._refusal = [f for f in self.filters if overrides(f, "on_refusal")]
         self._async = [f"{f.label()}.{stage}" for f in self.filters for stage in async_stages(f)]
 
     def close(self) -> None:
@@ -252,6 +253,27 @@ class Chain:
             except Exception:
                 error_logger.exception("filter %r failed at the end of %s %s", flt.label(),
                                        exchange.incoming.method,
+                                       exchange.record.target_text())
+
+
+    # -- a request the core refused before the filters -------------------------------------
+
+    @property
+    def watches_refusals(self) -> bool:
+        """Does a filter implement `on_refusal`? (No: a refusal makes no Exchange.)"""
+        return bool(self._refusal)
+
+    def refusal(self, exchange: Exchange, error: ProxyError) -> Flow[None]:
+        """Run `on_refusal` in order, before the core's refusal `error` is answered; a
+        failing filter is logged, never raised (the refusal is answered all the same)."""
+        for flt in self._refusal:
+            try:
+                result = flt.on_refusal(exchange, error)
+                if inspect.isawaitable(result):
+                    yield result
+            except Exception:
+                error_logger.exception("filter %r failed on the refusal of %s %s",
+                                       flt.label(), exchange.incoming.method,
                                        exchange.record.target_text())
 
 
