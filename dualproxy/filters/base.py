@@ -104,6 +104,9 @@ class Filter:
 
     #: the name in error messages and logs (default: the class name)
     name: str = ""
+    # A built-in whose changes to a plan or a response head are writable by construction
+    # (tracing's traceparent): the chain skips checking what it left (a cost a request).
+    _valid_heads: bool = False
 
     def on_request(self, exchange: Exchange) -> Answer | None | Any:
         return None

@@ -92,7 +92,7 @@ class Chain:
     """The ordered filters of one route, with the stages each one implements."""
 
     __slots__ = ("filters", "_request", "_response", "_trailers", "_error", "_end", "_async",
-                 "_attempt", "_attempt_end", "_refusal")
+                 "_attempt", "_attempt_end", "_refusal", "_response_checked")
 
     def __init__(self, filters: Sequence[object] = ()) -> None:
         checked: list[Filter] = []
@@ -108,6 +108,8 @@ class Chain:
         self._request = [(i, f) for i, f in indexed if overrides(f, "on_request")]
         # On the way down, the reverse order: the first filter is the outermost.
         self._response = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_response")]
+        # A response filter whose head is checked (not all built-ins of valid heads).
+        self._response_checked = any(not f._valid_heads for _, f in self._response)
         self._trailers = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_trailers")]
         self._error = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_error")]
         self._end = [f for f in reversed(self.filters) if overrides(f, "on_end")]
@@ -151,12 +153,14 @@ class Chain:
         filter leaves must be writable (InvalidHead, a 502 naming it, otherwise)."""
         for index, flt in self._request:
             result = flt.on_request(exchange)
-            if inspect.isawaitable(result):
-                result = yield result
-            if _answered(exchange, index, flt, result, "on_request"):
-                return result
+            if result is not None:
+                if inspect.isawaitable(result):
+                    result = yield result
+                if _answered(exchange, index, flt, result, "on_request"):
+                    return result
             # Checked even when the same plan object stays: its header list is mutable.
-            _check_plan(flt, exchange.plan)
+            if not flt._valid_heads:
+                _check_plan(flt, exchange.plan)
         return None
 
     # -- each try of the upstream ----------------------------------------------------------
@@ -172,15 +176,16 @@ class Chain:
         checked as after `on_request`."""
         for flt in self._attempt:
             result = flt.on_attempt(exchange, attempt)
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 yield result
-            _check_plan(flt, exchange.plan)
+            if not flt._valid_heads:
+                _check_plan(flt, exchange.plan)
 
     def attempt_end(self, exchange: Exchange, attempt: Attempt) -> Flow[None]:
         """Run `on_attempt_end` from the innermost filter out, after a try."""
         for flt in self._attempt_end:
             result = flt.on_attempt_end(exchange, attempt)
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 yield result
 
     # -- the response head ----------------------------------------------------------------
@@ -189,25 +194,29 @@ class Chain:
         """Run `on_response` from the innermost filter out (only those before the
         one that answered, when one did), then fix the framing up."""
         answered = exchange.state.get(_ANSWERED)
-        upstream_framing = _framing(head)
+        upstream_framing = _framing(head) if self._response_checked else []
         exchange.head = head
         for index, flt in self._response:
             if answered is not None and index >= answered:
                 continue
             current = exchange.head
             result = flt.on_response(exchange, current)
-            if inspect.isawaitable(result):
-                result = yield result
             if result is None:
                 result = exchange.head
-            elif not isinstance(result, ResponseHead):
-                raise TypeError(f"filter {flt.label()!r}: on_response returned "
-                                f"{type(result).__name__}, expected a ResponseHead or None")
+            else:
+                if inspect.isawaitable(result):
+                    result = yield result
+                if result is None:
+                    result = exchange.head
+                elif not isinstance(result, ResponseHead):
+                    raise TypeError(f"filter {flt.label()!r}: on_response returned "
+                                    f"{type(result).__name__}, expected a ResponseHead or None")
             result = _fix_framing(exchange, result)
-            problem = field_problem(result.headers) or _framing_problem(
-                exchange, result, upstream_framing)
-            if problem is not None:
-                raise InvalidHead(problem, flt.label())
+            if not flt._valid_heads:
+                problem = field_problem(result.headers) or _framing_problem(
+                    exchange, result, upstream_framing)
+                if problem is not None:
+                    raise InvalidHead(problem, flt.label())
             exchange.head = result
         final = exchange.head
         exchange.head = None
@@ -248,7 +257,7 @@ class Chain:
         for flt in self._end:
             try:
                 result = flt.on_end(exchange)
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):
                     yield result
             except Exception:
                 error_logger.exception("filter %r failed at the end of %s %s", flt.label(),

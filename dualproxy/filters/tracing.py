@@ -83,6 +83,7 @@ class Tracing(Filter):
     """The SERVER span of each exchange and a CLIENT span per upstream try."""
 
     name = "tracing"
+    _valid_heads = True  # its traceparent is hex, its tracestate the SDK's validated one
 
     def __init__(self, tracer_provider: Any = None, *,
                  is_trusted: Callable[[str | None], bool] | None = None,
