@@ -41,9 +41,10 @@ def keep_body_buffers() -> None:
     100 MiB, every page zeroed and faulted in again). Measured on the ASGI face
     on uvicorn: 126 ms of CPU per 100 MiB uploaded in such a process, 66 in one
     that had served downloads first; 5 uploads with the trim threshold forced to
-    1 MiB took 143k page faults and 796 ms, at 8 MiB 558 and 312 ms. Fixed thresholds keep up to TRIM_THRESHOLD of freed
-    heap for the next pieces (the wsgi face's periodic malloc_trim still returns
-    it when idle); blocks up to MMAP_THRESHOLD come from the heap.
+    1 MiB took 143k page faults and 796 ms, at 8 MiB 558 and 312 ms. Fixed
+    thresholds keep up to TRIM_THRESHOLD of freed heap for the next pieces (the
+    wsgi face's periodic malloc_trim still returns it when idle); blocks up to
+    MMAP_THRESHOLD come from the heap.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
