@@ -21,8 +21,10 @@ WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY dualproxy ./dualproxy
 # The package itself from this tree: its dependencies' ranges are pinned in pyproject.toml.
+# `tracing`: OpenTelemetry's API, SDK and OTLP/HTTP exporter, so `--tracing` works in the
+# image (configured by the OTEL_* variables, `docker run -e OTEL_EXPORTER_OTLP_ENDPOINT=...`).
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[servers,metrics]"
+RUN pip install --no-cache-dir ".[servers,metrics,tracing]"
 
 WORKDIR /
 USER 10001:10001

@@ -12,7 +12,8 @@ process tree. For dualproxy also the RSS while streaming 1 GiB each way, 2 worke
 against 1, a pool of 2 upstreams (nginx on a second port) against 1 on small GETs,
 and small GETs with the access log on against off (`dp-asgi-log`, `dp-wsgi-log`), and
 with request ids and header rules on against off (`dp-asgi-hdr`, `dp-wsgi-hdr`;
-tracing the same way, spans made but not exported: `dp-asgi-trace`, `dp-wsgi-trace`;
+tracing the same way, spans made but not exported: `dp-asgi-trace`, `dp-wsgi-trace`
+(and sent by the OTLP exporter to nginx: `dp-asgi-otlp`, `dp-wsgi-otlp`);
 a `--sub-filter` over the 64 KiB JSON document: `dp-asgi-sub`, `dp-wsgi-sub`; a mount
 sending X-Forwarded-Prefix against one that does not: `dp-asgi-xfp`, `dp-wsgi-xfp`;
 every other dualproxy row runs with `--no-access-log`), and GETs of a 64 KiB JSON
@@ -176,6 +177,7 @@ http {{
       alias {dir}/www/;
       add_header Cache-Control "public, max-age=3600";
     }}
+    location = /v1/traces {{ return 200; }}  # the OTLP rows' collector: takes, drops
     location = /sink {{
       client_body_buffer_size 1m;
       proxy_http_version 1.1;
@@ -618,10 +620,16 @@ def contestants(upstream: str, baseline: Path | None = None,
                      path="/cached/small", download="/cached/big")
           for face, adapter in (("asgi", ()), ("wsgi", ("--adapter", "wsgi")))),
         # Tracing's cost: every span made and ended, none exported (the SDK's provider,
-        # its default sampler, OTEL_TRACES_EXPORTER=none), against the same proxy without.
-        *(Contestant(f"dp-{face}-trace", f"dualproxy {face}, --tracing (exporter none)", face,
-                     dp(*adapter, "--tracing"), dualproxy=True, small_only=True,
-                     paired=dp(*adapter), env=(("OTEL_TRACES_EXPORTER", "none"),))
+        # its default sampler, OTEL_TRACES_EXPORTER=none), against the same proxy without:
+        # what each request pays on its way (never the console exporter, a debugging aid
+        # that writes a line a span). The -otlp rows add what a user with a collector pays
+        # besides: the OTLP/HTTP batch exporter (the default), its thread encoding spans
+        # and posting them to nginx, which takes and drops them.
+        *(Contestant(f"dp-{face}-{kind}", f"dualproxy {face}, --tracing (exporter {name})",
+                     face, dp(*adapter, "--tracing"), dualproxy=True, small_only=True,
+                     paired=dp(*adapter), env=(("OTEL_TRACES_EXPORTER", name),
+                                               ("OTEL_EXPORTER_OTLP_ENDPOINT", upstream)))
+          for kind, name in (("trace", "none"), ("otlp", "otlp"))
           for face, adapter in (("asgi", ()), ("wsgi", ("--adapter", "wsgi")))),
         # sub_filter: a text replacement across the 64 KiB JSON document (its words recur
         # in every record), against the same proxy passing it untouched.
@@ -974,17 +982,20 @@ def ratios(by: dict[str, Result], size_label: str) -> tuple[list[str], dict[str,
                      f"({fmt(r.rps)} vs {fmt(r.off_rps)}); {size_label} hit "
                      f"{fmt(r.down_mbs)} vs uncached {fmt(r.off_down_mbs)} MB/s "
                      f"({fmt(big, '.2f')}×)")
-    for face in ("asgi", "wsgi"):
-        r = by.get(f"dp-{face}-trace")
+    for face, kind, key in ((face, kind, key) for kind, key in (("trace", "tracing"),
+                                                                 ("otlp", "tracing_otlp"))
+                            for face in ("asgi", "wsgi")):
+        r = by.get(f"dp-{face}-{kind}")
         if r is None:
             continue
-        figures = {"tracing_on_over_off": ratio(value(r, "rps"), r.off_rps),
-                   "tracing_cpu_us_on": r.cpu_us_per_req, "tracing_cpu_us_off":
+        figures = {f"{key}_on_over_off": ratio(value(r, "rps"), r.off_rps),
+                   f"{key}_cpu_us_on": r.cpu_us_per_req, f"{key}_cpu_us_off":
                    r.off_cpu_us_per_req}
         doc.setdefault(face, {}).update(figures)
         shown = [fmt(v, f) for v, f in zip(figures.values(), (".2f", ".0f", ".0f"), strict=True)]
-        lines.append("{}: --tracing on / off small-GET req/s = {}; CPU per request {} vs {} µs"
-                     .format(face, *shown))
+        lines.append("{}: --tracing ({}) on / off small-GET req/s = {}; CPU per request {} vs "
+                     "{} µs".format(face, "OTLP" if kind == "otlp" else "exporter none",
+                                    *shown))
     for face in ("asgi", "wsgi"):
         r = by.get(f"dp-{face}-compress")
         if r is None:

@@ -90,13 +90,18 @@ def opening(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest, record: R
     return Opened(exchange.plan, exchange, answer, head)
 
 
-def refusal(face: ProxyFace[Any, Any, Any], record: RequestRecord, port: Any,
-            exc: ProxyError) -> Flow[Any]:
+def refusal(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest, record: RequestRecord,
+            port: Any, exc: ProxyError) -> Flow[Any]:
     """A refusal before any upstream was asked: outside the mount goes to the
-    fallback app when there is one (not the proxy's to log), else a problem."""
+    fallback app when there is one (not the proxy's to log), else a problem. When
+    the core refused (no filter saw the request), the filters watching refusals
+    (`on_refusal`: tracing's SERVER span) see it first."""
     if isinstance(exc, NotProxied) and face.fallback is not None:
         face.pass_on(record)
         return (yield port.fallback())
+    chain = face.chain
+    if chain.watches_refusals and record.exchange is None:  # not a filter's own refusal
+        yield from chain.refusal(Exchange(incoming, record), exc)
     return (yield port.problem(exc))
 
 
@@ -171,7 +176,7 @@ def http_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
         if face.chain:  # without filters: no Exchange, no stage, no extra generator
             opened = yield from opening(face, incoming, record, plan)
     except ProxyError as exc:
-        return (yield from refusal(face, record, port, exc))
+        return (yield from refusal(face, incoming, record, port, exc))
     exchange: Exchange | None = None
     if opened is not None:
         plan, exchange = opened.plan, opened.exchange
@@ -244,7 +249,7 @@ def handshake_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
     try:
         opened = yield from opening(face, incoming, record, port.plan(incoming))
     except ProxyError as exc:
-        return (yield from refusal(face, record, port, exc))
+        return (yield from refusal(face, incoming, record, port, exc))
     if opened.answer is not None:
         assert opened.exchange is not None and opened.head is not None
         return (yield port.answer(opened.exchange, opened.head, opened.answer.body))

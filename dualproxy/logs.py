@@ -227,12 +227,18 @@ class RequestRecord:
         if self.outcome is not None:
             return self.outcome, None
         if self.problem is not None:
-            return ("refused" if self.status < 500 else "failed"), self.cause
+            return refusal_outcome(self.status), self.cause
         return ("upstream-broken" if self.broken else "ok"), self.cause
 
     def target_text(self) -> str:
         """The target for a log line, escaped (`escape_text`)."""
         return escape_text(self.target.decode("latin-1"))
+
+
+def refusal_outcome(status: int) -> str:
+    """The outcome of an answer the proxy made itself: `refused` (4xx, or the mount's
+    redirect) or `failed` (5xx)."""
+    return "refused" if status < 500 else "failed"
 
 
 class RequestObserver(Protocol):

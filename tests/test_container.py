@@ -69,7 +69,7 @@ def test_structure() -> None:
     assert one("STOPSIGNAL") == "SIGTERM"
     assert "http://127.0.0.1:9100/healthz" in " ".join(healthcheck())
     installs = [rest for word, rest in steps if word == "RUN" and "pip install" in rest]
-    assert len(installs) == 1 and ".[servers,metrics]" in installs[0]
+    assert len(installs) == 1 and ".[servers,metrics,tracing]" in installs[0]
 
 
 def test_install_step_runs_as_a_shell_script(tmp_path: Path) -> None:

@@ -84,11 +84,13 @@ def parse_parent(header: str) -> tuple[str, str]:
     return trace_id, parent_id
 
 
-def access_line(proxy: ProxyProcess, rid: str) -> str:
+def access_line(proxy: ProxyProcess, rid: str, path: str | None = None) -> str:
+    """The access line of the request to `path` (default: /t/{rid})."""
+    needle = f"/t/{rid}" if path is None else path
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         lines = [line for line in proxy.log().splitlines()
-                 if f"/t/{rid}" in line and "dualproxy.access" in line]
+                 if needle in line and "dualproxy.access" in line]
         if lines:
             return lines[0]
         time.sleep(0.05)
@@ -254,6 +256,63 @@ def test_an_upstream_cut_mid_body_is_an_error_of_both_spans(make_proxy: MakeProx
     assert client_span["attributes"]["http.response.status_code"] == 200
     assert client_span["attributes"]["error.type"] == "cut_body"
     assert client_span["status"]["status_code"] == "ERROR"
+
+
+# --- requests the core refuses before the filters -----------------------------------------
+
+@pytest.mark.parametrize(("case", "status"), [("nul", 400), ("outside", 404), ("large", 413)])
+def test_a_refusal_before_the_filters_has_a_server_span(make_proxy: MakeProxy,
+                                                         upstream: Upstream, rid: str,
+                                                         case: str, status: int) -> None:
+    """A bad target (an encoded NUL), a path outside the mount and a body declared
+    too large are the core's refusals, before any filter: one SERVER span each, with
+    the status and error.type, no CLIENT span, nothing upstream, the trace id logged;
+    outside the mount the span has no route. A trusted caller's trace is continued."""
+    proxy = make_proxy("--tracing", "--mount", "/t", "--max-body-size", "10", *TRUST)
+    trace = os.urandom(16).hex()  # a trace of its own (the proxy serves the other cases)
+    path = {"nul": f"/t/{rid}%00", "outside": f"/elsewhere/{rid}", "large": f"/t/{rid}"}[case]
+    with proxy.client() as client:
+        response = client.request("POST" if case == "large" else "GET", path,
+                                  content=b"x" * 100 if case == "large" else None,
+                                  headers={"traceparent": f"00-{trace}-{THEIR_SPAN}-01",
+                                           "x-req-id": rid})
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    [server] = spans_of(proxy, rid, 1)
+    assert server["kind"] == "SpanKind.SERVER"
+    attributes = server["attributes"]
+    method = "POST" if case == "large" else "GET"
+    assert server["name"] == (method if case == "outside" else f"{method} /t")
+    assert attributes.get("http.route") == (None if case == "outside" else "/t")
+    assert attributes["http.request.method"] == method
+    assert attributes["url.path"] == path
+    assert attributes["url.scheme"] == "http"
+    assert attributes["client.address"] == "127.0.0.1"
+    assert attributes["http.response.status_code"] == status
+    assert attributes["error.type"] == str(status)
+    assert attributes["dualproxy.outcome"] == "refused"
+    assert server["status"]["status_code"] == "UNSET"  # a 4xx is no server error (semconv)
+    assert ids(server)[0] == trace and hex_id(server["parent_id"]) == THEIR_SPAN
+    assert server["end_time"] >= server["start_time"]
+    assert upstream.find(rid) is None
+    assert f" trace_id={trace}" in access_line(proxy, rid, f"{path} {status} ")
+
+
+def test_a_websocket_handshake_outside_the_mount_has_a_server_span(make_proxy: MakeProxy,
+                                                                   rid: str) -> None:
+    """The core's refusal of a WebSocket handshake (the same refusal as HTTP's, both
+    faces: the WSGI face's handshakes go through its ASGI twin)."""
+    from tests.test_websocket import refusal
+
+    proxy = make_proxy("--tracing", "--mount", "/t")
+    assert refusal(proxy, f"/elsewhere/{rid}").response.status_code == 404
+    [server] = spans_of(proxy, rid, 1)
+    assert server["kind"] == "SpanKind.SERVER" and server["name"] == "GET"
+    assert server["attributes"]["http.response.status_code"] == 404
+    assert server["attributes"]["error.type"] == "404"
+    assert "http.route" not in server["attributes"]
+    line = access_line(proxy, rid, f"/elsewhere/{rid} 404 ")
+    assert f" trace_id={ids(server)[0]}" in line
 
 
 # --- the cache's and the rate limit's decisions -------------------------------------------
@@ -431,7 +490,8 @@ def test_the_sampler_comes_from_the_environment(pairing: str, upstream: Upstream
 # --- OTLP: batched, flushed when the worker stops ----------------------------------------
 
 class OtlpReceiver:
-    """A collector's OTLP/HTTP traces endpoint: records the span names it receives."""
+    """A collector's OTLP/HTTP traces endpoint: records the span names it receives, but
+    not the spans of the harness's readiness probe (a request refused with a 404)."""
 
     def __init__(self) -> None:
         import http.server
@@ -449,7 +509,11 @@ class OtlpReceiver:
                 request = ExportTraceServiceRequest.FromString(body)
                 for resource in request.resource_spans:
                     for scope in resource.scope_spans:
-                        received.extend((self.path, span.name) for span in scope.spans)
+                        received.extend(
+                            (self.path, span.name) for span in scope.spans
+                            if not any(a.key == "url.path"
+                                       and "dualproxy-ready" in a.value.string_value
+                                       for a in span.attributes))
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", "0")

@@ -25,6 +25,11 @@ outermost, nearest the client, as Envoy's filters and ASGI middleware are):
   transport raised). A route without such a filter pays nothing for them.
 - `on_end(exchange)`: once, when the exchange is over whatever its outcome; the
   record (`exchange.record`) holds the status, bytes each way, timings and outcome.
+- `on_refusal(exchange, error)`: instead of all the above, for a request the core
+  refused before any filter saw it (a bad target 400, outside the mount 404, a
+  body declared too large 413, the mount's redirect: `error` is the ProxyError
+  answered right after; `exchange.plan` is None). For observers (a SERVER span);
+  its failure is logged, never raised. A route without such a filter pays nothing.
 
 Each method is a plain `def` (runs on both faces) or an `async def` (the async
 face only: `SyncProxy` refuses such a filter at construction). Raising a
@@ -99,6 +104,9 @@ class Filter:
 
     #: the name in error messages and logs (default: the class name)
     name: str = ""
+    # A built-in whose changes to a plan or a response head are writable by construction
+    # (tracing's traceparent): the chain skips checking what it left (a cost a request).
+    _valid_heads: bool = False
 
     def on_request(self, exchange: Exchange) -> Answer | None | Any:
         return None
@@ -121,6 +129,9 @@ class Filter:
     def on_end(self, exchange: Exchange) -> None | Any:
         return None
 
+    def on_refusal(self, exchange: Exchange, error: ProxyError) -> None | Any:
+        return None
+
     def label(self) -> str:
         return self.name or type(self).__qualname__
 
@@ -141,7 +152,7 @@ class Filter:
 
 # The stages a filter may override, in the order an exchange meets them.
 STAGES = ("on_request", "on_attempt", "on_attempt_end", "on_response", "on_trailers",
-          "on_error", "on_end")
+          "on_error", "on_end", "on_refusal")
 
 
 def overrides(flt: Filter, stage: str) -> bool:

@@ -92,7 +92,7 @@ class Chain:
     """The ordered filters of one route, with the stages each one implements."""
 
     __slots__ = ("filters", "_request", "_response", "_trailers", "_error", "_end", "_async",
-                 "_attempt", "_attempt_end")
+                 "_attempt", "_attempt_end", "_refusal", "_response_checked")
 
     def __init__(self, filters: Sequence[object] = ()) -> None:
         checked: list[Filter] = []
@@ -108,11 +108,14 @@ class Chain:
         self._request = [(i, f) for i, f in indexed if overrides(f, "on_request")]
         # On the way down, the reverse order: the first filter is the outermost.
         self._response = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_response")]
+        # A response filter whose head is checked (not all built-ins of valid heads).
+        self._response_checked = any(not f._valid_heads for _, f in self._response)
         self._trailers = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_trailers")]
         self._error = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_error")]
         self._end = [f for f in reversed(self.filters) if overrides(f, "on_end")]
         self._attempt = [f for f in self.filters if overrides(f, "on_attempt")]
         self._attempt_end = [f for f in reversed(self.filters) if overrides(f, "on_attempt_end")]
+        self._refusal = [f for f in self.filters if overrides(f, "on_refusal")]
         self._async = [f"{f.label()}.{stage}" for f in self.filters for stage in async_stages(f)]
 
     def close(self) -> None:
@@ -150,12 +153,14 @@ class Chain:
         filter leaves must be writable (InvalidHead, a 502 naming it, otherwise)."""
         for index, flt in self._request:
             result = flt.on_request(exchange)
-            if inspect.isawaitable(result):
-                result = yield result
-            if _answered(exchange, index, flt, result, "on_request"):
-                return result
+            if result is not None:
+                if inspect.isawaitable(result):
+                    result = yield result
+                if _answered(exchange, index, flt, result, "on_request"):
+                    return result
             # Checked even when the same plan object stays: its header list is mutable.
-            _check_plan(flt, exchange.plan)
+            if not flt._valid_heads:
+                _check_plan(flt, exchange.plan)
         return None
 
     # -- each try of the upstream ----------------------------------------------------------
@@ -171,15 +176,16 @@ class Chain:
         checked as after `on_request`."""
         for flt in self._attempt:
             result = flt.on_attempt(exchange, attempt)
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 yield result
-            _check_plan(flt, exchange.plan)
+            if not flt._valid_heads:
+                _check_plan(flt, exchange.plan)
 
     def attempt_end(self, exchange: Exchange, attempt: Attempt) -> Flow[None]:
         """Run `on_attempt_end` from the innermost filter out, after a try."""
         for flt in self._attempt_end:
             result = flt.on_attempt_end(exchange, attempt)
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 yield result
 
     # -- the response head ----------------------------------------------------------------
@@ -188,25 +194,29 @@ class Chain:
         """Run `on_response` from the innermost filter out (only those before the
         one that answered, when one did), then fix the framing up."""
         answered = exchange.state.get(_ANSWERED)
-        upstream_framing = _framing(head)
+        upstream_framing = _framing(head) if self._response_checked else []
         exchange.head = head
         for index, flt in self._response:
             if answered is not None and index >= answered:
                 continue
             current = exchange.head
             result = flt.on_response(exchange, current)
-            if inspect.isawaitable(result):
-                result = yield result
             if result is None:
                 result = exchange.head
-            elif not isinstance(result, ResponseHead):
-                raise TypeError(f"filter {flt.label()!r}: on_response returned "
-                                f"{type(result).__name__}, expected a ResponseHead or None")
+            else:
+                if inspect.isawaitable(result):
+                    result = yield result
+                if result is None:
+                    result = exchange.head
+                elif not isinstance(result, ResponseHead):
+                    raise TypeError(f"filter {flt.label()!r}: on_response returned "
+                                    f"{type(result).__name__}, expected a ResponseHead or None")
             result = _fix_framing(exchange, result)
-            problem = field_problem(result.headers) or _framing_problem(
-                exchange, result, upstream_framing)
-            if problem is not None:
-                raise InvalidHead(problem, flt.label())
+            if not flt._valid_heads:
+                problem = field_problem(result.headers) or _framing_problem(
+                    exchange, result, upstream_framing)
+                if problem is not None:
+                    raise InvalidHead(problem, flt.label())
             exchange.head = result
         final = exchange.head
         exchange.head = None
@@ -247,11 +257,32 @@ class Chain:
         for flt in self._end:
             try:
                 result = flt.on_end(exchange)
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):
                     yield result
             except Exception:
                 error_logger.exception("filter %r failed at the end of %s %s", flt.label(),
                                        exchange.incoming.method,
+                                       exchange.record.target_text())
+
+
+    # -- a request the core refused before the filters -------------------------------------
+
+    @property
+    def watches_refusals(self) -> bool:
+        """Does a filter implement `on_refusal`? (No: a refusal makes no Exchange.)"""
+        return bool(self._refusal)
+
+    def refusal(self, exchange: Exchange, error: ProxyError) -> Flow[None]:
+        """Run `on_refusal` in order, before the core's refusal `error` is answered; a
+        failing filter is logged, never raised (the refusal is answered all the same)."""
+        for flt in self._refusal:
+            try:
+                result = flt.on_refusal(exchange, error)
+                if inspect.isawaitable(result):
+                    yield result
+            except Exception:
+                error_logger.exception("filter %r failed on the refusal of %s %s",
+                                       flt.label(), exchange.incoming.method,
                                        exchange.record.target_text())
 
 

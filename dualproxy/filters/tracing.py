@@ -13,7 +13,9 @@ Per proxied request (the stable HTTP semantic conventions):
   (`trusted_proxies`, as for the forwarding headers and request ids; never with
   `tracing_new_traces`), anyone else's start a new trace; each try sends its own
   CLIENT span's `traceparent` upstream, in place of any the client sent;
-- `trace_id=` on the access-log line.
+- `trace_id=` on the access-log line;
+- a request the core refused before the filters (`on_refusal`: 400, 404, 413 ...)
+  is one SERVER span with its status and `error.type`.
 
 This module is imported only when a route has tracing on: a proxy without it
 never imports opentelemetry. `dualproxy serve` sets the process's tracer
@@ -26,6 +28,7 @@ import atexit
 import multiprocessing.util
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +39,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from .. import __version__
 from ..core import ResponseHead
+from ..errors import NotProxied, ProxyError
+from ..logs import refusal_outcome
 from .base import Attempt, Exchange, Filter
 
 if TYPE_CHECKING:
@@ -78,6 +83,7 @@ class Tracing(Filter):
     """The SERVER span of each exchange and a CLIENT span per upstream try."""
 
     name = "tracing"
+    _valid_heads = True  # its traceparent is hex, its tracestate the SDK's validated one
 
     def __init__(self, tracer_provider: Any = None, *,
                  is_trusted: Callable[[str | None], bool] | None = None,
@@ -114,22 +120,51 @@ class Tracing(Filter):
             return Context()
         return _PROPAGATOR.extract(carrier, Context())
 
-    def on_request(self, exchange: Exchange) -> None:
+    def _start_server(self, exchange: Exchange, routed: bool = True,
+                      attributes: dict[str, Any] | None = None,
+                      start_time: int | None = None) -> Span:
+        """The SERVER span of `exchange` (named by its route when `routed`), its trace
+        id on the access-log record."""
         incoming = exchange.incoming
         record = exchange.record
-        attributes: dict[str, Any] = {}
-        method = _method(incoming.method, attributes)
-        attributes["http.route"] = self.route
-        attributes["url.path"] = incoming.target.split(b"?", 1)[0].decode("latin-1")
-        attributes["url.scheme"] = incoming.scheme
+        start: dict[str, Any] = {}
+        method = _method(incoming.method, start)
+        if routed:
+            start["http.route"] = self.route
+        start["url.path"] = incoming.target.split(b"?", 1)[0].decode("latin-1")
+        start["url.scheme"] = incoming.scheme
         if record.client is not None:
-            attributes["client.address"] = record.client
-        span = self.tracer.start_span(f"{method} {self.route}", self.parent(exchange),
-                                      SpanKind.SERVER, attributes)
-        exchange.state[_SERVER] = span
+            start["client.address"] = record.client
+        if attributes:
+            start.update(attributes)
+        span = self.tracer.start_span(f"{method} {self.route}" if routed else method,
+                                      self.parent(exchange), SpanKind.SERVER, start,
+                                      start_time=start_time)
         trace_id = span.get_span_context().trace_id
         if trace_id:  # 0: no SDK behind the API (a no-op provider), no trace to name
             record.trace_id = f"{trace_id:032x}"
+        return span
+
+    def on_request(self, exchange: Exchange) -> None:
+        exchange.state[_SERVER] = self._start_server(exchange)
+
+    def on_refusal(self, exchange: Exchange, error: ProxyError) -> None:
+        """A request the core refused before the filters (a bad target, outside the
+        mount, too large): a SERVER span from the request's arrival to the refusal,
+        with its status and `error.type` (the status); outside the mount it has no
+        route (`http.route`, the name's), as the metrics' route label."""
+        status = error.status
+        attributes: dict[str, Any] = {"http.response.status_code": status,
+                                      "dualproxy.outcome": refusal_outcome(status)}
+        if status >= 400:
+            attributes["error.type"] = str(status)
+        # The request's arrival (the record's perf_counter clock) on the span's clock.
+        started = time.time_ns() - int((time.perf_counter() - exchange.record.started) * 1e9)
+        span = self._start_server(exchange, not isinstance(error, NotProxied), attributes,
+                                  started)
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR, error.detail))
+        span.end()
 
     def on_response(self, exchange: Exchange, head: ResponseHead) -> None:
         client = exchange.state.get(_CLIENT)
