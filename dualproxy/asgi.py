@@ -31,6 +31,8 @@ from .exchange import drive_async, http_flow
 from .face import ProxyFace, make_async_client
 from .filters import Exchange
 from .filters.chain import achunks, atransformed, run_async
+from .http1.aio import AsyncUpstreamTransport
+from .http1.pool import Call, Reply
 from .logs import RequestRecord
 from .target import app_mount
 from .types import ASGIApp, Message, Receive, Scope, Send
@@ -261,15 +263,23 @@ class HttpPort:
             self.cut = DrainCut(task, record)
             DRAIN.enter(self.cut)
 
-    async def attempt(self, upstream: Upstream) -> tuple[httpx.Request, httpx.Response]:
-        assert self.plan is not None
-        request = self.proxy.upstream_request(self.plan, self.content, upstream)
-        response = await self.proxy._send(request)
+    async def attempt(self, upstream: Upstream,
+                      ) -> tuple[httpx.Request, httpx.Response] | tuple[Call, Reply]:
+        proxy, plan = self.proxy, self.plan
+        assert plan is not None
+        transport = proxy._transport
+        result: tuple[httpx.Request, httpx.Response] | tuple[Call, Reply]
+        if isinstance(transport, AsyncUpstreamTransport):  # ours: no httpx objects
+            call = proxy.upstream_call(plan, self.content, upstream)
+            result = call, await transport.send(call)
+        else:
+            request = proxy.upstream_request(plan, self.content, upstream)
+            result = request, await proxy._send(request)
         if self.body_done is not None:
             # The head is in: the upload is over (whole, or stopped by an early
             # answer, its rest left unread), so the watcher takes receive() now.
             self.body_done.set()
-        return request, response
+        return result
 
     def upload_over(self) -> None:
         pass
@@ -277,21 +287,19 @@ class HttpPort:
     async def gone(self) -> None:
         self.record.client_gone = True
 
-    async def abandon(self, response: httpx.Response, exc: ProxyError | None) -> None:
+    async def abandon(self, response: httpx.Response | Reply, exc: ProxyError | None) -> None:
         try:
             if exc is not None:
                 await self.problem(exc)
         finally:
             await response.aclose()
 
-    async def relay(self, head: ResponseHead, response: httpx.Response,
+    async def relay(self, head: ResponseHead, response: httpx.Response | Reply,
                     exchange: Exchange | None) -> None:
         try:
-            raw = response.stream
-            # Our own transport's stream is raw already: skip httpx's wrappers.
+            # Our own transport's stream is raw already: no httpx wrappers.
             stream: AsyncIterable[bytes] = (
-                raw if self.proxy._transport is not None
-                and isinstance(raw, httpx.AsyncByteStream) else response.aiter_raw())
+                response.stream if isinstance(response, Reply) else response.aiter_raw())
             await self.proxy._relay(stream, head, self.send, self.record, exchange)
         finally:
             await response.aclose()

@@ -261,7 +261,9 @@ def timeouts(config: ProxyConfig) -> dict[str, float]:
     }
 
 
-def enter_body_phase(request: httpx.Request, config: ProxyConfig) -> None:
+def enter_body_phase(request: httpx.Request | Any, config: ProxyConfig) -> None:
+    """The head is in: reads wait up to `idle_timeout` from now on (`request`: an
+    httpx.Request, or anything with its `extensions`, as the transport's Call)."""
     timeout = request.extensions.get("timeout")
     if isinstance(timeout, dict):
         timeout["read"] = config.idle_timeout
@@ -368,9 +370,15 @@ def build_request(
         plan.method,
         _origin_url(upstream.origin),
         headers=byte_headers(attempt_headers(config, plan, upstream)),
-        stream=_BodyStream(content) if content is not None and plan.has_body else _NO_BODY,
+        stream=request_stream(plan, content),
         extensions={"target": plan.target, "timeout": timeouts(config), UPSTREAM: upstream},
     )
+
+
+def request_stream(plan: UpstreamPlan, content: Iterable[bytes] | AsyncIterable[bytes] | None,
+                   ) -> _BodyStream | _NoBody:
+    """The body sent upstream for a plan: `content`, or nothing when the plan has no body."""
+    return _BodyStream(content) if content is not None and plan.has_body else _NO_BODY
 
 
 class _BodyStream(httpx.AsyncByteStream, httpx.SyncByteStream):
