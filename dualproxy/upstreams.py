@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 from urllib.parse import urlsplit
 
 # httpx request extension carrying the chosen `Upstream` to dualproxy's transport.
@@ -41,6 +42,15 @@ class Upstream:
     origin: str = field(compare=False)
     socket_path: str | None = None
     name: str = field(default="", compare=False)  # safe display name (logs, metrics)
+
+    def __post_init__(self) -> None:
+        # The balancer hashes the chosen upstream three times a request: once here
+        # instead (the same value as the hash dataclass makes of the compared fields).
+        object.__setattr__(self, "_hash", hash(
+            (self.scheme, self.host, self.port, self.base, self.socket_path)))
+
+    def __hash__(self) -> int:
+        return cast(int, self.__dict__["_hash"])
 
     @property
     def tls(self) -> bool:
