@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
 from urllib.parse import urlsplit
 
 # httpx request extension carrying the chosen `Upstream` to dualproxy's transport.
@@ -50,7 +49,8 @@ class Upstream:
             (self.scheme, self.host, self.port, self.base, self.socket_path)))
 
     def __hash__(self) -> int:
-        return cast(int, self.__dict__["_hash"])
+        value: int = self.__dict__["_hash"]  # (not typing.cast: a call a hash)
+        return value
 
     @property
     def tls(self) -> bool:
