@@ -30,7 +30,10 @@ from .exchange import drive_async, http_flow
 from .face import ProxyFace, make_async_client
 from .filters import Exchange
 from .filters.chain import achunks, atransformed, run_async
+from .http1.aio import AsyncUpstreamTransport
+from .http1.pool import Call, Reply
 from .logs import RequestRecord
+from .servers import ON_GONE
 from .target import app_mount
 from .types import ASGIApp, Message, Receive, Scope, Send
 from .upstreams import Upstream
@@ -211,7 +214,7 @@ class HttpPort:
     decides, this reads the body, watches for a disconnect and sends messages."""
 
     __slots__ = ("proxy", "scope", "receive", "send", "record", "plan", "content",
-                 "body_done", "watcher", "cut", "passed_on")
+                 "body_done", "watcher", "on_gone", "cut", "passed_on")
 
     def __init__(self, proxy: AsyncProxy, scope: Scope, receive: Receive, send: Send,
                  record: RequestRecord) -> None:
@@ -223,6 +226,7 @@ class HttpPort:
         # the upstream's head came first (an early answer stops the upload).
         self.body_done: asyncio.Event | None = None
         self.watcher: asyncio.Task[None] | None = None
+        self.on_gone: list[Any] | None = None  # the server's ON_GONE list, when it told
         self.cut: DrainCut | None = None
         self.passed_on = False
 
@@ -249,27 +253,42 @@ class HttpPort:
             if exchange is not None and exchange._request_pipeline is not None:
                 content = atransformed(exchange._request_pipeline, content)
             self.content = content
-        # One extra task per request: a watcher that cancels this one if the
-        # client leaves before the response is complete. It only cancels while
-        # this task is suspended inside the exchange (record.responded guards
-        # the rest), so the cancellation is always ours to absorb.
+        # This task is cancelled if the client leaves before the response is
+        # complete (`cancel_for_gone`), only while it is suspended inside the
+        # exchange (record.responded guards the rest), so the cancellation is
+        # always ours to absorb. Told by the server when it offers (ON_GONE, a
+        # bodiless request: no body to drop after an early answer), else by one
+        # extra task, a watcher on receive().
         task = asyncio.current_task()
         assert task is not None
-        self.watcher = task.get_loop().create_task(
-            _watch_disconnect(self.receive, self.body_done, task, record))
+        on_gone = None if plan.has_body else self.scope.get(ON_GONE)
+        if isinstance(on_gone, list):
+            on_gone.append(functools.partial(cancel_for_gone, record, task))
+            self.on_gone = on_gone
+        else:
+            self.watcher = task.get_loop().create_task(
+                _watch_disconnect(self.receive, self.body_done, task, record))
         if DRAIN.armed:
             self.cut = DrainCut(task, record)
             DRAIN.enter(self.cut)
 
-    async def attempt(self, upstream: Upstream) -> tuple[httpx.Request, httpx.Response]:
-        assert self.plan is not None
-        request = self.proxy.upstream_request(self.plan, self.content, upstream)
-        response = await self.proxy._send(request)
+    async def attempt(self, upstream: Upstream,
+                      ) -> tuple[httpx.Request, httpx.Response] | tuple[Call, Reply]:
+        proxy, plan = self.proxy, self.plan
+        assert plan is not None
+        transport = proxy._transport
+        result: tuple[httpx.Request, httpx.Response] | tuple[Call, Reply]
+        if isinstance(transport, AsyncUpstreamTransport):  # ours: no httpx objects
+            call = proxy.upstream_call(plan, self.content, upstream)
+            result = call, await transport.send(call)
+        else:
+            request = proxy.upstream_request(plan, self.content, upstream)
+            result = request, await proxy._send(request)
         if self.body_done is not None:
             # The head is in: the upload is over (whole, or stopped by an early
             # answer, its rest left unread), so the watcher takes receive() now.
             self.body_done.set()
-        return request, response
+        return result
 
     def upload_over(self) -> None:
         pass
@@ -277,21 +296,19 @@ class HttpPort:
     async def gone(self) -> None:
         self.record.client_gone = True
 
-    async def abandon(self, response: httpx.Response, exc: ProxyError | None) -> None:
+    async def abandon(self, response: httpx.Response | Reply, exc: ProxyError | None) -> None:
         try:
             if exc is not None:
                 await self.problem(exc)
         finally:
             await response.aclose()
 
-    async def relay(self, head: ResponseHead, response: httpx.Response,
+    async def relay(self, head: ResponseHead, response: httpx.Response | Reply,
                     exchange: Exchange | None) -> None:
         try:
-            raw = response.stream
-            # Our own transport's stream is raw already: skip httpx's wrappers.
+            # Our own transport's stream is raw already: no httpx wrappers.
             stream: AsyncIterable[bytes] = (
-                raw if self.proxy._transport is not None
-                and isinstance(raw, httpx.AsyncByteStream) else response.aiter_raw())
+                response.stream if isinstance(response, Reply) else response.aiter_raw())
             await self.proxy._relay(stream, head, self.send, self.record, exchange)
         finally:
             await response.aclose()
@@ -301,6 +318,8 @@ class HttpPort:
             DRAIN.leave(self.cut)
         if self.watcher is not None:
             self.watcher.cancel()
+        if self.on_gone is not None:
+            self.on_gone.clear()  # over: a later disconnect is not this exchange's
 
 
 async def _send_body(send: Send, chunk: bytes, more: bool, record: RequestRecord) -> bool:
@@ -401,7 +420,12 @@ async def _watch_disconnect(
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            if not record.responded:
-                record.client_gone = True
-                task.cancel()
+            cancel_for_gone(record, task)
             return
+
+
+def cancel_for_gone(record: RequestRecord, task: asyncio.Task[Any]) -> None:
+    """The client is gone: an exchange whose response is not complete is cancelled."""
+    if not record.responded:
+        record.client_gone = True
+        task.cancel()

@@ -34,6 +34,7 @@ from .core import (
     IncomingRequest,
     ResponseHead,
     UpstreamPlan,
+    attempt_headers,
     build_request,
     check_user_client,
     client_options,
@@ -42,7 +43,9 @@ from .core import (
     may_retry,
     plan_request,
     plan_response,
+    request_stream,
     response_header_list,
+    timeouts,
     upstream_failed,
 )
 from .errors import BadGateway, GatewayTimeout, ProxyError, describe
@@ -50,6 +53,8 @@ from .filters import Answer, Exchange, build_chain
 from .filters.chain import run_sync
 from .framing import FRAMING, Framing
 from .headers import client_address
+from .http1.connect import upstream_key
+from .http1.pool import Call, Reply
 from .logs import AccessLog, RequestRecord
 from .pools import Pool, Pools
 from .upstreams import Upstream
@@ -277,16 +282,29 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
                          upstream: Upstream | None = None) -> httpx.Request:
         return build_request(self.config, plan, content, upstream)
 
+    def upstream_call(self, plan: UpstreamPlan, content: Any, upstream: Upstream) -> Call:
+        """`upstream_request` as dualproxy's transport takes it directly (`send`): the
+        same request line, headers, body and timeouts, without an httpx.Request."""
+        return Call(plan.method.upper().encode(), plan.target,
+                    attempt_headers(self.config, plan, upstream), request_stream(plan, content),
+                    upstream_key(upstream), {"timeout": timeouts(self.config)})
+
     def response_head(self, record: RequestRecord, plan: UpstreamPlan,
-                      request: httpx.Request, response: httpx.Response) -> ResponseHead:
-        """The head for the client, before the response hooks (ProxyError: refuse)."""
-        record.upstream_status(response.status_code)
+                      request: httpx.Request | Call, response: httpx.Response | Reply,
+                      ) -> ResponseHead:
+        """The head for the client, before the response hooks (ProxyError: refuse).
+        `request` and `response`: httpx's, or a Call and the Reply the transport gave."""
+        if isinstance(response, Reply):
+            status, headers = response.head.status, response.header_list()
+            framing = response.head.framing
+        else:
+            status, headers = response.status_code, response_header_list(response)
+            framing = response.extensions.get(FRAMING)  # dualproxy's transport read it already
+        record.upstream_status(status)
         if record.upstream is not None:
             self.balancer.succeeded(record.upstream)
         enter_body_phase(request, self.config)
-        framing = response.extensions.get(FRAMING)  # dualproxy's transport read it already
-        return plan_response(self.config, plan, response.status_code,
-                             response_header_list(response),
+        return plan_response(self.config, plan, status, headers,
                              framing if isinstance(framing, Framing) else None)
 
     def refuse(self, record: RequestRecord, exc: ProxyError) -> None:

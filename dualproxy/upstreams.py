@@ -42,6 +42,16 @@ class Upstream:
     socket_path: str | None = None
     name: str = field(default="", compare=False)  # safe display name (logs, metrics)
 
+    def __post_init__(self) -> None:
+        # The balancer hashes the chosen upstream three times a request: once here
+        # instead (the same value as the hash dataclass makes of the compared fields).
+        object.__setattr__(self, "_hash", hash(
+            (self.scheme, self.host, self.port, self.base, self.socket_path)))
+
+    def __hash__(self) -> int:
+        value: int = self.__dict__["_hash"]  # (not typing.cast: a call a hash)
+        return value
+
     @property
     def tls(self) -> bool:
         return self.scheme == "https"

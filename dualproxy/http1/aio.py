@@ -23,15 +23,17 @@ from .connect import Key, address, connect_failed
 from .connection import NEED_DATA, ClientConnection, Data, Response
 from .pool import (
     RETRY_ON,
+    Call,
     Pool,
     PooledBody,
+    Reply,
+    Sendable,
     connect_timeout,
     head_deadline,
-    origin,
-    request_line,
     tell_unsent,
     time_left,
     timeout,
+    to_httpx,
 )
 
 READ_SIZE = 262144
@@ -165,7 +167,7 @@ class _AsyncConn(asyncio.Protocol):
     def closed(self) -> bool:
         return self.transport is None or self.transport.is_closing()
 
-    async def wait_data(self, request: httpx.Request, deadline: float | None = None) -> None:
+    async def wait_data(self, request: Sendable, deadline: float | None = None) -> None:
         """Wait until more bytes (or EOF) arrive; ReadTimeout after the read timeout,
         or at `deadline` (the loop's clock) when given."""
         if self.codec.eof:
@@ -187,7 +189,7 @@ class _AsyncConn(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
 
-    async def write(self, data: bytes, request: httpx.Request) -> None:
+    async def write(self, data: bytes, request: Sendable) -> None:
         """Write and wait for the kernel to take it; an upstream that left is told to
         the codec (which stops the upload), not raised: its answer may be in."""
         transport = self.transport
@@ -265,7 +267,7 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
                 return
         self._used -= 1
 
-    async def _connect(self, key: Key, request: httpx.Request, fresh: bool,
+    async def _connect(self, key: Key, request: Sendable, fresh: bool,
                        deadline: float | None) -> _AsyncConn:
         while not fresh and (idle := self._idle.take(key)) is not None:
             if not idle.closed and idle.codec.reusable:
@@ -307,50 +309,56 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
         self._release()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        key = origin(request)
-        await self._acquire(timeout(request, "pool"))
+        answer = await self.send(Call.of(request))
+        return to_httpx(answer.head, answer.stream, request)
+
+    async def send(self, call: Call) -> Reply:
+        """Send `call`; its final response head and body stream (httpx's errors).
+        The faces call it directly, without an httpx.Request and Response."""
+        key = call.key
+        await self._acquire(timeout(call, "pool"))
         conn: _AsyncConn | None = None
         try:
-            deadline = head_deadline(request, asyncio.get_running_loop().time())
-            conn = await self._connect(key, request, False, deadline)
+            deadline = head_deadline(call, asyncio.get_running_loop().time())
+            conn = await self._connect(key, call, False, deadline)
             try:
-                head = await self._exchange(conn, request, deadline)
+                head = await self._exchange(conn, call, deadline)
             except RETRY_ON:
                 conn.close()
                 if not conn.codec.may_retry():
                     raise
-                conn = await self._connect(key, request, True, deadline)
-                head = await self._exchange(conn, request, deadline)
+                conn = await self._connect(key, call, True, deadline)
+                head = await self._exchange(conn, call, deadline)
         except BaseException as exc:
             if conn is not None:
                 conn.close()
             tell_unsent(exc, conn)
             self._release()
             raise
-        return self._respond(key, conn, head, request, _AsyncBody)
+        return Reply(head, self._body(key, conn, call, _AsyncBody))
 
-    async def _exchange(self, conn: _AsyncConn, request: httpx.Request,
+    async def _exchange(self, conn: _AsyncConn, call: Call,
                         deadline: float | None) -> Response:
         codec = conn.codec
-        await conn.write(codec.send_request(*request_line(request)), request)
+        await conn.write(codec.send_request(call.method, call.target, call.headers), call)
         if codec.expects_body:
-            stream = request.stream
+            stream = call.stream
             assert isinstance(stream, AsyncIterable)
             async for piece in stream:
                 data = codec.send_body(piece)
                 if data:
-                    await conn.write(data, request)
+                    await conn.write(data, call)
                 elif codec.upload_stopped:
                     break
             else:
                 data = codec.end_body()
                 if data:
-                    await conn.write(data, request)
-            deadline = head_deadline(request, asyncio.get_running_loop().time())
+                    await conn.write(data, call)
+            deadline = head_deadline(call, asyncio.get_running_loop().time())
         while True:
             event = codec.next_event()
             if event is NEED_DATA:
-                await conn.wait_data(request, deadline)
+                await conn.wait_data(call, deadline)
             elif isinstance(event, Response) and not event.interim:
                 return event
 

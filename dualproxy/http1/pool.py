@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ssl
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
 import httpx
@@ -59,7 +59,51 @@ def tell_unsent(exc: BaseException, conn: Conn | None) -> None:
         setattr(exc, NOTHING_SENT, True)
 
 
-def timeout(request: httpx.Request, kind: str) -> float | None:
+class Sendable(Protocol):
+    """What the waits read of a request: `extensions["timeout"]` (an httpx.Request, a Call)."""
+
+    @property
+    def extensions(self) -> dict[str, Any]: ...
+
+
+class Call:
+    """One request as the async driver sends it: the request line, the headers
+    exactly as given, the body (None: none), the pool key and httpx's extensions
+    (the timeouts are read from there before every wait). The face builds it
+    from its plan without an httpx.Request; `of` takes one from httpx."""
+
+    __slots__ = ("method", "target", "headers", "stream", "key", "extensions")
+
+    def __init__(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
+                 stream: AsyncIterable[bytes] | Iterable[bytes] | None, key: Key,
+                 extensions: dict[str, Any]) -> None:
+        self.method, self.target, self.headers = method, target, headers
+        self.stream, self.key, self.extensions = stream, key, extensions
+
+    @classmethod
+    def of(cls, request: httpx.Request) -> Call:
+        method, target, headers = request_line(request)
+        return cls(method, target, headers, request.stream, origin(request), request.extensions)
+
+
+class Reply:
+    """The final response head and its body stream, as `Pool.send` returns them
+    (httpx's Response is built from it only for httpx's interface)."""
+
+    __slots__ = ("head", "stream")
+
+    def __init__(self, head: Response, stream: Any) -> None:
+        self.head, self.stream = head, stream
+
+    def header_list(self) -> list[tuple[bytes, bytes]]:
+        """The headers with lower-cased names, duplicates and order kept."""
+        return [(name.lower(), value) for name, value in self.head.headers]
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def timeout(request: Sendable, kind: str) -> float | None:
     timeouts = request.extensions.get("timeout")
     if isinstance(timeouts, dict):
         value = timeouts.get(kind)
@@ -67,7 +111,7 @@ def timeout(request: httpx.Request, kind: str) -> float | None:
     return None
 
 
-def head_deadline(request: httpx.Request, now: float) -> float | None:
+def head_deadline(request: Sendable, now: float) -> float | None:
     """When the response head must be in by, on the clock `now` is read from: the
     read timeout (the core's `--timeout` until the head) bounds connect plus the
     whole head, however slowly it trickles; restarted once an upload ended (the
@@ -80,7 +124,7 @@ def time_left(deadline: float | None, now: float) -> float | None:
     return None if deadline is None else max(deadline - now, 0.0)
 
 
-def connect_timeout(request: httpx.Request, deadline: float | None, now: float) -> float | None:
+def connect_timeout(request: Sendable, deadline: float | None, now: float) -> float | None:
     """The connect timeout, cut to what is left of the head's deadline."""
     seconds = timeout(request, "connect")
     left = time_left(deadline, now)
@@ -130,6 +174,9 @@ class Empty(httpx.AsyncByteStream, httpx.SyncByteStream):
         empty: tuple[bytes, ...] = ()
         for piece in empty:
             yield piece
+
+
+_EMPTY = Empty()  # stateless: one for every bodiless response
 
 
 class IdlePool(Generic[C]):
@@ -198,17 +245,21 @@ class Pool(Generic[C]):
 
     def _respond(self, key: Key, conn: C, head: Response, request: httpx.Request,
                  body: type[PooledBody[C]]) -> httpx.Response:
-        """The httpx response for a final head; a bodiless one frees its connection now."""
+        """The httpx response for a final head (see `_body`)."""
+        return to_httpx(head, self._body(key, conn, request, body), request)
+
+    def _body(self, key: Key, conn: C, request: Sendable, body: type[PooledBody[C]]) -> Any:
+        """The body stream of a final head; a bodiless one frees its connection now."""
         if conn.codec.done:
             self._checkin(key, conn)
-            return to_httpx(head, Empty(), request)
-        return to_httpx(head, body(self, key, conn, request), request)
+            return _EMPTY
+        return body(self, key, conn, request)
 
 
 class PooledBody(Generic[C]):
     """A response body that gives its connection back when it ends or is closed."""
 
-    def __init__(self, pool: Pool[C], key: Key, conn: C, request: httpx.Request) -> None:
+    def __init__(self, pool: Pool[C], key: Key, conn: C, request: Any) -> None:
         self._pool = pool
         self._key = key
         self._conn: C | None = conn

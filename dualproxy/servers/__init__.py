@@ -17,6 +17,12 @@ from importlib import metadata
 # factory rebuilds the app from them; the uvicorn worker class reads its settings).
 ENV_OPTIONS = "DUALPROXY_SERVE_OPTIONS"
 
+# The scope key under which dualproxy's uvicorn protocol (uvicorn_protocols.py) hands
+# the app a list it fills with callables; they run once, the moment the client is
+# found gone before the response is complete. The ASGI face then needs no task
+# watching receive() for a bodiless request (it makes one where the key is absent).
+ON_GONE = "dualproxy.on_gone"
+
 # Distribution -> (lowest tested version, first untested version).
 TESTED: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "gunicorn": ((27, 0), (28, 0)),

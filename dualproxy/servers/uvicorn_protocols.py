@@ -23,6 +23,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 from ..drain import DRAIN
 from ..errors import BadRequest, ProxyError
+from . import ON_GONE
 from .limits import LINGER, HeadTimeout, head_too_large, header_timeout, raw_problem
 
 
@@ -184,6 +185,7 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
             close_delimited(self.cycle)
         if self.cycle is not None:  # its head waits for the body's first piece
             self.cycle.transport = CorkedTransport(self.transport, self.loop)
+            self.cycle.scope[ON_GONE] = []  # (the app's task has not run yet)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # uvicorn tells only its newest cycle (`self.cycle`) that the client is gone.
@@ -194,8 +196,7 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         self.stop_head_clock()
         for cycle in self.__dict__.get("cycles", ()):
             if not cycle.response_complete:
-                cycle.disconnected = True
-                cycle.message_event.set()
+                tell_gone(cycle)
         super().connection_lost(exc)
 
     def on_message_complete(self) -> None:
@@ -235,8 +236,7 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
             # the app hears the client gone, and the connection closes as uvicorn's.
             if not cycle.response_started:
                 self.transport.write(raw_problem(exc))
-            cycle.disconnected = True
-            cycle.message_event.set()
+            tell_gone(cycle)
             self.transport.close()
             return
         self.transport.write(raw_problem(exc))
@@ -248,6 +248,15 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         if self.refused:
             self.transport.close()
         return super().eof_received()  # type: ignore[no-any-return]
+
+
+def tell_gone(cycle: Any) -> None:
+    """Tell an unfinished cycle's app that its client is gone: uvicorn's flag and
+    event (its receive() says http.disconnect) and, once, the app's ON_GONE callables."""
+    cycle.disconnected = True
+    cycle.message_event.set()
+    for callback in cycle.scope.pop(ON_GONE, ()):
+        callback()
 
 
 _NO_BODY = frozenset({204, 304})
