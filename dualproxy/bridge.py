@@ -38,7 +38,7 @@ import queue
 import sys
 import threading
 from collections import deque
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from a2wsgi import WSGIMiddleware
 from a2wsgi.wsgi import Body, unicode_to_wsgi
@@ -92,7 +92,7 @@ class WSGIBridge:
         scope = dict(scope)  # the face adds CLIENT_TIMEOUT_KEY to environ["asgi.scope"]
         has_body = any(n in (b"content-length", b"transfer-encoding")
                        for n, _ in scope["headers"])
-        watcher: asyncio.Future[None] | None = None
+        watcher: _Cancellable | None = None
 
         async def guarded_receive() -> Message:
             nonlocal watcher
@@ -115,7 +115,7 @@ class WSGIBridge:
             if not message.get("more_body", False):
                 # From here on only a disconnect can come: watch for it while the
                 # WSGI side waits for the upstream's head and streams the answer.
-                watcher = asyncio.ensure_future(watch_disconnect(receive, gone))
+                watcher = start_watch(receive, gone)
             return message
 
         # No framing header, no body: nothing to read ahead (wsgi.input is empty).
@@ -128,11 +128,10 @@ class WSGIBridge:
                 # The app answers, so it reads no more of the body (the WSGI face
                 # reads none after the upstream's head): receive() is free to watch,
                 # or the body's reader, if it runs, watches from now on.
-                watcher = (body and body.watch()) or asyncio.ensure_future(
-                    watch_disconnect(receive, gone))
+                watcher = (body and body.watch()) or start_watch(receive, gone)
 
         if not has_body:
-            watcher = asyncio.ensure_future(watch_disconnect(receive, gone))
+            watcher = start_watch(receive, gone)
         responder = _Responder(self.app, started)
         try:
             await responder(self._pool, self._environ(scope, _BridgeBody(body), gone), send)
@@ -209,6 +208,16 @@ def _environ_key(name: bytes) -> str:
     return key
 
 
+class _Cancellable(Protocol):
+    def cancel(self) -> Any: ...
+
+
+def start_watch(receive: Receive, gone: threading.Event) -> _Cancellable:
+    """Watch for the client's disconnect (the request body is over, or the app reads
+    no more of it): `gone` is set when it comes; `cancel()` ends the watch."""
+    return _Watch(receive, gone)
+
+
 async def watch_disconnect(receive: Receive, gone: threading.Event) -> None:
     """Once the request body is over only a disconnect can come: wait for it, and set
     `gone` (the WSGI face's `dualproxy.client_gone`)."""
@@ -217,6 +226,34 @@ async def watch_disconnect(receive: Receive, gone: threading.Event) -> None:
         if message["type"] == "http.disconnect":
             gone.set()
             return
+
+
+class _Watch:
+    """watch_disconnect by callbacks: each receive() that returns a future (granian's
+    do) is watched without a task; one that returns a coroutine (uvicorn's) runs in a
+    task of its own (so a watch cancelled early leaves no coroutine never awaited)."""
+
+    __slots__ = ("receive", "gone", "waiting")
+
+    def __init__(self, receive: Receive, gone: threading.Event) -> None:
+        self.receive, self.gone = receive, gone
+        self.waiting = self._next()
+
+    def _next(self) -> asyncio.Future[Message]:
+        waiting = asyncio.ensure_future(self.receive())
+        waiting.add_done_callback(self._done)
+        return waiting
+
+    def _done(self, waiting: asyncio.Future[Message]) -> None:
+        if waiting.cancelled() or waiting.exception() is not None:
+            return  # the watch was ended, or the server's receive() failed
+        if waiting.result()["type"] == "http.disconnect":
+            self.gone.set()
+            return
+        self.waiting = self._next()
+
+    def cancel(self) -> None:
+        self.waiting.cancel()
 
 
 class _Pool:
@@ -331,19 +368,29 @@ class _Responder:
 
     async def _relay(self, send: Send) -> None:
         """Send what the thread posts, in order, until its end."""
-        started = False
+        started = sized = skip = False
         while True:
             sent = 0
-            # Each message as the thread posted it: a last piece is not folded into the
-            # end, since granian then frames a body the face sent without a length with
-            # Content-Length, unlike the ASGI face on granian (and the filter chain's rule
-            # that a changed body goes chunked).
-            for message in await self._batch():
+            batch = await self._batch()
+            for i, message in enumerate(batch):
+                if skip:  # the end, folded into the last piece
+                    skip = False
+                    continue
                 if message is _END:
                     return
-                if not started and message["type"] == "http.response.start":
-                    started = True
-                    self.started()
+                if message["type"] == "http.response.start":
+                    if not started:
+                        started = True
+                        self.started()
+                    sized = any(name == b"content-length" for name, _ in message["headers"])
+                elif sized and message.get("more_body") and _is_end(batch, i + 1):
+                    # The last piece and the end, posted together, go as one message
+                    # (one send less) when the head has a Content-Length. Otherwise
+                    # not: granian frames a body sent without a length in one message
+                    # with Content-Length, unlike the ASGI face on granian (and the
+                    # filter chain's rule that a changed body goes chunked).
+                    message["more_body"] = False
+                    skip = True
                 await send(message)
                 sent += len(message.get("body", b""))
             if sent:
@@ -405,6 +452,15 @@ class _Responder:
             self.error = exc
         finally:
             self._post(_END)
+
+
+def _is_end(batch: list[Message | None], i: int) -> bool:
+    """Is batch[i] the response's end (the last body message, empty)?"""
+    if i >= len(batch):
+        return False
+    message = batch[i]
+    return (message is not _END and message["type"] == "http.response.body"
+            and not message.get("more_body", False) and not message.get("body"))
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
