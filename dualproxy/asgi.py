@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import sys
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, TypeVar
 
@@ -35,6 +34,7 @@ from .logs import RequestRecord
 from .target import app_mount
 from .types import ASGIApp, Message, Receive, Scope, Send
 from .upstreams import Upstream
+from .waits import within
 
 T = TypeVar("T")
 
@@ -354,41 +354,13 @@ async def _send_via(client: httpx.AsyncClient, transport: httpx.AsyncBaseTranspo
     return await client.send(request, stream=True, follow_redirects=False)
 
 
-if sys.version_info >= (3, 11):
-    async def receive_within(receive: Receive, seconds: float) -> Message:
-        """The next ASGI message, or core.client_stalled after `seconds` without one.
-
-        Not asyncio.wait_for: up to 3.11 it returns the message and drops a cancel that
-        comes as the message arrives (CPython gh-86296), which lost the drain's cut of
-        an upload (the task went on reading until the server killed it). It also made
-        a task for each piece."""
-        try:
-            async with asyncio.timeout(seconds):
-                return await receive()
-        except TimeoutError:
-            raise client_stalled(seconds) from None
-else:
-    async def receive_within(receive: Receive, seconds: float) -> Message:
-        """As above, for 3.10 (no asyncio.timeout): the timer cancels the task itself,
-        and only a cancel the timer made becomes client_stalled."""
-        task = asyncio.current_task()
-        assert task is not None
-        fired = False
-
-        def expire() -> None:
-            nonlocal fired
-            fired = True
-            task.cancel()
-
-        timer = asyncio.get_running_loop().call_later(seconds, expire)
-        try:
-            return await receive()
-        except asyncio.CancelledError:
-            if fired:
-                raise client_stalled(seconds) from None
-            raise
-        finally:
-            timer.cancel()
+async def receive_within(receive: Receive, seconds: float) -> Message:
+    """The next ASGI message, or core.client_stalled after `seconds` without one
+    (waits.within: a drain cut that comes with a piece is not lost)."""
+    try:
+        return await within(receive(), seconds)
+    except asyncio.TimeoutError:
+        raise client_stalled(seconds) from None
 
 
 async def _request_body(

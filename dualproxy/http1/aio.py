@@ -18,6 +18,7 @@ from typing import cast
 
 import httpx
 
+from ..waits import within
 from .connect import Key, address, connect_failed
 from .connection import NEED_DATA, ClientConnection, Data, Response
 from .pool import (
@@ -204,7 +205,7 @@ class _AsyncConn(asyncio.Protocol):
         drain = self._drain
         if drain is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(drain), timeout(request, "write"))
+                await within(asyncio.shield(drain), timeout(request, "write"))
             except asyncio.TimeoutError:
                 raise httpx.WriteTimeout("upstream stopped reading the request") from None
 

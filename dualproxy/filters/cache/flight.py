@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Iterator
 
 from ...errors import UpstreamBroken
 from ...headers import Header
+from ...waits import within
 from .keys import VaryNames, VaryValues
 from .store import SLICE, Writer
 
@@ -130,7 +131,7 @@ class Flight:
         with self._cond:
             self._events.append(event)
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            await within(event.wait(), timeout)
         except asyncio.TimeoutError:
             return False
         return True
