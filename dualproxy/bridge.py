@@ -240,9 +240,11 @@ class _Watch:
         self.waiting = self._next()
 
     def _next(self) -> asyncio.Future[Message]:
-        waiting = asyncio.ensure_future(self.receive())
+        waiting: Any = self.receive()
+        if not asyncio.isfuture(waiting):
+            waiting = asyncio.ensure_future(waiting)
         waiting.add_done_callback(self._done)
-        return waiting
+        return cast("asyncio.Future[Message]", waiting)
 
     def _done(self, waiting: asyncio.Future[Message]) -> None:
         if waiting.cancelled() or waiting.exception() is not None:
