@@ -21,7 +21,7 @@ from .logs import LINE_FORMAT, AccessLineHandler, LineFormatter, access_logger
 from .servers import ENV_OPTIONS
 from .servers.granian import serve_granian
 from .servers.gunicorn import serve_gunicorn
-from .servers.heap import freeze_heap, trim_heap_periodically
+from .servers.heap import freeze_heap, keep_body_buffers, trim_heap_periodically
 from .servers.limits import DEFAULT_HEADER_TIMEOUT, set_header_timeout
 from .servers.metrics import start_metrics_listener
 from .servers.uvicorn import quiet_uvicorn_refusals, serve_uvicorn, tune_uvicorn
@@ -220,6 +220,7 @@ def load_app(options: dict[str, Any]) -> Any:
             TUNNELS.limit = default_max_tunnels(options["threads"]) if tunnels is None else tunnels
         trim_heap_periodically()  # in the worker: threads do not survive fork
     freeze_heap()
+    keep_body_buffers()
     return app
 
 

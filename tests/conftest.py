@@ -48,7 +48,7 @@ GRANIAN_LIMITS = {
     "bare-lf": "granian (hyper) takes a bare LF for a line end in the request head: "
                "`X-A: a\nX-Injected: 1` reaches the core as two valid fields",
     "head-answers": "granian (hyper) answers a request head it refuses (malformed, more than "
-                    "100 fields, past its read buffer of 48 KiB) itself, before the app: "
+                    "100 fields, past its read buffer of 408 KiB) itself, before the app: "
                     "`400 Bad Request` or `431 Request Header Fields Too Large` with "
                     "`connection: close`, `content-length: 0` and no body, not problem+json, "
                     "and 431 for a long request line where the others say 414; granian 2.8 "

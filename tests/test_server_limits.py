@@ -150,6 +150,11 @@ SERVER_ERRORS = {
                    + b"".join(b"X-%d: v\r\n" % n for n in range(101)) + b"\r\n", 431),
     "one-40k-field": (b"GET / HTTP/1.1\r\nHost: proxy.test\r\nX-A: " + b"a" * 40000
                       + b"\r\n\r\n", 431),
+    # Past HEAD_LIMIT, under granian's read buffer (servers/granian.py READ_BUFFER):
+    # granian hands it to the core, which refuses it as the other servers do.
+    "200k-head": (b"GET / HTTP/1.1\r\nHost: proxy.test\r\n"
+                  + b"".join(b"X-%d: %s\r\n" % (n, b"a" * 40000) for n in range(5))
+                  + b"\r\n", 431),
 }
 
 
