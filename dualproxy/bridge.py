@@ -1,33 +1,47 @@
-"""WSGI on an ASGI server: a2wsgi, plus the two things it does not carry.
+"""WSGI on an ASGI server: a2wsgi's bridge, plus the two things it does not carry.
 
 a2wsgi's `WSGIMiddleware` runs the WSGI app in a thread pool. It keeps the ASGI
 scope in `environ["asgi.scope"]` (the WSGI face reads the raw path and exact
 headers from it) but reports a client that disconnects mid-upload as a clean
 end of input, and never tells the app that the client went away during the
-download. This wrapper raises ClientDisconnected into the reading thread for
+download. This bridge raises ClientDisconnected into the reading thread for
 the first, and sets the `dualproxy.client_gone` event for the second: watched
 from the end of the request body on (so a wait for the upstream's head ends
 too), or from the response's start when the upstream answered before the
 upload ended (the rest of the body is then never read: dropped here).
 
-Two parts of a2wsgi are replaced for speed, behaviour kept: its responder waited
-for the event loop on every message the WSGI thread sent (a round trip through
-`run_coroutine_threadsafe` for the head, each chunk and the end), here the
-thread posts them and waits only when more than `SEND_WINDOW` bytes are still
-unsent; and the request body has a direct reader (body_input.py) that hands
-over each received message as it comes instead of gathering `read(n)`'s n bytes.
+The parts of a2wsgi on a request's path are replaced for speed, behaviour kept
+(a2wsgi answers only the lifespan here):
+
+- its thread pool (`ThreadPoolExecutor` behind `run_in_executor`: per request a
+  concurrent and an asyncio future chained by callbacks, a work item, a
+  semaphore and a second wake-up of the loop for the thread's end) by `_Pool`,
+  whose threads take jobs from a queue; the thread's end is its last message
+  to the loop, and its failure goes with it;
+- its responder, which waited for the event loop on every message the WSGI
+  thread sent (a round trip through `run_coroutine_threadsafe` for the head,
+  each chunk and the end): here the thread posts them and wakes the loop only
+  when it sleeps, and waits only when more than `SEND_WINDOW` bytes are unsent;
+- its `build_environ`, the same environ, with each header name's environ key
+  worked out once (`_environ_key`) and its SCRIPT_NAME override read once;
+- its request body: a direct reader (body_input.py) hands over each received
+  message as it comes instead of gathering `read(n)`'s n bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
+import os
+import queue
+import sys
 import threading
 from collections import deque
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from a2wsgi import WSGIMiddleware
-from a2wsgi.wsgi import Body, build_environ
+from a2wsgi.wsgi import Body, unicode_to_wsgi
 
 from . import body_input
 from .asgi import receive_within
@@ -37,9 +51,11 @@ from .router import SyncRouter, async_twin
 from .types import ASGIApp, Environ, Message, Receive, Scope, Send, StartResponse, WSGIApp
 from .wsgi import CLIENT_GONE_KEY, CLIENT_TIMEOUT_KEY, SyncProxy
 
+log = logging.getLogger("dualproxy")
+
 
 class WSGIBridge:
-    """An ASGI app serving a WSGI app through a2wsgi with disconnects reported.
+    """An ASGI app serving a WSGI app in `threads` threads, with disconnects reported.
 
     WSGI cannot hold a WebSocket on an ASGI server: `websocket` scopes go to
     `websocket` (by default, for a SyncProxy, an AsyncProxy on the same config; for a
@@ -49,19 +65,17 @@ class WSGIBridge:
     def __init__(self, app: WSGIApp, *, threads: int = 32,
                  websocket: ASGIApp | None = None) -> None:
         self.app = app
-        self._middleware = WSGIMiddleware(self._wsgi, workers=threads)  # type: ignore[arg-type]
-        self._inner = cast(ASGIApp, self._middleware)
+        self._pool = _Pool(threads)
+        # The lifespan (and a WebSocket scope nobody serves) as a2wsgi answers them.
+        self._inner = cast(ASGIApp, WSGIMiddleware(app, workers=1))  # type: ignore[arg-type]
+        # a2wsgi's SCRIPT_NAME from the environment, which replaces the scope's root_path.
+        script_name = os.environ.get("SCRIPT_NAME", "")
+        self._script_name = cast(str, unicode_to_wsgi(script_name))  # type: ignore[no-untyped-call]
         if websocket is None and isinstance(app, SyncProxy):
             websocket = async_twin(app)
         elif websocket is None and isinstance(app, SyncRouter):
             websocket = app.asgi_twin()
         self.websocket = websocket
-
-    def _wsgi(self, environ: Environ, start_response: StartResponse) -> Any:
-        scope = environ.get("asgi.scope")
-        if isinstance(scope, dict) and CLIENT_GONE_KEY in scope:
-            environ[CLIENT_GONE_KEY] = scope[CLIENT_GONE_KEY]
-        return self.app(environ, start_response)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and self.websocket is not None:
@@ -75,11 +89,10 @@ class WSGIBridge:
                     raise
             return
         gone = threading.Event()
-        scope = dict(scope)
-        scope[CLIENT_GONE_KEY] = gone
+        scope = dict(scope)  # the face adds CLIENT_TIMEOUT_KEY to environ["asgi.scope"]
         has_body = any(n in (b"content-length", b"transfer-encoding")
                        for n, _ in scope["headers"])
-        watcher: asyncio.Future[None] | None = None
+        watcher: _Cancellable | None = None
 
         async def guarded_receive() -> Message:
             nonlocal watcher
@@ -102,27 +115,26 @@ class WSGIBridge:
             if not message.get("more_body", False):
                 # From here on only a disconnect can come: watch for it while the
                 # WSGI side waits for the upstream's head and streams the answer.
-                watcher = asyncio.ensure_future(watch_disconnect(receive, gone))
+                watcher = start_watch(receive, gone)
             return message
 
         # No framing header, no body: nothing to read ahead (wsgi.input is empty).
         body = (_ReadAhead(guarded_receive, receive, gone, lambda: watcher is not None)
                 if has_body else None)
 
-        async def watching_send(message: Message) -> None:
+        def started() -> None:
             nonlocal watcher
-            if watcher is None and message["type"] == "http.response.start":
+            if watcher is None:
                 # The app answers, so it reads no more of the body (the WSGI face
                 # reads none after the upstream's head): receive() is free to watch,
                 # or the body's reader, if it runs, watches from now on.
-                watcher = (body and body.watch()) or asyncio.ensure_future(
-                    watch_disconnect(receive, gone))
-            await send(message)
+                watcher = (body and body.watch()) or start_watch(receive, gone)
 
         if not has_body:
-            watcher = asyncio.ensure_future(watch_disconnect(receive, gone))
+            watcher = start_watch(receive, gone)
+        responder = _Responder(self.app, started)
         try:
-            await _Responder(self._wsgi, self._middleware.executor)(scope, body, watching_send)
+            await responder(self._pool, self._environ(scope, _BridgeBody(body), gone), send)
         except (UpstreamBroken, ClientDisconnected):
             # Returning without completing the response makes the server drop
             # the connection: the client never sees a cut body as complete.
@@ -137,6 +149,74 @@ class WSGIBridge:
             if body is not None:
                 body.stop()
 
+    def _environ(self, scope: Scope, body: _BridgeBody, gone: threading.Event) -> Environ:
+        """a2wsgi's environ for `scope` (build_environ), with `dualproxy.client_gone`."""
+        script_name = scope.get("root_path", "").encode("utf8").decode("latin1")
+        path_info = scope["path"].encode("utf8").decode("latin1")
+        if path_info.startswith(script_name):
+            path_info = path_info[len(script_name):]
+        server_addr, server_port = scope.get("server") or ("localhost", 80)
+        environ: Environ = {
+            "asgi.scope": scope,
+            "REQUEST_METHOD": scope["method"],
+            "SCRIPT_NAME": self._script_name or script_name,
+            "PATH_INFO": path_info,
+            "QUERY_STRING": scope["query_string"].decode("ascii"),
+            "SERVER_PROTOCOL": f"HTTP/{scope['http_version']}",
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": scope.get("scheme", "http"),
+            "wsgi.input": body,
+            "wsgi.errors": sys.stdout,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+            "SERVER_NAME": server_addr,
+            "SERVER_PORT": str(server_port or 0),
+            CLIENT_GONE_KEY: gone,
+        }
+        client = scope.get("client")
+        if client is not None:
+            environ["REMOTE_ADDR"], port = client
+            environ["REMOTE_PORT"] = str(port)
+        keys = _ENVIRON_KEYS
+        for name, value in scope.get("headers", ()):
+            key = keys.get(name) or _environ_key(name)
+            text = value.decode("latin1")
+            if key in environ:  # a repeated field: comma-joined, as a2wsgi does
+                text = environ[key] + "," + text
+            environ[key] = text
+        return environ
+
+
+# header name -> its environ key (b"user-agent": "HTTP_USER_AGENT"), for the names seen
+# so far (the same few dozen on every request); bounded, as clients choose the names.
+_ENVIRON_KEYS: dict[bytes, str] = {}
+_ENVIRON_KEYS_MAX = 1024
+
+
+def _environ_key(name: bytes) -> str:
+    """a2wsgi's environ key for a header name."""
+    text = name.decode("latin1")
+    if text == "content-length":
+        key = "CONTENT_LENGTH"
+    elif text == "content-type":
+        key = "CONTENT_TYPE"
+    else:
+        key = f"HTTP_{text}".upper().replace("-", "_")
+    if len(_ENVIRON_KEYS) < _ENVIRON_KEYS_MAX:
+        _ENVIRON_KEYS[name] = key
+    return key
+
+
+class _Cancellable(Protocol):
+    def cancel(self) -> Any: ...
+
+
+def start_watch(receive: Receive, gone: threading.Event) -> _Cancellable:
+    """Watch for the client's disconnect (the request body is over, or the app reads
+    no more of it): `gone` is set when it comes; `cancel()` ends the watch."""
+    return _Watch(receive, gone)
+
 
 async def watch_disconnect(receive: Receive, gone: threading.Event) -> None:
     """Once the request body is over only a disconnect can come: wait for it, and set
@@ -148,103 +228,204 @@ async def watch_disconnect(receive: Receive, gone: threading.Event) -> None:
             return
 
 
+class _Watch:
+    """watch_disconnect by callbacks: each receive() that returns a future (granian's
+    do) is watched without a task; one that returns a coroutine (uvicorn's) runs in a
+    task of its own (so a watch cancelled early leaves no coroutine never awaited)."""
+
+    __slots__ = ("receive", "gone", "waiting")
+
+    def __init__(self, receive: Receive, gone: threading.Event) -> None:
+        self.receive, self.gone = receive, gone
+        self.waiting = self._next()
+
+    def _next(self) -> asyncio.Future[Message]:
+        waiting: Any = self.receive()
+        if not asyncio.isfuture(waiting):
+            waiting = asyncio.ensure_future(waiting)
+        waiting.add_done_callback(self._done)
+        return cast("asyncio.Future[Message]", waiting)
+
+    def _done(self, waiting: asyncio.Future[Message]) -> None:
+        if waiting.cancelled() or waiting.exception() is not None:
+            return  # the watch was ended, or the server's receive() failed
+        if waiting.result()["type"] == "http.disconnect":
+            self.gone.set()
+            return
+        self.waiting = self._next()
+
+    def cancel(self) -> None:
+        self.waiting.cancel()
+
+
+class _Pool:
+    """Up to `size` threads running jobs, started as needed and kept (a2wsgi's
+    ThreadPoolExecutor without its futures: a job reports its end itself).
+
+    A job goes to a queue; the counts say whether a thread is promised to it
+    (one idle, or a new one) or it waits for the next thread to finish a job.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.jobs: queue.SimpleQueue[tuple[Any, tuple[Any, ...]]] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.threads = 0
+        self.idle = 0  # threads waiting for a job no thread is promised to
+        self.backlog = 0  # jobs queued with no thread promised to them
+
+    def submit(self, job: Any, *args: Any) -> None:
+        """Run `job(*args)` in a thread; it must not raise."""
+        with self.lock:
+            if self.idle:
+                self.idle -= 1
+                new = False
+            elif self.threads < self.size:
+                self.threads += 1
+                new = True
+            else:
+                self.backlog += 1
+                new = False
+        self.jobs.put((job, args))
+        if new:
+            # Daemons: an exiting process does not wait for an abandoned request's thread.
+            threading.Thread(target=self._work, name=f"WSGI_{self.threads - 1}",
+                             daemon=True).start()
+
+    def _work(self) -> None:
+        jobs, lock = self.jobs, self.lock
+        while True:
+            job, args = jobs.get()
+            try:
+                job(*args)
+            except BaseException:  # a job's own failure is its to report
+                log.exception("the WSGI bridge's job failed")
+            del job, args
+            with lock:
+                if self.backlog:
+                    self.backlog -= 1
+                else:
+                    self.idle += 1
+
+
 # The most body bytes the WSGI thread gets ahead of the client (a2wsgi: 10 messages).
 SEND_WINDOW = 1 << 20
 _END = None  # what the thread posts last, after the response or its failure
 
 
 class _Responder:
-    """a2wsgi's responder (WSGIResponder), with the WSGI thread's messages posted to the loop, not
-    waited for one by one: the thread appends to `_posted` and wakes the loop
-    (once for all it posts before the loop runs); it waits only while more than
-    SEND_WINDOW body bytes are unsent. The loop sends them in order, each as it
-    was posted. Once the loop gives up (the send
-    failed, the request was cancelled) the thread's next send raises
-    ClientDisconnected, so its iteration stops and the response is closed."""
+    """a2wsgi's responder (WSGIResponder), with the WSGI thread's messages posted to the
+    loop, not waited for one by one: the thread appends to `_posted` and wakes the
+    loop when it sleeps (`_waiter`); it waits only while more than SEND_WINDOW body
+    bytes are unsent. The loop sends them in order, each as it was posted, and calls
+    `started` before it sends the head. The thread's last message is `_END`, its
+    failure (`error`) set before it. Once the loop gives up (the send failed, the
+    request was cancelled) the thread's next send raises ClientDisconnected, so its
+    iteration stops and the response is closed."""
 
-    def __init__(self, app: WSGIApp, executor: Any) -> None:
+    def __init__(self, app: WSGIApp, started: Any) -> None:
         self.app = app
-        self.executor = executor
+        self.started = started
         self.loop = asyncio.get_running_loop()
         self.response_started = False
         self.exc_info: Any = None
-        self._posted: deque[Message | None] = deque()
+        self.error: BaseException | None = None  # the thread's failure
+        self._posted: list[Message | None] = []
         self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
+        self._room: threading.Condition | None = None  # made when the thread first waits
         self._unsent = 0  # body bytes posted and not yet sent
-        self._woken = False  # a wake-up is on its way to the loop
+        self._waiter: asyncio.Future[None] | None = None  # the loop sleeps on it
         self._stopped = False
-        self._ready = asyncio.Event()
+        self._over = False  # the loop has the thread's _END
 
-    async def __call__(self, scope: Scope, body: _ReadAhead | None, send: Send) -> None:
-        environ: Environ = cast(Any, build_environ(cast(Any, scope), _BridgeBody(body)))
-        done = self.loop.run_in_executor(
-            self.executor, contextvars.copy_context().run, self.wsgi, environ)
+    async def __call__(self, pool: _Pool, environ: Environ, send: Send) -> None:
+        pool.submit(contextvars.copy_context().run, self.wsgi, environ)
         try:
             await self._relay(send)
         except asyncio.CancelledError:
-            self._stop()
-            done.add_done_callback(_retrieve)  # the thread ends at its next send
+            self._stop()  # the thread ends at its next send
             raise
         except BaseException:
             # As a2wsgi: the send's failure is raised once the thread is over.
             self._stop()
-            try:
-                await done
-            except BaseException:
-                pass
+            while not self._over:
+                await self._batch()
             raise
-        await done
+        if self.error is not None:
+            raise self.error
         if self.exc_info is not None:
             raise self.exc_info[0].with_traceback(self.exc_info[1], self.exc_info[2])
 
+    async def _batch(self) -> list[Message | None]:
+        """What the thread posted since the last batch, waiting for something."""
+        while True:
+            with self._lock:
+                batch = self._posted
+                if batch:
+                    self._posted = []
+                    self._over = batch[-1] is _END  # nothing is posted after it
+                    return batch
+                waiter = self._waiter = self.loop.create_future()
+            await waiter
+
     async def _relay(self, send: Send) -> None:
         """Send what the thread posts, in order, until its end."""
-        ready, posted = self._ready, self._posted
+        started = sized = skip = False
         while True:
-            await ready.wait()
-            ready.clear()
-            with self._lock:
-                batch = list(posted)
-                posted.clear()
-                self._woken = False
             sent = 0
-            # Each message as the thread posted it: a last piece is not folded into the
-            # end, since granian then frames a body the face sent without a length with
-            # Content-Length, unlike the ASGI face on granian (and the filter chain's rule
-            # that a changed body goes chunked).
-            for message in batch:
+            batch = await self._batch()
+            for i, message in enumerate(batch):
+                if skip:  # the end, folded into the last piece
+                    skip = False
+                    continue
                 if message is _END:
                     return
+                if message["type"] == "http.response.start":
+                    if not started:
+                        started = True
+                        self.started()
+                    sized = any(name == b"content-length" for name, _ in message["headers"])
+                elif sized and message.get("more_body") and _is_end(batch, i + 1):
+                    # The last piece and the end, posted together, go as one message
+                    # (one send less) when the head has a Content-Length. Otherwise
+                    # not: granian frames a body sent without a length in one message
+                    # with Content-Length, unlike the ASGI face on granian (and the
+                    # filter chain's rule that a changed body goes chunked).
+                    message["more_body"] = False
+                    skip = True
                 await send(message)
                 sent += len(message.get("body", b""))
             if sent:
                 with self._lock:
                     self._unsent -= sent
-                    self._room.notify()
+                    if self._room is not None:
+                        self._room.notify()
 
     def _post(self, message: Message | None) -> None:
         with self._lock:
             if self._stopped and message is not _END:
                 raise ClientDisconnected("the client went away")
             self._posted.append(message)
-            wake, self._woken = not self._woken, True
+            waiter, self._waiter = self._waiter, None
             if message is not None:
                 self._unsent += len(message.get("body", b""))
-        if wake:
+        if waiter is not None:
             try:
-                self.loop.call_soon_threadsafe(self._ready.set)
+                self.loop.call_soon_threadsafe(_wake, waiter)
             except RuntimeError:  # the loop is closed: nobody to send to
                 self._stopped = True
         if self._unsent > SEND_WINDOW:
-            with self._room:
+            with self._lock:
+                if self._room is None:
+                    self._room = threading.Condition(self._lock)
                 while self._unsent > SEND_WINDOW and not self._stopped:
                     self._room.wait()
 
     def _stop(self) -> None:
-        with self._room:
+        with self._lock:
             self._stopped = True
-            self._room.notify()
+            if self._room is not None:
+                self._room.notify()
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: Any = None) -> Any:
@@ -260,23 +441,33 @@ class _Responder:
             {"type": "http.response.body", "body": chunk, "more_body": True})
 
     def wsgi(self, environ: Environ) -> None:
+        """The WSGI app's exchange (in a pool thread)."""
         try:
-            iterable = self.app(environ, self.start_response)
+            iterable = self.app(environ, cast(StartResponse, self.start_response))
             try:
                 for chunk in iterable:
                     self._post({"type": "http.response.body", "body": chunk, "more_body": True})
                 self._post({"type": "http.response.body", "body": b""})
             finally:
                 getattr(iterable, "close", lambda: None)()
+        except BaseException as exc:
+            self.error = exc
         finally:
             self._post(_END)
 
 
+def _is_end(batch: list[Message | None], i: int) -> bool:
+    """Is batch[i] the response's end (the last body message, empty)?"""
+    if i >= len(batch):
+        return False
+    message = batch[i]
+    return (message is not _END and message["type"] == "http.response.body"
+            and not message.get("more_body", False) and not message.get("body"))
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # the thread's failure after the client left: nobody to tell
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():  # not cancelled with the request
+        waiter.set_result(None)
 
 
 # How far the bridge reads a request body ahead of the WSGI thread's reads.

@@ -196,11 +196,13 @@ class GranianApp:
             scope = _http10(scope)
         started = bodied = False
 
-        async def watched_send(message: Any) -> None:
+        def watched_send(message: Any) -> Any:
+            # Not a coroutine: granian's own awaitable is awaited (one frame less a send).
             nonlocal started, bodied
-            started = started or message["type"] == "http.response.start"
-            bodied = bodied or message["type"] == "http.response.body"
-            await send(message)
+            if not (started and bodied):
+                started = started or message["type"] == "http.response.start"
+                bodied = bodied or message["type"] == "http.response.body"
+            return send(message)
 
         await self.app(scope, receive, watched_send)
         if not started:
