@@ -123,7 +123,7 @@ def test_gunicorn_direct_upload_path_reads_the_body(
 # Lower numbers are lower layers; a module may import its own layer and those below.
 LAYERS = {
     0: {"types", "upstreams", "config", "errors", "target", "framing", "headers", "core", "hooks",
-        "logs", "routes", "balancer", "wire", "rules", "rates"},
+        "logs", "routes", "balancer", "wire", "rules", "rates", "waits"},
     1: {"servers", "http1", "metrics", "drain", "filters", "body_input"},
     2: {"face", "exchange", "asgi", "wsgi", "websocket", "router", "health", "pools"},
     3: {"flask", "fastapi", "bridge", "workers"},
