@@ -12,6 +12,8 @@ import re
 import select
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -506,3 +508,49 @@ def test_a_silent_client_ends_the_read_as_stalled_and_a_cut_stays_a_cut() -> Non
         return "not cancelled"
 
     assert asyncio.run(cut()) == "cancelled"
+
+
+# -- a stop that comes while the proxy is still starting ---------------------------------------
+
+
+@pytest.mark.parametrize("when", ["metrics-up", "0.3", "0.8"])
+def test_a_stop_while_starting_still_stops(pairing: str, upstream: Upstream, when: str) -> None:
+    """SIGTERM once, early: as a container's stop right after its health check passed (the
+    metrics port is up before the server takes over signals), or at a fixed moment of the
+    start. The proxy exits; on uvicorn a SIGTERM that came before uvicorn listened for it
+    was swallowed by the handler that only takes note, and the proxy ran on."""
+    from tests.conftest import ROOT, free_port
+
+    port, metrics = free_port(), free_port()
+    adapter, server = pairing.split("-")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dualproxy", "serve", "--upstream", upstream.url,
+         "--adapter", adapter, "--server", server, "--bind", f"127.0.0.1:{port}",
+         "--metrics-bind", f"127.0.0.1:{metrics}", "--graceful-timeout", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    try:
+        if when == "metrics-up":
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{metrics}/healthz", timeout=1).is_success:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.02)
+            else:
+                raise AssertionError("the metrics port never answered")
+        else:
+            time.sleep(float(when))
+        proc.send_signal(signal.SIGTERM)
+        try:
+            output, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("a SIGTERM while starting did not stop the proxy") from None
+        # 0 once the server's handlers (or ours before uvicorn's) took the signal; before
+        # those, Python's default ends the process by the signal: stopped either way.
+        assert proc.returncode in (0, -signal.SIGTERM), output
+        assert "Traceback" not in output.decode(), output
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

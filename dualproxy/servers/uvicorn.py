@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from ..drain import DRAIN, SLACK
@@ -13,6 +15,8 @@ from ..errors import RESPONSE_ABORTED
 from . import is_tested
 from .limits import HEAD_LIMIT
 
+# uvicorn's exit status when its startup failed (uvicorn.config.STARTUP_FAILURE).
+STARTUP_FAILURE = 3
 # How much request body uvicorn may buffer before it stops reading the client.
 UVICORN_BODY_HIGH_WATER = 262144
 # uvicorn 0.54's sans-IO implementation on `websockets` (its "auto" choice when
@@ -114,10 +118,27 @@ def serve_uvicorn(app: Any, factory: str, *, host: str, port: int, workers: int,
     if certfile is not None:
         common.update(ssl_certfile=certfile, ssl_keyfile=keyfile)
     # uvicorn re-raises a captured SIGTERM/SIGINT once drained, under the handlers it
-    # found: with these no-ops a drained stop exits 0 instead of dying by the signal.
+    # found: with handlers that only take note, a drained stop exits 0 instead of dying
+    # by the signal. One that comes before uvicorn listens (while the app is built:
+    # the metrics port, and so a container's health check, is up by then) is kept and
+    # handed to uvicorn once it does; ignored, the proxy would not stop at all.
+    early: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: None)
+        signal.signal(signum, lambda signum, _frame: early.append(signum))
     if workers > 1:
         uvicorn.run(factory, factory=True, workers=workers, **common)
-    else:
-        uvicorn.run(app(), **common)
+        return
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                while early:
+                    signal.raise_signal(early.pop(0))  # now uvicorn's handle_exit
+                yield
+
+    config = uvicorn.Config(app(), **common)
+    server = Server(config)
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)  # what uvicorn.run does when startup failed
