@@ -671,8 +671,9 @@ def test_redis_aborted_miss_deletes_its_chunks(make_proxy: MakeProxy, upstream: 
                                                rid: str, redis_server: Redis) -> None:
     """A miss whose upstream cuts its 1.8 MB body (Content-Length) after 1.5 MB wrote
     four chunks as they came (SETs Redis counted) and deletes them at once: no chunk
-    key stays (the TTL would keep them an hour). A cut refetch of a stored URI (no-cache:
-    upstream again) deletes its own chunks only: the stored entry's stay, and hit."""
+    key stays (the TTL would keep them an hour). So does a 32 MiB miss whose client
+    leaves after 2 MiB. A cut refetch of a stored URI (no-cache: upstream again) deletes
+    its own chunks only: the stored entry's stay, and hit."""
     import redis
 
     proxy = make_proxy("--cache", "--cache-store", redis_server.url)
@@ -691,6 +692,23 @@ def test_redis_aborted_miss_deletes_its_chunks(make_proxy: MakeProxy, upstream: 
     assert sets() - before >= 4  # the chunks of the first MiB were written
     assert wait_until(lambda: _redis_keys(redis_server, "b") == [], timeout=5), \
         "an aborted miss left its chunks in Redis"
+    assert _redis_keys(redis_server, "i") == []
+    before, got = sets(), 0
+    gate = upstream.gate(f"abort-{rid}-gone")  # 2 MiB go, the rest waits on it
+    with httpx.Client(base_url=proxy.url, timeout=httpx.Timeout(30.0)) as client, \
+            client.stream("GET", f"/cache/abort-{rid}-gone", headers={
+                "x-req-id": rid, "x-upstream": f"download size={32 * MiB} chunk={2 * MiB} "
+                                              f"gate=abort-{rid}-gone cc=max-age=60"}
+            ) as resp:
+        for piece in resp.iter_raw():
+            got += len(piece)
+            if got >= 2 * MiB:
+                break  # the client leaves mid-body
+    assert sets() - before >= 4
+    time.sleep(0.3)  # the proxy sees the client gone (the async face: at once)
+    gate.set()  # (the sync face: at its next write)
+    assert wait_until(lambda: _redis_keys(redis_server, "b") == [], timeout=5), \
+        "a miss whose client left kept its chunks in Redis"
     assert _redis_keys(redis_server, "i") == []
     path, spec = f"/cache/abort-{rid}-b", f"download size={600 * 1024} cc=max-age=60"
     with proxy.client() as client:
