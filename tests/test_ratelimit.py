@@ -338,10 +338,11 @@ def test_exact_under_50_concurrent_clients(make_proxy: MakeProxy) -> None:
     for thread in threads:
         thread.start()
     barrier.wait()
-    started = time.monotonic()
     for thread in threads:
         thread.join()
-    elapsed = time.monotonic() - started
+    # From the barrier's break (its action set the stop), not from this thread's wake-up
+    # after it, which a loaded machine delays (CI measured 2.43 s of a 2.5 s run).
+    elapsed = time.monotonic() - (stop[0] - 2.5)
     assert not errors, errors[:3]
     assert set(statuses) <= {200, 429}, sorted(set(statuses))
     ok = statuses.count(200)
