@@ -338,10 +338,11 @@ def test_exact_under_50_concurrent_clients(make_proxy: MakeProxy) -> None:
     for thread in threads:
         thread.start()
     barrier.wait()
-    started = time.monotonic()
     for thread in threads:
         thread.join()
-    elapsed = time.monotonic() - started
+    # From the barrier's break (its action set the stop), not from this thread's wake-up
+    # after it, which a loaded machine delays (CI measured 2.43 s of a 2.5 s run).
+    elapsed = time.monotonic() - (stop[0] - 2.5)
     assert not errors, errors[:3]
     assert set(statuses) <= {200, 429}, sorted(set(statuses))
     ok = statuses.count(200)
@@ -552,3 +553,48 @@ def test_redis_killed_mid_run(make_proxy: MakeProxy, redis_server: Redis) -> Non
     assert value("dualproxy_rate_limit_store_errors_total") == 4
     assert value("dualproxy_rate_limited_total") >= 1
 
+
+
+def test_a_closed_proxy_closes_the_limits_redis_connections(redis_server: Redis) -> None:
+    """AsyncProxy.aclose (lifespan end) and SyncProxy.close close the Redis store's
+    connections, as the cache's are: a proxy made and closed in a long-lived process
+    (tests, an app factory, a reload) left one open connection each before."""
+    import redis
+
+    admin = redis.Redis.from_url(redis_server.url)
+    options = {"rate_limit": "100/minute", "rate_limit_store": redis_server.url}
+
+    def clients() -> int:
+        return len(admin.client_list())  # the admin's own included
+
+    def settled(before: int) -> int:
+        """Clients beyond `before`, once Redis has seen the closes (up to 2 s)."""
+        deadline = time.monotonic() + 2
+        while clients() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return clients() - before
+
+    async def async_round() -> tuple[int, int]:
+        app = AsyncProxy("http://127.0.0.1:9", **options)  # the limit comes first
+        before = clients()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                         base_url="http://proxy") as client:
+                await client.get("/")
+            during = clients()
+        finally:
+            await app.aclose()
+        return during - before, settled(before)
+
+    opened, left = asyncio.run(async_round())
+    assert opened >= 1 and left == 0, (opened, left)
+
+    before = clients()
+    sync_app = SyncProxy("http://127.0.0.1:9", **options)
+    with httpx.Client(transport=httpx.WSGITransport(app=sync_app),
+                      base_url="http://proxy") as client:
+        client.get("/")
+    assert clients() - before >= 1
+    sync_app.close()
+    assert settled(before) == 0
+    admin.close()

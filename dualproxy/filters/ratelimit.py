@@ -398,6 +398,11 @@ class RateLimit(Filter):
         if key is not None:
             self.memory.leave(key)
 
+    def close(self) -> None:
+        """Close the Redis store's connections (the sync face's proxy closing)."""
+        if self.redis is not None:
+            self.redis.close()
+
 
 class AsyncRateLimit(RateLimit):
     """A Redis store on the async face: the script is awaited."""
@@ -410,6 +415,10 @@ class AsyncRateLimit(RateLimit):
         assert rate is not None
         decision = await self.redis.ahit(self.prefix + key, rate.interval, self.limits.burst)
         return self._decided(exchange, key, decision)
+
+    async def aclose(self) -> None:
+        """Close the asyncio Redis client from its loop (the async face, at lifespan end)."""
+        await self.redis.aclose()
 
     def for_sync_face(self) -> Filter:
         return RateLimit(self.limits, self.route, self.memory, RedisStore(self.limits.store))
