@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import MakeProxy, ProxyProcess, Redis
+from tests.rawhttp import wait_until
 from tests.upstream import Gate, Upstream, pattern_bytes, pattern_sha256
 
 MiB = 1024 * 1024
@@ -666,6 +667,65 @@ def test_redis_entry_keys_all_go_on_purge_and_eviction(make_proxy: MakeProxy,
     assert "fwd=uri-miss" in fetch("b")
 
 
+def test_redis_aborted_miss_deletes_its_chunks(make_proxy: MakeProxy, upstream: Upstream,
+                                               rid: str, redis_server: Redis) -> None:
+    """A miss whose upstream cuts its 1.8 MB body (Content-Length) after 1.5 MB wrote
+    four chunks as they came (SETs Redis counted) and deletes them at once: no chunk
+    key stays (the TTL would keep them an hour). So does a 32 MiB miss whose client
+    leaves after 2 MiB. A cut refetch of a stored URI (no-cache: upstream again) deletes
+    its own chunks only: the stored entry's stay, and hit."""
+    import redis
+
+    proxy = make_proxy("--cache", "--cache-store", redis_server.url)
+    cut = "cut size=1800000 after=1500000 cc=max-age=60"
+
+    def sets() -> int:
+        with redis.Redis(port=redis_server.port) as admin:
+            return int(admin.info("commandstats").get("cmdstat_set", {}).get("calls", 0))
+
+    def fetch_cut(path: str, **headers: str) -> None:
+        with proxy.client() as client, pytest.raises(httpx.HTTPError):
+            client.get(path, headers={"x-req-id": rid, "x-upstream": cut, **headers})
+
+    before = sets()
+    fetch_cut(f"/cache/abort-{rid}-a")
+    assert sets() - before >= 4  # the chunks of the first MiB were written
+    assert wait_until(lambda: _redis_keys(redis_server, "b") == [], timeout=5), \
+        "an aborted miss left its chunks in Redis"
+    assert _redis_keys(redis_server, "i") == []
+    before, got = sets(), 0
+    gate = upstream.gate(f"abort-{rid}-gone")  # 2 MiB go, the rest waits on it
+    with httpx.Client(base_url=proxy.url, timeout=httpx.Timeout(30.0)) as client, \
+            client.stream("GET", f"/cache/abort-{rid}-gone", headers={
+                "x-req-id": rid, "x-upstream": f"download size={32 * MiB} chunk={2 * MiB} "
+                                              f"gate=abort-{rid}-gone cc=max-age=60"}
+            ) as resp:
+        for piece in resp.iter_raw():
+            got += len(piece)
+            if got >= 2 * MiB:
+                break  # the client leaves mid-body
+    assert sets() - before >= 4
+    time.sleep(0.3)  # the proxy sees the client gone (the async face: at once)
+    gate.set()  # (the sync face: at its next write)
+    assert wait_until(lambda: _redis_keys(redis_server, "b") == [], timeout=5), \
+        "a miss whose client left kept its chunks in Redis"
+    assert _redis_keys(redis_server, "i") == []
+    path, spec = f"/cache/abort-{rid}-b", f"download size={600 * 1024} cc=max-age=60"
+    with proxy.client() as client:
+        first = client.get(path, headers={"x-req-id": rid, "x-upstream": spec})
+    assert "stored" in first.headers["cache-status"]
+    stored = sorted(_redis_keys(redis_server, "b"))
+    assert len(stored) == 3
+    before = sets()
+    fetch_cut(path, **{"cache-control": "no-cache"})
+    assert sets() - before >= 4
+    assert wait_until(lambda: sorted(_redis_keys(redis_server, "b")) == stored, timeout=5)
+    with proxy.client() as client:
+        hit = client.get(path, headers={"x-req-id": rid, "x-upstream": spec})
+    assert hit.headers["cache-status"].startswith("dualproxy; hit")
+    assert hit.content == pattern_bytes(600 * 1024)
+
+
 def test_redis_killed_during_a_hit_cuts_the_answer(make_proxy: MakeProxy, upstream: Upstream,
                                                    rid: str, redis_server: Redis) -> None:
     """Redis stops while a 32 MiB hit streams: the client's body ends short and the
@@ -711,11 +771,9 @@ def test_redis_ranges_across_chunks(make_proxy: MakeProxy, upstream: Upstream, r
 
 def test_redis_body_written_as_it_comes_never_served_cut(
         make_proxy: MakeProxy, upstream: Upstream, rid: str, redis_server: Redis) -> None:
-    """A miss whose upstream breaks after 1.5 of 1.8 MB: its chunks were written to Redis
-    as they came (with a TTL, uncommitted), no entry was made of them (the next request
-    is a miss); a chunked miss growing past --cache-max-object leaves no chunk behind."""
-    import redis
-
+    """A miss whose upstream breaks after 1.5 of 1.8 MB: its chunks, written to Redis as
+    they came, are deleted, no entry was made of them (the next request is a miss); a
+    chunked miss growing past --cache-max-object leaves no chunk behind."""
     proxy = make_proxy("--cache", "--cache-store", redis_server.url,
                        "--cache-max-object", "2M")
     path = f"/cache/cut-redis-{rid}"
@@ -723,11 +781,8 @@ def test_redis_body_written_as_it_comes_never_served_cut(
         client.get(path, headers={"x-req-id": rid,
                                   "x-upstream": "cut size=1800000 after=1500000 "
                                                 "chunked=1 cc=max-age=60"})
-    written = _redis_keys(redis_server, "b")
-    assert len(written) >= 4 and _redis_keys(redis_server, "i") == []
-    with redis.Redis(port=redis_server.port) as admin:
-        assert all(0 < admin.ttl(k) <= 3600 for k in written)  # they expire
-        admin.delete(*written)
+    assert wait_until(lambda: _redis_keys(redis_server, "b") == [], timeout=5)
+    assert _redis_keys(redis_server, "i") == []
     after = _get(proxy, path, rid, [["Cache-Control", "max-age=60"]])
     assert "fwd=uri-miss" in after.headers["cache-status"]  # (stored now: one chunk)
     big = f"/cache/big-redis-{rid}"

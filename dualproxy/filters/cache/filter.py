@@ -59,6 +59,7 @@ class _State:
     entry: Entry | None = None      # the stored response being revalidated
     forward: str = "uri-miss"       # RFC 9211 fwd= for a response from upstream
     flight: Flight | None = None    # the fetch this exchange leads (collapsing)
+    writer: Writer | None = None    # where a miss's body is stored as it streams
 
 
 class _Recorder:
@@ -226,12 +227,16 @@ class Cache(Filter):
             if self.flights.get(state.key) is flight:
                 del self.flights[state.key]
 
-    def on_end(self, exchange: Exchange) -> None:
+    def on_end(self, exchange: Exchange) -> Awaitable[None] | None:
         state = exchange.state.get(Cache)
+        aborted = None
         if isinstance(state, _State):
             self._land(state)
+            if state.writer is not None:  # what an uncommitted body wrote goes (redis)
+                aborted = state.writer.abort()
         if STORE_FAILED.get():
             exchange.record.cache_store_failed = True
+        return aborted
 
     def _purge(self, exchange: Exchange, state: _State) -> Flow[Answer]:
         """PURGE: drop every stored variant of the URI (trusted peers only)."""
@@ -457,8 +462,9 @@ class Cache(Filter):
                     yield from _io(self.store.put(entry))
                     detail += "; stored"
             elif exchange.transform_response(
-                    _Recorder(self.store.writer(entry), size, state.flight, exchange,
-                              self.store.put), same_length=True):
+                    _Recorder(writer := self.store.writer(entry), size, state.flight,
+                              exchange, self.store.put), same_length=True):
+                state.writer = writer
                 detail += "; stored"
                 if state.flight is not None:
                     framing = [] if size is None else [(b"content-length", b"%d" % size)]

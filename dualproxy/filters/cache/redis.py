@@ -7,10 +7,13 @@ nonce, and its count of chunks). A body is kept in chunks of `CHUNK` bytes, stri
 keys `dualproxy:cache:b:<sha256(key, variant)>:<nonce>:<n>`, written before the
 variant's field (which is set last: a half-written body is never served) and read
 back one `SLICE` at a time as the client takes it (a hit holds a few chunks, not the
-body). Chunks are written with a TTL (`ORPHAN_TTL`: a writer that stops midway leaves
-nothing behind for long) that the commit removes. Setting, updating and dropping a
-variant's field are Lua scripts, atomic: of two writers of one variant, each removes
-the chunks of the body it replaced (the nonce keeps their chunks apart), none leaks.
+body). A write that ends without a commit (the body cut, the client gone, past the
+object limit, an error) deletes the chunks it wrote at once (`Commands.abort`: only
+its own nonce's, never once its commit was sent); each chunk also has a TTL until the
+commit (`ORPHAN_TTL`: what an abort could not delete does not stay for long).
+Setting, updating and dropping a variant's field are Lua scripts, atomic: of two
+writers of one variant, each removes the chunks of the body it replaced (the nonce
+keeps their chunks apart), none leaks.
 The bound in bytes is kept with a counter and an LRU sorted set (URIs by last use);
 past it, the least recently used URIs go, their chunks with them.
 
@@ -95,13 +98,16 @@ def chunk_keys(key: str, variant: str, meta: dict[str, Any]) -> list[str]:
 
 class Upload:
     """A body being written (a new entry's `ref` until it is committed): its variant,
-    nonce, and how many chunks are in Redis."""
+    nonce, how many chunks are in Redis (`written`) and were sent (`sent`: a write cut
+    midway may have landed), and whether its commit was sent (its chunks are then the
+    entry's, never the writer's to delete)."""
 
-    __slots__ = ("variant", "nonce", "written", "failed")
+    __slots__ = ("variant", "nonce", "written", "sent", "failed", "committed")
 
     def __init__(self, entry: Entry) -> None:
         self.variant, self.nonce = variant_of(entry), os.urandom(8).hex()
-        self.written, self.failed = 0, False
+        self.written = self.sent = 0
+        self.failed = self.committed = False
 
     def keys(self, entry: Entry, start: int, stop: int) -> list[str]:
         base = f"{_base(entry.key, self.variant)}:{self.nonce}"
@@ -172,14 +178,21 @@ class Commands:
         while upload.written < count:
             stop = min(count, upload.written + _BATCH)
             keys = upload.keys(entry, upload.written, stop)
+            upload.sent = max(upload.sent, stop)
             yield [("SET", k, bytes(body[n * CHUNK:(n + 1) * CHUNK]), "EX", ORPHAN_TTL)
                    for n, k in enumerate(keys, upload.written)]
             upload.written = stop
 
     @staticmethod
-    def abandon(entry: Entry, upload: Upload) -> Ops[None]:
-        """The body will not be stored (past the object limit): drop its chunks."""
-        keys, upload.written, upload.failed = upload.keys(entry, 0, upload.written), 0, True
+    def abort(entry: Entry, upload: Upload) -> Ops[None]:
+        """The body will not be stored (cut, the client gone, past the object limit, a
+        failure): delete the chunks this upload sent, none once its commit was sent (a
+        committed entry's) and no other writer's (another nonce). No round trip when
+        there is nothing to delete."""
+        upload.failed = True
+        if upload.committed or not upload.sent:
+            return
+        keys, upload.written, upload.sent = upload.keys(entry, 0, upload.sent), 0, 0
         yield _deleted(keys)
 
     def put(self, entry: Entry) -> Ops[None]:
@@ -195,6 +208,7 @@ class Commands:
         meta = meta_of(entry)
         meta.update(length=len(body), size=size, body=upload.nonce, chunks=upload.written)
         keys = chunk_keys(entry.key, variant, meta)
+        upload.committed = True  # from here on its chunks may be the entry's
         (old,) = yield [("EVAL", _COMMIT, 1 + len(keys), _index(entry.key), *keys, variant,
                          json.dumps(meta))]
         entry.ref = (variant, meta)
@@ -338,11 +352,15 @@ class _Writer(Writer):
         if upload.failed:
             return None
         if not self.ok and self.size > self.limit:  # past the limit: never stored
-            return self.driver.guarded(upload, self.driver.commands.abandon(self.entry, upload))
+            return self.abort()
         if not self.ok or len(self.buffer) // CHUNK - upload.written < _BATCH:
             return None
         return self.driver.guarded(upload, self.driver.commands.flush(
             self.entry, upload, self.buffer, False))
+
+    def abort(self) -> Awaitable[None] | None:
+        return self.driver.guarded(self.upload, self.driver.commands.abort(self.entry,
+                                                                           self.upload))
 
 
 def _piece(piece: Body | None, at: int, lo: int, hi: int) -> bytes:

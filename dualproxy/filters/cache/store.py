@@ -129,6 +129,12 @@ class Writer:
         face (awaited before the chunk goes on)."""
         return None
 
+    def abort(self) -> Awaitable[None] | None:
+        """The exchange is over (whatever its outcome): a store that writes the body as
+        it comes (redis) deletes what it wrote unless it was committed; an awaitable on
+        the async face."""
+        return None
+
     def commit(self) -> Entry | None:
         """The body is complete: the entry to store (None: it was too large)."""
         if not self.ok:
