@@ -300,7 +300,7 @@ def get_once_more_if_unseen(client: httpx.Client, proxy: ProxyProcess, upstream:
         if "without sending a response" not in str(exc):
             raise
         time.sleep(0.5)  # a request on its way would have reached the upstream by now
-        seen = [rec for rec in upstream.records() if rec.target == path.encode()]
+        seen = [rec for rec in upstream.records if rec.target == path.encode()]
         if seen or f"GET {path} " in proxy.log():
             raise
         return client.get(path)
