@@ -16,7 +16,14 @@ from typing import Any, TypeVar
 
 import httpx
 
-from .core import BodyCounter, IncomingRequest, ResponseHead, UpstreamPlan, client_stalled
+from .core import (
+    BodyCounter,
+    IncomingRequest,
+    ResponseHead,
+    UpstreamPlan,
+    client_stalled,
+    discard_budget,
+)
 from .drain import DRAIN, absorb_cancel, call_in_loop
 from .errors import (
     RESPONSE_ABORTED,
@@ -214,7 +221,7 @@ class HttpPort:
     decides, this reads the body, watches for a disconnect and sends messages."""
 
     __slots__ = ("proxy", "scope", "receive", "send", "record", "plan", "content",
-                 "body_done", "watcher", "on_gone", "cut", "passed_on")
+                 "counter", "body_done", "watcher", "on_gone", "cut", "passed_on")
 
     def __init__(self, proxy: AsyncProxy, scope: Scope, receive: Receive, send: Send,
                  record: RequestRecord) -> None:
@@ -222,6 +229,7 @@ class HttpPort:
         self.record = record
         self.plan: UpstreamPlan | None = None
         self.content: AsyncIterable[bytes] | None = None
+        self.counter: BodyCounter | None = None
         # Set once nothing else reads receive(): the body was read to its end, or
         # the upstream's head came first (an early answer stops the upload).
         self.body_done: asyncio.Event | None = None
@@ -238,7 +246,20 @@ class HttpPort:
     async def problem(self, exc: ProxyError) -> None:
         await self.proxy._problem(self.send, exc, self.record)
 
-    refused = problem
+    async def refused(self, exc: ProxyError) -> None:
+        """An upstream failure before its head: the unread rest of a modest upload is
+        read and dropped first (core.discard_budget), so the client's keep-alive
+        connection stays in step. Not every server does it for us: granian (hyper)
+        closes a connection whose body was left unread once the answer is out,
+        without saying `Connection: close`, and the client's next request on it
+        meets a closed socket."""
+        body_done, counter = self.body_done, self.counter
+        if body_done is not None and counter is not None and not body_done.is_set():
+            budget = discard_budget(counter, exc)
+            if budget and await _discard(self.receive, budget,
+                                         self.proxy.config.client_timeout):
+                body_done.set()  # read to its end: the watcher takes receive() now
+        await self.problem(exc)
 
     async def answer(self, exchange: Exchange, head: ResponseHead, body: Any) -> None:
         await self.proxy._relay(achunks(body), head, self.send, self.record, exchange)
@@ -248,7 +269,8 @@ class HttpPort:
         self.plan = plan
         if plan.has_body:
             self.body_done = asyncio.Event()
-            content = _request_body(self.receive, BodyCounter(plan, proxy.config),
+            self.counter = counter = BodyCounter(plan, proxy.config)
+            content = _request_body(self.receive, counter,
                                     self.body_done, record, proxy.config.client_timeout)
             if exchange is not None and exchange._request_pipeline is not None:
                 content = atransformed(exchange._request_pipeline, content)
@@ -401,6 +423,22 @@ async def _request_body(
             break
     counter.finish()
     body_done.set()
+
+
+async def _discard(receive: Receive, budget: int, client_timeout: float) -> bool:
+    """Read and drop up to `budget` bytes of the unread request body; True when its
+    end was reached (nothing is left for the server to drop)."""
+    while budget > 0:
+        try:
+            message = await receive_within(receive, client_timeout)
+        except (ProxyError, OSError):  # stalled or broken: the server closes
+            return False
+        if message["type"] != "http.request":  # the client left
+            return False
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+    return False
 
 
 async def _watch_disconnect(

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import ProxyProcess, xfail_on_granian
+from tests.conftest import MakeProxy, ProxyProcess, xfail_on_granian
 from tests.rawhttp import wait_until
 from tests.test_websocket import open_ws
 from tests.upstream import Upstream, pattern_sha256
@@ -554,3 +554,36 @@ def test_a_stop_while_starting_still_stops(pairing: str, upstream: Upstream, whe
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_group_signalled_twice_still_stops(make_proxy: MakeProxy, upstream: Upstream,
+                                             rid: str) -> None:
+    """SIGTERM to the whole process group, twice, while a request is in flight (as
+    `kill -TERM -PGID` repeated, or a supervisor that repeats itself): each worker gets
+    it from us and from its main process. The request is finished and the proxy exits 0.
+    granian's worker blocked for good on its second stop signal (its WorkerSignal sends
+    on a full channel that nothing reads), and the proxy never exited."""
+    proxy = make_proxy("--workers", "2", "--graceful-timeout", "5")
+    answers: list[httpx.Response | BaseException] = []
+
+    def slow() -> None:
+        try:
+            answers.append(httpx.get(f"{proxy.url}/slow", timeout=15, headers={
+                "x-req-id": rid, "x-upstream": "sleep seconds=1"}))
+        except httpx.HTTPError as exc:
+            answers.append(exc)
+
+    client = threading.Thread(target=slow)
+    client.start()
+    upstream.wait_record(rid)  # in flight: the upstream sleeps before it answers
+    for _ in range(2):
+        os.killpg(proxy.proc.pid, signal.SIGTERM)
+        time.sleep(0.1)
+    try:
+        proxy.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running 15 s after two SIGTERMs:\n{proxy.log()}") from None
+    client.join(15)
+    assert proxy.proc.returncode == 0, proxy.log()
+    assert len(answers) == 1 and isinstance(answers[0], httpx.Response), answers
+    assert answers[0].status_code == 200, proxy.log()

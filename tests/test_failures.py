@@ -30,6 +30,7 @@ from tests.rawhttp import (
     connect,
     exchange,
     read_head,
+    read_response,
     request_bytes,
     wait_until,
 )
@@ -111,6 +112,33 @@ def test_refused_upstream_is_502(make_proxy: MakeProxy, rid: str) -> None:
             assert resp.status_code == 502
             assert resp.headers["content-type"].startswith("application/problem+json")
             assert resp.json()["status"] == 502
+    assert proxy.alive()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_refused_upstream_keeps_the_connection_in_step(make_proxy: MakeProxy,
+                                                        chunked: bool) -> None:
+    """A 502 that comes before the upload was read, without `Connection: close`: the
+    connection must still take the next request, however late it comes. On granian
+    (hyper) the unread body made the server close the connection just after the
+    answer, unannounced, and a keep-alive client's next request met a closed socket."""
+    proxy = make_proxy(upstream_url=f"http://127.0.0.1:{free_port()}")
+    body = b"u" * 300_000
+    if chunked:
+        framing, payload = "Transfer-Encoding: chunked", b"%x\r\n%s\r\n0\r\n\r\n" % (
+            len(body), body)
+    else:
+        framing, payload = f"Content-Length: {len(body)}", body
+    with connect(proxy.port) as sock:
+        reader = Reader(sock)
+        sock.sendall(f"POST /x HTTP/1.1\r\nHost: a\r\n{framing}\r\n\r\n".encode() + payload)
+        first = read_response(reader, "POST")
+        assert first.status == 502 and first.complete, first.status
+        assert (first.header("connection") or "").lower() != "close"
+        time.sleep(0.3)  # the unannounced close came within milliseconds
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        second = read_response(reader)
+        assert second.status == 502 and second.complete, second.status
     assert proxy.alive()
 
 

@@ -80,8 +80,17 @@ def _worker_signals(original: Any) -> Any:
 
     def set_loop_signals(loop: Any) -> Any:
         event = original(loop)
+        stopping = False
 
         def stop() -> None:
+            # Once only: a worker gets SIGTERM twice when its process group is
+            # signalled (once itself, once from the main process), and granian's
+            # WorkerSignal.set sends on a crossbeam channel of capacity 1 that
+            # nothing reads: the second set() blocks the loop for good.
+            nonlocal stopping
+            if stopping:
+                return
+            stopping = True
             DRAIN.begin()
             sessions = DRAIN.cut_upgraded()
             if not sessions:
