@@ -22,7 +22,6 @@ from .core import (
     ResponseHead,
     UpstreamPlan,
     client_stalled,
-    discard_budget,
 )
 from .drain import DRAIN, absorb_cancel, call_in_loop
 from .errors import (
@@ -246,20 +245,28 @@ class HttpPort:
     async def problem(self, exc: ProxyError) -> None:
         await self.proxy._problem(self.send, exc, self.record)
 
-    async def refused(self, exc: ProxyError) -> None:
-        """An upstream failure before its head: the unread rest of a modest upload is
-        read and dropped first (core.discard_budget), so the client's keep-alive
-        connection stays in step. Not every server does it for us: granian (hyper)
-        closes a connection whose body was left unread once the answer is out,
-        without saying `Connection: close`, and the client's next request on it
-        meets a closed socket."""
-        body_done, counter = self.body_done, self.counter
-        if body_done is not None and counter is not None and not body_done.is_set():
-            budget = discard_budget(counter, exc)
-            if budget and await _discard(self.receive, budget,
-                                         self.proxy.config.client_timeout):
-                body_done.set()  # read to its end: the watcher takes receive() now
-        await self.problem(exc)
+    refused = problem
+
+    async def discard(self, budget: int) -> bool:
+        """Read and drop up to `budget` bytes of the request body nothing read yet
+        (exchange.drop_unread); True when its end was reached."""
+        body_done = self.body_done
+        if body_done is not None and body_done.is_set():
+            return True  # read to its end, or the watcher drops what is left
+        while True:
+            try:
+                message = await receive_within(self.receive, self.proxy.config.client_timeout)
+            except (ProxyError, OSError):  # stalled or broken: the server closes
+                return False
+            if message["type"] != "http.request":  # the client left
+                return False
+            if not message.get("more_body", False):
+                if body_done is not None:
+                    body_done.set()  # the watcher takes receive() now
+                return True
+            budget -= len(message.get("body", b""))
+            if budget < 0:
+                return False
 
     async def answer(self, exchange: Exchange, head: ResponseHead, body: Any) -> None:
         await self.proxy._relay(achunks(body), head, self.send, self.record, exchange)
@@ -423,22 +430,6 @@ async def _request_body(
             break
     counter.finish()
     body_done.set()
-
-
-async def _discard(receive: Receive, budget: int, client_timeout: float) -> bool:
-    """Read and drop up to `budget` bytes of the unread request body; True when its
-    end was reached (nothing is left for the server to drop)."""
-    while budget > 0:
-        try:
-            message = await receive_within(receive, client_timeout)
-        except (ProxyError, OSError):  # stalled or broken: the server closes
-            return False
-        if message["type"] != "http.request":  # the client left
-            return False
-        budget -= len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return True
-    return False
 
 
 async def _watch_disconnect(

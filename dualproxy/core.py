@@ -26,8 +26,6 @@ from .errors import (
     ClientTimeout,
     IncompleteBody,
     MountRedirect,
-    ProxyError,
-    ShuttingDown,
 )
 from .framing import Framing, FramingError, parse_framing
 from .headers import Header, check_request_headers, request_headers, response_headers
@@ -120,6 +118,12 @@ class ResponseHead:
     # The upstream's Date field (the front server sends its own): what a cache ages
     # the response by (RFC 9111 4.2.3). None: none, or not an upstream's answer.
     date: bytes | None = None
+
+    @property
+    def closes(self) -> bool:
+        """Does this head end its connection (`Connection: close`)?"""
+        return any(name == b"connection" and b"close" in value.lower()
+                   for name, value in self.headers)
 
     @property
     def status_line(self) -> str:
@@ -255,23 +259,47 @@ def client_stalled(seconds: float) -> ClientTimeout:
     return ClientTimeout(f"the client sent no request body bytes for {seconds:g} s")
 
 
-# The most unread request body a face reads and drops before an early error answer.
+# The most unread request body a face reads and drops before an early answer.
 DISCARD_BODY_LIMIT = 1 << 20
 
 
-def discard_budget(counter: BodyCounter, exc: ProxyError) -> int:
-    """Unread request-body bytes to read and drop before answering `exc`.
-
-    An upstream failure (502/503/504) answered before the upload ran is no fault
-    of the client: swallowing the rest of a modest body keeps its keep-alive
-    connection in step, as uvicorn does by itself (gunicorn drains 64 KiB, then
-    silently drops a connection it announced as keep-alive). Client errors
-    (400/413) and bodies past the limit are left unread: the server closes.
-    """
-    if exc.status not in (502, 503, 504) or isinstance(exc, ShuttingDown):
-        return 0  # a client error, or a stop that will not wait for the rest
+def discard_budget(counter: BodyCounter, closing: bool) -> int | None:
+    """Unread request-body bytes to read and drop before an answer given after the
+    upload began (an upstream failure before its head), by `_budget`'s rule; None
+    when none is left."""
     remaining = counter.remaining()
-    if remaining is None:  # chunked: up to the terminating chunk, within the limit
+    return None if remaining == 0 else _budget(remaining, closing)
+
+
+def early_discard(incoming: IncomingRequest, closing: bool) -> int | None:
+    """Unread request-body bytes to read and drop before an answer given before
+    the upload began (a refusal, a 429, a filter's own answer); None when the
+    request has no body; 0: not to be read (the server drops it or closes)."""
+    try:
+        framing = parse_framing(incoming.headers)
+    except FramingError:  # never read by a guess: the connection closes
+        return 0
+    if framing.length is None and not framing.chunked:
+        return None
+    if any(name == b"expect" for name, _ in incoming.headers):
+        # RFC 9110 10.1.1: the client waits for 100 Continue before it sends the
+        # body; reading it would ask for what is about to be refused.
+        return 0
+    return _budget(framing.length, closing)
+
+
+def _budget(remaining: int | None, closing: bool) -> int:
+    """The rule: an answer that keeps the connection first swallows the rest of a
+    modest body (nginx's discarded request body), so the next request on it is
+    read in step. Not every server does it for us: uvicorn does; gunicorn drains a
+    little and then drops the connection unannounced; granian (hyper) closes it
+    unannounced just after the answer, and a keep-alive client's next request
+    meets a closed socket. An answer that closes (a refused request, a stop) and a
+    body past DISCARD_BODY_LIMIT are left unread (0). `remaining` None: chunked,
+    read up to its last chunk within the limit."""
+    if closing:
+        return 0
+    if remaining is None:
         return DISCARD_BODY_LIMIT
     return remaining if remaining <= DISCARD_BODY_LIMIT else 0
 

@@ -27,7 +27,14 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from .core import IncomingRequest, ResponseHead, UpstreamPlan
+from .core import (
+    BodyCounter,
+    IncomingRequest,
+    ResponseHead,
+    UpstreamPlan,
+    discard_budget,
+    early_discard,
+)
 from .errors import ClientDisconnected, NotProxied, ProxyError, map_upstream_errors
 from .filters import Answer, Exchange
 from .filters.base import Attempt
@@ -91,18 +98,38 @@ def opening(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest, record: R
 
 
 def refusal(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest, record: RequestRecord,
-            port: Any, exc: ProxyError) -> Flow[Any]:
+            port: Any, exc: ProxyError, keeps_step: bool = False) -> Flow[Any]:
     """A refusal before any upstream was asked: outside the mount goes to the
     fallback app when there is one (not the proxy's to log), else a problem. When
     the core refused (no filter saw the request), the filters watching refusals
-    (`on_refusal`: tracing's SERVER span) see it first."""
+    (`on_refusal`: tracing's SERVER span) see it first. `keeps_step`: an HTTP
+    port, whose request body is dropped first (drop_unread)."""
     if isinstance(exc, NotProxied) and face.fallback is not None:
         face.pass_on(record)
         return (yield port.fallback())
     chain = face.chain
     if chain.watches_refusals and record.exchange is None:  # not a filter's own refusal
         yield from chain.refusal(Exchange(incoming, record), exc)
+    if keeps_step:
+        yield from drop_unread(port, incoming, None, exc.close_connection)
     return (yield port.problem(exc))
+
+
+def drop_unread(port: Any, incoming: IncomingRequest, counter: BodyCounter | None,
+                closing: bool) -> Flow[None]:
+    """Before an answer that comes ahead of the upload's end: the rest of a modest
+    body read and dropped by the core's rule (core.early_discard before the
+    upload, core.discard_budget after it began, with its `counter`) through
+    `port.discard`. A body past the rule's limit is the server's to drop or close
+    on: uvicorn reads it all, gunicorn and granian close (as nginx, which reads it
+    all, does not; announcing the close instead made uvicorn reset a client still
+    sending, which then lost the answer)."""
+    if counter is None:
+        budget = early_discard(incoming, closing)
+    else:
+        budget = discard_budget(counter, closing)
+    if budget:
+        yield port.discard(budget)
 
 
 def attempts(face: ProxyFace[Any, Any, Any], record: RequestRecord, plan: UpstreamPlan,
@@ -152,12 +179,15 @@ class HttpPort(Protocol):
     or returns an awaitable doing it (async face); `upload` and `upload_over` are
     plain calls on both."""
 
+    counter: BodyCounter | None  # the upload's, once it began with a body
+
     def fallback(self) -> Any: ...
     def problem(self, exc: ProxyError) -> Any: ...
     def answer(self, exchange: Exchange, head: ResponseHead, body: Any) -> Any: ...
     def upload(self, plan: UpstreamPlan, exchange: Exchange | None) -> None: ...
     def attempt(self, upstream: Upstream) -> Any: ...
     def upload_over(self) -> None: ...
+    def discard(self, budget: int) -> Any: ...  # True: the body's end was reached
     def refused(self, exc: ProxyError) -> Any: ...
     def gone(self) -> Any: ...  # the client left during the upload
     def abandon(self, response: httpx.Response, exc: ProxyError | None) -> Any: ...
@@ -176,12 +206,13 @@ def http_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
         if face.chain:  # without filters: no Exchange, no stage, no extra generator
             opened = yield from opening(face, incoming, record, plan)
     except ProxyError as exc:
-        return (yield from refusal(face, incoming, record, port, exc))
+        return (yield from refusal(face, incoming, record, port, exc, keeps_step=True))
     exchange: Exchange | None = None
     if opened is not None:
         plan, exchange = opened.plan, opened.exchange
         if opened.answer is not None:
             assert exchange is not None and opened.head is not None
+            yield from drop_unread(port, incoming, None, opened.head.closes)
             return (yield port.answer(exchange, opened.head, opened.answer.body))
 
     port.upload(plan, exchange)
@@ -201,6 +232,8 @@ def http_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
                     return (yield port.answer(exchange, head, answer.body))
             except ProxyError as filter_refusal:
                 exc = filter_refusal
+        closing = exc.close_connection or record.shutdown  # record.shutdown: a drain's cut
+        yield from drop_unread(port, incoming, port.counter, closing)
         return (yield port.refused(exc))
     except ClientDisconnected:
         return (yield port.gone())

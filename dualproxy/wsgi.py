@@ -24,7 +24,6 @@ from .core import (
     ResponseHead,
     UpstreamPlan,
     client_stalled,
-    discard_budget,
 )
 from .drain import DRAIN
 from .errors import (
@@ -282,12 +281,25 @@ class HttpPort(Port):
             request.extensions[CLIENT_WATCH] = self.watch
         return request, self.proxy._send(request)
 
+    def discard(self, budget: int) -> bool:
+        """Read and drop up to `budget` bytes of the request body nothing read yet
+        (exchange.drop_unread); True when its end was reached."""
+        stream = self.body_input if self.body_input is not None else body_reader(self.environ)
+        chunk_size = self.proxy.config.chunk_size
+        while True:
+            try:  # past the budget, one byte more tells the end from more body
+                chunk = stream.read(min(chunk_size, budget) if budget > 0 else 1)
+            except Exception:  # the client broke off, or stalled: nothing to keep in step
+                return False
+            if not chunk:
+                return True
+            budget -= len(chunk)
+            if budget < 0:
+                return False
+
     def refused(self, exc: ProxyError) -> Iterable[bytes]:
         # record.shutdown: the upload was cut at the graceful timeout.
         problem = ShuttingDown() if self.record.shutdown else exc
-        if self.counter is not None:
-            budget = discard_budget(self.counter, problem)
-            _discard(self.body_input, budget, self.proxy.config.chunk_size)
         self.upload_over()
         return self.problem(problem)
 
@@ -519,18 +531,6 @@ def _send_via(client: httpx.Client, transport: httpx.BaseTransport | None,
     if transport is not None:
         return transport.handle_request(request)
     return client.send(request, stream=True, follow_redirects=False)
-
-
-def _discard(stream: Any, budget: int, chunk_size: int) -> None:
-    """Read and drop up to `budget` bytes of the unread request body."""
-    while budget > 0:
-        try:
-            chunk = stream.read(min(chunk_size, budget))
-        except Exception:  # the client broke off: nothing left to keep in step
-            return
-        if not chunk:
-            return
-        budget -= len(chunk)
 
 
 def _request_body(

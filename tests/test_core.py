@@ -449,15 +449,36 @@ def test_one_exception_map(exc: Exception, expected: type[Exception]) -> None:
     assert set(doc) == {"type", "title", "status", "detail"}
 
 
-def test_discard_budget_only_for_upstream_failures_and_modest_bodies() -> None:
+def test_discard_budget_after_the_upload_began() -> None:
+    """Modest unread rests are swallowed before an answer that keeps the connection;
+    closing answers and big rests are left to the server; nothing left: None."""
     from dualproxy.core import DISCARD_BODY_LIMIT, discard_budget
 
     plan = plan_request(ROOT, incoming(b"/x", [(b"content-length", b"1000")], "POST"))
     counter = BodyCounter(plan, ROOT)
     counter.feed(400)
-    assert discard_budget(counter, BadGateway("x")) == 600
-    assert discard_budget(counter, BodyTooLarge("x")) == 0
+    assert discard_budget(counter, False) == 600
+    assert discard_budget(counter, True) == 0
+    counter.feed(600)
+    assert discard_budget(counter, False) is None
     big = plan_request(ROOT, incoming(b"/x", [(b"content-length", b"%d" % (2 << 20))], "POST"))
-    assert discard_budget(BodyCounter(big, ROOT), GatewayTimeout("x")) == 0
+    assert discard_budget(BodyCounter(big, ROOT), False) == 0
     chunked = plan_request(ROOT, incoming(b"/x", [(b"transfer-encoding", b"chunked")], "POST"))
-    assert discard_budget(BodyCounter(chunked, ROOT), ServiceUnavailable("x")) == DISCARD_BODY_LIMIT
+    assert discard_budget(BodyCounter(chunked, ROOT), False) == DISCARD_BODY_LIMIT
+
+
+@pytest.mark.parametrize("headers,closing,expected", [
+    ([], False, None),                                                    # no body
+    ([(b"content-length", b"0")], False, 0),                              # an empty one
+    ([(b"content-length", b"300")], False, 300),
+    ([(b"content-length", b"300")], True, 0),                             # the answer closes
+    ([(b"content-length", b"%d" % (2 << 20))], False, 0),                 # past the limit
+    ([(b"transfer-encoding", b"chunked")], False, 1 << 20),               # up to the limit
+    ([(b"content-length", b"300"), (b"expect", b"100-continue")], False, 0),  # RFC 9110 10.1.1
+    ([(b"content-length", b"3"), (b"transfer-encoding", b"chunked")], False, 0),  # refused framing
+])
+def test_early_discard_before_the_upload(headers: list[tuple[bytes, bytes]], closing: bool,
+                                         expected: int | None) -> None:
+    from dualproxy.core import early_discard
+
+    assert early_discard(incoming(b"/x", headers, "POST"), closing) == expected
