@@ -1,17 +1,22 @@
 """Instructions per request: dualproxy under valgrind's callgrind, a deterministic cost.
 
     python bench/icount.py [--tree DIR ...] [--requests 2000] [--conns 8]
-                           [--download-mib 100] [--adapter asgi|wsgi] [-- SERVE ARGS]
+                           [--download-mib 100] [--adapter asgi|wsgi] [--path /small]
+                           [-- SERVE ARGS]
 
 Wall-clock figures drift on a shared machine; an instruction count does not (within
 about a percent). For each tree (a dualproxy checkout, default this one) it starts
 `python -m dualproxy serve` from that tree under `valgrind --tool=callgrind` in front
 of nginx (bench/run.py's upstream), warms it up, zeroes the counters, sends
 `--requests` small GETs over `--conns` keep-alive connections, dumps the counters
-(instructions of the whole proxy process: the server, the proxy, the event loop),
+(instructions of the whole proxy process: the server, the proxy, the event loop;
+under gunicorn, its one worker process, the arbiter's fork that serves),
 then the same around one download of `--download-mib` MiB (curl). Prints
 instructions per request and per MiB, one row a tree. Extra `serve` arguments
-after `--` (say `--compress`) apply to every tree.
+after `--` (say `--compress`) apply to every tree. `--path /cached/small`: the small
+file with `Cache-Control: public, max-age=3600` (bench/run.py's cache rows), so that
+`-- --cache` counts hits (after the warm-up stored it) and no `--cache` the same GET
+proxied each time.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ def counted(pid: int, out: Path, action: object) -> int:
     # The command may be served a moment later (when the process next wakes): a
     # window started at once would lose its first requests. Idle costs ~0.2M a second.
     time.sleep(2)
+    out = out.parent / f"{out.name}.{pid}"  # its own dumps (--callgrind-out-file ...%p)
     before = set(out.parent.glob(out.name + "*"))
     action()  # type: ignore[operator]
     subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
@@ -88,6 +94,14 @@ def counted(pid: int, out: Path, action: object) -> int:
                     return int(line.split()[1])
         time.sleep(0.1)
     raise RuntimeError("no callgrind dump")
+
+
+def serving_pid(pid: int) -> int:
+    """The process that serves: `pid`'s only child when it forked one (gunicorn's
+    worker: a fork stays under valgrind), else `pid`."""
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    return children[0] if len(children) == 1 else pid
 
 
 def cpu_seconds(pid: int) -> float:
@@ -108,12 +122,13 @@ def measure_cpu(tree: Path, upstream: Upstream, opts: argparse.Namespace,
     try:
         if not wait_http(f"http://127.0.0.1:{port}/small", timeout=60, proc=proc):
             raise RuntimeError(f"{tree}: the proxy did not start")
-        asyncio.run(small_gets(port, opts.warmup, opts.conns))
+        asyncio.run(small_gets(port, opts.warmup, opts.conns, opts.path))
+        pid = serving_pid(proc.pid)
         windows = []
         for _ in range(3):
-            before = cpu_seconds(proc.pid)
-            asyncio.run(small_gets(port, opts.requests, opts.conns))
-            windows.append((cpu_seconds(proc.pid) - before) / opts.requests * 1e6)
+            before = cpu_seconds(pid)
+            asyncio.run(small_gets(port, opts.requests, opts.conns, opts.path))
+            windows.append((cpu_seconds(pid) - before) / opts.requests * 1e6)
         return windows
     finally:
         stop(proc)
@@ -128,22 +143,26 @@ def measure(tree: Path, upstream: Upstream, opts: argparse.Namespace,
               "--adapter", opts.adapter, *extra] if opts.app is None else
              [PY, "-m", "uvicorn", "--port", str(port), "--loop", "uvloop", "--http",
               "httptools", "--no-access-log", "--log-level", "warning", opts.app])
-    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *serve]
+    # --trace-children: a forked worker gets its own gdbserver (callgrind_control reaches
+    # it); %p: its dumps do not overwrite its parent's.
+    cmd = ["valgrind", "--tool=callgrind", "--trace-children=yes",
+           f"--callgrind-out-file={out}.%p", *serve]
     log = work / f"{tree.name}.{port}.log"
     proc = start(cmd, env={"PYTHONPATH": str(tree)}, log=log,
                  cwd=tree if opts.app is None else ROOT)  # `-m`: the cwd comes first on sys.path
     try:
         if not wait_http(f"http://127.0.0.1:{port}/small", timeout=300, proc=proc):
             raise RuntimeError(f"{tree}: the proxy did not start (see {log})")
-        asyncio.run(small_gets(port, opts.warmup, opts.conns))
+        asyncio.run(small_gets(port, opts.warmup, opts.conns, opts.path))
+        pid = serving_pid(proc.pid)
         if opts.idle:
-            idle = counted(proc.pid, out, lambda: time.sleep(opts.idle))
+            idle = counted(pid, out, lambda: time.sleep(opts.idle))
             print(f"  idle: {idle / opts.idle:,.0f} instructions/s", flush=True)
         # Three windows, the largest: a window whose zeroing was served late (vgdb
         # reaches a busy valgrind when it can) lost its first requests; a late dump only
         # adds idle time (~0.2M instructions a second). Full windows agree within 0.1%.
-        smalls = sorted(counted(proc.pid, out, lambda: asyncio.run(
-            small_gets(port, opts.requests, opts.conns))) for _ in range(3))
+        smalls = sorted(counted(pid, out, lambda: asyncio.run(
+            small_gets(port, opts.requests, opts.conns, opts.path))) for _ in range(3))
         print("  windows: " + ", ".join(f"{s / opts.requests:,.0f}" for s in smalls),
               flush=True)
         small = smalls[-1]
@@ -156,7 +175,7 @@ def measure(tree: Path, upstream: Upstream, opts: argparse.Namespace,
                     timeout=1800).stdout.split()
                 if result != ["200", str(opts.download_mib * MiB)]:
                     raise RuntimeError(f"download failed: {result}")
-            per_mib = counted(proc.pid, out, download) / opts.download_mib
+            per_mib = counted(pid, out, download) / opts.download_mib
         return small / opts.requests, per_mib
     finally:
         stop(proc)
@@ -171,6 +190,8 @@ def main() -> None:
     parser.add_argument("--conns", type=int, default=8)
     parser.add_argument("--download-mib", type=int, default=100, help="0: no download")
     parser.add_argument("--adapter", choices=("asgi", "wsgi"), default="asgi")
+    parser.add_argument("--path", default="/small",
+                        help="what the small GETs ask for (/cached/small: cacheable)")
     parser.add_argument("--idle", type=float, default=0,
                         help="also count this many seconds without requests")
     parser.add_argument("--app", help="an ASGI app (module:attr) on uvicorn instead of "

@@ -31,11 +31,14 @@ import httpx
 
 from .config import ProxyConfig
 from .core import (
+    CheckedRequest,
     IncomingRequest,
     ResponseHead,
     UpstreamPlan,
     attempt_headers,
+    build_plan,
     build_request,
+    check_request,
     check_user_client,
     client_options,
     disable_cookies,
@@ -225,12 +228,24 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         """The core's upstream plan (ProxyError: refuse; NotProxied: outside the mount)."""
         return plan_request(self.config, incoming, self.routes)
 
+    def check(self, incoming: IncomingRequest) -> CheckedRequest:
+        """The core's refusals of `plan`, the plan not built yet (`exchange` builds it
+        when it is first asked for)."""
+        return check_request(self.config, incoming, self.routes)
+
     def exchange(self, incoming: IncomingRequest, record: RequestRecord,
-                 plan: UpstreamPlan) -> Exchange:
-        """The filters' view of this request, once it is planned (only when the
-        route has filters); `finish` runs their `on_end` through `record`."""
-        exchange = Exchange(incoming, record, plan.mount)
-        exchange.plan = plan
+                 plan: UpstreamPlan | CheckedRequest) -> Exchange:
+        """The filters' view of this request, once it is planned or checked (only
+        when the route has filters); `finish` runs their `on_end` through `record`.
+        Given the check, the plan is built when something first reads
+        `exchange.plan`: a filter, or the exchange going upstream (a cache hit
+        never does), the same plan whenever it is built."""
+        if isinstance(plan, UpstreamPlan):
+            exchange = Exchange(incoming, record, plan.mount)
+            exchange.plan = plan
+        else:
+            exchange = Exchange(incoming, record, plan.mount,
+                                functools.partial(build_plan, self.config, incoming, plan))
         record.exchange = exchange
         return exchange
 

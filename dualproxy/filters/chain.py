@@ -158,8 +158,9 @@ class Chain:
                     result = yield result
                 if _answered(exchange, index, flt, result, "on_request"):
                     return result
-            # Checked even when the same plan object stays: its header list is mutable.
-            if not flt._valid_heads:
+            # Checked even when the same plan object stays: its header list is mutable;
+            # not when no filter read it yet (unbuilt: the core's, Exchange.plan).
+            if not flt._valid_heads and exchange._planner is None:
                 _check_plan(flt, exchange.plan)
         return None
 
@@ -293,7 +294,8 @@ def _answered(exchange: Exchange, index: int, flt: Filter, result: Any, stage: s
     """Did the filter at `index` answer (an `Answer`, checked) or pass (None)?"""
     if isinstance(result, Answer):
         exchange.state[_ANSWERED] = index
-        _check_answer(flt, result)
+        if not flt._valid_heads:  # a built-in's own answer is valid by construction
+            _check_answer(flt, result)
         return True
     if result is not None:
         raise TypeError(f"filter {flt.label()!r}: {stage} returned "

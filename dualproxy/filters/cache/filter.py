@@ -26,7 +26,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -37,7 +37,7 @@ from ..base import Answer, Exchange, Filter
 from ..chain import Flow, run_either
 from . import policy
 from .flight import Flight, Head
-from .keys import primary_key, same_origin_key, vary_names, vary_values
+from .keys import key_for, same_origin_key, vary_names, vary_values
 from .policy import Directives, ResponseRules
 from .refresh import Refresher
 from .store import STORE_FAILED, Entry, MemoryStore, Store, Writer, aclose_store, close_store
@@ -48,6 +48,82 @@ _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
                            b"if-unmodified-since", b"if-range"})
 
 
+class _Asked:
+    """The request fields the cache reads, found in one pass over its headers (the
+    names lower-case: IncomingRequest)."""
+
+    __slots__ = ("host", "cache_control", "pragma", "range", "authorization",
+                 "if_none_match", "if_modified_since")
+
+    def __init__(self, headers: Sequence[Header]) -> None:
+        self.host: bytes | None = None
+        self.range: bytes | None = None
+        self.authorization: bytes | None = None
+        self.if_modified_since: bytes | None = None
+        self.cache_control: list[bytes] = []
+        self.pragma: list[bytes] = []
+        self.if_none_match: list[bytes] = []
+        for name, value in headers:
+            if name in _ASKED:
+                if name == b"host":
+                    if self.host is None:
+                        self.host = value
+                elif name == b"cache-control":
+                    self.cache_control.append(value)
+                elif name == b"if-none-match":
+                    self.if_none_match.append(value)
+                elif name == b"pragma":
+                    self.pragma.append(value)
+                elif getattr(self, _ASKED[name]) is None:  # the first line of the others
+                    setattr(self, _ASKED[name], value)
+
+    def directives(self) -> Directives:
+        return policy.directives_of(self.cache_control, self.pragma)
+
+    def conditional(self) -> bool:
+        """Does the request carry a conditional a stored 200 may answer with a 304?"""
+        return bool(self.if_none_match) or self.if_modified_since is not None
+
+
+_ASKED = {b"host": "host", b"cache-control": "cache_control", b"pragma": "pragma",
+          b"range": "range", b"authorization": "authorization",
+          b"if-none-match": "if_none_match", b"if-modified-since": "if_modified_since"}
+
+
+class _Stored:
+    """What a hit needs of a stored response, computed once for each version of its
+    fields (a 304 replaces them, and its Date) and body length: the rules, the
+    freshness lifetime, whether an authorized request may have it (RFC 9111 3.5), the
+    validators and the head it is answered with (before Age and Cache-Status)."""
+
+    __slots__ = ("headers", "date", "length", "rules", "lifetime", "no_cache", "shared",
+                 "etag", "modified", "head")
+
+    def __init__(self, entry: Entry) -> None:
+        headers = self.headers = entry.headers
+        self.date, self.length = entry.date, entry.body_length()
+        rules = self.rules = ResponseRules.of(headers)
+        cc = rules.cc
+        self.lifetime = policy.freshness_lifetime(entry.status, rules, entry.date)
+        self.no_cache = cc.get("no-cache", "x") is None  # unqualified: validate each use
+        self.shared = "public" in cc or "must-revalidate" in cc or "s-maxage" in cc
+        self.etag = policy.first(headers, b"etag")
+        modified = policy.parse_date(policy.first(headers, b"last-modified"))
+        self.modified = entry.date if modified is None else modified
+        self.head = list(headers)
+        if entry.status not in (204, 304):
+            self.head.append((b"content-length", b"%d" % self.length))
+
+
+def _stored(entry: Entry) -> _Stored:
+    """`entry`'s _Stored, made again when its fields, Date or length changed."""
+    view = entry.view
+    if view is None or view.headers is not entry.headers or view.date != entry.date \
+            or view.length != entry.body_length():
+        view = entry.view = _Stored(entry)
+    return view  # type: ignore[no-any-return]
+
+
 @dataclass
 class _State:
     """What the cache decided for one exchange (exchange.state[Cache])."""
@@ -56,6 +132,7 @@ class _State:
     request_time: float
     request_cc: Directives
     mode: str                       # lookup | revalidate | invalidate | bypass
+    asked: _Asked
     entry: Entry | None = None      # the stored response being revalidated
     forward: str = "uri-miss"       # RFC 9211 fwd= for a response from upstream
     flight: Flight | None = None    # the fetch this exchange leads (collapsing)
@@ -108,6 +185,8 @@ class Cache(Filter):
     """An RFC 9111 shared cache in front of the route's upstream."""
 
     name = "cache"
+    # Its answers and heads are stored upstream fields (checked as they came) and its own.
+    _valid_heads = True
 
     def __init__(self, store: Store | None = None, *,
                  store_set_cookie: bool = False,
@@ -137,8 +216,8 @@ class Cache(Filter):
         incoming = exchange.incoming
         method = incoming.method
         now = time.time()
-        state = _State(primary_key(incoming), now, policy.request_directives(incoming.headers),
-                       "lookup")
+        asked = _Asked(incoming.headers)
+        state = _State(key_for(incoming, asked.host), now, asked.directives(), "lookup", asked)
         exchange.state[Cache] = state
         exchange.record.cache = "bypass"
         if method == "PURGE":
@@ -148,24 +227,24 @@ class Cache(Filter):
             state.mode = "bypass" if method in policy.SAFE_METHODS else "invalidate"
             state.forward = "method"
             return None
-        headers = incoming.headers
-        ranged = policy.first(headers, b"range")
-        if ranged is not None:
-            return (yield from self._part(exchange, state, ranged, now))
-        entry = yield from self._select(state, headers, now)
+        if asked.range is not None:
+            return (yield from self._part(exchange, state, asked.range, now))
+        entry = yield from self._select(state, incoming.headers, now)
         if entry is None:
             self._only_if_cached(state)
             # Collapsed: plain GETs only (an authorized one is its user's, RFC 9111 3.5).
             if method == "GET" and state.forward != "request" and not (
                     {"no-cache", "no-store"} & state.request_cc.keys()) \
-                    and policy.first(headers, b"authorization") is None:
+                    and asked.authorization is None:
                 return (yield from _io(self._collapse(exchange, state)))
             return None
-        cc = _rules(entry).cc
-        lifetime = policy.freshness_lifetime(entry.status, _rules(entry),
-                                             entry.date)
+        stored = _stored(entry)
         age = entry.age(now)
-        reuse = policy.judge(cc, lifetime, age, state.request_cc)
+        ttl = stored.lifetime - age
+        if ttl > 0 and not state.request_cc and not stored.no_cache:
+            # Fresh, and the request sets no limit: policy.judge's answer, in short.
+            return (yield from self._hit(exchange, entry, age, f"hit; ttl={math.floor(ttl)}"))
+        reuse = policy.judge(stored.rules.cc, stored.lifetime, age, state.request_cc)
         if reuse.fresh or reuse.stale_ok:
             return (yield from self._hit(exchange, entry, age,
                                          f"hit; ttl={math.floor(reuse.ttl)}"))
@@ -259,10 +338,9 @@ class Cache(Filter):
         entry = yield from self._select(state, headers, now)
         if entry is None or entry.status != 200:
             return None
-        rules = _rules(entry)
+        stored = _stored(entry)
         age = entry.age(now)
-        reuse = policy.judge(rules.cc, policy.freshness_lifetime(200, rules, entry.date),
-                             age, state.request_cc)
+        reuse = policy.judge(stored.rules.cc, stored.lifetime, age, state.request_cc)
         span = policy.byte_range(ranged, entry.body_length())
         if not (reuse.fresh or reuse.stale_ok) or span is None:
             return None
@@ -284,16 +362,16 @@ class Cache(Filter):
         variants = yield from _io(self.store.get(state.key))
         if not variants:
             return None
-        chosen = [e for e in variants if vary_values(headers, e.vary) == e.selected]
+        chosen = [e for e in variants
+                  if not e.vary or vary_values(headers, e.vary) == e.selected]
         if not chosen:
             state.forward = "vary-miss"
             return None
-        entry = max(chosen, key=lambda e: (e.date, e.response_time))
-        if policy.first(headers, b"authorization") is not None:
-            cc = _rules(entry).cc
-            if not ("public" in cc or "must-revalidate" in cc or "s-maxage" in cc):
-                state.forward = "request"  # RFC 9111 3.5: not for an authorized request
-                return None
+        entry = chosen[0] if len(chosen) == 1 else \
+            max(chosen, key=lambda e: (e.date, e.response_time))
+        if state.asked.authorization is not None and not _stored(entry).shared:
+            state.forward = "request"  # RFC 9111 3.5: not for an authorized request
+            return None
         return entry
 
     @staticmethod
@@ -305,8 +383,9 @@ class Cache(Filter):
     def _hit(self, exchange: Exchange, entry: Entry, age: float,
              status: str) -> Flow[Answer | None]:
         """The stored response as the answer (None: its body could not be read)."""
-        if policy.not_modified(exchange.incoming.headers, entry.headers, entry.date) and \
-                entry.status == 200:
+        state = exchange.state[Cache]
+        if entry.status == 200 and state.asked.conditional() and \
+                self._not_modified(state.asked, entry):
             headers = [(n, v) for n, v in entry.headers if n in policy.NOT_MODIFIED_FIELDS]
             headers += [(b"age", b"%d" % int(age)), policy.cache_status(status)]
             exchange.record.cache = "stale" if "fwd=stale" in status else "hit"
@@ -314,7 +393,14 @@ class Cache(Filter):
         if not (yield from self._load(exchange, entry)):
             return None
         exchange.record.cache = "stale" if "fwd=stale" in status else "hit"
-        return Answer(entry.status, self._stored_head(entry, age, status), entry.chunks())
+        return Answer(entry.status, self._stored_head(entry, age, status), entry.whole())
+
+    @staticmethod
+    def _not_modified(asked: _Asked, entry: Entry) -> bool | None:
+        """The client's own conditional against `entry` (policy.not_modified)."""
+        stored = _stored(entry)
+        return policy.conditional(asked.if_none_match, asked.if_modified_since,
+                                  stored.etag, stored.modified)
 
     def _load(self, exchange: Exchange, entry: Entry) -> Flow[bool]:
         """Read `entry`'s body (not for a HEAD): False when the store failed."""
@@ -324,12 +410,7 @@ class Cache(Filter):
 
     @staticmethod
     def _stored_head(entry: Entry, age: float, status: str) -> list[Header]:
-        headers = list(entry.headers)
-        if entry.status not in (204, 304):
-            headers.append((b"content-length", b"%d" % entry.body_length()))
-        headers.append((b"age", b"%d" % int(age)))
-        headers.append(policy.cache_status(status))
-        return headers
+        return [*_stored(entry).head, (b"age", b"%d" % int(age)), policy.cache_status(status)]
 
     # -- the response ----------------------------------------------------------------------
 
@@ -365,12 +446,12 @@ class Cache(Filter):
         if not isinstance(state, _State) or state.entry is None or error.status < 500:
             return None
         entry = state.entry
-        rules = _rules(entry)
-        if policy.must_revalidate_when_stale(rules.cc):
+        stored = _stored(entry)
+        if policy.must_revalidate_when_stale(stored.rules.cc):
             return None
         now = time.time()
         age = entry.age(now)
-        ttl = policy.freshness_lifetime(entry.status, rules, entry.date) - age
+        ttl = stored.lifetime - age
         status = f"hit; ttl={math.floor(ttl)}; fwd=stale; fwd-status={error.status}"
         return (yield from self._hit(exchange, entry, age, status))
 
@@ -394,11 +475,9 @@ class Cache(Filter):
             return (yield from self._from_store(exchange, entry, "fwd=stale; fwd-status=304",
                                                 now))
         if head.status >= 500:
-            cc = _rules(entry).cc
-            lifetime = policy.freshness_lifetime(entry.status, _rules(entry),
-                                                 entry.date)
-            ttl = lifetime - entry.age(now)
-            if policy.stale_if_error(cc, state.request_cc, ttl):
+            stored = _stored(entry)
+            ttl = stored.lifetime - entry.age(now)
+            if policy.stale_if_error(stored.rules.cc, state.request_cc, ttl):
                 return (yield from self._from_store(exchange, entry,
                                                     f"hit; ttl={math.floor(ttl)}; fwd=stale; "
                                                     f"fwd-status={head.status}", now))
@@ -412,8 +491,9 @@ class Cache(Filter):
             return None
         exchange.record.cache = "stale" if status.startswith("hit") else "revalidated"
         age = entry.age(now)
+        asked = exchange.state[Cache].asked
         if exchange.incoming.method == "GET" and entry.status == 200 and \
-                policy.not_modified(exchange.incoming.headers, entry.headers, entry.date):
+                asked.conditional() and self._not_modified(asked, entry):
             headers = [(n, v) for n, v in entry.headers if n in policy.NOT_MODIFIED_FIELDS]
             headers += [(b"age", b"%d" % int(age)), policy.cache_status(status)]
             exchange.replace_response_body(b"")
@@ -429,7 +509,7 @@ class Cache(Filter):
         and the body's announced length."""
         rules = ResponseRules.of(head.headers)
         reason = policy.storable(incoming.method, head.status, rules, state.request_cc,
-                                 policy.first(incoming.headers, b"authorization") is not None)
+                                 state.asked.authorization is not None)
         names = vary_names(head.headers)
         if reason is None and names is None:
             reason = "vary *"
@@ -524,15 +604,6 @@ class Cache(Filter):
             return self
         return Cache(store, store_set_cookie=self.store_set_cookie, may_purge=self.may_purge,
                      refresher=self.refresher)
-
-
-def _rules(entry: Entry) -> ResponseRules:
-    """A stored response's caching rules, parsed once for each version of its fields
-    (a 304 replaces the list): a hit does not parse Cache-Control and dates again."""
-    cached = entry.rules
-    if cached is None or cached[0] is not entry.headers:
-        cached = entry.rules = (entry.headers, ResponseRules.of(entry.headers))
-    return cached[1]
 
 
 def _io(result: T | Awaitable[T]) -> Flow[T]:
