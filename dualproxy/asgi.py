@@ -269,6 +269,19 @@ class HttpPort:
                 return False
 
     async def answer(self, exchange: Exchange, head: ResponseHead, body: Any) -> None:
+        if type(body) is bytes and exchange._response_pipeline is None:
+            # A whole body (a cache hit's, a refusal's): one message with the head's
+            # end, as send_problem does; no transform to run, nothing to relay.
+            record = self.record
+            await self.send({"type": "http.response.start", "status": head.status,
+                             "headers": head.headers})
+            record.status = head.status
+            if not head.has_body:
+                body = b""
+            record.bytes_out += len(body)
+            record.responded = True
+            await _send_body(self.send, body, False, record)
+            return
         await self.proxy._relay(achunks(body), head, self.send, self.record, exchange)
 
     def upload(self, plan: UpstreamPlan, exchange: Exchange | None) -> None:

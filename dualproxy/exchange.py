@@ -102,7 +102,9 @@ def opening(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest, record: R
     answer = yield from chain.request(exchange)
     if answer is None:
         return Opened(None, exchange)
-    head = yield from chain.response(exchange, face.answer_head(exchange, answer))
+    head = face.answer_head(exchange, answer)
+    if chain.outside(exchange):
+        head = yield from chain.response(exchange, head)
     return Opened(None, exchange, answer, head)
 
 
@@ -214,7 +216,8 @@ def http_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
         if face.chain:  # without filters: no Exchange, no stage, no extra generator
             # The core's refusals first; the plan is built when asked for (not for
             # a filter's own answer that never reads it: a cache hit).
-            opened = yield from opening(face, incoming, record, face.check(incoming))
+            checked = face.check(incoming)
+            opened = yield from opening(face, incoming, record, checked)
         else:
             plan = face.plan(incoming)
     except ProxyError as exc:
@@ -224,7 +227,8 @@ def http_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
         exchange = opened.exchange
         if opened.answer is not None:
             assert exchange is not None and opened.head is not None
-            yield from drop_unread(port, incoming, None, opened.head.closes)
+            if checked.chunked or checked.content_length is not None:  # (else: no body)
+                yield from drop_unread(port, incoming, None, opened.head.closes)
             return (yield port.answer(exchange, opened.head, opened.answer.body))
         plan = opened.plan
 

@@ -252,15 +252,19 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
     def answer_head(self, exchange: Exchange, answer: Answer) -> ResponseHead:
         """The head of a filter's own answer, before the filters outside it see it."""
         headers = list(answer.headers)
-        has_body = (exchange.incoming.method != "HEAD"
-                    and answer.status not in (204, 304))
-        if isinstance(answer.body, bytes) and not any(
-                name.lower() in (b"content-length", b"transfer-encoding")
-                for name, _ in headers) and answer.status not in (204, 304):
-            headers.append((b"content-length", str(len(answer.body)).encode()))
+        status = answer.status
+        bodiless = status == 204 or status == 304
+        if isinstance(answer.body, bytes) and not bodiless:
+            for name, _ in headers:  # framed already? (the length first: cheap)
+                if len(name) in (14, 17) and name.lower() in (b"content-length",
+                                                              b"transfer-encoding"):
+                    break
+            else:
+                headers.append((b"content-length", str(len(answer.body)).encode()))
+        has_body = not bodiless and exchange.incoming.method != "HEAD"
         exchange.record.routed = True
-        exchange.record.status = answer.status
-        return ResponseHead(status=answer.status, headers=headers, has_body=has_body)
+        exchange.record.status = status
+        return ResponseHead(status=status, headers=headers, has_body=has_body)
 
     def choose(self, record: RequestRecord) -> Upstream:
         """The upstream for the first attempt, counted in flight until `finish`

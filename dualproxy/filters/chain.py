@@ -154,7 +154,7 @@ class Chain:
         for index, flt in self._request:
             result = flt.on_request(exchange)
             if result is not None:
-                if inspect.isawaitable(result):
+                if type(result) is not Answer and inspect.isawaitable(result):
                     result = yield result
                 if _answered(exchange, index, flt, result, "on_request"):
                     return result
@@ -190,6 +190,12 @@ class Chain:
                 yield result
 
     # -- the response head ----------------------------------------------------------------
+
+    def outside(self, exchange: Exchange) -> bool:
+        """Does a response filter outside the one that answered (`on_request`,
+        `on_error`) see its answer's head? (No: `response` would return it as it is.)"""
+        answered = exchange.state.get(_ANSWERED)
+        return answered is None or any(index < answered for index, _ in self._response)
 
     def response(self, exchange: Exchange, head: ResponseHead) -> Flow[ResponseHead]:
         """Run `on_response` from the innermost filter out (only those before the

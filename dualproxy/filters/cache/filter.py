@@ -27,7 +27,6 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
 from ...core import IncomingRequest, ResponseHead, UpstreamPlan
@@ -78,6 +77,8 @@ class _Asked:
                     setattr(self, _ASKED[name], value)
 
     def directives(self) -> Directives:
+        if not self.cache_control and not self.pragma:
+            return _NO_DIRECTIVES  # (read only, as every request's)
         return policy.directives_of(self.cache_control, self.pragma)
 
     def conditional(self) -> bool:
@@ -85,6 +86,7 @@ class _Asked:
         return bool(self.if_none_match) or self.if_modified_since is not None
 
 
+_NO_DIRECTIVES = Directives()
 _ASKED = {b"host": "host", b"cache-control": "cache_control", b"pragma": "pragma",
           b"range": "range", b"authorization": "authorization",
           b"if-none-match": "if_none_match", b"if-modified-since": "if_modified_since"}
@@ -124,19 +126,21 @@ def _stored(entry: Entry) -> _Stored:
     return view  # type: ignore[no-any-return]
 
 
-@dataclass
 class _State:
     """What the cache decided for one exchange (exchange.state[Cache])."""
 
-    key: str
-    request_time: float
-    request_cc: Directives
-    mode: str                       # lookup | revalidate | invalidate | bypass
-    asked: _Asked
-    entry: Entry | None = None      # the stored response being revalidated
-    forward: str = "uri-miss"       # RFC 9211 fwd= for a response from upstream
-    flight: Flight | None = None    # the fetch this exchange leads (collapsing)
-    writer: Writer | None = None    # where a miss's body is stored as it streams
+    __slots__ = ("key", "request_time", "request_cc", "asked", "mode", "entry", "forward",
+                 "flight", "writer")
+
+    def __init__(self, key: str, request_time: float, request_cc: Directives,
+                 asked: _Asked) -> None:
+        self.key, self.request_time, self.request_cc = key, request_time, request_cc
+        self.asked = asked
+        self.mode = "lookup"                 # lookup | revalidate | invalidate | bypass
+        self.entry: Entry | None = None      # the stored response being revalidated
+        self.forward = "uri-miss"            # RFC 9211 fwd= for a response from upstream
+        self.flight: Flight | None = None    # the fetch this exchange leads (collapsing)
+        self.writer: Writer | None = None    # where a miss's body is stored as it streams
 
 
 class _Recorder:
@@ -217,7 +221,7 @@ class Cache(Filter):
         method = incoming.method
         now = time.time()
         asked = _Asked(incoming.headers)
-        state = _State(key_for(incoming, asked.host), now, asked.directives(), "lookup", asked)
+        state = _State(key_for(incoming, asked.host), now, asked.directives(), asked)
         exchange.state[Cache] = state
         exchange.record.cache = "bypass"
         if method == "PURGE":
@@ -229,7 +233,8 @@ class Cache(Filter):
             return None
         if asked.range is not None:
             return (yield from self._part(exchange, state, asked.range, now))
-        entry = yield from self._select(state, incoming.headers, now)
+        entry = self._select(state, incoming.headers,
+                             (yield from _io(self.store.get(state.key))))
         if entry is None:
             self._only_if_cached(state)
             # Collapsed: plain GETs only (an authorized one is its user's, RFC 9111 3.5).
@@ -243,7 +248,8 @@ class Cache(Filter):
         ttl = stored.lifetime - age
         if ttl > 0 and not state.request_cc and not stored.no_cache:
             # Fresh, and the request sets no limit: policy.judge's answer, in short.
-            return (yield from self._hit(exchange, entry, age, f"hit; ttl={math.floor(ttl)}"))
+            return (yield from self._hit(exchange, entry, age, f"hit; ttl={math.floor(ttl)}",
+                                         stored))
         reuse = policy.judge(stored.rules.cc, stored.lifetime, age, state.request_cc)
         if reuse.fresh or reuse.stale_ok:
             return (yield from self._hit(exchange, entry, age,
@@ -335,7 +341,7 @@ class Cache(Filter):
         headers = exchange.incoming.headers
         if exchange.incoming.method != "GET" or policy.first(headers, b"if-range") is not None:
             return None
-        entry = yield from self._select(state, headers, now)
+        entry = self._select(state, headers, (yield from _io(self.store.get(state.key))))
         if entry is None or entry.status != 200:
             return None
         stored = _stored(entry)
@@ -356,10 +362,11 @@ class Cache(Filter):
                  (b"content-length", b"%d" % (end - start + 1))]
         return Answer(206, head, entry.part(start, end))
 
-    def _select(self, state: _State, headers: list[Header] | tuple[Header, ...],
-                now: float) -> Flow[Entry | None]:
-        """The most recent stored variant this request selects (RFC 9111 4.1)."""
-        variants = yield from _io(self.store.get(state.key))
+    @staticmethod
+    def _select(state: _State, headers: list[Header] | tuple[Header, ...],
+                variants: list[Entry]) -> Entry | None:
+        """The most recent stored variant (of the key's `variants`) this request
+        selects (RFC 9111 4.1)."""
         if not variants:
             return None
         chosen = [e for e in variants
@@ -380,20 +387,21 @@ class Cache(Filter):
             raise GatewayTimeout("only-if-cached: no stored response may answer")
         return None
 
-    def _hit(self, exchange: Exchange, entry: Entry, age: float,
-             status: str) -> Flow[Answer | None]:
+    def _hit(self, exchange: Exchange, entry: Entry, age: float, status: str,
+             stored: _Stored | None = None) -> Flow[Answer | None]:
         """The stored response as the answer (None: its body could not be read)."""
-        state = exchange.state[Cache]
-        if entry.status == 200 and state.asked.conditional() and \
-                self._not_modified(state.asked, entry):
+        asked = exchange.state[Cache].asked
+        if entry.status == 200 and asked.conditional() and self._not_modified(asked, entry):
             headers = [(n, v) for n, v in entry.headers if n in policy.NOT_MODIFIED_FIELDS]
             headers += [(b"age", b"%d" % int(age)), policy.cache_status(status)]
             exchange.record.cache = "stale" if "fwd=stale" in status else "hit"
             return Answer(304, headers)
-        if not (yield from self._load(exchange, entry)):
-            return None
+        if exchange.incoming.method != "HEAD" and \
+                (yield from _io(self.store.load(entry))) is None:
+            return None  # the store failed to read its body
         exchange.record.cache = "stale" if "fwd=stale" in status else "hit"
-        return Answer(entry.status, self._stored_head(entry, age, status), entry.whole())
+        return Answer(entry.status, self._stored_head(entry, age, status, stored),
+                      entry.whole())
 
     @staticmethod
     def _not_modified(asked: _Asked, entry: Entry) -> bool | None:
@@ -409,8 +417,10 @@ class Cache(Filter):
         return (yield from _io(self.store.load(entry))) is not None
 
     @staticmethod
-    def _stored_head(entry: Entry, age: float, status: str) -> list[Header]:
-        return [*_stored(entry).head, (b"age", b"%d" % int(age)), policy.cache_status(status)]
+    def _stored_head(entry: Entry, age: float, status: str,
+                     stored: _Stored | None = None) -> list[Header]:
+        return [*(stored or _stored(entry)).head, (b"age", b"%d" % int(age)),
+                policy.cache_status(status)]
 
     # -- the response ----------------------------------------------------------------------
 
@@ -606,11 +616,15 @@ class Cache(Filter):
                      refresher=self.refresher)
 
 
+# What a sync store's calls return (no awaitable: no need to ask inspect).
+_PLAIN = frozenset({list, bytes, bytearray, int, bool, type(None)})
+
+
 def _io(result: T | Awaitable[T]) -> Flow[T]:
     """A store call's result: awaited (by the async face) when the store is asyncio's."""
-    if inspect.isawaitable(result):
+    if type(result) not in _PLAIN and inspect.isawaitable(result):
         return (yield result)  # type: ignore[no-any-return]
-    return result
+    return result  # type: ignore[return-value]
 
 
 def _replace_headers(plan: UpstreamPlan, headers: list[Header]) -> UpstreamPlan:
