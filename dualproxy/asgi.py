@@ -35,7 +35,7 @@ from .errors import (
 from .exchange import drive_async, http_flow
 from .face import ProxyFace, make_async_client
 from .filters import Exchange
-from .filters.chain import achunks, atransformed, run_async
+from .filters.chain import achunks, atransformed, run_either
 from .http1.aio import AsyncUpstreamTransport
 from .http1.pool import Call, Reply
 from .logs import RequestRecord
@@ -175,7 +175,9 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         if exchange is not None:
             record.exchange = None
             if self.chain.ends:  # no generator nor coroutine when no filter has on_end
-                await run_async(self.chain.end(exchange))
+                ended = run_either(self.chain.end(exchange))
+                if ended is not None:  # a filter's on_end awaits
+                    await ended
         self.finish(record)
 
     async def _problem(self, send: Send, exc: ProxyError, record: RequestRecord) -> None:

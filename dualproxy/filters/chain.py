@@ -92,7 +92,7 @@ class Chain:
     """The ordered filters of one route, with the stages each one implements."""
 
     __slots__ = ("filters", "_request", "_response", "_trailers", "_error", "_end", "_async",
-                 "_attempt", "_attempt_end", "_refusal", "_response_checked")
+                 "_attempt", "_attempt_end", "_refusal", "_response_checked", "_outermost")
 
     def __init__(self, filters: Sequence[object] = ()) -> None:
         checked: list[Filter] = []
@@ -110,6 +110,8 @@ class Chain:
         self._response = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_response")]
         # A response filter whose head is checked (not all built-ins of valid heads).
         self._response_checked = any(not f._valid_heads for _, f in self._response)
+        # The index of the outermost response filter (None: none).
+        self._outermost = min((i for i, _ in self._response), default=None)
         self._trailers = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_trailers")]
         self._error = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_error")]
         self._end = [f for f in reversed(self.filters) if overrides(f, "on_end")]
@@ -195,7 +197,8 @@ class Chain:
         """Does a response filter outside the one that answered (`on_request`,
         `on_error`) see its answer's head? (No: `response` would return it as it is.)"""
         answered = exchange.state.get(_ANSWERED)
-        return answered is None or any(index < answered for index, _ in self._response)
+        outermost = self._outermost
+        return answered is None or (outermost is not None and outermost < answered)
 
     def response(self, exchange: Exchange, head: ResponseHead) -> Flow[ResponseHead]:
         """Run `on_response` from the innermost filter out (only those before the

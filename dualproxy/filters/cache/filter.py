@@ -49,32 +49,32 @@ _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
 
 class _Asked:
     """The request fields the cache reads, found in one pass over its headers (the
-    names lower-case: IncomingRequest)."""
+    names lower-case: IncomingRequest). `plain`: none but Host. What a request
+    lacks is the class's default (a plain request sets one attribute)."""
 
-    __slots__ = ("host", "cache_control", "pragma", "range", "authorization",
-                 "if_none_match", "if_modified_since")
+    host: bytes | None = None
+    plain = True
+    range: bytes | None = None
+    authorization: bytes | None = None
+    if_modified_since: bytes | None = None
+    # Every line of these (tuples: most requests have none)
+    cache_control: tuple[bytes, ...] = ()
+    pragma: tuple[bytes, ...] = ()
+    if_none_match: tuple[bytes, ...] = ()
 
     def __init__(self, headers: Sequence[Header]) -> None:
-        self.host: bytes | None = None
-        self.range: bytes | None = None
-        self.authorization: bytes | None = None
-        self.if_modified_since: bytes | None = None
-        self.cache_control: list[bytes] = []
-        self.pragma: list[bytes] = []
-        self.if_none_match: list[bytes] = []
         for name, value in headers:
             if name in _ASKED:
                 if name == b"host":
                     if self.host is None:
                         self.host = value
-                elif name == b"cache-control":
-                    self.cache_control.append(value)
-                elif name == b"if-none-match":
-                    self.if_none_match.append(value)
-                elif name == b"pragma":
-                    self.pragma.append(value)
-                elif getattr(self, _ASKED[name]) is None:  # the first line of the others
-                    setattr(self, _ASKED[name], value)
+                    continue
+                self.plain = False
+                attribute = _ASKED[name]
+                if name in _LISTS:
+                    setattr(self, attribute, (*getattr(self, attribute), value))
+                elif getattr(self, attribute) is None:  # the first line of the others
+                    setattr(self, attribute, value)
 
     def directives(self) -> Directives:
         if not self.cache_control and not self.pragma:
@@ -87,6 +87,7 @@ class _Asked:
 
 
 _NO_DIRECTIVES = Directives()
+_LISTS = frozenset({b"cache-control", b"pragma", b"if-none-match"})
 _ASKED = {b"host": "host", b"cache-control": "cache_control", b"pragma": "pragma",
           b"range": "range", b"authorization": "authorization",
           b"if-none-match": "if_none_match", b"if-modified-since": "if_modified_since"}
@@ -206,6 +207,10 @@ class Cache(Filter):
         # The misses in flight, by key: later misses for a key join them (flight.py).
         self.flights: dict[str, Flight] = {}
         self._flights_lock = threading.Lock()
+        # A store whose calls never return an awaitable: a fresh hit needs no flow.
+        self._synchronous = getattr(self.store, "synchronous", False) is True
+        # Recent requests' keys, by (scheme, Host, target): cleared when full.
+        self._keys: dict[tuple[str, bytes | None, bytes], str] = {}
 
     # -- the request ---------------------------------------------------------------------
 
@@ -213,15 +218,50 @@ class Cache(Filter):
     # store, is yielded and awaited on the async face; with a sync store nothing is.
 
     def on_request(self, exchange: Exchange) -> Answer | None | Awaitable[Answer | None]:
-        STORE_FAILED.set(False)
-        return run_either(self._request(exchange))
+        if STORE_FAILED.get():  # (a worker thread's context outlives its request)
+            STORE_FAILED.set(False)
+        asked = _Asked(exchange.incoming.headers)
+        if asked.plain and self._synchronous and exchange.incoming.method in _LOOKUPS:
+            answer = self._fresh(exchange, asked)
+            if answer is not None:
+                return answer
+        return run_either(self._request(exchange, asked))
 
-    def _request(self, exchange: Exchange) -> Flow[Answer | None]:
+    def _key(self, incoming: IncomingRequest, host: bytes | None) -> str:
+        """keys.key_for, remembered for the recent requests."""
+        memo = (incoming.scheme, host, incoming.target)
+        key = self._keys.get(memo)
+        if key is None:
+            if len(self._keys) >= _KEYS_KEPT:
+                self._keys.clear()
+            key = self._keys[memo] = key_for(incoming, host)
+        return key
+
+    def _fresh(self, exchange: Exchange, asked: _Asked) -> Answer | None:
+        """A plain GET or HEAD (no request field the cache reads but Host) answered
+        from a synchronous store without a flow, when a stored response is fresh for
+        it: `_request`'s answer, in short (None: `_request` decides)."""
+        incoming = exchange.incoming
+        variants = self.store.get(self._key(incoming, asked.host))
+        assert isinstance(variants, list)  # (a synchronous store)
+        entry = self._newest(incoming.headers, variants)
+        if entry is None:
+            return None
+        stored = _stored(entry)
+        age = entry.age(time.time())
+        ttl = stored.lifetime - age
+        if ttl <= 0 or stored.no_cache or (incoming.method != "HEAD"
+                                          and self.store.load(entry) is None):
+            return None
+        exchange.record.cache = "hit"
+        return Answer(entry.status, self._stored_head(entry, age, f"hit; ttl={math.floor(ttl)}",
+                                                      stored), entry.whole())
+
+    def _request(self, exchange: Exchange, asked: _Asked) -> Flow[Answer | None]:
         incoming = exchange.incoming
         method = incoming.method
         now = time.time()
-        asked = _Asked(incoming.headers)
-        state = _State(key_for(incoming, asked.host), now, asked.directives(), asked)
+        state = _State(self._key(incoming, asked.host), now, asked.directives(), asked)
         exchange.state[Cache] = state
         exchange.record.cache = "bypass"
         if method == "PURGE":
@@ -233,8 +273,10 @@ class Cache(Filter):
             return None
         if asked.range is not None:
             return (yield from self._part(exchange, state, asked.range, now))
-        entry = self._select(state, incoming.headers,
-                             (yield from _io(self.store.get(state.key))))
+        variants = self.store.get(state.key)
+        if type(variants) is not list:  # (a sync store's list needs no flow)
+            variants = yield from _io(variants)
+        entry = self._select(state, incoming.headers, variants)
         if entry is None:
             self._only_if_cached(state)
             # Collapsed: plain GETs only (an authorized one is its user's, RFC 9111 3.5).
@@ -316,7 +358,8 @@ class Cache(Filter):
         state = exchange.state.get(Cache)
         aborted = None
         if isinstance(state, _State):
-            self._land(state)
+            if state.flight is not None:
+                self._land(state)
             if state.writer is not None:  # what an uncommitted body wrote goes (redis)
                 aborted = state.writer.abort()
         if STORE_FAILED.get():
@@ -363,19 +406,27 @@ class Cache(Filter):
         return Answer(206, head, entry.part(start, end))
 
     @staticmethod
-    def _select(state: _State, headers: list[Header] | tuple[Header, ...],
-                variants: list[Entry]) -> Entry | None:
-        """The most recent stored variant (of the key's `variants`) this request
-        selects (RFC 9111 4.1)."""
-        if not variants:
-            return None
+    def _newest(headers: Sequence[Header], variants: list[Entry]) -> Entry | None:
+        """The most recent stored variant (of the key's `variants`) a request with
+        `headers` selects (RFC 9111 4.1)."""
+        if len(variants) == 1:
+            only = variants[0]
+            return only if not only.vary or vary_values(headers, only.vary) == only.selected \
+                else None
         chosen = [e for e in variants
                   if not e.vary or vary_values(headers, e.vary) == e.selected]
-        if not chosen:
+        return max(chosen, key=lambda e: (e.date, e.response_time)) if chosen else None
+
+    def _select(self, state: _State, headers: Sequence[Header],
+                variants: list[Entry]) -> Entry | None:
+        """`_newest`, for this request: not for an authorized one unless shared
+        (RFC 9111 3.5); state.forward says why none."""
+        if not variants:
+            return None
+        entry = self._newest(headers, variants)
+        if entry is None:
             state.forward = "vary-miss"
             return None
-        entry = chosen[0] if len(chosen) == 1 else \
-            max(chosen, key=lambda e: (e.date, e.response_time))
         if state.asked.authorization is not None and not _stored(entry).shared:
             state.forward = "request"  # RFC 9111 3.5: not for an authorized request
             return None
@@ -396,9 +447,12 @@ class Cache(Filter):
             headers += [(b"age", b"%d" % int(age)), policy.cache_status(status)]
             exchange.record.cache = "stale" if "fwd=stale" in status else "hit"
             return Answer(304, headers)
-        if exchange.incoming.method != "HEAD" and \
-                (yield from _io(self.store.load(entry))) is None:
-            return None  # the store failed to read its body
+        if exchange.incoming.method != "HEAD":
+            body = self.store.load(entry)
+            if type(body) not in _PLAIN:  # (a sync store's body needs no flow)
+                body = yield from _io(body)
+            if body is None:
+                return None  # the store failed to read its body
         exchange.record.cache = "stale" if "fwd=stale" in status else "hit"
         return Answer(entry.status, self._stored_head(entry, age, status, stored),
                       entry.whole())
@@ -616,6 +670,8 @@ class Cache(Filter):
                      refresher=self.refresher)
 
 
+_LOOKUPS = frozenset({"GET", "HEAD"})
+_KEYS_KEPT = 4096
 # What a sync store's calls return (no awaitable: no need to ask inspect).
 _PLAIN = frozenset({list, bytes, bytearray, int, bool, type(None)})
 

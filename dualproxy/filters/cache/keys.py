@@ -30,8 +30,9 @@ def key_for(incoming: IncomingRequest, host: bytes | None) -> str:
     if target[:1] != "/" and ("://" in target.split("/", 1)[0]
                               or target.startswith(("http://", "https://"))):
         return target  # absolute-form: the client named the URI itself
-    name = "" if host is None else host.decode("latin-1").strip().lower()
-    return f"{incoming.scheme}://{name}{target}"
+    if host is None:
+        return f"{incoming.scheme}://{target}"
+    return f"{incoming.scheme}://{host.decode('latin-1').strip().lower()}{target}"
 
 
 def vary_names(headers: Sequence[Header]) -> VaryNames | None:

@@ -164,6 +164,9 @@ class Store(Protocol):
 
     name: str
     max_object: int
+    # True: no call ever returns an awaitable (the filter then answers a fresh hit
+    # without a flow); a store without it is taken as asynchronous.
+    synchronous: bool
 
     def get(self, key: str) -> list[Entry] | Awaitable[list[Entry]]: ...
 
@@ -201,6 +204,7 @@ class Bounded:
 
     name = "store"
     max_object = DEFAULT_MAX_OBJECT
+    synchronous = True
 
     def writer(self, entry: Entry) -> Writer:
         return Writer(entry, self.max_object)
@@ -236,6 +240,7 @@ class Guarded(Bounded):
         self.store = store
         self.name = store.name
         self.max_object = store.max_object
+        self.synchronous = getattr(store, "synchronous", False) is True
         self._warned = 0.0
         self._retry_at = 0.0
 
