@@ -254,8 +254,8 @@ class Cache(Filter):
                                           and self.store.load(entry) is None):
             return None
         exchange.record.cache = "hit"
-        return Answer(entry.status, self._stored_head(entry, age, f"hit; ttl={math.floor(ttl)}",
-                                                      stored), entry.whole())
+        return Answer(entry.status, [*stored.head, (b"age", b"%d" % age),
+                                     (b"cache-status", policy.FRESH_HIT % ttl)], entry.whole())
 
     def _request(self, exchange: Exchange, asked: _Asked) -> Flow[Answer | None]:
         incoming = exchange.incoming
