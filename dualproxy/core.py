@@ -14,7 +14,7 @@ import http.cookiejar
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import MISSING, dataclass, fields
 from http import HTTPStatus
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Final, TypeVar
 
 import httpx
 
@@ -128,11 +128,17 @@ class ResponseHead:
     @property
     def status_line(self) -> str:
         """WSGI's `"200 OK"` form."""
-        try:
-            phrase = HTTPStatus(self.status).phrase
-        except ValueError:
-            phrase = "Unknown"
-        return f"{self.status} {phrase}"
+        line = _STATUS_LINES.get(self.status)
+        if line is None:
+            try:
+                phrase = HTTPStatus(self.status).phrase
+            except ValueError:
+                phrase = "Unknown"
+            line = _STATUS_LINES[self.status] = f"{self.status} {phrase}"
+        return line
+
+
+_STATUS_LINES: dict[int, str] = {}  # status_line's, made once a status (three digits)
 
 
 def request_mount(config: ProxyConfig, incoming: IncomingRequest) -> bytes:
@@ -150,14 +156,13 @@ def plan_request(config: ProxyConfig, incoming: IncomingRequest,
     return build_plan(config, incoming, check_request(config, incoming, routes))
 
 
-class CheckedRequest(NamedTuple):
-    """What `check_request` found: all `build_plan` needs besides the request."""
-
-    mount: bytes
-    target: bytes                # the upstream target
-    content_length: int | None
-    chunked: bool
-    authority: bytes | None      # an absolute-form target's
+# What `check_request` found, all `build_plan` needs besides the request: (the mount,
+# the upstream target, the declared length, chunked?, an absolute-form target's
+# authority). A plain tuple: made for every request.
+CheckedRequest = tuple[bytes, bytes, "int | None", bool, "bytes | None"]
+CHECKED_MOUNT: Final = 0
+CHECKED_LENGTH: Final = 2
+CHECKED_CHUNKED: Final = 3
 
 
 def check_request(config: ProxyConfig, incoming: IncomingRequest,
@@ -184,8 +189,7 @@ def check_request(config: ProxyConfig, incoming: IncomingRequest,
         raise BodyTooLarge(f"request body larger than {limit} bytes")
     # RFC 9112 3.2.2: an absolute-form target's authority, not Host, names the host
     # the client asked for (for preserve_host and X-Forwarded-Host alike).
-    return CheckedRequest(mount, target, content_length, chunked,
-                          target_authority(incoming.target))
+    return mount, target, content_length, chunked, target_authority(incoming.target)
 
 
 def build_plan(config: ProxyConfig, incoming: IncomingRequest,

@@ -28,6 +28,8 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .core import (
+    CHECKED_CHUNKED,
+    CHECKED_LENGTH,
     BodyCounter,
     CheckedRequest,
     IncomingRequest,
@@ -227,7 +229,7 @@ def http_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
         exchange = opened.exchange
         if opened.answer is not None:
             assert exchange is not None and opened.head is not None
-            if checked.chunked or checked.content_length is not None:  # (else: no body)
+            if checked[CHECKED_CHUNKED] or checked[CHECKED_LENGTH] is not None:  # a body
                 yield from drop_unread(port, incoming, None, opened.head.closes)
             return (yield port.answer(exchange, opened.head, opened.answer.body))
         plan = opened.plan

@@ -31,6 +31,7 @@ import httpx
 
 from .config import ProxyConfig
 from .core import (
+    CHECKED_MOUNT,
     CheckedRequest,
     IncomingRequest,
     ResponseHead,
@@ -44,7 +45,6 @@ from .core import (
     disable_cookies,
     enter_body_phase,
     may_retry,
-    plan_request,
     plan_response,
     request_stream,
     response_header_list,
@@ -225,8 +225,10 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         self._log.session_opened(record)
 
     def plan(self, incoming: IncomingRequest) -> UpstreamPlan:
-        """The core's upstream plan (ProxyError: refuse; NotProxied: outside the mount)."""
-        return plan_request(self.config, incoming, self.routes)
+        """The core's upstream plan (ProxyError: refuse; NotProxied: outside the mount):
+        plan_request's two steps."""
+        return build_plan(self.config, incoming, check_request(self.config, incoming,
+                                                               self.routes))
 
     def check(self, incoming: IncomingRequest) -> CheckedRequest:
         """The core's refusals of `plan`, the plan not built yet (`exchange` builds it
@@ -244,7 +246,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
             exchange = Exchange(incoming, record, plan.mount)
             exchange.plan = plan
         else:
-            exchange = Exchange(incoming, record, plan.mount,
+            exchange = Exchange(incoming, record, plan[CHECKED_MOUNT],
                                 functools.partial(build_plan, self.config, incoming, plan))
         record.exchange = exchange
         return exchange
