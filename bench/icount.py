@@ -71,23 +71,45 @@ async def small_gets(port: int, total: int, conns: int, path: str = "/small") ->
                            for i in range(conns)))
 
 
+def family(pid: int) -> list[int]:
+    """`pid` and its descendants (granian serves from worker processes it starts)."""
+    pids = [pid]
+    for each in pids:
+        for task in Path(f"/proc/{each}/task").glob("*"):
+            try:
+                pids.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                pass
+    return pids
+
+
 def counted(pid: int, out: Path, action: object) -> int:
-    """Instructions the process `pid` ran during `action()` (callgrind_control)."""
-    subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
+    """Instructions the process `pid` and its descendants ran during `action()`
+    (callgrind_control; each process dumps to `out`.PID, see --trace-children)."""
+    pids = family(pid)
+    for each in pids:
+        subprocess.run(["callgrind_control", "-z", str(each)], check=True, capture_output=True)
     # The command may be served a moment later (when the process next wakes): a
     # window started at once would lose its first requests. Idle costs ~0.2M a second.
     time.sleep(2)
     before = set(out.parent.glob(out.name + "*"))
     action()  # type: ignore[operator]
-    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+    total = 0
+    for each in pids:
+        subprocess.run(["callgrind_control", "-d", str(each)], check=True, capture_output=True)
+        total += _dumped(out.parent, f"{out.name}.{each}", before)
+    return total
+
+
+def _dumped(folder: Path, name: str, before: set[Path]) -> int:
     for _ in range(100):
-        new = sorted(set(out.parent.glob(out.name + "*")) - before)
+        new = sorted(set(folder.glob(name + ".*")) - before)
         if new:
             for line in new[-1].read_text(errors="replace").splitlines():
                 if line.startswith(("totals:", "summary:")):
                     return int(line.split()[1])
         time.sleep(0.1)
-    raise RuntimeError("no callgrind dump")
+    raise RuntimeError(f"no callgrind dump {name}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -128,7 +150,8 @@ def measure(tree: Path, upstream: Upstream, opts: argparse.Namespace,
               "--adapter", opts.adapter, *extra] if opts.app is None else
              [PY, "-m", "uvicorn", "--port", str(port), "--loop", "uvloop", "--http",
               "httptools", "--no-access-log", "--log-level", "warning", opts.app])
-    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *serve]
+    cmd = ["valgrind", "--tool=callgrind", "--trace-children=yes",
+           f"--callgrind-out-file={out}.%p", *serve]
     log = work / f"{tree.name}.{port}.log"
     proc = start(cmd, env={"PYTHONPATH": str(tree)}, log=log,
                  cwd=tree if opts.app is None else ROOT)  # `-m`: the cwd comes first on sys.path
