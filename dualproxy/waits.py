@@ -6,33 +6,49 @@ cancel (CPython gh-86296). The drain's cut is such a cancel, sent once: lost, th
 exchange ran on until the server killed its task. wait_for also wraps a coroutine
 in a task of its own, a cost on every body piece. `within` has neither problem.
 
-It is asyncio.timeout's rule (3.11+) without its context manager, which costs
-twice a plain timer on the hot path (every wait for an upstream's bytes): a timer
-cancels the waiting task, and only that cancel, when no other was requested
-meanwhile (`Task.cancelling`), becomes the TimeoutError. Python 3.10 has no
-cancel count: there a cancel that comes with the timer's is taken as the timeout.
+Any awaitable: asyncio.timeout's rule (3.11+) without its context manager (which
+costs more than the wait it guards on the hot path): a timer cancels the waiting
+task, and only that cancel, when no other was requested meanwhile
+(`Task.cancelling`), becomes the TimeoutError. Python 3.10 has no cancel count:
+there a cancel that comes with the timer's is taken as the timeout.
+
+The caller's own future (`owned`, the HTTP/1.1 client's waits for bytes and for a
+pool slot): the timer sets the TimeoutError on the future instead, so the task is
+never cancelled by it: a real cancel stays one, a result given in the step the
+timer fires in is kept, and it costs a timer alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 
 
 async def within(awaitable: Awaitable[T], seconds: float | None,
-                 loop: asyncio.AbstractEventLoop | None = None) -> T:
+                 loop: asyncio.AbstractEventLoop | None = None, *,
+                 owned: bool = False) -> T:
     """`await awaitable`, or asyncio.TimeoutError after `seconds` (None: no limit).
-    `loop`, the running loop when the caller has it at hand, spares a look-up
-    (before Python 3.12 each asks the kernel for the pid)."""
+
+    `loop`: the running loop when the caller has it at hand (a look-up spared:
+    before Python 3.12 each asks the kernel for the pid). `owned`: `awaitable` is
+    an asyncio future only the caller completes (see the module's text).
+    """
     if seconds is None:
         return await awaitable
+    if owned:
+        future = cast("asyncio.Future[T]", awaitable)
+        timer = future.get_loop().call_later(seconds, _expire, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
     task = asyncio.current_task(loop)
     assert task is not None
-    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
-    before = 0 if cancelling is None else cancelling()
+    before = _cancelling(task)
     fired = False
 
     def expire() -> None:
@@ -59,7 +75,21 @@ async def within(awaitable: Awaitable[T], seconds: float | None,
     return result
 
 
-def _uncancel(task: asyncio.Task[object]) -> int:
-    """Withdraw the timer's cancel request; the requests left (0 before 3.11)."""
-    uncancel = getattr(task, "uncancel", None)
-    return 0 if uncancel is None else int(uncancel())
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())
+
+
+if sys.version_info >= (3, 11):
+    def _cancelling(task: asyncio.Task[Any]) -> int:
+        return task.cancelling()
+
+    def _uncancel(task: asyncio.Task[Any]) -> int:
+        """Withdraw the timer's cancel request; the requests left."""
+        return task.uncancel()
+else:
+    def _cancelling(task: asyncio.Task[Any]) -> int:
+        return 0
+
+    def _uncancel(task: asyncio.Task[Any]) -> int:
+        return 0

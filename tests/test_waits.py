@@ -136,3 +136,58 @@ def test_an_error_is_raised_as_it_is() -> None:
         return "raised"
 
     assert run(main) == "raised"
+
+
+def test_an_owned_future_times_out_without_cancelling_the_task() -> None:
+    async def main(loop: asyncio.AbstractEventLoop, now: list[float]) -> Any:
+        future = loop.create_future()
+
+        async def waiting() -> str:
+            try:
+                await within(future, 1.0, owned=True)
+            except asyncio.TimeoutError:
+                task = asyncio.current_task()
+                assert task is not None and cancelling(task) == 0
+                await asyncio.sleep(0)
+                return "timed out"
+            return "served"
+
+        task = asyncio.ensure_future(waiting())
+        await asyncio.sleep(0)
+        now[0] += 2.0
+        outcome = await task
+        assert isinstance(future.exception(), asyncio.TimeoutError)
+        return outcome
+
+    assert run(main) == "timed out"
+
+
+def test_an_owned_future_given_its_result_as_the_timer_fires_keeps_it() -> None:
+    """A pool slot handed over in the step the pool timeout fires in is used."""
+    async def main(loop: asyncio.AbstractEventLoop, now: list[float]) -> Any:
+        future = loop.create_future()
+        task = asyncio.ensure_future(within(future, 1.0, owned=True))
+        await asyncio.sleep(0)
+        now[0] += 2.0  # the timer is due at the next step ...
+        loop.call_soon(future.set_result, "served")  # ... where the result comes first
+        return await task
+
+    assert run(main) == "served"
+
+
+def test_a_cancel_of_an_owned_wait_stays_a_cancel() -> None:
+    async def main(loop: asyncio.AbstractEventLoop, now: list[float]) -> Any:
+        future = loop.create_future()
+        task = asyncio.ensure_future(within(future, 1.0, owned=True))
+        await asyncio.sleep(0)
+        now[0] += 2.0
+        loop.call_soon(task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        except asyncio.TimeoutError:
+            return "timed out"
+        return "served"
+
+    assert run(main) == "cancelled"

@@ -146,7 +146,7 @@ class _AsyncConn(asyncio.Protocol):
         seconds = (timeout(request, "read") if deadline is None
                    else time_left(deadline, loop.time()))
         try:
-            await within(waiter, seconds, loop)
+            await within(waiter, seconds, owned=True)
         except asyncio.TimeoutError:
             raise httpx.ReadTimeout("timed out waiting for the upstream") from None
         finally:
@@ -217,22 +217,19 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            # A slot handed over in the loop step the timeout fires in is given back
-            # below (Python 3.12's wait_for turned it into a TimeoutError, lost).
-            await within(waiter, seconds, waiter.get_loop())
+            # A slot handed over in the loop step the timeout fires in is kept (an
+            # owned wait: the timeout is set on the waiter only if it is not done);
+            # Python 3.12's wait_for turned it into a TimeoutError, the slot lost.
+            await within(waiter, seconds, owned=True)
         except asyncio.TimeoutError:
-            self._give_back(waiter)
             raise httpx.PoolTimeout("no upstream connection became free") from None
         except BaseException:
-            self._give_back(waiter)
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release()  # the slot was handed to us as we were cancelled
             raise
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
-
-    def _give_back(self, waiter: asyncio.Future[None]) -> None:
-        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-            self._release()  # the slot was handed to us as we were cancelled or timed out
 
     def _release(self) -> None:
         while self._waiters:
