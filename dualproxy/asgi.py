@@ -36,7 +36,7 @@ from .exchange import drive_async, http_flow
 from .face import ProxyFace, make_async_client
 from .filters import Exchange
 from .filters.chain import achunks, atransformed, run_async
-from .http1.aio import AsyncUpstreamTransport
+from .http1.aio import AsyncBody, AsyncUpstreamTransport
 from .http1.pool import Call, Reply
 from .logs import RequestRecord
 from .servers import ON_GONE
@@ -189,24 +189,32 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         """The head, then the body (through the filters' transforms). An upstream or
         a transform failing mid-body returns without the final body message: the
         server drops the connection (no last chunk, no short body passed off as
-        complete)."""
+        complete). The transport's own body tells its last piece: that goes out
+        with the end, one message."""
         await send({"type": "http.response.start", "status": head.status,
                     "headers": head.headers})
         record.status = head.status
+        ended = False
         try:
             if head.has_body:
                 if exchange is not None and exchange._response_pipeline is not None:
                     stream = atransformed(exchange._response_pipeline, stream)
+                own = stream if isinstance(stream, AsyncBody) else None
                 with map_stream_errors():
                     async for chunk in stream:
                         record.bytes_out += len(chunk)
+                        more = own is None or not own.ended
                         try:  # _send_body's rule, inline: no coroutine a chunk
                             await send({"type": "http.response.body", "body": chunk,
-                                        "more_body": True})
+                                        "more_body": more})
                         except (OSError, RuntimeError) as exc:
                             if not _client_left(exc, record):
                                 raise
                             return
+                        if not more:  # the stream ends at its next step (left to
+                            ended = record.responded = True  # end, not suspended)
+                if ended:
+                    return
         except UpstreamBroken as exc:
             record.upstream_broke(exc)
             RESPONSE_ABORTED.set(True)

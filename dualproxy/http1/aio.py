@@ -304,7 +304,7 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
             tell_unsent(exc, conn)
             self._release()
             raise
-        return Reply(head, self._body(key, conn, call, _AsyncBody))
+        return Reply(head, self._body(key, conn, call, AsyncBody))
 
     async def _exchange(self, conn: _AsyncConn, call: Call,
                         deadline: float | None) -> Response:
@@ -332,7 +332,14 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
                 return event
 
 
-class _AsyncBody(PooledBody[_AsyncConn], httpx.AsyncByteStream):
+class AsyncBody(PooledBody[_AsyncConn], httpx.AsyncByteStream):
+    """A response body of the async transport. `ended` tells, as a piece is handed
+    out, that it is the last one (the message complete by its framing)."""
+
+    @property
+    def ended(self) -> bool:
+        return self._conn is None
+
     async def __aiter__(self) -> AsyncIterator[bytes]:
         conn = self._conn
         if conn is None:
