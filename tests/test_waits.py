@@ -41,17 +41,18 @@ def test_the_result_comes_back() -> None:
     assert run(main) == ("done", "free")
 
 
-def test_the_timeout_is_a_timeout_error_and_leaves_no_cancel() -> None:
+def time_out(owned: bool) -> asyncio.Future[Any]:
+    """A wait that times out: its task is left with no cancel (the timer's own was
+    withdrawn, or never made); the future it awaited is returned."""
     async def main(loop: asyncio.AbstractEventLoop, now: list[float]) -> Any:
         future = loop.create_future()
 
         async def waiting() -> str:
             try:
-                await within(future, 1.0, loop)
+                await within(future, 1.0, loop, owned=owned)
             except asyncio.TimeoutError:
                 task = asyncio.current_task()
-                assert task is not None
-                assert cancelling(task) == 0  # the timer's own cancel was withdrawn
+                assert task is not None and cancelling(task) == 0
                 await asyncio.sleep(0)  # and nothing cancels the task later
                 return "timed out"
             return "served"
@@ -59,11 +60,14 @@ def test_the_timeout_is_a_timeout_error_and_leaves_no_cancel() -> None:
         task = asyncio.ensure_future(waiting())
         await asyncio.sleep(0)
         now[0] += 2.0
-        outcome = await task
-        assert future.cancelled()  # the wait was ended by cancelling what it awaited
-        return outcome
+        assert await task == "timed out"
+        return future
 
-    assert run(main) == "timed out"
+    return run(main)  # type: ignore[no-any-return]
+
+
+def test_the_timeout_is_a_timeout_error_and_leaves_no_cancel() -> None:
+    assert time_out(False).cancelled()  # the wait was ended by cancelling what it awaited
 
 
 def test_a_cancel_in_the_step_the_result_comes_is_raised() -> None:
@@ -83,25 +87,34 @@ def test_a_cancel_in_the_step_the_result_comes_is_raised() -> None:
     assert run(main) == "cancelled"
 
 
+async def outcome(task: asyncio.Task[Any]) -> str:
+    try:
+        await task
+    except asyncio.CancelledError:
+        return "cancelled"
+    except asyncio.TimeoutError:
+        return "timed out"
+    return "served"
+
+
+def cancel_as_the_timer_fires(owned: bool) -> str:
+    async def main(loop: asyncio.AbstractEventLoop, now: list[float]) -> Any:
+        future = loop.create_future()
+        task = asyncio.ensure_future(within(future, 1.0, owned=owned))
+        await asyncio.sleep(0)
+        now[0] += 2.0  # the timer is due at the next step ...
+        loop.call_soon(task.cancel)  # ... where this cancel comes first
+        return await outcome(task)
+
+    return str(run(main))
+
+
 def test_a_cancel_in_the_step_the_timer_fires_stays_a_cancel() -> None:
     """Another's cancel (the drain's cut, the client gone) that comes as the timer fires
     is raised as a cancel (Python 3.11+: the task's cancel count tells them apart; 3.10
     has none, and takes it for the timeout)."""
-    async def main(loop: asyncio.AbstractEventLoop, now: list[float]) -> Any:
-        future = loop.create_future()
-        task = asyncio.ensure_future(within(future, 1.0))
-        await asyncio.sleep(0)
-        now[0] += 2.0  # the timer is due at the next step ...
-        loop.call_soon(task.cancel)  # ... where this cancel comes first
-        try:
-            await task
-        except asyncio.CancelledError:
-            return "cancelled"
-        except asyncio.TimeoutError:
-            return "timed out"
-        return "served"
-
-    assert run(main) == ("cancelled" if sys.version_info >= (3, 11) else "timed out")
+    assert cancel_as_the_timer_fires(False) == (
+        "cancelled" if sys.version_info >= (3, 11) else "timed out")
 
 
 def test_a_result_in_the_step_the_timer_fires_leaves_no_cancel() -> None:
@@ -139,27 +152,7 @@ def test_an_error_is_raised_as_it_is() -> None:
 
 
 def test_an_owned_future_times_out_without_cancelling_the_task() -> None:
-    async def main(loop: asyncio.AbstractEventLoop, now: list[float]) -> Any:
-        future = loop.create_future()
-
-        async def waiting() -> str:
-            try:
-                await within(future, 1.0, owned=True)
-            except asyncio.TimeoutError:
-                task = asyncio.current_task()
-                assert task is not None and cancelling(task) == 0
-                await asyncio.sleep(0)
-                return "timed out"
-            return "served"
-
-        task = asyncio.ensure_future(waiting())
-        await asyncio.sleep(0)
-        now[0] += 2.0
-        outcome = await task
-        assert isinstance(future.exception(), asyncio.TimeoutError)
-        return outcome
-
-    assert run(main) == "timed out"
+    assert isinstance(time_out(True).exception(), asyncio.TimeoutError)
 
 
 def test_an_owned_future_given_its_result_as_the_timer_fires_keeps_it() -> None:
@@ -176,18 +169,4 @@ def test_an_owned_future_given_its_result_as_the_timer_fires_keeps_it() -> None:
 
 
 def test_a_cancel_of_an_owned_wait_stays_a_cancel() -> None:
-    async def main(loop: asyncio.AbstractEventLoop, now: list[float]) -> Any:
-        future = loop.create_future()
-        task = asyncio.ensure_future(within(future, 1.0, owned=True))
-        await asyncio.sleep(0)
-        now[0] += 2.0
-        loop.call_soon(task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            return "cancelled"
-        except asyncio.TimeoutError:
-            return "timed out"
-        return "served"
-
-    assert run(main) == "cancelled"
+    assert cancel_as_the_timer_fires(True) == "cancelled"  # on 3.10 too
