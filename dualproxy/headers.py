@@ -100,13 +100,13 @@ def check_request_headers(headers: Sequence[Header], config: ProxyConfig, *,
     hosts = 0
     for name, value in headers:
         total += len(name) + len(value) + 4
-        if not _valid_name(name) or _BAD_VALUE.search(value):
+        if (name not in _VALID_NAMES and not _valid_name(name)) or _BAD_VALUE.search(value):
             raise BadRequest("malformed request header")
         if name == b"host":
             # RFC 9112 3.2: more than one Host, or an invalid (or empty) one, is a 400
             # (gunicorn says so itself, uvicorn does not: decide it here for every server).
             hosts += 1
-            if hosts > 1 or not _valid_host(value):
+            if hosts > 1 or (value not in _VALID_HOSTS and not _valid_host(value)):
                 raise BadRequest("more than one Host header, or an invalid one")
     if require_host and not hosts:
         # RFC 9112 3.2: an HTTP/1.1 request without Host is a 400 (as nginx and Go answer).
@@ -123,7 +123,7 @@ def _forwarded_node(peer: str) -> bytes:
 
 
 def _quote_if_needed(value: bytes) -> bytes:
-    if _valid_name(value):  # a token
+    if value in _VALID_NAMES or _valid_name(value):  # a token
         return value
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
