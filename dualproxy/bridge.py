@@ -231,7 +231,14 @@ async def watch_disconnect(receive: Receive, gone: threading.Event) -> None:
 class _Watch:
     """watch_disconnect by callbacks: each receive() that returns a future (granian's
     do) is watched without a task; one that returns a coroutine (uvicorn's) runs in a
-    task of its own (so a watch cancelled early leaves no coroutine never awaited)."""
+    task of its own (so a watch cancelled early leaves no coroutine never awaited).
+
+    Each future's callback is removed once it is over (done, or the watch ended):
+    granian's future keeps its callback for good and hides it from the garbage
+    collector, so the cycle future -> callback -> watch -> future would keep every
+    request's watch, protocol and scope alive, and the growing heap made each full
+    collection longer (a p99 of 200 ms and more on wsgi-granian).
+    """
 
     __slots__ = ("receive", "gone", "waiting")
 
@@ -247,6 +254,7 @@ class _Watch:
         return cast("asyncio.Future[Message]", waiting)
 
     def _done(self, waiting: asyncio.Future[Message]) -> None:
+        waiting.remove_done_callback(self._done)
         if waiting.cancelled() or waiting.exception() is not None:
             return  # the watch was ended, or the server's receive() failed
         if waiting.result()["type"] == "http.disconnect":
@@ -255,7 +263,9 @@ class _Watch:
         self.waiting = self._next()
 
     def cancel(self) -> None:
-        self.waiting.cancel()
+        waiting = self.waiting
+        waiting.remove_done_callback(self._done)
+        waiting.cancel()
 
 
 class _Pool:
