@@ -125,8 +125,14 @@ def serve_uvicorn(app: Any, factory: str, *, host: str, port: int, workers: int,
     early: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, _frame: early.append(signum))
-    if workers > 1:
-        uvicorn.run(factory, factory=True, workers=workers, **common)
+    if workers > 1:  # uvicorn.run's own steps, so the supervisor gets what came early
+        from uvicorn.supervisors import Multiprocess
+
+        config = uvicorn.Config(factory, factory=True, workers=workers, **common)
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor.signal_queue.extend(early)  # its handlers queue signals: ours join
+        early.clear()
+        supervisor.run()
         return
 
     class Server(uvicorn.Server):
