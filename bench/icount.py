@@ -8,7 +8,8 @@ about a percent). For each tree (a dualproxy checkout, default this one) it star
 `python -m dualproxy serve` from that tree under `valgrind --tool=callgrind` in front
 of nginx (bench/run.py's upstream), warms it up, zeroes the counters, sends
 `--requests` small GETs over `--conns` keep-alive connections, dumps the counters
-(instructions of the whole proxy process: the server, the proxy, the event loop),
+(instructions of the whole proxy process: the server, the proxy, the event loop;
+of its worker process where the server runs the app in one, as granian does),
 then the same around one download of `--download-mib` MiB (curl). Prints
 instructions per request and per MiB, one row a tree. Extra `serve` arguments
 after `--` (say `--compress`) apply to every tree.
@@ -71,45 +72,58 @@ async def small_gets(port: int, total: int, conns: int, path: str = "/small") ->
                            for i in range(conns)))
 
 
-def family(pid: int) -> list[int]:
-    """`pid` and its descendants (granian serves from worker processes it starts)."""
-    pids = [pid]
-    for each in pids:
-        for task in Path(f"/proc/{each}/task").glob("*"):
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
             try:
-                pids.extend(int(c) for c in (task / "children").read_text().split())
-            except OSError:
-                pass
-    return pids
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def serving_pid(pid: int, action: object) -> int:
+    """Of `pid` and the processes below it, the one that worked most during `action()`:
+    the server's worker (granian runs the app in a process it starts; gunicorn too)."""
+    def cpu(p: int) -> float:
+        try:
+            return cpu_seconds(p)
+        except OSError:
+            return 0.0
+
+    pids = [pid, *descendants(pid)]
+    before = {p: cpu(p) for p in pids}
+    action()  # type: ignore[operator]
+    return max(pids, key=lambda p: cpu(p) - before[p])
 
 
 def counted(pid: int, out: Path, action: object) -> int:
-    """Instructions the process `pid` and its descendants ran during `action()`
-    (callgrind_control; each process dumps to `out`.PID, see --trace-children)."""
-    pids = family(pid)
-    for each in pids:
-        subprocess.run(["callgrind_control", "-z", str(each)], check=True, capture_output=True)
+    """Instructions the process `pid` ran during `action()` (callgrind_control); `out`
+    is its callgrind output file (`%p` in it stands for the pid)."""
+    out = Path(str(out).replace("%p", str(pid)))
+    subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
     # The command may be served a moment later (when the process next wakes): a
     # window started at once would lose its first requests. Idle costs ~0.2M a second.
     time.sleep(2)
     before = set(out.parent.glob(out.name + "*"))
     action()  # type: ignore[operator]
-    total = 0
-    for each in pids:
-        subprocess.run(["callgrind_control", "-d", str(each)], check=True, capture_output=True)
-        total += _dumped(out.parent, f"{out.name}.{each}", before)
-    return total
-
-
-def _dumped(folder: Path, name: str, before: set[Path]) -> int:
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
     for _ in range(100):
-        new = sorted(set(folder.glob(name + ".*")) - before)
+        new = sorted(set(out.parent.glob(out.name + "*")) - before)
         if new:
             for line in new[-1].read_text(errors="replace").splitlines():
                 if line.startswith(("totals:", "summary:")):
                     return int(line.split()[1])
         time.sleep(0.1)
-    raise RuntimeError(f"no callgrind dump {name}")
+    raise RuntimeError("no callgrind dump")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -130,12 +144,13 @@ def measure_cpu(tree: Path, upstream: Upstream, opts: argparse.Namespace,
     try:
         if not wait_http(f"http://127.0.0.1:{port}/small", timeout=60, proc=proc):
             raise RuntimeError(f"{tree}: the proxy did not start")
-        asyncio.run(small_gets(port, opts.warmup, opts.conns))
+        pid = serving_pid(proc.pid, lambda: asyncio.run(
+            small_gets(port, opts.warmup, opts.conns)))
         windows = []
         for _ in range(3):
-            before = cpu_seconds(proc.pid)
+            before = cpu_seconds(pid)
             asyncio.run(small_gets(port, opts.requests, opts.conns))
-            windows.append((cpu_seconds(proc.pid) - before) / opts.requests * 1e6)
+            windows.append((cpu_seconds(pid) - before) / opts.requests * 1e6)
         return windows
     finally:
         stop(proc)
@@ -144,28 +159,33 @@ def measure_cpu(tree: Path, upstream: Upstream, opts: argparse.Namespace,
 def measure(tree: Path, upstream: Upstream, opts: argparse.Namespace,
             extra: list[str], work: Path) -> tuple[float, float | None]:
     port = free_port()
-    out = work / f"cg.{tree.name}.{port}"
+    out = work / f"cg.{tree.name}.{port}.%p"  # a file per process: granian forks its worker
     serve = ([PY, "-m", "dualproxy", "serve", "--upstream", upstream.url, "--bind",
               f"127.0.0.1:{port}", "--no-access-log", "--log-level", "warning",
               "--adapter", opts.adapter, *extra] if opts.app is None else
              [PY, "-m", "uvicorn", "--port", str(port), "--loop", "uvloop", "--http",
               "httptools", "--no-access-log", "--log-level", "warning", opts.app])
+    # --trace-children: a worker started by exec (multiprocessing's spawn) is counted too.
     cmd = ["valgrind", "--tool=callgrind", "--trace-children=yes",
-           f"--callgrind-out-file={out}.%p", *serve]
+           f"--callgrind-out-file={out}", *serve]
     log = work / f"{tree.name}.{port}.log"
     proc = start(cmd, env={"PYTHONPATH": str(tree)}, log=log,
                  cwd=tree if opts.app is None else ROOT)  # `-m`: the cwd comes first on sys.path
     try:
         if not wait_http(f"http://127.0.0.1:{port}/small", timeout=300, proc=proc):
             raise RuntimeError(f"{tree}: the proxy did not start (see {log})")
-        asyncio.run(small_gets(port, opts.warmup, opts.conns))
+        # The process that serves (granian's and gunicorn's worker, not their main process).
+        pid = serving_pid(proc.pid, lambda: asyncio.run(
+            small_gets(port, opts.warmup, opts.conns)))
+        if pid != proc.pid:
+            print(f"  counting the worker process {pid}", flush=True)
         if opts.idle:
-            idle = counted(proc.pid, out, lambda: time.sleep(opts.idle))
+            idle = counted(pid, out, lambda: time.sleep(opts.idle))
             print(f"  idle: {idle / opts.idle:,.0f} instructions/s", flush=True)
         # Three windows, the largest: a window whose zeroing was served late (vgdb
         # reaches a busy valgrind when it can) lost its first requests; a late dump only
         # adds idle time (~0.2M instructions a second). Full windows agree within 0.1%.
-        smalls = sorted(counted(proc.pid, out, lambda: asyncio.run(
+        smalls = sorted(counted(pid, out, lambda: asyncio.run(
             small_gets(port, opts.requests, opts.conns))) for _ in range(3))
         print("  windows: " + ", ".join(f"{s / opts.requests:,.0f}" for s in smalls),
               flush=True)
@@ -179,7 +199,7 @@ def measure(tree: Path, upstream: Upstream, opts: argparse.Namespace,
                     timeout=1800).stdout.split()
                 if result != ["200", str(opts.download_mib * MiB)]:
                     raise RuntimeError(f"download failed: {result}")
-            per_mib = counted(proc.pid, out, download) / opts.download_mib
+            per_mib = counted(pid, out, download) / opts.download_mib
         return small / opts.requests, per_mib
     finally:
         stop(proc)
