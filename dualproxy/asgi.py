@@ -450,7 +450,9 @@ class DisconnectWatch:
     was read or the upstream answered before it (two readers would steal each
     other's messages); body the upload left unread is dropped. uvicorn also
     reports a disconnect once the response is complete; `record.responded` tells
-    the two apart (`cancel_for_gone`).
+    the two apart (`cancel_for_gone`). Each future's callback is removed once it is
+    over (done, or the watch ended): granian's future keeps its callback for good,
+    out of the garbage collector's sight (bridge._Watch: a leak a request).
     """
 
     __slots__ = ("receive", "record", "task", "waiting", "started")
@@ -475,6 +477,7 @@ class DisconnectWatch:
         self.waiting = waiting
 
     def _done(self, waiting: asyncio.Future[Message]) -> None:
+        waiting.remove_done_callback(self._done)
         if self.waiting is not waiting or waiting.cancelled() or waiting.exception():
             return  # the watch was ended, or the server's receive() failed
         if waiting.result()["type"] == "http.disconnect":
@@ -485,6 +488,7 @@ class DisconnectWatch:
     def cancel(self) -> None:
         waiting, self.waiting = self.waiting, None
         if waiting is not None:
+            waiting.remove_done_callback(self._done)
             waiting.cancel()
 
 
