@@ -15,8 +15,6 @@ from ..errors import RESPONSE_ABORTED
 from . import is_tested
 from .limits import HEAD_LIMIT
 
-# uvicorn's exit status when its startup failed (uvicorn.config.STARTUP_FAILURE).
-STARTUP_FAILURE = 3
 # How much request body uvicorn may buffer before it stops reading the client.
 UVICORN_BODY_HIGH_WATER = 262144
 # uvicorn 0.54's sans-IO implementation on `websockets` (its "auto" choice when
@@ -104,6 +102,7 @@ def serve_uvicorn(app: Any, factory: str, *, host: str, port: int, workers: int,
     `certfile`/`keyfile`: serve HTTPS (the scope's scheme is then https).
     """
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
     common: dict[str, Any] = {
         "host": host,
