@@ -28,7 +28,7 @@ OTHER_PYTHONS = ["3.10", "3.12", "3.13"]  # requires-python >= 3.10; 3.13 the ne
 # and the health prober, the drain; both faces, on one pairing each. uvloop's loop is
 # its own code, not the Python's: it runs on PYTHON only. About 3 minutes a Python.
 VERSION_TESTS = ["tests/test_transport.py", "tests/test_upstream_faults.py",
-                 "tests/test_drain.py", "-k", "not uvloop"]
+                 "tests/test_drain.py", "tests/test_waits.py", "-k", "not uvloop"]
 VERSION_PAIRINGS = "asgi-uvicorn,wsgi-gunicorn"
 
 

@@ -1,8 +1,7 @@
 """Instructions per request: dualproxy under valgrind's callgrind, a deterministic cost.
 
     python bench/icount.py [--tree DIR ...] [--requests 2000] [--conns 8]
-                           [--download-mib 100] [--adapter asgi|wsgi] [--path /small]
-                           [-- SERVE ARGS]
+                           [--download-mib 100] [--adapter asgi|wsgi] [-- SERVE ARGS]
 
 Wall-clock figures drift on a shared machine; an instruction count does not (within
 about a percent). For each tree (a dualproxy checkout, default this one) it starts
@@ -10,13 +9,10 @@ about a percent). For each tree (a dualproxy checkout, default this one) it star
 of nginx (bench/run.py's upstream), warms it up, zeroes the counters, sends
 `--requests` small GETs over `--conns` keep-alive connections, dumps the counters
 (instructions of the whole proxy process: the server, the proxy, the event loop;
-under gunicorn, its one worker process, the arbiter's fork that serves),
+of its worker process where the server runs the app in one, as granian does),
 then the same around one download of `--download-mib` MiB (curl). Prints
 instructions per request and per MiB, one row a tree. Extra `serve` arguments
-after `--` (say `--compress`) apply to every tree. `--path /cached/small`: the small
-file with `Cache-Control: public, max-age=3600` (bench/run.py's cache rows), so that
-`-- --cache` counts hits (after the warm-up stored it) and no `--cache` the same GET
-proxied each time.
+after `--` (say `--compress`) apply to every tree.
 """
 
 from __future__ import annotations
@@ -76,13 +72,47 @@ async def small_gets(port: int, total: int, conns: int, path: str = "/small") ->
                            for i in range(conns)))
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def serving_pid(pid: int, action: object) -> int:
+    """Of `pid` and the processes below it, the one that worked most during `action()`:
+    the server's worker (granian runs the app in a process it starts; gunicorn too)."""
+    def cpu(p: int) -> float:
+        try:
+            return cpu_seconds(p)
+        except OSError:
+            return 0.0
+
+    pids = [pid, *descendants(pid)]
+    before = {p: cpu(p) for p in pids}
+    action()  # type: ignore[operator]
+    return max(pids, key=lambda p: cpu(p) - before[p])
+
+
 def counted(pid: int, out: Path, action: object) -> int:
-    """Instructions the process `pid` ran during `action()` (callgrind_control)."""
+    """Instructions the process `pid` ran during `action()` (callgrind_control); `out`
+    is its callgrind output file (`%p` in it stands for the pid)."""
+    out = Path(str(out).replace("%p", str(pid)))
     subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
     # The command may be served a moment later (when the process next wakes): a
     # window started at once would lose its first requests. Idle costs ~0.2M a second.
     time.sleep(2)
-    out = out.parent / f"{out.name}.{pid}"  # its own dumps (--callgrind-out-file ...%p)
     before = set(out.parent.glob(out.name + "*"))
     action()  # type: ignore[operator]
     subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
@@ -94,14 +124,6 @@ def counted(pid: int, out: Path, action: object) -> int:
                     return int(line.split()[1])
         time.sleep(0.1)
     raise RuntimeError("no callgrind dump")
-
-
-def serving_pid(pid: int) -> int:
-    """The process that serves: `pid`'s only child when it forked one (gunicorn's
-    worker: a fork stays under valgrind), else `pid`."""
-    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-                for c in (task / "children").read_text().split()]
-    return children[0] if len(children) == 1 else pid
 
 
 def cpu_seconds(pid: int) -> float:
@@ -122,8 +144,8 @@ def measure_cpu(tree: Path, upstream: Upstream, opts: argparse.Namespace,
     try:
         if not wait_http(f"http://127.0.0.1:{port}/small", timeout=60, proc=proc):
             raise RuntimeError(f"{tree}: the proxy did not start")
-        asyncio.run(small_gets(port, opts.warmup, opts.conns, opts.path))
-        pid = serving_pid(proc.pid)
+        pid = serving_pid(proc.pid, lambda: asyncio.run(
+            small_gets(port, opts.warmup, opts.conns, opts.path)))
         windows = []
         for _ in range(3):
             before = cpu_seconds(pid)
@@ -137,24 +159,26 @@ def measure_cpu(tree: Path, upstream: Upstream, opts: argparse.Namespace,
 def measure(tree: Path, upstream: Upstream, opts: argparse.Namespace,
             extra: list[str], work: Path) -> tuple[float, float | None]:
     port = free_port()
-    out = work / f"cg.{tree.name}.{port}"
+    out = work / f"cg.{tree.name}.{port}.%p"  # a file per process: granian forks its worker
     serve = ([PY, "-m", "dualproxy", "serve", "--upstream", upstream.url, "--bind",
               f"127.0.0.1:{port}", "--no-access-log", "--log-level", "warning",
               "--adapter", opts.adapter, *extra] if opts.app is None else
              [PY, "-m", "uvicorn", "--port", str(port), "--loop", "uvloop", "--http",
               "httptools", "--no-access-log", "--log-level", "warning", opts.app])
-    # --trace-children: a forked worker gets its own gdbserver (callgrind_control reaches
-    # it); %p: its dumps do not overwrite its parent's.
+    # --trace-children: a worker started by exec (multiprocessing's spawn) is counted too.
     cmd = ["valgrind", "--tool=callgrind", "--trace-children=yes",
-           f"--callgrind-out-file={out}.%p", *serve]
+           f"--callgrind-out-file={out}", *serve]
     log = work / f"{tree.name}.{port}.log"
     proc = start(cmd, env={"PYTHONPATH": str(tree)}, log=log,
                  cwd=tree if opts.app is None else ROOT)  # `-m`: the cwd comes first on sys.path
     try:
         if not wait_http(f"http://127.0.0.1:{port}/small", timeout=300, proc=proc):
             raise RuntimeError(f"{tree}: the proxy did not start (see {log})")
-        asyncio.run(small_gets(port, opts.warmup, opts.conns, opts.path))
-        pid = serving_pid(proc.pid)
+        # The process that serves (granian's and gunicorn's worker, not their main process).
+        pid = serving_pid(proc.pid, lambda: asyncio.run(
+            small_gets(port, opts.warmup, opts.conns, opts.path)))
+        if pid != proc.pid:
+            print(f"  counting the worker process {pid}", flush=True)
         if opts.idle:
             idle = counted(pid, out, lambda: time.sleep(opts.idle))
             print(f"  idle: {idle / opts.idle:,.0f} instructions/s", flush=True)
@@ -190,8 +214,8 @@ def main() -> None:
     parser.add_argument("--conns", type=int, default=8)
     parser.add_argument("--download-mib", type=int, default=100, help="0: no download")
     parser.add_argument("--adapter", choices=("asgi", "wsgi"), default="asgi")
-    parser.add_argument("--path", default="/small",
-                        help="what the small GETs ask for (/cached/small: cacheable)")
+    parser.add_argument("--path", default="/small", help="what the small GETs ask for "
+                        "(/cached/small: Cache-Control max-age=3600, the cache rows' file)")
     parser.add_argument("--idle", type=float, default=0,
                         help="also count this many seconds without requests")
     parser.add_argument("--app", help="an ASGI app (module:attr) on uvicorn instead of "

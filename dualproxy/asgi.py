@@ -36,7 +36,7 @@ from .exchange import drive_async, http_flow
 from .face import ProxyFace, make_async_client
 from .filters import Exchange
 from .filters.chain import achunks, atransformed, run_either
-from .http1.aio import AsyncUpstreamTransport
+from .http1.aio import AsyncBody, AsyncUpstreamTransport
 from .http1.pool import Call, Reply
 from .logs import RequestRecord
 from .servers import ON_GONE
@@ -191,24 +191,32 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         """The head, then the body (through the filters' transforms). An upstream or
         a transform failing mid-body returns without the final body message: the
         server drops the connection (no last chunk, no short body passed off as
-        complete)."""
+        complete). The transport's own body tells its last piece: that goes out
+        with the end, one message."""
         await send({"type": "http.response.start", "status": head.status,
                     "headers": head.headers})
         record.status = head.status
+        ended = False
         try:
             if head.has_body:
                 if exchange is not None and exchange._response_pipeline is not None:
                     stream = atransformed(exchange._response_pipeline, stream)
+                own = stream if isinstance(stream, AsyncBody) else None
                 with map_stream_errors():
                     async for chunk in stream:
                         record.bytes_out += len(chunk)
+                        more = own is None or not own.ended
                         try:  # _send_body's rule, inline: no coroutine a chunk
                             await send({"type": "http.response.body", "body": chunk,
-                                        "more_body": True})
+                                        "more_body": more})
                         except (OSError, RuntimeError) as exc:
                             if not _client_left(exc, record):
                                 raise
                             return
+                        if not more:  # the stream ends at its next step (left to
+                            ended = record.responded = True  # end, not suspended)
+                if ended:
+                    return
         except UpstreamBroken as exc:
             record.upstream_broke(exc)
             RESPONSE_ABORTED.set(True)
@@ -222,7 +230,7 @@ class HttpPort:
     decides, this reads the body, watches for a disconnect and sends messages."""
 
     __slots__ = ("proxy", "scope", "receive", "send", "record", "plan", "content",
-                 "counter", "body_done", "watcher", "on_gone", "cut", "passed_on")
+                 "counter", "watch", "on_gone", "cut", "passed_on")
 
     def __init__(self, proxy: AsyncProxy, scope: Scope, receive: Receive, send: Send,
                  record: RequestRecord) -> None:
@@ -231,10 +239,10 @@ class HttpPort:
         self.plan: UpstreamPlan | None = None
         self.content: AsyncIterable[bytes] | None = None
         self.counter: BodyCounter | None = None
-        # Set once nothing else reads receive(): the body was read to its end, or
-        # the upstream's head came first (an early answer stops the upload).
-        self.body_done: asyncio.Event | None = None
-        self.watcher: asyncio.Task[None] | None = None
+        # The disconnect watch on receive(), when the server offers no ON_GONE: it
+        # starts once nothing else reads receive() (no body, the body was read to its
+        # end, or the upstream's head came first: an early answer stops the upload).
+        self.watch: DisconnectWatch | None = None
         self.on_gone: list[Any] | None = None  # the server's ON_GONE list, when it told
         self.cut: DrainCut | None = None
         self.passed_on = False
@@ -252,9 +260,9 @@ class HttpPort:
     async def discard(self, budget: int) -> bool:
         """Read and drop up to `budget` bytes of the request body nothing read yet
         (exchange.drop_unread); True when its end was reached."""
-        body_done = self.body_done
-        if body_done is not None and body_done.is_set():
-            return True  # read to its end, or the watcher drops what is left
+        watch = self.watch
+        if watch is not None and watch.started:
+            return True  # read to its end, or the watch drops what is left
         while True:
             try:
                 message = await receive_within(self.receive, self.proxy.config.client_timeout)
@@ -263,8 +271,8 @@ class HttpPort:
             if message["type"] != "http.request":  # the client left
                 return False
             if not message.get("more_body", False):
-                if body_done is not None:
-                    body_done.set()  # the watcher takes receive() now
+                if watch is not None:
+                    watch.start()  # the watch takes receive() now
                 return True
             budget -= len(message.get("body", b""))
             if budget < 0:
@@ -289,20 +297,12 @@ class HttpPort:
     def upload(self, plan: UpstreamPlan, exchange: Exchange | None) -> None:
         proxy, record = self.proxy, self.record
         self.plan = plan
-        if plan.has_body:
-            self.body_done = asyncio.Event()
-            self.counter = counter = BodyCounter(plan, proxy.config)
-            content = _request_body(self.receive, counter,
-                                    self.body_done, record, proxy.config.client_timeout)
-            if exchange is not None and exchange._request_pipeline is not None:
-                content = atransformed(exchange._request_pipeline, content)
-            self.content = content
         # This task is cancelled if the client leaves before the response is
         # complete (`cancel_for_gone`), only while it is suspended inside the
         # exchange (record.responded guards the rest), so the cancellation is
         # always ours to absorb. Told by the server when it offers (ON_GONE, a
-        # bodiless request: no body to drop after an early answer), else by one
-        # extra task, a watcher on receive().
+        # bodiless request: no body to drop after an early answer), else by a
+        # watch on receive() (DisconnectWatch).
         task = asyncio.current_task()
         assert task is not None
         on_gone = None if plan.has_body else self.scope.get(ON_GONE)
@@ -310,8 +310,17 @@ class HttpPort:
             on_gone.append(functools.partial(cancel_for_gone, record, task))
             self.on_gone = on_gone
         else:
-            self.watcher = task.get_loop().create_task(
-                _watch_disconnect(self.receive, self.body_done, task, record))
+            self.watch = watch = DisconnectWatch(self.receive, record, task)
+            if not plan.has_body:
+                watch.start()
+        if plan.has_body:
+            self.counter = counter = BodyCounter(plan, proxy.config)
+            assert self.watch is not None
+            content = _request_body(self.receive, counter,
+                                    self.watch, record, proxy.config.client_timeout)
+            if exchange is not None and exchange._request_pipeline is not None:
+                content = atransformed(exchange._request_pipeline, content)
+            self.content = content
         if DRAIN.armed:
             self.cut = DrainCut(task, record)
             DRAIN.enter(self.cut)
@@ -328,10 +337,10 @@ class HttpPort:
         else:
             request = proxy.upstream_request(plan, self.content, upstream)
             result = request, await proxy._send(request)
-        if self.body_done is not None:
+        if self.watch is not None:
             # The head is in: the upload is over (whole, or stopped by an early
-            # answer, its rest left unread), so the watcher takes receive() now.
-            self.body_done.set()
+            # answer, its rest left unread), so the watch takes receive() now.
+            self.watch.start()
         return result
 
     def upload_over(self) -> None:
@@ -360,8 +369,8 @@ class HttpPort:
     def close(self) -> None:
         if self.cut is not None:
             DRAIN.leave(self.cut)
-        if self.watcher is not None:
-            self.watcher.cancel()
+        if self.watch is not None:
+            self.watch.cancel()
         if self.on_gone is not None:
             self.on_gone.clear()  # over: a later disconnect is not this exchange's
 
@@ -427,7 +436,7 @@ async def receive_within(receive: Receive, seconds: float) -> Message:
 
 
 async def _request_body(
-    receive: Receive, counter: BodyCounter, body_done: asyncio.Event, record: Any,
+    receive: Receive, counter: BodyCounter, watch: DisconnectWatch, record: Any,
     client_timeout: float,
 ) -> AsyncIterator[bytes]:
     """Stream the client's body upstream as it arrives, counting it on the way; a
@@ -444,28 +453,58 @@ async def _request_body(
         if not message.get("more_body", False):
             break
     counter.finish()
-    body_done.set()
+    watch.start()
 
 
-async def _watch_disconnect(
-    receive: Receive, body_done: asyncio.Event | None, task: asyncio.Task[Any],
-    record: RequestRecord,
-) -> None:
-    """Cancel `task` when the client disconnects before the response is complete.
+class DisconnectWatch:
+    """Cancels the exchange's task when the client disconnects before the response is
+    complete, by callbacks on receive(): no task of its own where receive() returns
+    a future (granian's do); a coroutine (uvicorn's) runs in a task each call.
 
-    It reads `receive()` as soon as nothing else does: from the start without a
-    body, else once the body was read or the upstream answered before it (two
-    readers would steal each other's messages); body the upload left unread is
-    dropped. uvicorn also reports a disconnect once the response is complete;
-    `record.responded` tells the two apart.
+    It reads receive() once started: at once without a body, else once the body
+    was read or the upstream answered before it (two readers would steal each
+    other's messages); body the upload left unread is dropped. uvicorn also
+    reports a disconnect once the response is complete; `record.responded` tells
+    the two apart (`cancel_for_gone`). Each future's callback is removed once it is
+    over (done, or the watch ended): granian's future keeps its callback for good,
+    out of the garbage collector's sight (bridge._Watch: a leak a request).
     """
-    if body_done is not None:
-        await body_done.wait()
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            cancel_for_gone(record, task)
-            return
+
+    __slots__ = ("receive", "record", "task", "waiting", "started")
+
+    def __init__(self, receive: Receive, record: RequestRecord,
+                 task: asyncio.Task[Any]) -> None:
+        self.receive, self.record, self.task = receive, record, task
+        self.waiting: asyncio.Future[Message] | None = None
+        self.started = False
+
+    def start(self) -> None:
+        """Take receive() from now on (once; later calls do nothing)."""
+        if not self.started:
+            self.started = True
+            self._next()
+
+    def _next(self) -> None:
+        waiting: Any = self.receive()
+        if not asyncio.isfuture(waiting):
+            waiting = asyncio.ensure_future(waiting, loop=self.task.get_loop())
+        waiting.add_done_callback(self._done)
+        self.waiting = waiting
+
+    def _done(self, waiting: asyncio.Future[Message]) -> None:
+        waiting.remove_done_callback(self._done)
+        if self.waiting is not waiting or waiting.cancelled() or waiting.exception():
+            return  # the watch was ended, or the server's receive() failed
+        if waiting.result()["type"] == "http.disconnect":
+            cancel_for_gone(self.record, self.task)
+        else:  # body the upload left unread: dropped, read on
+            self._next()
+
+    def cancel(self) -> None:
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:
+            waiting.remove_done_callback(self._done)
+            waiting.cancel()
 
 
 def cancel_for_gone(record: RequestRecord, task: asyncio.Task[Any]) -> None:

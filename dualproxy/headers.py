@@ -48,6 +48,33 @@ _PAIR = _FIELD_TOKEN + rb"=(?:" + _FIELD_TOKEN + rb"|" + _QUOTED + rb")"
 _FORWARDED_PIECE = re.compile(rb"[ \t]*(?:" + _PAIR + rb"[ \t]*)?([;,]|\Z)")
 
 
+# Field names and Host values found valid before: the same few on every request, so
+# each is matched once, not once a request (bounded: clients choose them).
+_VALID_NAMES: set[bytes] = set()
+_VALID_HOSTS: set[bytes] = set()
+_REMEMBERED = 512
+
+
+def _valid_name(name: bytes) -> bool:
+    if name in _VALID_NAMES:
+        return True
+    if _TOKEN.match(name) is None:
+        return False
+    if len(_VALID_NAMES) < _REMEMBERED:
+        _VALID_NAMES.add(name)
+    return True
+
+
+def _valid_host(value: bytes) -> bool:
+    if value in _VALID_HOSTS:
+        return True
+    if not valid_authority(value):
+        return False
+    if len(_VALID_HOSTS) < _REMEMBERED:
+        _VALID_HOSTS.add(value)
+    return True
+
+
 def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
     """Every header name listed in any `Connection` line (they are hop-by-hop too)."""
     names: set[bytes] = set()
@@ -73,13 +100,13 @@ def check_request_headers(headers: Sequence[Header], config: ProxyConfig, *,
     hosts = 0
     for name, value in headers:
         total += len(name) + len(value) + 4
-        if not _TOKEN.match(name) or _BAD_VALUE.search(value):
+        if (name not in _VALID_NAMES and not _valid_name(name)) or _BAD_VALUE.search(value):
             raise BadRequest("malformed request header")
         if name == b"host":
             # RFC 9112 3.2: more than one Host, or an invalid (or empty) one, is a 400
             # (gunicorn says so itself, uvicorn does not: decide it here for every server).
             hosts += 1
-            if hosts > 1 or not valid_authority(value):
+            if hosts > 1 or (value not in _VALID_HOSTS and not _valid_host(value)):
                 raise BadRequest("more than one Host header, or an invalid one")
     if require_host and not hosts:
         # RFC 9112 3.2: an HTTP/1.1 request without Host is a 400 (as nginx and Go answer).
@@ -96,7 +123,7 @@ def _forwarded_node(peer: str) -> bytes:
 
 
 def _quote_if_needed(value: bytes) -> bytes:
-    if _TOKEN.match(value):
+    if value in _VALID_NAMES or _valid_name(value):  # a token
         return value
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 

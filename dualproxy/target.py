@@ -67,6 +67,8 @@ def origin_form(raw: bytes, max_bytes: int) -> bytes:
 def target_authority(raw: bytes) -> bytes | None:
     """The authority of an absolute-form target (userinfo cut off), None for any
     other form; BadRequest when it is empty or malformed."""
+    if raw[:1] == b"/":  # origin-form (the usual): no scheme starts with `/`
+        return None
     match = _ABSOLUTE_FORM.match(raw)
     if match is None:
         return None

@@ -5,6 +5,17 @@ completes in the same loop turn as a cancel of the waiting task, and drops the
 cancel (CPython gh-86296). The drain's cut is such a cancel, sent once: lost, the
 exchange ran on until the server killed its task. wait_for also wraps a coroutine
 in a task of its own, a cost on every body piece. `within` has neither problem.
+
+Any awaitable: asyncio.timeout's rule (3.11+) without its context manager (which
+costs more than the wait it guards on the hot path): a timer cancels the waiting
+task, and only that cancel, when no other was requested meanwhile
+(`Task.cancelling`), becomes the TimeoutError. Python 3.10 has no cancel count:
+there a cancel that comes with the timer's is taken as the timeout.
+
+The caller's own future (`owned`, the HTTP/1.1 client's waits for bytes and for a
+pool slot): the timer sets the TimeoutError on the future instead, so the task is
+never cancelled by it: a real cancel stays one, a result given in the step the
+timer fires in is kept, and it costs a timer alone.
 """
 
 from __future__ import annotations
@@ -12,37 +23,73 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 
-if sys.version_info >= (3, 11):
-    async def within(awaitable: Awaitable[T], seconds: float | None) -> T:
-        """`await awaitable`, or asyncio.TimeoutError after `seconds` (None: no limit)."""
-        async with asyncio.timeout(seconds):
-            return await awaitable
-else:
-    async def within(awaitable: Awaitable[T], seconds: float | None) -> T:
-        """`await awaitable`, or asyncio.TimeoutError after `seconds` (3.10 has no
-        asyncio.timeout: a timer cancels the task, and only its own cancel becomes
-        the timeout)."""
-        if seconds is None:
-            return await awaitable
-        task = asyncio.current_task()
-        assert task is not None
-        fired = False
 
-        def expire() -> None:
-            nonlocal fired
-            fired = True
-            task.cancel()
+async def within(awaitable: Awaitable[T], seconds: float | None,
+                 loop: asyncio.AbstractEventLoop | None = None, *,
+                 owned: bool = False) -> T:
+    """`await awaitable`, or asyncio.TimeoutError after `seconds` (None: no limit).
 
-        timer = asyncio.get_running_loop().call_later(seconds, expire)
+    `loop`: the running loop when the caller has it at hand (a look-up spared:
+    before Python 3.12 each asks the kernel for the pid). `owned`: `awaitable` is
+    an asyncio future only the caller completes (see the module's text).
+    """
+    if seconds is None:
+        return await awaitable
+    if owned:
+        future = cast("asyncio.Future[T]", awaitable)
+        timer = future.get_loop().call_later(seconds, _expire, future)
         try:
-            return await awaitable
-        except asyncio.CancelledError:
-            if fired:
-                raise asyncio.TimeoutError() from None
-            raise
+            return await future
         finally:
             timer.cancel()
+    task = asyncio.current_task(loop)
+    assert task is not None
+    before = _cancelling(task)
+    fired = False
+
+    def expire() -> None:
+        nonlocal fired
+        fired = True
+        task.cancel()
+
+    timer = task.get_loop().call_later(seconds, expire)
+    try:
+        result = await awaitable
+    except asyncio.CancelledError:
+        timer.cancel()
+        if fired and _uncancel(task) <= before:
+            raise asyncio.TimeoutError() from None
+        raise
+    except BaseException:
+        timer.cancel()
+        if fired:
+            _uncancel(task)
+        raise
+    timer.cancel()
+    if fired:  # the awaitable swallowed the timer's cancel
+        _uncancel(task)
+    return result
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())
+
+
+if sys.version_info >= (3, 11):
+    def _cancelling(task: asyncio.Task[Any]) -> int:
+        return task.cancelling()
+
+    def _uncancel(task: asyncio.Task[Any]) -> int:
+        """Withdraw the timer's cancel request; the requests left."""
+        return task.uncancel()
+else:
+    def _cancelling(task: asyncio.Task[Any]) -> int:
+        return 0
+
+    def _uncancel(task: asyncio.Task[Any]) -> int:
+        return 0

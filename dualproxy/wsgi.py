@@ -334,10 +334,17 @@ class HttpPort(Port):
     def relay(self, head: ResponseHead, response: httpx.Response,
               exchange: Exchange | None) -> Iterable[bytes]:
         record = self.record
+        # dualproxy's bridge (bridge.py) takes the core's head as it is, when its own
+        # start_response is the one given (no middleware in between).
+        fast = getattr(getattr(self.start_response, "__self__", None), "start_response_bytes",
+                       None)
         try:
             # A server that refuses the head (a header value it rejects) must not
             # leave the upstream response, and its pool slot, open.
-            self.start_response(head.status_line, _str_headers(head.headers))
+            if fast is not None:
+                fast(head.status, head.headers)
+            else:
+                self.start_response(head.status_line, _str_headers(head.headers))
         except BaseException:
             response.close()
             self.proxy.finish(record)

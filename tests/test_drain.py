@@ -513,12 +513,15 @@ def test_a_silent_client_ends_the_read_as_stalled_and_a_cut_stays_a_cut() -> Non
 # -- a stop that comes while the proxy is still starting ---------------------------------------
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize("when", ["metrics-up", "0.3", "0.8"])
-def test_a_stop_while_starting_still_stops(pairing: str, upstream: Upstream, when: str) -> None:
+def test_a_stop_while_starting_still_stops(pairing: str, upstream: Upstream, when: str,
+                                           workers: str) -> None:
     """SIGTERM once, early: as a container's stop right after its health check passed (the
     metrics port is up before the server takes over signals), or at a fixed moment of the
     start. The proxy exits; on uvicorn a SIGTERM that came before uvicorn listened for it
-    was swallowed by the handler that only takes note, and the proxy ran on."""
+    was swallowed by the handler that only takes note, and the proxy ran on (with one
+    worker in uvicorn's server, with more in its supervisor)."""
     from tests.conftest import ROOT, free_port
 
     port, metrics = free_port(), free_port()
@@ -526,7 +529,8 @@ def test_a_stop_while_starting_still_stops(pairing: str, upstream: Upstream, whe
     proc = subprocess.Popen(
         [sys.executable, "-m", "dualproxy", "serve", "--upstream", upstream.url,
          "--adapter", adapter, "--server", server, "--bind", f"127.0.0.1:{port}",
-         "--metrics-bind", f"127.0.0.1:{metrics}", "--graceful-timeout", "2"],
+         "--metrics-bind", f"127.0.0.1:{metrics}", "--graceful-timeout", "2",
+         "--workers", workers],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     try:
         if when == "metrics-up":

@@ -40,39 +40,6 @@ READ_SIZE = 262144
 HIGH_WATER = 1 << 20  # pause reading the upstream above this many unread bytes
 
 
-def _expire(waiter: asyncio.Future[None], error: type[httpx.TimeoutException],
-            message: str) -> None:
-    # A timeout is an exception on the waiter, never a task cancellation, so a
-    # real cancellation (client gone) stays distinguishable, and a waiter given
-    # its result in the same loop step as the timer fires keeps the result.
-    if not waiter.done():
-        waiter.set_exception(error(message))
-
-
-async def _wait(waiter: asyncio.Future[None], seconds: float | None,
-                error: type[httpx.TimeoutException], message: str) -> None:
-    """Await `waiter`, `error(message)` after `seconds` (None: no limit)."""
-    # The waiter's loop, not get_running_loop(): on Python 3.11 and older that
-    # asks the kernel for the pid (a system call) each time.
-    handle = (None if seconds is None else
-              waiter.get_loop().call_later(seconds, _expire, waiter, error, message))
-    try:
-        await waiter
-    finally:
-        if handle is not None:
-            handle.cancel()
-
-
-def _cancel_requests() -> int:
-    """Cancellations requested of the current task (0 before Python 3.11). Before
-    3.12, `wait_for` returns the result (or raises the error) of an awaitable done
-    in the step the task is cancelled in, swallowing the cancellation: compared
-    before and after, this count tells, and the cancellation is raised again."""
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    return 0 if cancelling is None else int(cancelling())
-
-
 _TLS_CUT = "TLS closed without close_notify"
 
 
@@ -108,7 +75,7 @@ class _AsyncConn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; same interface.
         self.transport = cast(asyncio.Transport, transport)
-        self._loop = asyncio.get_running_loop()  # once a connection, not a wait (_wait)
+        self._loop = asyncio.get_running_loop()  # once a connection, not a wait
         self._tls = transport.get_extra_info("sslcontext") is not None
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
@@ -179,7 +146,9 @@ class _AsyncConn(asyncio.Protocol):
         seconds = (timeout(request, "read") if deadline is None
                    else time_left(deadline, loop.time()))
         try:
-            await _wait(waiter, seconds, httpx.ReadTimeout, "timed out waiting for the upstream")
+            await within(waiter, seconds, owned=True)
+        except asyncio.TimeoutError:
+            raise httpx.ReadTimeout("timed out waiting for the upstream") from None
         finally:
             self._waiter = None
 
@@ -207,7 +176,7 @@ class _AsyncConn(asyncio.Protocol):
         drain = self._drain
         if drain is not None:
             try:
-                await within(asyncio.shield(drain), timeout(request, "write"))
+                await within(asyncio.shield(drain), timeout(request, "write"), self._loop)
             except asyncio.TimeoutError:
                 raise httpx.WriteTimeout("upstream stopped reading the request") from None
 
@@ -248,9 +217,12 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            # Not wait_for: on Python 3.12+ a slot handed over in the loop step its
-            # timeout fires in became a TimeoutError, and the slot was lost for good.
-            await _wait(waiter, seconds, httpx.PoolTimeout, "no upstream connection became free")
+            # A slot handed over in the loop step the timeout fires in is kept (an
+            # owned wait: the timeout is set on the waiter only if it is not done);
+            # Python 3.12's wait_for turned it into a TimeoutError, the slot lost.
+            await within(waiter, seconds, owned=True)
+        except asyncio.TimeoutError:
+            raise httpx.PoolTimeout("no upstream connection became free") from None
         except BaseException:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._release()  # the slot was handed to us as we were cancelled
@@ -276,7 +248,6 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
         scheme, host, port = key
         loop = asyncio.get_running_loop()
         context = self._context(key)
-        cancels = _cancel_requests()
         try:
             if scheme == "unix":
                 opening = loop.create_unix_connection(_AsyncConn, host)
@@ -284,16 +255,14 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
                 opening = loop.create_connection(_AsyncConn, host, port, ssl=context,
                                                  server_hostname=host if context else None)
             seconds = connect_timeout(request, deadline, loop.time())
-            _, conn = await asyncio.wait_for(opening, seconds)
+            # Awaited in this task (waits.within, not wait_for): a cancel that comes
+            # as the connection opens is raised inside the loop's connect, which
+            # closes the new connection itself.
+            _, conn = await within(opening, seconds, loop)
         except asyncio.TimeoutError:
             raise httpx.ConnectTimeout(f"connecting to {address(key)} timed out") from None
         except OSError as exc:
-            if _cancel_requests() > cancels:
-                raise asyncio.CancelledError() from exc
             raise connect_failed(key, exc) from exc
-        if _cancel_requests() > cancels:
-            conn.close()
-            raise asyncio.CancelledError()
         return conn
 
     async def aclose(self) -> None:
@@ -335,7 +304,7 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
             tell_unsent(exc, conn)
             self._release()
             raise
-        return Reply(head, self._body(key, conn, call, _AsyncBody))
+        return Reply(head, self._body(key, conn, call, AsyncBody))
 
     async def _exchange(self, conn: _AsyncConn, call: Call,
                         deadline: float | None) -> Response:
@@ -363,7 +332,14 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
                 return event
 
 
-class _AsyncBody(PooledBody[_AsyncConn], httpx.AsyncByteStream):
+class AsyncBody(PooledBody[_AsyncConn], httpx.AsyncByteStream):
+    """A response body of the async transport. `ended` tells, as a piece is handed
+    out, that it is the last one (the message complete by its framing)."""
+
+    @property
+    def ended(self) -> bool:
+        return self._conn is None
+
     async def __aiter__(self) -> AsyncIterator[bytes]:
         conn = self._conn
         if conn is None:

@@ -15,8 +15,6 @@ from ..errors import RESPONSE_ABORTED
 from . import is_tested
 from .limits import HEAD_LIMIT
 
-# uvicorn's exit status when its startup failed (uvicorn.config.STARTUP_FAILURE).
-STARTUP_FAILURE = 3
 # How much request body uvicorn may buffer before it stops reading the client.
 UVICORN_BODY_HIGH_WATER = 262144
 # uvicorn 0.54's sans-IO implementation on `websockets` (its "auto" choice when
@@ -104,6 +102,7 @@ def serve_uvicorn(app: Any, factory: str, *, host: str, port: int, workers: int,
     `certfile`/`keyfile`: serve HTTPS (the scope's scheme is then https).
     """
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
     common: dict[str, Any] = {
         "host": host,
@@ -125,8 +124,14 @@ def serve_uvicorn(app: Any, factory: str, *, host: str, port: int, workers: int,
     early: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, _frame: early.append(signum))
-    if workers > 1:
-        uvicorn.run(factory, factory=True, workers=workers, **common)
+    if workers > 1:  # uvicorn.run's own steps, so the supervisor gets what came early
+        from uvicorn.supervisors import Multiprocess
+
+        config = uvicorn.Config(factory, factory=True, workers=workers, **common)
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor.signal_queue.extend(early)  # its handlers queue signals: ours join
+        early.clear()
+        supervisor.run()
         return
 
     class Server(uvicorn.Server):
