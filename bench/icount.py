@@ -145,11 +145,11 @@ def measure_cpu(tree: Path, upstream: Upstream, opts: argparse.Namespace,
         if not wait_http(f"http://127.0.0.1:{port}/small", timeout=60, proc=proc):
             raise RuntimeError(f"{tree}: the proxy did not start")
         pid = serving_pid(proc.pid, lambda: asyncio.run(
-            small_gets(port, opts.warmup, opts.conns)))
+            small_gets(port, opts.warmup, opts.conns, opts.path)))
         windows = []
         for _ in range(3):
             before = cpu_seconds(pid)
-            asyncio.run(small_gets(port, opts.requests, opts.conns))
+            asyncio.run(small_gets(port, opts.requests, opts.conns, opts.path))
             windows.append((cpu_seconds(pid) - before) / opts.requests * 1e6)
         return windows
     finally:
@@ -176,7 +176,7 @@ def measure(tree: Path, upstream: Upstream, opts: argparse.Namespace,
             raise RuntimeError(f"{tree}: the proxy did not start (see {log})")
         # The process that serves (granian's and gunicorn's worker, not their main process).
         pid = serving_pid(proc.pid, lambda: asyncio.run(
-            small_gets(port, opts.warmup, opts.conns)))
+            small_gets(port, opts.warmup, opts.conns, opts.path)))
         if pid != proc.pid:
             print(f"  counting the worker process {pid}", flush=True)
         if opts.idle:
@@ -186,7 +186,7 @@ def measure(tree: Path, upstream: Upstream, opts: argparse.Namespace,
         # reaches a busy valgrind when it can) lost its first requests; a late dump only
         # adds idle time (~0.2M instructions a second). Full windows agree within 0.1%.
         smalls = sorted(counted(pid, out, lambda: asyncio.run(
-            small_gets(port, opts.requests, opts.conns))) for _ in range(3))
+            small_gets(port, opts.requests, opts.conns, opts.path))) for _ in range(3))
         print("  windows: " + ", ".join(f"{s / opts.requests:,.0f}" for s in smalls),
               flush=True)
         small = smalls[-1]
@@ -214,6 +214,8 @@ def main() -> None:
     parser.add_argument("--conns", type=int, default=8)
     parser.add_argument("--download-mib", type=int, default=100, help="0: no download")
     parser.add_argument("--adapter", choices=("asgi", "wsgi"), default="asgi")
+    parser.add_argument("--path", default="/small", help="what the small GETs ask for "
+                        "(/cached/small: Cache-Control max-age=3600, the cache rows' file)")
     parser.add_argument("--idle", type=float, default=0,
                         help="also count this many seconds without requests")
     parser.add_argument("--app", help="an ASGI app (module:attr) on uvicorn instead of "

@@ -35,7 +35,7 @@ from .errors import (
 from .exchange import drive_async, http_flow
 from .face import ProxyFace, make_async_client
 from .filters import Exchange
-from .filters.chain import achunks, atransformed, run_async
+from .filters.chain import achunks, atransformed, run_either
 from .http1.aio import AsyncBody, AsyncUpstreamTransport
 from .http1.pool import Call, Reply
 from .logs import RequestRecord
@@ -175,7 +175,9 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         if exchange is not None:
             record.exchange = None
             if self.chain.ends:  # no generator nor coroutine when no filter has on_end
-                await run_async(self.chain.end(exchange))
+                ended = run_either(self.chain.end(exchange))
+                if ended is not None:  # a filter's on_end awaits
+                    await ended
         self.finish(record)
 
     async def _problem(self, send: Send, exc: ProxyError, record: RequestRecord) -> None:
@@ -277,6 +279,19 @@ class HttpPort:
                 return False
 
     async def answer(self, exchange: Exchange, head: ResponseHead, body: Any) -> None:
+        if type(body) is bytes and exchange._response_pipeline is None:
+            # A whole body (a cache hit's, a refusal's): one message with the head's
+            # end, as send_problem does; no transform to run, nothing to relay.
+            record = self.record
+            await self.send({"type": "http.response.start", "status": head.status,
+                             "headers": head.headers})
+            record.status = head.status
+            if not head.has_body:
+                body = b""
+            record.bytes_out += len(body)
+            record.responded = True
+            await _send_body(self.send, body, False, record)
+            return
         await self.proxy._relay(achunks(body), head, self.send, self.record, exchange)
 
     def upload(self, plan: UpstreamPlan, exchange: Exchange | None) -> None:

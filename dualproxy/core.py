@@ -14,7 +14,7 @@ import http.cookiejar
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import MISSING, dataclass, fields
 from http import HTTPStatus
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import httpx
 
@@ -128,11 +128,17 @@ class ResponseHead:
     @property
     def status_line(self) -> str:
         """WSGI's `"200 OK"` form."""
-        try:
-            phrase = HTTPStatus(self.status).phrase
-        except ValueError:
-            phrase = "Unknown"
-        return f"{self.status} {phrase}"
+        line = _STATUS_LINES.get(self.status)
+        if line is None:
+            try:
+                phrase = HTTPStatus(self.status).phrase
+            except ValueError:
+                phrase = "Unknown"
+            line = _STATUS_LINES[self.status] = f"{self.status} {phrase}"
+        return line
+
+
+_STATUS_LINES: dict[int, str] = {}  # status_line's, made once a status (three digits)
 
 
 def request_mount(config: ProxyConfig, incoming: IncomingRequest) -> bytes:
@@ -147,6 +153,23 @@ def plan_request(config: ProxyConfig, incoming: IncomingRequest,
     `routes`: the mounts of every route of the app this proxy is one route of
     (router.py), so the one routing rule (`target.choose_mount`) sees them all.
     """
+    return build_plan(config, incoming, check_request(config, incoming, routes))
+
+
+# What `check_request` found, all `build_plan` needs besides the request: (the mount,
+# the upstream target, the declared length, chunked?, an absolute-form target's
+# authority). A plain tuple: made for every request.
+CheckedRequest = tuple[bytes, bytes, "int | None", bool, "bytes | None"]
+CHECKED_MOUNT: Final = 0
+CHECKED_LENGTH: Final = 2
+CHECKED_CHUNKED: Final = 3
+
+
+def check_request(config: ProxyConfig, incoming: IncomingRequest,
+                  routes: Sequence[bytes] = ()) -> CheckedRequest:
+    """`plan_request`'s every refusal, and nothing built: the faces run it before
+    the filters, and build the plan (`build_plan`) only when something asks for it
+    (a cache hit never does)."""
     if incoming.http_version == "0.9":
         # A request line without a version (httptools takes `GET /x` followed by
         # a bare LF, header lines and all): never forwarded as an HTTP/1.1 request.
@@ -166,9 +189,15 @@ def plan_request(config: ProxyConfig, incoming: IncomingRequest,
         raise BodyTooLarge(f"request body larger than {limit} bytes")
     # RFC 9112 3.2.2: an absolute-form target's authority, not Host, names the host
     # the client asked for (for preserve_host and X-Forwarded-Host alike).
+    return mount, target, content_length, chunked, target_authority(incoming.target)
+
+
+def build_plan(config: ProxyConfig, incoming: IncomingRequest,
+               checked: CheckedRequest) -> UpstreamPlan:
+    """The upstream request of a request `check_request` passed (raises nothing)."""
+    mount, target, content_length, chunked, authority = checked
     headers = request_headers(incoming.headers, config, peer=incoming.peer,
-                              scheme=incoming.scheme,
-                              authority=target_authority(incoming.target))
+                              scheme=incoming.scheme, authority=authority)
     # RFC 9112 6.1/6.2: a length is forwarded as sent; anything else streams
     # chunked; no framing header at all when the client sent no body.
     if content_length is not None:

@@ -28,7 +28,10 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .core import (
+    CHECKED_CHUNKED,
+    CHECKED_LENGTH,
     BodyCounter,
+    CheckedRequest,
     IncomingRequest,
     ResponseHead,
     UpstreamPlan,
@@ -74,27 +77,37 @@ class Opened:
     """What the first step left: the plan to send, the filters' view (None
     without filters) and, when a filter answered, its answer and head."""
 
-    __slots__ = ("plan", "exchange", "answer", "head")
+    __slots__ = ("_plan", "exchange", "answer", "head")
 
-    def __init__(self, plan: UpstreamPlan, exchange: Exchange | None = None,
+    def __init__(self, plan: UpstreamPlan | None, exchange: Exchange | None = None,
                  answer: Answer | None = None, head: ResponseHead | None = None) -> None:
-        self.plan, self.exchange, self.answer, self.head = plan, exchange, answer, head
+        self._plan, self.exchange, self.answer, self.head = plan, exchange, answer, head
+
+    @property
+    def plan(self) -> UpstreamPlan:
+        """The plan to send: the exchange's (built now if no filter asked for it)."""
+        plan = self._plan if self.exchange is None else self.exchange.plan
+        assert plan is not None
+        return plan
 
 
 def opening(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest, record: RequestRecord,
-            plan: UpstreamPlan) -> Flow[Opened]:
-    """Step 1 after the plan: the filters on the request; a filter's own answer
-    goes through the filters outside it (ProxyError: refuse)."""
+            plan: UpstreamPlan | CheckedRequest) -> Flow[Opened]:
+    """Step 1 after the plan (or the core's check, the plan built when first asked
+    for: face.exchange): the filters on the request; a filter's own answer goes
+    through the filters outside it (ProxyError: refuse)."""
     chain = face.chain
     if not chain:  # no Exchange, no stage to run: a request without filters pays nothing
+        assert isinstance(plan, UpstreamPlan)  # (http_flow comes here with filters only)
         return Opened(plan)
     exchange = face.exchange(incoming, record, plan)
     answer = yield from chain.request(exchange)
-    assert exchange.plan is not None
     if answer is None:
-        return Opened(exchange.plan, exchange)
-    head = yield from chain.response(exchange, face.answer_head(exchange, answer))
-    return Opened(exchange.plan, exchange, answer, head)
+        return Opened(None, exchange)
+    head = face.answer_head(exchange, answer)
+    if chain.outside(exchange):
+        head = yield from chain.response(exchange, head)
+    return Opened(None, exchange, answer, head)
 
 
 def refusal(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest, record: RequestRecord,
@@ -202,18 +215,24 @@ def http_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
     the sync face it comes when the server closes that iterable."""
     opened: Opened | None = None
     try:
-        plan = face.plan(incoming)
         if face.chain:  # without filters: no Exchange, no stage, no extra generator
-            opened = yield from opening(face, incoming, record, plan)
+            # The core's refusals first; the plan is built when asked for (not for
+            # a filter's own answer that never reads it: a cache hit).
+            checked = face.check(incoming)
+            opened = yield from opening(face, incoming, record, checked)
+        else:
+            plan = face.plan(incoming)
     except ProxyError as exc:
         return (yield from refusal(face, incoming, record, port, exc, keeps_step=True))
     exchange: Exchange | None = None
     if opened is not None:
-        plan, exchange = opened.plan, opened.exchange
+        exchange = opened.exchange
         if opened.answer is not None:
             assert exchange is not None and opened.head is not None
-            yield from drop_unread(port, incoming, None, opened.head.closes)
+            if checked[CHECKED_CHUNKED] or checked[CHECKED_LENGTH] is not None:  # a body
+                yield from drop_unread(port, incoming, None, opened.head.closes)
             return (yield port.answer(exchange, opened.head, opened.answer.body))
+        plan = opened.plan
 
     port.upload(plan, exchange)
     try:

@@ -31,17 +31,20 @@ import httpx
 
 from .config import ProxyConfig
 from .core import (
+    CHECKED_MOUNT,
+    CheckedRequest,
     IncomingRequest,
     ResponseHead,
     UpstreamPlan,
     attempt_headers,
+    build_plan,
     build_request,
+    check_request,
     check_user_client,
     client_options,
     disable_cookies,
     enter_body_phase,
     may_retry,
-    plan_request,
     plan_response,
     request_stream,
     response_header_list,
@@ -222,30 +225,48 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         self._log.session_opened(record)
 
     def plan(self, incoming: IncomingRequest) -> UpstreamPlan:
-        """The core's upstream plan (ProxyError: refuse; NotProxied: outside the mount)."""
-        return plan_request(self.config, incoming, self.routes)
+        """The core's upstream plan (ProxyError: refuse; NotProxied: outside the mount):
+        plan_request's two steps."""
+        return build_plan(self.config, incoming, check_request(self.config, incoming,
+                                                               self.routes))
+
+    def check(self, incoming: IncomingRequest) -> CheckedRequest:
+        """The core's refusals of `plan`, the plan not built yet (`exchange` builds it
+        when it is first asked for)."""
+        return check_request(self.config, incoming, self.routes)
 
     def exchange(self, incoming: IncomingRequest, record: RequestRecord,
-                 plan: UpstreamPlan) -> Exchange:
-        """The filters' view of this request, once it is planned (only when the
-        route has filters); `finish` runs their `on_end` through `record`."""
-        exchange = Exchange(incoming, record, plan.mount)
-        exchange.plan = plan
+                 plan: UpstreamPlan | CheckedRequest) -> Exchange:
+        """The filters' view of this request, once it is planned or checked (only
+        when the route has filters); `finish` runs their `on_end` through `record`.
+        Given the check, the plan is built when something first reads
+        `exchange.plan`: a filter, or the exchange going upstream (a cache hit
+        never does), the same plan whenever it is built."""
+        if isinstance(plan, UpstreamPlan):
+            exchange = Exchange(incoming, record, plan.mount)
+            exchange.plan = plan
+        else:
+            exchange = Exchange(incoming, record, plan[CHECKED_MOUNT],
+                                functools.partial(build_plan, self.config, incoming, plan))
         record.exchange = exchange
         return exchange
 
     def answer_head(self, exchange: Exchange, answer: Answer) -> ResponseHead:
         """The head of a filter's own answer, before the filters outside it see it."""
         headers = list(answer.headers)
-        has_body = (exchange.incoming.method != "HEAD"
-                    and answer.status not in (204, 304))
-        if isinstance(answer.body, bytes) and not any(
-                name.lower() in (b"content-length", b"transfer-encoding")
-                for name, _ in headers) and answer.status not in (204, 304):
-            headers.append((b"content-length", str(len(answer.body)).encode()))
+        status = answer.status
+        bodiless = status == 204 or status == 304
+        if isinstance(answer.body, bytes) and not bodiless:
+            for name, _ in headers:  # framed already? (the length first: cheap)
+                if len(name) in (14, 17) and name.lower() in (b"content-length",
+                                                              b"transfer-encoding"):
+                    break
+            else:
+                headers.append((b"content-length", str(len(answer.body)).encode()))
+        has_body = not bodiless and exchange.incoming.method != "HEAD"
         exchange.record.routed = True
-        exchange.record.status = answer.status
-        return ResponseHead(status=answer.status, headers=headers, has_body=has_body)
+        exchange.record.status = status
+        return ResponseHead(status=status, headers=headers, has_body=has_body)
 
     def choose(self, record: RequestRecord) -> Upstream:
         """The upstream for the first attempt, counted in flight until `finish`

@@ -43,7 +43,7 @@ owns the framing fix-up when a transform may change the body's length.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterable, Awaitable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -104,8 +104,9 @@ class Filter:
 
     #: the name in error messages and logs (default: the class name)
     name: str = ""
-    # A built-in whose changes to a plan or a response head are writable by construction
-    # (tracing's traceparent): the chain skips checking what it left (a cost a request).
+    # A built-in whose changes to a plan or a response head, and whose own answers, are
+    # writable by construction (tracing's traceparent, the cache's stored responses):
+    # the chain skips checking what it left (a cost a request).
     _valid_heads: bool = False
 
     def on_request(self, exchange: Exchange) -> Answer | None | Any:
@@ -179,15 +180,19 @@ class Exchange:
     route has request ids on, None otherwise.
     """
 
-    __slots__ = ("incoming", "plan", "record", "route", "state", "request_id", "head",
-                 "_response_pipeline", "_request_pipeline", "_decoded")
+    __slots__ = ("incoming", "_plan", "_planner", "record", "route", "state", "request_id",
+                 "head", "_response_pipeline", "_request_pipeline", "_decoded")
 
     def __init__(self, incoming: IncomingRequest, record: RequestRecord,
-                 route: bytes = b"") -> None:
+                 route: bytes = b"", planner: Callable[[], UpstreamPlan] | None = None,
+                 ) -> None:
         self.incoming = incoming
         self.record = record
         self.route = route
-        self.plan: UpstreamPlan | None = None
+        self._plan: UpstreamPlan | None = None
+        # The core's plan, built when `plan` is first read (face.exchange): a filter
+        # that answers without reading it (a cache hit) spares the request its building.
+        self._planner = planner
         self.state: dict[Any, Any] = {}
         self.request_id: str | None = None
         # The response head as the chain holds it while `on_response` filters run.
@@ -195,6 +200,20 @@ class Exchange:
         self._response_pipeline: BodyPipeline | None = None
         self._request_pipeline: BodyPipeline | None = None
         self._decoded = False
+
+    @property
+    def plan(self) -> UpstreamPlan | None:
+        """The upstream request (None: the core refused the request, `on_refusal`)."""
+        planner = self._planner
+        if planner is not None:
+            self._planner = None
+            self._plan = planner()
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: UpstreamPlan | None) -> None:
+        self._planner = None
+        self._plan = plan
 
     @property
     def client(self) -> str | None:

@@ -92,7 +92,7 @@ class Chain:
     """The ordered filters of one route, with the stages each one implements."""
 
     __slots__ = ("filters", "_request", "_response", "_trailers", "_error", "_end", "_async",
-                 "_attempt", "_attempt_end", "_refusal", "_response_checked")
+                 "_attempt", "_attempt_end", "_refusal", "_response_checked", "_outermost")
 
     def __init__(self, filters: Sequence[object] = ()) -> None:
         checked: list[Filter] = []
@@ -110,6 +110,8 @@ class Chain:
         self._response = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_response")]
         # A response filter whose head is checked (not all built-ins of valid heads).
         self._response_checked = any(not f._valid_heads for _, f in self._response)
+        # The index of the outermost response filter (None: none).
+        self._outermost = min((i for i, _ in self._response), default=None)
         self._trailers = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_trailers")]
         self._error = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_error")]
         self._end = [f for f in reversed(self.filters) if overrides(f, "on_end")]
@@ -154,12 +156,13 @@ class Chain:
         for index, flt in self._request:
             result = flt.on_request(exchange)
             if result is not None:
-                if inspect.isawaitable(result):
+                if type(result) is not Answer and inspect.isawaitable(result):
                     result = yield result
                 if _answered(exchange, index, flt, result, "on_request"):
                     return result
-            # Checked even when the same plan object stays: its header list is mutable.
-            if not flt._valid_heads:
+            # Checked even when the same plan object stays: its header list is mutable;
+            # not when no filter read it yet (unbuilt: the core's, Exchange.plan).
+            if not flt._valid_heads and exchange._planner is None:
                 _check_plan(flt, exchange.plan)
         return None
 
@@ -189,6 +192,13 @@ class Chain:
                 yield result
 
     # -- the response head ----------------------------------------------------------------
+
+    def outside(self, exchange: Exchange) -> bool:
+        """Does a response filter outside the one that answered (`on_request`,
+        `on_error`) see its answer's head? (No: `response` would return it as it is.)"""
+        answered = exchange.state.get(_ANSWERED)
+        outermost = self._outermost
+        return answered is None or (outermost is not None and outermost < answered)
 
     def response(self, exchange: Exchange, head: ResponseHead) -> Flow[ResponseHead]:
         """Run `on_response` from the innermost filter out (only those before the
@@ -293,7 +303,8 @@ def _answered(exchange: Exchange, index: int, flt: Filter, result: Any, stage: s
     """Did the filter at `index` answer (an `Answer`, checked) or pass (None)?"""
     if isinstance(result, Answer):
         exchange.state[_ANSWERED] = index
-        _check_answer(flt, result)
+        if not flt._valid_heads:  # a built-in's own answer is valid by construction
+            _check_answer(flt, result)
         return True
     if result is not None:
         raise TypeError(f"filter {flt.label()!r}: {stage} returned "

@@ -26,8 +26,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 
 from ...core import IncomingRequest, ResponseHead, UpstreamPlan
@@ -37,7 +36,7 @@ from ..base import Answer, Exchange, Filter
 from ..chain import Flow, run_either
 from . import policy
 from .flight import Flight, Head
-from .keys import primary_key, same_origin_key, vary_names, vary_values
+from .keys import key_for, same_origin_key, vary_names, vary_values
 from .policy import Directives, ResponseRules
 from .refresh import Refresher
 from .store import STORE_FAILED, Entry, MemoryStore, Store, Writer, aclose_store, close_store
@@ -48,18 +47,101 @@ _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
                            b"if-unmodified-since", b"if-range"})
 
 
-@dataclass
+class _Asked:
+    """The request fields the cache reads, found in one pass over its headers (the
+    names lower-case: IncomingRequest). `plain`: none but Host. What a request
+    lacks is the class's default (a plain request sets one attribute)."""
+
+    host: bytes | None = None
+    plain = True
+    range: bytes | None = None
+    authorization: bytes | None = None
+    if_modified_since: bytes | None = None
+    # Every line of these (tuples: most requests have none)
+    cache_control: tuple[bytes, ...] = ()
+    pragma: tuple[bytes, ...] = ()
+    if_none_match: tuple[bytes, ...] = ()
+
+    def __init__(self, headers: Sequence[Header]) -> None:
+        for name, value in headers:
+            if name in _ASKED:
+                if name == b"host":
+                    if self.host is None:
+                        self.host = value
+                    continue
+                self.plain = False
+                attribute = _ASKED[name]
+                if name in _LISTS:
+                    setattr(self, attribute, (*getattr(self, attribute), value))
+                elif getattr(self, attribute) is None:  # the first line of the others
+                    setattr(self, attribute, value)
+
+    def directives(self) -> Directives:
+        if not self.cache_control and not self.pragma:
+            return _NO_DIRECTIVES  # (read only, as every request's)
+        return policy.directives_of(self.cache_control, self.pragma)
+
+    def conditional(self) -> bool:
+        """Does the request carry a conditional a stored 200 may answer with a 304?"""
+        return bool(self.if_none_match) or self.if_modified_since is not None
+
+
+_NO_DIRECTIVES = Directives()
+_LISTS = frozenset({b"cache-control", b"pragma", b"if-none-match"})
+_ASKED = {b"host": "host", b"cache-control": "cache_control", b"pragma": "pragma",
+          b"range": "range", b"authorization": "authorization",
+          b"if-none-match": "if_none_match", b"if-modified-since": "if_modified_since"}
+
+
+class _Stored:
+    """What a hit needs of a stored response, computed once for each version of its
+    fields (a 304 replaces them, and its Date) and body length: the rules, the
+    freshness lifetime, whether an authorized request may have it (RFC 9111 3.5), the
+    validators and the head it is answered with (before Age and Cache-Status)."""
+
+    __slots__ = ("headers", "date", "length", "rules", "lifetime", "no_cache", "shared",
+                 "etag", "modified", "head")
+
+    def __init__(self, entry: Entry) -> None:
+        headers = self.headers = entry.headers
+        self.date, self.length = entry.date, entry.body_length()
+        rules = self.rules = ResponseRules.of(headers)
+        cc = rules.cc
+        self.lifetime = policy.freshness_lifetime(entry.status, rules, entry.date)
+        self.no_cache = cc.get("no-cache", "x") is None  # unqualified: validate each use
+        self.shared = "public" in cc or "must-revalidate" in cc or "s-maxage" in cc
+        self.etag = policy.first(headers, b"etag")
+        modified = policy.parse_date(policy.first(headers, b"last-modified"))
+        self.modified = entry.date if modified is None else modified
+        self.head = list(headers)
+        if entry.status not in (204, 304):
+            self.head.append((b"content-length", b"%d" % self.length))
+
+
+def _stored(entry: Entry) -> _Stored:
+    """`entry`'s _Stored, made again when its fields, Date or length changed."""
+    view = entry.view
+    if view is None or view.headers is not entry.headers or view.date != entry.date \
+            or view.length != entry.body_length():
+        view = entry.view = _Stored(entry)
+    return view  # type: ignore[no-any-return]
+
+
 class _State:
     """What the cache decided for one exchange (exchange.state[Cache])."""
 
-    key: str
-    request_time: float
-    request_cc: Directives
-    mode: str                       # lookup | revalidate | invalidate | bypass
-    entry: Entry | None = None      # the stored response being revalidated
-    forward: str = "uri-miss"       # RFC 9211 fwd= for a response from upstream
-    flight: Flight | None = None    # the fetch this exchange leads (collapsing)
-    writer: Writer | None = None    # where a miss's body is stored as it streams
+    __slots__ = ("key", "request_time", "request_cc", "asked", "mode", "entry", "forward",
+                 "flight", "writer")
+
+    def __init__(self, key: str, request_time: float, request_cc: Directives,
+                 asked: _Asked) -> None:
+        self.key, self.request_time, self.request_cc = key, request_time, request_cc
+        self.asked = asked
+        self.mode = "lookup"                 # lookup | revalidate | invalidate | bypass
+        self.entry: Entry | None = None      # the stored response being revalidated
+        self.forward = "uri-miss"            # RFC 9211 fwd= for a response from upstream
+        self.flight: Flight | None = None    # the fetch this exchange leads (collapsing)
+        self.writer: Writer | None = None    # where a miss's body is stored as it streams
 
 
 class _Recorder:
@@ -108,6 +190,8 @@ class Cache(Filter):
     """An RFC 9111 shared cache in front of the route's upstream."""
 
     name = "cache"
+    # Its answers and heads are stored upstream fields (checked as they came) and its own.
+    _valid_heads = True
 
     def __init__(self, store: Store | None = None, *,
                  store_set_cookie: bool = False,
@@ -123,6 +207,10 @@ class Cache(Filter):
         # The misses in flight, by key: later misses for a key join them (flight.py).
         self.flights: dict[str, Flight] = {}
         self._flights_lock = threading.Lock()
+        # A store whose calls never return an awaitable: a fresh hit needs no flow.
+        self._synchronous = getattr(self.store, "synchronous", False) is True
+        # Recent requests' keys, by (scheme, Host, target): cleared when full.
+        self._keys: dict[tuple[str, bytes | None, bytes], str] = {}
 
     # -- the request ---------------------------------------------------------------------
 
@@ -130,15 +218,50 @@ class Cache(Filter):
     # store, is yielded and awaited on the async face; with a sync store nothing is.
 
     def on_request(self, exchange: Exchange) -> Answer | None | Awaitable[Answer | None]:
-        STORE_FAILED.set(False)
-        return run_either(self._request(exchange))
+        if STORE_FAILED.get():  # (a worker thread's context outlives its request)
+            STORE_FAILED.set(False)
+        asked = _Asked(exchange.incoming.headers)
+        if asked.plain and self._synchronous and exchange.incoming.method in _LOOKUPS:
+            answer = self._fresh(exchange, asked)
+            if answer is not None:
+                return answer
+        return run_either(self._request(exchange, asked))
 
-    def _request(self, exchange: Exchange) -> Flow[Answer | None]:
+    def _key(self, incoming: IncomingRequest, host: bytes | None) -> str:
+        """keys.key_for, remembered for the recent requests."""
+        memo = (incoming.scheme, host, incoming.target)
+        key = self._keys.get(memo)
+        if key is None:
+            if len(self._keys) >= _KEYS_KEPT:
+                self._keys.clear()
+            key = self._keys[memo] = key_for(incoming, host)
+        return key
+
+    def _fresh(self, exchange: Exchange, asked: _Asked) -> Answer | None:
+        """A plain GET or HEAD (no request field the cache reads but Host) answered
+        from a synchronous store without a flow, when a stored response is fresh for
+        it: `_request`'s answer, in short (None: `_request` decides)."""
+        incoming = exchange.incoming
+        variants = self.store.get(self._key(incoming, asked.host))
+        assert isinstance(variants, list)  # (a synchronous store)
+        entry = self._newest(incoming.headers, variants)
+        if entry is None:
+            return None
+        stored = _stored(entry)
+        age = entry.age(time.time())
+        ttl = stored.lifetime - age
+        if ttl <= 0 or stored.no_cache or (incoming.method != "HEAD"
+                                          and self.store.load(entry) is None):
+            return None
+        exchange.record.cache = "hit"
+        return Answer(entry.status, [*stored.head, (b"age", b"%d" % age),
+                                     (b"cache-status", policy.FRESH_HIT % ttl)], entry.whole())
+
+    def _request(self, exchange: Exchange, asked: _Asked) -> Flow[Answer | None]:
         incoming = exchange.incoming
         method = incoming.method
         now = time.time()
-        state = _State(primary_key(incoming), now, policy.request_directives(incoming.headers),
-                       "lookup")
+        state = _State(self._key(incoming, asked.host), now, asked.directives(), asked)
         exchange.state[Cache] = state
         exchange.record.cache = "bypass"
         if method == "PURGE":
@@ -148,24 +271,28 @@ class Cache(Filter):
             state.mode = "bypass" if method in policy.SAFE_METHODS else "invalidate"
             state.forward = "method"
             return None
-        headers = incoming.headers
-        ranged = policy.first(headers, b"range")
-        if ranged is not None:
-            return (yield from self._part(exchange, state, ranged, now))
-        entry = yield from self._select(state, headers, now)
+        if asked.range is not None:
+            return (yield from self._part(exchange, state, asked.range, now))
+        variants = self.store.get(state.key)
+        if type(variants) is not list:  # (a sync store's list needs no flow)
+            variants = yield from _io(variants)
+        entry = self._select(state, incoming.headers, variants)
         if entry is None:
             self._only_if_cached(state)
             # Collapsed: plain GETs only (an authorized one is its user's, RFC 9111 3.5).
             if method == "GET" and state.forward != "request" and not (
                     {"no-cache", "no-store"} & state.request_cc.keys()) \
-                    and policy.first(headers, b"authorization") is None:
+                    and asked.authorization is None:
                 return (yield from _io(self._collapse(exchange, state)))
             return None
-        cc = _rules(entry).cc
-        lifetime = policy.freshness_lifetime(entry.status, _rules(entry),
-                                             entry.date)
+        stored = _stored(entry)
         age = entry.age(now)
-        reuse = policy.judge(cc, lifetime, age, state.request_cc)
+        ttl = stored.lifetime - age
+        if ttl > 0 and not state.request_cc and not stored.no_cache:
+            # Fresh, and the request sets no limit: policy.judge's answer, in short.
+            return (yield from self._hit(exchange, entry, age, f"hit; ttl={math.floor(ttl)}",
+                                         stored))
+        reuse = policy.judge(stored.rules.cc, stored.lifetime, age, state.request_cc)
         if reuse.fresh or reuse.stale_ok:
             return (yield from self._hit(exchange, entry, age,
                                          f"hit; ttl={math.floor(reuse.ttl)}"))
@@ -231,7 +358,8 @@ class Cache(Filter):
         state = exchange.state.get(Cache)
         aborted = None
         if isinstance(state, _State):
-            self._land(state)
+            if state.flight is not None:
+                self._land(state)
             if state.writer is not None:  # what an uncommitted body wrote goes (redis)
                 aborted = state.writer.abort()
         if STORE_FAILED.get():
@@ -256,13 +384,12 @@ class Cache(Filter):
         headers = exchange.incoming.headers
         if exchange.incoming.method != "GET" or policy.first(headers, b"if-range") is not None:
             return None
-        entry = yield from self._select(state, headers, now)
+        entry = self._select(state, headers, (yield from _io(self.store.get(state.key))))
         if entry is None or entry.status != 200:
             return None
-        rules = _rules(entry)
+        stored = _stored(entry)
         age = entry.age(now)
-        reuse = policy.judge(rules.cc, policy.freshness_lifetime(200, rules, entry.date),
-                             age, state.request_cc)
+        reuse = policy.judge(stored.rules.cc, stored.lifetime, age, state.request_cc)
         span = policy.byte_range(ranged, entry.body_length())
         if not (reuse.fresh or reuse.stale_ok) or span is None:
             return None
@@ -278,22 +405,31 @@ class Cache(Filter):
                  (b"content-length", b"%d" % (end - start + 1))]
         return Answer(206, head, entry.part(start, end))
 
-    def _select(self, state: _State, headers: list[Header] | tuple[Header, ...],
-                now: float) -> Flow[Entry | None]:
-        """The most recent stored variant this request selects (RFC 9111 4.1)."""
-        variants = yield from _io(self.store.get(state.key))
+    @staticmethod
+    def _newest(headers: Sequence[Header], variants: list[Entry]) -> Entry | None:
+        """The most recent stored variant (of the key's `variants`) a request with
+        `headers` selects (RFC 9111 4.1)."""
+        if len(variants) == 1:
+            only = variants[0]
+            return only if not only.vary or vary_values(headers, only.vary) == only.selected \
+                else None
+        chosen = [e for e in variants
+                  if not e.vary or vary_values(headers, e.vary) == e.selected]
+        return max(chosen, key=lambda e: (e.date, e.response_time)) if chosen else None
+
+    def _select(self, state: _State, headers: Sequence[Header],
+                variants: list[Entry]) -> Entry | None:
+        """`_newest`, for this request: not for an authorized one unless shared
+        (RFC 9111 3.5); state.forward says why none."""
         if not variants:
             return None
-        chosen = [e for e in variants if vary_values(headers, e.vary) == e.selected]
-        if not chosen:
+        entry = self._newest(headers, variants)
+        if entry is None:
             state.forward = "vary-miss"
             return None
-        entry = max(chosen, key=lambda e: (e.date, e.response_time))
-        if policy.first(headers, b"authorization") is not None:
-            cc = _rules(entry).cc
-            if not ("public" in cc or "must-revalidate" in cc or "s-maxage" in cc):
-                state.forward = "request"  # RFC 9111 3.5: not for an authorized request
-                return None
+        if state.asked.authorization is not None and not _stored(entry).shared:
+            state.forward = "request"  # RFC 9111 3.5: not for an authorized request
+            return None
         return entry
 
     @staticmethod
@@ -302,19 +438,31 @@ class Cache(Filter):
             raise GatewayTimeout("only-if-cached: no stored response may answer")
         return None
 
-    def _hit(self, exchange: Exchange, entry: Entry, age: float,
-             status: str) -> Flow[Answer | None]:
+    def _hit(self, exchange: Exchange, entry: Entry, age: float, status: str,
+             stored: _Stored | None = None) -> Flow[Answer | None]:
         """The stored response as the answer (None: its body could not be read)."""
-        if policy.not_modified(exchange.incoming.headers, entry.headers, entry.date) and \
-                entry.status == 200:
+        asked = exchange.state[Cache].asked
+        if entry.status == 200 and asked.conditional() and self._not_modified(asked, entry):
             headers = [(n, v) for n, v in entry.headers if n in policy.NOT_MODIFIED_FIELDS]
             headers += [(b"age", b"%d" % int(age)), policy.cache_status(status)]
             exchange.record.cache = "stale" if "fwd=stale" in status else "hit"
             return Answer(304, headers)
-        if not (yield from self._load(exchange, entry)):
-            return None
+        if exchange.incoming.method != "HEAD":
+            body = self.store.load(entry)
+            if type(body) not in _PLAIN:  # (a sync store's body needs no flow)
+                body = yield from _io(body)
+            if body is None:
+                return None  # the store failed to read its body
         exchange.record.cache = "stale" if "fwd=stale" in status else "hit"
-        return Answer(entry.status, self._stored_head(entry, age, status), entry.chunks())
+        return Answer(entry.status, self._stored_head(entry, age, status, stored),
+                      entry.whole())
+
+    @staticmethod
+    def _not_modified(asked: _Asked, entry: Entry) -> bool | None:
+        """The client's own conditional against `entry` (policy.not_modified)."""
+        stored = _stored(entry)
+        return policy.conditional(asked.if_none_match, asked.if_modified_since,
+                                  stored.etag, stored.modified)
 
     def _load(self, exchange: Exchange, entry: Entry) -> Flow[bool]:
         """Read `entry`'s body (not for a HEAD): False when the store failed."""
@@ -323,13 +471,10 @@ class Cache(Filter):
         return (yield from _io(self.store.load(entry))) is not None
 
     @staticmethod
-    def _stored_head(entry: Entry, age: float, status: str) -> list[Header]:
-        headers = list(entry.headers)
-        if entry.status not in (204, 304):
-            headers.append((b"content-length", b"%d" % entry.body_length()))
-        headers.append((b"age", b"%d" % int(age)))
-        headers.append(policy.cache_status(status))
-        return headers
+    def _stored_head(entry: Entry, age: float, status: str,
+                     stored: _Stored | None = None) -> list[Header]:
+        return [*(stored or _stored(entry)).head, (b"age", b"%d" % int(age)),
+                policy.cache_status(status)]
 
     # -- the response ----------------------------------------------------------------------
 
@@ -365,12 +510,12 @@ class Cache(Filter):
         if not isinstance(state, _State) or state.entry is None or error.status < 500:
             return None
         entry = state.entry
-        rules = _rules(entry)
-        if policy.must_revalidate_when_stale(rules.cc):
+        stored = _stored(entry)
+        if policy.must_revalidate_when_stale(stored.rules.cc):
             return None
         now = time.time()
         age = entry.age(now)
-        ttl = policy.freshness_lifetime(entry.status, rules, entry.date) - age
+        ttl = stored.lifetime - age
         status = f"hit; ttl={math.floor(ttl)}; fwd=stale; fwd-status={error.status}"
         return (yield from self._hit(exchange, entry, age, status))
 
@@ -394,11 +539,9 @@ class Cache(Filter):
             return (yield from self._from_store(exchange, entry, "fwd=stale; fwd-status=304",
                                                 now))
         if head.status >= 500:
-            cc = _rules(entry).cc
-            lifetime = policy.freshness_lifetime(entry.status, _rules(entry),
-                                                 entry.date)
-            ttl = lifetime - entry.age(now)
-            if policy.stale_if_error(cc, state.request_cc, ttl):
+            stored = _stored(entry)
+            ttl = stored.lifetime - entry.age(now)
+            if policy.stale_if_error(stored.rules.cc, state.request_cc, ttl):
                 return (yield from self._from_store(exchange, entry,
                                                     f"hit; ttl={math.floor(ttl)}; fwd=stale; "
                                                     f"fwd-status={head.status}", now))
@@ -412,8 +555,9 @@ class Cache(Filter):
             return None
         exchange.record.cache = "stale" if status.startswith("hit") else "revalidated"
         age = entry.age(now)
+        asked = exchange.state[Cache].asked
         if exchange.incoming.method == "GET" and entry.status == 200 and \
-                policy.not_modified(exchange.incoming.headers, entry.headers, entry.date):
+                asked.conditional() and self._not_modified(asked, entry):
             headers = [(n, v) for n, v in entry.headers if n in policy.NOT_MODIFIED_FIELDS]
             headers += [(b"age", b"%d" % int(age)), policy.cache_status(status)]
             exchange.replace_response_body(b"")
@@ -429,7 +573,7 @@ class Cache(Filter):
         and the body's announced length."""
         rules = ResponseRules.of(head.headers)
         reason = policy.storable(incoming.method, head.status, rules, state.request_cc,
-                                 policy.first(incoming.headers, b"authorization") is not None)
+                                 state.asked.authorization is not None)
         names = vary_names(head.headers)
         if reason is None and names is None:
             reason = "vary *"
@@ -526,20 +670,17 @@ class Cache(Filter):
                      refresher=self.refresher)
 
 
-def _rules(entry: Entry) -> ResponseRules:
-    """A stored response's caching rules, parsed once for each version of its fields
-    (a 304 replaces the list): a hit does not parse Cache-Control and dates again."""
-    cached = entry.rules
-    if cached is None or cached[0] is not entry.headers:
-        cached = entry.rules = (entry.headers, ResponseRules.of(entry.headers))
-    return cached[1]
+_LOOKUPS = frozenset({"GET", "HEAD"})
+_KEYS_KEPT = 4096
+# What a sync store's calls return (no awaitable: no need to ask inspect).
+_PLAIN = frozenset({list, bytes, bytearray, int, bool, type(None)})
 
 
 def _io(result: T | Awaitable[T]) -> Flow[T]:
     """A store call's result: awaited (by the async face) when the store is asyncio's."""
-    if inspect.isawaitable(result):
+    if type(result) not in _PLAIN and inspect.isawaitable(result):
         return (yield result)  # type: ignore[no-any-return]
-    return result
+    return result  # type: ignore[return-value]
 
 
 def _replace_headers(plan: UpstreamPlan, headers: list[Header]) -> UpstreamPlan:

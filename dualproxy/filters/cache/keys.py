@@ -13,7 +13,7 @@ from urllib.parse import urljoin, urlsplit
 
 from ...core import IncomingRequest
 from ...headers import Header
-from .policy import split_list, values
+from .policy import first, split_list, values
 
 VaryNames = tuple[bytes, ...]
 VaryValues = tuple["bytes | None", ...]
@@ -21,15 +21,18 @@ VaryValues = tuple["bytes | None", ...]
 
 def primary_key(incoming: IncomingRequest) -> str:
     """`scheme://host/target` as the client addressed it."""
+    return key_for(incoming, first(incoming.headers, b"host"))
+
+
+def key_for(incoming: IncomingRequest, host: bytes | None) -> str:
+    """`primary_key` with the request's (first) Host value found already."""
     target = incoming.target.decode("latin-1")
-    if "://" in target.split("/", 1)[0] or target.startswith(("http://", "https://")):
+    if target[:1] != "/" and ("://" in target.split("/", 1)[0]
+                              or target.startswith(("http://", "https://"))):
         return target  # absolute-form: the client named the URI itself
-    host = ""
-    for name, value in incoming.headers:
-        if name.lower() == b"host":
-            host = value.decode("latin-1").strip().lower()
-            break
-    return f"{incoming.scheme}://{host}{target}"
+    if host is None:
+        return f"{incoming.scheme}://{target}"
+    return f"{incoming.scheme}://{host.decode('latin-1').strip().lower()}{target}"
 
 
 def vary_names(headers: Sequence[Header]) -> VaryNames | None:

@@ -335,11 +335,15 @@ def must_revalidate_when_stale(cc: Directives) -> bool:
 def request_directives(headers: Sequence[Header]) -> Directives:
     """Cache-Control of a request; `Pragma: no-cache` counts as `no-cache` only when
     the request has no Cache-Control (RFC 9111 5.4)."""
-    lines = values(headers, b"cache-control")
-    if lines:
-        return Directives.parse(lines)
+    return directives_of(values(headers, b"cache-control"), values(headers, b"pragma"))
+
+
+def directives_of(cache_control: Sequence[bytes], pragma: Sequence[bytes]) -> Directives:
+    """`request_directives` of a request's Cache-Control and Pragma lines, found already."""
+    if cache_control:
+        return Directives.parse(cache_control)
     out = Directives()
-    for line in values(headers, b"pragma"):
+    for line in pragma:
         if any(item.lower() == b"no-cache" for item in split_list(line)):
             out["no-cache"] = None
     return out
@@ -440,15 +444,23 @@ def not_modified(request: Sequence[Header], stored: Sequence[Header],
     its Date, the modification time when it has no Last-Modified): True: answer 304;
     False: answer in full; None: the request is not conditional."""
     inm = values(request, b"if-none-match")
-    if inm:
-        return etag_matches(b", ".join(inm), first(stored, b"etag"))
-    ims = parse_date(first(request, b"if-modified-since"))
-    if ims is None:
+    ims = first(request, b"if-modified-since")
+    if not inm and ims is None:
         return None
     modified = parse_date(first(stored, b"last-modified"))
-    if modified is None:
-        modified = date
-    return modified is not None and modified <= ims
+    return conditional(inm, ims, first(stored, b"etag"), date if modified is None else modified)
+
+
+def conditional(if_none_match: Sequence[bytes], if_modified_since: bytes | None,
+                etag: bytes | None, modified: float | None) -> bool | None:
+    """`not_modified` of the request's If-None-Match lines and If-Modified-Since, and
+    the stored ETag and modification time (Last-Modified, else Date), found already."""
+    if if_none_match:
+        return etag_matches(b", ".join(if_none_match), etag)
+    since = parse_date(if_modified_since)
+    if since is None:
+        return None
+    return modified is not None and modified <= since
 
 
 # RFC 9110 15.4.5: the fields a 304 carries from the full response it stands for.
@@ -505,4 +517,9 @@ def byte_range(value: bytes, size: int) -> tuple[int, int] | None:
 
 def cache_status(detail: str) -> Header:
     """An RFC 9211 Cache-Status member for this cache."""
-    return (b"cache-status", b"dualproxy; " + detail.encode("ascii"))
+    return (b"cache-status", CACHE_STATUS + detail.encode("ascii"))
+
+
+CACHE_STATUS = b"dualproxy; "  # this cache's member of Cache-Status, before its detail
+# A fresh hit's (`% ttl`, its whole seconds of freshness left): cache_status's, in one step.
+FRESH_HIT = CACHE_STATUS + b"hit; ttl=%d"

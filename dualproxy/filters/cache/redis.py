@@ -412,6 +412,7 @@ class AsyncRedisStore(_Driver):
     made in the running loop (again if another loop runs this proxy later)."""
 
     _loop: asyncio.AbstractEventLoop | None = None
+    synchronous = False
 
     def _made(self) -> Any:
         loop = asyncio.get_running_loop()

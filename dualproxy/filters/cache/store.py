@@ -58,8 +58,9 @@ class Entry:
     # body, read from the store as they are taken (an async iterable on the async face).
     stream: Callable[[int, int], Iterable[bytes] | AsyncIterable[bytes]] | None = \
         field(default=None, repr=False)
-    # Its fields' caching rules, parsed once (filter.py): (the fields parsed, the rules).
-    rules: tuple[object, Any] | None = field(default=None, repr=False)
+    # What a hit needs of it, computed once for each version of its fields (filter.py's
+    # _Stored: the caching rules, the lifetime, the validators, the head to send).
+    view: Any = field(default=None, repr=False)
 
     def age(self, now: float) -> float:
         return self.initial_age + max(0.0, now - self.response_time)
@@ -82,6 +83,15 @@ class Entry:
         if self.stream is not None:
             return self.stream(0, self.body_length())
         return self._slices()
+
+    def whole(self) -> bytes | Iterable[bytes] | AsyncIterable[bytes]:
+        """The body as one bytes object when it is in memory and one slice at most
+        (a face sends it in one go), else `chunks`."""
+        body = self.body
+        if type(body) is bytes and self.stream is None and self.loader is None \
+                and len(body) <= SLICE:
+            return body
+        return self.chunks()
 
     def part(self, start: int, end: int) -> bytes | Iterable[bytes] | AsyncIterable[bytes]:
         """Bytes [start, end] of the body (`chunks`' way)."""
@@ -139,7 +149,10 @@ class Writer:
         """The body is complete: the entry to store (None: it was too large)."""
         if not self.ok:
             return None
-        self.entry.body = self.buffer  # never written again (followers may read it still)
+        # The buffer is never written again (followers may read it still); a body of
+        # one slice is kept as bytes, answered as it is (Entry.whole).
+        buffer = self.buffer
+        self.entry.body = bytes(buffer) if len(buffer) <= SLICE else buffer
         self.ok = False
         return self.entry
 
@@ -151,6 +164,9 @@ class Store(Protocol):
 
     name: str
     max_object: int
+    # True: no call ever returns an awaitable (the filter then answers a fresh hit
+    # without a flow); a store without it is taken as asynchronous.
+    synchronous: bool
 
     def get(self, key: str) -> list[Entry] | Awaitable[list[Entry]]: ...
 
@@ -188,6 +204,7 @@ class Bounded:
 
     name = "store"
     max_object = DEFAULT_MAX_OBJECT
+    synchronous = True
 
     def writer(self, entry: Entry) -> Writer:
         return Writer(entry, self.max_object)
@@ -223,6 +240,7 @@ class Guarded(Bounded):
         self.store = store
         self.name = store.name
         self.max_object = store.max_object
+        self.synchronous = getattr(store, "synchronous", False) is True
         self._warned = 0.0
         self._retry_at = 0.0
 
