@@ -22,7 +22,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import MakeProxy, ProxyProcess, xfail_on_granian
+from tests.conftest import ProxyProcess, xfail_on_granian
 from tests.rawhttp import wait_until
 from tests.test_websocket import open_ws
 from tests.upstream import Upstream, pattern_sha256
@@ -560,14 +560,22 @@ def test_a_stop_while_starting_still_stops(pairing: str, upstream: Upstream, whe
             proc.wait()
 
 
-def test_a_group_signalled_twice_still_stops(make_proxy: MakeProxy, upstream: Upstream,
+def test_a_group_signalled_twice_still_stops(pairing: str, upstream: Upstream,
                                              rid: str) -> None:
     """SIGTERM to the whole process group, twice, while a request is in flight (as
     `kill -TERM -PGID` repeated, or a supervisor that repeats itself): each worker gets
     it from us and from its main process. The request is finished and the proxy exits 0.
     granian's worker blocked for good on its second stop signal (its WorkerSignal sends
     on a full channel that nothing reads), and the proxy never exited."""
-    proxy = make_proxy("--workers", "2", "--graceful-timeout", "5")
+    # Its own proxy, not the pool's: this one is stopped here.
+    proxy = ProxyProcess(pairing, upstream.url, ("--workers", "2", "--graceful-timeout", "5"))
+    try:
+        _signal_twice_mid_request(proxy, upstream, rid)
+    finally:
+        proxy.stop()
+
+
+def _signal_twice_mid_request(proxy: ProxyProcess, upstream: Upstream, rid: str) -> None:
     answers: list[httpx.Response | BaseException] = []
 
     def slow() -> None:
