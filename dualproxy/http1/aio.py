@@ -31,7 +31,6 @@ from .pool import (
     connect_timeout,
     head_deadline,
     tell_unsent,
-    time_left,
     timeout,
     to_httpx,
 )
