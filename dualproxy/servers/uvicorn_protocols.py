@@ -297,11 +297,12 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         self.stop_head_clock()
         # uvicorn makes the cycle by its module's name: a `Cycle` (its send cheaper),
         # built as one (a class changed afterwards slows every attribute it has).
-        httptools_impl.RequestResponseCycle = Cycle
+        names = vars(httptools_impl)
+        names["RequestResponseCycle"] = Cycle
         try:
             super().on_headers_complete()
         finally:
-            httptools_impl.RequestResponseCycle = RequestResponseCycle
+            names["RequestResponseCycle"] = RequestResponseCycle
         if self.cycle is not None:
             cycles = self.__dict__.setdefault("cycles", [])
             cycles[:] = [c for c in cycles if not c.response_complete]
