@@ -203,8 +203,24 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                 if exchange is not None and exchange._response_pipeline is not None:
                     stream = atransformed(exchange._response_pipeline, stream)
                 own = stream if isinstance(stream, AsyncBody) else None
+                # The transport's own body read piece by piece (no async generator
+                # to step through); any other stream as an async iterator.
+                pieces = None if own is None else own.piece
+                chunks = stream.__aiter__() if own is None else None
                 with map_stream_errors():
-                    async for chunk in stream:
+                    while True:
+                        if pieces is not None:
+                            chunk = pieces()
+                            if chunk is None:  # not at hand: wait for the upstream
+                                await own.more()  # type: ignore[union-attr]
+                                continue
+                            if not chunk:
+                                break
+                        else:
+                            try:
+                                chunk = await chunks.__anext__()  # type: ignore[union-attr]
+                            except StopAsyncIteration:
+                                break
                         record.bytes_out += len(chunk)
                         more = own is None or not own.ended
                         try:  # _send_body's rule, inline: no coroutine a chunk
@@ -216,6 +232,8 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                             return
                         if not more:  # the stream ends at its next step (left to
                             ended = record.responded = True  # end, not suspended)
+                            if pieces is not None:
+                                break
                 if ended:
                     return
         except UpstreamBroken as exc:

@@ -401,10 +401,12 @@ class AsyncBody(PooledBody[_AsyncConn], httpx.AsyncByteStream):
     def ended(self) -> bool:
         return self._conn is None
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def piece(self) -> bytes | None:
+        """The next piece of the body when it is at hand: b"" once it ended, None
+        when the upstream's next bytes are to be awaited first (`more`)."""
         conn = self._conn
         if conn is None:
-            return
+            return b""
         codec = conn.codec
         while True:
             event = codec.next_event()
@@ -414,13 +416,29 @@ class AsyncBody(PooledBody[_AsyncConn], httpx.AsyncByteStream):
                     # client's next request (sent the moment it has this piece)
                     # finds the connection idle.
                     self._finish()
-                    yield event.data
-                    return
-                yield event.data
+                data: bytes = event.data
+                if data or self._conn is None:
+                    return data
             elif event is NEED_DATA:
-                await conn.wait_data(self._request)
+                return None
             else:
                 self._finish()
+                return b""
+
+    async def more(self) -> None:
+        """Wait for the upstream's next bytes (`piece` said None)."""
+        conn = self._conn
+        if conn is not None:
+            await conn.wait_data(self._request)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            piece = self.piece()
+            if piece is None:
+                await self.more()
+            elif piece:
+                yield piece
+            else:
                 return
 
     def abandon(self) -> None:
