@@ -234,7 +234,14 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     line_done = False  # the head being received is past its request line
     head_bytes = 0
     body_bytes = 0
+    # The head clock: `head_deadline` is when the head being received times out (None:
+    # no clock runs). Its timer is lazy: stopping the clock leaves it armed, and when
+    # it fires for a clock that was started again since, it arms itself for what is
+    # left; so a request costs no timer of its own (a timer armed and cancelled a
+    # request cost more than any other step of uvicorn's).
+    head_deadline: float | None = None
     head_timer: asyncio.TimerHandle | None = None
+    head_timer_at = 0.0
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -268,7 +275,7 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         if not self.bounds_heads():
             super().data_received(data)
             return
-        if self.head_timer is None and not self.in_message:  # bytes before a head
+        if self.head_deadline is None and not self.in_message:  # bytes before a head
             self.start_head_clock()
         self.body_bytes = 0
         super().data_received(data)
@@ -285,7 +292,7 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         super().on_message_begin()
         self.in_message = self.in_head = True
         self.line_done, self.head_bytes = False, 0
-        if self.head_timer is None:
+        if self.head_deadline is None:
             self.start_head_clock()
 
     def on_body(self, body: bytes) -> None:
@@ -322,6 +329,9 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         # writes into a closed transport, so an endless upstream stream went on with
         # nobody reading. Every unfinished cycle of the connection is told.
         self.stop_head_clock()
+        timer, self.head_timer = self.head_timer, None
+        if timer is not None:
+            timer.cancel()
         for cycle in self.__dict__.get("cycles", ()):
             if not cycle.response_complete:
                 tell_gone(cycle)
@@ -332,15 +342,28 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         super().on_message_complete()
 
     def start_head_clock(self) -> None:
-        self.head_timer = self.loop.call_later(header_timeout(), self.head_timed_out)
+        deadline = self.head_deadline = self.loop.time() + header_timeout()
+        if self.head_timer is None or deadline < self.head_timer_at:
+            self._arm_head_timer(deadline)
 
-    def stop_head_clock(self) -> None:
+    def _arm_head_timer(self, at: float) -> None:
         if self.head_timer is not None:
             self.head_timer.cancel()
-            self.head_timer = None
+        self.head_timer_at = at
+        self.head_timer = self.loop.call_at(at, self.head_timed_out)
+
+    def stop_head_clock(self) -> None:
+        self.head_deadline = None
 
     def head_timed_out(self) -> None:
         self.head_timer = None
+        deadline = self.head_deadline
+        if deadline is None:
+            return  # stopped: the next head arms it again
+        if self.loop.time() < deadline:
+            self._arm_head_timer(deadline)
+            return
+        self.head_deadline = None
         if self.transport.is_closing():
             return
         if self.in_head:
