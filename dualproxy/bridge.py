@@ -415,7 +415,7 @@ class _Responder:
                     if not started:
                         started = True
                         self.started()
-                    sized = any(name == b"content-length" for name, _ in message["headers"])
+                    sized = b"content-length" in [name for name, _ in message["headers"]]
                 elif sized and message.get("more_body") and _is_end(batch, i + 1):
                     # The last piece and the end, posted together, go as one message
                     # (one send less) when the head has a Content-Length. Otherwise
@@ -441,16 +441,30 @@ class _Responder:
             if message is not None:
                 self._unsent += len(message.get("body", b""))
         if waiter is not None:
-            try:
-                self.loop.call_soon_threadsafe(_wake, waiter)
-            except RuntimeError:  # the loop is closed: nobody to send to
-                self._stopped = True
+            self._wake(waiter)
         if self._unsent > SEND_WINDOW:
             with self._lock:
                 if self._room is None:
                     self._room = threading.Condition(self._lock)
                 while self._unsent > SEND_WINDOW and not self._stopped:
                     self._room.wait()
+
+    def _post_end(self, complete: bool) -> None:
+        """Post the thread's end, after the response's own end when it is `complete`
+        (one wake-up of the loop for both; none of it once the exchange stopped)."""
+        with self._lock:
+            if complete and not self._stopped:
+                self._posted.append({"type": "http.response.body", "body": b""})
+            self._posted.append(_END)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            self._wake(waiter)
+
+    def _wake(self, waiter: asyncio.Future[None]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_wake, waiter)
+        except RuntimeError:  # the loop is closed: nobody to send to
+            self._stopped = True
 
     def _stop(self) -> None:
         with self._lock:
@@ -478,25 +492,29 @@ class _Responder:
         self.exc_info = None
         if not self.response_started:
             self.response_started = True
-            names = _HEADER_NAMES
+            names, ends = _HEADER_NAMES, _STRIPPED
             self._post({"type": "http.response.start", "status": status,
                         "headers": [(names.get(name) or _header_name(name),
-                                     _stripped(value)) for name, value in headers]})
+                                     value if not value or (value[0] not in ends
+                                                            and value[-1] not in ends)
+                                     else _stripped(value)) for name, value in headers]})
 
     def wsgi(self, environ: Environ) -> None:
         """The WSGI app's exchange (in a pool thread)."""
+        complete = False
         try:
             iterable = self.app(environ, cast(StartResponse, self.start_response))
             try:
                 for chunk in iterable:
                     self._post({"type": "http.response.body", "body": chunk, "more_body": True})
-                self._post({"type": "http.response.body", "body": b""})
+                complete = True
             finally:
                 getattr(iterable, "close", lambda: None)()
         except BaseException as exc:
             self.error = exc
         finally:
-            self._post(_END)
+            # The response's end goes with the thread's, once the iterable is closed.
+            self._post_end(complete)
 
 
 # A response header's name as start_response makes it (b"Content-Type": b"content-type"),

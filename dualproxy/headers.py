@@ -9,6 +9,7 @@ are kept: several `Set-Cookie` stay several.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 
@@ -311,6 +312,17 @@ def _rewrite_set_cookie(value: bytes, config: ProxyConfig, mount: bytes) -> byte
     return b";".join(p for p in parts if p)
 
 
+# The response fields `response_headers` may rewrite (the rest pass as they are or not at all).
+_RESPONSE_SPECIAL = frozenset({b"content-length", b"location", b"content-location", b"refresh",
+                               b"set-cookie"})
+
+
+@functools.lru_cache(maxsize=16)
+def _dropped_response_fields(remove: frozenset[bytes]) -> frozenset[bytes]:
+    """The response fields never passed down: hop-by-hop, the server's own, `remove`."""
+    return HOP_BY_HOP | _RESPONSE_OWNED | remove
+
+
 def response_headers(
     headers: Sequence[Header],
     config: ProxyConfig,
@@ -334,12 +346,18 @@ def response_headers(
     named = framing.connection  # the same tokens connection_tokens() finds
     length = None if framing.length is None else str(framing.length).encode()
     out: list[Header] = []
-    remove = config.remove_response_headers
+    try:
+        dropped = _dropped_response_fields(config.remove_response_headers)
+    except TypeError:  # a set given to ProxyConfig directly (unhashable)
+        dropped = HOP_BY_HOP | _RESPONSE_OWNED | frozenset(config.remove_response_headers)
     rewrite = config.rewrite_redirects
     cookies = config.rewrite_cookie_path or config.cookie_domain is not None
     seen_length = False
     for name, value in headers:
-        if name in HOP_BY_HOP or name in named or name in _RESPONSE_OWNED or name in remove:
+        if name in dropped or name in named:
+            continue
+        if name not in _RESPONSE_SPECIAL:  # most fields: passed as they are
+            out.append((name, value))
             continue
         if name == b"content-length":
             if seen_length or length is None:
