@@ -235,18 +235,43 @@ def request_headers(
     if wants_trailers:
         result.append((b"te", b"trailers"))
 
-    proto = scheme.encode()
     fwd_host = client_host or config.upstream_authority
-    xff = b", ".join([*inbound_xff, peer.encode()]) if peer else b", ".join(inbound_xff)
-    if xff:
-        result.append((b"x-forwarded-for", xff))
-    result.append((b"x-forwarded-proto", inbound_proto or proto))
-    result.append((b"x-forwarded-host", inbound_xhost or fwd_host))
-    node = b"for=" + _forwarded_node(peer) if peer else b"for=unknown"
-    element = node + b";host=" + _quote_if_needed(fwd_host) + b";proto=" + proto
-    result.append((b"forwarded", b", ".join([*inbound_fwd, element])))
+    if trusted:
+        result += _forwarding(peer, scheme, fwd_host, inbound_xff, inbound_fwd, inbound_proto,
+                              inbound_xhost)
+    else:  # nothing inbound: the same few fields for every request of a client and host
+        key = (peer, scheme, fwd_host)
+        forwarding = _FORWARDING.get(key)
+        if forwarding is None:
+            forwarding = _forwarding(peer, scheme, fwd_host, [], [], None, None)
+            if len(_FORWARDING) < _REMEMBERED:
+                _FORWARDING[key] = forwarding
+        result += forwarding
     result.extend(config.add_request_headers)
     return result
+
+
+# (peer, scheme, forwarded host) -> the forwarding fields of an untrusted peer's request,
+# for the ones seen so far; bounded, as clients choose them.
+_FORWARDING: dict[tuple[str | None, str, bytes], tuple[Header, ...]] = {}
+
+
+def _forwarding(peer: str | None, scheme: str, fwd_host: bytes, inbound_xff: list[bytes],
+                inbound_fwd: list[bytes], inbound_proto: bytes | None,
+                inbound_xhost: bytes | None) -> tuple[Header, ...]:
+    """X-Forwarded-For/-Proto/-Host and Forwarded, regenerated from the real peer after
+    what a trusted peer sent (`inbound_*`)."""
+    fields: list[Header] = []
+    proto = scheme.encode()
+    xff = b", ".join([*inbound_xff, peer.encode()]) if peer else b", ".join(inbound_xff)
+    if xff:
+        fields.append((b"x-forwarded-for", xff))
+    fields.append((b"x-forwarded-proto", inbound_proto or proto))
+    fields.append((b"x-forwarded-host", inbound_xhost or fwd_host))
+    node = b"for=" + _forwarded_node(peer) if peer else b"for=unknown"
+    element = node + b";host=" + _quote_if_needed(fwd_host) + b";proto=" + proto
+    fields.append((b"forwarded", b", ".join([*inbound_fwd, element])))
+    return tuple(fields)
 
 
 def _rewrite_url(value: bytes, config: ProxyConfig, mount: bytes) -> bytes:

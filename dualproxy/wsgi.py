@@ -116,17 +116,15 @@ def _environ_target(environ: Environ) -> bytes:
 def incoming_from_environ(environ: Environ) -> IncomingRequest:
     """The neutral request for a WSGI environ, from the raw target where the server keeps one."""
     target = _environ_target(environ)
-    mount = app_mount(target.split(b"?", 1)[0], environ.get("SCRIPT_NAME", "").encode("latin-1"))
+    script_name = environ.get("SCRIPT_NAME")
+    # No SCRIPT_NAME (the usual): no mount the enclosing app routed on (app_mount's b"").
+    mount = (app_mount(target.split(b"?", 1)[0], script_name.encode("latin-1"))
+             if script_name else b"")
     protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
-    return IncomingRequest(
-        method=environ["REQUEST_METHOD"],
-        target=target,
-        headers=_environ_headers(environ),
-        peer=environ.get("REMOTE_ADDR") or None,
-        scheme=environ.get("wsgi.url_scheme", "http"),
-        mount=mount,
-        http_version=protocol.partition("/")[2] or "1.1",
-    )
+    return IncomingRequest(environ["REQUEST_METHOD"], target, _environ_headers(environ),
+                           environ.get("REMOTE_ADDR") or None,
+                           environ.get("wsgi.url_scheme", "http"), mount,
+                           protocol.partition("/")[2] or "1.1")
 
 
 def _str_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:

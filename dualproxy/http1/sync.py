@@ -249,11 +249,12 @@ class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
         self._cond = threading.Condition(self._lock)
         self._waiting = 0
 
-    def _acquire(self, seconds: float | None) -> None:
+    def _acquire(self, call: Sendable) -> None:
         with self._lock:
             if self._used < self._limit:
                 self._used += 1
                 return
+            seconds = timeout(call, "pool")  # read only when a wait comes
             deadline = None if seconds is None else time.monotonic() + seconds
             self._waiting += 1
             try:
@@ -313,7 +314,7 @@ class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
         """Send `call`; its final response head and body stream (httpx's errors).
         The WSGI face calls it directly, without an httpx.Request and Response."""
         key = call.key
-        self._acquire(timeout(call, "pool"))
+        self._acquire(call)
         try:
             conn, head = self._send(key, call)
         except BaseException:
