@@ -89,9 +89,10 @@ class WSGIBridge:
                     raise
             return
         gone = _GoneEvent()
-        scope = dict(scope)  # the face adds CLIENT_TIMEOUT_KEY to environ["asgi.scope"]
-        has_body = any(n in (b"content-length", b"transfer-encoding")
-                       for n, _ in scope["headers"])
+        names = [name for name, _ in scope["headers"]]
+        has_body = b"content-length" in names or b"transfer-encoding" in names
+        if has_body:  # the face adds CLIENT_TIMEOUT_KEY to environ["asgi.scope"]
+            scope = dict(scope)
         watcher: _Cancellable | None = None
 
         async def guarded_receive() -> Message:
@@ -151,18 +152,24 @@ class WSGIBridge:
 
     def _environ(self, scope: Scope, body: _BridgeBody, gone: threading.Event) -> Environ:
         """a2wsgi's environ for `scope` (build_environ), with `dualproxy.client_gone`."""
-        script_name = scope.get("root_path", "").encode("utf8").decode("latin1")
-        path_info = scope["path"].encode("utf8").decode("latin1")
-        if path_info.startswith(script_name):
+        # WSGI's str of bytes: the UTF-8 text as latin-1 (an ASCII text stays itself).
+        root_path = scope.get("root_path")
+        script_name = (root_path if root_path.isascii() else
+                       root_path.encode("utf8").decode("latin1")) if root_path else ""
+        path_info = scope["path"]
+        if not path_info.isascii():
+            path_info = path_info.encode("utf8").decode("latin1")
+        if script_name and path_info.startswith(script_name):
             path_info = path_info[len(script_name):]
         server_addr, server_port = scope.get("server") or ("localhost", 80)
+        version = scope["http_version"]
         environ: Environ = {
             "asgi.scope": scope,
             "REQUEST_METHOD": scope["method"],
             "SCRIPT_NAME": self._script_name or script_name,
             "PATH_INFO": path_info,
             "QUERY_STRING": scope["query_string"].decode("ascii"),
-            "SERVER_PROTOCOL": f"HTTP/{scope['http_version']}",
+            "SERVER_PROTOCOL": _PROTOCOLS.get(version) or f"HTTP/{version}",
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": scope.get("scheme", "http"),
             "wsgi.input": body,
@@ -188,6 +195,7 @@ class WSGIBridge:
         return environ
 
 
+_PROTOCOLS = {version: f"HTTP/{version}" for version in ("1.0", "1.1", "2")}
 # header name -> its environ key (b"user-agent": "HTTP_USER_AGENT"), for the names seen
 # so far (the same few dozen on every request); bounded, as clients choose the names.
 _ENVIRON_KEYS: dict[bytes, str] = {}

@@ -242,10 +242,11 @@ class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
     """The sync transport dualproxy's SyncProxy uses by default (thread-safe)."""
 
     def _init_waiting(self) -> None:
-        # A plain lock guards the counts and the idle pool (taken in C: no Python
-        # frames, as a Condition's own `with` costs); the Condition on the same lock
-        # is for the rare wait for a free slot, notified only when someone waits.
-        self._lock = threading.Lock()
+        # A lock guards the counts and the idle pool (taken in C: no Python frames, as
+        # a Condition's own `with` costs); the Condition on the same lock is for the
+        # rare wait for a free slot, notified only when someone waits. Reentrant, as
+        # the Condition's own default.
+        self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._waiting = 0
 
