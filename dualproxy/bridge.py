@@ -405,6 +405,7 @@ class _Responder:
         self._waiter: asyncio.Future[None] | None = None  # the loop sleeps on it
         self._stopped = False
         self._over = False  # the loop has the thread's _END
+        self._sized = False  # the head has a Content-Length
 
     async def __call__(self, pool: _Pool, environ: Environ, send: Send) -> None:
         pool.submit(contextvars.copy_context().run, self.wsgi, environ)
@@ -438,29 +439,15 @@ class _Responder:
 
     async def _relay(self, send: Send) -> None:
         """Send what the thread posts, in order, until its end."""
-        started = sized = skip = False
+        started = False
         while True:
             sent = 0
-            batch = await self._batch()
-            for i, message in enumerate(batch):
-                if skip:  # the end, folded into the last piece
-                    skip = False
-                    continue
+            for message in await self._batch():
                 if message is _END:
                     return
-                if message["type"] == "http.response.start":
-                    if not started:
-                        started = True
-                        self.started()
-                    sized = b"content-length" in [name for name, _ in message["headers"]]
-                elif sized and message.get("more_body") and _is_end(batch, i + 1):
-                    # The last piece and the end, posted together, go as one message
-                    # (one send less) when the head has a Content-Length. Otherwise
-                    # not: granian frames a body sent without a length in one message
-                    # with Content-Length, unlike the ASGI face on granian (and the
-                    # filter chain's rule that a changed body goes chunked).
-                    message["more_body"] = False
-                    skip = True
+                if not started and message["type"] == "http.response.start":
+                    started = True
+                    self.started()
                 await send(message)
                 sent += len(message.get("body", b""))
             if sent:
@@ -490,9 +477,20 @@ class _Responder:
         """Post the thread's end, after the response's own end when it is `complete`
         (one wake-up of the loop for both; none of it once the exchange stopped)."""
         with self._lock:
+            posted = self._posted
             if complete and not self._stopped:
-                self._posted.append({"type": "http.response.body", "body": b""})
-            self._posted.append(_END)
+                last = posted[-1] if posted else None
+                if (self._sized and last is not None and last["type"] == "http.response.body"
+                        and last["more_body"]):
+                    # The last piece, not taken by the loop yet, ends the response (one
+                    # send less) when the head has a Content-Length. Otherwise not:
+                    # granian frames a body sent without a length in one message with
+                    # Content-Length, unlike the ASGI face on granian (and the filter
+                    # chain's rule that a changed body goes chunked).
+                    last["more_body"] = False
+                else:
+                    posted.append({"type": "http.response.body", "body": b""})
+            posted.append(_END)
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
             self._wake(waiter)
@@ -515,10 +513,9 @@ class _Responder:
         self.exc_info = exc_info
         if not self.response_started:
             self.response_started = True
-            self._post({"type": "http.response.start", "status": int(status.split(" ", 1)[0]),
-                        "headers": [(name.strip().encode("latin-1").lower(),
-                                     value.strip().encode("latin-1"))
-                                    for name, value in headers]})
+            self._post_head(int(status.split(" ", 1)[0]),
+                            [(name.strip().encode("latin-1").lower(),
+                              value.strip().encode("latin-1")) for name, value in headers])
         return lambda chunk: self._post(
             {"type": "http.response.body", "body": chunk, "more_body": True})
 
@@ -530,11 +527,14 @@ class _Responder:
         if not self.response_started:
             self.response_started = True
             names, ends = _HEADER_NAMES, _STRIPPED
-            self._post({"type": "http.response.start", "status": status,
-                        "headers": [(names.get(name) or _header_name(name),
-                                     value if not value or (value[0] not in ends
-                                                            and value[-1] not in ends)
-                                     else _stripped(value)) for name, value in headers]})
+            self._post_head(status, [(names.get(name) or _header_name(name),
+                                      value if not value or (value[0] not in ends
+                                                             and value[-1] not in ends)
+                                      else _stripped(value)) for name, value in headers])
+
+    def _post_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self._sized = b"content-length" in [name for name, _ in headers]
+        self._post({"type": "http.response.start", "status": status, "headers": headers})
 
     def wsgi(self, environ: Environ) -> None:
         """The WSGI app's exchange (in a pool thread)."""
@@ -575,15 +575,6 @@ def _stripped(value: bytes) -> bytes:
     if value and (value[0] in _STRIPPED or value[-1] in _STRIPPED):
         return value.decode("latin-1").strip().encode("latin-1")
     return value
-
-
-def _is_end(batch: list[Message | None], i: int) -> bool:
-    """Is batch[i] the response's end (the last body message, empty)?"""
-    if i >= len(batch):
-        return False
-    message = batch[i]
-    return (message is not _END and message["type"] == "http.response.body"
-            and not message.get("more_body", False) and not message.get("body"))
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
