@@ -100,7 +100,7 @@ class _Stored:
     validators and the head it is answered with (before Age and Cache-Status)."""
 
     __slots__ = ("headers", "date", "length", "rules", "lifetime", "no_cache", "shared",
-                 "etag", "modified", "head")
+                 "etag", "modified", "head", "fresh_head")
 
     def __init__(self, entry: Entry) -> None:
         headers = self.headers = entry.headers
@@ -116,15 +116,35 @@ class _Stored:
         self.head = list(headers)
         if entry.status not in (204, 304):
             self.head.append((b"content-length", b"%d" % self.length))
+        # A fresh hit's whole head for the last (Age, ttl) seconds it was made for.
+        self.fresh_head: tuple[tuple[int, int], list[Header]] | None = None
+
+    def fresh(self, age: float, ttl: float) -> list[Header]:
+        """A fresh hit's head: `head`, Age and Cache-Status (whole seconds), made again
+        only when they changed (shared by the hits of that second: the face copies it)."""
+        seconds = int(age), int(ttl)
+        made = self.fresh_head
+        if made is not None and made[0] == seconds:
+            return made[1]
+        head = [*self.head, (b"age", b"%d" % seconds[0]),
+                (b"cache-status", policy.FRESH_HIT % seconds[1])]
+        self.fresh_head = seconds, head
+        return head
 
 
 def _stored(entry: Entry) -> _Stored:
     """`entry`'s _Stored, made again when its fields, Date or length changed."""
     view = entry.view
     if view is None or view.headers is not entry.headers or view.date != entry.date \
-            or view.length != entry.body_length():
-        view = entry.view = _Stored(entry)
+            or view.length != (entry.length if entry.length >= 0 else len(entry.body)):
+        view = entry.view = _Stored(entry)  # (the length: Entry.body_length, inline)
     return view  # type: ignore[no-any-return]
+
+
+class _Hit(Answer):
+    """An answer from the store: its head (the stored one) frames its body."""
+
+    framed = True
 
 
 class _State:
@@ -244,9 +264,14 @@ class Cache(Filter):
         incoming = exchange.incoming
         variants = self.store.get(self._key(incoming, asked.host))
         assert isinstance(variants, list)  # (a synchronous store)
-        entry = self._newest(incoming.headers, variants)
-        if entry is None:
+        if not variants:
             return None
+        entry = variants[0]
+        if entry.vary or len(variants) > 1:
+            newest = self._newest(incoming.headers, variants)
+            if newest is None:
+                return None
+            entry = newest
         stored = _stored(entry)
         age = entry.age(time.time())
         ttl = stored.lifetime - age
@@ -254,8 +279,7 @@ class Cache(Filter):
                                           and self.store.load(entry) is None):
             return None
         exchange.record.cache = "hit"
-        return Answer(entry.status, [*stored.head, (b"age", b"%d" % age),
-                                     (b"cache-status", policy.FRESH_HIT % ttl)], entry.whole())
+        return _Hit(entry.status, stored.fresh(age, ttl), entry.whole())
 
     def _request(self, exchange: Exchange, asked: _Asked) -> Flow[Answer | None]:
         incoming = exchange.incoming
@@ -454,8 +478,8 @@ class Cache(Filter):
             if body is None:
                 return None  # the store failed to read its body
         exchange.record.cache = "stale" if "fwd=stale" in status else "hit"
-        return Answer(entry.status, self._stored_head(entry, age, status, stored),
-                      entry.whole())
+        return _Hit(entry.status, self._stored_head(entry, age, status, stored),
+                    entry.whole())
 
     @staticmethod
     def _not_modified(asked: _Asked, entry: Entry) -> bool | None:
