@@ -55,12 +55,19 @@ def run_sync(flow: Flow[T]) -> T:
 
 
 async def run_async(flow: Flow[T]) -> T:
-    """Drive a stage on the async face: each awaitable a filter returned is awaited."""
+    """Drive a stage on the async face: each awaitable a filter returned is awaited
+    (`_resume`'s loop, inline: no second coroutine)."""
     try:
         awaitable = next(flow)
+        while True:
+            try:
+                result = await awaitable
+            except BaseException as exc:
+                awaitable = flow.throw(exc)
+            else:
+                awaitable = flow.send(result)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
-    return await _resume(flow, awaitable)
 
 
 def run_either(flow: Flow[T]) -> T | Awaitable[T]:
@@ -156,7 +163,7 @@ class Chain:
         for index, flt in self._request:
             result = flt.on_request(exchange)
             if result is not None:
-                if type(result) is not Answer and inspect.isawaitable(result):
+                if not isinstance(result, Answer) and inspect.isawaitable(result):
                     result = yield result
                 if _answered(exchange, index, flt, result, "on_request"):
                     return result
@@ -261,19 +268,37 @@ class Chain:
         """Does any filter run at the end (`on_end`)? Without one, `end` needs no driving."""
         return bool(self._end)
 
-    def end(self, exchange: Exchange) -> Flow[None]:
-        """Run `on_end` on every filter; a failing one is logged, never raised (the
-        answer is given already) and the others still run."""
-        for flt in self._end:
+    def end(self, exchange: Exchange, first: int = 0) -> Flow[None]:
+        """Run `on_end` on every filter (from the `first` on); a failing one is logged,
+        never raised (the answer is given already) and the others still run."""
+        for flt in self._end[first:] if first else self._end:
             try:
                 result = flt.on_end(exchange)
                 if result is not None and inspect.isawaitable(result):
                     yield result
             except Exception:
-                error_logger.exception("filter %r failed at the end of %s %s", flt.label(),
-                                       exchange.incoming.method,
-                                       exchange.record.target_text())
+                _end_failed(flt, exchange)
 
+    def end_either(self, exchange: Exchange) -> Awaitable[None] | None:
+        """`end` as `run_either` drives it, without a generator while no filter's
+        `on_end` awaits (a cost each request): None, or a coroutine for the rest."""
+        for index, flt in enumerate(self._end):
+            try:
+                result = flt.on_end(exchange)
+                if result is not None and inspect.isawaitable(result):
+                    return run_async(self._end_after(exchange, flt, result, index + 1))
+            except Exception:
+                _end_failed(flt, exchange)
+        return None
+
+    def _end_after(self, exchange: Exchange, flt: Filter, pending: Awaitable[Any],
+                   rest: int) -> Flow[None]:
+        """`end` from where `flt`'s on_end returned `pending` to await."""
+        try:
+            yield pending
+        except Exception:
+            _end_failed(flt, exchange)
+        yield from self.end(exchange, rest)
 
     # -- a request the core refused before the filters -------------------------------------
 
@@ -297,6 +322,11 @@ class Chain:
 
 
 _ANSWERED = object()  # exchange.state key: the index of the filter that answered
+
+
+def _end_failed(flt: Filter, exchange: Exchange) -> None:
+    error_logger.exception("filter %r failed at the end of %s %s", flt.label(),
+                           exchange.incoming.method, exchange.record.target_text())
 
 
 def _answered(exchange: Exchange, index: int, flt: Filter, result: Any, stage: str) -> bool:
