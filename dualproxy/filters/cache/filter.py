@@ -27,7 +27,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from ...core import IncomingRequest, ResponseHead, UpstreamPlan
 from ...errors import GatewayTimeout, ProxyError
@@ -84,6 +84,19 @@ class _Asked:
     def conditional(self) -> bool:
         """Does the request carry a conditional a stored 200 may answer with a 304?"""
         return bool(self.if_none_match) or self.if_modified_since is not None
+
+
+def _plain_host(headers: Sequence[Header]) -> bytes | None | Literal[False]:
+    """The first Host value of a request the cache reads no other field of (`_Asked`'s
+    `plain`, without making one: a fresh hit's), else False."""
+    host = None
+    for name, value in headers:
+        if name in _ASKED:
+            if name != b"host":
+                return False
+            if host is None:
+                host = value
+    return host
 
 
 _NO_DIRECTIVES = Directives()
@@ -240,12 +253,14 @@ class Cache(Filter):
     def on_request(self, exchange: Exchange) -> Answer | None | Awaitable[Answer | None]:
         if STORE_FAILED.get():  # (a worker thread's context outlives its request)
             STORE_FAILED.set(False)
-        asked = _Asked(exchange.incoming.headers)
-        if asked.plain and self._synchronous and exchange.incoming.method in _LOOKUPS:
-            answer = self._fresh(exchange, asked)
-            if answer is not None:
-                return answer
-        return run_either(self._request(exchange, asked))
+        incoming = exchange.incoming
+        if self._synchronous and incoming.method in _LOOKUPS:
+            host = _plain_host(incoming.headers)
+            if host is not False:
+                answer = self._fresh(exchange, incoming, host)
+                if answer is not None:
+                    return answer
+        return run_either(self._request(exchange, _Asked(incoming.headers)))
 
     def _key(self, incoming: IncomingRequest, host: bytes | None) -> str:
         """keys.key_for, remembered for the recent requests."""
@@ -257,13 +272,14 @@ class Cache(Filter):
             key = self._keys[memo] = key_for(incoming, host)
         return key
 
-    def _fresh(self, exchange: Exchange, asked: _Asked) -> Answer | None:
-        """A plain GET or HEAD (no request field the cache reads but Host) answered
-        from a synchronous store without a flow, when a stored response is fresh for
-        it: `_request`'s answer, in short (None: `_request` decides)."""
-        incoming = exchange.incoming
-        variants = self.store.get(self._key(incoming, asked.host))
-        assert isinstance(variants, list)  # (a synchronous store)
+    def _fresh(self, exchange: Exchange, incoming: IncomingRequest,
+               host: bytes | None) -> Answer | None:
+        """A plain GET or HEAD (no request field the cache reads but Host, `host`)
+        answered from a synchronous store without a flow, when a stored response is
+        fresh for it: `_request`'s answer, in short (None: `_request` decides)."""
+        key = self._keys.get((incoming.scheme, host, incoming.target))  # (_key's memo)
+        variants: list[Entry] = self.store.get(  # type: ignore[assignment]  # (sync)
+            key if key is not None else self._key(incoming, host))
         if not variants:
             return None
         entry = variants[0]

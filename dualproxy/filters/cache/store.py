@@ -315,6 +315,10 @@ class MemoryStore(Bounded):
 
     name = "memory"
 
+    def load(self, entry: Entry) -> Body:
+        """`entry`'s body: in memory (a call less than Bounded's, each hit)."""
+        return entry.body
+
     def __init__(self, max_size: int = DEFAULT_MAX_SIZE,
                  max_object: int = DEFAULT_MAX_OBJECT) -> None:
         self.max_size = max_size
