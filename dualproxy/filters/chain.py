@@ -163,7 +163,12 @@ class Chain:
         for index, flt in self._request:
             result = flt.on_request(exchange)
             if result is not None:
-                if not isinstance(result, Answer) and inspect.isawaitable(result):
+                if isinstance(result, Answer):  # _answered's, inline: a call less a hit
+                    exchange.state[_ANSWERED] = index
+                    if not flt._valid_heads:  # a built-in's own answer is valid already
+                        _check_answer(flt, result)
+                    return result
+                if inspect.isawaitable(result):
                     result = yield result
                 if _answered(exchange, index, flt, result, "on_request"):
                     return result
