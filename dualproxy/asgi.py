@@ -63,14 +63,14 @@ def incoming_from_scope(scope: Scope) -> IncomingRequest:
     mount = app_mount(raw_path, scope.get("root_path", "").encode("utf-8"))
     client = scope.get("client")
     scheme: str = scope.get("scheme", "http")
-    return IncomingRequest(
-        method=scope.get("method", "GET"),
-        target=target,
-        headers=scope["headers"],
-        peer=client[0] if client else None,
-        scheme=_HTTP_SCHEME.get(scheme, scheme),
-        mount=mount,
-        http_version=scope.get("http_version", "1.1"),
+    return IncomingRequest(  # positional: a keyword call to a class makes a dict of them
+        scope.get("method", "GET"),               # method
+        target,                                   # target
+        scope["headers"],                         # headers
+        client[0] if client else None,            # peer
+        _HTTP_SCHEME.get(scheme, scheme),         # scheme
+        mount,                                    # mount
+        scope.get("http_version", "1.1"),         # http_version
     )
 
 
@@ -185,8 +185,7 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         if exchange is None:
             return None
         record.exchange = None
-        # No generator nor coroutine while no filter's on_end awaits (none: nothing)
-        return self.chain.end_either(exchange) if self.chain.ends else None
+        return self.chain.end_either(exchange)  # (no generator while none awaits)
 
     async def _problem(self, send: Send, exc: ProxyError, record: RequestRecord) -> None:
         self.refuse(record, exc)
