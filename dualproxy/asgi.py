@@ -63,14 +63,14 @@ def incoming_from_scope(scope: Scope) -> IncomingRequest:
     mount = app_mount(raw_path, scope.get("root_path", "").encode("utf-8"))
     client = scope.get("client")
     scheme: str = scope.get("scheme", "http")
-    return IncomingRequest(  # positional: a keyword call to a class makes a dict of them
-        scope.get("method", "GET"),               # method
-        target,                                   # target
-        scope["headers"],                         # headers
-        client[0] if client else None,            # peer
-        _HTTP_SCHEME.get(scheme, scheme),         # scheme
-        mount,                                    # mount
-        scope.get("http_version", "1.1"),         # http_version
+    return IncomingRequest(
+        method=scope.get("method", "GET"),
+        target=target,
+        headers=scope["headers"],
+        peer=client[0] if client else None,
+        scheme=_HTTP_SCHEME.get(scheme, scheme),
+        mount=mount,
+        http_version=scope.get("http_version", "1.1"),
     )
 
 
@@ -185,7 +185,8 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         if exchange is None:
             return None
         record.exchange = None
-        return self.chain.end_either(exchange)  # (no generator while none awaits)
+        rest = self.chain.end_either(exchange)  # (no generator while none awaits)
+        return None if rest is None else drive_async(rest)
 
     async def _problem(self, send: Send, exc: ProxyError, record: RequestRecord) -> None:
         self.refuse(record, exc)

@@ -335,8 +335,9 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         exchange = record.exchange
         if exchange is not None:  # the filters' on_end (the async face ran them already)
             record.exchange = None
-            if self.chain.ends:
-                run_sync(self.chain.end(exchange))
+            rest = self.chain.end_either(exchange)  # (no generator while none awaits)
+            if rest is not None:
+                run_sync(rest)  # (refused: an on_end that awaits, on the sync face)
         if record.upstream is not None:
             self.balancer.release(record.upstream)
         self._log.finish(record)

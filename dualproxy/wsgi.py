@@ -117,14 +117,14 @@ def incoming_from_environ(environ: Environ) -> IncomingRequest:
     target = _environ_target(environ)
     mount = app_mount(target.split(b"?", 1)[0], environ.get("SCRIPT_NAME", "").encode("latin-1"))
     protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
-    return IncomingRequest(  # positional: a keyword call to a class makes a dict of them
-        environ["REQUEST_METHOD"],                # method
-        target,                                   # target
-        _environ_headers(environ),                # headers
-        environ.get("REMOTE_ADDR") or None,       # peer
-        environ.get("wsgi.url_scheme", "http"),   # scheme
-        mount,                                    # mount
-        protocol.partition("/")[2] or "1.1",      # http_version
+    return IncomingRequest(
+        method=environ["REQUEST_METHOD"],
+        target=target,
+        headers=_environ_headers(environ),
+        peer=environ.get("REMOTE_ADDR") or None,
+        scheme=environ.get("wsgi.url_scheme", "http"),
+        mount=mount,
+        http_version=protocol.partition("/")[2] or "1.1",
     )
 
 

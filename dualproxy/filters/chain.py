@@ -284,14 +284,14 @@ class Chain:
             except Exception:
                 _end_failed(flt, exchange)
 
-    def end_either(self, exchange: Exchange) -> Awaitable[None] | None:
-        """`end` as `run_either` drives it, without a generator while no filter's
-        `on_end` awaits (a cost each request): None, or a coroutine for the rest."""
+    def end_either(self, exchange: Exchange) -> Flow[None] | None:
+        """`end` without a generator while no filter's `on_end` awaits (a cost each
+        request): None, or the flow of the rest (its first step: that awaitable)."""
         for index, flt in enumerate(self._end):
             try:
                 result = flt.on_end(exchange)
                 if result is not None and inspect.isawaitable(result):
-                    return run_async(self._end_after(exchange, flt, result, index + 1))
+                    return self._end_after(exchange, flt, result, index + 1)
             except Exception:
                 _end_failed(flt, exchange)
         return None
