@@ -106,7 +106,7 @@ def opening(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest, record: R
     if answer is None:
         return Opened(None, exchange)
     head = face.answer_head(exchange, answer)
-    if chain.outside(exchange):
+    if chain.wraps_answers and chain.outside(exchange):
         head = yield from chain.response(exchange, head)
     return Opened(None, exchange, answer, head)
 

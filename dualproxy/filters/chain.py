@@ -99,7 +99,8 @@ class Chain:
     """The ordered filters of one route, with the stages each one implements."""
 
     __slots__ = ("filters", "_request", "_response", "_trailers", "_error", "_end", "_async",
-                 "_attempt", "_attempt_end", "_refusal", "_response_checked", "_outermost")
+                 "_attempt", "_attempt_end", "_refusal", "_response_checked", "_outermost",
+                 "wraps_answers")
 
     def __init__(self, filters: Sequence[object] = ()) -> None:
         checked: list[Filter] = []
@@ -119,6 +120,10 @@ class Chain:
         self._response_checked = any(not f._valid_heads for _, f in self._response)
         # The index of the outermost response filter (None: none).
         self._outermost = min((i for i, _ in self._response), default=None)
+        # Is a response filter outside some request filter? (No: an answer from
+        # on_request goes out as it is, `outside` need not be asked: a cache alone.)
+        self.wraps_answers = self._outermost is not None and any(
+            self._outermost < i for i, _ in self._request)
         self._trailers = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_trailers")]
         self._error = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_error")]
         self._end = [f for f in reversed(self.filters) if overrides(f, "on_end")]

@@ -39,7 +39,16 @@ from .flight import Flight, Head
 from .keys import key_for, same_origin_key, vary_names, vary_values
 from .policy import Directives, ResponseRules
 from .refresh import Refresher
-from .store import STORE_FAILED, Entry, MemoryStore, Store, Writer, aclose_store, close_store
+from .store import (
+    SLICE,
+    STORE_FAILED,
+    Entry,
+    MemoryStore,
+    Store,
+    Writer,
+    aclose_store,
+    close_store,
+)
 
 T = TypeVar("T")
 
@@ -113,7 +122,7 @@ class _Stored:
     validators and the head it is answered with (before Age and Cache-Status)."""
 
     __slots__ = ("headers", "date", "length", "rules", "lifetime", "no_cache", "shared",
-                 "etag", "modified", "head", "fresh_head")
+                 "etag", "modified", "head", "fresh_head", "body")
 
     def __init__(self, entry: Entry) -> None:
         headers = self.headers = entry.headers
@@ -131,6 +140,11 @@ class _Stored:
             self.head.append((b"content-length", b"%d" % self.length))
         # A fresh hit's whole head for the last (Age, ttl) seconds it was made for.
         self.fresh_head: tuple[tuple[int, int], list[Header]] | None = None
+        # The body a hit answers with as it is (Entry.whole's bytes): one in memory, of
+        # one slice at most, that no store reads or streams. None: read it each answer.
+        body = entry.body
+        self.body = body if type(body) is bytes and entry.loader is None \
+            and entry.stream is None and len(body) == self.length <= SLICE else None
 
     def fresh(self, age: float, ttl: float) -> list[Header]:
         """A fresh hit's head: `head`, Age and Cache-Status (whole seconds), made again
@@ -291,11 +305,15 @@ class Cache(Filter):
         stored = _stored(entry)
         age = entry.age(time.time())
         ttl = stored.lifetime - age
-        if ttl <= 0 or stored.no_cache or (incoming.method != "HEAD"
-                                          and self.store.load(entry) is None):
+        if ttl <= 0 or stored.no_cache:
             return None
+        body = stored.body
+        if body is None:  # (not a small body in memory)
+            if incoming.method != "HEAD" and self.store.load(entry) is None:
+                return None
+            body = entry.whole()
         exchange.record.cache = "hit"
-        return _Hit(entry.status, stored.fresh(age, ttl), entry.whole())
+        return _Hit(entry.status, stored.fresh(age, ttl), body)
 
     def _request(self, exchange: Exchange, asked: _Asked) -> Flow[Answer | None]:
         incoming = exchange.incoming
