@@ -176,7 +176,7 @@ class Chain:
                 if inspect.isawaitable(result):
                     result = yield result
                 if _answered(exchange, index, flt, result, "on_request"):
-                    return result
+                    return result  # type: ignore[no-any-return]
             # Checked even when the same plan object stays: its header list is mutable;
             # not when no filter read it yet (unbuilt: the core's, Exchange.plan).
             if not flt._valid_heads and exchange._planner is None:

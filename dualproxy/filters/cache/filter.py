@@ -26,7 +26,15 @@ import json
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from typing import Literal, TypeVar
 
 from ...core import IncomingRequest, ResponseHead, UpstreamPlan
@@ -307,7 +315,7 @@ class Cache(Filter):
         ttl = stored.lifetime - age
         if ttl <= 0 or stored.no_cache:
             return None
-        body = stored.body
+        body: bytes | Iterable[bytes] | AsyncIterable[bytes] | None = stored.body
         if body is None:  # (not a small body in memory)
             if incoming.method != "HEAD" and self.store.load(entry) is None:
                 return None
