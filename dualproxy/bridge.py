@@ -213,20 +213,49 @@ _COND_LOCK = threading.Lock()
 
 class _GoneEvent(threading.Event):
     """`dualproxy.client_gone`: a threading.Event whose Condition is made on its first
-    set(), wait() or clear(). Most exchanges only ask is_set(), and a Condition's
-    making (Python code: a lock, its bound methods) was a visible part of a request."""
+    set(), clear() or wait(). Most exchanges only ask is_set(), and a Condition's
+    making (Python code: a lock, its bound methods) was a visible part of a request.
+    Every public method is its own (the same logic as threading.Event's), so nothing
+    leans on the base class's private attributes; the base stays for isinstance and
+    the type."""
 
-    def __init__(self) -> None:  # threading.Event's, less the Condition
-        self._flag = False
+    __slots__ = ("_gone", "_gone_cond")
 
-    def __getattr__(self, name: str) -> Any:
-        if name != "_cond":
-            raise AttributeError(name)
-        with _COND_LOCK:  # one Condition, also when two threads ask at once
-            cond = self.__dict__.get("_cond")
-            if cond is None:
-                cond = self.__dict__["_cond"] = threading.Condition(threading.Lock())
+    def __init__(self) -> None:  # not threading.Event's: no Condition yet
+        self._gone = False
+        self._gone_cond: threading.Condition | None = None
+
+    def _condition(self) -> threading.Condition:
+        cond = self._gone_cond
+        if cond is None:
+            with _COND_LOCK:  # one Condition, also when two threads ask at once
+                cond = self._gone_cond
+                if cond is None:
+                    cond = self._gone_cond = threading.Condition(threading.Lock())
         return cond
+
+    def is_set(self) -> bool:
+        return self._gone
+
+    def set(self) -> None:
+        cond = self._condition()
+        with cond:
+            self._gone = True
+            cond.notify_all()
+
+    def clear(self) -> None:
+        with self._condition():
+            self._gone = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        cond = self._condition()
+        with cond:
+            if not self._gone:
+                cond.wait(timeout)
+            return self._gone
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {'set' if self._gone else 'unset'}>"
 
 
 class _Cancellable(Protocol):

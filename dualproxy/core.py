@@ -300,21 +300,29 @@ def discard_budget(counter: BodyCounter, closing: bool) -> int | None:
     return None if remaining == 0 else _budget(remaining, closing)
 
 
-def early_discard(incoming: IncomingRequest, closing: bool) -> int | None:
+def early_discard(incoming: IncomingRequest, closing: bool,
+                  framing: tuple[int | None, bool] | None = None) -> int | None:
     """Unread request-body bytes to read and drop before an answer given before
     the upload began (a refusal, a 429, a filter's own answer); None when the
-    request has no body; 0: not to be read (the server drops it or closes)."""
-    try:
-        framing = parse_framing(incoming.headers)
-    except FramingError:  # never read by a guess: the connection closes
-        return 0
-    if framing.length is None and not framing.chunked:
+    request has no body; 0: not to be read (the server drops it or closes).
+    `framing`: the checked request's (content length, chunked) when check_request
+    already parsed it (a filter's answer), else parsed here (a refusal may come
+    before or from that check)."""
+    if framing is None:
+        try:
+            parsed = parse_framing(incoming.headers)
+        except FramingError:  # never read by a guess: the connection closes
+            return 0
+        length, chunked = parsed.length, parsed.chunked
+    else:
+        length, chunked = framing
+    if length is None and not chunked:
         return None
     if any(name == b"expect" for name, _ in incoming.headers):
         # RFC 9110 10.1.1: the client waits for 100 Continue before it sends the
         # body; reading it would ask for what is about to be refused.
         return 0
-    return _budget(framing.length, closing)
+    return _budget(length, closing)
 
 
 def _budget(remaining: int | None, closing: bool) -> int:

@@ -130,16 +130,18 @@ def refusal(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest, record: R
 
 
 def drop_unread(port: Any, incoming: IncomingRequest, counter: BodyCounter | None,
-                closing: bool) -> Flow[None]:
+                closing: bool, framing: tuple[int | None, bool] | None = None,
+                ) -> Flow[None]:
     """Before an answer that comes ahead of the upload's end: the rest of a modest
     body read and dropped by the core's rule (core.early_discard before the
     upload, core.discard_budget after it began, with its `counter`) through
     `port.discard`. A body past the rule's limit is the server's to drop or close
     on: uvicorn reads it all, gunicorn and granian close (as nginx, which reads it
     all, does not; announcing the close instead made uvicorn reset a client still
-    sending, which then lost the answer)."""
+    sending, which then lost the answer). `framing`: the checked request's (length,
+    chunked), when there is one."""
     if counter is None:
-        budget = early_discard(incoming, closing)
+        budget = early_discard(incoming, closing, framing)
     else:
         budget = discard_budget(counter, closing)
     if budget:
@@ -230,8 +232,10 @@ def http_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
         exchange = opened.exchange
         if opened.answer is not None:
             assert exchange is not None and opened.head is not None
-            if checked[CHECKED_CHUNKED] or checked[CHECKED_LENGTH] is not None:  # a body
-                yield from drop_unread(port, incoming, None, opened.head.closes)
+            length, chunked = checked[CHECKED_LENGTH], checked[CHECKED_CHUNKED]
+            if chunked or length is not None:  # a body
+                yield from drop_unread(port, incoming, None, opened.head.closes,
+                                       (length, chunked))
             return (yield port.answer(exchange, opened.head, opened.answer.body))
         plan = opened.plan
 

@@ -50,3 +50,26 @@ def test_memory_stays_flat_over_keep_alive_requests(make_proxy: MakeProxy) -> No
     grown = rss_mb(proxy.proc.pid) - before
     # The leak was about 1.7 KB a request (20 MB here); allocator noise is a few MB.
     assert grown < 6, f"the proxy grew {grown:.1f} MB over 12,000 requests"
+
+
+def test_the_gone_event_behaves_as_threading_event_without_its_private_state() -> None:
+    """`dualproxy.client_gone` is a threading.Event made lazily (bridge._GoneEvent):
+    every public method works by itself, and none of threading.Event's private fields
+    (which a new Python may rename) is read or written."""
+    from dualproxy.bridge import _GoneEvent
+
+    gone = _GoneEvent()
+    assert isinstance(gone, threading.Event)
+    assert not gone.is_set()
+    assert gone.wait(0.01) is False
+    assert "unset" in repr(gone)
+    woken: list[bool] = []
+    waiter = threading.Thread(target=lambda: woken.append(gone.wait(5)))
+    waiter.start()
+    gone.set()
+    waiter.join(5)
+    assert woken == [True]
+    assert gone.is_set() and gone.wait() is True and "set" in repr(gone)
+    gone.clear()
+    assert not gone.is_set() and gone.wait(0) is False
+    assert not {"_flag", "_cond"} & set(vars(gone))

@@ -480,5 +480,13 @@ def test_discard_budget_after_the_upload_began() -> None:
 def test_early_discard_before_the_upload(headers: list[tuple[bytes, bytes]], closing: bool,
                                          expected: int | None) -> None:
     from dualproxy.core import early_discard
+    from dualproxy.framing import FramingError, parse_framing
 
-    assert early_discard(incoming(b"/x", headers, "POST"), closing) == expected
+    request = incoming(b"/x", headers, "POST")
+    assert early_discard(request, closing) == expected
+    try:
+        framing = parse_framing(request.headers)
+    except FramingError:
+        return  # a refusal: no checked framing to hand in
+    # The checked request's framing handed in (a filter's answer) decides the same.
+    assert early_discard(request, closing, (framing.length, framing.chunked)) == expected

@@ -1149,6 +1149,46 @@ def test_cancel_while_waiting_for_slot(async_driver: Driver, serve: Any) -> None
     _slot_is_free(async_driver, serve)
 
 
+def test_a_cancel_at_every_step_of_opening_leaks_nothing(async_driver: Driver,
+                                                         serve: Any) -> None:
+    """A cancel may come at any await of a request's start: as the pool hands out its
+    slot, inside the loop's connect (the socket made, the transport not yet handed
+    over: asyncio and uvloop close it themselves only when the cancel is raised in
+    there, not in a wait_for wrapped around it), as the head is written. Swept over
+    every loop step from the first to well past the request's arrival: each time,
+    the connection (if one opened) closes, and the pool's one slot is free after."""
+    up = serve(hang)
+    transport = async_driver.async_
+    assert transport is not None
+
+    async def cancel_after(steps: int) -> bool:
+        task = asyncio.ensure_future(transport.handle_async_request(
+            async_driver.request(up.url)))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        finished = task.done()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        return finished
+
+    arrived_at = None
+    for steps in range(60):
+        assert not async_driver.run(cancel_after(steps))  # it never answers: cancelled
+        if arrived_at is None and any(peer.received for peer in up.peers):
+            arrived_at = steps
+        if arrived_at is not None and steps >= arrived_at + 5:
+            break
+    assert arrived_at is not None, "no request reached the upstream in 60 loop steps"
+    assert len(up.peers) >= 2  # some cancels came after the connection opened
+    time.sleep(0.2)  # the last accepts
+    for index in range(len(up.peers)):
+        assert up.finished(index).eof  # each connection closed by the client
+    _slot_is_free(async_driver, serve)
+
+
 # ---------------------------------------------------------------------------- TLS
 
 CERT = b"""-----BEGIN CERTIFICATE-----
