@@ -54,11 +54,12 @@ def run_sync(flow: Flow[T]) -> T:
     raise TypeError("an async filter ran on the sync face")
 
 
-async def run_async(flow: Flow[T]) -> T:
+async def run_async(flow: Flow[T], awaitable: Awaitable[Any] | None = None) -> T:
     """Drive a stage on the async face: each awaitable a filter returned is awaited
-    (`_resume`'s loop, inline: no second coroutine)."""
+    (from `awaitable` when the flow yielded it already: run_either's rest)."""
     try:
-        awaitable = next(flow)
+        if awaitable is None:
+            awaitable = next(flow)
         while True:
             try:
                 result = await awaitable
@@ -79,20 +80,7 @@ def run_either(flow: Flow[T]) -> T | Awaitable[T]:
         awaitable = next(flow)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
-    return _resume(flow, awaitable)
-
-
-async def _resume(flow: Flow[T], awaitable: Awaitable[Any]) -> T:
-    try:
-        while True:
-            try:
-                result = await awaitable
-            except BaseException as exc:
-                awaitable = flow.throw(exc)
-            else:
-                awaitable = flow.send(result)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+    return run_async(flow, awaitable)
 
 
 class Chain:
