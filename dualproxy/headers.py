@@ -151,7 +151,7 @@ def client_address(headers: Sequence[Header], config: ProxyConfig,
     is the first one a trusted proxy vouches for; entries left of it are the
     client's to forge. Text as received (possibly not an address): for the log.
     """
-    if not config.is_trusted(peer):
+    if not config.trusted_proxies or not config.is_trusted(peer):  # (none: no call)
         return peer
     hops = [hop.strip().decode("latin-1")
             for name, value in headers if name == b"x-forwarded-for"

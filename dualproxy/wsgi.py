@@ -131,6 +131,16 @@ def _str_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]
     return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
 
 
+def start_head(start_response: StartResponse, head: ResponseHead) -> None:
+    """`start_response` with the core's head. dualproxy's bridge (bridge.py) takes it
+    as it is, when its own start_response is the one given (no middleware in between)."""
+    fast = getattr(getattr(start_response, "__self__", None), "start_response_bytes", None)
+    if fast is not None:
+        fast(head.status, head.headers)
+    else:
+        start_response(head.status_line, _str_headers(head.headers))
+
+
 def problem_response(start_response: StartResponse, exc: ProxyError,
                      environ: Environ | None = None) -> list[bytes]:
     headers = exc.headers()
@@ -221,7 +231,7 @@ class Port:
             self.proxy.finish(self.record)
             raise TypeError("an async Answer body on the sync face")
         try:
-            self.start_response(head.status_line, _str_headers(head.headers))
+            start_head(self.start_response, head)
         except BaseException:
             self.proxy.finish(self.record)
             raise
@@ -342,17 +352,10 @@ class HttpPort(Port):
     def relay(self, head: ResponseHead, response: httpx.Response | Reply,
               exchange: Exchange | None) -> Iterable[bytes]:
         record = self.record
-        # dualproxy's bridge (bridge.py) takes the core's head as it is, when its own
-        # start_response is the one given (no middleware in between).
-        fast = getattr(getattr(self.start_response, "__self__", None), "start_response_bytes",
-                       None)
         try:
             # A server that refuses the head (a header value it rejects) must not
             # leave the upstream response, and its pool slot, open.
-            if fast is not None:
-                fast(head.status, head.headers)
-            else:
-                self.start_response(head.status_line, _str_headers(head.headers))
+            start_head(self.start_response, head)
         except BaseException:
             response.close()
             self.proxy.finish(record)
@@ -514,7 +517,12 @@ class AnswerBody:
 
     def __iter__(self) -> Iterator[bytes]:
         record = self.exchange.record
-        if self.has_body:
+        body = self.body
+        if self.has_body and type(body) is bytes and self.exchange._response_pipeline is None:
+            # A whole body and nothing to run over it (a cache hit's): as it is.
+            record.bytes_out += len(body)
+            yield body
+        elif self.has_body:
             try:
                 for chunk in transformed(self.exchange._response_pipeline,
                                          answer_body_chunks(self.body)):
@@ -531,7 +539,8 @@ class AnswerBody:
         self._closed = True
         record = self.exchange.record
         record.closed(self.has_body)
-        closer = getattr(self.body, "close", None)
+        body = self.body
+        closer = None if type(body) is bytes else getattr(body, "close", None)
         if closer is not None:
             closer()
         self.finish(record)
