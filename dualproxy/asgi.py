@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import httpx
@@ -35,7 +35,7 @@ from .errors import (
 from .exchange import drive_async, http_flow
 from .face import ProxyFace, make_async_client
 from .filters import Exchange
-from .filters.chain import achunks, atransformed, run_either
+from .filters.chain import achunks, atransformed
 from .http1.aio import AsyncBody, AsyncUpstreamTransport
 from .http1.pool import Call, Reply
 from .logs import RequestRecord
@@ -167,19 +167,27 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                 await self._problem(send, ShuttingDown(), record)
         finally:
             port.close()
-            if not port.passed_on:
-                await self._finish(record)
+            if not port.passed_on:  # _finish's steps (no coroutine unless one awaits)
+                ended = self._end(record)
+                if ended is not None:
+                    await ended
+                self.finish(record)
 
     async def _finish(self, record: RequestRecord) -> None:
         """The filters' `on_end` (awaited here: they may be async), then `finish`."""
-        exchange = record.exchange
-        if exchange is not None:
-            record.exchange = None
-            if self.chain.ends:  # no generator nor coroutine when no filter has on_end
-                ended = run_either(self.chain.end(exchange))
-                if ended is not None:  # a filter's on_end awaits
-                    await ended
+        ended = self._end(record)
+        if ended is not None:
+            await ended
         self.finish(record)
+
+    def _end(self, record: RequestRecord) -> Awaitable[None] | None:
+        """The filters' `on_end`, once: an awaitable for the rest when one awaits."""
+        exchange = record.exchange
+        if exchange is None:
+            return None
+        record.exchange = None
+        rest = self.chain.end_either(exchange)  # (no generator while none awaits)
+        return None if rest is None else drive_async(rest)
 
     async def _problem(self, send: Send, exc: ProxyError, record: RequestRecord) -> None:
         self.refuse(record, exc)
@@ -309,7 +317,12 @@ class HttpPort:
                 body = b""
             record.bytes_out += len(body)
             record.responded = True
-            await _send_body(self.send, body, False, record)
+            try:  # _send_body's rule, inline: no coroutine
+                await self.send({"type": "http.response.body", "body": body,
+                                 "more_body": False})
+            except (OSError, RuntimeError) as exc:
+                if not _client_left(exc, record):
+                    raise
             return
         await self.proxy._relay(achunks(body), head, self.send, self.record, exchange)
 

@@ -89,9 +89,10 @@ class WSGIBridge:
                     raise
             return
         gone = _GoneEvent()
-        scope = dict(scope)  # the face adds CLIENT_TIMEOUT_KEY to environ["asgi.scope"]
-        has_body = any(n in (b"content-length", b"transfer-encoding")
-                       for n, _ in scope["headers"])
+        names = [name for name, _ in scope["headers"]]
+        has_body = b"content-length" in names or b"transfer-encoding" in names
+        if has_body:  # the face adds CLIENT_TIMEOUT_KEY to environ["asgi.scope"]
+            scope = dict(scope)
         watcher: _Cancellable | None = None
 
         async def guarded_receive() -> Message:
@@ -151,18 +152,24 @@ class WSGIBridge:
 
     def _environ(self, scope: Scope, body: _BridgeBody, gone: threading.Event) -> Environ:
         """a2wsgi's environ for `scope` (build_environ), with `dualproxy.client_gone`."""
-        script_name = scope.get("root_path", "").encode("utf8").decode("latin1")
-        path_info = scope["path"].encode("utf8").decode("latin1")
-        if path_info.startswith(script_name):
+        # WSGI's str of bytes: the UTF-8 text as latin-1 (an ASCII text stays itself).
+        root_path = scope.get("root_path")
+        script_name = (root_path if root_path.isascii() else
+                       root_path.encode("utf8").decode("latin1")) if root_path else ""
+        path_info = scope["path"]
+        if not path_info.isascii():
+            path_info = path_info.encode("utf8").decode("latin1")
+        if script_name and path_info.startswith(script_name):
             path_info = path_info[len(script_name):]
         server_addr, server_port = scope.get("server") or ("localhost", 80)
+        version = scope["http_version"]
         environ: Environ = {
             "asgi.scope": scope,
             "REQUEST_METHOD": scope["method"],
             "SCRIPT_NAME": self._script_name or script_name,
             "PATH_INFO": path_info,
             "QUERY_STRING": scope["query_string"].decode("ascii"),
-            "SERVER_PROTOCOL": f"HTTP/{scope['http_version']}",
+            "SERVER_PROTOCOL": _PROTOCOLS.get(version) or f"HTTP/{version}",
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": scope.get("scheme", "http"),
             "wsgi.input": body,
@@ -188,6 +195,7 @@ class WSGIBridge:
         return environ
 
 
+_PROTOCOLS = {version: f"HTTP/{version}" for version in ("1.0", "1.1", "2")}
 # header name -> its environ key (b"user-agent": "HTTP_USER_AGENT"), for the names seen
 # so far (the same few dozen on every request); bounded, as clients choose the names.
 _ENVIRON_KEYS: dict[bytes, str] = {}
@@ -397,6 +405,7 @@ class _Responder:
         self._waiter: asyncio.Future[None] | None = None  # the loop sleeps on it
         self._stopped = False
         self._over = False  # the loop has the thread's _END
+        self._sized = False  # the head has a Content-Length
 
     async def __call__(self, pool: _Pool, environ: Environ, send: Send) -> None:
         pool.submit(contextvars.copy_context().run, self.wsgi, environ)
@@ -430,29 +439,15 @@ class _Responder:
 
     async def _relay(self, send: Send) -> None:
         """Send what the thread posts, in order, until its end."""
-        started = sized = skip = False
+        started = False
         while True:
             sent = 0
-            batch = await self._batch()
-            for i, message in enumerate(batch):
-                if skip:  # the end, folded into the last piece
-                    skip = False
-                    continue
+            for message in await self._batch():
                 if message is _END:
                     return
-                if message["type"] == "http.response.start":
-                    if not started:
-                        started = True
-                        self.started()
-                    sized = any(name == b"content-length" for name, _ in message["headers"])
-                elif sized and message.get("more_body") and _is_end(batch, i + 1):
-                    # The last piece and the end, posted together, go as one message
-                    # (one send less) when the head has a Content-Length. Otherwise
-                    # not: granian frames a body sent without a length in one message
-                    # with Content-Length, unlike the ASGI face on granian (and the
-                    # filter chain's rule that a changed body goes chunked).
-                    message["more_body"] = False
-                    skip = True
+                if not started and message["type"] == "http.response.start":
+                    started = True
+                    self.started()
                 await send(message)
                 sent += len(message.get("body", b""))
             if sent:
@@ -470,16 +465,41 @@ class _Responder:
             if message is not None:
                 self._unsent += len(message.get("body", b""))
         if waiter is not None:
-            try:
-                self.loop.call_soon_threadsafe(_wake, waiter)
-            except RuntimeError:  # the loop is closed: nobody to send to
-                self._stopped = True
+            self._wake(waiter)
         if self._unsent > SEND_WINDOW:
             with self._lock:
                 if self._room is None:
                     self._room = threading.Condition(self._lock)
                 while self._unsent > SEND_WINDOW and not self._stopped:
                     self._room.wait()
+
+    def _post_end(self, complete: bool) -> None:
+        """Post the thread's end, after the response's own end when it is `complete`
+        (one wake-up of the loop for both; none of it once the exchange stopped)."""
+        with self._lock:
+            posted = self._posted
+            if complete and not self._stopped:
+                last = posted[-1] if posted else None
+                if (self._sized and last is not None and last["type"] == "http.response.body"
+                        and last["more_body"]):
+                    # The last piece, not taken by the loop yet, ends the response (one
+                    # send less) when the head has a Content-Length. Otherwise not:
+                    # granian frames a body sent without a length in one message with
+                    # Content-Length, unlike the ASGI face on granian (and the filter
+                    # chain's rule that a changed body goes chunked).
+                    last["more_body"] = False
+                else:
+                    posted.append({"type": "http.response.body", "body": b""})
+            posted.append(_END)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            self._wake(waiter)
+
+    def _wake(self, waiter: asyncio.Future[None]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_wake, waiter)
+        except RuntimeError:  # the loop is closed: nobody to send to
+            self._stopped = True
 
     def _stop(self) -> None:
         with self._lock:
@@ -493,10 +513,9 @@ class _Responder:
         self.exc_info = exc_info
         if not self.response_started:
             self.response_started = True
-            self._post({"type": "http.response.start", "status": int(status.split(" ", 1)[0]),
-                        "headers": [(name.strip().encode("latin-1").lower(),
-                                     value.strip().encode("latin-1"))
-                                    for name, value in headers]})
+            self._post_head(int(status.split(" ", 1)[0]),
+                            [(name.strip().encode("latin-1").lower(),
+                              value.strip().encode("latin-1")) for name, value in headers])
         return lambda chunk: self._post(
             {"type": "http.response.body", "body": chunk, "more_body": True})
 
@@ -507,25 +526,32 @@ class _Responder:
         self.exc_info = None
         if not self.response_started:
             self.response_started = True
-            names = _HEADER_NAMES
-            self._post({"type": "http.response.start", "status": status,
-                        "headers": [(names.get(name) or _header_name(name),
-                                     _stripped(value)) for name, value in headers]})
+            names, ends = _HEADER_NAMES, _STRIPPED
+            self._post_head(status, [(names.get(name) or _header_name(name),
+                                      value if not value or (value[0] not in ends
+                                                             and value[-1] not in ends)
+                                      else _stripped(value)) for name, value in headers])
+
+    def _post_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self._sized = b"content-length" in [name for name, _ in headers]
+        self._post({"type": "http.response.start", "status": status, "headers": headers})
 
     def wsgi(self, environ: Environ) -> None:
         """The WSGI app's exchange (in a pool thread)."""
+        complete = False
         try:
             iterable = self.app(environ, cast(StartResponse, self.start_response))
             try:
                 for chunk in iterable:
                     self._post({"type": "http.response.body", "body": chunk, "more_body": True})
-                self._post({"type": "http.response.body", "body": b""})
+                complete = True
             finally:
                 getattr(iterable, "close", lambda: None)()
         except BaseException as exc:
             self.error = exc
         finally:
-            self._post(_END)
+            # The response's end goes with the thread's, once the iterable is closed.
+            self._post_end(complete)
 
 
 # A response header's name as start_response makes it (b"Content-Type": b"content-type"),
@@ -549,15 +575,6 @@ def _stripped(value: bytes) -> bytes:
     if value and (value[0] in _STRIPPED or value[-1] in _STRIPPED):
         return value.decode("latin-1").strip().encode("latin-1")
     return value
-
-
-def _is_end(batch: list[Message | None], i: int) -> bool:
-    """Is batch[i] the response's end (the last body message, empty)?"""
-    if i >= len(batch):
-        return False
-    message = batch[i]
-    return (message is not _END and message["type"] == "http.response.body"
-            and not message.get("more_body", False) and not message.get("body"))
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

@@ -97,7 +97,8 @@ def opening(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest, record: R
     for: face.exchange): the filters on the request; a filter's own answer goes
     through the filters outside it (ProxyError: refuse)."""
     chain = face.chain
-    if not chain:  # no Exchange, no stage to run: a request without filters pays nothing
+    if not chain.filters:  # no Exchange, no stage to run: a request without filters pays
+        # nothing (its tuple's truth: the Chain's own __bool__ is a Python call)
         assert isinstance(plan, UpstreamPlan)  # (http_flow comes here with filters only)
         return Opened(plan)
     exchange = face.exchange(incoming, record, plan)
@@ -105,7 +106,7 @@ def opening(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest, record: R
     if answer is None:
         return Opened(None, exchange)
     head = face.answer_head(exchange, answer)
-    if chain.outside(exchange):
+    if chain.wraps_answers and chain.outside(exchange):
         head = yield from chain.response(exchange, head)
     return Opened(None, exchange, answer, head)
 
@@ -217,7 +218,7 @@ def http_flow(face: ProxyFace[Any, Any, Any], incoming: IncomingRequest,
     the sync face it comes when the server closes that iterable."""
     opened: Opened | None = None
     try:
-        if face.chain:  # without filters: no Exchange, no stage, no extra generator
+        if face.chain.filters:  # without filters: no Exchange, no stage, no extra generator
             # The core's refusals first; the plan is built when asked for (not for
             # a filter's own answer that never reads it: a cache hit).
             checked = face.check(incoming)

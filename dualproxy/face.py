@@ -256,7 +256,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         headers = list(answer.headers)
         status = answer.status
         bodiless = status == 204 or status == 304
-        if isinstance(answer.body, bytes) and not bodiless:
+        if not answer.framed and isinstance(answer.body, bytes) and not bodiless:
             for name, _ in headers:  # framed already? (the length first: cheap)
                 if len(name) in (14, 17) and name.lower() in (b"content-length",
                                                               b"transfer-encoding"):
@@ -266,7 +266,7 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         has_body = not bodiless and exchange.incoming.method != "HEAD"
         exchange.record.routed = True
         exchange.record.status = status
-        return ResponseHead(status=status, headers=headers, has_body=has_body)
+        return ResponseHead(status, headers, has_body)  # (positional: a quicker call)
 
     def choose(self, record: RequestRecord) -> Upstream:
         """The upstream for the first attempt, counted in flight until `finish`
@@ -335,8 +335,9 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
         exchange = record.exchange
         if exchange is not None:  # the filters' on_end (the async face ran them already)
             record.exchange = None
-            if self.chain.ends:
-                run_sync(self.chain.end(exchange))
+            rest = self.chain.end_either(exchange)  # (no generator while none awaits)
+            if rest is not None:
+                run_sync(rest)  # (refused: an on_end that awaits, on the sync face)
         if record.upstream is not None:
             self.balancer.release(record.upstream)
         self._log.finish(record)

@@ -9,6 +9,7 @@ are kept: several `Set-Cookie` stay several.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 
@@ -150,7 +151,7 @@ def client_address(headers: Sequence[Header], config: ProxyConfig,
     is the first one a trusted proxy vouches for; entries left of it are the
     client's to forge. Text as received (possibly not an address): for the log.
     """
-    if not config.is_trusted(peer):
+    if not config.trusted_proxies or not config.is_trusted(peer):  # (none: no call)
         return peer
     hops = [hop.strip().decode("latin-1")
             for name, value in headers if name == b"x-forwarded-for"
@@ -234,18 +235,43 @@ def request_headers(
     if wants_trailers:
         result.append((b"te", b"trailers"))
 
-    proto = scheme.encode()
     fwd_host = client_host or config.upstream_authority
-    xff = b", ".join([*inbound_xff, peer.encode()]) if peer else b", ".join(inbound_xff)
-    if xff:
-        result.append((b"x-forwarded-for", xff))
-    result.append((b"x-forwarded-proto", inbound_proto or proto))
-    result.append((b"x-forwarded-host", inbound_xhost or fwd_host))
-    node = b"for=" + _forwarded_node(peer) if peer else b"for=unknown"
-    element = node + b";host=" + _quote_if_needed(fwd_host) + b";proto=" + proto
-    result.append((b"forwarded", b", ".join([*inbound_fwd, element])))
+    if trusted:
+        result += _forwarding(peer, scheme, fwd_host, inbound_xff, inbound_fwd, inbound_proto,
+                              inbound_xhost)
+    else:  # nothing inbound: the same few fields for every request of a client and host
+        key = (peer, scheme, fwd_host)
+        forwarding = _FORWARDING.get(key)
+        if forwarding is None:
+            forwarding = _forwarding(peer, scheme, fwd_host, [], [], None, None)
+            if len(_FORWARDING) < _REMEMBERED:
+                _FORWARDING[key] = forwarding
+        result += forwarding
     result.extend(config.add_request_headers)
     return result
+
+
+# (peer, scheme, forwarded host) -> the forwarding fields of an untrusted peer's request,
+# for the ones seen so far; bounded, as clients choose them.
+_FORWARDING: dict[tuple[str | None, str, bytes], tuple[Header, ...]] = {}
+
+
+def _forwarding(peer: str | None, scheme: str, fwd_host: bytes, inbound_xff: list[bytes],
+                inbound_fwd: list[bytes], inbound_proto: bytes | None,
+                inbound_xhost: bytes | None) -> tuple[Header, ...]:
+    """X-Forwarded-For/-Proto/-Host and Forwarded, regenerated from the real peer after
+    what a trusted peer sent (`inbound_*`)."""
+    fields: list[Header] = []
+    proto = scheme.encode()
+    xff = b", ".join([*inbound_xff, peer.encode()]) if peer else b", ".join(inbound_xff)
+    if xff:
+        fields.append((b"x-forwarded-for", xff))
+    fields.append((b"x-forwarded-proto", inbound_proto or proto))
+    fields.append((b"x-forwarded-host", inbound_xhost or fwd_host))
+    node = b"for=" + _forwarded_node(peer) if peer else b"for=unknown"
+    element = node + b";host=" + _quote_if_needed(fwd_host) + b";proto=" + proto
+    fields.append((b"forwarded", b", ".join([*inbound_fwd, element])))
+    return tuple(fields)
 
 
 def _rewrite_url(value: bytes, config: ProxyConfig, mount: bytes) -> bytes:
@@ -311,6 +337,17 @@ def _rewrite_set_cookie(value: bytes, config: ProxyConfig, mount: bytes) -> byte
     return b";".join(p for p in parts if p)
 
 
+# The response fields `response_headers` may rewrite (the rest pass as they are or not at all).
+_RESPONSE_SPECIAL = frozenset({b"content-length", b"location", b"content-location", b"refresh",
+                               b"set-cookie"})
+
+
+@functools.lru_cache(maxsize=16)
+def _dropped_response_fields(remove: frozenset[bytes]) -> frozenset[bytes]:
+    """The response fields never passed down: hop-by-hop, the server's own, `remove`."""
+    return HOP_BY_HOP | _RESPONSE_OWNED | remove
+
+
 def response_headers(
     headers: Sequence[Header],
     config: ProxyConfig,
@@ -334,12 +371,18 @@ def response_headers(
     named = framing.connection  # the same tokens connection_tokens() finds
     length = None if framing.length is None else str(framing.length).encode()
     out: list[Header] = []
-    remove = config.remove_response_headers
+    try:
+        dropped = _dropped_response_fields(config.remove_response_headers)
+    except TypeError:  # a set given to ProxyConfig directly (unhashable)
+        dropped = HOP_BY_HOP | _RESPONSE_OWNED | frozenset(config.remove_response_headers)
     rewrite = config.rewrite_redirects
     cookies = config.rewrite_cookie_path or config.cookie_domain is not None
     seen_length = False
     for name, value in headers:
-        if name in HOP_BY_HOP or name in named or name in _RESPONSE_OWNED or name in remove:
+        if name in dropped or name in named:
+            continue
+        if name not in _RESPONSE_SPECIAL:  # most fields: passed as they are
+            out.append((name, value))
             continue
         if name == b"content-length":
             if seen_length or length is None:

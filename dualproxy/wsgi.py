@@ -39,7 +39,8 @@ from .exchange import answer_body_chunks, drive_sync, handshake_flow, http_flow
 from .face import ProxyFace, make_sync_client
 from .filters import Exchange
 from .filters.chain import BodyPipeline, transformed
-from .http1 import CLIENT_WATCH, ClientWatch
+from .http1 import CLIENT_WATCH, ClientWatch, UpstreamTransport
+from .http1.pool import Call, Reply
 from .logs import RequestRecord
 from .target import app_mount
 from .types import Environ, StartResponse, WSGIApp
@@ -115,21 +116,29 @@ def _environ_target(environ: Environ) -> bytes:
 def incoming_from_environ(environ: Environ) -> IncomingRequest:
     """The neutral request for a WSGI environ, from the raw target where the server keeps one."""
     target = _environ_target(environ)
-    mount = app_mount(target.split(b"?", 1)[0], environ.get("SCRIPT_NAME", "").encode("latin-1"))
+    script_name = environ.get("SCRIPT_NAME")
+    # No SCRIPT_NAME (the usual): no mount the enclosing app routed on (app_mount's b"").
+    mount = (app_mount(target.split(b"?", 1)[0], script_name.encode("latin-1"))
+             if script_name else b"")
     protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
-    return IncomingRequest(
-        method=environ["REQUEST_METHOD"],
-        target=target,
-        headers=_environ_headers(environ),
-        peer=environ.get("REMOTE_ADDR") or None,
-        scheme=environ.get("wsgi.url_scheme", "http"),
-        mount=mount,
-        http_version=protocol.partition("/")[2] or "1.1",
-    )
+    return IncomingRequest(environ["REQUEST_METHOD"], target, _environ_headers(environ),
+                           environ.get("REMOTE_ADDR") or None,
+                           environ.get("wsgi.url_scheme", "http"), mount,
+                           protocol.partition("/")[2] or "1.1")
 
 
 def _str_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
+
+
+def start_head(start_response: StartResponse, head: ResponseHead) -> None:
+    """`start_response` with the core's head. dualproxy's bridge (bridge.py) takes it
+    as it is, when its own start_response is the one given (no middleware in between)."""
+    fast = getattr(getattr(start_response, "__self__", None), "start_response_bytes", None)
+    if fast is not None:
+        fast(head.status, head.headers)
+    else:
+        start_response(head.status_line, _str_headers(head.headers))
 
 
 def problem_response(start_response: StartResponse, exc: ProxyError,
@@ -222,7 +231,7 @@ class Port:
             self.proxy.finish(self.record)
             raise TypeError("an async Answer body on the sync face")
         try:
-            self.start_response(head.status_line, _str_headers(head.headers))
+            start_head(self.start_response, head)
         except BaseException:
             self.proxy.finish(self.record)
             raise
@@ -275,11 +284,19 @@ class HttpPort(Port):
             self.upload_cut = UploadCut(record, client_sock, gone)
             DRAIN.enter(self.upload_cut)
 
-    def attempt(self, upstream: Upstream) -> tuple[httpx.Request, httpx.Response]:
-        request = self.proxy.upstream_request(self.plan, self.content, upstream)
+    def attempt(self, upstream: Upstream,
+                ) -> tuple[httpx.Request, httpx.Response] | tuple[Call, Reply]:
+        proxy = self.proxy
+        transport = proxy._transport
+        if isinstance(transport, UpstreamTransport):  # ours: no httpx objects
+            call = proxy.upstream_call(self.plan, self.content, upstream)
+            if self.watch is not None:
+                call.extensions[CLIENT_WATCH] = self.watch
+            return call, transport.send(call)
+        request = proxy.upstream_request(self.plan, self.content, upstream)
         if self.watch is not None:
             request.extensions[CLIENT_WATCH] = self.watch
-        return request, self.proxy._send(request)
+        return request, proxy._send(request)
 
     def discard(self, budget: int) -> bool:
         """Read and drop up to `budget` bytes of the request body nothing read yet
@@ -324,27 +341,21 @@ class HttpPort(Port):
             assert self.client_sock is not None
             self.client_sock.settimeout(self.restore_timeout)
 
-    def abandon(self, response: httpx.Response, exc: ProxyError | None) -> Iterable[bytes]:
+    def abandon(self, response: httpx.Response | Reply, exc: ProxyError | None
+                ) -> Iterable[bytes]:
         response.close()
         if exc is not None:
             return self.problem(exc)
         self.proxy.finish(self.record)
         return ()
 
-    def relay(self, head: ResponseHead, response: httpx.Response,
+    def relay(self, head: ResponseHead, response: httpx.Response | Reply,
               exchange: Exchange | None) -> Iterable[bytes]:
         record = self.record
-        # dualproxy's bridge (bridge.py) takes the core's head as it is, when its own
-        # start_response is the one given (no middleware in between).
-        fast = getattr(getattr(self.start_response, "__self__", None), "start_response_bytes",
-                       None)
         try:
             # A server that refuses the head (a header value it rejects) must not
             # leave the upstream response, and its pool slot, open.
-            if fast is not None:
-                fast(head.status, head.headers)
-            else:
-                self.start_response(head.status_line, _str_headers(head.headers))
+            start_head(self.start_response, head)
         except BaseException:
             response.close()
             self.proxy.finish(record)
@@ -353,7 +364,6 @@ class HttpPort(Port):
         body = ResponseBody(response, self.plan, record, self.proxy.finish, head.has_body,
                             self.gone_event)
         body.client_socket = self.client_sock
-        body.raw_stream = self.proxy._transport is not None
         if exchange is not None:
             body.pipeline = exchange._response_pipeline
         return body
@@ -397,7 +407,7 @@ class ResponseBody:
 
     def __init__(
         self,
-        response: httpx.Response,
+        response: httpx.Response | Reply,
         plan: UpstreamPlan,
         record: RequestRecord,
         finish: Callable[[RequestRecord], None],
@@ -414,8 +424,6 @@ class ResponseBody:
         # Popped by whichever ends it first: close(), or the drain timer's cut().
         self._unlogged = [True]
         self.client_socket: socket.socket | None = None
-        # Our own transport's stream is raw already: skip httpx's iter_raw wrappers.
-        self.raw_stream = False
         self.pipeline: BodyPipeline | None = None  # the filters' body transforms
         if has_body:
             DRAIN.enter(self)
@@ -427,10 +435,10 @@ class ResponseBody:
             return
         record = self.record
         gone = self.gone
-        stream = self.response.stream
-        chunks: Iterable[bytes] = (
-            stream if self.raw_stream and isinstance(stream, httpx.SyncByteStream)
-            else self.response.iter_raw())
+        response = self.response
+        # Our own transport's stream is raw already: no httpx wrappers.
+        chunks: Iterable[bytes] = (response.stream if isinstance(response, Reply)
+                                   else response.iter_raw())
         if self.pipeline is not None:
             chunks = transformed(self.pipeline, chunks)
         try:
@@ -509,7 +517,12 @@ class AnswerBody:
 
     def __iter__(self) -> Iterator[bytes]:
         record = self.exchange.record
-        if self.has_body:
+        body = self.body
+        if self.has_body and type(body) is bytes and self.exchange._response_pipeline is None:
+            # A whole body and nothing to run over it (a cache hit's): as it is.
+            record.bytes_out += len(body)
+            yield body
+        elif self.has_body:
             try:
                 for chunk in transformed(self.exchange._response_pipeline,
                                          answer_body_chunks(self.body)):
@@ -526,7 +539,8 @@ class AnswerBody:
         self._closed = True
         record = self.exchange.record
         record.closed(self.has_body)
-        closer = getattr(self.body, "close", None)
+        body = self.body
+        closer = None if type(body) is bytes else getattr(body, "close", None)
         if closer is not None:
             closer()
         self.finish(record)

@@ -30,6 +30,7 @@ import uvloop
 from dualproxy.errors import BodyTooLarge, ClientDisconnected
 from dualproxy.http1 import CLIENT_WATCH, AsyncUpstreamTransport, ClientWatch, UpstreamTransport
 from dualproxy.http1.aio import HIGH_WATER
+from dualproxy.http1.pool import Call
 from tests.rawhttp import Reader, wait_until
 
 KINDS = ("sync", "asyncio", "uvloop")
@@ -1510,12 +1511,13 @@ def test_sync_pool_slot_freed_as_the_timeout_fires() -> None:
     count again under the lock, so a slot freed as its timeout fires is taken or stays
     free, never lost. Made certain by freeing it while holding the lock past the deadline."""
     pool = UpstreamTransport(max_connections=1)
-    pool._acquire(None)
+    pool._acquire(Call(b"GET", b"/", [], None, ("http", "u", 80), {}))
     outcome: list[str] = []
 
     def wait_for_slot() -> None:
         try:
-            pool._acquire(0.2)
+            pool._acquire(Call(b"GET", b"/", [], None, ("http", "u", 80),
+                               {"timeout": {"pool": 0.2}}))
         except httpx.PoolTimeout:
             outcome.append("timed out")
         else:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..core import IncomingRequest, ResponseHead, UpstreamPlan
 from ..errors import ProxyError
@@ -79,6 +79,9 @@ class Answer:
     status: int
     headers: list[Header] = field(default_factory=list)
     body: bytes | Iterable[bytes] | AsyncIterable[bytes] = b""
+    # A built-in's answer whose headers frame its body already (a cache hit's stored
+    # head, its Content-Length in it): the face does not look for the framing.
+    framed: ClassVar[bool] = False
 
 
 class Attempt:

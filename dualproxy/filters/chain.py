@@ -54,29 +54,12 @@ def run_sync(flow: Flow[T]) -> T:
     raise TypeError("an async filter ran on the sync face")
 
 
-async def run_async(flow: Flow[T]) -> T:
-    """Drive a stage on the async face: each awaitable a filter returned is awaited."""
+async def run_async(flow: Flow[T], awaitable: Awaitable[Any] | None = None) -> T:
+    """Drive a stage on the async face: each awaitable a filter returned is awaited
+    (from `awaitable` when the flow yielded it already: run_either's rest)."""
     try:
-        awaitable = next(flow)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-    return await _resume(flow, awaitable)
-
-
-def run_either(flow: Flow[T]) -> T | Awaitable[T]:
-    """Drive a flow as far as it goes without awaiting: its value when nothing came
-    to await (a filter whose I/O is in memory costs no coroutine), else a coroutine
-    for the rest, which the async face awaits (a filter's plain `def` may return it:
-    the chain awaits what it gets). On the sync face nothing comes to await."""
-    try:
-        awaitable = next(flow)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-    return _resume(flow, awaitable)
-
-
-async def _resume(flow: Flow[T], awaitable: Awaitable[Any]) -> T:
-    try:
+        if awaitable is None:
+            awaitable = next(flow)
         while True:
             try:
                 result = await awaitable
@@ -88,11 +71,24 @@ async def _resume(flow: Flow[T], awaitable: Awaitable[Any]) -> T:
         return stop.value  # type: ignore[no-any-return]
 
 
+def run_either(flow: Flow[T]) -> T | Awaitable[T]:
+    """Drive a flow as far as it goes without awaiting: its value when nothing came
+    to await (a filter whose I/O is in memory costs no coroutine), else a coroutine
+    for the rest, which the async face awaits (a filter's plain `def` may return it:
+    the chain awaits what it gets). On the sync face nothing comes to await."""
+    try:
+        awaitable = next(flow)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    return run_async(flow, awaitable)
+
+
 class Chain:
     """The ordered filters of one route, with the stages each one implements."""
 
     __slots__ = ("filters", "_request", "_response", "_trailers", "_error", "_end", "_async",
-                 "_attempt", "_attempt_end", "_refusal", "_response_checked", "_outermost")
+                 "_attempt", "_attempt_end", "_refusal", "_response_checked", "_outermost",
+                 "wraps_answers")
 
     def __init__(self, filters: Sequence[object] = ()) -> None:
         checked: list[Filter] = []
@@ -112,6 +108,10 @@ class Chain:
         self._response_checked = any(not f._valid_heads for _, f in self._response)
         # The index of the outermost response filter (None: none).
         self._outermost = min((i for i, _ in self._response), default=None)
+        # Is a response filter outside some request filter? (No: an answer from
+        # on_request goes out as it is, `outside` need not be asked: a cache alone.)
+        self.wraps_answers = self._outermost is not None and any(
+            self._outermost < i for i, _ in self._request)
         self._trailers = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_trailers")]
         self._error = [(i, f) for i, f in reversed(indexed) if overrides(f, "on_error")]
         self._end = [f for f in reversed(self.filters) if overrides(f, "on_end")]
@@ -156,10 +156,15 @@ class Chain:
         for index, flt in self._request:
             result = flt.on_request(exchange)
             if result is not None:
-                if type(result) is not Answer and inspect.isawaitable(result):
+                if isinstance(result, Answer):  # _answered's, inline: a call less a hit
+                    exchange.state[_ANSWERED] = index
+                    if not flt._valid_heads:  # a built-in's own answer is valid already
+                        _check_answer(flt, result)
+                    return result
+                if inspect.isawaitable(result):
                     result = yield result
                 if _answered(exchange, index, flt, result, "on_request"):
-                    return result
+                    return result  # type: ignore[no-any-return]
             # Checked even when the same plan object stays: its header list is mutable;
             # not when no filter read it yet (unbuilt: the core's, Exchange.plan).
             if not flt._valid_heads and exchange._planner is None:
@@ -261,19 +266,37 @@ class Chain:
         """Does any filter run at the end (`on_end`)? Without one, `end` needs no driving."""
         return bool(self._end)
 
-    def end(self, exchange: Exchange) -> Flow[None]:
-        """Run `on_end` on every filter; a failing one is logged, never raised (the
-        answer is given already) and the others still run."""
-        for flt in self._end:
+    def end(self, exchange: Exchange, first: int = 0) -> Flow[None]:
+        """Run `on_end` on every filter (from the `first` on); a failing one is logged,
+        never raised (the answer is given already) and the others still run."""
+        for flt in self._end[first:] if first else self._end:
             try:
                 result = flt.on_end(exchange)
                 if result is not None and inspect.isawaitable(result):
                     yield result
             except Exception:
-                error_logger.exception("filter %r failed at the end of %s %s", flt.label(),
-                                       exchange.incoming.method,
-                                       exchange.record.target_text())
+                _end_failed(flt, exchange)
 
+    def end_either(self, exchange: Exchange) -> Flow[None] | None:
+        """`end` without a generator while no filter's `on_end` awaits (a cost each
+        request): None, or the flow of the rest (its first step: that awaitable)."""
+        for index, flt in enumerate(self._end):
+            try:
+                result = flt.on_end(exchange)
+                if result is not None and inspect.isawaitable(result):
+                    return self._end_after(exchange, flt, result, index + 1)
+            except Exception:
+                _end_failed(flt, exchange)
+        return None
+
+    def _end_after(self, exchange: Exchange, flt: Filter, pending: Awaitable[Any],
+                   rest: int) -> Flow[None]:
+        """`end` from where `flt`'s on_end returned `pending` to await."""
+        try:
+            yield pending
+        except Exception:
+            _end_failed(flt, exchange)
+        yield from self.end(exchange, rest)
 
     # -- a request the core refused before the filters -------------------------------------
 
@@ -297,6 +320,11 @@ class Chain:
 
 
 _ANSWERED = object()  # exchange.state key: the index of the filter that answered
+
+
+def _end_failed(flt: Filter, exchange: Exchange) -> None:
+    error_logger.exception("filter %r failed at the end of %s %s", flt.label(),
+                           exchange.incoming.method, exchange.record.target_text())
 
 
 def _answered(exchange: Exchange, index: int, flt: Filter, result: Any, stage: str) -> bool:

@@ -99,6 +99,9 @@ class Reply:
         """The headers with lower-cased names, duplicates and order kept."""
         return [(name.lower(), value) for name, value in self.head.headers]
 
+    def close(self) -> None:
+        self.stream.close()
+
     async def aclose(self) -> None:
         await self.stream.aclose()
 
@@ -242,11 +245,6 @@ class Pool(Generic[C]):
 
     def _checkin(self, key: Key, conn: C) -> None:
         raise NotImplementedError
-
-    def _respond(self, key: Key, conn: C, head: Response, request: httpx.Request,
-                 body: type[PooledBody[C]]) -> httpx.Response:
-        """The httpx response for a final head (see `_body`)."""
-        return to_httpx(head, self._body(key, conn, request, body), request)
 
     def _body(self, key: Key, conn: C, request: Sendable, body: type[PooledBody[C]]) -> Any:
         """The body stream of a final head; a bodiless one frees its connection now."""

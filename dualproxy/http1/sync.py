@@ -24,15 +24,17 @@ from .connect import Key, address, connect_failed
 from .connection import NEED_DATA, ClientConnection, Data, EndOfMessage, Response
 from .pool import (
     RETRY_ON,
+    Call,
     Pool,
     PooledBody,
+    Reply,
+    Sendable,
     connect_timeout,
     head_deadline,
-    origin,
-    request_line,
     tell_unsent,
     time_left,
     timeout,
+    to_httpx,
 )
 
 READ_SIZE = 262144
@@ -102,7 +104,7 @@ class _SyncConn:
         # readable while idle means EOF or stray bytes: never reuse that
         return self.codec.reusable and not self.readable()
 
-    def read(self, request: httpx.Request | None, deadline: float | None = None,
+    def read(self, request: Sendable | None, deadline: float | None = None,
              ready: bool = False) -> None:
         """Feed the codec one read; `request` None: only what is there now. The wait
         is the read timeout, or until `deadline` (time.monotonic) when given.
@@ -135,7 +137,7 @@ class _SyncConn:
             self._read_size = READ_SIZE if len(data) == size else SMALL_READ
         self.codec.receive_data(data)
 
-    def write(self, data: bytes, request: httpx.Request) -> None:
+    def write(self, data: bytes, request: Sendable) -> None:
         """Send all of `data`; an upstream that left is told to the codec, not raised."""
         self._set_timeout(socket.SO_SNDTIMEO, timeout(request, "write"))
         try:
@@ -240,34 +242,49 @@ class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
     """The sync transport dualproxy's SyncProxy uses by default (thread-safe)."""
 
     def _init_waiting(self) -> None:
-        self._cond = threading.Condition()
+        # A lock guards the counts and the idle pool (taken in C: no Python frames, as
+        # a Condition's own `with` costs); the Condition on the same lock is for the
+        # rare wait for a free slot, notified only when someone waits. Reentrant, as
+        # the Condition's own default.
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0
 
-    def _acquire(self, seconds: float | None) -> None:
-        deadline = None if seconds is None else time.monotonic() + seconds
-        with self._cond:
-            while self._used >= self._limit:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise httpx.PoolTimeout("no upstream connection became free")
-                self._cond.wait(remaining)
+    def _acquire(self, call: Sendable) -> None:
+        with self._lock:
+            if self._used < self._limit:
+                self._used += 1
+                return
+            seconds = timeout(call, "pool")  # read only when a wait comes
+            deadline = None if seconds is None else time.monotonic() + seconds
+            self._waiting += 1
+            try:
+                while self._used >= self._limit:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise httpx.PoolTimeout("no upstream connection became free")
+                    self._cond.wait(remaining)
+            finally:
+                self._waiting -= 1
             self._used += 1
 
     def _release(self) -> None:
-        with self._cond:
+        with self._lock:
             self._used -= 1
-            self._cond.notify()
+            if self._waiting:
+                self._cond.notify()
 
     def _take_idle(self, key: Key) -> _SyncConn | None:
-        with self._cond:
+        with self._lock:
             return self._idle.take(key)
 
-    def _connect(self, key: Key, request: httpx.Request, fresh: bool,
+    def _connect(self, key: Key, request: Sendable, fresh: bool,
                  deadline: float | None) -> _SyncConn:
         while not fresh and (idle := self._take_idle(key)) is not None:
             if idle.usable():
                 return idle
             idle.close()
-        with self._cond:
+        with self._lock:
             context = self._context(key)
         seconds = connect_timeout(request, deadline, time.monotonic())
         # A TLS cut must not pass for the clean end of a close-delimited body.
@@ -276,35 +293,42 @@ class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
 
     def close(self) -> None:
         """Close the idle connections; those in use close when they come back."""
-        with self._cond:
+        with self._lock:
             conns = self._idle.drain()
         for conn in conns:
             conn.close()
 
     def _checkin(self, key: Key, conn: _SyncConn) -> None:
-        with self._cond:
+        with self._lock:
             kept = conn.codec.reusable and self._idle.put(key, conn)
             self._used -= 1
-            self._cond.notify()
+            if self._waiting:
+                self._cond.notify()
         if not kept:
             conn.close()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        key = origin(request)
-        self._acquire(timeout(request, "pool"))
+        reply = self.send(Call.of(request))
+        return to_httpx(reply.head, reply.stream, request)
+
+    def send(self, call: Call) -> Reply:
+        """Send `call`; its final response head and body stream (httpx's errors).
+        The WSGI face calls it directly, without an httpx.Request and Response."""
+        key = call.key
+        self._acquire(call)
         try:
-            conn, head = self._send(key, request)
+            conn, head = self._send(key, call)
         except BaseException:
             self._release()
             raise
-        return self._respond(key, conn, head, request, _SyncBody)
+        return Reply(head, self._body(key, conn, call, _SyncBody))
 
-    def _send(self, key: Key, request: httpx.Request) -> tuple[_SyncConn, Response]:
-        deadline = head_deadline(request, time.monotonic())
+    def _send(self, key: Key, call: Call) -> tuple[_SyncConn, Response]:
+        deadline = head_deadline(call, time.monotonic())
         for fresh in (False, True):
-            conn = self._connect(key, request, fresh, deadline)
+            conn = self._connect(key, call, fresh, deadline)
             try:
-                return conn, self._exchange(conn, request, deadline)
+                return conn, self._exchange(conn, call, deadline)
             except RETRY_ON as exc:
                 conn.close()
                 if fresh or not conn.codec.may_retry():
@@ -316,14 +340,13 @@ class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
                 raise
         raise AssertionError("unreachable")
 
-    def _exchange(self, conn: _SyncConn, request: httpx.Request,
-                  deadline: float | None) -> Response:
+    def _exchange(self, conn: _SyncConn, call: Call, deadline: float | None) -> Response:
         codec = conn.codec
-        conn.write(codec.send_request(*request_line(request)), request)
+        conn.write(codec.send_request(call.method, call.target, call.headers), call)
         if codec.expects_body:
-            self._upload(conn, request)
-            deadline = head_deadline(request, time.monotonic())
-        watch = request.extensions.get(CLIENT_WATCH)
+            self._upload(conn, call)
+            deadline = head_deadline(call, time.monotonic())
+        watch = call.extensions.get(CLIENT_WATCH)
         while True:
             event = codec.next_event()
             if isinstance(event, Response):
@@ -332,23 +355,23 @@ class UpstreamTransport(Pool[_SyncConn], httpx.BaseTransport):
                 continue
             if watch is not None:
                 watch.wait(conn, time_left(deadline, time.monotonic()))
-            conn.read(request, deadline, ready=watch is not None)
+            conn.read(call, deadline, ready=watch is not None)
 
     @staticmethod
-    def _upload(conn: _SyncConn, request: httpx.Request) -> None:
+    def _upload(conn: _SyncConn, call: Call) -> None:
         codec = conn.codec
-        stream = request.stream
+        stream = call.stream
         assert isinstance(stream, Iterable)
         for piece in stream:
             conn.read(None)  # an early answer stops the upload (the codec decides)
             data = codec.send_body(piece)
             if data:
-                conn.write(data, request)
+                conn.write(data, call)
             elif codec.upload_stopped:
                 return
         data = codec.end_body()
         if data:
-            conn.write(data, request)
+            conn.write(data, call)
 
 
 class _SyncBody(PooledBody[_SyncConn], httpx.SyncByteStream):

@@ -26,8 +26,16 @@ import json
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from typing import TypeVar
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from typing import Literal, TypeVar
 
 from ...core import IncomingRequest, ResponseHead, UpstreamPlan
 from ...errors import GatewayTimeout, ProxyError
@@ -39,7 +47,16 @@ from .flight import Flight, Head
 from .keys import key_for, same_origin_key, vary_names, vary_values
 from .policy import Directives, ResponseRules
 from .refresh import Refresher
-from .store import STORE_FAILED, Entry, MemoryStore, Store, Writer, aclose_store, close_store
+from .store import (
+    SLICE,
+    STORE_FAILED,
+    Entry,
+    MemoryStore,
+    Store,
+    Writer,
+    aclose_store,
+    close_store,
+)
 
 T = TypeVar("T")
 
@@ -86,6 +103,19 @@ class _Asked:
         return bool(self.if_none_match) or self.if_modified_since is not None
 
 
+def _plain_host(headers: Sequence[Header]) -> bytes | None | Literal[False]:
+    """The first Host value of a request the cache reads no other field of (`_Asked`'s
+    `plain`, without making one: a fresh hit's), else False."""
+    host = None
+    for name, value in headers:
+        if name in _ASKED:
+            if name != b"host":
+                return False
+            if host is None:
+                host = value
+    return host
+
+
 _NO_DIRECTIVES = Directives()
 _LISTS = frozenset({b"cache-control", b"pragma", b"if-none-match"})
 _ASKED = {b"host": "host", b"cache-control": "cache_control", b"pragma": "pragma",
@@ -100,7 +130,7 @@ class _Stored:
     validators and the head it is answered with (before Age and Cache-Status)."""
 
     __slots__ = ("headers", "date", "length", "rules", "lifetime", "no_cache", "shared",
-                 "etag", "modified", "head")
+                 "etag", "modified", "head", "fresh_head", "body")
 
     def __init__(self, entry: Entry) -> None:
         headers = self.headers = entry.headers
@@ -116,15 +146,40 @@ class _Stored:
         self.head = list(headers)
         if entry.status not in (204, 304):
             self.head.append((b"content-length", b"%d" % self.length))
+        # A fresh hit's whole head for the last (Age, ttl) seconds it was made for.
+        self.fresh_head: tuple[tuple[int, int], list[Header]] | None = None
+        # The body a hit answers with as it is (Entry.whole's bytes): one in memory, of
+        # one slice at most, that no store reads or streams. None: read it each answer.
+        body = entry.body
+        self.body = body if type(body) is bytes and entry.loader is None \
+            and entry.stream is None and len(body) == self.length <= SLICE else None
+
+    def fresh(self, age: float, ttl: float) -> list[Header]:
+        """A fresh hit's head: `head`, Age and Cache-Status (whole seconds), made again
+        only when they changed (shared by the hits of that second: the face copies it)."""
+        seconds = int(age), int(ttl)
+        made = self.fresh_head
+        if made is not None and made[0] == seconds:
+            return made[1]
+        head = [*self.head, (b"age", b"%d" % seconds[0]),
+                (b"cache-status", policy.FRESH_HIT % seconds[1])]
+        self.fresh_head = seconds, head
+        return head
 
 
 def _stored(entry: Entry) -> _Stored:
     """`entry`'s _Stored, made again when its fields, Date or length changed."""
     view = entry.view
     if view is None or view.headers is not entry.headers or view.date != entry.date \
-            or view.length != entry.body_length():
-        view = entry.view = _Stored(entry)
+            or view.length != (entry.length if entry.length >= 0 else len(entry.body)):
+        view = entry.view = _Stored(entry)  # (the length: Entry.body_length, inline)
     return view  # type: ignore[no-any-return]
+
+
+class _Hit(Answer):
+    """An answer from the store: its head (the stored one) frames its body."""
+
+    framed = True
 
 
 class _State:
@@ -220,12 +275,14 @@ class Cache(Filter):
     def on_request(self, exchange: Exchange) -> Answer | None | Awaitable[Answer | None]:
         if STORE_FAILED.get():  # (a worker thread's context outlives its request)
             STORE_FAILED.set(False)
-        asked = _Asked(exchange.incoming.headers)
-        if asked.plain and self._synchronous and exchange.incoming.method in _LOOKUPS:
-            answer = self._fresh(exchange, asked)
-            if answer is not None:
-                return answer
-        return run_either(self._request(exchange, asked))
+        incoming = exchange.incoming
+        if self._synchronous and incoming.method in _LOOKUPS:
+            host = _plain_host(incoming.headers)
+            if host is not False:
+                answer = self._fresh(exchange, incoming, host)
+                if answer is not None:
+                    return answer
+        return run_either(self._request(exchange, _Asked(incoming.headers)))
 
     def _key(self, incoming: IncomingRequest, host: bytes | None) -> str:
         """keys.key_for, remembered for the recent requests."""
@@ -237,25 +294,34 @@ class Cache(Filter):
             key = self._keys[memo] = key_for(incoming, host)
         return key
 
-    def _fresh(self, exchange: Exchange, asked: _Asked) -> Answer | None:
-        """A plain GET or HEAD (no request field the cache reads but Host) answered
-        from a synchronous store without a flow, when a stored response is fresh for
-        it: `_request`'s answer, in short (None: `_request` decides)."""
-        incoming = exchange.incoming
-        variants = self.store.get(self._key(incoming, asked.host))
-        assert isinstance(variants, list)  # (a synchronous store)
-        entry = self._newest(incoming.headers, variants)
-        if entry is None:
+    def _fresh(self, exchange: Exchange, incoming: IncomingRequest,
+               host: bytes | None) -> Answer | None:
+        """A plain GET or HEAD (no request field the cache reads but Host, `host`)
+        answered from a synchronous store without a flow, when a stored response is
+        fresh for it: `_request`'s answer, in short (None: `_request` decides)."""
+        key = self._keys.get((incoming.scheme, host, incoming.target))  # (_key's memo)
+        variants: list[Entry] = self.store.get(  # type: ignore[assignment]  # (sync)
+            key if key is not None else self._key(incoming, host))
+        if not variants:
             return None
+        entry = variants[0]
+        if entry.vary or len(variants) > 1:
+            newest = self._newest(incoming.headers, variants)
+            if newest is None:
+                return None
+            entry = newest
         stored = _stored(entry)
         age = entry.age(time.time())
         ttl = stored.lifetime - age
-        if ttl <= 0 or stored.no_cache or (incoming.method != "HEAD"
-                                          and self.store.load(entry) is None):
+        if ttl <= 0 or stored.no_cache:
             return None
+        body: bytes | Iterable[bytes] | AsyncIterable[bytes] | None = stored.body
+        if body is None:  # (not a small body in memory)
+            if incoming.method != "HEAD" and self.store.load(entry) is None:
+                return None
+            body = entry.whole()
         exchange.record.cache = "hit"
-        return Answer(entry.status, [*stored.head, (b"age", b"%d" % age),
-                                     (b"cache-status", policy.FRESH_HIT % ttl)], entry.whole())
+        return _Hit(entry.status, stored.fresh(age, ttl), body)
 
     def _request(self, exchange: Exchange, asked: _Asked) -> Flow[Answer | None]:
         incoming = exchange.incoming
@@ -454,8 +520,8 @@ class Cache(Filter):
             if body is None:
                 return None  # the store failed to read its body
         exchange.record.cache = "stale" if "fwd=stale" in status else "hit"
-        return Answer(entry.status, self._stored_head(entry, age, status, stored),
-                      entry.whole())
+        return _Hit(entry.status, self._stored_head(entry, age, status, stored),
+                    entry.whole())
 
     @staticmethod
     def _not_modified(asked: _Asked, entry: Entry) -> bool | None:

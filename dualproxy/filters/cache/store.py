@@ -63,7 +63,8 @@ class Entry:
     view: Any = field(default=None, repr=False)
 
     def age(self, now: float) -> float:
-        return self.initial_age + max(0.0, now - self.response_time)
+        elapsed = now - self.response_time  # (no max(): a call less, each hit)
+        return self.initial_age + (elapsed if elapsed > 0.0 else 0.0)
 
     def body_length(self) -> int:
         return self.length if self.length >= 0 else len(self.body)
@@ -313,6 +314,10 @@ class MemoryStore(Bounded):
     """Entries in this process's memory, LRU by URI, bounded by `max_size` bytes."""
 
     name = "memory"
+
+    def load(self, entry: Entry) -> Body:
+        """`entry`'s body: in memory (a call less than Bounded's, each hit)."""
+        return entry.body
 
     def __init__(self, max_size: int = DEFAULT_MAX_SIZE,
                  max_object: int = DEFAULT_MAX_OBJECT) -> None:
