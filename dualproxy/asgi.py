@@ -54,23 +54,24 @@ _HTTP_SCHEME = {"ws": "http", "wss": "https"}
 def incoming_from_scope(scope: Scope) -> IncomingRequest:
     """The neutral request for an ASGI HTTP scope, or a `websocket` scope's handshake
     (a GET), from the raw path (never `path`)."""
-    raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-    query: bytes = scope.get("query_string", b"")
-    target = raw_path + b"?" + query if query else raw_path
-    # Starlette's Mount keeps the full path and sets root_path to the prefix;
-    # uvicorn's --root-path puts the prefix in raw_path too (0.54; some older
-    # releases did not): only a prefix the raw path carries is a mount.
-    mount = app_mount(raw_path, scope.get("root_path", "").encode("utf-8"))
-    client = scope.get("client")
-    scheme: str = scope.get("scheme", "http")
+    get = scope.get
+    raw_path: bytes = get("raw_path") or scope["path"].encode("utf-8")
+    query: bytes = get("query_string", b"")
+    root_path: str = get("root_path", "")
+    client = get("client")
+    scheme: str = get("scheme", "http")
+    # Positional: the fields' order (a keyword call costs more, once a request).
     return IncomingRequest(
-        method=scope.get("method", "GET"),
-        target=target,
-        headers=scope["headers"],
-        peer=client[0] if client else None,
-        scheme=_HTTP_SCHEME.get(scheme, scheme),
-        mount=mount,
-        http_version=scope.get("http_version", "1.1"),
+        get("method", "GET"),
+        raw_path + b"?" + query if query else raw_path,
+        scope["headers"],
+        client[0] if client else None,
+        _HTTP_SCHEME.get(scheme, scheme),
+        # Starlette's Mount keeps the full path and sets root_path to the prefix;
+        # uvicorn's --root-path puts the prefix in raw_path too (0.54; some older
+        # releases did not): only a prefix the raw path carries is a mount.
+        app_mount(raw_path, root_path.encode("utf-8")) if root_path else b"",
+        get("http_version", "1.1"),
     )
 
 
@@ -210,8 +211,24 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                 if exchange is not None and exchange._response_pipeline is not None:
                     stream = atransformed(exchange._response_pipeline, stream)
                 own = stream if isinstance(stream, AsyncBody) else None
+                # The transport's own body read piece by piece (no async generator
+                # to step through); any other stream as an async iterator.
+                pieces = None if own is None else own.piece
+                chunks = stream.__aiter__() if own is None else None
                 with map_stream_errors():
-                    async for chunk in stream:
+                    while True:
+                        if pieces is not None:
+                            chunk = pieces()
+                            if chunk is None:  # not at hand: wait for the upstream
+                                await own.more()  # type: ignore[union-attr]
+                                continue
+                            if not chunk:
+                                break
+                        else:
+                            try:
+                                chunk = await chunks.__anext__()  # type: ignore[union-attr]
+                            except StopAsyncIteration:
+                                break
                         record.bytes_out += len(chunk)
                         more = own is None or not own.ended
                         try:  # _send_body's rule, inline: no coroutine a chunk
@@ -223,6 +240,8 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                             return
                         if not more:  # the stream ends at its next step (left to
                             ended = record.responded = True  # end, not suspended)
+                            if pieces is not None:
+                                break
                 if ended:
                     return
         except UpstreamBroken as exc:
@@ -377,7 +396,10 @@ class HttpPort:
                 response.stream if isinstance(response, Reply) else response.aiter_raw())
             await self.proxy._relay(stream, head, self.send, self.record, exchange)
         finally:
-            await response.aclose()
+            if isinstance(response, Reply) and response.stream.__class__ is AsyncBody:
+                response.stream.abandon()  # (its aclose, without a coroutine)
+            else:
+                await response.aclose()
 
     def close(self) -> None:
         if self.cut is not None:

@@ -31,7 +31,6 @@ from .pool import (
     connect_timeout,
     head_deadline,
     tell_unsent,
-    time_left,
     timeout,
     to_httpx,
 )
@@ -66,6 +65,13 @@ class _AsyncConn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # The read timeout's one timer (`wait_data`): armed at the earliest deadline
+        # of a wait, and left armed when a wait ends in time. Each wait sets a later
+        # deadline (now + a timeout): the timer, when it fires, arms itself again for
+        # what is left, so a wait costs no timer of its own.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline: float | None = None
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
         self._tls = False
@@ -99,6 +105,7 @@ class _AsyncConn(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
         if exc is not None:  # a reset: never the clean end a close-delimited body needs
             self.codec.connection_broken(str(exc) or type(exc).__name__)
         elif not self._eof:
@@ -143,14 +150,41 @@ class _AsyncConn(asyncio.Protocol):
             self.resume()
         loop = self._loop or asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        seconds = (timeout(request, "read") if deadline is None
-                   else time_left(deadline, loop.time()))
+        if deadline is None:
+            seconds = timeout(request, "read")
+            deadline = None if seconds is None else loop.time() + seconds
+        self._deadline = deadline
+        if deadline is not None and (self._timer is None or deadline < self._timer_at):
+            self._arm(loop, deadline)
         try:
-            await within(waiter, seconds, owned=True)
+            await waiter
         except asyncio.TimeoutError:
             raise httpx.ReadTimeout("timed out waiting for the upstream") from None
         finally:
-            self._waiter = None
+            self._waiter = self._deadline = None
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = loop.call_at(at, self._expire, loop)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The read timer fired: the wait in progress times out if its deadline is
+        past, else the timer waits on for what is left of it."""
+        self._timer = None
+        waiter, deadline = self._waiter, self._deadline
+        if waiter is None or deadline is None or waiter.done():
+            return  # no wait now: the next one arms the timer again
+        if loop.time() < deadline:
+            self._arm(loop, deadline)
+        else:
+            waiter.set_exception(asyncio.TimeoutError())
+
+    def _stop_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
 
     def resume(self) -> None:
         """Read again if paused: a pooled connection must see its upstream close it."""
@@ -158,13 +192,14 @@ class _AsyncConn(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
 
-    async def write(self, data: bytes, request: Sendable) -> None:
-        """Write and wait for the kernel to take it; an upstream that left is told to
-        the codec (which stops the upload), not raised: its answer may be in."""
+    def put(self, data: bytes) -> bool:
+        """Write; True when the kernel's buffer is full and `drained` is to be awaited
+        before more. An upstream that left is told to the codec (which stops the
+        upload), not raised: its answer may be in."""
         transport = self.transport
         if transport is None or transport.is_closing():
             self.codec.write_failed(nothing_written=True)
-            return
+            return False
         transport.write(data)
         if transport.is_closing():
             # The write failed (an upstream that answered early and reset us).
@@ -172,13 +207,22 @@ class _AsyncConn(asyncio.Protocol):
             # the kernel's queue: that is the answer, so salvage it first.
             self._salvage(transport)
             self.codec.write_failed()
-            return
+            return False
+        return self._drain is not None
+
+    async def drained(self, request: Sendable) -> None:
+        """Wait for the kernel to take what was written (after `put` said so)."""
         drain = self._drain
         if drain is not None:
             try:
                 await within(asyncio.shield(drain), timeout(request, "write"), self._loop)
             except asyncio.TimeoutError:
                 raise httpx.WriteTimeout("upstream stopped reading the request") from None
+
+    async def write(self, data: bytes, request: Sendable) -> None:
+        """Write and wait for the kernel to take it (`put`, then `drained`)."""
+        if self.put(data):
+            await self.drained(request)
 
     def _salvage(self, transport: asyncio.Transport) -> None:
         sock = transport.get_extra_info("socket")
@@ -200,6 +244,7 @@ class _AsyncConn(asyncio.Protocol):
                 self.codec.receive_data(data)
 
     def close(self) -> None:
+        self._stop_timer()
         if self.transport is not None:
             self.transport.abort()
 
@@ -241,10 +286,8 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
 
     async def _connect(self, key: Key, request: Sendable, fresh: bool,
                        deadline: float | None) -> _AsyncConn:
-        while not fresh and (idle := self._idle.take(key)) is not None:
-            if not idle.closed and idle.codec.reusable:
-                return idle
-            idle.close()
+        if not fresh and (idle := self._take_idle(key)) is not None:
+            return idle
         scheme, host, port = key
         loop = asyncio.get_running_loop()
         context = self._context(key)
@@ -283,13 +326,21 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
 
     async def send(self, call: Call) -> Reply:
         """Send `call`; its final response head and body stream (httpx's errors).
-        The faces call it directly, without an httpx.Request and Response."""
+        The faces call it directly, without an httpx.Request and Response.
+        The common steps (a free slot, an idle connection, no body) await nothing
+        but the upstream's bytes."""
         key = call.key
-        await self._acquire(timeout(call, "pool"))
+        if self._used < self._limit and not self._waiters:  # `_acquire`'s first step
+            self._used += 1
+        else:
+            await self._acquire(timeout(call, "pool"))
         conn: _AsyncConn | None = None
         try:
-            deadline = head_deadline(call, asyncio.get_running_loop().time())
-            conn = await self._connect(key, call, False, deadline)
+            loop = asyncio.get_running_loop()
+            deadline = head_deadline(call, loop.time())
+            conn = self._take_idle(key)
+            if conn is None:
+                conn = await self._connect(key, call, True, deadline)
             try:
                 head = await self._exchange(conn, call, deadline)
             except RETRY_ON:
@@ -306,10 +357,20 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
             raise
         return Reply(head, self._body(key, conn, call, AsyncBody))
 
+    def _take_idle(self, key: Key) -> _AsyncConn | None:
+        """An idle connection to `key` that may carry a request, or None (the
+        unusable ones found on the way are closed)."""
+        while (idle := self._idle.take(key)) is not None:
+            if not idle.closed and idle.codec.reusable:
+                return idle
+            idle.close()
+        return None
+
     async def _exchange(self, conn: _AsyncConn, call: Call,
                         deadline: float | None) -> Response:
         codec = conn.codec
-        await conn.write(codec.send_request(call.method, call.target, call.headers), call)
+        if conn.put(codec.send_request(call.method, call.target, call.headers)):
+            await conn.drained(call)
         if codec.expects_body:
             stream = call.stream
             assert isinstance(stream, AsyncIterable)
@@ -340,10 +401,12 @@ class AsyncBody(PooledBody[_AsyncConn], httpx.AsyncByteStream):
     def ended(self) -> bool:
         return self._conn is None
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def piece(self) -> bytes | None:
+        """The next piece of the body when it is at hand: b"" once it ended, None
+        when the upstream's next bytes are to be awaited first (`more`)."""
         conn = self._conn
         if conn is None:
-            return
+            return b""
         codec = conn.codec
         while True:
             event = codec.next_event()
@@ -353,14 +416,34 @@ class AsyncBody(PooledBody[_AsyncConn], httpx.AsyncByteStream):
                     # client's next request (sent the moment it has this piece)
                     # finds the connection idle.
                     self._finish()
-                    yield event.data
-                    return
-                yield event.data
+                data: bytes = event.data
+                if data or self._conn is None:
+                    return data
             elif event is NEED_DATA:
-                await conn.wait_data(self._request)
+                return None
             else:
                 self._finish()
+                return b""
+
+    async def more(self) -> None:
+        """Wait for the upstream's next bytes (`piece` said None)."""
+        conn = self._conn
+        if conn is not None:
+            await conn.wait_data(self._request)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            piece = self.piece()
+            if piece is None:
+                await self.more()
+            elif piece:
+                yield piece
+            else:
                 return
+
+    def abandon(self) -> None:
+        """`aclose`, as a plain call: the connection back to the pool, or closed."""
+        self._abandon()
 
     async def aclose(self) -> None:
         self._abandon()

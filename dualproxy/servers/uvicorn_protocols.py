@@ -18,7 +18,14 @@ import threading
 from types import FrameType
 from typing import Any
 
+from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    RequestResponseCycle,
+)
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from ..drain import DRAIN
@@ -88,6 +95,120 @@ class CorkedTransport:
         return getattr(self.transport, name)
 
 
+# Header names uvicorn's rule (HEADER_RE) found valid, each with its lower-cased form:
+# the same few on every response, so each is matched once, not once a response
+# (bounded: an app may choose them).
+_VALID_NAMES: dict[bytes, bytes] = {}
+_REMEMBERED = 512
+
+
+def _valid_fields(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Would uvicorn's send take these fields (HEADER_RE, HEADER_VALUE_RE)?"""
+    names = _VALID_NAMES
+    try:
+        if HEADER_VALUE_RE.search(b"".join([value for _, value in headers])):
+            return False
+        for name, _ in headers:
+            if name not in names:
+                if HEADER_RE.search(name):
+                    return False
+                if len(names) < _REMEMBERED:
+                    names[name] = name.lower()
+    except Exception:  # not bytes: uvicorn's send raises its own error
+        return False
+    return True
+
+
+class Cycle(RequestResponseCycle):
+    """uvicorn's (httptools) response cycle, its `send` cheaper for the head: the
+    same checks (HEADER_RE on each name, HEADER_VALUE_RE on each value), the same
+    head and the same errors, but a name found valid before is looked up, not
+    matched, and the values are searched once, joined (the rule is a class of
+    single bytes: a joined value holds a bad byte when one value does). A head
+    they refuse goes through uvicorn's own `send`, which raises as it always did."""
+
+    async def send(self, message: Any) -> None:
+        if self.flow.write_paused or self.disconnected:
+            await RequestResponseCycle.send(self, message)
+            return
+        if self.response_started:
+            if self.response_complete or message["type"] != "http.response.body":
+                await RequestResponseCycle.send(self, message)
+            else:
+                self._body(message)
+            return
+        if message["type"] != "http.response.start":
+            await RequestResponseCycle.send(self, message)
+            return
+        headers = self.default_headers + list(message.get("headers", []))
+        if not _valid_fields(headers) or self.access_log:
+            # A head uvicorn refuses (its send says how), or an access line to log
+            # (uvicorn's own: dualproxy serve turns it off).
+            await RequestResponseCycle.send(self, message)
+            return
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        self.transport.write(b"".join(self._head(message["status"], headers)))
+
+    def _head(self, status_code: int, headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+        """The head's pieces, as uvicorn writes them (the fields checked)."""
+        names = _VALID_NAMES
+        content = [STATUS_LINE[status_code]]
+        has_connection_close = False
+        for name, value in headers:
+            name = names.get(name) or name.lower()
+            if name == b"content-length" and self.chunked_encoding is None:
+                self.expected_content_length = int(value.decode())
+                self.chunked_encoding = False
+            elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                self.expected_content_length = 0
+                self.chunked_encoding = True
+            elif name == b"connection":
+                connection = [token.lower().strip() for token in value.split(b",")]
+                if b"close" in connection:
+                    self.keep_alive = False
+                    has_connection_close = True
+            content.extend((name, b": ", value, b"\r\n"))
+        if not self.keep_alive and not has_connection_close:
+            content.append(b"connection: close\r\n")
+        if (self.chunked_encoding is None and self.scope["method"] != "HEAD"
+                and status_code not in (204, 304)):
+            # Neither content-length nor transfer-encoding specified
+            self.chunked_encoding = True
+            content.append(b"transfer-encoding: chunked\r\n")
+        content.append(b"\r\n")
+        return content
+
+    def _body(self, message: Any) -> None:
+        """uvicorn's send for a body message (the response started, not complete)."""
+        body = message.get("body", b"")
+        more_body = message.get("more_body", False)
+        if self.scope["method"] == "HEAD":
+            self.expected_content_length = 0
+        elif self.chunked_encoding:
+            if body:
+                content = [b"%x\r\n" % len(body), body, b"\r\n"]
+            else:
+                content = []
+            if not more_body:
+                content.append(b"0\r\n\r\n")
+            self.transport.write(b"".join(content))
+        else:
+            num_bytes = len(body)
+            if num_bytes > self.expected_content_length:
+                raise RuntimeError("Response content longer than Content-Length")
+            self.expected_content_length -= num_bytes
+            self.transport.write(body)
+        if not more_body:
+            if self.expected_content_length != 0:
+                raise RuntimeError("Response content shorter than Content-Length")
+            self.response_complete = True
+            self.message_event.set()
+            if not self.keep_alive:
+                self.transport.close()
+            self.on_response()
+
+
 class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     """uvicorn's HTTP protocol (httptools), with the stop starting the drain clock
     and the request head bounded.
@@ -113,7 +234,14 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     line_done = False  # the head being received is past its request line
     head_bytes = 0
     body_bytes = 0
+    # The head clock: `head_deadline` is when the head being received times out (None:
+    # no clock runs). Its timer is lazy: stopping the clock leaves it armed, and when
+    # it fires for a clock that was started again since, it arms itself for what is
+    # left; so a request costs no timer of its own (a timer armed and cancelled a
+    # request cost more than any other step of uvicorn's).
+    head_deadline: float | None = None
     head_timer: asyncio.TimerHandle | None = None
+    head_timer_at = 0.0
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -147,7 +275,7 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         if not self.bounds_heads():
             super().data_received(data)
             return
-        if self.head_timer is None and not self.in_message:  # bytes before a head
+        if self.head_deadline is None and not self.in_message:  # bytes before a head
             self.start_head_clock()
         self.body_bytes = 0
         super().data_received(data)
@@ -164,7 +292,7 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         super().on_message_begin()
         self.in_message = self.in_head = True
         self.line_done, self.head_bytes = False, 0
-        if self.head_timer is None:
+        if self.head_deadline is None:
             self.start_head_clock()
 
     def on_body(self, body: bytes) -> None:
@@ -174,7 +302,14 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.stop_head_clock()
-        super().on_headers_complete()
+        # uvicorn makes the cycle by its module's name: a `Cycle` (its send cheaper),
+        # built as one (a class changed afterwards slows every attribute it has).
+        names = vars(httptools_impl)
+        names["RequestResponseCycle"] = Cycle
+        try:
+            super().on_headers_complete()
+        finally:
+            names["RequestResponseCycle"] = RequestResponseCycle
         if self.cycle is not None:
             cycles = self.__dict__.setdefault("cycles", [])
             cycles[:] = [c for c in cycles if not c.response_complete]
@@ -194,6 +329,9 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         # writes into a closed transport, so an endless upstream stream went on with
         # nobody reading. Every unfinished cycle of the connection is told.
         self.stop_head_clock()
+        timer, self.head_timer = self.head_timer, None
+        if timer is not None:
+            timer.cancel()
         for cycle in self.__dict__.get("cycles", ()):
             if not cycle.response_complete:
                 tell_gone(cycle)
@@ -204,15 +342,28 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         super().on_message_complete()
 
     def start_head_clock(self) -> None:
-        self.head_timer = self.loop.call_later(header_timeout(), self.head_timed_out)
+        deadline = self.head_deadline = self.loop.time() + header_timeout()
+        if self.head_timer is None or deadline < self.head_timer_at:
+            self._arm_head_timer(deadline)
 
-    def stop_head_clock(self) -> None:
+    def _arm_head_timer(self, at: float) -> None:
         if self.head_timer is not None:
             self.head_timer.cancel()
-            self.head_timer = None
+        self.head_timer_at = at
+        self.head_timer = self.loop.call_at(at, self.head_timed_out)
+
+    def stop_head_clock(self) -> None:
+        self.head_deadline = None
 
     def head_timed_out(self) -> None:
         self.head_timer = None
+        deadline = self.head_deadline
+        if deadline is None:
+            return  # stopped: the next head arms it again
+        if self.loop.time() < deadline:
+            self._arm_head_timer(deadline)
+            return
+        self.head_deadline = None
         if self.transport.is_closing():
             return
         if self.in_head:
