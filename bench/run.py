@@ -20,7 +20,7 @@ every other dualproxy row runs with `--no-access-log`), and GETs of a 64 KiB JSO
 document with `--compress` on against off (`dp-asgi-compress`, `dp-wsgi-compress`:
 req/s, CPU per request, bytes per response; the client accepts zstd, br and gzip),
 and `--cache` hits against the same proxy without cache (`dp-asgi-cache`,
-`dp-wsgi-cache`: small GETs of a file nginx serves with Cache-Control, and the large
+`dp-wsgi-cache`, `dp-wsgi-granian-cache`: small GETs of a file nginx serves with Cache-Control, and the large
 file's download rate, hit against uncached).
 Then the WebSocket rows (bench/wsbench.py: messages/s and p99 over 32 sockets, MB/s
 of 1 MiB messages; `--ws-only`, `--no-ws`).
@@ -254,6 +254,10 @@ class Upstream:
 SUB_FILTER = ("--sub-filter", "upstream=downstream", "--sub-filter", "proxy=relay",
               "--sub-filter-type", "application/json")
 CACHE_FLAGS = ("--cache", "--cache-max-object", "128M", "--cache-max-size", "256M")
+# (key, label, face, the pairing's flags) of each cache row: dp-<key>-cache.
+CACHE_ROWS = (("asgi", "asgi", "asgi", ()), ("wsgi", "wsgi", "wsgi", ("--adapter", "wsgi")),
+              ("wsgi-granian", "wsgi (granian)", "wsgi",
+               ("--adapter", "wsgi", "--server", "granian")))
 
 # The compress rows fetch this: JSON records of words and numbers, as an API answers.
 DOCUMENT = "page.json"
@@ -615,10 +619,12 @@ def contestants(upstream: str, baseline: Path | None = None,
                    paired=dp("--adapter", "wsgi")),
         # The cache: hits of a small GET and of the large file, against the same proxy
         # without cache (every request upstream), alternating rounds.
-        *(Contestant(f"dp-{face}-cache", f"dualproxy {face}, --cache (memory), hits", face,
+        # The WSGI face also on granian, whose server costs far less a request than
+        # gunicorn's threaded worker (which bounds a hit there).
+        *(Contestant(f"dp-{key}-cache", f"dualproxy {name}, --cache (memory), hits", face,
                      dp(*adapter, *CACHE_FLAGS), dualproxy=True, paired=dp(*adapter),
                      path="/cached/small", download="/cached/big")
-          for face, adapter in (("asgi", ()), ("wsgi", ("--adapter", "wsgi")))),
+          for key, name, face, adapter in CACHE_ROWS),
         # Tracing's cost: every span made and ended, none exported (the SDK's provider,
         # its default sampler, OTEL_TRACES_EXPORTER=none), against the same proxy without:
         # what each request pays on its way (never the console exporter, a debugging aid
@@ -970,7 +976,7 @@ def ratios(by: dict[str, Result], size_label: str) -> tuple[list[str], dict[str,
             doc.setdefault(face, {})[f"{key}_on_over_off"] = on
             lines.append(f"{face}: {what} on / off req/s = {fmt(on, '.2f')} ({fmt(r.rps)} vs "
                          f"{fmt(r.off_rps)})")
-    for face in ("asgi", "wsgi"):
+    for face in (key for key, *_ in CACHE_ROWS):
         r = by.get(f"dp-{face}-cache")
         if r is None:
             continue
@@ -1119,7 +1125,7 @@ def targets(by: dict[str, Result], quick: bool,
         paired = by.get(f"dp-{face}-log")
         check(f"{face} access log on >= 0.90x off req/s", rps(f"dp-{face}-log"),
               paired.off_rps if paired is not None else None, 0.9)
-    for face in ("asgi", "wsgi"):
+    for face in (key for key, *_ in CACHE_ROWS):
         cached = by.get(f"dp-{face}-cache")
         if cached is None:
             continue
