@@ -287,3 +287,56 @@ def test_a_head_goes_out_with_the_first_body_piece_or_at_the_next_turn() -> None
             assert raw.writes == [b"HEAD\r\n\r\n"]
 
     asyncio.run(run())
+
+
+# --- uvicorn: the keep-alive timeout, on a lazy timer ---------------------------------------
+
+def test_an_idle_keep_alive_connection_closes_at_uvicorns_timeout() -> None:
+    """uvicorn closes a keep-alive connection `timeout_keep_alive` seconds after its last
+    response when no byte came meanwhile; dualproxy's protocol keeps that timeout on one
+    lazy timer. A request inside the timeout moves the close to its own response's end."""
+    import asyncio
+    import time
+
+    import uvicorn
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    keep = 0.4
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
+                            log_level="warning", timeout_keep_alive=keep,
+                            http="dualproxy.servers.uvicorn_protocols:HTTPProtocol")
+    server = uvicorn.Server(config)
+
+    async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(2) == b"ok"
+        return time.monotonic()
+
+    async def run() -> None:
+        serving = asyncio.ensure_future(server.serve())
+        try:
+            while not server.started:
+                await asyncio.sleep(0.01)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await get(reader, writer)
+            await asyncio.sleep(keep * 0.6)
+            answered = await get(reader, writer)  # inside the timeout: kept open
+            await asyncio.sleep(keep * 0.6)
+            answered = await get(reader, writer)
+            assert await asyncio.wait_for(reader.read(1), keep * 5) == b""  # closed
+            idle = time.monotonic() - answered
+            assert keep * 0.9 <= idle < keep * 2.5, idle
+            writer.close()
+        finally:
+            server.should_exit = True
+            await serving
+
+    asyncio.run(run())

@@ -30,6 +30,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 from ..drain import DRAIN
 from ..errors import BadRequest, ProxyError
+from ..waits import LazyTimer
 from . import ON_GONE
 from .limits import LINGER, HeadTimeout, head_too_large, header_timeout, raw_problem
 
@@ -234,16 +235,16 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     line_done = False  # the head being received is past its request line
     head_bytes = 0
     body_bytes = 0
-    # The head clock: `head_deadline` is when the head being received times out (None:
-    # no clock runs). Its timer is lazy: stopping the clock leaves it armed, and when
-    # it fires for a clock that was started again since, it arms itself for what is
-    # left; so a request costs no timer of its own (a timer armed and cancelled a
-    # request cost more than any other step of uvicorn's).
-    head_deadline: float | None = None
-    head_timer: asyncio.TimerHandle | None = None
-    head_timer_at = 0.0
+    # Two lazy clocks (waits.LazyTimer), so a request arms and cancels no timer: the
+    # head clock (its deadline: when the head being received times out) and the idle
+    # clock, uvicorn's keep-alive timeout (uvicorn arms a timer as each response ends
+    # and cancels it at the next bytes; here its deadline is set and cleared there).
+    head_clock: LazyTimer
+    idle_clock: LazyTimer
 
     def connection_made(self, transport: Any) -> None:
+        self.head_clock = LazyTimer(self.loop, self.head_timed_out)
+        self.idle_clock = LazyTimer(self.loop, self.timeout_keep_alive_handler)
         super().connection_made(transport)
         if self.bounds_heads():
             self.start_head_clock()
@@ -265,9 +266,24 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
             super().shutdown()
             return
         self.draining = True
-        self._unset_keepalive_if_required()
-        self.timeout_keep_alive_task = self.loop.call_later(
-            IDLE_GRACE, self.timeout_keep_alive_handler)
+        self.idle_clock.set(self.loop.time() + IDLE_GRACE)  # (the keep-alive's, replaced)
+
+    def _unset_keepalive_if_required(self) -> None:
+        """uvicorn's keep-alive timeout stopped (bytes came, the connection closed)."""
+        self.idle_clock.deadline = None
+
+    def on_response_complete(self) -> None:
+        # uvicorn's steps (httptools, 0.54), the keep-alive timeout on the idle clock.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.idle_clock.deadline = None
+        self.flow.resume_reading()
+        if self.pipeline:  # the next pipelined request's turn
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self.idle_clock.set(self.loop.time() + self.timeout_keep_alive)
 
     def data_received(self, data: bytes) -> None:
         if self.refused:  # answered: what still comes is drained unread
@@ -275,7 +291,7 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         if not self.bounds_heads():
             super().data_received(data)
             return
-        if self.head_deadline is None and not self.in_message:  # bytes before a head
+        if self.head_clock.deadline is None and not self.in_message:  # bytes before a head
             self.start_head_clock()
         self.body_bytes = 0
         super().data_received(data)
@@ -292,7 +308,7 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         super().on_message_begin()
         self.in_message = self.in_head = True
         self.line_done, self.head_bytes = False, 0
-        if self.head_deadline is None:
+        if self.head_clock.deadline is None:
             self.start_head_clock()
 
     def on_body(self, body: bytes) -> None:
@@ -328,10 +344,8 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         # answered never hears of it: its receive() waits forever and its send()
         # writes into a closed transport, so an endless upstream stream went on with
         # nobody reading. Every unfinished cycle of the connection is told.
-        self.stop_head_clock()
-        timer, self.head_timer = self.head_timer, None
-        if timer is not None:
-            timer.cancel()
+        self.head_clock.stop()
+        self.idle_clock.stop()
         for cycle in self.__dict__.get("cycles", ()):
             if not cycle.response_complete:
                 tell_gone(cycle)
@@ -342,28 +356,12 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         super().on_message_complete()
 
     def start_head_clock(self) -> None:
-        deadline = self.head_deadline = self.loop.time() + header_timeout()
-        if self.head_timer is None or deadline < self.head_timer_at:
-            self._arm_head_timer(deadline)
-
-    def _arm_head_timer(self, at: float) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-        self.head_timer_at = at
-        self.head_timer = self.loop.call_at(at, self.head_timed_out)
+        self.head_clock.set(self.loop.time() + header_timeout())
 
     def stop_head_clock(self) -> None:
-        self.head_deadline = None
+        self.head_clock.deadline = None
 
     def head_timed_out(self) -> None:
-        self.head_timer = None
-        deadline = self.head_deadline
-        if deadline is None:
-            return  # stopped: the next head arms it again
-        if self.loop.time() < deadline:
-            self._arm_head_timer(deadline)
-            return
-        self.head_deadline = None
         if self.transport.is_closing():
             return
         if self.in_head:
