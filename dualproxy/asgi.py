@@ -39,7 +39,7 @@ from .filters.chain import achunks, atransformed
 from .http1.aio import AsyncBody, AsyncUpstreamTransport
 from .http1.pool import Call, Reply
 from .logs import RequestRecord
-from .servers import ON_GONE
+from .servers import BODY_FOLLOWS, ON_GONE
 from .target import app_mount
 from .types import ASGIApp, Message, Receive, Scope, Send
 from .upstreams import Upstream
@@ -77,7 +77,8 @@ def incoming_from_scope(scope: Scope) -> IncomingRequest:
 
 async def send_problem(send: Send, exc: ProxyError, record: Any = None) -> None:
     body = exc.body()
-    await send({"type": "http.response.start", "status": exc.status, "headers": exc.headers()})
+    await send({"type": "http.response.start", "status": exc.status, "headers": exc.headers(),
+                BODY_FOLLOWS: True})
     if record is not None:
         record.responded = True
     await send({"type": "http.response.body", "body": body})
@@ -202,15 +203,19 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
         server drops the connection (no last chunk, no short body passed off as
         complete). The transport's own body tells its last piece: that goes out
         with the end, one message."""
+        has_body = head.has_body
+        if has_body and exchange is not None and exchange._response_pipeline is not None:
+            stream = atransformed(exchange._response_pipeline, stream)
+        own = stream if isinstance(stream, AsyncBody) else None
+        # The transport's own body (or none) comes next without a wait, or the head is
+        # sent first by an empty body message: the server may hold the head for it.
+        held = own is not None or not has_body
         await send({"type": "http.response.start", "status": head.status,
-                    "headers": head.headers})
+                    "headers": head.headers, BODY_FOLLOWS: held})
         record.status = head.status
         ended = False
         try:
-            if head.has_body:
-                if exchange is not None and exchange._response_pipeline is not None:
-                    stream = atransformed(exchange._response_pipeline, stream)
-                own = stream if isinstance(stream, AsyncBody) else None
+            if has_body:
                 # The transport's own body read piece by piece (no async generator
                 # to step through); any other stream as an async iterator.
                 pieces = None if own is None else own.piece
@@ -220,6 +225,10 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                         if pieces is not None:
                             chunk = pieces()
                             if chunk is None:  # not at hand: wait for the upstream
+                                if held:  # the head out first (BODY_FOLLOWS)
+                                    held = False
+                                    if not await _send_body(send, b"", True, record):
+                                        return
                                 await own.more()  # type: ignore[union-attr]
                                 continue
                             if not chunk:
@@ -238,6 +247,7 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                             if not _client_left(exc, record):
                                 raise
                             return
+                        held = False
                         if not more:  # the stream ends at its next step (left to
                             ended = record.responded = True  # end, not suspended)
                             if pieces is not None:
@@ -311,7 +321,7 @@ class HttpPort:
             # end, as send_problem does; no transform to run, nothing to relay.
             record = self.record
             await self.send({"type": "http.response.start", "status": head.status,
-                             "headers": head.headers})
+                             "headers": head.headers, BODY_FOLLOWS: True})
             record.status = head.status
             if not head.has_body:
                 body = b""

@@ -279,6 +279,16 @@ def test_a_head_goes_out_with_the_first_body_piece_or_at_the_next_turn() -> None
         await asyncio.sleep(0)
         assert raw.writes == [b"HEAD\r\n\r\n"]  # not kept past the loop's next turn
 
+        raw = _Transport()
+        corked = CorkedTransport(raw, loop)
+        corked.hold(b"HEAD\r\n\r\n")  # the app said the body comes next: no callback
+        await asyncio.sleep(0)
+        assert raw.writes == []
+        corked.write(b"")  # an empty body message (the app must wait): the head alone
+        assert raw.writes == [b"HEAD\r\n\r\n"]
+        corked.hold(b"late")  # not the first write: written as any
+        assert raw.writes == [b"HEAD\r\n\r\n", b"late"]
+
         for last in ("close", "get_extra_info"):  # anything else: the head first
             raw = _Transport()
             corked = CorkedTransport(raw, loop)

@@ -31,7 +31,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from ..drain import DRAIN
 from ..errors import BadRequest, ProxyError
 from ..waits import LazyTimer
-from . import ON_GONE
+from . import BODY_FOLLOWS, ON_GONE
 from .limits import LINGER, HeadTimeout, head_too_large, header_timeout, raw_problem
 
 
@@ -57,7 +57,8 @@ class CorkedTransport:
     """The transport one response cycle writes through: its first write (the head) is
     held until the next write (the body's first piece, or its end) and the two go out
     in one send, or until the loop's next turn when no body follows at once (an SSE
-    stream's head is not kept waiting). A small answer is one send instead of two: a
+    stream's head is not kept waiting); `hold` skips that callback when the app said
+    the body comes next (BODY_FOLLOWS). A small answer is one send instead of two: a
     write is a system call and a TCP segment, the most a small GET costs the proxy.
     Anything else (close, is_closing, ...) is the real transport's, after the held
     head went out."""
@@ -81,6 +82,14 @@ class CorkedTransport:
                 self.transport.write(held + data)
             else:
                 self.transport.writelines((held, data))
+
+    def hold(self, data: bytes) -> None:
+        """Write `data`, the head, held for the next write with no callback: the app
+        said the body's first message comes next, without a wait (BODY_FOLLOWS)."""
+        if self.held == b"":
+            self.held = data
+        else:
+            self.write(data)
 
     def flush(self) -> None:
         held, self.held = self.held, None
@@ -130,6 +139,9 @@ class Cycle(RequestResponseCycle):
 
     async def send(self, message: Any) -> None:
         if self.flow.write_paused or self.disconnected:
+            transport: Any = self.transport
+            if transport.__class__ is CorkedTransport:
+                transport.flush()  # a held head first: uvicorn's send may write none
             await RequestResponseCycle.send(self, message)
             return
         if self.response_started:
@@ -149,7 +161,12 @@ class Cycle(RequestResponseCycle):
             return
         self.response_started = True
         self.waiting_for_100_continue = False
-        self.transport.write(b"".join(self._head(message["status"], headers)))
+        head = b"".join(self._head(message["status"], headers))
+        out: Any = self.transport
+        if message.get(BODY_FOLLOWS) and out.__class__ is CorkedTransport:
+            out.hold(head)
+        else:
+            out.write(head)
 
     def _head(self, status_code: int, headers: list[tuple[bytes, bytes]]) -> list[bytes]:
         """The head's pieces, as uvicorn writes them (the fields checked)."""
@@ -186,6 +203,7 @@ class Cycle(RequestResponseCycle):
         more_body = message.get("more_body", False)
         if self.scope["method"] == "HEAD":
             self.expected_content_length = 0
+            self.transport.write(b"")  # (a held head goes out: no body to go with it)
         elif self.chunked_encoding:
             if body:
                 content = [b"%x\r\n" % len(body), body, b"\r\n"]
