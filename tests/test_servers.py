@@ -350,3 +350,23 @@ def test_an_idle_keep_alive_connection_closes_at_uvicorns_timeout() -> None:
             await serving
 
     asyncio.run(run())
+
+
+def test_the_cheaper_send_takes_the_header_names_uvicorns_rule_takes() -> None:
+    """Cycle's check of a response's fields agrees with uvicorn's HEADER_RE and
+    HEADER_VALUE_RE, names that are no token (taken by uvicorn's rule) included,
+    asked twice (the second time from the memo)."""
+    from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+
+    from dualproxy.servers.uvicorn_protocols import _valid_fields
+
+    names = [b"content-type", b"X-Ok", b"a/b", b"caf\xc3\xa9", b"", b"bad name", b"a:b",
+             b"a\x00", b'q"', b"{x}"]
+    values = [b"ok", b"tab\tok", b"nl\nbad", b"nul\x00bad", b"\x7f"]
+    for _ in range(2):
+        for name in names:
+            for value in values:
+                expected = not HEADER_RE.search(name) and not HEADER_VALUE_RE.search(value)
+                fields = [(b"server", b"x"), (name, value)]
+                assert _valid_fields(fields) is expected, (name, value)
+    assert _valid_fields([("str", b"x")]) is False  # type: ignore[list-item]

@@ -30,6 +30,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 from ..drain import DRAIN
 from ..errors import BadRequest, ProxyError
+from ..headers import _VALID_NAMES, _valid_name
 from ..waits import LazyTimer
 from . import BODY_FOLLOWS, ON_GONE
 from .limits import LINGER, HeadTimeout, head_too_large, header_timeout, raw_problem
@@ -105,25 +106,17 @@ class CorkedTransport:
         return getattr(self.transport, name)
 
 
-# Header names uvicorn's rule (HEADER_RE) found valid, each with its lower-cased form:
-# the same few on every response, so each is matched once, not once a response
-# (bounded: an app may choose them).
-_VALID_NAMES: dict[bytes, bytes] = {}
-_REMEMBERED = 512
-
-
 def _valid_fields(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Would uvicorn's send take these fields (HEADER_RE, HEADER_VALUE_RE)?"""
+    """Would uvicorn's send take these fields (HEADER_RE, HEADER_VALUE_RE)? A token
+    (RFC 9110) is a name HEADER_RE takes: the names checked as tokens before are
+    looked up in headers.py's bounded memo, any other is matched by uvicorn's rule."""
     names = _VALID_NAMES
     try:
         if HEADER_VALUE_RE.search(b"".join([value for _, value in headers])):
             return False
         for name, _ in headers:
-            if name not in names:
-                if HEADER_RE.search(name):
-                    return False
-                if len(names) < _REMEMBERED:
-                    names[name] = name.lower()
+            if name not in names and not _valid_name(name) and HEADER_RE.search(name):
+                return False
     except Exception:  # not bytes: uvicorn's send raises its own error
         return False
     return True
@@ -132,8 +125,8 @@ def _valid_fields(headers: list[tuple[bytes, bytes]]) -> bool:
 class Cycle(RequestResponseCycle):
     """uvicorn's (httptools) response cycle, its `send` cheaper for the head: the
     same checks (HEADER_RE on each name, HEADER_VALUE_RE on each value), the same
-    head and the same errors, but a name found valid before is looked up, not
-    matched, and the values are searched once, joined (the rule is a class of
+    head and the same errors, but a name that is a token is looked up in the memo of
+    those checked before (headers.py's), not matched, and the values are searched once, joined (the rule is a class of
     single bytes: a joined value holds a bad byte when one value does). A head
     they refuse goes through uvicorn's own `send`, which raises as it always did."""
 
@@ -170,11 +163,10 @@ class Cycle(RequestResponseCycle):
 
     def _head(self, status_code: int, headers: list[tuple[bytes, bytes]]) -> list[bytes]:
         """The head's pieces, as uvicorn writes them (the fields checked)."""
-        names = _VALID_NAMES
         content = [STATUS_LINE[status_code]]
         has_connection_close = False
         for name, value in headers:
-            name = names.get(name) or name.lower()
+            name = name.lower()
             if name == b"content-length" and self.chunked_encoding is None:
                 self.expected_content_length = int(value.decode())
                 self.chunked_encoding = False
