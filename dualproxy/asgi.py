@@ -229,7 +229,9 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                                     held = False
                                     if not await _send_body(send, b"", True, record):
                                         return
-                                await own.more()  # type: ignore[union-attr]
+                                waiter = own.more()  # type: ignore[union-attr]
+                                if waiter is not None:
+                                    await waiter
                                 continue
                             if not chunk:
                                 break

@@ -126,9 +126,10 @@ class Cycle(RequestResponseCycle):
     """uvicorn's (httptools) response cycle, its `send` cheaper for the head: the
     same checks (HEADER_RE on each name, HEADER_VALUE_RE on each value), the same
     head and the same errors, but a name that is a token is looked up in the memo of
-    those checked before (headers.py's), not matched, and the values are searched once, joined (the rule is a class of
-    single bytes: a joined value holds a bad byte when one value does). A head
-    they refuse goes through uvicorn's own `send`, which raises as it always did."""
+    those checked before (headers.py's), not matched, and the values are searched
+    once, joined (the rule is a class of single bytes: a joined value holds a bad
+    byte when one value does). A head they refuse goes through uvicorn's own
+    `send`, which raises as it always did."""
 
     async def send(self, message: Any) -> None:
         if self.flow.write_paused or self.disconnected:
