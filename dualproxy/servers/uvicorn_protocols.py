@@ -106,30 +106,19 @@ class CorkedTransport:
         return getattr(self.transport, name)
 
 
-def _valid_fields(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Would uvicorn's send take these fields (HEADER_RE, HEADER_VALUE_RE)? A token
-    (RFC 9110) is a name HEADER_RE takes: the names checked as tokens before are
-    looked up in headers.py's bounded memo, any other is matched by uvicorn's rule."""
-    names = _VALID_NAMES
-    try:
-        if HEADER_VALUE_RE.search(b"".join([value for _, value in headers])):
-            return False
-        for name, _ in headers:
-            if name not in names and not _valid_name(name) and HEADER_RE.search(name):
-                return False
-    except Exception:  # not bytes: uvicorn's send raises its own error
-        return False
-    return True
+# The fields whose values uvicorn's send reads (the body's framing, keep-alive).
+_READ_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 
 
 class Cycle(RequestResponseCycle):
     """uvicorn's (httptools) response cycle, its `send` cheaper for the head: the
     same checks (HEADER_RE on each name, HEADER_VALUE_RE on each value), the same
-    head and the same errors, but a name that is a token is looked up in the memo of
-    those checked before (headers.py's), not matched, and the values are searched
-    once, joined (the rule is a class of single bytes: a joined value holds a bad
-    byte when one value does). A head they refuse goes through uvicorn's own
-    `send`, which raises as it always did."""
+    head and the same errors, in one pass over the fields; a name that is a token
+    (which HEADER_RE takes) is looked up in the memo of those checked before
+    (headers.py's), not matched, and the values are searched once, joined (the
+    rule is a class of single bytes: a joined value holds a bad byte when one
+    value does). A head they refuse goes through uvicorn's own `send`, which
+    raises as it always did."""
 
     async def send(self, message: Any) -> None:
         if self.flow.write_paused or self.disconnected:
@@ -147,27 +136,42 @@ class Cycle(RequestResponseCycle):
         if message["type"] != "http.response.start":
             await RequestResponseCycle.send(self, message)
             return
-        headers = self.default_headers + list(message.get("headers", []))
-        if not _valid_fields(headers) or self.access_log:
+        content = None if self.access_log else self._head(
+            message["status"], self.default_headers + list(message.get("headers", [])))
+        if content is None:
             # A head uvicorn refuses (its send says how), or an access line to log
             # (uvicorn's own: dualproxy serve turns it off).
             await RequestResponseCycle.send(self, message)
             return
-        self.response_started = True
-        self.waiting_for_100_continue = False
-        head = b"".join(self._head(message["status"], headers))
+        head = b"".join(content)
         out: Any = self.transport
         if message.get(BODY_FOLLOWS) and out.__class__ is CorkedTransport:
             out.hold(head)
         else:
             out.write(head)
 
-    def _head(self, status_code: int, headers: list[tuple[bytes, bytes]]) -> list[bytes]:
-        """The head's pieces, as uvicorn writes them (the fields checked)."""
-        content = [STATUS_LINE[status_code]]
+    def _head(self, status_code: int, headers: list[tuple[bytes, bytes]]) -> list[bytes] | None:
+        """The head's pieces, as uvicorn writes them, the response started; None
+        when uvicorn's send would refuse a field (nothing changed then)."""
+        names = _VALID_NAMES
+        read = []
+        try:
+            content = [STATUS_LINE[status_code]]
+            for name, value in headers:
+                if name not in names and not _valid_name(name) and HEADER_RE.search(name):
+                    return None
+                name = name.lower()
+                if name in _READ_FIELDS:
+                    read.append((name, value))
+                content += name, b": ", value, b"\r\n"
+            if HEADER_VALUE_RE.search(b"".join(content[3::4])):  # the values
+                return None
+        except Exception:  # not bytes, no such status: uvicorn's send raises its error
+            return None
+        self.response_started = True
+        self.waiting_for_100_continue = False
         has_connection_close = False
-        for name, value in headers:
-            name = name.lower()
+        for name, value in read:  # uvicorn's steps, on the fields it reads
             if name == b"content-length" and self.chunked_encoding is None:
                 self.expected_content_length = int(value.decode())
                 self.chunked_encoding = False
@@ -179,7 +183,6 @@ class Cycle(RequestResponseCycle):
                 if b"close" in connection:
                     self.keep_alive = False
                     has_connection_close = True
-            content.extend((name, b": ", value, b"\r\n"))
         if not self.keep_alive and not has_connection_close:
             content.append(b"connection: close\r\n")
         if (self.chunked_encoding is None and self.scope["method"] != "HEAD"
