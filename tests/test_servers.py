@@ -381,5 +381,11 @@ def test_the_cheaper_send_takes_the_fields_uvicorns_rules_take() -> None:
                 if head is not None:
                     assert b"".join(head) == (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n"
                                               + name.lower() + b": " + value + b"\r\n\r\n")
+    framed = cycle()  # the fields uvicorn reads, found under any case
+    head = framed._head(200, [(b"Transfer-Encoding", b"Chunked"),
+                              (b"Connection", b"keep-alive, Close")])
+    assert head is not None and framed.chunked_encoding is True and not framed.keep_alive
+    assert b"".join(head) == (b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n"
+                              b"connection: keep-alive, Close\r\n\r\n")
     assert cycle()._head(200, [("str", b"x")]) is None  # type: ignore[list-item]
     assert cycle()._head(999, []) is None
