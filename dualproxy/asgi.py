@@ -117,11 +117,9 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
             await client.aclose()
         await self.chain.aclose()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http":
-            await self.handle_http(scope, receive, send)
-        elif kind == "websocket":
+        if kind == "websocket":
             from .websocket.relay_async import proxy_websocket
 
             await proxy_websocket(self, incoming_from_scope(scope), scope, receive, send)
@@ -146,7 +144,11 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._not_http(scope, receive, send)
+            return
+        # An HTTP exchange, here (no coroutine of its own to step through).
         incoming = incoming_from_scope(scope)
         record = self.begin(incoming)
         port = HttpPort(self, scope, receive, send, record)
@@ -174,6 +176,9 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                     await ended
                 self.finish(record)
 
+    # An HTTP scope's steps, by the name FastAPI's mount calls them (fastapi.py).
+    handle_http = __call__
+
     async def _finish(self, record: RequestRecord) -> None:
         """The filters' `on_end` (awaited here: they may be async), then `finish`."""
         ended = self._end(record)
@@ -196,72 +201,81 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
 
     async def _relay(
         self, stream: AsyncIterable[bytes], head: ResponseHead, send: Send, record: Any,
-        exchange: Exchange | None,
+        exchange: Exchange | None, response: httpx.Response | Reply | None = None,
     ) -> None:
         """The head, then the body (through the filters' transforms). An upstream or
         a transform failing mid-body returns without the final body message: the
         server drops the connection (no last chunk, no short body passed off as
         complete). The transport's own body tells its last piece: that goes out
-        with the end, one message."""
-        has_body = head.has_body
-        if has_body and exchange is not None and exchange._response_pipeline is not None:
-            stream = atransformed(exchange._response_pipeline, stream)
-        own = stream if isinstance(stream, AsyncBody) else None
-        # The transport's own body (or none) comes next without a wait, or the head is
-        # sent first by an empty body message: the server may hold the head for it.
-        held = own is not None or not has_body
-        await send({"type": "http.response.start", "status": head.status,
-                    "headers": head.headers, BODY_FOLLOWS: held})
-        record.status = head.status
-        ended = False
+        with the end, one message. `response` (the upstream's, whose body `stream`
+        is) is closed at the end, however it came."""
         try:
-            if has_body:
-                # The transport's own body read piece by piece (no async generator
-                # to step through); any other stream as an async iterator.
-                pieces = None if own is None else own.piece
-                chunks = stream.__aiter__() if own is None else None
-                with map_stream_errors():
-                    while True:
-                        if pieces is not None:
-                            chunk = pieces()
-                            if chunk is None:  # not at hand: wait for the upstream
-                                if held:  # the head out first (BODY_FOLLOWS)
-                                    held = False
-                                    if not await _send_body(send, b"", True, record):
-                                        return
-                                waiter = own.more()  # type: ignore[union-attr]
-                                if waiter is not None:
-                                    await waiter
-                                continue
-                            if not chunk:
-                                break
-                        else:
-                            try:
-                                chunk = await chunks.__anext__()  # type: ignore[union-attr]
-                            except StopAsyncIteration:
-                                break
-                        record.bytes_out += len(chunk)
-                        more = own is None or not own.ended
-                        try:  # _send_body's rule, inline: no coroutine a chunk
-                            await send({"type": "http.response.body", "body": chunk,
-                                        "more_body": more})
-                        except (OSError, RuntimeError) as exc:
-                            if not _client_left(exc, record):
-                                raise
-                            return
-                        held = False
-                        if not more:  # the stream ends at its next step (left to
-                            ended = record.responded = True  # end, not suspended)
+            has_body = head.has_body
+            if has_body and exchange is not None and exchange._response_pipeline is not None:
+                stream = atransformed(exchange._response_pipeline, stream)
+            own = stream if isinstance(stream, AsyncBody) else None
+            # The transport's own body (or none) comes next without a wait, or the head is
+            # sent first by an empty body message: the server may hold the head for it.
+            held = own is not None or not has_body
+            await send({"type": "http.response.start", "status": head.status,
+                        "headers": head.headers, BODY_FOLLOWS: held})
+            record.status = head.status
+            ended = False
+            try:
+                if has_body:
+                    # The transport's own body read piece by piece (no async generator
+                    # to step through); any other stream as an async iterator.
+                    pieces = None if own is None else own.piece
+                    chunks = stream.__aiter__() if own is None else None
+                    with map_stream_errors():
+                        while True:
                             if pieces is not None:
-                                break
-                if ended:
-                    return
-        except UpstreamBroken as exc:
-            record.upstream_broke(exc)
-            RESPONSE_ABORTED.set(True)
-            return
-        record.responded = True
-        await _send_body(send, b"", False, record)
+                                chunk = pieces()
+                                if chunk is None:  # not at hand: wait for the upstream
+                                    if held:  # the head out first (BODY_FOLLOWS)
+                                        held = False
+                                        if not await _send_body(send, b"", True, record):
+                                            return
+                                    waiter = own.more()  # type: ignore[union-attr]
+                                    if waiter is not None:
+                                        await waiter
+                                    continue
+                                if not chunk:
+                                    break
+                            else:
+                                try:
+                                    chunk = await chunks.__anext__()  # type: ignore[union-attr]
+                                except StopAsyncIteration:
+                                    break
+                            record.bytes_out += len(chunk)
+                            more = own is None or not own.ended
+                            try:  # _send_body's rule, inline: no coroutine a chunk
+                                await send({"type": "http.response.body", "body": chunk,
+                                            "more_body": more})
+                            except (OSError, RuntimeError) as exc:
+                                if not _client_left(exc, record):
+                                    raise
+                                return
+                            held = False
+                            if not more:  # the stream ends at its next step (left to
+                                ended = record.responded = True  # end, not suspended)
+                                if pieces is not None:
+                                    break
+                    if ended:
+                        return
+            except UpstreamBroken as exc:
+                record.upstream_broke(exc)
+                RESPONSE_ABORTED.set(True)
+                return
+            record.responded = True
+            await _send_body(send, b"", False, record)
+        finally:
+            if response is not None:  # the upstream's response, given back
+                if (isinstance(response, Reply)
+                        and response.stream.__class__ is AsyncBody):
+                    response.stream.abandon()  # (its aclose, without a coroutine)
+                else:
+                    await response.aclose()
 
 
 class HttpPort:
@@ -400,18 +414,13 @@ class HttpPort:
         finally:
             await response.aclose()
 
-    async def relay(self, head: ResponseHead, response: httpx.Response | Reply,
-                    exchange: Exchange | None) -> None:
-        try:
-            # Our own transport's stream is raw already: no httpx wrappers.
-            stream: AsyncIterable[bytes] = (
-                response.stream if isinstance(response, Reply) else response.aiter_raw())
-            await self.proxy._relay(stream, head, self.send, self.record, exchange)
-        finally:
-            if isinstance(response, Reply) and response.stream.__class__ is AsyncBody:
-                response.stream.abandon()  # (its aclose, without a coroutine)
-            else:
-                await response.aclose()
+    def relay(self, head: ResponseHead, response: httpx.Response | Reply,
+              exchange: Exchange | None) -> Awaitable[None]:
+        """The relay's coroutine (`_relay` closes `response`; no coroutine of its own)."""
+        # Our own transport's stream is raw already: no httpx wrappers.
+        stream: AsyncIterable[bytes] = (
+            response.stream if isinstance(response, Reply) else response.aiter_raw())
+        return self.proxy._relay(stream, head, self.send, self.record, exchange, response)
 
     def close(self) -> None:
         if self.cut is not None:
