@@ -54,6 +54,8 @@ def start_clock() -> None:
 
 # How long an idle keep-alive connection stays open once the stop began.
 IDLE_GRACE = 1.0
+# uvicorn's protocol is httptools' (not h11's): the request head is bounded.
+_HTTPTOOLS = hasattr(AutoHTTPProtocol, "on_headers_complete")
 
 
 class CorkedTransport:
@@ -265,28 +267,27 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     # and cancels it at the next bytes; here its deadline is set and cleared there).
     head_clock: LazyTimer
     idle_clock: LazyTimer
+    cycles: list[Any]  # the connection's cycles, the unfinished ones at least
 
     def connection_made(self, transport: Any) -> None:
         self.head_clock = LazyTimer(self.loop, self.head_timed_out)
         self.idle_clock = LazyTimer(self.loop, self.timeout_keep_alive_handler)
+        self.cycles = []
         super().connection_made(transport)
-        if self.bounds_heads():
+        if _HTTPTOOLS:
             self.start_head_clock()
 
     def flush(self) -> None:
         """The held heads out, before the protocol writes or closes by itself."""
-        for cycle in self.__dict__.get("cycles", ()):
+        for cycle in self.cycles:
             if isinstance(cycle.transport, CorkedTransport):
                 cycle.transport.flush()
-
-    def bounds_heads(self) -> bool:
-        return hasattr(self, "on_headers_complete")  # httptools, not h11
 
     def shutdown(self) -> None:
         start_clock()
         self.flush()
         idle = self.cycle is None or self.cycle.response_complete
-        if not idle or not self.bounds_heads():  # busy, or h11's protocol
+        if not idle or not _HTTPTOOLS:  # busy, or h11's protocol
             super().shutdown()
             return
         self.draining = True
@@ -312,7 +313,7 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     def data_received(self, data: bytes) -> None:
         if self.refused:  # answered: what still comes is drained unread
             return
-        if not self.bounds_heads():
+        if not _HTTPTOOLS:
             super().data_received(data)
             return
         if self.head_clock.deadline is None and not self.in_message:  # bytes before a head
@@ -341,26 +342,30 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self.stop_head_clock()
+        self.head_clock.deadline = None  # (stop_head_clock)
         # uvicorn makes the cycle by its module's name: a `Cycle` (its send cheaper),
         # built as one (a class changed afterwards slows every attribute it has).
         names = vars(httptools_impl)
         names["RequestResponseCycle"] = Cycle
+        before = self.cycle
         try:
             super().on_headers_complete()
         finally:
             names["RequestResponseCycle"] = RequestResponseCycle
-        if self.cycle is not None:
-            cycles = self.__dict__.setdefault("cycles", [])
-            cycles[:] = [c for c in cycles if not c.response_complete]
-            cycles.append(self.cycle)
-        if self.draining and self.cycle is not None:
-            self.cycle.keep_alive = False
-        if self.cycle is not None and self.scope.get("http_version") == "1.0":
-            close_delimited(self.cycle)
-        if self.cycle is not None:  # its head waits for the body's first piece
-            self.cycle.transport = CorkedTransport(self.transport, self.loop)
-            self.cycle.scope[ON_GONE] = []  # (the app's task has not run yet)
+        cycle = self.cycle
+        if cycle is None or cycle is before:  # no new cycle (an upgrade)
+            return
+        cycles = self.cycles
+        while cycles and cycles[0].response_complete:  # (they complete in order)
+            del cycles[0]
+        cycles.append(cycle)
+        if self.draining:
+            cycle.keep_alive = False
+        if self.scope.get("http_version") == "1.0":
+            close_delimited(cycle)
+        # Its head waits for the body's first piece; the app's task has not run yet.
+        cycle.transport = CorkedTransport(self.transport, self.loop)
+        cycle.scope[ON_GONE] = []
 
     def connection_lost(self, exc: Exception | None) -> None:
         # uvicorn tells only its newest cycle (`self.cycle`) that the client is gone.
@@ -370,7 +375,7 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         # nobody reading. Every unfinished cycle of the connection is told.
         self.head_clock.stop()
         self.idle_clock.stop()
-        for cycle in self.__dict__.get("cycles", ()):
+        for cycle in self.cycles:
             if not cycle.response_complete:
                 tell_gone(cycle)
         super().connection_lost(exc)
