@@ -280,10 +280,11 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
 
 class HttpPort:
     """One HTTP exchange's I/O on the ASGI face (exchange.HttpPort): the flow
-    decides, this reads the body, watches for a disconnect and sends messages."""
+    decides, this reads the body, watches for a disconnect and sends messages.
+    It is what the server's ON_GONE list and the drain (`cut`) are given too."""
 
     __slots__ = ("proxy", "scope", "receive", "send", "record", "plan", "content",
-                 "counter", "watch", "on_gone", "cut", "passed_on")
+                 "counter", "watch", "on_gone", "task", "draining", "passed_on")
 
     def __init__(self, proxy: AsyncProxy, scope: Scope, receive: Receive, send: Send,
                  record: RequestRecord) -> None:
@@ -297,7 +298,8 @@ class HttpPort:
         # end, or the upstream's head came first: an early answer stops the upload).
         self.watch: DisconnectWatch | None = None
         self.on_gone: list[Any] | None = None  # the server's ON_GONE list, when it told
-        self.cut: DrainCut | None = None
+        self.task: asyncio.Task[Any] | None = None  # the exchange's, once it uploads
+        self.draining = False  # entered in the drain's registry
         self.passed_on = False
 
     async def fallback(self) -> None:
@@ -361,11 +363,11 @@ class HttpPort:
         # always ours to absorb. Told by the server when it offers (ON_GONE, a
         # bodiless request: no body to drop after an early answer), else by a
         # watch on receive() (DisconnectWatch).
-        task = asyncio.current_task()
+        self.task = task = asyncio.current_task()
         assert task is not None
         on_gone = None if plan.has_body else self.scope.get(ON_GONE)
         if isinstance(on_gone, list):
-            on_gone.append(functools.partial(cancel_for_gone, record, task))
+            on_gone.append(self.client_gone)
             self.on_gone = on_gone
         else:
             self.watch = watch = DisconnectWatch(self.receive, record, task)
@@ -380,8 +382,25 @@ class HttpPort:
                 content = atransformed(exchange._request_pipeline, content)
             self.content = content
         if DRAIN.armed:
-            self.cut = DrainCut(task, record)
-            DRAIN.enter(self.cut)
+            self.draining = True
+            DRAIN.enter(self)
+
+    def client_gone(self) -> None:
+        """The server's word (ON_GONE) that the client left."""
+        assert self.task is not None
+        cancel_for_gone(self.record, self.task)
+
+    def cut(self) -> None:
+        """The drain's cut at the graceful timeout: the timer thread asks the loop to
+        cancel the exchange's task, which absorbs it as `shutdown-cut`."""
+        assert self.task is not None
+        call_in_loop(self.task.get_loop(), self._cancel)
+
+    def _cancel(self) -> None:
+        task = self.task
+        if not self.record.responded and task is not None and not task.done():
+            self.record.shutdown = True
+            task.cancel()
 
     async def attempt(self, upstream: Upstream,
                       ) -> tuple[httpx.Request, httpx.Response] | tuple[Call, Reply]:
@@ -423,8 +442,8 @@ class HttpPort:
         return self.proxy._relay(stream, head, self.send, self.record, exchange, response)
 
     def close(self) -> None:
-        if self.cut is not None:
-            DRAIN.leave(self.cut)
+        if self.draining:
+            DRAIN.leave(self)
         if self.watch is not None:
             self.watch.cancel()
         if self.on_gone is not None:
@@ -454,24 +473,6 @@ def _client_left(exc: OSError | RuntimeError, record: RequestRecord) -> bool:
         return False
     record.client_gone = True
     return True
-
-
-class DrainCut:
-    """Ends one ASGI exchange at the graceful timeout (drain.py): the timer thread asks
-    the loop to cancel the request's task, which absorbs it as `shutdown-cut`."""
-
-    __slots__ = ("task", "record")
-
-    def __init__(self, task: asyncio.Task[Any], record: RequestRecord) -> None:
-        self.task, self.record = task, record
-
-    def cut(self) -> None:
-        call_in_loop(self.task.get_loop(), self._cancel)
-
-    def _cancel(self) -> None:
-        if not self.record.responded and not self.task.done():
-            self.record.shutdown = True
-            self.task.cancel()
 
 
 async def _send_via(client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport | None,
