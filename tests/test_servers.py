@@ -388,4 +388,8 @@ def test_the_cheaper_send_takes_the_fields_uvicorns_rules_take() -> None:
     assert b"".join(head) == (b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n"
                               b"connection: keep-alive, Close\r\n\r\n")
     assert cycle()._head(200, [("str", b"x")]) is None  # type: ignore[list-item]
+    for byte in range(256):  # every byte, alone in a value
+        value = bytes([byte])
+        head = cycle()._head(200, [(b"x", value)])
+        assert (head is None) is bool(HEADER_VALUE_RE.search(value)), value
     assert cycle()._head(999, []) is None
