@@ -39,7 +39,7 @@ from .filters.chain import achunks, atransformed
 from .http1.aio import AsyncBody, AsyncUpstreamTransport
 from .http1.pool import Call, Reply
 from .logs import RequestRecord
-from .servers import ON_GONE
+from .servers import BODY_FOLLOWS, ON_GONE
 from .target import app_mount
 from .types import ASGIApp, Message, Receive, Scope, Send
 from .upstreams import Upstream
@@ -77,7 +77,8 @@ def incoming_from_scope(scope: Scope) -> IncomingRequest:
 
 async def send_problem(send: Send, exc: ProxyError, record: Any = None) -> None:
     body = exc.body()
-    await send({"type": "http.response.start", "status": exc.status, "headers": exc.headers()})
+    await send({"type": "http.response.start", "status": exc.status, "headers": exc.headers(),
+                BODY_FOLLOWS: True})
     if record is not None:
         record.responded = True
     await send({"type": "http.response.body", "body": body})
@@ -116,11 +117,9 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
             await client.aclose()
         await self.chain.aclose()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http":
-            await self.handle_http(scope, receive, send)
-        elif kind == "websocket":
+        if kind == "websocket":
             from .websocket.relay_async import proxy_websocket
 
             await proxy_websocket(self, incoming_from_scope(scope), scope, receive, send)
@@ -145,7 +144,11 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._not_http(scope, receive, send)
+            return
+        # An HTTP exchange, here (no coroutine of its own to step through).
         incoming = incoming_from_scope(scope)
         record = self.begin(incoming)
         port = HttpPort(self, scope, receive, send, record)
@@ -173,6 +176,9 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
                     await ended
                 self.finish(record)
 
+    # An HTTP scope's steps, by the name FastAPI's mount calls them (fastapi.py).
+    handle_http = __call__
+
     async def _finish(self, record: RequestRecord) -> None:
         """The filters' `on_end` (awaited here: they may be async), then `finish`."""
         ended = self._end(record)
@@ -195,69 +201,90 @@ class AsyncProxy(ProxyFace[httpx.AsyncClient, httpx.AsyncBaseTransport, ASGIApp]
 
     async def _relay(
         self, stream: AsyncIterable[bytes], head: ResponseHead, send: Send, record: Any,
-        exchange: Exchange | None,
+        exchange: Exchange | None, response: httpx.Response | Reply | None = None,
     ) -> None:
         """The head, then the body (through the filters' transforms). An upstream or
         a transform failing mid-body returns without the final body message: the
         server drops the connection (no last chunk, no short body passed off as
         complete). The transport's own body tells its last piece: that goes out
-        with the end, one message."""
-        await send({"type": "http.response.start", "status": head.status,
-                    "headers": head.headers})
-        record.status = head.status
-        ended = False
+        with the end, one message. `response` (the upstream's, whose body `stream`
+        is) is closed at the end, however it came."""
         try:
-            if head.has_body:
-                if exchange is not None and exchange._response_pipeline is not None:
-                    stream = atransformed(exchange._response_pipeline, stream)
-                own = stream if isinstance(stream, AsyncBody) else None
-                # The transport's own body read piece by piece (no async generator
-                # to step through); any other stream as an async iterator.
-                pieces = None if own is None else own.piece
-                chunks = stream.__aiter__() if own is None else None
-                with map_stream_errors():
-                    while True:
-                        if pieces is not None:
-                            chunk = pieces()
-                            if chunk is None:  # not at hand: wait for the upstream
-                                await own.more()  # type: ignore[union-attr]
-                                continue
-                            if not chunk:
-                                break
-                        else:
-                            try:
-                                chunk = await chunks.__anext__()  # type: ignore[union-attr]
-                            except StopAsyncIteration:
-                                break
-                        record.bytes_out += len(chunk)
-                        more = own is None or not own.ended
-                        try:  # _send_body's rule, inline: no coroutine a chunk
-                            await send({"type": "http.response.body", "body": chunk,
-                                        "more_body": more})
-                        except (OSError, RuntimeError) as exc:
-                            if not _client_left(exc, record):
-                                raise
-                            return
-                        if not more:  # the stream ends at its next step (left to
-                            ended = record.responded = True  # end, not suspended)
+            has_body = head.has_body
+            if has_body and exchange is not None and exchange._response_pipeline is not None:
+                stream = atransformed(exchange._response_pipeline, stream)
+            own = stream if isinstance(stream, AsyncBody) else None
+            # The transport's own body (or none) comes next without a wait, or the head is
+            # sent first by an empty body message: the server may hold the head for it.
+            held = own is not None or not has_body
+            await send({"type": "http.response.start", "status": head.status,
+                        "headers": head.headers, BODY_FOLLOWS: held})
+            record.status = head.status
+            ended = False
+            try:
+                if has_body:
+                    # The transport's own body read piece by piece (no async generator
+                    # to step through); any other stream as an async iterator.
+                    pieces = None if own is None else own.piece
+                    chunks = stream.__aiter__() if own is None else None
+                    with map_stream_errors():
+                        while True:
                             if pieces is not None:
-                                break
-                if ended:
-                    return
-        except UpstreamBroken as exc:
-            record.upstream_broke(exc)
-            RESPONSE_ABORTED.set(True)
-            return
-        record.responded = True
-        await _send_body(send, b"", False, record)
+                                chunk = pieces()
+                                if chunk is None:  # not at hand: wait for the upstream
+                                    if held:  # the head out first (BODY_FOLLOWS)
+                                        held = False
+                                        if not await _send_body(send, b"", True, record):
+                                            return
+                                    waiter = own.more()  # type: ignore[union-attr]
+                                    if waiter is not None:
+                                        await waiter
+                                    continue
+                                if not chunk:
+                                    break
+                            else:
+                                try:
+                                    chunk = await chunks.__anext__()  # type: ignore[union-attr]
+                                except StopAsyncIteration:
+                                    break
+                            record.bytes_out += len(chunk)
+                            more = own is None or not own.ended
+                            try:  # _send_body's rule, inline: no coroutine a chunk
+                                await send({"type": "http.response.body", "body": chunk,
+                                            "more_body": more})
+                            except (OSError, RuntimeError) as exc:
+                                if not _client_left(exc, record):
+                                    raise
+                                return
+                            held = False
+                            if not more:  # the stream ends at its next step (left to
+                                ended = record.responded = True  # end, not suspended)
+                                if pieces is not None:
+                                    break
+                    if ended:
+                        return
+            except UpstreamBroken as exc:
+                record.upstream_broke(exc)
+                RESPONSE_ABORTED.set(True)
+                return
+            record.responded = True
+            await _send_body(send, b"", False, record)
+        finally:
+            if response is not None:  # the upstream's response, given back
+                if (isinstance(response, Reply)
+                        and response.stream.__class__ is AsyncBody):
+                    response.stream.abandon()  # (its aclose, without a coroutine)
+                else:
+                    await response.aclose()
 
 
 class HttpPort:
     """One HTTP exchange's I/O on the ASGI face (exchange.HttpPort): the flow
-    decides, this reads the body, watches for a disconnect and sends messages."""
+    decides, this reads the body, watches for a disconnect and sends messages.
+    It is what the server's ON_GONE list and the drain (`cut`) are given too."""
 
     __slots__ = ("proxy", "scope", "receive", "send", "record", "plan", "content",
-                 "counter", "watch", "on_gone", "cut", "passed_on")
+                 "counter", "watch", "on_gone", "task", "draining", "passed_on")
 
     def __init__(self, proxy: AsyncProxy, scope: Scope, receive: Receive, send: Send,
                  record: RequestRecord) -> None:
@@ -271,7 +298,8 @@ class HttpPort:
         # end, or the upstream's head came first: an early answer stops the upload).
         self.watch: DisconnectWatch | None = None
         self.on_gone: list[Any] | None = None  # the server's ON_GONE list, when it told
-        self.cut: DrainCut | None = None
+        self.task: asyncio.Task[Any] | None = None  # the exchange's, once it uploads
+        self.draining = False  # entered in the drain's registry
         self.passed_on = False
 
     async def fallback(self) -> None:
@@ -311,7 +339,7 @@ class HttpPort:
             # end, as send_problem does; no transform to run, nothing to relay.
             record = self.record
             await self.send({"type": "http.response.start", "status": head.status,
-                             "headers": head.headers})
+                             "headers": head.headers, BODY_FOLLOWS: True})
             record.status = head.status
             if not head.has_body:
                 body = b""
@@ -335,11 +363,11 @@ class HttpPort:
         # always ours to absorb. Told by the server when it offers (ON_GONE, a
         # bodiless request: no body to drop after an early answer), else by a
         # watch on receive() (DisconnectWatch).
-        task = asyncio.current_task()
+        self.task = task = asyncio.current_task()
         assert task is not None
         on_gone = None if plan.has_body else self.scope.get(ON_GONE)
         if isinstance(on_gone, list):
-            on_gone.append(functools.partial(cancel_for_gone, record, task))
+            on_gone.append(self.client_gone)
             self.on_gone = on_gone
         else:
             self.watch = watch = DisconnectWatch(self.receive, record, task)
@@ -354,8 +382,25 @@ class HttpPort:
                 content = atransformed(exchange._request_pipeline, content)
             self.content = content
         if DRAIN.armed:
-            self.cut = DrainCut(task, record)
-            DRAIN.enter(self.cut)
+            self.draining = True
+            DRAIN.enter(self)
+
+    def client_gone(self) -> None:
+        """The server's word (ON_GONE) that the client left."""
+        assert self.task is not None
+        cancel_for_gone(self.record, self.task)
+
+    def cut(self) -> None:
+        """The drain's cut at the graceful timeout: the timer thread asks the loop to
+        cancel the exchange's task, which absorbs it as `shutdown-cut`."""
+        assert self.task is not None
+        call_in_loop(self.task.get_loop(), self._cancel)
+
+    def _cancel(self) -> None:
+        task = self.task
+        if not self.record.responded and task is not None and not task.done():
+            self.record.shutdown = True
+            task.cancel()
 
     async def attempt(self, upstream: Upstream,
                       ) -> tuple[httpx.Request, httpx.Response] | tuple[Call, Reply]:
@@ -388,22 +433,17 @@ class HttpPort:
         finally:
             await response.aclose()
 
-    async def relay(self, head: ResponseHead, response: httpx.Response | Reply,
-                    exchange: Exchange | None) -> None:
-        try:
-            # Our own transport's stream is raw already: no httpx wrappers.
-            stream: AsyncIterable[bytes] = (
-                response.stream if isinstance(response, Reply) else response.aiter_raw())
-            await self.proxy._relay(stream, head, self.send, self.record, exchange)
-        finally:
-            if isinstance(response, Reply) and response.stream.__class__ is AsyncBody:
-                response.stream.abandon()  # (its aclose, without a coroutine)
-            else:
-                await response.aclose()
+    def relay(self, head: ResponseHead, response: httpx.Response | Reply,
+              exchange: Exchange | None) -> Awaitable[None]:
+        """The relay's coroutine (`_relay` closes `response`; no coroutine of its own)."""
+        # Our own transport's stream is raw already: no httpx wrappers.
+        stream: AsyncIterable[bytes] = (
+            response.stream if isinstance(response, Reply) else response.aiter_raw())
+        return self.proxy._relay(stream, head, self.send, self.record, exchange, response)
 
     def close(self) -> None:
-        if self.cut is not None:
-            DRAIN.leave(self.cut)
+        if self.draining:
+            DRAIN.leave(self)
         if self.watch is not None:
             self.watch.cancel()
         if self.on_gone is not None:
@@ -433,24 +473,6 @@ def _client_left(exc: OSError | RuntimeError, record: RequestRecord) -> bool:
         return False
     record.client_gone = True
     return True
-
-
-class DrainCut:
-    """Ends one ASGI exchange at the graceful timeout (drain.py): the timer thread asks
-    the loop to cancel the request's task, which absorbs it as `shutdown-cut`."""
-
-    __slots__ = ("task", "record")
-
-    def __init__(self, task: asyncio.Task[Any], record: RequestRecord) -> None:
-        self.task, self.record = task, record
-
-    def cut(self) -> None:
-        call_in_loop(self.task.get_loop(), self._cancel)
-
-    def _cancel(self) -> None:
-        if not self.record.responded and not self.task.done():
-            self.record.shutdown = True
-            self.task.cancel()
 
 
 async def _send_via(client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport | None,

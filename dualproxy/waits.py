@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
@@ -93,3 +93,52 @@ else:
 
     def _uncancel(task: asyncio.Task[Any]) -> int:
         return 0
+
+
+class LazyTimer:
+    """A deadline that is set and cleared far more often than it passes (a connection's
+    idle or head clock, an upstream read) on one loop timer: armed at the earliest
+    deadline, left armed when the deadline is cleared or moved later; when it fires
+    for a deadline still ahead it arms itself for what is left, and for a passed one
+    it calls `expired`. So a request costs no timer of its own (a timer armed and
+    cancelled a request cost more than any other step of uvicorn's).
+
+    Clear the deadline with `timer.deadline = None` (a plain store on the hot path);
+    `stop` when the owner is done (the loop lets go of it at once)."""
+
+    __slots__ = ("loop", "expired", "deadline", "_handle", "_at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, expired: Callable[[], None]) -> None:
+        self.loop, self.expired = loop, expired
+        self.deadline: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = 0.0
+
+    def set(self, deadline: float) -> None:
+        """`expired` at `deadline` (the loop's clock), unless cleared or set again first."""
+        self.deadline = deadline
+        if self._handle is None or deadline < self._at:
+            self._arm(deadline)
+
+    def stop(self) -> None:
+        self.deadline = None
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.cancel()
+
+    def _arm(self, at: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._at = at
+        self._handle = self.loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        deadline = self.deadline
+        if deadline is None:
+            return  # cleared: the next `set` arms it again
+        if self.loop.time() < deadline:
+            self._arm(deadline)
+            return
+        self.deadline = None
+        self.expired()

@@ -279,6 +279,16 @@ def test_a_head_goes_out_with_the_first_body_piece_or_at_the_next_turn() -> None
         await asyncio.sleep(0)
         assert raw.writes == [b"HEAD\r\n\r\n"]  # not kept past the loop's next turn
 
+        raw = _Transport()
+        corked = CorkedTransport(raw, loop)
+        corked.hold(b"HEAD\r\n\r\n")  # the app said the body comes next: no callback
+        await asyncio.sleep(0)
+        assert raw.writes == []
+        corked.write(b"")  # an empty body message (the app must wait): the head alone
+        assert raw.writes == [b"HEAD\r\n\r\n"]
+        corked.hold(b"late")  # not the first write: written as any
+        assert raw.writes == [b"HEAD\r\n\r\n", b"late"]
+
         for last in ("close", "get_extra_info"):  # anything else: the head first
             raw = _Transport()
             corked = CorkedTransport(raw, loop)
@@ -287,3 +297,99 @@ def test_a_head_goes_out_with_the_first_body_piece_or_at_the_next_turn() -> None
             assert raw.writes == [b"HEAD\r\n\r\n"]
 
     asyncio.run(run())
+
+
+# --- uvicorn: the keep-alive timeout, on a lazy timer ---------------------------------------
+
+def test_an_idle_keep_alive_connection_closes_at_uvicorns_timeout() -> None:
+    """uvicorn closes a keep-alive connection `timeout_keep_alive` seconds after its last
+    response when no byte came meanwhile; dualproxy's protocol keeps that timeout on one
+    lazy timer. A request inside the timeout moves the close to its own response's end."""
+    import asyncio
+    import time
+
+    import uvicorn
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    keep = 0.4
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
+                            log_level="warning", timeout_keep_alive=keep,
+                            http="dualproxy.servers.uvicorn_protocols:HTTPProtocol")
+    server = uvicorn.Server(config)
+
+    async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(2) == b"ok"
+        return time.monotonic()
+
+    async def run() -> None:
+        serving = asyncio.ensure_future(server.serve())
+        try:
+            while not server.started:
+                await asyncio.sleep(0.01)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await get(reader, writer)
+            await asyncio.sleep(keep * 0.6)
+            answered = await get(reader, writer)  # inside the timeout: kept open
+            await asyncio.sleep(keep * 0.6)
+            answered = await get(reader, writer)
+            assert await asyncio.wait_for(reader.read(1), keep * 5) == b""  # closed
+            idle = time.monotonic() - answered
+            assert keep * 0.9 <= idle < keep * 2.5, idle
+            writer.close()
+        finally:
+            server.should_exit = True
+            await serving
+
+    asyncio.run(run())
+
+
+def test_the_cheaper_send_takes_the_fields_uvicorns_rules_take() -> None:
+    """Cycle's head agrees with uvicorn's HEADER_RE and HEADER_VALUE_RE, names that
+    are no token (taken by uvicorn's rule) included, asked twice (the second time
+    from the memo); a refused head leaves the cycle as it was, for uvicorn's send."""
+    from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+
+    from dualproxy.servers.uvicorn_protocols import Cycle
+
+    def cycle() -> Cycle:
+        return Cycle(scope={"method": "GET"}, transport=None, flow=None, logger=None,
+                     access_logger=None, access_log=False, default_headers=[],
+                     message_event=None, expect_100_continue=False, keep_alive=True,
+                     on_response=lambda: None)
+
+    names = [b"content-type", b"X-Ok", b"a/b", b"caf\xc3\xa9", b"", b"bad name", b"a:b",
+             b"a\x00", b'q"', b"{x}"]
+    values = [b"ok", b"tab\tok", b"nl\nbad", b"nul\x00bad", b"\x7f"]
+    for _ in range(2):
+        for name in names:
+            for value in values:
+                taken = not HEADER_RE.search(name) and not HEADER_VALUE_RE.search(value)
+                one = cycle()
+                head = one._head(200, [(b"Content-Length", b"0"), (name, value)])
+                assert (head is not None) is taken, (name, value)
+                assert one.response_started is taken
+                assert one.chunked_encoding is (False if taken else None)
+                if head is not None:
+                    assert b"".join(head) == (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n"
+                                              + name.lower() + b": " + value + b"\r\n\r\n")
+    framed = cycle()  # the fields uvicorn reads, found under any case
+    head = framed._head(200, [(b"Transfer-Encoding", b"Chunked"),
+                              (b"Connection", b"keep-alive, Close")])
+    assert head is not None and framed.chunked_encoding is True and not framed.keep_alive
+    assert b"".join(head) == (b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n"
+                              b"connection: keep-alive, Close\r\n\r\n")
+    assert cycle()._head(200, [("str", b"x")]) is None  # type: ignore[list-item]
+    for byte in range(256):  # every byte, alone in a value
+        value = bytes([byte])
+        head = cycle()._head(200, [(b"x", value)])
+        assert (head is None) is bool(HEADER_VALUE_RE.search(value)), value
+    assert cycle()._head(999, []) is None

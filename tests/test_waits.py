@@ -170,3 +170,50 @@ def test_an_owned_future_given_its_result_as_the_timer_fires_keeps_it() -> None:
 
 def test_a_cancel_of_an_owned_wait_stays_a_cancel() -> None:
     assert cancel_as_the_timer_fires(True) == "cancelled"  # on 3.10 too
+
+
+def test_a_lazy_timer_fires_at_its_latest_deadline_on_one_timer() -> None:
+    """LazyTimer: set and cleared often, one loop timer; it calls back only once a
+    deadline still set has passed, and a deadline moved earlier arms it earlier."""
+    from dualproxy.waits import LazyTimer
+
+    async def main(loop: asyncio.AbstractEventLoop, now: list[float]) -> list[float]:
+        fired: list[float] = []
+        armed: list[float] = []
+        call_at = loop.call_at
+
+        def counting_call_at(when: float, *args: Any) -> asyncio.TimerHandle:
+            armed.append(when)
+            return call_at(when, *args)
+
+        loop.call_at = counting_call_at  # type: ignore[method-assign]
+        timer = LazyTimer(loop, lambda: fired.append(now[0]))
+
+        async def at(moment: float) -> None:  # the clock to `moment`, due timers run
+            now[0] = moment
+            for _ in range(3):
+                await asyncio.sleep(0)
+
+        start = now[0]
+        timer.set(start + 5)
+        for step in range(1, 4):  # a request a second: cleared, set later
+            await at(start + step)
+            timer.deadline = None
+            timer.set(start + step + 5)
+        assert armed == [start + 5]  # no timer a request
+        await at(start + 5)  # the first timer fires early: armed for what is left
+        assert fired == [] and armed == [start + 5, start + 8]
+        timer.set(start + 6)  # earlier than the armed timer: armed earlier
+        assert armed[-1] == start + 6
+        await at(start + 6)
+        assert fired == [start + 6]
+        timer.set(start + 7)
+        timer.deadline = None  # cleared: nothing fires
+        await at(start + 9)
+        timer.set(start + 10)
+        timer.stop()
+        await at(start + 11)
+        assert fired == [start + 6]
+        return fired
+
+    run(main)

@@ -18,7 +18,7 @@ from typing import cast
 
 import httpx
 
-from ..waits import within
+from ..waits import LazyTimer, within
 from .connect import Key, address, connect_failed
 from .connection import NEED_DATA, ClientConnection, Data, Response
 from .pool import (
@@ -65,13 +65,9 @@ class _AsyncConn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future[None] | None = None
-        # The read timeout's one timer (`wait_data`): armed at the earliest deadline
-        # of a wait, and left armed when a wait ends in time. Each wait sets a later
-        # deadline (now + a timeout): the timer, when it fires, arms itself again for
-        # what is left, so a wait costs no timer of its own.
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-        self._deadline: float | None = None
+        # The read timeout (`wait_data`): its deadline is set for a wait and cleared
+        # when bytes come, on one lazy timer (a wait costs no timer of its own).
+        self._reads: LazyTimer
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
         self._tls = False
@@ -82,6 +78,7 @@ class _AsyncConn(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses; same interface.
         self.transport = cast(asyncio.Transport, transport)
         self._loop = asyncio.get_running_loop()  # once a connection, not a wait
+        self._reads = LazyTimer(self._loop, self._timed_out)
         self._tls = transport.get_extra_info("sslcontext") is not None
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
@@ -105,7 +102,7 @@ class _AsyncConn(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_timer()
+        self._reads.stop()
         if exc is not None:  # a reset: never the clean end a close-delimited body needs
             self.codec.connection_broken(str(exc) or type(exc).__name__)
         elif not self._eof:
@@ -133,58 +130,42 @@ class _AsyncConn(asyncio.Protocol):
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = self._reads.deadline = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     # driver side
     @property
     def closed(self) -> bool:
         return self.transport is None or self.transport.is_closing()
 
-    async def wait_data(self, request: Sendable, deadline: float | None = None) -> None:
-        """Wait until more bytes (or EOF) arrive; ReadTimeout after the read timeout,
-        or at `deadline` (the loop's clock) when given."""
+    def wait_data(self, request: Sendable,
+                  deadline: float | None = None) -> asyncio.Future[None] | None:
+        """A future to await for more bytes (or EOF); it fails with ReadTimeout after
+        the read timeout, or at `deadline` (the loop's clock) when given. None when
+        the stream ended (nothing to wait for). A future, not a coroutine: the
+        caller awaits it directly (a frame less a wait)."""
         if self.codec.eof:
-            return
+            return None
         if self.codec.pending < HIGH_WATER // 4:
             self.resume()
         loop = self._loop or asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
         if deadline is None:
             seconds = timeout(request, "read")
-            deadline = None if seconds is None else loop.time() + seconds
-        self._deadline = deadline
-        if deadline is not None and (self._timer is None or deadline < self._timer_at):
-            self._arm(loop, deadline)
-        try:
-            await waiter
-        except asyncio.TimeoutError:
-            raise httpx.ReadTimeout("timed out waiting for the upstream") from None
-        finally:
-            self._waiter = self._deadline = None
-
-    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = at
-        self._timer = loop.call_at(at, self._expire, loop)
-
-    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The read timer fired: the wait in progress times out if its deadline is
-        past, else the timer waits on for what is left of it."""
-        self._timer = None
-        waiter, deadline = self._waiter, self._deadline
-        if waiter is None or deadline is None or waiter.done():
-            return  # no wait now: the next one arms the timer again
-        if loop.time() < deadline:
-            self._arm(loop, deadline)
+            if seconds is None:
+                self._reads.deadline = None
+            else:
+                self._reads.set(loop.time() + seconds)
         else:
-            waiter.set_exception(asyncio.TimeoutError())
+            self._reads.set(deadline)
+        return waiter
 
-    def _stop_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
+    def _timed_out(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(httpx.ReadTimeout("timed out waiting for the upstream"))
 
     def resume(self) -> None:
         """Read again if paused: a pooled connection must see its upstream close it."""
@@ -244,7 +225,7 @@ class _AsyncConn(asyncio.Protocol):
                 self.codec.receive_data(data)
 
     def close(self) -> None:
-        self._stop_timer()
+        self._reads.stop()
         if self.transport is not None:
             self.transport.abort()
 
@@ -339,16 +320,35 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
             loop = asyncio.get_running_loop()
             deadline = head_deadline(call, loop.time())
             conn = self._take_idle(key)
-            if conn is None:
-                conn = await self._connect(key, call, True, deadline)
-            try:
-                head = await self._exchange(conn, call, deadline)
-            except RETRY_ON:
-                conn.close()
-                if not conn.codec.may_retry():
-                    raise
-                conn = await self._connect(key, call, True, deadline)
-                head = await self._exchange(conn, call, deadline)
+            retry = True  # once, on a new connection, when the codec says it may
+            while True:
+                if conn is None:
+                    conn = await self._connect(key, call, True, deadline)
+                # The exchange: the request out, then the final head in (inline: no
+                # coroutine of its own for the common steps).
+                codec = conn.codec
+                try:
+                    if conn.put(codec.send_request(call.method, call.target, call.headers)):
+                        await conn.drained(call)
+                    head_by = deadline
+                    if codec.expects_body:
+                        await self._upload(conn, call)
+                        head_by = head_deadline(call, loop.time())
+                    while True:
+                        event = codec.next_event()
+                        if event is NEED_DATA:
+                            waiter = conn.wait_data(call, head_by)
+                            if waiter is not None:
+                                await waiter
+                        elif isinstance(event, Response) and not event.interim:
+                            break
+                    head = event
+                    break
+                except RETRY_ON:
+                    conn.close()
+                    if not retry or not codec.may_retry():
+                        raise
+                    retry, conn = False, None
         except BaseException as exc:
             if conn is not None:
                 conn.close()
@@ -366,31 +366,22 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
             idle.close()
         return None
 
-    async def _exchange(self, conn: _AsyncConn, call: Call,
-                        deadline: float | None) -> Response:
+    @staticmethod
+    async def _upload(conn: _AsyncConn, call: Call) -> None:
+        """The request's body out, until its end or the codec stops the upload."""
         codec = conn.codec
-        if conn.put(codec.send_request(call.method, call.target, call.headers)):
-            await conn.drained(call)
-        if codec.expects_body:
-            stream = call.stream
-            assert isinstance(stream, AsyncIterable)
-            async for piece in stream:
-                data = codec.send_body(piece)
-                if data:
-                    await conn.write(data, call)
-                elif codec.upload_stopped:
-                    break
-            else:
-                data = codec.end_body()
-                if data:
-                    await conn.write(data, call)
-            deadline = head_deadline(call, asyncio.get_running_loop().time())
-        while True:
-            event = codec.next_event()
-            if event is NEED_DATA:
-                await conn.wait_data(call, deadline)
-            elif isinstance(event, Response) and not event.interim:
-                return event
+        stream = call.stream
+        assert isinstance(stream, AsyncIterable)
+        async for piece in stream:
+            data = codec.send_body(piece)
+            if data:
+                await conn.write(data, call)
+            elif codec.upload_stopped:
+                break
+        else:
+            data = codec.end_body()
+            if data:
+                await conn.write(data, call)
 
 
 class AsyncBody(PooledBody[_AsyncConn], httpx.AsyncByteStream):
@@ -425,17 +416,19 @@ class AsyncBody(PooledBody[_AsyncConn], httpx.AsyncByteStream):
                 self._finish()
                 return b""
 
-    async def more(self) -> None:
-        """Wait for the upstream's next bytes (`piece` said None)."""
+    def more(self) -> asyncio.Future[None] | None:
+        """What to await for the upstream's next bytes (`piece` said None): a future,
+        or None when there is nothing to wait for (the next `piece` tells)."""
         conn = self._conn
-        if conn is not None:
-            await conn.wait_data(self._request)
+        return None if conn is None else conn.wait_data(self._request)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while True:
             piece = self.piece()
             if piece is None:
-                await self.more()
+                waiter = self.more()
+                if waiter is not None:
+                    await waiter
             elif piece:
                 yield piece
             else:

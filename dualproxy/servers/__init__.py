@@ -23,6 +23,12 @@ ENV_OPTIONS = "DUALPROXY_SERVE_OPTIONS"
 # watching receive() for a bodiless request (it makes one where the key is absent).
 ON_GONE = "dualproxy.on_gone"
 
+# A key of an `http.response.start` message: true when the app's next send is the
+# body's first message, with nothing awaited before it (an empty body message when it
+# must wait first). dualproxy's uvicorn protocol then holds the head for that message
+# (one write for both) without a loop callback to send the head alone.
+BODY_FOLLOWS = "dualproxy.body_follows"
+
 # Distribution -> (lowest tested version, first untested version).
 TESTED: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "gunicorn": ((27, 0), (28, 0)),

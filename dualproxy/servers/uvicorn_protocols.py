@@ -22,7 +22,6 @@ from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
-    HEADER_VALUE_RE,
     STATUS_LINE,
     RequestResponseCycle,
 )
@@ -30,7 +29,9 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 from ..drain import DRAIN
 from ..errors import BadRequest, ProxyError
-from . import ON_GONE
+from ..headers import _VALID_NAMES, _valid_name
+from ..waits import LazyTimer
+from . import BODY_FOLLOWS, ON_GONE
 from .limits import LINGER, HeadTimeout, head_too_large, header_timeout, raw_problem
 
 
@@ -50,13 +51,16 @@ def start_clock() -> None:
 
 # How long an idle keep-alive connection stays open once the stop began.
 IDLE_GRACE = 1.0
+# uvicorn's protocol is httptools' (not h11's): the request head is bounded.
+_HTTPTOOLS = hasattr(AutoHTTPProtocol, "on_headers_complete")
 
 
 class CorkedTransport:
     """The transport one response cycle writes through: its first write (the head) is
     held until the next write (the body's first piece, or its end) and the two go out
     in one send, or until the loop's next turn when no body follows at once (an SSE
-    stream's head is not kept waiting). A small answer is one send instead of two: a
+    stream's head is not kept waiting); `hold` skips that callback when the app said
+    the body comes next (BODY_FOLLOWS). A small answer is one send instead of two: a
     write is a system call and a TCP segment, the most a small GET costs the proxy.
     Anything else (close, is_closing, ...) is the real transport's, after the held
     head went out."""
@@ -81,6 +85,14 @@ class CorkedTransport:
             else:
                 self.transport.writelines((held, data))
 
+    def hold(self, data: bytes) -> None:
+        """Write `data`, the head, held for the next write with no callback: the app
+        said the body's first message comes next, without a wait (BODY_FOLLOWS)."""
+        if self.held == b"":
+            self.held = data
+        else:
+            self.write(data)
+
     def flush(self) -> None:
         held, self.held = self.held, None
         if held and not self.transport.is_closing():
@@ -95,40 +107,27 @@ class CorkedTransport:
         return getattr(self.transport, name)
 
 
-# Header names uvicorn's rule (HEADER_RE) found valid, each with its lower-cased form:
-# the same few on every response, so each is matched once, not once a response
-# (bounded: an app may choose them).
-_VALID_NAMES: dict[bytes, bytes] = {}
-_REMEMBERED = 512
-
-
-def _valid_fields(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Would uvicorn's send take these fields (HEADER_RE, HEADER_VALUE_RE)?"""
-    names = _VALID_NAMES
-    try:
-        if HEADER_VALUE_RE.search(b"".join([value for _, value in headers])):
-            return False
-        for name, _ in headers:
-            if name not in names:
-                if HEADER_RE.search(name):
-                    return False
-                if len(names) < _REMEMBERED:
-                    names[name] = name.lower()
-    except Exception:  # not bytes: uvicorn's send raises its own error
-        return False
-    return True
+# The fields whose values uvicorn's send reads (the body's framing, keep-alive).
+_READ_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+# The bytes a value may hold: all but HEADER_VALUE_RE's class (checked in the tests).
+_VALUE_BYTES = bytes([9, *range(0x20, 0x7f), *range(0x80, 0x100)])
 
 
 class Cycle(RequestResponseCycle):
     """uvicorn's (httptools) response cycle, its `send` cheaper for the head: the
     same checks (HEADER_RE on each name, HEADER_VALUE_RE on each value), the same
-    head and the same errors, but a name found valid before is looked up, not
-    matched, and the values are searched once, joined (the rule is a class of
-    single bytes: a joined value holds a bad byte when one value does). A head
-    they refuse goes through uvicorn's own `send`, which raises as it always did."""
+    head and the same errors, in one pass over the fields; a name that is a token
+    (which HEADER_RE takes) is looked up in the memo of those checked before
+    (headers.py's), not matched, and the values are checked once, joined (the
+    rule is a class of single bytes: a joined value holds a bad byte when one
+    value does). A head they refuse goes through uvicorn's own `send`, which
+    raises as it always did."""
 
     async def send(self, message: Any) -> None:
         if self.flow.write_paused or self.disconnected:
+            transport: Any = self.transport
+            if transport.__class__ is CorkedTransport:
+                transport.flush()  # a held head first: uvicorn's send may write none
             await RequestResponseCycle.send(self, message)
             return
         if self.response_started:
@@ -140,23 +139,44 @@ class Cycle(RequestResponseCycle):
         if message["type"] != "http.response.start":
             await RequestResponseCycle.send(self, message)
             return
-        headers = self.default_headers + list(message.get("headers", []))
-        if not _valid_fields(headers) or self.access_log:
+        content = None if self.access_log else self._head(
+            message["status"], self.default_headers + list(message.get("headers", [])))
+        if content is None:
             # A head uvicorn refuses (its send says how), or an access line to log
             # (uvicorn's own: dualproxy serve turns it off).
             await RequestResponseCycle.send(self, message)
             return
+        head = b"".join(content)
+        out: Any = self.transport
+        if message.get(BODY_FOLLOWS) and out.__class__ is CorkedTransport:
+            out.hold(head)
+        else:
+            out.write(head)
+
+    def _head(self, status_code: int, headers: list[tuple[bytes, bytes]]) -> list[bytes] | None:
+        """The head's pieces, as uvicorn writes them, the response started; None
+        when uvicorn's send would refuse a field (nothing changed then)."""
+        names = _VALID_NAMES
+        read = []
+        try:
+            content = [STATUS_LINE[status_code]]
+            for name, value in headers:
+                if name not in names and not _valid_name(name) and HEADER_RE.search(name):
+                    return None
+                name = name.lower()
+                if name in _READ_FIELDS:
+                    read.append((name, value))
+                content += name, b": ", value, b"\r\n"
+            # HEADER_VALUE_RE on the values: a byte of its class left once the others
+            # are deleted (a table look-up a byte; the regex's search cost 4x that).
+            if b"".join(content[3::4]).translate(None, _VALUE_BYTES):
+                return None
+        except Exception:  # not bytes, no such status: uvicorn's send raises its error
+            return None
         self.response_started = True
         self.waiting_for_100_continue = False
-        self.transport.write(b"".join(self._head(message["status"], headers)))
-
-    def _head(self, status_code: int, headers: list[tuple[bytes, bytes]]) -> list[bytes]:
-        """The head's pieces, as uvicorn writes them (the fields checked)."""
-        names = _VALID_NAMES
-        content = [STATUS_LINE[status_code]]
         has_connection_close = False
-        for name, value in headers:
-            name = names.get(name) or name.lower()
+        for name, value in read:  # uvicorn's steps, on the fields it reads
             if name == b"content-length" and self.chunked_encoding is None:
                 self.expected_content_length = int(value.decode())
                 self.chunked_encoding = False
@@ -168,7 +188,6 @@ class Cycle(RequestResponseCycle):
                 if b"close" in connection:
                     self.keep_alive = False
                     has_connection_close = True
-            content.extend((name, b": ", value, b"\r\n"))
         if not self.keep_alive and not has_connection_close:
             content.append(b"connection: close\r\n")
         if (self.chunked_encoding is None and self.scope["method"] != "HEAD"
@@ -185,6 +204,7 @@ class Cycle(RequestResponseCycle):
         more_body = message.get("more_body", False)
         if self.scope["method"] == "HEAD":
             self.expected_content_length = 0
+            self.transport.write(b"")  # (a held head goes out: no body to go with it)
         elif self.chunked_encoding:
             if body:
                 content = [b"%x\r\n" % len(body), body, b"\r\n"]
@@ -234,48 +254,62 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     line_done = False  # the head being received is past its request line
     head_bytes = 0
     body_bytes = 0
-    # The head clock: `head_deadline` is when the head being received times out (None:
-    # no clock runs). Its timer is lazy: stopping the clock leaves it armed, and when
-    # it fires for a clock that was started again since, it arms itself for what is
-    # left; so a request costs no timer of its own (a timer armed and cancelled a
-    # request cost more than any other step of uvicorn's).
-    head_deadline: float | None = None
-    head_timer: asyncio.TimerHandle | None = None
-    head_timer_at = 0.0
+    # Two lazy clocks (waits.LazyTimer), so a request arms and cancels no timer: the
+    # head clock (its deadline: when the head being received times out) and the idle
+    # clock, uvicorn's keep-alive timeout (uvicorn arms a timer as each response ends
+    # and cancels it at the next bytes; here its deadline is set and cleared there).
+    head_clock: LazyTimer
+    idle_clock: LazyTimer
+    cycles: list[Any]  # the connection's cycles, the unfinished ones at least
 
     def connection_made(self, transport: Any) -> None:
+        self.head_clock = LazyTimer(self.loop, self.head_timed_out)
+        self.idle_clock = LazyTimer(self.loop, self.timeout_keep_alive_handler)
+        self.cycles = []
         super().connection_made(transport)
-        if self.bounds_heads():
+        if _HTTPTOOLS:
             self.start_head_clock()
 
     def flush(self) -> None:
         """The held heads out, before the protocol writes or closes by itself."""
-        for cycle in self.__dict__.get("cycles", ()):
+        for cycle in self.cycles:
             if isinstance(cycle.transport, CorkedTransport):
                 cycle.transport.flush()
-
-    def bounds_heads(self) -> bool:
-        return hasattr(self, "on_headers_complete")  # httptools, not h11
 
     def shutdown(self) -> None:
         start_clock()
         self.flush()
         idle = self.cycle is None or self.cycle.response_complete
-        if not idle or not self.bounds_heads():  # busy, or h11's protocol
+        if not idle or not _HTTPTOOLS:  # busy, or h11's protocol
             super().shutdown()
             return
         self.draining = True
-        self._unset_keepalive_if_required()
-        self.timeout_keep_alive_task = self.loop.call_later(
-            IDLE_GRACE, self.timeout_keep_alive_handler)
+        self.idle_clock.set(self.loop.time() + IDLE_GRACE)  # (the keep-alive's, replaced)
+
+    def _unset_keepalive_if_required(self) -> None:
+        """uvicorn's keep-alive timeout stopped (bytes came, the connection closed)."""
+        self.idle_clock.deadline = None
+
+    def on_response_complete(self) -> None:
+        # uvicorn's steps (httptools, 0.54), the keep-alive timeout on the idle clock.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.idle_clock.deadline = None
+        self.flow.resume_reading()
+        if self.pipeline:  # the next pipelined request's turn
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self.idle_clock.set(self.loop.time() + self.timeout_keep_alive)
 
     def data_received(self, data: bytes) -> None:
         if self.refused:  # answered: what still comes is drained unread
             return
-        if not self.bounds_heads():
+        if not _HTTPTOOLS:
             super().data_received(data)
             return
-        if self.head_deadline is None and not self.in_message:  # bytes before a head
+        if self.head_clock.deadline is None and not self.in_message:  # bytes before a head
             self.start_head_clock()
         self.body_bytes = 0
         super().data_received(data)
@@ -292,7 +326,7 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         super().on_message_begin()
         self.in_message = self.in_head = True
         self.line_done, self.head_bytes = False, 0
-        if self.head_deadline is None:
+        if self.head_clock.deadline is None:
             self.start_head_clock()
 
     def on_body(self, body: bytes) -> None:
@@ -301,26 +335,30 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self.stop_head_clock()
+        self.head_clock.deadline = None  # (stop_head_clock)
         # uvicorn makes the cycle by its module's name: a `Cycle` (its send cheaper),
         # built as one (a class changed afterwards slows every attribute it has).
         names = vars(httptools_impl)
         names["RequestResponseCycle"] = Cycle
+        before = self.cycle
         try:
             super().on_headers_complete()
         finally:
             names["RequestResponseCycle"] = RequestResponseCycle
-        if self.cycle is not None:
-            cycles = self.__dict__.setdefault("cycles", [])
-            cycles[:] = [c for c in cycles if not c.response_complete]
-            cycles.append(self.cycle)
-        if self.draining and self.cycle is not None:
-            self.cycle.keep_alive = False
-        if self.cycle is not None and self.scope.get("http_version") == "1.0":
-            close_delimited(self.cycle)
-        if self.cycle is not None:  # its head waits for the body's first piece
-            self.cycle.transport = CorkedTransport(self.transport, self.loop)
-            self.cycle.scope[ON_GONE] = []  # (the app's task has not run yet)
+        cycle = self.cycle
+        if cycle is None or cycle is before:  # no new cycle (an upgrade)
+            return
+        cycles = self.cycles
+        while cycles and cycles[0].response_complete:  # (they complete in order)
+            del cycles[0]
+        cycles.append(cycle)
+        if self.draining:
+            cycle.keep_alive = False
+        if self.scope.get("http_version") == "1.0":
+            close_delimited(cycle)
+        # Its head waits for the body's first piece; the app's task has not run yet.
+        cycle.transport = CorkedTransport(self.transport, self.loop)
+        cycle.scope[ON_GONE] = []
 
     def connection_lost(self, exc: Exception | None) -> None:
         # uvicorn tells only its newest cycle (`self.cycle`) that the client is gone.
@@ -328,11 +366,9 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         # answered never hears of it: its receive() waits forever and its send()
         # writes into a closed transport, so an endless upstream stream went on with
         # nobody reading. Every unfinished cycle of the connection is told.
-        self.stop_head_clock()
-        timer, self.head_timer = self.head_timer, None
-        if timer is not None:
-            timer.cancel()
-        for cycle in self.__dict__.get("cycles", ()):
+        self.head_clock.stop()
+        self.idle_clock.stop()
+        for cycle in self.cycles:
             if not cycle.response_complete:
                 tell_gone(cycle)
         super().connection_lost(exc)
@@ -342,28 +378,12 @@ class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         super().on_message_complete()
 
     def start_head_clock(self) -> None:
-        deadline = self.head_deadline = self.loop.time() + header_timeout()
-        if self.head_timer is None or deadline < self.head_timer_at:
-            self._arm_head_timer(deadline)
-
-    def _arm_head_timer(self, at: float) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-        self.head_timer_at = at
-        self.head_timer = self.loop.call_at(at, self.head_timed_out)
+        self.head_clock.set(self.loop.time() + header_timeout())
 
     def stop_head_clock(self) -> None:
-        self.head_deadline = None
+        self.head_clock.deadline = None
 
     def head_timed_out(self) -> None:
-        self.head_timer = None
-        deadline = self.head_deadline
-        if deadline is None:
-            return  # stopped: the next head arms it again
-        if self.loop.time() < deadline:
-            self._arm_head_timer(deadline)
-            return
-        self.head_deadline = None
         if self.transport.is_closing():
             return
         if self.in_head:
