@@ -315,18 +315,19 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
                       ) -> ResponseHead:
         """The head for the client, before the response hooks (ProxyError: refuse).
         `request` and `response`: httpx's, or a Call and the Reply the transport gave."""
-        if isinstance(response, Reply):
-            status, headers = response.head.status, response.header_list()
-            framing = response.head.framing
+        if isinstance(response, Reply):  # the names as the wire spelled them
+            head = response.head
+            status, headers, framing, spelled = head.status, head.headers, head.framing, True
         else:
             status, headers = response.status_code, response_header_list(response)
             framing = response.extensions.get(FRAMING)  # dualproxy's transport read it already
+            spelled = False
         record.upstream_status(status)
         if record.upstream is not None:
             self.balancer.succeeded(record.upstream)
         enter_body_phase(request, self.config)
         return plan_response(self.config, plan, status, headers,
-                             framing if isinstance(framing, Framing) else None)
+                             framing if isinstance(framing, Framing) else None, spelled)
 
     def refuse(self, record: RequestRecord, exc: ProxyError) -> None:
         self._log.problem(record, exc)
