@@ -142,7 +142,7 @@ _target_piece = st.sampled_from(["/", "//", "/.", "/..", ".", "a", "api", "%2e",
 @given(pieces=st.lists(_target_piece, max_size=12), lead=st.sampled_from(["/", "", "/api"]),
        mount=st.sampled_from([b"", b"/api"]), base=st.sampled_from([b"", b"/base"]),
        routed=st.booleans())
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 def test_plain_targets_take_the_same_way(pieces: list[str], lead: str, mount: bytes,
                                           base: bytes, routed: bool) -> None:
     raw = (lead + "".join(pieces)).encode("latin-1")
@@ -243,6 +243,19 @@ def test_forwarding_headers_from_a_trusted_peer_are_appended_to() -> None:
     assert out[b"x-forwarded-for"] == b"203.0.113.9, 10.0.0.7"
     assert out[b"forwarded"] == b"for=203.0.113.9, for=10.0.0.7;host=front;proto=http"
     assert out[b"x-forwarded-proto"] == b"https"
+
+
+@pytest.mark.parametrize("fields", [1, 4, 5, 12])
+@pytest.mark.parametrize("bad", [b"\r", b"\n", b"\x00"])
+def test_cr_lf_nul_in_any_request_value_is_400(fields: int, bad: bytes) -> None:
+    """Whether the values are searched one by one (a few) or joined (many)."""
+    for where in range(fields):
+        headers = [(b"host", b"front")] + [(b"x-%d" % i, b"v") for i in range(fields - 1)]
+        headers[where] = (headers[where][0], b"a" + bad + b"b")
+        with pytest.raises(BadRequest):
+            plan_request(CONFIG, IncomingRequest("GET", b"/api/x", headers, "10.0.0.1"))
+    fine = [(b"host", b"front")] + [(b"x-%d" % i, b"v\tw") for i in range(fields - 1)]
+    plan_request(CONFIG, IncomingRequest("GET", b"/api/x", fine, "10.0.0.1"))
 
 
 def test_forwarding_memo_keeps_the_recent_clients() -> None:
