@@ -32,6 +32,7 @@ import httpx
 from .config import ProxyConfig
 from .core import (
     CHECKED_MOUNT,
+    PROXY_METHODS,
     CheckedRequest,
     IncomingRequest,
     ResponseHead,
@@ -72,6 +73,10 @@ if TYPE_CHECKING:
 ClientT = TypeVar("ClientT", httpx.Client, httpx.AsyncClient)
 TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
 AppT = TypeVar("AppT")
+
+
+# The request line's method for the usual ones (their upper-cased bytes).
+_METHOD_BYTES = {method: method.encode() for method in PROXY_METHODS}
 
 
 class NoUpstream(BadGateway):
@@ -214,6 +219,8 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
     # -- the steps of one request, in order ---------------------------------------------
 
     def begin(self, incoming: IncomingRequest) -> RequestRecord:
+        if not self.config.trusted_proxies:  # client_address's answer, without the call
+            return self._log.start(incoming, incoming.peer)
         return self._log.start(incoming, client_address(incoming.headers, self.config,
                                                         incoming.peer))
 
@@ -306,7 +313,8 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
     def upstream_call(self, plan: UpstreamPlan, content: Any, upstream: Upstream) -> Call:
         """`upstream_request` as dualproxy's transport takes it directly (`send`): the
         same request line, headers, body and timeouts, without an httpx.Request."""
-        return Call(plan.method.upper().encode(), plan.target,
+        method = plan.method
+        return Call(_METHOD_BYTES.get(method) or method.upper().encode(), plan.target,
                     attempt_headers(self.config, plan, upstream), request_stream(plan, content),
                     upstream_key(upstream), {"timeout": timeouts(self.config)})
 
@@ -315,18 +323,19 @@ class ProxyFace(Generic[ClientT, TransportT, AppT]):
                       ) -> ResponseHead:
         """The head for the client, before the response hooks (ProxyError: refuse).
         `request` and `response`: httpx's, or a Call and the Reply the transport gave."""
-        if isinstance(response, Reply):
-            status, headers = response.head.status, response.header_list()
-            framing = response.head.framing
+        if isinstance(response, Reply):  # the names as the wire spelled them
+            head = response.head
+            status, headers, framing, spelled = head.status, head.headers, head.framing, True
         else:
             status, headers = response.status_code, response_header_list(response)
             framing = response.extensions.get(FRAMING)  # dualproxy's transport read it already
+            spelled = False
         record.upstream_status(status)
         if record.upstream is not None:
             self.balancer.succeeded(record.upstream)
         enter_body_phase(request, self.config)
         return plan_response(self.config, plan, status, headers,
-                             framing if isinstance(framing, Framing) else None)
+                             framing if isinstance(framing, Framing) else None, spelled)
 
     def refuse(self, record: RequestRecord, exc: ProxyError) -> None:
         self._log.problem(record, exc)

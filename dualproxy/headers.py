@@ -10,6 +10,7 @@ are kept: several `Set-Cookie` stay several.
 from __future__ import annotations
 
 import functools
+import operator
 import re
 from collections.abc import Iterable, Sequence
 
@@ -50,10 +51,33 @@ _FORWARDED_PIECE = re.compile(rb"[ \t]*(?:" + _PAIR + rb"[ \t]*)?([;,]|\Z)")
 
 
 # Field names and Host values found valid before: the same few on every request, so
-# each is matched once, not once a request (bounded: clients choose them).
-_VALID_NAMES: set[bytes] = set()
+# each is matched once, not once a request (bounded: clients choose them). A valid
+# name maps to its kind for `request_headers` (`_kind`), so one look-up a field
+# serves both the check and the policy.
+_VALID_NAMES: dict[bytes, int] = {}
 _VALID_HOSTS: set[bytes] = set()
 _REMEMBERED = 512
+
+# Request field kinds (`_kind`): what `request_headers` does with a name, the
+# configuration's choices (underscores, removals) and Connection's names aside.
+_PLAIN, _UNDERSCORED, _HOST, _TE, _DROPPED, _FORWARDED_FOR, _FORWARDED, _FORWARDED_PROTO, \
+    _FORWARDED_HOST, _FORWARDING_OTHER = range(10)
+_KINDS = {
+    b"host": _HOST, b"te": _TE, b"x-forwarded-for": _FORWARDED_FOR, b"forwarded": _FORWARDED,
+    b"x-forwarded-proto": _FORWARDED_PROTO, b"x-forwarded-host": _FORWARDED_HOST,
+}
+
+
+def _kind(name: bytes) -> int:
+    """A request field name's kind (`request_headers` applies it)."""
+    kind = _KINDS.get(name)
+    if kind is not None:
+        return kind
+    if name.find(b"_") >= 0:  # not `in` (framing.list_items)
+        return _UNDERSCORED
+    if name in HOP_BY_HOP or name in _REQUEST_OWNED:
+        return _DROPPED
+    return _FORWARDING_OTHER if name in FORWARDING else _PLAIN
 
 
 def _valid_name(name: bytes) -> bool:
@@ -62,7 +86,7 @@ def _valid_name(name: bytes) -> bool:
     if _TOKEN.match(name) is None:
         return False
     if len(_VALID_NAMES) < _REMEMBERED:
-        _VALID_NAMES.add(name)
+        _VALID_NAMES[name] = _kind(name)
     return True
 
 
@@ -89,6 +113,13 @@ def is_hop_by_hop(name: bytes, named: set[bytes]) -> bool:
     return name in HOP_BY_HOP or name in named
 
 
+_value = operator.itemgetter(1)
+# Up to this many fields, each value is searched for CR, LF and NUL (one regex search
+# a value, some fifty instructions a byte); more, and all of them are joined and
+# scanned three times by memchr, whatever their length (a browser's head).
+_SEARCHED_ONE_BY_ONE = 4
+
+
 def check_request_headers(headers: Sequence[Header], config: ProxyConfig, *,
                           require_host: bool = False) -> None:
     """Bound the head's size the same on every server, and refuse CR/LF/NUL.
@@ -97,11 +128,13 @@ def check_request_headers(headers: Sequence[Header], config: ProxyConfig, *,
     """
     if len(headers) > config.max_header_count:
         raise HeadersTooLarge(f"more than {config.max_header_count} request headers")
+    few = len(headers) <= _SEARCHED_ONE_BY_ONE
     total = 0
     hosts = 0
     for name, value in headers:
         total += len(name) + len(value) + 4
-        if (name not in _VALID_NAMES and not _valid_name(name)) or _BAD_VALUE.search(value):
+        if ((name not in _VALID_NAMES and not _valid_name(name))
+                or few and _BAD_VALUE.search(value) is not None):
             raise BadRequest("malformed request header")
         if name == b"host":
             # RFC 9112 3.2: more than one Host, or an invalid (or empty) one, is a 400
@@ -109,6 +142,10 @@ def check_request_headers(headers: Sequence[Header], config: ProxyConfig, *,
             hosts += 1
             if hosts > 1 or (value not in _VALID_HOSTS and not _valid_host(value)):
                 raise BadRequest("more than one Host header, or an invalid one")
+    if not few:  # a bad byte in one value is one in their concatenation
+        values = b"".join(map(_value, headers))
+        if values.find(0) >= 0 or values.find(13) >= 0 or values.find(10) >= 0:
+            raise BadRequest("malformed request header")
     if require_host and not hosts:
         # RFC 9112 3.2: an HTTP/1.1 request without Host is a 400 (as nginx and Go answer).
         raise BadRequest("HTTP/1.1 request without a Host header")
@@ -183,77 +220,92 @@ def request_headers(
     `underscores_in_headers off`): a WSGI upstream would read `X_Forwarded_For`
     as X-Forwarded-For.
     """
-    named = connection_tokens(headers)
-    trusted = config.is_trusted(peer)
+    return upstream_fields(headers, config, peer, scheme, authority, None, te_trailers)
+
+
+def upstream_fields(headers: Sequence[Header], config: ProxyConfig, peer: str | None,
+                    scheme: str, authority: bytes | None = None,
+                    named: frozenset[bytes] | set[bytes] | None = None,
+                    te_trailers: bool | None = None) -> list[Header]:
+    """`request_headers`, its arguments positional (the core's per-request call).
+    `named`: the names the Connection header lists, when the caller has them
+    (`Framing.connection`, what `connection_tokens` finds)."""
+    if named is None:
+        named = connection_tokens(headers)
+    remove = config.remove_request_headers
+    skip = named | remove if remove else named  # dropped unless Host or TE
+    trusted = bool(config.trusted_proxies) and config.is_trusted(peer)
+    underscores = config.underscores_in_headers
+    kinds = _VALID_NAMES
     client_host: bytes | None = None
     inbound_xff: list[bytes] = []
     inbound_fwd: list[bytes] = []
     inbound_proto: bytes | None = None
     inbound_xhost: bytes | None = None
     wants_trailers = False
-    out: list[Header] = []
-    remove = config.remove_request_headers
-    underscores = config.underscores_in_headers
+    out: list[Header] = [(b"host", b"")]  # Host comes first: set below
     for name, value in headers:
-        if not underscores and name.find(b"_") >= 0:  # not `in` (framing.list_items)
-            continue
-        if name == b"host":
+        kind = kinds.get(name)
+        if kind is None:  # not a name seen valid before
+            kind = _kind(name)
+        if kind == _PLAIN or (kind == _UNDERSCORED and underscores):
+            if name not in skip:
+                out.append((name, value))
+        elif kind == _HOST:
             if client_host is None:
                 client_host = value
-            continue
-        if name == b"te":
+        elif kind == _TE:
             # RFC 9110 10.1.4: only the `trailers` token may be forwarded.
             wants_trailers = wants_trailers or any(
                 token.split(b";", 1)[0].strip().lower() == b"trailers"
                 for token in value.split(b","))
-            continue
-        if name in HOP_BY_HOP or name in named or name in _REQUEST_OWNED or name in remove:
-            continue
-        if name in FORWARDING:
-            if trusted:
-                if name == b"x-forwarded-for":
-                    inbound_xff.append(value)
-                elif name == b"forwarded":
-                    if well_formed_forwarded(value):
-                        inbound_fwd.append(value)
-                elif name == b"x-forwarded-proto" and inbound_proto is None:
+        elif kind >= _FORWARDED_FOR and trusted and name not in skip:
+            # Forwarding headers: believed only from a trusted peer.
+            if kind == _FORWARDED_FOR:
+                inbound_xff.append(value)
+            elif kind == _FORWARDED:
+                if well_formed_forwarded(value):
+                    inbound_fwd.append(value)
+            elif kind == _FORWARDED_PROTO:
+                if inbound_proto is None:
                     inbound_proto = value
-                elif name == b"x-forwarded-host" and inbound_xhost is None:
+            elif kind == _FORWARDED_HOST:
+                if inbound_xhost is None:
                     inbound_xhost = value
-                else:
-                    out.append((name, value))
-            continue
-        out.append((name, value))
+            else:
+                out.append((name, value))
+        # (the rest: underscored names, hop-by-hop and the proxy's own fields, untrusted
+        # forwarding fields: dropped)
 
     if te_trailers is not None:
         wants_trailers = te_trailers
     if authority is not None:
         client_host = authority
-    host = client_host if (config.preserve_host and client_host) else config.upstream_authority
-    result: list[Header] = [(b"host", host)]
-    result.extend(out)
+    upstream_authority = config.upstream_authority
+    if config.preserve_host and client_host:
+        out[0] = (b"host", client_host)
+    else:
+        out[0] = (b"host", upstream_authority)
     if wants_trailers:
-        result.append((b"te", b"trailers"))
+        out.append((b"te", b"trailers"))
 
-    fwd_host = client_host or config.upstream_authority
+    fwd_host = client_host or upstream_authority
     if trusted:
-        result += _forwarding(peer, scheme, fwd_host, inbound_xff, inbound_fwd, inbound_proto,
-                              inbound_xhost)
+        out += _forwarding(peer, scheme, fwd_host, inbound_xff, inbound_fwd, inbound_proto,
+                           inbound_xhost)
     else:  # nothing inbound: the same few fields for every request of a client and host
-        key = (peer, scheme, fwd_host)
-        forwarding = _FORWARDING.get(key)
-        if forwarding is None:
-            forwarding = _forwarding(peer, scheme, fwd_host, [], [], None, None)
-            if len(_FORWARDING) < _REMEMBERED:
-                _FORWARDING[key] = forwarding
-        result += forwarding
-    result.extend(config.add_request_headers)
-    return result
+        out += _untrusted_forwarding(peer, scheme, fwd_host)
+    if config.add_request_headers:
+        out.extend(config.add_request_headers)
+    return out
 
 
-# (peer, scheme, forwarded host) -> the forwarding fields of an untrusted peer's request,
-# for the ones seen so far; bounded, as clients choose them.
-_FORWARDING: dict[tuple[str | None, str, bytes], tuple[Header, ...]] = {}
+@functools.lru_cache(maxsize=_REMEMBERED)
+def _untrusted_forwarding(peer: str | None, scheme: str, fwd_host: bytes,
+                          ) -> tuple[Header, ...]:
+    """The forwarding fields of an untrusted peer's request: made once a (peer, scheme,
+    forwarded host), the least recently used forgotten (clients choose them)."""
+    return _forwarding(peer, scheme, fwd_host, [], [], None, None)
 
 
 def _forwarding(peer: str | None, scheme: str, fwd_host: bytes, inbound_xff: list[bytes],
@@ -337,15 +389,21 @@ def _rewrite_set_cookie(value: bytes, config: ProxyConfig, mount: bytes) -> byte
     return b";".join(p for p in parts if p)
 
 
-# The response fields `response_headers` may rewrite (the rest pass as they are or not at all).
-_RESPONSE_SPECIAL = frozenset({b"content-length", b"location", b"content-location", b"refresh",
-                               b"set-cookie"})
+# What `response_fields` does with a response field (`_response_actions`): none, passed
+# as it is; dropped (hop-by-hop, the server's own, removed by the configuration); the
+# upstream's Date (dropped, noted); its length, a URL, a refresh and a cookie (rewritten).
+_DROP, _DATE, _LENGTH, _URL, _REFRESH, _COOKIE = range(6)
+_RESPONSE_SPECIAL = {b"content-length": _LENGTH, b"location": _URL,
+                     b"content-location": _URL, b"refresh": _REFRESH, b"set-cookie": _COOKIE}
 
 
 @functools.lru_cache(maxsize=16)
-def _dropped_response_fields(remove: frozenset[bytes]) -> frozenset[bytes]:
-    """The response fields never passed down: hop-by-hop, the server's own, `remove`."""
-    return HOP_BY_HOP | _RESPONSE_OWNED | remove
+def _response_actions(remove: frozenset[bytes]) -> dict[bytes, int]:
+    """The actions of every response field not passed as it is (`remove`: the
+    configuration's removals); dropping comes first."""
+    actions = {**_RESPONSE_SPECIAL, **dict.fromkeys(HOP_BY_HOP | _RESPONSE_OWNED | remove, _DROP)}
+    actions[b"date"] = _DATE
+    return actions
 
 
 def response_headers(
@@ -362,6 +420,15 @@ def response_headers(
     body by: anything it refuses (both headers, conflicting lengths, a coding
     other than chunked) is a 502. Equal lengths (`5, 5`) become one.
     """
+    return response_fields(headers, config, mount, framing)[0]
+
+
+def response_fields(headers: Sequence[Header], config: ProxyConfig, mount: bytes,
+                    framing: Framing | None = None, spelled: bool = False,
+                    ) -> tuple[list[Header], bytes | None]:
+    """`response_headers`, its arguments positional, and the upstream's Date (None:
+    none). `spelled`: the names are as the wire spelled them (any case), lower-cased
+    here: one pass over the fields."""
     if framing is None:  # given: parse_framing(headers) already ran (see plan_response)
         try:
             framing = parse_framing(headers)
@@ -369,32 +436,42 @@ def response_headers(
             raise BadGateway(
                 f"the upstream sent framing the proxy cannot relay: {exc}") from None
     named = framing.connection  # the same tokens connection_tokens() finds
-    length = None if framing.length is None else str(framing.length).encode()
-    out: list[Header] = []
     try:
-        dropped = _dropped_response_fields(config.remove_response_headers)
+        actions = _response_actions(config.remove_response_headers)
     except TypeError:  # a set given to ProxyConfig directly (unhashable)
-        dropped = HOP_BY_HOP | _RESPONSE_OWNED | frozenset(config.remove_response_headers)
-    rewrite = config.rewrite_redirects
-    cookies = config.rewrite_cookie_path or config.cookie_domain is not None
+        actions = _response_actions(frozenset(config.remove_response_headers))
+    act = actions.get
+    out: list[Header] = []
+    date: bytes | None = None
     seen_length = False
     for name, value in headers:
-        if name in dropped or name in named:
+        if spelled:
+            name = name.lower()
+        action = act(name)
+        if action is None:  # most fields: passed as they are
+            if name not in named:
+                out.append((name, value))
             continue
-        if name not in _RESPONSE_SPECIAL:  # most fields: passed as they are
-            out.append((name, value))
+        if action == _DATE:
+            if date is None:
+                date = value
             continue
-        if name == b"content-length":
-            if seen_length or length is None:
+        if action == _DROP or name in named:
+            continue
+        if action == _LENGTH:
+            if seen_length or framing.length is None:
                 continue
             seen_length = True
-            value = length
-        elif rewrite and (name == b"location" or name == b"content-location"):
-            value = _rewrite_url(value, config, mount)
-        elif rewrite and name == b"refresh":
-            value = _rewrite_refresh(value, config, mount)
-        elif cookies and name == b"set-cookie":
+            value = str(framing.length).encode()
+        elif action == _URL:
+            if config.rewrite_redirects:
+                value = _rewrite_url(value, config, mount)
+        elif action == _REFRESH:
+            if config.rewrite_redirects:
+                value = _rewrite_refresh(value, config, mount)
+        elif config.rewrite_cookie_path or config.cookie_domain is not None:  # _COOKIE
             value = _rewrite_set_cookie(value, config, mount)
         out.append((name, value))
-    out.extend(config.add_response_headers)
-    return out
+    if config.add_response_headers:
+        out.extend(config.add_response_headers)
+    return out, date

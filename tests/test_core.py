@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dualproxy import headers as headers_module
 from dualproxy.config import ProxyConfig
 from dualproxy.core import (
     BodyCounter,
@@ -36,7 +37,14 @@ from dualproxy.errors import (
     map_upstream_errors,
 )
 from dualproxy.headers import HOP_BY_HOP, request_headers, response_headers
-from dualproxy.target import check_traversal, upstream_target
+from dualproxy.target import (
+    check_traversal,
+    choose_mount,
+    join_base,
+    origin_form,
+    split_target,
+    upstream_target,
+)
 
 CONFIG = ProxyConfig.build("http://up.example:8080/base", mount="/api")
 ROOT = ProxyConfig.build("http://up.example:8080")
@@ -112,6 +120,42 @@ def test_any_path_and_query_round_trip_byte_exact(path: str, query: str | None) 
     target = upstream_target(raw, b"/api", b"/base", 1 << 16)
     expected_path = b"/base" + rest
     assert target == expected_path + (b"" if query is None else b"?" + query.encode())
+
+
+def _target_by_every_step(raw: bytes, mount: bytes, base: bytes, max_bytes: int,
+                          mounts: tuple[bytes, ...]) -> bytes:
+    """upstream_target's general steps, none skipped (its quick way for plain targets
+    must give the same answer or refusal)."""
+    path, query = split_target(origin_form(raw, max_bytes))
+    if choose_mount(path, mounts or (mount,)) != mount:
+        raise NotProxied("no proxy is mounted at this path")
+    rest = path[len(mount):]
+    check_traversal(rest)
+    target = join_base(base, rest)
+    return target if query is None else target + b"?" + query
+
+
+_target_piece = st.sampled_from(["/", "//", "/.", "/..", ".", "a", "api", "%2e", "%2F", "%00",
+                                 ";x", "\\", "?", "#", "&=", " ", "\x7f", "\xe9", ":", "~"])
+
+
+@given(pieces=st.lists(_target_piece, max_size=12), lead=st.sampled_from(["/", "", "/api"]),
+       mount=st.sampled_from([b"", b"/api"]), base=st.sampled_from([b"", b"/base"]),
+       routed=st.booleans())
+@settings(max_examples=500, deadline=None)
+def test_plain_targets_take_the_same_way(pieces: list[str], lead: str, mount: bytes,
+                                          base: bytes, routed: bool) -> None:
+    raw = (lead + "".join(pieces)).encode("latin-1")
+    mounts = (b"", b"/api") if routed else ()
+    try:
+        expected: bytes | type[Exception] = _target_by_every_step(raw, mount, base, 64, mounts)
+    except (BadRequest, NotProxied, TargetTooLong) as exc:
+        expected = type(exc)
+    try:
+        got: bytes | type[Exception] = upstream_target(raw, mount, base, 64, mounts)
+    except (BadRequest, NotProxied, TargetTooLong) as exc:
+        got = type(exc)
+    assert got == expected
 
 
 _segment = st.sampled_from(["..", "%2e%2e", ".%2E", "..;x", ".", "a", "b%2Fc", ""])
@@ -199,6 +243,45 @@ def test_forwarding_headers_from_a_trusted_peer_are_appended_to() -> None:
     assert out[b"x-forwarded-for"] == b"203.0.113.9, 10.0.0.7"
     assert out[b"forwarded"] == b"for=203.0.113.9, for=10.0.0.7;host=front;proto=http"
     assert out[b"x-forwarded-proto"] == b"https"
+
+
+@pytest.mark.parametrize("fields", [1, 4, 5, 12])
+@pytest.mark.parametrize("bad", [b"\r", b"\n", b"\x00"])
+def test_cr_lf_nul_in_any_request_value_is_400(fields: int, bad: bytes) -> None:
+    """Whether the values are searched one by one (a few) or joined (many)."""
+    for where in range(fields):
+        headers = [(b"host", b"front")] + [(b"x-%d" % i, b"v") for i in range(fields - 1)]
+        headers[where] = (headers[where][0], b"a" + bad + b"b")
+        with pytest.raises(BadRequest):
+            plan_request(CONFIG, IncomingRequest("GET", b"/api/x", headers, "10.0.0.1"))
+    fine = [(b"host", b"front")] + [(b"x-%d" % i, b"v\tw") for i in range(fields - 1)]
+    plan_request(CONFIG, IncomingRequest("GET", b"/api/x", fine, "10.0.0.1"))
+
+
+def test_forwarding_memo_keeps_the_recent_clients() -> None:
+    """An untrusted peer's forwarding fields are made once a (peer, scheme, host) and
+    kept least-recently-used: a new client is remembered after the memo filled, and
+    the one unused longest is forgotten, not the newcomer."""
+    memo = headers_module._untrusted_forwarding
+    memo.cache_clear()
+    limit = memo.cache_info().maxsize
+    assert limit is not None
+
+    def forwarding(peer: str) -> list[tuple[bytes, bytes]]:
+        out = request_headers([(b"host", b"front")], CONFIG, peer=peer, scheme="http")
+        return [field for field in out if field[0] != b"host"]
+
+    first = forwarding("10.9.0.0")
+    for i in range(1, limit + 1):
+        forwarding(f"10.9.{i // 250}.{i % 250}")
+    assert memo.cache_info().currsize == limit  # full, the first client pushed out
+    newcomer = forwarding("192.0.2.1")
+    hits = memo.cache_info().hits
+    assert forwarding("192.0.2.1") == newcomer  # kept though the memo was full
+    assert memo.cache_info().hits == hits + 1
+    assert forwarding("10.9.0.0") == first  # made again, the same fields
+    assert memo.cache_info().hits == hits + 1
+    assert (b"x-forwarded-for", b"192.0.2.1") in newcomer
 
 
 def test_ipv6_peer_is_quoted_in_forwarded() -> None:
