@@ -12,6 +12,11 @@ proxy: the median MB/s, its ratio to the round's direct median, and the CPU time
 the proxy's whole process tree (every thread of every process, from
 /proc/PID/task/TID/schedstat: user and kernel, granian's runtime threads included)
 per 100 MiB, which depends much less on the machine's load than MB/s does.
+
+`--alone granian|uvicorn` adds the server alone (`alone-SERVER`, run once, whatever
+the trees): bench/static_upstream.py's ASGI sink on it, which reads the body and
+drops it, in place of the proxy. No face can go faster on that server: a chunked
+upload through granian alone is the ceiling of asgi-granian and wsgi-granian.
 """
 
 from __future__ import annotations
@@ -29,9 +34,20 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import run  # noqa: E402
+from dualproxy.servers.granian import READ_BUFFER  # noqa: E402
 
 PAIRINGS = ("asgi-uvicorn", "wsgi-gunicorn", "wsgi-uvicorn", "asgi-gunicorn", "asgi-granian",
             "wsgi-granian")
+# The servers alone with the sink app, as `dualproxy serve` runs them (one worker,
+# HTTP/1.1, uvicorn on uvloop and httptools, granian with dualproxy's read buffer).
+ALONE = {
+    "uvicorn": ["-m", "uvicorn", "--host", "127.0.0.1", "--port", "{port}", "--loop", "uvloop",
+                "--http", "httptools", "--no-access-log", "--log-level", "warning",
+                "bench.static_upstream:app"],
+    "granian": ["-m", "granian", "--interface", "asginl", "--host", "127.0.0.1", "--port",
+                "{port}", "--workers", "1", "--http", "1", "--no-ws", "--log-level", "warning",
+                "--http1-buffer-size", "{read_buffer}", "bench.static_upstream:app"],
+}
 
 
 def tree_cpu_ns(root: int) -> int:
@@ -66,6 +82,8 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=100)
     parser.add_argument("--down", action="store_true", help="downloads instead of uploads")
     parser.add_argument("--chunked", action="store_true", help="uploads without Content-Length")
+    parser.add_argument("--alone", action="append", choices=ALONE, default=[],
+                        help="add this server alone with a sink app (the ceiling); repeatable")
     opts = parser.parse_args()
     atexit.register(run.stop_all)
     signal.signal(signal.SIGTERM, run._on_signal)
@@ -86,6 +104,14 @@ def main() -> None:
                 if not run.wait_http(f"http://127.0.0.1:{port}/small", timeout=60, proc=proc):
                     raise SystemExit(f"{tree} {pairing}: the proxy did not start")
                 proxies[tree, pairing] = (f"http://127.0.0.1:{port}", proc.pid)
+        for server in opts.alone:
+            port = run.free_port()
+            args = [a.format(port=port, read_buffer=READ_BUFFER) for a in ALONE[server]]
+            proc = run.start([run.PY, *args], env={"BENCH_WWW": str(big.parent)},
+                             log=work / f"alone-{server}.log", cwd=ROOT)
+            if not run.wait_http(f"http://127.0.0.1:{port}/small", timeout=60, proc=proc):
+                raise SystemExit(f"{server} alone did not start")
+            proxies[ROOT, f"alone-{server}"] = (f"http://127.0.0.1:{port}", proc.pid)
         direct: list[float] = []
         speeds: dict[tuple[Path, str], list[float]] = {key: [] for key in proxies}
         cpu: dict[tuple[Path, str], list[float]] = {key: [] for key in proxies}
@@ -106,7 +132,8 @@ def main() -> None:
               f"({', '.join(f'{x:,.0f}' for x in direct)})")
         for (tree, pairing), values in speeds.items():
             mbs = statistics.median(values)
-            print(f"{pairing:14} {str(tree)[-30:]:30} {mbs:7,.0f} MB/s {mbs / base:5.0%} of "
+            where = "-" if pairing.startswith("alone-") else str(tree)[-30:]
+            print(f"{pairing:14} {where:30} {mbs:7,.0f} MB/s {mbs / base:5.0%} of "
                   f"direct, CPU {statistics.median(cpu[tree, pairing]):5.0f} ms/100 MiB "
                   f"({', '.join(f'{x:,.0f}' for x in values)})")
     finally:

@@ -228,6 +228,23 @@ def test_request_body_framing_and_length_checks() -> None:
         conn.end_body()
 
 
+def test_request_body_parts_carry_the_piece_uncopied() -> None:
+    """The async driver writes send_body_parts' parts in one gathering write: the
+    same bytes as send_body, the piece itself among them (not a framed copy)."""
+    piece = bytes(range(256)) * 256
+    conn = ClientConnection()
+    conn.send_request(b"PUT", b"/", [(b"Host", b"u"), (b"Transfer-Encoding", b"chunked")])
+    parts = conn.send_body_parts(piece)
+    assert parts[1] is piece and b"".join(parts) == b"10000\r\n" + piece + b"\r\n"
+    assert conn.send_body_parts(b"") == ()
+    conn = ClientConnection()
+    conn.send_request(b"PUT", b"/", [(b"Host", b"u"), (b"Content-Length", b"65538")])
+    parts = conn.send_body_parts(piece)
+    assert len(parts) == 1 and parts[0] is piece
+    with pytest.raises(LocalProtocolError):
+        conn.send_body_parts(b"abc")
+
+
 def test_an_early_answer_stops_the_upload_and_forbids_reuse() -> None:
     conn = ClientConnection()
     conn.send_request(b"POST", b"/", [(b"Host", b"u"), (b"Transfer-Encoding", b"chunked")])

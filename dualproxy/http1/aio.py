@@ -173,15 +173,18 @@ class _AsyncConn(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
 
-    def put(self, data: bytes) -> bool:
-        """Write; True when the kernel's buffer is full and `drained` is to be awaited
-        before more. An upstream that left is told to the codec (which stops the
-        upload), not raised: its answer may be in."""
+    def put(self, data: bytes | tuple[bytes, ...]) -> bool:
+        """Write (parts: in one gathering write); True when the kernel's buffer is full
+        and `drained` is to be awaited before more. An upstream that left is told to
+        the codec (which stops the upload), not raised: its answer may be in."""
         transport = self.transport
         if transport is None or transport.is_closing():
             self.codec.write_failed(nothing_written=True)
             return False
-        transport.write(data)
+        if isinstance(data, tuple):
+            transport.writelines(data)
+        else:
+            transport.write(data)
         if transport.is_closing():
             # The write failed (an upstream that answered early and reset us).
             # The event loop drops the socket without reading what is still in
@@ -200,7 +203,7 @@ class _AsyncConn(asyncio.Protocol):
             except asyncio.TimeoutError:
                 raise httpx.WriteTimeout("upstream stopped reading the request") from None
 
-    async def write(self, data: bytes, request: Sendable) -> None:
+    async def write(self, data: bytes | tuple[bytes, ...], request: Sendable) -> None:
         """Write and wait for the kernel to take it (`put`, then `drained`)."""
         if self.put(data):
             await self.drained(request)
@@ -373,9 +376,9 @@ class AsyncUpstreamTransport(Pool["_AsyncConn"], httpx.AsyncBaseTransport):
         stream = call.stream
         assert isinstance(stream, AsyncIterable)
         async for piece in stream:
-            data = codec.send_body(piece)
-            if data:
-                await conn.write(data, call)
+            parts = codec.send_body_parts(piece)
+            if parts:
+                await conn.write(parts, call)
             elif codec.upload_stopped:
                 break
         else:

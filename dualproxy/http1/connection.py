@@ -201,17 +201,23 @@ class ClientConnection:
     def send_body(self, piece: bytes) -> bytes:
         """Framed bytes to write for one body piece; b"" when nothing is to be written
         (an empty piece, or the upload stopped: see `upload_stopped`)."""
+        return b"".join(self.send_body_parts(piece))
+
+    def send_body_parts(self, piece: bytes) -> tuple[bytes, ...]:
+        """`send_body`'s bytes in parts, the piece among them uncopied (a driver with
+        a gathering write sends them so: a chunk's framing copied each 64 KiB piece
+        once more); () when nothing is to be written."""
         self._body_started = True
         if not piece or self._stop_upload():
-            return b""
+            return ()
         if self._out == CHUNKED:
-            return b"%x\r\n%b\r\n" % (len(piece), piece)
+            return (b"%x\r\n" % len(piece), piece, b"\r\n")
         left = self._out_left - len(piece)
         if left < 0:  # raised before a byte of the piece is written
             self._keep = False
             raise LocalProtocolError("request body longer than its Content-Length")
         self._out_left = left
-        return piece
+        return (piece,)
 
     def end_body(self) -> bytes:
         """What ends the body on the wire: b"0\\r\\n\\r\\n" when chunked, else b""."""

@@ -55,7 +55,11 @@ _LOG_CONFIG: dict[str, Any] = {
 # hyper's read buffer (granian's default, hyper's own): a request body reaches the app
 # in pieces of at most this size, one receive() each; it also bounds a request head.
 # At HEAD_LIMIT (48 KiB) a 100 MiB upload took 2,100 receive() round trips through
-# granian's runtime instead of 250, and ran at half the speed.
+# granian's runtime instead of 250, and ran at half the speed. A chunked body comes
+# one client chunk a receive() at most, whatever this size (hyper's frames): curl's
+# 64 KiB chunks make ~1,860 round trips per 100 MiB, which cost granian alone (an app
+# that drops the body) as much CPU as dualproxy's whole upload on uvicorn
+# (bench/transfer_ab.py --alone granian).
 READ_BUFFER = 8192 + 4096 * 100
 # The worker's "end what is left now" signal (a second SIGINT to the main process).
 FORCE_SIGNAL = signal.SIGQUIT
