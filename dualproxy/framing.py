@@ -44,6 +44,9 @@ class Framing(NamedTuple):
 # Framing its codec read the head by, so the core does not parse it again.
 FRAMING = "dualproxy.framing"
 
+# The lengths of the names read here (transfer-encoding, content-length, connection):
+# a field of another length is none of them, and callers may leave it out.
+FRAMING_SIZES = frozenset({17, 14, 10})
 _NO_TOKENS: frozenset[bytes] = frozenset()
 _UNFRAMED = Framing(False, None, _NO_TOKENS)
 _ONE_TOKEN = {token: frozenset((token,)) for token in (b"keep-alive", b"close", b"upgrade")}
@@ -66,8 +69,7 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
     length: bytes | None = None
     tokens: list[bytes] | None = None
     for name, value in headers:
-        # The hot loop skips the rest: the lengths of transfer-encoding, content-length
-        # and connection (a constant frozenset: one look-up).
+        # The hot loop skips the rest by length (FRAMING_SIZES, inlined: a constant).
         if len(name) not in {17, 14, 10}:
             continue
         lname = name.lower()
@@ -111,6 +113,9 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
     else:
         named = frozenset(tokens)
     return _new(Framing, (codings is not None, None if length is None else int(length), named))
+
+
+assert FRAMING_SIZES == {len(b"transfer-encoding"), len(b"content-length"), len(b"connection")}
 
 
 def request_body(framing: Framing) -> tuple[str, int]:
