@@ -157,7 +157,7 @@ def _parse_head(block: bytes) -> tuple[re.Match[bytes], list[tuple[bytes, bytes]
     if not b"".join(lines).translate(_IN_LINE).find(b"\0") < 0:
         match, fields = _checked_head(block)  # raises
         return match, fields, fields
-    match = _STATUS_LINE.match(lines[0])
+    status = _STATUS_LINE.match(lines[0])
     fields = []
     framing = []
     names = []
@@ -171,9 +171,9 @@ def _parse_head(block: bytes) -> tuple[re.Match[bytes], list[tuple[bytes, bytes]
         if len(name) in _FRAMING_SIZES:
             framing.append(field)
     else:
-        if (match is not None and b"" not in names
+        if (status is not None and b"" not in names
                 and b"".join(names).translate(_IN_NAME).find(b"\0") < 0):
-            return match, fields, framing
+            return status, fields, framing
     match, fields = _checked_head(block)  # raises
     return match, fields, fields
 
