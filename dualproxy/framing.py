@@ -48,9 +48,11 @@ FRAMING = "dualproxy.framing"
 # a field of another length is none of them, and callers may leave it out.
 FRAMING_SIZES = frozenset({17, 14, 10})
 _NO_TOKENS: frozenset[bytes] = frozenset()
-_UNFRAMED = Framing(False, None, _NO_TOKENS)
+UNFRAMED = Framing(False, None, _NO_TOKENS)  # no framing field at all
 _ONE_TOKEN = {token: frozenset((token,)) for token in (b"keep-alive", b"close", b"upgrade")}
 _new = tuple.__new__
+_LOWER = {spelling: name for name in (b"content-length", b"transfer-encoding", b"connection")
+          for spelling in (name, name.title(), name.upper())}
 
 
 def list_items(value: bytes) -> list[bytes]:
@@ -72,7 +74,8 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
         # The hot loop skips the rest by length (FRAMING_SIZES, inlined: a constant).
         if len(name) not in {17, 14, 10}:
             continue
-        lname = name.lower()
+        # the usual spellings by a look-up: a method call costs more
+        lname = _LOWER[name] if name in _LOWER else name.lower()
         if lname == b"content-length":
             if (value.isdigit() and len(value) <= _MAX_DIGITS
                     and (length is None or value == length)):
@@ -86,7 +89,9 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
                     raise FramingError("conflicting Content-Length values")
                 length = item
         elif lname == b"connection":
-            if tokens is None and value.find(b",") < 0:  # the common case: one token
+            if tokens is None and value in _ONE_TOKEN:  # the commonest: keep-alive, close
+                tokens = [value]
+            elif tokens is None and value.find(b",") < 0:  # the common case: one token
                 item = value.strip(b" \t").lower()
                 tokens = [item] if item else []
             else:
@@ -104,7 +109,7 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
         if codings != [b"chunked"]:
             raise FramingError("unsupported transfer coding")
     if codings is None and length is None and tokens is None:
-        return _UNFRAMED  # most requests: no body, no Connection header
+        return UNFRAMED  # most requests: no body, no Connection header
     # tuple.__new__: a NamedTuple's own constructor costs a Python call (hot path)
     if not tokens:
         named = _NO_TOKENS

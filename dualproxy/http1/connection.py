@@ -24,6 +24,7 @@ from ..framing import (
     FRAMING_SIZES,
     LENGTH,
     NONE,
+    UNFRAMED,
     Framing,
     FramingError,
     keeps_alive,
@@ -218,24 +219,28 @@ class ClientConnection:
                 raise LocalProtocolError("this connection cannot carry another request")
             self._start()
         self.cycles += 1
+        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+        framing_fields = []  # the fields parse_framing reads, met on the way
+        for field in headers:
+            name, value = field
+            parts += (name, b": ", value, b"\r\n")
+            if len(name) in _FRAMING_SIZES:
+                framing_fields.append(field)
+        parts.append(b"\r\n")
+        head = b"".join(parts)
+        if not serialised_head_ok(head, headers):
+            # the last step before the wire: whoever made this head, it is not written
+            problem = head_problem(target, headers, method) or WireError("header", "bad head")
+            self._keep = False
+            raise LocalProtocolError(str(problem)) from problem
         try:
-            framing = parse_framing(headers)
+            framing = parse_framing(framing_fields) if framing_fields else UNFRAMED
         except FramingError as exc:
             raise LocalProtocolError(str(exc)) from None
         self._method = method
         self._out, self._out_left = request_body(framing)
         self._sent_whole = self._out == NONE
         self._keep = b"close" not in framing.connection
-        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        parts.append(b"\r\n")
-        head = b"".join(parts)
-        if not serialised_head_ok(head, len(headers)):
-            # the last step before the wire: whoever made this head, it is not written
-            problem = head_problem(target, headers, method) or WireError("header", "bad head")
-            self._keep = False
-            raise LocalProtocolError(str(problem)) from problem
         return head
 
     @property
