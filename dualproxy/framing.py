@@ -44,10 +44,15 @@ class Framing(NamedTuple):
 # Framing its codec read the head by, so the core does not parse it again.
 FRAMING = "dualproxy.framing"
 
+# The lengths of the names read here (transfer-encoding, content-length, connection):
+# a field of another length is none of them, and callers may leave it out.
+FRAMING_SIZES = frozenset({17, 14, 10})
 _NO_TOKENS: frozenset[bytes] = frozenset()
-_UNFRAMED = Framing(False, None, _NO_TOKENS)
+UNFRAMED = Framing(False, None, _NO_TOKENS)  # no framing field at all
 _ONE_TOKEN = {token: frozenset((token,)) for token in (b"keep-alive", b"close", b"upgrade")}
 _new = tuple.__new__
+_LOWER = {spelling: name for name in (b"content-length", b"transfer-encoding", b"connection")
+          for spelling in (name, name.title(), name.upper())}
 
 
 def list_items(value: bytes) -> list[bytes]:
@@ -66,11 +71,11 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
     length: bytes | None = None
     tokens: list[bytes] | None = None
     for name, value in headers:
-        # The hot loop skips the rest: the lengths of transfer-encoding, content-length
-        # and connection (a constant frozenset: one look-up).
+        # The hot loop skips the rest by length (FRAMING_SIZES, inlined: a constant).
         if len(name) not in {17, 14, 10}:
             continue
-        lname = name.lower()
+        # the usual spellings by a look-up: a method call costs more
+        lname = _LOWER[name] if name in _LOWER else name.lower()
         if lname == b"content-length":
             if (value.isdigit() and len(value) <= _MAX_DIGITS
                     and (length is None or value == length)):
@@ -84,7 +89,9 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
                     raise FramingError("conflicting Content-Length values")
                 length = item
         elif lname == b"connection":
-            if tokens is None and value.find(b",") < 0:  # the common case: one token
+            if tokens is None and value in _ONE_TOKEN:  # the commonest: keep-alive, close
+                tokens = [value]
+            elif tokens is None and value.find(b",") < 0:  # the common case: one token
                 item = value.strip(b" \t").lower()
                 tokens = [item] if item else []
             else:
@@ -102,7 +109,7 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
         if codings != [b"chunked"]:
             raise FramingError("unsupported transfer coding")
     if codings is None and length is None and tokens is None:
-        return _UNFRAMED  # most requests: no body, no Connection header
+        return UNFRAMED  # most requests: no body, no Connection header
     # tuple.__new__: a NamedTuple's own constructor costs a Python call (hot path)
     if not tokens:
         named = _NO_TOKENS
@@ -111,6 +118,9 @@ def parse_framing(headers: Iterable[tuple[bytes, bytes]]) -> Framing:
     else:
         named = frozenset(tokens)
     return _new(Framing, (codings is not None, None if length is None else int(length), named))
+
+
+assert FRAMING_SIZES == {len(b"transfer-encoding"), len(b"content-length"), len(b"connection")}
 
 
 def request_body(framing: Framing) -> tuple[str, int]:

@@ -21,7 +21,7 @@ parsers. Pure: no I/O.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 # Fields that describe one connection, never forwarded nor set by a rule: RFC 9110
 # 7.6.1 plus the non-standard ones every proxy strips; `proxy` is httpoxy
@@ -35,13 +35,12 @@ TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 FIELD_NAME = re.compile(TOKEN + rb"\Z")
 BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]")
 TARGET = re.compile(rb"[\x21-\x7e]+\Z")
-# The whole serialised request head: request line, field lines, the empty line.
-# A value cannot hold CR or LF here, so the line count then proves no field was
-# split in two: one regex and one count, however many fields.
-# No possessive quantifiers (Python 3.11+ only; the package supports 3.10): each
-# part's class excludes the byte that ends it, so there is nothing to backtrack into.
-_REQUEST_HEAD = re.compile(TOKEN + rb" [\x21-\x7e]+ HTTP/1\.1\r\n(?:" + TOKEN
-                           + rb": [^\x00\r\n]*\r\n)*\r\n\Z")
+# The request line of a serialised request head (its CRLF off).
+_REQUEST_LINE = re.compile(TOKEN + rb" [\x21-\x7e]+ HTTP/1\.1\Z")
+# Field names found to be tokens: the same few on every request, so each is
+# matched once, not once a request (bounded: clients choose them).
+_TOKEN_NAMES: set[bytes] = set()
+_REMEMBERED = 512
 
 
 class WireError(ValueError):
@@ -81,14 +80,35 @@ def check_head(target: bytes | None, headers: Iterable[tuple[bytes, bytes]],
         raise problem
 
 
-def serialised_head_ok(head: bytes, fields: int) -> bool:
-    """Is `head`, a serialised request head of `fields` field lines, writable?
+def valid_name(name: object) -> bool:
+    """Is `name` a field name (a token, as bytes)? Remembers the ones that are."""
+    if not isinstance(name, bytes) or FIELD_NAME.match(name) is None:
+        return False
+    if len(_TOKEN_NAMES) < _REMEMBERED:
+        _TOKEN_NAMES.add(name)
+    return True
 
-    The rule of `head_problem` on the bytes (one regex, one count), for the
-    HTTP/1.1 client's hot path; `head_problem` then says what is wrong.
+
+def serialised_head_ok(head: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Is `head` writable, the request head serialised from `headers` as the HTTP/1.1
+    client writes it (the request line, `name: value` CRLF a field, CRLF)?
+
+    The rule of `head_problem` on the bytes, for the client's hot path; `head_problem`
+    then says what is wrong. Once the request line and the names are known to hold
+    no CR, LF or NUL, the counts of CR and LF in the whole head prove that no value
+    holds one: each is one of the head's own line ends.
     """
-    return _REQUEST_HEAD.match(head) is not None and head.count(b"\n") == fields + 2
-
+    lines = len(headers) + 2  # the request line, a line a field, the empty line
+    if (head.count(b"\n") != lines or head.count(b"\r") != lines or head.find(b"\0") >= 0
+            or _REQUEST_LINE.match(head, 0, head.find(b"\r\n")) is None):
+        return False
+    try:
+        for name, _ in headers:
+            if name not in _TOKEN_NAMES and not valid_name(name):
+                return False
+    except TypeError:  # an unhashable name: not bytes
+        return False
+    return True
 
 # RFC 9112 3.2: Host = uri-host [":" port]; an IP-literal or a reg-name (never empty).
 _HOST = re.compile(rb"(\[[0-9A-Za-z:.]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]+)(:[0-9]*)?\Z")
