@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from .config import ProxyConfig
 from .errors import BadGateway, BadRequest, HeadersTooLarge
 from .framing import Framing, FramingError, list_items, parse_framing
-from .wire import BAD_FIELD_VALUE, FIELD_NAME, HOP_BY_HOP, valid_authority
+from .wire import BAD_FIELD_VALUE, FIELD_NAME, HOP_BY_HOP, REMEMBERED, valid_authority, valid_name
 
 Header = tuple[bytes, bytes]
 
@@ -56,7 +56,7 @@ _FORWARDED_PIECE = re.compile(rb"[ \t]*(?:" + _PAIR + rb"[ \t]*)?([;,]|\Z)")
 # serves both the check and the policy.
 _VALID_NAMES: dict[bytes, int] = {}
 _VALID_HOSTS: set[bytes] = set()
-_REMEMBERED = 512
+_REMEMBERED = REMEMBERED
 
 # Request field kinds (`_kind`): what `request_headers` does with a name, the
 # configuration's choices (underscores, removals) and Connection's names aside.
@@ -83,7 +83,7 @@ def _kind(name: bytes) -> int:
 def _valid_name(name: bytes) -> bool:
     if name in _VALID_NAMES:
         return True
-    if _TOKEN.match(name) is None:
+    if not valid_name(name):  # the token rule, and its memo, are the wire's
         return False
     if len(_VALID_NAMES) < _REMEMBERED:
         _VALID_NAMES[name] = _kind(name)

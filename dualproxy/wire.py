@@ -40,7 +40,7 @@ _REQUEST_LINE = re.compile(TOKEN + rb" [\x21-\x7e]+ HTTP/1\.1\Z")
 # Field names found to be tokens: the same few on every request, so each is
 # matched once, not once a request (bounded: clients choose them).
 _TOKEN_NAMES: set[bytes] = set()
-_REMEMBERED = 512
+REMEMBERED = 512  # how many names (and hosts) a memo keeps: clients choose them
 
 
 class WireError(ValueError):
@@ -84,7 +84,7 @@ def valid_name(name: object) -> bool:
     """Is `name` a field name (a token, as bytes)? Remembers the ones that are."""
     if not isinstance(name, bytes) or FIELD_NAME.match(name) is None:
         return False
-    if len(_TOKEN_NAMES) < _REMEMBERED:
+    if len(_TOKEN_NAMES) < REMEMBERED:
         _TOKEN_NAMES.add(name)
     return True
 
