@@ -35,7 +35,6 @@ FORWARDING = frozenset({
 # would send both fields twice, which RFC 9110 forbids for singletons.
 _RESPONSE_OWNED = frozenset({b"date", b"server"})
 
-_TOKEN = FIELD_NAME
 _BAD_VALUE = BAD_FIELD_VALUE
 # RFC 9112 3.2 / RFC 3986 3.2.2: uri-host [ ":" port ], reg-name or IP literal; never
 # empty (RFC 9110 4.2.1: an http URI with an empty host is invalid, so a Host naming
