@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from .config import ProxyConfig
 from .errors import BadGateway, BadRequest, HeadersTooLarge
 from .framing import Framing, FramingError, list_items, parse_framing
-from .wire import BAD_FIELD_VALUE, FIELD_NAME, HOP_BY_HOP, REMEMBERED, valid_authority, valid_name
+from .wire import BAD_FIELD_VALUE, HOP_BY_HOP, REMEMBERED, valid_authority, valid_name
 
 Header = tuple[bytes, bytes]
 
