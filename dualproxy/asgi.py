@@ -525,7 +525,7 @@ class DisconnectWatch:
     complete, by callbacks on receive(): no task of its own where receive() returns
     a future (granian's do); a coroutine (uvicorn's) runs in a task each call.
 
-    It reads receive() once started: at once without a body, else once the body
+    It reads receive() once started: WATCH_DELAY in without a body, else once the body
     was read or the upstream answered before it (two readers would steal each
     other's messages); body the upload left unread is dropped. uvicorn also
     reports a disconnect once the response is complete; `record.responded` tells
