@@ -372,7 +372,7 @@ class HttpPort:
         else:
             self.watch = watch = DisconnectWatch(self.receive, record, task)
             if not plan.has_body:
-                watch.start()
+                watch.start_soon()
         if plan.has_body:
             self.counter = counter = BodyCounter(plan, proxy.config)
             assert self.watch is not None
@@ -414,10 +414,11 @@ class HttpPort:
         else:
             request = proxy.upstream_request(plan, self.content, upstream)
             result = request, await proxy._send(request)
-        if self.watch is not None:
+        watch = self.watch
+        if watch is not None and plan.has_body:
             # The head is in: the upload is over (whole, or stopped by an early
             # answer, its rest left unread), so the watch takes receive() now.
-            self.watch.start()
+            watch.start()
         return result
 
     def upload_over(self) -> None:
@@ -513,12 +514,18 @@ async def _request_body(
     watch.start()
 
 
+# How long a bodiless exchange runs before its disconnect watch starts (start_soon):
+# a client that leaves is seen this much later at most, a quick response never
+# pays for the watch.
+WATCH_DELAY = 0.02
+
+
 class DisconnectWatch:
     """Cancels the exchange's task when the client disconnects before the response is
     complete, by callbacks on receive(): no task of its own where receive() returns
     a future (granian's do); a coroutine (uvicorn's) runs in a task each call.
 
-    It reads receive() once started: at once without a body, else once the body
+    It reads receive() once started: WATCH_DELAY in without a body, else once the body
     was read or the upstream answered before it (two readers would steal each
     other's messages); body the upload left unread is dropped. uvicorn also
     reports a disconnect once the response is complete; `record.responded` tells
@@ -527,19 +534,28 @@ class DisconnectWatch:
     out of the garbage collector's sight (bridge._Watch: a leak a request).
     """
 
-    __slots__ = ("receive", "record", "task", "waiting", "started")
+    __slots__ = ("receive", "record", "task", "waiting", "started", "timer")
 
     def __init__(self, receive: Receive, record: RequestRecord,
                  task: asyncio.Task[Any]) -> None:
         self.receive, self.record, self.task = receive, record, task
         self.waiting: asyncio.Future[Message] | None = None
         self.started = False
+        self.timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         """Take receive() from now on (once; later calls do nothing)."""
         if not self.started:
             self.started = True
             self._next()
+
+    def start_soon(self) -> None:
+        """Take receive() in WATCH_DELAY unless the exchange is over by then: a
+        bodiless request has no body to read, and its first receive() only hands
+        over the empty body (granian's: a round trip to its thread each), so a
+        response that comes quickly needs no watch at all."""
+        if not self.started and self.timer is None:
+            self.timer = self.task.get_loop().call_later(WATCH_DELAY, self.start)
 
     def _next(self) -> None:
         waiting: Any = self.receive()
@@ -558,6 +574,10 @@ class DisconnectWatch:
             self._next()
 
     def cancel(self) -> None:
+        timer = self.timer
+        if timer is not None:
+            timer.cancel()
+        self.started = True  # over: a timer that fired already starts nothing
         waiting, self.waiting = self.waiting, None
         if waiting is not None:
             waiting.remove_done_callback(self._done)
