@@ -182,7 +182,13 @@ class _AsyncConn(asyncio.Protocol):
             self.codec.write_failed(nothing_written=True)
             return False
         if isinstance(data, tuple):
-            transport.writelines(data)
+            if type(transport).__module__.startswith("uvloop"):
+                transport.writelines(data)  # one writev, the parts uncopied
+            else:
+                # asyncio's own writelines (CPython 3.12, 3.13) never calls the
+                # protocol's pause_writing however much it buffers: the upload
+                # would lose its backpressure and its write timeout.
+                transport.write(b"".join(data))
         else:
             transport.write(data)
         if transport.is_closing():
