@@ -95,10 +95,6 @@ class Reply:
     def __init__(self, head: Response, stream: Any) -> None:
         self.head, self.stream = head, stream
 
-    def header_list(self) -> list[tuple[bytes, bytes]]:
-        """The headers with lower-cased names, duplicates and order kept."""
-        return [(name.lower(), value) for name, value in self.head.headers]
-
     def close(self) -> None:
         self.stream.close()
 
